@@ -1,0 +1,193 @@
+# duplex - build, test and run. See README.md.
+#
+#   make            build the three programs into build/bin
+#   make run        start a local cluster, show it, stop it
+#   make test       unit + system tests, then again under ASan/UBSan
+#   make bench      micro-benchmarks (results go in docs/BENCHMARKS.md)
+#
+# Objects go under $(BUILD) (default build/); SANITIZE=1 adds ASan + UBSan.
+
+BUILD    ?= build
+SANITIZE ?=
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+PYTHON   := /usr/bin/python3
+CC       ?= cc
+CLANG    ?= clang
+FUZZ_SECONDS ?= 60
+
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+# Debian packages the build, the tests and `make run` need.
+DEB_PKGS := gcc make libzmq3-dev libuv1-dev libsqlite3-dev protobuf-c-compiler \
+            libprotobuf-c-dev libjansson-dev libopenblas-dev libcriterion-dev uthash-dev \
+            python3-pytest python3-zmq
+# Extra packages for lint, format and fuzz.
+DEB_DEV_PKGS := clang cppcheck clang-format
+
+CFLAGS_ALL := -std=gnu11 -Wall -Wextra -Werror -Wno-format-truncation -g -O2 -MMD -MP -I. -I$(BUILD)/gen \
+              -D_FORTIFY_SOURCE=2 $(CFLAGS)
+LDFLAGS_ALL := $(LDFLAGS)
+ifeq ($(SANITIZE),1)
+CFLAGS_ALL += -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
+              -U_FORTIFY_SOURCE
+LDFLAGS_ALL += -fsanitize=address,undefined
+endif
+LIBS := -lzmq -luv -lsqlite3 -lprotobuf-c -ljansson -lpthread
+
+PROTO_C := $(BUILD)/gen/proto/duplex.pb-c.c
+PROTO_H := $(BUILD)/gen/proto/duplex.pb-c.h
+
+COMMON_SRC := common/log.c common/opts.c common/fs.c common/zwatch.c common/ratelimit.c common/loop.c \
+              proto/envelope.c proto/wire.c
+COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c
+WORKER_SRC := worker/agent.c
+CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c
+UNIT_SRC   := $(wildcard tests/unit/test_*.c)
+BENCH_SRC  := $(wildcard bench/bench_*.c)
+
+obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
+
+COMMON_OBJ := $(call obj,$(COMMON_SRC)) $(BUILD)/obj/gen/proto/duplex.pb-c.o
+COORD_OBJ  := $(call obj,$(COORD_SRC))
+WORKER_OBJ := $(call obj,$(WORKER_SRC))
+CTL_OBJ    := $(call obj,$(CTL_SRC))
+LIB_COMMON := $(BUILD)/lib/libdxcommon.a
+LIB_COORD  := $(BUILD)/lib/libdxcoord.a
+LIB_WORKER := $(BUILD)/lib/libdxworker.a
+LIB_CTL    := $(BUILD)/lib/libdxctl.a
+ALL_LIBS   := $(LIB_COORD) $(LIB_WORKER) $(LIB_CTL) $(LIB_COMMON)
+
+BINS       := $(BUILD)/bin/duplexd $(BUILD)/bin/duplex-worker $(BUILD)/bin/duplexctl
+UNIT_BINS  := $(patsubst tests/unit/%.c,$(BUILD)/tests/unit/%,$(UNIT_SRC))
+BENCH_BINS := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
+FUZZ_REPLAY := $(BUILD)/tests/fuzz/fuzz_envelope_replay
+
+.PHONY: all deps deps-dev test test-build run bench format format-check lint fuzz install \
+        uninstall clean
+.DEFAULT_GOAL := all
+
+all: $(BINS)
+
+deps:
+	@missing=$$(for p in $(DEB_PKGS); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "make deps: installing" $$missing; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+deps-dev: deps
+	@$(MAKE) --no-print-directory deps DEB_PKGS="$(DEB_DEV_PKGS)"
+
+# --- generated protocol code ------------------------------------------------
+
+$(PROTO_C) $(PROTO_H) &: proto/duplex.proto
+	@mkdir -p $(BUILD)/gen
+	protoc-c --c_out=$(BUILD)/gen proto/duplex.proto
+
+# --- objects and libraries ----------------------------------------------------
+
+$(BUILD)/obj/gen/%.o: $(BUILD)/gen/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -Wno-unused-parameter -c $< -o $@
+
+$(BUILD)/obj/%.o: %.c | $(PROTO_H)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -c $< -o $@
+
+$(LIB_COMMON): $(COMMON_OBJ)
+$(LIB_COORD): $(COORD_OBJ)
+$(LIB_WORKER): $(WORKER_OBJ)
+$(LIB_CTL): $(CTL_OBJ)
+$(ALL_LIBS):
+	@mkdir -p $(dir $@)
+	rm -f $@ && $(AR) rcs $@ $^
+
+$(BUILD)/bin/duplexd: $(BUILD)/obj/coordinator/main.o $(LIB_COORD) $(LIB_COMMON)
+$(BUILD)/bin/duplex-worker: $(BUILD)/obj/worker/main.o $(LIB_WORKER) $(LIB_COMMON)
+$(BUILD)/bin/duplexctl: $(BUILD)/obj/ctl/main.o $(LIB_CTL) $(LIB_COMMON)
+$(BINS):
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS_ALL) -o $@ $^ $(LIBS)
+
+# --- tests ------------------------------------------------------------------
+
+$(BUILD)/tests/unit/%: $(BUILD)/obj/tests/unit/%.o $(ALL_LIBS)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS_ALL) -o $@ $< $(ALL_LIBS) $(LIBS) -lcriterion
+
+$(FUZZ_REPLAY): $(BUILD)/obj/tests/fuzz/fuzz_envelope.o $(BUILD)/obj/tests/fuzz/replay_main.o \
+                $(LIB_COMMON)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS_ALL) -o $@ $^ $(LIBS)
+
+test-build: $(BINS) $(UNIT_BINS) $(FUZZ_REPLAY)
+
+# Plain pass, then the same tests on an ASan + UBSan build in build/asan.
+test: deps
+	@$(MAKE) --no-print-directory test-build
+	@$(MAKE) --no-print-directory test-build BUILD=build/asan SANITIZE=1
+	$(PYTHON) tests/run.py build build/asan
+
+# --- run, bench -------------------------------------------------------------
+
+run: deps
+	@$(MAKE) --no-print-directory all
+	$(BUILD)/bin/duplexctl local up --workers 3 --backend cpu --dir var/local
+	$(BUILD)/bin/duplexctl workers
+	$(BUILD)/bin/duplexctl local down --dir var/local
+
+$(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(ALL_LIBS)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS_ALL) -o $@ $< $(ALL_LIBS) $(LIBS)
+
+bench: deps
+	@$(MAKE) --no-print-directory $(BENCH_BINS)
+	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done
+
+# --- fuzz, format, lint -----------------------------------------------------
+
+FUZZ_BIN := $(BUILD)/fuzz/fuzz_envelope
+$(FUZZ_BIN): tests/fuzz/fuzz_envelope.c $(COMMON_SRC) $(PROTO_C)
+	@mkdir -p $(dir $@)
+	$(CLANG) -std=gnu11 -g -O1 -I. -I$(BUILD)/gen -fsanitize=fuzzer,address,undefined \
+	  -o $@ tests/fuzz/fuzz_envelope.c $(COMMON_SRC) $(PROTO_C) $(LIBS)
+
+fuzz: deps-dev
+	@$(MAKE) --no-print-directory $(FUZZ_BIN)
+	@mkdir -p $(BUILD)/fuzz/corpus
+	$(FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=8192 $(BUILD)/fuzz/corpus \
+	  tests/fuzz/corpus
+
+FORMAT_FILES = $(shell git ls-files '*.c' '*.h' 2>/dev/null)
+
+format: deps-dev
+	clang-format -i $(FORMAT_FILES)
+
+format-check: deps-dev
+	clang-format --dry-run --Werror $(FORMAT_FILES)
+
+lint: deps-dev $(PROTO_H)
+	cppcheck --quiet --error-exitcode=1 --std=c11 --enable=warning,performance,portability \
+	  --inline-suppr --suppress=missingIncludeSystem -I. -I$(BUILD)/gen \
+	  common proto coordinator worker ctl
+
+# --- install ----------------------------------------------------------------
+
+install: $(BINS)
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(BINS) $(DESTDIR)$(PREFIX)/bin/
+	install -d $(DESTDIR)$(PREFIX)/share/doc/duplex
+	install -m 0644 README.md docs/*.md $(DESTDIR)$(PREFIX)/share/doc/duplex/
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,duplexd duplex-worker duplexctl)
+	rm -rf $(DESTDIR)$(PREFIX)/share/doc/duplex
+
+clean:
+	rm -rf build
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

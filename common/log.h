@@ -1,0 +1,31 @@
+/* log.h - leveled logging to stderr shared by every duplex program.
+ *
+ * Lines look like "2026-11-28T17:30:54.123Z duplexd info: text". Under systemd
+ * (JOURNAL_STREAM set) the timestamp is left to the journal and a syslog
+ * priority prefix ("<6>") is written instead.
+ */
+#ifndef DX_LOG_H
+#define DX_LOG_H
+
+enum dx_log_level {
+    DX_LOG_DEBUG = 0,
+    DX_LOG_INFO,
+    DX_LOG_WARN,
+    DX_LOG_ERROR,
+};
+
+/* Sets the program name shown on each line and the lowest level written. */
+void dx_log_init(const char *progname, enum dx_log_level level);
+void dx_log_set_level(enum dx_log_level level);
+
+/* Parses "debug", "info", "warn" or "error"; returns 0 or -EINVAL. */
+int dx_log_level_parse(const char *name, enum dx_log_level *out);
+
+void dx_log(enum dx_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#define dx_debug(...) dx_log(DX_LOG_DEBUG, __VA_ARGS__)
+#define dx_info(...) dx_log(DX_LOG_INFO, __VA_ARGS__)
+#define dx_warn(...) dx_log(DX_LOG_WARN, __VA_ARGS__)
+#define dx_error(...) dx_log(DX_LOG_ERROR, __VA_ARGS__)
+
+#endif

@@ -1,0 +1,268 @@
+/* opts.c - flags, config file and --help from one option table (see opts.h). */
+#include "common/opts.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const struct dx_opt *opts_find(const struct dx_opt *opts, const char *name, size_t len)
+{
+    for (const struct dx_opt *o = opts; o->name; o++) {
+        if (strlen(o->name) == len && strncmp(o->name, name, len) == 0)
+            return o;
+    }
+    return NULL;
+}
+
+static int opts_set_string(const struct dx_opt *o, const char *text, char *err, size_t errlen)
+{
+    char **slot = o->value;
+    char *copy = NULL;
+
+    if (text) {
+        copy = strdup(text);
+        if (!copy) {
+            snprintf(err, errlen, "out of memory");
+            return -ENOMEM;
+        }
+    }
+    free(*slot);
+    *slot = copy;
+    return 0;
+}
+
+static int opts_set_int(const struct dx_opt *o, const char *source, const char *text, char *err,
+                        size_t errlen)
+{
+    char *end = NULL;
+    long v;
+
+    errno = 0;
+    v = strtol(text, &end, 10);
+    if (errno || end == text || *end != '\0' || v < o->min || v > o->max) {
+        snprintf(err, errlen, "%s: expected an integer from %d to %d, got \"%s\"", source, o->min,
+                 o->max, text);
+        return -EINVAL;
+    }
+    *(int *)o->value = (int)v;
+    return 0;
+}
+
+static int opts_set_defaults(const struct dx_opt *opts, char *err, size_t errlen)
+{
+    for (const struct dx_opt *o = opts; o->name; o++) {
+        switch (o->type) {
+        case DX_OPT_STRING:
+            *(char **)o->value = NULL;
+            if (opts_set_string(o, o->default_str, err, errlen) < 0)
+                return -ENOMEM;
+            break;
+        case DX_OPT_INT:
+            *(int *)o->value = o->default_int;
+            break;
+        case DX_OPT_FLAG:
+            *(bool *)o->value = o->default_int != 0;
+            break;
+        }
+    }
+    return 0;
+}
+
+static int opts_set_json(const struct dx_opt *o, const char *path, json_t *v, char *err,
+                         size_t errlen)
+{
+    char source[PATH_MAX + 64];
+    char num[32];
+
+    snprintf(source, sizeof(source), "config %s: key \"%s\"", path, o->name);
+    switch (o->type) {
+    case DX_OPT_STRING:
+        if (!json_is_string(v)) {
+            snprintf(err, errlen, "%s: expected a string", source);
+            return -EINVAL;
+        }
+        return opts_set_string(o, json_string_value(v), err, errlen);
+    case DX_OPT_INT:
+        if (!json_is_integer(v)) {
+            snprintf(err, errlen, "%s: expected an integer", source);
+            return -EINVAL;
+        }
+        if (json_integer_value(v) < o->min || json_integer_value(v) > o->max) {
+            snprintf(err, errlen, "%s: expected an integer from %d to %d, got %lld", source, o->min,
+                     o->max, (long long)json_integer_value(v));
+            return -EINVAL;
+        }
+        snprintf(num, sizeof(num), "%lld", (long long)json_integer_value(v));
+        return opts_set_int(o, source, num, err, errlen);
+    case DX_OPT_FLAG:
+        if (!json_is_boolean(v)) {
+            snprintf(err, errlen, "%s: expected true or false", source);
+            return -EINVAL;
+        }
+        *(bool *)o->value = json_is_true(v);
+        return 0;
+    }
+    return -EINVAL;
+}
+
+int dx_opts_load_file(const struct dx_opt *opts, const char *path, char *err, size_t errlen)
+{
+    json_error_t jerr;
+    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    const char *key;
+    json_t *value;
+    int rc = 0;
+
+    if (!root) {
+        if (jerr.line <= 0)
+            snprintf(err, errlen, "config %s: %s", path, jerr.text);
+        else
+            snprintf(err, errlen, "config %s:%d:%d: %s", path, jerr.line, jerr.column, jerr.text);
+        return -EINVAL;
+    }
+    if (!json_is_object(root)) {
+        snprintf(err, errlen, "config %s: expected a JSON object of option names to values", path);
+        rc = -EINVAL;
+        goto out;
+    }
+    json_object_foreach (root, key, value) {
+        const struct dx_opt *o = opts_find(opts, key, strlen(key));
+        if (!o || strcmp(key, "config") == 0) {
+            snprintf(err, errlen, "config %s: unknown key \"%s\"", path, key);
+            rc = -EINVAL;
+            goto out;
+        }
+        rc = opts_set_json(o, path, value, err, errlen);
+        if (rc < 0)
+            goto out;
+    }
+out:
+    json_decref(root);
+    return rc;
+}
+
+/* Returns the config path given on the command line, or NULL. */
+static const char *opts_config_arg(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--") == 0 || a[0] != '-')
+            return NULL;
+        if (strncmp(a, "--config=", 9) == 0)
+            return a + 9;
+        if (strcmp(a, "--config") == 0)
+            return i + 1 < argc ? argv[i + 1] : NULL;
+    }
+    return NULL;
+}
+
+int dx_opts_parse(const struct dx_opt *opts, int argc, char **argv, int *next_arg, char *err,
+                  size_t errlen)
+{
+    const struct dx_opt *config_opt = opts_find(opts, "config", 6);
+    const char *config_path;
+    int rc, i;
+
+    rc = opts_set_defaults(opts, err, errlen);
+    if (rc < 0)
+        return rc;
+    config_path = config_opt ? opts_config_arg(argc, argv) : NULL;
+    if (config_path) {
+        rc = dx_opts_load_file(opts, config_path, err, errlen);
+        if (rc < 0)
+            return rc;
+    }
+
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *name, *eq, *value = NULL;
+        const struct dx_opt *o;
+        char source[128];
+
+        if (strcmp(a, "--") == 0) {
+            i++;
+            break;
+        }
+        if (a[0] != '-' || a[1] == '\0')
+            break;
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0)
+            return DX_OPTS_HELP;
+        if (strcmp(a, "--version") == 0)
+            return DX_OPTS_VERSION;
+        if (a[1] != '-') {
+            snprintf(err, errlen, "unknown option %s (options are long: --name)", a);
+            return -EINVAL;
+        }
+        name = a + 2;
+        eq = strchr(name, '=');
+        o = opts_find(opts, name, eq ? (size_t)(eq - name) : strlen(name));
+        if (!o) {
+            snprintf(err, errlen, "unknown option --%.*s",
+                     eq ? (int)(eq - name) : (int)strlen(name), name);
+            return -EINVAL;
+        }
+        snprintf(source, sizeof(source), "--%s", o->name);
+        if (o->type == DX_OPT_FLAG) {
+            if (eq) {
+                snprintf(err, errlen, "%s takes no value", source);
+                return -EINVAL;
+            }
+            *(bool *)o->value = true;
+            continue;
+        }
+        if (eq) {
+            value = eq + 1;
+        } else if (i + 1 < argc) {
+            value = argv[++i];
+        } else {
+            snprintf(err, errlen, "%s needs a value (%s)", source, o->metavar ? o->metavar : "");
+            return -EINVAL;
+        }
+        if (o->type == DX_OPT_STRING) {
+            if (value[0] == '\0') {
+                snprintf(err, errlen, "%s: value must not be empty", source);
+                return -EINVAL;
+            }
+            rc = opts_set_string(o, value, err, errlen);
+        } else {
+            rc = opts_set_int(o, source, value, err, errlen);
+        }
+        if (rc < 0)
+            return rc;
+    }
+    if (next_arg)
+        *next_arg = i;
+    return DX_OPTS_OK;
+}
+
+void dx_opts_usage(FILE *out, const char *synopsis, const struct dx_opt *opts)
+{
+    fprintf(out, "usage: %s\n\noptions:\n", synopsis);
+    for (const struct dx_opt *o = opts; o->name; o++) {
+        char flag[64];
+        char dflt[96] = "";
+
+        if (o->type == DX_OPT_FLAG)
+            snprintf(flag, sizeof(flag), "--%s", o->name);
+        else
+            snprintf(flag, sizeof(flag), "--%s %s", o->name, o->metavar ? o->metavar : "VALUE");
+        if (o->type == DX_OPT_STRING && o->default_str)
+            snprintf(dflt, sizeof(dflt), " (default %s)", o->default_str);
+        else if (o->type == DX_OPT_INT)
+            snprintf(dflt, sizeof(dflt), " (default %d)", o->default_int);
+        fprintf(out, "  %-26s %s%s\n", flag, o->help, dflt);
+    }
+    fprintf(out, "  %-26s %s\n", "--help", "show this help and exit");
+}
+
+void dx_opts_free(const struct dx_opt *opts)
+{
+    for (const struct dx_opt *o = opts; o->name; o++) {
+        if (o->type == DX_OPT_STRING) {
+            free(*(char **)o->value);
+            *(char **)o->value = NULL;
+        }
+    }
+}

@@ -1,0 +1,59 @@
+/* opts.h - one table per program that defines its command-line flags, its
+ * config-file keys and its --help text.
+ *
+ * Values come from, in rising precedence: the table's defaults, a JSON config
+ * file (when the table has a string option named "config" and it is given on
+ * the command line), then the command line. Flags are long only:
+ * "--name value" or "--name=value". Parsing stops at the first argument that
+ * is not an option (a subcommand) or after "--".
+ */
+#ifndef DX_OPTS_H
+#define DX_OPTS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+
+enum dx_opt_type {
+    DX_OPT_STRING, /* value: char **, malloc'd by the parser */
+    DX_OPT_INT,    /* value: int *, checked against [min, max] */
+    DX_OPT_FLAG,   /* value: bool *, takes no argument */
+};
+
+struct dx_opt {
+    const char *name; /* flag without "--", and config-file key */
+    enum dx_opt_type type;
+    void *value;
+    const char *default_str; /* DX_OPT_STRING: default (may be NULL) */
+    int default_int;         /* DX_OPT_INT and DX_OPT_FLAG default */
+    int min, max;            /* DX_OPT_INT bounds */
+    const char *metavar;     /* shown in --help, e.g. "ADDR" */
+    const char *help;
+};
+
+/* The table ends with an entry whose name is NULL. */
+
+enum {
+    DX_OPTS_OK = 0,
+    DX_OPTS_HELP = 1,    /* --help or -h was given */
+    DX_OPTS_VERSION = 2, /* --version was given */
+};
+
+/* Fills every value from defaults, config file and argv[1..]. On success
+ * returns DX_OPTS_OK, DX_OPTS_HELP or DX_OPTS_VERSION and sets *next_arg to
+ * the index of the first argument not consumed. On error returns -EINVAL
+ * (or -ENOMEM) with a message naming the flag or key in err. */
+int dx_opts_parse(const struct dx_opt *opts, int argc, char **argv, int *next_arg, char *err,
+                  size_t errlen);
+
+/* Loads one JSON config file into the table's values (used by dx_opts_parse;
+ * exposed for tests). */
+int dx_opts_load_file(const struct dx_opt *opts, const char *path, char *err, size_t errlen);
+
+/* Prints "usage: SYNOPSIS" and one line per option. */
+void dx_opts_usage(FILE *out, const char *synopsis, const struct dx_opt *opts);
+
+/* Frees every string value the parser allocated and sets them to NULL. */
+void dx_opts_free(const struct dx_opt *opts);
+
+#endif

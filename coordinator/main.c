@@ -1,0 +1,91 @@
+/* main.c - duplexd: flags and config, then the server loop. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/opts.h"
+#include "common/version.h"
+#include "coordinator/server.h"
+#include "proto/envelope.h"
+
+#define DEFAULT_LISTEN "tcp://127.0.0.1:7700"
+#define DEFAULT_DB "var/duplex.db"
+#define DEFAULT_HEARTBEAT_MS 500
+#define DEFAULT_DEAD_AFTER_MS 2000
+
+static char *opt_config, *opt_listen, *opt_db, *opt_log_level;
+static int opt_heartbeat_ms, opt_dead_after_ms;
+
+static const struct dx_opt options[] = {
+    {"config", DX_OPT_STRING, &opt_config, NULL, 0, 0, 0, "FILE",
+     "JSON file of option names to values (flags win)"},
+    {"listen", DX_OPT_STRING, &opt_listen, DEFAULT_LISTEN, 0, 0, 0, "ADDR",
+     "ZeroMQ endpoint to bind"},
+    {"db", DX_OPT_STRING, &opt_db, DEFAULT_DB, 0, 0, 0, "PATH", "SQLite database file"},
+    {"heartbeat-ms", DX_OPT_INT, &opt_heartbeat_ms, NULL, DEFAULT_HEARTBEAT_MS, 10, 60000, "MS",
+     "heartbeat interval told to workers"},
+    {"dead-after-ms", DX_OPT_INT, &opt_dead_after_ms, NULL, DEFAULT_DEAD_AFTER_MS, 20, 600000, "MS",
+     "declare a worker lost after this long without a heartbeat"},
+    {"log-level", DX_OPT_STRING, &opt_log_level, "info", 0, 0, 0, "LEVEL",
+     "debug, info, warn or error"},
+    {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
+};
+
+int main(int argc, char **argv)
+{
+    struct coord_server_config cfg;
+    coord_server_t *server = NULL;
+    enum dx_log_level level;
+    char err[512];
+    int next, rc, status = EXIT_FAILURE;
+
+    dx_log_init("duplexd", DX_LOG_INFO);
+    rc = dx_opts_parse(options, argc, argv, &next, err, sizeof(err));
+    if (rc == DX_OPTS_HELP) {
+        dx_opts_usage(stdout, "duplexd [options]\n\nThe duplex coordinator daemon.", options);
+        status = EXIT_SUCCESS;
+        goto out;
+    }
+    if (rc == DX_OPTS_VERSION) {
+        printf("duplexd %s (protocol %d)\n", DX_VERSION, DX_PROTOCOL_VERSION);
+        status = EXIT_SUCCESS;
+        goto out;
+    }
+    if (rc < 0) {
+        fprintf(stderr, "duplexd: %s (see --help)\n", err);
+        goto out;
+    }
+    if (next < argc) {
+        fprintf(stderr, "duplexd: unexpected argument \"%s\" (see --help)\n", argv[next]);
+        goto out;
+    }
+    if (dx_log_level_parse(opt_log_level, &level) < 0) {
+        fprintf(stderr, "duplexd: --log-level: \"%s\" is not debug, info, warn or error\n",
+                opt_log_level);
+        goto out;
+    }
+    if (opt_dead_after_ms <= opt_heartbeat_ms) {
+        fprintf(stderr, "duplexd: --dead-after-ms (%d) must be longer than --heartbeat-ms (%d)\n",
+                opt_dead_after_ms, opt_heartbeat_ms);
+        goto out;
+    }
+    dx_log_set_level(level);
+
+    cfg = (struct coord_server_config){
+        .listen = opt_listen,
+        .db = opt_db,
+        .heartbeat_ms = opt_heartbeat_ms,
+        .dead_after_ms = opt_dead_after_ms,
+    };
+    if (coord_server_create(&cfg, &server, err, sizeof(err)) < 0) {
+        dx_error("%s", err);
+        goto out;
+    }
+    coord_server_run(server);
+    coord_server_destroy(server);
+    status = EXIT_SUCCESS;
+out:
+    dx_opts_free(options);
+    return status;
+}

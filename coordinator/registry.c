@@ -1,0 +1,401 @@
+/* registry.c - duplexd's workers and their liveness (see registry.h). */
+#include "coordinator/registry.h"
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <uthash.h>
+
+#include "common/log.h"
+
+struct registry_entry {
+    struct coord_worker w;
+    UT_hash_handle hh;
+};
+
+struct coord_registry {
+    coord_store_t *store;
+    struct registry_entry *by_id;
+};
+
+static const char *const state_names[] = {
+    [COORD_WORKER_ALIVE] = "alive",
+    [COORD_WORKER_LOST] = "lost",
+    [COORD_WORKER_LEFT] = "left",
+};
+
+const char *coord_worker_state_name(enum coord_worker_state state)
+{
+    return state_names[state];
+}
+
+static int state_parse(const char *name, enum coord_worker_state *out)
+{
+    for (size_t i = 0; i < sizeof(state_names) / sizeof(state_names[0]); i++) {
+        if (name && strcmp(name, state_names[i]) == 0) {
+            *out = (enum coord_worker_state)i;
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+int coord_registry_create(coord_store_t *store, coord_registry_t **out)
+{
+    coord_registry_t *reg = calloc(1, sizeof(*reg));
+    if (!reg)
+        return -ENOMEM;
+    reg->store = store;
+    *out = reg;
+    return 0;
+}
+
+static void worker_free_fields(struct coord_worker *w)
+{
+    free(w->id);
+    free(w->host);
+    free(w->node);
+    free(w->backend);
+    for (size_t i = 0; i < w->n_capabilities; i++)
+        free(w->capabilities[i]);
+    free(w->capabilities);
+}
+
+void coord_registry_destroy(coord_registry_t *reg)
+{
+    struct registry_entry *e, *tmp;
+
+    if (!reg)
+        return;
+    HASH_ITER (hh, reg->by_id, e, tmp) {
+        HASH_DEL(reg->by_id, e);
+        worker_free_fields(&e->w);
+        free(e);
+    }
+    free(reg);
+}
+
+/* Replaces w's descriptive fields with copies of the given ones. */
+static int worker_set_fields(struct coord_worker *w, const char *host, const char *node,
+                             const char *backend, const char *const *caps, size_t n_caps)
+{
+    struct coord_worker nw = {0};
+
+    nw.host = strdup(host);
+    nw.node = strdup(node && node[0] ? node : host);
+    nw.backend = strdup(backend);
+    nw.capabilities = calloc(n_caps + 1, sizeof(char *));
+    if (!nw.host || !nw.node || !nw.backend || !nw.capabilities)
+        goto fail;
+    for (size_t i = 0; i < n_caps; i++) {
+        nw.capabilities[i] = strdup(caps[i]);
+        if (!nw.capabilities[i])
+            goto fail;
+        nw.n_capabilities++;
+    }
+    free(w->host);
+    free(w->node);
+    free(w->backend);
+    for (size_t i = 0; i < w->n_capabilities; i++)
+        free(w->capabilities[i]);
+    free(w->capabilities);
+    w->host = nw.host;
+    w->node = nw.node;
+    w->backend = nw.backend;
+    w->capabilities = nw.capabilities;
+    w->n_capabilities = nw.n_capabilities;
+    return 0;
+fail:
+    worker_free_fields(&nw);
+    return -ENOMEM;
+}
+
+static struct registry_entry *entry_new(coord_registry_t *reg, const char *id)
+{
+    struct registry_entry *e = calloc(1, sizeof(*e));
+
+    if (!e || !(e->w.id = strdup(id))) {
+        free(e);
+        return NULL;
+    }
+    HASH_ADD_KEYPTR(hh, reg->by_id, e->w.id, strlen(e->w.id), e);
+    return e;
+}
+
+static void entry_remove(coord_registry_t *reg, struct registry_entry *e)
+{
+    HASH_DEL(reg->by_id, e);
+    worker_free_fields(&e->w);
+    free(e);
+}
+
+struct coord_worker *coord_registry_find(coord_registry_t *reg, const char *id)
+{
+    struct registry_entry *e = NULL;
+
+    HASH_FIND_STR(reg->by_id, id, e);
+    return e ? &e->w : NULL;
+}
+
+size_t coord_registry_count(coord_registry_t *reg)
+{
+    return HASH_COUNT(reg->by_id);
+}
+
+struct load_ctx {
+    coord_registry_t *reg;
+    int64_t now_mono;
+};
+
+static int load_one(const struct coord_worker_row *row, void *arg)
+{
+    struct load_ctx *ctx = arg;
+    struct registry_entry *e;
+    enum coord_worker_state state;
+
+    if (state_parse(row->state, &state) < 0) {
+        dx_warn("store: worker %s has unknown state \"%s\"; treating it as lost", row->id,
+                row->state ? row->state : "");
+        state = COORD_WORKER_LOST;
+    }
+    e = entry_new(ctx->reg, row->id);
+    if (!e)
+        return -ENOMEM;
+    if (worker_set_fields(&e->w, row->host, row->node, row->backend, row->capabilities,
+                          row->n_capabilities) < 0) {
+        entry_remove(ctx->reg, e);
+        return -ENOMEM;
+    }
+    e->w.gpu = row->gpu;
+    e->w.pid = row->pid;
+    e->w.state = state;
+    e->w.registered_ms = row->registered_ms;
+    e->w.last_heartbeat_ms = row->last_heartbeat_ms;
+    e->w.last_seen_mono = ctx->now_mono;
+    return 0;
+}
+
+int coord_registry_load(coord_registry_t *reg, int64_t now_mono)
+{
+    struct load_ctx ctx = {reg, now_mono};
+    return coord_store_workers_each(reg->store, load_one, &ctx);
+}
+
+static int session_new(char out[COORD_SESSION_LEN + 1])
+{
+    uint8_t raw[COORD_SESSION_LEN / 2];
+
+    if (getrandom(raw, sizeof(raw), 0) != (ssize_t)sizeof(raw))
+        return -errno;
+    for (size_t i = 0; i < sizeof(raw); i++)
+        snprintf(out + 2 * i, 3, "%02x", raw[i]);
+    return 0;
+}
+
+static void worker_set_route(struct coord_worker *w, const uint8_t *rid, size_t rlen)
+{
+    if (rlen > sizeof(w->routing_id))
+        rlen = sizeof(w->routing_id);
+    memcpy(w->routing_id, rid, rlen);
+    w->routing_len = rlen;
+}
+
+static int worker_persist(coord_registry_t *reg, const struct coord_worker *w)
+{
+    struct coord_worker_row row = {
+        .id = w->id,
+        .host = w->host,
+        .node = w->node,
+        .gpu = w->gpu,
+        .backend = w->backend,
+        .capabilities = (const char *const *)w->capabilities,
+        .n_capabilities = w->n_capabilities,
+        .pid = w->pid,
+        .state = state_names[w->state],
+        .registered_ms = w->registered_ms,
+        .last_heartbeat_ms = w->last_heartbeat_ms,
+    };
+    return coord_store_worker_put(reg->store, &row);
+}
+
+static void record_event(coord_registry_t *reg, int64_t now_wall, const char *kind,
+                         const char *worker_id, const char *detail)
+{
+    dx_info("worker %s: %s%s%s%s", worker_id, kind, detail[0] ? " (" : "", detail,
+            detail[0] ? ")" : "");
+    if (coord_store_event(reg->store, now_wall, kind, worker_id, detail) < 0)
+        dx_error("could not record event %s for worker %s", kind, worker_id);
+}
+
+int coord_registry_register(coord_registry_t *reg, const Duplex__Register *m, const uint8_t *rid,
+                            size_t rlen, int64_t now_wall, int64_t now_mono,
+                            enum coord_register_outcome *outcome, struct coord_worker **out)
+{
+    struct registry_entry *e = NULL;
+    struct coord_worker *w;
+    char detail[512];
+    bool is_new = false;
+    int rc;
+
+    HASH_FIND_STR(reg->by_id, m->worker_id, e);
+    if (!e) {
+        e = entry_new(reg, m->worker_id);
+        if (!e)
+            return -ENOMEM;
+        is_new = true;
+    }
+    w = &e->w;
+    if (worker_set_fields(w, m->host, m->node, m->backend, (const char *const *)m->capabilities,
+                          m->n_capabilities) < 0) {
+        if (is_new)
+            entry_remove(reg, e);
+        return -ENOMEM;
+    }
+    if ((rc = session_new(w->session)) < 0) {
+        if (is_new)
+            entry_remove(reg, e);
+        return rc;
+    }
+
+    if (is_new) {
+        *outcome = COORD_REGISTERED_NEW;
+        snprintf(detail, sizeof(detail), "host %s, node %s, gpu %d, backend %s, pid %d", w->host,
+                 w->node, m->gpu_index, w->backend, m->pid);
+    } else if (w->state == COORD_WORKER_LOST) {
+        *outcome = COORD_REGISTERED_RETURNED;
+        snprintf(detail, sizeof(detail), "registered again after being lost; pid %d -> %d", w->pid,
+                 m->pid);
+    } else {
+        *outcome = COORD_REGISTERED_AGAIN;
+        snprintf(detail, sizeof(detail), "new session; was %s; pid %d -> %d", state_names[w->state],
+                 w->pid, m->pid);
+    }
+    w->gpu = m->gpu_index;
+    w->pid = m->pid;
+    w->state = COORD_WORKER_ALIVE;
+    w->registered_ms = now_wall;
+    w->last_heartbeat_ms = now_wall;
+    w->last_seen_mono = now_mono;
+    w->activity = DUPLEX__WORKER_ACTIVITY__ACTIVITY_IDLE;
+    w->job_id = 0;
+    w->step = 0;
+    worker_set_route(w, rid, rlen);
+
+    if (worker_persist(reg, w) < 0)
+        dx_error("could not store worker %s", w->id);
+    record_event(reg, now_wall,
+                 *outcome == COORD_REGISTERED_NEW        ? "registered"
+                 : *outcome == COORD_REGISTERED_RETURNED ? "returned"
+                                                         : "reregistered",
+                 w->id, detail);
+    *out = w;
+    return 0;
+}
+
+/* Finds the worker whose live session this is: 0, -ENOENT or -ESTALE. */
+static int session_lookup(coord_registry_t *reg, const char *id, const char *session,
+                          struct coord_worker **out)
+{
+    struct coord_worker *w = coord_registry_find(reg, id);
+
+    if (!w || w->session[0] == '\0')
+        return -ENOENT;
+    if (strcmp(w->session, session) != 0)
+        return -ESTALE;
+    *out = w;
+    return 0;
+}
+
+int coord_registry_heartbeat(coord_registry_t *reg, const Duplex__Heartbeat *m, const uint8_t *rid,
+                             size_t rlen, int64_t now_wall, int64_t now_mono)
+{
+    struct coord_worker *w;
+    int rc = session_lookup(reg, m->worker_id, m->session_id, &w);
+
+    if (rc < 0)
+        return rc;
+    w->last_seen_mono = now_mono;
+    w->last_heartbeat_ms = now_wall;
+    w->activity = m->activity;
+    w->job_id = m->job_id;
+    w->step = m->step;
+    worker_set_route(w, rid, rlen);
+    if (w->state == COORD_WORKER_LOST) {
+        char detail[128];
+        w->state = COORD_WORKER_ALIVE;
+        snprintf(detail, sizeof(detail), "heartbeat after being lost");
+        if (worker_persist(reg, w) < 0)
+            dx_error("could not store worker %s", w->id);
+        record_event(reg, now_wall, "returned", w->id, detail);
+        return 0;
+    }
+    if (coord_store_worker_touch(reg->store, w->id, now_wall) < 0)
+        dx_error("could not store heartbeat of worker %s", w->id);
+    return 0;
+}
+
+int coord_registry_goodbye(coord_registry_t *reg, const Duplex__Goodbye *m, int64_t now_wall)
+{
+    struct coord_worker *w;
+    int rc = session_lookup(reg, m->worker_id, m->session_id, &w);
+
+    if (rc < 0)
+        return rc;
+    w->state = COORD_WORKER_LEFT;
+    w->session[0] = '\0';
+    w->routing_len = 0;
+    if (coord_store_worker_set_state(reg->store, w->id, state_names[w->state]) < 0)
+        dx_error("could not store departure of worker %s", w->id);
+    record_event(reg, now_wall, "left", w->id, m->reason[0] ? m->reason : "goodbye");
+    return 0;
+}
+
+int coord_registry_sweep(coord_registry_t *reg, int64_t now_wall, int64_t now_mono,
+                         int64_t dead_after_ms)
+{
+    struct registry_entry *e, *tmp;
+    int lost = 0;
+
+    HASH_ITER (hh, reg->by_id, e, tmp) {
+        struct coord_worker *w = &e->w;
+        int64_t silent = now_mono - w->last_seen_mono;
+        char detail[128];
+
+        if (w->state != COORD_WORKER_ALIVE || silent < dead_after_ms)
+            continue;
+        w->state = COORD_WORKER_LOST;
+        if (coord_store_worker_set_state(reg->store, w->id, state_names[w->state]) < 0)
+            dx_error("could not store loss of worker %s", w->id);
+        snprintf(detail, sizeof(detail), "no heartbeat for %lld ms (limit %lld ms)",
+                 (long long)silent, (long long)dead_after_ms);
+        record_event(reg, now_wall, "lost", w->id, detail);
+        lost++;
+    }
+    return lost;
+}
+
+static int worker_cmp(const void *a, const void *b)
+{
+    const struct coord_worker *const *wa = a;
+    const struct coord_worker *const *wb = b;
+    return strcmp((*wa)->id, (*wb)->id);
+}
+
+int coord_registry_list(coord_registry_t *reg, struct coord_worker ***out)
+{
+    size_t n = HASH_COUNT(reg->by_id), i = 0;
+    struct coord_worker **v = calloc(n + 1, sizeof(*v));
+    struct registry_entry *e, *tmp;
+
+    if (!v)
+        return -ENOMEM;
+    HASH_ITER (hh, reg->by_id, e, tmp) {
+        v[i++] = &e->w;
+    }
+    qsort(v, n, sizeof(*v), worker_cmp);
+    *out = v;
+    return (int)n;
+}

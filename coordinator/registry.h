@@ -1,0 +1,97 @@
+/* registry.h - duplexd's view of its workers: who they are, how to reach
+ * them, and whether they are alive.
+ *
+ * The registry keeps every worker in memory (by id) and writes each change
+ * through to the store, with an event row for every registration, loss,
+ * return and departure. Sessions live only in memory: after duplexd restarts
+ * every worker's next heartbeat is refused and it registers again, which
+ * updates its row instead of adding one.
+ *
+ * Liveness uses the monotonic clock; the wall clock only goes into records.
+ */
+#ifndef COORD_REGISTRY_H
+#define COORD_REGISTRY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "coordinator/store.h"
+#include "proto/duplex.pb-c.h"
+
+#define COORD_SESSION_LEN 32  /* hex characters */
+#define COORD_ROUTING_MAX 256 /* ZeroMQ routing ids are at most 255 bytes */
+
+enum coord_worker_state {
+    COORD_WORKER_ALIVE,
+    COORD_WORKER_LOST,
+    COORD_WORKER_LEFT,
+};
+
+struct coord_worker {
+    char *id;
+    char *host;
+    char *node;
+    char *backend;
+    char **capabilities;
+    size_t n_capabilities;
+    int gpu;
+    int pid;
+    enum coord_worker_state state;
+    char session[COORD_SESSION_LEN + 1]; /* "" when no live session */
+    uint8_t routing_id[COORD_ROUTING_MAX];
+    size_t routing_len;
+    int64_t registered_ms;     /* wall */
+    int64_t last_heartbeat_ms; /* wall, 0 when never */
+    int64_t last_seen_mono;    /* monotonic, drives liveness */
+    Duplex__WorkerActivity activity;
+    uint64_t job_id;
+    uint64_t step;
+};
+
+/* What a Register did. */
+enum coord_register_outcome {
+    COORD_REGISTERED_NEW,     /* id never seen: "registered" */
+    COORD_REGISTERED_AGAIN,   /* id was alive or had left: "reregistered" */
+    COORD_REGISTERED_RETURNED /* id was lost: "returned" */
+};
+
+typedef struct coord_registry coord_registry_t;
+
+/* Creates an empty registry writing through to store (borrowed). */
+int coord_registry_create(coord_store_t *store, coord_registry_t **out);
+void coord_registry_destroy(coord_registry_t *reg);
+
+/* Loads the stored workers. Workers stored as alive get a full dead-after
+ * window from now_mono to register again before they are declared lost. */
+int coord_registry_load(coord_registry_t *reg, int64_t now_mono);
+
+/* Records a registration from the peer with routing id (rid, rlen) and gives
+ * the worker a new session. */
+int coord_registry_register(coord_registry_t *reg, const Duplex__Register *m, const uint8_t *rid,
+                            size_t rlen, int64_t now_wall, int64_t now_mono,
+                            enum coord_register_outcome *outcome, struct coord_worker **out);
+
+/* Records a heartbeat. Returns 0, -ENOENT when the session is not known
+ * (register again) or -ESTALE when another process took the worker id. */
+int coord_registry_heartbeat(coord_registry_t *reg, const Duplex__Heartbeat *m, const uint8_t *rid,
+                             size_t rlen, int64_t now_wall, int64_t now_mono);
+
+/* Records a clean departure. Same returns as coord_registry_heartbeat. */
+int coord_registry_goodbye(coord_registry_t *reg, const Duplex__Goodbye *m, int64_t now_wall);
+
+/* Declares lost every alive worker not seen for dead_after_ms. Returns how
+ * many were declared lost. */
+int coord_registry_sweep(coord_registry_t *reg, int64_t now_wall, int64_t now_mono,
+                         int64_t dead_after_ms);
+
+struct coord_worker *coord_registry_find(coord_registry_t *reg, const char *id);
+
+/* Fills a malloc'd array with every worker, ordered by id. Returns the count
+ * or -ENOMEM. */
+int coord_registry_list(coord_registry_t *reg, struct coord_worker ***out);
+
+size_t coord_registry_count(coord_registry_t *reg);
+
+const char *coord_worker_state_name(enum coord_worker_state state);
+
+#endif

@@ -1,0 +1,425 @@
+/* server.c - duplexd's event loop (see server.h).
+ *
+ * Every frame from the network goes through dx_env_decode; whatever is wrong
+ * with it is answered with an Error naming the problem (never an Error to an
+ * Error) and logged, rate-limited, with the peer's address.
+ */
+#include "coordinator/server.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+#include <zmq.h>
+
+#include "common/clock.h"
+#include "common/log.h"
+#include "common/loop.h"
+#include "common/ratelimit.h"
+#include "common/version.h"
+#include "common/zwatch.h"
+#include "coordinator/registry.h"
+#include "coordinator/store.h"
+#include "proto/wire.h"
+
+/* Rejection log lines allowed per window before they are only counted. */
+#define REJECT_LOG_WINDOW_MS 1000
+#define REJECT_LOG_BURST 20
+/* The sweep runs this many times per dead-after period. */
+#define SWEEPS_PER_DEAD_AFTER 4
+#define SWEEP_MIN_MS 20
+
+struct coord_server {
+    struct coord_server_config cfg;
+    uv_loop_t loop;
+    void *zctx;
+    void *router;
+    dx_zwatch_t *watch;
+    uv_timer_t sweep;
+    uv_prepare_t flush;
+    uv_signal_t sigterm;
+    uv_signal_t sigint;
+    coord_store_t *store;
+    coord_registry_t *reg;
+    struct dx_ratelimit reject_log;
+    uint64_t rejected;
+};
+
+/* One received message: routing id, payload, and a printable peer name. */
+struct peer_frame {
+    uint8_t rid[COORD_ROUTING_MAX];
+    size_t rlen;
+    char name[96];
+};
+
+static void peer_name(struct peer_frame *p, zmq_msg_t *payload)
+{
+    const char *addr = zmq_msg_gets(payload, "Peer-Address");
+    char hex[2 * 8 + 1] = "";
+    size_t n = p->rlen < 8 ? p->rlen : 8;
+
+    for (size_t i = 0; i < n; i++)
+        snprintf(hex + 2 * i, 3, "%02x", p->rid[i]);
+    snprintf(p->name, sizeof(p->name), "peer %s (id %s)", addr ? addr : "?", hex);
+}
+
+static void server_reply(coord_server_t *s, const struct peer_frame *p, Duplex__MsgType type,
+                         uint64_t request_id, const ProtobufCMessage *body)
+{
+    int rc = dx_wire_send(s->router, p->rid, p->rlen, type, request_id, body);
+    if (rc < 0)
+        dx_debug("reply %s to %s not sent: %s", dx_msg_type_name(type), p->name, strerror(-rc));
+}
+
+/* Answers a message with an Error and logs why, rate-limited. Refusals that
+ * are part of normal life (a heartbeat after duplexd restarted) are logged at
+ * info, bad input at warn. */
+static void server_reject(coord_server_t *s, const struct peer_frame *p, Duplex__ErrorCode code,
+                          uint64_t request_id, const char *text)
+{
+    bool routine = code == DUPLEX__ERROR_CODE__ERROR_NOT_REGISTERED;
+    enum dx_log_level level = routine ? DX_LOG_INFO : DX_LOG_WARN;
+    uint64_t suppressed;
+    int rc;
+
+    if (!routine)
+        s->rejected++;
+    if (dx_ratelimit_allow(&s->reject_log, dx_mono_ms(), &suppressed)) {
+        if (suppressed)
+            dx_warn("(%llu more refusals not logged)", (unsigned long long)suppressed);
+        dx_log(level, "refused message from %s: %s: %s", p->name, dx_error_code_name(code), text);
+    }
+    rc = dx_wire_send_error(s->router, p->rid, p->rlen, code, request_id, text);
+    if (rc < 0)
+        dx_debug("error reply to %s not sent: %s", p->name, strerror(-rc));
+}
+
+static void handle_register(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
+{
+    const Duplex__Register *r = (const Duplex__Register *)m->body;
+    Duplex__RegisterAck ack = DUPLEX__REGISTER_ACK__INIT;
+    enum coord_register_outcome outcome;
+    struct coord_worker *w;
+    int rc = coord_registry_register(s->reg, r, p->rid, p->rlen, dx_wall_ms(), dx_mono_ms(),
+                                     &outcome, &w);
+
+    if (rc < 0) {
+        char text[128];
+        snprintf(text, sizeof(text), "registration failed: %s", strerror(-rc));
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id, text);
+        return;
+    }
+    ack.session_id = w->session;
+    ack.heartbeat_interval_ms = (uint32_t)s->cfg.heartbeat_ms;
+    ack.dead_after_ms = (uint32_t)s->cfg.dead_after_ms;
+    server_reply(s, p, DUPLEX__MSG_TYPE__MSG_REGISTER_ACK, m->request_id, &ack.base);
+}
+
+static void session_refused(coord_server_t *s, const struct peer_frame *p, const char *what,
+                            const char *worker_id, int rc, uint64_t request_id)
+{
+    char text[256];
+
+    if (rc == -ESTALE) {
+        snprintf(text, sizeof(text),
+                 "%s for worker %s from a replaced session: another process registered this id",
+                 what, worker_id);
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_SESSION_REPLACED, request_id, text);
+    } else {
+        snprintf(text, sizeof(text), "%s for worker %s with an unknown session: register again",
+                 what, worker_id);
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NOT_REGISTERED, request_id, text);
+    }
+}
+
+static void handle_heartbeat(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
+{
+    const Duplex__Heartbeat *hb = (const Duplex__Heartbeat *)m->body;
+    int rc = coord_registry_heartbeat(s->reg, hb, p->rid, p->rlen, dx_wall_ms(), dx_mono_ms());
+
+    if (rc < 0)
+        session_refused(s, p, "heartbeat", hb->worker_id, rc, m->request_id);
+}
+
+static void handle_goodbye(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
+{
+    const Duplex__Goodbye *g = (const Duplex__Goodbye *)m->body;
+    int rc = coord_registry_goodbye(s->reg, g, dx_wall_ms());
+
+    if (rc < 0)
+        session_refused(s, p, "goodbye", g->worker_id, rc, m->request_id);
+}
+
+static void handle_list_workers(coord_server_t *s, const struct peer_frame *p,
+                                const struct dx_msg *m)
+{
+    Duplex__ListWorkersReply reply = DUPLEX__LIST_WORKERS_REPLY__INIT;
+    struct coord_worker **ws = NULL;
+    Duplex__WorkerInfo *infos = NULL;
+    Duplex__WorkerInfo **ptrs = NULL;
+    int64_t now = dx_wall_ms();
+    int n = coord_registry_list(s->reg, &ws);
+
+    if (n < 0 || !(infos = calloc((size_t)n + 1, sizeof(*infos))) ||
+        !(ptrs = calloc((size_t)n + 1, sizeof(*ptrs)))) {
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id,
+                      "out of memory listing workers");
+        goto out;
+    }
+    for (int i = 0; i < n; i++) {
+        const struct coord_worker *w = ws[i];
+        Duplex__WorkerInfo *wi = &infos[i];
+
+        duplex__worker_info__init(wi);
+        wi->worker_id = w->id;
+        wi->host = w->host;
+        wi->node = w->node;
+        wi->gpu_index = w->gpu;
+        wi->backend = w->backend;
+        wi->state = (char *)coord_worker_state_name(w->state);
+        wi->heartbeat_age_ms = w->last_heartbeat_ms ? now - w->last_heartbeat_ms : -1;
+        wi->pid = w->pid;
+        wi->capabilities = w->capabilities;
+        wi->n_capabilities = w->n_capabilities;
+        wi->activity = w->activity;
+        wi->job_id = w->job_id;
+        wi->step = w->step;
+        ptrs[i] = wi;
+    }
+    reply.workers = ptrs;
+    reply.n_workers = (size_t)n;
+    server_reply(s, p, DUPLEX__MSG_TYPE__MSG_LIST_WORKERS_REPLY, m->request_id, &reply.base);
+out:
+    free(ptrs);
+    free(infos);
+    free(ws);
+}
+
+static void server_dispatch(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
+{
+    char text[128];
+
+    switch (m->type) {
+    case DUPLEX__MSG_TYPE__MSG_REGISTER:
+        handle_register(s, p, m);
+        return;
+    case DUPLEX__MSG_TYPE__MSG_HEARTBEAT:
+        handle_heartbeat(s, p, m);
+        return;
+    case DUPLEX__MSG_TYPE__MSG_GOODBYE:
+        handle_goodbye(s, p, m);
+        return;
+    case DUPLEX__MSG_TYPE__MSG_LIST_WORKERS:
+        handle_list_workers(s, p, m);
+        return;
+    case DUPLEX__MSG_TYPE__MSG_ERROR: {
+        const Duplex__Error *e = (const Duplex__Error *)m->body;
+        dx_warn("%s reports error %s: %.200s", p->name, dx_error_code_name(e->code), e->text);
+        return;
+    }
+    default:
+        snprintf(text, sizeof(text), "duplexd does not accept %s messages",
+                 dx_msg_type_name(m->type));
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNEXPECTED, m->request_id, text);
+        return;
+    }
+}
+
+/* Receives one [routing id][payload...] message. Returns 1 when one was
+ * handled, 0 when none was waiting, -errno on a socket error. */
+static int server_recv_one(coord_server_t *s)
+{
+    struct peer_frame p = {0};
+    zmq_msg_t rid, payload;
+    struct dx_msg m;
+    struct dx_decode_error err;
+    int frames = 0, rc;
+
+    zmq_msg_init(&rid);
+    if (zmq_msg_recv(&rid, s->router, ZMQ_DONTWAIT) < 0) {
+        rc = errno == EAGAIN ? 0 : -errno;
+        zmq_msg_close(&rid);
+        return rc;
+    }
+    p.rlen = zmq_msg_size(&rid) < sizeof(p.rid) ? zmq_msg_size(&rid) : sizeof(p.rid);
+    memcpy(p.rid, zmq_msg_data(&rid), p.rlen);
+    zmq_msg_init(&payload);
+    /* keep the first frame after the routing id, drain and count the rest */
+    for (int more = zmq_msg_more(&rid); more;) {
+        zmq_msg_t next;
+        zmq_msg_init(&next);
+        if (zmq_msg_recv(&next, s->router, 0) < 0) {
+            zmq_msg_close(&next);
+            break;
+        }
+        more = zmq_msg_more(&next);
+        if (++frames == 1)
+            zmq_msg_move(&payload, &next);
+        zmq_msg_close(&next);
+    }
+    peer_name(&p, &payload);
+    if (frames != 1) {
+        char text[64];
+        snprintf(text, sizeof(text), "expected 1 frame after the routing id, got %d", frames);
+        server_reject(s, &p, DUPLEX__ERROR_CODE__ERROR_MALFORMED, 0, text);
+    } else if (dx_env_decode(zmq_msg_data(&payload), zmq_msg_size(&payload), &m, &err) < 0) {
+        server_reject(s, &p, err.code, err.request_id, err.text);
+    } else {
+        server_dispatch(s, &p, &m);
+        dx_msg_clear(&m);
+    }
+    zmq_msg_close(&payload);
+    zmq_msg_close(&rid);
+    return 1;
+}
+
+static void server_on_router(dx_zwatch_t *w, int revents, void *arg)
+{
+    coord_server_t *s = arg;
+    (void)w;
+    (void)revents;
+
+    for (int i = 0; i < DX_ZWATCH_BATCH; i++) {
+        int rc = server_recv_one(s);
+        if (rc == 0)
+            return;
+        if (rc < 0) {
+            dx_error("receive on %s failed: %s", s->cfg.listen, zmq_strerror(-rc));
+            return;
+        }
+    }
+}
+
+static void server_on_sweep(uv_timer_t *t)
+{
+    coord_server_t *s = t->data;
+    coord_registry_sweep(s->reg, dx_wall_ms(), dx_mono_ms(), s->cfg.dead_after_ms);
+}
+
+/* Runs once per loop turn, before the loop blocks: commit the turn's writes. */
+static void server_on_flush(uv_prepare_t *h)
+{
+    coord_server_t *s = h->data;
+    if (coord_store_flush(s->store) < 0)
+        dx_error("store commit failed: %s", coord_store_errmsg(s->store));
+}
+
+static void server_on_signal(uv_signal_t *h, int signum)
+{
+    coord_server_t *s = h->data;
+    dx_info("%s received; stopping", strsignal(signum));
+    uv_stop(&s->loop);
+}
+
+static int server_bind(coord_server_t *s, char *err, size_t errlen)
+{
+    int one = 1;
+
+    s->zctx = zmq_ctx_new();
+    if (!s->zctx) {
+        snprintf(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
+        return -errno;
+    }
+    s->router = zmq_socket(s->zctx, ZMQ_ROUTER);
+    if (!s->router || dx_wire_setup(s->router) < 0 ||
+        zmq_setsockopt(s->router, ZMQ_ROUTER_MANDATORY, &one, sizeof(one)) < 0) {
+        snprintf(err, errlen, "cannot set up the ROUTER socket: %s", zmq_strerror(errno));
+        return -errno;
+    }
+    if (zmq_bind(s->router, s->cfg.listen) < 0) {
+        int e = errno;
+        snprintf(err, errlen, "cannot listen on %s: %s", s->cfg.listen, zmq_strerror(e));
+        return -e;
+    }
+    return 0;
+}
+
+int coord_server_create(const struct coord_server_config *cfg, coord_server_t **out, char *err,
+                        size_t errlen)
+{
+    coord_server_t *s = calloc(1, sizeof(*s));
+    char detail[256];
+    int64_t sweep_ms;
+    int rc;
+
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    s->cfg = *cfg;
+    s->reject_log = (struct dx_ratelimit)DX_RATELIMIT_INIT(REJECT_LOG_WINDOW_MS, REJECT_LOG_BURST);
+    if ((rc = uv_loop_init(&s->loop)) < 0) {
+        snprintf(err, errlen, "cannot create the event loop: %s", uv_strerror(rc));
+        free(s);
+        return rc;
+    }
+    if ((rc = coord_store_open(cfg->db, &s->store, err, errlen)) < 0)
+        goto fail;
+    if ((rc = coord_registry_create(s->store, &s->reg)) < 0 ||
+        (rc = coord_registry_load(s->reg, dx_mono_ms())) < 0) {
+        snprintf(err, errlen, "%s: cannot load workers: %s", cfg->db, strerror(-rc));
+        goto fail;
+    }
+    if ((rc = server_bind(s, err, errlen)) < 0)
+        goto fail;
+    if ((rc = dx_zwatch_create(&s->loop, s->router, ZMQ_POLLIN, server_on_router, s, &s->watch)) <
+        0) {
+        snprintf(err, errlen, "cannot watch the ROUTER socket: %s", strerror(-rc));
+        goto fail;
+    }
+    uv_timer_init(&s->loop, &s->sweep);
+    uv_prepare_init(&s->loop, &s->flush);
+    uv_signal_init(&s->loop, &s->sigterm);
+    uv_signal_init(&s->loop, &s->sigint);
+    s->sweep.data = s->flush.data = s->sigterm.data = s->sigint.data = s;
+    sweep_ms = cfg->dead_after_ms / SWEEPS_PER_DEAD_AFTER;
+    if (sweep_ms < SWEEP_MIN_MS)
+        sweep_ms = SWEEP_MIN_MS;
+    uv_timer_start(&s->sweep, server_on_sweep, (uint64_t)sweep_ms, (uint64_t)sweep_ms);
+    uv_prepare_start(&s->flush, server_on_flush);
+    uv_signal_start(&s->sigterm, server_on_signal, SIGTERM);
+    uv_signal_start(&s->sigint, server_on_signal, SIGINT);
+
+    snprintf(detail, sizeof(detail), "duplexd %s (protocol %d) on %s, %zu workers known",
+             DX_VERSION, DX_PROTOCOL_VERSION, cfg->listen, coord_registry_count(s->reg));
+    coord_store_event(s->store, dx_wall_ms(), "coordinator_started", NULL, detail);
+    if (coord_store_flush(s->store) < 0) {
+        snprintf(err, errlen, "%s: cannot write: %s", cfg->db, coord_store_errmsg(s->store));
+        rc = -EIO;
+        goto fail;
+    }
+    *out = s;
+    return 0;
+fail:
+    coord_server_destroy(s);
+    return rc;
+}
+
+int coord_server_run(coord_server_t *s)
+{
+    dx_info("listening on %s (heartbeat %d ms, lost after %d ms, database %s)", s->cfg.listen,
+            s->cfg.heartbeat_ms, s->cfg.dead_after_ms, s->cfg.db);
+    uv_run(&s->loop, UV_RUN_DEFAULT);
+    coord_store_event(s->store, dx_wall_ms(), "coordinator_stopped", NULL, "");
+    return 0;
+}
+
+void coord_server_destroy(coord_server_t *s)
+{
+    if (!s)
+        return;
+    dx_zwatch_destroy(s->watch);
+    if (dx_loop_close(&s->loop) < 0)
+        dx_warn("event loop closed with handles still open");
+    if (s->router)
+        zmq_close(s->router);
+    if (s->zctx)
+        zmq_ctx_term(s->zctx);
+    coord_registry_destroy(s->reg);
+    coord_store_close(s->store);
+    if (s->rejected)
+        dx_info("%llu bad messages rejected while running", (unsigned long long)s->rejected);
+    free(s);
+}

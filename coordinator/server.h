@@ -1,0 +1,27 @@
+/* server.h - duplexd's event loop: the ROUTER socket, the liveness sweep,
+ * the per-turn store commit and the signals that stop it. */
+#ifndef COORD_SERVER_H
+#define COORD_SERVER_H
+
+#include <stddef.h>
+
+struct coord_server_config {
+    const char *listen; /* ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:7700 */
+    const char *db;     /* SQLite file */
+    int heartbeat_ms;   /* interval told to workers */
+    int dead_after_ms;  /* silence after which a worker is lost */
+};
+
+typedef struct coord_server coord_server_t;
+
+/* Opens the store, loads the registry and binds the socket. Returns 0 or
+ * -errno with a message in err. */
+int coord_server_create(const struct coord_server_config *cfg, coord_server_t **out, char *err,
+                        size_t errlen);
+
+/* Serves until SIGTERM or SIGINT. Returns 0. */
+int coord_server_run(coord_server_t *s);
+
+void coord_server_destroy(coord_server_t *s);
+
+#endif

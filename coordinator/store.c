@@ -1,0 +1,410 @@
+/* store.c - duplexd's SQLite database (see store.h). */
+#include "coordinator/store.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <sqlite3.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/fs.h"
+#include "common/log.h"
+
+#define STORE_BUSY_TIMEOUT_MS 5000
+/* Keep the WAL file from growing without bound between checkpoints. */
+#define STORE_JOURNAL_SIZE_LIMIT (64 * 1024 * 1024)
+
+/* migrations[i] brings the schema from version i to version i + 1. */
+static const char *const migrations[] = {
+    /* 0 -> 1: workers and the append-only event log */
+    "CREATE TABLE workers ("
+    "  id TEXT PRIMARY KEY,"
+    "  host TEXT NOT NULL,"
+    "  node TEXT NOT NULL,"
+    "  gpu INTEGER NOT NULL,"
+    "  backend TEXT NOT NULL,"
+    "  capabilities TEXT NOT NULL," /* JSON array of strings */
+    "  pid INTEGER NOT NULL,"
+    "  state TEXT NOT NULL CHECK (state IN ('alive', 'lost', 'left')),"
+    "  registered_ms INTEGER NOT NULL,"
+    "  last_heartbeat_ms INTEGER NOT NULL"
+    ");"
+    "CREATE TABLE events ("
+    "  id INTEGER PRIMARY KEY,"
+    "  ts_ms INTEGER NOT NULL,"
+    "  kind TEXT NOT NULL,"
+    "  worker_id TEXT,"
+    "  detail TEXT NOT NULL DEFAULT ''"
+    ");"
+    "CREATE INDEX events_by_worker ON events(worker_id);"
+    "CREATE TRIGGER events_no_update BEFORE UPDATE ON events"
+    "  BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;"
+    "CREATE TRIGGER events_no_delete BEFORE DELETE ON events"
+    "  BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;",
+};
+
+_Static_assert(sizeof(migrations) / sizeof(migrations[0]) == COORD_STORE_SCHEMA_VERSION,
+               "one migration per schema version");
+
+enum store_stmt {
+    STMT_WORKER_PUT,
+    STMT_WORKER_STATE,
+    STMT_WORKER_TOUCH,
+    STMT_EVENT,
+    STMT_WORKERS_ALL,
+    STMT_BEGIN,
+    STMT_COMMIT,
+    STMT_COUNT,
+};
+
+static const char *const stmt_sql[STMT_COUNT] = {
+    [STMT_WORKER_PUT] =
+        "INSERT INTO workers (id, host, node, gpu, backend, capabilities, pid, state,"
+        " registered_ms, last_heartbeat_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+        " ON CONFLICT(id) DO UPDATE SET host = ?2, node = ?3, gpu = ?4, backend = ?5,"
+        " capabilities = ?6, pid = ?7, state = ?8, registered_ms = ?9, last_heartbeat_ms = ?10",
+    [STMT_WORKER_STATE] = "UPDATE workers SET state = ?2 WHERE id = ?1",
+    [STMT_WORKER_TOUCH] = "UPDATE workers SET last_heartbeat_ms = ?2 WHERE id = ?1",
+    [STMT_EVENT] = "INSERT INTO events (ts_ms, kind, worker_id, detail) VALUES (?1, ?2, ?3, ?4)",
+    [STMT_WORKERS_ALL] = "SELECT id, host, node, gpu, backend, capabilities, pid, state,"
+                         " registered_ms, last_heartbeat_ms FROM workers ORDER BY id",
+    [STMT_BEGIN] = "BEGIN IMMEDIATE",
+    [STMT_COMMIT] = "COMMIT",
+};
+
+struct coord_store {
+    sqlite3 *db;
+    sqlite3_stmt *stmt[STMT_COUNT];
+    bool in_txn;
+};
+
+static int store_exec(coord_store_t *s, const char *sql, char *err, size_t errlen)
+{
+    char *msg = NULL;
+
+    if (sqlite3_exec(s->db, sql, NULL, NULL, &msg) != SQLITE_OK) {
+        snprintf(err, errlen, "%s", msg ? msg : sqlite3_errmsg(s->db));
+        sqlite3_free(msg);
+        return -EIO;
+    }
+    return 0;
+}
+
+static int store_user_version(coord_store_t *s)
+{
+    sqlite3_stmt *st;
+    int v = -1;
+
+    if (sqlite3_prepare_v2(s->db, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    if (sqlite3_step(st) == SQLITE_ROW)
+        v = sqlite3_column_int(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+static int store_migrate(coord_store_t *s, char *err, size_t errlen)
+{
+    char why[256];
+    int v = store_user_version(s);
+
+    if (v < 0) {
+        snprintf(err, errlen, "cannot read schema version: %s", sqlite3_errmsg(s->db));
+        return -EIO;
+    }
+    if (v > COORD_STORE_SCHEMA_VERSION) {
+        snprintf(err, errlen,
+                 "schema version %d is newer than this duplexd understands (%d); "
+                 "use a newer duplexd",
+                 v, COORD_STORE_SCHEMA_VERSION);
+        return -EPROTONOSUPPORT;
+    }
+    for (; v < COORD_STORE_SCHEMA_VERSION; v++) {
+        char bump[64];
+        snprintf(bump, sizeof(bump), "PRAGMA user_version = %d", v + 1);
+        if (store_exec(s, "BEGIN IMMEDIATE", why, sizeof(why)) < 0 ||
+            store_exec(s, migrations[v], why, sizeof(why)) < 0 ||
+            store_exec(s, bump, why, sizeof(why)) < 0 ||
+            store_exec(s, "COMMIT", why, sizeof(why)) < 0) {
+            snprintf(err, errlen, "migration to schema version %d failed: %s", v + 1, why);
+            sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+            return -EIO;
+        }
+        dx_info("database migrated to schema version %d", v + 1);
+    }
+    return 0;
+}
+
+static int store_quick_check(coord_store_t *s, char *err, size_t errlen)
+{
+    sqlite3_stmt *st;
+    int rc = -EIO;
+
+    if (sqlite3_prepare_v2(s->db, "PRAGMA quick_check", -1, &st, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "%s", sqlite3_errmsg(s->db));
+        return -EIO;
+    }
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        const char *r = (const char *)sqlite3_column_text(st, 0);
+        if (r && strcmp(r, "ok") == 0)
+            rc = 0;
+        else
+            snprintf(err, errlen, "integrity check failed: %s", r ? r : "?");
+    } else {
+        snprintf(err, errlen, "%s", sqlite3_errmsg(s->db));
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+int coord_store_open(const char *path, coord_store_t **out, char *err, size_t errlen)
+{
+    coord_store_t *s;
+    char why[256];
+    char pragmas[256];
+    int rc;
+
+    if ((rc = dx_mkdir_parent(path, 0755)) < 0) {
+        snprintf(err, errlen, "%s: cannot create its directory: %s", path, strerror(-rc));
+        return rc;
+    }
+    s = calloc(1, sizeof(*s));
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    if (sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) !=
+        SQLITE_OK) {
+        snprintf(err, errlen, "%s: %s", path, s->db ? sqlite3_errmsg(s->db) : "cannot open");
+        rc = -EIO;
+        goto fail;
+    }
+    sqlite3_busy_timeout(s->db, STORE_BUSY_TIMEOUT_MS);
+    snprintf(pragmas, sizeof(pragmas),
+             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;"
+             " PRAGMA foreign_keys = ON; PRAGMA journal_size_limit = %d;",
+             STORE_JOURNAL_SIZE_LIMIT);
+    if ((rc = store_exec(s, pragmas, why, sizeof(why))) < 0 ||
+        (rc = store_quick_check(s, why, sizeof(why))) < 0 ||
+        (rc = store_migrate(s, why, sizeof(why))) < 0) {
+        snprintf(err, errlen, "%s: %s", path, why);
+        goto fail;
+    }
+    for (int i = 0; i < STMT_COUNT; i++) {
+        if (sqlite3_prepare_v3(s->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &s->stmt[i],
+                               NULL) != SQLITE_OK) {
+            snprintf(err, errlen, "%s: preparing \"%s\": %s", path, stmt_sql[i],
+                     sqlite3_errmsg(s->db));
+            rc = -EIO;
+            goto fail;
+        }
+    }
+    *out = s;
+    return 0;
+fail:
+    coord_store_close(s);
+    return rc;
+}
+
+void coord_store_close(coord_store_t *s)
+{
+    if (!s)
+        return;
+    if (s->in_txn && coord_store_flush(s) < 0)
+        dx_error("store: final commit failed: %s", sqlite3_errmsg(s->db));
+    for (int i = 0; i < STMT_COUNT; i++)
+        sqlite3_finalize(s->stmt[i]);
+    sqlite3_close(s->db);
+    free(s);
+}
+
+int coord_store_schema_version(coord_store_t *s)
+{
+    return store_user_version(s);
+}
+
+const char *coord_store_errmsg(coord_store_t *s)
+{
+    return sqlite3_errmsg(s->db);
+}
+
+/* Runs a prepared statement to completion and resets it. */
+static int store_step(coord_store_t *s, sqlite3_stmt *st)
+{
+    int rc = sqlite3_step(st);
+
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    if (rc != SQLITE_DONE) {
+        dx_error("store: %s: %s", sqlite3_sql(st), sqlite3_errmsg(s->db));
+        return -EIO;
+    }
+    return 0;
+}
+
+/* Joins the transaction of this loop turn, opening it if needed. */
+static int store_begin(coord_store_t *s)
+{
+    if (s->in_txn)
+        return 0;
+    if (store_step(s, s->stmt[STMT_BEGIN]) < 0)
+        return -EIO;
+    s->in_txn = true;
+    return 0;
+}
+
+int coord_store_flush(coord_store_t *s)
+{
+    if (!s->in_txn)
+        return 0;
+    s->in_txn = false;
+    if (store_step(s, s->stmt[STMT_COMMIT]) < 0) {
+        sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+        return -EIO;
+    }
+    return 0;
+}
+
+static char *capabilities_to_json(const char *const *caps, size_t n)
+{
+    json_t *arr = json_array();
+    char *text = NULL;
+
+    if (!arr)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (json_array_append_new(arr, json_string(caps[i])) < 0)
+            goto out;
+    }
+    text = json_dumps(arr, JSON_COMPACT);
+out:
+    json_decref(arr);
+    return text;
+}
+
+int coord_store_worker_put(coord_store_t *s, const struct coord_worker_row *row)
+{
+    sqlite3_stmt *st = s->stmt[STMT_WORKER_PUT];
+    char *caps = capabilities_to_json(row->capabilities, row->n_capabilities);
+    int rc;
+
+    if (!caps)
+        return -ENOMEM;
+    if ((rc = store_begin(s)) < 0)
+        goto out;
+    sqlite3_bind_text(st, 1, row->id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, row->host, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, row->node, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 4, row->gpu);
+    sqlite3_bind_text(st, 5, row->backend, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 6, caps, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 7, row->pid);
+    sqlite3_bind_text(st, 8, row->state, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 9, row->registered_ms);
+    sqlite3_bind_int64(st, 10, row->last_heartbeat_ms);
+    rc = store_step(s, st);
+out:
+    free(caps);
+    return rc;
+}
+
+int coord_store_worker_set_state(coord_store_t *s, const char *id, const char *state)
+{
+    sqlite3_stmt *st = s->stmt[STMT_WORKER_STATE];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, state, -1, SQLITE_STATIC);
+    return store_step(s, st);
+}
+
+int coord_store_worker_touch(coord_store_t *s, const char *id, int64_t last_heartbeat_ms)
+{
+    sqlite3_stmt *st = s->stmt[STMT_WORKER_TOUCH];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, last_heartbeat_ms);
+    return store_step(s, st);
+}
+
+int coord_store_event(coord_store_t *s, int64_t ts_ms, const char *kind, const char *worker_id,
+                      const char *detail)
+{
+    sqlite3_stmt *st = s->stmt[STMT_EVENT];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_int64(st, 1, ts_ms);
+    sqlite3_bind_text(st, 2, kind, -1, SQLITE_STATIC);
+    if (worker_id)
+        sqlite3_bind_text(st, 3, worker_id, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 3);
+    sqlite3_bind_text(st, 4, detail ? detail : "", -1, SQLITE_STATIC);
+    return store_step(s, st);
+}
+
+/* Parses a stored JSON array of strings into a malloc'd vector of borrowed
+ * pointers into *root (kept alive by the caller). */
+static int capabilities_from_json(const char *text, json_t **root, const char ***caps, size_t *n)
+{
+    size_t i;
+    json_t *v;
+
+    *root = json_loads(text ? text : "[]", 0, NULL);
+    *caps = NULL;
+    *n = 0;
+    if (!*root || !json_is_array(*root))
+        return -EINVAL;
+    *caps = calloc(json_array_size(*root) + 1, sizeof(char *));
+    if (!*caps)
+        return -ENOMEM;
+    json_array_foreach (*root, i, v) {
+        if (json_is_string(v))
+            (*caps)[(*n)++] = json_string_value(v);
+    }
+    return 0;
+}
+
+int coord_store_workers_each(coord_store_t *s, coord_store_worker_fn fn, void *arg)
+{
+    sqlite3_stmt *st = s->stmt[STMT_WORKERS_ALL];
+    int rc = 0, step;
+
+    while ((step = sqlite3_step(st)) == SQLITE_ROW) {
+        struct coord_worker_row row = {
+            .id = (const char *)sqlite3_column_text(st, 0),
+            .host = (const char *)sqlite3_column_text(st, 1),
+            .node = (const char *)sqlite3_column_text(st, 2),
+            .gpu = sqlite3_column_int(st, 3),
+            .backend = (const char *)sqlite3_column_text(st, 4),
+            .pid = sqlite3_column_int(st, 6),
+            .state = (const char *)sqlite3_column_text(st, 7),
+            .registered_ms = sqlite3_column_int64(st, 8),
+            .last_heartbeat_ms = sqlite3_column_int64(st, 9),
+        };
+        json_t *root = NULL;
+        const char **caps = NULL;
+
+        if (capabilities_from_json((const char *)sqlite3_column_text(st, 5), &root, &caps,
+                                   &row.n_capabilities) < 0)
+            dx_warn("store: worker %s has unreadable capabilities; ignoring them", row.id);
+        row.capabilities = caps;
+        rc = fn(&row, arg);
+        free(caps);
+        json_decref(root);
+        if (rc != 0)
+            break;
+    }
+    if (rc == 0 && step != SQLITE_DONE) {
+        dx_error("store: reading workers: %s", sqlite3_errmsg(s->db));
+        rc = -EIO;
+    }
+    sqlite3_reset(st);
+    return rc;
+}

@@ -1,0 +1,113 @@
+/* client.c - duplexctl's request/reply link to duplexd (see client.h). */
+#include "ctl/client.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+#include "common/clock.h"
+#include "proto/wire.h"
+
+struct ctl_client {
+    void *zctx;
+    void *dealer;
+    char *coordinator;
+    int timeout_ms;
+    uint64_t next_request_id;
+};
+
+int ctl_client_create(const char *coordinator, int timeout_ms, ctl_client_t **out, char *err,
+                      size_t errlen)
+{
+    ctl_client_t *c = calloc(1, sizeof(*c));
+    int linger = 0;
+
+    if (!c || !(c->coordinator = strdup(coordinator))) {
+        free(c);
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    c->timeout_ms = timeout_ms;
+    c->zctx = zmq_ctx_new();
+    if (!c->zctx || !(c->dealer = zmq_socket(c->zctx, ZMQ_DEALER)) ||
+        dx_wire_setup(c->dealer) < 0 ||
+        zmq_setsockopt(c->dealer, ZMQ_LINGER, &linger, sizeof(linger)) < 0) {
+        snprintf(err, errlen, "cannot set up a ZeroMQ socket: %s", zmq_strerror(errno));
+        goto fail;
+    }
+    if (zmq_connect(c->dealer, coordinator) < 0) {
+        snprintf(err, errlen, "cannot connect to %s: %s", coordinator, zmq_strerror(errno));
+        goto fail;
+    }
+    *out = c;
+    return 0;
+fail:
+    ctl_client_destroy(c);
+    return -EINVAL;
+}
+
+int ctl_client_call(ctl_client_t *c, Duplex__MsgType type, const ProtobufCMessage *body,
+                    Duplex__MsgType reply_type, struct dx_msg *reply, char *err, size_t errlen)
+{
+    uint64_t id = ++c->next_request_id;
+    int64_t deadline = dx_mono_ms() + c->timeout_ms;
+    int rc;
+
+    /* Without ZMQ_IMMEDIATE the request waits in the queue until connected. */
+    if ((rc = dx_wire_send(c->dealer, NULL, 0, type, id, body)) < 0) {
+        snprintf(err, errlen, "cannot send to %s: %s", c->coordinator, strerror(-rc));
+        return rc;
+    }
+    for (;;) {
+        zmq_pollitem_t item = {.socket = c->dealer, .events = ZMQ_POLLIN};
+        int64_t left = deadline - dx_mono_ms();
+        struct dx_decode_error derr;
+
+        if (left <= 0 || zmq_poll(&item, 1, (long)left) == 0) {
+            snprintf(err, errlen, "no answer from duplexd at %s within %.1f s (is it running?)",
+                     c->coordinator, c->timeout_ms / 1000.0);
+            return -ETIMEDOUT;
+        }
+        rc = dx_wire_recv(c->dealer, reply, &derr);
+        if (rc == -EAGAIN || rc == -EINTR)
+            continue;
+        if (rc == -EPROTO) {
+            snprintf(err, errlen, "bad answer from %s: %s", c->coordinator, derr.text);
+            return rc;
+        }
+        if (rc < 0) {
+            snprintf(err, errlen, "receive from %s failed: %s", c->coordinator, strerror(-rc));
+            return rc;
+        }
+        if (reply->request_id != id) {
+            dx_msg_clear(reply); /* a late answer to an earlier call */
+            continue;
+        }
+        if (reply->type == reply_type)
+            return 0;
+        if (reply->type == DUPLEX__MSG_TYPE__MSG_ERROR) {
+            const Duplex__Error *e = (const Duplex__Error *)reply->body;
+            snprintf(err, errlen, "duplexd refused the request: %s: %s",
+                     dx_error_code_name(e->code), e->text);
+        } else {
+            snprintf(err, errlen, "duplexd answered %s to %s", dx_msg_type_name(reply->type),
+                     dx_msg_type_name(type));
+        }
+        dx_msg_clear(reply);
+        return -EPROTO;
+    }
+}
+
+void ctl_client_destroy(ctl_client_t *c)
+{
+    if (!c)
+        return;
+    if (c->dealer)
+        zmq_close(c->dealer);
+    if (c->zctx)
+        zmq_ctx_term(c->zctx);
+    free(c->coordinator);
+    free(c);
+}

@@ -1,0 +1,24 @@
+/* client.h - duplexctl's request/reply link to duplexd: a DEALER socket, a
+ * request id per call, and a deadline on every answer. */
+#ifndef CTL_CLIENT_H
+#define CTL_CLIENT_H
+
+#include <stddef.h>
+
+#include "proto/envelope.h"
+
+typedef struct ctl_client ctl_client_t;
+
+int ctl_client_create(const char *coordinator, int timeout_ms, ctl_client_t **out, char *err,
+                      size_t errlen);
+
+/* Sends one request and waits for the reply carrying its request id.
+ * Returns 0 with *reply of reply_type (release it with dx_msg_clear),
+ * -ETIMEDOUT when duplexd did not answer in time, or -EPROTO when it answered
+ * with an Error or something unexpected; err says which. */
+int ctl_client_call(ctl_client_t *c, Duplex__MsgType type, const ProtobufCMessage *body,
+                    Duplex__MsgType reply_type, struct dx_msg *reply, char *err, size_t errlen);
+
+void ctl_client_destroy(ctl_client_t *c);
+
+#endif

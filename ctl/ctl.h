@@ -1,0 +1,32 @@
+/* ctl.h - what duplexctl's commands share: the global options and the
+ * signature every command has. */
+#ifndef CTL_H
+#define CTL_H
+
+#include <stdio.h>
+
+#define CTL_DEFAULT_COORDINATOR "tcp://127.0.0.1:7700"
+#define CTL_DEFAULT_TIMEOUT_S 3
+
+/* Exit statuses. */
+#define CTL_EXIT_OK 0
+#define CTL_EXIT_FAIL 1  /* the request failed or was refused */
+#define CTL_EXIT_USAGE 2 /* bad command line */
+
+struct ctl_globals {
+    char coordinator[512]; /* resolved: flag, $DUPLEX_COORDINATOR, default */
+    int timeout_s;
+};
+
+/* Each command gets argv starting at its own name and returns an exit
+ * status. Command options --coordinator and --timeout override globals. */
+typedef int (*ctl_command_fn)(struct ctl_globals *g, int argc, char **argv);
+
+int ctl_cmd_workers(struct ctl_globals *g, int argc, char **argv);
+int ctl_cmd_local(struct ctl_globals *g, int argc, char **argv);
+
+/* Applies a command's own --coordinator / --timeout (NULL / 0 when not
+ * given) over the globals. */
+void ctl_globals_override(struct ctl_globals *g, const char *coordinator, int timeout_s);
+
+#endif

@@ -1,0 +1,104 @@
+/* main.c - duplexctl: global options, then one command. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/opts.h"
+#include "common/version.h"
+#include "ctl/ctl.h"
+#include "proto/envelope.h"
+
+struct ctl_command {
+    const char *name;
+    ctl_command_fn fn;
+    const char *summary;
+};
+
+static const struct ctl_command commands[] = {
+    {"workers", ctl_cmd_workers, "list the cluster's workers [--json]"},
+    {"local", ctl_cmd_local, "start (up) or stop (down) a one-machine cluster"},
+    {NULL, NULL, NULL},
+};
+
+static char *opt_coordinator;
+static int opt_timeout_s;
+
+static const struct dx_opt options[] = {
+    {"coordinator", DX_OPT_STRING, &opt_coordinator, NULL, 0, 0, 0, "ADDR",
+     "duplexd endpoint (default $DUPLEX_COORDINATOR, then " CTL_DEFAULT_COORDINATOR ")"},
+    {"timeout", DX_OPT_INT, &opt_timeout_s, NULL, CTL_DEFAULT_TIMEOUT_S, 1, 3600, "SECONDS",
+     "how long to wait for duplexd to answer"},
+    {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
+};
+
+void ctl_globals_override(struct ctl_globals *g, const char *coordinator, int timeout_s)
+{
+    if (coordinator)
+        snprintf(g->coordinator, sizeof(g->coordinator), "%s", coordinator);
+    if (timeout_s > 0)
+        g->timeout_s = timeout_s;
+}
+
+static void usage(FILE *out)
+{
+    dx_opts_usage(out,
+                  "duplexctl [options] COMMAND [command options]\n\nControls a duplex cluster.",
+                  options);
+    fprintf(out, "\ncommands:\n");
+    for (const struct ctl_command *c = commands; c->name; c++)
+        fprintf(out, "  %-26s %s\n", c->name, c->summary);
+    fprintf(out, "  %-26s %s\n", "help", "show this help");
+    fprintf(out, "\n`duplexctl COMMAND --help` describes a command's options.\n");
+}
+
+int main(int argc, char **argv)
+{
+    struct ctl_globals g = {0};
+    const char *env;
+    char err[512];
+    int next, rc, status = CTL_EXIT_USAGE;
+
+    dx_log_init("duplexctl", DX_LOG_WARN);
+    rc = dx_opts_parse(options, argc, argv, &next, err, sizeof(err));
+    if (rc == DX_OPTS_HELP) {
+        usage(stdout);
+        status = CTL_EXIT_OK;
+        goto out;
+    }
+    if (rc == DX_OPTS_VERSION) {
+        printf("duplexctl %s (protocol %d)\n", DX_VERSION, DX_PROTOCOL_VERSION);
+        status = CTL_EXIT_OK;
+        goto out;
+    }
+    if (rc < 0) {
+        fprintf(stderr, "duplexctl: %s (see --help)\n", err);
+        goto out;
+    }
+    if (next >= argc) {
+        usage(stderr);
+        goto out;
+    }
+    env = getenv("DUPLEX_COORDINATOR");
+    snprintf(g.coordinator, sizeof(g.coordinator), "%s",
+             opt_coordinator ? opt_coordinator
+             : env && env[0] ? env
+                             : CTL_DEFAULT_COORDINATOR);
+    g.timeout_s = opt_timeout_s;
+
+    if (strcmp(argv[next], "help") == 0) {
+        usage(stdout);
+        status = CTL_EXIT_OK;
+        goto out;
+    }
+    for (const struct ctl_command *c = commands; c->name; c++) {
+        if (strcmp(argv[next], c->name) == 0) {
+            status = c->fn(&g, argc - next, argv + next);
+            goto out;
+        }
+    }
+    fprintf(stderr, "duplexctl: unknown command \"%s\" (see duplexctl help)\n", argv[next]);
+out:
+    dx_opts_free(options);
+    return status;
+}

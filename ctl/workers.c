@@ -1,0 +1,140 @@
+/* workers.c - `duplexctl workers`: the cluster's workers as a table or JSON. */
+#include <errno.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/opts.h"
+#include "ctl/client.h"
+#include "ctl/ctl.h"
+
+static const char *activity_name(Duplex__WorkerActivity a)
+{
+    switch (a) {
+    case DUPLEX__WORKER_ACTIVITY__ACTIVITY_IDLE:
+        return "idle";
+    case DUPLEX__WORKER_ACTIVITY__ACTIVITY_BUSY:
+        return "busy";
+    default:
+        return "unknown";
+    }
+}
+
+static void format_age(int64_t ms, char *buf, size_t len)
+{
+    if (ms < 0)
+        snprintf(buf, len, "-");
+    else if (ms < 10000)
+        snprintf(buf, len, "%.1fs", ms / 1000.0);
+    else if (ms < 120000)
+        snprintf(buf, len, "%llds", (long long)(ms / 1000));
+    else if (ms < 7200000)
+        snprintf(buf, len, "%lldm", (long long)(ms / 60000));
+    else
+        snprintf(buf, len, "%lldh", (long long)(ms / 3600000));
+}
+
+static void print_table(const Duplex__ListWorkersReply *r)
+{
+    if (r->n_workers == 0) {
+        printf("no workers registered\n");
+        return;
+    }
+    printf("%-24s %-16s %-16s %4s %-8s %-6s %8s %8s\n", "ID", "HOST", "NODE", "GPU", "BACKEND",
+           "STATE", "HB AGE", "PID");
+    for (size_t i = 0; i < r->n_workers; i++) {
+        const Duplex__WorkerInfo *w = r->workers[i];
+        char age[16];
+        format_age(w->heartbeat_age_ms, age, sizeof(age));
+        printf("%-24s %-16s %-16s %4d %-8s %-6s %8s %8d\n", w->worker_id, w->host, w->node,
+               w->gpu_index, w->backend, w->state, age, w->pid);
+    }
+}
+
+static int print_json(const Duplex__ListWorkersReply *r)
+{
+    json_t *root = json_object(), *arr = json_array();
+    int rc = -ENOMEM;
+
+    if (!root || !arr || json_object_set(root, "workers", arr) < 0)
+        goto out;
+    for (size_t i = 0; i < r->n_workers; i++) {
+        const Duplex__WorkerInfo *w = r->workers[i];
+        json_t *caps = json_array();
+        json_t *o;
+
+        for (size_t k = 0; caps && k < w->n_capabilities; k++)
+            json_array_append_new(caps, json_string(w->capabilities[k]));
+        o = json_pack("{s:s, s:s, s:s, s:i, s:s, s:s, s:I, s:i, s:o, s:s, s:I, s:I}", "id",
+                      w->worker_id, "host", w->host, "node", w->node, "gpu", w->gpu_index,
+                      "backend", w->backend, "state", w->state, "heartbeat_age_ms",
+                      (json_int_t)w->heartbeat_age_ms, "pid", w->pid, "capabilities", caps,
+                      "activity", activity_name(w->activity), "job", (json_int_t)w->job_id, "step",
+                      (json_int_t)w->step);
+        if (!o || json_array_append_new(arr, o) < 0)
+            goto out;
+    }
+    if (json_dumpf(root, stdout, JSON_INDENT(2)) < 0)
+        goto out;
+    putchar('\n');
+    rc = 0;
+out:
+    json_decref(arr);
+    json_decref(root);
+    return rc;
+}
+
+int ctl_cmd_workers(struct ctl_globals *g, int argc, char **argv)
+{
+    char *coordinator = NULL;
+    int timeout_s = 0;
+    bool json = false;
+    const struct dx_opt options[] = {
+        {"json", DX_OPT_FLAG, &json, NULL, 0, 0, 0, NULL, "print JSON"},
+        {"coordinator", DX_OPT_STRING, &coordinator, NULL, 0, 0, 0, "ADDR", "duplexd endpoint"},
+        {"timeout", DX_OPT_INT, &timeout_s, NULL, 0, 1, 3600, "SECONDS", "how long to wait"},
+        {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
+    };
+    Duplex__ListWorkers req = DUPLEX__LIST_WORKERS__INIT;
+    ctl_client_t *client = NULL;
+    struct dx_msg reply = {0};
+    char err[512];
+    int next, rc, status = CTL_EXIT_USAGE;
+
+    rc = dx_opts_parse(options, argc, argv, &next, err, sizeof(err));
+    if (rc == DX_OPTS_HELP) {
+        dx_opts_usage(stdout, "duplexctl workers [--json]\n\nLists the cluster's workers.",
+                      options);
+        status = CTL_EXIT_OK;
+        goto out;
+    }
+    if (rc != DX_OPTS_OK || next < argc) {
+        fprintf(stderr, "duplexctl workers: %s\n",
+                rc != DX_OPTS_OK ? err : "unexpected argument (see --help)");
+        goto out;
+    }
+    ctl_globals_override(g, coordinator, timeout_s);
+    status = CTL_EXIT_FAIL;
+    if (ctl_client_create(g->coordinator, g->timeout_s * 1000, &client, err, sizeof(err)) < 0 ||
+        ctl_client_call(client, DUPLEX__MSG_TYPE__MSG_LIST_WORKERS, &req.base,
+                        DUPLEX__MSG_TYPE__MSG_LIST_WORKERS_REPLY, &reply, err, sizeof(err)) < 0) {
+        fprintf(stderr, "duplexctl: %s\n", err);
+        goto out;
+    }
+    if (json) {
+        if (print_json((const Duplex__ListWorkersReply *)reply.body) < 0) {
+            fprintf(stderr, "duplexctl: cannot write JSON\n");
+            goto out;
+        }
+    } else {
+        print_table((const Duplex__ListWorkersReply *)reply.body);
+    }
+    status = CTL_EXIT_OK;
+out:
+    dx_msg_clear(&reply);
+    ctl_client_destroy(client);
+    dx_opts_free(options);
+    return status;
+}

@@ -1,0 +1,281 @@
+/* envelope.c - encode and untrusting decode of control frames (see envelope.h). */
+#include "proto/envelope.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int (*msg_check_fn)(const ProtobufCMessage *body, char *text, size_t len);
+
+struct msg_kind {
+    Duplex__MsgType type;
+    const char *name;
+    const ProtobufCMessageDescriptor *descriptor;
+    msg_check_fn check;
+};
+
+static int check_register(const ProtobufCMessage *body, char *text, size_t len);
+static int check_register_ack(const ProtobufCMessage *body, char *text, size_t len);
+static int check_heartbeat(const ProtobufCMessage *body, char *text, size_t len);
+static int check_goodbye(const ProtobufCMessage *body, char *text, size_t len);
+
+static const struct msg_kind msg_kinds[] = {
+    {DUPLEX__MSG_TYPE__MSG_REGISTER, "Register", &duplex__register__descriptor, check_register},
+    {DUPLEX__MSG_TYPE__MSG_REGISTER_ACK, "RegisterAck", &duplex__register_ack__descriptor,
+     check_register_ack},
+    {DUPLEX__MSG_TYPE__MSG_HEARTBEAT, "Heartbeat", &duplex__heartbeat__descriptor, check_heartbeat},
+    {DUPLEX__MSG_TYPE__MSG_GOODBYE, "Goodbye", &duplex__goodbye__descriptor, check_goodbye},
+    {DUPLEX__MSG_TYPE__MSG_ERROR, "Error", &duplex__error__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_LIST_WORKERS, "ListWorkers", &duplex__list_workers__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_LIST_WORKERS_REPLY, "ListWorkersReply",
+     &duplex__list_workers_reply__descriptor, NULL},
+};
+
+static const struct msg_kind *kind_of(Duplex__MsgType type)
+{
+    for (size_t i = 0; i < sizeof(msg_kinds) / sizeof(msg_kinds[0]); i++) {
+        if (msg_kinds[i].type == type)
+            return &msg_kinds[i];
+    }
+    return NULL;
+}
+
+const char *dx_msg_type_name(Duplex__MsgType type)
+{
+    const struct msg_kind *k = kind_of(type);
+    return k ? k->name : "unknown";
+}
+
+const char *dx_error_code_name(Duplex__ErrorCode code)
+{
+    const ProtobufCEnumValue *v =
+        protobuf_c_enum_descriptor_get_value(&duplex__error_code__descriptor, (int)code);
+    /* names are "ERROR_TOO_LARGE": drop the prefix */
+    return v ? v->name + strlen("ERROR_") : "UNKNOWN";
+}
+
+/* ---- field rules ------------------------------------------------------- */
+
+static int field_fail(char *text, size_t len, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int field_fail(char *text, size_t len, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, len, fmt, ap);
+    va_end(ap);
+    return -EINVAL;
+}
+
+/* Printable ASCII, 1..max characters (0..max when may_be_empty). */
+static int check_text(const char *field, const char *s, size_t max, bool may_be_empty, char *text,
+                      size_t len)
+{
+    size_t n = strlen(s);
+
+    if (n == 0 && !may_be_empty)
+        return field_fail(text, len, "%s must not be empty", field);
+    if (n > max)
+        return field_fail(text, len, "%s is %zu bytes long; the limit is %zu", field, n, max);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c < 0x20 || c > 0x7e)
+            return field_fail(text, len, "%s has a non-printable byte 0x%02x at offset %zu", field,
+                              c, i);
+    }
+    return 0;
+}
+
+int dx_worker_id_check(const char *id, char *text, size_t len)
+{
+    int rc = check_text("worker_id", id, DX_MAX_ID_LEN, false, text, len);
+    if (rc < 0)
+        return rc;
+    for (const char *p = id; *p; p++) {
+        if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:@-", *p))
+            return field_fail(
+                text, len, "worker_id \"%s\" has '%c'; use letters, digits and . _ : @ -", id, *p);
+    }
+    return 0;
+}
+
+static int check_register(const ProtobufCMessage *body, char *text, size_t len)
+{
+    const Duplex__Register *m = (const Duplex__Register *)body;
+    int rc;
+
+    if ((rc = dx_worker_id_check(m->worker_id, text, len)) < 0 ||
+        (rc = check_text("host", m->host, DX_MAX_NAME_LEN, false, text, len)) < 0 ||
+        (rc = check_text("node", m->node, DX_MAX_NAME_LEN, true, text, len)) < 0)
+        return rc;
+    if (m->gpu_index < 0 || m->gpu_index > 1023)
+        return field_fail(text, len, "gpu_index %d is outside 0..1023", m->gpu_index);
+    if (strcmp(m->backend, "sim") != 0 && strcmp(m->backend, "cpu") != 0 &&
+        strcmp(m->backend, "cuda") != 0)
+        return field_fail(text, len, "backend \"%.64s\" is not one of sim, cpu, cuda", m->backend);
+    if (m->n_capabilities > DX_MAX_CAPABILITIES)
+        return field_fail(text, len, "%zu capabilities; the limit is %d", m->n_capabilities,
+                          DX_MAX_CAPABILITIES);
+    for (size_t i = 0; i < m->n_capabilities; i++) {
+        if ((rc = check_text("capability", m->capabilities[i], DX_MAX_NAME_LEN, false, text, len)) <
+            0)
+            return rc;
+    }
+    if (m->pid < 0)
+        return field_fail(text, len, "pid %d is negative", m->pid);
+    return 0;
+}
+
+static int check_register_ack(const ProtobufCMessage *body, char *text, size_t len)
+{
+    const Duplex__RegisterAck *m = (const Duplex__RegisterAck *)body;
+    int rc = check_text("session_id", m->session_id, DX_MAX_ID_LEN, false, text, len);
+
+    if (rc < 0)
+        return rc;
+    if (m->heartbeat_interval_ms == 0 || m->dead_after_ms <= m->heartbeat_interval_ms)
+        return field_fail(text, len,
+                          "heartbeat_interval_ms %u must be positive and below dead_after_ms %u",
+                          m->heartbeat_interval_ms, m->dead_after_ms);
+    return 0;
+}
+
+static int check_session(const char *worker_id, const char *session_id, char *text, size_t len)
+{
+    int rc = dx_worker_id_check(worker_id, text, len);
+    if (rc < 0)
+        return rc;
+    return check_text("session_id", session_id, DX_MAX_ID_LEN, false, text, len);
+}
+
+static int check_heartbeat(const ProtobufCMessage *body, char *text, size_t len)
+{
+    const Duplex__Heartbeat *m = (const Duplex__Heartbeat *)body;
+    return check_session(m->worker_id, m->session_id, text, len);
+}
+
+static int check_goodbye(const ProtobufCMessage *body, char *text, size_t len)
+{
+    const Duplex__Goodbye *m = (const Duplex__Goodbye *)body;
+    int rc = check_session(m->worker_id, m->session_id, text, len);
+    if (rc < 0)
+        return rc;
+    return check_text("reason", m->reason, DX_MAX_NAME_LEN, true, text, len);
+}
+
+/* ---- encode / decode ----------------------------------------------------- */
+
+int dx_env_encode(Duplex__MsgType type, uint64_t request_id, const ProtobufCMessage *body,
+                  uint8_t **buf, size_t *len)
+{
+    const struct msg_kind *k = kind_of(type);
+    Duplex__Envelope env = DUPLEX__ENVELOPE__INIT;
+    uint8_t *body_buf = NULL;
+    size_t body_len = 0;
+    uint8_t *out;
+    int rc = -ENOMEM;
+
+    if (!k || (body && body->descriptor != k->descriptor))
+        return -EINVAL;
+    if (body) {
+        body_len = protobuf_c_message_get_packed_size(body);
+        body_buf = malloc(body_len ? body_len : 1);
+        if (!body_buf)
+            goto fail;
+        protobuf_c_message_pack(body, body_buf);
+    }
+    env.version = DX_PROTOCOL_VERSION;
+    env.type = type;
+    env.request_id = request_id;
+    env.body.data = body_buf;
+    env.body.len = body_len;
+
+    *len = duplex__envelope__get_packed_size(&env);
+    out = malloc(*len ? *len : 1);
+    if (!out)
+        goto fail;
+    duplex__envelope__pack(&env, out);
+    *buf = out;
+    rc = 0;
+fail:
+    free(body_buf);
+    return rc;
+}
+
+static int decode_fail(struct dx_decode_error *err, Duplex__ErrorCode code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int decode_fail(struct dx_decode_error *err, Duplex__ErrorCode code, const char *fmt, ...)
+{
+    va_list ap;
+    err->code = code;
+    va_start(ap, fmt);
+    vsnprintf(err->text, sizeof(err->text), fmt, ap);
+    va_end(ap);
+    return -EPROTO;
+}
+
+int dx_env_decode(const uint8_t *buf, size_t len, struct dx_msg *msg, struct dx_decode_error *err)
+{
+    Duplex__Envelope *env = NULL;
+    const struct msg_kind *k;
+    char why[200];
+    int rc;
+
+    memset(msg, 0, sizeof(*msg));
+    err->request_id = 0;
+    err->text[0] = '\0';
+
+    if (len == 0)
+        return decode_fail(err, DUPLEX__ERROR_CODE__ERROR_MALFORMED, "empty frame");
+    if (len > DX_MAX_MSG_SIZE)
+        return decode_fail(err, DUPLEX__ERROR_CODE__ERROR_TOO_LARGE,
+                           "frame of %zu bytes is over the %d byte limit", len, DX_MAX_MSG_SIZE);
+    env = duplex__envelope__unpack(NULL, len, buf);
+    if (!env)
+        return decode_fail(err, DUPLEX__ERROR_CODE__ERROR_MALFORMED,
+                           "%zu bytes that are not a duplex Envelope (garbage or truncated)", len);
+    err->request_id = env->request_id;
+
+    if (env->version != DX_PROTOCOL_VERSION) {
+        rc = decode_fail(err, DUPLEX__ERROR_CODE__ERROR_BAD_VERSION,
+                         "protocol version %u is not spoken here (this side speaks %d)",
+                         env->version, DX_PROTOCOL_VERSION);
+        goto out;
+    }
+    k = kind_of(env->type);
+    if (!k) {
+        rc = decode_fail(err, DUPLEX__ERROR_CODE__ERROR_UNKNOWN_TYPE, "unknown message type %d",
+                         (int)env->type);
+        goto out;
+    }
+    msg->body = protobuf_c_message_unpack(k->descriptor, NULL, env->body.len, env->body.data);
+    if (!msg->body) {
+        rc = decode_fail(err, DUPLEX__ERROR_CODE__ERROR_BAD_BODY,
+                         "%s body of %zu bytes does not decode", k->name, env->body.len);
+        goto out;
+    }
+    if (k->check && k->check(msg->body, why, sizeof(why)) < 0) {
+        rc = decode_fail(err, DUPLEX__ERROR_CODE__ERROR_INVALID, "%s: %s", k->name, why);
+        goto out;
+    }
+    msg->type = env->type;
+    msg->request_id = env->request_id;
+    rc = 0;
+out:
+    if (rc < 0)
+        dx_msg_clear(msg);
+    duplex__envelope__free_unpacked(env, NULL);
+    return rc;
+}
+
+void dx_msg_clear(struct dx_msg *msg)
+{
+    if (msg->body)
+        protobuf_c_message_free_unpacked(msg->body, NULL);
+    memset(msg, 0, sizeof(*msg));
+}

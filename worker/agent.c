@@ -1,0 +1,303 @@
+/* agent.c - the worker's control plane (see agent.h). */
+#include "worker/agent.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <uv.h>
+#include <zmq.h>
+
+#include "common/log.h"
+#include "common/loop.h"
+#include "common/zwatch.h"
+#include "proto/wire.h"
+
+/* Register retries back off from the first to the last delay. */
+#define REGISTER_RETRY_FIRST_MS 100
+#define REGISTER_RETRY_MAX_MS 8000
+/* Transport reconnects to duplexd back off the same way, inside ZeroMQ. */
+#define RECONNECT_FIRST_MS 100
+#define RECONNECT_MAX_MS 2000
+
+struct wk_agent {
+    struct wk_agent_config cfg;
+    uv_loop_t loop;
+    void *zctx;
+    void *dealer;
+    dx_zwatch_t *watch;
+    uv_timer_t tick; /* register retry or heartbeat */
+    uv_signal_t sigterm;
+    uv_signal_t sigint;
+    bool registered;
+    char session[DX_MAX_ID_LEN + 1];
+    unsigned heartbeat_ms;
+    unsigned retry_ms;
+    uint64_t next_request_id;
+    uint64_t register_request_id;
+    int exit_status;
+};
+
+static const char *const sim_capabilities[] = {"sim", NULL};
+static const char *const cpu_capabilities[] = {"fp32", "blas", NULL};
+
+const char *const *wk_backend_capabilities(const char *backend)
+{
+    if (strcmp(backend, "sim") == 0)
+        return sim_capabilities;
+    if (strcmp(backend, "cpu") == 0)
+        return cpu_capabilities;
+    return NULL;
+}
+
+static void agent_send(wk_agent_t *a, Duplex__MsgType type, uint64_t request_id,
+                       const ProtobufCMessage *body)
+{
+    int rc = dx_wire_send(a->dealer, NULL, 0, type, request_id, body);
+
+    /* -EAGAIN: not connected (ZMQ_IMMEDIATE) or queue full; the timer retries */
+    if (rc < 0)
+        dx_debug("%s to %s not sent: %s", dx_msg_type_name(type), a->cfg.coordinator,
+                 strerror(-rc));
+}
+
+static void agent_send_register(wk_agent_t *a)
+{
+    Duplex__Register r = DUPLEX__REGISTER__INIT;
+    const char *const *caps = wk_backend_capabilities(a->cfg.backend);
+    size_t n = 0;
+
+    while (caps && caps[n])
+        n++;
+    r.worker_id = (char *)a->cfg.id;
+    r.host = (char *)a->cfg.host;
+    r.node = (char *)a->cfg.node;
+    r.gpu_index = a->cfg.gpu;
+    r.backend = (char *)a->cfg.backend;
+    r.capabilities = (char **)caps;
+    r.n_capabilities = n;
+    r.pid = (int32_t)getpid();
+    a->register_request_id = ++a->next_request_id;
+    agent_send(a, DUPLEX__MSG_TYPE__MSG_REGISTER, a->register_request_id, &r.base);
+}
+
+static void agent_send_heartbeat(wk_agent_t *a)
+{
+    Duplex__Heartbeat hb = DUPLEX__HEARTBEAT__INIT;
+
+    hb.worker_id = (char *)a->cfg.id;
+    hb.session_id = a->session;
+    hb.activity = DUPLEX__WORKER_ACTIVITY__ACTIVITY_IDLE;
+    agent_send(a, DUPLEX__MSG_TYPE__MSG_HEARTBEAT, ++a->next_request_id, &hb.base);
+}
+
+static void agent_on_tick(uv_timer_t *t);
+
+/* Sends Register now and arms the retry timer with the next backoff. */
+static void agent_start_registering(wk_agent_t *a, bool reset_backoff)
+{
+    a->registered = false;
+    a->session[0] = '\0';
+    if (reset_backoff || a->retry_ms == 0)
+        a->retry_ms = REGISTER_RETRY_FIRST_MS;
+    agent_send_register(a);
+    uv_timer_start(&a->tick, agent_on_tick, a->retry_ms, 0);
+    a->retry_ms = a->retry_ms * 2 > REGISTER_RETRY_MAX_MS ? REGISTER_RETRY_MAX_MS : a->retry_ms * 2;
+}
+
+static void agent_on_tick(uv_timer_t *t)
+{
+    wk_agent_t *a = t->data;
+
+    if (a->registered)
+        agent_send_heartbeat(a);
+    else
+        agent_start_registering(a, false);
+}
+
+static void agent_on_ack(wk_agent_t *a, const struct dx_msg *m)
+{
+    const Duplex__RegisterAck *ack = (const Duplex__RegisterAck *)m->body;
+
+    if (m->request_id != a->register_request_id) {
+        dx_debug("ignoring a RegisterAck for an older request");
+        return;
+    }
+    snprintf(a->session, sizeof(a->session), "%s", ack->session_id);
+    a->heartbeat_ms = ack->heartbeat_interval_ms;
+    a->registered = true;
+    a->retry_ms = 0;
+    dx_info("registered with %s as %s (heartbeat every %u ms)", a->cfg.coordinator, a->cfg.id,
+            a->heartbeat_ms);
+    uv_timer_start(&a->tick, agent_on_tick, a->heartbeat_ms, a->heartbeat_ms);
+}
+
+static void agent_on_error(wk_agent_t *a, const struct dx_msg *m)
+{
+    const Duplex__Error *e = (const Duplex__Error *)m->body;
+
+    switch (e->code) {
+    case DUPLEX__ERROR_CODE__ERROR_NOT_REGISTERED:
+        if (!a->registered)
+            return; /* a heartbeat that crossed our Register; the ack is coming */
+        dx_info("duplexd does not know our session (it restarted?); registering again");
+        agent_start_registering(a, true);
+        return;
+    case DUPLEX__ERROR_CODE__ERROR_SESSION_REPLACED:
+        dx_error("another process registered worker id %s; exiting", a->cfg.id);
+        a->exit_status = WK_EXIT_REPLACED;
+        uv_stop(&a->loop);
+        return;
+    default:
+        dx_warn("duplexd refused a message: %s: %.200s", dx_error_code_name(e->code), e->text);
+        return;
+    }
+}
+
+static void agent_on_dealer(dx_zwatch_t *w, int revents, void *arg)
+{
+    wk_agent_t *a = arg;
+    (void)w;
+    (void)revents;
+
+    for (int i = 0; i < DX_ZWATCH_BATCH; i++) {
+        struct dx_msg m;
+        struct dx_decode_error err;
+        int rc = dx_wire_recv(a->dealer, &m, &err);
+
+        if (rc == -EAGAIN)
+            return;
+        if (rc == -EPROTO) {
+            dx_warn("bad message from %s: %s: %s", a->cfg.coordinator, dx_error_code_name(err.code),
+                    err.text);
+            continue;
+        }
+        if (rc < 0) {
+            dx_error("receive from %s failed: %s", a->cfg.coordinator, zmq_strerror(-rc));
+            return;
+        }
+        switch (m.type) {
+        case DUPLEX__MSG_TYPE__MSG_REGISTER_ACK:
+            agent_on_ack(a, &m);
+            break;
+        case DUPLEX__MSG_TYPE__MSG_ERROR:
+            agent_on_error(a, &m);
+            break;
+        default:
+            dx_warn("unexpected %s from %s", dx_msg_type_name(m.type), a->cfg.coordinator);
+            break;
+        }
+        dx_msg_clear(&m);
+    }
+}
+
+static void agent_on_signal(uv_signal_t *h, int signum)
+{
+    wk_agent_t *a = h->data;
+
+    dx_info("%s received; leaving", strsignal(signum));
+    if (a->registered) {
+        Duplex__Goodbye g = DUPLEX__GOODBYE__INIT;
+        char reason[64];
+        snprintf(reason, sizeof(reason), "worker stopped by %s", strsignal(signum));
+        g.worker_id = (char *)a->cfg.id;
+        g.session_id = a->session;
+        g.reason = reason;
+        agent_send(a, DUPLEX__MSG_TYPE__MSG_GOODBYE, ++a->next_request_id, &g.base);
+    }
+    uv_stop(&a->loop);
+}
+
+static int agent_connect(wk_agent_t *a, char *err, size_t errlen)
+{
+    int one = 1, ivl = RECONNECT_FIRST_MS, ivl_max = RECONNECT_MAX_MS;
+
+    a->zctx = zmq_ctx_new();
+    if (!a->zctx) {
+        snprintf(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
+        return -errno;
+    }
+    a->dealer = zmq_socket(a->zctx, ZMQ_DEALER);
+    if (!a->dealer || dx_wire_setup(a->dealer) < 0 ||
+        zmq_setsockopt(a->dealer, ZMQ_IMMEDIATE, &one, sizeof(one)) < 0 ||
+        zmq_setsockopt(a->dealer, ZMQ_RECONNECT_IVL, &ivl, sizeof(ivl)) < 0 ||
+        zmq_setsockopt(a->dealer, ZMQ_RECONNECT_IVL_MAX, &ivl_max, sizeof(ivl_max)) < 0) {
+        snprintf(err, errlen, "cannot set up the DEALER socket: %s", zmq_strerror(errno));
+        return -errno;
+    }
+    if (zmq_connect(a->dealer, a->cfg.coordinator) < 0) {
+        int e = errno;
+        snprintf(err, errlen, "cannot connect to %s: %s", a->cfg.coordinator, zmq_strerror(e));
+        return -e;
+    }
+    return 0;
+}
+
+int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *err, size_t errlen)
+{
+    wk_agent_t *a;
+    int rc;
+
+    if (!wk_backend_capabilities(cfg->backend)) {
+        snprintf(err, errlen,
+                 "backend \"%s\" is not available in this build (the cuda backend is not "
+                 "implemented yet); use --backend cpu or sim",
+                 cfg->backend);
+        return -ENOTSUP;
+    }
+    a = calloc(1, sizeof(*a));
+    if (!a) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    a->cfg = *cfg;
+    if ((rc = uv_loop_init(&a->loop)) < 0) {
+        snprintf(err, errlen, "cannot create the event loop: %s", uv_strerror(rc));
+        free(a);
+        return rc;
+    }
+    if ((rc = agent_connect(a, err, errlen)) < 0)
+        goto fail;
+    if ((rc = dx_zwatch_create(&a->loop, a->dealer, ZMQ_POLLIN, agent_on_dealer, a, &a->watch)) <
+        0) {
+        snprintf(err, errlen, "cannot watch the DEALER socket: %s", strerror(-rc));
+        goto fail;
+    }
+    uv_timer_init(&a->loop, &a->tick);
+    uv_signal_init(&a->loop, &a->sigterm);
+    uv_signal_init(&a->loop, &a->sigint);
+    a->tick.data = a->sigterm.data = a->sigint.data = a;
+    uv_signal_start(&a->sigterm, agent_on_signal, SIGTERM);
+    uv_signal_start(&a->sigint, agent_on_signal, SIGINT);
+    *out = a;
+    return 0;
+fail:
+    wk_agent_destroy(a);
+    return rc;
+}
+
+int wk_agent_run(wk_agent_t *a)
+{
+    dx_info("worker %s (backend %s, gpu %d, node %s) connecting to %s", a->cfg.id, a->cfg.backend,
+            a->cfg.gpu, a->cfg.node, a->cfg.coordinator);
+    agent_start_registering(a, true);
+    uv_run(&a->loop, UV_RUN_DEFAULT);
+    return a->exit_status;
+}
+
+void wk_agent_destroy(wk_agent_t *a)
+{
+    if (!a)
+        return;
+    dx_zwatch_destroy(a->watch);
+    if (dx_loop_close(&a->loop) < 0)
+        dx_warn("event loop closed with handles still open");
+    if (a->dealer)
+        zmq_close(a->dealer); /* lingers up to DX_WIRE_LINGER_MS to deliver a Goodbye */
+    if (a->zctx)
+        zmq_ctx_term(a->zctx);
+    free(a);
+}

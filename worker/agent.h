@@ -1,0 +1,39 @@
+/* agent.h - the worker's control plane: registration with duplexd,
+ * heartbeats, re-registration when duplexd restarts, and a clean goodbye.
+ *
+ * The agent owns a libuv loop and a DEALER socket connected to duplexd. It
+ * never blocks on compute; later the training runtime runs beside it in its
+ * own thread.
+ */
+#ifndef WK_AGENT_H
+#define WK_AGENT_H
+
+#include <stddef.h>
+
+struct wk_agent_config {
+    const char *coordinator; /* duplexd's ZeroMQ endpoint */
+    const char *id;          /* worker id, unique in the cluster */
+    const char *host;
+    const char *node; /* node / NVLink domain for placement */
+    int gpu;
+    const char *backend; /* "sim" or "cpu" */
+};
+
+typedef struct wk_agent wk_agent_t;
+
+/* Exit statuses of wk_agent_run beyond 0 (stopped by a signal). */
+#define WK_EXIT_REPLACED 3 /* another process registered this worker id */
+
+int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *err, size_t errlen);
+
+/* Serves until SIGTERM/SIGINT (returns 0) or until duplexd says another
+ * process took this id (returns WK_EXIT_REPLACED). */
+int wk_agent_run(wk_agent_t *a);
+
+void wk_agent_destroy(wk_agent_t *a);
+
+/* The capabilities a backend reports at registration; NULL-terminated, or
+ * NULL for a backend this build cannot run. */
+const char *const *wk_backend_capabilities(const char *backend);
+
+#endif

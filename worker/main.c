@@ -1,0 +1,103 @@
+/* main.c - duplex-worker: flags and config, then the agent loop. */
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/opts.h"
+#include "common/version.h"
+#include "proto/envelope.h"
+#include "worker/agent.h"
+
+#define DEFAULT_COORDINATOR "tcp://127.0.0.1:7700"
+
+static char *opt_config, *opt_coordinator, *opt_backend, *opt_id, *opt_host, *opt_node,
+    *opt_log_level;
+static int opt_gpu;
+
+static const struct dx_opt options[] = {
+    {"config", DX_OPT_STRING, &opt_config, NULL, 0, 0, 0, "FILE",
+     "JSON file of option names to values (flags win)"},
+    {"coordinator", DX_OPT_STRING, &opt_coordinator, NULL, 0, 0, 0, "ADDR",
+     "duplexd endpoint (default $DUPLEX_COORDINATOR, then " DEFAULT_COORDINATOR ")"},
+    {"backend", DX_OPT_STRING, &opt_backend, "cpu", 0, 0, 0, "NAME", "sim, cpu or cuda"},
+    {"id", DX_OPT_STRING, &opt_id, NULL, 0, 0, 0, "ID",
+     "worker id, unique in the cluster (default HOST-gpuN)"},
+    {"host", DX_OPT_STRING, &opt_host, NULL, 0, 0, 0, "NAME", "host name (default: this host)"},
+    {"node", DX_OPT_STRING, &opt_node, NULL, 0, 0, 0, "NAME",
+     "node / NVLink domain used by placement (default: the host name)"},
+    {"gpu", DX_OPT_INT, &opt_gpu, NULL, 0, 0, 1023, "N", "local GPU index"},
+    {"log-level", DX_OPT_STRING, &opt_log_level, "info", 0, 0, 0, "LEVEL",
+     "debug, info, warn or error"},
+    {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
+};
+
+int main(int argc, char **argv)
+{
+    struct wk_agent_config cfg;
+    wk_agent_t *agent = NULL;
+    enum dx_log_level level;
+    char hostname[HOST_NAME_MAX + 1];
+    char default_id[HOST_NAME_MAX + 32];
+    const char *coordinator;
+    char err[512];
+    int next, rc, status = EXIT_FAILURE;
+
+    dx_log_init("duplex-worker", DX_LOG_INFO);
+    rc = dx_opts_parse(options, argc, argv, &next, err, sizeof(err));
+    if (rc == DX_OPTS_HELP) {
+        dx_opts_usage(stdout, "duplex-worker [options]\n\nThe duplex worker daemon, one per GPU.",
+                      options);
+        status = EXIT_SUCCESS;
+        goto out;
+    }
+    if (rc == DX_OPTS_VERSION) {
+        printf("duplex-worker %s (protocol %d)\n", DX_VERSION, DX_PROTOCOL_VERSION);
+        status = EXIT_SUCCESS;
+        goto out;
+    }
+    if (rc < 0) {
+        fprintf(stderr, "duplex-worker: %s (see --help)\n", err);
+        goto out;
+    }
+    if (next < argc) {
+        fprintf(stderr, "duplex-worker: unexpected argument \"%s\" (see --help)\n", argv[next]);
+        goto out;
+    }
+    if (dx_log_level_parse(opt_log_level, &level) < 0) {
+        fprintf(stderr, "duplex-worker: --log-level: \"%s\" is not debug, info, warn or error\n",
+                opt_log_level);
+        goto out;
+    }
+    dx_log_set_level(level);
+    if (gethostname(hostname, sizeof(hostname)) < 0)
+        snprintf(hostname, sizeof(hostname), "localhost");
+    hostname[sizeof(hostname) - 1] = '\0';
+    snprintf(default_id, sizeof(default_id), "%s-gpu%d", opt_host ? opt_host : hostname, opt_gpu);
+    coordinator = opt_coordinator ? opt_coordinator : getenv("DUPLEX_COORDINATOR");
+
+    cfg = (struct wk_agent_config){
+        .coordinator = coordinator && coordinator[0] ? coordinator : DEFAULT_COORDINATOR,
+        .id = opt_id ? opt_id : default_id,
+        .host = opt_host ? opt_host : hostname,
+        .node = opt_node ? opt_node : (opt_host ? opt_host : hostname),
+        .gpu = opt_gpu,
+        .backend = opt_backend,
+    };
+    if (dx_worker_id_check(cfg.id, err, sizeof(err)) < 0) {
+        fprintf(stderr, "duplex-worker: --id: %s\n", err);
+        goto out;
+    }
+    if (wk_agent_create(&cfg, &agent, err, sizeof(err)) < 0) {
+        fprintf(stderr, "duplex-worker: %s\n", err);
+        goto out;
+    }
+    rc = wk_agent_run(agent);
+    wk_agent_destroy(agent);
+    status = rc;
+out:
+    dx_opts_free(options);
+    return status;
+}
