@@ -23,7 +23,7 @@ DEB_PKGS := gcc make libzmq3-dev libuv1-dev libsqlite3-dev protobuf-c-compiler \
             libprotobuf-c-dev libjansson-dev libopenblas-dev libcriterion-dev uthash-dev \
             python3-pytest python3-zmq
 # Extra packages for lint, format and fuzz.
-DEB_DEV_PKGS := clang cppcheck clang-format
+DEB_DEV_PKGS := clang clang-tidy cppcheck clang-format
 
 CFLAGS_ALL := -std=gnu11 -Wall -Wextra -Werror -Wno-format-truncation -g -O2 -MMD -MP -I. -I$(BUILD)/gen \
               -D_FORTIFY_SOURCE=2 $(CFLAGS)
@@ -170,10 +170,13 @@ format: deps-dev
 format-check: deps-dev
 	clang-format --dry-run --Werror $(FORMAT_FILES)
 
+LINT_DIRS := common proto coordinator worker ctl
+
+# cppcheck, then clang-tidy with the checks in .clang-tidy (all must pass).
 lint: deps-dev $(PROTO_H)
 	cppcheck --quiet --error-exitcode=1 --std=c11 --enable=warning,performance,portability \
-	  --inline-suppr --suppress=missingIncludeSystem -I. -I$(BUILD)/gen \
-	  common proto coordinator worker ctl
+	  --inline-suppr --suppress=missingIncludeSystem -I. -I$(BUILD)/gen $(LINT_DIRS)
+	clang-tidy --quiet $(foreach d,$(LINT_DIRS),$(wildcard $(d)/*.c)) -- -std=gnu11 -I. -I$(BUILD)/gen
 
 # --- install ----------------------------------------------------------------
 

@@ -221,7 +221,7 @@ int dx_opts_parse(const struct dx_opt *opts, int argc, char **argv, int *next_ar
             return -EINVAL;
         }
         if (o->type == DX_OPT_STRING) {
-            if (value[0] == '\0') {
+            if (value[0] == '\0') { // NOLINT(clang-analyzer-core.NullDereference): argv[i < argc]
                 snprintf(err, errlen, "%s: value must not be empty", source);
                 return -EINVAL;
             }

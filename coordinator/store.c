@@ -2,12 +2,15 @@
 #include "coordinator/store.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <sqlite3.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <unistd.h>
 
 #include "common/fs.h"
 #include "common/log.h"
@@ -75,6 +78,7 @@ static const char *const stmt_sql[STMT_COUNT] = {
 };
 
 struct coord_store {
+    int lock_fd; /* flock on PATH.lock: one duplexd per database */
     sqlite3 *db;
     sqlite3_stmt *stmt[STMT_COUNT];
     bool in_txn;
@@ -159,6 +163,38 @@ static int store_quick_check(coord_store_t *s, char *err, size_t errlen)
     return rc;
 }
 
+/* Takes an exclusive lock on PATH.lock, which the kernel drops when the
+ * process dies however it dies, so a second duplexd on the same database is
+ * refused and a restarted one is not. */
+static int store_lock(coord_store_t *s, const char *path, char *err, size_t errlen)
+{
+    char lock_path[4096], pid[32];
+    int n;
+
+    snprintf(lock_path, sizeof(lock_path), "%s.lock", path);
+    s->lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (s->lock_fd < 0) {
+        snprintf(err, errlen, "%s: %s", lock_path, strerror(errno));
+        return -errno;
+    }
+    if (flock(s->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+        int e = errno;
+        n = (int)pread(s->lock_fd, pid, sizeof(pid) - 1, 0);
+        pid[n > 0 ? n : 0] = '\0';
+        pid[strcspn(pid, "\n")] = '\0';
+        if (e == EWOULDBLOCK)
+            snprintf(err, errlen, "%s is in use by another duplexd (pid %s)", path,
+                     pid[0] ? pid : "?");
+        else
+            snprintf(err, errlen, "%s: cannot lock: %s", lock_path, strerror(e));
+        return e == EWOULDBLOCK ? -EBUSY : -e;
+    }
+    n = snprintf(pid, sizeof(pid), "%d\n", (int)getpid());
+    if (ftruncate(s->lock_fd, 0) < 0 || pwrite(s->lock_fd, pid, (size_t)n, 0) != n)
+        dx_warn("%s: cannot record pid: %s", lock_path, strerror(errno));
+    return 0;
+}
+
 int coord_store_open(const char *path, coord_store_t **out, char *err, size_t errlen)
 {
     coord_store_t *s;
@@ -175,6 +211,9 @@ int coord_store_open(const char *path, coord_store_t **out, char *err, size_t er
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
+    s->lock_fd = -1;
+    if ((rc = store_lock(s, path, err, errlen)) < 0)
+        goto fail;
     if (sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) !=
         SQLITE_OK) {
         snprintf(err, errlen, "%s: %s", path, s->db ? sqlite3_errmsg(s->db) : "cannot open");
@@ -217,6 +256,8 @@ void coord_store_close(coord_store_t *s)
     for (int i = 0; i < STMT_COUNT; i++)
         sqlite3_finalize(s->stmt[i]);
     sqlite3_close(s->db);
+    if (s->lock_fd >= 0)
+        close(s->lock_fd);
     free(s);
 }
 

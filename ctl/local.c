@@ -286,7 +286,7 @@ static int start_coordinator(struct local_up *u)
     snprintf(log, sizeof(log), "%s/logs/duplexd.log", u->dir);
     if (spawn_named(u, "duplexd", argv, &u->coordinator_pid) < 0)
         return -1;
-    deadline = dx_mono_ms() + u->timeout_s * 1000;
+    deadline = dx_mono_ms() + (int64_t)u->timeout_s * 1000;
     while (count_alive(u, err, sizeof(err)) < 0) {
         if (!proc_is_ours(u->coordinator_pid)) {
             fprintf(stderr, "duplexctl: duplexd exited during start-up\n");
@@ -319,7 +319,7 @@ static int start_workers(struct local_up *u)
         if (spawn_named(u, name, argv, NULL) < 0)
             return -1;
     }
-    deadline = dx_mono_ms() + u->timeout_s * 1000;
+    deadline = dx_mono_ms() + (int64_t)u->timeout_s * 1000;
     while ((alive = count_alive(u, err, sizeof(err))) < u->workers) {
         if (dx_mono_ms() >= deadline) {
             fprintf(stderr, "duplexctl: only %d of %d workers alive after %d s; see %s/logs\n",
@@ -405,7 +405,6 @@ int ctl_cmd_local(struct ctl_globals *g, int argc, char **argv)
 
     if (strcmp(action, "up") != 0 && strcmp(action, "down") != 0) {
         if (strcmp(action, "--help") == 0 || strcmp(action, "-h") == 0) {
-            rc = dx_opts_parse(options, 1, argv, &next, err, sizeof(err));
             local_usage(stdout, options);
             status = CTL_EXIT_OK;
         } else {

@@ -266,3 +266,18 @@ def test_second_duplexd_on_same_port_fails(cluster):
     assert str(c.port) in log, f"error message does not name the address:\n{log}"
     assert first.running(), "the first duplexd died"
     assert c.workers() == {}  # the first one still answers
+
+
+def test_second_duplexd_on_same_database_fails(cluster):
+    c = cluster
+    first = c.start_duplexd()
+    other_port = free_port()
+    second = c.spawn("duplexd-second",
+                     c.duplexd_argv(listen=f"tcp://127.0.0.1:{other_port}"), expect_exit=True)
+    rc = second.wait()
+    assert rc != 0, f"second duplexd on a database in use exited {rc}\n{second.log_tail()}"
+    log = second.log_text().split("\n", 1)[1]
+    assert "in use by another duplexd" in log and str(first.pid) in log, \
+        f"error message does not say who holds the database:\n{log}"
+    assert first.running(), "the first duplexd died"
+    assert c.workers() == {}
