@@ -55,7 +55,6 @@ static int opts_set_defaults(const struct dx_opt *opts, char *err, size_t errlen
     for (const struct dx_opt *o = opts; o->name; o++) {
         switch (o->type) {
         case DX_OPT_STRING:
-            *(char **)o->value = NULL;
             if (opts_set_string(o, o->default_str, err, errlen) < 0)
                 return -ENOMEM;
             break;
@@ -79,8 +78,8 @@ static int opts_set_json(const struct dx_opt *o, const char *path, json_t *v, ch
     snprintf(source, sizeof(source), "config %s: key \"%s\"", path, o->name);
     switch (o->type) {
     case DX_OPT_STRING:
-        if (!json_is_string(v)) {
-            snprintf(err, errlen, "%s: expected a string", source);
+        if (!json_is_string(v) || json_string_length(v) == 0) {
+            snprintf(err, errlen, "%s: expected a non-empty string", source);
             return -EINVAL;
         }
         return opts_set_string(o, json_string_value(v), err, errlen);
@@ -143,19 +142,35 @@ out:
     return rc;
 }
 
-/* Returns the config path given on the command line, or NULL. */
-static const char *opts_config_arg(int argc, char **argv)
+/* Scans the options before the first positional argument for --help and
+ * --config, skipping the values of options that take one. Returns
+ * DX_OPTS_HELP when help was asked for (so a broken config file does not
+ * hide the help), else DX_OPTS_OK with *config set (or NULL). */
+static int opts_prescan(const struct dx_opt *opts, int argc, char **argv, const char **config)
 {
+    *config = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (strcmp(a, "--") == 0 || a[0] != '-')
-            return NULL;
-        if (strncmp(a, "--config=", 9) == 0)
-            return a + 9;
-        if (strcmp(a, "--config") == 0)
-            return i + 1 < argc ? argv[i + 1] : NULL;
+        const char *eq = strchr(a, '=');
+        const struct dx_opt *o;
+
+        if (strcmp(a, "--") == 0 || a[0] != '-' || a[1] == '\0')
+            break;
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0)
+            return DX_OPTS_HELP;
+        if (a[1] != '-')
+            continue;
+        o = opts_find(opts, a + 2, eq ? (size_t)(eq - a - 2) : strlen(a + 2));
+        if (!o || o->type == DX_OPT_FLAG || eq) {
+            if (o && eq && strcmp(o->name, "config") == 0)
+                *config = eq + 1;
+            continue;
+        }
+        if (i + 1 < argc && strcmp(o->name, "config") == 0)
+            *config = argv[i + 1];
+        i++; /* skip the value */
     }
-    return NULL;
+    return DX_OPTS_OK;
 }
 
 int dx_opts_parse(const struct dx_opt *opts, int argc, char **argv, int *next_arg, char *err,
@@ -168,8 +183,9 @@ int dx_opts_parse(const struct dx_opt *opts, int argc, char **argv, int *next_ar
     rc = opts_set_defaults(opts, err, errlen);
     if (rc < 0)
         return rc;
-    config_path = config_opt ? opts_config_arg(argc, argv) : NULL;
-    if (config_path) {
+    if (opts_prescan(opts, argc, argv, &config_path) == DX_OPTS_HELP)
+        return DX_OPTS_HELP;
+    if (config_opt && config_path) {
         rc = dx_opts_load_file(opts, config_path, err, errlen);
         if (rc < 0)
             return rc;

@@ -39,7 +39,8 @@ enum {
     DX_OPTS_VERSION = 2, /* --version was given */
 };
 
-/* Fills every value from defaults, config file and argv[1..]. On success
+/* Fills every value from defaults, config file and argv[1..]. String values
+ * must start out NULL (or hold what an earlier parse set: it is freed). On success
  * returns DX_OPTS_OK, DX_OPTS_HELP or DX_OPTS_VERSION and sets *next_arg to
  * the index of the first argument not consumed. On error returns -EINVAL
  * (or -ENOMEM) with a message naming the flag or key in err. */

@@ -199,7 +199,8 @@ static void worker_set_route(struct coord_worker *w, const uint8_t *rid, size_t 
 {
     if (rlen > sizeof(w->routing_id))
         rlen = sizeof(w->routing_id);
-    memcpy(w->routing_id, rid, rlen);
+    if (rlen)
+        memcpy(w->routing_id, rid, rlen);
     w->routing_len = rlen;
 }
 

@@ -259,6 +259,17 @@ int dx_env_decode(const uint8_t *buf, size_t len, struct dx_msg *msg, struct dx_
                          "%s body of %zu bytes does not decode", k->name, env->body.len);
         goto out;
     }
+    /* protobuf-c hands strings back NUL-terminated without their length, so
+     * "w1\0/x" would read as "w1". Whatever the body holds must pack back to
+     * the bytes' own size, which refuses NULs inside strings (and
+     * non-canonical encodings, which no protobuf library writes). */
+    if (protobuf_c_message_get_packed_size(msg->body) != env->body.len) {
+        rc = decode_fail(err, DUPLEX__ERROR_CODE__ERROR_BAD_BODY,
+                         "%s body of %zu bytes re-encodes to %zu: a string holds a NUL byte, "
+                         "or the encoding is not canonical",
+                         k->name, env->body.len, protobuf_c_message_get_packed_size(msg->body));
+        goto out;
+    }
     if (k->check && k->check(msg->body, why, sizeof(why)) < 0) {
         rc = decode_fail(err, DUPLEX__ERROR_CODE__ERROR_INVALID, "%s: %s", k->name, why);
         goto out;

@@ -1,0 +1,526 @@
+/* test_store.c - SQLite store: open/refuse, WAL, upsert, append-only events, batching. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/fs.h"
+#include "common/log.h"
+#include "coordinator/store.h"
+
+static char tmpdir[64];
+static char db_path[PATH_MAX];
+static char err[512];
+
+static void rm_rf(const char *path)
+{
+    char cmd[PATH_MAX + 16];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", path);
+    if (system(cmd) != 0)
+        fprintf(stderr, "could not remove %s\n", path);
+}
+
+static void setup(void)
+{
+    dx_log_init("test_store",
+                (enum dx_log_level)(DX_LOG_ERROR + 1)); /* quiet: errors are checked by rc */
+    snprintf(tmpdir, sizeof(tmpdir), "/tmp/dx-test-store-XXXXXX");
+    cr_assert_not_null(mkdtemp(tmpdir));
+    /* a subdirectory that does not exist yet */
+    snprintf(db_path, sizeof(db_path), "%s/missing/sub/duplex.db", tmpdir);
+    err[0] = '\0';
+}
+
+static void teardown(void)
+{
+    if (tmpdir[0])
+        rm_rf(tmpdir);
+}
+
+TestSuite(store, .init = setup, .fini = teardown);
+
+static coord_store_t *open_store(void)
+{
+    coord_store_t *s = NULL;
+    int rc = coord_store_open(db_path, &s, err, sizeof(err));
+    cr_assert_eq(rc, 0, "open %s: %d %s", db_path, rc, err);
+    cr_assert_not_null(s);
+    return s;
+}
+
+/* A second, independent connection (as another process would see it). */
+static sqlite3 *peek_open(void)
+{
+    sqlite3 *db = NULL;
+    cr_assert_eq(sqlite3_open_v2(db_path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+    sqlite3_busy_timeout(db, 2000);
+    return db;
+}
+
+static long long peek_int(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *st;
+    long long v;
+
+    cr_assert_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK, "%s: %s", sql,
+                 sqlite3_errmsg(db));
+    cr_assert_eq(sqlite3_step(st), SQLITE_ROW, "%s: %s", sql, sqlite3_errmsg(db));
+    v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+/* The text of the first column of the first row, in a caller buffer. */
+static const char *peek_text(sqlite3 *db, const char *sql, char *buf, size_t len)
+{
+    sqlite3_stmt *st;
+
+    cr_assert_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK, "%s: %s", sql,
+                 sqlite3_errmsg(db));
+    cr_assert_eq(sqlite3_step(st), SQLITE_ROW, "%s: %s", sql, sqlite3_errmsg(db));
+    snprintf(buf, len, "%s", (const char *)sqlite3_column_text(st, 0));
+    sqlite3_finalize(st);
+    return buf;
+}
+
+static struct coord_worker_row make_row(const char *id)
+{
+    static const char *const caps[] = {"fp16", "nvlink"};
+    struct coord_worker_row r = {
+        .id = id,
+        .host = "host-a",
+        .node = "node-a",
+        .gpu = 1,
+        .backend = "cuda",
+        .capabilities = caps,
+        .n_capabilities = 2,
+        .pid = 100,
+        .state = "alive",
+        .registered_ms = 1000,
+        .last_heartbeat_ms = 2000,
+    };
+    return r;
+}
+
+/* Copies of rows seen by coord_store_workers_each. */
+#define MAX_SEEN 8
+struct seen_row {
+    char id[64], host[64], node[64], backend[16], state[16];
+    int gpu, pid;
+    long long registered_ms, last_heartbeat_ms;
+    size_t n_caps;
+    char caps[8][64];
+};
+struct seen {
+    int n;
+    int stop_after; /* return 1 after this many rows; 0 = never */
+    struct seen_row rows[MAX_SEEN];
+};
+
+static int collect(const struct coord_worker_row *row, void *arg)
+{
+    struct seen *s = arg;
+    struct seen_row *r;
+
+    cr_assert_lt(s->n, MAX_SEEN);
+    r = &s->rows[s->n++];
+    snprintf(r->id, sizeof(r->id), "%s", row->id);
+    snprintf(r->host, sizeof(r->host), "%s", row->host);
+    snprintf(r->node, sizeof(r->node), "%s", row->node);
+    snprintf(r->backend, sizeof(r->backend), "%s", row->backend);
+    snprintf(r->state, sizeof(r->state), "%s", row->state);
+    r->gpu = row->gpu;
+    r->pid = row->pid;
+    r->registered_ms = row->registered_ms;
+    r->last_heartbeat_ms = row->last_heartbeat_ms;
+    r->n_caps = row->n_capabilities;
+    cr_assert_leq(row->n_capabilities, 8);
+    for (size_t i = 0; i < row->n_capabilities; i++)
+        snprintf(r->caps[i], sizeof(r->caps[i]), "%s", row->capabilities[i]);
+    if (s->stop_after && s->n == s->stop_after)
+        return 1;
+    return 0;
+}
+
+/* ---- open, schema, refusals ------------------------------------------------ */
+
+Test(store, open_creates_missing_parent)
+{
+    coord_store_t *s = open_store();
+    char dir[PATH_MAX];
+    struct stat st;
+
+    snprintf(dir, sizeof(dir), "%s/missing/sub", tmpdir);
+    cr_assert_eq(stat(dir, &st), 0);
+    cr_assert(S_ISDIR(st.st_mode));
+    cr_assert_eq(stat(db_path, &st), 0);
+    cr_assert(S_ISREG(st.st_mode));
+    cr_assert_eq(coord_store_schema_version(s), COORD_STORE_SCHEMA_VERSION);
+    coord_store_close(s);
+}
+
+Test(store, journal_mode_is_wal)
+{
+    coord_store_t *s = open_store();
+    sqlite3 *db = peek_open();
+    char mode[32];
+
+    cr_assert_str_eq(peek_text(db, "PRAGMA journal_mode", mode, sizeof(mode)), "wal");
+    cr_assert_eq(peek_int(db, "PRAGMA user_version"), COORD_STORE_SCHEMA_VERSION);
+    sqlite3_close(db);
+    coord_store_close(s);
+}
+
+Test(store, reopen_keeps_data_and_version)
+{
+    coord_store_t *s = open_store();
+    struct coord_worker_row r = make_row("w1");
+    struct seen seen = {0};
+
+    cr_assert_eq(coord_store_worker_put(s, &r), 0);
+    cr_assert_eq(coord_store_event(s, 5, "registered", "w1", "hello"), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+    coord_store_close(s);
+
+    s = open_store();
+    cr_assert_eq(coord_store_schema_version(s), COORD_STORE_SCHEMA_VERSION);
+    cr_assert_eq(coord_store_workers_each(s, collect, &seen), 0);
+    cr_assert_eq(seen.n, 1);
+    cr_assert_str_eq(seen.rows[0].id, "w1");
+    coord_store_close(s);
+
+    sqlite3 *db = peek_open();
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM events"), 1);
+    sqlite3_close(db);
+}
+
+Test(store, close_commits_pending_writes)
+{
+    coord_store_t *s = open_store();
+    struct coord_worker_row r = make_row("w1");
+    struct seen seen = {0};
+
+    cr_assert_eq(coord_store_worker_put(s, &r), 0);
+    coord_store_close(s); /* no flush */
+
+    s = open_store();
+    cr_assert_eq(coord_store_workers_each(s, collect, &seen), 0);
+    cr_assert_eq(seen.n, 1);
+    coord_store_close(s);
+}
+
+Test(store, newer_schema_refused)
+{
+    coord_store_t *s = open_store();
+    sqlite3 *db;
+    char sql[64];
+    int rc;
+
+    coord_store_close(s);
+    db = peek_open();
+    snprintf(sql, sizeof(sql), "PRAGMA user_version = %d", COORD_STORE_SCHEMA_VERSION + 1);
+    cr_assert_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+
+    s = NULL;
+    rc = coord_store_open(db_path, &s, err, sizeof(err));
+    cr_assert_eq(rc, -EPROTONOSUPPORT, "rc %d: %s", rc, err);
+    cr_assert_not_null(strstr(err, "newer"), "error \"%s\" does not say newer", err);
+    cr_assert_not_null(strstr(err, db_path), "error \"%s\" does not name the file", err);
+
+    /* the file is left alone */
+    db = peek_open();
+    cr_assert_eq(peek_int(db, "PRAGMA user_version"), COORD_STORE_SCHEMA_VERSION + 1);
+    sqlite3_close(db);
+}
+
+Test(store, non_sqlite_file_refused)
+{
+    coord_store_t *s = NULL;
+    FILE *f;
+    int rc;
+
+    cr_assert_eq(dx_mkdir_parent(db_path, 0755), 0);
+    f = fopen(db_path, "wb");
+    cr_assert_not_null(f);
+    for (int i = 0; i < 512; i++)
+        fputs("this is not a database, just garbage bytes ", f);
+    fputc('\x00', f);
+    fputc('\xff', f);
+    fclose(f);
+
+    rc = coord_store_open(db_path, &s, err, sizeof(err));
+    cr_assert_lt(rc, 0, "a garbage file was accepted");
+    cr_assert_neq(err[0], '\0');
+    cr_assert_not_null(strstr(err, db_path), "error \"%s\" does not name the file", err);
+}
+
+Test(store, unusable_parent_refused)
+{
+    char file[PATH_MAX];
+    coord_store_t *s = NULL;
+    FILE *f;
+    int rc;
+
+    /* the parent "directory" is a regular file */
+    snprintf(file, sizeof(file), "%s/plainfile", tmpdir);
+    f = fopen(file, "w");
+    cr_assert_not_null(f);
+    fclose(f);
+    snprintf(db_path, sizeof(db_path), "%s/plainfile/sub/duplex.db", tmpdir);
+    rc = coord_store_open(db_path, &s, err, sizeof(err));
+    cr_assert_lt(rc, 0);
+    cr_assert_not_null(strstr(err, "directory"), "%s", err);
+}
+
+Test(store, second_open_refused_while_open)
+{
+    coord_store_t *s = open_store(), *s2 = NULL;
+    char pid[32];
+    int rc;
+
+    rc = coord_store_open(db_path, &s2, err, sizeof(err));
+    cr_assert_eq(rc, -EBUSY, "rc %d: %s", rc, err);
+    cr_assert_null(s2);
+    cr_assert_not_null(strstr(err, "in use"), "%s", err);
+    snprintf(pid, sizeof(pid), "pid %d", (int)getpid());
+    cr_assert_not_null(strstr(err, pid), "error \"%s\" lacks \"%s\"", err, pid);
+    coord_store_close(s);
+
+    /* the lock goes with the store */
+    s = open_store();
+    coord_store_close(s);
+}
+
+/* ---- workers ----------------------------------------------------------------- */
+
+Test(store, worker_put_is_an_upsert)
+{
+    coord_store_t *s = open_store();
+    struct coord_worker_row r = make_row("w1");
+    static const char *const caps2[] = {"int8"};
+    struct seen seen = {0};
+    sqlite3 *db;
+
+    cr_assert_eq(coord_store_worker_put(s, &r), 0);
+    r.host = "host-b";
+    r.node = "node-b";
+    r.gpu = 3;
+    r.backend = "cpu";
+    r.capabilities = caps2;
+    r.n_capabilities = 1;
+    r.pid = 200;
+    r.state = "lost";
+    r.registered_ms = 3000;
+    r.last_heartbeat_ms = 4000;
+    cr_assert_eq(coord_store_worker_put(s, &r), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+
+    db = peek_open();
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM workers"), 1);
+    sqlite3_close(db);
+
+    cr_assert_eq(coord_store_workers_each(s, collect, &seen), 0);
+    cr_assert_eq(seen.n, 1);
+    cr_assert_str_eq(seen.rows[0].host, "host-b");
+    cr_assert_str_eq(seen.rows[0].node, "node-b");
+    cr_assert_eq(seen.rows[0].gpu, 3);
+    cr_assert_str_eq(seen.rows[0].backend, "cpu");
+    cr_assert_eq(seen.rows[0].n_caps, 1);
+    cr_assert_str_eq(seen.rows[0].caps[0], "int8");
+    cr_assert_eq(seen.rows[0].pid, 200);
+    cr_assert_str_eq(seen.rows[0].state, "lost");
+    cr_assert_eq(seen.rows[0].registered_ms, 3000);
+    cr_assert_eq(seen.rows[0].last_heartbeat_ms, 4000);
+    coord_store_close(s);
+}
+
+Test(store, set_state_and_touch)
+{
+    coord_store_t *s = open_store();
+    struct coord_worker_row r = make_row("w1");
+    struct seen seen = {0};
+
+    cr_assert_eq(coord_store_worker_put(s, &r), 0);
+    cr_assert_eq(coord_store_worker_set_state(s, "w1", "left"), 0);
+    cr_assert_eq(coord_store_worker_touch(s, "w1", 987654321012LL), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+    cr_assert_eq(coord_store_workers_each(s, collect, &seen), 0);
+    cr_assert_eq(seen.n, 1);
+    cr_assert_str_eq(seen.rows[0].state, "left");
+    cr_assert_eq(seen.rows[0].last_heartbeat_ms, 987654321012LL);
+    cr_assert_eq(seen.rows[0].registered_ms, 1000, "touch changes only the heartbeat time");
+    cr_assert_str_eq(seen.rows[0].host, "host-a");
+    coord_store_close(s);
+}
+
+Test(store, invalid_state_rejected)
+{
+    coord_store_t *s = open_store();
+    struct coord_worker_row r = make_row("w1");
+    struct seen seen = {0};
+
+    cr_assert_eq(coord_store_worker_put(s, &r), 0);
+    cr_assert_eq(coord_store_worker_set_state(s, "w1", "zombie"), -EIO);
+    r.state = "bogus";
+    r.id = "w2";
+    cr_assert_eq(coord_store_worker_put(s, &r), -EIO);
+    /* the store is still usable and keeps the good row */
+    cr_assert_eq(coord_store_flush(s), 0);
+    cr_assert_eq(coord_store_workers_each(s, collect, &seen), 0);
+    cr_assert_eq(seen.n, 1);
+    cr_assert_str_eq(seen.rows[0].state, "alive");
+    coord_store_close(s);
+}
+
+Test(store, capabilities_round_trip)
+{
+    coord_store_t *s = open_store();
+    static const char *const caps[] = {"plain", "with \"quotes\"", "comma,and]bracket",
+                                       "back\\slash", "unicode \xc3\xa9"};
+    struct coord_worker_row a = make_row("a"), b = make_row("b");
+    struct seen seen = {0};
+
+    a.capabilities = caps;
+    a.n_capabilities = 5;
+    b.capabilities = NULL;
+    b.n_capabilities = 0;
+    cr_assert_eq(coord_store_worker_put(s, &a), 0);
+    cr_assert_eq(coord_store_worker_put(s, &b), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+    cr_assert_eq(coord_store_workers_each(s, collect, &seen), 0);
+    cr_assert_eq(seen.n, 2);
+    cr_assert_eq(seen.rows[0].n_caps, 5);
+    for (int i = 0; i < 5; i++)
+        cr_assert_str_eq(seen.rows[0].caps[i], caps[i]);
+    cr_assert_eq(seen.rows[1].n_caps, 0);
+    coord_store_close(s);
+}
+
+Test(store, workers_each_ordered_by_id_and_stops)
+{
+    coord_store_t *s = open_store();
+    const char *ids[] = {"node2-gpu0", "alpha", "zeta", "node10-gpu0", "Beta"};
+    const char *want[] = {"Beta", "alpha", "node10-gpu0", "node2-gpu0", "zeta"};
+    struct seen seen = {0};
+
+    for (size_t i = 0; i < 5; i++) {
+        struct coord_worker_row r = make_row(ids[i]);
+        cr_assert_eq(coord_store_worker_put(s, &r), 0);
+    }
+    /* reading joins the open transaction: no flush needed to see own writes */
+    cr_assert_eq(coord_store_workers_each(s, collect, &seen), 0);
+    cr_assert_eq(seen.n, 5);
+    for (int i = 0; i < 5; i++)
+        cr_assert_str_eq(seen.rows[i].id, want[i], "row %d", i);
+
+    memset(&seen, 0, sizeof(seen));
+    seen.stop_after = 2;
+    cr_assert_eq(coord_store_workers_each(s, collect, &seen), 1);
+    cr_assert_eq(seen.n, 2);
+    /* and the statement was reset: a full walk works again */
+    memset(&seen, 0, sizeof(seen));
+    cr_assert_eq(coord_store_workers_each(s, collect, &seen), 0);
+    cr_assert_eq(seen.n, 5);
+    coord_store_close(s);
+}
+
+Test(store, workers_each_on_empty_store)
+{
+    coord_store_t *s = open_store();
+    struct seen seen = {0};
+
+    cr_assert_eq(coord_store_workers_each(s, collect, &seen), 0);
+    cr_assert_eq(seen.n, 0);
+    coord_store_close(s);
+}
+
+/* ---- events ------------------------------------------------------------------ */
+
+Test(store, events_are_append_only)
+{
+    coord_store_t *s = open_store();
+    sqlite3 *db;
+    char *msg = NULL;
+    char buf[64];
+    int rc;
+
+    cr_assert_eq(coord_store_event(s, 10, "registered", "w1", "first"), 0);
+    cr_assert_eq(coord_store_event(s, 20, "cluster", NULL, NULL), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+
+    db = peek_open();
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM events"), 2);
+    cr_assert_eq(peek_int(db, "SELECT ts_ms FROM events ORDER BY id LIMIT 1"), 10);
+    cr_assert_str_eq(peek_text(db, "SELECT kind FROM events ORDER BY id LIMIT 1", buf, sizeof(buf)),
+                     "registered");
+    cr_assert_str_eq(
+        peek_text(db, "SELECT detail FROM events ORDER BY id LIMIT 1", buf, sizeof(buf)), "first");
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM events WHERE worker_id IS NULL"), 1);
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM events WHERE detail = ''"), 1);
+
+    rc = sqlite3_exec(db, "UPDATE events SET kind = 'forged'", NULL, NULL, &msg);
+    cr_assert_neq(rc, SQLITE_OK, "UPDATE on events succeeded");
+    cr_assert_not_null(msg);
+    cr_assert_not_null(strstr(msg, "append-only"), "%s", msg);
+    sqlite3_free(msg);
+    msg = NULL;
+    rc = sqlite3_exec(db, "DELETE FROM events", NULL, NULL, &msg);
+    cr_assert_neq(rc, SQLITE_OK, "DELETE on events succeeded");
+    cr_assert_not_null(strstr(msg, "append-only"), "%s", msg);
+    sqlite3_free(msg);
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM events"), 2);
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM events WHERE kind = 'forged'"), 0);
+    sqlite3_close(db);
+
+    /* appending still works */
+    cr_assert_eq(coord_store_event(s, 30, "left", "w1", "bye"), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+    db = peek_open();
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM events"), 3);
+    sqlite3_close(db);
+    coord_store_close(s);
+}
+
+/* ---- batching ---------------------------------------------------------------- */
+
+Test(store, writes_invisible_until_flush)
+{
+    coord_store_t *s = open_store();
+    struct coord_worker_row r = make_row("w1");
+    sqlite3 *db = peek_open();
+
+    cr_assert_eq(coord_store_flush(s), 0, "flush with nothing pending is a no-op");
+    cr_assert_eq(coord_store_worker_put(s, &r), 0);
+    cr_assert_eq(coord_store_event(s, 1, "registered", "w1", ""), 0);
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM workers"), 0);
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM events"), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM workers"), 1);
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM events"), 1);
+
+    /* next turn: an update is again invisible until its flush */
+    cr_assert_eq(coord_store_worker_set_state(s, "w1", "lost"), 0);
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM workers WHERE state = 'lost'"), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM workers WHERE state = 'lost'"), 1);
+    cr_assert_eq(coord_store_worker_touch(s, "w1", 55), 0);
+    cr_assert_eq(peek_int(db, "SELECT last_heartbeat_ms FROM workers"), 2000);
+    cr_assert_eq(coord_store_flush(s), 0);
+    cr_assert_eq(peek_int(db, "SELECT last_heartbeat_ms FROM workers"), 55);
+    sqlite3_close(db);
+    coord_store_close(s);
+}
+
+Test(store, errmsg_is_a_string)
+{
+    coord_store_t *s = open_store();
+    cr_assert_not_null(coord_store_errmsg(s));
+    coord_store_close(s);
+}
