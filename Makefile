@@ -17,6 +17,7 @@ CLANG    ?= clang
 FUZZ_SECONDS ?= 60
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+NPROC := $(shell nproc 2>/dev/null || echo 2)
 
 # Debian packages the build, the tests and `make run` need.
 DEB_PKGS := gcc make libzmq3-dev libuv1-dev libsqlite3-dev protobuf-c-compiler \
@@ -128,14 +129,14 @@ test-build: $(BINS) $(UNIT_BINS) $(FUZZ_REPLAY)
 
 # Plain pass, then the same tests on an ASan + UBSan build in build/asan.
 test: deps
-	@$(MAKE) --no-print-directory test-build
-	@$(MAKE) --no-print-directory test-build BUILD=build/asan SANITIZE=1
+	@$(MAKE) --no-print-directory -j$(NPROC) test-build
+	@$(MAKE) --no-print-directory -j$(NPROC) test-build BUILD=build/asan SANITIZE=1
 	$(PYTHON) tests/run.py build build/asan
 
 # --- run, bench -------------------------------------------------------------
 
 run: deps
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory -j$(NPROC) all
 	$(BUILD)/bin/duplexctl local up --workers 3 --backend cpu --dir var/local
 	$(BUILD)/bin/duplexctl workers
 	$(BUILD)/bin/duplexctl local down --dir var/local
@@ -145,7 +146,7 @@ $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(ALL_LIBS)
 	$(CC) $(LDFLAGS_ALL) -o $@ $< $(ALL_LIBS) $(LIBS)
 
 bench: deps
-	@$(MAKE) --no-print-directory $(BENCH_BINS)
+	@$(MAKE) --no-print-directory -j$(NPROC) $(BENCH_BINS)
 	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done
 
 # --- fuzz, format, lint -----------------------------------------------------

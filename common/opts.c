@@ -1,6 +1,8 @@
 /* opts.c - flags, config file and --help from one option table (see opts.h). */
 #include "common/opts.h"
 
+#include "common/log.h"
+
 #include <errno.h>
 #include <jansson.h>
 #include <limits.h>
@@ -271,6 +273,49 @@ void dx_opts_usage(FILE *out, const char *synopsis, const struct dx_opt *opts)
         fprintf(out, "  %-26s %s%s\n", flag, o->help, dflt);
     }
     fprintf(out, "  %-26s %s\n", "--help", "show this help and exit");
+}
+
+bool dx_opts_cli(const struct dx_opt *opts, const struct dx_cli *cli, int argc, char **argv,
+                 int *next_arg, int *exit_status)
+{
+    enum dx_log_level level;
+    char err[512];
+    int next;
+    int rc = dx_opts_parse(opts, argc, argv, &next, err, sizeof(err));
+
+    *exit_status = 0;
+    if (rc == DX_OPTS_HELP) {
+        if (cli->usage)
+            cli->usage(stdout);
+        else
+            dx_opts_usage(stdout, cli->synopsis, opts);
+        return false;
+    }
+    if (rc == DX_OPTS_VERSION) {
+        printf("%s %s\n", cli->prog, cli->version);
+        return false;
+    }
+    *exit_status = DX_OPTS_EXIT_USAGE;
+    if (rc < 0) {
+        fprintf(stderr, "%s: %s (see --help)\n", cli->prog, err);
+        return false;
+    }
+    if (!next_arg && next < argc) {
+        fprintf(stderr, "%s: unexpected argument \"%s\" (see --help)\n", cli->prog, argv[next]);
+        return false;
+    }
+    if (cli->log_level) {
+        if (dx_log_level_parse(*cli->log_level, &level) < 0) {
+            fprintf(stderr, "%s: --log-level: \"%s\" is not debug, info, warn or error\n",
+                    cli->prog, *cli->log_level);
+            return false;
+        }
+        dx_log_set_level(level);
+    }
+    if (next_arg)
+        *next_arg = next;
+    *exit_status = 0;
+    return true;
 }
 
 void dx_opts_free(const struct dx_opt *opts)

@@ -54,6 +54,24 @@ int dx_opts_load_file(const struct dx_opt *opts, const char *path, char *err, si
 /* Prints "usage: SYNOPSIS" and one line per option. */
 void dx_opts_usage(FILE *out, const char *synopsis, const struct dx_opt *opts);
 
+/* How a program presents itself on its command line. */
+struct dx_cli {
+    const char *prog;         /* "duplexd" */
+    const char *synopsis;     /* for --help: usage line, blank line, one-line summary */
+    const char *version;      /* for --version: "0.1.0 (protocol 1)" */
+    void (*usage)(FILE *out); /* prints --help instead of the generated text (optional) */
+    char *const *log_level;   /* an option's value to apply with dx_log_set_level (optional) */
+};
+
+/* The whole front of a program's command line: parses, answers --help and
+ * --version on stdout, reports a bad option (or, when next_arg is NULL, any
+ * positional argument) on stderr as "PROG: problem (see --help)", and
+ * applies the log level. Returns true to go on; false with *exit_status set
+ * (0 after help or version, DX_OPTS_EXIT_USAGE after an error). */
+#define DX_OPTS_EXIT_USAGE 2
+bool dx_opts_cli(const struct dx_opt *opts, const struct dx_cli *cli, int argc, char **argv,
+                 int *next_arg, int *exit_status);
+
 /* Frees every string value the parser allocated and sets them to NULL. */
 void dx_opts_free(const struct dx_opt *opts);
 

@@ -32,45 +32,30 @@ static const struct dx_opt options[] = {
     {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
 };
 
+static const struct dx_cli cli = {
+    .prog = "duplexd",
+    .synopsis = "duplexd [options]\n\nThe duplex coordinator daemon.",
+    .version = DX_VERSION " (protocol " DX_STRINGIFY(DX_PROTOCOL_VERSION) ")",
+    .log_level = &opt_log_level,
+};
+
 int main(int argc, char **argv)
 {
     struct coord_server_config cfg;
     coord_server_t *server = NULL;
-    enum dx_log_level level;
     char err[512];
-    int next, rc, status = EXIT_FAILURE;
+    int status;
 
     dx_log_init("duplexd", DX_LOG_INFO);
-    rc = dx_opts_parse(options, argc, argv, &next, err, sizeof(err));
-    if (rc == DX_OPTS_HELP) {
-        dx_opts_usage(stdout, "duplexd [options]\n\nThe duplex coordinator daemon.", options);
-        status = EXIT_SUCCESS;
+    if (!dx_opts_cli(options, &cli, argc, argv, NULL, &status))
         goto out;
-    }
-    if (rc == DX_OPTS_VERSION) {
-        printf("duplexd %s (protocol %d)\n", DX_VERSION, DX_PROTOCOL_VERSION);
-        status = EXIT_SUCCESS;
-        goto out;
-    }
-    if (rc < 0) {
-        fprintf(stderr, "duplexd: %s (see --help)\n", err);
-        goto out;
-    }
-    if (next < argc) {
-        fprintf(stderr, "duplexd: unexpected argument \"%s\" (see --help)\n", argv[next]);
-        goto out;
-    }
-    if (dx_log_level_parse(opt_log_level, &level) < 0) {
-        fprintf(stderr, "duplexd: --log-level: \"%s\" is not debug, info, warn or error\n",
-                opt_log_level);
-        goto out;
-    }
+    status = EXIT_FAILURE;
     if (opt_dead_after_ms <= opt_heartbeat_ms) {
         fprintf(stderr, "duplexd: --dead-after-ms (%d) must be longer than --heartbeat-ms (%d)\n",
                 opt_dead_after_ms, opt_heartbeat_ms);
+        status = DX_OPTS_EXIT_USAGE;
         goto out;
     }
-    dx_log_set_level(level);
 
     cfg = (struct coord_server_config){
         .listen = opt_listen,

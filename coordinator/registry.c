@@ -53,15 +53,21 @@ int coord_registry_create(coord_store_t *store, coord_registry_t **out)
     return 0;
 }
 
-static void worker_free_fields(struct coord_worker *w)
+/* Frees what describes a worker (all but its id). */
+static void worker_free_description(struct coord_worker *w)
 {
-    free(w->id);
     free(w->host);
     free(w->node);
     free(w->backend);
     for (size_t i = 0; i < w->n_capabilities; i++)
         free(w->capabilities[i]);
     free(w->capabilities);
+}
+
+static void worker_free_fields(struct coord_worker *w)
+{
+    free(w->id);
+    worker_free_description(w);
 }
 
 void coord_registry_destroy(coord_registry_t *reg)
@@ -96,12 +102,7 @@ static int worker_set_fields(struct coord_worker *w, const char *host, const cha
             goto fail;
         nw.n_capabilities++;
     }
-    free(w->host);
-    free(w->node);
-    free(w->backend);
-    for (size_t i = 0; i < w->n_capabilities; i++)
-        free(w->capabilities[i]);
-    free(w->capabilities);
+    worker_free_description(w);
     w->host = nw.host;
     w->node = nw.node;
     w->backend = nw.backend;
@@ -109,7 +110,7 @@ static int worker_set_fields(struct coord_worker *w, const char *host, const cha
     w->n_capabilities = nw.n_capabilities;
     return 0;
 fail:
-    worker_free_fields(&nw);
+    worker_free_description(&nw);
     return -ENOMEM;
 }
 

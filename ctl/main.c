@@ -52,29 +52,22 @@ static void usage(FILE *out)
     fprintf(out, "\n`duplexctl COMMAND --help` describes a command's options.\n");
 }
 
+static const struct dx_cli cli = {
+    .prog = "duplexctl",
+    .version = DX_VERSION " (protocol " DX_STRINGIFY(DX_PROTOCOL_VERSION) ")",
+    .usage = usage,
+};
+
 int main(int argc, char **argv)
 {
     struct ctl_globals g = {0};
     const char *env;
-    char err[512];
-    int next, rc, status = CTL_EXIT_USAGE;
+    int next, status;
 
     dx_log_init("duplexctl", DX_LOG_WARN);
-    rc = dx_opts_parse(options, argc, argv, &next, err, sizeof(err));
-    if (rc == DX_OPTS_HELP) {
-        usage(stdout);
-        status = CTL_EXIT_OK;
+    if (!dx_opts_cli(options, &cli, argc, argv, &next, &status))
         goto out;
-    }
-    if (rc == DX_OPTS_VERSION) {
-        printf("duplexctl %s (protocol %d)\n", DX_VERSION, DX_PROTOCOL_VERSION);
-        status = CTL_EXIT_OK;
-        goto out;
-    }
-    if (rc < 0) {
-        fprintf(stderr, "duplexctl: %s (see --help)\n", err);
-        goto out;
-    }
+    status = CTL_EXIT_USAGE;
     if (next >= argc) {
         usage(stderr);
         goto out;

@@ -100,21 +100,15 @@ int ctl_cmd_workers(struct ctl_globals *g, int argc, char **argv)
     Duplex__ListWorkers req = DUPLEX__LIST_WORKERS__INIT;
     ctl_client_t *client = NULL;
     struct dx_msg reply = {0};
+    const struct dx_cli cli = {
+        .prog = "duplexctl workers",
+        .synopsis = "duplexctl workers [--json]\n\nLists the cluster's workers.",
+    };
     char err[512];
-    int next, rc, status = CTL_EXIT_USAGE;
+    int status;
 
-    rc = dx_opts_parse(options, argc, argv, &next, err, sizeof(err));
-    if (rc == DX_OPTS_HELP) {
-        dx_opts_usage(stdout, "duplexctl workers [--json]\n\nLists the cluster's workers.",
-                      options);
-        status = CTL_EXIT_OK;
+    if (!dx_opts_cli(options, &cli, argc, argv, NULL, &status))
         goto out;
-    }
-    if (rc != DX_OPTS_OK || next < argc) {
-        fprintf(stderr, "duplexctl workers: %s\n",
-                rc != DX_OPTS_OK ? err : "unexpected argument (see --help)");
-        goto out;
-    }
     ctl_globals_override(g, coordinator, timeout_s);
     status = CTL_EXIT_FAIL;
     if (ctl_client_create(g->coordinator, g->timeout_s * 1000, &client, err, sizeof(err)) < 0 ||

@@ -34,44 +34,27 @@ static const struct dx_opt options[] = {
     {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
 };
 
+static const struct dx_cli cli = {
+    .prog = "duplex-worker",
+    .synopsis = "duplex-worker [options]\n\nThe duplex worker daemon, one per GPU.",
+    .version = DX_VERSION " (protocol " DX_STRINGIFY(DX_PROTOCOL_VERSION) ")",
+    .log_level = &opt_log_level,
+};
+
 int main(int argc, char **argv)
 {
     struct wk_agent_config cfg;
     wk_agent_t *agent = NULL;
-    enum dx_log_level level;
     char hostname[HOST_NAME_MAX + 1];
     char default_id[HOST_NAME_MAX + 32];
     const char *coordinator;
     char err[512];
-    int next, rc, status = EXIT_FAILURE;
+    int status;
 
     dx_log_init("duplex-worker", DX_LOG_INFO);
-    rc = dx_opts_parse(options, argc, argv, &next, err, sizeof(err));
-    if (rc == DX_OPTS_HELP) {
-        dx_opts_usage(stdout, "duplex-worker [options]\n\nThe duplex worker daemon, one per GPU.",
-                      options);
-        status = EXIT_SUCCESS;
+    if (!dx_opts_cli(options, &cli, argc, argv, NULL, &status))
         goto out;
-    }
-    if (rc == DX_OPTS_VERSION) {
-        printf("duplex-worker %s (protocol %d)\n", DX_VERSION, DX_PROTOCOL_VERSION);
-        status = EXIT_SUCCESS;
-        goto out;
-    }
-    if (rc < 0) {
-        fprintf(stderr, "duplex-worker: %s (see --help)\n", err);
-        goto out;
-    }
-    if (next < argc) {
-        fprintf(stderr, "duplex-worker: unexpected argument \"%s\" (see --help)\n", argv[next]);
-        goto out;
-    }
-    if (dx_log_level_parse(opt_log_level, &level) < 0) {
-        fprintf(stderr, "duplex-worker: --log-level: \"%s\" is not debug, info, warn or error\n",
-                opt_log_level);
-        goto out;
-    }
-    dx_log_set_level(level);
+    status = EXIT_FAILURE;
     if (gethostname(hostname, sizeof(hostname)) < 0)
         snprintf(hostname, sizeof(hostname), "localhost");
     hostname[sizeof(hostname) - 1] = '\0';
@@ -94,9 +77,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "duplex-worker: %s\n", err);
         goto out;
     }
-    rc = wk_agent_run(agent);
+    status = wk_agent_run(agent);
     wk_agent_destroy(agent);
-    status = rc;
 out:
     dx_opts_free(options);
     return status;
