@@ -90,17 +90,28 @@ static int check_text(const char *field, const char *s, size_t max, bool may_be_
     return 0;
 }
 
-int dx_worker_id_check(const char *id, char *text, size_t len)
+#define NAME_CHARS "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:@-"
+
+/* Names (ids, hosts, nodes, capabilities) appear in files, logs and tables:
+ * letters, digits and "._:@-" only. */
+static int check_name(const char *field, const char *s, size_t max, bool may_be_empty, char *text,
+                      size_t len)
 {
-    int rc = check_text("worker_id", id, DX_MAX_ID_LEN, false, text, len);
+    int rc = check_text(field, s, max, may_be_empty, text, len);
+    size_t bad;
+
     if (rc < 0)
         return rc;
-    for (const char *p = id; *p; p++) {
-        if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:@-", *p))
-            return field_fail(
-                text, len, "worker_id \"%s\" has '%c'; use letters, digits and . _ : @ -", id, *p);
-    }
+    bad = strspn(s, NAME_CHARS);
+    if (s[bad] != '\0')
+        return field_fail(text, len, "%s \"%s\" has '%c'; use letters, digits and . _ : @ -", field,
+                          s, s[bad]);
     return 0;
+}
+
+int dx_worker_id_check(const char *id, char *text, size_t len)
+{
+    return check_name("worker_id", id, DX_MAX_ID_LEN, false, text, len);
 }
 
 static int check_register(const ProtobufCMessage *body, char *text, size_t len)
@@ -109,8 +120,8 @@ static int check_register(const ProtobufCMessage *body, char *text, size_t len)
     int rc;
 
     if ((rc = dx_worker_id_check(m->worker_id, text, len)) < 0 ||
-        (rc = check_text("host", m->host, DX_MAX_NAME_LEN, false, text, len)) < 0 ||
-        (rc = check_text("node", m->node, DX_MAX_NAME_LEN, true, text, len)) < 0)
+        (rc = check_name("host", m->host, DX_MAX_NAME_LEN, false, text, len)) < 0 ||
+        (rc = check_name("node", m->node, DX_MAX_NAME_LEN, true, text, len)) < 0)
         return rc;
     if (m->gpu_index < 0 || m->gpu_index > 1023)
         return field_fail(text, len, "gpu_index %d is outside 0..1023", m->gpu_index);
@@ -121,7 +132,7 @@ static int check_register(const ProtobufCMessage *body, char *text, size_t len)
         return field_fail(text, len, "%zu capabilities; the limit is %d", m->n_capabilities,
                           DX_MAX_CAPABILITIES);
     for (size_t i = 0; i < m->n_capabilities; i++) {
-        if ((rc = check_text("capability", m->capabilities[i], DX_MAX_NAME_LEN, false, text, len)) <
+        if ((rc = check_name("capability", m->capabilities[i], DX_MAX_NAME_LEN, false, text, len)) <
             0)
             return rc;
     }

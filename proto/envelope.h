@@ -49,8 +49,9 @@ int dx_env_decode(const uint8_t *buf, size_t len, struct dx_msg *msg, struct dx_
 
 void dx_msg_clear(struct dx_msg *msg);
 
-/* Worker ids name files and log lines: 1..DX_MAX_ID_LEN letters, digits and
- * "._:@-". Returns 0 or -EINVAL with the reason in text. */
+/* Worker ids (like host, node and capability names) appear in files, logs
+ * and tables: 1..DX_MAX_ID_LEN letters, digits and "._:@-". Returns 0 or
+ * -EINVAL with the reason in text. */
 int dx_worker_id_check(const char *id, char *text, size_t len);
 
 /* "Register", "Heartbeat", ... or "unknown". */

@@ -152,6 +152,14 @@ static void agent_on_error(wk_agent_t *a, const struct dx_msg *m)
         uv_stop(&a->loop);
         return;
     default:
+        if (!a->registered && m->request_id == a->register_request_id) {
+            /* retrying cannot help: the same Register would be refused again */
+            dx_error("duplexd refused our registration: %s: %.200s", dx_error_code_name(e->code),
+                     e->text);
+            a->exit_status = WK_EXIT_REFUSED;
+            uv_stop(&a->loop);
+            return;
+        }
         dx_warn("duplexd refused a message: %s: %.200s", dx_error_code_name(e->code), e->text);
         return;
     }

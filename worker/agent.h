@@ -23,11 +23,13 @@ typedef struct wk_agent wk_agent_t;
 
 /* Exit statuses of wk_agent_run beyond 0 (stopped by a signal). */
 #define WK_EXIT_REPLACED 3 /* another process registered this worker id */
+#define WK_EXIT_REFUSED 4  /* duplexd refused the registration itself */
 
 int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *err, size_t errlen);
 
-/* Serves until SIGTERM/SIGINT (returns 0) or until duplexd says another
- * process took this id (returns WK_EXIT_REPLACED). */
+/* Serves until SIGTERM/SIGINT (returns 0), until duplexd says another
+ * process took this id (WK_EXIT_REPLACED) or until it refuses the
+ * registration (WK_EXIT_REFUSED). */
 int wk_agent_run(wk_agent_t *a);
 
 void wk_agent_destroy(wk_agent_t *a);

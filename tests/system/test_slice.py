@@ -281,3 +281,19 @@ def test_second_duplexd_on_same_database_fails(cluster):
         f"error message does not say who holds the database:\n{log}"
     assert first.running(), "the first duplexd died"
     assert c.workers() == {}
+
+
+def test_worker_refused_registration_exits(cluster):
+    """A Register duplexd refuses (a host name with a space) is not retried
+    forever: the worker exits 4 and says why; duplexd records nothing."""
+    c = cluster
+    c.start_duplexd()
+    argv = [WORKER, "--coordinator", c.addr, "--backend", "sim", "--id", "wbad",
+            "--host", "bad host"]
+    worker = c.spawn("worker-wbad", argv, expect_exit=True)
+    rc = worker.wait()
+    assert rc == 4, f"worker exited {rc}\n{worker.log_tail()}"
+    log = worker.log_text()
+    assert "refused our registration" in log and "host" in log, log
+    assert c.workers() == {}
+    assert c.db_query("SELECT count(*) FROM workers")[0][0] == 0

@@ -597,9 +597,18 @@ Test(envelope, register_host_rules)
     m.host = long_host;
     expect_register_invalid(&m, "host");
 
+    m.host = "bad host";
+    expect_register_invalid(&m, "host");
+    m.host = "a/b";
+    expect_register_invalid(&m, "'/'");
+
     m = good_register();
     m.node = "no\tde";
     expect_register_invalid(&m, "node");
+    m.node = "rack 3";
+    expect_register_invalid(&m, "node");
+    m.node = "";
+    expect_register_ok(&m);
 }
 
 Test(envelope, register_gpu_backend_caps_pid_rules)
