@@ -41,23 +41,27 @@ PROTO_H := $(BUILD)/gen/proto/duplex.pb-c.h
 
 COMMON_SRC := common/log.c common/opts.c common/fs.c common/zwatch.c common/ratelimit.c common/loop.c \
               proto/envelope.c proto/wire.c
+PIPE_SRC   := pipeline/schedule.c pipeline/gen_1f1b.c pipeline/gen_dualpipe.c pipeline/validate.c \
+              pipeline/simulate.c pipeline/render.c
 COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c
 WORKER_SRC := worker/agent.c
-CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c
+CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 
 obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
 
 COMMON_OBJ := $(call obj,$(COMMON_SRC)) $(BUILD)/obj/gen/proto/duplex.pb-c.o
+PIPE_OBJ   := $(call obj,$(PIPE_SRC))
 COORD_OBJ  := $(call obj,$(COORD_SRC))
 WORKER_OBJ := $(call obj,$(WORKER_SRC))
 CTL_OBJ    := $(call obj,$(CTL_SRC))
 LIB_COMMON := $(BUILD)/lib/libdxcommon.a
+LIB_PIPE   := $(BUILD)/lib/libdxpipe.a
 LIB_COORD  := $(BUILD)/lib/libdxcoord.a
 LIB_WORKER := $(BUILD)/lib/libdxworker.a
 LIB_CTL    := $(BUILD)/lib/libdxctl.a
-ALL_LIBS   := $(LIB_COORD) $(LIB_WORKER) $(LIB_CTL) $(LIB_COMMON)
+ALL_LIBS   := $(LIB_COORD) $(LIB_WORKER) $(LIB_CTL) $(LIB_PIPE) $(LIB_COMMON)
 
 BINS       := $(BUILD)/bin/duplexd $(BUILD)/bin/duplex-worker $(BUILD)/bin/duplexctl
 UNIT_BINS  := $(patsubst tests/unit/%.c,$(BUILD)/tests/unit/%,$(UNIT_SRC))
@@ -100,6 +104,7 @@ $(BUILD)/obj/%.o: %.c | $(PROTO_H)
 	$(CC) $(CFLAGS_ALL) -c $< -o $@
 
 $(LIB_COMMON): $(COMMON_OBJ)
+$(LIB_PIPE): $(PIPE_OBJ)
 $(LIB_COORD): $(COORD_OBJ)
 $(LIB_WORKER): $(WORKER_OBJ)
 $(LIB_CTL): $(CTL_OBJ)
@@ -109,7 +114,7 @@ $(ALL_LIBS):
 
 $(BUILD)/bin/duplexd: $(BUILD)/obj/coordinator/main.o $(LIB_COORD) $(LIB_COMMON)
 $(BUILD)/bin/duplex-worker: $(BUILD)/obj/worker/main.o $(LIB_WORKER) $(LIB_COMMON)
-$(BUILD)/bin/duplexctl: $(BUILD)/obj/ctl/main.o $(LIB_CTL) $(LIB_COMMON)
+$(BUILD)/bin/duplexctl: $(BUILD)/obj/ctl/main.o $(LIB_CTL) $(LIB_PIPE) $(LIB_COMMON)
 $(BINS):
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $^ $(LIBS)
@@ -171,7 +176,7 @@ format: deps-dev
 format-check: deps-dev
 	clang-format --dry-run --Werror $(FORMAT_FILES)
 
-LINT_DIRS := common proto coordinator worker ctl
+LINT_DIRS := common proto pipeline coordinator worker ctl
 
 # cppcheck, then clang-tidy with the checks in .clang-tidy (all must pass).
 lint: deps-dev $(PROTO_H)

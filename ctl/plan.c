@@ -1,0 +1,2 @@
+/* plan.c - `duplexctl plan` (being written). */
+#include "ctl/ctl.h"

@@ -1,0 +1,2 @@
+/* simulate.c - see simulate.h (being written). */
+#include "pipeline/simulate.h"

@@ -1,0 +1,2 @@
+/* validate.c - see validate.h (being written). */
+#include "pipeline/validate.h"
