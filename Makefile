@@ -34,7 +34,7 @@ CFLAGS_ALL += -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-om
               -U_FORTIFY_SOURCE
 LDFLAGS_ALL += -fsanitize=address,undefined
 endif
-LIBS := -lzmq -luv -lsqlite3 -lprotobuf-c -ljansson -lpthread
+LIBS := -lzmq -luv -lsqlite3 -lprotobuf-c -ljansson -lpthread -lm
 
 PROTO_C := $(BUILD)/gen/proto/duplex.pb-c.c
 PROTO_H := $(BUILD)/gen/proto/duplex.pb-c.h
@@ -43,9 +43,10 @@ COMMON_SRC := common/log.c common/opts.c common/fs.c common/zwatch.c common/rate
               proto/envelope.c proto/wire.c
 PIPE_SRC   := pipeline/schedule.c pipeline/gen_1f1b.c pipeline/gen_dualpipe.c pipeline/validate.c \
               pipeline/simulate.c pipeline/render.c
-COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c
+COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c coordinator/eplb.c \
+              coordinator/jobspec.c coordinator/placement.c coordinator/plan.c
 WORKER_SRC := worker/agent.c
-CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c
+CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 
@@ -61,7 +62,7 @@ LIB_PIPE   := $(BUILD)/lib/libdxpipe.a
 LIB_COORD  := $(BUILD)/lib/libdxcoord.a
 LIB_WORKER := $(BUILD)/lib/libdxworker.a
 LIB_CTL    := $(BUILD)/lib/libdxctl.a
-ALL_LIBS   := $(LIB_COORD) $(LIB_WORKER) $(LIB_CTL) $(LIB_PIPE) $(LIB_COMMON)
+ALL_LIBS   := $(LIB_CTL) $(LIB_COORD) $(LIB_WORKER) $(LIB_PIPE) $(LIB_COMMON)
 
 BINS       := $(BUILD)/bin/duplexd $(BUILD)/bin/duplex-worker $(BUILD)/bin/duplexctl
 UNIT_BINS  := $(patsubst tests/unit/%.c,$(BUILD)/tests/unit/%,$(UNIT_SRC))
@@ -112,9 +113,9 @@ $(ALL_LIBS):
 	@mkdir -p $(dir $@)
 	rm -f $@ && $(AR) rcs $@ $^
 
-$(BUILD)/bin/duplexd: $(BUILD)/obj/coordinator/main.o $(LIB_COORD) $(LIB_COMMON)
+$(BUILD)/bin/duplexd: $(BUILD)/obj/coordinator/main.o $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
 $(BUILD)/bin/duplex-worker: $(BUILD)/obj/worker/main.o $(LIB_WORKER) $(LIB_COMMON)
-$(BUILD)/bin/duplexctl: $(BUILD)/obj/ctl/main.o $(LIB_CTL) $(LIB_PIPE) $(LIB_COMMON)
+$(BUILD)/bin/duplexctl: $(BUILD)/obj/ctl/main.o $(LIB_CTL) $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
 $(BINS):
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $^ $(LIBS)

@@ -52,6 +52,29 @@ static int opts_set_int(const struct dx_opt *o, const char *source, const char *
     return 0;
 }
 
+static void strv_clear(struct dx_strv *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        free(l->v[i]);
+    free(l->v);
+    l->v = NULL;
+    l->n = 0;
+}
+
+static int strv_push(struct dx_strv *l, const char *text, char *err, size_t errlen)
+{
+    char **v = realloc(l->v, (l->n + 1) * sizeof(*v));
+
+    if (v)
+        l->v = v;
+    if (!v || !(l->v[l->n] = strdup(text))) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    l->n++;
+    return 0;
+}
+
 static int opts_set_defaults(const struct dx_opt *opts, char *err, size_t errlen)
 {
     for (const struct dx_opt *o = opts; o->name; o++) {
@@ -65,6 +88,9 @@ static int opts_set_defaults(const struct dx_opt *opts, char *err, size_t errlen
             break;
         case DX_OPT_FLAG:
             *(bool *)o->value = o->default_int != 0;
+            break;
+        case DX_OPT_LIST:
+            strv_clear(o->value);
             break;
         }
     }
@@ -97,6 +123,24 @@ static int opts_set_json(const struct dx_opt *o, const char *path, json_t *v, ch
         }
         snprintf(num, sizeof(num), "%lld", (long long)json_integer_value(v));
         return opts_set_int(o, source, num, err, errlen);
+    case DX_OPT_LIST: {
+        size_t i;
+        json_t *item;
+        if (!json_is_array(v)) {
+            snprintf(err, errlen, "%s: expected an array of strings", source);
+            return -EINVAL;
+        }
+        strv_clear(o->value);
+        json_array_foreach (v, i, item) {
+            if (!json_is_string(item) || json_string_length(item) == 0) {
+                snprintf(err, errlen, "%s: item %zu is not a non-empty string", source, i);
+                return -EINVAL;
+            }
+            if (strv_push(o->value, json_string_value(item), err, errlen) < 0)
+                return -ENOMEM;
+        }
+        return 0;
+    }
     case DX_OPT_FLAG:
         if (!json_is_boolean(v)) {
             snprintf(err, errlen, "%s: expected true or false", source);
@@ -175,6 +219,30 @@ static int opts_prescan(const struct dx_opt *opts, int argc, char **argv, const 
     return DX_OPTS_OK;
 }
 
+const char *dx_opts_take_arg(const struct dx_opt *opts, int *argc, char **argv)
+{
+    for (int i = 1; i < *argc; i++) {
+        const char *a = argv[i];
+        const struct dx_opt *o;
+
+        if (strcmp(a, "--") == 0) {
+            i++;
+        } else if (a[0] == '-' && a[1] != '\0') {
+            o = a[1] == '-' && !strchr(a, '=') ? opts_find(opts, a + 2, strlen(a + 2)) : NULL;
+            if (o && o->type != DX_OPT_FLAG)
+                i++; /* skip the option's value */
+            continue;
+        }
+        if (i >= *argc)
+            return NULL;
+        a = argv[i];
+        memmove(&argv[i], &argv[i + 1], (size_t)(*argc - i - 1) * sizeof(*argv));
+        (*argc)--;
+        return a;
+    }
+    return NULL;
+}
+
 int dx_opts_parse(const struct dx_opt *opts, int argc, char **argv, int *next_arg, char *err,
                   size_t errlen)
 {
@@ -238,12 +306,13 @@ int dx_opts_parse(const struct dx_opt *opts, int argc, char **argv, int *next_ar
             snprintf(err, errlen, "%s needs a value (%s)", source, o->metavar ? o->metavar : "");
             return -EINVAL;
         }
-        if (o->type == DX_OPT_STRING) {
+        if (o->type == DX_OPT_STRING || o->type == DX_OPT_LIST) {
             if (value[0] == '\0') { // NOLINT(clang-analyzer-core.NullDereference): argv[i < argc]
                 snprintf(err, errlen, "%s: value must not be empty", source);
                 return -EINVAL;
             }
-            rc = opts_set_string(o, value, err, errlen);
+            rc = o->type == DX_OPT_STRING ? opts_set_string(o, value, err, errlen)
+                                          : strv_push(o->value, value, err, errlen);
         } else {
             rc = opts_set_int(o, source, value, err, errlen);
         }
@@ -270,6 +339,8 @@ void dx_opts_usage(FILE *out, const char *synopsis, const struct dx_opt *opts)
             snprintf(dflt, sizeof(dflt), " (default %s)", o->default_str);
         else if (o->type == DX_OPT_INT)
             snprintf(dflt, sizeof(dflt), " (default %d)", o->default_int);
+        else if (o->type == DX_OPT_LIST)
+            snprintf(dflt, sizeof(dflt), " (repeatable)");
         fprintf(out, "  %-26s %s%s\n", flag, o->help, dflt);
     }
     fprintf(out, "  %-26s %s\n", "--help", "show this help and exit");
@@ -325,5 +396,7 @@ void dx_opts_free(const struct dx_opt *opts)
             free(*(char **)o->value);
             *(char **)o->value = NULL;
         }
+        if (o->type == DX_OPT_LIST)
+            strv_clear(o->value);
     }
 }

@@ -18,6 +18,13 @@ enum dx_opt_type {
     DX_OPT_STRING, /* value: char **, malloc'd by the parser */
     DX_OPT_INT,    /* value: int *, checked against [min, max] */
     DX_OPT_FLAG,   /* value: bool *, takes no argument */
+    DX_OPT_LIST,   /* value: struct dx_strv *, repeatable; a JSON array in config */
+};
+
+/* The values of a repeatable option, in the order given. */
+struct dx_strv {
+    char **v;
+    size_t n;
 };
 
 struct dx_opt {
@@ -46,6 +53,12 @@ enum {
  * (or -ENOMEM) with a message naming the flag or key in err. */
 int dx_opts_parse(const struct dx_opt *opts, int argc, char **argv, int *next_arg, char *err,
                   size_t errlen);
+
+/* Removes the first positional argument from argv (options may come before
+ * or after it; the values of options that take one are skipped) and
+ * returns it, or NULL when there is none. For commands like
+ * "submit JOB.json --dry-run". */
+const char *dx_opts_take_arg(const struct dx_opt *opts, int *argc, char **argv);
 
 /* Loads one JSON config file into the table's values (used by dx_opts_parse;
  * exposed for tests). */

@@ -20,6 +20,8 @@
 #include "common/ratelimit.h"
 #include "common/version.h"
 #include "common/zwatch.h"
+#include "coordinator/jobspec.h"
+#include "coordinator/plan.h"
 #include "coordinator/registry.h"
 #include "coordinator/store.h"
 #include "proto/wire.h"
@@ -74,12 +76,15 @@ static void server_reply(coord_server_t *s, const struct peer_frame *p, Duplex__
 }
 
 /* Answers a message with an Error and logs why, rate-limited. Refusals that
- * are part of normal life (a heartbeat after duplexd restarted) are logged at
- * info, bad input at warn. */
+ * are part of normal life (a heartbeat after duplexd restarted, a user's bad
+ * job spec) are logged at info, bad input at warn and counted. */
 static void server_reject(coord_server_t *s, const struct peer_frame *p, Duplex__ErrorCode code,
                           uint64_t request_id, const char *text)
 {
-    bool routine = code == DUPLEX__ERROR_CODE__ERROR_NOT_REGISTERED;
+    bool routine = code == DUPLEX__ERROR_CODE__ERROR_NOT_REGISTERED ||
+                   code == DUPLEX__ERROR_CODE__ERROR_BAD_SPEC ||
+                   code == DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY ||
+                   code == DUPLEX__ERROR_CODE__ERROR_NOT_IMPLEMENTED;
     enum dx_log_level level = routine ? DX_LOG_INFO : DX_LOG_WARN;
     uint64_t suppressed;
     int rc;
@@ -197,6 +202,62 @@ out:
     free(ws);
 }
 
+/* Submit: validates the spec and, for a dry run, answers with the plan on
+ * the alive workers of the job's backend. Running jobs comes later. */
+static void handle_submit(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
+{
+    const Duplex__Submit *req = (const Duplex__Submit *)m->body;
+    Duplex__SubmitReply reply = DUPLEX__SUBMIT_REPLY__INIT;
+    struct coord_jobspec spec;
+    struct coord_worker **ws = NULL;
+    struct coord_slot *slots = NULL;
+    json_t *plan = NULL;
+    char err[512], *text = NULL;
+    size_t nslots = 0;
+    int n, rc;
+
+    if (coord_jobspec_parse(req->spec_json, strlen(req->spec_json), (const char *const *)req->sets,
+                            req->n_sets, &spec, err, sizeof(err)) < 0) {
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_BAD_SPEC, m->request_id, err);
+        return;
+    }
+    if (!req->dry_run) {
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NOT_IMPLEMENTED, m->request_id,
+                      "running jobs is not implemented yet; --dry-run shows the plan");
+        return;
+    }
+    n = coord_registry_list(s->reg, &ws);
+    if (n < 0 || !(slots = calloc((size_t)n + 1, sizeof(*slots)))) {
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id, "out of memory");
+        goto out;
+    }
+    for (int i = 0; i < n; i++) {
+        if (ws[i]->state == COORD_WORKER_ALIVE && strcmp(ws[i]->backend, spec.backend) == 0)
+            slots[nslots++] = (struct coord_slot){ws[i]->id, ws[i]->node, ws[i]->gpu};
+    }
+    if ((size_t)coord_jobspec_workers(&spec) > nslots) {
+        snprintf(err, sizeof(err),
+                 "the job needs %d %s workers (pp %d x ep %d x dp %d); the cluster has %zu alive",
+                 coord_jobspec_workers(&spec), spec.backend, spec.parallel.pp, spec.parallel.ep,
+                 spec.parallel.dp, nslots);
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY, m->request_id, err);
+        goto out;
+    }
+    rc = coord_plan_build(&spec, slots, nslots, &plan, err, sizeof(err));
+    if (rc < 0 || !(text = json_dumps(plan, JSON_COMPACT))) {
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id,
+                      rc < 0 ? err : "out of memory");
+        goto out;
+    }
+    reply.plan_json = text;
+    server_reply(s, p, DUPLEX__MSG_TYPE__MSG_SUBMIT_REPLY, m->request_id, &reply.base);
+out:
+    free(text);
+    json_decref(plan);
+    free(slots);
+    free(ws);
+}
+
 static void server_dispatch(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
 {
     char text[128];
@@ -213,6 +274,9 @@ static void server_dispatch(coord_server_t *s, const struct peer_frame *p, const
         return;
     case DUPLEX__MSG_TYPE__MSG_LIST_WORKERS:
         handle_list_workers(s, p, m);
+        return;
+    case DUPLEX__MSG_TYPE__MSG_SUBMIT:
+        handle_submit(s, p, m);
         return;
     case DUPLEX__MSG_TYPE__MSG_ERROR: {
         const Duplex__Error *e = (const Duplex__Error *)m->body;

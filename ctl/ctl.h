@@ -24,6 +24,9 @@ typedef int (*ctl_command_fn)(struct ctl_globals *g, int argc, char **argv);
 
 int ctl_cmd_workers(struct ctl_globals *g, int argc, char **argv);
 int ctl_cmd_local(struct ctl_globals *g, int argc, char **argv);
+int ctl_cmd_plan(struct ctl_globals *g, int argc, char **argv);
+int ctl_cmd_place(struct ctl_globals *g, int argc, char **argv);
+int ctl_cmd_submit(struct ctl_globals *g, int argc, char **argv);
 
 /* Applies a command's own --coordinator / --timeout (NULL / 0 when not
  * given) over the globals. */

@@ -22,11 +22,15 @@
  * DualPipeV runs the same steps with r for h, P for H and N for M, without
  * the swap, and its un-overlapped first pair is on the last rank.
  * Every F (B, I) of a chunk takes that chunk's next micro-batch in order; W
- * runs the oldest queued weight-gradient job.
+ * runs the oldest queued weight-gradient job. Sends and receives are posted
+ * where the reference posts them (a receive early, before the op that waits
+ * for it; some sends deferred), which keeps each rank pair's messages in
+ * the same order on both sides.
  */
 #include <errno.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "pipeline/gen.h"
 
@@ -36,6 +40,10 @@ struct rank_gen {
     int swap;          /* logical chunk x is physical chunk x ^ swap */
     int next_f[2];     /* next micro-batch to forward, per physical chunk */
     int next_b[2];     /* next micro-batch to backward, per physical chunk */
+    int recv_f[2];     /* next activation to receive, per physical chunk */
+    int send_f[2];     /* next activation to send */
+    int recv_b[2];     /* next gradient to receive */
+    int send_b[2];     /* next gradient to send */
     struct dp_work *q; /* queued weight-gradient jobs */
     int q_head, q_tail;
 };
@@ -55,54 +63,126 @@ static struct dp_work work_of(const struct rank_gen *g, int phys, int mb)
     return w;
 }
 
-static struct dp_work take_f(struct rank_gen *g, int logical)
+/* Posting a message, as the reference's _recv_forward, _send_forward,
+ * _recv_backward and _send_backward do: each keeps its own per-chunk count,
+ * and nothing is posted at a path's ends or for a local hand-over. The order
+ * of posts is what keeps every rank pair's messages in FIFO order. */
+static int post(struct rank_gen *g, enum dp_op_kind kind, enum dp_payload payload, int x)
 {
-    int phys = logical ^ g->swap;
+    int phys = x ^ g->swap;
+    int *count = payload == DP_ACTIVATION ? (kind == DP_OP_RECV ? g->recv_f : g->send_f)
+                                          : (kind == DP_OP_RECV ? g->recv_b : g->send_b);
+    struct dp_work w = work_of(g, phys, count[phys]);
+    size_t before, after;
+
+    dp_sched_ops(g->s, g->rank, &before);
+    int rc = dp_sched_append_message(g->s, g->rank, kind, payload, &w);
+    dp_sched_ops(g->s, g->rank, &after);
+    if (after > before)
+        count[phys]++;
+    return rc;
+}
+
+static int recv_f(struct rank_gen *g, int x)
+{
+    return post(g, DP_OP_RECV, DP_ACTIVATION, x);
+}
+
+static int send_f(struct rank_gen *g, int x)
+{
+    return post(g, DP_OP_SEND, DP_ACTIVATION, x);
+}
+
+static int recv_b(struct rank_gen *g, int x)
+{
+    return post(g, DP_OP_RECV, DP_GRADIENT, x);
+}
+
+static int send_b(struct rank_gen *g, int x)
+{
+    return post(g, DP_OP_SEND, DP_GRADIENT, x);
+}
+
+static int compute(struct rank_gen *g, enum dp_op_kind kind, struct dp_work w, struct dp_work w2)
+{
+    struct dp_op op = {.kind = kind, .work = w, .work2 = w2};
+    return dp_sched_append(g->s, g->rank, &op);
+}
+
+static struct dp_work take_f(struct rank_gen *g, int x)
+{
+    int phys = x ^ g->swap;
     return work_of(g, phys, g->next_f[phys]++);
 }
 
-static struct dp_work take_b(struct rank_gen *g, int logical)
+/* The next backward of chunk x; with zero_bubble its W job is queued. */
+static struct dp_work take_b(struct rank_gen *g, int x, bool zero_bubble)
 {
-    int phys = logical ^ g->swap;
-    return work_of(g, phys, g->next_b[phys]++);
-}
-
-static int emit(struct rank_gen *g, enum dp_op_kind kind, struct dp_work w, struct dp_work w2)
-{
-    struct dp_op op = {.kind = kind, .work = w, .work2 = w2};
-    return dp_sched_append_compute(g->s, g->rank, &op);
-}
-
-static int op_f(struct rank_gen *g, int x)
-{
-    struct dp_work none = {0};
-    return emit(g, DP_OP_F, take_f(g, x), none);
-}
-
-/* B(x), or I(x) with its weight-gradient job queued when zero_bubble. */
-static int op_b(struct rank_gen *g, int x, bool zero_bubble)
-{
-    struct dp_work none = {0};
-    struct dp_work w = take_b(g, x);
+    int phys = x ^ g->swap;
+    struct dp_work w = work_of(g, phys, g->next_b[phys]++);
 
     if (zero_bubble)
         g->q[g->q_tail++] = w;
-    return emit(g, zero_bubble ? DP_OP_I : DP_OP_B, w, none);
+    return w;
 }
 
-static int op_w(struct rank_gen *g)
+/* _forward_chunk(x, recv, send) */
+static int forward_chunk(struct rank_gen *g, int x, bool recv, bool send)
+{
+    struct dp_work none = {0};
+    int rc = 0;
+
+    if (recv)
+        rc = recv_f(g, x);
+    if (rc == 0)
+        rc = compute(g, DP_OP_F, take_f(g, x), none);
+    if (rc == 0 && send)
+        rc = send_f(g, x);
+    return rc;
+}
+
+/* _backward_chunk(x, enable_zb, recv, send): B, or I with its W queued */
+static int backward_chunk(struct rank_gen *g, int x, bool zero_bubble, bool recv, bool send)
+{
+    struct dp_work none = {0};
+    int rc = 0;
+
+    if (recv)
+        rc = recv_b(g, x);
+    if (rc == 0)
+        rc = compute(g, zero_bubble ? DP_OP_I : DP_OP_B, take_b(g, x, zero_bubble), none);
+    if (rc == 0 && send)
+        rc = send_b(g, x);
+    return rc;
+}
+
+/* _forward_backward_chunk(xf, xb, recv0): forward of xf overlapped with the
+ * full backward of xb */
+static int forward_backward_chunk(struct rank_gen *g, int xf, int xb, bool recv_forward)
+{
+    struct dp_work f;
+    int rc = 0;
+
+    if (recv_forward)
+        rc = recv_f(g, xf);
+    if (rc == 0)
+        rc = recv_b(g, xb);
+    if (rc < 0)
+        return rc;
+    f = take_f(g, xf);
+    if ((rc = compute(g, DP_OP_FB, f, take_b(g, xb, false))) < 0 || (rc = send_f(g, xf)) < 0)
+        return rc;
+    return send_b(g, xb);
+}
+
+/* _weight_chunk(): the oldest queued weight-gradient job */
+static int weight_chunk(struct rank_gen *g)
 {
     struct dp_work none = {0};
 
     if (g->q_head == g->q_tail)
         return -EPROTO; /* the steps never pop an empty queue */
-    return emit(g, DP_OP_W, g->q[g->q_head++], none);
-}
-
-static int op_fb(struct rank_gen *g, int xf, int xb)
-{
-    struct dp_work f = take_f(g, xf);
-    return emit(g, DP_OP_FB, f, take_b(g, xb));
+    return compute(g, DP_OP_W, g->q[g->q_head++], none);
 }
 
 static int gen_rank(struct rank_gen *g)
@@ -112,45 +192,53 @@ static int gen_rank(struct rank_gen *g)
     int H = v ? P : P / 2;
     int h = v ? r : (r < P - 1 - r ? r : P - 1 - r);
     int M = v ? N : N / 2;
-    bool first_pair_apart = v ? r == P - 1 : h == H - 1;
+    bool middle = v ? r == P - 1 : h == H - 1; /* runs the first main pair apart */
     bool zb = false;
     int rc = 0, i;
 
-    for (i = 0; i < 2 * (H - h - 1) && rc == 0; i++) /* 1 */
-        rc = op_f(g, 0);
-    for (i = 0; i < h + 1 && rc == 0; i++) /* 2 */
-        if ((rc = op_f(g, 0)) == 0)
-            rc = op_f(g, 1);
-    for (i = 0; i < H - h - 1 && rc == 0; i++) /* 3 */
-        if ((rc = op_b(g, 1, true)) == 0 && (rc = op_w(g)) == 0)
-            rc = op_f(g, 1);
-    for (i = 0; i < M - 2 * H + h + 1 && rc == 0; i++) { /* 4 */
-        if (i == 0 && first_pair_apart) {
-            if ((rc = op_f(g, 0)) == 0)
-                rc = op_b(g, 1, false);
-        } else {
-            rc = op_fb(g, 0, 1);
-        }
-        if (rc == 0)
-            rc = op_fb(g, 1, 0);
+    for (i = 0; i < 2 * (H - h - 1) && rc == 0; i++) /* 1 nF0 */
+        rc = forward_chunk(g, 0, true, true);
+    if (rc == 0) /* 2 nF0F1 */
+        rc = recv_f(g, 0);
+    for (i = 0; i < h + 1 && rc == 0; i++) {
+        if ((rc = forward_chunk(g, 0, false, middle)) < 0 || (rc = recv_f(g, 0)) < 0 ||
+            (rc = forward_chunk(g, 1, true, !middle || i < h)) < 0)
+            break;
+        if (!middle)
+            rc = send_f(g, 0);
     }
-    for (i = 0; i < H - h - 1 && rc == 0; i++) /* 5 */
-        if ((rc = op_b(g, 1, false)) == 0)
-            rc = op_fb(g, 1, 0);
-    for (i = 0; i < h + 1 && rc == 0; i++) { /* 6 */
+    for (i = 0; i < H - h - 1 && rc == 0; i++) /* 3 nB1W1F1 */
+        if ((rc = backward_chunk(g, 1, true, true, true)) == 0 && (rc = recv_f(g, 1)) == 0 &&
+            (rc = weight_chunk(g)) == 0)
+            rc = forward_chunk(g, 1, false, true);
+    for (i = 0; i < M - 2 * H + h + 1 && rc == 0; i++) { /* 4 nF0B1F1B0 */
+        if (i == 0 && middle) {
+            if ((rc = forward_chunk(g, 0, false, false)) < 0 || (rc = send_f(g, 1)) < 0 ||
+                (rc = backward_chunk(g, 1, false, true, false)) < 0 || (rc = send_f(g, 0)) < 0 ||
+                (rc = send_b(g, 1)) < 0)
+                break;
+        } else if ((rc = forward_backward_chunk(g, 0, 1, i > 0)) < 0) {
+            break;
+        }
+        rc = forward_backward_chunk(g, 1, 0, true);
+    }
+    for (i = 0; i < H - h - 1 && rc == 0; i++) /* 5 nB1F1B0 */
+        if ((rc = backward_chunk(g, 1, false, true, true)) == 0)
+            rc = forward_backward_chunk(g, 1, 0, true);
+    for (i = 0; i < h + 1 && rc == 0; i++) { /* 6 nB1B0, zero bubble from the middle */
         if (i == (h + 1) / 2 && h % 2 == 1)
             zb = true;
-        if ((rc = op_b(g, 1, zb)) < 0)
+        if ((rc = backward_chunk(g, 1, zb, true, true)) < 0)
             break;
         if (i == (h + 1) / 2 && h % 2 == 0)
             zb = true;
-        rc = op_b(g, 0, zb);
+        rc = backward_chunk(g, 0, zb, true, true);
     }
-    for (i = 0; i < H - h - 1 && rc == 0; i++) /* 7 */
-        if ((rc = op_w(g)) == 0)
-            rc = op_b(g, 0, true);
-    for (i = 0; i < h + 1 && rc == 0; i++) /* 8 */
-        rc = op_w(g);
+    for (i = 0; i < H - h - 1 && rc == 0; i++) /* 7 nWB0 */
+        if ((rc = weight_chunk(g)) == 0)
+            rc = backward_chunk(g, 0, true, true, true);
+    for (i = 0; i < h + 1 && rc == 0; i++) /* 8 nW */
+        rc = weight_chunk(g);
     if (rc == 0 && g->q_head != g->q_tail)
         rc = -EPROTO; /* every queued job must have run */
     return rc;
@@ -168,7 +256,12 @@ int dp_gen_dualpipe(dp_sched_t *s)
     for (int r = 0; r < P && rc == 0; r++) {
         g.rank = r;
         g.swap = dp_sched_kind(s) == DP_SCHED_DUALPIPE && r >= P / 2;
-        g.next_f[0] = g.next_f[1] = g.next_b[0] = g.next_b[1] = 0;
+        memset(g.next_f, 0, sizeof(g.next_f));
+        memset(g.next_b, 0, sizeof(g.next_b));
+        memset(g.recv_f, 0, sizeof(g.recv_f));
+        memset(g.send_f, 0, sizeof(g.send_f));
+        memset(g.recv_b, 0, sizeof(g.recv_b));
+        memset(g.send_b, 0, sizeof(g.send_b));
         g.q_head = g.q_tail = 0;
         rc = gen_rank(&g);
     }

@@ -30,8 +30,8 @@ static const char *const kind_names[] = {
 };
 
 static const char *const op_names[] = {
-    [DP_OP_F] = "F",       [DP_OP_B] = "B",       [DP_OP_I] = "I",       [DP_OP_W] = "W",
-    [DP_OP_FB] = "FB",     [DP_OP_SEND] = "SEND", [DP_OP_RECV] = "RECV",
+    [DP_OP_F] = "F",   [DP_OP_B] = "B",       [DP_OP_I] = "I",       [DP_OP_W] = "W",
+    [DP_OP_FB] = "FB", [DP_OP_SEND] = "SEND", [DP_OP_RECV] = "RECV",
 };
 
 const char *dp_sched_kind_name(enum dp_sched_kind kind)
@@ -195,48 +195,36 @@ int dp_sched_locate(const dp_sched_t *s, int path, int stage, int *rank, int *ch
     }
 }
 
-/* Appends the message op for (payload, producer work) between rank and the
- * rank of other_stage, unless both are the same rank. */
-static int append_message(dp_sched_t *s, int rank, enum dp_op_kind kind, enum dp_payload payload,
-                          const struct dp_work *producer, int other_stage)
+int dp_sched_append_message(dp_sched_t *s, int rank, enum dp_op_kind kind, enum dp_payload payload,
+                            const struct dp_work *local)
 {
-    struct dp_op op = {.kind = kind, .payload = payload, .work = *producer};
-    int other_rank, other_chunk, local_rank, local_chunk;
+    int fwd = payload == DP_ACTIVATION;
+    int producer = kind == DP_OP_SEND ? local->stage : fwd ? local->stage - 1 : local->stage + 1;
+    int other = kind == DP_OP_SEND ? (fwd ? local->stage + 1 : local->stage - 1) : producer;
+    struct dp_op op = {.kind = kind, .payload = payload, .work = *local};
+    int other_rank, other_chunk;
 
-    if (other_stage < 0 || other_stage >= dp_sched_stages(s))
+    if (kind != DP_OP_SEND && kind != DP_OP_RECV)
+        return -EINVAL;
+    if (other < 0 || other >= dp_sched_stages(s))
         return 0; /* the path starts (input) or ends (loss) here */
-    if (dp_sched_locate(s, producer->path, other_stage, &other_rank, &other_chunk) < 0)
+    if (dp_sched_locate(s, local->path, other, &other_rank, &other_chunk) < 0)
         return -EINVAL;
     if (other_rank == rank)
         return 0; /* handed over locally */
-    if (kind == DP_OP_RECV) {
-        /* the local chunk is the consumer's: the stage after (activation) or before */
-        if (dp_sched_locate(s, producer->path,
-                            payload == DP_ACTIVATION ? producer->stage + 1 : producer->stage - 1,
-                            &local_rank, &local_chunk) < 0)
-            return -EINVAL;
-        op.work.chunk = local_chunk;
-    }
+    op.work.stage = producer;
     op.peer = other_rank;
     return dp_sched_append(s, rank, &op);
 }
 
-/* The receives a forward (fwd) or backward (!fwd) of w needs. */
-static int append_recvs(dp_sched_t *s, int rank, const struct dp_work *w, int fwd)
+static int append_recv(dp_sched_t *s, int rank, const struct dp_work *w, enum dp_payload payload)
 {
-    struct dp_work producer = *w;
-
-    producer.stage = fwd ? w->stage - 1 : w->stage + 1;
-    if (producer.stage < 0 || producer.stage >= dp_sched_stages(s))
-        return 0;
-    return append_message(s, rank, DP_OP_RECV, fwd ? DP_ACTIVATION : DP_GRADIENT, &producer,
-                          producer.stage);
+    return dp_sched_append_message(s, rank, DP_OP_RECV, payload, w);
 }
 
-static int append_sends(dp_sched_t *s, int rank, const struct dp_work *w, int fwd)
+static int append_send(dp_sched_t *s, int rank, const struct dp_work *w, enum dp_payload payload)
 {
-    return append_message(s, rank, DP_OP_SEND, fwd ? DP_ACTIVATION : DP_GRADIENT, w,
-                          fwd ? w->stage + 1 : w->stage - 1);
+    return dp_sched_append_message(s, rank, DP_OP_SEND, payload, w);
 }
 
 int dp_sched_append_compute(dp_sched_t *s, int rank, const struct dp_op *op)
@@ -245,36 +233,32 @@ int dp_sched_append_compute(dp_sched_t *s, int rank, const struct dp_op *op)
 
     switch (op->kind) {
     case DP_OP_F:
-        if ((rc = append_recvs(s, rank, &op->work, 1)) < 0 ||
+        if ((rc = append_recv(s, rank, &op->work, DP_ACTIVATION)) < 0 ||
             (rc = dp_sched_append(s, rank, op)) < 0)
             return rc;
-        return append_sends(s, rank, &op->work, 1);
+        return append_send(s, rank, &op->work, DP_ACTIVATION);
     case DP_OP_B:
     case DP_OP_I:
-        if ((rc = append_recvs(s, rank, &op->work, 0)) < 0 ||
+        if ((rc = append_recv(s, rank, &op->work, DP_GRADIENT)) < 0 ||
             (rc = dp_sched_append(s, rank, op)) < 0)
             return rc;
-        return append_sends(s, rank, &op->work, 0);
+        return append_send(s, rank, &op->work, DP_GRADIENT);
     case DP_OP_W:
         return dp_sched_append(s, rank, op);
     case DP_OP_FB:
-        if ((rc = append_recvs(s, rank, &op->work, 1)) < 0 ||
-            (rc = append_recvs(s, rank, &op->work2, 0)) < 0 ||
+        if ((rc = append_recv(s, rank, &op->work, DP_ACTIVATION)) < 0 ||
+            (rc = append_recv(s, rank, &op->work2, DP_GRADIENT)) < 0 ||
             (rc = dp_sched_append(s, rank, op)) < 0 ||
-            (rc = append_sends(s, rank, &op->work, 1)) < 0)
+            (rc = append_send(s, rank, &op->work, DP_ACTIVATION)) < 0)
             return rc;
-        return append_sends(s, rank, &op->work2, 0);
+        return append_send(s, rank, &op->work2, DP_GRADIENT);
     default:
         return -EINVAL;
     }
 }
 
-int dp_sched_generate(enum dp_sched_kind kind, int ranks, int microbatches, dp_sched_t **out,
-                      char *err, size_t errlen)
+int dp_sched_check(enum dp_sched_kind kind, int ranks, int microbatches, char *err, size_t errlen)
 {
-    dp_sched_t *s;
-    int rc;
-
     if (ranks < 1 || ranks > DP_MAX_RANKS) {
         snprintf(err, errlen, "pipeline size %d is outside 1..%d", ranks, DP_MAX_RANKS);
         return -EINVAL;
@@ -313,6 +297,17 @@ int dp_sched_generate(enum dp_sched_kind kind, int ranks, int microbatches, dp_s
         snprintf(err, errlen, "unknown schedule kind %d", (int)kind);
         return -EINVAL;
     }
+    return 0;
+}
+
+int dp_sched_generate(enum dp_sched_kind kind, int ranks, int microbatches, dp_sched_t **out,
+                      char *err, size_t errlen)
+{
+    dp_sched_t *s;
+    int rc = dp_sched_check(kind, ranks, microbatches, err, errlen);
+
+    if (rc < 0)
+        return rc;
     s = dp_sched_create(kind, ranks, microbatches);
     if (!s) {
         snprintf(err, errlen, "out of memory");

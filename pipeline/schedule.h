@@ -84,6 +84,10 @@ typedef struct dp_sched dp_sched_t;
 int dp_sched_generate(enum dp_sched_kind kind, int ranks, int microbatches, dp_sched_t **out,
                       char *err, size_t errlen);
 
+/* Checks that `kind` can be built for P ranks and N micro-batches without
+ * building it. Returns 0 or -EINVAL with the rule broken in err. */
+int dp_sched_check(enum dp_sched_kind kind, int ranks, int microbatches, char *err, size_t errlen);
+
 /* An empty schedule of that shape, for hand-written schedules. Checks only
  * the limits, not the kind's own rules. Returns NULL on bad sizes or ENOMEM. */
 dp_sched_t *dp_sched_create(enum dp_sched_kind kind, int ranks, int microbatches);
@@ -95,6 +99,14 @@ int dp_sched_append(dp_sched_t *s, int rank, const struct dp_op *op);
 /* Appends a compute op (F, B, I, W or FB) with the receives it needs before
  * it and the sends it makes after it. Returns 0 or -errno. */
 int dp_sched_append_compute(dp_sched_t *s, int rank, const struct dp_op *op);
+
+/* Appends the SEND or RECV of `payload` that the local compute work implies:
+ * for a RECV the work consumes the message (the producer is the previous
+ * stage for an activation, the next for a gradient), for a SEND it produced
+ * it. Nothing is appended at a path's ends or when the other stage is on the
+ * same rank. Returns 0 or -errno. */
+int dp_sched_append_message(dp_sched_t *s, int rank, enum dp_op_kind kind, enum dp_payload payload,
+                            const struct dp_work *local);
 
 /* Removes the op at index from a rank's list. Returns 0 or -EINVAL. */
 int dp_sched_remove(dp_sched_t *s, int rank, size_t index);

@@ -46,7 +46,8 @@ struct dp_sim_result {
 };
 
 /* Simulates s at costs c. Returns 0 and fills r (free it with
- * dp_sim_result_clear), -EDEADLK with the stuck ranks named in err, or
+ * dp_sim_result_clear), -EDEADLK with the stuck ranks named in err, -EINVAL
+ * for a negative or non-finite cost or a malformed op (named in err), or
  * -ENOMEM. */
 int dp_simulate(const dp_sched_t *s, const struct dp_costs *c, struct dp_sim_result *r, char *err,
                 size_t errlen);

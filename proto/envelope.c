@@ -21,6 +21,7 @@ static int check_register(const ProtobufCMessage *body, char *text, size_t len);
 static int check_register_ack(const ProtobufCMessage *body, char *text, size_t len);
 static int check_heartbeat(const ProtobufCMessage *body, char *text, size_t len);
 static int check_goodbye(const ProtobufCMessage *body, char *text, size_t len);
+static int check_submit(const ProtobufCMessage *body, char *text, size_t len);
 
 static const struct msg_kind msg_kinds[] = {
     {DUPLEX__MSG_TYPE__MSG_REGISTER, "Register", &duplex__register__descriptor, check_register},
@@ -32,6 +33,8 @@ static const struct msg_kind msg_kinds[] = {
     {DUPLEX__MSG_TYPE__MSG_LIST_WORKERS, "ListWorkers", &duplex__list_workers__descriptor, NULL},
     {DUPLEX__MSG_TYPE__MSG_LIST_WORKERS_REPLY, "ListWorkersReply",
      &duplex__list_workers_reply__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_SUBMIT, "Submit", &duplex__submit__descriptor, check_submit},
+    {DUPLEX__MSG_TYPE__MSG_SUBMIT_REPLY, "SubmitReply", &duplex__submit_reply__descriptor, NULL},
 };
 
 static const struct msg_kind *kind_of(Duplex__MsgType type)
@@ -176,6 +179,22 @@ static int check_goodbye(const ProtobufCMessage *body, char *text, size_t len)
     if (rc < 0)
         return rc;
     return check_text("reason", m->reason, DX_MAX_NAME_LEN, true, text, len);
+}
+
+static int check_submit(const ProtobufCMessage *body, char *text, size_t len)
+{
+    const Duplex__Submit *m = (const Duplex__Submit *)body;
+
+    if (m->spec_json[0] == '\0')
+        return field_fail(text, len, "spec_json must not be empty");
+    if (m->n_sets > DX_MAX_SETS)
+        return field_fail(text, len, "%zu sets; the limit is %d", m->n_sets, DX_MAX_SETS);
+    for (size_t i = 0; i < m->n_sets; i++) {
+        int rc = check_text("set", m->sets[i], DX_MAX_NAME_LEN, false, text, len);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
 }
 
 /* ---- encode / decode ----------------------------------------------------- */

@@ -22,6 +22,7 @@
 #define DX_MAX_ID_LEN 128
 #define DX_MAX_NAME_LEN 255
 #define DX_MAX_CAPABILITIES 64
+#define DX_MAX_SETS 64
 
 /* A decoded message: the body is the protobuf-c message of `type`. */
 struct dx_msg {

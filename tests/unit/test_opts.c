@@ -583,3 +583,55 @@ Test(opts, load_file_directly)
     cr_assert_str_eq(o_name, "direct");
     cr_assert_eq(o_port, 5555);
 }
+
+/* Repeatable options collect every value in order; a config file gives them
+ * as an array, and the command line replaces nothing but appends. */
+Test(opts, list_option_collects_values)
+{
+    struct dx_strv sets = {0};
+    const struct dx_opt lt[] = {
+        {.name = "config", .type = DX_OPT_STRING, .value = &o_config, .help = "config file"},
+        {.name = "set", .type = DX_OPT_LIST, .value = &sets, .metavar = "K=V", .help = "override"},
+        {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
+    };
+    char *argv[] = {"prog", "--set", "a=1", "--set=b=2", "--set", "c=3"};
+    const char *path = write_config("{\"set\": [\"x=0\"]}");
+    char *argv2[] = {"prog", "--config", (char *)path, "--set", "y=1"};
+    char *bad[] = {"prog", "--set", ""};
+    int next;
+
+    cr_assert_eq(dx_opts_parse(lt, ARGC(argv), argv, &next, err, sizeof(err)), DX_OPTS_OK, "%s",
+                 err);
+    cr_assert_eq(sets.n, 3);
+    cr_assert_str_eq(sets.v[0], "a=1");
+    cr_assert_str_eq(sets.v[1], "b=2");
+    cr_assert_str_eq(sets.v[2], "c=3");
+    cr_assert_eq(dx_opts_parse(lt, ARGC(argv2), argv2, &next, err, sizeof(err)), DX_OPTS_OK, "%s",
+                 err);
+    cr_assert_eq(sets.n, 2, "defaults reset the list before the config and flags");
+    cr_assert_str_eq(sets.v[0], "x=0");
+    cr_assert_str_eq(sets.v[1], "y=1");
+    cr_assert_lt(dx_opts_parse(lt, ARGC(bad), bad, &next, err, sizeof(err)), 0);
+    cr_assert_not_null(strstr(err, "empty"), "%s", err);
+    dx_opts_free(lt);
+    cr_assert_eq(sets.n, 0);
+    cr_assert_null(sets.v);
+}
+
+Test(opts, take_arg_finds_the_positional_anywhere)
+{
+    char *a1[] = {"prog", "--port", "7", "job.json", "--verbose"};
+    char *a2[] = {"prog", "--verbose", "--port=8", "--name", "x"};
+    char *a3[] = {"prog", "--", "-weird.json"};
+    int argc = ARGC(a1);
+
+    cr_assert_str_eq(dx_opts_take_arg(table, &argc, a1), "job.json");
+    cr_assert_eq(argc, 4);
+    cr_assert_str_eq(a1[3], "--verbose");
+    argc = ARGC(a2);
+    cr_assert_null(dx_opts_take_arg(table, &argc, a2));
+    cr_assert_eq(argc, 5);
+    argc = ARGC(a3);
+    cr_assert_str_eq(dx_opts_take_arg(table, &argc, a3), "-weird.json");
+    cr_assert_eq(argc, 2);
+}

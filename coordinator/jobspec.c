@@ -1,0 +1,327 @@
+/* jobspec.c - parsing and validating job specs (see jobspec.h). */
+#include "coordinator/jobspec.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define JOBSPEC_MAX_SETS 64
+#define JOBSPEC_MAX_PATH 128
+#define BIG 1000000
+
+enum field_type {
+    FT_INT,
+    FT_DOUBLE,
+    FT_STRING,
+    FT_SCHEDULE,
+};
+
+struct field {
+    const char *path; /* dotted, e.g. "model.layers" */
+    enum field_type type;
+    size_t offset;
+    size_t size;         /* FT_STRING: buffer size */
+    double dflt;         /* FT_INT, FT_DOUBLE */
+    const char *dflt_s;  /* FT_STRING, FT_SCHEDULE */
+    double min, max;     /* FT_INT, FT_DOUBLE */
+    const char *choices; /* FT_STRING: "a|b|c", or NULL for free text */
+};
+
+#define OFF(member) offsetof(struct coord_jobspec, member)
+#define STR(member) OFF(member), sizeof(((struct coord_jobspec *)0)->member)
+
+static const struct field fields[] = {
+    {"name", FT_STRING, STR(name), 0, "job", 0, 0, NULL},
+    {"priority", FT_INT, OFF(priority), 0, 0, NULL, -1000, 1000, NULL},
+    {"backend", FT_STRING, STR(backend), 0, "cpu", 0, 0, "sim|cpu|cuda"},
+    {"model.vocab", FT_INT, OFF(model.vocab), 0, 256, NULL, 2, BIG, NULL},
+    {"model.d_model", FT_INT, OFF(model.d_model), 0, 64, NULL, 1, 65536, NULL},
+    {"model.layers", FT_INT, OFF(model.layers), 0, 4, NULL, 1, 4096, NULL},
+    {"model.heads", FT_INT, OFF(model.heads), 0, 4, NULL, 1, 1024, NULL},
+    {"model.experts", FT_INT, OFF(model.experts), 0, 8, NULL, 1, 65536, NULL},
+    {"model.top_k", FT_INT, OFF(model.top_k), 0, 2, NULL, 1, 1024, NULL},
+    {"model.expert_hidden", FT_INT, OFF(model.expert_hidden), 0, 128, NULL, 1, BIG, NULL},
+    {"model.shared_experts", FT_INT, OFF(model.shared_experts), 0, 1, NULL, 0, 64, NULL},
+    {"model.seq_len", FT_INT, OFF(model.seq_len), 0, 64, NULL, 1, BIG, NULL},
+    {"model.expert_groups", FT_INT, OFF(model.expert_groups), 0, 1, NULL, 1, 65536, NULL},
+    {"model.group_limit", FT_INT, OFF(model.group_limit), 0, 1, NULL, 1, 65536, NULL},
+    {"parallel.schedule", FT_SCHEDULE, OFF(parallel.schedule), 0, 0, "dualpipe", 0, 0, NULL},
+    {"parallel.pp", FT_INT, OFF(parallel.pp), 0, 2, NULL, 1, DP_MAX_RANKS, NULL},
+    {"parallel.ep", FT_INT, OFF(parallel.ep), 0, 1, NULL, 1, 4096, NULL},
+    {"parallel.dp", FT_INT, OFF(parallel.dp), 0, 1, NULL, 1, 4096, NULL},
+    {"parallel.microbatches", FT_INT, OFF(parallel.microbatches), 0, 4, NULL, 1,
+     DP_MAX_MICROBATCHES, NULL},
+    {"parallel.microbatch_size", FT_INT, OFF(parallel.microbatch_size), 0, 2, NULL, 1, BIG, NULL},
+    {"train.steps", FT_INT, OFF(train.steps), 0, 10, NULL, 1, 100000000, NULL},
+    {"train.lr", FT_DOUBLE, OFF(train.lr), 0, 1e-3, NULL, 0, 10, NULL},
+    {"train.seed", FT_INT, OFF(train.seed), 0, 1, NULL, 0, 2147483647, NULL},
+    {"train.dataset", FT_STRING, STR(train.dataset), 0, "licenses", 0, 0, NULL},
+    {"checkpoint.every", FT_INT, OFF(checkpoint.every), 0, 5, NULL, 0, 100000000, NULL},
+    {"checkpoint.dir", FT_STRING, STR(checkpoint.dir), 0, "var/checkpoints", 0, 0, NULL},
+    {"restart.max_restarts", FT_INT, OFF(restart.max_restarts), 0, 3, NULL, 0, 1000, NULL},
+    {"restart.backoff_ms", FT_INT, OFF(restart.backoff_ms), 0, 1000, NULL, 0, 3600000, NULL},
+    {"sim.f", FT_DOUBLE, OFF(sim.f), 0, 1, NULL, 0, 60000, NULL},
+    {"sim.b", FT_DOUBLE, OFF(sim.b), 0, 2, NULL, 0, 60000, NULL},
+    {"sim.w", FT_DOUBLE, OFF(sim.w), 0, 1, NULL, 0, 60000, NULL},
+    {"sim.fb", FT_DOUBLE, OFF(sim.fb), 0, 3, NULL, 0, 60000, NULL},
+};
+
+#define NFIELDS (sizeof(fields) / sizeof(fields[0]))
+
+static const struct field *field_find(const char *path)
+{
+    for (size_t i = 0; i < NFIELDS; i++)
+        if (strcmp(fields[i].path, path) == 0)
+            return &fields[i];
+    return NULL;
+}
+
+/* True when some field lives under "prefix." (a section). */
+static int is_section(const char *prefix)
+{
+    size_t n = strlen(prefix);
+    for (size_t i = 0; i < NFIELDS; i++)
+        if (strncmp(fields[i].path, prefix, n) == 0 && fields[i].path[n] == '.')
+            return 1;
+    return 0;
+}
+
+/* Rejects keys the schema does not have, anywhere in the tree. */
+static int check_known(json_t *obj, const char *prefix, char *err, size_t errlen)
+{
+    const char *key;
+    json_t *v;
+
+    json_object_foreach (obj, key, v) {
+        char path[JOBSPEC_MAX_PATH];
+        snprintf(path, sizeof(path), "%s%s%s", prefix, prefix[0] ? "." : "", key);
+        if (is_section(path)) {
+            if (!json_is_object(v)) {
+                snprintf(err, errlen, "%s: expected an object", path);
+                return -EINVAL;
+            }
+            if (check_known(v, path, err, errlen) < 0)
+                return -EINVAL;
+        } else if (!field_find(path)) {
+            snprintf(err, errlen, "%s: unknown field", path);
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
+/* The value at a dotted path, or NULL. */
+static json_t *lookup(json_t *root, const char *path)
+{
+    char buf[JOBSPEC_MAX_PATH], *save = NULL, *tok;
+    json_t *v = root;
+
+    snprintf(buf, sizeof(buf), "%s", path);
+    for (tok = strtok_r(buf, ".", &save); tok && v; tok = strtok_r(NULL, ".", &save))
+        v = json_is_object(v) ? json_object_get(v, tok) : NULL;
+    return v;
+}
+
+/* Applies "a.b.c=value", creating objects on the way. */
+static int apply_set(json_t *root, const char *set, char *err, size_t errlen)
+{
+    char path[JOBSPEC_MAX_PATH], *dot, *key;
+    const char *eq = strchr(set, '=');
+    json_t *obj = root, *value;
+
+    if (!eq || eq == set || (size_t)(eq - set) >= sizeof(path)) {
+        snprintf(err, errlen, "--set \"%s\": expected key.path=value", set);
+        return -EINVAL;
+    }
+    memcpy(path, set, (size_t)(eq - set));
+    path[eq - set] = '\0';
+    if (!field_find(path)) {
+        snprintf(err, errlen, "--set %s: unknown field", path);
+        return -EINVAL;
+    }
+    value = json_loads(eq + 1, JSON_DECODE_ANY, NULL);
+    if (!value)
+        value = json_string(eq + 1);
+    key = path;
+    while ((dot = strchr(key, '.'))) {
+        json_t *next;
+        *dot = '\0';
+        next = json_object_get(obj, key);
+        if (!json_is_object(next)) {
+            next = json_object();
+            json_object_set_new(obj, key, next);
+        }
+        obj = next;
+        key = dot + 1;
+    }
+    if (!value || json_object_set_new(obj, key, value) < 0) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+static int in_choices(const char *choices, const char *s)
+{
+    size_t n = strlen(s);
+    for (const char *p = choices; p; p = strchr(p, '|') ? strchr(p, '|') + 1 : NULL)
+        if (strncmp(p, s, n) == 0 && (p[n] == '|' || p[n] == '\0') && n > 0)
+            return 1;
+    return 0;
+}
+
+static int load_field(const struct field *f, json_t *v, struct coord_jobspec *spec, char *err,
+                      size_t errlen)
+{
+    char *base = (char *)spec + f->offset;
+    const char *s;
+
+    switch (f->type) {
+    case FT_INT:
+        if (v && !json_is_integer(v)) {
+            snprintf(err, errlen, "%s: expected an integer", f->path);
+            return -EINVAL;
+        }
+        if (v && (json_integer_value(v) < f->min || json_integer_value(v) > f->max)) {
+            snprintf(err, errlen, "%s: %lld is outside %.0f..%.0f", f->path,
+                     (long long)json_integer_value(v), f->min, f->max);
+            return -EINVAL;
+        }
+        *(int *)base = v ? (int)json_integer_value(v) : (int)f->dflt;
+        return 0;
+    case FT_DOUBLE:
+        if (v && !json_is_number(v)) {
+            snprintf(err, errlen, "%s: expected a number", f->path);
+            return -EINVAL;
+        }
+        if (v && (!isfinite(json_number_value(v)) || json_number_value(v) < f->min ||
+                  json_number_value(v) > f->max)) {
+            snprintf(err, errlen, "%s: %g is outside %g..%g", f->path, json_number_value(v), f->min,
+                     f->max);
+            return -EINVAL;
+        }
+        *(double *)base = v ? json_number_value(v) : f->dflt;
+        return 0;
+    case FT_STRING:
+    case FT_SCHEDULE:
+        if (v && !json_is_string(v)) {
+            snprintf(err, errlen, "%s: expected a string", f->path);
+            return -EINVAL;
+        }
+        s = v ? json_string_value(v) : f->dflt_s;
+        if (f->type == FT_SCHEDULE) {
+            if (dp_sched_kind_parse(s, (enum dp_sched_kind *)base) < 0) {
+                snprintf(err, errlen, "%s: \"%.40s\" is not one of 1f1b, zb1p, dualpipe, dualpipev",
+                         f->path, s);
+                return -EINVAL;
+            }
+            return 0;
+        }
+        if (s[0] == '\0' || strlen(s) >= f->size) {
+            snprintf(err, errlen, "%s: must be 1 to %zu characters", f->path, f->size - 1);
+            return -EINVAL;
+        }
+        if (f->choices && !in_choices(f->choices, s)) {
+            snprintf(err, errlen, "%s: \"%.40s\" is not one of %s", f->path, s, f->choices);
+            return -EINVAL;
+        }
+        memcpy(base, s, strlen(s) + 1);
+        return 0;
+    }
+    return -EINVAL;
+}
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -EINVAL;
+}
+
+/* Rules that tie fields together. */
+static int check_layout(const struct coord_jobspec *s, char *err, size_t errlen)
+{
+    int stages = s->parallel.schedule == DP_SCHED_DUALPIPEV ? 2 * s->parallel.pp : s->parallel.pp;
+    char why[256];
+
+    if (s->model.d_model % s->model.heads != 0)
+        return fail(err, errlen, "model.heads: %d does not divide model.d_model (%d)",
+                    s->model.heads, s->model.d_model);
+    if (s->model.top_k > s->model.experts)
+        return fail(err, errlen, "model.top_k: %d is more than model.experts (%d)", s->model.top_k,
+                    s->model.experts);
+    if (s->model.experts % s->model.expert_groups != 0)
+        return fail(err, errlen, "model.expert_groups: %d does not divide model.experts (%d)",
+                    s->model.expert_groups, s->model.experts);
+    if (s->model.group_limit > s->model.expert_groups)
+        return fail(err, errlen, "model.group_limit: %d is more than model.expert_groups (%d)",
+                    s->model.group_limit, s->model.expert_groups);
+    if (s->model.top_k > s->model.group_limit * (s->model.experts / s->model.expert_groups))
+        return fail(
+            err, errlen, "model.top_k: %d experts cannot be chosen from %d group(s) of %d experts",
+            s->model.top_k, s->model.group_limit, s->model.experts / s->model.expert_groups);
+    if (s->model.experts % s->parallel.ep != 0)
+        return fail(err, errlen, "parallel.ep: %d does not divide model.experts (%d)",
+                    s->parallel.ep, s->model.experts);
+    if (s->model.layers % stages != 0)
+        return fail(err, errlen,
+                    "model.layers: %d layers do not split evenly into the %d stages of %s with "
+                    "pp %d",
+                    s->model.layers, stages, dp_sched_kind_name(s->parallel.schedule),
+                    s->parallel.pp);
+    if (dp_sched_check(s->parallel.schedule, s->parallel.pp, s->parallel.microbatches, why,
+                       sizeof(why)) < 0)
+        return fail(err, errlen, "parallel: %s (parallel.pp %d, parallel.microbatches %d)", why,
+                    s->parallel.pp, s->parallel.microbatches);
+    if (s->sim.w > s->sim.b)
+        return fail(err, errlen, "sim.w: %g is more than sim.b (%g), a full backward", s->sim.w,
+                    s->sim.b);
+    return 0;
+}
+
+int coord_jobspec_parse(const char *json, size_t len, const char *const *sets, size_t nsets,
+                        struct coord_jobspec *out, char *err, size_t errlen)
+{
+    json_error_t jerr;
+    json_t *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
+    int rc = -EINVAL;
+
+    memset(out, 0, sizeof(*out));
+    if (!root)
+        return fail(err, errlen, "line %d, column %d: %s", jerr.line, jerr.column, jerr.text);
+    if (!json_is_object(root)) {
+        rc = fail(err, errlen, "a job spec is a JSON object");
+        goto out;
+    }
+    if (nsets > JOBSPEC_MAX_SETS) {
+        rc = fail(err, errlen, "at most %d --set overrides", JOBSPEC_MAX_SETS);
+        goto out;
+    }
+    for (size_t i = 0; i < nsets; i++)
+        if ((rc = apply_set(root, sets[i], err, errlen)) < 0)
+            goto out;
+    if ((rc = check_known(root, "", err, errlen)) < 0)
+        goto out;
+    for (size_t i = 0; i < NFIELDS; i++)
+        if ((rc = load_field(&fields[i], lookup(root, fields[i].path), out, err, errlen)) < 0)
+            goto out;
+    rc = check_layout(out, err, errlen);
+out:
+    json_decref(root);
+    return rc;
+}
+
+int coord_jobspec_workers(const struct coord_jobspec *spec)
+{
+    return spec->parallel.pp * spec->parallel.ep * spec->parallel.dp;
+}

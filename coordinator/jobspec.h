@@ -1,0 +1,60 @@
+/* jobspec.h - the job spec: what a user submits, as JSON, with a default for
+ * every field, and the rules that make a spec runnable.
+ *
+ * Every error names the field (as a dotted path) and the rule it breaks:
+ * unknown fields, wrong types, values out of range, and layouts that cannot
+ * run (layers that do not split into the schedule's stages, experts that do
+ * not split over ep, the schedule's own constraints). The schema is
+ * documented in docs/JOBSPEC.md.
+ */
+#ifndef COORD_JOBSPEC_H
+#define COORD_JOBSPEC_H
+
+#include <stddef.h>
+
+#include "pipeline/schedule.h"
+
+#define COORD_JOBSPEC_TEXT 128
+
+struct coord_jobspec {
+    char name[COORD_JOBSPEC_TEXT];
+    int priority;
+    char backend[16]; /* "sim", "cpu" or "cuda" */
+    struct {
+        int vocab, d_model, layers, heads, experts, top_k, expert_hidden, shared_experts;
+        int seq_len, expert_groups, group_limit;
+    } model;
+    struct {
+        enum dp_sched_kind schedule;
+        int pp, ep, dp, microbatches, microbatch_size;
+    } parallel;
+    struct {
+        int steps;
+        double lr;
+        int seed;
+        char dataset[COORD_JOBSPEC_TEXT];
+    } train;
+    struct {
+        int every; /* steps; 0 = never */
+        char dir[COORD_JOBSPEC_TEXT * 2];
+    } checkpoint;
+    struct {
+        int max_restarts;
+        int backoff_ms;
+    } restart;
+    struct { /* per-op cost of the sim backend, milliseconds */
+        double f, b, w, fb;
+    } sim;
+};
+
+/* Parses and validates a spec. sets (may be NULL) are "dotted.path=value"
+ * overrides applied before validation; a value is read as JSON when it
+ * parses as JSON, else as a string. Returns 0, or -EINVAL with the field and
+ * rule in err. */
+int coord_jobspec_parse(const char *json, size_t len, const char *const *sets, size_t nsets,
+                        struct coord_jobspec *out, char *err, size_t errlen);
+
+/* Workers the job needs: pp x ep x dp. */
+int coord_jobspec_workers(const struct coord_jobspec *spec);
+
+#endif

@@ -1,0 +1,159 @@
+/* test_jobspec.c - job specs: defaults, overrides, and every validation
+ * rule with the field it names. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <string.h>
+
+#include "coordinator/jobspec.h"
+
+static char err[512];
+
+static int parse(const char *json, const char *const *sets, size_t nsets,
+                 struct coord_jobspec *spec)
+{
+    err[0] = '\0';
+    return coord_jobspec_parse(json, strlen(json), sets, nsets, spec, err, sizeof(err));
+}
+
+static void expect_error(const char *json, const char *set, const char *field, const char *word)
+{
+    struct coord_jobspec spec;
+    const char *sets[] = {set};
+
+    cr_assert_eq(parse(json, set ? sets : NULL, set ? 1 : 0, &spec), -EINVAL, "accepted %s %s",
+                 json, set ? set : "");
+    cr_assert_not_null(strstr(err, field), "\"%s\" does not name %s", err, field);
+    if (word)
+        cr_assert_not_null(strstr(err, word), "\"%s\" does not say %s", err, word);
+}
+
+Test(jobspec, empty_spec_gets_every_default)
+{
+    struct coord_jobspec s;
+
+    cr_assert_eq(parse("{}", NULL, 0, &s), 0, "%s", err);
+    cr_assert_str_eq(s.name, "job");
+    cr_assert_str_eq(s.backend, "cpu");
+    cr_assert_eq(s.model.vocab, 256);
+    cr_assert_eq(s.model.layers, 4);
+    cr_assert_eq(s.parallel.schedule, DP_SCHED_DUALPIPE);
+    cr_assert_eq(s.parallel.pp, 2);
+    cr_assert_eq(s.parallel.microbatches, 4);
+    cr_assert_eq(s.train.steps, 10);
+    cr_assert_float_eq(s.train.lr, 1e-3, 1e-12);
+    cr_assert_str_eq(s.checkpoint.dir, "var/checkpoints");
+    cr_assert_eq(s.restart.max_restarts, 3);
+    cr_assert_float_eq(s.sim.fb, 3.0, 1e-12);
+    cr_assert_eq(coord_jobspec_workers(&s), 2);
+}
+
+Test(jobspec, values_are_read)
+{
+    struct coord_jobspec s;
+    const char *json = "{\"name\": \"big\", \"backend\": \"sim\", \"priority\": 5,"
+                       " \"model\": {\"layers\": 8, \"experts\": 16, \"top_k\": 4},"
+                       " \"parallel\": {\"schedule\": \"dualpipev\", \"pp\": 4, \"ep\": 2,"
+                       " \"dp\": 3, \"microbatches\": 9}, \"train\": {\"lr\": 0.5}}";
+
+    cr_assert_eq(parse(json, NULL, 0, &s), 0, "%s", err);
+    cr_assert_str_eq(s.name, "big");
+    cr_assert_str_eq(s.backend, "sim");
+    cr_assert_eq(s.priority, 5);
+    cr_assert_eq(s.parallel.schedule, DP_SCHED_DUALPIPEV);
+    cr_assert_eq(coord_jobspec_workers(&s), 24);
+    cr_assert_float_eq(s.train.lr, 0.5, 1e-12);
+}
+
+Test(jobspec, set_overrides_any_field)
+{
+    struct coord_jobspec s;
+    const char *sets[] = {"parallel.schedule=dualpipev", "train.steps=5", "name=from-set",
+                          "sim.f=\"2\"", "model.layers=8"};
+
+    /* sim.f="2" is a JSON string: wrong type */
+    cr_assert_eq(parse("{\"train\": {\"steps\": 99}}", sets, 5, &s), -EINVAL);
+    cr_assert_not_null(strstr(err, "sim.f"), "%s", err);
+    const char *six[] = {"parallel.schedule=dualpipev", "model.layers=6"};
+    cr_assert_eq(parse("{}", six, 2, &s), -EINVAL);
+    cr_assert_not_null(strstr(err, "model.layers"), "dualpipev pp 2 has 4 stages: %s", err);
+    const char *ok[] = {"parallel.schedule=dualpipev", "train.steps=5", "name=from-set",
+                        "model.layers=8"};
+    cr_assert_eq(parse("{\"train\": {\"steps\": 99}}", ok, 4, &s), 0, "%s", err);
+    cr_assert_eq(s.parallel.schedule, DP_SCHED_DUALPIPEV);
+    cr_assert_eq(s.train.steps, 5);
+    cr_assert_str_eq(s.name, "from-set");
+}
+
+Test(jobspec, bad_json_and_shape)
+{
+    expect_error("{\"model\": ", NULL, "line 1", NULL);
+    expect_error("[1, 2]", NULL, "JSON object", NULL);
+    expect_error("{\"model\": 5}", NULL, "model", "object");
+    expect_error("{\"a\": 1, \"a\": 2}", NULL, "duplicate", NULL);
+}
+
+Test(jobspec, unknown_fields_are_named)
+{
+    expect_error("{\"modle\": {}}", NULL, "modle", "unknown field");
+    expect_error("{\"model\": {\"layer\": 4}}", NULL, "model.layer", "unknown field");
+    expect_error("{}", "model.nope=1", "model.nope", "unknown field");
+    expect_error("{}", "no-equals-sign", "key.path=value", NULL);
+}
+
+Test(jobspec, wrong_types_are_named)
+{
+    expect_error("{\"model\": {\"layers\": \"4\"}}", NULL, "model.layers", "integer");
+    expect_error("{\"model\": {\"layers\": 4.5}}", NULL, "model.layers", "integer");
+    expect_error("{\"train\": {\"lr\": \"fast\"}}", NULL, "train.lr", "number");
+    expect_error("{\"name\": 7}", NULL, "name", "string");
+    expect_error("{\"parallel\": {\"schedule\": 1}}", NULL, "parallel.schedule", "string");
+}
+
+Test(jobspec, ranges_and_choices)
+{
+    expect_error("{\"model\": {\"layers\": 0}}", NULL, "model.layers", "outside");
+    expect_error("{\"parallel\": {\"pp\": -1}}", NULL, "parallel.pp", "outside");
+    expect_error("{\"train\": {\"lr\": -0.1}}", NULL, "train.lr", "outside");
+    expect_error("{\"backend\": \"tpu\"}", NULL, "backend", "sim|cpu|cuda");
+    expect_error("{\"parallel\": {\"schedule\": \"gpipe\"}}", NULL, "parallel.schedule",
+                 "dualpipev");
+    expect_error("{\"name\": \"\"}", NULL, "name", "characters");
+}
+
+Test(jobspec, impossible_layouts)
+{
+    expect_error("{\"model\": {\"d_model\": 10, \"heads\": 4}}", NULL, "model.heads", "divide");
+    expect_error("{\"model\": {\"experts\": 4, \"top_k\": 5}}", NULL, "model.top_k", "more");
+    expect_error("{\"model\": {\"experts\": 8, \"expert_groups\": 3}}", NULL, "model.expert_groups",
+                 "divide");
+    expect_error("{\"model\": {\"experts\": 8, \"expert_groups\": 2, \"group_limit\": 3}}", NULL,
+                 "model.group_limit", "more");
+    expect_error("{\"model\": {\"experts\": 8, \"expert_groups\": 4, \"group_limit\": 1,"
+                 " \"top_k\": 3}}",
+                 NULL, "model.top_k", "group");
+    expect_error("{\"model\": {\"experts\": 8}, \"parallel\": {\"ep\": 3}}", NULL, "parallel.ep",
+                 "divide");
+    expect_error("{\"model\": {\"layers\": 6}, \"parallel\": {\"pp\": 4, \"microbatches\": 8}}",
+                 NULL, "model.layers", "stages");
+    expect_error(
+        "{\"parallel\": {\"schedule\": \"dualpipe\", \"pp\": 3}, \"model\": {\"layers\": 3}}", NULL,
+        "parallel", "even");
+    expect_error("{\"parallel\": {\"pp\": 2, \"microbatches\": 3}}", NULL, "parallel", "even");
+    expect_error("{\"parallel\": {\"schedule\": \"dualpipev\", \"pp\": 2, \"microbatches\": 3}}",
+                 NULL, "parallel", "2 x pipeline size");
+    expect_error("{\"sim\": {\"w\": 3, \"b\": 2}}", NULL, "sim.w", "backward");
+}
+
+Test(jobspec, schedules_accept_their_own_layouts)
+{
+    struct coord_jobspec s;
+
+    cr_assert_eq(parse("{\"parallel\": {\"schedule\": \"1f1b\", \"pp\": 3, \"microbatches\": 1},"
+                       " \"model\": {\"layers\": 6}}",
+                       NULL, 0, &s),
+                 0, "%s", err);
+    cr_assert_eq(parse("{\"parallel\": {\"schedule\": \"dualpipev\", \"pp\": 3,"
+                       " \"microbatches\": 7}, \"model\": {\"layers\": 6}}",
+                       NULL, 0, &s),
+                 0, "%s", err);
+}
