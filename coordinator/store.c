@@ -46,6 +46,38 @@ static const char *const migrations[] = {
     "  BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;"
     "CREATE TRIGGER events_no_delete BEFORE DELETE ON events"
     "  BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;",
+    /* 1 -> 2: jobs, their per-step metrics, job events, drained workers */
+    "ALTER TABLE events ADD COLUMN job_id INTEGER;"
+    "CREATE INDEX events_by_job ON events(job_id);"
+    "ALTER TABLE workers ADD COLUMN drained INTEGER NOT NULL DEFAULT 0;"
+    "CREATE TABLE jobs ("
+    "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    "  name TEXT NOT NULL,"
+    "  spec TEXT NOT NULL," /* the validated spec as submitted, with --set applied */
+    "  backend TEXT NOT NULL,"
+    "  state TEXT NOT NULL CHECK (state IN ('queued', 'placing', 'running', 'succeeded',"
+    "    'failed', 'cancelled', 'recovering')),"
+    "  priority INTEGER NOT NULL,"
+    "  workers INTEGER NOT NULL,"
+    "  step INTEGER NOT NULL DEFAULT 0,"
+    "  steps INTEGER NOT NULL,"
+    "  reason TEXT NOT NULL DEFAULT '',"
+    "  submitted_ms INTEGER NOT NULL,"
+    "  started_ms INTEGER NOT NULL DEFAULT 0,"
+    "  finished_ms INTEGER NOT NULL DEFAULT 0"
+    ");"
+    "CREATE TABLE metrics ("
+    "  job_id INTEGER NOT NULL,"
+    "  step INTEGER NOT NULL,"
+    "  worker_id TEXT NOT NULL,"
+    "  ts_ms INTEGER NOT NULL,"
+    "  loss REAL NOT NULL,"
+    "  step_ms REAL NOT NULL,"
+    "  tokens_per_s REAL NOT NULL,"
+    "  compute_ms REAL NOT NULL,"
+    "  wait_ms REAL NOT NULL,"
+    "  PRIMARY KEY (job_id, step, worker_id)"
+    ");",
 };
 
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == COORD_STORE_SCHEMA_VERSION,
@@ -57,6 +89,15 @@ enum store_stmt {
     STMT_WORKER_TOUCH,
     STMT_EVENT,
     STMT_WORKERS_ALL,
+    STMT_JOB_EVENT,
+    STMT_WORKER_DRAINED,
+    STMT_WORKERS_DRAINED,
+    STMT_JOB_INSERT,
+    STMT_JOB_UPDATE,
+    STMT_JOBS_ALL,
+    STMT_METRIC,
+    STMT_JOB_STEPS,
+    STMT_EVENTS_LIST,
     STMT_BEGIN,
     STMT_COMMIT,
     STMT_COUNT,
@@ -73,6 +114,24 @@ static const char *const stmt_sql[STMT_COUNT] = {
     [STMT_EVENT] = "INSERT INTO events (ts_ms, kind, worker_id, detail) VALUES (?1, ?2, ?3, ?4)",
     [STMT_WORKERS_ALL] = "SELECT id, host, node, gpu, backend, capabilities, pid, state,"
                          " registered_ms, last_heartbeat_ms FROM workers ORDER BY id",
+    [STMT_JOB_EVENT] = "INSERT INTO events (ts_ms, kind, worker_id, job_id, detail)"
+                       " VALUES (?1, ?2, ?3, ?4, ?5)",
+    [STMT_WORKER_DRAINED] = "UPDATE workers SET drained = ?2 WHERE id = ?1",
+    [STMT_WORKERS_DRAINED] = "SELECT id FROM workers WHERE drained != 0",
+    [STMT_JOB_INSERT] = "INSERT INTO jobs (name, spec, backend, state, priority, workers, steps,"
+                        " submitted_ms) VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7)",
+    [STMT_JOB_UPDATE] = "UPDATE jobs SET state = ?2, step = ?3, reason = ?4, started_ms = ?5,"
+                        " finished_ms = ?6 WHERE id = ?1",
+    [STMT_JOBS_ALL] = "SELECT id, name, spec, state, step, reason, submitted_ms, started_ms,"
+                      " finished_ms FROM jobs ORDER BY id",
+    [STMT_METRIC] = "INSERT OR REPLACE INTO metrics (job_id, step, worker_id, ts_ms, loss,"
+                    " step_ms, tokens_per_s, compute_ms, wait_ms)"
+                    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    [STMT_JOB_STEPS] = "SELECT step, MAX(loss), MAX(step_ms), MIN(tokens_per_s), MAX(compute_ms),"
+                       " MAX(wait_ms), COUNT(*) FROM metrics WHERE job_id = ?1"
+                       " GROUP BY step ORDER BY step",
+    [STMT_EVENTS_LIST] = "SELECT id, ts_ms, kind, worker_id, job_id, detail FROM events"
+                         " WHERE id > ?2 AND (?1 = 0 OR job_id = ?1) ORDER BY id LIMIT ?3",
     [STMT_BEGIN] = "BEGIN IMMEDIATE",
     [STMT_COMMIT] = "COMMIT",
 };
@@ -447,5 +506,171 @@ int coord_store_workers_each(coord_store_t *s, coord_store_worker_fn fn, void *a
         rc = -EIO;
     }
     sqlite3_reset(st);
+    return rc;
+}
+
+int coord_store_job_event(coord_store_t *s, int64_t ts_ms, const char *kind, const char *worker_id,
+                          uint64_t job_id, const char *detail)
+{
+    sqlite3_stmt *st = s->stmt[STMT_JOB_EVENT];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_int64(st, 1, ts_ms);
+    sqlite3_bind_text(st, 2, kind, -1, SQLITE_STATIC);
+    if (worker_id)
+        sqlite3_bind_text(st, 3, worker_id, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 3);
+    sqlite3_bind_int64(st, 4, (sqlite3_int64)job_id);
+    sqlite3_bind_text(st, 5, detail ? detail : "", -1, SQLITE_STATIC);
+    return store_step(s, st);
+}
+
+int coord_store_worker_set_drained(coord_store_t *s, const char *id, int drained)
+{
+    sqlite3_stmt *st = s->stmt[STMT_WORKER_DRAINED];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 2, drained);
+    return store_step(s, st);
+}
+
+int coord_store_drained_each(coord_store_t *s, int (*fn)(const char *id, void *arg), void *arg)
+{
+    sqlite3_stmt *st = s->stmt[STMT_WORKERS_DRAINED];
+    int rc = 0;
+
+    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW)
+        rc = fn((const char *)sqlite3_column_text(st, 0), arg);
+    sqlite3_reset(st);
+    return rc;
+}
+
+int coord_store_job_insert(coord_store_t *s, const struct coord_job_row *job, uint64_t *id)
+{
+    sqlite3_stmt *st = s->stmt[STMT_JOB_INSERT];
+    int rc;
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_text(st, 1, job->name, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, job->spec, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, job->backend, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 4, job->priority);
+    sqlite3_bind_int(st, 5, job->workers);
+    sqlite3_bind_int64(st, 6, (sqlite3_int64)job->steps);
+    sqlite3_bind_int64(st, 7, job->submitted_ms);
+    if ((rc = store_step(s, st)) == 0)
+        *id = (uint64_t)sqlite3_last_insert_rowid(s->db);
+    return rc;
+}
+
+int coord_store_job_update(coord_store_t *s, const struct coord_job_row *job)
+{
+    sqlite3_stmt *st = s->stmt[STMT_JOB_UPDATE];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job->id);
+    sqlite3_bind_text(st, 2, job->state, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, (sqlite3_int64)job->step);
+    sqlite3_bind_text(st, 4, job->reason ? job->reason : "", -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 5, job->started_ms);
+    sqlite3_bind_int64(st, 6, job->finished_ms);
+    return store_step(s, st);
+}
+
+int coord_store_jobs_each(coord_store_t *s, int (*fn)(const struct coord_job_row *, void *),
+                          void *arg)
+{
+    sqlite3_stmt *st = s->stmt[STMT_JOBS_ALL];
+    int rc = 0;
+
+    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+        struct coord_job_row row = {
+            .id = (uint64_t)sqlite3_column_int64(st, 0),
+            .name = (const char *)sqlite3_column_text(st, 1),
+            .spec = (const char *)sqlite3_column_text(st, 2),
+            .state = (const char *)sqlite3_column_text(st, 3),
+            .step = (uint64_t)sqlite3_column_int64(st, 4),
+            .reason = (const char *)sqlite3_column_text(st, 5),
+            .submitted_ms = sqlite3_column_int64(st, 6),
+            .started_ms = sqlite3_column_int64(st, 7),
+            .finished_ms = sqlite3_column_int64(st, 8),
+        };
+        rc = fn(&row, arg);
+    }
+    sqlite3_reset(st);
+    return rc;
+}
+
+int coord_store_metric(coord_store_t *s, uint64_t job_id, const char *worker_id, int64_t ts_ms,
+                       const struct coord_step_metric *m)
+{
+    sqlite3_stmt *st = s->stmt[STMT_METRIC];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)m->step);
+    sqlite3_bind_text(st, 3, worker_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, ts_ms);
+    sqlite3_bind_double(st, 5, m->loss);
+    sqlite3_bind_double(st, 6, m->step_ms);
+    sqlite3_bind_double(st, 7, m->tokens_per_s);
+    sqlite3_bind_double(st, 8, m->compute_ms);
+    sqlite3_bind_double(st, 9, m->wait_ms);
+    return store_step(s, st);
+}
+
+int coord_store_job_steps_each(coord_store_t *s, uint64_t job_id,
+                               int (*fn)(const struct coord_step_metric *, int reports, void *),
+                               void *arg)
+{
+    sqlite3_stmt *st = s->stmt[STMT_JOB_STEPS];
+    int rc = 0;
+
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+        struct coord_step_metric m = {
+            .step = (uint64_t)sqlite3_column_int64(st, 0),
+            .loss = sqlite3_column_double(st, 1),
+            .step_ms = sqlite3_column_double(st, 2),
+            .tokens_per_s = sqlite3_column_double(st, 3),
+            .compute_ms = sqlite3_column_double(st, 4),
+            .wait_ms = sqlite3_column_double(st, 5),
+        };
+        rc = fn(&m, sqlite3_column_int(st, 6), arg);
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return rc;
+}
+
+int coord_store_events_each(coord_store_t *s, uint64_t job_id, uint64_t after_id, int limit,
+                            int (*fn)(const struct coord_event_row *, void *), void *arg)
+{
+    sqlite3_stmt *st = s->stmt[STMT_EVENTS_LIST];
+    int rc = 0;
+
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)after_id);
+    sqlite3_bind_int(st, 3, limit);
+    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+        struct coord_event_row e = {
+            .id = (uint64_t)sqlite3_column_int64(st, 0),
+            .ts_ms = sqlite3_column_int64(st, 1),
+            .kind = (const char *)sqlite3_column_text(st, 2),
+            .worker_id = (const char *)sqlite3_column_text(st, 3),
+            .job_id = (uint64_t)sqlite3_column_int64(st, 4),
+            .detail = (const char *)sqlite3_column_text(st, 5),
+        };
+        rc = fn(&e, arg);
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
     return rc;
 }

@@ -7,7 +7,8 @@
  * loop turn (opened by the first write); coord_store_flush() commits it, and
  * duplexd calls that once per turn, before the loop blocks.
  *
- * Tables now: workers (one row per worker id) and events (append-only).
+ * Tables: workers (one row per worker id), events (append-only), jobs, and
+ * metrics (one row per job, step and reporting worker).
  */
 #ifndef COORD_STORE_H
 #define COORD_STORE_H
@@ -18,7 +19,7 @@
 typedef struct coord_store coord_store_t;
 
 /* The schema version this build writes. */
-#define COORD_STORE_SCHEMA_VERSION 1
+#define COORD_STORE_SCHEMA_VERSION 2
 
 /* A worker as stored. Strings are borrowed: valid for the call (or, in a
  * coord_store_workers_each callback, until it returns). */
@@ -61,6 +62,70 @@ typedef int (*coord_store_worker_fn)(const struct coord_worker_row *row, void *a
 /* Calls fn for every stored worker, ordered by id; stops at the first
  * non-zero return and returns it. */
 int coord_store_workers_each(coord_store_t *s, coord_store_worker_fn fn, void *arg);
+
+/* An event about a job (job_id) and maybe a worker (may be NULL). */
+int coord_store_job_event(coord_store_t *s, int64_t ts_ms, const char *kind, const char *worker_id,
+                          uint64_t job_id, const char *detail);
+
+int coord_store_worker_set_drained(coord_store_t *s, const char *id, int drained);
+
+/* Calls fn with the id of every drained worker. */
+int coord_store_drained_each(coord_store_t *s, int (*fn)(const char *id, void *arg), void *arg);
+
+/* A job as stored. Strings are borrowed like coord_worker_row's. */
+struct coord_job_row {
+    uint64_t id;
+    const char *name;
+    const char *spec; /* JSON */
+    const char *backend;
+    const char *state;
+    int priority;
+    int workers;
+    uint64_t step;
+    uint64_t steps;
+    const char *reason;
+    int64_t submitted_ms, started_ms, finished_ms;
+};
+
+/* Inserts a queued job; *id gets its new id. */
+int coord_store_job_insert(coord_store_t *s, const struct coord_job_row *job, uint64_t *id);
+
+/* Writes state, step, reason and times of job->id. */
+int coord_store_job_update(coord_store_t *s, const struct coord_job_row *job);
+
+/* Every job, by id (name, spec, state, step, reason and times are set). */
+int coord_store_jobs_each(coord_store_t *s, int (*fn)(const struct coord_job_row *, void *),
+                          void *arg);
+
+struct coord_step_metric {
+    uint64_t step;
+    double loss, step_ms, tokens_per_s, compute_ms, wait_ms;
+};
+
+/* Records one worker's report of one step. */
+int coord_store_metric(coord_store_t *s, uint64_t job_id, const char *worker_id, int64_t ts_ms,
+                       const struct coord_step_metric *m);
+
+/* Per step of a job, over the workers that reported it: the largest loss,
+ * step time, compute and wait times and the smallest rate, and how many
+ * reported. */
+int coord_store_job_steps_each(coord_store_t *s, uint64_t job_id,
+                               int (*fn)(const struct coord_step_metric *, int reports, void *),
+                               void *arg);
+
+struct coord_event_row {
+    uint64_t id;
+    int64_t ts_ms;
+    const char *kind;
+    const char *worker_id; /* may be NULL */
+    uint64_t job_id;       /* 0 when none */
+    const char *detail;
+};
+
+/* Events after after_id (of job_id, or all when 0), oldest first, at most
+ * limit. */
+int coord_store_events_each(coord_store_t *s, uint64_t job_id, uint64_t after_id, int limit,
+                            int (*fn)(const struct coord_event_row *, void *), void *arg);
 
 /* Commits the transaction of this loop turn, if one is open. */
 int coord_store_flush(coord_store_t *s);

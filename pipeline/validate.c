@@ -162,26 +162,17 @@ static size_t work_key(const struct ctx *c, const struct dp_work *w)
     return unit_key(c, w->path, w->mb, w->stage);
 }
 
-static struct dp_work unit_work(const struct ctx *c, size_t key)
+/* The unit numbered key, and the rank that runs it. */
+static struct dp_work unit_work(const struct ctx *c, size_t key, int *rank)
 {
     struct dp_work w = {0};
-    int rank;
 
     w.mb = (int)(key % (size_t)c->mbs);
     key /= (size_t)c->mbs;
     w.stage = (int)(key % (size_t)c->stages);
     w.path = (int)(key / (size_t)c->stages);
-    dp_sched_locate(c->s, w.path, w.stage, &rank, &w.chunk);
+    dp_sched_locate(c->s, w.path, w.stage, rank, &w.chunk);
     return w;
-}
-
-static int unit_rank(const struct ctx *c, size_t key)
-{
-    struct dp_work w = unit_work(c, key);
-    int rank = 0, chunk;
-
-    dp_sched_locate(c->s, w.path, w.stage, &rank, &chunk);
-    return rank;
 }
 
 static size_t msg_key(const struct ctx *c, int payload, const struct dp_work *w)
@@ -451,12 +442,12 @@ static void tally(struct unit_recs *u, const struct rec *rec)
 static int check_unit_recs(struct ctx *c, size_t key, const struct unit_recs *u)
 {
     char name[WORK_NAME_MAX];
-    struct dp_work w = unit_work(c, key);
+    int rank = 0;
+    struct dp_work w = unit_work(c, key, &rank);
 
     name_work(name, sizeof(name), &w);
     if (u->nf == 0 && u->nbwd == 0 && u->nw == 0)
-        return fail(c, "rank %d: %s is never run (no forward, no backward)", unit_rank(c, key),
-                    name);
+        return fail(c, "rank %d: %s is never run (no forward, no backward)", rank, name);
     if (u->nf == 0) {
         const struct rec *first = u->nbwd ? u->bwd[0] : u->w[0];
         return fail_op(c, first->rank, first->at, "%s has no forward", name);
@@ -572,13 +563,14 @@ static int rule_w_fifo(struct ctx *c)
                 queue[tail++] = work_key(c, &ops[i].work);
             } else if (ops[i].kind == DP_OP_W) {
                 struct dp_work oldest;
+                int at;
 
                 if (head == tail) {
                     rc = fail_op(c, r, i, "W with no queued weight-gradient job");
                     break;
                 }
                 if (queue[head] != work_key(c, &ops[i].work)) {
-                    oldest = unit_work(c, queue[head]);
+                    oldest = unit_work(c, queue[head], &at);
                     name_work(want, sizeof(want), &oldest);
                     name_work(got, sizeof(got), &ops[i].work);
                     rc = fail_op(c, r, i, "W runs %s but the oldest queued job is %s", got, want);
@@ -832,49 +824,50 @@ static void report_add(struct report *rp, const char *fmt, ...)
         rp->used = rp->used + (size_t)k < rp->len ? rp->used + (size_t)k : rp->len - 1;
 }
 
-/* Rank r is stuck at its RECV at pc[r]; names a cycle of waiting ranks
- * (every stuck rank waits for a stuck rank, because every receive has its
- * send and sends never block). */
+/* The rank that stuck rank r waits for (the peer of its RECV at pc[r]), or
+ * -1 when r is not stuck. */
+static int waits_for(const struct ctx *c, const size_t *pc, int r)
+{
+    size_t n;
+    const struct dp_op *ops = dp_sched_ops(c->s, r, &n);
+
+    return pc[r] < n && ops[pc[r]].kind == DP_OP_RECV ? ops[pc[r]].peer : -1;
+}
+
+/* Names a cycle of waiting ranks. Every stuck rank waits for a stuck rank
+ * (every receive has its send, sends never block), so following the waits
+ * from any stuck rank closes a cycle. */
 static int report_deadlock(struct ctx *c, const size_t *pc, int stuck)
 {
     struct report rp = {.buf = c->err, .len = c->errlen};
-    int *seen, r = -1, start, first;
-    const struct dp_op *ops;
-    size_t n;
+    int *seen, r = -1, first;
 
     seen = calloc((size_t)c->ranks, sizeof(*seen));
     if (!seen)
         return fail_nomem(c);
-    for (int k = 0; k < c->ranks && r < 0; k++) {
-        ops = dp_sched_ops(c->s, k, &n);
-        if (pc[k] < n)
+    for (int k = 0; k < c->ranks && r < 0; k++)
+        if (waits_for(c, pc, k) >= 0)
             r = k;
-    }
-    while (!seen[r]) { /* walk the wait-for chain until it closes */
+    while (r >= 0 && !seen[r]) { /* walk the wait-for chain until it closes */
         seen[r] = 1;
-        ops = dp_sched_ops(c->s, r, &n);
-        r = ops[pc[r]].peer;
+        r = waits_for(c, pc, r);
     }
-    start = first = r; /* on the cycle; name it from its lowest rank */
-    do {
-        ops = dp_sched_ops(c->s, r, &n);
-        r = ops[pc[r]].peer;
-        if (r < first)
-            first = r;
-    } while (r != start);
+    first = r; /* on the cycle; name it from its lowest rank */
+    for (int k = r >= 0 ? waits_for(c, pc, r) : -1; k >= 0 && k != r; k = waits_for(c, pc, k))
+        if (k < first)
+            first = k;
     report_add(&rp, "deadlock:");
     r = first;
-    do {
+    for (int named = 0; r >= 0 && waits_for(c, pc, r) >= 0 && named < c->ranks; named++) {
         char name[WORK_NAME_MAX];
-        const struct dp_op *op;
+        size_t n;
+        const struct dp_op *op = &dp_sched_ops(c->s, r, &n)[pc[r]];
 
-        ops = dp_sched_ops(c->s, r, &n);
-        op = &ops[pc[r]];
         name_work(name, sizeof(name), &op->work);
         report_add(&rp, "%s rank %d waits at op %zu for %s %s from rank %d", r == first ? "" : ";",
                    r, pc[r], payload_name(op->payload), name, op->peer);
-        r = op->peer;
-    } while (r != first);
+        r = op->peer == first ? -1 : op->peer;
+    }
     report_add(&rp, " (%d of %d ranks stuck)", stuck, c->ranks);
     free(seen);
     return -EINVAL;

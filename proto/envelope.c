@@ -2,6 +2,7 @@
 #include "proto/envelope.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -22,6 +23,9 @@ static int check_register_ack(const ProtobufCMessage *body, char *text, size_t l
 static int check_heartbeat(const ProtobufCMessage *body, char *text, size_t len);
 static int check_goodbye(const ProtobufCMessage *body, char *text, size_t len);
 static int check_submit(const ProtobufCMessage *body, char *text, size_t len);
+static int check_assignment(const ProtobufCMessage *body, char *text, size_t len);
+static int check_step_report(const ProtobufCMessage *body, char *text, size_t len);
+static int check_drain(const ProtobufCMessage *body, char *text, size_t len);
 
 static const struct msg_kind msg_kinds[] = {
     {DUPLEX__MSG_TYPE__MSG_REGISTER, "Register", &duplex__register__descriptor, check_register},
@@ -35,6 +39,22 @@ static const struct msg_kind msg_kinds[] = {
      &duplex__list_workers_reply__descriptor, NULL},
     {DUPLEX__MSG_TYPE__MSG_SUBMIT, "Submit", &duplex__submit__descriptor, check_submit},
     {DUPLEX__MSG_TYPE__MSG_SUBMIT_REPLY, "SubmitReply", &duplex__submit_reply__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, "Assignment", &duplex__assignment__descriptor,
+     check_assignment},
+    {DUPLEX__MSG_TYPE__MSG_ASSIGNMENT_ACK, "AssignmentAck", &duplex__assignment_ack__descriptor,
+     NULL},
+    {DUPLEX__MSG_TYPE__MSG_STEP_REPORT, "StepReport", &duplex__step_report__descriptor,
+     check_step_report},
+    {DUPLEX__MSG_TYPE__MSG_JOB_DONE, "JobDone", &duplex__job_done__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_ABORT_JOB, "AbortJob", &duplex__abort_job__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_JOB_STATUS, "JobStatus", &duplex__job_status__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_JOB_STATUS_REPLY, "JobStatusReply",
+     &duplex__job_status_reply__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_CANCEL, "Cancel", &duplex__cancel__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_DRAIN, "Drain", &duplex__drain__descriptor, check_drain},
+    {DUPLEX__MSG_TYPE__MSG_EVENTS, "Events", &duplex__events__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_EVENTS_REPLY, "EventsReply", &duplex__events_reply__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_OK, "Ok", &duplex__ok__descriptor, NULL},
 };
 
 static const struct msg_kind *kind_of(Duplex__MsgType type)
@@ -141,6 +161,8 @@ static int check_register(const ProtobufCMessage *body, char *text, size_t len)
     }
     if (m->pid < 0)
         return field_fail(text, len, "pid %d is negative", m->pid);
+    if ((rc = check_text("data_addr", m->data_addr, DX_MAX_NAME_LEN, true, text, len)) < 0)
+        return rc;
     return 0;
 }
 
@@ -195,6 +217,71 @@ static int check_submit(const ProtobufCMessage *body, char *text, size_t len)
             return rc;
     }
     return 0;
+}
+
+static int check_cost(const char *field, double v, char *text, size_t len)
+{
+    if (!(v >= 0.0 && v <= DX_MAX_COST_MS)) /* also refuses NaN */
+        return field_fail(text, len, "%s %g is outside 0..%d ms", field, v, DX_MAX_COST_MS);
+    return 0;
+}
+
+static int check_assignment(const ProtobufCMessage *body, char *text, size_t len)
+{
+    const Duplex__Assignment *m = (const Duplex__Assignment *)body;
+    size_t ranks;
+    int rc;
+
+    if (m->job_id == 0)
+        return field_fail(text, len, "job_id must not be 0");
+    if (m->pp < 1 || m->ep < 1 || m->dp < 1 || m->pp > DX_MAX_RANKS || m->ep > DX_MAX_RANKS ||
+        m->dp > DX_MAX_RANKS)
+        return field_fail(text, len, "pp %d, ep %d, dp %d must be 1..%d", m->pp, m->ep, m->dp,
+                          DX_MAX_RANKS);
+    if (m->pp_rank < 0 || m->pp_rank >= m->pp || m->ep_rank < 0 || m->ep_rank >= m->ep ||
+        m->dp_rank < 0 || m->dp_rank >= m->dp)
+        return field_fail(text, len, "ranks (pp %d, ep %d, dp %d) outside the job's layout",
+                          m->pp_rank, m->ep_rank, m->dp_rank);
+    ranks = (size_t)m->pp * (size_t)m->ep * (size_t)m->dp;
+    if (m->n_peers != ranks)
+        return field_fail(text, len, "%zu peers for %zu ranks", m->n_peers, ranks);
+    if (m->microbatches < 1 || m->steps < 1)
+        return field_fail(text, len, "microbatches %d and steps %llu must be positive",
+                          m->microbatches, (unsigned long long)m->steps);
+    if ((rc = check_text("schedule", m->schedule, DX_MAX_NAME_LEN, false, text, len)) < 0 ||
+        (rc = check_cost("cost_f_ms", m->cost_f_ms, text, len)) < 0 ||
+        (rc = check_cost("cost_b_ms", m->cost_b_ms, text, len)) < 0 ||
+        (rc = check_cost("cost_w_ms", m->cost_w_ms, text, len)) < 0 ||
+        (rc = check_cost("cost_fb_ms", m->cost_fb_ms, text, len)) < 0)
+        return rc;
+    for (size_t i = 0; i < m->n_peers; i++) {
+        const Duplex__Peer *p = m->peers[i];
+        if ((rc = dx_worker_id_check(p->worker_id, text, len)) < 0 ||
+            (rc = check_text("data_addr", p->data_addr, DX_MAX_NAME_LEN, false, text, len)) < 0)
+            return rc;
+        if (p->pp < 0 || p->pp >= m->pp || p->ep < 0 || p->ep >= m->ep || p->dp < 0 ||
+            p->dp >= m->dp)
+            return field_fail(text, len, "peer %zu has ranks outside the job's layout", i);
+    }
+    return 0;
+}
+
+static int check_step_report(const ProtobufCMessage *body, char *text, size_t len)
+{
+    const Duplex__StepReport *m = (const Duplex__StepReport *)body;
+    const double v[] = {m->loss, m->step_ms, m->tokens_per_s, m->compute_ms, m->wait_ms};
+
+    for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
+        if (!isfinite(v[i]))
+            return field_fail(text, len, "step %llu reports a value that is not finite",
+                              (unsigned long long)m->step);
+    return 0;
+}
+
+static int check_drain(const ProtobufCMessage *body, char *text, size_t len)
+{
+    const Duplex__Drain *m = (const Duplex__Drain *)body;
+    return dx_worker_id_check(m->worker_id, text, len);
 }
 
 /* ---- encode / decode ----------------------------------------------------- */

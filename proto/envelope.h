@@ -23,6 +23,8 @@
 #define DX_MAX_NAME_LEN 255
 #define DX_MAX_CAPABILITIES 64
 #define DX_MAX_SETS 64
+#define DX_MAX_RANKS 4096
+#define DX_MAX_COST_MS 600000
 
 /* A decoded message: the body is the protobuf-c message of `type`. */
 struct dx_msg {
