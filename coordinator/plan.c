@@ -9,23 +9,30 @@
 #include "coordinator/eplb.h"
 #include "pipeline/simulate.h"
 
-/* The stages pipeline rank r holds. */
-static json_t *stages_of(const struct coord_jobspec *spec, int r)
+int coord_plan_stages(const struct coord_jobspec *spec, int r, int stages[2])
 {
     int P = spec->parallel.pp;
 
+    stages[0] = r;
     switch (spec->parallel.schedule) {
     case DP_SCHED_DUALPIPE:
-        return json_pack("[i, i]", r, P - 1 - r);
+        stages[1] = P - 1 - r;
+        return 2;
     case DP_SCHED_DUALPIPEV:
-        return json_pack("[i, i]", r, 2 * P - 1 - r);
+        stages[1] = 2 * P - 1 - r;
+        return 2;
     default:
-        return json_pack("[i]", r);
+        return 1;
     }
 }
 
-/* Initial expert placement: EPLB on uniform loads over one EP group. */
-static int place_experts(const struct coord_jobspec *spec, struct coord_eplb_plan *plan, char *err,
+static json_t *stages_of(const struct coord_jobspec *spec, int r)
+{
+    int st[2], n = coord_plan_stages(spec, r, st);
+    return n == 2 ? json_pack("[i, i]", st[0], st[1]) : json_pack("[i]", st[0]);
+}
+
+int coord_plan_experts(const struct coord_jobspec *spec, struct coord_eplb_plan *plan, char *err,
                          size_t errlen)
 {
     int E = spec->model.experts, ep = spec->parallel.ep;
@@ -88,7 +95,7 @@ int coord_plan_build(const struct coord_jobspec *spec, const struct coord_slot *
 
     err[0] = '\0';
     if ((rc = coord_place(slots, n, pp, ep, dp, &place, err, errlen)) < 0 ||
-        (rc = place_experts(spec, &experts, err, errlen)) < 0)
+        (rc = coord_plan_experts(spec, &experts, err, errlen)) < 0)
         goto out;
     rc = -ENOMEM;
     summary = schedule_summary(spec, err, errlen);

@@ -8,6 +8,7 @@
 #include <jansson.h>
 #include <stddef.h>
 
+#include "coordinator/eplb.h"
 #include "coordinator/jobspec.h"
 #include "coordinator/placement.h"
 
@@ -16,5 +17,13 @@
  * slots cannot hold the job, -EINVAL, or -ENOMEM; err says why. */
 int coord_plan_build(const struct coord_jobspec *spec, const struct coord_slot *slots, size_t n,
                      json_t **out, char *err, size_t errlen);
+
+/* The model stages pipeline rank r holds; returns how many (1 or 2). */
+int coord_plan_stages(const struct coord_jobspec *spec, int r, int stages[2]);
+
+/* The initial expert placement of one EP group: EPLB on uniform loads, one
+ * layer; EP rank e holds slots e*R/ep .. (e+1)*R/ep-1 of plan->phy2log. */
+int coord_plan_experts(const struct coord_jobspec *spec, struct coord_eplb_plan *plan, char *err,
+                       size_t errlen);
 
 #endif

@@ -67,6 +67,7 @@ static void worker_free_description(struct coord_worker *w)
 static void worker_free_fields(struct coord_worker *w)
 {
     free(w->id);
+    free(w->data_addr);
     worker_free_description(w);
 }
 
@@ -172,6 +173,11 @@ static int load_one(const struct coord_worker_row *row, void *arg)
     }
     e->w.gpu = row->gpu;
     e->w.pid = row->pid;
+    e->w.data_addr = strdup(""); /* known again when it registers */
+    if (!e->w.data_addr) {
+        entry_remove(ctx->reg, e);
+        return -ENOMEM;
+    }
     e->w.state = state;
     e->w.registered_ms = row->registered_ms;
     e->w.last_heartbeat_ms = row->last_heartbeat_ms;
@@ -179,10 +185,16 @@ static int load_one(const struct coord_worker_row *row, void *arg)
     return 0;
 }
 
+static int load_drained(const char *id, void *arg);
+
 int coord_registry_load(coord_registry_t *reg, int64_t now_mono)
 {
     struct load_ctx ctx = {reg, now_mono};
-    return coord_store_workers_each(reg->store, load_one, &ctx);
+    int rc = coord_store_workers_each(reg->store, load_one, &ctx);
+
+    if (rc == 0)
+        rc = coord_store_drained_each(reg->store, load_drained, reg);
+    return rc;
 }
 
 static int session_new(char out[COORD_SESSION_LEN + 1])
@@ -274,6 +286,16 @@ int coord_registry_register(coord_registry_t *reg, const Duplex__Register *m, co
         *outcome = COORD_REGISTERED_AGAIN;
         snprintf(detail, sizeof(detail), "new session; was %s; pid %d -> %d", state_names[w->state],
                  w->pid, m->pid);
+    }
+    {
+        char *addr = strdup(m->data_addr);
+        if (!addr) {
+            if (is_new)
+                entry_remove(reg, e);
+            return -ENOMEM;
+        }
+        free(w->data_addr);
+        w->data_addr = addr;
     }
     w->gpu = m->gpu_index;
     w->pid = m->pid;
@@ -400,4 +422,45 @@ int coord_registry_list(coord_registry_t *reg, struct coord_worker ***out)
     qsort(v, n, sizeof(*v), worker_cmp);
     *out = v;
     return (int)n;
+}
+
+int coord_worker_is_free(const struct coord_worker *w)
+{
+    return w->state == COORD_WORKER_ALIVE && !w->drained && w->assigned_job == 0;
+}
+
+int coord_registry_set_drained(coord_registry_t *reg, const char *id, int drained, int64_t now_wall)
+{
+    struct coord_worker *w = coord_registry_find(reg, id);
+
+    if (!w)
+        return -ENOENT;
+    if (w->drained == drained)
+        return 0;
+    w->drained = drained;
+    if (coord_store_worker_set_drained(reg->store, id, drained) < 0)
+        dx_error("could not store drain of worker %s", id);
+    record_event(reg, now_wall, drained ? "drained" : "undrained", id,
+                 drained ? "kept out of placement; its job goes on" : "back in placement");
+    return 0;
+}
+
+static int load_drained(const char *id, void *arg)
+{
+    struct coord_worker *w = coord_registry_find(arg, id);
+    if (w)
+        w->drained = 1;
+    return 0;
+}
+
+struct coord_worker *coord_registry_find_route(coord_registry_t *reg, const uint8_t *rid,
+                                               size_t rlen)
+{
+    struct registry_entry *e, *tmp;
+
+    HASH_ITER (hh, reg->by_id, e, tmp) {
+        if (e->w.session[0] && e->w.routing_len == rlen && memcmp(e->w.routing_id, rid, rlen) == 0)
+            return &e->w;
+    }
+    return NULL;
 }

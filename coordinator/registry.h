@@ -40,12 +40,15 @@ struct coord_worker {
     char session[COORD_SESSION_LEN + 1]; /* "" when no live session */
     uint8_t routing_id[COORD_ROUTING_MAX];
     size_t routing_len;
-    int64_t registered_ms;     /* wall */
-    int64_t last_heartbeat_ms; /* wall, 0 when never */
-    int64_t last_seen_mono;    /* monotonic, drives liveness */
-    Duplex__WorkerActivity activity;
-    uint64_t job_id;
+    int64_t registered_ms;           /* wall */
+    int64_t last_heartbeat_ms;       /* wall, 0 when never */
+    int64_t last_seen_mono;          /* monotonic, drives liveness */
+    Duplex__WorkerActivity activity; /* as the worker last reported */
+    uint64_t job_id;                 /* as the worker last reported */
     uint64_t step;
+    char *data_addr;       /* data-plane endpoint, "" when none */
+    uint64_t assigned_job; /* the job duplexd gave it, 0 when free */
+    int drained;           /* kept out of placement */
 };
 
 /* What a Register did. */
@@ -85,6 +88,19 @@ int coord_registry_sweep(coord_registry_t *reg, int64_t now_wall, int64_t now_mo
                          int64_t dead_after_ms);
 
 struct coord_worker *coord_registry_find(coord_registry_t *reg, const char *id);
+
+/* The worker with a live session whose last message came from this ZeroMQ
+ * routing id, or NULL. */
+struct coord_worker *coord_registry_find_route(coord_registry_t *reg, const uint8_t *rid,
+                                               size_t rlen);
+
+/* Drains (drained = 1) or undrains a worker, with an event. Returns 0 or
+ * -ENOENT. */
+int coord_registry_set_drained(coord_registry_t *reg, const char *id, int drained,
+                               int64_t now_wall);
+
+/* Free for placement: alive, not drained, no assigned job. */
+int coord_worker_is_free(const struct coord_worker *w);
 
 /* Fills a malloc'd array with every worker, ordered by id. Returns the count
  * or -ENOMEM. */

@@ -20,6 +20,7 @@
 #include "common/ratelimit.h"
 #include "common/version.h"
 #include "common/zwatch.h"
+#include "coordinator/jobs.h"
 #include "coordinator/jobspec.h"
 #include "coordinator/plan.h"
 #include "coordinator/registry.h"
@@ -32,6 +33,8 @@
 /* The sweep runs this many times per dead-after period. */
 #define SWEEPS_PER_DEAD_AFTER 4
 #define SWEEP_MIN_MS 20
+/* Workers must acknowledge an assignment within this. */
+#define ASSIGN_ACK_TIMEOUT_MS 10000
 
 struct coord_server {
     struct coord_server_config cfg;
@@ -45,6 +48,7 @@ struct coord_server {
     uv_signal_t sigint;
     coord_store_t *store;
     coord_registry_t *reg;
+    coord_jobs_t *jobs;
     struct dx_ratelimit reject_log;
     uint64_t rejected;
 };
@@ -101,14 +105,22 @@ static void server_reject(coord_server_t *s, const struct peer_frame *p, Duplex_
         dx_debug("error reply to %s not sent: %s", p->name, strerror(-rc));
 }
 
+static void server_check_gone(coord_server_t *s, int64_t now);
+
 static void handle_register(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
 {
     const Duplex__Register *r = (const Duplex__Register *)m->body;
     Duplex__RegisterAck ack = DUPLEX__REGISTER_ACK__INIT;
     enum coord_register_outcome outcome;
     struct coord_worker *w;
-    int rc = coord_registry_register(s->reg, r, p->rid, p->rlen, dx_wall_ms(), dx_mono_ms(),
-                                     &outcome, &w);
+    struct coord_worker *old = coord_registry_find(s->reg, r->worker_id);
+    int restarted = old && old->assigned_job && old->pid != r->pid;
+    int rc;
+
+    if (restarted) /* the process that ran the job is gone */
+        coord_jobs_on_worker_gone(s->jobs, r->worker_id, dx_wall_ms());
+    rc = coord_registry_register(s->reg, r, p->rid, p->rlen, dx_wall_ms(), dx_mono_ms(), &outcome,
+                                 &w);
 
     if (rc < 0) {
         char text[128];
@@ -146,6 +158,8 @@ static void handle_heartbeat(coord_server_t *s, const struct peer_frame *p, cons
 
     if (rc < 0)
         session_refused(s, p, "heartbeat", hb->worker_id, rc, m->request_id);
+    else if (hb->activity == DUPLEX__WORKER_ACTIVITY__ACTIVITY_IDLE)
+        coord_jobs_on_idle(s->jobs, hb->worker_id, dx_wall_ms());
 }
 
 static void handle_goodbye(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
@@ -155,6 +169,8 @@ static void handle_goodbye(coord_server_t *s, const struct peer_frame *p, const 
 
     if (rc < 0)
         session_refused(s, p, "goodbye", g->worker_id, rc, m->request_id);
+    else
+        server_check_gone(s, dx_wall_ms());
 }
 
 static void handle_list_workers(coord_server_t *s, const struct peer_frame *p,
@@ -222,8 +238,16 @@ static void handle_submit(coord_server_t *s, const struct peer_frame *p, const s
         return;
     }
     if (!req->dry_run) {
-        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NOT_IMPLEMENTED, m->request_id,
-                      "running jobs is not implemented yet; --dry-run shows the plan");
+        uint64_t id;
+        int64_t now = dx_wall_ms();
+        if (coord_jobs_submit(s->jobs, req->spec_json, &spec, now, &id, err, sizeof(err)) < 0) {
+            server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY, m->request_id, err);
+            return;
+        }
+        reply.job_id = id;
+        reply.plan_json = "";
+        server_reply(s, p, DUPLEX__MSG_TYPE__MSG_SUBMIT_REPLY, m->request_id, &reply.base);
+        coord_jobs_schedule(s->jobs, now);
         return;
     }
     n = coord_registry_list(s->reg, &ws);
@@ -258,6 +282,165 @@ out:
     free(ws);
 }
 
+/* Sends to a worker by id through its last routing id (jobs module I/O). */
+static int server_send_worker(void *arg, const char *worker_id, Duplex__MsgType type,
+                              const ProtobufCMessage *body)
+{
+    coord_server_t *s = arg;
+    struct coord_worker *w = coord_registry_find(s->reg, worker_id);
+
+    if (!w || w->state != COORD_WORKER_ALIVE || w->routing_len == 0)
+        return -EHOSTUNREACH;
+    return dx_wire_send(s->router, w->routing_id, w->routing_len, type, 0, body);
+}
+
+/* Jobs of workers that are no longer alive fail (recovery comes later). */
+static void server_check_gone(coord_server_t *s, int64_t now)
+{
+    struct coord_worker **ws = NULL;
+    int n = coord_registry_list(s->reg, &ws);
+
+    for (int i = 0; i < n; i++)
+        if (ws[i]->state != COORD_WORKER_ALIVE && ws[i]->assigned_job)
+            coord_jobs_on_worker_gone(s->jobs, ws[i]->id, now);
+    free(ws);
+}
+
+/* AssignmentAck, StepReport and JobDone come from a registered worker's
+ * session; anything else about a job is stale and the job is stopped. */
+static void handle_job_message(coord_server_t *s, const struct peer_frame *p,
+                               const struct dx_msg *m)
+{
+    struct coord_worker *w = coord_registry_find_route(s->reg, p->rid, p->rlen);
+    int64_t now = dx_wall_ms();
+    uint64_t job_id;
+    int rc;
+
+    if (!w) {
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NOT_REGISTERED, m->request_id,
+                      "job messages need a registered session: register again");
+        return;
+    }
+    switch (m->type) {
+    case DUPLEX__MSG_TYPE__MSG_ASSIGNMENT_ACK:
+        job_id = ((const Duplex__AssignmentAck *)m->body)->job_id;
+        rc = coord_jobs_on_ack(s->jobs, w->id, (const Duplex__AssignmentAck *)m->body, now);
+        break;
+    case DUPLEX__MSG_TYPE__MSG_STEP_REPORT:
+        job_id = ((const Duplex__StepReport *)m->body)->job_id;
+        rc = coord_jobs_on_report(s->jobs, w->id, (const Duplex__StepReport *)m->body, now);
+        break;
+    default:
+        job_id = ((const Duplex__JobDone *)m->body)->job_id;
+        rc = coord_jobs_on_done(s->jobs, w->id, (const Duplex__JobDone *)m->body, now);
+        break;
+    }
+    if (rc == -ENOENT && m->type != DUPLEX__MSG_TYPE__MSG_JOB_DONE) {
+        Duplex__AbortJob a = DUPLEX__ABORT_JOB__INIT;
+        dx_info("worker %s reports on job %llu, which it does not run here; stopping it", w->id,
+                (unsigned long long)job_id);
+        a.job_id = job_id;
+        a.reason = "duplexd does not know this job on this worker";
+        server_send_worker(s, w->id, DUPLEX__MSG_TYPE__MSG_ABORT_JOB, &a.base);
+    }
+}
+
+static void reply_ok(coord_server_t *s, const struct peer_frame *p, uint64_t request_id,
+                     const char *text)
+{
+    Duplex__Ok ok = DUPLEX__OK__INIT;
+    ok.text = (char *)text;
+    server_reply(s, p, DUPLEX__MSG_TYPE__MSG_OK, request_id, &ok.base);
+}
+
+static void reply_json(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m,
+                       Duplex__MsgType type, json_t *doc)
+{
+    char *text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
+
+    if (!text) {
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id, "out of memory");
+    } else if (type == DUPLEX__MSG_TYPE__MSG_JOB_STATUS_REPLY) {
+        Duplex__JobStatusReply r = DUPLEX__JOB_STATUS_REPLY__INIT;
+        r.json = text;
+        server_reply(s, p, type, m->request_id, &r.base);
+    } else {
+        Duplex__EventsReply r = DUPLEX__EVENTS_REPLY__INIT;
+        r.json = text;
+        server_reply(s, p, type, m->request_id, &r.base);
+    }
+    free(text);
+    json_decref(doc);
+}
+
+static void handle_job_status(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
+{
+    const Duplex__JobStatus *req = (const Duplex__JobStatus *)m->body;
+    char text[64];
+    int rc;
+    json_t *doc = coord_jobs_status(s->jobs, req->job_id, dx_wall_ms(), &rc);
+
+    if (rc == -ENOENT) {
+        snprintf(text, sizeof(text), "no job %llu", (unsigned long long)req->job_id);
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_INVALID, m->request_id, text);
+        return;
+    }
+    reply_json(s, p, m, DUPLEX__MSG_TYPE__MSG_JOB_STATUS_REPLY, doc);
+}
+
+static int add_event(const struct coord_event_row *e, void *arg)
+{
+    json_array_append_new(arg, json_pack("{s:I, s:I, s:s, s:s?, s:I, s:s}", "id", (json_int_t)e->id,
+                                         "ts_ms", (json_int_t)e->ts_ms, "kind", e->kind,
+                                         "worker_id", e->worker_id, "job_id", (json_int_t)e->job_id,
+                                         "detail", e->detail ? e->detail : ""));
+    return 0;
+}
+
+#define EVENTS_DEFAULT_LIMIT 1000
+
+static void handle_events(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
+{
+    const Duplex__Events *req = (const Duplex__Events *)m->body;
+    json_t *arr = json_array();
+    int limit =
+        req->limit && req->limit < EVENTS_DEFAULT_LIMIT ? (int)req->limit : EVENTS_DEFAULT_LIMIT;
+
+    if (arr)
+        coord_store_events_each(s->store, req->job_id, req->after_id, limit, add_event, arr);
+    reply_json(s, p, m, DUPLEX__MSG_TYPE__MSG_EVENTS_REPLY, arr);
+}
+
+static void handle_cancel(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
+{
+    const Duplex__Cancel *req = (const Duplex__Cancel *)m->body;
+    int64_t now = dx_wall_ms();
+    char err[128];
+
+    if (coord_jobs_cancel(s->jobs, req->job_id, now, err, sizeof(err)) < 0) {
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_INVALID, m->request_id, err);
+        return;
+    }
+    reply_ok(s, p, m->request_id, "cancelled");
+    coord_jobs_schedule(s->jobs, now);
+}
+
+static void handle_drain(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
+{
+    const Duplex__Drain *req = (const Duplex__Drain *)m->body;
+    int64_t now = dx_wall_ms();
+    char text[256];
+
+    if (coord_registry_set_drained(s->reg, req->worker_id, !req->undrain, now) < 0) {
+        snprintf(text, sizeof(text), "no worker %s", req->worker_id);
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_INVALID, m->request_id, text);
+        return;
+    }
+    snprintf(text, sizeof(text), "%s %s", req->worker_id, req->undrain ? "undrained" : "drained");
+    reply_ok(s, p, m->request_id, text);
+    coord_jobs_schedule(s->jobs, now);
+}
+
 static void server_dispatch(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
 {
     char text[128];
@@ -277,6 +460,23 @@ static void server_dispatch(coord_server_t *s, const struct peer_frame *p, const
         return;
     case DUPLEX__MSG_TYPE__MSG_SUBMIT:
         handle_submit(s, p, m);
+        return;
+    case DUPLEX__MSG_TYPE__MSG_ASSIGNMENT_ACK:
+    case DUPLEX__MSG_TYPE__MSG_STEP_REPORT:
+    case DUPLEX__MSG_TYPE__MSG_JOB_DONE:
+        handle_job_message(s, p, m);
+        return;
+    case DUPLEX__MSG_TYPE__MSG_JOB_STATUS:
+        handle_job_status(s, p, m);
+        return;
+    case DUPLEX__MSG_TYPE__MSG_EVENTS:
+        handle_events(s, p, m);
+        return;
+    case DUPLEX__MSG_TYPE__MSG_CANCEL:
+        handle_cancel(s, p, m);
+        return;
+    case DUPLEX__MSG_TYPE__MSG_DRAIN:
+        handle_drain(s, p, m);
         return;
     case DUPLEX__MSG_TYPE__MSG_ERROR: {
         const Duplex__Error *e = (const Duplex__Error *)m->body;
@@ -359,7 +559,12 @@ static void server_on_router(dx_zwatch_t *w, int revents, void *arg)
 static void server_on_sweep(uv_timer_t *t)
 {
     coord_server_t *s = t->data;
-    coord_registry_sweep(s->reg, dx_wall_ms(), dx_mono_ms(), s->cfg.dead_after_ms);
+    int64_t now = dx_wall_ms();
+
+    if (coord_registry_sweep(s->reg, now, dx_mono_ms(), s->cfg.dead_after_ms) > 0)
+        server_check_gone(s, now);
+    coord_jobs_check_timeouts(s->jobs, now, ASSIGN_ACK_TIMEOUT_MS);
+    coord_jobs_schedule(s->jobs, now);
 }
 
 /* Runs once per loop turn, before the loop blocks: commit the turn's writes. */
@@ -426,6 +631,14 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
         snprintf(err, errlen, "%s: cannot load workers: %s", cfg->db, strerror(-rc));
         goto fail;
     }
+    {
+        struct coord_jobs_io io = {server_send_worker, s};
+        if ((rc = coord_jobs_create(s->store, s->reg, &io, &s->jobs)) < 0 ||
+            (rc = coord_jobs_load(s->jobs, dx_wall_ms())) < 0) {
+            snprintf(err, errlen, "%s: cannot load jobs: %s", cfg->db, strerror(-rc));
+            goto fail;
+        }
+    }
     if ((rc = server_bind(s, err, errlen)) < 0)
         goto fail;
     if ((rc = dx_zwatch_create(&s->loop, s->router, ZMQ_POLLIN, server_on_router, s, &s->watch)) <
@@ -481,6 +694,7 @@ void coord_server_destroy(coord_server_t *s)
         zmq_close(s->router);
     if (s->zctx)
         zmq_ctx_term(s->zctx);
+    coord_jobs_destroy(s->jobs);
     coord_registry_destroy(s->reg);
     coord_store_close(s->store);
     if (s->rejected)

@@ -3,6 +3,8 @@
 #ifndef CTL_H
 #define CTL_H
 
+#include <jansson.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #define CTL_DEFAULT_COORDINATOR "tcp://127.0.0.1:7700"
@@ -27,6 +29,15 @@ int ctl_cmd_local(struct ctl_globals *g, int argc, char **argv);
 int ctl_cmd_plan(struct ctl_globals *g, int argc, char **argv);
 int ctl_cmd_place(struct ctl_globals *g, int argc, char **argv);
 int ctl_cmd_submit(struct ctl_globals *g, int argc, char **argv);
+int ctl_cmd_status(struct ctl_globals *g, int argc, char **argv);
+int ctl_cmd_events(struct ctl_globals *g, int argc, char **argv);
+int ctl_cmd_cancel(struct ctl_globals *g, int argc, char **argv);
+int ctl_cmd_drain(struct ctl_globals *g, int argc, char **argv);
+int ctl_cmd_undrain(struct ctl_globals *g, int argc, char **argv);
+
+/* Asks duplexd for the status of job id (0: all jobs) as JSON. Returns 0
+ * or -errno (the reason printed to stderr after "prog: "). */
+int ctl_job_status(struct ctl_globals *g, uint64_t id, json_t **doc, const char *prog);
 
 /* Applies a command's own --coordinator / --timeout (NULL / 0 when not
  * given) over the globals. */

@@ -21,6 +21,11 @@ static const struct ctl_command commands[] = {
     {"plan", ctl_cmd_plan, "print a pipeline schedule: timeline, ops, JSON or SVG"},
     {"place", ctl_cmd_place, "run the expert placement (EPLB) on a loads file"},
     {"submit", ctl_cmd_submit, "submit a job spec (--dry-run: show its plan)"},
+    {"status", ctl_cmd_status, "jobs, or one job in detail [--json] [--watch]"},
+    {"events", ctl_cmd_events, "the event log, of all or of one job [--follow]"},
+    {"cancel", ctl_cmd_cancel, "stop a job on every worker"},
+    {"drain", ctl_cmd_drain, "take a worker out of placement (its job goes on)"},
+    {"undrain", ctl_cmd_undrain, "put a drained worker back"},
     {NULL, NULL, NULL},
 };
 

@@ -1,13 +1,16 @@
-/* submit.c - `duplexctl submit JOB.json [--set k=v ...] [--dry-run]`: sends a
- * job spec to duplexd. With --dry-run duplexd validates it, places it on the
- * alive workers and simulates its schedule, and this prints that plan;
+/* submit.c - `duplexctl submit JOB.json [--set k=v ...] [--dry-run] [--wait]`:
+ * sends a job spec to duplexd, which queues it and prints its id (--wait
+ * follows it to the end). With --dry-run duplexd validates it, places it on
+ * the alive workers and simulates its schedule, and this prints that plan;
  * nothing starts. Spec errors come back naming the field. */
 #include <errno.h>
+#include <inttypes.h>
 #include <jansson.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/opts.h"
 #include "ctl/client.h"
@@ -107,25 +110,65 @@ static int print_plan(const char *text)
     return 0;
 }
 
+#define WAIT_POLL_US 200000
+
+/* Follows job id until it ends, printing each change of state or step.
+ * Returns the exit status: 0 when it succeeded. */
+static int wait_job(struct ctl_globals *g, uint64_t id)
+{
+    char last[512] = "";
+
+    for (;;) {
+        json_t *doc = NULL;
+        const char *state;
+        char line[512];
+        int status = -1;
+
+        if (ctl_job_status(g, id, &doc, "duplexctl submit") < 0)
+            return CTL_EXIT_FAIL;
+        state = json_string_value(json_object_get(doc, "state"));
+        snprintf(line, sizeof(line), "job %" PRIu64 ": %s, step %lld/%lld (%s)", id,
+                 state ? state : "?", (long long)json_integer_value(json_object_get(doc, "step")),
+                 (long long)json_integer_value(json_object_get(doc, "steps")),
+                 json_string_value(json_object_get(doc, "reason")));
+        if (strcmp(line, last) != 0) {
+            printf("%s\n", line);
+            fflush(stdout);
+            snprintf(last, sizeof(last), "%s", line);
+        }
+        if (state && strcmp(state, "succeeded") == 0)
+            status = CTL_EXIT_OK;
+        else if (state && (strcmp(state, "failed") == 0 || strcmp(state, "cancelled") == 0))
+            status = CTL_EXIT_FAIL;
+        json_decref(doc);
+        if (status >= 0)
+            return status;
+        usleep(WAIT_POLL_US);
+    }
+}
+
 int ctl_cmd_submit(struct ctl_globals *g, int argc, char **argv)
 {
     struct dx_strv sets = {0};
     char *coordinator = NULL;
     int timeout_s = 0;
-    bool dry_run = false, json = false;
+    bool dry_run = false, json = false, wait = false;
     const struct dx_opt options[] = {
         {"set", DX_OPT_LIST, &sets, NULL, 0, 0, 0, "KEY.PATH=VALUE",
          "override a field of the spec, e.g. --set parallel.schedule=dualpipev"},
         {"dry-run", DX_OPT_FLAG, &dry_run, NULL, 0, 0, 0, NULL,
          "print the placement and the simulated schedule; start nothing"},
-        {"json", DX_OPT_FLAG, &json, NULL, 0, 0, 0, NULL, "print the plan as JSON"},
+        {"json", DX_OPT_FLAG, &json, NULL, 0, 0, 0, NULL, "print the plan (or job id) as JSON"},
+        {"wait", DX_OPT_FLAG, &wait, NULL, 0, 0, 0, NULL,
+         "follow the job to its end; exit 1 unless it succeeded"},
         {"coordinator", DX_OPT_STRING, &coordinator, NULL, 0, 0, 0, "ADDR", "duplexd endpoint"},
         {"timeout", DX_OPT_INT, &timeout_s, NULL, 0, 1, 3600, "SECONDS", "how long to wait"},
         {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
     };
     const struct dx_cli cli = {
         .prog = "duplexctl submit",
-        .synopsis = "duplexctl submit JOB.json [--set KEY.PATH=VALUE ...] [--dry-run] [--json]\n\n"
+        .synopsis = "duplexctl submit JOB.json [--set KEY.PATH=VALUE ...] [--dry-run] [--wait] "
+                    "[--json]\n\n"
                     "Submits a job spec (docs/JOBSPEC.md; - reads standard input). Example:\n"
                     "  duplexctl submit examples/demo.json --set train.steps=5 --dry-run",
     };
@@ -157,6 +200,16 @@ int ctl_cmd_submit(struct ctl_globals *g, int argc, char **argv)
         ctl_client_call(client, DUPLEX__MSG_TYPE__MSG_SUBMIT, &req.base,
                         DUPLEX__MSG_TYPE__MSG_SUBMIT_REPLY, &reply, err, sizeof(err)) < 0) {
         fprintf(stderr, "duplexctl submit: %s\n", err);
+        goto out;
+    }
+    if (!dry_run) {
+        uint64_t id = ((const Duplex__SubmitReply *)reply.body)->job_id;
+        if (json)
+            printf("{\"job_id\": %" PRIu64 "}\n", id);
+        else
+            printf("job %" PRIu64 " submitted\n", id);
+        fflush(stdout);
+        status = wait ? wait_job(g, id) : CTL_EXIT_OK;
         goto out;
     }
     {

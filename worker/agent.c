@@ -1,7 +1,10 @@
-/* agent.c - the worker's control plane (see agent.h). */
+/* agent.c - the worker's control plane (see agent.h): registration and
+ * heartbeats, the data plane's lifetime, and the job lifecycle (assignment
+ * checks and acks, the runtime thread, forwarding its reports, aborts). */
 #include "worker/agent.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -11,10 +14,13 @@
 #include <uv.h>
 #include <zmq.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "common/loop.h"
 #include "common/zwatch.h"
 #include "proto/wire.h"
+#include "worker/dataplane.h"
+#include "worker/runtime.h"
 
 /* Register retries back off from the first to the last delay. */
 #define REGISTER_RETRY_FIRST_MS 100
@@ -22,6 +28,12 @@
 /* Transport reconnects to duplexd back off the same way, inside ZeroMQ. */
 #define RECONNECT_FIRST_MS 100
 #define RECONNECT_MAX_MS 2000
+/* On SIGTERM a running job gets this long to stop and say JobDone (it
+ * reacts within WK_RUNTIME_SLICE_MS; this is only a guard). */
+#define STOP_JOB_WAIT_MS 2000
+/* Texts for AssignmentAck.error, JobDone.error and Goodbye.reason. */
+#define TEXT_MAX 512
+#define STOPPING_TEXT "worker stopping"
 
 struct wk_agent {
     struct wk_agent_config cfg;
@@ -39,6 +51,21 @@ struct wk_agent {
     uint64_t next_request_id;
     uint64_t register_request_id;
     int exit_status;
+    bool stopping;           /* SIGTERM/SIGINT seen: no new jobs */
+    uint64_t job_steps_done; /* the last StepReport's step */
+
+    wk_data_t *data;       /* the data plane: ours while idle, the runtime's while a job runs */
+    wk_runtime_t *rt;      /* the running job, or NULL */
+    dx_zwatch_t *rt_watch; /* its report socket */
+
+    /* a JobDone duplexd could not be sent (it was away); sent after registering */
+    struct {
+        bool valid;
+        uint64_t job_id;
+        bool ok;
+        uint64_t steps;
+        char error[TEXT_MAX];
+    } pending_done;
 };
 
 static const char *const sim_capabilities[] = {"sim", NULL};
@@ -53,8 +80,8 @@ const char *const *wk_backend_capabilities(const char *backend)
     return NULL;
 }
 
-static void agent_send(wk_agent_t *a, Duplex__MsgType type, uint64_t request_id,
-                       const ProtobufCMessage *body)
+static int agent_send(wk_agent_t *a, Duplex__MsgType type, uint64_t request_id,
+                      const ProtobufCMessage *body)
 {
     int rc = dx_wire_send(a->dealer, NULL, 0, type, request_id, body);
 
@@ -62,6 +89,7 @@ static void agent_send(wk_agent_t *a, Duplex__MsgType type, uint64_t request_id,
     if (rc < 0)
         dx_debug("%s to %s not sent: %s", dx_msg_type_name(type), a->cfg.coordinator,
                  strerror(-rc));
+    return rc;
 }
 
 static void agent_send_register(wk_agent_t *a)
@@ -80,6 +108,7 @@ static void agent_send_register(wk_agent_t *a)
     r.capabilities = (char **)caps;
     r.n_capabilities = n;
     r.pid = (int32_t)getpid();
+    r.data_addr = (char *)wk_data_addr(a->data);
     a->register_request_id = ++a->next_request_id;
     agent_send(a, DUPLEX__MSG_TYPE__MSG_REGISTER, a->register_request_id, &r.base);
 }
@@ -91,10 +120,16 @@ static void agent_send_heartbeat(wk_agent_t *a)
     hb.worker_id = (char *)a->cfg.id;
     hb.session_id = a->session;
     hb.activity = DUPLEX__WORKER_ACTIVITY__ACTIVITY_IDLE;
+    if (a->rt) {
+        hb.activity = DUPLEX__WORKER_ACTIVITY__ACTIVITY_BUSY;
+        hb.job_id = wk_runtime_job(a->rt);
+        hb.step = wk_runtime_step(a->rt);
+    }
     agent_send(a, DUPLEX__MSG_TYPE__MSG_HEARTBEAT, ++a->next_request_id, &hb.base);
 }
 
 static void agent_on_tick(uv_timer_t *t);
+static void agent_send_pending_done(wk_agent_t *a);
 
 /* Sends Register now and arms the retry timer with the next backoff. */
 static void agent_start_registering(wk_agent_t *a, bool reset_backoff)
@@ -133,6 +168,7 @@ static void agent_on_ack(wk_agent_t *a, const struct dx_msg *m)
     dx_info("registered with %s as %s (heartbeat every %u ms)", a->cfg.coordinator, a->cfg.id,
             a->heartbeat_ms);
     uv_timer_start(&a->tick, agent_on_tick, a->heartbeat_ms, a->heartbeat_ms);
+    agent_send_pending_done(a);
 }
 
 static void agent_on_error(wk_agent_t *a, const struct dx_msg *m)
@@ -165,6 +201,167 @@ static void agent_on_error(wk_agent_t *a, const struct dx_msg *m)
     }
 }
 
+/* ---- jobs ------------------------------------------------------------------ */
+
+static void agent_send_pending_done(wk_agent_t *a)
+{
+    Duplex__JobDone d = DUPLEX__JOB_DONE__INIT;
+
+    if (!a->pending_done.valid)
+        return;
+    d.job_id = a->pending_done.job_id;
+    d.ok = a->pending_done.ok;
+    d.steps = a->pending_done.steps;
+    d.error = a->pending_done.error;
+    if (agent_send(a, DUPLEX__MSG_TYPE__MSG_JOB_DONE, ++a->next_request_id, &d.base) == 0) {
+        dx_info("job %" PRIu64 ": JobDone sent after registering again", d.job_id);
+        a->pending_done.valid = false;
+    }
+}
+
+static void agent_forward_done(wk_agent_t *a, const Duplex__JobDone *d)
+{
+    if (agent_send(a, DUPLEX__MSG_TYPE__MSG_JOB_DONE, ++a->next_request_id, &d->base) == 0)
+        return;
+    dx_warn("job %" PRIu64 ": duplexd is away; JobDone kept until we register again", d->job_id);
+    a->pending_done.valid = true;
+    a->pending_done.job_id = d->job_id;
+    a->pending_done.ok = d->ok;
+    a->pending_done.steps = d->steps;
+    snprintf(a->pending_done.error, sizeof(a->pending_done.error), "%s", d->error);
+}
+
+/* Joins the runtime (its JobDone was the last thing it did) and goes idle. */
+static void agent_end_job(wk_agent_t *a)
+{
+    dx_zwatch_destroy(a->rt_watch);
+    a->rt_watch = NULL;
+    wk_runtime_destroy(a->rt);
+    a->rt = NULL;
+    if (a->registered && !a->stopping)
+        agent_send_heartbeat(a); /* idle now: duplexd need not wait for the next tick */
+}
+
+/* Forwards up to a batch of the runtime's reports to duplexd, each with a
+ * request id of its own; after the JobDone the job ends. */
+static void agent_take_reports(wk_agent_t *a)
+{
+    for (int i = 0; i < DX_ZWATCH_BATCH && a->rt; i++) {
+        struct dx_msg m;
+        struct dx_decode_error err;
+        int rc = dx_wire_recv(wk_runtime_socket(a->rt), &m, &err);
+
+        if (rc == -EAGAIN)
+            return;
+        if (rc == -EPROTO) {
+            dx_error("bad report from the runtime: %s", err.text);
+            continue;
+        }
+        if (rc < 0) {
+            dx_error("reading the runtime's reports failed: %s", zmq_strerror(-rc));
+            return;
+        }
+        if (m.type == DUPLEX__MSG_TYPE__MSG_JOB_DONE) {
+            agent_forward_done(a, (const Duplex__JobDone *)m.body);
+            dx_msg_clear(&m);
+            agent_end_job(a);
+            return;
+        }
+        if (m.type == DUPLEX__MSG_TYPE__MSG_STEP_REPORT) {
+            a->job_steps_done = ((const Duplex__StepReport *)m.body)->step;
+            agent_send(a, m.type, ++a->next_request_id, m.body); /* lost if duplexd is away */
+        }
+        dx_msg_clear(&m);
+    }
+}
+
+static void agent_on_runtime(dx_zwatch_t *w, int revents, void *arg)
+{
+    (void)w;
+    (void)revents;
+    agent_take_reports(arg);
+}
+
+/* Checks an assignment, starts it and answers AssignmentAck. */
+static void agent_on_assignment(wk_agent_t *a, const struct dx_msg *m)
+{
+    const Duplex__Assignment *as = (const Duplex__Assignment *)m->body;
+    Duplex__AssignmentAck ack = DUPLEX__ASSIGNMENT_ACK__INIT;
+    char err[TEXT_MAX] = "";
+    int rc;
+
+    if (a->stopping) {
+        snprintf(err, sizeof(err), "%s", STOPPING_TEXT);
+    } else if (a->rt && wk_runtime_job(a->rt) == as->job_id &&
+               wk_runtime_attempt(a->rt) == as->attempt) {
+        dx_info("job %" PRIu64 " attempt %u assigned again; it is running already", as->job_id,
+                as->attempt);
+    } else if (a->rt) {
+        snprintf(err, sizeof(err), "busy: running job %" PRIu64 " attempt %u",
+                 wk_runtime_job(a->rt), wk_runtime_attempt(a->rt));
+    } else if (/* sim and cpu both run the sim executor for now; real training is a later
+                  issue */
+               wk_runtime_create(a->zctx, a->data, as, a->cfg.id, NULL, &a->rt, err, sizeof(err)) <
+               0) {
+        a->rt = NULL;
+    } else if ((rc = dx_zwatch_create(&a->loop, wk_runtime_socket(a->rt), ZMQ_POLLIN,
+                                      agent_on_runtime, a, &a->rt_watch)) < 0) {
+        snprintf(err, sizeof(err), "cannot watch the runtime: %s", strerror(-rc));
+        wk_runtime_destroy(a->rt);
+        a->rt = NULL;
+    } else {
+        a->job_steps_done = 0;
+    }
+    ack.job_id = as->job_id;
+    ack.ok = err[0] == '\0';
+    ack.error = err;
+    if (!ack.ok)
+        dx_warn("refusing job %" PRIu64 " attempt %u: %s", as->job_id, as->attempt, err);
+    agent_send(a, DUPLEX__MSG_TYPE__MSG_ASSIGNMENT_ACK, m->request_id, &ack.base);
+}
+
+static void agent_on_abort(wk_agent_t *a, const struct dx_msg *m)
+{
+    const Duplex__AbortJob *ab = (const Duplex__AbortJob *)m->body;
+    char text[TEXT_MAX];
+
+    if (!a->rt || wk_runtime_job(a->rt) != ab->job_id) {
+        dx_info("AbortJob for job %" PRIu64 ", which is not running here; ignored", ab->job_id);
+        return;
+    }
+    snprintf(text, sizeof(text), "aborted: %s", ab->reason[0] ? ab->reason : "no reason given");
+    dx_info("job %" PRIu64 ": %s", ab->job_id, text);
+    wk_runtime_abort(a->rt, text);
+}
+
+/* On the way out: aborts the running job, forwards what it reports up to
+ * its JobDone ("worker stopping"), and joins it. */
+static void agent_stop_job(wk_agent_t *a)
+{
+    int64_t deadline = dx_mono_ms() + STOP_JOB_WAIT_MS;
+
+    wk_runtime_abort(a->rt, STOPPING_TEXT);
+    while (a->rt && dx_mono_ms() < deadline) {
+        zmq_pollitem_t item = {wk_runtime_socket(a->rt), 0, ZMQ_POLLIN, 0};
+
+        if (zmq_poll(&item, 1, (long)(deadline - dx_mono_ms())) < 0 && errno != EINTR)
+            break;
+        agent_take_reports(a);
+    }
+    if (a->rt) {
+        Duplex__JobDone d = DUPLEX__JOB_DONE__INIT;
+
+        dx_warn("job %" PRIu64 " did not stop within %d ms; reporting it stopped",
+                wk_runtime_job(a->rt), STOP_JOB_WAIT_MS);
+        d.job_id = wk_runtime_job(a->rt);
+        d.ok = false;
+        d.error = STOPPING_TEXT;
+        d.steps = a->job_steps_done;
+        agent_forward_done(a, &d);
+        agent_end_job(a); /* joins: every wait in the runtime is sliced */
+    }
+}
+
 static void agent_on_dealer(dx_zwatch_t *w, int revents, void *arg)
 {
     wk_agent_t *a = arg;
@@ -194,6 +391,12 @@ static void agent_on_dealer(dx_zwatch_t *w, int revents, void *arg)
         case DUPLEX__MSG_TYPE__MSG_ERROR:
             agent_on_error(a, &m);
             break;
+        case DUPLEX__MSG_TYPE__MSG_ASSIGNMENT:
+            agent_on_assignment(a, &m);
+            break;
+        case DUPLEX__MSG_TYPE__MSG_ABORT_JOB:
+            agent_on_abort(a, &m);
+            break;
         default:
             dx_warn("unexpected %s from %s", dx_msg_type_name(m.type), a->cfg.coordinator);
             break;
@@ -207,6 +410,9 @@ static void agent_on_signal(uv_signal_t *h, int signum)
     wk_agent_t *a = h->data;
 
     dx_info("%s received; leaving", strsignal(signum));
+    a->stopping = true;
+    if (a->rt)
+        agent_stop_job(a); /* its JobDone goes out before our Goodbye */
     if (a->registered) {
         Duplex__Goodbye g = DUPLEX__GOODBYE__INIT;
         char reason[64];
@@ -269,6 +475,9 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
     }
     if ((rc = agent_connect(a, err, errlen)) < 0)
         goto fail;
+    if ((rc = wk_data_create(a->zctx, cfg->data_listen ? cfg->data_listen : WK_DATA_LISTEN_DEFAULT,
+                             cfg->host, &a->data, err, errlen)) < 0)
+        goto fail;
     if ((rc = dx_zwatch_create(&a->loop, a->dealer, ZMQ_POLLIN, agent_on_dealer, a, &a->watch)) <
         0) {
         snprintf(err, errlen, "cannot watch the DEALER socket: %s", strerror(-rc));
@@ -289,8 +498,8 @@ fail:
 
 int wk_agent_run(wk_agent_t *a)
 {
-    dx_info("worker %s (backend %s, gpu %d, node %s) connecting to %s", a->cfg.id, a->cfg.backend,
-            a->cfg.gpu, a->cfg.node, a->cfg.coordinator);
+    dx_info("worker %s (backend %s, gpu %d, node %s, data plane %s) connecting to %s", a->cfg.id,
+            a->cfg.backend, a->cfg.gpu, a->cfg.node, wk_data_addr(a->data), a->cfg.coordinator);
     agent_start_registering(a, true);
     uv_run(&a->loop, UV_RUN_DEFAULT);
     return a->exit_status;
@@ -301,11 +510,19 @@ void wk_agent_destroy(wk_agent_t *a)
     if (!a)
         return;
     dx_zwatch_destroy(a->watch);
+    dx_zwatch_destroy(a->rt_watch);
     if (dx_loop_close(&a->loop) < 0)
         dx_warn("event loop closed with handles still open");
+    wk_runtime_destroy(a->rt); /* aborts and joins a job still running */
+    wk_data_destroy(a->data);
     if (a->dealer)
         zmq_close(a->dealer); /* lingers up to DX_WIRE_LINGER_MS to deliver a Goodbye */
     if (a->zctx)
         zmq_ctx_term(a->zctx);
     free(a);
+}
+
+const char *wk_agent_data_addr(const wk_agent_t *a)
+{
+    return wk_data_addr(a->data);
 }

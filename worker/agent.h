@@ -1,9 +1,11 @@
 /* agent.h - the worker's control plane: registration with duplexd,
- * heartbeats, re-registration when duplexd restarts, and a clean goodbye.
+ * heartbeats, re-registration when duplexd restarts, job assignments and
+ * aborts, and a clean goodbye.
  *
- * The agent owns a libuv loop and a DEALER socket connected to duplexd. It
- * never blocks on compute; later the training runtime runs beside it in its
- * own thread.
+ * The agent owns a libuv loop, a DEALER socket connected to duplexd and the
+ * worker's data plane (worker/dataplane.h), whose address it registers. It
+ * never blocks on compute: an assignment runs in a runtime thread
+ * (worker/runtime.h) whose reports the agent forwards to duplexd.
  */
 #ifndef WK_AGENT_H
 #define WK_AGENT_H
@@ -16,7 +18,8 @@ struct wk_agent_config {
     const char *host;
     const char *node; /* node / NVLink domain for placement */
     int gpu;
-    const char *backend; /* "sim" or "cpu" */
+    const char *backend;     /* "sim" or "cpu" */
+    const char *data_listen; /* data-plane bind endpoint; NULL: WK_DATA_LISTEN_DEFAULT */
 };
 
 typedef struct wk_agent wk_agent_t;
@@ -27,12 +30,16 @@ typedef struct wk_agent wk_agent_t;
 
 int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *err, size_t errlen);
 
-/* Serves until SIGTERM/SIGINT (returns 0), until duplexd says another
+/* Serves until SIGTERM/SIGINT (returns 0; a running job is aborted and
+ * reported failed with "worker stopping" first), until duplexd says another
  * process took this id (WK_EXIT_REPLACED) or until it refuses the
  * registration (WK_EXIT_REFUSED). */
 int wk_agent_run(wk_agent_t *a);
 
 void wk_agent_destroy(wk_agent_t *a);
+
+/* The data-plane endpoint sent in Register.data_addr. */
+const char *wk_agent_data_addr(const wk_agent_t *a);
 
 /* The capabilities a backend reports at registration; NULL-terminated, or
  * NULL for a backend this build cannot run. */

@@ -10,11 +10,12 @@
 #include "common/version.h"
 #include "proto/envelope.h"
 #include "worker/agent.h"
+#include "worker/dataplane.h"
 
 #define DEFAULT_COORDINATOR "tcp://127.0.0.1:7700"
 
 static char *opt_config, *opt_coordinator, *opt_backend, *opt_id, *opt_host, *opt_node,
-    *opt_log_level;
+    *opt_data_listen, *opt_log_level;
 static int opt_gpu;
 
 static const struct dx_opt options[] = {
@@ -29,6 +30,8 @@ static const struct dx_opt options[] = {
     {"node", DX_OPT_STRING, &opt_node, NULL, 0, 0, 0, "NAME",
      "node / NVLink domain used by placement (default: the host name)"},
     {"gpu", DX_OPT_INT, &opt_gpu, NULL, 0, 0, 1023, "N", "local GPU index"},
+    {"data-listen", DX_OPT_STRING, &opt_data_listen, WK_DATA_LISTEN_DEFAULT, 0, 0, 0, "ADDR",
+     "data-plane endpoint to bind (PULL); with 0.0.0.0 or * the --host name is advertised"},
     {"log-level", DX_OPT_STRING, &opt_log_level, "info", 0, 0, 0, "LEVEL",
      "debug, info, warn or error"},
     {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
@@ -68,6 +71,7 @@ int main(int argc, char **argv)
         .node = opt_node ? opt_node : (opt_host ? opt_host : hostname),
         .gpu = opt_gpu,
         .backend = opt_backend,
+        .data_listen = opt_data_listen,
     };
     if (dx_worker_id_check(cfg.id, err, sizeof(err)) < 0) {
         fprintf(stderr, "duplex-worker: --id: %s\n", err);

@@ -1,6 +1,6 @@
 """duplexctl place (EPLB alone) and submit: spec errors name the field, a dry
-run shows the placement and the simulated schedule, and running jobs is
-refused clearly until it exists."""
+run shows the placement and the simulated schedule, and a job larger than
+the cluster is refused."""
 
 import json
 
@@ -108,12 +108,12 @@ def test_spec_errors_name_the_field(four_sim_workers, tmp_path, sets, field):
     assert field in result.stderr and "BAD_SPEC" in result.stderr, describe(result)
 
 
-def test_too_big_for_the_cluster_and_not_yet_runnable(four_sim_workers, tmp_path):
+def test_too_big_for_the_cluster(four_sim_workers, tmp_path):
     c = four_sim_workers
     big = submit(c, tmp_path, SPEC, "--dry-run", "--set", "parallel.dp=2")
     assert big.returncode == 1, describe(big)
     assert "needs 8 sim workers" in big.stderr and "has 4 alive" in big.stderr, describe(big)
-    run = submit(c, tmp_path, SPEC)
+    run = submit(c, tmp_path, SPEC, "--set", "parallel.dp=2")
     assert run.returncode == 1, describe(run)
-    assert "not implemented" in run.stderr, describe(run)
+    assert "needs 8 sim workers" in run.stderr and "NO_CAPACITY" in run.stderr, describe(run)
     assert c.duplexd.running()

@@ -1,0 +1,784 @@
+/* jobs.c - duplexd's jobs: states, queue, gang scheduling, reports (see
+ * jobs.h). */
+#include "coordinator/jobs.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "coordinator/placement.h"
+#include "coordinator/plan.h"
+#include "pipeline/simulate.h"
+#include "proto/envelope.h"
+
+#define JOB_REASON_LEN 256
+
+struct job_rank {
+    char worker_id[DX_MAX_ID_LEN + 1];
+    int dp, pp, ep;
+    uint64_t step; /* last step it reported */
+    int acked;
+    int done;
+};
+
+struct coord_job {
+    uint64_t id;
+    char *spec_json;
+    struct coord_jobspec spec;
+    enum coord_job_state state;
+    char reason[JOB_REASON_LEN]; /* of the last transition, or why it waits */
+    uint64_t step;               /* steps every rank has finished */
+    int64_t submitted_ms, started_ms, finished_ms;
+    uint32_t attempt;
+    struct job_rank *ranks;
+    int nranks, acks, dones;
+    int64_t placed_ms; /* when the assignments went out */
+    double sim_makespan_ms, sim_bubble_ms;
+};
+
+struct coord_jobs {
+    coord_store_t *store;
+    coord_registry_t *reg;
+    struct coord_jobs_io io;
+    struct coord_job **v; /* by id */
+    size_t n, cap;
+};
+
+static const char *const state_names[COORD_JOB_STATES] = {
+    "queued", "placing", "running", "succeeded", "failed", "cancelled", "recovering",
+};
+
+/* allowed[from][to] */
+static const unsigned char allowed[COORD_JOB_STATES][COORD_JOB_STATES] = {
+    [COORD_JOB_QUEUED] =
+        {[COORD_JOB_PLACING] = 1, [COORD_JOB_CANCELLED] = 1, [COORD_JOB_FAILED] = 1},
+    [COORD_JOB_PLACING] =
+        {[COORD_JOB_RUNNING] = 1, [COORD_JOB_FAILED] = 1, [COORD_JOB_CANCELLED] = 1},
+    [COORD_JOB_RUNNING] = {[COORD_JOB_SUCCEEDED] = 1,
+                           [COORD_JOB_FAILED] = 1,
+                           [COORD_JOB_CANCELLED] = 1,
+                           [COORD_JOB_RECOVERING] = 1},
+    [COORD_JOB_RECOVERING] =
+        {[COORD_JOB_PLACING] = 1, [COORD_JOB_FAILED] = 1, [COORD_JOB_CANCELLED] = 1},
+};
+
+const char *coord_job_state_name(enum coord_job_state s)
+{
+    return (unsigned)s < COORD_JOB_STATES ? state_names[s] : "?";
+}
+
+int coord_job_state_parse(const char *name, enum coord_job_state *out)
+{
+    for (int i = 0; i < COORD_JOB_STATES; i++) {
+        if (name && strcmp(name, state_names[i]) == 0) {
+            *out = (enum coord_job_state)i;
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+int coord_job_transition_allowed(enum coord_job_state from, enum coord_job_state to)
+{
+    if ((unsigned)from >= COORD_JOB_STATES || (unsigned)to >= COORD_JOB_STATES)
+        return 0;
+    return allowed[from][to];
+}
+
+static int job_is_over(const struct coord_job *j)
+{
+    return j->state == COORD_JOB_SUCCEEDED || j->state == COORD_JOB_FAILED ||
+           j->state == COORD_JOB_CANCELLED;
+}
+
+int coord_jobs_create(coord_store_t *store, coord_registry_t *reg, const struct coord_jobs_io *io,
+                      coord_jobs_t **out)
+{
+    coord_jobs_t *jobs = calloc(1, sizeof(*jobs));
+
+    if (!jobs)
+        return -ENOMEM;
+    jobs->store = store;
+    jobs->reg = reg;
+    jobs->io = *io;
+    *out = jobs;
+    return 0;
+}
+
+static void job_free(struct coord_job *j)
+{
+    if (!j)
+        return;
+    free(j->spec_json);
+    free(j->ranks);
+    free(j);
+}
+
+void coord_jobs_destroy(coord_jobs_t *jobs)
+{
+    if (!jobs)
+        return;
+    for (size_t i = 0; i < jobs->n; i++)
+        job_free(jobs->v[i]);
+    free(jobs->v);
+    free(jobs);
+}
+
+static struct coord_job *job_find(coord_jobs_t *jobs, uint64_t id)
+{
+    for (size_t i = 0; i < jobs->n; i++)
+        if (jobs->v[i]->id == id)
+            return jobs->v[i];
+    return NULL;
+}
+
+static int job_add(coord_jobs_t *jobs, struct coord_job *j)
+{
+    if (jobs->n == jobs->cap) {
+        size_t cap = jobs->cap ? 2 * jobs->cap : 16;
+        struct coord_job **v = realloc(jobs->v, cap * sizeof(*v));
+        if (!v)
+            return -ENOMEM;
+        jobs->v = v;
+        jobs->cap = cap;
+    }
+    jobs->v[jobs->n++] = j;
+    return 0;
+}
+
+static void job_persist(coord_jobs_t *jobs, const struct coord_job *j)
+{
+    struct coord_job_row row = {
+        .id = j->id,
+        .state = state_names[j->state],
+        .step = j->step,
+        .reason = j->reason,
+        .started_ms = j->started_ms,
+        .finished_ms = j->finished_ms,
+    };
+    if (coord_store_job_update(jobs->store, &row) < 0)
+        dx_error("could not store job %llu", (unsigned long long)j->id);
+}
+
+static void job_event(coord_jobs_t *jobs, const struct coord_job *j, const char *kind,
+                      const char *worker_id, int64_t now, const char *detail)
+{
+    if (coord_store_job_event(jobs->store, now, kind, worker_id, j->id, detail) < 0)
+        dx_error("could not record event %s of job %llu", kind, (unsigned long long)j->id);
+}
+
+/* Moves j to `to` with a reason: stored, with a "job_<state>" event. */
+static int job_set_state(coord_jobs_t *jobs, struct coord_job *j, enum coord_job_state to,
+                         int64_t now, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+static int job_set_state(coord_jobs_t *jobs, struct coord_job *j, enum coord_job_state to,
+                         int64_t now, const char *fmt, ...)
+{
+    char kind[32];
+    va_list ap;
+
+    if (!coord_job_transition_allowed(j->state, to)) {
+        dx_error("job %llu: %s -> %s is not a legal transition", (unsigned long long)j->id,
+                 state_names[j->state], state_names[to]);
+        return -EINVAL;
+    }
+    va_start(ap, fmt);
+    vsnprintf(j->reason, sizeof(j->reason), fmt, ap);
+    va_end(ap);
+    j->state = to;
+    if (to == COORD_JOB_RUNNING)
+        j->started_ms = now;
+    if (job_is_over(j))
+        j->finished_ms = now;
+    dx_info("job %llu: %s (%s)", (unsigned long long)j->id, state_names[to], j->reason);
+    job_persist(jobs, j);
+    snprintf(kind, sizeof(kind), "job_%s", state_names[to]);
+    job_event(jobs, j, kind, NULL, now, j->reason);
+    return 0;
+}
+
+/* Tells every rank that has not finished to stop. */
+static void job_abort_ranks(coord_jobs_t *jobs, struct coord_job *j, const char *reason)
+{
+    Duplex__AbortJob m = DUPLEX__ABORT_JOB__INIT;
+
+    m.job_id = j->id;
+    m.reason = (char *)reason;
+    for (int i = 0; i < j->nranks; i++) {
+        if (!j->ranks[i].done && jobs->io.send(jobs->io.arg, j->ranks[i].worker_id,
+                                               DUPLEX__MSG_TYPE__MSG_ABORT_JOB, &m.base) < 0)
+            dx_debug("abort of job %llu not delivered to %s", (unsigned long long)j->id,
+                     j->ranks[i].worker_id);
+    }
+}
+
+/* Ends a job that has not ended, stopping its ranks. */
+static void job_end(coord_jobs_t *jobs, struct coord_job *j, enum coord_job_state to, int64_t now,
+                    const char *reason)
+{
+    if (job_is_over(j) || job_set_state(jobs, j, to, now, "%s", reason) < 0)
+        return;
+    job_abort_ranks(jobs, j, reason);
+    /* a rank that never acknowledged never started: it is free now */
+    for (int i = 0; i < j->nranks; i++) {
+        struct coord_worker *w = coord_registry_find(jobs->reg, j->ranks[i].worker_id);
+        if (!j->ranks[i].acked && !j->ranks[i].done) {
+            j->ranks[i].done = 1;
+            if (w && w->assigned_job == j->id)
+                w->assigned_job = 0;
+        }
+    }
+}
+
+/* ---- load, submit --------------------------------------------------------- */
+
+struct load_ctx {
+    coord_jobs_t *jobs;
+    int64_t now;
+    int rc;
+};
+
+static int load_one(const struct coord_job_row *row, void *arg)
+{
+    struct load_ctx *ctx = arg;
+    struct coord_job *j = calloc(1, sizeof(*j));
+    char err[512];
+
+    if (!j || !(j->spec_json = strdup(row->spec)) || job_add(ctx->jobs, j) < 0) {
+        job_free(j);
+        return -ENOMEM;
+    }
+    j->id = row->id;
+    j->step = row->step;
+    j->submitted_ms = row->submitted_ms;
+    j->started_ms = row->started_ms;
+    j->finished_ms = row->finished_ms;
+    snprintf(j->reason, sizeof(j->reason), "%s", row->reason ? row->reason : "");
+    if (coord_job_state_parse(row->state, &j->state) < 0)
+        j->state = COORD_JOB_FAILED;
+    if (coord_jobspec_parse(j->spec_json, strlen(j->spec_json), NULL, 0, &j->spec, err,
+                            sizeof(err)) < 0) {
+        snprintf(j->spec.name, sizeof(j->spec.name), "%s", row->name ? row->name : "?");
+        if (!job_is_over(j))
+            job_set_state(ctx->jobs, j, COORD_JOB_FAILED, ctx->now,
+                          "its stored spec is no longer valid: %s", err);
+        return 0;
+    }
+    if (j->state == COORD_JOB_PLACING || j->state == COORD_JOB_RUNNING ||
+        j->state == COORD_JOB_RECOVERING)
+        job_set_state(ctx->jobs, j, COORD_JOB_FAILED, ctx->now,
+                      "duplexd restarted while the job was %s (recovery is not built yet)",
+                      state_names[j->state]);
+    return 0;
+}
+
+int coord_jobs_load(coord_jobs_t *jobs, int64_t now_wall)
+{
+    struct load_ctx ctx = {jobs, now_wall, 0};
+    return coord_store_jobs_each(jobs->store, load_one, &ctx);
+}
+
+/* Workers of the backend the cluster has at all (alive or not, not gone). */
+static size_t cluster_size(coord_jobs_t *jobs, const char *backend)
+{
+    struct coord_worker **ws = NULL;
+    int n = coord_registry_list(jobs->reg, &ws);
+    size_t count = 0;
+
+    for (int i = 0; i < n; i++)
+        count += ws[i]->state != COORD_WORKER_LEFT && strcmp(ws[i]->backend, backend) == 0;
+    free(ws);
+    return count;
+}
+
+int coord_jobs_submit(coord_jobs_t *jobs, const char *spec_json, const struct coord_jobspec *spec,
+                      int64_t now_wall, uint64_t *id, char *err, size_t errlen)
+{
+    struct coord_job_row row = {
+        .name = spec->name,
+        .spec = spec_json,
+        .backend = spec->backend,
+        .priority = spec->priority,
+        .workers = coord_jobspec_workers(spec),
+        .steps = (uint64_t)spec->train.steps,
+        .submitted_ms = now_wall,
+    };
+    size_t have = cluster_size(jobs, spec->backend);
+    struct coord_job *j;
+    char detail[256];
+
+    if ((size_t)row.workers > have) {
+        snprintf(err, errlen,
+                 "the job needs %d %s workers (pp %d x ep %d x dp %d); the cluster has %zu",
+                 row.workers, spec->backend, spec->parallel.pp, spec->parallel.ep,
+                 spec->parallel.dp, have);
+        return -ENOSPC;
+    }
+    j = calloc(1, sizeof(*j));
+    if (!j || !(j->spec_json = strdup(spec_json)) || job_add(jobs, j) < 0) {
+        job_free(j);
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    if (coord_store_job_insert(jobs->store, &row, &j->id) < 0) {
+        jobs->n--;
+        job_free(j);
+        snprintf(err, errlen, "could not store the job");
+        return -EIO;
+    }
+    j->spec = *spec;
+    j->state = COORD_JOB_QUEUED;
+    j->submitted_ms = now_wall;
+    snprintf(detail, sizeof(detail), "%s: %d %s workers, %s, %d steps", spec->name, row.workers,
+             spec->backend, dp_sched_kind_name(spec->parallel.schedule), spec->train.steps);
+    job_event(jobs, j, "job_queued", NULL, now_wall, detail);
+    snprintf(j->reason, sizeof(j->reason), "submitted");
+    *id = j->id;
+    return 0;
+}
+
+/* ---- scheduling ----------------------------------------------------------- */
+
+/* The simulated makespan and bubble of the job's schedule at its sim costs,
+ * for status to compare with what the workers measure. */
+static void job_simulate(struct coord_job *j)
+{
+    struct dp_costs c;
+    struct dp_sim_result r = {0};
+    dp_sched_t *s = NULL;
+    char err[256];
+
+    dp_costs_default(&c);
+    c.f = j->spec.sim.f;
+    c.b = j->spec.sim.b;
+    c.w = j->spec.sim.w;
+    c.i = j->spec.sim.b - j->spec.sim.w;
+    c.fb = j->spec.sim.fb;
+    if (dp_sched_generate(j->spec.parallel.schedule, j->spec.parallel.pp,
+                          j->spec.parallel.microbatches, &s, err, sizeof(err)) == 0 &&
+        dp_simulate(s, &c, &r, err, sizeof(err)) == 0) {
+        j->sim_makespan_ms = r.makespan;
+        j->sim_bubble_ms = r.bubble;
+    }
+    dp_sim_result_clear(&r);
+    dp_sched_destroy(s);
+}
+
+/* Builds and sends every rank's Assignment. */
+static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
+                                const struct coord_eplb_plan *experts)
+{
+    Duplex__Peer *peers = calloc((size_t)j->nranks, sizeof(*peers));
+    Duplex__Peer **peer_ptrs = calloc((size_t)j->nranks, sizeof(*peer_ptrs));
+    int per_gpu = experts->replicas / j->spec.parallel.ep, rc = -ENOMEM;
+    int32_t *slots = calloc((size_t)per_gpu + 1, sizeof(int32_t));
+
+    if (!peers || !peer_ptrs || !slots)
+        goto out;
+    for (int i = 0; i < j->nranks; i++) {
+        struct coord_worker *w = coord_registry_find(jobs->reg, j->ranks[i].worker_id);
+        duplex__peer__init(&peers[i]);
+        peers[i].dp = j->ranks[i].dp;
+        peers[i].pp = j->ranks[i].pp;
+        peers[i].ep = j->ranks[i].ep;
+        peers[i].worker_id = j->ranks[i].worker_id;
+        peers[i].data_addr = w && w->data_addr ? w->data_addr : "";
+        peer_ptrs[i] = &peers[i];
+    }
+    rc = 0;
+    for (int i = 0; i < j->nranks; i++) {
+        Duplex__Assignment a = DUPLEX__ASSIGNMENT__INIT;
+        int stages[2];
+
+        a.job_id = j->id;
+        a.attempt = j->attempt;
+        a.schedule = (char *)dp_sched_kind_name(j->spec.parallel.schedule);
+        a.pp = j->spec.parallel.pp;
+        a.ep = j->spec.parallel.ep;
+        a.dp = j->spec.parallel.dp;
+        a.microbatches = j->spec.parallel.microbatches;
+        a.steps = (uint64_t)j->spec.train.steps;
+        a.pp_rank = j->ranks[i].pp;
+        a.ep_rank = j->ranks[i].ep;
+        a.dp_rank = j->ranks[i].dp;
+        a.n_stages = (size_t)coord_plan_stages(&j->spec, j->ranks[i].pp, stages);
+        a.stages = stages;
+        for (int k = 0; k < per_gpu; k++)
+            slots[k] = experts->phy2log[j->ranks[i].ep * per_gpu + k];
+        a.experts = slots;
+        a.n_experts = (size_t)per_gpu;
+        a.cost_f_ms = j->spec.sim.f;
+        a.cost_b_ms = j->spec.sim.b;
+        a.cost_w_ms = j->spec.sim.w;
+        a.cost_fb_ms = j->spec.sim.fb;
+        a.peers = peer_ptrs;
+        a.n_peers = (size_t)j->nranks;
+        a.checkpoint = "";
+        if (jobs->io.send(jobs->io.arg, j->ranks[i].worker_id, DUPLEX__MSG_TYPE__MSG_ASSIGNMENT,
+                          &a.base) < 0) {
+            rc = -EHOSTUNREACH;
+            break;
+        }
+    }
+out:
+    free(slots);
+    free(peer_ptrs);
+    free(peers);
+    return rc;
+}
+
+/* Places j on free slots and sends its assignments. */
+static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord_slot *slots,
+                     size_t n, int64_t now)
+{
+    struct coord_placement place = {0};
+    struct coord_eplb_plan experts = {0};
+    int pp = j->spec.parallel.pp, ep = j->spec.parallel.ep, dp = j->spec.parallel.dp;
+    char err[512];
+    int rc;
+
+    if ((rc = coord_place(slots, n, pp, ep, dp, &place, err, sizeof(err))) < 0 ||
+        (rc = coord_plan_experts(&j->spec, &experts, err, sizeof(err))) < 0) {
+        job_set_state(jobs, j, COORD_JOB_FAILED, now, "placement failed: %s", err);
+        goto out;
+    }
+    free(j->ranks);
+    j->nranks = pp * ep * dp;
+    j->ranks = calloc((size_t)j->nranks, sizeof(*j->ranks));
+    if (!j->ranks) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    for (int d = 0, i = 0; d < dp; d++)
+        for (int s = 0; s < pp; s++)
+            for (int e = 0; e < ep; e++, i++) {
+                const struct coord_slot *slot = &slots[coord_placement_at(&place, d, s, e)];
+                struct coord_worker *w = coord_registry_find(jobs->reg, slot->worker_id);
+                snprintf(j->ranks[i].worker_id, sizeof(j->ranks[i].worker_id), "%s",
+                         slot->worker_id);
+                j->ranks[i].dp = d;
+                j->ranks[i].pp = s;
+                j->ranks[i].ep = e;
+                w->assigned_job = j->id;
+            }
+    j->acks = j->dones = 0;
+    j->attempt++;
+    j->placed_ms = now;
+    job_simulate(j);
+    job_set_state(jobs, j, COORD_JOB_PLACING, now, "placed on %d workers (%d EP groups span nodes)",
+                  j->nranks, place.split_groups);
+    if (job_send_assignments(jobs, j, &experts) < 0)
+        job_end(jobs, j, COORD_JOB_FAILED, now, "an assignment could not be delivered");
+out:
+    coord_eplb_plan_clear(&experts);
+    coord_placement_clear(&place);
+    return rc;
+}
+
+/* The queued job to consider next: highest priority, then oldest. */
+static struct coord_job *queue_head(coord_jobs_t *jobs)
+{
+    struct coord_job *best = NULL;
+
+    for (size_t i = 0; i < jobs->n; i++) {
+        struct coord_job *j = jobs->v[i];
+        if (j->state != COORD_JOB_QUEUED)
+            continue;
+        if (!best || j->spec.priority > best->spec.priority ||
+            (j->spec.priority == best->spec.priority && j->id < best->id))
+            best = j;
+    }
+    return best;
+}
+
+void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall)
+{
+    struct coord_job *j;
+
+    while ((j = queue_head(jobs))) {
+        struct coord_worker **ws = NULL;
+        struct coord_slot *slots;
+        int n = coord_registry_list(jobs->reg, &ws);
+        size_t free_n = 0, need = (size_t)coord_jobspec_workers(&j->spec);
+
+        slots = n >= 0 ? calloc((size_t)n + 1, sizeof(*slots)) : NULL;
+        for (int i = 0; slots && i < n; i++)
+            if (coord_worker_is_free(ws[i]) && strcmp(ws[i]->backend, j->spec.backend) == 0)
+                slots[free_n++] = (struct coord_slot){ws[i]->id, ws[i]->node, ws[i]->gpu};
+        if (!slots || free_n < need) {
+            snprintf(j->reason, sizeof(j->reason), "waiting for %zu free %s workers (%zu free now)",
+                     need, j->spec.backend, free_n);
+            free(slots);
+            free(ws);
+            return; /* the head of the queue holds the rest: no overtaking */
+        }
+        job_start(jobs, j, slots, free_n, now_wall);
+        free(slots);
+        free(ws);
+    }
+}
+
+int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, char *err, size_t errlen)
+{
+    struct coord_job *j = job_find(jobs, id);
+
+    if (!j) {
+        snprintf(err, errlen, "no job %llu", (unsigned long long)id);
+        return -ENOENT;
+    }
+    if (job_is_over(j)) {
+        snprintf(err, errlen, "job %llu already %s", (unsigned long long)id, state_names[j->state]);
+        return -EALREADY;
+    }
+    job_end(jobs, j, COORD_JOB_CANCELLED, now_wall, "cancelled by the user");
+    return 0;
+}
+
+/* ---- what workers say ----------------------------------------------------- */
+
+static struct job_rank *rank_of(struct coord_job *j, const char *worker_id)
+{
+    for (int i = 0; j && i < j->nranks; i++)
+        if (strcmp(j->ranks[i].worker_id, worker_id) == 0)
+            return &j->ranks[i];
+    return NULL;
+}
+
+int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__AssignmentAck *m,
+                      int64_t now_wall)
+{
+    struct coord_job *j = job_find(jobs, m->job_id);
+    struct job_rank *r = rank_of(j, worker_id);
+    char reason[JOB_REASON_LEN];
+
+    if (!r)
+        return -ENOENT;
+    if (r->acked || job_is_over(j))
+        return 0;
+    r->acked = 1;
+    if (!m->ok) {
+        snprintf(reason, sizeof(reason), "worker %s refused its assignment: %.180s", worker_id,
+                 m->error);
+        struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
+        r->done = 1; /* it runs nothing */
+        if (w && w->assigned_job == j->id)
+            w->assigned_job = 0;
+        job_end(jobs, j, COORD_JOB_FAILED, now_wall, reason);
+        coord_jobs_schedule(jobs, now_wall);
+        return 0;
+    }
+    if (++j->acks == j->nranks && j->state == COORD_JOB_PLACING)
+        job_set_state(jobs, j, COORD_JOB_RUNNING, now_wall, "all %d workers started", j->nranks);
+    return 0;
+}
+
+int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex__StepReport *m,
+                         int64_t now_wall)
+{
+    struct coord_job *j = job_find(jobs, m->job_id);
+    struct job_rank *r = rank_of(j, worker_id);
+    struct coord_step_metric metric = {
+        .step = m->step,
+        .loss = m->loss,
+        .step_ms = m->step_ms,
+        .tokens_per_s = m->tokens_per_s,
+        .compute_ms = m->compute_ms,
+        .wait_ms = m->wait_ms,
+    };
+    uint64_t min = UINT64_MAX;
+
+    if (!r)
+        return -ENOENT;
+    r->step = m->step;
+    if (coord_store_metric(jobs->store, j->id, worker_id, now_wall, &metric) < 0)
+        dx_error("could not store a step report of job %llu", (unsigned long long)j->id);
+    for (int i = 0; i < j->nranks; i++)
+        min = j->ranks[i].step < min ? j->ranks[i].step : min;
+    if (min != j->step) {
+        j->step = min;
+        job_persist(jobs, j);
+    }
+    return 0;
+}
+
+int coord_jobs_on_done(coord_jobs_t *jobs, const char *worker_id, const Duplex__JobDone *m,
+                       int64_t now_wall)
+{
+    struct coord_job *j = job_find(jobs, m->job_id);
+    struct job_rank *r = rank_of(j, worker_id);
+    struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
+    char reason[JOB_REASON_LEN];
+
+    if (!r)
+        return -ENOENT;
+    if (r->done)
+        return 0;
+    r->done = 1;
+    if (w && w->assigned_job == j->id)
+        w->assigned_job = 0;
+    if (!job_is_over(j)) {
+        if (!m->ok) {
+            snprintf(reason, sizeof(reason), "worker %s: %.200s", worker_id, m->error);
+            job_end(jobs, j, COORD_JOB_FAILED, now_wall, reason);
+        } else if (++j->dones == j->nranks) {
+            job_set_state(jobs, j, COORD_JOB_SUCCEEDED, now_wall,
+                          "all %d workers finished %llu steps", j->nranks,
+                          (unsigned long long)m->steps);
+        }
+    }
+    coord_jobs_schedule(jobs, now_wall);
+    return 0;
+}
+
+void coord_jobs_on_worker_gone(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall)
+{
+    struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
+    struct coord_job *j = w ? job_find(jobs, w->assigned_job) : NULL;
+    struct job_rank *r = rank_of(j, worker_id);
+    char reason[JOB_REASON_LEN];
+
+    if (!w || !w->assigned_job)
+        return;
+    w->assigned_job = 0;
+    if (r)
+        r->done = 1;
+    if (j && !job_is_over(j)) {
+        snprintf(reason, sizeof(reason), "worker %s is %s", worker_id,
+                 coord_worker_state_name(w->state));
+        job_end(jobs, j, COORD_JOB_FAILED, now_wall, reason);
+    }
+    coord_jobs_schedule(jobs, now_wall);
+}
+
+/* ---- status --------------------------------------------------------------- */
+
+static json_t *job_summary(const struct coord_job *j)
+{
+    return json_pack("{s:I, s:s, s:s, s:s, s:i, s:i, s:I, s:i, s:s, s:I, s:I, s:I}", "id",
+                     (json_int_t)j->id, "name", j->spec.name, "state", state_names[j->state],
+                     "backend", j->spec.backend, "priority", j->spec.priority, "workers",
+                     coord_jobspec_workers(&j->spec), "step", (json_int_t)j->step, "steps",
+                     j->spec.train.steps, "reason", j->reason, "submitted_ms",
+                     (json_int_t)j->submitted_ms, "started_ms", (json_int_t)j->started_ms,
+                     "finished_ms", (json_int_t)j->finished_ms);
+}
+
+struct steps_ctx {
+    json_t *losses;
+    struct coord_step_metric last;
+    double last_bubble_ms;
+};
+
+static int add_step(const struct coord_step_metric *m, int reports, void *arg)
+{
+    struct steps_ctx *ctx = arg;
+    (void)reports;
+    json_array_append_new(ctx->losses,
+                          json_pack("{s:I, s:f}", "step", (json_int_t)m->step, "loss", m->loss));
+    ctx->last = *m;
+    ctx->last_bubble_ms = m->step_ms - m->compute_ms;
+    return 0;
+}
+
+static json_t *job_detail(coord_jobs_t *jobs, const struct coord_job *j)
+{
+    json_t *o = job_summary(j), *ranks = json_array();
+    struct steps_ctx ctx = {.losses = json_array()};
+
+    if (!o || !ranks || !ctx.losses)
+        goto fail;
+    json_object_set_new(o, "schedule", json_string(dp_sched_kind_name(j->spec.parallel.schedule)));
+    json_object_set_new(o, "pp", json_integer(j->spec.parallel.pp));
+    json_object_set_new(o, "ep", json_integer(j->spec.parallel.ep));
+    json_object_set_new(o, "dp", json_integer(j->spec.parallel.dp));
+    json_object_set_new(o, "microbatches", json_integer(j->spec.parallel.microbatches));
+    json_object_set_new(o, "attempt", json_integer(j->attempt));
+    for (int i = 0; i < j->nranks; i++)
+        json_array_append_new(ranks, json_pack("{s:s, s:i, s:i, s:i, s:I, s:b, s:b}", "worker",
+                                               j->ranks[i].worker_id, "dp", j->ranks[i].dp, "pp",
+                                               j->ranks[i].pp, "ep", j->ranks[i].ep, "step",
+                                               (json_int_t)j->ranks[i].step, "acked",
+                                               j->ranks[i].acked, "done", j->ranks[i].done));
+    json_object_set_new(o, "ranks", ranks);
+    ranks = NULL;
+    coord_store_job_steps_each(jobs->store, j->id, add_step, &ctx);
+    json_object_set_new(o, "losses", ctx.losses);
+    json_object_set_new(o, "last_step_ms", json_real(ctx.last.step_ms));
+    json_object_set_new(o, "tokens_per_s", json_real(ctx.last.tokens_per_s));
+    json_object_set_new(o, "bubble",
+                        json_pack("{s:f, s:f, s:f}", "simulated_ms", j->sim_bubble_ms,
+                                  "simulated_step_ms", j->sim_makespan_ms, "measured_ms",
+                                  ctx.last_bubble_ms));
+    return o;
+fail:
+    json_decref(ranks);
+    json_decref(ctx.losses);
+    json_decref(o);
+    return NULL;
+}
+
+json_t *coord_jobs_status(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, int *rc)
+{
+    json_t *arr;
+    (void)now_wall;
+
+    *rc = 0;
+    if (id) {
+        struct coord_job *j = job_find(jobs, id);
+        json_t *o;
+        if (!j) {
+            *rc = -ENOENT;
+            return NULL;
+        }
+        o = job_detail(jobs, j);
+        if (!o)
+            *rc = -ENOMEM;
+        return o;
+    }
+    arr = json_array();
+    for (size_t i = 0; arr && i < jobs->n; i++)
+        json_array_append_new(arr, job_summary(jobs->v[i]));
+    if (!arr)
+        *rc = -ENOMEM;
+    return arr ? json_pack("{s:o}", "jobs", arr) : NULL;
+}
+
+void coord_jobs_check_timeouts(coord_jobs_t *jobs, int64_t now_wall, int64_t ack_timeout_ms)
+{
+    for (size_t i = 0; i < jobs->n; i++) {
+        struct coord_job *j = jobs->v[i];
+        char reason[JOB_REASON_LEN];
+
+        if (j->state != COORD_JOB_PLACING || now_wall - j->placed_ms < ack_timeout_ms)
+            continue;
+        for (int k = 0; k < j->nranks; k++) {
+            if (!j->ranks[k].acked) {
+                snprintf(reason, sizeof(reason),
+                         "worker %s did not acknowledge its assignment "
+                         "within %lld ms",
+                         j->ranks[k].worker_id, (long long)ack_timeout_ms);
+                break;
+            }
+        }
+        job_end(jobs, j, COORD_JOB_FAILED, now_wall, reason);
+    }
+}
+
+void coord_jobs_on_idle(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall)
+{
+    struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
+    struct coord_job *j = w && w->assigned_job ? job_find(jobs, w->assigned_job) : NULL;
+    struct job_rank *r = rank_of(j, worker_id);
+
+    /* a worker that says it is idle while duplexd holds it for a job that
+     * has ended (its JobDone was lost) is free again */
+    if (!j || !job_is_over(j))
+        return;
+    if (r)
+        r->done = 1;
+    w->assigned_job = 0;
+    coord_jobs_schedule(jobs, now_wall);
+}

@@ -1,0 +1,106 @@
+/* jobs.h - duplexd's jobs: their states, the queue, gang scheduling, and
+ * what workers report about them.
+ *
+ *   queued -> placing -> running -> succeeded
+ *      |         |          |---> failed
+ *      |         |          |---> cancelled
+ *      |         |          '---> recovering -> placing | failed | cancelled
+ *      |         '--> failed | cancelled
+ *      '--> cancelled
+ *
+ * Every transition is stored (jobs row) with an event naming the reason. A
+ * job starts only when pp x ep x dp free workers of its backend exist, all
+ * at once; the queue is ordered by priority (higher first), then by
+ * submission, and a job that does not fit holds the ones behind it (no
+ * overtaking), with the reason it waits kept for `status`.
+ *
+ * The module sends nothing itself: it asks its owner through coord_jobs_io
+ * to deliver Assignments and AbortJobs to workers.
+ */
+#ifndef COORD_JOBS_H
+#define COORD_JOBS_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "coordinator/jobspec.h"
+#include "coordinator/registry.h"
+#include "coordinator/store.h"
+#include "proto/duplex.pb-c.h"
+
+enum coord_job_state {
+    COORD_JOB_QUEUED,
+    COORD_JOB_PLACING,
+    COORD_JOB_RUNNING,
+    COORD_JOB_SUCCEEDED,
+    COORD_JOB_FAILED,
+    COORD_JOB_CANCELLED,
+    COORD_JOB_RECOVERING,
+};
+
+#define COORD_JOB_STATES 7
+
+const char *coord_job_state_name(enum coord_job_state s);
+int coord_job_state_parse(const char *name, enum coord_job_state *out);
+
+/* Whether the state machine allows from -> to. */
+int coord_job_transition_allowed(enum coord_job_state from, enum coord_job_state to);
+
+/* How the jobs module reaches workers. send returns 0 or -errno. */
+struct coord_jobs_io {
+    int (*send)(void *arg, const char *worker_id, Duplex__MsgType type,
+                const ProtobufCMessage *body);
+    void *arg;
+};
+
+typedef struct coord_jobs coord_jobs_t;
+
+int coord_jobs_create(coord_store_t *store, coord_registry_t *reg, const struct coord_jobs_io *io,
+                      coord_jobs_t **out);
+void coord_jobs_destroy(coord_jobs_t *jobs);
+
+/* Loads stored jobs. Queued jobs stay queued; jobs that were placing,
+ * running or recovering when duplexd stopped are failed with that reason
+ * (recovery restarts come with the recovery issue). */
+int coord_jobs_load(coord_jobs_t *jobs, int64_t now_wall);
+
+/* Queues a validated spec (spec_json is stored as given). Returns 0 with
+ * *id, or -ENOSPC when the cluster has fewer workers of the backend than the
+ * job needs (err says so). */
+int coord_jobs_submit(coord_jobs_t *jobs, const char *spec_json, const struct coord_jobspec *spec,
+                      int64_t now_wall, uint64_t *id, char *err, size_t errlen);
+
+/* Starts what can start now. Call after anything that frees workers or
+ * queues jobs. */
+void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall);
+
+/* Cancels a job that has not ended. Returns 0, -ENOENT or -EALREADY (it
+ * ended already; err says how). */
+int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, char *err, size_t errlen);
+
+/* What workers say. Each returns 0, or -ENOENT when the worker has no such
+ * job (a stale message, logged by the caller). */
+int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__AssignmentAck *m,
+                      int64_t now_wall);
+int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex__StepReport *m,
+                         int64_t now_wall);
+int coord_jobs_on_done(coord_jobs_t *jobs, const char *worker_id, const Duplex__JobDone *m,
+                       int64_t now_wall);
+
+/* A worker was lost or left: its job fails (recovery comes later). */
+void coord_jobs_on_worker_gone(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall);
+
+/* Fails jobs whose workers did not all acknowledge their assignments
+ * within ack_timeout_ms. Call periodically. */
+void coord_jobs_check_timeouts(coord_jobs_t *jobs, int64_t now_wall, int64_t ack_timeout_ms);
+
+/* A worker reported itself idle: if duplexd still holds it for a job that
+ * has ended, it is freed. */
+void coord_jobs_on_idle(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall);
+
+/* JSON for `duplexctl status`: every job (id 0) or one job in detail.
+ * Returns a new reference, or NULL with -ENOENT/-ENOMEM in *rc. */
+json_t *coord_jobs_status(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, int *rc);
+
+#endif

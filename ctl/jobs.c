@@ -1,0 +1,358 @@
+/* jobs.c - duplexctl's job commands: status, events, cancel, drain and
+ * undrain. Each asks duplexd one question and prints the answer as a table
+ * (or, with --json, as duplexd's JSON). */
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/opts.h"
+#include "ctl/client.h"
+#include "ctl/ctl.h"
+
+#define WATCH_INTERVAL_US 1000000
+
+/* Options every job command takes. */
+struct job_cmd {
+    char *coordinator;
+    int timeout_s;
+    bool json;
+    bool watch;
+};
+
+#define JOB_CMD_OPTIONS(c)                                                                         \
+    {"coordinator", DX_OPT_STRING, &(c).coordinator, NULL, 0, 0, 0, "ADDR", "duplexd endpoint"},   \
+    {                                                                                              \
+        "timeout", DX_OPT_INT, &(c).timeout_s, NULL, 0, 1, 3600, "SECONDS", "how long to wait"     \
+    }
+
+static int call(struct ctl_globals *g, Duplex__MsgType type, const ProtobufCMessage *body,
+                Duplex__MsgType reply_type, struct dx_msg *reply, const char *prog)
+{
+    ctl_client_t *client = NULL;
+    char err[1024];
+    int rc;
+
+    rc = ctl_client_create(g->coordinator, g->timeout_s * 1000, &client, err, sizeof(err));
+    if (rc == 0)
+        rc = ctl_client_call(client, type, body, reply_type, reply, err, sizeof(err));
+    if (rc < 0)
+        fprintf(stderr, "%s: %s\n", prog, err);
+    ctl_client_destroy(client);
+    return rc;
+}
+
+static void format_time(int64_t ms, char *buf, size_t len)
+{
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+
+    if (ms <= 0) {
+        snprintf(buf, len, "-");
+        return;
+    }
+    localtime_r(&t, &tm);
+    strftime(buf, len, "%H:%M:%S", &tm);
+}
+
+static const char *str(json_t *o, const char *key)
+{
+    const char *s = json_string_value(json_object_get(o, key));
+    return s ? s : "";
+}
+
+static long long num(json_t *o, const char *key)
+{
+    return (long long)json_integer_value(json_object_get(o, key));
+}
+
+static void print_jobs(json_t *doc)
+{
+    json_t *jobs = json_object_get(doc, "jobs"), *j;
+    size_t i;
+
+    if (json_array_size(jobs) == 0) {
+        printf("no jobs\n");
+        return;
+    }
+    printf("%5s  %-16s %-10s %-7s %7s %11s  %-8s  %s\n", "ID", "NAME", "STATE", "BACKEND",
+           "WORKERS", "STEP", "STARTED", "REASON");
+    json_array_foreach (jobs, i, j) {
+        char started[16], step[32];
+        format_time(num(j, "started_ms"), started, sizeof(started));
+        snprintf(step, sizeof(step), "%lld/%lld", num(j, "step"), num(j, "steps"));
+        printf("%5lld  %-16.16s %-10s %-7s %7lld %11s  %-8s  %s\n", num(j, "id"), str(j, "name"),
+               str(j, "state"), str(j, "backend"), num(j, "workers"), step, started,
+               str(j, "reason"));
+    }
+}
+
+static void print_job(json_t *j)
+{
+    json_t *ranks = json_object_get(j, "ranks"), *losses = json_object_get(j, "losses"), *r;
+    json_t *bubble = json_object_get(j, "bubble");
+    size_t i;
+
+    printf("job %lld \"%s\": %s (%s)\n", num(j, "id"), str(j, "name"), str(j, "state"),
+           str(j, "reason"));
+    printf("  %s, pp %lld x ep %lld x dp %lld, %lld micro-batches, backend %s, attempt %lld\n",
+           str(j, "schedule"), num(j, "pp"), num(j, "ep"), num(j, "dp"), num(j, "microbatches"),
+           str(j, "backend"), num(j, "attempt"));
+    printf("  step %lld of %lld; last step %.1f ms, %.1f micro-batches/s\n", num(j, "step"),
+           num(j, "steps"), json_number_value(json_object_get(j, "last_step_ms")),
+           json_number_value(json_object_get(j, "tokens_per_s")));
+    printf("  bubble: measured %.1f ms, simulated %.1f ms (simulated step %.1f ms)\n",
+           json_number_value(json_object_get(bubble, "measured_ms")),
+           json_number_value(json_object_get(bubble, "simulated_ms")),
+           json_number_value(json_object_get(bubble, "simulated_step_ms")));
+    if (json_array_size(losses)) {
+        json_t *last = json_array_get(losses, json_array_size(losses) - 1);
+        printf("  loss at step %lld: %.4f\n", num(last, "step"),
+               json_number_value(json_object_get(last, "loss")));
+    }
+    printf("\n  %-24s %3s %3s %3s %8s  %s\n", "WORKER", "DP", "PP", "EP", "STEP", "STATE");
+    json_array_foreach (ranks, i, r) {
+        printf("  %-24s %3lld %3lld %3lld %8lld  %s\n", str(r, "worker"), num(r, "dp"),
+               num(r, "pp"), num(r, "ep"), num(r, "step"),
+               json_is_true(json_object_get(r, "done"))    ? "done"
+               : json_is_true(json_object_get(r, "acked")) ? "running"
+                                                           : "starting");
+    }
+}
+
+/* Fetches status (one job or all) into *doc. Returns 0 or -errno. */
+int ctl_job_status(struct ctl_globals *g, uint64_t id, json_t **doc, const char *prog)
+{
+    Duplex__JobStatus req = DUPLEX__JOB_STATUS__INIT;
+    struct dx_msg reply = {0};
+    json_error_t jerr;
+    int rc;
+
+    req.job_id = id;
+    rc = call(g, DUPLEX__MSG_TYPE__MSG_JOB_STATUS, &req.base,
+              DUPLEX__MSG_TYPE__MSG_JOB_STATUS_REPLY, &reply, prog);
+    if (rc < 0)
+        return rc;
+    *doc = json_loads(((const Duplex__JobStatusReply *)reply.body)->json, 0, &jerr);
+    dx_msg_clear(&reply);
+    if (!*doc) {
+        fprintf(stderr, "%s: duplexd sent bad JSON: %s\n", prog, jerr.text);
+        return -EPROTO;
+    }
+    return 0;
+}
+
+static int parse_job_id(const char *text, uint64_t *id, const char *prog)
+{
+    char *end;
+    unsigned long long v = strtoull(text, &end, 10);
+
+    if (*text == '\0' || *end != '\0' || v == 0) {
+        fprintf(stderr, "%s: \"%s\" is not a job id (a positive number)\n", prog, text);
+        return -EINVAL;
+    }
+    *id = v;
+    return 0;
+}
+
+int ctl_cmd_status(struct ctl_globals *g, int argc, char **argv)
+{
+    struct job_cmd c = {0};
+    const struct dx_opt options[] = {
+        {"json", DX_OPT_FLAG, &c.json, NULL, 0, 0, 0, NULL, "print duplexd's JSON"},
+        {"watch", DX_OPT_FLAG, &c.watch, NULL, 0, 0, 0, NULL, "repeat every second"},
+        JOB_CMD_OPTIONS(c),
+        {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
+    };
+    const struct dx_cli cli = {
+        .prog = "duplexctl status",
+        .synopsis = "duplexctl status [JOB] [--json] [--watch]\n\n"
+                    "Shows every job, or one job in detail: state, step, loss, rate, ranks,\n"
+                    "bubble measured against simulated. Example: duplexctl status 3",
+    };
+    const char *arg = dx_opts_take_arg(options, &argc, argv);
+    uint64_t id = 0;
+    int status;
+
+    if (!dx_opts_cli(options, &cli, argc, argv, NULL, &status))
+        goto out;
+    status = CTL_EXIT_USAGE;
+    if (arg && parse_job_id(arg, &id, cli.prog) < 0)
+        goto out;
+    ctl_globals_override(g, c.coordinator, c.timeout_s);
+    status = CTL_EXIT_FAIL;
+    for (;;) {
+        json_t *doc = NULL;
+        if (ctl_job_status(g, id, &doc, cli.prog) < 0)
+            goto out;
+        if (c.json) {
+            json_dumpf(doc, stdout, JSON_INDENT(2));
+            putchar('\n');
+        } else if (id) {
+            print_job(doc);
+        } else {
+            print_jobs(doc);
+        }
+        json_decref(doc);
+        fflush(stdout);
+        if (!c.watch)
+            break;
+        usleep(WATCH_INTERVAL_US);
+        printf("\n");
+    }
+    status = CTL_EXIT_OK;
+out:
+    dx_opts_free(options);
+    return status;
+}
+
+int ctl_cmd_events(struct ctl_globals *g, int argc, char **argv)
+{
+    struct job_cmd c = {0};
+    bool follow = false;
+    const struct dx_opt options[] = {
+        {"json", DX_OPT_FLAG, &c.json, NULL, 0, 0, 0, NULL, "print duplexd's JSON"},
+        {"follow", DX_OPT_FLAG, &follow, NULL, 0, 0, 0, NULL, "keep printing new events"},
+        JOB_CMD_OPTIONS(c),
+        {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
+    };
+    const struct dx_cli cli = {
+        .prog = "duplexctl events",
+        .synopsis = "duplexctl events [JOB] [--json] [--follow]\n\n"
+                    "The event log: registrations, losses, job transitions with reasons.",
+    };
+    const char *arg = dx_opts_take_arg(options, &argc, argv);
+    Duplex__Events req = DUPLEX__EVENTS__INIT;
+    int status;
+
+    if (!dx_opts_cli(options, &cli, argc, argv, NULL, &status))
+        goto out;
+    status = CTL_EXIT_USAGE;
+    if (arg && parse_job_id(arg, &req.job_id, cli.prog) < 0)
+        goto out;
+    ctl_globals_override(g, c.coordinator, c.timeout_s);
+    status = CTL_EXIT_FAIL;
+    for (;;) {
+        struct dx_msg reply = {0};
+        json_t *arr, *e;
+        size_t i;
+
+        if (call(g, DUPLEX__MSG_TYPE__MSG_EVENTS, &req.base, DUPLEX__MSG_TYPE__MSG_EVENTS_REPLY,
+                 &reply, cli.prog) < 0)
+            goto out;
+        arr = json_loads(((const Duplex__EventsReply *)reply.body)->json, 0, NULL);
+        dx_msg_clear(&reply);
+        if (!arr) {
+            fprintf(stderr, "%s: duplexd sent bad JSON\n", cli.prog);
+            goto out;
+        }
+        json_array_foreach (arr, i, e) {
+            char when[16];
+            req.after_id = (uint64_t)num(e, "id");
+            if (c.json) {
+                json_dumpf(e, stdout, JSON_COMPACT);
+                putchar('\n');
+                continue;
+            }
+            format_time(num(e, "ts_ms"), when, sizeof(when));
+            printf("%6lld %s %-20s", num(e, "id"), when, str(e, "kind"));
+            if (num(e, "job_id"))
+                printf(" job %lld", num(e, "job_id"));
+            if (str(e, "worker_id")[0])
+                printf(" worker %s", str(e, "worker_id"));
+            printf(": %s\n", str(e, "detail"));
+        }
+        json_decref(arr);
+        fflush(stdout);
+        if (!follow)
+            break;
+        usleep(WATCH_INTERVAL_US);
+    }
+    status = CTL_EXIT_OK;
+out:
+    dx_opts_free(options);
+    return status;
+}
+
+static int ok_command(struct ctl_globals *g, int argc, char **argv, const struct dx_cli *cli,
+                      Duplex__MsgType type, ProtobufCMessage *body, const char **arg_out,
+                      uint64_t *id_out)
+{
+    struct job_cmd c = {0};
+    const struct dx_opt options[] = {
+        JOB_CMD_OPTIONS(c),
+        {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
+    };
+    const char *arg = dx_opts_take_arg(options, &argc, argv);
+    struct dx_msg reply = {0};
+    int status;
+
+    if (!dx_opts_cli(options, cli, argc, argv, NULL, &status))
+        goto out;
+    status = CTL_EXIT_USAGE;
+    if (!arg) {
+        fprintf(stderr, "%s: missing argument (see --help)\n", cli->prog);
+        goto out;
+    }
+    if (id_out && parse_job_id(arg, id_out, cli->prog) < 0)
+        goto out;
+    *arg_out = arg;
+    ctl_globals_override(g, c.coordinator, c.timeout_s);
+    status = CTL_EXIT_FAIL;
+    if (call(g, type, body, DUPLEX__MSG_TYPE__MSG_OK, &reply, cli->prog) < 0)
+        goto out;
+    printf("%s\n", ((const Duplex__Ok *)reply.body)->text);
+    dx_msg_clear(&reply);
+    status = CTL_EXIT_OK;
+out:
+    dx_opts_free(options);
+    return status;
+}
+
+int ctl_cmd_cancel(struct ctl_globals *g, int argc, char **argv)
+{
+    const struct dx_cli cli = {
+        .prog = "duplexctl cancel",
+        .synopsis = "duplexctl cancel JOB\n\nStops a job on every worker and frees them.",
+    };
+    Duplex__Cancel req = DUPLEX__CANCEL__INIT;
+    const char *arg = NULL;
+
+    /* the id is parsed into req.job_id before the request goes out */
+    return ok_command(g, argc, argv, &cli, DUPLEX__MSG_TYPE__MSG_CANCEL, &req.base, &arg,
+                      &req.job_id);
+}
+
+static int drain(struct ctl_globals *g, int argc, char **argv, bool undrain)
+{
+    const struct dx_cli cli = {
+        .prog = undrain ? "duplexctl undrain" : "duplexctl drain",
+        .synopsis = undrain ? "duplexctl undrain WORKER\n\nPuts a drained worker back into "
+                              "placement."
+                            : "duplexctl drain WORKER\n\nTakes a worker out of placement; its "
+                              "current job goes on.",
+    };
+    Duplex__Drain req = DUPLEX__DRAIN__INIT;
+    const char *arg = "";
+
+    req.undrain = undrain;
+    req.worker_id = (char *)arg;
+    /* ok_command fills arg before sending; point the request at it */
+    return ok_command(g, argc, argv, &cli, DUPLEX__MSG_TYPE__MSG_DRAIN, &req.base,
+                      (const char **)&req.worker_id, NULL);
+}
+
+int ctl_cmd_drain(struct ctl_globals *g, int argc, char **argv)
+{
+    return drain(g, argc, argv, false);
+}
+
+int ctl_cmd_undrain(struct ctl_globals *g, int argc, char **argv)
+{
+    return drain(g, argc, argv, true);
+}

@@ -1,0 +1,345 @@
+/* test_jobs.c - the job state machine (every legal and illegal transition),
+ * gang scheduling with FIFO and priorities, acknowledgements, reports,
+ * completion, cancel, drain and lost workers, against a real store and a
+ * fake transport that records what would be sent. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "coordinator/jobs.h"
+
+#define MAX_SENT 256
+
+struct sent {
+    char worker[64];
+    Duplex__MsgType type;
+    uint64_t job_id;
+    int pp_rank;
+};
+
+static struct sent sent[MAX_SENT];
+static int nsent;
+static char dir[] = "/tmp/dx-test-jobs-XXXXXX";
+static char db[128];
+static coord_store_t *store;
+static coord_registry_t *reg;
+static coord_jobs_t *jobs;
+
+static int fake_send(void *arg, const char *worker_id, Duplex__MsgType type,
+                     const ProtobufCMessage *body)
+{
+    (void)arg;
+    cr_assert_lt(nsent, MAX_SENT);
+    snprintf(sent[nsent].worker, sizeof(sent[nsent].worker), "%s", worker_id);
+    sent[nsent].type = type;
+    if (type == DUPLEX__MSG_TYPE__MSG_ASSIGNMENT) {
+        const Duplex__Assignment *a = (const Duplex__Assignment *)body;
+        sent[nsent].job_id = a->job_id;
+        sent[nsent].pp_rank = a->pp_rank;
+        cr_assert_eq(a->n_peers, (size_t)(a->pp * a->ep * a->dp));
+    } else {
+        sent[nsent].job_id = ((const Duplex__AbortJob *)body)->job_id;
+    }
+    nsent++;
+    return 0;
+}
+
+static void add_worker(const char *id, const char *node, int gpu, const char *backend)
+{
+    Duplex__Register r = DUPLEX__REGISTER__INIT;
+    enum coord_register_outcome outcome;
+    struct coord_worker *w;
+    uint8_t rid[4] = {1, 2, 3, (uint8_t)gpu};
+
+    r.worker_id = (char *)id;
+    r.host = (char *)node;
+    r.node = (char *)node;
+    r.gpu_index = gpu;
+    r.backend = (char *)backend;
+    r.pid = 100 + gpu;
+    r.data_addr = "tcp://127.0.0.1:1";
+    cr_assert_eq(coord_registry_register(reg, &r, rid, sizeof(rid), 1000, 1000, &outcome, &w), 0);
+}
+
+static void setup(void)
+{
+    struct coord_jobs_io io = {fake_send, NULL};
+    char err[256];
+
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(db, sizeof(db), "%s/d.db", dir);
+    cr_assert_eq(coord_store_open(db, &store, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(coord_registry_create(store, &reg), 0);
+    cr_assert_eq(coord_jobs_create(store, reg, &io, &jobs), 0);
+    nsent = 0;
+    add_worker("w0", "n0", 0, "sim");
+    add_worker("w1", "n0", 1, "sim");
+    add_worker("w2", "n1", 2, "sim");
+    add_worker("w3", "n1", 3, "sim");
+}
+
+static void teardown(void)
+{
+    char cmd[256];
+
+    coord_jobs_destroy(jobs);
+    coord_registry_destroy(reg);
+    coord_store_close(store);
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+    strcpy(dir, "/tmp/dx-test-jobs-XXXXXX");
+}
+
+static uint64_t submit(const char *json, const char *const *sets, size_t nsets)
+{
+    struct coord_jobspec spec;
+    char err[512];
+    uint64_t id = 0;
+
+    cr_assert_eq(coord_jobspec_parse(json, strlen(json), sets, nsets, &spec, err, sizeof(err)), 0,
+                 "%s", err);
+    cr_assert_eq(coord_jobs_submit(jobs, json, &spec, 2000, &id, err, sizeof(err)), 0, "%s", err);
+    return id;
+}
+
+static const char *state_of(uint64_t id)
+{
+    static char buf[32];
+    int rc;
+    json_t *doc = coord_jobs_status(jobs, id, 0, &rc);
+
+    cr_assert_not_null(doc, "no status for job %llu", (unsigned long long)id);
+    snprintf(buf, sizeof(buf), "%s", json_string_value(json_object_get(doc, "state")));
+    json_decref(doc);
+    return buf;
+}
+
+static void ack_all(uint64_t id, int ok)
+{
+    Duplex__AssignmentAck a = DUPLEX__ASSIGNMENT_ACK__INIT;
+    a.job_id = id;
+    a.ok = ok;
+    a.error = ok ? "" : "busy";
+    for (int i = 0; i < nsent; i++)
+        if (sent[i].type == DUPLEX__MSG_TYPE__MSG_ASSIGNMENT && sent[i].job_id == id)
+            coord_jobs_on_ack(jobs, sent[i].worker, &a, 3000);
+}
+
+static void done_all(uint64_t id, int ok)
+{
+    Duplex__JobDone d = DUPLEX__JOB_DONE__INIT;
+    d.job_id = id;
+    d.ok = ok;
+    d.steps = 10;
+    d.error = ok ? "" : "boom";
+    for (int i = 0; i < nsent; i++)
+        if (sent[i].type == DUPLEX__MSG_TYPE__MSG_ASSIGNMENT && sent[i].job_id == id)
+            coord_jobs_on_done(jobs, sent[i].worker, &d, 4000);
+}
+
+static int count_sent(Duplex__MsgType type, uint64_t id)
+{
+    int n = 0;
+    for (int i = 0; i < nsent; i++)
+        n += sent[i].type == type && sent[i].job_id == id;
+    return n;
+}
+
+Test(jobs, every_transition_of_the_state_machine)
+{
+    const char *legal[] = {
+        "queued>placing",       "queued>cancelled",   "queued>failed",      "placing>running",
+        "placing>failed",       "placing>cancelled",  "running>succeeded",  "running>failed",
+        "running>cancelled",    "running>recovering", "recovering>placing", "recovering>failed",
+        "recovering>cancelled",
+    };
+
+    for (int from = 0; from < COORD_JOB_STATES; from++) {
+        for (int to = 0; to < COORD_JOB_STATES; to++) {
+            char name[64];
+            int want = 0;
+            snprintf(name, sizeof(name), "%s>%s", coord_job_state_name(from),
+                     coord_job_state_name(to));
+            for (size_t k = 0; k < sizeof(legal) / sizeof(legal[0]); k++)
+                want |= strcmp(legal[k], name) == 0;
+            cr_assert_eq(coord_job_transition_allowed(from, to), want, "%s should be %s", name,
+                         want ? "legal" : "illegal");
+        }
+    }
+    cr_assert_eq(coord_job_transition_allowed(COORD_JOB_STATES, 0), 0);
+    for (int s = 0; s < COORD_JOB_STATES; s++) {
+        enum coord_job_state back;
+        cr_assert_eq(coord_job_state_parse(coord_job_state_name(s), &back), 0);
+        cr_assert_eq((int)back, s);
+    }
+    cr_assert_eq(coord_job_state_parse("flying", &(enum coord_job_state){0}), -EINVAL);
+}
+
+Test(jobs, a_job_runs_to_success, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.ep=2"};
+    uint64_t id = submit("{}", sets, 2);
+
+    cr_assert_str_eq(state_of(id), "queued");
+    coord_jobs_schedule(jobs, 2100);
+    cr_assert_str_eq(state_of(id), "placing");
+    cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, id), 4);
+    ack_all(id, 1);
+    cr_assert_str_eq(state_of(id), "running");
+    {
+        Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
+        r.job_id = id;
+        r.step = 1;
+        r.loss = 5.5;
+        r.step_ms = 12;
+        r.compute_ms = 10;
+        for (int i = 0; i < nsent; i++)
+            cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, 3500), 0);
+    }
+    done_all(id, 1);
+    cr_assert_str_eq(state_of(id), "succeeded");
+    {
+        int rc;
+        json_t *doc = coord_jobs_status(jobs, id, 0, &rc);
+        json_t *losses = json_object_get(doc, "losses");
+        cr_assert_eq(json_integer_value(json_object_get(doc, "step")), 1);
+        cr_assert_eq(json_array_size(losses), 1);
+        cr_assert_float_eq(json_number_value(json_object_get(json_array_get(losses, 0), "loss")),
+                           5.5, 1e-9);
+        json_decref(doc);
+    }
+    /* stale messages about the finished job are refused */
+    {
+        Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
+        r.job_id = id + 100;
+        cr_assert_eq(coord_jobs_on_report(jobs, "w0", &r, 5000), -ENOENT);
+    }
+}
+
+Test(jobs, fifo_with_priorities_and_no_overtaking, .init = setup, .fini = teardown)
+{
+    const char *big[] = {"backend=sim", "parallel.ep=2"};   /* 4 workers */
+    const char *small[] = {"backend=sim", "parallel.pp=2"}; /* 2 workers */
+    const char *urgent[] = {"backend=sim", "priority=5"};   /* 2 workers */
+    uint64_t a = submit("{}", big, 2), b = submit("{}", big, 2), c = submit("{}", small, 2);
+    uint64_t d;
+    int rc;
+    json_t *doc;
+
+    coord_jobs_schedule(jobs, 2100);
+    cr_assert_str_eq(state_of(a), "placing");
+    cr_assert_str_eq(state_of(b), "queued");
+    cr_assert_str_eq(state_of(c), "queued", "the small job must not overtake the big one");
+    doc = coord_jobs_status(jobs, b, 0, &rc);
+    cr_assert_not_null(strstr(json_string_value(json_object_get(doc, "reason")),
+                              "waiting for 4 free sim workers (0 free now)"),
+                       "%s", json_string_value(json_object_get(doc, "reason")));
+    json_decref(doc);
+    d = submit("{}", urgent, 2);
+    ack_all(a, 1);
+    done_all(a, 1);
+    cr_assert_str_eq(state_of(d), "placing", "higher priority goes first");
+    cr_assert_str_eq(state_of(b), "queued");
+    cr_assert_str_eq(state_of(c), "queued");
+}
+
+Test(jobs, cancel_queued_and_running, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.ep=2"};
+    uint64_t a = submit("{}", sets, 2), b = submit("{}", sets, 2);
+    char err[128];
+
+    coord_jobs_schedule(jobs, 2100);
+    ack_all(a, 1);
+    cr_assert_eq(coord_jobs_cancel(jobs, b, 2200, err, sizeof(err)), 0);
+    cr_assert_str_eq(state_of(b), "cancelled");
+    cr_assert_eq(coord_jobs_cancel(jobs, a, 2300, err, sizeof(err)), 0);
+    cr_assert_str_eq(state_of(a), "cancelled");
+    cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ABORT_JOB, a), 4);
+    cr_assert_eq(coord_jobs_cancel(jobs, a, 2400, err, sizeof(err)), -EALREADY);
+    cr_assert_not_null(strstr(err, "already cancelled"), "%s", err);
+    cr_assert_eq(coord_jobs_cancel(jobs, 999, 2400, err, sizeof(err)), -ENOENT);
+    /* the workers are held until they say they stopped */
+    {
+        uint64_t c = submit("{}", sets, 2);
+        coord_jobs_schedule(jobs, 2500);
+        cr_assert_str_eq(state_of(c), "queued");
+        done_all(a, 0);
+        cr_assert_str_eq(state_of(c), "placing");
+        cr_assert_str_eq(state_of(a), "cancelled", "a late failure does not rewrite history");
+    }
+}
+
+Test(jobs, refused_assignment_and_lost_worker_fail_the_job, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.ep=2"};
+    const char *two[] = {"backend=sim"};
+    uint64_t a = submit("{}", sets, 2), b;
+    struct coord_worker *w;
+
+    coord_jobs_schedule(jobs, 2100);
+    ack_all(a, 0);
+    cr_assert_str_eq(state_of(a), "failed");
+    b = submit("{}", two, 1);
+    coord_jobs_schedule(jobs, 2200);
+    /* a's ranks refused and are free, so b was placed */
+    cr_assert_str_eq(state_of(b), "placing");
+    ack_all(b, 1);
+    w = coord_registry_find(reg, sent[nsent - 1].worker);
+    w->state = COORD_WORKER_LOST;
+    coord_jobs_on_worker_gone(jobs, w->id, 2300);
+    cr_assert_str_eq(state_of(b), "failed");
+}
+
+Test(jobs, drained_workers_are_not_placed_and_backends_do_not_mix, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.ep=2"};
+    uint64_t a = submit("{}", sets, 2);
+    char err[256];
+    struct coord_jobspec spec;
+    uint64_t id;
+    const char *cpu[] = {"backend=cpu"};
+
+    cr_assert_eq(coord_registry_set_drained(reg, "w3", 1, 2050), 0);
+    coord_jobs_schedule(jobs, 2100);
+    cr_assert_str_eq(state_of(a), "queued");
+    cr_assert_eq(coord_registry_set_drained(reg, "w3", 0, 2150), 0);
+    coord_jobs_schedule(jobs, 2200);
+    cr_assert_str_eq(state_of(a), "placing");
+    cr_assert_eq(coord_registry_set_drained(reg, "nobody", 1, 2200), -ENOENT);
+    /* no cpu workers at all: refused at submission */
+    cr_assert_eq(coord_jobspec_parse("{}", 2, cpu, 1, &spec, err, sizeof(err)), 0);
+    cr_assert_eq(coord_jobs_submit(jobs, "{}", &spec, 2300, &id, err, sizeof(err)), -ENOSPC);
+    cr_assert_not_null(strstr(err, "needs 2 cpu workers"), "%s", err);
+}
+
+Test(jobs, unacknowledged_assignments_time_out, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim"};
+    uint64_t a = submit("{}", sets, 1);
+
+    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_check_timeouts(jobs, 2100 + 5000, 10000);
+    cr_assert_str_eq(state_of(a), "placing");
+    coord_jobs_check_timeouts(jobs, 2100 + 10000, 10000);
+    cr_assert_str_eq(state_of(a), "failed");
+    cr_assert_eq(coord_registry_find(reg, "w0")->assigned_job, 0, "never-started ranks are freed");
+}
+
+Test(jobs, restart_fails_running_jobs_and_keeps_queued_ones, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.ep=2"};
+    uint64_t a = submit("{}", sets, 2), b = submit("{}", sets, 2);
+    struct coord_jobs_io io = {fake_send, NULL};
+
+    coord_jobs_schedule(jobs, 2100);
+    ack_all(a, 1);
+    coord_jobs_destroy(jobs);
+    cr_assert_eq(coord_jobs_create(store, reg, &io, &jobs), 0);
+    cr_assert_eq(coord_jobs_load(jobs, 9000), 0);
+    cr_assert_str_eq(state_of(a), "failed");
+    cr_assert_str_eq(state_of(b), "queued");
+}

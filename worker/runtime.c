@@ -1,0 +1,506 @@
+/* runtime.c - one job assignment run in its own thread on the sim executor
+ * (see runtime.h). Owns the job's schedule, the executor walking this
+ * rank's ops, the step loop with its timings, the abort flag and the PAIR
+ * sockets that carry reports to the agent.
+ *
+ * The cpu backend runs this sim executor too for now: real fp32 training
+ * (OpenBLAS compute, real activations in the payloads) is a later issue.
+ */
+#include "worker/runtime.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <zmq.h>
+
+#include "common/log.h"
+#include "pipeline/executor.h"
+#include "pipeline/schedule.h"
+#include "proto/wire.h"
+
+#define ERR_MAX 512
+#define INPROC_NAME_MAX 64
+#define MS_PER_S 1000.0
+#define NS_PER_MS 1000000L
+#define NS_PER_S 1000000000L
+/* Reports are few and small, and the agent drains them from its loop: no
+ * high-water mark, so the runtime never has to drop or wait. */
+#define REPORT_HWM 0
+#define REPORT_LINGER_MS 0
+
+struct wk_runtime {
+    /* set at create, read-only afterwards */
+    uint64_t job_id;
+    uint32_t attempt;
+    uint64_t steps;
+    enum dp_sched_kind kind;
+    int pp, pp_rank, ep_rank, dp_rank, microbatches;
+    double cost_ms[DP_OP_RECV + 1]; /* per compute op kind */
+    char **peer_addr;               /* [pp]: data_addr of each pipeline rank of our dp, ep */
+    char **peer_id;                 /* [pp]: its worker id, for messages */
+    int recv_timeout_ms;
+    dp_sched_t *sched;
+    dp_exec_t *exec;
+    wk_data_t *data;
+    void *tx; /* runtime thread's end of the report pipe */
+    void *rx; /* agent's end */
+    pthread_t thread;
+    bool started;
+
+    /* shared between the threads */
+    atomic_bool aborted;
+    atomic_uint_fast64_t step;
+    pthread_mutex_t lock; /* guards abort_error */
+    char abort_error[ERR_MAX];
+
+    /* runtime thread only */
+    uint64_t cur_step;
+    double compute_ms, wait_ms;
+    char err[ERR_MAX];
+};
+
+static atomic_uint_fast64_t inproc_seq;
+
+/* --- time -------------------------------------------------------------------- */
+
+static double now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * MS_PER_S + (double)ts.tv_nsec / NS_PER_MS;
+}
+
+static struct timespec ts_add_ms(struct timespec t, double ms)
+{
+    long long ns = (long long)(ms * NS_PER_MS);
+
+    t.tv_sec += (time_t)(ns / NS_PER_S);
+    t.tv_nsec += (long)(ns % NS_PER_S);
+    if (t.tv_nsec >= NS_PER_S) {
+        t.tv_sec++;
+        t.tv_nsec -= NS_PER_S;
+    }
+    return t;
+}
+
+static bool ts_before(const struct timespec *a, const struct timespec *b)
+{
+    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
+/* --- the op callbacks (runtime thread) ------------------------------------------- */
+
+static bool is_aborted(const wk_runtime_t *rt)
+{
+    return atomic_load(&rt->aborted);
+}
+
+/* Sleeps ms in slices, checking the abort flag between them. */
+static int sim_sleep(wk_runtime_t *rt, double ms)
+{
+    struct timespec now, end, next;
+    int rc;
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    end = ts_add_ms(now, ms);
+    while (ts_before(&now, &end)) {
+        if (is_aborted(rt))
+            return -ECANCELED;
+        next = ts_add_ms(now, WK_RUNTIME_SLICE_MS);
+        if (ts_before(&end, &next))
+            next = end;
+        rc = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
+        if (rc != 0 && rc != EINTR)
+            return -rc;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+    }
+    return 0;
+}
+
+static int on_compute(const struct dp_op *op, void *arg)
+{
+    wk_runtime_t *rt = arg;
+    double t0 = now_ms();
+    int rc;
+
+    if (is_aborted(rt))
+        return -ECANCELED;
+    rc = sim_sleep(rt, rt->cost_ms[op->kind]);
+    rt->compute_ms += now_ms() - t0;
+    if (rc < 0 && rc != -ECANCELED)
+        snprintf(rt->err, sizeof(rt->err), "sleeping for %s failed: %s", dp_op_kind_name(op->kind),
+                 strerror(-rc));
+    return rc;
+}
+
+static struct wk_data_key op_key(const wk_runtime_t *rt, const struct dp_op *op)
+{
+    return (struct wk_data_key){
+        .job_id = rt->job_id,
+        .attempt = rt->attempt,
+        .step = rt->cur_step,
+        .payload = (int32_t)op->payload,
+        .path = op->work.path,
+        .mb = op->work.mb,
+        .stage = op->work.stage,
+    };
+}
+
+static int on_send(const struct dp_op *op, void *arg)
+{
+    wk_runtime_t *rt = arg;
+    struct wk_data_key key = op_key(rt, op);
+    char name[ERR_MAX / 2];
+    int rc;
+
+    if (is_aborted(rt))
+        return -ECANCELED;
+    rc = wk_data_send(rt->data, rt->peer_addr[op->peer], &key, NULL, 0, 0);
+    if (rc < 0) {
+        wk_data_key_name(&key, name, sizeof(name));
+        snprintf(rt->err, sizeof(rt->err), "cannot send %s to pp rank %d (worker %s at %s): %s",
+                 name, op->peer, rt->peer_id[op->peer], rt->peer_addr[op->peer], strerror(-rc));
+    }
+    return rc;
+}
+
+static int on_recv(const struct dp_op *op, void *arg)
+{
+    wk_runtime_t *rt = arg;
+    struct wk_data_key key = op_key(rt, op);
+    struct wk_data_msg *m = NULL;
+    char name[ERR_MAX / 2];
+    double t0 = now_ms();
+    int rc;
+
+    for (;;) {
+        if (is_aborted(rt)) {
+            rc = -ECANCELED;
+            break;
+        }
+        rc = wk_data_recv(rt->data, &key, WK_RUNTIME_SLICE_MS, &m);
+        if (rc != -ETIMEDOUT || now_ms() - t0 >= rt->recv_timeout_ms)
+            break;
+    }
+    rt->wait_ms += now_ms() - t0;
+    if (rc == 0) {
+        wk_data_msg_free(m); /* sim: the message's arrival is all that matters */
+        return 0;
+    }
+    if (rc == -ECANCELED)
+        return rc;
+    wk_data_key_name(&key, name, sizeof(name));
+    if (rc == -ETIMEDOUT)
+        snprintf(rt->err, sizeof(rt->err), "no %s from pp rank %d (worker %s at %s) after %.0f s",
+                 name, op->peer, rt->peer_id[op->peer], rt->peer_addr[op->peer],
+                 rt->recv_timeout_ms / MS_PER_S);
+    else
+        snprintf(rt->err, sizeof(rt->err), "receiving %s from pp rank %d (worker %s) failed: %s",
+                 name, op->peer, rt->peer_id[op->peer], strerror(-rc));
+    return rc;
+}
+
+static const struct dp_exec_callbacks exec_callbacks = {on_compute, on_send, on_recv};
+
+/* --- the thread ---------------------------------------------------------------- */
+
+static void report(wk_runtime_t *rt, Duplex__MsgType type, const ProtobufCMessage *body)
+{
+    /* request id 0: the agent gives each report its own when forwarding */
+    int rc = dx_wire_send(rt->tx, NULL, 0, type, 0, body);
+
+    if (rc < 0)
+        dx_error("job %" PRIu64 ": cannot hand a %s to the agent: %s", rt->job_id,
+                 dx_msg_type_name(type), zmq_strerror(-rc));
+}
+
+static void report_step(wk_runtime_t *rt, double step_ms)
+{
+    Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
+
+    r.job_id = rt->job_id;
+    r.step = rt->cur_step;
+    r.loss = 0.0; /* sim: there is no model */
+    r.step_ms = step_ms;
+    /* micro-batches per second: real tokens come with the cpu backend */
+    r.tokens_per_s = step_ms > 0.0 ? rt->microbatches / (step_ms / MS_PER_S) : 0.0;
+    r.compute_ms = rt->compute_ms;
+    r.wait_ms = rt->wait_ms;
+    report(rt, DUPLEX__MSG_TYPE__MSG_STEP_REPORT, &r.base);
+}
+
+/* Leaves in rt->err why the walk of the current step failed with rc. */
+static void explain_failure(wk_runtime_t *rt, int rc)
+{
+    char why[ERR_MAX];
+
+    if (rc == -ECANCELED) {
+        pthread_mutex_lock(&rt->lock);
+        snprintf(rt->err, sizeof(rt->err), "%s", rt->abort_error);
+        pthread_mutex_unlock(&rt->lock);
+        return;
+    }
+    if (rc == -EPROTO) /* the executor's text: the schedule broke the W FIFO */
+        snprintf(why, sizeof(why), "bad schedule: %s", rt->err);
+    else if (rt->err[0]) /* a callback's text */
+        snprintf(why, sizeof(why), "%s", rt->err);
+    else
+        snprintf(why, sizeof(why), "%s", strerror(-rc));
+    snprintf(rt->err, sizeof(rt->err), "step %" PRIu64 ": %s", rt->cur_step, why);
+}
+
+static void *runtime_main(void *arg)
+{
+    wk_runtime_t *rt = arg;
+    Duplex__JobDone done = DUPLEX__JOB_DONE__INIT;
+    uint64_t completed = 0;
+    double t_job = now_ms();
+    int rc = 0;
+
+    wk_data_begin(rt->data, rt->job_id, rt->attempt);
+    for (uint64_t step = 1; step <= rt->steps && rc == 0; step++) {
+        double t0 = now_ms();
+
+        rt->cur_step = step;
+        atomic_store(&rt->step, step);
+        rt->compute_ms = rt->wait_ms = 0.0;
+        rc = dp_exec_run(rt->exec, rt->err, sizeof(rt->err));
+        if (rc == 0) {
+            report_step(rt, now_ms() - t0);
+            completed = step;
+        }
+    }
+    done.job_id = rt->job_id;
+    done.ok = rc == 0;
+    done.steps = completed;
+    if (rc < 0)
+        explain_failure(rt, rc);
+    done.error = rc == 0 ? "" : rt->err;
+    if (rc == 0)
+        dx_info("job %" PRIu64 " attempt %u: %" PRIu64 " steps done in %.1f s", rt->job_id,
+                rt->attempt, completed, (now_ms() - t_job) / MS_PER_S);
+    else
+        dx_warn("job %" PRIu64 " attempt %u stopped after %" PRIu64 " steps: %s", rt->job_id,
+                rt->attempt, completed, rt->err);
+    report(rt, DUPLEX__MSG_TYPE__MSG_JOB_DONE, &done.base);
+    return NULL;
+}
+
+/* --- create / destroy -------------------------------------------------------- */
+
+/* Fills peer_addr/peer_id for every pipeline rank of our dp and ep ranks. */
+static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id, char *err,
+                      size_t errlen)
+{
+    rt->peer_addr = calloc((size_t)rt->pp, sizeof(*rt->peer_addr));
+    rt->peer_id = calloc((size_t)rt->pp, sizeof(*rt->peer_id));
+    if (!rt->peer_addr || !rt->peer_id)
+        goto nomem;
+    for (size_t i = 0; i < a->n_peers; i++) {
+        const Duplex__Peer *p = a->peers[i];
+
+        if (p->pp < 0 || p->pp >= rt->pp) {
+            snprintf(err, errlen, "peer %s has pp rank %d of %d", p->worker_id, p->pp, rt->pp);
+            return -EINVAL;
+        }
+        if (p->dp != rt->dp_rank || p->ep != rt->ep_rank)
+            continue;
+        if (rt->peer_addr[p->pp]) {
+            snprintf(err, errlen, "two peers for ranks pp %d, ep %d, dp %d (%s and %s)", p->pp,
+                     p->ep, p->dp, rt->peer_id[p->pp], p->worker_id);
+            return -EINVAL;
+        }
+        rt->peer_addr[p->pp] = strdup(p->data_addr);
+        rt->peer_id[p->pp] = strdup(p->worker_id);
+        if (!rt->peer_addr[p->pp] || !rt->peer_id[p->pp])
+            goto nomem;
+    }
+    for (int pp = 0; pp < rt->pp; pp++) {
+        if (!rt->peer_addr[pp]) {
+            snprintf(err, errlen, "no peer for ranks pp %d, ep %d, dp %d", pp, rt->ep_rank,
+                     rt->dp_rank);
+            return -EINVAL;
+        }
+        if (rt->peer_addr[pp][0] == '\0') {
+            snprintf(err, errlen, "peer %s (pp %d) has no data address", rt->peer_id[pp], pp);
+            return -EINVAL;
+        }
+    }
+    if (self_id && strcmp(rt->peer_id[rt->pp_rank], self_id) != 0) {
+        snprintf(err, errlen, "the assignment gives our ranks (pp %d, ep %d, dp %d) to worker %s",
+                 rt->pp_rank, rt->ep_rank, rt->dp_rank, rt->peer_id[rt->pp_rank]);
+        return -EINVAL;
+    }
+    return 0;
+nomem:
+    snprintf(err, errlen, "out of memory");
+    return -ENOMEM;
+}
+
+static int open_pipe(wk_runtime_t *rt, void *zctx, char *err, size_t errlen)
+{
+    char name[INPROC_NAME_MAX];
+    int hwm = REPORT_HWM, linger = REPORT_LINGER_MS, rc;
+
+    snprintf(name, sizeof(name), "inproc://wk-runtime-%" PRIuFAST64,
+             atomic_fetch_add(&inproc_seq, 1));
+    rt->rx = zmq_socket(zctx, ZMQ_PAIR);
+    rt->tx = zmq_socket(zctx, ZMQ_PAIR);
+    if (!rt->rx || !rt->tx)
+        goto fail;
+    for (int i = 0; i < 2; i++) {
+        void *s = i ? rt->tx : rt->rx;
+        if (zmq_setsockopt(s, ZMQ_SNDHWM, &hwm, sizeof(hwm)) < 0 ||
+            zmq_setsockopt(s, ZMQ_RCVHWM, &hwm, sizeof(hwm)) < 0 ||
+            zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof(linger)) < 0)
+            goto fail;
+    }
+    if (zmq_bind(rt->rx, name) < 0 || zmq_connect(rt->tx, name) < 0)
+        goto fail;
+    return 0;
+fail:
+    rc = -errno;
+    snprintf(err, errlen, "cannot open the report pipe: %s", zmq_strerror(-rc));
+    return rc;
+}
+
+static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id, char *err,
+                 size_t errlen)
+{
+    int rc;
+
+    rt->job_id = a->job_id;
+    rt->attempt = a->attempt;
+    rt->steps = a->steps;
+    rt->pp = a->pp;
+    rt->pp_rank = a->pp_rank;
+    rt->ep_rank = a->ep_rank;
+    rt->dp_rank = a->dp_rank;
+    rt->microbatches = a->microbatches;
+    rt->cost_ms[DP_OP_F] = a->cost_f_ms;
+    rt->cost_ms[DP_OP_B] = a->cost_b_ms;
+    rt->cost_ms[DP_OP_W] = a->cost_w_ms;
+    rt->cost_ms[DP_OP_I] = a->cost_b_ms > a->cost_w_ms ? a->cost_b_ms - a->cost_w_ms : 0.0;
+    rt->cost_ms[DP_OP_FB] = a->cost_fb_ms;
+    if (dp_sched_kind_parse(a->schedule, &rt->kind) < 0) {
+        snprintf(err, errlen, "unknown schedule \"%s\" (1f1b, zb1p, dualpipe or dualpipev)",
+                 a->schedule);
+        return -EINVAL;
+    }
+    /* the decoder checked the ranks against pp, ep and dp and the peer count */
+    if (a->pp_rank < 0 || a->pp_rank >= a->pp || a->steps == 0) {
+        snprintf(err, errlen, "pp rank %d of %d, %" PRIu64 " steps", a->pp_rank, a->pp,
+                 (uint64_t)a->steps);
+        return -EINVAL;
+    }
+    if ((rc = dp_sched_check(rt->kind, a->pp, a->microbatches, err, errlen)) < 0)
+        return rc;
+    if ((rc = find_peers(rt, a, self_id, err, errlen)) < 0)
+        return rc;
+    if ((rc = dp_sched_generate(rt->kind, a->pp, a->microbatches, &rt->sched, err, errlen)) < 0)
+        return rc;
+    if ((rc = dp_exec_create(rt->sched, rt->pp_rank, &exec_callbacks, rt, &rt->exec)) < 0) {
+        snprintf(err, errlen, "cannot set up the executor: %s", strerror(-rc));
+        return rc;
+    }
+    return 0;
+}
+
+int wk_runtime_create(void *zctx, wk_data_t *data, const Duplex__Assignment *a, const char *self_id,
+                      const struct wk_runtime_opts *opts, wk_runtime_t **out, char *err,
+                      size_t errlen)
+{
+    wk_runtime_t *rt;
+    int rc;
+
+    rt = calloc(1, sizeof(*rt));
+    if (!rt) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    pthread_mutex_init(&rt->lock, NULL);
+    atomic_init(&rt->aborted, false);
+    atomic_init(&rt->step, 1); /* the job is about to run step 1 */
+    rt->data = data;
+    rt->recv_timeout_ms =
+        opts && opts->recv_timeout_ms > 0 ? opts->recv_timeout_ms : WK_RUNTIME_RECV_TIMEOUT_MS;
+    if ((rc = setup(rt, a, self_id, err, errlen)) < 0 ||
+        (rc = open_pipe(rt, zctx, err, errlen)) < 0)
+        goto fail;
+    if ((rc = pthread_create(&rt->thread, NULL, runtime_main, rt)) != 0) {
+        snprintf(err, errlen, "cannot start the runtime thread: %s", strerror(rc));
+        rc = -rc;
+        goto fail;
+    }
+    rt->started = true;
+    dx_info("job %" PRIu64 " attempt %u: running %s pp rank %d of %d (ep %d, dp %d), "
+            "%d micro-batches, %" PRIu64 " steps",
+            rt->job_id, rt->attempt, dp_sched_kind_name(rt->kind), rt->pp_rank, rt->pp, rt->ep_rank,
+            rt->dp_rank, rt->microbatches, rt->steps);
+    *out = rt;
+    return 0;
+fail:
+    wk_runtime_destroy(rt);
+    return rc;
+}
+
+void wk_runtime_abort(wk_runtime_t *rt, const char *error)
+{
+    pthread_mutex_lock(&rt->lock);
+    if (!atomic_load(&rt->aborted)) {
+        snprintf(rt->abort_error, sizeof(rt->abort_error), "%s", error);
+        atomic_store(&rt->aborted, true);
+    }
+    pthread_mutex_unlock(&rt->lock);
+}
+
+void *wk_runtime_socket(wk_runtime_t *rt)
+{
+    return rt->rx;
+}
+
+uint64_t wk_runtime_job(const wk_runtime_t *rt)
+{
+    return rt->job_id;
+}
+
+uint32_t wk_runtime_attempt(const wk_runtime_t *rt)
+{
+    return rt->attempt;
+}
+
+uint64_t wk_runtime_step(const wk_runtime_t *rt)
+{
+    return atomic_load(&rt->step);
+}
+
+void wk_runtime_destroy(wk_runtime_t *rt)
+{
+    if (!rt)
+        return;
+    if (rt->started) {
+        wk_runtime_abort(rt, "aborted: the runtime was destroyed");
+        pthread_join(rt->thread, NULL);
+    }
+    if (rt->tx)
+        zmq_close(rt->tx);
+    if (rt->rx)
+        zmq_close(rt->rx);
+    dp_exec_destroy(rt->exec);
+    dp_sched_destroy(rt->sched);
+    for (int i = 0; rt->peer_addr && i < rt->pp; i++)
+        free(rt->peer_addr[i]);
+    for (int i = 0; rt->peer_id && i < rt->pp; i++)
+        free(rt->peer_id[i]);
+    free(rt->peer_addr);
+    free(rt->peer_id);
+    pthread_mutex_destroy(&rt->lock);
+    free(rt);
+}

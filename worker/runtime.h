@@ -1,0 +1,67 @@
+/* runtime.h - runs one job assignment in a thread of its own.
+ *
+ * The runtime generates the job's schedule, takes this worker's pipeline
+ * rank's ops and walks them once per step with the executor
+ * (pipeline/executor.h). On the sim backend compute ops sleep their
+ * modelled cost; SEND and RECV move small tagged messages over the data
+ * plane (worker/dataplane.h) to the worker of the same dp and ep rank at
+ * the op's pipeline rank. The cpu backend runs this same sim executor for
+ * now; real fp32 training comes with a later issue.
+ *
+ * Reports go to the agent as encoded envelopes (proto/envelope.h) on an
+ * inproc PAIR socket (wk_runtime_socket): a StepReport after every step,
+ * then exactly one JobDone, after which the thread is about to end and
+ * wk_runtime_destroy joins it at once. The agent watches the socket from
+ * its loop, so the runtime never blocks it.
+ */
+#ifndef WK_RUNTIME_H
+#define WK_RUNTIME_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "proto/duplex.pb-c.h"
+#include "worker/dataplane.h"
+
+/* A RECV that waits longer than this fails the job. */
+#define WK_RUNTIME_RECV_TIMEOUT_MS 30000
+/* Waits (compute sleeps, receives) check the abort flag this often. */
+#define WK_RUNTIME_SLICE_MS 20
+
+struct wk_runtime_opts {
+    int recv_timeout_ms; /* 0: WK_RUNTIME_RECV_TIMEOUT_MS */
+};
+
+typedef struct wk_runtime wk_runtime_t;
+
+/* Checks the assignment (known schedule, a schedule that can be built for
+ * its pp and micro-batches, a peer for every pipeline rank of this
+ * worker's dp and ep ranks, and, when self_id is given, that this worker's
+ * own ranks name it), then starts the thread. The runtime uses `data`
+ * (and its sockets) from its thread until wk_runtime_destroy; the caller
+ * must not touch it meanwhile. opts may be NULL. Returns 0, or -EINVAL
+ * with the reason in err (fit for AssignmentAck.error), or -errno. */
+int wk_runtime_create(void *zctx, wk_data_t *data, const Duplex__Assignment *a, const char *self_id,
+                      const struct wk_runtime_opts *opts, wk_runtime_t **out, char *err,
+                      size_t errlen);
+
+/* Stops the job soon (between ops, or within WK_RUNTIME_SLICE_MS of a
+ * wait): its JobDone says ok=false with `error` as the reason. The first
+ * call's text wins. Thread-safe. */
+void wk_runtime_abort(wk_runtime_t *rt, const char *error);
+
+/* The socket the reports arrive on (owned by the runtime). */
+void *wk_runtime_socket(wk_runtime_t *rt);
+
+uint64_t wk_runtime_job(const wk_runtime_t *rt);
+uint32_t wk_runtime_attempt(const wk_runtime_t *rt);
+
+/* The step being run (1-based; 1 from create on); the last one run once
+ * the job ended. */
+uint64_t wk_runtime_step(const wk_runtime_t *rt);
+
+/* Aborts the job if it still runs, joins the thread and frees everything.
+ * The data plane is the caller's again afterwards. */
+void wk_runtime_destroy(wk_runtime_t *rt);
+
+#endif
