@@ -39,6 +39,9 @@ int ctl_cmd_undrain(struct ctl_globals *g, int argc, char **argv);
  * or -errno (the reason printed to stderr after "prog: "). */
 int ctl_job_status(struct ctl_globals *g, uint64_t id, json_t **doc, const char *prog);
 
+/* Prints one job's status (a JobStatusReply for one job) for people. */
+void ctl_print_job(json_t *job);
+
 /* Applies a command's own --coordinator / --timeout (NULL / 0 when not
  * given) over the globals. */
 void ctl_globals_override(struct ctl_globals *g, const char *coordinator, int timeout_s);

@@ -92,7 +92,7 @@ static void print_jobs(json_t *doc)
     }
 }
 
-static void print_job(json_t *j)
+void ctl_print_job(json_t *j)
 {
     json_t *ranks = json_object_get(j, "ranks"), *losses = json_object_get(j, "losses"), *r;
     json_t *bubble = json_object_get(j, "bubble");
@@ -194,7 +194,7 @@ int ctl_cmd_status(struct ctl_globals *g, int argc, char **argv)
             json_dumpf(doc, stdout, JSON_INDENT(2));
             putchar('\n');
         } else if (id) {
-            print_job(doc);
+            ctl_print_job(doc);
         } else {
             print_jobs(doc);
         }

@@ -140,6 +140,10 @@ static int wait_job(struct ctl_globals *g, uint64_t id)
             status = CTL_EXIT_OK;
         else if (state && (strcmp(state, "failed") == 0 || strcmp(state, "cancelled") == 0))
             status = CTL_EXIT_FAIL;
+        if (status >= 0) {
+            printf("\n");
+            ctl_print_job(doc);
+        }
         json_decref(doc);
         if (status >= 0)
             return status;
