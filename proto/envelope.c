@@ -378,8 +378,10 @@ int dx_env_decode(const uint8_t *buf, size_t len, struct dx_msg *msg, struct dx_
     }
     /* protobuf-c hands strings back NUL-terminated without their length, so
      * "w1\0/x" would read as "w1". Whatever the body holds must pack back to
-     * the bytes' own size, which refuses NULs inside strings (and
-     * non-canonical encodings, which no protobuf library writes). */
+     * the bytes' own size, which refuses NULs inside strings, and with them
+     * encodings protobuf-c never writes (explicit zero defaults, unpacked
+     * repeated scalars, repeated fields): every duplex program speaks
+     * through protobuf-c. */
     if (protobuf_c_message_get_packed_size(msg->body) != env->body.len) {
         rc = decode_fail(err, DUPLEX__ERROR_CODE__ERROR_BAD_BODY,
                          "%s body of %zu bytes re-encodes to %zu: a string holds a NUL byte, "
