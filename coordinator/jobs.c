@@ -19,7 +19,9 @@
 struct job_rank {
     char worker_id[DX_MAX_ID_LEN + 1];
     int dp, pp, ep;
-    uint64_t step; /* last step it reported */
+    uint64_t step;       /* last step it reported */
+    double tokens;       /* tokens its experts took in that step */
+    int reported_tokens; /* whether it reports expert tokens at all */
     int acked;
     int done;
 };
@@ -36,6 +38,9 @@ struct coord_job {
     struct job_rank *ranks;
     int nranks, acks, dones;
     int64_t placed_ms; /* when the assignments went out */
+    int *slot_expert;  /* [ep][slots per GPU]: logical expert of each slot */
+    int slots_per_gpu;
+    double *expert_load; /* [experts]: tokens reported so far, for rebalancing */
     double sim_makespan_ms, sim_bubble_ms;
 };
 
@@ -114,6 +119,8 @@ static void job_free(struct coord_job *j)
         return;
     free(j->spec_json);
     free(j->ranks);
+    free(j->slot_expert);
+    free(j->expert_load);
     free(j);
 }
 
@@ -464,6 +471,16 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
                 j->ranks[i].ep = e;
                 w->assigned_job = j->id;
             }
+    free(j->slot_expert);
+    j->slots_per_gpu = experts.replicas / ep;
+    j->slot_expert = malloc((size_t)experts.replicas * sizeof(int));
+    if (!j->expert_load)
+        j->expert_load = calloc((size_t)j->spec.model.experts, sizeof(double));
+    if (!j->slot_expert || !j->expert_load) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    memcpy(j->slot_expert, experts.phy2log, (size_t)experts.replicas * sizeof(int));
     j->acks = j->dones = 0;
     j->attempt++;
     j->placed_ms = now;
@@ -593,6 +610,18 @@ int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex
     if (!r)
         return -ENOENT;
     r->step = m->step;
+    if (m->n_expert_tokens) {
+        /* tokens per expert slot this rank holds, in Assignment.experts order */
+        size_t n = m->n_expert_tokens < (size_t)j->slots_per_gpu ? m->n_expert_tokens
+                                                                 : (size_t)j->slots_per_gpu;
+        r->tokens = 0;
+        r->reported_tokens = 1;
+        for (size_t k = 0; k < n; k++) {
+            r->tokens += (double)m->expert_tokens[k];
+            j->expert_load[j->slot_expert[r->ep * j->slots_per_gpu + (int)k]] +=
+                (double)m->expert_tokens[k];
+        }
+    }
     if (coord_store_metric(jobs->store, j->id, worker_id, now_wall, &metric) < 0)
         dx_error("could not store a step report of job %llu", (unsigned long long)j->id);
     for (int i = 0; i < j->nranks; i++)
@@ -683,6 +712,28 @@ static int add_step(const struct coord_step_metric *m, int reports, void *arg)
     return 0;
 }
 
+/* The worst EP group's busiest GPU over its mean, from the tokens each rank
+ * last reported; negative when no rank reports expert tokens. */
+static double job_expert_imbalance(const struct coord_job *j)
+{
+    int ep = j->spec.parallel.ep;
+    double worst = -1.0;
+
+    for (int g = 0; g + ep <= j->nranks; g += ep) {
+        double max = 0.0, sum = 0.0;
+        int reported = 0;
+        for (int e = 0; e < ep; e++) {
+            const struct job_rank *r = &j->ranks[g + e];
+            reported += r->reported_tokens;
+            sum += r->tokens;
+            max = r->tokens > max ? r->tokens : max;
+        }
+        if (reported == ep && sum > 0 && max / (sum / ep) > worst)
+            worst = max / (sum / ep);
+    }
+    return worst;
+}
+
 static json_t *job_detail(coord_jobs_t *jobs, const struct coord_job *j)
 {
     json_t *o = job_summary(j), *ranks = json_array();
@@ -708,6 +759,11 @@ static json_t *job_detail(coord_jobs_t *jobs, const struct coord_job *j)
     json_object_set_new(o, "losses", ctx.losses);
     json_object_set_new(o, "last_step_ms", json_real(ctx.last.step_ms));
     json_object_set_new(o, "tokens_per_s", json_real(ctx.last.tokens_per_s));
+    {
+        double imbalance = job_expert_imbalance(j);
+        json_object_set_new(o, "expert_imbalance",
+                            imbalance < 0 ? json_null() : json_real(imbalance));
+    }
     json_object_set_new(o, "bubble",
                         json_pack("{s:f, s:f, s:f}", "simulated_ms", j->sim_bubble_ms,
                                   "simulated_step_ms", j->sim_makespan_ms, "measured_ms",

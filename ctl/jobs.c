@@ -110,6 +110,11 @@ void ctl_print_job(json_t *j)
            json_number_value(json_object_get(bubble, "measured_ms")),
            json_number_value(json_object_get(bubble, "simulated_ms")),
            json_number_value(json_object_get(bubble, "simulated_step_ms")));
+    if (json_is_number(json_object_get(j, "expert_imbalance")))
+        printf("  expert imbalance: %.3f (busiest GPU's tokens / mean, worst EP group)\n",
+               json_number_value(json_object_get(j, "expert_imbalance")));
+    else
+        printf("  expert imbalance: n/a (no expert loads reported yet)\n");
     if (json_array_size(losses)) {
         json_t *last = json_array_get(losses, json_array_size(losses) - 1);
         printf("  loss at step %lld: %.4f\n", num(last, "step"),

@@ -343,3 +343,33 @@ Test(jobs, restart_fails_running_jobs_and_keeps_queued_ones, .init = setup, .fin
     cr_assert_str_eq(state_of(a), "failed");
     cr_assert_str_eq(state_of(b), "queued");
 }
+
+/* Expert tokens in step reports give the EP group's load imbalance: the
+ * busiest GPU over the mean; nothing reported means null. */
+Test(jobs, expert_imbalance_from_reported_tokens, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.ep=2", "parallel.pp=2"};
+    uint64_t id = submit("{}", sets, 3);
+    uint64_t busy[] = {300, 100, 100, 100}, light[] = {100, 100, 100, 100};
+    int rc;
+    json_t *doc;
+
+    coord_jobs_schedule(jobs, 2100);
+    ack_all(id, 1);
+    doc = coord_jobs_status(jobs, id, 0, &rc);
+    cr_assert(json_is_null(json_object_get(doc, "expert_imbalance")));
+    json_decref(doc);
+    for (int i = 0; i < nsent; i++) {
+        Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
+        r.job_id = id;
+        r.step = 1;
+        /* pp rank 0, ep rank 0 gets 600 tokens over its 4 slots; everyone else 400 */
+        r.expert_tokens = sent[i].pp_rank == 0 && i == 0 ? busy : light;
+        r.n_expert_tokens = 4;
+        cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, 3000), 0);
+    }
+    doc = coord_jobs_status(jobs, id, 0, &rc);
+    cr_assert_float_eq(json_number_value(json_object_get(doc, "expert_imbalance")), 600.0 / 500.0,
+                       1e-9, "%s", json_dumps(doc, 0));
+    json_decref(doc);
+}
