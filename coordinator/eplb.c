@@ -257,7 +257,7 @@ int coord_eplb_rebalance(const float *weight, int layers, int experts, int repli
     for (long i = 0; i < (long)layers * experts; i++)
         if (out->logcnt[i] > out->max_count)
             out->max_count = out->logcnt[i];
-    out->log2phy = malloc((size_t)layers * experts * out->max_count * sizeof(int));
+    out->log2phy = malloc((size_t)layers * experts * (size_t)out->max_count * sizeof(int) + 1);
     if (!out->log2phy)
         goto nomem_scratch;
     memset(out->log2phy, 0xff, (size_t)layers * experts * out->max_count * sizeof(int));

@@ -192,7 +192,10 @@ static int load_field(const struct field *f, json_t *v, struct coord_jobspec *sp
                      (long long)json_integer_value(v), f->min, f->max);
             return -EINVAL;
         }
-        *(int *)base = v ? (int)json_integer_value(v) : (int)f->dflt;
+        {
+            int value = v ? (int)json_integer_value(v) : (int)f->dflt;
+            memcpy(base, &value, sizeof(value)); /* base is the int at f->offset */
+        }
         return 0;
     case FT_DOUBLE:
         if (v && !json_is_number(v)) {
@@ -205,7 +208,10 @@ static int load_field(const struct field *f, json_t *v, struct coord_jobspec *sp
                      f->max);
             return -EINVAL;
         }
-        *(double *)base = v ? json_number_value(v) : f->dflt;
+        {
+            double value = v ? json_number_value(v) : f->dflt;
+            memcpy(base, &value, sizeof(value)); /* base is the double at f->offset */
+        }
         return 0;
     case FT_STRING:
     case FT_SCHEDULE:

@@ -41,6 +41,10 @@ static int call(struct ctl_globals *g, Duplex__MsgType type, const ProtobufCMess
     rc = ctl_client_create(g->coordinator, g->timeout_s * 1000, &client, err, sizeof(err));
     if (rc == 0)
         rc = ctl_client_call(client, type, body, reply_type, reply, err, sizeof(err));
+    if (rc == 0 && !reply->body) {
+        snprintf(err, sizeof(err), "duplexd sent an empty answer");
+        rc = -EPROTO;
+    }
     if (rc < 0)
         fprintf(stderr, "%s: %s\n", prog, err);
     ctl_client_destroy(client);
@@ -141,8 +145,8 @@ int ctl_job_status(struct ctl_globals *g, uint64_t id, json_t **doc, const char 
     req.job_id = id;
     rc = call(g, DUPLEX__MSG_TYPE__MSG_JOB_STATUS, &req.base,
               DUPLEX__MSG_TYPE__MSG_JOB_STATUS_REPLY, &reply, prog);
-    if (rc < 0)
-        return rc;
+    if (rc < 0 || !reply.body) /* call() never returns 0 without a body */
+        return rc < 0 ? rc : -EPROTO;
     *doc = json_loads(((const Duplex__JobStatusReply *)reply.body)->json, 0, &jerr);
     dx_msg_clear(&reply);
     if (!*doc) {
@@ -248,7 +252,8 @@ int ctl_cmd_events(struct ctl_globals *g, int argc, char **argv)
         size_t i;
 
         if (call(g, DUPLEX__MSG_TYPE__MSG_EVENTS, &req.base, DUPLEX__MSG_TYPE__MSG_EVENTS_REPLY,
-                 &reply, cli.prog) < 0)
+                 &reply, cli.prog) < 0 ||
+            !reply.body)
             goto out;
         arr = json_loads(((const Duplex__EventsReply *)reply.body)->json, 0, NULL);
         dx_msg_clear(&reply);
@@ -309,7 +314,7 @@ static int ok_command(struct ctl_globals *g, int argc, char **argv, const struct
     *arg_out = arg;
     ctl_globals_override(g, c.coordinator, c.timeout_s);
     status = CTL_EXIT_FAIL;
-    if (call(g, type, body, DUPLEX__MSG_TYPE__MSG_OK, &reply, cli->prog) < 0)
+    if (call(g, type, body, DUPLEX__MSG_TYPE__MSG_OK, &reply, cli->prog) < 0 || !reply.body)
         goto out;
     printf("%s\n", ((const Duplex__Ok *)reply.body)->text);
     dx_msg_clear(&reply);

@@ -146,7 +146,8 @@ static int fail_nomem(struct ctx *c)
 /* malloc for count elements, at least one (a shape may have no units). */
 static void *table(size_t count, size_t size)
 {
-    return malloc((count ? count : 1) * size);
+    size_t n = count ? count : 1;
+    return calloc(n, size);
 }
 
 /* --- units and messages -------------------------------------------------- */
@@ -919,7 +920,7 @@ static int rule_no_deadlock(struct ctx *c)
         }
     }
     for (int r = 0; r < c->ranks; r++) {
-        ops = dp_sched_ops(c->s, r, &n);
+        (void)dp_sched_ops(c->s, r, &n);
         stuck += pc[r] < n;
     }
     if (stuck)
