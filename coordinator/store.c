@@ -87,7 +87,6 @@ enum store_stmt {
     STMT_WORKER_PUT,
     STMT_WORKER_STATE,
     STMT_WORKER_TOUCH,
-    STMT_EVENT,
     STMT_WORKERS_ALL,
     STMT_JOB_EVENT,
     STMT_WORKER_DRAINED,
@@ -111,7 +110,6 @@ static const char *const stmt_sql[STMT_COUNT] = {
         " capabilities = ?6, pid = ?7, state = ?8, registered_ms = ?9, last_heartbeat_ms = ?10",
     [STMT_WORKER_STATE] = "UPDATE workers SET state = ?2 WHERE id = ?1",
     [STMT_WORKER_TOUCH] = "UPDATE workers SET last_heartbeat_ms = ?2 WHERE id = ?1",
-    [STMT_EVENT] = "INSERT INTO events (ts_ms, kind, worker_id, detail) VALUES (?1, ?2, ?3, ?4)",
     [STMT_WORKERS_ALL] = "SELECT id, host, node, gpu, backend, capabilities, pid, state,"
                          " registered_ms, last_heartbeat_ms FROM workers ORDER BY id",
     [STMT_JOB_EVENT] = "INSERT INTO events (ts_ms, kind, worker_id, job_id, detail)"
@@ -435,18 +433,7 @@ int coord_store_worker_touch(coord_store_t *s, const char *id, int64_t last_hear
 int coord_store_event(coord_store_t *s, int64_t ts_ms, const char *kind, const char *worker_id,
                       const char *detail)
 {
-    sqlite3_stmt *st = s->stmt[STMT_EVENT];
-
-    if (store_begin(s) < 0)
-        return -EIO;
-    sqlite3_bind_int64(st, 1, ts_ms);
-    sqlite3_bind_text(st, 2, kind, -1, SQLITE_STATIC);
-    if (worker_id)
-        sqlite3_bind_text(st, 3, worker_id, -1, SQLITE_STATIC);
-    else
-        sqlite3_bind_null(st, 3);
-    sqlite3_bind_text(st, 4, detail ? detail : "", -1, SQLITE_STATIC);
-    return store_step(s, st);
+    return coord_store_job_event(s, ts_ms, kind, worker_id, 0, detail);
 }
 
 /* Parses a stored JSON array of strings into a malloc'd vector of borrowed
@@ -522,7 +509,10 @@ int coord_store_job_event(coord_store_t *s, int64_t ts_ms, const char *kind, con
         sqlite3_bind_text(st, 3, worker_id, -1, SQLITE_STATIC);
     else
         sqlite3_bind_null(st, 3);
-    sqlite3_bind_int64(st, 4, (sqlite3_int64)job_id);
+    if (job_id)
+        sqlite3_bind_int64(st, 4, (sqlite3_int64)job_id);
+    else
+        sqlite3_bind_null(st, 4);
     sqlite3_bind_text(st, 5, detail ? detail : "", -1, SQLITE_STATIC);
     return store_step(s, st);
 }

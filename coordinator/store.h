@@ -63,7 +63,8 @@ typedef int (*coord_store_worker_fn)(const struct coord_worker_row *row, void *a
  * non-zero return and returns it. */
 int coord_store_workers_each(coord_store_t *s, coord_store_worker_fn fn, void *arg);
 
-/* An event about a job (job_id) and maybe a worker (may be NULL). */
+/* An event about a job (job_id, 0 for none) and maybe a worker (may be
+ * NULL). */
 int coord_store_job_event(coord_store_t *s, int64_t ts_ms, const char *kind, const char *worker_id,
                           uint64_t job_id, const char *detail);
 
