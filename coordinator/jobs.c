@@ -448,7 +448,7 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
     int rc;
 
     if ((rc = coord_place(slots, n, pp, ep, dp, &place, err, sizeof(err))) < 0 ||
-        (rc = coord_plan_experts(&j->spec, &experts, err, sizeof(err))) < 0) {
+        (rc = coord_plan_experts(&j->spec, j->expert_load, &experts, err, sizeof(err))) < 0) {
         job_set_state(jobs, j, COORD_JOB_FAILED, now, "placement failed: %s", err);
         goto out;
     }

@@ -32,19 +32,23 @@ static json_t *stages_of(const struct coord_jobspec *spec, int r)
     return n == 2 ? json_pack("[i, i]", st[0], st[1]) : json_pack("[i]", st[0]);
 }
 
-int coord_plan_experts(const struct coord_jobspec *spec, struct coord_eplb_plan *plan, char *err,
-                         size_t errlen)
+int coord_plan_experts(const struct coord_jobspec *spec, const double *loads,
+                       struct coord_eplb_plan *plan, char *err, size_t errlen)
 {
     int E = spec->model.experts, ep = spec->parallel.ep;
     float *w = malloc((size_t)E * sizeof(float));
+    double total = 0.0;
     int rc;
 
     if (!w) {
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
+    for (int e = 0; loads && e < E; e++)
+        total += loads[e];
+    /* with no loads known yet every expert counts the same */
     for (int e = 0; e < E; e++)
-        w[e] = 1.0f;
+        w[e] = total > 0.0 ? (float)loads[e] : 1.0f;
     rc = coord_eplb_rebalance(w, 1, E, E, spec->model.expert_groups, 1, ep, plan, err, errlen);
     free(w);
     return rc;
@@ -95,7 +99,7 @@ int coord_plan_build(const struct coord_jobspec *spec, const struct coord_slot *
 
     err[0] = '\0';
     if ((rc = coord_place(slots, n, pp, ep, dp, &place, err, errlen)) < 0 ||
-        (rc = coord_plan_experts(spec, &experts, err, errlen)) < 0)
+        (rc = coord_plan_experts(spec, NULL, &experts, err, errlen)) < 0)
         goto out;
     rc = -ENOMEM;
     summary = schedule_summary(spec, err, errlen);

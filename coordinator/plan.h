@@ -21,9 +21,11 @@ int coord_plan_build(const struct coord_jobspec *spec, const struct coord_slot *
 /* The model stages pipeline rank r holds; returns how many (1 or 2). */
 int coord_plan_stages(const struct coord_jobspec *spec, int r, int stages[2]);
 
-/* The initial expert placement of one EP group: EPLB on uniform loads, one
- * layer; EP rank e holds slots e*R/ep .. (e+1)*R/ep-1 of plan->phy2log. */
-int coord_plan_experts(const struct coord_jobspec *spec, struct coord_eplb_plan *plan, char *err,
-                       size_t errlen);
+/* The expert placement of one EP group: EPLB over the job's experts (one
+ * layer; EP rank e holds slots e*R/ep .. (e+1)*R/ep-1 of plan->phy2log).
+ * loads (tokens per expert, may be NULL) are what workers reported so far;
+ * with none, every expert counts the same. */
+int coord_plan_experts(const struct coord_jobspec *spec, const double *loads,
+                       struct coord_eplb_plan *plan, char *err, size_t errlen);
 
 #endif

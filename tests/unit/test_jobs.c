@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "coordinator/jobs.h"
+#include "coordinator/plan.h"
 
 #define MAX_SENT 256
 
@@ -372,4 +373,25 @@ Test(jobs, expert_imbalance_from_reported_tokens, .init = setup, .fini = teardow
     cr_assert_float_eq(json_number_value(json_object_get(doc, "expert_imbalance")), 600.0 / 500.0,
                        1e-9, "%s", json_dumps(doc, 0));
     json_decref(doc);
+}
+
+/* Placing a job again uses the expert loads reported so far: two hot
+ * experts that uniform placement puts on one GPU go to different GPUs. */
+Test(jobs, reported_loads_drive_the_expert_placement)
+{
+    struct coord_jobspec spec;
+    struct coord_eplb_plan uniform, loaded;
+    const char *sets[] = {"model.experts=4", "model.top_k=1", "parallel.ep=2"};
+    const double loads[] = {10, 1, 10, 1};
+    float w[] = {10, 1, 10, 1};
+    char err[256];
+
+    cr_assert_eq(coord_jobspec_parse("{}", 2, sets, 3, &spec, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(coord_plan_experts(&spec, NULL, &uniform, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(coord_plan_experts(&spec, loads, &loaded, err, sizeof(err)), 0, "%s", err);
+    cr_assert_float_eq(coord_eplb_imbalance(w, &uniform, 0), 20.0 / 11.0, 1e-6,
+                       "uniform placement puts experts 0 and 2 together");
+    cr_assert_float_eq(coord_eplb_imbalance(w, &loaded, 0), 1.0, 1e-6);
+    coord_eplb_plan_clear(&uniform);
+    coord_eplb_plan_clear(&loaded);
 }
