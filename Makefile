@@ -34,7 +34,7 @@ CFLAGS_ALL += -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-om
               -U_FORTIFY_SOURCE
 LDFLAGS_ALL += -fsanitize=address,undefined
 endif
-LIBS := -lzmq -luv -lsqlite3 -lprotobuf-c -ljansson -lpthread -lm
+LIBS := -lzmq -luv -lsqlite3 -lprotobuf-c -ljansson -lopenblas -lpthread -lm
 
 PROTO_C := $(BUILD)/gen/proto/duplex.pb-c.c
 PROTO_H := $(BUILD)/gen/proto/duplex.pb-c.h
@@ -46,7 +46,7 @@ PIPE_SRC   := pipeline/schedule.c pipeline/gen_1f1b.c pipeline/gen_dualpipe.c pi
 COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c coordinator/eplb.c \
               coordinator/jobspec.c coordinator/placement.c coordinator/plan.c \
               coordinator/jobs.c
-WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c
+WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c $(wildcard worker/model/*.c)
 CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
@@ -180,7 +180,7 @@ format: deps-dev
 format-check: deps-dev
 	clang-format --dry-run --Werror $(FORMAT_FILES)
 
-LINT_DIRS := common proto pipeline coordinator worker ctl
+LINT_DIRS := common proto pipeline coordinator worker worker/model ctl
 
 # cppcheck, then clang-tidy with the checks in .clang-tidy (all must pass).
 lint: deps-dev $(PROTO_H)
