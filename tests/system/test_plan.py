@@ -1,11 +1,10 @@
 """`duplexctl plan`: schedules as compact text, JSON, SVG and a timeline.
 
-The heart of this file is the reference oracle: a direct Python
-transcription of the step loops of deepseek-ai/DualPipe (commit 3da1bbe,
-dualpipe/dualpipe.py and dualpipe/dualpipev.py, `DualPipe.step()` and
-`DualPipeV.step()`), with the communication left out and every compute call
-recorded in the compact notation. `duplexctl plan --format compact` must
-print exactly what the oracle builds, rank by rank.
+The heart of this file is the oracle: the compute order of the reference
+(deepseek-ai/DualPipe's DualPipe and DualPipeV step loops, as the team's
+notes describe them), written here in Python independently of the C
+generator and recorded in the compact notation. `duplexctl plan --format
+compact` must print exactly what the oracle builds, rank by rank.
 
 Needs no duplexd.
 """
@@ -27,206 +26,98 @@ I, FB = B - W, F + B
 
 
 # --------------------------------------------------------------------------
-# the reference oracle
+# the oracle: the reference's step order, written independently of the C
+# generator from the team's reading of deepseek-ai/DualPipe
+# (shared/notes/dualpipe.md, sections 2 and 3)
 
 
-class RefRank:
-    """One rank of the reference's step(), compute calls only.
+class Rank:
+    """One rank's compute ops in compact notation.
 
-    Mirrors the reference's state: `current_f_chunk_id` and
-    `current_b_chunk_id` count per *physical* phase, logical phases are
-    mapped with `phase ^= is_in_second_half` (DualPipe; always 0 for
-    DualPipeV), and WeightGradStore is a FIFO with one job per
-    zero-bubble backward. Phase 0 prints as "d", phase 1 as "u".
+    Micro-batches are counted per physical chunk (0 prints as d, 1 as u);
+    the eight steps name logical chunks, which DualPipe's second half of the
+    ranks swaps. An I queues its weight-gradient job; W takes the oldest.
     """
 
-    def __init__(self, is_in_second_half=False):
-        self.is_in_second_half = int(is_in_second_half)
-        self.current_f_chunk_id = [0, 0]
-        self.current_b_chunk_id = [0, 0]
-        self.funcs_queue = collections.deque()  # WeightGradStore
+    def __init__(self, swap):
+        self.swap = swap
+        self.next_forward = [0, 0]
+        self.next_backward = [0, 0]
+        self.queued = collections.deque()
         self.ops = []
 
-    @staticmethod
-    def _name(kind, chunk_id, phase):
-        return f"{kind}{chunk_id}{'du'[phase]}"
+    def take(self, counters, x):
+        chunk = x ^ self.swap
+        mb = counters[chunk]
+        counters[chunk] += 1
+        return f"{mb}{'du'[chunk]}"
 
-    def _forward_compute_chunk(self, phase):
-        phase ^= self.is_in_second_half
-        chunk_id = self.current_f_chunk_id[phase]
-        self.current_f_chunk_id[phase] += 1
-        return self._name("F", chunk_id, phase)
+    def forward(self, x):
+        self.ops.append("F" + self.take(self.next_forward, x))
 
-    def _backward_compute_chunk(self, phase, enable_zb=False):
-        phase ^= self.is_in_second_half
-        chunk_id = self.current_b_chunk_id[phase]
-        self.current_b_chunk_id[phase] += 1
-        if enable_zb:  # WeightGradStore.flush(): one job per zero-bubble backward
-            self.funcs_queue.append((chunk_id, phase))
-            return self._name("I", chunk_id, phase)
-        return self._name("B", chunk_id, phase)
+    def backward(self, x, zero_bubble=False):
+        name = self.take(self.next_backward, x)
+        if zero_bubble:
+            self.queued.append(name)
+        self.ops.append(("I" if zero_bubble else "B") + name)
 
-    # the *_chunk methods of the reference, without recv/send
+    def overlapped(self, xf, xb):
+        f = self.take(self.next_forward, xf)
+        b = self.take(self.next_backward, xb)
+        self.ops.append(f"(F{f};B{b})")
 
-    def _forward_chunk(self, phase, recv=True, send=True):
-        self.ops.append(self._forward_compute_chunk(phase))
-
-    def _backward_chunk(self, phase, enable_zb=False, recv=True, send=True):
-        self.ops.append(self._backward_compute_chunk(phase, enable_zb))
-
-    def _forward_backward_chunk(self, phase0, phase1, recv0=True):
-        # _forward_backward_compute_chunk: pre-forward takes phase0's next
-        # forward, pre-backward phase1's next backward (always full, no zb)
-        f = self._forward_compute_chunk(phase0)
-        b = self._backward_compute_chunk(phase1)
-        self.ops.append(f"({f};{b})")
-
-    def _weight_chunk(self):
-        assert self.funcs_queue, "Pop empty queue."
-        chunk_id, phase = self.funcs_queue.popleft()  # "Assume FIFO"
-        self.ops.append(self._name("W", chunk_id, phase))
+    def weight(self):
+        self.ops.append("W" + self.queued.popleft())
 
 
-def ref_dualpipe(rank, num_ranks, num_chunks):
-    """DualPipe.step() for one rank: its compute ops in compact notation."""
-    assert num_ranks % 2 == 0
-    assert num_chunks > 0 and num_chunks % 2 == 0 and num_chunks >= num_ranks * 2
-    num_half_ranks = num_ranks // 2
-    half_rank = min(rank, num_ranks - 1 - rank)
-    half_num_chunks = num_chunks // 2
-    is_middle_rank = rank in (num_ranks // 2 - 1, num_ranks // 2)
-    self = RefRank(is_in_second_half=rank >= num_ranks // 2)
-
-    # Step 1: nF0
-    step_1 = (num_half_ranks - half_rank - 1) * 2
-    for i in range(step_1):
-        self._forward_chunk(0)
-
-    # Step 2: nF0F1
-    step_2 = half_rank + 1
-    for i in range(step_2):
-        self._forward_chunk(0, recv=False, send=is_middle_rank)
-        self._forward_chunk(1, send=(not is_middle_rank) or (i < step_2 - 1))
-
-    # Step 3: nB1W1F1 (Use zero bubble)
-    step_3 = num_half_ranks - half_rank - 1
-    for i in range(step_3):
-        self._backward_chunk(1, enable_zb=True)
-        self._weight_chunk()
-        self._forward_chunk(1, recv=False)
-
-    # Step 4 (Main step): nF0B1F1B0
-    step_4 = half_num_chunks - num_ranks + half_rank + 1
-    for i in range(step_4):
-        if i == 0:
-            if is_middle_rank:
-                # NOTE: We don't overlap these two chunks to further reduce bubble size.
-                self._forward_chunk(0, recv=False, send=False)
-                self._backward_chunk(1, send=False)
-            else:
-                self._forward_backward_chunk(0, 1, recv0=False)
+def steps(rank, H, h, M, swap, apart):
+    """The eight steps for half size H, mirrored rank h, M micro-batches per
+    chunk; `apart`: this rank runs the first main-step pair un-overlapped."""
+    me = Rank(swap)
+    for _ in range(2 * (H - h - 1)):
+        me.forward(0)
+    for _ in range(h + 1):
+        me.forward(0)
+        me.forward(1)
+    for _ in range(H - h - 1):
+        me.backward(1, zero_bubble=True)
+        me.weight()
+        me.forward(1)
+    for i in range(M - 2 * H + h + 1):
+        if i == 0 and apart:
+            me.forward(0)
+            me.backward(1)
         else:
-            self._forward_backward_chunk(0, 1)
-        self._forward_backward_chunk(1, 0)
-
-    # Step 5: nB1F1B0
-    step_5 = num_half_ranks - half_rank - 1
-    for i in range(step_5):
-        self._backward_chunk(1)
-        self._forward_backward_chunk(1, 0)
-
-    # Step 6: nB1B0 (The second half of the chunks use zero bubble)
-    step_6 = half_rank + 1
-    enable_zb = False
-    for i in range(step_6):
-        if i == step_6 // 2 and half_rank % 2 == 1:
-            enable_zb = True
-        self._backward_chunk(1, enable_zb=enable_zb)
-        if i == step_6 // 2 and half_rank % 2 == 0:
-            enable_zb = True
-        self._backward_chunk(0, enable_zb=enable_zb)
-
-    # Step 7: nWB0 (Use zero bubble)
-    step_7 = num_half_ranks - half_rank - 1
-    for i in range(step_7):
-        self._weight_chunk()
-        self._backward_chunk(0, enable_zb=True)
-
-    # Step 8: nW
-    step_8 = half_rank + 1
-    for i in range(step_8):
-        self._weight_chunk()
-    assert not self.funcs_queue
-    return self.ops
+            me.overlapped(0, 1)
+        me.overlapped(1, 0)
+    for _ in range(H - h - 1):
+        me.backward(1)
+        me.overlapped(1, 0)
+    switch = (h + 1) // 2  # the zero-bubble switch in step 6
+    zero_bubble = False
+    for i in range(h + 1):
+        zero_bubble |= i == switch and h % 2 == 1
+        me.backward(1, zero_bubble)
+        zero_bubble |= i == switch and h % 2 == 0
+        me.backward(0, zero_bubble)
+    for _ in range(H - h - 1):
+        me.weight()
+        me.backward(0, zero_bubble=True)
+    for _ in range(h + 1):
+        me.weight()
+    assert not me.queued, f"rank {rank} ends with W jobs queued"
+    return me.ops
 
 
-def ref_dualpipev(rank, num_ranks, num_chunks):
-    """DualPipeV.step() for one rank: its compute ops in compact notation."""
-    assert num_chunks > 0 and num_chunks >= num_ranks * 2
-    is_last_rank = rank == num_ranks - 1
-    self = RefRank()
+def ref_dualpipe(rank, P, N):
+    assert P % 2 == 0 and N % 2 == 0 and N >= 2 * P
+    h = min(rank, P - 1 - rank)
+    return steps(rank, P // 2, h, N // 2, int(rank >= P // 2), apart=h == P // 2 - 1)
 
-    # Step 1: nF0
-    step_1 = (num_ranks - rank - 1) * 2
-    for i in range(step_1):
-        self._forward_chunk(0)
 
-    # Step 2: nF0F1
-    step_2 = rank + 1
-    for i in range(step_2):
-        self._forward_chunk(0, recv=False, send=False)
-        self._forward_chunk(1, send=(not is_last_rank) or (i < step_2 - 1))
-
-    # Step 3: nB1W1F1 (Use zero bubble)
-    step_3 = num_ranks - rank - 1
-    for i in range(step_3):
-        self._backward_chunk(1, enable_zb=True)
-        self._weight_chunk()
-        self._forward_chunk(1, recv=False)
-
-    # Step 4 (Main step): nF0B1F1B0
-    step_4 = num_chunks - num_ranks * 2 + rank + 1
-    for i in range(step_4):
-        if i == 0:
-            if is_last_rank:
-                # NOTE: We don't overlap these two chunks to further reduce bubble size.
-                self._forward_chunk(0, recv=False, send=False)
-                self._backward_chunk(1, send=False)
-            else:
-                self._forward_backward_chunk(0, 1, recv0=False)
-        else:
-            self._forward_backward_chunk(0, 1)
-        self._forward_backward_chunk(1, 0)
-
-    # Step 5: nB1F1B0
-    step_5 = num_ranks - rank - 1
-    for i in range(step_5):
-        self._backward_chunk(1)
-        self._forward_backward_chunk(1, 0)
-
-    # Step 6: nB1B0 (The second half of the chunks use zero bubble)
-    step_6 = rank + 1
-    enable_zb = False
-    for i in range(step_6):
-        if i == step_6 // 2 and rank % 2 == 1:
-            enable_zb = True
-        self._backward_chunk(1, enable_zb=enable_zb)
-        if i == step_6 // 2 and rank % 2 == 0:
-            enable_zb = True
-        self._backward_chunk(0, enable_zb=enable_zb)
-
-    # Step 7: nWB0 (Use zero bubble)
-    step_7 = num_ranks - rank - 1
-    for i in range(step_7):
-        self._weight_chunk()
-        self._backward_chunk(0, enable_zb=True)
-
-    # Step 8: nW
-    step_8 = rank + 1
-    for i in range(step_8):
-        self._weight_chunk()
-    assert not self.funcs_queue
-    return self.ops
+def ref_dualpipev(rank, P, N):
+    assert N >= 2 * P
+    return steps(rank, P, rank, N, 0, apart=rank == P - 1)
 
 
 REFERENCE = {"dualpipe": ref_dualpipe, "dualpipev": ref_dualpipev}
