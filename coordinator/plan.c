@@ -48,7 +48,7 @@ int coord_plan_experts(const struct coord_jobspec *spec, const double *loads,
         total += loads[e];
     /* with no loads known yet every expert counts the same */
     for (int e = 0; e < E; e++)
-        w[e] = total > 0.0 ? (float)loads[e] : 1.0f;
+        w[e] = loads && total > 0.0 ? (float)loads[e] : 1.0f;
     rc = coord_eplb_rebalance(w, 1, E, E, spec->model.expert_groups, 1, ep, plan, err, errlen);
     free(w);
     return rc;
