@@ -207,6 +207,8 @@ static void handle_list_workers(coord_server_t *s, const struct peer_frame *p,
         wi->activity = w->activity;
         wi->job_id = w->job_id;
         wi->step = w->step;
+        wi->drained = w->drained;
+        wi->assigned_job = w->assigned_job;
         ptrs[i] = wi;
     }
     reply.workers = ptrs;

@@ -42,14 +42,19 @@ static void print_table(const Duplex__ListWorkersReply *r)
         printf("no workers registered\n");
         return;
     }
-    printf("%-24s %-16s %-16s %4s %-8s %-6s %8s %8s\n", "ID", "HOST", "NODE", "GPU", "BACKEND",
-           "STATE", "HB AGE", "PID");
+    printf("%-24s %-16s %-16s %4s %-8s %-6s %8s %8s %6s\n", "ID", "HOST", "NODE", "GPU", "BACKEND",
+           "STATE", "HB AGE", "PID", "JOB");
     for (size_t i = 0; i < r->n_workers; i++) {
         const Duplex__WorkerInfo *w = r->workers[i];
         char age[16];
         format_age(w->heartbeat_age_ms, age, sizeof(age));
-        printf("%-24s %-16s %-16s %4d %-8s %-6s %8s %8d\n", w->worker_id, w->host, w->node,
-               w->gpu_index, w->backend, w->state, age, w->pid);
+        char job[24];
+        if (w->assigned_job)
+            snprintf(job, sizeof(job), "%llu", (unsigned long long)w->assigned_job);
+        else
+            snprintf(job, sizeof(job), "-");
+        printf("%-24s %-16s %-16s %4d %-8s %-6s %8s %8d %6s%s\n", w->worker_id, w->host, w->node,
+               w->gpu_index, w->backend, w->state, age, w->pid, job, w->drained ? "  drained" : "");
     }
 }
 
@@ -67,12 +72,13 @@ static int print_json(const Duplex__ListWorkersReply *r)
 
         for (size_t k = 0; caps && k < w->n_capabilities; k++)
             json_array_append_new(caps, json_string(w->capabilities[k]));
-        o = json_pack("{s:s, s:s, s:s, s:i, s:s, s:s, s:I, s:i, s:o, s:s, s:I, s:I}", "id",
-                      w->worker_id, "host", w->host, "node", w->node, "gpu", w->gpu_index,
+        o = json_pack("{s:s, s:s, s:s, s:i, s:s, s:s, s:I, s:i, s:o, s:s, s:I, s:I, s:b, s:I}",
+                      "id", w->worker_id, "host", w->host, "node", w->node, "gpu", w->gpu_index,
                       "backend", w->backend, "state", w->state, "heartbeat_age_ms",
                       (json_int_t)w->heartbeat_age_ms, "pid", w->pid, "capabilities", caps,
                       "activity", activity_name(w->activity), "job", (json_int_t)w->job_id, "step",
-                      (json_int_t)w->step);
+                      (json_int_t)w->step, "drained", (int)w->drained, "assigned_job",
+                      (json_int_t)w->assigned_job);
         if (!o || json_array_append_new(arr, o) < 0)
             goto out;
     }

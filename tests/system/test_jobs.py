@@ -114,12 +114,15 @@ def test_drain_keeps_a_worker_out_of_placement(sim4, tmp_path):
     c = sim4
     result = c.ctl("drain", "w3")
     assert result.returncode == 0 and "w3 drained" in result.stdout, describe(result)
+    assert c.workers()["w3"]["drained"] is True
+    assert "drained" in c.ctl("workers").stdout
     jid = job_id(submit(c, tmp_path, FAST))
     time.sleep(0.5)
     doc = status(c, jid)
     assert doc["state"] == "queued", doc
     assert "waiting for 4 free sim workers (3 free now)" in doc["reason"], doc
     assert c.ctl("undrain", "w3").returncode == 0
+    assert c.workers()["w3"]["drained"] is False
     wait_state(c, jid, ("succeeded",))
     missing = c.ctl("drain", "nobody")
     assert missing.returncode == 1 and "no worker nobody" in missing.stderr, describe(missing)
