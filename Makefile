@@ -46,7 +46,8 @@ PIPE_SRC   := pipeline/schedule.c pipeline/gen_1f1b.c pipeline/gen_dualpipe.c pi
 COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c coordinator/eplb.c \
               coordinator/jobspec.c coordinator/placement.c coordinator/plan.c \
               coordinator/jobs.c
-WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c $(wildcard worker/model/*.c)
+WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c worker/data.c worker/train.c \
+              $(wildcard worker/model/*.c)
 CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
@@ -115,7 +116,8 @@ $(ALL_LIBS):
 	rm -f $@ && $(AR) rcs $@ $^
 
 $(BUILD)/bin/duplexd: $(BUILD)/obj/coordinator/main.o $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
-$(BUILD)/bin/duplex-worker: $(BUILD)/obj/worker/main.o $(LIB_WORKER) $(LIB_PIPE) $(LIB_COMMON)
+$(BUILD)/bin/duplex-worker: $(BUILD)/obj/worker/main.o $(LIB_WORKER) $(LIB_COORD) $(LIB_PIPE) \
+                            $(LIB_COMMON)
 $(BUILD)/bin/duplexctl: $(BUILD)/obj/ctl/main.o $(LIB_CTL) $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
 $(BINS):
 	@mkdir -p $(dir $@)

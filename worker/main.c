@@ -1,4 +1,6 @@
-/* main.c - duplex-worker: flags and config, then the agent loop. */
+/* main.c - duplex-worker: flags and config, then the agent loop (or, with
+ * --standalone, the single-process reference trainer). */
+#include <errno.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,15 +10,21 @@
 #include "common/log.h"
 #include "common/opts.h"
 #include "common/version.h"
+#include "coordinator/jobspec.h"
 #include "proto/envelope.h"
 #include "worker/agent.h"
 #include "worker/dataplane.h"
+#include "worker/train.h"
+
+void openblas_set_num_threads(int);
 
 #define DEFAULT_COORDINATOR "tcp://127.0.0.1:7700"
+#define SPEC_MAX_BYTES (1 << 20)
 
 static char *opt_config, *opt_coordinator, *opt_backend, *opt_id, *opt_host, *opt_node,
-    *opt_data_listen, *opt_log_level;
-static int opt_gpu;
+    *opt_data_listen, *opt_log_level, *opt_standalone;
+static int opt_gpu, opt_steps;
+static bool opt_json;
 
 static const struct dx_opt options[] = {
     {"config", DX_OPT_STRING, &opt_config, NULL, 0, 0, 0, "FILE",
@@ -34,6 +42,12 @@ static const struct dx_opt options[] = {
      "data-plane endpoint to bind (PULL); with 0.0.0.0 or * the --host name is advertised"},
     {"log-level", DX_OPT_STRING, &opt_log_level, "info", 0, 0, 0, "LEVEL",
      "debug, info, warn or error"},
+    {"standalone", DX_OPT_STRING, &opt_standalone, NULL, 0, 0, 0, "JOB.json",
+     "train the job's model in this one process (no coordinator), then exit"},
+    {"steps", DX_OPT_INT, &opt_steps, NULL, 0, 0, INT_MAX, "N",
+     "with --standalone: steps to train; 0 takes the job's train.steps"},
+    {"json", DX_OPT_FLAG, &opt_json, NULL, 0, 0, 0, NULL,
+     "with --standalone: one {\"step\": s, \"loss\": x} line per step"},
     {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
 };
 
@@ -43,6 +57,75 @@ static const struct dx_cli cli = {
     .version = DX_VERSION " (protocol " DX_STRINGIFY(DX_PROTOCOL_VERSION) ")",
     .log_level = &opt_log_level,
 };
+
+/* Reads at most SPEC_MAX_BYTES of path into a malloc'd buffer. */
+static char *read_spec(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    char *buf = malloc(SPEC_MAX_BYTES + 1);
+
+    *len = 0;
+    if (!f || !buf) {
+        if (f)
+            fclose(f);
+        free(buf);
+        return NULL;
+    }
+    *len = fread(buf, 1, SPEC_MAX_BYTES + 1, f);
+    if (ferror(f) || *len > SPEC_MAX_BYTES) {
+        errno = ferror(f) ? EIO : EFBIG;
+        fclose(f);
+        free(buf);
+        return NULL;
+    }
+    fclose(f);
+    buf[*len] = '\0';
+    return buf;
+}
+
+/* duplex-worker --standalone JOB.json [--steps N] [--json] */
+static int run_standalone(void)
+{
+    struct coord_jobspec spec;
+    struct wk_train_config cfg;
+    char err[512];
+    size_t len;
+    char *json = read_spec(opt_standalone, &len);
+
+    if (!json) {
+        fprintf(stderr, "duplex-worker: %s: %s\n", opt_standalone, strerror(errno));
+        return EXIT_FAILURE;
+    }
+    int rc = coord_jobspec_parse(json, len, NULL, 0, &spec, err, sizeof(err));
+    free(json);
+    if (rc < 0) {
+        fprintf(stderr, "duplex-worker: %s: %s\n", opt_standalone, err);
+        return EXIT_FAILURE;
+    }
+    if (strcmp(spec.train.dataset, "licenses") != 0) {
+        fprintf(stderr, "duplex-worker: %s: train.dataset: only \"licenses\" is known, not %s\n",
+                opt_standalone, spec.train.dataset);
+        return EXIT_FAILURE;
+    }
+    cfg = (struct wk_train_config){
+        .model = {spec.model.vocab, spec.model.d_model, spec.model.layers, spec.model.heads,
+                  spec.model.experts, spec.model.top_k, spec.model.expert_hidden,
+                  spec.model.shared_experts, spec.model.seq_len, spec.model.expert_groups,
+                  spec.model.group_limit},
+        .seed = (uint64_t)spec.train.seed,
+        .steps = opt_steps > 0 ? opt_steps : spec.train.steps,
+        .lr = (float)spec.train.lr,
+        .microbatches = spec.parallel.microbatches,
+        .microbatch_size = spec.parallel.microbatch_size,
+        .json = opt_json,
+    };
+    openblas_set_num_threads(1); /* bitwise reproducible sums */
+    if (wk_train_standalone(&cfg, err, sizeof(err)) < 0) {
+        fprintf(stderr, "duplex-worker: %s\n", err);
+        return EXIT_FAILURE;
+    }
+    return EXIT_SUCCESS;
+}
 
 int main(int argc, char **argv)
 {
@@ -57,6 +140,10 @@ int main(int argc, char **argv)
     dx_log_init("duplex-worker", DX_LOG_INFO);
     if (!dx_opts_cli(options, &cli, argc, argv, NULL, &status))
         goto out;
+    if (opt_standalone) {
+        status = run_standalone();
+        goto out;
+    }
     status = EXIT_FAILURE;
     if (gethostname(hostname, sizeof(hostname)) < 0)
         snprintf(hostname, sizeof(hostname), "localhost");

@@ -11,10 +11,21 @@ struct wk_rng {
     uint64_t state;
 };
 
-/* A stream for (seed, stream id): e.g. stream = layer * 1000 + tensor. */
+/* splitmix64's finaliser: a bijection that scatters nearby inputs. */
+static inline uint64_t wk_rng_mix(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+/* A stream for (seed, stream id): e.g. stream = layer * 1000 + tensor. Seed
+ * and stream are both mixed, so nearby streams of a small seed are not
+ * shifted copies of one another. */
 static inline struct wk_rng wk_rng_stream(uint64_t seed, uint64_t stream)
 {
-    struct wk_rng r = {seed ^ (stream * 0x9e3779b97f4a7c15ULL)};
+    struct wk_rng r = {wk_rng_mix(seed + 0x9e3779b97f4a7c15ULL) ^
+                       wk_rng_mix(stream * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL)};
     return r;
 }
 

@@ -1,0 +1,30 @@
+/* train.h - the single-process reference trainer (duplex-worker
+ * --standalone): the whole model on one process, no parallelism. Each step
+ * runs `microbatches` micro-batches of `microbatch_size` sequences (what DP
+ * rank 0 of 1 reads, data.h), averages their gradients, takes an AdamW step
+ * and updates the routing biases, then prints one line. */
+#ifndef WK_TRAIN_H
+#define WK_TRAIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "worker/model/model.h"
+
+struct wk_train_config {
+    struct wk_model_config model;
+    uint64_t seed;
+    int steps;
+    float lr;
+    int microbatches, microbatch_size;
+    const char *data_dir; /* WK_DATA_DIR_DEFAULT when NULL */
+    int json;             /* {"step": s, "loss": x} lines instead of readable ones */
+    FILE *out;            /* stdout when NULL */
+};
+
+/* Trains cfg->steps steps (numbered from 1). 0, or -errno with the reason in
+ * err. */
+int wk_train_standalone(const struct wk_train_config *cfg, char *err, size_t errlen);
+
+#endif
