@@ -121,8 +121,12 @@ void ctl_print_job(json_t *j)
         printf("  expert imbalance: n/a (no expert loads reported yet)\n");
     if (json_array_size(losses)) {
         json_t *last = json_array_get(losses, json_array_size(losses) - 1);
-        printf("  loss at step %lld: %.4f\n", num(last, "step"),
-               json_number_value(json_object_get(last, "loss")));
+        double loss = json_number_value(json_object_get(last, "loss"));
+        /* the sim executor trains nothing and reports 0 */
+        if (loss != 0.0)
+            printf("  loss at step %lld: %.4f\n", num(last, "step"), loss);
+        else
+            printf("  loss: none reported (the sim executor trains no model)\n");
     }
     printf("\n  %-24s %3s %3s %3s %8s  %s\n", "WORKER", "DP", "PP", "EP", "STEP", "STATE");
     json_array_foreach (ranks, i, r) {
