@@ -11,7 +11,6 @@
 #include "common/log.h"
 #include "coordinator/placement.h"
 #include "coordinator/plan.h"
-#include "pipeline/simulate.h"
 #include "proto/envelope.h"
 
 #define JOB_REASON_LEN 256
@@ -353,25 +352,15 @@ int coord_jobs_submit(coord_jobs_t *jobs, const char *spec_json, const struct co
  * for status to compare with what the workers measure. */
 static void job_simulate(struct coord_job *j)
 {
-    struct dp_costs c;
-    struct dp_sim_result r = {0};
-    dp_sched_t *s = NULL;
+    struct coord_plan_sim sim;
     char err[256];
 
-    dp_costs_default(&c);
-    c.f = j->spec.sim.f;
-    c.b = j->spec.sim.b;
-    c.w = j->spec.sim.w;
-    c.i = j->spec.sim.b - j->spec.sim.w;
-    c.fb = j->spec.sim.fb;
-    if (dp_sched_generate(j->spec.parallel.schedule, j->spec.parallel.pp,
-                          j->spec.parallel.microbatches, &s, err, sizeof(err)) == 0 &&
-        dp_simulate(s, &c, &r, err, sizeof(err)) == 0) {
-        j->sim_makespan_ms = r.makespan;
-        j->sim_bubble_ms = r.bubble;
+    if (coord_plan_simulate(&j->spec, &sim, err, sizeof(err)) < 0) {
+        dx_warn("job %llu: cannot simulate its schedule: %s", (unsigned long long)j->id, err);
+        return;
     }
-    dp_sim_result_clear(&r);
-    dp_sched_destroy(s);
+    j->sim_makespan_ms = sim.makespan_ms;
+    j->sim_bubble_ms = sim.bubble_ms;
 }
 
 /* Builds and sends every rank's Assignment. */

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "coordinator/eplb.h"
 #include "pipeline/simulate.h"
@@ -54,38 +55,49 @@ int coord_plan_experts(const struct coord_jobspec *spec, const double *loads,
     return rc;
 }
 
-static json_t *schedule_summary(const struct coord_jobspec *spec, char *err, size_t errlen)
+int coord_plan_simulate(const struct coord_jobspec *spec, struct coord_plan_sim *out, char *err,
+                        size_t errlen)
 {
-    struct dp_costs costs;
     struct dp_sim_result r = {0};
     dp_sched_t *s = NULL;
-    json_t *out = NULL;
+    int rc;
 
-    dp_costs_default(&costs);
-    costs.f = spec->sim.f;
-    costs.b = spec->sim.b;
-    costs.w = spec->sim.w;
-    costs.i = spec->sim.b - spec->sim.w;
-    costs.fb = spec->sim.fb;
-    if (dp_sched_generate(spec->parallel.schedule, spec->parallel.pp, spec->parallel.microbatches,
-                          &s, err, errlen) < 0 ||
-        dp_simulate(s, &costs, &r, err, errlen) < 0)
+    memset(out, 0, sizeof(*out));
+    dp_costs_default(&out->costs);
+    out->costs.f = spec->sim.f;
+    out->costs.b = spec->sim.b;
+    out->costs.w = spec->sim.w;
+    out->costs.i = spec->sim.b - spec->sim.w;
+    out->costs.fb = spec->sim.fb;
+    if ((rc = dp_sched_generate(spec->parallel.schedule, spec->parallel.pp,
+                                spec->parallel.microbatches, &s, err, errlen)) < 0 ||
+        (rc = dp_simulate(s, &out->costs, &r, err, errlen)) < 0)
         goto out;
-    {
-        int peak = 0;
-        for (int i = 0; i < r.ranks; i++)
-            peak = r.peak_activations[i] > peak ? r.peak_activations[i] : peak;
-        out = json_pack("{s:s, s:i, s:i, s:i, s:f, s:f, s:i, s:i, s:{s:f, s:f, s:f, s:f}}", "name",
-                        dp_sched_kind_name(spec->parallel.schedule), "pp", spec->parallel.pp,
-                        "microbatches", spec->parallel.microbatches, "stages", dp_sched_stages(s),
-                        "makespan_ms", r.makespan, "bubble_ms", r.bubble, "peak_activations", peak,
-                        "param_copies", dp_sched_chunks_per_rank(s), "costs_ms", "f", costs.f, "b",
-                        costs.b, "w", costs.w, "fb", costs.fb);
-    }
+    out->makespan_ms = r.makespan;
+    out->bubble_ms = r.bubble;
+    for (int i = 0; i < r.ranks; i++)
+        if (r.peak_activations[i] > out->peak_activations)
+            out->peak_activations = r.peak_activations[i];
+    out->stages = dp_sched_stages(s);
+    out->param_copies = dp_sched_chunks_per_rank(s);
 out:
     dp_sim_result_clear(&r);
     dp_sched_destroy(s);
-    return out;
+    return rc;
+}
+
+static json_t *schedule_summary(const struct coord_jobspec *spec, char *err, size_t errlen)
+{
+    struct coord_plan_sim sim;
+
+    if (coord_plan_simulate(spec, &sim, err, errlen) < 0)
+        return NULL;
+    return json_pack("{s:s, s:i, s:i, s:i, s:f, s:f, s:i, s:i, s:{s:f, s:f, s:f, s:f}}", "name",
+                     dp_sched_kind_name(spec->parallel.schedule), "pp", spec->parallel.pp,
+                     "microbatches", spec->parallel.microbatches, "stages", sim.stages,
+                     "makespan_ms", sim.makespan_ms, "bubble_ms", sim.bubble_ms, "peak_activations",
+                     sim.peak_activations, "param_copies", sim.param_copies, "costs_ms", "f",
+                     sim.costs.f, "b", sim.costs.b, "w", sim.costs.w, "fb", sim.costs.fb);
 }
 
 int coord_plan_build(const struct coord_jobspec *spec, const struct coord_slot *slots, size_t n,
