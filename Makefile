@@ -40,6 +40,7 @@ PROTO_C := $(BUILD)/gen/proto/duplex.pb-c.c
 PROTO_H := $(BUILD)/gen/proto/duplex.pb-c.h
 
 COMMON_SRC := common/log.c common/opts.c common/fs.c common/zwatch.c common/ratelimit.c common/loop.c \
+              common/ckpt.c \
               proto/envelope.c proto/wire.c
 PIPE_SRC   := pipeline/schedule.c pipeline/gen_1f1b.c pipeline/gen_dualpipe.c pipeline/validate.c \
               pipeline/simulate.c pipeline/render.c pipeline/executor.c
@@ -47,6 +48,7 @@ COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c co
               coordinator/jobspec.c coordinator/placement.c coordinator/plan.c \
               coordinator/jobs.c
 WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c worker/data.c worker/train.c \
+              worker/cpu.c \
               $(wildcard worker/model/*.c)
 CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
@@ -64,7 +66,7 @@ LIB_PIPE   := $(BUILD)/lib/libdxpipe.a
 LIB_COORD  := $(BUILD)/lib/libdxcoord.a
 LIB_WORKER := $(BUILD)/lib/libdxworker.a
 LIB_CTL    := $(BUILD)/lib/libdxctl.a
-ALL_LIBS   := $(LIB_CTL) $(LIB_COORD) $(LIB_WORKER) $(LIB_PIPE) $(LIB_COMMON)
+ALL_LIBS   := $(LIB_CTL) $(LIB_WORKER) $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
 
 BINS       := $(BUILD)/bin/duplexd $(BUILD)/bin/duplex-worker $(BUILD)/bin/duplexctl
 UNIT_BINS  := $(patsubst tests/unit/%.c,$(BUILD)/tests/unit/%,$(UNIT_SRC))

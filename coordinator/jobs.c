@@ -371,9 +371,22 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
     Duplex__Peer **peer_ptrs = calloc((size_t)j->nranks, sizeof(*peer_ptrs));
     int per_gpu = experts->replicas / j->spec.parallel.ep, rc = -ENOMEM;
     int32_t *slots = calloc((size_t)per_gpu + 1, sizeof(int32_t));
+    int E = j->spec.model.experts;
+    int32_t *owner = calloc((size_t)E + 1, sizeof(int32_t));
 
-    if (!peers || !peer_ptrs || !slots)
+    if (!peers || !peer_ptrs || !slots || !owner)
         goto out;
+    /* each logical expert is computed by the first ep rank holding a replica */
+    for (int e = 0; e < E; e++)
+        owner[e] = -1;
+    for (int k = 0; k < experts->replicas; k++) {
+        int e = experts->phy2log[k];
+        if (e >= 0 && e < E && owner[e] < 0)
+            owner[e] = k / per_gpu;
+    }
+    for (int e = 0; e < E; e++)
+        if (owner[e] < 0)
+            owner[e] = (int32_t)((int64_t)e * j->spec.parallel.ep / E);
     for (int i = 0; i < j->nranks; i++) {
         struct coord_worker *w = coord_registry_find(jobs->reg, j->ranks[i].worker_id);
         duplex__peer__init(&peers[i]);
@@ -413,6 +426,9 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
         a.peers = peer_ptrs;
         a.n_peers = (size_t)j->nranks;
         a.checkpoint = "";
+        a.spec_json = j->spec_json;
+        a.expert_owner = owner;
+        a.n_expert_owner = (size_t)E;
         if (jobs->io.send(jobs->io.arg, j->ranks[i].worker_id, DUPLEX__MSG_TYPE__MSG_ASSIGNMENT,
                           &a.base) < 0) {
             rc = -EHOSTUNREACH;
@@ -420,6 +436,7 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
         }
     }
 out:
+    free(owner);
     free(slots);
     free(peer_ptrs);
     free(peers);

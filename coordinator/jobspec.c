@@ -279,6 +279,11 @@ static int check_layout(const struct coord_jobspec *s, char *err, size_t errlen)
     if (s->model.experts % s->parallel.ep != 0)
         return fail(err, errlen, "parallel.ep: %d does not divide model.experts (%d)",
                     s->parallel.ep, s->model.experts);
+    if (s->parallel.microbatch_size % s->parallel.ep != 0)
+        return fail(err, errlen,
+                    "parallel.microbatch_size: %d sequences do not split evenly over the %d "
+                    "expert-parallel ranks (parallel.ep), which share each micro-batch",
+                    s->parallel.microbatch_size, s->parallel.ep);
     if (s->model.layers % stages != 0)
         return fail(err, errlen,
                     "model.layers: %d layers do not split evenly into the %d stages of %s with "
@@ -325,6 +330,71 @@ int coord_jobspec_parse(const char *json, size_t len, const char *const *sets, s
 out:
     json_decref(root);
     return rc;
+}
+
+/* Sets the value at a dotted path, creating the sections on the way. */
+static int set_path(json_t *root, const char *path, json_t *value)
+{
+    char buf[JOBSPEC_MAX_PATH], *dot, *key = buf;
+    json_t *obj = root;
+
+    snprintf(buf, sizeof(buf), "%s", path);
+    while ((dot = strchr(key, '.'))) {
+        json_t *next;
+
+        *dot = '\0';
+        next = json_object_get(obj, key);
+        if (!next) {
+            next = json_object();
+            if (json_object_set_new(obj, key, next) < 0)
+                goto fail;
+        }
+        obj = next;
+        key = dot + 1;
+    }
+    return json_object_set_new(obj, key, value) < 0 ? -ENOMEM : 0;
+fail:
+    json_decref(value);
+    return -ENOMEM;
+}
+
+char *coord_jobspec_to_json(const struct coord_jobspec *spec)
+{
+    json_t *root = json_object();
+    char *text = NULL;
+
+    if (!root)
+        return NULL;
+    for (size_t i = 0; i < NFIELDS; i++) {
+        const struct field *f = &fields[i];
+        const char *base = (const char *)spec + f->offset;
+        json_t *v = NULL;
+        int iv;
+        double dv;
+
+        switch (f->type) {
+        case FT_INT:
+            memcpy(&iv, base, sizeof(iv));
+            v = json_integer(iv);
+            break;
+        case FT_DOUBLE:
+            memcpy(&dv, base, sizeof(dv));
+            v = json_real(dv);
+            break;
+        case FT_STRING:
+            v = json_string(base);
+            break;
+        case FT_SCHEDULE:
+            v = json_string(dp_sched_kind_name(spec->parallel.schedule));
+            break;
+        }
+        if (!v || set_path(root, f->path, v) < 0)
+            goto out;
+    }
+    text = json_dumps(root, JSON_COMPACT | JSON_SORT_KEYS | JSON_REAL_PRECISION(17));
+out:
+    json_decref(root);
+    return text;
 }
 
 int coord_jobspec_workers(const struct coord_jobspec *spec)

@@ -54,6 +54,11 @@ struct coord_jobspec {
 int coord_jobspec_parse(const char *json, size_t len, const char *const *sets, size_t nsets,
                         struct coord_jobspec *out, char *err, size_t errlen);
 
+/* The spec as compact JSON with every field given (defaults and --set
+ * overrides applied), which parses back to the same spec; free() it.
+ * NULL when out of memory. */
+char *coord_jobspec_to_json(const struct coord_jobspec *spec);
+
 /* Workers the job needs: pp x ep x dp. */
 int coord_jobspec_workers(const struct coord_jobspec *spec);
 

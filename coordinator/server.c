@@ -242,7 +242,17 @@ static void handle_submit(coord_server_t *s, const struct peer_frame *p, const s
     if (!req->dry_run) {
         uint64_t id;
         int64_t now = dx_wall_ms();
-        if (coord_jobs_submit(s->jobs, req->spec_json, &spec, now, &id, err, sizeof(err)) < 0) {
+        /* stored with every field given, so --set overrides survive restarts */
+        char *full = coord_jobspec_to_json(&spec);
+
+        if (!full) {
+            server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id,
+                          "out of memory");
+            return;
+        }
+        rc = coord_jobs_submit(s->jobs, full, &spec, now, &id, err, sizeof(err));
+        free(full);
+        if (rc < 0) {
             server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY, m->request_id, err);
             return;
         }

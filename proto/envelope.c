@@ -263,13 +263,23 @@ static int check_assignment(const ProtobufCMessage *body, char *text, size_t len
             p->dp >= m->dp)
             return field_fail(text, len, "peer %zu has ranks outside the job's layout", i);
     }
+    if (strlen(m->spec_json) > DX_MAX_SPEC_LEN)
+        return field_fail(text, len, "spec_json is %zu bytes long; the limit is %d",
+                          strlen(m->spec_json), DX_MAX_SPEC_LEN);
+    for (size_t i = 0; i < m->n_expert_owner; i++)
+        if (m->expert_owner[i] < 0 || m->expert_owner[i] >= m->ep)
+            return field_fail(text, len, "expert_owner[%zu] is ep rank %d of %d", i,
+                              m->expert_owner[i], m->ep);
     return 0;
 }
 
 static int check_step_report(const ProtobufCMessage *body, char *text, size_t len)
 {
     const Duplex__StepReport *m = (const Duplex__StepReport *)body;
-    const double v[] = {m->loss, m->step_ms, m->tokens_per_s, m->compute_ms, m->wait_ms};
+    const double v[] = {m->loss,    m->step_ms,        m->tokens_per_s, m->compute_ms,
+                        m->wait_ms, m->comm_ms,        m->hidden_comm_ms, m->sync_ms,
+                        m->f_ms,    m->b_ms,           m->i_ms,         m->w_ms,
+                        m->fb_ms};
 
     for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
         if (!isfinite(v[i]))

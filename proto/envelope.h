@@ -25,6 +25,7 @@
 #define DX_MAX_SETS 64
 #define DX_MAX_RANKS 4096
 #define DX_MAX_COST_MS 600000
+#define DX_MAX_SPEC_LEN (64 * 1024) /* a job spec in an Assignment */
 
 /* A decoded message: the body is the protobuf-c message of `type`. */
 struct dx_msg {

@@ -299,10 +299,9 @@ static void agent_on_assignment(wk_agent_t *a, const struct dx_msg *m)
     } else if (a->rt) {
         snprintf(err, sizeof(err), "busy: running job %" PRIu64 " attempt %u",
                  wk_runtime_job(a->rt), wk_runtime_attempt(a->rt));
-    } else if (/* sim and cpu both run the sim executor for now; real training is a later
-                  issue */
-               wk_runtime_create(a->zctx, a->data, as, a->cfg.id, NULL, &a->rt, err, sizeof(err)) <
-               0) {
+    } else if (wk_runtime_create(a->zctx, a->data, as, a->cfg.id,
+                                 &(struct wk_runtime_opts){.backend = a->cfg.backend}, &a->rt, err,
+                                 sizeof(err)) < 0) {
         a->rt = NULL;
     } else if ((rc = dx_zwatch_create(&a->loop, wk_runtime_socket(a->rt), ZMQ_POLLIN,
                                       agent_on_runtime, a, &a->rt_watch)) < 0) {

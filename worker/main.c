@@ -107,19 +107,10 @@ static int run_standalone(void)
                 opt_standalone, spec.train.dataset);
         return EXIT_FAILURE;
     }
-    cfg = (struct wk_train_config){
-        .model = {spec.model.vocab, spec.model.d_model, spec.model.layers, spec.model.heads,
-                  spec.model.experts, spec.model.top_k, spec.model.expert_hidden,
-                  spec.model.shared_experts, spec.model.seq_len, spec.model.expert_groups,
-                  spec.model.group_limit},
-        .seed = (uint64_t)spec.train.seed,
-        .steps = opt_steps > 0 ? opt_steps : spec.train.steps,
-        .lr = (float)spec.train.lr,
-        .microbatches = spec.parallel.microbatches,
-        .microbatch_size = spec.parallel.microbatch_size,
-        .json = opt_json,
-    };
-    openblas_set_num_threads(1); /* bitwise reproducible sums */
+    wk_train_config_from_spec(&spec, &cfg);
+    if (opt_steps > 0)
+        cfg.steps = opt_steps;
+    cfg.json = opt_json;
     if (wk_train_standalone(&cfg, err, sizeof(err)) < 0) {
         fprintf(stderr, "duplex-worker: %s\n", err);
         return EXIT_FAILURE;
@@ -138,6 +129,8 @@ int main(int argc, char **argv)
     int status;
 
     dx_log_init("duplex-worker", DX_LOG_INFO);
+    /* one GEMM thread: bitwise reproducible sums, and one worker per core */
+    openblas_set_num_threads(1);
     if (!dx_opts_cli(options, &cli, argc, argv, NULL, &status))
         goto out;
     if (opt_standalone) {

@@ -1,10 +1,8 @@
-/* runtime.c - one job assignment run in its own thread on the sim executor
- * (see runtime.h). Owns the job's schedule, the executor walking this
- * rank's ops, the step loop with its timings, the abort flag and the PAIR
- * sockets that carry reports to the agent.
- *
- * The cpu backend runs this sim executor too for now: real fp32 training
- * (OpenBLAS compute, real activations in the payloads) is a later issue.
+/* runtime.c - one job assignment run in its own thread (see runtime.h).
+ * Owns the job's schedule, the executor walking this rank's ops, the step
+ * loop with its timings, the waits (abort flag, timeouts, hidden-comm
+ * accounting), the abort flag and the PAIR sockets that carry reports to
+ * the agent. The cpu backend's training is worker/cpu.c.
  */
 #include "worker/runtime.h"
 
@@ -21,6 +19,7 @@
 
 #include "common/log.h"
 #include "pipeline/executor.h"
+#include "worker/cpu.h"
 #include "pipeline/schedule.h"
 #include "proto/wire.h"
 
@@ -40,10 +39,13 @@ struct wk_runtime {
     uint32_t attempt;
     uint64_t steps;
     enum dp_sched_kind kind;
-    int pp, pp_rank, ep_rank, dp_rank, microbatches;
+    int pp, ep, dp, pp_rank, ep_rank, dp_rank, microbatches;
     double cost_ms[DP_OP_RECV + 1]; /* per compute op kind */
     char **peer_addr;               /* [pp]: data_addr of each pipeline rank of our dp, ep */
     char **peer_id;                 /* [pp]: its worker id, for messages */
+    char **all_addr;                /* [dp][pp][ep]: every rank's data_addr */
+    int nranks;
+    wk_cpu_t *cpu;                  /* the cpu backend, or NULL for sim */
     int recv_timeout_ms;
     dp_sched_t *sched;
     dp_exec_t *exec;
@@ -61,7 +63,8 @@ struct wk_runtime {
 
     /* runtime thread only */
     uint64_t cur_step;
-    double compute_ms, wait_ms;
+    double compute_ms, wait_ms, comm_ms, hidden_ms;
+    double op_ms[DP_OP_RECV + 1];
     char err[ERR_MAX];
 };
 
@@ -127,13 +130,22 @@ static int sim_sleep(wk_runtime_t *rt, double ms)
 static int on_compute(const struct dp_op *op, void *arg)
 {
     wk_runtime_t *rt = arg;
-    double t0 = now_ms();
+    double t0 = now_ms(), waited = rt->wait_ms, dt;
     int rc;
 
     if (is_aborted(rt))
         return -ECANCELED;
+    if (rt->cpu) {
+        rc = wk_cpu_compute(rt->cpu, op, rt->err, sizeof(rt->err));
+        dt = now_ms() - t0;
+        rt->op_ms[op->kind] += dt;
+        rt->compute_ms += dt - (rt->wait_ms - waited); /* expert exchanges wait inside ops */
+        return rc;
+    }
     rc = sim_sleep(rt, rt->cost_ms[op->kind]);
-    rt->compute_ms += now_ms() - t0;
+    dt = now_ms() - t0;
+    rt->op_ms[op->kind] += dt;
+    rt->compute_ms += dt;
     if (rc < 0 && rc != -ECANCELED)
         snprintf(rt->err, sizeof(rt->err), "sleeping for %s failed: %s", dp_op_kind_name(op->kind),
                  strerror(-rc));
@@ -153,22 +165,95 @@ static struct wk_data_key op_key(const wk_runtime_t *rt, const struct dp_op *op)
     };
 }
 
-static int on_send(const struct dp_op *op, void *arg)
+static int64_t wall_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * NS_PER_S + ts.tv_nsec;
+}
+
+/* Waits for the message `key` (abort flag, timeout), counting the wait and
+ * the message's transfer time: all of it (sent to arrived) is
+ * communication; the part before this rank started waiting was hidden
+ * behind its compute. On failure rt->err says why (from: the peer). */
+static int timed_recv(wk_runtime_t *rt, const struct wk_data_key *key, const char *from,
+                      struct wk_data_msg **out)
+{
+    double t0 = now_ms();
+    int64_t wait_from = wall_ns();
+    char name[ERR_MAX / 2];
+    int rc;
+
+    for (;;) {
+        if (is_aborted(rt))
+            return -ECANCELED;
+        rc = wk_data_recv(rt->data, key, WK_RUNTIME_SLICE_MS, out);
+        if (rc != -ETIMEDOUT || now_ms() - t0 >= rt->recv_timeout_ms)
+            break;
+    }
+    rt->wait_ms += now_ms() - t0;
+    if (rc == 0) {
+        const struct wk_data_msg *m = *out;
+        int64_t comm = m->arrived_ns - m->sent_ns;
+        int64_t start = m->sent_ns > wait_from ? m->sent_ns : wait_from;
+        int64_t exposed = m->arrived_ns > start ? m->arrived_ns - start : 0;
+
+        if (comm > 0) { /* clocks of other hosts may disagree: skip those */
+            rt->comm_ms += (double)comm / NS_PER_MS;
+            rt->hidden_ms += (double)(comm - (exposed < comm ? exposed : comm)) / NS_PER_MS;
+        }
+        return 0;
+    }
+    wk_data_key_name(key, name, sizeof(name));
+    if (rc == -ETIMEDOUT)
+        snprintf(rt->err, sizeof(rt->err), "no %s from %s after %.0f s", name, from,
+                 rt->recv_timeout_ms / MS_PER_S);
+    else
+        snprintf(rt->err, sizeof(rt->err), "receiving %s from %s failed: %s", name, from,
+                 strerror(-rc));
+    return rc;
+}
+
+static int cpu_io_recv(void *arg, const struct wk_data_key *key, const char *from,
+                       struct wk_data_msg **out)
+{
+    return timed_recv(arg, key, from, out);
+}
+
+static int cpu_io_send(void *arg, const char *addr, const struct wk_data_key *key, const void *buf,
+                       size_t len, const char *to)
 {
     wk_runtime_t *rt = arg;
-    struct wk_data_key key = op_key(rt, op);
     char name[ERR_MAX / 2];
     int rc;
 
     if (is_aborted(rt))
         return -ECANCELED;
-    rc = wk_data_send(rt->data, rt->peer_addr[op->peer], &key, NULL, 0, 0);
+    rc = wk_data_send(rt->data, addr, key, buf, len, 0);
     if (rc < 0) {
-        wk_data_key_name(&key, name, sizeof(name));
-        snprintf(rt->err, sizeof(rt->err), "cannot send %s to pp rank %d (worker %s at %s): %s",
-                 name, op->peer, rt->peer_id[op->peer], rt->peer_addr[op->peer], strerror(-rc));
+        wk_data_key_name(key, name, sizeof(name));
+        snprintf(rt->err, sizeof(rt->err), "cannot send %s to %s at %s: %s", name, to, addr,
+                 strerror(-rc));
     }
     return rc;
+}
+
+static void describe_peer(const wk_runtime_t *rt, int pp, char *buf, size_t len)
+{
+    snprintf(buf, len, "pp rank %d (worker %s at %s)", pp, rt->peer_id[pp], rt->peer_addr[pp]);
+}
+
+static int on_send(const struct dp_op *op, void *arg)
+{
+    wk_runtime_t *rt = arg;
+    struct wk_data_key key = op_key(rt, op);
+    char to[ERR_MAX / 2];
+
+    if (rt->cpu)
+        return wk_cpu_send(rt->cpu, op, rt->err, sizeof(rt->err));
+    describe_peer(rt, op->peer, to, sizeof(to));
+    return cpu_io_send(rt, rt->peer_addr[op->peer], &key, NULL, 0, to);
 }
 
 static int on_recv(const struct dp_op *op, void *arg)
@@ -176,34 +261,14 @@ static int on_recv(const struct dp_op *op, void *arg)
     wk_runtime_t *rt = arg;
     struct wk_data_key key = op_key(rt, op);
     struct wk_data_msg *m = NULL;
-    char name[ERR_MAX / 2];
-    double t0 = now_ms();
+    char from[ERR_MAX / 2];
     int rc;
 
-    for (;;) {
-        if (is_aborted(rt)) {
-            rc = -ECANCELED;
-            break;
-        }
-        rc = wk_data_recv(rt->data, &key, WK_RUNTIME_SLICE_MS, &m);
-        if (rc != -ETIMEDOUT || now_ms() - t0 >= rt->recv_timeout_ms)
-            break;
-    }
-    rt->wait_ms += now_ms() - t0;
-    if (rc == 0) {
-        wk_data_msg_free(m); /* sim: the message's arrival is all that matters */
-        return 0;
-    }
-    if (rc == -ECANCELED)
-        return rc;
-    wk_data_key_name(&key, name, sizeof(name));
-    if (rc == -ETIMEDOUT)
-        snprintf(rt->err, sizeof(rt->err), "no %s from pp rank %d (worker %s at %s) after %.0f s",
-                 name, op->peer, rt->peer_id[op->peer], rt->peer_addr[op->peer],
-                 rt->recv_timeout_ms / MS_PER_S);
-    else
-        snprintf(rt->err, sizeof(rt->err), "receiving %s from pp rank %d (worker %s) failed: %s",
-                 name, op->peer, rt->peer_id[op->peer], strerror(-rc));
+    if (rt->cpu)
+        return wk_cpu_recv(rt->cpu, op, rt->err, sizeof(rt->err));
+    describe_peer(rt, op->peer, from, sizeof(from));
+    rc = timed_recv(rt, &key, from, &m);
+    wk_data_msg_free(m); /* sim: the message's arrival is all that matters */
     return rc;
 }
 
@@ -221,18 +286,33 @@ static void report(wk_runtime_t *rt, Duplex__MsgType type, const ProtobufCMessag
                  dx_msg_type_name(type), zmq_strerror(-rc));
 }
 
-static void report_step(wk_runtime_t *rt, double step_ms)
+static void report_step(wk_runtime_t *rt, double step_ms, const struct wk_cpu_step *cs)
 {
     Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
 
     r.job_id = rt->job_id;
     r.step = rt->cur_step;
-    r.loss = 0.0; /* sim: there is no model */
     r.step_ms = step_ms;
-    /* micro-batches per second: real tokens come with the cpu backend */
-    r.tokens_per_s = step_ms > 0.0 ? rt->microbatches / (step_ms / MS_PER_S) : 0.0;
+    if (cs) {
+        r.loss = cs->has_loss ? cs->loss : 0.0; /* 0: this rank has no head */
+        r.tokens = cs->tokens;
+        r.tokens_per_s = step_ms > 0.0 ? (double)cs->tokens / (step_ms / MS_PER_S) : 0.0;
+        r.sync_ms = cs->sync_ms;
+        r.expert_tokens = cs->expert_tokens;
+        r.n_expert_tokens = cs->n_expert_slots;
+    } else {
+        /* sim: no model, so no loss; micro-batches per second */
+        r.tokens_per_s = step_ms > 0.0 ? rt->microbatches / (step_ms / MS_PER_S) : 0.0;
+    }
     r.compute_ms = rt->compute_ms;
     r.wait_ms = rt->wait_ms;
+    r.comm_ms = rt->comm_ms;
+    r.hidden_comm_ms = rt->hidden_ms;
+    r.f_ms = rt->op_ms[DP_OP_F];
+    r.b_ms = rt->op_ms[DP_OP_B];
+    r.i_ms = rt->op_ms[DP_OP_I];
+    r.w_ms = rt->op_ms[DP_OP_W];
+    r.fb_ms = rt->op_ms[DP_OP_FB];
     report(rt, DUPLEX__MSG_TYPE__MSG_STEP_REPORT, &r.base);
 }
 
@@ -268,12 +348,20 @@ static void *runtime_main(void *arg)
     for (uint64_t step = 1; step <= rt->steps && rc == 0; step++) {
         double t0 = now_ms();
 
+        struct wk_cpu_step cs = {0};
+
         rt->cur_step = step;
         atomic_store(&rt->step, step);
-        rt->compute_ms = rt->wait_ms = 0.0;
+        rt->compute_ms = rt->wait_ms = rt->comm_ms = rt->hidden_ms = 0.0;
+        memset(rt->op_ms, 0, sizeof(rt->op_ms));
+        rt->err[0] = '\0';
+        if (rt->cpu)
+            wk_cpu_step_begin(rt->cpu, step);
         rc = dp_exec_run(rt->exec, rt->err, sizeof(rt->err));
+        if (rc == 0 && rt->cpu)
+            rc = wk_cpu_step_end(rt->cpu, &cs, rt->err, sizeof(rt->err));
         if (rc == 0) {
-            report_step(rt, now_ms() - t0);
+            report_step(rt, now_ms() - t0, rt->cpu ? &cs : NULL);
             completed = step;
         }
     }
@@ -299,9 +387,11 @@ static void *runtime_main(void *arg)
 static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id, char *err,
                       size_t errlen)
 {
+    rt->nranks = rt->pp * rt->ep * rt->dp;
     rt->peer_addr = calloc((size_t)rt->pp, sizeof(*rt->peer_addr));
     rt->peer_id = calloc((size_t)rt->pp, sizeof(*rt->peer_id));
-    if (!rt->peer_addr || !rt->peer_id)
+    rt->all_addr = calloc((size_t)rt->nranks, sizeof(*rt->all_addr));
+    if (!rt->peer_addr || !rt->peer_id || !rt->all_addr)
         goto nomem;
     for (size_t i = 0; i < a->n_peers; i++) {
         const Duplex__Peer *p = a->peers[i];
@@ -309,6 +399,16 @@ static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char 
         if (p->pp < 0 || p->pp >= rt->pp) {
             snprintf(err, errlen, "peer %s has pp rank %d of %d", p->worker_id, p->pp, rt->pp);
             return -EINVAL;
+        }
+        if (p->ep < 0 || p->ep >= rt->ep || p->dp < 0 || p->dp >= rt->dp) {
+            snprintf(err, errlen, "peer %s has ranks ep %d, dp %d outside the job", p->worker_id,
+                     p->ep, p->dp);
+            return -EINVAL;
+        }
+        {
+            int at = (p->dp * rt->pp + p->pp) * rt->ep + p->ep;
+            if (!rt->all_addr[at] && !(rt->all_addr[at] = strdup(p->data_addr)))
+                goto nomem;
         }
         if (p->dp != rt->dp_rank || p->ep != rt->ep_rank)
             continue;
@@ -333,6 +433,12 @@ static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char 
             return -EINVAL;
         }
     }
+    for (int i = 0; i < rt->nranks; i++)
+        if (!rt->all_addr[i]) {
+            snprintf(err, errlen, "no peer for ranks pp %d, ep %d, dp %d", (i / rt->ep) % rt->pp,
+                     i % rt->ep, i / (rt->ep * rt->pp));
+            return -EINVAL;
+        }
     if (self_id && strcmp(rt->peer_id[rt->pp_rank], self_id) != 0) {
         snprintf(err, errlen, "the assignment gives our ranks (pp %d, ep %d, dp %d) to worker %s",
                  rt->pp_rank, rt->ep_rank, rt->dp_rank, rt->peer_id[rt->pp_rank]);
@@ -371,8 +477,8 @@ fail:
     return rc;
 }
 
-static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id, char *err,
-                 size_t errlen)
+static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id,
+                 const struct wk_runtime_opts *opts, char *err, size_t errlen)
 {
     int rc;
 
@@ -380,6 +486,8 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
     rt->attempt = a->attempt;
     rt->steps = a->steps;
     rt->pp = a->pp;
+    rt->ep = a->ep;
+    rt->dp = a->dp;
     rt->pp_rank = a->pp_rank;
     rt->ep_rank = a->ep_rank;
     rt->dp_rank = a->dp_rank;
@@ -410,6 +518,12 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
         snprintf(err, errlen, "cannot set up the executor: %s", strerror(-rc));
         return rc;
     }
+    if (opts && opts->backend && strcmp(opts->backend, "cpu") == 0) {
+        const struct wk_cpu_io io = {cpu_io_send, cpu_io_recv, rt};
+        if ((rc = wk_cpu_create(a, rt->sched, (const char *const *)rt->all_addr, opts->data_dir,
+                                &io, &rt->cpu, err, errlen)) < 0)
+            return rc;
+    }
     return 0;
 }
 
@@ -431,7 +545,7 @@ int wk_runtime_create(void *zctx, wk_data_t *data, const Duplex__Assignment *a, 
     rt->data = data;
     rt->recv_timeout_ms =
         opts && opts->recv_timeout_ms > 0 ? opts->recv_timeout_ms : WK_RUNTIME_RECV_TIMEOUT_MS;
-    if ((rc = setup(rt, a, self_id, err, errlen)) < 0 ||
+    if ((rc = setup(rt, a, self_id, opts, err, errlen)) < 0 ||
         (rc = open_pipe(rt, zctx, err, errlen)) < 0)
         goto fail;
     if ((rc = pthread_create(&rt->thread, NULL, runtime_main, rt)) != 0) {
@@ -493,6 +607,10 @@ void wk_runtime_destroy(wk_runtime_t *rt)
         zmq_close(rt->tx);
     if (rt->rx)
         zmq_close(rt->rx);
+    wk_cpu_destroy(rt->cpu);
+    for (int i = 0; rt->all_addr && i < rt->nranks; i++)
+        free(rt->all_addr[i]);
+    free(rt->all_addr);
     dp_exec_destroy(rt->exec);
     dp_sched_destroy(rt->sched);
     for (int i = 0; rt->peer_addr && i < rt->pp; i++)

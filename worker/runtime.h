@@ -3,10 +3,14 @@
  * The runtime generates the job's schedule, takes this worker's pipeline
  * rank's ops and walks them once per step with the executor
  * (pipeline/executor.h). On the sim backend compute ops sleep their
- * modelled cost; SEND and RECV move small tagged messages over the data
+ * modelled cost and SEND and RECV move empty tagged messages over the data
  * plane (worker/dataplane.h) to the worker of the same dp and ep rank at
- * the op's pipeline rank. The cpu backend runs this same sim executor for
- * now; real fp32 training comes with a later issue.
+ * the op's pipeline rank. On the cpu backend the ops train the job's model
+ * for real (worker/cpu.h): activations and gradients in the messages,
+ * expert exchanges inside the ops, gradient sums and the optimizer step
+ * after the walk. Every receive is timed: the transfer time of each
+ * message (sent to arrived) and the part of it this rank spent computing
+ * rather than waiting give the step's hidden-communication figures.
  *
  * Reports go to the agent as encoded envelopes (proto/envelope.h) on an
  * inproc PAIR socket (wk_runtime_socket): a StepReport after every step,
@@ -30,6 +34,8 @@
 
 struct wk_runtime_opts {
     int recv_timeout_ms; /* 0: WK_RUNTIME_RECV_TIMEOUT_MS */
+    const char *backend; /* "cpu" trains the model (worker/cpu.h); NULL or "sim" sleeps */
+    const char *data_dir; /* the cpu backend's training text; NULL: the default */
 };
 
 typedef struct wk_runtime wk_runtime_t;

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "coordinator/jobspec.h"
 #include "worker/data.h"
 #include "worker/train.h"
 
@@ -62,6 +63,21 @@ static int train_step(struct wk_model *m, struct wk_model_cache *c, const struct
     return 0;
 }
 
+void wk_train_config_from_spec(const struct coord_jobspec *spec, struct wk_train_config *cfg)
+{
+    *cfg = (struct wk_train_config){
+        .model = {spec->model.vocab, spec->model.d_model, spec->model.layers, spec->model.heads,
+                  spec->model.experts, spec->model.top_k, spec->model.expert_hidden,
+                  spec->model.shared_experts, spec->model.seq_len, spec->model.expert_groups,
+                  spec->model.group_limit},
+        .seed = (uint64_t)spec->train.seed,
+        .steps = spec->train.steps,
+        .lr = (float)spec->train.lr,
+        .microbatches = spec->parallel.microbatches * spec->parallel.dp,
+        .microbatch_size = spec->parallel.microbatch_size,
+    };
+}
+
 int wk_train_standalone(const struct wk_train_config *cfg, char *err, size_t errlen)
 {
     const char *dir = cfg->data_dir ? cfg->data_dir : WK_DATA_DIR_DEFAULT;
@@ -107,7 +123,7 @@ int wk_train_standalone(const struct wk_train_config *cfg, char *err, size_t err
         double dt = now_s() - t0;
         double tok = (double)cfg->microbatches * B * T;
         if (cfg->json)
-            fprintf(out, "{\"step\": %" PRId64 ", \"loss\": %.9g}\n", s, loss);
+            fprintf(out, "{\"step\": %" PRId64 ", \"loss\": %.17g}\n", s, loss);
         else
             fprintf(out, "step %" PRId64 "/%d  loss %.6f  %.0f tokens/s  (%.3f s)\n", s, cfg->steps,
                     loss, dt > 0 ? tok / dt : 0.0, dt);

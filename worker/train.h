@@ -23,6 +23,11 @@ struct wk_train_config {
     FILE *out;            /* stdout when NULL */
 };
 
+/* The reference run of a job spec: its model, seed, steps and lr, and its
+ * whole global batch (dp x microbatches micro-batches) on one process. */
+struct coord_jobspec;
+void wk_train_config_from_spec(const struct coord_jobspec *spec, struct wk_train_config *cfg);
+
 /* Trains cfg->steps steps (numbered from 1). 0, or -errno with the reason in
  * err. */
 int wk_train_standalone(const struct wk_train_config *cfg, char *err, size_t errlen);

@@ -214,7 +214,7 @@ static void setup(void)
             .host = "localhost",
             .node = "n0",
             .gpu = i,
-            .backend = i ? "cpu" : "sim", /* both run the sim executor */
+            .backend = "sim", /* the cpu backend trains: tests/system/test_train.py */
             .data_listen = "tcp://127.0.0.1:*",
         };
         char err[TEXT_LEN] = "";

@@ -257,6 +257,106 @@ Test(model, two_stages_equal_whole, .init = setup)
     wk_model_free(&s1);
 }
 
+/* An expert-parallel hook that runs every expert here: the model must not
+ * notice it (the same loss and gradients bitwise). */
+struct local_ep {
+    int forward, backward, weight;
+};
+
+static int local_forward(void *arg, void *tag, int layer, struct wk_moe *moe, struct wk_moe_ctx *c)
+{
+    ((struct local_ep *)arg)->forward++;
+    cr_assert_eq(tag, arg);
+    cr_assert(layer >= 0 && layer < 2);
+    return wk_moe_forward_experts(moe, c, 0, moe->cfg.experts);
+}
+
+static int local_backward(void *arg, void *tag, int layer, struct wk_moe *moe,
+                          struct wk_moe_ctx *c)
+{
+    (void)tag;
+    (void)layer;
+    ((struct local_ep *)arg)->backward++;
+    return wk_moe_backward_experts(moe, c, 0, moe->cfg.experts);
+}
+
+static int local_weight(void *arg, void *tag, int layer, struct wk_moe *moe,
+                        const struct wk_moe_ctx *c)
+{
+    (void)tag;
+    (void)layer;
+    ((struct local_ep *)arg)->weight++;
+    return wk_moe_backward_weight_experts(moe, c, 0, moe->cfg.experts);
+}
+
+static void same_grads(const struct wk_model *a, const struct wk_model *b)
+{
+    for (int i = 0; i < wk_model_param_count(a); i++) {
+        const struct wk_model_param *p = wk_model_param(a, i), *q = wk_model_param(b, i);
+        cr_assert_eq(memcmp(p->g, q->g, p->n * sizeof(float)), 0, "%s grad", p->name);
+    }
+}
+
+/* Zero-bubble halves: I of micro-batch 0, a whole other micro-batch, then
+ * W of micro-batch 0 give what full backwards in order give, bitwise; and
+ * the same through an expert-parallel hook. */
+Test(model, split_backward_and_ep_hook_equal_full, .init = setup)
+{
+    struct wk_model_config cfg = tiny_cfg(256);
+    struct wk_model ref, split, hooked;
+    struct wk_model_cache r0, r1, s0, s1, h0;
+    int32_t t0[B * (T + 1)], t1[B * (T + 1)];
+    float lr = 0.0f, ls = 0.0f, lh = 0.0f;
+    struct local_ep counts = {0};
+    const struct wk_model_ep ep = {local_forward, local_backward, local_weight, &counts};
+
+    fill_tokens(t0, B * (T + 1), 256, 4);
+    fill_tokens(t1, B * (T + 1), 256, 5);
+    cr_assert_eq(wk_model_init(&ref, &cfg, SEED), 0);
+    cr_assert_eq(wk_model_init(&split, &cfg, SEED), 0);
+    cr_assert_eq(wk_model_init(&hooked, &cfg, SEED), 0);
+    cr_assert_eq(wk_model_cache_init(&r0, &ref, B, T), 0);
+    cr_assert_eq(wk_model_cache_init(&r1, &ref, B, T), 0);
+    cr_assert_eq(wk_model_cache_init(&s0, &split, B, T), 0);
+    cr_assert_eq(wk_model_cache_init(&s1, &split, B, T), 0);
+    cr_assert_eq(wk_model_cache_init(&h0, &hooked, B, T), 0);
+    h0.ep = &ep;
+    h0.ep_tag = &counts;
+
+    cr_assert_eq(wk_model_forward(&ref, &r0, t0, NULL, NULL, &lr), 0);
+    cr_assert_eq(wk_model_backward(&ref, &r0, NULL, NULL), 0);
+    cr_assert_eq(wk_model_forward(&ref, &r1, t1, NULL, NULL, &lr), 0);
+    cr_assert_eq(wk_model_backward(&ref, &r1, NULL, NULL), 0);
+
+    cr_assert_eq(wk_model_forward(&split, &s0, t0, NULL, NULL, &ls), 0);
+    cr_assert_eq(wk_model_backward_input(&split, &s0, NULL, NULL), 0);
+    cr_assert_eq(wk_model_forward(&split, &s1, t1, NULL, NULL, &ls), 0);
+    cr_assert_eq(wk_model_backward(&split, &s1, NULL, NULL), 0);
+    cr_assert_eq(wk_model_backward_weight(&split, &s0), 0);
+    cr_assert_eq(memcmp(&lr, &ls, sizeof(lr)), 0);
+    same_grads(&ref, &split);
+
+    cr_assert_eq(wk_model_forward(&hooked, &h0, t0, NULL, NULL, &lh), 0);
+    cr_assert_eq(wk_model_backward_input(&hooked, &h0, NULL, NULL), 0);
+    cr_assert_eq(wk_model_backward_weight(&hooked, &h0), 0);
+    cr_assert_eq(wk_model_forward(&hooked, &h0, t1, NULL, NULL, &lh), 0);
+    cr_assert_eq(wk_model_backward(&hooked, &h0, NULL, NULL), 0);
+    cr_assert_eq(memcmp(&lr, &lh, sizeof(lr)), 0);
+    same_grads(&ref, &hooked);
+    cr_assert_eq(counts.forward, 2 * cfg.layers);
+    cr_assert_eq(counts.backward, 2 * cfg.layers);
+    cr_assert_eq(counts.weight, 2 * cfg.layers);
+
+    wk_model_cache_free(&r0, &ref);
+    wk_model_cache_free(&r1, &ref);
+    wk_model_cache_free(&s0, &split);
+    wk_model_cache_free(&s1, &split);
+    wk_model_cache_free(&h0, &hooked);
+    wk_model_free(&ref);
+    wk_model_free(&split);
+    wk_model_free(&hooked);
+}
+
 Test(model, bad_arguments, .init = setup)
 {
     struct wk_model_config cfg = tiny_cfg(256);

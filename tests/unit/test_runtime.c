@@ -327,7 +327,8 @@ Test(runtime, a_silent_peer_fails_the_job_naming_the_message)
 }
 
 /* wk_runtime_create refuses the assignment with a text containing want. */
-static void assert_refused(struct assign *s, const char *self, const char *want)
+static void assert_refused_with(struct assign *s, const char *self,
+                                const struct wk_runtime_opts *opts, const char *want)
 {
     void *zctx = zmq_ctx_new();
     wk_data_t *data = NULL;
@@ -335,11 +336,16 @@ static void assert_refused(struct assign *s, const char *self, const char *want)
     char err[ERR_LEN] = "";
 
     cr_assert_eq(wk_data_create(zctx, LOOPBACK, "h", &data, err, sizeof(err)), 0, "%s", err);
-    cr_assert_eq(wk_runtime_create(zctx, data, &s->a, self, NULL, &rt, err, sizeof(err)), -EINVAL);
+    cr_assert_eq(wk_runtime_create(zctx, data, &s->a, self, opts, &rt, err, sizeof(err)), -EINVAL);
     cr_assert_null(rt);
     cr_assert(strstr(err, want), "\"%s\" not in \"%s\"", want, err);
     wk_data_destroy(data);
     zmq_ctx_term(zctx);
+}
+
+static void assert_refused(struct assign *s, const char *self, const char *want)
+{
+    assert_refused_with(s, self, NULL, want);
 }
 
 Test(runtime, bad_assignments_are_refused)
@@ -366,4 +372,15 @@ Test(runtime, bad_assignments_are_refused)
     assign_init(&s, 1, "1f1b", 2, 4, 1, 1, &c, none);
     s.peer[0].data_addr = s.peer[1].data_addr = "tcp://127.0.0.1:1";
     assert_refused(&s, "w0", "gives our ranks (pp 1, ep 0, dp 0) to worker w1");
+    /* the cpu backend trains the spec's model: none, or one of another layout */
+    assign_init(&s, 1, "1f1b", 2, 4, 1, 1, &c, none);
+    s.peer[0].data_addr = s.peer[1].data_addr = "tcp://127.0.0.1:1";
+    assert_refused_with(&s, NULL, &(struct wk_runtime_opts){.backend = "cpu"},
+                        "the assignment has no job spec");
+    s.a.spec_json = "{\"parallel\": {\"schedule\": \"1f1b\", \"pp\": 4, \"microbatches\": 8}}";
+    assert_refused_with(&s, NULL, &(struct wk_runtime_opts){.backend = "cpu"},
+                        "layout does not match its job spec");
+    s.a.spec_json = "{\"model\": {\"layers\": -1}}";
+    assert_refused_with(&s, NULL, &(struct wk_runtime_opts){.backend = "cpu"},
+                        "model.layers: -1 is outside");
 }

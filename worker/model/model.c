@@ -334,6 +334,51 @@ static void add(float *y, const float *a, const float *b, size_t n)
         y[i] = a[i] + b[i];
 }
 
+/* The routed experts: here, or through c->ep. */
+static int moe_forward(struct wk_model *m, struct wk_model_cache *c, int i, const float *x, float *y)
+{
+    struct wk_moe *moe = &m->layer[i].moe;
+    const struct wk_model_ep *ep = c->ep;
+    int rc;
+
+    if (!ep)
+        return wk_moe_forward(moe, &c->moe[i], x, c->rows, y);
+    if ((rc = wk_moe_route(moe, &c->moe[i], x, c->rows)) < 0 ||
+        (rc = ep->forward(ep->arg, c->ep_tag, m->first + i, moe, &c->moe[i])) < 0 ||
+        (rc = wk_moe_forward_shared(moe, &c->moe[i])) < 0)
+        return rc;
+    return wk_moe_combine(moe, &c->moe[i], y);
+}
+
+static int moe_backward_input(struct wk_model *m, struct wk_model_cache *c, int i, const float *dy,
+                              float *dx)
+{
+    struct wk_moe *moe = &m->layer[i].moe;
+    const struct wk_model_ep *ep = c->ep;
+    int rc;
+
+    if (!ep)
+        return wk_moe_backward_input(moe, &c->moe[i], dy, dx);
+    if ((rc = wk_moe_backward_prepare(moe, &c->moe[i], dy)) < 0 ||
+        (rc = ep->backward(ep->arg, c->ep_tag, m->first + i, moe, &c->moe[i])) < 0 ||
+        (rc = wk_moe_backward_shared(moe, &c->moe[i])) < 0)
+        return rc;
+    return wk_moe_combine_dx(moe, &c->moe[i], dx);
+}
+
+static int moe_backward_weight(struct wk_model *m, struct wk_model_cache *c, int i)
+{
+    struct wk_moe *moe = &m->layer[i].moe;
+    const struct wk_model_ep *ep = c->ep;
+    int rc;
+
+    if (!ep)
+        return wk_moe_backward_weight(moe, &c->moe[i]);
+    if ((rc = wk_moe_backward_weight_dense(moe, &c->moe[i])) < 0)
+        return rc;
+    return ep->weight(ep->arg, c->ep_tag, m->first + i, moe, &c->moe[i]);
+}
+
 int wk_model_forward(struct wk_model *m, struct wk_model_cache *c, const int32_t *tokens,
                      const float *x_in, float *x_out, float *loss)
 {
@@ -367,7 +412,7 @@ int wk_model_forward(struct wk_model *m, struct wk_model_cache *c, const int32_t
         add(mid, x, c->t.data, nd);
         if ((rc = wk_rmsnorm_forward(&ly->norm2, &c->n2[i], mid, c->h.data, rows)) < 0)
             return rc;
-        if ((rc = wk_moe_forward(&ly->moe, &c->moe[i], c->h.data, rows, c->t.data)) < 0)
+        if ((rc = moe_forward(m, c, i, c->h.data, c->t.data)) < 0)
             return rc;
         add(y, mid, c->t.data, nd);
         wk_moe_add_load(&ly->moe, &c->moe[i], m->load + (size_t)i * (size_t)m->cfg.experts);
@@ -381,7 +426,8 @@ int wk_model_forward(struct wk_model *m, struct wk_model_cache *c, const int32_t
     return wk_head_forward(&m->head, &c->head, c->h.data, c->targets, rows, loss);
 }
 
-int wk_model_backward(struct wk_model *m, struct wk_model_cache *c, const float *dy, float *dx)
+int wk_model_backward_input(struct wk_model *m, struct wk_model_cache *c, const float *dy,
+                            float *dx)
 {
     int L = nlayers(m), rows = c->rows, rc;
     size_t nd = (size_t)rows * (size_t)m->cfg.d_model;
@@ -391,7 +437,7 @@ int wk_model_backward(struct wk_model *m, struct wk_model_cache *c, const float 
         return -EINVAL;
     /* g: the gradient of the current layer's output */
     if (m->flags & WK_MODEL_HAS_HEAD) {
-        wk_head_backward(&m->head, &c->head, h);
+        wk_head_backward_input(&m->head, &c->head, h);
         wk_rmsnorm_backward(&m->norm_f, &c->nf, c->act[L].data, h, g, rows);
     } else {
         memcpy(g, dy, nd * sizeof(float));
@@ -400,19 +446,41 @@ int wk_model_backward(struct wk_model *m, struct wk_model_cache *c, const float 
         struct wk_model_layer *ly = &m->layer[i];
 
         /* y = mid + moe(norm2(mid)) */
-        if ((rc = wk_moe_backward(&ly->moe, &c->moe[i], g, h)) < 0)
+        if ((rc = moe_backward_input(m, c, i, g, h)) < 0)
             return rc;
         wk_rmsnorm_backward(&ly->norm2, &c->n2[i], c->mid[i].data, h, t, rows);
         add(g2, g, t, nd);
         /* mid = x + attn(norm1(x)) */
-        wk_attn_backward(&ly->attn, &c->attn[i], g2, h);
+        wk_attn_backward_input(&ly->attn, &c->attn[i], g2, h);
         wk_rmsnorm_backward(&ly->norm1, &c->n1[i], c->act[i].data, h, t, rows);
         add(g, g2, t, nd);
     }
+    if (!(m->flags & WK_MODEL_HAS_EMBED))
+        memcpy(dx, g, nd * sizeof(float));
+    return 0; /* with the embedding, g stays for backward_weight */
+}
+
+int wk_model_backward_weight(struct wk_model *m, struct wk_model_cache *c)
+{
+    int L = nlayers(m), rc;
+
+    if (m->flags & WK_MODEL_HAS_HEAD)
+        wk_head_backward_weight(&m->head, &c->head);
+    for (int i = L - 1; i >= 0; i--) {
+        if ((rc = moe_backward_weight(m, c, i)) < 0)
+            return rc;
+        wk_attn_backward_weight(&m->layer[i].attn, &c->attn[i]);
+    }
     if (m->flags & WK_MODEL_HAS_EMBED)
-        return wk_embed_backward(&m->embed, c->inputs, g, rows);
-    memcpy(dx, g, nd * sizeof(float));
+        return wk_embed_backward(&m->embed, c->inputs, c->g.data, c->rows);
     return 0;
+}
+
+int wk_model_backward(struct wk_model *m, struct wk_model_cache *c, const float *dy, float *dx)
+{
+    int rc = wk_model_backward_input(m, c, dy, dx);
+
+    return rc == 0 ? wk_model_backward_weight(m, c) : rc;
 }
 
 /* --- optimiser ---------------------------------------------------------- */

@@ -98,6 +98,23 @@ struct wk_model {
     struct wk_model_param *params;
 };
 
+/* Expert parallelism. With a struct wk_model_ep on a cache, each MoE layer
+ * of that micro-batch routes its tokens, then hands the routed experts'
+ * work to these callbacks instead of running every expert itself (the
+ * shared experts and the combine stay local):
+ *   forward:  fill c->y for every plan row (from c->xg);
+ *   backward: fill c->dxg for every plan row (from c->dy);
+ *   weight:   accumulate the weight gradients of the experts this rank
+ *             computes, from what forward and backward kept.
+ * layer is the model's global layer index, tag the cache's ep_tag. Each
+ * returns 0 or -errno, which stops the pass. */
+struct wk_model_ep {
+    int (*forward)(void *arg, void *tag, int layer, struct wk_moe *moe, struct wk_moe_ctx *c);
+    int (*backward)(void *arg, void *tag, int layer, struct wk_moe *moe, struct wk_moe_ctx *c);
+    int (*weight)(void *arg, void *tag, int layer, struct wk_moe *moe, const struct wk_moe_ctx *c);
+    void *arg;
+};
+
 /* The activations of one micro-batch of `batch` sequences of `seq` tokens,
  * kept from forward for backward (one per micro-batch in flight). */
 struct wk_model_cache {
@@ -111,7 +128,9 @@ struct wk_model_cache {
     struct wk_moe_ctx *moe;
     struct wk_rmsnorm_cache nf;
     struct wk_head_cache head;
-    struct wk_mat h, g, g2, t; /* [rows][d] scratch */
+    struct wk_mat h, g, g2, t; /* [rows][d] scratch; g keeps the embedding's gradient for W */
+    const struct wk_model_ep *ep; /* NULL: every expert runs here (the default) */
+    void *ep_tag;                 /* passed to ep's callbacks */
 };
 
 /* 0, or -EINVAL with a reason in err for a shape the layers cannot take. */
@@ -151,6 +170,15 @@ int wk_model_forward(struct wk_model *m, struct wk_model_cache *c, const int32_t
  * mean loss with the head; of sum(dy . output) without). dx [rows][d] gets
  * the input gradient without the embedding. 0 or -EINVAL. */
 int wk_model_backward(struct wk_model *m, struct wk_model_cache *c, const float *dy, float *dx);
+
+/* The backward in two halves, for zero-bubble schedules: backward_input
+ * gives dx (and the norm gains' gradients, which cost nothing extra) and
+ * keeps in c what backward_weight needs for every other weight gradient.
+ * Between the two, c must not run another forward. input then weight
+ * equals wk_model_backward bitwise. 0 or -EINVAL. */
+int wk_model_backward_input(struct wk_model *m, struct wk_model_cache *c, const float *dy,
+                            float *dx);
+int wk_model_backward_weight(struct wk_model *m, struct wk_model_cache *c);
 
 /* Registers every parameter with a fresh AdamW (decay except norm gains). */
 int wk_model_optim_init(struct wk_model *m, const struct wk_adamw_config *cfg);

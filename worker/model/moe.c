@@ -579,7 +579,7 @@ int wk_moe_backward_weight_experts(struct wk_moe *m, const struct wk_moe_ctx *c,
     return 0;
 }
 
-int wk_moe_backward_weight(struct wk_moe *m, const struct wk_moe_ctx *c)
+int wk_moe_backward_weight_dense(struct wk_moe *m, const struct wk_moe_ctx *c)
 {
     const struct wk_moe_config *cfg = &m->cfg;
     size_t d = (size_t)cfg->d_model, H = (size_t)cfg->expert_hidden, es = expert_size(cfg);
@@ -592,7 +592,13 @@ int wk_moe_backward_weight(struct wk_moe *m, const struct wk_moe_ctx *c)
         wk_moe_ffn_backward_weight((int)d, (int)H, c->n, c->x, c->sact + j * cap * H, c->dout,
                                    c->sdh1 + j * cap * H, c->sdh3 + j * cap * H, m->g_sw1 + j * es,
                                    m->g_sw3 + j * es, m->g_sw2 + j * es);
-    return wk_moe_backward_weight_experts(m, c, 0, E);
+    return 0;
+}
+
+int wk_moe_backward_weight(struct wk_moe *m, const struct wk_moe_ctx *c)
+{
+    wk_moe_backward_weight_dense(m, c);
+    return wk_moe_backward_weight_experts(m, c, 0, m->cfg.experts);
 }
 
 int wk_moe_backward(struct wk_moe *m, struct wk_moe_ctx *c, const float *dout, float *dx)

@@ -144,6 +144,8 @@ int wk_moe_backward_prepare(const struct wk_moe *m, struct wk_moe_ctx *c, const 
 int wk_moe_backward_experts(const struct wk_moe *m, struct wk_moe_ctx *c, int lo, int hi);
 int wk_moe_backward_shared(const struct wk_moe *m, struct wk_moe_ctx *c);
 int wk_moe_combine_dx(const struct wk_moe *m, const struct wk_moe_ctx *c, float *dx);
+/* Weight gradients of the router and the shared experts only. */
+int wk_moe_backward_weight_dense(struct wk_moe *m, const struct wk_moe_ctx *c);
 /* Weight gradients of routed experts [lo, hi) only. */
 int wk_moe_backward_weight_experts(struct wk_moe *m, const struct wk_moe_ctx *c, int lo, int hi);
 

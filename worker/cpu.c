@@ -1,0 +1,1174 @@
+/* cpu.c - the cpu backend (see cpu.h). Owns this rank's model chunks, one
+ * slot per (path, micro-batch, stage) it runs (the layer caches, the
+ * activations and gradients in and out, the owner side of each MoE layer's
+ * expert exchange), the training text, and the step-end gradient sums. */
+#include "worker/cpu.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "worker/data.h"
+#include "worker/model/model.h"
+#include "worker/train.h"
+
+#define MS_PER_S 1000.0
+#define NS_PER_MS 1e6
+
+/* The owner side of one MoE layer of one slot: the rows every source sent
+ * for the experts this rank owns, concatenated per expert in source order. */
+struct ep_layer {
+    int cap;     /* rows the buffers hold */
+    int *count;  /* [ep][experts]: rows source s sent for expert x */
+    int *offset; /* [experts + 1]: expert x's rows in the concatenation */
+    float *xg, *h1, *h3, *act, *y, *dy, *dh1, *dh3, *dxg;
+};
+
+struct slot {
+    int path, mb, stage, chunk;
+    int ready; /* cache allocated */
+    struct wk_model_cache cache;
+    float *x_in, *x_out, *dy, *dx; /* [rows][d]: received input, output, received dy, dx */
+    int32_t *tokens;               /* [Bl][T + 1]: with the embedding or the head */
+    struct ep_layer *ep;           /* [layers of the chunk], with ep > 1 */
+};
+
+struct chunk {
+    int stage, first, last, flags;
+    struct wk_model model;
+};
+
+struct wk_cpu {
+    struct coord_jobspec spec;
+    struct wk_model_config mcfg;
+    const dp_sched_t *sched;
+    struct wk_cpu_io io;
+    uint64_t job_id;
+    uint32_t attempt;
+    int pp, ep, dp, pp_rank, ep_rank, dp_rank;
+    int S, paths, Mp, M, B, Bl, T, d, E, top_k, H;
+    char **addr, **id; /* [dp][pp][ep] */
+    int *owner;        /* [experts]: ep rank computing each expert */
+    int nchunks;
+    struct chunk chunk[2];
+    struct slot **slots; /* [paths][Mp][S] */
+    struct wk_data data;
+    int data_open;
+    int32_t *batch; /* [B][T + 1] scratch */
+    struct wk_model_ep ep_ops;
+    uint64_t step;
+    double loss_sum;  /* sum of this rank's share losses */
+    int64_t *ex_rows; /* [experts]: rows this rank's experts ran this step */
+    int32_t *slot_expert;
+    size_t n_slots_ex;
+    uint64_t *expert_tokens;
+    uint8_t *sync_buf;
+    size_t sync_cap;
+    char *err;
+    size_t errlen;
+};
+
+static int fail(wk_cpu_t *c, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+static int fail(wk_cpu_t *c, int rc, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (c->err && c->errlen) {
+        va_start(ap, fmt);
+        vsnprintf(c->err, c->errlen, fmt, ap);
+        va_end(ap);
+    }
+    return rc;
+}
+
+static double now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * MS_PER_S + (double)ts.tv_nsec / NS_PER_MS;
+}
+
+static int rank_index(const wk_cpu_t *c, int dp, int pp, int ep)
+{
+    return (dp * c->pp + pp) * c->ep + ep;
+}
+
+static struct wk_data_key base_key(const wk_cpu_t *c, int payload)
+{
+    return (struct wk_data_key){
+        .job_id = c->job_id, .attempt = c->attempt, .step = c->step, .payload = payload};
+}
+
+/* --- slots --------------------------------------------------------------- */
+
+static struct slot **slot_ref(wk_cpu_t *c, int path, int mb, int stage)
+{
+    if (path < 0 || path >= c->paths || mb < 0 || mb >= c->Mp || stage < 0 || stage >= c->S)
+        return NULL;
+    return &c->slots[((size_t)path * (size_t)c->Mp + (size_t)mb) * (size_t)c->S + (size_t)stage];
+}
+
+static void ep_layer_free(struct ep_layer *l)
+{
+    free(l->count);
+    free(l->offset);
+    free(l->xg);
+    free(l->h1);
+    free(l->h3);
+    free(l->act);
+    free(l->y);
+    free(l->dy);
+    free(l->dh1);
+    free(l->dh3);
+    free(l->dxg);
+}
+
+static void slot_free(wk_cpu_t *c, struct slot *s)
+{
+    struct chunk *ch;
+
+    if (!s)
+        return;
+    ch = &c->chunk[s->chunk];
+    if (s->ready)
+        wk_model_cache_free(&s->cache, &ch->model);
+    for (int i = 0; s->ep && i < ch->last - ch->first; i++)
+        ep_layer_free(&s->ep[i]);
+    free(s->ep);
+    free(s->x_in);
+    free(s->x_out);
+    free(s->dy);
+    free(s->dx);
+    free(s->tokens);
+    free(s);
+}
+
+static int ep_layer_init(wk_cpu_t *c, struct ep_layer *l)
+{
+    size_t cap = (size_t)c->B * (size_t)c->T * (size_t)c->top_k, d = (size_t)c->d,
+           H = (size_t)c->H;
+
+    l->cap = (int)cap;
+    l->count = calloc((size_t)c->ep * (size_t)c->E, sizeof(int));
+    l->offset = calloc((size_t)c->E + 1, sizeof(int));
+    l->xg = malloc(cap * d * sizeof(float));
+    l->y = malloc(cap * d * sizeof(float));
+    l->dy = malloc(cap * d * sizeof(float));
+    l->dxg = malloc(cap * d * sizeof(float));
+    l->h1 = malloc(cap * H * sizeof(float));
+    l->h3 = malloc(cap * H * sizeof(float));
+    l->act = malloc(cap * H * sizeof(float));
+    l->dh1 = malloc(cap * H * sizeof(float));
+    l->dh3 = malloc(cap * H * sizeof(float));
+    if (!l->count || !l->offset || !l->xg || !l->y || !l->dy || !l->dxg || !l->h1 || !l->h3 ||
+        !l->act || !l->dh1 || !l->dh3)
+        return -ENOMEM;
+    return 0;
+}
+
+/* The slot of (path, mb, stage), created on first use. */
+static int slot_get(wk_cpu_t *c, int path, int mb, int stage, int chunk, struct slot **out)
+{
+    struct slot **ref = slot_ref(c, path, mb, stage), *s;
+    struct chunk *ch;
+    size_t nd = (size_t)c->Bl * (size_t)c->T * (size_t)c->d;
+    int rc = -ENOMEM;
+
+    *out = NULL;
+    if (!ref || chunk < 0 || chunk >= c->nchunks || c->chunk[chunk].stage != stage)
+        return fail(c, -EPROTO, "no chunk of this rank holds stage %d (chunk %d)", stage, chunk);
+    if (*ref) {
+        *out = *ref;
+        return 0;
+    }
+    ch = &c->chunk[chunk];
+    s = calloc(1, sizeof(*s));
+    if (!s)
+        return fail(c, -ENOMEM, "out of memory");
+    s->path = path;
+    s->mb = mb;
+    s->stage = stage;
+    s->chunk = chunk;
+    s->x_in = calloc(nd, sizeof(float));
+    s->x_out = calloc(nd, sizeof(float));
+    s->dy = calloc(nd, sizeof(float));
+    s->dx = calloc(nd, sizeof(float));
+    s->tokens = calloc((size_t)c->Bl * (size_t)(c->T + 1), sizeof(int32_t));
+    if (!s->x_in || !s->x_out || !s->dy || !s->dx || !s->tokens)
+        goto fail;
+    if ((rc = wk_model_cache_init(&s->cache, &ch->model, c->Bl, c->T)) < 0)
+        goto fail;
+    s->ready = 1;
+    if (c->ep > 1) {
+        int L = ch->last - ch->first;
+
+        s->ep = calloc((size_t)L, sizeof(*s->ep));
+        if (!s->ep)
+            goto fail;
+        for (int i = 0; i < L; i++)
+            if ((rc = ep_layer_init(c, &s->ep[i])) < 0)
+                goto fail;
+        s->cache.ep = &c->ep_ops;
+        s->cache.ep_tag = s;
+    }
+    *ref = *out = s;
+    return 0;
+fail:
+    slot_free(c, s);
+    return fail(c, rc, "cannot allocate micro-batch %d of stage %d: %s", mb, stage, strerror(-rc));
+}
+
+/* --- expert parallelism ----------------------------------------------------- */
+
+/* The rows of plan p (of c->d floats each in src) for the experts ep rank
+ * `o` owns, in ascending expert order, packed into dst. Returns rows. */
+static int pack_rows(const wk_cpu_t *c, const struct wk_moe_plan *p, int o, const float *src,
+                     float *dst)
+{
+    size_t d = (size_t)c->d;
+    int rows = 0;
+
+    for (int x = 0; x < c->E; x++) {
+        if (c->owner[x] != o)
+            continue;
+        memcpy(dst + (size_t)rows * d, src + (size_t)p->offset[x] * d,
+               (size_t)p->count[x] * d * sizeof(float));
+        rows += p->count[x];
+    }
+    return rows;
+}
+
+/* The inverse: rows for o's experts from src into their plan places. */
+static void unpack_rows(const wk_cpu_t *c, const struct wk_moe_plan *p, int o, const float *src,
+                        float *dst)
+{
+    size_t d = (size_t)c->d;
+    int rows = 0;
+
+    for (int x = 0; x < c->E; x++) {
+        if (c->owner[x] != o)
+            continue;
+        memcpy(dst + (size_t)p->offset[x] * d, src + (size_t)rows * d,
+               (size_t)p->count[x] * d * sizeof(float));
+        rows += p->count[x];
+    }
+}
+
+/* Rows source s sent for our experts, and where they start in l's
+ * concatenation of expert x. */
+static int owned_rows(const wk_cpu_t *c, const struct ep_layer *l, int s)
+{
+    int n = 0;
+
+    for (int x = 0; x < c->E; x++)
+        n += c->owner[x] == c->ep_rank ? l->count[s * c->E + x] : 0;
+    return n;
+}
+
+static size_t src_start(const wk_cpu_t *c, const struct ep_layer *l, int s, int x)
+{
+    size_t at = (size_t)l->offset[x];
+
+    for (int t = 0; t < s; t++)
+        at += (size_t)l->count[t * c->E + x];
+    return at;
+}
+
+/* Scatters source s's packed rows (ascending owned expert) into l's buffer
+ * `to` (offset per expert, then per source), or gathers them back from it
+ * when `gather`. */
+static void ep_move(const wk_cpu_t *c, const struct ep_layer *l, int s, float *packed, float *to,
+                    int gather)
+{
+    size_t d = (size_t)c->d;
+    int rows = 0;
+
+    for (int x = 0; x < c->E; x++) {
+        size_t n;
+
+        if (c->owner[x] != c->ep_rank)
+            continue;
+        n = (size_t)l->count[s * c->E + x] * d;
+        if (gather)
+            memcpy(packed + (size_t)rows * d, to + src_start(c, l, s, x) * d, n * sizeof(float));
+        else
+            memcpy(to + src_start(c, l, s, x) * d, packed + (size_t)rows * d, n * sizeof(float));
+        rows += l->count[s * c->E + x];
+    }
+}
+
+/* A message payload of one EP exchange: counts[E] (int32) then rows. */
+static float *msg_rows(const struct wk_data_msg *m, const wk_cpu_t *c)
+{
+    return (float *)(void *)(m->data + (size_t)c->E * sizeof(int32_t));
+}
+
+static struct wk_data_key ep_key(const wk_cpu_t *c, int payload, const struct slot *s, int layer,
+                                 int src)
+{
+    struct wk_data_key k = base_key(c, payload);
+
+    k.path = s->path;
+    k.mb = s->mb;
+    k.stage = s->stage;
+    k.layer = layer;
+    k.src = src;
+    return k;
+}
+
+static const char *ep_peer(const wk_cpu_t *c, int e)
+{
+    return c->addr[rank_index(c, c->dp_rank, c->pp_rank, e)];
+}
+
+/* Sends the plan rows of src for every other owner: payload `payload`. */
+static int ep_send_out(wk_cpu_t *c, const struct slot *s, int layer, const struct wk_moe_plan *p,
+                       int payload, const float *src)
+{
+    size_t hdr = (size_t)c->E * sizeof(int32_t), d = (size_t)c->d;
+    uint8_t *buf = malloc(hdr + (size_t)p->rows * d * sizeof(float) + 1);
+    int rc = 0;
+
+    if (!buf)
+        return fail(c, -ENOMEM, "out of memory");
+    for (int o = 0; o < c->ep && rc == 0; o++) {
+        int32_t *cnt = (int32_t *)(void *)buf;
+        struct wk_data_key k;
+        int rows;
+
+        if (o == c->ep_rank)
+            continue;
+        for (int x = 0; x < c->E; x++)
+            cnt[x] = c->owner[x] == o ? p->count[x] : 0;
+        rows = pack_rows(c, p, o, src, (float *)(void *)(buf + hdr));
+        k = ep_key(c, payload, s, layer, c->ep_rank);
+        rc = c->io.send(c->io.arg, ep_peer(c, o), &k, buf, hdr + (size_t)rows * d * sizeof(float),
+                        "an expert-parallel peer");
+    }
+    free(buf);
+    return rc;
+}
+
+/* Receives every other source's message `payload` for s/layer; msgs[src]. */
+static int ep_recv_all(wk_cpu_t *c, const struct slot *s, int layer, int payload,
+                       struct wk_data_msg **msgs)
+{
+    for (int o = 0; o < c->ep; o++) {
+        struct wk_data_key k = ep_key(c, payload, s, layer, o);
+        int rc;
+
+        if (o == c->ep_rank)
+            continue;
+        if ((rc = c->io.recv(c->io.arg, &k, "an expert-parallel peer", &msgs[o])) < 0)
+            return rc;
+    }
+    return 0;
+}
+
+static void free_msgs(wk_cpu_t *c, struct wk_data_msg **msgs)
+{
+    for (int o = 0; o < c->ep; o++) {
+        wk_data_msg_free(msgs[o]);
+        msgs[o] = NULL;
+    }
+}
+
+/* Checks a received exchange message: counts for our experts only, and as
+ * many rows as they say. Returns its row count or -EPROTO. */
+static int check_exchange(wk_cpu_t *c, const struct wk_data_msg *m, int owner_side,
+                          const int *expect)
+{
+    size_t hdr = (size_t)c->E * sizeof(int32_t), d = (size_t)c->d;
+    const int32_t *cnt = (const int32_t *)(const void *)m->data;
+    long rows = 0;
+
+    if (m->len < hdr)
+        return fail(c, -EPROTO, "an expert exchange message of %zu bytes has no counts", m->len);
+    for (int x = 0; x < c->E; x++) {
+        int mine = owner_side ? c->owner[x] == c->ep_rank : 1;
+        if (cnt[x] < 0 || cnt[x] > c->Bl * c->T || (!mine && cnt[x] != 0) ||
+            (expect && cnt[x] != expect[x]))
+            return fail(c, -EPROTO, "an expert exchange message has a bad count %d for expert %d",
+                        cnt[x], x);
+        rows += cnt[x];
+    }
+    if (m->len != hdr + (size_t)rows * d * sizeof(float))
+        return fail(c, -EPROTO, "an expert exchange message has %zu bytes for %ld rows", m->len,
+                    rows);
+    return (int)rows;
+}
+
+/* Lays out l for the counts every source sent (ours from plan p). */
+static int ep_layout(wk_cpu_t *c, struct ep_layer *l, const struct wk_moe_plan *p,
+                     struct wk_data_msg **msgs)
+{
+    int at = 0;
+
+    for (int s = 0; s < c->ep; s++) {
+        for (int x = 0; x < c->E; x++) {
+            int n = s == c->ep_rank ? (c->owner[x] == c->ep_rank ? p->count[x] : 0)
+                                    : ((const int32_t *)(const void *)msgs[s]->data)[x];
+            l->count[s * c->E + x] = n;
+        }
+    }
+    for (int x = 0; x < c->E; x++) {
+        l->offset[x] = at;
+        for (int s = 0; s < c->ep; s++)
+            at += l->count[s * c->E + x];
+    }
+    l->offset[c->E] = at;
+    if (at > l->cap)
+        return fail(c, -EPROTO, "expert rows %d exceed the %d a layer can hold", at, l->cap);
+    return 0;
+}
+
+/* The owner's compute on l for expert x's n rows at off. */
+static void ep_compute(wk_cpu_t *c, struct wk_moe *moe, struct ep_layer *l, int x, int backward)
+{
+    size_t d = (size_t)c->d, H = (size_t)c->H, es = H * d, off = (size_t)l->offset[x];
+    int n = l->offset[x + 1] - l->offset[x];
+
+    if (!backward) {
+        wk_moe_ffn_forward(moe->w1 + (size_t)x * es, moe->w3 + (size_t)x * es,
+                           moe->w2 + (size_t)x * es, c->d, c->H, l->xg + off * d, n,
+                           l->h1 + off * H, l->h3 + off * H, l->act + off * H, l->y + off * d);
+        c->ex_rows[x] += n;
+    } else {
+        wk_moe_ffn_backward_input(moe->w1 + (size_t)x * es, moe->w3 + (size_t)x * es,
+                                  moe->w2 + (size_t)x * es, c->d, c->H, n, l->h1 + off * H,
+                                  l->h3 + off * H, l->dy + off * d, l->dh1 + off * H,
+                                  l->dh3 + off * H, l->dxg + off * d);
+    }
+}
+
+/* One exchange of a MoE layer: the plan rows of `src` (c->xg, or c->dy
+ * backward) go to their experts' owners, which run them concatenated and
+ * send the results back into `dst` (c->y, or c->dxg). The forward also lays
+ * out l for the backward and the weight gradients. */
+static int ep_exchange(wk_cpu_t *c, struct slot *s, int layer, struct wk_moe *moe,
+                       const struct wk_moe_plan *p, const float *src, float *dst, int backward)
+{
+    struct ep_layer *l = &s->ep[layer - c->chunk[s->chunk].first];
+    struct wk_data_msg *msgs[WK_CPU_MAX_EP] = {0};
+    int out_payload = backward ? WK_DATA_EP_GRAD : WK_DATA_EP_DISPATCH;
+    int back_payload = backward ? WK_DATA_EP_DXG : WK_DATA_EP_COMBINE;
+    float *owner_in = backward ? l->dy : l->xg, *owner_out = backward ? l->dxg : l->y;
+    size_t hdr = (size_t)c->E * sizeof(int32_t), d = (size_t)c->d;
+    uint8_t *buf = malloc(hdr + ((size_t)l->cap + 1) * d * sizeof(float));
+    int32_t *cnt = (int32_t *)(void *)buf;
+    float *rows = (float *)(void *)(buf + hdr);
+    int rc;
+
+    if (!buf)
+        return fail(c, -ENOMEM, "out of memory");
+    /* 1. every owner's rows out (ours stay) */
+    if ((rc = ep_send_out(c, s, layer, p, out_payload, src)) < 0 ||
+        (rc = ep_recv_all(c, s, layer, out_payload, msgs)) < 0)
+        goto out;
+    for (int o = 0; o < c->ep; o++) {
+        if (o == c->ep_rank)
+            continue;
+        if ((rc = check_exchange(c, msgs[o], 1, NULL)) < 0)
+            goto out;
+        /* the backward must bring exactly the rows the forward did */
+        for (int x = 0; backward && x < c->E; x++)
+            if (((const int32_t *)(const void *)msgs[o]->data)[x] != l->count[o * c->E + x]) {
+                rc = fail(c, -EPROTO, "ep rank %d sent gradients for %d rows of expert %d, "
+                          "not the %d it dispatched", o,
+                          ((const int32_t *)(const void *)msgs[o]->data)[x], x,
+                          l->count[o * c->E + x]);
+                goto out;
+            }
+    }
+    if (!backward && (rc = ep_layout(c, l, p, msgs)) < 0)
+        goto out;
+    /* 2. the owner's work on the concatenation */
+    for (int o = 0; o < c->ep; o++) {
+        if (o == c->ep_rank) {
+            pack_rows(c, p, o, src, rows);
+            ep_move(c, l, o, rows, owner_in, 0);
+        } else {
+            ep_move(c, l, o, msg_rows(msgs[o], c), owner_in, 0);
+        }
+    }
+    free_msgs(c, msgs);
+    for (int x = 0; x < c->E; x++)
+        if (c->owner[x] == c->ep_rank)
+            ep_compute(c, moe, l, x, backward);
+    /* 3. results back to every source; ours straight into dst */
+    for (int o = 0; o < c->ep; o++) {
+        struct wk_data_key k;
+        int n = owned_rows(c, l, o);
+
+        for (int x = 0; x < c->E; x++)
+            cnt[x] = c->owner[x] == c->ep_rank ? l->count[o * c->E + x] : 0;
+        ep_move(c, l, o, rows, owner_out, 1);
+        if (o == c->ep_rank) {
+            unpack_rows(c, p, o, rows, dst);
+            continue;
+        }
+        k = ep_key(c, back_payload, s, layer, c->ep_rank);
+        if ((rc = c->io.send(c->io.arg, ep_peer(c, o), &k, buf, hdr + (size_t)n * d * sizeof(float),
+                             "an expert-parallel peer")) < 0)
+            goto out;
+    }
+    /* 4. ours from every other owner */
+    if ((rc = ep_recv_all(c, s, layer, back_payload, msgs)) < 0)
+        goto out;
+    for (int o = 0; o < c->ep; o++) {
+        if (o == c->ep_rank)
+            continue;
+        if ((rc = check_exchange(c, msgs[o], 0, NULL)) < 0)
+            goto out;
+        for (int x = 0; x < c->E; x++) {
+            int want = c->owner[x] == o ? p->count[x] : 0;
+            if (((const int32_t *)(const void *)msgs[o]->data)[x] != want) {
+                rc = fail(c, -EPROTO, "ep rank %d returned %d rows of expert %d, not %d", o,
+                          ((const int32_t *)(const void *)msgs[o]->data)[x], x, want);
+                goto out;
+            }
+        }
+        unpack_rows(c, p, o, msg_rows(msgs[o], c), dst);
+    }
+    rc = 0;
+out:
+    free_msgs(c, msgs);
+    free(buf);
+    return rc;
+}
+
+static int ep_forward(void *arg, void *tag, int layer, struct wk_moe *moe, struct wk_moe_ctx *mc)
+{
+    return ep_exchange(arg, tag, layer, moe, &mc->plan, mc->xg, mc->y, 0);
+}
+
+static int ep_backward(void *arg, void *tag, int layer, struct wk_moe *moe, struct wk_moe_ctx *mc)
+{
+    return ep_exchange(arg, tag, layer, moe, &mc->plan, mc->dy, mc->dxg, 1);
+}
+
+/* The weight gradients of the experts we own, from the concatenations. */
+static int ep_weight(void *arg, void *tag, int layer, struct wk_moe *moe,
+                     const struct wk_moe_ctx *mc)
+{
+    wk_cpu_t *c = arg;
+    struct slot *s = tag;
+    struct ep_layer *l = &s->ep[layer - c->chunk[s->chunk].first];
+    size_t d = (size_t)c->d, H = (size_t)c->H, es = H * d;
+
+    (void)mc;
+    for (int x = 0; x < c->E; x++) {
+        size_t off = (size_t)l->offset[x];
+
+        if (c->owner[x] != c->ep_rank)
+            continue;
+        wk_moe_ffn_backward_weight(c->d, c->H, l->offset[x + 1] - l->offset[x], l->xg + off * d,
+                                   l->act + off * H, l->dy + off * d, l->dh1 + off * H,
+                                   l->dh3 + off * H, moe->g_w1 + (size_t)x * es,
+                                   moe->g_w3 + (size_t)x * es, moe->g_w2 + (size_t)x * es);
+    }
+    return 0;
+}
+
+/* --- ops -------------------------------------------------------------------- */
+
+/* Global micro-batch of (path, mb): DualPipe's path 1 takes the second half. */
+static int global_mb(const wk_cpu_t *c, int path, int mb)
+{
+    return path * c->Mp + mb;
+}
+
+/* Our share of micro-batch (path, mb) into s->tokens. */
+static int load_tokens(wk_cpu_t *c, struct slot *s)
+{
+    size_t row = (size_t)c->T + 1;
+    int rc = wk_data_batch(&c->data, WK_DATA_TRAIN, (uint64_t)c->spec.train.seed,
+                           (int64_t)c->step, c->dp_rank, c->M, global_mb(c, s->path, s->mb), c->B,
+                           c->T, c->batch);
+
+    if (rc < 0)
+        return fail(c, rc, "cannot read micro-batch %d: %s", global_mb(c, s->path, s->mb),
+                    strerror(-rc));
+    memcpy(s->tokens, c->batch + (size_t)c->ep_rank * (size_t)c->Bl * row,
+           (size_t)c->Bl * row * sizeof(int32_t));
+    return 0;
+}
+
+/* Is (path, stage) on this pipeline rank? */
+static int is_local(const wk_cpu_t *c, int path, int stage)
+{
+    int rank, chunk;
+
+    return dp_sched_locate(c->sched, path, stage, &rank, &chunk) == 0 && rank == c->pp_rank;
+}
+
+static struct slot *peek_slot(wk_cpu_t *c, int path, int mb, int stage)
+{
+    struct slot **ref = slot_ref(c, path, mb, stage);
+    return ref ? *ref : NULL;
+}
+
+static int run_forward(wk_cpu_t *c, const struct dp_work *w)
+{
+    struct slot *s = NULL, *prev;
+    struct chunk *ch;
+    float loss = 0.0f;
+    const float *x_in = NULL;
+    int rc;
+
+    if ((rc = slot_get(c, w->path, w->mb, w->stage, w->chunk, &s)) < 0)
+        return rc;
+    ch = &c->chunk[s->chunk];
+    if (ch->flags & (WK_MODEL_HAS_EMBED | WK_MODEL_HAS_HEAD))
+        if ((rc = load_tokens(c, s)) < 0)
+            return rc;
+    if (!(ch->flags & WK_MODEL_HAS_EMBED)) {
+        /* from the previous stage: ours when it runs here (DualPipeV's turn) */
+        prev = is_local(c, w->path, w->stage - 1) ? peek_slot(c, w->path, w->mb, w->stage - 1)
+                                                  : NULL;
+        x_in = prev ? prev->x_out : s->x_in;
+    }
+    rc = wk_model_forward(&ch->model, &s->cache, s->tokens, x_in, s->x_out, &loss);
+    if (rc < 0)
+        return c->err[0] ? rc
+                         : fail(c, rc, "forward of micro-batch %d at stage %d failed: %s", w->mb,
+                                w->stage, strerror(-rc));
+    if (ch->flags & WK_MODEL_HAS_HEAD)
+        c->loss_sum += (double)loss;
+    return 0;
+}
+
+/* kind: DP_OP_B (full), DP_OP_I (input half) or DP_OP_W (weight half). */
+static int run_backward(wk_cpu_t *c, const struct dp_work *w, enum dp_op_kind kind)
+{
+    struct slot *s = peek_slot(c, w->path, w->mb, w->stage), *next;
+    struct chunk *ch;
+    const float *dy = NULL;
+    int rc;
+
+    if (!s || !s->ready)
+        return fail(c, -EPROTO, "%s of micro-batch %d at stage %d before its forward",
+                    dp_op_kind_name(kind), w->mb, w->stage);
+    ch = &c->chunk[s->chunk];
+    if (kind == DP_OP_W) {
+        rc = wk_model_backward_weight(&ch->model, &s->cache);
+    } else {
+        if (!(ch->flags & WK_MODEL_HAS_HEAD)) {
+            next = is_local(c, w->path, w->stage + 1) ? peek_slot(c, w->path, w->mb, w->stage + 1)
+                                                      : NULL;
+            dy = next ? next->dx : s->dy;
+        }
+        rc = kind == DP_OP_B ? wk_model_backward(&ch->model, &s->cache, dy, s->dx)
+                             : wk_model_backward_input(&ch->model, &s->cache, dy, s->dx);
+    }
+    if (rc < 0)
+        return c->err[0] ? rc
+                         : fail(c, rc, "%s of micro-batch %d at stage %d failed: %s",
+                                dp_op_kind_name(kind), w->mb, w->stage, strerror(-rc));
+    return 0;
+}
+
+int wk_cpu_compute(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
+{
+    int rc;
+
+    c->err = err;
+    c->errlen = errlen;
+    if (err && errlen)
+        err[0] = '\0';
+    switch (op->kind) {
+    case DP_OP_F:
+        return run_forward(c, &op->work);
+    case DP_OP_B:
+    case DP_OP_I:
+    case DP_OP_W:
+        return run_backward(c, &op->work, op->kind);
+    case DP_OP_FB:
+        /* the forward's sends are queued on the data plane while the
+         * backward computes */
+        if ((rc = run_forward(c, &op->work)) < 0)
+            return rc;
+        return run_backward(c, &op->work2, DP_OP_B);
+    default:
+        return fail(c, -EINVAL, "%s is not a compute op", dp_op_kind_name(op->kind));
+    }
+}
+
+static struct wk_data_key pipe_key(const wk_cpu_t *c, const struct dp_op *op)
+{
+    struct wk_data_key k = base_key(c, (int)op->payload);
+
+    k.path = op->work.path;
+    k.mb = op->work.mb;
+    k.stage = op->work.stage;
+    return k;
+}
+
+static size_t act_bytes(const wk_cpu_t *c)
+{
+    return (size_t)c->Bl * (size_t)c->T * (size_t)c->d * sizeof(float);
+}
+
+int wk_cpu_send(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
+{
+    struct slot *s = peek_slot(c, op->work.path, op->work.mb, op->work.stage);
+    struct wk_data_key k = pipe_key(c, op);
+
+    c->err = err;
+    c->errlen = errlen;
+    if (!s)
+        return fail(c, -EPROTO, "nothing computed to send for micro-batch %d of stage %d",
+                    op->work.mb, op->work.stage);
+    return c->io.send(c->io.arg, c->addr[rank_index(c, c->dp_rank, op->peer, c->ep_rank)], &k,
+                      op->payload == DP_ACTIVATION ? s->x_out : s->dx, act_bytes(c),
+                      "a pipeline peer");
+}
+
+int wk_cpu_recv(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
+{
+    /* the consumer: the next stage for an activation, the previous for a gradient */
+    int stage = op->work.stage + (op->payload == DP_ACTIVATION ? 1 : -1);
+    struct wk_data_key k = pipe_key(c, op);
+    struct wk_data_msg *m = NULL;
+    struct slot *s = NULL;
+    int rc;
+
+    c->err = err;
+    c->errlen = errlen;
+    if ((rc = slot_get(c, op->work.path, op->work.mb, stage, op->work.chunk, &s)) < 0 || !s)
+        return rc < 0 ? rc : -EPROTO;
+    if ((rc = c->io.recv(c->io.arg, &k, "a pipeline peer", &m)) < 0)
+        return rc;
+    if (m->len != act_bytes(c)) {
+        rc = fail(c, -EPROTO, "a %s of %zu bytes, expected %zu",
+                  op->payload == DP_ACTIVATION ? "activation" : "gradient", m->len, act_bytes(c));
+    } else {
+        memcpy(op->payload == DP_ACTIVATION ? s->x_in : s->dy, m->data, m->len);
+    }
+    wk_data_msg_free(m);
+    return rc;
+}
+
+/* --- step ------------------------------------------------------------------- */
+
+void wk_cpu_step_begin(wk_cpu_t *c, uint64_t step)
+{
+    c->step = step;
+    c->loss_sum = 0.0;
+    memset(c->ex_rows, 0, (size_t)c->E * sizeof(*c->ex_rows));
+    for (int i = 0; i < c->nchunks; i++)
+        wk_model_zero_grad(&c->chunk[i].model);
+}
+
+/* The ranks holding stage st, as indices (d, pp, e) in member order:
+ * by DP rank, then holding pipeline rank (ascending), then ep rank. */
+static int stage_members(const wk_cpu_t *c, int st, int *out)
+{
+    int holders[2], nh = 0, n = 0;
+
+    for (int path = 0; path < c->paths; path++) {
+        int rank, chunk;
+
+        if (dp_sched_locate(c->sched, path, st, &rank, &chunk) < 0)
+            continue;
+        if (nh == 1 && holders[0] == rank)
+            continue;
+        holders[nh++] = rank;
+    }
+    if (nh == 2 && holders[1] < holders[0]) {
+        int t = holders[0];
+        holders[0] = holders[1];
+        holders[1] = t;
+    }
+    for (int d = 0; d < c->dp; d++)
+        for (int h = 0; h < nh; h++)
+            for (int e = 0; e < c->ep; e++)
+                out[n++] = rank_index(c, d, holders[h], e);
+    return n;
+}
+
+/* Bytes of chunk ch's sync message: gradients, loads, loss. */
+static size_t sync_size(const wk_cpu_t *c, const struct chunk *ch, size_t *nf, size_t *ni)
+{
+    const struct wk_model *m = &ch->model;
+
+    *nf = 0;
+    for (int i = 0; i < wk_model_param_count(m); i++)
+        *nf += wk_model_param(m, i)->n;
+    *ni = (size_t)(ch->last - ch->first) * (size_t)c->E;
+    return *nf * sizeof(float) + *ni * sizeof(int64_t) + sizeof(double);
+}
+
+static void sync_pack(const wk_cpu_t *c, const struct chunk *ch, uint8_t *buf)
+{
+    const struct wk_model *m = &ch->model;
+    size_t nf, ni, at = 0;
+
+    sync_size(c, ch, &nf, &ni);
+    for (int i = 0; i < wk_model_param_count(m); i++) {
+        const struct wk_model_param *p = wk_model_param(m, i);
+        memcpy(buf + at, p->g, p->n * sizeof(float));
+        at += p->n * sizeof(float);
+    }
+    memcpy(buf + at, m->load, ni * sizeof(int64_t));
+    at += ni * sizeof(int64_t);
+    memcpy(buf + at, (ch->flags & WK_MODEL_HAS_HEAD) ? &c->loss_sum : &(double){0.0},
+           sizeof(double));
+}
+
+/* acc += buf, element by element of each type. */
+static void sync_add(uint8_t *acc, const uint8_t *buf, size_t nf, size_t ni)
+{
+    float fa, fb;
+    int64_t ia, ib;
+    double da, db;
+    size_t at = 0;
+
+    for (size_t i = 0; i < nf; i++, at += sizeof(float)) {
+        memcpy(&fa, acc + at, sizeof(fa));
+        memcpy(&fb, buf + at, sizeof(fb));
+        fa += fb;
+        memcpy(acc + at, &fa, sizeof(fa));
+    }
+    for (size_t i = 0; i < ni; i++, at += sizeof(int64_t)) {
+        memcpy(&ia, acc + at, sizeof(ia));
+        memcpy(&ib, buf + at, sizeof(ib));
+        ia += ib;
+        memcpy(acc + at, &ia, sizeof(ia));
+    }
+    memcpy(&da, acc + at, sizeof(da));
+    memcpy(&db, buf + at, sizeof(db));
+    da += db;
+    memcpy(acc + at, &da, sizeof(da));
+}
+
+/* The group's sum back into the chunk; returns the summed loss. */
+static double sync_unpack(wk_cpu_t *c, struct chunk *ch, const uint8_t *buf)
+{
+    struct wk_model *m = &ch->model;
+    size_t nf, ni, at = 0;
+    double loss;
+
+    sync_size(c, ch, &nf, &ni);
+    for (int i = 0; i < wk_model_param_count(m); i++) {
+        const struct wk_model_param *p = wk_model_param(m, i);
+        memcpy(p->g, buf + at, p->n * sizeof(float));
+        at += p->n * sizeof(float);
+    }
+    memcpy(m->load, buf + at, ni * sizeof(int64_t));
+    at += ni * sizeof(int64_t);
+    memcpy(&loss, buf + at, sizeof(loss));
+    return loss;
+}
+
+static struct wk_data_key sync_key(const wk_cpu_t *c, int payload, int stage, int src)
+{
+    struct wk_data_key k = base_key(c, payload);
+
+    k.stage = stage;
+    k.src = src;
+    return k;
+}
+
+/* Sums every chunk's gradients over its group (see cpu.h). */
+static int sync_grads(wk_cpu_t *c, double *loss, int *has_loss)
+{
+    int me = rank_index(c, c->dp_rank, c->pp_rank, c->ep_rank), rc = 0;
+    int *members = calloc((size_t)(2 * c->dp * c->ep) + 1, sizeof(int));
+    size_t nf, ni, size;
+
+    if (!members)
+        return fail(c, -ENOMEM, "out of memory");
+    *has_loss = 0;
+    /* 1. contributions to the roots */
+    for (int i = 0; i < c->nchunks && rc == 0; i++) {
+        struct chunk *ch = &c->chunk[i];
+        int n = stage_members(c, ch->stage, members);
+        struct wk_data_key k;
+
+        int at = 0;
+
+        if (members[0] == me)
+            continue;
+        size = sync_size(c, ch, &nf, &ni);
+        sync_pack(c, ch, c->sync_buf);
+        while (at < n && members[at] != me)
+            at++;
+        k = sync_key(c, WK_DATA_SYNC_UP, ch->stage, at);
+        rc = c->io.send(c->io.arg, c->addr[members[0]], &k, c->sync_buf, size,
+                        "the stage's gradient root");
+    }
+    /* 2. the roots sum in member order and send the sums back */
+    for (int i = 0; i < c->nchunks && rc == 0; i++) {
+        struct chunk *ch = &c->chunk[i];
+        int n = stage_members(c, ch->stage, members);
+        uint8_t *acc = c->sync_buf + c->sync_cap / 2;
+
+        if (members[0] != me)
+            continue;
+        size = sync_size(c, ch, &nf, &ni);
+        sync_pack(c, ch, acc);
+        for (int j = 1; j < n && rc == 0; j++) {
+            struct wk_data_key k = sync_key(c, WK_DATA_SYNC_UP, ch->stage, j);
+            struct wk_data_msg *m = NULL;
+
+            if ((rc = c->io.recv(c->io.arg, &k, "a gradient contribution", &m)) < 0)
+                break;
+            if (m->len != size)
+                rc = fail(c, -EPROTO, "a gradient contribution of %zu bytes for stage %d, "
+                          "expected %zu", m->len, ch->stage, size);
+            else
+                sync_add(acc, m->data, nf, ni);
+            wk_data_msg_free(m);
+        }
+        for (int j = 1; j < n && rc == 0; j++) {
+            struct wk_data_key k = sync_key(c, WK_DATA_SYNC_DOWN, ch->stage, 0);
+            rc = c->io.send(c->io.arg, c->addr[members[j]], &k, acc, size, "a stage copy");
+        }
+        if (rc == 0) {
+            double l = sync_unpack(c, ch, acc);
+            if (ch->flags & WK_MODEL_HAS_HEAD) {
+                *loss = l;
+                *has_loss = 1;
+            }
+        }
+    }
+    /* 3. the others take the sums */
+    for (int i = 0; i < c->nchunks && rc == 0; i++) {
+        struct chunk *ch = &c->chunk[i];
+        struct wk_data_key k = sync_key(c, WK_DATA_SYNC_DOWN, ch->stage, 0);
+        struct wk_data_msg *m = NULL;
+
+        stage_members(c, ch->stage, members);
+        if (members[0] == me)
+            continue;
+        size = sync_size(c, ch, &nf, &ni);
+        if ((rc = c->io.recv(c->io.arg, &k, "the stage's gradient sum", &m)) < 0)
+            break;
+        if (m->len != size) {
+            rc = fail(c, -EPROTO, "a gradient sum of %zu bytes for stage %d, expected %zu",
+                      m->len, ch->stage, size);
+        } else {
+            double l = sync_unpack(c, ch, m->data);
+            if (ch->flags & WK_MODEL_HAS_HEAD) {
+                *loss = l;
+                *has_loss = 1;
+            }
+        }
+        wk_data_msg_free(m);
+    }
+    free(members);
+    return rc;
+}
+
+int wk_cpu_step_end(wk_cpu_t *c, struct wk_cpu_step *out, char *err, size_t errlen)
+{
+    double t0 = now_ms(), loss = 0.0;
+    float scale = 1.0f / (float)((double)c->dp * c->M * c->ep);
+    int has_loss = 0, rc;
+
+    c->err = err;
+    c->errlen = errlen;
+    if (err && errlen)
+        err[0] = '\0';
+    if ((rc = sync_grads(c, &loss, &has_loss)) < 0)
+        return rc;
+    for (int i = 0; i < c->nchunks; i++) {
+        wk_model_scale_grad(&c->chunk[i].model, scale);
+        if ((rc = wk_model_step(&c->chunk[i].model)) < 0)
+            return fail(c, rc, "the optimizer step failed: %s", strerror(-rc));
+    }
+    for (size_t k = 0; k < c->n_slots_ex; k++) {
+        int x = c->slot_expert[k];
+        c->expert_tokens[k] =
+            x >= 0 && x < c->E && c->owner[x] == c->ep_rank ? (uint64_t)c->ex_rows[x] : 0;
+    }
+    out->has_loss = has_loss;
+    out->loss = has_loss ? loss / ((double)c->dp * c->M * c->ep) : 0.0;
+    out->tokens = (uint64_t)c->dp * (uint64_t)c->M * (uint64_t)c->B * (uint64_t)c->T;
+    out->sync_ms = now_ms() - t0;
+    out->expert_tokens = c->expert_tokens;
+    out->n_expert_slots = c->n_slots_ex;
+    return 0;
+}
+
+/* --- create / destroy ---------------------------------------------------------- */
+
+void wk_cpu_destroy(wk_cpu_t *c)
+{
+    size_t nslots;
+
+    if (!c)
+        return;
+    nslots = (size_t)c->paths * (size_t)c->Mp * (size_t)c->S;
+    for (size_t i = 0; c->slots && i < nslots; i++)
+        slot_free(c, c->slots[i]);
+    free(c->slots);
+    for (int i = 0; i < c->nchunks; i++)
+        wk_model_free(&c->chunk[i].model);
+    if (c->data_open)
+        wk_data_close(&c->data);
+    for (int i = 0; c->addr && i < c->pp * c->ep * c->dp; i++)
+        free(c->addr[i]);
+    free(c->addr);
+    free(c->owner);
+    free(c->batch);
+    free(c->ex_rows);
+    free(c->slot_expert);
+    free(c->expert_tokens);
+    free(c->sync_buf);
+    free(c);
+}
+
+static int setup_chunks(wk_cpu_t *c, const Duplex__Assignment *a)
+{
+    int per = c->spec.model.layers / c->S, rc;
+    struct wk_adamw_config oc;
+
+    if (a->n_stages != (size_t)dp_sched_chunks_per_rank(c->sched))
+        return fail(c, -EINVAL, "the assignment gives %zu stages to a rank of a %s schedule",
+                    a->n_stages, dp_sched_kind_name(dp_sched_kind(c->sched)));
+    wk_adamw_config_defaults(&oc);
+    oc.lr = (float)c->spec.train.lr;
+    for (size_t i = 0; i < a->n_stages; i++) {
+        int st = a->stages[i], rank = -1, chunk = -1;
+        struct chunk *ch;
+
+        /* the chunk the schedule runs the stage on */
+        for (int path = 0; path < c->paths && rank != c->pp_rank; path++)
+            if (st < 0 || st >= c->S || dp_sched_locate(c->sched, path, st, &rank, &chunk) < 0)
+                rank = -1;
+        if (rank != c->pp_rank || chunk < 0 || chunk >= 2 || c->chunk[chunk].model.params)
+            return fail(c, -EINVAL, "stage %d does not run on pipeline rank %d", st, c->pp_rank);
+        ch = &c->chunk[chunk];
+        ch->stage = st;
+        ch->first = st * per;
+        ch->last = ch->first + per;
+        ch->flags = (st == 0 ? WK_MODEL_HAS_EMBED : 0) | (st == c->S - 1 ? WK_MODEL_HAS_HEAD : 0);
+        if ((rc = wk_model_stage_init(&ch->model, &c->mcfg, (uint64_t)c->spec.train.seed,
+                                      ch->first, ch->last, ch->flags)) < 0)
+            return fail(c, rc, "stage %d: %s", st, strerror(-rc));
+        c->nchunks++;
+        if ((rc = wk_model_optim_init(&ch->model, &oc)) < 0)
+            return fail(c, rc, "stage %d: %s", st, strerror(-rc));
+    }
+    return 0;
+}
+
+int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
+                  const char *const *peers_addr, const char *data_dir, const struct wk_cpu_io *io,
+                  wk_cpu_t **out, char *err, size_t errlen)
+{
+    struct wk_train_config tc;
+    wk_cpu_t *c;
+    char why[256];
+    size_t nranks, maxsync = 0;
+    int rc;
+
+    c = calloc(1, sizeof(*c));
+    if (!c) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    c->err = err;
+    c->errlen = errlen;
+    if (!a->spec_json || !a->spec_json[0]) {
+        rc = fail(c, -EINVAL, "the assignment has no job spec (the cpu backend needs its model)");
+        goto fail;
+    }
+    if ((rc = coord_jobspec_parse(a->spec_json, strlen(a->spec_json), NULL, 0, &c->spec, why,
+                                  sizeof(why))) < 0) {
+        rc = fail(c, rc, "the assignment's job spec: %s", why);
+        goto fail;
+    }
+    if (c->spec.parallel.pp != a->pp || c->spec.parallel.ep != a->ep ||
+        c->spec.parallel.dp != a->dp || c->spec.parallel.microbatches != a->microbatches) {
+        rc = fail(c, -EINVAL, "the assignment's layout does not match its job spec");
+        goto fail;
+    }
+    if (a->ep > WK_CPU_MAX_EP) {
+        rc = fail(c, -EINVAL, "ep %d: the cpu backend runs at most %d expert-parallel ranks",
+                  a->ep, WK_CPU_MAX_EP);
+        goto fail;
+    }
+    wk_train_config_from_spec(&c->spec, &tc);
+    c->mcfg = tc.model;
+    c->sched = sched;
+    c->io = *io;
+    c->job_id = a->job_id;
+    c->attempt = a->attempt;
+    c->pp = a->pp;
+    c->ep = a->ep;
+    c->dp = a->dp;
+    c->pp_rank = a->pp_rank;
+    c->ep_rank = a->ep_rank;
+    c->dp_rank = a->dp_rank;
+    c->S = dp_sched_stages(sched);
+    c->paths = dp_sched_paths(sched);
+    c->Mp = dp_sched_path_microbatches(sched);
+    c->M = a->microbatches;
+    c->B = c->spec.parallel.microbatch_size;
+    c->Bl = c->B / c->ep;
+    c->T = c->spec.model.seq_len;
+    c->d = c->spec.model.d_model;
+    c->E = c->spec.model.experts;
+    c->H = c->spec.model.expert_hidden;
+    c->top_k = c->spec.model.top_k;
+    if (wk_model_config_check(&c->mcfg, why, sizeof(why)) < 0) {
+        rc = fail(c, -EINVAL, "model: %s", why);
+        goto fail;
+    }
+    nranks = (size_t)c->pp * (size_t)c->ep * (size_t)c->dp;
+    c->addr = calloc(nranks, sizeof(*c->addr));
+    c->owner = calloc((size_t)c->E, sizeof(int));
+    c->batch = calloc((size_t)c->B * (size_t)(c->T + 1), sizeof(int32_t));
+    c->ex_rows = calloc((size_t)c->E, sizeof(int64_t));
+    c->slot_expert = calloc(a->n_experts + 1, sizeof(int32_t));
+    c->expert_tokens = calloc(a->n_experts + 1, sizeof(uint64_t));
+    c->slots = calloc((size_t)c->paths * (size_t)c->Mp * (size_t)c->S, sizeof(*c->slots));
+    if (!c->addr || !c->owner || !c->batch || !c->ex_rows || !c->slot_expert ||
+        !c->expert_tokens || !c->slots) {
+        rc = fail(c, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    for (size_t i = 0; i < nranks; i++)
+        if (!(c->addr[i] = strdup(peers_addr[i]))) {
+            rc = fail(c, -ENOMEM, "out of memory");
+            goto fail;
+        }
+    for (int x = 0; x < c->E; x++)
+        c->owner[x] = a->n_expert_owner == (size_t)c->E ? a->expert_owner[x]
+                                                        : (int)((int64_t)x * c->ep / c->E);
+    memcpy(c->slot_expert, a->experts, a->n_experts * sizeof(int32_t));
+    c->n_slots_ex = a->n_experts;
+    c->ep_ops = (struct wk_model_ep){ep_forward, ep_backward, ep_weight, c};
+    if ((rc = setup_chunks(c, a)) < 0)
+        goto fail;
+    for (int i = 0; i < c->nchunks; i++) {
+        size_t nf, ni, size = sync_size(c, &c->chunk[i], &nf, &ni);
+        maxsync = size > maxsync ? size : maxsync;
+    }
+    c->sync_cap = 2 * maxsync;
+    if (!(c->sync_buf = malloc(c->sync_cap + 1))) {
+        rc = fail(c, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    if ((rc = wk_data_open(&c->data, data_dir ? data_dir : WK_DATA_DIR_DEFAULT, why,
+                           sizeof(why))) < 0) {
+        rc = fail(c, rc, "training text: %s", why);
+        goto fail;
+    }
+    c->data_open = 1;
+    c->err = NULL;
+    *out = c;
+    return 0;
+fail:
+    wk_cpu_destroy(c);
+    return rc;
+}

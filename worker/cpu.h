@@ -1,0 +1,88 @@
+/* cpu.h - the cpu backend: this rank's share of real fp32 training, driven
+ * op by op by the runtime's executor walk (worker/runtime.h).
+ *
+ * Layout. The job's model is cut into the schedule's stages (layers split
+ * evenly; the embedding with stage 0, the head with the last); this rank
+ * holds the stages of its pipeline rank (one, or two for DualPipe and
+ * DualPipeV), one model chunk each. Its ep_rank-th share of every
+ * micro-batch is sequences [ep_rank * B/ep, (ep_rank + 1) * B/ep) of the
+ * micro-batch that DP rank dp_rank reads (worker/data.h), so any layout
+ * trains on the same global batch as the standalone trainer.
+ *
+ * Messages (through wk_cpu_io, on the data plane):
+ *  - pipeline: a SEND carries the forward's output or the backward's input
+ *    gradient to the same (dp, ep) ranks at the peer pipeline rank;
+ *  - experts: every MoE layer routes its tokens, dispatches the rows of
+ *    each expert to the ep rank that owns it (Assignment.expert_owner),
+ *    which runs them concatenated in ep-rank order (so in the order one
+ *    process would) and sends the outputs back; the backward does the same
+ *    with gradients; the owner computes its experts' weight gradients;
+ *  - step end: every stage's gradients, expert loads and loss are summed
+ *    over all ranks holding that stage (DualPipe's two copies, the ep group
+ *    and the DP replicas) at the group's first member, in member order, and
+ *    sent back, so every copy takes the same AdamW step bitwise. Routed
+ *    experts are summed over the ep group too (non-owners add zeros), which
+ *    keeps every rank's copy of every expert equal.
+ *
+ * Gradients are of the global mean loss: each share's mean loss gradient,
+ * summed, divided by dp * microbatches * ep.
+ */
+#ifndef WK_CPU_H
+#define WK_CPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "coordinator/jobspec.h"
+#include "pipeline/schedule.h"
+#include "proto/duplex.pb-c.h"
+#include "worker/dataplane.h"
+
+/* How the backend moves messages: the runtime's waits (abort, timeouts,
+ * hidden-communication accounting). `to`/`from` describe the peer for
+ * error messages. Each returns 0 or -errno. */
+struct wk_cpu_io {
+    int (*send)(void *arg, const char *addr, const struct wk_data_key *key, const void *buf,
+                size_t len, const char *to);
+    int (*recv)(void *arg, const struct wk_data_key *key, const char *from,
+                struct wk_data_msg **out);
+    void *arg;
+};
+
+/* What one step did on this rank. */
+struct wk_cpu_step {
+    int has_loss;       /* this rank holds the head: loss is the job's */
+    double loss;        /* the global mean loss of the step */
+    uint64_t tokens;    /* tokens of the whole step (every rank's shares) */
+    double sync_ms;     /* gradient sums and the optimizer step */
+    uint64_t *expert_tokens; /* [n_expert_slots]: rows this rank's experts ran */
+    size_t n_expert_slots;
+};
+
+/* The most expert-parallel ranks one stage may have. */
+#define WK_CPU_MAX_EP 64
+
+typedef struct wk_cpu wk_cpu_t;
+
+/* Builds this rank's chunks from the assignment (its spec_json, schedule
+ * and ranks). peers_addr: [dp][pp][ep] (index (d * pp + p) * ep +
+ * e). data_dir: the training text (NULL: WK_DATA_DIR_DEFAULT). 0, or -errno
+ * with the reason in err. */
+int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
+                  const char *const *peers_addr, const char *data_dir, const struct wk_cpu_io *io,
+                  wk_cpu_t **out, char *err, size_t errlen);
+void wk_cpu_destroy(wk_cpu_t *c);
+
+/* Before a step's ops: clears gradients and per-step counters. */
+void wk_cpu_step_begin(wk_cpu_t *c, uint64_t step);
+
+/* The executor's callbacks. 0, or -errno with the reason in err. */
+int wk_cpu_compute(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen);
+int wk_cpu_send(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen);
+int wk_cpu_recv(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen);
+
+/* After the ops: sums gradients over each stage's group, takes the
+ * optimizer step. out's arrays stay valid until the next call. */
+int wk_cpu_step_end(wk_cpu_t *c, struct wk_cpu_step *out, char *err, size_t errlen);
+
+#endif
