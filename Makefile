@@ -148,11 +148,7 @@ test: deps
 
 run: deps
 	@$(MAKE) --no-print-directory -j$(NPROC) all
-	$(BUILD)/bin/duplexctl local up --workers 4 --backend cpu --dir var/local
-	$(BUILD)/bin/duplexctl workers
-	$(BUILD)/bin/duplexctl submit examples/demo.json --wait || \
-	  { $(BUILD)/bin/duplexctl local down --dir var/local; exit 1; }
-	$(BUILD)/bin/duplexctl local down --dir var/local
+	scripts/demo.sh $(BUILD)
 
 $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(ALL_LIBS)
 	@mkdir -p $(dir $@)

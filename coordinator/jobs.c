@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/ckpt.h"
 #include "common/log.h"
 #include "coordinator/placement.h"
 #include "coordinator/plan.h"
@@ -425,7 +426,7 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
         a.cost_fb_ms = j->spec.sim.fb;
         a.peers = peer_ptrs;
         a.n_peers = (size_t)j->nranks;
-        a.checkpoint = "";
+        a.checkpoint = j->spec.checkpoint.from;
         a.spec_json = j->spec_json;
         a.expert_owner = owner;
         a.n_expert_owner = (size_t)E;
@@ -598,6 +599,67 @@ int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__A
     return 0;
 }
 
+struct shard_list {
+    struct dx_ckpt_shard_info *v;
+    int n, cap;
+    const char *dir;
+    int mismatch;
+};
+
+static int collect_shard(const char *dir, const char *file, uint64_t bytes, uint32_t crc32c,
+                         void *arg)
+{
+    struct shard_list *l = arg;
+
+    if (strcmp(dir, l->dir) != 0)
+        l->mismatch = 1;
+    if (l->n == l->cap)
+        return -ENOMEM;
+    snprintf(l->v[l->n].file, sizeof(l->v[l->n].file), "%s", file);
+    l->v[l->n].bytes = bytes;
+    l->v[l->n].crc32c = crc32c;
+    l->n++;
+    return 0;
+}
+
+/* Records a rank's shard; once every rank's shard of that step is in,
+ * writes the manifest and marks the checkpoint complete. */
+static void job_checkpoint_shard(coord_jobs_t *jobs, struct coord_job *j, const char *worker_id,
+                                 const Duplex__StepReport *m, int64_t now_wall)
+{
+    struct shard_list l = {.cap = j->nranks, .dir = m->checkpoint_dir};
+    char err[512], detail[JOB_REASON_LEN];
+    int n;
+
+    if (coord_store_checkpoint_shard(jobs->store, j->id, m->step, worker_id, m->checkpoint_dir,
+                                     m->checkpoint_file, m->checkpoint_bytes,
+                                     m->checkpoint_crc32c, now_wall) < 0)
+        return;
+    if (!(l.v = calloc((size_t)j->nranks, sizeof(*l.v))))
+        return;
+    n = coord_store_checkpoint_shards_each(jobs->store, j->id, m->step, collect_shard, &l);
+    if (n == j->nranks && l.mismatch) {
+        snprintf(detail, sizeof(detail),
+                 "checkpoint of step %llu not complete: the ranks wrote their shards into "
+                 "different directories (%s and others)",
+                 (unsigned long long)m->step, m->checkpoint_dir);
+        job_event(jobs, j, "checkpoint_failed", NULL, now_wall, detail);
+    } else if (n == j->nranks) {
+        if (dx_ckpt_manifest_write(m->checkpoint_dir, j->id, m->step, l.v, (size_t)n, err,
+                                   sizeof(err)) < 0) {
+            snprintf(detail, sizeof(detail), "checkpoint of step %llu not complete: %s",
+                     (unsigned long long)m->step, err);
+            job_event(jobs, j, "checkpoint_failed", NULL, now_wall, detail);
+        } else if (coord_store_checkpoint_complete(jobs->store, j->id, m->step,
+                                                   m->checkpoint_dir, n, now_wall) == 0) {
+            snprintf(detail, sizeof(detail), "step %llu: %d shards in %s",
+                     (unsigned long long)m->step, n, m->checkpoint_dir);
+            job_event(jobs, j, "checkpoint", NULL, now_wall, detail);
+        }
+    }
+    free(l.v);
+}
+
 int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex__StepReport *m,
                          int64_t now_wall)
 {
@@ -610,6 +672,15 @@ int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex
         .tokens_per_s = m->tokens_per_s,
         .compute_ms = m->compute_ms,
         .wait_ms = m->wait_ms,
+        .comm_ms = m->comm_ms,
+        .hidden_comm_ms = m->hidden_comm_ms,
+        .sync_ms = m->sync_ms,
+        .f_ms = m->f_ms,
+        .b_ms = m->b_ms,
+        .i_ms = m->i_ms,
+        .w_ms = m->w_ms,
+        .fb_ms = m->fb_ms,
+        .tokens = m->tokens,
     };
     uint64_t min = UINT64_MAX;
 
@@ -630,6 +701,8 @@ int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex
     }
     if (coord_store_metric(jobs->store, j->id, worker_id, now_wall, &metric) < 0)
         dx_error("could not store a step report of job %llu", (unsigned long long)j->id);
+    if (m->checkpoint_file[0])
+        job_checkpoint_shard(jobs, j, worker_id, m, now_wall);
     for (int i = 0; i < j->nranks; i++)
         min = j->ranks[i].step < min ? j->ranks[i].step : min;
     if (min != j->step) {
@@ -703,6 +776,7 @@ static json_t *job_summary(const struct coord_job *j)
 
 struct steps_ctx {
     json_t *losses;
+    double comm_ms, hidden_ms; /* over every step and rank */
     struct coord_step_metric last;
     double last_bubble_ms;
 };
@@ -711,6 +785,8 @@ static int add_step(const struct coord_step_metric *m, int reports, void *arg)
 {
     struct steps_ctx *ctx = arg;
     (void)reports;
+    ctx->comm_ms += m->comm_ms;
+    ctx->hidden_ms += m->hidden_comm_ms;
     json_array_append_new(ctx->losses,
                           json_pack("{s:I, s:f}", "step", (json_int_t)m->step, "loss", m->loss));
     ctx->last = *m;
@@ -774,6 +850,27 @@ static json_t *job_detail(coord_jobs_t *jobs, const struct coord_job *j)
                         json_pack("{s:f, s:f, s:f}", "simulated_ms", j->sim_bubble_ms,
                                   "simulated_step_ms", j->sim_makespan_ms, "measured_ms",
                                   ctx.last_bubble_ms));
+    /* the last step's slowest rank per op kind, its sync, and over the whole
+     * run the share of data-plane transfer time spent while ranks computed */
+    json_object_set_new(o, "last_step",
+                        json_pack("{s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I}", "f_ms",
+                                  ctx.last.f_ms, "b_ms", ctx.last.b_ms, "i_ms", ctx.last.i_ms,
+                                  "w_ms", ctx.last.w_ms, "fb_ms", ctx.last.fb_ms, "compute_ms",
+                                  ctx.last.compute_ms, "wait_ms", ctx.last.wait_ms, "sync_ms",
+                                  ctx.last.sync_ms, "tokens", (json_int_t)ctx.last.tokens));
+    json_object_set_new(o, "comm_ms", json_real(ctx.comm_ms));
+    json_object_set_new(o, "hidden_comm_fraction",
+                        ctx.comm_ms > 0 ? json_real(ctx.hidden_ms / ctx.comm_ms) : json_null());
+    {
+        uint64_t step;
+        char dir[4096];
+
+        if (coord_store_last_checkpoint(jobs->store, j->id, &step, dir, sizeof(dir)) == 0)
+            json_object_set_new(o, "checkpoint",
+                                json_pack("{s:I, s:s}", "step", (json_int_t)step, "dir", dir));
+        else
+            json_object_set_new(o, "checkpoint", json_null());
+    }
     return o;
 fail:
     json_decref(ranks);

@@ -63,6 +63,7 @@ static const struct field fields[] = {
     {"train.dataset", FT_STRING, STR(train.dataset), 0, "licenses", 0, 0, NULL},
     {"checkpoint.every", FT_INT, OFF(checkpoint.every), 0, 5, NULL, 0, 100000000, NULL},
     {"checkpoint.dir", FT_STRING, STR(checkpoint.dir), 0, "var/checkpoints", 0, 0, NULL},
+    {"checkpoint.from", FT_STRING, STR(checkpoint.from), 0, "", 0, 0, NULL},
     {"restart.max_restarts", FT_INT, OFF(restart.max_restarts), 0, 3, NULL, 0, 1000, NULL},
     {"restart.backoff_ms", FT_INT, OFF(restart.backoff_ms), 0, 1000, NULL, 0, 3600000, NULL},
     {"sim.f", FT_DOUBLE, OFF(sim.f), 0, 1, NULL, 0, 60000, NULL},
@@ -228,8 +229,10 @@ static int load_field(const struct field *f, json_t *v, struct coord_jobspec *sp
             }
             return 0;
         }
-        if (s[0] == '\0' || strlen(s) >= f->size) {
-            snprintf(err, errlen, "%s: must be 1 to %zu characters", f->path, f->size - 1);
+        /* a field whose default is empty may be empty */
+        if ((s[0] == '\0' && f->dflt_s[0] != '\0') || strlen(s) >= f->size) {
+            snprintf(err, errlen, "%s: must be %d to %zu characters", f->path,
+                     f->dflt_s[0] != '\0', f->size - 1);
             return -EINVAL;
         }
         if (f->choices && !in_choices(f->choices, s)) {
@@ -279,6 +282,11 @@ static int check_layout(const struct coord_jobspec *s, char *err, size_t errlen)
     if (s->model.experts % s->parallel.ep != 0)
         return fail(err, errlen, "parallel.ep: %d does not divide model.experts (%d)",
                     s->parallel.ep, s->model.experts);
+    if (s->checkpoint.from[0] && s->checkpoint.from[0] != '/')
+        return fail(err, errlen,
+                    "checkpoint.from: \"%s\" is not an absolute path (give a step directory as "
+                    "duplexctl status shows it)",
+                    s->checkpoint.from);
     if (s->parallel.microbatch_size % s->parallel.ep != 0)
         return fail(err, errlen,
                     "parallel.microbatch_size: %d sequences do not split evenly over the %d "

@@ -37,6 +37,7 @@ struct coord_jobspec {
     struct {
         int every; /* steps; 0 = never */
         char dir[COORD_JOBSPEC_TEXT * 2];
+        char from[COORD_JOBSPEC_TEXT * 4]; /* a checkpoint's step directory to start from */
     } checkpoint;
     struct {
         int max_restarts;

@@ -78,6 +78,35 @@ static const char *const migrations[] = {
     "  wait_ms REAL NOT NULL,"
     "  PRIMARY KEY (job_id, step, worker_id)"
     ");",
+    /* 2 -> 3: the cpu backend's step figures; checkpoints and their shards */
+    "ALTER TABLE metrics ADD COLUMN comm_ms REAL NOT NULL DEFAULT 0;"
+    "ALTER TABLE metrics ADD COLUMN hidden_comm_ms REAL NOT NULL DEFAULT 0;"
+    "ALTER TABLE metrics ADD COLUMN sync_ms REAL NOT NULL DEFAULT 0;"
+    "ALTER TABLE metrics ADD COLUMN f_ms REAL NOT NULL DEFAULT 0;"
+    "ALTER TABLE metrics ADD COLUMN b_ms REAL NOT NULL DEFAULT 0;"
+    "ALTER TABLE metrics ADD COLUMN i_ms REAL NOT NULL DEFAULT 0;"
+    "ALTER TABLE metrics ADD COLUMN w_ms REAL NOT NULL DEFAULT 0;"
+    "ALTER TABLE metrics ADD COLUMN fb_ms REAL NOT NULL DEFAULT 0;"
+    "ALTER TABLE metrics ADD COLUMN tokens INTEGER NOT NULL DEFAULT 0;"
+    "CREATE TABLE checkpoint_shards ("
+    "  job_id INTEGER NOT NULL,"
+    "  step INTEGER NOT NULL,"
+    "  worker_id TEXT NOT NULL,"
+    "  dir TEXT NOT NULL,"
+    "  file TEXT NOT NULL,"
+    "  bytes INTEGER NOT NULL,"
+    "  crc32c INTEGER NOT NULL,"
+    "  ts_ms INTEGER NOT NULL,"
+    "  PRIMARY KEY (job_id, step, worker_id)"
+    ");"
+    "CREATE TABLE checkpoints ("
+    "  job_id INTEGER NOT NULL,"
+    "  step INTEGER NOT NULL,"
+    "  dir TEXT NOT NULL,"
+    "  shards INTEGER NOT NULL,"
+    "  ts_ms INTEGER NOT NULL," /* when the last shard came and the manifest was written */
+    "  PRIMARY KEY (job_id, step)"
+    ");",
 };
 
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == COORD_STORE_SCHEMA_VERSION,
@@ -97,6 +126,10 @@ enum store_stmt {
     STMT_METRIC,
     STMT_JOB_STEPS,
     STMT_EVENTS_LIST,
+    STMT_CKPT_SHARD,
+    STMT_CKPT_SHARDS,
+    STMT_CKPT_COMPLETE,
+    STMT_CKPT_LAST,
     STMT_BEGIN,
     STMT_COMMIT,
     STMT_COUNT,
@@ -123,11 +156,22 @@ static const char *const stmt_sql[STMT_COUNT] = {
     [STMT_JOBS_ALL] = "SELECT id, name, spec, state, step, reason, submitted_ms, started_ms,"
                       " finished_ms FROM jobs ORDER BY id",
     [STMT_METRIC] = "INSERT OR REPLACE INTO metrics (job_id, step, worker_id, ts_ms, loss,"
-                    " step_ms, tokens_per_s, compute_ms, wait_ms)"
-                    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    " step_ms, tokens_per_s, compute_ms, wait_ms, comm_ms, hidden_comm_ms,"
+                    " sync_ms, f_ms, b_ms, i_ms, w_ms, fb_ms, tokens)"
+                    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,"
+                    " ?16, ?17, ?18)",
     [STMT_JOB_STEPS] = "SELECT step, MAX(loss), MAX(step_ms), MIN(tokens_per_s), MAX(compute_ms),"
-                       " MAX(wait_ms), COUNT(*) FROM metrics WHERE job_id = ?1"
-                       " GROUP BY step ORDER BY step",
+                       " MAX(wait_ms), COUNT(*), SUM(comm_ms), SUM(hidden_comm_ms), MAX(sync_ms),"
+                       " MAX(f_ms), MAX(b_ms), MAX(i_ms), MAX(w_ms), MAX(fb_ms), MAX(tokens)"
+                       " FROM metrics WHERE job_id = ?1 GROUP BY step ORDER BY step",
+    [STMT_CKPT_SHARD] = "INSERT OR REPLACE INTO checkpoint_shards (job_id, step, worker_id, dir,"
+                        " file, bytes, crc32c, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    [STMT_CKPT_SHARDS] = "SELECT dir, file, bytes, crc32c FROM checkpoint_shards"
+                         " WHERE job_id = ?1 AND step = ?2 ORDER BY file",
+    [STMT_CKPT_COMPLETE] = "INSERT OR REPLACE INTO checkpoints (job_id, step, dir, shards, ts_ms)"
+                           " VALUES (?1, ?2, ?3, ?4, ?5)",
+    [STMT_CKPT_LAST] = "SELECT step, dir FROM checkpoints WHERE job_id = ?1"
+                       " ORDER BY step DESC LIMIT 1",
     [STMT_EVENTS_LIST] = "SELECT id, ts_ms, kind, worker_id, job_id, detail FROM events"
                          " WHERE id > ?2 AND (?1 = 0 OR job_id = ?1) ORDER BY id LIMIT ?3",
     [STMT_BEGIN] = "BEGIN IMMEDIATE",
@@ -613,7 +657,88 @@ int coord_store_metric(coord_store_t *s, uint64_t job_id, const char *worker_id,
     sqlite3_bind_double(st, 7, m->tokens_per_s);
     sqlite3_bind_double(st, 8, m->compute_ms);
     sqlite3_bind_double(st, 9, m->wait_ms);
+    sqlite3_bind_double(st, 10, m->comm_ms);
+    sqlite3_bind_double(st, 11, m->hidden_comm_ms);
+    sqlite3_bind_double(st, 12, m->sync_ms);
+    sqlite3_bind_double(st, 13, m->f_ms);
+    sqlite3_bind_double(st, 14, m->b_ms);
+    sqlite3_bind_double(st, 15, m->i_ms);
+    sqlite3_bind_double(st, 16, m->w_ms);
+    sqlite3_bind_double(st, 17, m->fb_ms);
+    sqlite3_bind_int64(st, 18, (sqlite3_int64)m->tokens);
     return store_step(s, st);
+}
+
+int coord_store_checkpoint_shard(coord_store_t *s, uint64_t job_id, uint64_t step,
+                                 const char *worker_id, const char *dir, const char *file,
+                                 uint64_t bytes, uint32_t crc32c, int64_t ts_ms)
+{
+    sqlite3_stmt *st = s->stmt[STMT_CKPT_SHARD];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)step);
+    sqlite3_bind_text(st, 3, worker_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, dir, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 5, file, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 6, (sqlite3_int64)bytes);
+    sqlite3_bind_int64(st, 7, (sqlite3_int64)crc32c);
+    sqlite3_bind_int64(st, 8, ts_ms);
+    return store_step(s, st);
+}
+
+int coord_store_checkpoint_shards_each(coord_store_t *s, uint64_t job_id, uint64_t step,
+                                       int (*fn)(const char *dir, const char *file,
+                                                 uint64_t bytes, uint32_t crc32c, void *arg),
+                                       void *arg)
+{
+    sqlite3_stmt *st = s->stmt[STMT_CKPT_SHARDS];
+    int rc = 0, n = 0, row;
+
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)step);
+    while (rc == 0 && (row = sqlite3_step(st)) == SQLITE_ROW) {
+        rc = fn((const char *)sqlite3_column_text(st, 0), (const char *)sqlite3_column_text(st, 1),
+                (uint64_t)sqlite3_column_int64(st, 2), (uint32_t)sqlite3_column_int64(st, 3),
+                arg);
+        n++;
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return rc < 0 ? rc : n;
+}
+
+int coord_store_checkpoint_complete(coord_store_t *s, uint64_t job_id, uint64_t step,
+                                    const char *dir, int shards, int64_t ts_ms)
+{
+    sqlite3_stmt *st = s->stmt[STMT_CKPT_COMPLETE];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)step);
+    sqlite3_bind_text(st, 3, dir, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 4, shards);
+    sqlite3_bind_int64(st, 5, ts_ms);
+    return store_step(s, st);
+}
+
+int coord_store_last_checkpoint(coord_store_t *s, uint64_t job_id, uint64_t *step, char *dir,
+                                size_t dirlen)
+{
+    sqlite3_stmt *st = s->stmt[STMT_CKPT_LAST];
+    int rc = -ENOENT;
+
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        *step = (uint64_t)sqlite3_column_int64(st, 0);
+        snprintf(dir, dirlen, "%s", (const char *)sqlite3_column_text(st, 1));
+        rc = 0;
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return rc;
 }
 
 int coord_store_job_steps_each(coord_store_t *s, uint64_t job_id,
@@ -632,6 +757,15 @@ int coord_store_job_steps_each(coord_store_t *s, uint64_t job_id,
             .tokens_per_s = sqlite3_column_double(st, 3),
             .compute_ms = sqlite3_column_double(st, 4),
             .wait_ms = sqlite3_column_double(st, 5),
+            .comm_ms = sqlite3_column_double(st, 7),
+            .hidden_comm_ms = sqlite3_column_double(st, 8),
+            .sync_ms = sqlite3_column_double(st, 9),
+            .f_ms = sqlite3_column_double(st, 10),
+            .b_ms = sqlite3_column_double(st, 11),
+            .i_ms = sqlite3_column_double(st, 12),
+            .w_ms = sqlite3_column_double(st, 13),
+            .fb_ms = sqlite3_column_double(st, 14),
+            .tokens = (uint64_t)sqlite3_column_int64(st, 15),
         };
         rc = fn(&m, sqlite3_column_int(st, 6), arg);
     }

@@ -19,7 +19,7 @@
 typedef struct coord_store coord_store_t;
 
 /* The schema version this build writes. */
-#define COORD_STORE_SCHEMA_VERSION 2
+#define COORD_STORE_SCHEMA_VERSION 3
 
 /* A worker as stored. Strings are borrowed: valid for the call (or, in a
  * coord_store_workers_each callback, until it returns). */
@@ -101,6 +101,9 @@ int coord_store_jobs_each(coord_store_t *s, int (*fn)(const struct coord_job_row
 struct coord_step_metric {
     uint64_t step;
     double loss, step_ms, tokens_per_s, compute_ms, wait_ms;
+    double comm_ms, hidden_comm_ms, sync_ms; /* schema 3 */
+    double f_ms, b_ms, i_ms, w_ms, fb_ms;
+    uint64_t tokens;
 };
 
 /* Records one worker's report of one step. */
@@ -108,11 +111,34 @@ int coord_store_metric(coord_store_t *s, uint64_t job_id, const char *worker_id,
                        const struct coord_step_metric *m);
 
 /* Per step of a job, over the workers that reported it: the largest loss,
- * step time, compute and wait times and the smallest rate, and how many
- * reported. */
+ * step time, compute, wait, sync and per-op times and tokens, the smallest
+ * rate, the summed communication and hidden communication times, and how
+ * many reported. */
 int coord_store_job_steps_each(coord_store_t *s, uint64_t job_id,
                                int (*fn)(const struct coord_step_metric *, int reports, void *),
                                void *arg);
+
+/* One rank's checkpoint shard of a job's step (dir: the step directory). */
+int coord_store_checkpoint_shard(coord_store_t *s, uint64_t job_id, uint64_t step,
+                                 const char *worker_id, const char *dir, const char *file,
+                                 uint64_t bytes, uint32_t crc32c, int64_t ts_ms);
+
+/* The shards recorded for a job's step, by file name: fn(dir, file, bytes,
+ * crc32c, arg) for each; returns the count or -EIO. */
+int coord_store_checkpoint_shards_each(coord_store_t *s, uint64_t job_id, uint64_t step,
+                                       int (*fn)(const char *dir, const char *file,
+                                                 uint64_t bytes, uint32_t crc32c, void *arg),
+                                       void *arg);
+
+/* Marks a job's step checkpoint complete (every rank's shard is there and
+ * the manifest written). */
+int coord_store_checkpoint_complete(coord_store_t *s, uint64_t job_id, uint64_t step,
+                                    const char *dir, int shards, int64_t ts_ms);
+
+/* The latest complete checkpoint of a job: its step and directory, or
+ * -ENOENT. */
+int coord_store_last_checkpoint(coord_store_t *s, uint64_t job_id, uint64_t *step, char *dir,
+                                size_t dirlen);
 
 struct coord_event_row {
     uint64_t id;

@@ -96,6 +96,38 @@ static void print_jobs(json_t *doc)
     }
 }
 
+static bool job_is_over(const char *state)
+{
+    return strcmp(state, "succeeded") == 0 || strcmp(state, "failed") == 0 ||
+           strcmp(state, "cancelled") == 0;
+}
+
+/* One line: step, loss, rate, bubble, hidden communication. */
+static void print_progress(json_t *j)
+{
+    json_t *losses = json_object_get(j, "losses"), *hidden, *last = NULL;
+    double step_ms = json_number_value(json_object_get(j, "last_step_ms"));
+    double bubble_ms = json_number_value(json_object_get(json_object_get(j, "bubble"),
+                                                         "measured_ms"));
+
+    /* the latest step whose loss is in: ranks without the head report none */
+    for (size_t i = json_array_size(losses); i > 0 && !last; i--)
+        if (json_number_value(json_object_get(json_array_get(losses, i - 1), "loss")) != 0.0)
+            last = json_array_get(losses, i - 1);
+    printf("job %lld %-9s step %5lld/%lld", num(j, "id"), str(j, "state"), num(j, "step"),
+           num(j, "steps"));
+    if (last && json_number_value(json_object_get(last, "loss")) != 0.0)
+        printf("  loss %.4f", json_number_value(json_object_get(last, "loss")));
+    if (step_ms > 0)
+        printf("  %.0f %s/s  step %.0f ms  bubble %.0f%%",
+               json_number_value(json_object_get(j, "tokens_per_s")),
+               strcmp(str(j, "backend"), "sim") == 0 ? "micro-batches" : "tokens", step_ms,
+               100.0 * bubble_ms / step_ms);
+    if (json_is_number(hidden = json_object_get(j, "hidden_comm_fraction")))
+        printf("  comm hidden %.0f%%", 100.0 * json_number_value(hidden));
+    printf("\n");
+}
+
 void ctl_print_job(json_t *j)
 {
     json_t *ranks = json_object_get(j, "ranks"), *losses = json_object_get(j, "losses"), *r;
@@ -107,13 +139,30 @@ void ctl_print_job(json_t *j)
     printf("  %s, pp %lld x ep %lld x dp %lld, %lld micro-batches, backend %s, attempt %lld\n",
            str(j, "schedule"), num(j, "pp"), num(j, "ep"), num(j, "dp"), num(j, "microbatches"),
            str(j, "backend"), num(j, "attempt"));
-    printf("  step %lld of %lld; last step %.1f ms, %.1f micro-batches/s\n", num(j, "step"),
-           num(j, "steps"), json_number_value(json_object_get(j, "last_step_ms")),
-           json_number_value(json_object_get(j, "tokens_per_s")));
-    printf("  bubble: measured %.1f ms, simulated %.1f ms (simulated step %.1f ms)\n",
-           json_number_value(json_object_get(bubble, "measured_ms")),
-           json_number_value(json_object_get(bubble, "simulated_ms")),
-           json_number_value(json_object_get(bubble, "simulated_step_ms")));
+    double step_ms = json_number_value(json_object_get(j, "last_step_ms"));
+    double bubble_ms = json_number_value(json_object_get(bubble, "measured_ms"));
+    json_t *hidden = json_object_get(j, "hidden_comm_fraction");
+    json_t *ckpt = json_object_get(j, "checkpoint");
+    int sim = strcmp(str(j, "backend"), "sim") == 0;
+
+    printf("  step %lld of %lld; last step %.1f ms, %.1f %s/s\n", num(j, "step"), num(j, "steps"),
+           step_ms, json_number_value(json_object_get(j, "tokens_per_s")),
+           sim ? "micro-batches" : "tokens");
+    if (sim)
+        printf("  bubble: measured %.1f ms, simulated %.1f ms (simulated step %.1f ms)\n",
+               bubble_ms, json_number_value(json_object_get(bubble, "simulated_ms")),
+               json_number_value(json_object_get(bubble, "simulated_step_ms")));
+    else
+        printf("  bubble: %.1f ms of the %.1f ms step (%.0f%%) not spent computing on the "
+               "busiest rank\n",
+               bubble_ms, step_ms, step_ms > 0 ? 100.0 * bubble_ms / step_ms : 0.0);
+    if (json_is_number(hidden))
+        printf("  communication: %.0f%% of %.1f ms data-plane transfer time hidden behind "
+               "compute\n",
+               100.0 * json_number_value(hidden),
+               json_number_value(json_object_get(j, "comm_ms")));
+    if (json_is_object(ckpt))
+        printf("  checkpoint: step %lld in %s\n", num(ckpt, "step"), str(ckpt, "dir"));
     if (json_is_number(json_object_get(j, "expert_imbalance")))
         printf("  expert imbalance: %.3f (busiest GPU's tokens / mean, worst EP group)\n",
                json_number_value(json_object_get(j, "expert_imbalance")));
@@ -178,7 +227,7 @@ int ctl_cmd_status(struct ctl_globals *g, int argc, char **argv)
     struct job_cmd c = {0};
     const struct dx_opt options[] = {
         {"json", DX_OPT_FLAG, &c.json, NULL, 0, 0, 0, NULL, "print duplexd's JSON"},
-        {"watch", DX_OPT_FLAG, &c.watch, NULL, 0, 0, 0, NULL, "repeat every second"},
+        {"watch", DX_OPT_FLAG, &c.watch, NULL, 0, 0, 0, NULL, "repeat every second; with JOB, until the job ends (exit 1 unless it succeeded)"},
         JOB_CMD_OPTIONS(c),
         {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
     };
@@ -199,24 +248,40 @@ int ctl_cmd_status(struct ctl_globals *g, int argc, char **argv)
         goto out;
     ctl_globals_override(g, c.coordinator, c.timeout_s);
     status = CTL_EXIT_FAIL;
-    for (;;) {
+    for (long long last_step = -1;;) {
         json_t *doc = NULL;
+        bool over;
+
         if (ctl_job_status(g, id, &doc, cli.prog) < 0)
             goto out;
+        /* watching one job ends with it */
+        over = id && c.watch && job_is_over(str(doc, "state"));
         if (c.json) {
             json_dumpf(doc, stdout, JSON_INDENT(2));
             putchar('\n');
+        } else if (id && c.watch && !isatty(STDOUT_FILENO) && !over) {
+            /* a log, not a screen: one line per step seen */
+            if (num(doc, "step") != last_step)
+                print_progress(doc);
+            last_step = num(doc, "step");
         } else if (id) {
+            if (c.watch && isatty(STDOUT_FILENO))
+                printf("\033[H\033[2J"); /* redraw in place */
             ctl_print_job(doc);
         } else {
             print_jobs(doc);
         }
+        if (over && strcmp(str(doc, "state"), "succeeded") != 0) {
+            json_decref(doc);
+            goto out;
+        }
         json_decref(doc);
         fflush(stdout);
-        if (!c.watch)
+        if (!c.watch || over)
             break;
         usleep(WATCH_INTERVAL_US);
-        printf("\n");
+        if (!id)
+            printf("\n");
     }
     status = CTL_EXIT_OK;
 out:

@@ -281,10 +281,20 @@ static int check_step_report(const ProtobufCMessage *body, char *text, size_t le
                         m->f_ms,    m->b_ms,           m->i_ms,         m->w_ms,
                         m->fb_ms};
 
+    int rc;
+
     for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
         if (!isfinite(v[i]))
             return field_fail(text, len, "step %llu reports a value that is not finite",
                               (unsigned long long)m->step);
+    if ((rc = check_text("checkpoint_dir", m->checkpoint_dir, DX_MAX_PATH_LEN, true, text, len)) <
+            0 ||
+        (rc = check_text("checkpoint_file", m->checkpoint_file, DX_MAX_NAME_LEN, true, text, len)) <
+            0)
+        return rc;
+    if (m->checkpoint_file[0] && (m->checkpoint_dir[0] != '/' || strchr(m->checkpoint_file, '/')))
+        return field_fail(text, len, "a checkpoint shard needs an absolute directory and a "
+                                     "file name without '/'");
     return 0;
 }
 

@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,6 +69,7 @@ struct wk_cpu {
     uint64_t *expert_tokens;
     uint8_t *sync_buf;
     size_t sync_cap;
+    uint64_t start_step; /* the checkpoint's step, or 0 */
     char *err;
     size_t errlen;
 };
@@ -998,6 +1000,115 @@ int wk_cpu_step_end(wk_cpu_t *c, struct wk_cpu_step *out, char *err, size_t errl
     return 0;
 }
 
+/* --- checkpoints ----------------------------------------------------------- */
+
+#define CKPT_META_FORMAT 1
+enum { META_FORMAT, META_STEP, META_PP, META_EP, META_DP, META_PP_RANK, META_EP_RANK,
+       META_DP_RANK, META_LEN };
+
+static void shard_name(const wk_cpu_t *c, char *buf, size_t len)
+{
+    snprintf(buf, len, "rank-d%d-p%d-e%d.ckpt", c->dp_rank, c->pp_rank, c->ep_rank);
+}
+
+int wk_cpu_checkpoint(wk_cpu_t *c, const char *root, uint64_t step, char *dir, size_t dirlen,
+                      struct dx_ckpt_shard_info *info, char *err, size_t errlen)
+{
+    int64_t meta[META_LEN] = {CKPT_META_FORMAT, (int64_t)step, c->pp, c->ep, c->dp,
+                              c->pp_rank, c->ep_rank, c->dp_rank};
+    char path[PATH_MAX], file[64], abs[PATH_MAX];
+    dx_ckpt_writer_t *w = NULL;
+    int rc;
+
+    c->err = err;
+    c->errlen = errlen;
+    if ((rc = dx_ckpt_step_dir(path, sizeof(path), root, c->job_id, step)) < 0)
+        return fail(c, rc, "checkpoint directory under %s: %s", root, strerror(-rc));
+    if ((rc = dx_ckpt_mkdirs(path)) < 0)
+        return fail(c, rc, "cannot create %s: %s", path, strerror(-rc));
+    if (!realpath(path, abs))
+        return fail(c, -errno, "cannot resolve %s: %s", path, strerror(errno));
+    snprintf(dir, dirlen, "%s", abs);
+    shard_name(c, file, sizeof(file));
+    if (snprintf(path, sizeof(path), "%s/%s", abs, file) >= (int)sizeof(path))
+        return fail(c, -ENAMETOOLONG, "checkpoint path too long under %s", abs);
+    if ((rc = dx_ckpt_writer_create(&w)) < 0)
+        return fail(c, rc, "out of memory");
+    rc = dx_ckpt_writer_add(w, "meta", DX_CKPT_I64, meta, META_LEN);
+    for (int i = 0; i < c->nchunks && rc == 0; i++)
+        rc = wk_model_ckpt_add(&c->chunk[i].model, w);
+    if (rc < 0)
+        rc = fail(c, rc, "cannot lay out the checkpoint shard: %s", strerror(-rc));
+    else
+        rc = dx_ckpt_writer_commit(w, path, info, err, errlen);
+    dx_ckpt_writer_destroy(w);
+    return rc;
+}
+
+/* Loads our shard of the checkpoint in step directory dir. */
+static int load_checkpoint(wk_cpu_t *c, const char *dir)
+{
+    struct dx_ckpt_manifest man = {0};
+    const struct dx_ckpt_shard_info *info;
+    dx_ckpt_reader_t *r = NULL;
+    const void *meta = NULL;
+    char file[64], path[PATH_MAX];
+    int rc;
+
+    if ((rc = dx_ckpt_manifest_read(dir, &man, c->err, c->errlen)) < 0)
+        return rc;
+    shard_name(c, file, sizeof(file));
+    if (!(info = dx_ckpt_manifest_find(&man, file))) {
+        rc = fail(c, -ENOENT, "checkpoint %s has no shard %s for ranks (pp %d, ep %d, dp %d): "
+                  "was it written by a job of another layout?", dir, file, c->pp_rank, c->ep_rank,
+                  c->dp_rank);
+        goto out;
+    }
+    snprintf(path, sizeof(path), "%s/%s", dir, file);
+    if ((rc = dx_ckpt_open(path, info, &r, c->err, c->errlen)) < 0 ||
+        (rc = dx_ckpt_get(r, "meta", DX_CKPT_I64, META_LEN, &meta, c->err, c->errlen)) < 0)
+        goto out;
+    {
+        int64_t m[META_LEN];
+
+        memcpy(m, meta, sizeof(m));
+        if (m[META_FORMAT] != CKPT_META_FORMAT || m[META_STEP] != (int64_t)man.step ||
+            m[META_PP] != c->pp || m[META_EP] != c->ep || m[META_DP] != c->dp ||
+            m[META_PP_RANK] != c->pp_rank || m[META_EP_RANK] != c->ep_rank ||
+            m[META_DP_RANK] != c->dp_rank) {
+            rc = fail(c, -EINVAL, "%s: written for step %" PRId64 " of a pp %" PRId64
+                      " x ep %" PRId64 " x dp %" PRId64 " job, not step %" PRIu64
+                      " of this pp %d x ep %d x dp %d one", path, m[META_STEP], m[META_PP],
+                      m[META_EP], m[META_DP], man.step, c->pp, c->ep, c->dp);
+            goto out;
+        }
+    }
+    for (int i = 0; i < c->nchunks && rc == 0; i++) {
+        char why[256];
+
+        const dx_ckpt_reader_t *one[1] = {r};
+
+        if ((rc = wk_model_ckpt_load(&c->chunk[i].model, one, 1, why, sizeof(why))) < 0)
+            rc = fail(c, rc, "%s: %s", path, why);
+    }
+    if (rc == 0)
+        c->start_step = man.step;
+out:
+    dx_ckpt_close(r);
+    dx_ckpt_manifest_clear(&man);
+    return rc;
+}
+
+const struct coord_jobspec *wk_cpu_spec(const wk_cpu_t *c)
+{
+    return &c->spec;
+}
+
+uint64_t wk_cpu_start_step(const wk_cpu_t *c)
+{
+    return c->start_step;
+}
+
 /* --- create / destroy ---------------------------------------------------------- */
 
 void wk_cpu_destroy(wk_cpu_t *c)
@@ -1165,6 +1276,8 @@ int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
         goto fail;
     }
     c->data_open = 1;
+    if (a->checkpoint && a->checkpoint[0] && (rc = load_checkpoint(c, a->checkpoint)) < 0)
+        goto fail;
     c->err = NULL;
     *out = c;
     return 0;

@@ -33,6 +33,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/ckpt.h"
 #include "coordinator/jobspec.h"
 #include "pipeline/schedule.h"
 #include "proto/duplex.pb-c.h"
@@ -84,5 +85,22 @@ int wk_cpu_recv(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen);
 /* After the ops: sums gradients over each stage's group, takes the
  * optimizer step. out's arrays stay valid until the next call. */
 int wk_cpu_step_end(wk_cpu_t *c, struct wk_cpu_step *out, char *err, size_t errlen);
+
+/* Writes this rank's shard of the checkpoint taken after `step`:
+ * ROOT/job-J/step-SSSSSSSS/rank-dD-pP-eE.ckpt (common/ckpt.h), written to a
+ * temporary file, synced and renamed. Sections: every chunk's model
+ * (wk_model_ckpt_add) and "meta" (i64: format 1, step, pp, ep, dp, pp_rank,
+ * ep_rank, dp_rank). dir gets the step directory's absolute path, info the
+ * shard's file name, size and checksum. 0, or -errno with the reason. */
+int wk_cpu_checkpoint(wk_cpu_t *c, const char *root, uint64_t step, char *dir, size_t dirlen,
+                      struct dx_ckpt_shard_info *info, char *err, size_t errlen);
+
+/* The job spec the assignment carried. */
+const struct coord_jobspec *wk_cpu_spec(const wk_cpu_t *c);
+
+/* The step of the checkpoint the assignment started from (loaded by
+ * wk_cpu_create after checking the manifest, the shard's size and checksum
+ * and its layout), or 0 for a fresh start. */
+uint64_t wk_cpu_start_step(const wk_cpu_t *c);
 
 #endif

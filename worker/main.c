@@ -20,10 +20,11 @@ void openblas_set_num_threads(int);
 
 #define DEFAULT_COORDINATOR "tcp://127.0.0.1:7700"
 #define SPEC_MAX_BYTES (1 << 20)
+#define GENERATE_TEMPERATURE 0.7f
 
 static char *opt_config, *opt_coordinator, *opt_backend, *opt_id, *opt_host, *opt_node,
-    *opt_data_listen, *opt_log_level, *opt_standalone;
-static int opt_gpu, opt_steps;
+    *opt_data_listen, *opt_log_level, *opt_standalone, *opt_save, *opt_from, *opt_prompt;
+static int opt_gpu, opt_steps, opt_generate;
 static bool opt_json;
 
 static const struct dx_opt options[] = {
@@ -48,6 +49,14 @@ static const struct dx_opt options[] = {
      "with --standalone: steps to train; 0 takes the job's train.steps"},
     {"json", DX_OPT_FLAG, &opt_json, NULL, 0, 0, 0, NULL,
      "with --standalone: one {\"step\": s, \"loss\": x} line per step"},
+    {"save", DX_OPT_STRING, &opt_save, NULL, 0, 0, 0, "FILE",
+     "with --standalone: write the trained model to FILE (a checkpoint shard)"},
+    {"generate", DX_OPT_INT, &opt_generate, NULL, 0, 0, 1 << 20, "N",
+     "with --standalone and --from: print the prompt and N more bytes from the model"},
+    {"from", DX_OPT_STRING, &opt_from, NULL, 0, 0, 0, "DIR",
+     "with --generate: a checkpoint's step directory (as duplexctl status shows it)"},
+    {"prompt", DX_OPT_STRING, &opt_prompt, "The ", 0, 0, 0, "TEXT",
+     "with --generate: the text to continue"},
     {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
 };
 
@@ -111,6 +120,20 @@ static int run_standalone(void)
     if (opt_steps > 0)
         cfg.steps = opt_steps;
     cfg.json = opt_json;
+    cfg.save = opt_save;
+    if (opt_generate > 0 || opt_from) {
+        if (!opt_from || opt_generate <= 0) {
+            fprintf(stderr, "duplex-worker: --generate N and --from DIR go together\n");
+            return EXIT_FAILURE;
+        }
+        /* a little randomness, fixed by the job's seed: the same text every time */
+        if (wk_train_generate(&cfg, opt_from, opt_prompt, opt_generate, GENERATE_TEMPERATURE,
+                              cfg.seed, stdout, err, sizeof(err)) < 0) {
+            fprintf(stderr, "duplex-worker: %s\n", err);
+            return EXIT_FAILURE;
+        }
+        return EXIT_SUCCESS;
+    }
     if (wk_train_standalone(&cfg, err, sizeof(err)) < 0) {
         fprintf(stderr, "duplex-worker: %s\n", err);
         return EXIT_FAILURE;

@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -286,7 +287,29 @@ static void report(wk_runtime_t *rt, Duplex__MsgType type, const ProtobufCMessag
                  dx_msg_type_name(type), zmq_strerror(-rc));
 }
 
-static void report_step(wk_runtime_t *rt, double step_ms, const struct wk_cpu_step *cs)
+/* The cpu backend's checkpoint after this step, when one is due (every
+ * checkpoint.every steps and after the last). 0 when none was due. */
+static int save_checkpoint(wk_runtime_t *rt, char *dir, size_t dirlen,
+                           struct dx_ckpt_shard_info *info)
+{
+    const struct coord_jobspec *spec = wk_cpu_spec(rt->cpu);
+    int every = spec->checkpoint.every;
+    double t0 = now_ms();
+    int rc;
+
+    if (every <= 0 || (rt->cur_step % (uint64_t)every != 0 && rt->cur_step != rt->steps))
+        return 0;
+    rc = wk_cpu_checkpoint(rt->cpu, spec->checkpoint.dir, rt->cur_step, dir, dirlen, info, rt->err,
+                           sizeof(rt->err));
+    if (rc == 0)
+        dx_info("job %" PRIu64 ": checkpoint of step %" PRIu64 " written: %s/%s (%" PRIu64
+                " bytes, %.1f ms)",
+                rt->job_id, rt->cur_step, dir, info->file, info->bytes, now_ms() - t0);
+    return rc;
+}
+
+static void report_step(wk_runtime_t *rt, double step_ms, const struct wk_cpu_step *cs,
+                        const char *ckpt_dir, const struct dx_ckpt_shard_info *ckpt)
 {
     Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
 
@@ -313,6 +336,12 @@ static void report_step(wk_runtime_t *rt, double step_ms, const struct wk_cpu_st
     r.i_ms = rt->op_ms[DP_OP_I];
     r.w_ms = rt->op_ms[DP_OP_W];
     r.fb_ms = rt->op_ms[DP_OP_FB];
+    if (ckpt && ckpt->file[0]) {
+        r.checkpoint_dir = (char *)ckpt_dir;
+        r.checkpoint_file = (char *)ckpt->file;
+        r.checkpoint_bytes = ckpt->bytes;
+        r.checkpoint_crc32c = ckpt->crc32c;
+    }
     report(rt, DUPLEX__MSG_TYPE__MSG_STEP_REPORT, &r.base);
 }
 
@@ -345,10 +374,12 @@ static void *runtime_main(void *arg)
     int rc = 0;
 
     wk_data_begin(rt->data, rt->job_id, rt->attempt);
-    for (uint64_t step = 1; step <= rt->steps && rc == 0; step++) {
+    completed = rt->cpu ? wk_cpu_start_step(rt->cpu) : 0;
+    for (uint64_t step = completed + 1; step <= rt->steps && rc == 0; step++) {
         double t0 = now_ms();
-
         struct wk_cpu_step cs = {0};
+        struct dx_ckpt_shard_info ckpt = {0};
+        char ckpt_dir[PATH_MAX] = "";
 
         rt->cur_step = step;
         atomic_store(&rt->step, step);
@@ -360,8 +391,10 @@ static void *runtime_main(void *arg)
         rc = dp_exec_run(rt->exec, rt->err, sizeof(rt->err));
         if (rc == 0 && rt->cpu)
             rc = wk_cpu_step_end(rt->cpu, &cs, rt->err, sizeof(rt->err));
+        if (rc == 0 && rt->cpu)
+            rc = save_checkpoint(rt, ckpt_dir, sizeof(ckpt_dir), &ckpt);
         if (rc == 0) {
-            report_step(rt, now_ms() - t0, rt->cpu ? &cs : NULL);
+            report_step(rt, now_ms() - t0, rt->cpu ? &cs : NULL, ckpt_dir, &ckpt);
             completed = step;
         }
     }

@@ -21,6 +21,7 @@ struct wk_train_config {
     const char *data_dir; /* WK_DATA_DIR_DEFAULT when NULL */
     int json;             /* {"step": s, "loss": x} lines instead of readable ones */
     FILE *out;            /* stdout when NULL */
+    const char *save;     /* the trained model's shard (common/ckpt.h) here, or NULL */
 };
 
 /* The reference run of a job spec: its model, seed, steps and lr, and its
@@ -31,5 +32,14 @@ void wk_train_config_from_spec(const struct coord_jobspec *spec, struct wk_train
 /* Trains cfg->steps steps (numbered from 1). 0, or -errno with the reason in
  * err. */
 int wk_train_standalone(const struct wk_train_config *cfg, char *err, size_t errlen);
+
+/* Writes nbytes of text continuing `prompt` from the whole model assembled
+ * from every shard of checkpoint step directory `dir` (cfg gives the
+ * model's shape): each byte drawn from the softmax at `temperature` (0:
+ * the most likely byte) with a generator seeded by `seed`, the context the
+ * last model.seq_len bytes. 0, or -errno with the reason in err. */
+int wk_train_generate(const struct wk_train_config *cfg, const char *dir, const char *prompt,
+                      int nbytes, float temperature, uint64_t seed, FILE *out, char *err,
+                      size_t errlen);
 
 #endif

@@ -1,10 +1,13 @@
 """Real training on the cpu backend: jobs of pp 4 x ep 2 (dp 1 and dp 2) under
 every schedule, run by cpu workers over the data plane, against the
 single-process reference (`duplex-worker --standalone`): per-step losses
-within 1e-5 relative, the same losses bitwise when a job runs twice, and the
-step reports' figures (tokens, hidden communication, expert tokens)."""
+within 1e-5 relative and final parameters within 1e-4, the same losses
+bitwise when a job runs twice, checkpoints (a job started from step k's
+checkpoint goes on bitwise; a torn shard is refused by name) and the step
+reports' figures."""
 
 import json
+import struct
 
 import pytest
 
@@ -12,6 +15,7 @@ from conftest import WORKER, db_query, describe, run_binary, sanitized
 
 STEPS = 20
 REL_LOSS = 1e-5
+PARAM_TOL = 1e-4
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
 # 8 layers split into 4 stages (8 for DualPipeV's 2 x pp), 4 experts over ep 2
@@ -23,8 +27,47 @@ PARITY = {
     "parallel": {"schedule": "dualpipe", "pp": 4, "ep": 2, "dp": 1, "microbatches": 8,
                  "microbatch_size": 2},
     "train": {"steps": STEPS, "lr": 0.001, "seed": 3},
-    "checkpoint": {"every": 0},
+    "checkpoint": {"every": 10},
 }
+
+
+def read_shard(path):
+    """{name: tuple of values} of a checkpoint shard (common/ckpt.h's
+    layout, read independently of the C code)."""
+    data = path.read_bytes()
+    assert data[:8] == b"DXCKPT\0\0" and data[-4:] == b"DXCE", path
+    version, n = struct.unpack_from("<II", data, 8)
+    assert version == 1
+    out = {}
+    for i in range(n):
+        name, dtype, _, count, offset = struct.unpack_from("<64sIIQQ", data, 16 + 88 * i)
+        name = name.rstrip(b"\0").decode()
+        fmt = {1: "f", 2: "q", 3: "B"}[dtype]
+        out[name] = struct.unpack_from(f"<{count}{fmt}", data, offset)
+    return out
+
+
+def checkpoint_params(step_dir):
+    """Every parameter of a job's checkpoint, from all its shards; copies
+    held by several ranks (DualPipe's mirrors, the ep group's experts) must
+    agree bitwise."""
+    params = {}
+    for shard in sorted(step_dir.glob("*.ckpt")):
+        for name, values in read_shard(shard).items():
+            if name == "meta" or name.endswith((".m", ".v", ".t")):
+                continue
+            if name in params:
+                assert params[name] == values, f"{shard.name}: copies of {name} differ"
+            params[name] = values
+    return params
+
+
+def assert_params_close(got, want, what):
+    assert sorted(got) == sorted(want), what
+    for name, ref in want.items():
+        scale = max(1.0, max(abs(x) for x in ref))
+        worst = max(abs(a - b) for a, b in zip(got[name], ref))
+        assert worst <= PARAM_TOL * scale, f"{what}: {name} differs by {worst:.3g}"
 
 
 def job_timeout():
@@ -40,10 +83,15 @@ def spec_with(tmp_path, name, **parallel):
     return path
 
 
-def standalone_losses(path):
-    result = run_binary(WORKER, "--standalone", path, "--json", timeout=job_timeout())
+def standalone_run(path, tmp_path):
+    """The reference's per-step losses and final parameters."""
+    model = tmp_path / f"{path.stem}-standalone.ckpt"
+    result = run_binary(WORKER, "--standalone", path, "--json", "--save", model,
+                        timeout=job_timeout())
     assert result.returncode == 0, describe(result)
-    return [json.loads(line)["loss"] for line in result.stdout.splitlines()]
+    losses = [json.loads(line)["loss"] for line in result.stdout.splitlines()]
+    params = {k: v for k, v in read_shard(model).items() if not k.endswith((".m", ".v", ".t"))}
+    return losses, params
 
 
 def start_cpu_workers(c, n):
@@ -85,18 +133,26 @@ def assert_parity(status, reference, what):
     assert losses[-1]["loss"] < losses[0]["loss"] - 0.3, f"{what} did not train: {losses}"
 
 
+def final_params(c, status):
+    ckpt = status["checkpoint"]
+    assert ckpt and ckpt["step"] == STEPS, status
+    return checkpoint_params(c.root / ckpt["dir"])
+
+
 def test_every_schedule_equals_the_standalone_run(cluster, tmp_path):
     c = cluster
     start_cpu_workers(c, 8)
-    reference = standalone_losses(spec_with(tmp_path, "reference"))
+    reference, ref_params = standalone_run(spec_with(tmp_path, "reference"), tmp_path)
     jobs = {s: submit(c, spec_with(tmp_path, s, schedule=s)) for s in SCHEDULES}
     again = submit(c, spec_with(tmp_path, "dualpipe-again", schedule="dualpipe"))
     done = {s: finished(c, jid) for s, jid in jobs.items()}
     for s, status in done.items():
         assert_parity(status, reference, s)
-    # the same parallel job twice: the same losses, bitwise
+        assert_params_close(final_params(c, status), ref_params, s)
+    # the same parallel job twice: the same losses and parameters, bitwise
     twice = finished(c, again)
     assert [e["loss"] for e in twice["losses"]] == [e["loss"] for e in done["dualpipe"]["losses"]]
+    assert final_params(c, twice) == final_params(c, done["dualpipe"])
 
 
 def test_data_parallel_replicas_equal_the_standalone_run(cluster, tmp_path):
@@ -104,10 +160,39 @@ def test_data_parallel_replicas_equal_the_standalone_run(cluster, tmp_path):
     start_cpu_workers(c, 16)
     path = spec_with(tmp_path, "dp2", schedule="dualpipe", dp=2)
     # the reference trains the whole global batch: dp x microbatches micro-batches
-    reference = standalone_losses(path)
+    reference, ref_params = standalone_run(path, tmp_path)
     status = finished(c, submit(c, path))
     assert_parity(status, reference, "dualpipe dp 2")
+    assert_params_close(final_params(c, status), ref_params, "dualpipe dp 2")
     assert len(status["ranks"]) == 16
+
+
+def test_a_job_from_a_checkpoint_goes_on_bitwise(cluster, tmp_path):
+    c = cluster
+    start_cpu_workers(c, 8)
+    first = finished(c, submit(c, spec_with(tmp_path, "first", schedule="zb1p")))
+    step10 = c.root / first["checkpoint"]["dir"].replace("step-00000020", "step-00000010")
+    assert (step10 / "MANIFEST.json").exists()
+    events = c.ctl("events", first["id"]).stdout
+    assert "checkpoint" in events and "step 10: 8 shards" in events, events
+
+    spec = json.loads(spec_with(tmp_path, "resumed", schedule="zb1p").read_text())
+    spec["checkpoint"]["from"] = str(step10)
+    path = tmp_path / "resumed.json"
+    path.write_text(json.dumps(spec))
+    resumed = finished(c, submit(c, path))
+    assert [e["step"] for e in resumed["losses"]] == list(range(11, STEPS + 1))
+    assert resumed["losses"] == first["losses"][10:]
+    assert final_params(c, resumed) == final_params(c, first)
+
+    # a torn shard: the job is refused with the file named, the workers live on
+    shard = sorted(step10.glob("*.ckpt"))[3]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    torn = c.ctl("submit", path, "--wait")
+    assert torn.returncode != 0, describe(torn)
+    assert f"{shard.name} is 1000 bytes, the manifest says" in torn.stdout + torn.stderr, \
+        describe(torn)
+    assert all(w["state"] == "alive" for w in c.workers().values())
 
 
 @pytest.mark.parametrize("schedule", ["dualpipe"])

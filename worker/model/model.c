@@ -8,6 +8,8 @@
 #include <string.h>
 
 #include "worker/model/model.h"
+
+#include "common/ckpt.h"
 #include "worker/model/rng.h"
 
 #define MODEL_MAX_PARAMS_PER_LAYER (6 + WK_MOE_MAX_TENSORS)
@@ -517,5 +519,105 @@ int wk_model_step(struct wk_model *m)
             return rc;
     }
     memset(m->load, 0, (size_t)nlayers(m) * (size_t)E * sizeof(*m->load));
+    return 0;
+}
+
+/* --- checkpoints ------------------------------------------------------------- */
+
+#define CKPT_SUFFIX_MAX 8 /* ".m", ".v", ".t" and the NUL, with room */
+
+static void ckpt_name(char *buf, size_t len, const char *name, const char *suffix)
+{
+    snprintf(buf, len, "%s%s", name, suffix);
+}
+
+int wk_model_ckpt_add(struct wk_model *m, struct dx_ckpt_writer *w)
+{
+    char name[sizeof(m->params[0].name) + CKPT_SUFFIX_MAX];
+    int rc;
+
+    if (m->opt.count != m->nparams)
+        return -EINVAL;
+    for (int i = 0; i < m->nparams; i++) {
+        const struct wk_model_param *p = &m->params[i];
+        struct wk_adamw_param *o = &m->opt.p[i];
+
+        if ((rc = dx_ckpt_writer_add(w, p->name, DX_CKPT_F32, p->w, p->n)) < 0)
+            return rc;
+        ckpt_name(name, sizeof(name), p->name, ".m");
+        if ((rc = dx_ckpt_writer_add(w, name, DX_CKPT_F32, o->m, o->n)) < 0)
+            return rc;
+        ckpt_name(name, sizeof(name), p->name, ".v");
+        if ((rc = dx_ckpt_writer_add(w, name, DX_CKPT_F32, o->v, o->n)) < 0)
+            return rc;
+        ckpt_name(name, sizeof(name), p->name, ".t");
+        if ((rc = dx_ckpt_writer_add(w, name, DX_CKPT_I64, &o->step, 1)) < 0)
+            return rc;
+    }
+    for (int i = 0; i < nlayers(m); i++) {
+        snprintf(name, sizeof(name), "layer%d.moe.bias", m->first + i);
+        rc = dx_ckpt_writer_add(w, name, DX_CKPT_F32, m->layer[i].moe.bias,
+                                (size_t)m->cfg.experts);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+struct ckpt_src {
+    const struct dx_ckpt_reader *const *r;
+    int n;
+};
+
+/* Copies the section from the first shard that has it. */
+static int ckpt_copy(struct ckpt_src r, const char *name, enum dx_ckpt_dtype t, void *dst,
+                     size_t count, size_t elem, char *err, size_t errlen)
+{
+    const void *src = NULL;
+    int rc = -ENOENT;
+
+    for (int i = 0; i < r.n && rc == -ENOENT; i++)
+        rc = dx_ckpt_get(r.r[i], name, t, count, &src, err, errlen);
+    if (rc == 0)
+        memcpy(dst, src, count * elem);
+    return rc;
+}
+
+int wk_model_ckpt_load(struct wk_model *m, const struct dx_ckpt_reader *const *shards, int nshards,
+                       char *err, size_t errlen)
+{
+    const struct ckpt_src r = {shards, nshards};
+
+    char name[sizeof(m->params[0].name) + CKPT_SUFFIX_MAX];
+    int rc;
+
+    if (m->opt.count != m->nparams) {
+        snprintf(err, errlen, "the model has no optimizer to load into");
+        return -EINVAL;
+    }
+    for (int i = 0; i < m->nparams; i++) {
+        const struct wk_model_param *p = &m->params[i];
+        struct wk_adamw_param *o = &m->opt.p[i];
+
+        if ((rc = ckpt_copy(r, p->name, DX_CKPT_F32, p->w, p->n, sizeof(float), err, errlen)) < 0)
+            return rc;
+        ckpt_name(name, sizeof(name), p->name, ".m");
+        if ((rc = ckpt_copy(r, name, DX_CKPT_F32, o->m, o->n, sizeof(float), err, errlen)) < 0)
+            return rc;
+        ckpt_name(name, sizeof(name), p->name, ".v");
+        if ((rc = ckpt_copy(r, name, DX_CKPT_F32, o->v, o->n, sizeof(float), err, errlen)) < 0)
+            return rc;
+        ckpt_name(name, sizeof(name), p->name, ".t");
+        if ((rc = ckpt_copy(r, name, DX_CKPT_I64, &o->step, 1, sizeof(int64_t), err, errlen)) < 0)
+            return rc;
+    }
+    for (int i = 0; i < nlayers(m); i++) {
+        snprintf(name, sizeof(name), "layer%d.moe.bias", m->first + i);
+        rc = ckpt_copy(r, name, DX_CKPT_F32, m->layer[i].moe.bias, (size_t)m->cfg.experts,
+                       sizeof(float), err, errlen);
+        if (rc < 0)
+            return rc;
+    }
+    memset(m->load, 0, (size_t)nlayers(m) * (size_t)m->cfg.experts * sizeof(*m->load));
     return 0;
 }

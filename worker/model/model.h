@@ -186,4 +186,18 @@ int wk_model_optim_init(struct wk_model *m, const struct wk_adamw_config *cfg);
  * accumulated since the last step (WK_MOE_BIAS_GAMMA), then loads to 0. */
 int wk_model_step(struct wk_model *m);
 
+/* Checkpoints (common/ckpt.h): every parameter under its name (f32), its
+ * AdamW moments as NAME.m and NAME.v, its step count as NAME.t (one i64),
+ * and each layer's routing bias as layerL.moe.bias. Names are global, so
+ * the stages of one model never collide and a whole model's shard has
+ * every stage's sections. add references the model's memory until the
+ * writer commits; load takes each section from the first of the shards
+ * that has it (so a whole model loads from every stage's shards), checks
+ * its type and size and fills the model (0, or -errno with the reason). */
+struct dx_ckpt_writer;
+struct dx_ckpt_reader;
+int wk_model_ckpt_add(struct wk_model *m, struct dx_ckpt_writer *w);
+int wk_model_ckpt_load(struct wk_model *m, const struct dx_ckpt_reader *const *shards, int nshards,
+                       char *err, size_t errlen);
+
 #endif
