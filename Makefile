@@ -157,6 +157,7 @@ $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(ALL_LIBS)
 bench: deps
 	@$(MAKE) --no-print-directory -j$(NPROC) $(BENCH_BINS)
 	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done
+	@echo "== bench/bench_cluster.py $(BUILD)"; /usr/bin/python3 bench/bench_cluster.py $(BUILD)
 
 # --- fuzz, format, lint -----------------------------------------------------
 

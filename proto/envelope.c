@@ -263,6 +263,8 @@ static int check_assignment(const ProtobufCMessage *body, char *text, size_t len
             p->dp >= m->dp)
             return field_fail(text, len, "peer %zu has ranks outside the job's layout", i);
     }
+    if ((rc = check_text("checkpoint", m->checkpoint, DX_MAX_PATH_LEN, true, text, len)) < 0)
+        return rc;
     if (strlen(m->spec_json) > DX_MAX_SPEC_LEN)
         return field_fail(text, len, "spec_json is %zu bytes long; the limit is %d",
                           strlen(m->spec_json), DX_MAX_SPEC_LEN);

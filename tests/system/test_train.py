@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from conftest import WORKER, db_query, describe, run_binary, sanitized
+from conftest import REPO, WORKER, db_query, describe, run_binary, sanitized
 
 STEPS = 20
 REL_LOSS = 1e-5
@@ -209,3 +209,14 @@ def test_step_reports_carry_training_figures(cluster, tmp_path, schedule):
     with_loss = {r[0] for r in rows if r[2] > 0}
     assert len(with_loss) >= 2, rows[:8]
     assert all(r[3] > 0 for r in rows)
+
+
+def test_every_example_job_runs(cluster, tmp_path):
+    """examples/*.json: a short run of each on 8 cpu workers."""
+    c = cluster
+    start_cpu_workers(c, 8)
+    for example in sorted((REPO / "examples").glob("*.json")):
+        result = c.ctl("submit", example, "--set", "train.steps=2", "--set",
+                       "checkpoint.every=0", "--wait", timeout=job_timeout())
+        assert result.returncode == 0, f"{example.name}:\n{describe(result)}"
+        assert "succeeded" in result.stdout, f"{example.name}:\n{describe(result)}"

@@ -1,6 +1,7 @@
 /* test_envelope.c - envelope round trips for every type and every decode rejection. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -731,4 +732,44 @@ Test(envelope, embedded_nul_in_string_is_refused)
     cr_assert_eq(err.code, DUPLEX__ERROR_CODE__ERROR_BAD_BODY, "%s", err.text);
     cr_assert_not_null(strstr(err.text, "NUL"), "%s", err.text);
     cr_assert_eq(err.request_id, 5);
+}
+
+/* A StepReport's checkpoint shard needs an absolute directory and a plain
+ * file name; its figures must be finite. */
+Test(envelope, step_report_checkpoint_and_figures)
+{
+    Duplex__StepReport m = DUPLEX__STEP_REPORT__INIT;
+    struct dx_msg msg;
+    struct dx_decode_error err;
+    uint8_t *buf;
+    size_t len;
+
+    m.job_id = 3;
+    m.step = 10;
+    m.loss = 2.5;
+    m.hidden_comm_ms = 1.0;
+    m.checkpoint_dir = "/ck/job-3/step-00000010";
+    m.checkpoint_file = "rank-d0-p0-e0.ckpt";
+    m.checkpoint_bytes = 4096;
+    buf = pack_msg(DUPLEX__MSG_TYPE__MSG_STEP_REPORT, 1, &m.base, &len);
+    cr_assert_eq(dx_env_decode(buf, len, &msg, &err), 0, "%s", err.text);
+    dx_msg_clear(&msg);
+    free(buf);
+
+    m.checkpoint_dir = "ck/job-3/step-00000010";
+    buf = pack_msg(DUPLEX__MSG_TYPE__MSG_STEP_REPORT, 1, &m.base, &len);
+    expect_reject(buf, len, DUPLEX__ERROR_CODE__ERROR_INVALID, "absolute", NULL);
+    free(buf);
+
+    m.checkpoint_dir = "/ck";
+    m.checkpoint_file = "../x.ckpt";
+    buf = pack_msg(DUPLEX__MSG_TYPE__MSG_STEP_REPORT, 1, &m.base, &len);
+    expect_reject(buf, len, DUPLEX__ERROR_CODE__ERROR_INVALID, "without '/'", NULL);
+    free(buf);
+
+    m.checkpoint_file = "";
+    m.comm_ms = NAN;
+    buf = pack_msg(DUPLEX__MSG_TYPE__MSG_STEP_REPORT, 1, &m.base, &len);
+    expect_reject(buf, len, DUPLEX__ERROR_CODE__ERROR_INVALID, "not finite", NULL);
+    free(buf);
 }

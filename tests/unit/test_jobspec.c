@@ -157,3 +157,34 @@ Test(jobspec, schedules_accept_their_own_layouts)
                        NULL, 0, &s),
                  0, "%s", err);
 }
+
+Test(jobspec, micro_batches_split_over_ep_and_checkpoint_from_is_absolute)
+{
+    struct coord_jobspec s;
+
+    expect_error("{\"model\": {\"experts\": 8}, \"parallel\": {\"ep\": 4, \"microbatch_size\": 2}}",
+                 NULL, "parallel.microbatch_size", "ep");
+    expect_error("{}", "checkpoint.from=var/ck/job-1/step-00000010", "checkpoint.from",
+                 "absolute");
+    cr_assert_eq(parse("{}", NULL, 0, &s), 0, "%s", err);
+    cr_assert_str_eq(s.checkpoint.from, "");
+    expect_error("{}", "checkpoint.dir=", "checkpoint.dir", "1 to");
+}
+
+/* The stored form: every field given, and it parses back to the same spec,
+ * --set overrides included. */
+Test(jobspec, to_json_round_trips)
+{
+    const char *sets[] = {"train.lr=0.0123456789", "parallel.schedule=zb1p", "name=x y",
+                          "checkpoint.from=/ck/job-1/step-00000002"};
+    struct coord_jobspec a, b;
+    char *text;
+
+    cr_assert_eq(parse("{\"sim\": {\"f\": 0.1}}", sets, 4, &a), 0, "%s", err);
+    text = coord_jobspec_to_json(&a);
+    cr_assert_not_null(text);
+    cr_assert_not_null(strstr(text, "\"microbatch_size\":2"), "%s", text);
+    cr_assert_eq(parse(text, NULL, 0, &b), 0, "%s: %s", text, err);
+    cr_assert_eq(memcmp(&a, &b, sizeof(a)), 0, "%s", text);
+    free(text);
+}

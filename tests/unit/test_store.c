@@ -524,3 +524,50 @@ Test(store, errmsg_is_a_string)
     cr_assert_not_null(coord_store_errmsg(s));
     coord_store_close(s);
 }
+
+struct shard_seen {
+    char files[4][32];
+    uint64_t bytes[4];
+    int n;
+};
+
+static int see_shard(const char *dir, const char *file, uint64_t bytes, uint32_t crc32c, void *arg)
+{
+    struct shard_seen *s = arg;
+
+    cr_assert_str_eq(dir, "/ck/job-7/step-00000010");
+    cr_assert_eq(crc32c, 0xfffffff0u + (uint32_t)s->n, "crc32c keeps all 32 bits");
+    snprintf(s->files[s->n], sizeof(s->files[0]), "%s", file);
+    s->bytes[s->n++] = bytes;
+    return 0;
+}
+
+/* Shards per (job, step, worker), listed by file; the latest complete
+ * checkpoint; both survive a reopen. */
+Test(store, checkpoints_and_their_shards)
+{
+    coord_store_t *s = open_store();
+    struct shard_seen seen = {0};
+    uint64_t step = 0;
+    char dir[256];
+
+    cr_assert_eq(coord_store_last_checkpoint(s, 7, &step, dir, sizeof(dir)), -ENOENT);
+    cr_assert_eq(coord_store_checkpoint_shard(s, 7, 10, "w1", "/ck/job-7/step-00000010",
+                                              "rank-d0-p1-e0.ckpt", 200, 0xfffffff1u, 1), 0);
+    cr_assert_eq(coord_store_checkpoint_shard(s, 7, 10, "w0", "/ck/job-7/step-00000010",
+                                              "rank-d0-p0-e0.ckpt", 100, 0xfffffff0u, 1), 0);
+    cr_assert_eq(coord_store_checkpoint_shard(s, 7, 20, "w0", "/ck/job-7/step-00000020",
+                                              "rank-d0-p0-e0.ckpt", 100, 1, 1), 0);
+    cr_assert_eq(coord_store_checkpoint_shards_each(s, 7, 10, see_shard, &seen), 2);
+    cr_assert_str_eq(seen.files[0], "rank-d0-p0-e0.ckpt");
+    cr_assert_eq(seen.bytes[1], 200);
+    cr_assert_eq(coord_store_checkpoint_complete(s, 7, 10, "/ck/job-7/step-00000010", 2, 5), 0);
+    coord_store_close(s);
+
+    s = open_store();
+    cr_assert_eq(coord_store_last_checkpoint(s, 7, &step, dir, sizeof(dir)), 0);
+    cr_assert_eq(step, 10, "step 20 is not complete");
+    cr_assert_str_eq(dir, "/ck/job-7/step-00000010");
+    cr_assert_eq(coord_store_last_checkpoint(s, 8, &step, dir, sizeof(dir)), -ENOENT);
+    coord_store_close(s);
+}
