@@ -21,9 +21,9 @@
 
 #define RANKS 8
 #define MICROBATCHES 32
-#define RUNS 5           /* median of */
-#define BARE_RUNS 2001   /* median of, zero-cost rows */
-#define TARGET_PCT 2.0   /* overhead target, % of step time */
+#define RUNS 5         /* median of */
+#define BARE_RUNS 2001 /* median of, zero-cost rows */
+#define TARGET_PCT 2.0 /* overhead target, % of step time */
 #define ERR_LEN 512
 
 static const enum dp_sched_kind kinds[] = {DP_SCHED_1F1B, DP_SCHED_ZB1P, DP_SCHED_DUALPIPE,
@@ -123,9 +123,9 @@ int main(void)
                 total_ms[r] = (now_ns() - t0) / 1e6;
                 over_ns[r] = total_ms[r] * 1e6 / nops;
             }
-            printf("%-10s %5zu %7zu %9.0f %11.4f %11s %12s %11.1f\n",
-                   dp_sched_kind_name(kinds[k]), nops, ncompute, 0.0,
-                   median(total_ms, BARE_RUNS), "-", "-", median(over_ns, BARE_RUNS));
+            printf("%-10s %5zu %7zu %9.0f %11.4f %11s %12s %11.1f\n", dp_sched_kind_name(kinds[k]),
+                   nops, ncompute, 0.0, median(total_ms, BARE_RUNS), "-", "-",
+                   median(over_ns, BARE_RUNS));
             dp_exec_destroy(e);
         }
 
@@ -157,8 +157,7 @@ int main(void)
                     worst_pct = pct;
                 printf("%-10s %5zu %7zu %9.0f %11.3f %11.3f %12.4f %11.1f\n",
                        dp_sched_kind_name(kinds[k]), nops, ncompute, costs_ns[c] / 1e3,
-                       median(total_ms, RUNS), median(inside_ms, RUNS), pct,
-                       median(over_ns, RUNS));
+                       median(total_ms, RUNS), median(inside_ms, RUNS), pct, median(over_ns, RUNS));
             }
             fflush(stdout);
             dp_exec_destroy(e);

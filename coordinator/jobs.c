@@ -632,8 +632,8 @@ static void job_checkpoint_shard(coord_jobs_t *jobs, struct coord_job *j, const 
     int n;
 
     if (coord_store_checkpoint_shard(jobs->store, j->id, m->step, worker_id, m->checkpoint_dir,
-                                     m->checkpoint_file, m->checkpoint_bytes,
-                                     m->checkpoint_crc32c, now_wall) < 0)
+                                     m->checkpoint_file, m->checkpoint_bytes, m->checkpoint_crc32c,
+                                     now_wall) < 0)
         return;
     if (!(l.v = calloc((size_t)j->nranks, sizeof(*l.v))))
         return;
@@ -650,8 +650,8 @@ static void job_checkpoint_shard(coord_jobs_t *jobs, struct coord_job *j, const 
             snprintf(detail, sizeof(detail), "checkpoint of step %llu not complete: %s",
                      (unsigned long long)m->step, err);
             job_event(jobs, j, "checkpoint_failed", NULL, now_wall, detail);
-        } else if (coord_store_checkpoint_complete(jobs->store, j->id, m->step,
-                                                   m->checkpoint_dir, n, now_wall) == 0) {
+        } else if (coord_store_checkpoint_complete(jobs->store, j->id, m->step, m->checkpoint_dir,
+                                                   n, now_wall) == 0) {
             snprintf(detail, sizeof(detail), "step %llu: %d shards in %s",
                      (unsigned long long)m->step, n, m->checkpoint_dir);
             job_event(jobs, j, "checkpoint", NULL, now_wall, detail);

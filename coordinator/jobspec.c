@@ -231,8 +231,8 @@ static int load_field(const struct field *f, json_t *v, struct coord_jobspec *sp
         }
         /* a field whose default is empty may be empty */
         if ((s[0] == '\0' && f->dflt_s[0] != '\0') || strlen(s) >= f->size) {
-            snprintf(err, errlen, "%s: must be %d to %zu characters", f->path,
-                     f->dflt_s[0] != '\0', f->size - 1);
+            snprintf(err, errlen, "%s: must be %d to %zu characters", f->path, f->dflt_s[0] != '\0',
+                     f->size - 1);
             return -EINVAL;
         }
         if (f->choices && !in_choices(f->choices, s)) {

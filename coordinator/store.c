@@ -689,19 +689,18 @@ int coord_store_checkpoint_shard(coord_store_t *s, uint64_t job_id, uint64_t ste
 }
 
 int coord_store_checkpoint_shards_each(coord_store_t *s, uint64_t job_id, uint64_t step,
-                                       int (*fn)(const char *dir, const char *file,
-                                                 uint64_t bytes, uint32_t crc32c, void *arg),
+                                       int (*fn)(const char *dir, const char *file, uint64_t bytes,
+                                                 uint32_t crc32c, void *arg),
                                        void *arg)
 {
     sqlite3_stmt *st = s->stmt[STMT_CKPT_SHARDS];
-    int rc = 0, n = 0, row;
+    int rc = 0, n = 0;
 
     sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
     sqlite3_bind_int64(st, 2, (sqlite3_int64)step);
-    while (rc == 0 && (row = sqlite3_step(st)) == SQLITE_ROW) {
+    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
         rc = fn((const char *)sqlite3_column_text(st, 0), (const char *)sqlite3_column_text(st, 1),
-                (uint64_t)sqlite3_column_int64(st, 2), (uint32_t)sqlite3_column_int64(st, 3),
-                arg);
+                (uint64_t)sqlite3_column_int64(st, 2), (uint32_t)sqlite3_column_int64(st, 3), arg);
         n++;
     }
     sqlite3_reset(st);

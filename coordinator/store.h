@@ -126,8 +126,8 @@ int coord_store_checkpoint_shard(coord_store_t *s, uint64_t job_id, uint64_t ste
 /* The shards recorded for a job's step, by file name: fn(dir, file, bytes,
  * crc32c, arg) for each; returns the count or -EIO. */
 int coord_store_checkpoint_shards_each(coord_store_t *s, uint64_t job_id, uint64_t step,
-                                       int (*fn)(const char *dir, const char *file,
-                                                 uint64_t bytes, uint32_t crc32c, void *arg),
+                                       int (*fn)(const char *dir, const char *file, uint64_t bytes,
+                                                 uint32_t crc32c, void *arg),
                                        void *arg);
 
 /* Marks a job's step checkpoint complete (every rank's shard is there and

@@ -107,8 +107,8 @@ static void print_progress(json_t *j)
 {
     json_t *losses = json_object_get(j, "losses"), *hidden, *last = NULL;
     double step_ms = json_number_value(json_object_get(j, "last_step_ms"));
-    double bubble_ms = json_number_value(json_object_get(json_object_get(j, "bubble"),
-                                                         "measured_ms"));
+    double bubble_ms =
+        json_number_value(json_object_get(json_object_get(j, "bubble"), "measured_ms"));
 
     /* the latest step whose loss is in: ranks without the head report none */
     for (size_t i = json_array_size(losses); i > 0 && !last; i--)
@@ -159,8 +159,7 @@ void ctl_print_job(json_t *j)
     if (json_is_number(hidden))
         printf("  communication: %.0f%% of %.1f ms data-plane transfer time hidden behind "
                "compute\n",
-               100.0 * json_number_value(hidden),
-               json_number_value(json_object_get(j, "comm_ms")));
+               100.0 * json_number_value(hidden), json_number_value(json_object_get(j, "comm_ms")));
     if (json_is_object(ckpt))
         printf("  checkpoint: step %lld in %s\n", num(ckpt, "step"), str(ckpt, "dir"));
     if (json_is_number(json_object_get(j, "expert_imbalance")))
@@ -227,7 +226,8 @@ int ctl_cmd_status(struct ctl_globals *g, int argc, char **argv)
     struct job_cmd c = {0};
     const struct dx_opt options[] = {
         {"json", DX_OPT_FLAG, &c.json, NULL, 0, 0, 0, NULL, "print duplexd's JSON"},
-        {"watch", DX_OPT_FLAG, &c.watch, NULL, 0, 0, 0, NULL, "repeat every second; with JOB, until the job ends (exit 1 unless it succeeded)"},
+        {"watch", DX_OPT_FLAG, &c.watch, NULL, 0, 0, 0, NULL,
+         "repeat every second; with JOB, until the job ends (exit 1 unless it succeeded)"},
         JOB_CMD_OPTIONS(c),
         {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
     };

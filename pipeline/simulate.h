@@ -15,15 +15,15 @@
 #include "pipeline/schedule.h"
 
 struct dp_costs {
-    double f;  /* forward of one chunk */
-    double b;  /* full backward */
-    double i;  /* input-gradient backward; default b - w */
-    double w;  /* weight-gradient job */
-    double fb; /* overlapped forward + backward pair ("F&B"); default f + b */
-    double latency;      /* per message */
-    double bandwidth;    /* bytes per time unit; 0 means messages take no transfer time */
-    double act_bytes;    /* size of one activation message */
-    double grad_bytes;   /* size of one gradient message */
+    double f;          /* forward of one chunk */
+    double b;          /* full backward */
+    double i;          /* input-gradient backward; default b - w */
+    double w;          /* weight-gradient job */
+    double fb;         /* overlapped forward + backward pair ("F&B"); default f + b */
+    double latency;    /* per message */
+    double bandwidth;  /* bytes per time unit; 0 means messages take no transfer time */
+    double act_bytes;  /* size of one activation message */
+    double grad_bytes; /* size of one gradient message */
 };
 
 /* F=1, B=2, W=1, I=1, FB=3, no communication cost. */

@@ -278,10 +278,9 @@ static int check_assignment(const ProtobufCMessage *body, char *text, size_t len
 static int check_step_report(const ProtobufCMessage *body, char *text, size_t len)
 {
     const Duplex__StepReport *m = (const Duplex__StepReport *)body;
-    const double v[] = {m->loss,    m->step_ms,        m->tokens_per_s, m->compute_ms,
-                        m->wait_ms, m->comm_ms,        m->hidden_comm_ms, m->sync_ms,
-                        m->f_ms,    m->b_ms,           m->i_ms,         m->w_ms,
-                        m->fb_ms};
+    const double v[] = {m->loss,    m->step_ms,        m->tokens_per_s, m->compute_ms, m->wait_ms,
+                        m->comm_ms, m->hidden_comm_ms, m->sync_ms,      m->f_ms,       m->b_ms,
+                        m->i_ms,    m->w_ms,           m->fb_ms};
 
     int rc;
 
@@ -295,8 +294,9 @@ static int check_step_report(const ProtobufCMessage *body, char *text, size_t le
             0)
         return rc;
     if (m->checkpoint_file[0] && (m->checkpoint_dir[0] != '/' || strchr(m->checkpoint_file, '/')))
-        return field_fail(text, len, "a checkpoint shard needs an absolute directory and a "
-                                     "file name without '/'");
+        return field_fail(text, len,
+                          "a checkpoint shard needs an absolute directory and a "
+                          "file name without '/'");
     return 0;
 }
 

@@ -26,7 +26,7 @@
 #define DX_MAX_RANKS 4096
 #define DX_MAX_COST_MS 600000
 #define DX_MAX_SPEC_LEN (64 * 1024) /* a job spec in an Assignment */
-#define DX_MAX_PATH_LEN 4096         /* a checkpoint directory */
+#define DX_MAX_PATH_LEN 4096        /* a checkpoint directory */
 
 /* A decoded message: the body is the protobuf-c message of `type`. */
 struct dx_msg {

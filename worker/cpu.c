@@ -153,8 +153,7 @@ static void slot_free(wk_cpu_t *c, struct slot *s)
 
 static int ep_layer_init(wk_cpu_t *c, struct ep_layer *l)
 {
-    size_t cap = (size_t)c->B * (size_t)c->T * (size_t)c->top_k, d = (size_t)c->d,
-           H = (size_t)c->H;
+    size_t cap = (size_t)c->B * (size_t)c->T * (size_t)c->top_k, d = (size_t)c->d, H = (size_t)c->H;
 
     l->cap = (int)cap;
     l->count = calloc((size_t)c->ep * (size_t)c->E, sizeof(int));
@@ -481,9 +480,10 @@ static int ep_exchange(wk_cpu_t *c, struct slot *s, int layer, struct wk_moe *mo
         /* the backward must bring exactly the rows the forward did */
         for (int x = 0; backward && x < c->E; x++)
             if (((const int32_t *)(const void *)msgs[o]->data)[x] != l->count[o * c->E + x]) {
-                rc = fail(c, -EPROTO, "ep rank %d sent gradients for %d rows of expert %d, "
-                          "not the %d it dispatched", o,
-                          ((const int32_t *)(const void *)msgs[o]->data)[x], x,
+                rc = fail(c, -EPROTO,
+                          "ep rank %d sent gradients for %d rows of expert %d, "
+                          "not the %d it dispatched",
+                          o, ((const int32_t *)(const void *)msgs[o]->data)[x], x,
                           l->count[o * c->E + x]);
                 goto out;
             }
@@ -590,9 +590,8 @@ static int global_mb(const wk_cpu_t *c, int path, int mb)
 static int load_tokens(wk_cpu_t *c, struct slot *s)
 {
     size_t row = (size_t)c->T + 1;
-    int rc = wk_data_batch(&c->data, WK_DATA_TRAIN, (uint64_t)c->spec.train.seed,
-                           (int64_t)c->step, c->dp_rank, c->M, global_mb(c, s->path, s->mb), c->B,
-                           c->T, c->batch);
+    int rc = wk_data_batch(&c->data, WK_DATA_TRAIN, (uint64_t)c->spec.train.seed, (int64_t)c->step,
+                           c->dp_rank, c->M, global_mb(c, s->path, s->mb), c->B, c->T, c->batch);
 
     if (rc < 0)
         return fail(c, rc, "cannot read micro-batch %d: %s", global_mb(c, s->path, s->mb),
@@ -632,8 +631,8 @@ static int run_forward(wk_cpu_t *c, const struct dp_work *w)
             return rc;
     if (!(ch->flags & WK_MODEL_HAS_EMBED)) {
         /* from the previous stage: ours when it runs here (DualPipeV's turn) */
-        prev = is_local(c, w->path, w->stage - 1) ? peek_slot(c, w->path, w->mb, w->stage - 1)
-                                                  : NULL;
+        prev =
+            is_local(c, w->path, w->stage - 1) ? peek_slot(c, w->path, w->mb, w->stage - 1) : NULL;
         x_in = prev ? prev->x_out : s->x_in;
     }
     rc = wk_model_forward(&ch->model, &s->cache, s->tokens, x_in, s->x_out, &loss);
@@ -923,8 +922,10 @@ static int sync_grads(wk_cpu_t *c, double *loss, int *has_loss)
             if ((rc = c->io.recv(c->io.arg, &k, "a gradient contribution", &m)) < 0)
                 break;
             if (m->len != size)
-                rc = fail(c, -EPROTO, "a gradient contribution of %zu bytes for stage %d, "
-                          "expected %zu", m->len, ch->stage, size);
+                rc = fail(c, -EPROTO,
+                          "a gradient contribution of %zu bytes for stage %d, "
+                          "expected %zu",
+                          m->len, ch->stage, size);
             else
                 sync_add(acc, m->data, nf, ni);
             wk_data_msg_free(m);
@@ -954,8 +955,8 @@ static int sync_grads(wk_cpu_t *c, double *loss, int *has_loss)
         if ((rc = c->io.recv(c->io.arg, &k, "the stage's gradient sum", &m)) < 0)
             break;
         if (m->len != size) {
-            rc = fail(c, -EPROTO, "a gradient sum of %zu bytes for stage %d, expected %zu",
-                      m->len, ch->stage, size);
+            rc = fail(c, -EPROTO, "a gradient sum of %zu bytes for stage %d, expected %zu", m->len,
+                      ch->stage, size);
         } else {
             double l = sync_unpack(c, ch, m->data);
             if (ch->flags & WK_MODEL_HAS_HEAD) {
@@ -1003,8 +1004,17 @@ int wk_cpu_step_end(wk_cpu_t *c, struct wk_cpu_step *out, char *err, size_t errl
 /* --- checkpoints ----------------------------------------------------------- */
 
 #define CKPT_META_FORMAT 1
-enum { META_FORMAT, META_STEP, META_PP, META_EP, META_DP, META_PP_RANK, META_EP_RANK,
-       META_DP_RANK, META_LEN };
+enum {
+    META_FORMAT,
+    META_STEP,
+    META_PP,
+    META_EP,
+    META_DP,
+    META_PP_RANK,
+    META_EP_RANK,
+    META_DP_RANK,
+    META_LEN
+};
 
 static void shard_name(const wk_cpu_t *c, char *buf, size_t len)
 {
@@ -1014,8 +1024,8 @@ static void shard_name(const wk_cpu_t *c, char *buf, size_t len)
 int wk_cpu_checkpoint(wk_cpu_t *c, const char *root, uint64_t step, char *dir, size_t dirlen,
                       struct dx_ckpt_shard_info *info, char *err, size_t errlen)
 {
-    int64_t meta[META_LEN] = {CKPT_META_FORMAT, (int64_t)step, c->pp, c->ep, c->dp,
-                              c->pp_rank, c->ep_rank, c->dp_rank};
+    int64_t meta[META_LEN] = {CKPT_META_FORMAT, (int64_t)step, c->pp,     c->ep, c->dp,
+                              c->pp_rank,       c->ep_rank,    c->dp_rank};
     char path[PATH_MAX], file[64], abs[PATH_MAX];
     dx_ckpt_writer_t *w = NULL;
     int rc;
@@ -1059,9 +1069,10 @@ static int load_checkpoint(wk_cpu_t *c, const char *dir)
         return rc;
     shard_name(c, file, sizeof(file));
     if (!(info = dx_ckpt_manifest_find(&man, file))) {
-        rc = fail(c, -ENOENT, "checkpoint %s has no shard %s for ranks (pp %d, ep %d, dp %d): "
-                  "was it written by a job of another layout?", dir, file, c->pp_rank, c->ep_rank,
-                  c->dp_rank);
+        rc = fail(c, -ENOENT,
+                  "checkpoint %s has no shard %s for ranks (pp %d, ep %d, dp %d): "
+                  "was it written by a job of another layout?",
+                  dir, file, c->pp_rank, c->ep_rank, c->dp_rank);
         goto out;
     }
     snprintf(path, sizeof(path), "%s/%s", dir, file);
@@ -1076,10 +1087,12 @@ static int load_checkpoint(wk_cpu_t *c, const char *dir)
             m[META_PP] != c->pp || m[META_EP] != c->ep || m[META_DP] != c->dp ||
             m[META_PP_RANK] != c->pp_rank || m[META_EP_RANK] != c->ep_rank ||
             m[META_DP_RANK] != c->dp_rank) {
-            rc = fail(c, -EINVAL, "%s: written for step %" PRId64 " of a pp %" PRId64
-                      " x ep %" PRId64 " x dp %" PRId64 " job, not step %" PRIu64
-                      " of this pp %d x ep %d x dp %d one", path, m[META_STEP], m[META_PP],
-                      m[META_EP], m[META_DP], man.step, c->pp, c->ep, c->dp);
+            rc = fail(c, -EINVAL,
+                      "%s: written for step %" PRId64 " of a pp %" PRId64 " x ep %" PRId64
+                      " x dp %" PRId64 " job, not step %" PRIu64
+                      " of this pp %d x ep %d x dp %d one",
+                      path, m[META_STEP], m[META_PP], m[META_EP], m[META_DP], man.step, c->pp,
+                      c->ep, c->dp);
             goto out;
         }
     }
@@ -1162,8 +1175,8 @@ static int setup_chunks(wk_cpu_t *c, const Duplex__Assignment *a)
         ch->first = st * per;
         ch->last = ch->first + per;
         ch->flags = (st == 0 ? WK_MODEL_HAS_EMBED : 0) | (st == c->S - 1 ? WK_MODEL_HAS_HEAD : 0);
-        if ((rc = wk_model_stage_init(&ch->model, &c->mcfg, (uint64_t)c->spec.train.seed,
-                                      ch->first, ch->last, ch->flags)) < 0)
+        if ((rc = wk_model_stage_init(&ch->model, &c->mcfg, (uint64_t)c->spec.train.seed, ch->first,
+                                      ch->last, ch->flags)) < 0)
             return fail(c, rc, "stage %d: %s", st, strerror(-rc));
         c->nchunks++;
         if ((rc = wk_model_optim_init(&ch->model, &oc)) < 0)
@@ -1204,8 +1217,8 @@ int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
         goto fail;
     }
     if (a->ep > WK_CPU_MAX_EP) {
-        rc = fail(c, -EINVAL, "ep %d: the cpu backend runs at most %d expert-parallel ranks",
-                  a->ep, WK_CPU_MAX_EP);
+        rc = fail(c, -EINVAL, "ep %d: the cpu backend runs at most %d expert-parallel ranks", a->ep,
+                  WK_CPU_MAX_EP);
         goto fail;
     }
     wk_train_config_from_spec(&c->spec, &tc);
@@ -1243,8 +1256,8 @@ int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
     c->slot_expert = calloc(a->n_experts + 1, sizeof(int32_t));
     c->expert_tokens = calloc(a->n_experts + 1, sizeof(uint64_t));
     c->slots = calloc((size_t)c->paths * (size_t)c->Mp * (size_t)c->S, sizeof(*c->slots));
-    if (!c->addr || !c->owner || !c->batch || !c->ex_rows || !c->slot_expert ||
-        !c->expert_tokens || !c->slots) {
+    if (!c->addr || !c->owner || !c->batch || !c->ex_rows || !c->slot_expert || !c->expert_tokens ||
+        !c->slots) {
         rc = fail(c, -ENOMEM, "out of memory");
         goto fail;
     }
@@ -1270,8 +1283,8 @@ int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
         rc = fail(c, -ENOMEM, "out of memory");
         goto fail;
     }
-    if ((rc = wk_data_open(&c->data, data_dir ? data_dir : WK_DATA_DIR_DEFAULT, why,
-                           sizeof(why))) < 0) {
+    if ((rc = wk_data_open(&c->data, data_dir ? data_dir : WK_DATA_DIR_DEFAULT, why, sizeof(why))) <
+        0) {
         rc = fail(c, rc, "training text: %s", why);
         goto fail;
     }

@@ -52,10 +52,10 @@ struct wk_cpu_io {
 
 /* What one step did on this rank. */
 struct wk_cpu_step {
-    int has_loss;       /* this rank holds the head: loss is the job's */
-    double loss;        /* the global mean loss of the step */
-    uint64_t tokens;    /* tokens of the whole step (every rank's shares) */
-    double sync_ms;     /* gradient sums and the optimizer step */
+    int has_loss;            /* this rank holds the head: loss is the job's */
+    double loss;             /* the global mean loss of the step */
+    uint64_t tokens;         /* tokens of the whole step (every rank's shares) */
+    double sync_ms;          /* gradient sums and the optimizer step */
     uint64_t *expert_tokens; /* [n_expert_slots]: rows this rank's experts ran */
     size_t n_expert_slots;
 };

@@ -46,7 +46,7 @@ struct wk_runtime {
     char **peer_id;                 /* [pp]: its worker id, for messages */
     char **all_addr;                /* [dp][pp][ep]: every rank's data_addr */
     int nranks;
-    wk_cpu_t *cpu;                  /* the cpu backend, or NULL for sim */
+    wk_cpu_t *cpu; /* the cpu backend, or NULL for sim */
     int recv_timeout_ms;
     dp_sched_t *sched;
     dp_exec_t *exec;

@@ -33,8 +33,8 @@
 #define WK_RUNTIME_SLICE_MS 20
 
 struct wk_runtime_opts {
-    int recv_timeout_ms; /* 0: WK_RUNTIME_RECV_TIMEOUT_MS */
-    const char *backend; /* "cpu" trains the model (worker/cpu.h); NULL or "sim" sleeps */
+    int recv_timeout_ms;  /* 0: WK_RUNTIME_RECV_TIMEOUT_MS */
+    const char *backend;  /* "cpu" trains the model (worker/cpu.h); NULL or "sim" sleeps */
     const char *data_dir; /* the cpu backend's training text; NULL: the default */
 };
 

@@ -248,8 +248,7 @@ int wk_train_generate(const struct wk_train_config *cfg, const char *dir, const 
     if (rc == 0)
         rc = open_shards(dir, &shards, &nshards, err, errlen);
     if (rc == 0)
-        rc = wk_model_ckpt_load(&m, (const dx_ckpt_reader_t *const *)shards, nshards, err,
-                                errlen);
+        rc = wk_model_ckpt_load(&m, (const dx_ckpt_reader_t *const *)shards, nshards, err, errlen);
     for (int k = 0; rc == 0 && k < nbytes; k++) {
         int n = len < T ? len : T;
         struct wk_model_cache c;
@@ -272,7 +271,7 @@ int wk_train_generate(const struct wk_train_config *cfg, const char *dir, const 
         for (int i = 0; i < len; i++)
             fputc(text[i] == '\n' || (text[i] >= 0x20 && text[i] < 0x7f) ? text[i] : '.', out);
         fputc('\n', out);
-    } else if (!err[0]) {
+    } else if (err && errlen && !err[0]) {
         fail(err, errlen, rc, "generating failed: %s", strerror(-rc));
     }
 out:

@@ -164,8 +164,7 @@ Test(jobspec, micro_batches_split_over_ep_and_checkpoint_from_is_absolute)
 
     expect_error("{\"model\": {\"experts\": 8}, \"parallel\": {\"ep\": 4, \"microbatch_size\": 2}}",
                  NULL, "parallel.microbatch_size", "ep");
-    expect_error("{}", "checkpoint.from=var/ck/job-1/step-00000010", "checkpoint.from",
-                 "absolute");
+    expect_error("{}", "checkpoint.from=var/ck/job-1/step-00000010", "checkpoint.from", "absolute");
     cr_assert_eq(parse("{}", NULL, 0, &s), 0, "%s", err);
     cr_assert_str_eq(s.checkpoint.from, "");
     expect_error("{}", "checkpoint.dir=", "checkpoint.dir", "1 to");

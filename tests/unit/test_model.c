@@ -271,8 +271,7 @@ static int local_forward(void *arg, void *tag, int layer, struct wk_moe *moe, st
     return wk_moe_forward_experts(moe, c, 0, moe->cfg.experts);
 }
 
-static int local_backward(void *arg, void *tag, int layer, struct wk_moe *moe,
-                          struct wk_moe_ctx *c)
+static int local_backward(void *arg, void *tag, int layer, struct wk_moe *moe, struct wk_moe_ctx *c)
 {
     (void)tag;
     (void)layer;

@@ -57,8 +57,7 @@ Test(placement, ep_groups_stay_in_a_node_and_pipeline_neighbours_are_close)
     cr_assert_eq(p.split_groups, 0);
     for (int s = 0; s < 4; s++) {
         for (int e = 1; e < 4; e++)
-            cr_assert_eq(node_of(&p, 0, s, e), node_of(&p, 0, s, 0), "EP group %d spans nodes",
-                         s);
+            cr_assert_eq(node_of(&p, 0, s, e), node_of(&p, 0, s, 0), "EP group %d spans nodes", s);
         if (s > 0)
             cr_assert_leq(node_of(&p, 0, s, 0) - node_of(&p, 0, s - 1, 0), 1,
                           "pipeline ranks %d and %d are more than one node apart", s - 1, s);

@@ -553,11 +553,14 @@ Test(store, checkpoints_and_their_shards)
 
     cr_assert_eq(coord_store_last_checkpoint(s, 7, &step, dir, sizeof(dir)), -ENOENT);
     cr_assert_eq(coord_store_checkpoint_shard(s, 7, 10, "w1", "/ck/job-7/step-00000010",
-                                              "rank-d0-p1-e0.ckpt", 200, 0xfffffff1u, 1), 0);
+                                              "rank-d0-p1-e0.ckpt", 200, 0xfffffff1u, 1),
+                 0);
     cr_assert_eq(coord_store_checkpoint_shard(s, 7, 10, "w0", "/ck/job-7/step-00000010",
-                                              "rank-d0-p0-e0.ckpt", 100, 0xfffffff0u, 1), 0);
+                                              "rank-d0-p0-e0.ckpt", 100, 0xfffffff0u, 1),
+                 0);
     cr_assert_eq(coord_store_checkpoint_shard(s, 7, 20, "w0", "/ck/job-7/step-00000020",
-                                              "rank-d0-p0-e0.ckpt", 100, 1, 1), 0);
+                                              "rank-d0-p0-e0.ckpt", 100, 1, 1),
+                 0);
     cr_assert_eq(coord_store_checkpoint_shards_each(s, 7, 10, see_shard, &seen), 2);
     cr_assert_str_eq(seen.files[0], "rank-d0-p0-e0.ckpt");
     cr_assert_eq(seen.bytes[1], 200);

@@ -337,7 +337,8 @@ static void add(float *y, const float *a, const float *b, size_t n)
 }
 
 /* The routed experts: here, or through c->ep. */
-static int moe_forward(struct wk_model *m, struct wk_model_cache *c, int i, const float *x, float *y)
+static int moe_forward(struct wk_model *m, struct wk_model_cache *c, int i, const float *x,
+                       float *y)
 {
     struct wk_moe *moe = &m->layer[i].moe;
     const struct wk_model_ep *ep = c->ep;
@@ -556,8 +557,7 @@ int wk_model_ckpt_add(struct wk_model *m, struct dx_ckpt_writer *w)
     }
     for (int i = 0; i < nlayers(m); i++) {
         snprintf(name, sizeof(name), "layer%d.moe.bias", m->first + i);
-        rc = dx_ckpt_writer_add(w, name, DX_CKPT_F32, m->layer[i].moe.bias,
-                                (size_t)m->cfg.experts);
+        rc = dx_ckpt_writer_add(w, name, DX_CKPT_F32, m->layer[i].moe.bias, (size_t)m->cfg.experts);
         if (rc < 0)
             return rc;
     }

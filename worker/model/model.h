@@ -128,7 +128,7 @@ struct wk_model_cache {
     struct wk_moe_ctx *moe;
     struct wk_rmsnorm_cache nf;
     struct wk_head_cache head;
-    struct wk_mat h, g, g2, t; /* [rows][d] scratch; g keeps the embedding's gradient for W */
+    struct wk_mat h, g, g2, t;    /* [rows][d] scratch; g keeps the embedding's gradient for W */
     const struct wk_model_ep *ep; /* NULL: every expert runs here (the default) */
     void *ep_tag;                 /* passed to ep's callbacks */
 };
