@@ -71,7 +71,10 @@ ALL_LIBS   := $(LIB_CTL) $(LIB_WORKER) $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
 BINS       := $(BUILD)/bin/duplexd $(BUILD)/bin/duplex-worker $(BUILD)/bin/duplexctl
 UNIT_BINS  := $(patsubst tests/unit/%.c,$(BUILD)/tests/unit/%,$(UNIT_SRC))
 BENCH_BINS := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
-FUZZ_REPLAY := $(BUILD)/tests/fuzz/fuzz_envelope_replay
+# libFuzzer targets (tests/fuzz/fuzz_NAME.c, corpus tests/fuzz/corpus_NAME/),
+# replayed over their corpus by make test
+FUZZ_TARGETS := envelope ckpt
+FUZZ_REPLAY := $(patsubst %,$(BUILD)/tests/fuzz/fuzz_%_replay,$(FUZZ_TARGETS))
 
 .PHONY: all deps deps-dev test test-build run bench format format-check lint fuzz install \
         uninstall clean
@@ -131,8 +134,8 @@ $(BUILD)/tests/unit/%: $(BUILD)/obj/tests/unit/%.o $(ALL_LIBS)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $< $(ALL_LIBS) $(LIBS) -lcriterion
 
-$(FUZZ_REPLAY): $(BUILD)/obj/tests/fuzz/fuzz_envelope.o $(BUILD)/obj/tests/fuzz/replay_main.o \
-                $(LIB_COMMON)
+$(BUILD)/tests/fuzz/fuzz_%_replay: $(BUILD)/obj/tests/fuzz/fuzz_%.o \
+                                   $(BUILD)/obj/tests/fuzz/replay_main.o $(LIB_COMMON)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $^ $(LIBS)
 
@@ -161,17 +164,20 @@ bench: deps
 
 # --- fuzz, format, lint -----------------------------------------------------
 
-FUZZ_BIN := $(BUILD)/fuzz/fuzz_envelope
-$(FUZZ_BIN): tests/fuzz/fuzz_envelope.c $(COMMON_SRC) $(PROTO_C)
+FUZZ_BINS := $(patsubst %,$(BUILD)/fuzz/fuzz_%,$(FUZZ_TARGETS))
+$(BUILD)/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(COMMON_SRC) $(PROTO_C)
 	@mkdir -p $(dir $@)
 	$(CLANG) -std=gnu11 -g -O1 -I. -I$(BUILD)/gen -fsanitize=fuzzer,address,undefined \
-	  -o $@ tests/fuzz/fuzz_envelope.c $(COMMON_SRC) $(PROTO_C) $(LIBS)
+	  -o $@ $< $(COMMON_SRC) $(PROTO_C) $(LIBS)
 
+# FUZZ_SECONDS per target; new finds land in build/fuzz/corpus_NAME
 fuzz: deps-dev
-	@$(MAKE) --no-print-directory $(FUZZ_BIN)
-	@mkdir -p $(BUILD)/fuzz/corpus
-	$(FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=8192 $(BUILD)/fuzz/corpus \
-	  tests/fuzz/corpus
+	@$(MAKE) --no-print-directory $(FUZZ_BINS)
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(BUILD)/fuzz/corpus_$$t && \
+	  $(BUILD)/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=8192 \
+	    $(BUILD)/fuzz/corpus_$$t tests/fuzz/corpus_$$t || exit 1; \
+	done
 
 FORMAT_FILES = $(shell git ls-files '*.c' '*.h' 2>/dev/null)
 

@@ -557,22 +557,15 @@ static int parse_table(dx_ckpt_reader_t *r, char *err, size_t errlen)
     return 0;
 }
 
-int dx_ckpt_open(const char *path, const struct dx_ckpt_shard_info *expect, dx_ckpt_reader_t **out,
-                 char *err, size_t errlen)
+/* Checks r->buf (r->size bytes) as a shard named path; on success *out = r,
+ * on failure r is closed. */
+static int open_loaded(dx_ckpt_reader_t *r, const char *path,
+                       const struct dx_ckpt_shard_info *expect, dx_ckpt_reader_t **out, char *err,
+                       size_t errlen)
 {
-    dx_ckpt_reader_t *r;
     uint32_t version, stored, crc;
     int rc;
 
-    *out = NULL;
-    r = calloc(1, sizeof(*r));
-    if (!r || !(r->path = strdup(path))) {
-        free(r);
-        return fail(err, errlen, -ENOMEM, "checkpoint shard %s: out of memory", path);
-    }
-    rc = read_file(path, &r->buf, &r->size, err, errlen);
-    if (rc < 0)
-        goto fail;
     if (expect && expect->bytes != r->size) {
         rc = fail(err, errlen, -EBADMSG,
                   "checkpoint shard %s is %zu bytes, the manifest says %" PRIu64
@@ -628,6 +621,49 @@ int dx_ckpt_open(const char *path, const struct dx_ckpt_shard_info *expect, dx_c
 fail:
     dx_ckpt_close(r);
     return rc;
+}
+
+static dx_ckpt_reader_t *reader_new(const char *path)
+{
+    dx_ckpt_reader_t *r = calloc(1, sizeof(*r));
+
+    if (r && !(r->path = strdup(path))) {
+        free(r);
+        r = NULL;
+    }
+    return r;
+}
+
+int dx_ckpt_open(const char *path, const struct dx_ckpt_shard_info *expect, dx_ckpt_reader_t **out,
+                 char *err, size_t errlen)
+{
+    dx_ckpt_reader_t *r = reader_new(path);
+    int rc;
+
+    *out = NULL;
+    if (!r)
+        return fail(err, errlen, -ENOMEM, "checkpoint shard %s: out of memory", path);
+    if ((rc = read_file(path, &r->buf, &r->size, err, errlen)) < 0) {
+        dx_ckpt_close(r);
+        return rc;
+    }
+    return open_loaded(r, path, expect, out, err, errlen);
+}
+
+int dx_ckpt_open_buf(const char *name, const void *data, size_t size,
+                     const struct dx_ckpt_shard_info *expect, dx_ckpt_reader_t **out, char *err,
+                     size_t errlen)
+{
+    dx_ckpt_reader_t *r = reader_new(name);
+
+    *out = NULL;
+    if (!r || !(r->buf = malloc(size + 1))) {
+        dx_ckpt_close(r);
+        return fail(err, errlen, -ENOMEM, "checkpoint shard %s: out of memory", name);
+    }
+    memcpy(r->buf, data, size);
+    r->size = size;
+    return open_loaded(r, name, expect, out, err, errlen);
 }
 
 int dx_ckpt_get(const dx_ckpt_reader_t *r, const char *name, enum dx_ckpt_dtype t, size_t count,
@@ -764,25 +800,47 @@ static int get_uint(const char *path, const char *where, json_t *obj, const char
     return 0;
 }
 
+static int manifest_parse(const char *path, json_t *root, json_error_t *jerr,
+                          struct dx_ckpt_manifest *out, char *err, size_t errlen);
+
 int dx_ckpt_manifest_read(const char *dir, struct dx_ckpt_manifest *out, char *err, size_t errlen)
 {
     char path[PATH_MAX];
     json_error_t jerr;
-    json_t *root = NULL, *arr;
-    struct dx_ckpt_manifest m = {0};
-    uint64_t format = 0;
-    int rc;
 
     memset(out, 0, sizeof(*out));
     if (manifest_path(path, sizeof(path), dir, "") < 0)
         return fail(err, errlen, -ENAMETOOLONG, "checkpoint manifest in %s: path too long", dir);
     if (access(path, F_OK) < 0)
         return fail(err, errlen, -errno, "checkpoint manifest %s: %s", path, strerror(errno));
-    root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    return manifest_parse(path, json_load_file(path, JSON_REJECT_DUPLICATES, &jerr), &jerr, out,
+                          err, errlen);
+}
+
+int dx_ckpt_manifest_parse(const char *name, const char *json, size_t len,
+                           struct dx_ckpt_manifest *out, char *err, size_t errlen)
+{
+    json_error_t jerr;
+
+    memset(out, 0, sizeof(*out));
+    return manifest_parse(name, json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr), &jerr, out,
+                          err, errlen);
+}
+
+/* Takes root (NULL when it did not parse, jerr says why). */
+static int manifest_parse(const char *path, json_t *root, json_error_t *jerr,
+                          struct dx_ckpt_manifest *out, char *err, size_t errlen)
+{
+    const json_error_t *je = jerr;
+    struct dx_ckpt_manifest m = {0};
+    uint64_t format = 0;
+    json_t *arr;
+    int rc;
+
     if (!root)
         return fail(err, errlen, -EBADMSG,
-                    "checkpoint manifest %s: bad JSON at line %d column %d: %s", path, jerr.line,
-                    jerr.column, jerr.text);
+                    "checkpoint manifest %s: bad JSON at line %d column %d: %s", path, je->line,
+                    je->column, je->text);
     if (!json_is_object(root)) {
         rc = fail(err, errlen, -EBADMSG, "checkpoint manifest %s: not a JSON object", path);
         goto fail;

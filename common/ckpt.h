@@ -1,4 +1,6 @@
-/* ckpt.h - the worker's checkpoint shards and their manifest.
+/* ckpt.h - checkpoint shards (each training rank writes one per checkpoint)
+ * and the manifest that lists them (duplexd writes it once every shard is
+ * in).
  *
  * Each training rank writes one shard file per checkpoint holding named,
  * typed sections (parameters, optimizer state, data position, RNG state...).
@@ -100,6 +102,12 @@ void dx_ckpt_writer_destroy(dx_ckpt_writer_t *w);
 int dx_ckpt_open(const char *path, const struct dx_ckpt_shard_info *expect, dx_ckpt_reader_t **out,
                  char *err, size_t errlen);
 
+/* The same for a shard already in memory (data is copied), named `name` in
+ * messages: for tests and the fuzzer. */
+int dx_ckpt_open_buf(const char *name, const void *data, size_t size,
+                     const struct dx_ckpt_shard_info *expect, dx_ckpt_reader_t **out, char *err,
+                     size_t errlen);
+
 /* The payload of section name, which must hold exactly count elements of
  * type t (8-byte aligned, valid until dx_ckpt_close). -ENOENT when there is
  * no such section, -EINVAL on a type or count mismatch. */
@@ -121,6 +129,10 @@ int dx_ckpt_manifest_write(const char *dir, uint64_t job_id, uint64_t step,
  * dx_ckpt_manifest_clear). -ENOENT when missing, -EBADMSG when malformed,
  * -EPROTONOSUPPORT for an unknown format. Unknown keys are ignored. */
 int dx_ckpt_manifest_read(const char *dir, struct dx_ckpt_manifest *out, char *err, size_t errlen);
+
+/* dx_ckpt_manifest_read on JSON text in memory, named `name` in messages. */
+int dx_ckpt_manifest_parse(const char *name, const char *json, size_t len,
+                           struct dx_ckpt_manifest *out, char *err, size_t errlen);
 void dx_ckpt_manifest_clear(struct dx_ckpt_manifest *m);
 
 /* The shard named file, or NULL. */

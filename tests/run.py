@@ -53,17 +53,24 @@ def unit_tests(build, env):
     return passed, failed
 
 
+FUZZ_TARGETS = ("envelope", "ckpt")
+
+
 def fuzz_replay(build, env):
-    replay = os.path.join(REPO, build, "tests", "fuzz", "fuzz_envelope_replay")
-    corpus = os.path.join(REPO, "tests", "fuzz", "corpus")
-    files = sorted(os.path.join(corpus, f) for f in os.listdir(corpus))
-    proc = run([replay] + files, env)
-    if proc.returncode == 0:
-        print(f"  fuzz corpus replay: all {len(files)} inputs handled")
-        return 1, 0
-    print(proc.stdout)
-    print("  fuzz corpus replay: FAILED")
-    return 0, 1
+    passed = failed = 0
+    for target in FUZZ_TARGETS:
+        replay = os.path.join(REPO, build, "tests", "fuzz", f"fuzz_{target}_replay")
+        corpus = os.path.join(REPO, "tests", "fuzz", f"corpus_{target}")
+        files = sorted(os.path.join(corpus, f) for f in os.listdir(corpus))
+        proc = run([replay] + files, env)
+        if proc.returncode == 0:
+            print(f"  fuzz corpus replay ({target}): all {len(files)} inputs handled")
+            passed += 1
+        else:
+            print(proc.stdout)
+            print(f"  fuzz corpus replay ({target}): FAILED")
+            failed += 1
+    return passed, failed
 
 
 def system_tests(build, env):
