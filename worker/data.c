@@ -1,5 +1,5 @@
-/* data.c - the byte-level training text and its deterministic micro-batches
- * (the offset formula is in data.h). */
+/* data.c - the byte-level training text, memory-mapped file by file, and
+ * its deterministic micro-batches (the offset formula is in data.h). */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -84,40 +85,32 @@ static int list_files(const char *dir, char ***out, size_t *count, char *err, si
     return 0;
 }
 
-/* Appends the file dir/name to d->text. */
-static int read_file(struct wk_data *d, size_t *alloc, const char *dir, const char *name, char *err,
-                     size_t errlen)
+/* Maps dir/name read-only as the next segment of the text (an empty file
+ * adds nothing). */
+static int map_file(struct wk_data *d, const char *dir, const char *name, char *err, size_t errlen)
 {
+    struct wk_data_seg *seg = &d->seg[d->nseg];
     char path[4096];
+    struct stat st;
+    void *map;
     int fd, rc = 0;
 
     snprintf(path, sizeof(path), "%s/%s", dir, name);
     if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
         return fail(err, errlen, -errno, "%s: %s", path, strerror(errno));
-    for (;;) {
-        ssize_t got;
-
-        if (*alloc - d->len < 65536) {
-            size_t na = *alloc ? *alloc * 2 : 1 << 20;
-            uint8_t *nt = realloc(d->text, na);
-
-            if (!nt) {
-                rc = fail(err, errlen, -ENOMEM, "%s: out of memory", path);
-                break;
-            }
-            d->text = nt;
-            *alloc = na;
+    if (fstat(fd, &st) < 0) {
+        rc = fail(err, errlen, -errno, "%s: %s", path, strerror(errno));
+    } else if (st.st_size > 0) {
+        map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (map == MAP_FAILED) {
+            rc = fail(err, errlen, -errno, "%s: cannot map it: %s", path, strerror(errno));
+        } else {
+            seg->bytes = map;
+            seg->len = (size_t)st.st_size;
+            seg->start = d->len;
+            d->len += seg->len;
+            d->nseg++;
         }
-        got = read(fd, d->text + d->len, *alloc - d->len);
-        if (got < 0 && errno == EINTR)
-            continue;
-        if (got < 0) {
-            rc = fail(err, errlen, -errno, "%s: %s", path, strerror(errno));
-            break;
-        }
-        if (got == 0)
-            break;
-        d->len += (size_t)got;
     }
     close(fd);
     return rc;
@@ -126,8 +119,8 @@ static int read_file(struct wk_data *d, size_t *alloc, const char *dir, const ch
 int wk_data_open(struct wk_data *d, const char *dir, char *err, size_t errlen)
 {
     char **names = NULL;
-    size_t n = 0, alloc = 0;
-    int rc;
+    size_t n = 0;
+    int rc = 0;
 
     memset(d, 0, sizeof(*d));
     if ((rc = list_files(dir, &names, &n, err, errlen)) < 0)
@@ -136,8 +129,12 @@ int wk_data_open(struct wk_data *d, const char *dir, char *err, size_t errlen)
         free_names(names, n);
         return fail(err, errlen, -ENOENT, "data directory %s has no regular files", dir);
     }
+    if (!(d->seg = calloc(n, sizeof(*d->seg)))) {
+        free_names(names, n);
+        return fail(err, errlen, -ENOMEM, "data directory %s: out of memory", dir);
+    }
     for (size_t i = 0; i < n && rc == 0; i++)
-        rc = read_file(d, &alloc, dir, names[i], err, errlen);
+        rc = map_file(d, dir, names[i], err, errlen);
     free_names(names, n);
     if (rc < 0) {
         wk_data_close(d);
@@ -158,18 +155,46 @@ int wk_data_open(struct wk_data *d, const char *dir, char *err, size_t errlen)
 
 void wk_data_close(struct wk_data *d)
 {
-    free(d->text);
+    for (int i = 0; d->seg && i < d->nseg; i++)
+        munmap((void *)d->seg[i].bytes, d->seg[i].len);
+    free(d->seg);
     memset(d, 0, sizeof(*d));
 }
 
-const uint8_t *wk_data_split(const struct wk_data *d, enum wk_data_split split, size_t *len)
+size_t wk_data_split_len(const struct wk_data *d, enum wk_data_split split)
 {
-    if (split == WK_DATA_TRAIN) {
-        *len = d->train_len;
-        return d->text;
+    return split == WK_DATA_TRAIN ? d->train_len : d->len - d->train_len;
+}
+
+int wk_data_read(const struct wk_data *d, enum wk_data_split split, size_t off, size_t n,
+                 uint8_t *out)
+{
+    size_t at = (split == WK_DATA_TRAIN ? 0 : d->train_len) + off;
+    int lo = 0, hi = d->nseg - 1;
+
+    if (off > wk_data_split_len(d, split) || n > wk_data_split_len(d, split) - off)
+        return -EINVAL;
+    if (n == 0)
+        return 0;
+    /* the segment holding byte `at`: the last one starting at or before it */
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+
+        if (d->seg[mid].start <= at)
+            lo = mid;
+        else
+            hi = mid - 1;
     }
-    *len = d->len - d->train_len;
-    return d->text + d->train_len;
+    for (int i = lo; n > 0; i++) {
+        size_t from = at - d->seg[i].start, take = d->seg[i].len - from;
+
+        take = take < n ? take : n;
+        memcpy(out, d->seg[i].bytes + from, take);
+        out += take;
+        at += take;
+        n -= take;
+    }
+    return 0;
 }
 
 static uint64_t mix(uint64_t x)
@@ -182,9 +207,8 @@ static uint64_t mix(uint64_t x)
 int64_t wk_data_offset(const struct wk_data *d, enum wk_data_split split, uint64_t seed,
                        int64_t step, int64_t i, int seq)
 {
-    size_t len;
+    size_t len = wk_data_split_len(d, split);
 
-    wk_data_split(d, split, &len);
     if (seq < 1 || len <= (size_t)seq)
         return -EINVAL;
     uint64_t h = mix(mix(mix(seed ^ WK_DATA_SALT) ^ (uint64_t)step) ^ (uint64_t)i);
@@ -194,20 +218,25 @@ int64_t wk_data_offset(const struct wk_data *d, enum wk_data_split split, uint64
 int wk_data_batch(const struct wk_data *d, enum wk_data_split split, uint64_t seed, int64_t step,
                   int rank, int microbatches, int k, int batch, int seq, int32_t *tokens)
 {
-    size_t len;
-    const uint8_t *text = wk_data_split(d, split, &len);
+    uint8_t *window; /* one sequence's seq + 1 bytes, then widened to tokens */
+    int rc = 0;
 
-    if (rank < 0 || microbatches < 1 || k < 0 || k >= microbatches || batch < 1 || !tokens)
+    if (rank < 0 || microbatches < 1 || k < 0 || k >= microbatches || batch < 1 || seq < 1 ||
+        !tokens)
         return -EINVAL;
-    for (int b = 0; b < batch; b++) {
+    if (!(window = malloc((size_t)seq + 1)))
+        return -ENOMEM;
+    for (int b = 0; b < batch && rc == 0; b++) {
         int64_t i = ((int64_t)rank * microbatches + k) * batch + b;
         int64_t off = wk_data_offset(d, split, seed, step, i, seq);
         int32_t *t = tokens + (size_t)b * (size_t)(seq + 1);
 
         if (off < 0)
-            return (int)off;
-        for (int j = 0; j <= seq; j++)
-            t[j] = text[off + j];
+            rc = (int)off;
+        else if ((rc = wk_data_read(d, split, (size_t)off, (size_t)seq + 1, window)) == 0)
+            for (int j = 0; j <= seq; j++)
+                t[j] = window[j];
     }
-    return 0;
+    free(window);
+    return rc;
 }

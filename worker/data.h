@@ -1,7 +1,7 @@
 /* data.h - the training text: every regular file directly under a directory
- * (symbolic links are skipped), sorted by name and concatenated, read once;
- * each byte is a token. The first WK_DATA_TRAIN_PERCENT % of the bytes are
- * the training split, the rest the validation split.
+ * (symbolic links are skipped), sorted by name and concatenated (each file
+ * memory-mapped, read through wk_data_read); each byte is a token. The first WK_DATA_TRAIN_PERCENT
+ * % of the bytes are the training split, the rest the validation split.
  *
  * Micro-batches are drawn so that any layout of data-parallel ranks sees the
  * same global batch. Step s holds G = dp x microbatches x batch sequences;
@@ -27,11 +27,18 @@ enum wk_data_split {
     WK_DATA_VALID,
 };
 
+/* One file of the text, mapped read-only: bytes [start, start + len) of
+ * the concatenation. */
+struct wk_data_seg {
+    const uint8_t *bytes;
+    size_t len, start;
+};
+
 struct wk_data {
-    uint8_t *text; /* all files, concatenated */
-    size_t len;
-    size_t train_len; /* text[0, train_len) trains, text[train_len, len) validates */
-    int files;
+    struct wk_data_seg *seg; /* the files, in name order (empty ones left out) */
+    int nseg, files;
+    size_t len;       /* of the concatenation */
+    size_t train_len; /* bytes [0, train_len) train, [train_len, len) validate */
 };
 
 /* Reads the directory. 0, or -errno with the reason in err (a missing or
@@ -39,8 +46,11 @@ struct wk_data {
 int wk_data_open(struct wk_data *d, const char *dir, char *err, size_t errlen);
 void wk_data_close(struct wk_data *d);
 
-/* The split's bytes. */
-const uint8_t *wk_data_split(const struct wk_data *d, enum wk_data_split split, size_t *len);
+/* The split's length, and a copy of its bytes [off, off + n) into out
+ * (across file boundaries; -EINVAL past the split's end). */
+size_t wk_data_split_len(const struct wk_data *d, enum wk_data_split split);
+int wk_data_read(const struct wk_data *d, enum wk_data_split split, size_t off, size_t n,
+                 uint8_t *out);
 
 /* The start of global sequence i of step s (the formula above), or -EINVAL
  * when the split is not longer than seq. */

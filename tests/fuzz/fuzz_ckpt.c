@@ -45,8 +45,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     } else {
         struct dx_ckpt_manifest m;
 
-        rc = dx_ckpt_manifest_parse("fuzz/MANIFEST.json", (const char *)data + 1, size - 1, &m,
-                                    err, sizeof(err));
+        rc = dx_ckpt_manifest_parse("fuzz/MANIFEST.json", (const char *)data + 1, size - 1, &m, err,
+                                    sizeof(err));
         if (rc < 0) {
             if (!err[0])
                 abort();

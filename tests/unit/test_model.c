@@ -427,9 +427,21 @@ Test(data, files_split_and_offsets, .init = setup)
     remove_text_dir(dir);
     cr_assert_eq(d.files, 2);
     cr_assert_eq(d.len, strlen(TEXT));
-    cr_assert_eq(memcmp(d.text, TEXT, d.len), 0);
     cr_assert_eq(d.train_len, d.len * 9 / 10);
-    cr_assert_eq(wk_data_split(&d, WK_DATA_VALID, &len), d.text + d.train_len);
+    {
+        uint8_t all[sizeof(TEXT)];
+
+        /* the two files read as one text, across their boundary */
+        cr_assert_eq(wk_data_read(&d, WK_DATA_TRAIN, 0, d.train_len, all), 0);
+        cr_assert_eq(wk_data_read(&d, WK_DATA_VALID, 0, d.len - d.train_len, all + d.train_len), 0);
+        cr_assert_eq(memcmp(all, TEXT, d.len), 0);
+        cr_assert_eq(wk_data_read(&d, WK_DATA_VALID, 1, d.len - d.train_len, all), -EINVAL);
+        for (size_t off = 0; off + 5 <= d.train_len; off++) {
+            cr_assert_eq(wk_data_read(&d, WK_DATA_TRAIN, off, 5, all), 0);
+            cr_assert_eq(memcmp(all, TEXT + off, 5), 0, "window at %zu", off);
+        }
+    }
+    len = wk_data_split_len(&d, WK_DATA_VALID);
     cr_assert_eq(len, d.len - d.train_len);
 
     /* one rank with 4 micro-batches of 2 = two ranks with 2 micro-batches */
