@@ -9,7 +9,6 @@
 #include <jansson.h>
 #include <limits.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +17,7 @@
 #include <unistd.h>
 
 #include "common/fs.h"
+#include "common/log.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "ckpt.c writes payloads in host order and needs a little-endian host"
@@ -34,21 +34,6 @@
 
 static const uint8_t magic[MAGIC_LEN] = {'D', 'X', 'C', 'K', 'P', 'T', 0, 0};
 static const uint8_t end_magic[4] = {'D', 'X', 'C', 'E'};
-
-static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err && errlen > 0) {
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
 
 /* --- CRC-32C ------------------------------------------------------------- */
 
@@ -213,11 +198,11 @@ static int publish(const char *tmp, const char *path, char *err, size_t errlen)
     if (rename(tmp, path) < 0) {
         rc = -errno;
         unlink(tmp);
-        return fail(err, errlen, rc, "renaming %s to %s: %s", tmp, path, strerror(-rc));
+        return dx_errf(err, errlen, rc, "renaming %s to %s: %s", tmp, path, strerror(-rc));
     }
     rc = sync_parent(path);
     if (rc < 0)
-        return fail(err, errlen, rc, "syncing the directory of %s: %s", path, strerror(-rc));
+        return dx_errf(err, errlen, rc, "syncing the directory of %s: %s", path, strerror(-rc));
     return 0;
 }
 
@@ -353,28 +338,28 @@ int dx_ckpt_writer_commit(dx_ckpt_writer_t *w, const char *path, struct dx_ckpt_
     int fd, rc;
 
     if (!w || !path)
-        return fail(err, errlen, -EINVAL, "checkpoint commit: no writer or path");
+        return dx_errf(err, errlen, -EINVAL, "checkpoint commit: no writer or path");
     if (strlen(base_name(path)) >= DX_CKPT_FILE_MAX || !valid_file_name(base_name(path)))
-        return fail(err, errlen, -EINVAL, "checkpoint shard %s: bad file name", path);
+        return dx_errf(err, errlen, -EINVAL, "checkpoint shard %s: bad file name", path);
     if (w->n > UINT32_MAX)
-        return fail(err, errlen, -EINVAL, "checkpoint shard %s: too many sections", path);
+        return dx_errf(err, errlen, -EINVAL, "checkpoint shard %s: too many sections", path);
     if (snprintf(tmp, sizeof(tmp), "%s%s", path, TMP_SUFFIX) >= (int)sizeof(tmp))
-        return fail(err, errlen, -ENAMETOOLONG, "checkpoint shard %s: path too long", path);
+        return dx_errf(err, errlen, -ENAMETOOLONG, "checkpoint shard %s: path too long", path);
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0)
-        return fail(err, errlen, -errno, "creating %s: %s", tmp, strerror(errno));
+        return dx_errf(err, errlen, -errno, "creating %s: %s", tmp, strerror(errno));
     rc = write_shard(w, fd, &bytes, &crc);
     if (rc < 0) {
-        fail(err, errlen, rc, "writing %s: %s", tmp, strerror(-rc));
+        dx_errf(err, errlen, rc, "writing %s: %s", tmp, strerror(-rc));
         goto fail;
     }
     if (fsync(fd) < 0) {
-        rc = fail(err, errlen, -errno, "syncing %s: %s", tmp, strerror(errno));
+        rc = dx_errf(err, errlen, -errno, "syncing %s: %s", tmp, strerror(errno));
         goto fail;
     }
     if (close(fd) < 0) {
         fd = -1;
-        rc = fail(err, errlen, -errno, "closing %s: %s", tmp, strerror(errno));
+        rc = dx_errf(err, errlen, -errno, "closing %s: %s", tmp, strerror(errno));
         goto fail;
     }
     rc = publish(tmp, path, err, errlen);
@@ -428,23 +413,23 @@ static int read_file(const char *path, uint8_t **out, size_t *size, char *err, s
     int fd = open(path, O_RDONLY | O_CLOEXEC), rc;
 
     if (fd < 0)
-        return fail(err, errlen, -errno, "checkpoint shard %s: %s", path, strerror(errno));
+        return dx_errf(err, errlen, -errno, "checkpoint shard %s: %s", path, strerror(errno));
     if (fstat(fd, &st) < 0) {
-        rc = fail(err, errlen, -errno, "checkpoint shard %s: %s", path, strerror(errno));
+        rc = dx_errf(err, errlen, -errno, "checkpoint shard %s: %s", path, strerror(errno));
         goto fail;
     }
     if (!S_ISREG(st.st_mode)) {
-        rc = fail(err, errlen, -EINVAL, "checkpoint shard %s: not a regular file", path);
+        rc = dx_errf(err, errlen, -EINVAL, "checkpoint shard %s: not a regular file", path);
         goto fail;
     }
     if ((uint64_t)st.st_size > SIZE_MAX - 1) {
-        rc = fail(err, errlen, -EFBIG, "checkpoint shard %s: too big to load", path);
+        rc = dx_errf(err, errlen, -EFBIG, "checkpoint shard %s: too big to load", path);
         goto fail;
     }
     buf = malloc((size_t)st.st_size + 1);
     if (!buf) {
-        rc = fail(err, errlen, -ENOMEM, "checkpoint shard %s: out of memory (%lld bytes)", path,
-                  (long long)st.st_size);
+        rc = dx_errf(err, errlen, -ENOMEM, "checkpoint shard %s: out of memory (%lld bytes)", path,
+                     (long long)st.st_size);
         goto fail;
     }
     /* Read one byte more than stat said, to notice a file that grew. */
@@ -454,7 +439,7 @@ static int read_file(const char *path, uint8_t **out, size_t *size, char *err, s
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0) {
-            rc = fail(err, errlen, -errno, "checkpoint shard %s: %s", path, strerror(errno));
+            rc = dx_errf(err, errlen, -errno, "checkpoint shard %s: %s", path, strerror(errno));
             goto fail;
         }
         if (n == 0)
@@ -462,7 +447,7 @@ static int read_file(const char *path, uint8_t **out, size_t *size, char *err, s
         done += (size_t)n;
     }
     if (done != (size_t)st.st_size) {
-        rc = fail(err, errlen, -EAGAIN, "checkpoint shard %s: changed while being read", path);
+        rc = dx_errf(err, errlen, -EAGAIN, "checkpoint shard %s: changed while being read", path);
         goto fail;
     }
     close(fd);
@@ -494,13 +479,13 @@ static int parse_table(dx_ckpt_reader_t *r, char *err, size_t errlen)
     uint64_t n = get_u32(r->buf + 12), data_end = r->size - TRAILER_LEN, table_end;
 
     if (n > (data_end - HEADER_LEN) / ENTRY_LEN)
-        return fail(err, errlen, -EBADMSG,
-                    "checkpoint shard %s: %" PRIu64 " sections do not fit in %zu bytes", path, n,
-                    r->size);
+        return dx_errf(err, errlen, -EBADMSG,
+                       "checkpoint shard %s: %" PRIu64 " sections do not fit in %zu bytes", path, n,
+                       r->size);
     table_end = HEADER_LEN + n * ENTRY_LEN;
     r->secs = calloc(n ? n : 1, sizeof(*r->secs));
     if (!r->secs)
-        return fail(err, errlen, -ENOMEM, "checkpoint shard %s: out of memory", path);
+        return dx_errf(err, errlen, -ENOMEM, "checkpoint shard %s: out of memory", path);
     r->n = n;
     for (uint64_t i = 0; i < n; i++) {
         const uint8_t *e = r->buf + HEADER_LEN + ENTRY_LEN * i;
@@ -508,37 +493,37 @@ static int parse_table(dx_ckpt_reader_t *r, char *err, size_t errlen)
         size_t nlen = strnlen((const char *)e, NAME_LEN), es;
 
         if (nlen == 0 || nlen == NAME_LEN)
-            return fail(err, errlen, -EBADMSG,
-                        "checkpoint shard %s: section %" PRIu64
-                        " has an empty or unterminated name",
-                        path, i);
+            return dx_errf(err, errlen, -EBADMSG,
+                           "checkpoint shard %s: section %" PRIu64
+                           " has an empty or unterminated name",
+                           path, i);
         for (size_t k = nlen; k < NAME_LEN; k++)
             if (e[k] != 0)
-                return fail(err, errlen, -EBADMSG,
-                            "checkpoint shard %s: section %" PRIu64 " has garbage after its name",
-                            path, i);
+                return dx_errf(
+                    err, errlen, -EBADMSG,
+                    "checkpoint shard %s: section %" PRIu64 " has garbage after its name", path, i);
         s->name = (const char *)e;
         s->dtype = get_u32(e + 64);
         s->count = get_u64(e + 72);
         s->offset = get_u64(e + 80);
         es = dtype_size(s->dtype);
         if (es == 0)
-            return fail(err, errlen, -EBADMSG,
-                        "checkpoint shard %s: section %s has unknown type %" PRIu32, path, s->name,
-                        s->dtype);
+            return dx_errf(err, errlen, -EBADMSG,
+                           "checkpoint shard %s: section %s has unknown type %" PRIu32, path,
+                           s->name, s->dtype);
         if (get_u32(e + 68) != 0)
-            return fail(err, errlen, -EBADMSG,
-                        "checkpoint shard %s: section %s has a non-zero reserved field", path,
-                        s->name);
+            return dx_errf(err, errlen, -EBADMSG,
+                           "checkpoint shard %s: section %s has a non-zero reserved field", path,
+                           s->name);
         if (s->offset % ALIGN != 0 || s->offset < table_end || s->offset > data_end)
-            return fail(err, errlen, -EBADMSG,
-                        "checkpoint shard %s: section %s has a bad offset %" PRIu64, path, s->name,
-                        s->offset);
+            return dx_errf(err, errlen, -EBADMSG,
+                           "checkpoint shard %s: section %s has a bad offset %" PRIu64, path,
+                           s->name, s->offset);
         if (s->count > (data_end - s->offset) / es)
-            return fail(err, errlen, -EBADMSG,
-                        "checkpoint shard %s: section %s (%" PRIu64 " %s at %" PRIu64
-                        ") runs past the data end %" PRIu64,
-                        path, s->name, s->count, dtype_name(s->dtype), s->offset, data_end);
+            return dx_errf(err, errlen, -EBADMSG,
+                           "checkpoint shard %s: section %s (%" PRIu64 " %s at %" PRIu64
+                           ") runs past the data end %" PRIu64,
+                           path, s->name, s->count, dtype_name(s->dtype), s->offset, data_end);
         s->len = s->count * es;
     }
     qsort(r->secs, n, sizeof(*r->secs), cmp_offset);
@@ -546,14 +531,14 @@ static int parse_table(dx_ckpt_reader_t *r, char *err, size_t errlen)
         const struct rsection *a = &r->secs[i - 1], *b = &r->secs[i];
 
         if (a->len > 0 && b->len > 0 && a->offset + a->len > b->offset)
-            return fail(err, errlen, -EBADMSG, "checkpoint shard %s: sections %s and %s overlap",
-                        path, a->name, b->name);
+            return dx_errf(err, errlen, -EBADMSG, "checkpoint shard %s: sections %s and %s overlap",
+                           path, a->name, b->name);
     }
     qsort(r->secs, n, sizeof(*r->secs), cmp_name);
     for (uint64_t i = 1; i < n; i++)
         if (strcmp(r->secs[i - 1].name, r->secs[i].name) == 0)
-            return fail(err, errlen, -EBADMSG, "checkpoint shard %s: section %s appears twice",
-                        path, r->secs[i].name);
+            return dx_errf(err, errlen, -EBADMSG, "checkpoint shard %s: section %s appears twice",
+                           path, r->secs[i].name);
     return 0;
 }
 
@@ -567,50 +552,50 @@ static int open_loaded(dx_ckpt_reader_t *r, const char *path,
     int rc;
 
     if (expect && expect->bytes != r->size) {
-        rc = fail(err, errlen, -EBADMSG,
-                  "checkpoint shard %s is %zu bytes, the manifest says %" PRIu64
-                  " (torn or from another checkpoint)",
-                  path, r->size, expect->bytes);
+        rc = dx_errf(err, errlen, -EBADMSG,
+                     "checkpoint shard %s is %zu bytes, the manifest says %" PRIu64
+                     " (torn or from another checkpoint)",
+                     path, r->size, expect->bytes);
         goto fail;
     }
     if (r->size < MIN_SHARD) {
-        rc = fail(err, errlen, -EBADMSG,
-                  "checkpoint shard %s is %zu bytes, too short for a shard (truncated?)", path,
-                  r->size);
+        rc = dx_errf(err, errlen, -EBADMSG,
+                     "checkpoint shard %s is %zu bytes, too short for a shard (truncated?)", path,
+                     r->size);
         goto fail;
     }
     if (memcmp(r->buf, magic, MAGIC_LEN) != 0) {
-        rc = fail(err, errlen, -EBADMSG, "%s is not a checkpoint shard (bad magic)", path);
+        rc = dx_errf(err, errlen, -EBADMSG, "%s is not a checkpoint shard (bad magic)", path);
         goto fail;
     }
     version = get_u32(r->buf + 8);
     if (version != DX_CKPT_VERSION) {
-        rc = fail(err, errlen, -EPROTONOSUPPORT,
-                  "checkpoint shard %s: unsupported checkpoint format version %" PRIu32
-                  " (this build reads %d)",
-                  path, version, DX_CKPT_VERSION);
+        rc = dx_errf(err, errlen, -EPROTONOSUPPORT,
+                     "checkpoint shard %s: unsupported checkpoint format version %" PRIu32
+                     " (this build reads %d)",
+                     path, version, DX_CKPT_VERSION);
         goto fail;
     }
     if (r->size % ALIGN != 0 || memcmp(r->buf + r->size - 4, end_magic, 4) != 0) {
-        rc = fail(err, errlen, -EBADMSG,
-                  "checkpoint shard %s (%zu bytes) has no end marker: truncated or torn", path,
-                  r->size);
+        rc = dx_errf(err, errlen, -EBADMSG,
+                     "checkpoint shard %s (%zu bytes) has no end marker: truncated or torn", path,
+                     r->size);
         goto fail;
     }
     stored = get_u32(r->buf + r->size - TRAILER_LEN);
     crc = dx_ckpt_crc32c(0, r->buf, r->size - TRAILER_LEN);
     if (crc != stored) {
-        rc = fail(err, errlen, -EBADMSG,
-                  "checkpoint shard %s is corrupt: CRC-32C 0x%08" PRIx32
-                  ", the trailer says 0x%08" PRIx32,
-                  path, crc, stored);
+        rc = dx_errf(err, errlen, -EBADMSG,
+                     "checkpoint shard %s is corrupt: CRC-32C 0x%08" PRIx32
+                     ", the trailer says 0x%08" PRIx32,
+                     path, crc, stored);
         goto fail;
     }
     if (expect && expect->crc32c != stored) {
-        rc = fail(err, errlen, -EBADMSG,
-                  "checkpoint shard %s has CRC-32C 0x%08" PRIx32 ", the manifest says 0x%08" PRIx32
-                  " (from another checkpoint)",
-                  path, stored, expect->crc32c);
+        rc = dx_errf(err, errlen, -EBADMSG,
+                     "checkpoint shard %s has CRC-32C 0x%08" PRIx32
+                     ", the manifest says 0x%08" PRIx32 " (from another checkpoint)",
+                     path, stored, expect->crc32c);
         goto fail;
     }
     rc = parse_table(r, err, errlen);
@@ -642,7 +627,7 @@ int dx_ckpt_open(const char *path, const struct dx_ckpt_shard_info *expect, dx_c
 
     *out = NULL;
     if (!r)
-        return fail(err, errlen, -ENOMEM, "checkpoint shard %s: out of memory", path);
+        return dx_errf(err, errlen, -ENOMEM, "checkpoint shard %s: out of memory", path);
     if ((rc = read_file(path, &r->buf, &r->size, err, errlen)) < 0) {
         dx_ckpt_close(r);
         return rc;
@@ -659,7 +644,7 @@ int dx_ckpt_open_buf(const char *name, const void *data, size_t size,
     *out = NULL;
     if (!r || !(r->buf = malloc(size + 1))) {
         dx_ckpt_close(r);
-        return fail(err, errlen, -ENOMEM, "checkpoint shard %s: out of memory", name);
+        return dx_errf(err, errlen, -ENOMEM, "checkpoint shard %s: out of memory", name);
     }
     memcpy(r->buf, data, size);
     r->size = size;
@@ -675,14 +660,15 @@ int dx_ckpt_get(const dx_ckpt_reader_t *r, const char *name, enum dx_ckpt_dtype 
     *data = NULL;
     s = r->n ? bsearch(&key, r->secs, r->n, sizeof(*r->secs), cmp_name) : NULL;
     if (!s)
-        return fail(err, errlen, -ENOENT, "checkpoint shard %s has no section %s", r->path, name);
+        return dx_errf(err, errlen, -ENOENT, "checkpoint shard %s has no section %s", r->path,
+                       name);
     if (s->dtype != (uint32_t)t)
-        return fail(err, errlen, -EINVAL, "checkpoint shard %s: section %s is %s, expected %s",
-                    r->path, name, dtype_name(s->dtype), dtype_name((uint32_t)t));
+        return dx_errf(err, errlen, -EINVAL, "checkpoint shard %s: section %s is %s, expected %s",
+                       r->path, name, dtype_name(s->dtype), dtype_name((uint32_t)t));
     if (s->count != (uint64_t)count)
-        return fail(err, errlen, -EINVAL,
-                    "checkpoint shard %s: section %s has %" PRIu64 " %s, expected %zu", r->path,
-                    name, s->count, dtype_name(s->dtype), count);
+        return dx_errf(err, errlen, -EINVAL,
+                       "checkpoint shard %s: section %s has %" PRIu64 " %s, expected %zu", r->path,
+                       name, s->count, dtype_name(s->dtype), count);
     *data = r->buf + s->offset;
     return 0;
 }
@@ -700,14 +686,15 @@ static int check_shards(const char *what, const struct dx_ckpt_shard_info *shard
                         char *err, size_t errlen)
 {
     if (n == 0)
-        return fail(err, errlen, -EBADMSG, "%s lists no shards", what);
+        return dx_errf(err, errlen, -EBADMSG, "%s lists no shards", what);
     for (size_t i = 0; i < n; i++) {
         if (!valid_file_name(shards[i].file))
-            return fail(err, errlen, -EBADMSG, "%s: shard %zu has a bad file name \"%.*s\"", what,
-                        i, DX_CKPT_FILE_MAX - 1, shards[i].file);
+            return dx_errf(err, errlen, -EBADMSG, "%s: shard %zu has a bad file name \"%.*s\"",
+                           what, i, DX_CKPT_FILE_MAX - 1, shards[i].file);
         for (size_t j = 0; j < i; j++)
             if (strcmp(shards[i].file, shards[j].file) == 0)
-                return fail(err, errlen, -EBADMSG, "%s lists shard %s twice", what, shards[i].file);
+                return dx_errf(err, errlen, -EBADMSG, "%s lists shard %s twice", what,
+                               shards[i].file);
     }
     return 0;
 }
@@ -723,23 +710,23 @@ int dx_ckpt_manifest_write(const char *dir, uint64_t job_id, uint64_t step,
 
     if (manifest_path(path, sizeof(path), dir, "") < 0 ||
         manifest_path(tmp, sizeof(tmp), dir, TMP_SUFFIX) < 0)
-        return fail(err, errlen, -ENAMETOOLONG, "checkpoint manifest in %s: path too long", dir);
+        return dx_errf(err, errlen, -ENAMETOOLONG, "checkpoint manifest in %s: path too long", dir);
     rc = check_shards(path, shards, n, err, errlen);
     if (rc < 0)
         return -EINVAL;
     if (job_id > INT64_MAX || step > INT64_MAX)
-        return fail(err, errlen, -ERANGE,
-                    "%s: job %" PRIu64 " or step %" PRIu64 " too large for JSON", path, job_id,
-                    step);
+        return dx_errf(err, errlen, -ERANGE,
+                       "%s: job %" PRIu64 " or step %" PRIu64 " too large for JSON", path, job_id,
+                       step);
     for (size_t i = 0; i < n; i++)
         if (shards[i].bytes > INT64_MAX)
-            return fail(err, errlen, -ERANGE, "%s: shard %s too large for JSON", path,
-                        shards[i].file);
+            return dx_errf(err, errlen, -ERANGE, "%s: shard %s too large for JSON", path,
+                           shards[i].file);
     root = json_pack("{s:i, s:I, s:I, s:[]}", "format", DX_CKPT_MANIFEST_FORMAT, "job",
                      (json_int_t)job_id, "step", (json_int_t)step, "shards");
     arr = root ? json_object_get(root, "shards") : NULL;
     if (!arr) {
-        rc = fail(err, errlen, -ENOMEM, "%s: out of memory", path);
+        rc = dx_errf(err, errlen, -ENOMEM, "%s: out of memory", path);
         goto out;
     }
     for (size_t i = 0; i < n; i++) {
@@ -747,28 +734,28 @@ int dx_ckpt_manifest_write(const char *dir, uint64_t job_id, uint64_t step,
                               (json_int_t)shards[i].bytes, "crc32c", (json_int_t)shards[i].crc32c);
 
         if (!s || json_array_append_new(arr, s) < 0) {
-            rc = fail(err, errlen, -ENOMEM, "%s: out of memory", path);
+            rc = dx_errf(err, errlen, -ENOMEM, "%s: out of memory", path);
             goto out;
         }
     }
     f = fopen(tmp, "we");
     if (!f) {
-        rc = fail(err, errlen, -errno, "creating %s: %s", tmp, strerror(errno));
+        rc = dx_errf(err, errlen, -errno, "creating %s: %s", tmp, strerror(errno));
         goto out;
     }
     if (json_dumpf(root, f, JSON_INDENT(2)) < 0 || fputc('\n', f) == EOF || fflush(f) != 0) {
-        rc = fail(err, errlen, errno ? -errno : -EIO, "writing %s: %s", tmp,
-                  strerror(errno ? errno : EIO));
+        rc = dx_errf(err, errlen, errno ? -errno : -EIO, "writing %s: %s", tmp,
+                     strerror(errno ? errno : EIO));
         goto out_unlink;
     }
     if (fsync(fileno(f)) < 0) {
-        rc = fail(err, errlen, -errno, "syncing %s: %s", tmp, strerror(errno));
+        rc = dx_errf(err, errlen, -errno, "syncing %s: %s", tmp, strerror(errno));
         goto out_unlink;
     }
     rc = fclose(f);
     f = NULL;
     if (rc != 0) {
-        rc = fail(err, errlen, -errno, "closing %s: %s", tmp, strerror(errno));
+        rc = dx_errf(err, errlen, -errno, "closing %s: %s", tmp, strerror(errno));
         goto out_unlink;
     }
     rc = publish(tmp, path, err, errlen);
@@ -792,10 +779,11 @@ static int get_uint(const char *path, const char *where, json_t *obj, const char
     json_t *v = json_object_get(obj, key);
 
     if (!v)
-        return fail(err, errlen, -EBADMSG, "%s: %s has no \"%s\"", path, where, key);
+        return dx_errf(err, errlen, -EBADMSG, "%s: %s has no \"%s\"", path, where, key);
     if (!json_is_integer(v) || json_integer_value(v) < 0 || (uint64_t)json_integer_value(v) > max)
-        return fail(err, errlen, -EBADMSG, "%s: \"%s\" in %s must be an integer from 0 to %" PRIu64,
-                    path, key, where, max);
+        return dx_errf(err, errlen, -EBADMSG,
+                       "%s: \"%s\" in %s must be an integer from 0 to %" PRIu64, path, key, where,
+                       max);
     *out = (uint64_t)json_integer_value(v);
     return 0;
 }
@@ -810,9 +798,9 @@ int dx_ckpt_manifest_read(const char *dir, struct dx_ckpt_manifest *out, char *e
 
     memset(out, 0, sizeof(*out));
     if (manifest_path(path, sizeof(path), dir, "") < 0)
-        return fail(err, errlen, -ENAMETOOLONG, "checkpoint manifest in %s: path too long", dir);
+        return dx_errf(err, errlen, -ENAMETOOLONG, "checkpoint manifest in %s: path too long", dir);
     if (access(path, F_OK) < 0)
-        return fail(err, errlen, -errno, "checkpoint manifest %s: %s", path, strerror(errno));
+        return dx_errf(err, errlen, -errno, "checkpoint manifest %s: %s", path, strerror(errno));
     return manifest_parse(path, json_load_file(path, JSON_REJECT_DUPLICATES, &jerr), &jerr, out,
                           err, errlen);
 }
@@ -838,21 +826,21 @@ static int manifest_parse(const char *path, json_t *root, json_error_t *jerr,
     int rc;
 
     if (!root)
-        return fail(err, errlen, -EBADMSG,
-                    "checkpoint manifest %s: bad JSON at line %d column %d: %s", path, je->line,
-                    je->column, je->text);
+        return dx_errf(err, errlen, -EBADMSG,
+                       "checkpoint manifest %s: bad JSON at line %d column %d: %s", path, je->line,
+                       je->column, je->text);
     if (!json_is_object(root)) {
-        rc = fail(err, errlen, -EBADMSG, "checkpoint manifest %s: not a JSON object", path);
+        rc = dx_errf(err, errlen, -EBADMSG, "checkpoint manifest %s: not a JSON object", path);
         goto fail;
     }
     rc = get_uint(path, "the manifest", root, "format", INT64_MAX, &format, err, errlen);
     if (rc < 0)
         goto fail;
     if (format != DX_CKPT_MANIFEST_FORMAT) {
-        rc = fail(err, errlen, -EPROTONOSUPPORT,
-                  "checkpoint manifest %s: unsupported manifest format %" PRIu64
-                  " (this build reads %d)",
-                  path, format, DX_CKPT_MANIFEST_FORMAT);
+        rc = dx_errf(err, errlen, -EPROTONOSUPPORT,
+                     "checkpoint manifest %s: unsupported manifest format %" PRIu64
+                     " (this build reads %d)",
+                     path, format, DX_CKPT_MANIFEST_FORMAT);
         goto fail;
     }
     if ((rc = get_uint(path, "the manifest", root, "job", INT64_MAX, &m.job_id, err, errlen)) < 0 ||
@@ -860,14 +848,14 @@ static int manifest_parse(const char *path, json_t *root, json_error_t *jerr,
         goto fail;
     arr = json_object_get(root, "shards");
     if (!json_is_array(arr)) {
-        rc = fail(err, errlen, -EBADMSG, "checkpoint manifest %s: %s", path,
-                  arr ? "\"shards\" must be an array" : "no \"shards\"");
+        rc = dx_errf(err, errlen, -EBADMSG, "checkpoint manifest %s: %s", path,
+                     arr ? "\"shards\" must be an array" : "no \"shards\"");
         goto fail;
     }
     m.n_shards = json_array_size(arr);
     m.shards = calloc(m.n_shards ? m.n_shards : 1, sizeof(*m.shards));
     if (!m.shards) {
-        rc = fail(err, errlen, -ENOMEM, "checkpoint manifest %s: out of memory", path);
+        rc = dx_errf(err, errlen, -ENOMEM, "checkpoint manifest %s: out of memory", path);
         goto fail;
     }
     for (size_t i = 0; i < m.n_shards; i++) {
@@ -878,15 +866,15 @@ static int manifest_parse(const char *path, json_t *root, json_error_t *jerr,
 
         snprintf(where, sizeof(where), "shard %zu", i);
         if (!json_is_object(s)) {
-            rc = fail(err, errlen, -EBADMSG, "checkpoint manifest %s: %s is not an object", path,
-                      where);
+            rc = dx_errf(err, errlen, -EBADMSG, "checkpoint manifest %s: %s is not an object", path,
+                         where);
             goto fail;
         }
         file = json_object_get(s, "file");
         if (!json_is_string(file) || json_string_length(file) >= DX_CKPT_FILE_MAX) {
-            rc = fail(err, errlen, -EBADMSG,
-                      "checkpoint manifest %s: %s needs \"file\", a string of under %d bytes", path,
-                      where, DX_CKPT_FILE_MAX);
+            rc = dx_errf(err, errlen, -EBADMSG,
+                         "checkpoint manifest %s: %s needs \"file\", a string of under %d bytes",
+                         path, where, DX_CKPT_FILE_MAX);
             goto fail;
         }
         snprintf(info->file, sizeof(info->file), "%s", json_string_value(file));

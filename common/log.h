@@ -2,10 +2,13 @@
  *
  * Lines look like "2026-11-28T17:30:54.123Z duplexd info: text". Under systemd
  * (JOURNAL_STREAM set) the timestamp is left to the journal and a syslog
- * priority prefix ("<6>") is written instead.
+ * priority prefix ("<6>") is written instead. dx_errf formats the reason
+ * of a failure for functions that return -errno with an error buffer.
  */
 #ifndef DX_LOG_H
 #define DX_LOG_H
+
+#include <stddef.h>
 
 enum dx_log_level {
     DX_LOG_DEBUG = 0,
@@ -27,5 +30,10 @@ void dx_log(enum dx_log_level level, const char *fmt, ...) __attribute__((format
 #define dx_info(...) dx_log(DX_LOG_INFO, __VA_ARGS__)
 #define dx_warn(...) dx_log(DX_LOG_WARN, __VA_ARGS__)
 #define dx_error(...) dx_log(DX_LOG_ERROR, __VA_ARGS__)
+
+/* For functions that return -errno with a reason: writes the formatted
+ * reason into err (when err is not NULL and errlen > 0) and returns rc. */
+int dx_errf(char *err, size_t errlen, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 #endif

@@ -3,7 +3,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,19 +11,9 @@
 #include <unistd.h>
 
 #include "worker/data.h"
+
+#include "common/log.h"
 #include "worker/model/rng.h"
-
-static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err && errlen > 0) {
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
 
 static int cmp_names(const void *a, const void *b)
 {
@@ -48,7 +37,7 @@ static int list_files(const char *dir, char ***out, size_t *count, char *err, si
     int rc = 0;
 
     if (!dp)
-        return fail(err, errlen, -errno, "data directory %s: %s", dir, strerror(errno));
+        return dx_errf(err, errlen, -errno, "data directory %s: %s", dir, strerror(errno));
     while ((de = readdir(dp))) {
         struct stat st;
 
@@ -76,7 +65,7 @@ static int list_files(const char *dir, char ***out, size_t *count, char *err, si
     closedir(dp);
     if (rc < 0) {
         free_names(names, n);
-        return fail(err, errlen, rc, "data directory %s: out of memory", dir);
+        return dx_errf(err, errlen, rc, "data directory %s: out of memory", dir);
     }
     if (n > 1)
         qsort(names, n, sizeof(*names), cmp_names);
@@ -97,13 +86,13 @@ static int map_file(struct wk_data *d, const char *dir, const char *name, char *
 
     snprintf(path, sizeof(path), "%s/%s", dir, name);
     if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
-        return fail(err, errlen, -errno, "%s: %s", path, strerror(errno));
+        return dx_errf(err, errlen, -errno, "%s: %s", path, strerror(errno));
     if (fstat(fd, &st) < 0) {
-        rc = fail(err, errlen, -errno, "%s: %s", path, strerror(errno));
+        rc = dx_errf(err, errlen, -errno, "%s: %s", path, strerror(errno));
     } else if (st.st_size > 0) {
         map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (map == MAP_FAILED) {
-            rc = fail(err, errlen, -errno, "%s: cannot map it: %s", path, strerror(errno));
+            rc = dx_errf(err, errlen, -errno, "%s: cannot map it: %s", path, strerror(errno));
         } else {
             seg->bytes = map;
             seg->len = (size_t)st.st_size;
@@ -127,11 +116,11 @@ int wk_data_open(struct wk_data *d, const char *dir, char *err, size_t errlen)
         return rc;
     if (n == 0) {
         free_names(names, n);
-        return fail(err, errlen, -ENOENT, "data directory %s has no regular files", dir);
+        return dx_errf(err, errlen, -ENOENT, "data directory %s has no regular files", dir);
     }
     if (!(d->seg = calloc(n, sizeof(*d->seg)))) {
         free_names(names, n);
-        return fail(err, errlen, -ENOMEM, "data directory %s: out of memory", dir);
+        return dx_errf(err, errlen, -ENOMEM, "data directory %s: out of memory", dir);
     }
     for (size_t i = 0; i < n && rc == 0; i++)
         rc = map_file(d, dir, names[i], err, errlen);
@@ -147,8 +136,8 @@ int wk_data_open(struct wk_data *d, const char *dir, char *err, size_t errlen)
         size_t len = d->len;
 
         wk_data_close(d);
-        return fail(err, errlen, -ENODATA, "data directory %s: %zu bytes are too few to split", dir,
-                    len);
+        return dx_errf(err, errlen, -ENODATA, "data directory %s: %zu bytes are too few to split",
+                       dir, len);
     }
     return 0;
 }

@@ -3,30 +3,18 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "common/ckpt.h"
+#include "common/log.h"
 #include "coordinator/jobspec.h"
 #include "worker/data.h"
 #include "worker/model/rng.h"
 #include "worker/train.h"
 
 #define TRAIN_BYTE_VOCAB 256 /* tokens are bytes */
-
-static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err && errlen > 0) {
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
 
 static double now_s(void)
 {
@@ -87,11 +75,11 @@ static int save_model(struct wk_model *m, const char *path, char *err, size_t er
     int rc = dx_ckpt_writer_create(&w);
 
     if (rc == 0 && (rc = wk_model_ckpt_add(m, w)) < 0)
-        fail(err, errlen, rc, "cannot lay out %s: %s", path, strerror(-rc));
+        dx_errf(err, errlen, rc, "cannot lay out %s: %s", path, strerror(-rc));
     else if (rc == 0)
         rc = dx_ckpt_writer_commit(w, path, &info, err, errlen);
     else
-        fail(err, errlen, rc, "out of memory");
+        dx_errf(err, errlen, rc, "out of memory");
     dx_ckpt_writer_destroy(w);
     return rc;
 }
@@ -109,33 +97,34 @@ int wk_train_standalone(const struct wk_train_config *cfg, char *err, size_t err
     char why[256];
 
     if (cfg->model.vocab < TRAIN_BYTE_VOCAB)
-        return fail(err, errlen, -EINVAL, "model.vocab: %d is too small for byte tokens (%d)",
-                    cfg->model.vocab, TRAIN_BYTE_VOCAB);
+        return dx_errf(err, errlen, -EINVAL, "model.vocab: %d is too small for byte tokens (%d)",
+                       cfg->model.vocab, TRAIN_BYTE_VOCAB);
     if (cfg->steps < 0 || cfg->microbatches < 1 || B < 1 || !isfinite(cfg->lr) || cfg->lr < 0)
-        return fail(err, errlen, -EINVAL, "steps, micro-batches, micro-batch size or lr invalid");
+        return dx_errf(err, errlen, -EINVAL,
+                       "steps, micro-batches, micro-batch size or lr invalid");
     if (wk_model_config_check(&cfg->model, why, sizeof(why)) < 0)
-        return fail(err, errlen, -EINVAL, "model: %s", why);
+        return dx_errf(err, errlen, -EINVAL, "model: %s", why);
     if ((rc = wk_data_open(&data, dir, err, errlen)) < 0)
         return rc;
     if ((rc = wk_model_init(&m, &cfg->model, cfg->seed)) < 0) {
         wk_data_close(&data);
-        return fail(err, errlen, rc, "model: %s", strerror(-rc));
+        return dx_errf(err, errlen, rc, "model: %s", strerror(-rc));
     }
     wk_adamw_config_defaults(&oc);
     oc.lr = cfg->lr;
     if ((rc = wk_model_optim_init(&m, &oc)) < 0 || (rc = wk_model_cache_init(&c, &m, B, T)) < 0) {
         wk_model_free(&m);
         wk_data_close(&data);
-        return fail(err, errlen, rc, "model: %s", strerror(-rc));
+        return dx_errf(err, errlen, rc, "model: %s", strerror(-rc));
     }
     tokens = calloc((size_t)B * (size_t)(T + 1), sizeof(*tokens));
     if (!tokens)
-        rc = fail(err, errlen, -ENOMEM, "out of memory");
+        rc = dx_errf(err, errlen, -ENOMEM, "out of memory");
     for (int64_t s = 1; rc == 0 && s <= cfg->steps; s++) {
         double t0 = now_s(), loss = 0.0;
 
         if ((rc = train_step(&m, &c, &data, cfg, s, tokens, &loss)) < 0) {
-            rc = fail(err, errlen, rc, "step %" PRId64 ": %s", s, strerror(-rc));
+            rc = dx_errf(err, errlen, rc, "step %" PRId64 ": %s", s, strerror(-rc));
             break;
         }
         double dt = now_s() - t0;
@@ -147,7 +136,7 @@ int wk_train_standalone(const struct wk_train_config *cfg, char *err, size_t err
                     loss, dt > 0 ? tok / dt : 0.0, dt);
         fflush(out);
         if (!isfinite(loss))
-            rc = fail(err, errlen, -ERANGE, "step %" PRId64 ": loss is not finite", s);
+            rc = dx_errf(err, errlen, -ERANGE, "step %" PRId64 ": loss is not finite", s);
     }
     if (rc == 0 && cfg->save)
         rc = save_model(&m, cfg->save, err, errlen);
@@ -172,7 +161,7 @@ static int open_shards(const char *dir, dx_ckpt_reader_t ***out, int *n, char *e
         return rc;
     r = calloc(man.n_shards + 1, sizeof(*r));
     if (!r) {
-        rc = fail(err, errlen, -ENOMEM, "out of memory");
+        rc = dx_errf(err, errlen, -ENOMEM, "out of memory");
         goto out;
     }
     for (size_t i = 0; i < man.n_shards; i++) {
@@ -230,21 +219,21 @@ int wk_train_generate(const struct wk_train_config *cfg, const char *dir, const 
     if (err && errlen)
         err[0] = '\0';
     if (len < 1 || nbytes < 0)
-        return fail(err, errlen, -EINVAL, "generating needs a prompt of at least one byte");
+        return dx_errf(err, errlen, -EINVAL, "generating needs a prompt of at least one byte");
     if (wk_model_config_check(&cfg->model, why, sizeof(why)) < 0)
-        return fail(err, errlen, -EINVAL, "model: %s", why);
+        return dx_errf(err, errlen, -EINVAL, "model: %s", why);
     if ((rc = wk_model_init(&m, &cfg->model, cfg->seed)) < 0)
-        return fail(err, errlen, rc, "model: %s", strerror(-rc));
+        return dx_errf(err, errlen, rc, "model: %s", strerror(-rc));
     text = malloc((size_t)len + (size_t)nbytes + 1);
     tokens = calloc((size_t)T + 1, sizeof(*tokens));
     if (!text || !tokens) {
-        rc = fail(err, errlen, -ENOMEM, "out of memory");
+        rc = dx_errf(err, errlen, -ENOMEM, "out of memory");
         goto out;
     }
     memcpy(text, prompt, (size_t)len);
     wk_adamw_config_defaults(&oc); /* the optimizer state loads too; unused here */
     if ((rc = wk_model_optim_init(&m, &oc)) < 0)
-        fail(err, errlen, rc, "model: %s", strerror(-rc));
+        dx_errf(err, errlen, rc, "model: %s", strerror(-rc));
     if (rc == 0)
         rc = open_shards(dir, &shards, &nshards, err, errlen);
     if (rc == 0)
@@ -272,7 +261,7 @@ int wk_train_generate(const struct wk_train_config *cfg, const char *dir, const 
             fputc(text[i] == '\n' || (text[i] >= 0x20 && text[i] < 0x7f) ? text[i] : '.', out);
         fputc('\n', out);
     } else if (err && errlen && !err[0]) {
-        fail(err, errlen, rc, "generating failed: %s", strerror(-rc));
+        dx_errf(err, errlen, rc, "generating failed: %s", strerror(-rc));
     }
 out:
     for (int i = 0; shards && i < nshards; i++)
