@@ -11,6 +11,9 @@ BUILD    ?= build
 SANITIZE ?=
 PREFIX   ?= /usr/local
 DESTDIR  ?=
+# systemd units (systemd/*.service) and the example settings file
+SYSTEMD_UNIT_DIR ?= $(PREFIX)/lib/systemd/system
+SYSCONFDIR ?= /etc
 PYTHON   := /usr/bin/python3
 CC       ?= cc
 CLANG    ?= clang
@@ -22,7 +25,7 @@ NPROC := $(shell nproc 2>/dev/null || echo 2)
 # Debian packages the build, the tests and `make run` need.
 DEB_PKGS := gcc make libzmq3-dev libuv1-dev libsqlite3-dev protobuf-c-compiler \
             libprotobuf-c-dev libjansson-dev libopenblas-dev libcriterion-dev uthash-dev \
-            python3-pytest python3-zmq
+            python3-pytest python3-zmq libsystemd-dev systemd
 # Extra packages for lint, format and fuzz.
 DEB_DEV_PKGS := clang clang-tidy cppcheck clang-format
 
@@ -34,13 +37,13 @@ CFLAGS_ALL += -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-om
               -U_FORTIFY_SOURCE
 LDFLAGS_ALL += -fsanitize=address,undefined
 endif
-LIBS := -lzmq -luv -lsqlite3 -lprotobuf-c -ljansson -lopenblas -lpthread -lm
+LIBS := -lzmq -luv -lsqlite3 -lprotobuf-c -ljansson -lopenblas -lsystemd -lpthread -lm
 
 PROTO_C := $(BUILD)/gen/proto/duplex.pb-c.c
 PROTO_H := $(BUILD)/gen/proto/duplex.pb-c.h
 
 COMMON_SRC := common/log.c common/opts.c common/fs.c common/zwatch.c common/ratelimit.c common/loop.c \
-              common/ckpt.c \
+              common/ckpt.c common/sdnotify.c \
               proto/envelope.c proto/wire.c
 PIPE_SRC   := pipeline/schedule.c pipeline/gen_1f1b.c pipeline/gen_dualpipe.c pipeline/validate.c \
               pipeline/simulate.c pipeline/render.c pipeline/executor.c
@@ -197,15 +200,37 @@ lint: deps-dev $(PROTO_H)
 
 # --- install ----------------------------------------------------------------
 
+SYSTEMD_UNITS := duplexd.service duplex-worker@.service
+
+# The units' /usr/local and /etc/duplex paths follow PREFIX and SYSCONFDIR.
+# The settings file $(SYSCONFDIR)/duplex/duplex.env is only written when
+# absent (it is the operator's); uninstall removes it only while it is still
+# the example.
 install: $(BINS)
 	install -d $(DESTDIR)$(PREFIX)/bin
 	install -m 0755 $(BINS) $(DESTDIR)$(PREFIX)/bin/
 	install -d $(DESTDIR)$(PREFIX)/share/doc/duplex
 	install -m 0644 README.md docs/*.md $(DESTDIR)$(PREFIX)/share/doc/duplex/
+	install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR)
+	for u in $(SYSTEMD_UNITS); do \
+	  sed -e 's|/usr/local/|$(PREFIX)/|g' -e 's|/etc/duplex/|$(SYSCONFDIR)/duplex/|g' \
+	    systemd/$$u > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$$u && \
+	  chmod 0644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$$u || exit 1; \
+	done
+	install -d $(DESTDIR)$(SYSCONFDIR)/duplex
+	[ -e $(DESTDIR)$(SYSCONFDIR)/duplex/duplex.env ] || \
+	  install -m 0644 systemd/duplex.env $(DESTDIR)$(SYSCONFDIR)/duplex/duplex.env
+	install -d $(DESTDIR)$(PREFIX)/lib/sysusers.d
+	install -m 0644 systemd/duplex.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/duplex.conf
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,duplexd duplex-worker duplexctl)
 	rm -rf $(DESTDIR)$(PREFIX)/share/doc/duplex
+	rm -f $(addprefix $(DESTDIR)$(SYSTEMD_UNIT_DIR)/,$(SYSTEMD_UNITS))
+	rm -f $(DESTDIR)$(PREFIX)/lib/sysusers.d/duplex.conf
+	! cmp -s systemd/duplex.env $(DESTDIR)$(SYSCONFDIR)/duplex/duplex.env || \
+	  rm -f $(DESTDIR)$(SYSCONFDIR)/duplex/duplex.env
+	rmdir $(DESTDIR)$(SYSCONFDIR)/duplex 2>/dev/null || true
 
 clean:
 	rm -rf build

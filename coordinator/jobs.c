@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "common/ckpt.h"
+#include "common/clock.h"
 #include "common/log.h"
 #include "coordinator/placement.h"
 #include "coordinator/plan.h"
@@ -42,12 +43,24 @@ struct coord_job {
     int slots_per_gpu;
     double *expert_load; /* [experts]: tokens reported so far, for rebalancing */
     double sim_makespan_ms, sim_bubble_ms;
+    /* recovery */
+    int restarts;             /* recoveries begun */
+    int64_t recover_at_ms;    /* RECOVERING: place again no earlier (backoff) */
+    int64_t recover_until_ms; /* RECOVERING: fail when no workers came by then */
+    int64_t failed_ms;        /* when the last failure was detected */
+    uint64_t failed_step;     /* the job's step then */
+    uint64_t resume_step;     /* the checkpoint this attempt started from; 0: none */
+    char resume_dir[COORD_JOB_DIR_LEN];
+    int await_first_step; /* a recovered attempt has not finished a step yet */
+    int64_t progress_ms;  /* when the job's step last moved (or the attempt began) */
+    double step_ewma_ms;  /* recent time per step; 0 before two steps */
 };
 
 struct coord_jobs {
     coord_store_t *store;
     coord_registry_t *reg;
     struct coord_jobs_io io;
+    int spares;           /* free workers per backend that new jobs leave for recoveries */
     struct coord_job **v; /* by id */
     size_t n, cap;
 };
@@ -60,8 +73,10 @@ static const char *const state_names[COORD_JOB_STATES] = {
 static const unsigned char allowed[COORD_JOB_STATES][COORD_JOB_STATES] = {
     [COORD_JOB_QUEUED] =
         {[COORD_JOB_PLACING] = 1, [COORD_JOB_CANCELLED] = 1, [COORD_JOB_FAILED] = 1},
-    [COORD_JOB_PLACING] =
-        {[COORD_JOB_RUNNING] = 1, [COORD_JOB_FAILED] = 1, [COORD_JOB_CANCELLED] = 1},
+    [COORD_JOB_PLACING] = {[COORD_JOB_RUNNING] = 1,
+                           [COORD_JOB_FAILED] = 1,
+                           [COORD_JOB_CANCELLED] = 1,
+                           [COORD_JOB_RECOVERING] = 1},
     [COORD_JOB_RUNNING] = {[COORD_JOB_SUCCEEDED] = 1,
                            [COORD_JOB_FAILED] = 1,
                            [COORD_JOB_CANCELLED] = 1,
@@ -196,8 +211,12 @@ static int job_set_state(coord_jobs_t *jobs, struct coord_job *j, enum coord_job
     vsnprintf(j->reason, sizeof(j->reason), fmt, ap);
     va_end(ap);
     j->state = to;
-    if (to == COORD_JOB_RUNNING)
-        j->started_ms = now;
+    if (to == COORD_JOB_RUNNING) {
+        if (!j->started_ms)
+            j->started_ms = now;
+        j->progress_ms = now;
+        j->step_ewma_ms = 0;
+    }
     if (job_is_over(j))
         j->finished_ms = now;
     dx_info("job %llu: %s (%s)", (unsigned long long)j->id, state_names[to], j->reason);
@@ -222,14 +241,11 @@ static void job_abort_ranks(coord_jobs_t *jobs, struct coord_job *j, const char 
     }
 }
 
-/* Ends a job that has not ended, stopping its ranks. */
-static void job_end(coord_jobs_t *jobs, struct coord_job *j, enum coord_job_state to, int64_t now,
-                    const char *reason)
+/* Stops every rank still running (AbortJob); a rank that never
+ * acknowledged never started and is free at once. */
+static void job_stop_ranks(coord_jobs_t *jobs, struct coord_job *j, const char *reason)
 {
-    if (job_is_over(j) || job_set_state(jobs, j, to, now, "%s", reason) < 0)
-        return;
     job_abort_ranks(jobs, j, reason);
-    /* a rank that never acknowledged never started: it is free now */
     for (int i = 0; i < j->nranks; i++) {
         struct coord_worker *w = coord_registry_find(jobs->reg, j->ranks[i].worker_id);
         if (!j->ranks[i].acked && !j->ranks[i].done) {
@@ -238,6 +254,50 @@ static void job_end(coord_jobs_t *jobs, struct coord_job *j, enum coord_job_stat
                 w->assigned_job = 0;
         }
     }
+}
+
+/* Ends a job that has not ended, stopping its ranks. */
+static void job_end(coord_jobs_t *jobs, struct coord_job *j, enum coord_job_state to, int64_t now,
+                    const char *reason)
+{
+    if (job_is_over(j) || job_set_state(jobs, j, to, now, "%s", reason) < 0)
+        return;
+    job_stop_ranks(jobs, j, reason);
+}
+
+/* A failure of a running (or starting) job: the job recovers (stops every
+ * rank, waits the backoff, is placed again from its last complete
+ * checkpoint) while restarts are left, else it fails. culprit, when
+ * known, is the worker that caused it: counted towards its blocklisting.
+ * A failure while already recovering needs nothing more. */
+static void job_fail(coord_jobs_t *jobs, struct coord_job *j, int64_t now, const char *culprit,
+                     const char *reason)
+{
+    char text[JOB_REASON_LEN];
+
+    if (job_is_over(j))
+        return;
+    if (culprit)
+        coord_registry_note_failure(jobs->reg, culprit, reason, now);
+    if (j->state == COORD_JOB_RECOVERING) {
+        job_event(jobs, j, "job_failure", culprit, now, reason);
+        return;
+    }
+    if (j->restarts >= j->spec.restart.max_restarts) {
+        snprintf(text, sizeof(text), "%.200s; no restarts left (restart.max_restarts %d)", reason,
+                 j->spec.restart.max_restarts);
+        job_end(jobs, j, COORD_JOB_FAILED, now, text);
+        return;
+    }
+    j->restarts++;
+    j->failed_ms = now;
+    j->failed_step = j->step;
+    j->recover_at_ms = now + j->spec.restart.backoff_ms;
+    j->recover_until_ms = j->recover_at_ms + COORD_RECOVER_WAIT_MS;
+    j->await_first_step = 0;
+    job_set_state(jobs, j, COORD_JOB_RECOVERING, now, "restart %d of %d after step %llu: %.200s",
+                  j->restarts, j->spec.restart.max_restarts, (unsigned long long)j->step, reason);
+    job_stop_ranks(jobs, j, reason);
 }
 
 /* ---- load, submit --------------------------------------------------------- */
@@ -426,7 +486,7 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
         a.cost_fb_ms = j->spec.sim.fb;
         a.peers = peer_ptrs;
         a.n_peers = (size_t)j->nranks;
-        a.checkpoint = j->spec.checkpoint.from;
+        a.checkpoint = j->resume_dir;
         a.spec_json = j->spec_json;
         a.expert_owner = owner;
         a.n_expert_owner = (size_t)E;
@@ -488,6 +548,8 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
         goto out;
     }
     memcpy(j->slot_expert, experts.phy2log, (size_t)experts.replicas * sizeof(int));
+    if (j->attempt == 0)
+        snprintf(j->resume_dir, sizeof(j->resume_dir), "%s", j->spec.checkpoint.from);
     j->acks = j->dones = 0;
     j->attempt++;
     j->placed_ms = now;
@@ -495,7 +557,7 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
     job_set_state(jobs, j, COORD_JOB_PLACING, now, "placed on %d workers (%d EP groups span nodes)",
                   j->nranks, place.split_groups);
     if (job_send_assignments(jobs, j, &experts) < 0)
-        job_end(jobs, j, COORD_JOB_FAILED, now, "an assignment could not be delivered");
+        job_fail(jobs, j, now, NULL, "an assignment could not be delivered");
 out:
     coord_eplb_plan_clear(&experts);
     coord_placement_clear(&place);
@@ -518,31 +580,88 @@ static struct coord_job *queue_head(coord_jobs_t *jobs)
     return best;
 }
 
+/* The free workers of a backend, as placement slots (free() them); NULL
+ * when out of memory. */
+static struct coord_slot *free_slots(coord_jobs_t *jobs, const char *backend, size_t *n_free)
+{
+    struct coord_worker **ws = NULL;
+    struct coord_slot *slots;
+    int n = coord_registry_list(jobs->reg, &ws);
+
+    *n_free = 0;
+    slots = n >= 0 ? calloc((size_t)n + 1, sizeof(*slots)) : NULL;
+    for (int i = 0; slots && i < n; i++)
+        if (coord_worker_is_free(ws[i]) && strcmp(ws[i]->backend, backend) == 0)
+            slots[(*n_free)++] = (struct coord_slot){ws[i]->id, ws[i]->node, ws[i]->gpu};
+    free(ws);
+    return slots;
+}
+
+/* A recovering job: once its old ranks stopped and its backoff passed, it
+ * is placed again (on any free workers, spares included) from its latest
+ * complete checkpoint; with too few workers it waits, then fails. */
+static void job_try_recover(coord_jobs_t *jobs, struct coord_job *j, int64_t now)
+{
+    size_t need = (size_t)coord_jobspec_workers(&j->spec), n_free = 0;
+    struct coord_slot *slots;
+    int stopping = 0;
+
+    for (int i = 0; i < j->nranks; i++)
+        stopping += !j->ranks[i].done;
+    if (stopping || now < j->recover_at_ms)
+        return;
+    slots = free_slots(jobs, j->spec.backend, &n_free);
+    if (slots && n_free >= need) {
+        uint64_t step = 0;
+        char dir[COORD_JOB_DIR_LEN];
+
+        if (coord_store_last_checkpoint(jobs->store, j->id, &step, dir, sizeof(dir)) == 0) {
+            j->resume_step = step;
+            snprintf(j->resume_dir, sizeof(j->resume_dir), "%s", dir);
+        } else { /* none of its own yet: where it started */
+            j->resume_step = 0;
+            snprintf(j->resume_dir, sizeof(j->resume_dir), "%s", j->spec.checkpoint.from);
+        }
+        j->await_first_step = 1;
+        job_start(jobs, j, slots, n_free, now);
+    } else if (now > j->recover_until_ms) {
+        char reason[JOB_REASON_LEN];
+
+        snprintf(reason, sizeof(reason), "no %zu free %s workers to restart on within %d s", need,
+                 j->spec.backend, (int)((now - j->failed_ms) / 1000));
+        job_end(jobs, j, COORD_JOB_FAILED, now, reason);
+    }
+    free(slots);
+}
+
 void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall)
 {
     struct coord_job *j;
 
+    /* recovering jobs first: they had their workers already */
+    for (size_t i = 0; i < jobs->n; i++)
+        if (jobs->v[i]->state == COORD_JOB_RECOVERING)
+            job_try_recover(jobs, jobs->v[i], now_wall);
     while ((j = queue_head(jobs))) {
-        struct coord_worker **ws = NULL;
-        struct coord_slot *slots;
-        int n = coord_registry_list(jobs->reg, &ws);
         size_t free_n = 0, need = (size_t)coord_jobspec_workers(&j->spec);
+        struct coord_slot *slots = free_slots(jobs, j->spec.backend, &free_n);
 
-        slots = n >= 0 ? calloc((size_t)n + 1, sizeof(*slots)) : NULL;
-        for (int i = 0; slots && i < n; i++)
-            if (coord_worker_is_free(ws[i]) && strcmp(ws[i]->backend, j->spec.backend) == 0)
-                slots[free_n++] = (struct coord_slot){ws[i]->id, ws[i]->node, ws[i]->gpu};
-        if (!slots || free_n < need) {
-            snprintf(j->reason, sizeof(j->reason), "waiting for %zu free %s workers (%zu free now)",
-                     need, j->spec.backend, free_n);
+        /* new jobs leave the spares free for recoveries */
+        if (!slots || free_n < need + (size_t)jobs->spares) {
+            snprintf(j->reason, sizeof(j->reason),
+                     "waiting for %zu free %s workers (%zu free now%s)", need, j->spec.backend,
+                     free_n, jobs->spares ? ", spares kept out" : "");
             free(slots);
-            free(ws);
             return; /* the head of the queue holds the rest: no overtaking */
         }
-        job_start(jobs, j, slots, free_n, now_wall);
+        job_start(jobs, j, slots, free_n - (size_t)jobs->spares, now_wall);
         free(slots);
-        free(ws);
     }
+}
+
+void coord_jobs_set_spares(coord_jobs_t *jobs, int spares)
+{
+    jobs->spares = spares > 0 ? spares : 0;
 }
 
 int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, char *err, size_t errlen)
@@ -580,17 +699,29 @@ int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__A
 
     if (!r)
         return -ENOENT;
-    if (r->acked || job_is_over(j))
-        return 0;
+    if (m->attempt != j->attempt || r->acked || job_is_over(j))
+        return 0; /* an earlier attempt's, or said already */
     r->acked = 1;
     if (!m->ok) {
+        struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
+
         snprintf(reason, sizeof(reason), "worker %s refused its assignment: %.180s", worker_id,
                  m->error);
-        struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
         r->done = 1; /* it runs nothing */
         if (w && w->assigned_job == j->id)
             w->assigned_job = 0;
-        job_end(jobs, j, COORD_JOB_FAILED, now_wall, reason);
+        if (m->bad_checkpoint && j->resume_step > 0) {
+            /* one of the job's own checkpoints is at fault, not the
+             * worker: recover from an older one */
+            coord_store_checkpoint_mark_bad(jobs->store, j->id, j->resume_step, reason);
+            job_event(jobs, j, "checkpoint_bad", worker_id, now_wall, reason);
+            job_fail(jobs, j, now_wall, NULL, reason);
+        } else if (m->bad_checkpoint) {
+            /* the user's checkpoint.from: nothing to fall back to */
+            job_end(jobs, j, COORD_JOB_FAILED, now_wall, reason);
+        } else {
+            job_fail(jobs, j, now_wall, m->bad_checkpoint ? NULL : worker_id, reason);
+        }
         coord_jobs_schedule(jobs, now_wall);
         return 0;
     }
@@ -686,7 +817,23 @@ int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex
 
     if (!r)
         return -ENOENT;
+    if (m->attempt != j->attempt)
+        return 0; /* an earlier attempt's */
     r->step = m->step;
+    if (j->await_first_step && m->step > j->resume_step) {
+        char detail[JOB_REASON_LEN];
+
+        j->await_first_step = 0;
+        snprintf(detail, sizeof(detail),
+                 "attempt %u: step %llu done %.1f s after the failure was detected; resumed "
+                 "from %s; %llu steps lost",
+                 j->attempt, (unsigned long long)m->step, (double)(now_wall - j->failed_ms) / 1e3,
+                 j->resume_dir[0] ? j->resume_dir : "the start",
+                 (unsigned long long)(j->failed_step > j->resume_step
+                                          ? j->failed_step - j->resume_step
+                                          : 0));
+        job_event(jobs, j, "job_recovered", worker_id, now_wall, detail);
+    }
     if (m->n_expert_tokens) {
         /* tokens per expert slot this rank holds, in Assignment.experts order */
         size_t n = m->n_expert_tokens < (size_t)j->slots_per_gpu ? m->n_expert_tokens
@@ -705,8 +852,13 @@ int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex
         job_checkpoint_shard(jobs, j, worker_id, m, now_wall);
     for (int i = 0; i < j->nranks; i++)
         min = j->ranks[i].step < min ? j->ranks[i].step : min;
-    if (min != j->step) {
+    if (min != j->step && min != UINT64_MAX) {
+        if (min > j->step && j->progress_ms && j->step > j->resume_step) {
+            double dt = (double)(now_wall - j->progress_ms) / (double)(min - j->step);
+            j->step_ewma_ms = j->step_ewma_ms > 0 ? 0.8 * j->step_ewma_ms + 0.2 * dt : dt;
+        }
         j->step = min;
+        j->progress_ms = now_wall;
         job_persist(jobs, j);
     }
     return 0;
@@ -720,17 +872,29 @@ int coord_jobs_on_done(coord_jobs_t *jobs, const char *worker_id, const Duplex__
     struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
     char reason[JOB_REASON_LEN];
 
+    if (!j)
+        return -ENOENT;
+    if (m->attempt != j->attempt) {
+        /* an abandoned rank of an earlier attempt stopped at last */
+        if (w && w->assigned_job == j->id && (!r || r->done)) {
+            w->assigned_job = 0;
+            coord_jobs_schedule(jobs, now_wall);
+        }
+        return 0;
+    }
     if (!r)
         return -ENOENT;
     if (r->done)
-        return 0;
+        return 0; /* said already */
     r->done = 1;
     if (w && w->assigned_job == j->id)
         w->assigned_job = 0;
-    if (!job_is_over(j)) {
+    if (!job_is_over(j) && j->state != COORD_JOB_RECOVERING) {
         if (!m->ok) {
+            /* the rank that says so need not be the cause (a peer may
+             * have died): no blame */
             snprintf(reason, sizeof(reason), "worker %s: %.200s", worker_id, m->error);
-            job_end(jobs, j, COORD_JOB_FAILED, now_wall, reason);
+            job_fail(jobs, j, now_wall, NULL, reason);
         } else if (++j->dones == j->nranks) {
             job_set_state(jobs, j, COORD_JOB_SUCCEEDED, now_wall,
                           "all %d workers finished %llu steps", j->nranks,
@@ -756,7 +920,7 @@ void coord_jobs_on_worker_gone(coord_jobs_t *jobs, const char *worker_id, int64_
     if (j && !job_is_over(j)) {
         snprintf(reason, sizeof(reason), "worker %s is %s", worker_id,
                  coord_worker_state_name(w->state));
-        job_end(jobs, j, COORD_JOB_FAILED, now_wall, reason);
+        job_fail(jobs, j, now_wall, worker_id, reason);
     }
     coord_jobs_schedule(jobs, now_wall);
 }
@@ -905,24 +1069,96 @@ json_t *coord_jobs_status(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, int
     return arr ? json_pack("{s:o}", "jobs", arr) : NULL;
 }
 
+/* The rank whose worker has been silent longest, if longer than a couple
+ * of heartbeats: the likely cause of a stall. */
+static const char *silent_rank(coord_jobs_t *jobs, const struct coord_job *j, int64_t now_mono,
+                               int64_t *silent_ms)
+{
+    const char *who = NULL;
+
+    *silent_ms = 0;
+    for (int i = 0; i < j->nranks; i++) {
+        struct coord_worker *w = coord_registry_find(jobs->reg, j->ranks[i].worker_id);
+        int64_t silent = w ? now_mono - w->last_seen_mono : 0;
+
+        if (w && silent > *silent_ms) {
+            *silent_ms = silent;
+            who = w->id;
+        }
+    }
+    return *silent_ms > COORD_STALL_SILENT_MS ? who : NULL;
+}
+
+/* A running job whose step has not moved for COORD_STALL_FACTOR recent
+ * step times (at least COORD_STALL_MIN_MS; COORD_STALL_FIRST_MS before its
+ * first step) is stalled: a hang, not a death. */
+static void job_check_stall(coord_jobs_t *jobs, struct coord_job *j, int64_t now)
+{
+    int64_t limit = j->step_ewma_ms > 0 ? (int64_t)(COORD_STALL_FACTOR * j->step_ewma_ms)
+                                        : COORD_STALL_FIRST_MS;
+    int64_t idle = now - j->progress_ms, silent = 0;
+    char reason[JOB_REASON_LEN];
+    const char *culprit;
+
+    if (limit < COORD_STALL_MIN_MS)
+        limit = COORD_STALL_MIN_MS;
+    if (j->state != COORD_JOB_RUNNING || idle < limit)
+        return;
+    culprit = silent_rank(jobs, j, dx_mono_ms(), &silent);
+    if (culprit)
+        snprintf(reason, sizeof(reason),
+                 "stalled: no step finished for %.1f s (limit %.1f s); worker %s silent for "
+                 "%.1f s",
+                 (double)idle / 1e3, (double)limit / 1e3, culprit, (double)silent / 1e3);
+    else
+        snprintf(reason, sizeof(reason), "stalled: no step finished for %.1f s (limit %.1f s)",
+                 (double)idle / 1e3, (double)limit / 1e3);
+    job_event(jobs, j, "job_stalled", culprit, now, reason);
+    job_fail(jobs, j, now, culprit, reason);
+}
+
+/* Ranks of a recovering job that did not confirm the abort in time are
+ * abandoned (their workers stay held until they report), so the job can
+ * be placed elsewhere. */
+static void job_abandon_ranks(coord_jobs_t *jobs, struct coord_job *j, int64_t now)
+{
+    char detail[JOB_REASON_LEN];
+
+    if (j->state != COORD_JOB_RECOVERING || now - j->failed_ms < COORD_ABORT_WAIT_MS)
+        return;
+    for (int i = 0; i < j->nranks; i++) {
+        if (j->ranks[i].done)
+            continue;
+        j->ranks[i].done = 1;
+        snprintf(detail, sizeof(detail),
+                 "rank (pp %d, ep %d, dp %d) did not stop within %d ms of the abort; abandoned",
+                 j->ranks[i].pp, j->ranks[i].ep, j->ranks[i].dp, COORD_ABORT_WAIT_MS);
+        job_event(jobs, j, "rank_abandoned", j->ranks[i].worker_id, now, detail);
+    }
+}
+
 void coord_jobs_check_timeouts(coord_jobs_t *jobs, int64_t now_wall, int64_t ack_timeout_ms)
 {
     for (size_t i = 0; i < jobs->n; i++) {
         struct coord_job *j = jobs->v[i];
         char reason[JOB_REASON_LEN];
+        const char *culprit = NULL;
 
+        job_check_stall(jobs, j, now_wall);
+        job_abandon_ranks(jobs, j, now_wall);
         if (j->state != COORD_JOB_PLACING || now_wall - j->placed_ms < ack_timeout_ms)
             continue;
-        for (int k = 0; k < j->nranks; k++) {
+        for (int k = 0; k < j->nranks && !culprit; k++) {
             if (!j->ranks[k].acked) {
+                culprit = j->ranks[k].worker_id;
                 snprintf(reason, sizeof(reason),
                          "worker %s did not acknowledge its assignment "
                          "within %lld ms",
-                         j->ranks[k].worker_id, (long long)ack_timeout_ms);
-                break;
+                         culprit, (long long)ack_timeout_ms);
             }
         }
-        job_end(jobs, j, COORD_JOB_FAILED, now_wall, reason);
+        if (culprit)
+            job_fail(jobs, j, now_wall, culprit, reason);
     }
 }
 
@@ -933,8 +1169,9 @@ void coord_jobs_on_idle(coord_jobs_t *jobs, const char *worker_id, int64_t now_w
     struct job_rank *r = rank_of(j, worker_id);
 
     /* a worker that says it is idle while duplexd holds it for a job that
-     * has ended (its JobDone was lost) is free again */
-    if (!j || !job_is_over(j))
+     * has ended (its JobDone was lost), or for an attempt it no longer has a
+     * running rank in (it was abandoned), is free again */
+    if (!j || (!job_is_over(j) && r && !r->done))
         return;
     if (r)
         r->done = 1;

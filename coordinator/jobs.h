@@ -5,7 +5,7 @@
  *      |         |          |---> failed
  *      |         |          |---> cancelled
  *      |         |          '---> recovering -> placing | failed | cancelled
- *      |         '--> failed | cancelled
+ *      |         '--> failed | cancelled | recovering
  *      '--> cancelled
  *
  * Every transition is stored (jobs row) with an event naming the reason. A
@@ -13,6 +13,15 @@
  * at once; the queue is ordered by priority (higher first), then by
  * submission, and a job that does not fit holds the ones behind it (no
  * overtaking), with the reason it waits kept for `status`.
+ *
+ * A failure (a worker lost, a refused or unacknowledged assignment, a rank
+ * that stops with an error) makes a job recover while its restart budget
+ * lasts: every rank is told to stop, and after restart.backoff_ms the job
+ * is placed again (attempt + 1) on any free workers, its experts
+ * rebalanced by the loads reported so far, every rank starting from the
+ * job's latest complete checkpoint (one a worker found unusable is marked
+ * bad and an older one is used). Workers that cause failures repeatedly
+ * are blocklisted (registry.h). Messages of an earlier attempt are ignored.
  *
  * The module sends nothing itself: it asks its owner through coord_jobs_io
  * to deliver Assignments and AbortJobs to workers.
@@ -40,6 +49,23 @@ enum coord_job_state {
 };
 
 #define COORD_JOB_STATES 7
+
+/* A recovering job waits this long past its backoff for enough free
+ * workers (a spare, or the failed worker back after systemd restarted it)
+ * before it fails. */
+#define COORD_RECOVER_WAIT_MS 60000
+/* Ranks of a recovering job that do not confirm the abort within this are
+ * abandoned (a hung process); the job goes on without them. */
+#define COORD_ABORT_WAIT_MS 5000
+/* Stall detection: no step for COORD_STALL_FACTOR x the recent step time,
+ * at least COORD_STALL_MIN_MS (COORD_STALL_FIRST_MS before the first step
+ * of an attempt, which loads checkpoints and starts up). A rank whose
+ * worker is silent for COORD_STALL_SILENT_MS is named as the cause. */
+#define COORD_STALL_FACTOR 10.0
+#define COORD_STALL_MIN_MS 5000
+#define COORD_STALL_FIRST_MS 60000
+#define COORD_STALL_SILENT_MS 1000
+#define COORD_JOB_DIR_LEN 4096
 
 const char *coord_job_state_name(enum coord_job_state s);
 int coord_job_state_parse(const char *name, enum coord_job_state *out);
@@ -75,6 +101,10 @@ int coord_jobs_submit(coord_jobs_t *jobs, const char *spec_json, const struct co
  * queues jobs. */
 void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall);
 
+/* Free workers per backend that queued jobs leave unused, so that a
+ * recovering job finds a replacement at once (duplexd --spares). */
+void coord_jobs_set_spares(coord_jobs_t *jobs, int spares);
+
 /* Cancels a job that has not ended. Returns 0, -ENOENT or -EALREADY (it
  * ended already; err says how). */
 int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, char *err, size_t errlen);
@@ -88,11 +118,13 @@ int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex
 int coord_jobs_on_done(coord_jobs_t *jobs, const char *worker_id, const Duplex__JobDone *m,
                        int64_t now_wall);
 
-/* A worker was lost or left: its job fails (recovery comes later). */
+/* A worker was lost or left: its job recovers (or fails when no restarts
+ * are left), and the worker's failure counts towards its blocklisting. */
 void coord_jobs_on_worker_gone(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall);
 
-/* Fails jobs whose workers did not all acknowledge their assignments
- * within ack_timeout_ms. Call periodically. */
+/* Periodic checks: assignments not all acknowledged within
+ * ack_timeout_ms, stalled jobs, recovering jobs' ranks that never stopped.
+ * Each failure leads to a recovery (or the job's end). */
 void coord_jobs_check_timeouts(coord_jobs_t *jobs, int64_t now_wall, int64_t ack_timeout_ms);
 
 /* A worker reported itself idle: if duplexd still holds it for a job that

@@ -5,6 +5,7 @@
 
 #include "common/log.h"
 #include "common/opts.h"
+#include "common/sdnotify.h"
 #include "common/version.h"
 #include "coordinator/server.h"
 #include "proto/envelope.h"
@@ -43,7 +44,8 @@ int main(int argc, char **argv)
 {
     struct coord_server_config cfg;
     coord_server_t *server = NULL;
-    char err[512];
+    uv_timer_t watchdog;
+    char err[512], sd_status[512];
     int status;
 
     dx_log_init("duplexd", DX_LOG_INFO);
@@ -67,8 +69,15 @@ int main(int argc, char **argv)
         dx_error("%s", err);
         goto out;
     }
+    /* serving from here on: tell systemd (Type=notify), and ping its
+     * watchdog from the loop so that a hung loop gets restarted */
+    if (dx_sd_watchdog_start(coord_server_loop(server), &watchdog) < 0)
+        dx_warn("cannot start the systemd watchdog timer");
+    snprintf(sd_status, sizeof(sd_status), "listening on %s", opt_listen);
+    dx_sd_ready(sd_status);
     coord_server_run(server);
-    coord_server_destroy(server);
+    dx_sd_stopping();
+    coord_server_destroy(server); /* closes the watchdog timer with the loop */
     status = EXIT_SUCCESS;
 out:
     dx_opts_free(options);

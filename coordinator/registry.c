@@ -182,6 +182,7 @@ static int load_one(const struct coord_worker_row *row, void *arg)
     e->w.registered_ms = row->registered_ms;
     e->w.last_heartbeat_ms = row->last_heartbeat_ms;
     e->w.last_seen_mono = ctx->now_mono;
+    e->w.conn_fd = -1;
     return 0;
 }
 
@@ -303,6 +304,8 @@ int coord_registry_register(coord_registry_t *reg, const Duplex__Register *m, co
     w->registered_ms = now_wall;
     w->last_heartbeat_ms = now_wall;
     w->last_seen_mono = now_mono;
+    w->conn_fd = -1;
+    w->closed_mono = 0;
     w->activity = DUPLEX__WORKER_ACTIVITY__ACTIVITY_IDLE;
     w->job_id = 0;
     w->step = 0;
@@ -377,6 +380,15 @@ int coord_registry_goodbye(coord_registry_t *reg, const Duplex__Goodbye *m, int6
     return 0;
 }
 
+static void mark_lost(coord_registry_t *reg, struct coord_worker *w, int64_t now_wall,
+                      const char *detail)
+{
+    w->state = COORD_WORKER_LOST;
+    if (coord_store_worker_set_state(reg->store, w->id, state_names[w->state]) < 0)
+        dx_error("could not store loss of worker %s", w->id);
+    record_event(reg, now_wall, "lost", w->id, detail);
+}
+
 int coord_registry_sweep(coord_registry_t *reg, int64_t now_wall, int64_t now_mono,
                          int64_t dead_after_ms)
 {
@@ -390,12 +402,54 @@ int coord_registry_sweep(coord_registry_t *reg, int64_t now_wall, int64_t now_mo
 
         if (w->state != COORD_WORKER_ALIVE || silent < dead_after_ms)
             continue;
-        w->state = COORD_WORKER_LOST;
-        if (coord_store_worker_set_state(reg->store, w->id, state_names[w->state]) < 0)
-            dx_error("could not store loss of worker %s", w->id);
         snprintf(detail, sizeof(detail), "no heartbeat for %lld ms (limit %lld ms)",
                  (long long)silent, (long long)dead_after_ms);
-        record_event(reg, now_wall, "lost", w->id, detail);
+        mark_lost(reg, w, now_wall, detail);
+        lost++;
+    }
+    return lost;
+}
+
+void coord_registry_seen_on(coord_registry_t *reg, struct coord_worker *w, int fd)
+{
+    (void)reg;
+    w->conn_fd = fd;
+    w->closed_mono = 0;
+}
+
+int coord_registry_conn_closed(coord_registry_t *reg, int fd, int64_t now_mono)
+{
+    struct registry_entry *e, *tmp;
+    int n = 0;
+
+    HASH_ITER (hh, reg->by_id, e, tmp) {
+        if (fd < 0 || e->w.conn_fd != fd)
+            continue;
+        e->w.conn_fd = -1;
+        e->w.closed_mono = now_mono;
+        n++;
+    }
+    return n;
+}
+
+int coord_registry_sweep_closed(coord_registry_t *reg, int64_t now_wall, int64_t now_mono,
+                                int64_t wait_ms)
+{
+    struct registry_entry *e, *tmp;
+    int lost = 0;
+
+    HASH_ITER (hh, reg->by_id, e, tmp) {
+        struct coord_worker *w = &e->w;
+        char detail[160];
+
+        if (w->state != COORD_WORKER_ALIVE || !w->closed_mono ||
+            now_mono - w->closed_mono < wait_ms || w->last_seen_mono > w->closed_mono)
+            continue;
+        snprintf(detail, sizeof(detail),
+                 "its connection closed and nothing came for %lld ms (no heartbeat for %lld ms)",
+                 (long long)(now_mono - w->closed_mono), (long long)(now_mono - w->last_seen_mono));
+        w->closed_mono = 0;
+        mark_lost(reg, w, now_wall, detail);
         lost++;
     }
     return lost;
@@ -426,7 +480,24 @@ int coord_registry_list(coord_registry_t *reg, struct coord_worker ***out)
 
 int coord_worker_is_free(const struct coord_worker *w)
 {
-    return w->state == COORD_WORKER_ALIVE && !w->drained && w->assigned_job == 0;
+    return w->state == COORD_WORKER_ALIVE && !w->drained && !w->blocklisted[0] &&
+           w->assigned_job == 0;
+}
+
+int coord_registry_note_failure(coord_registry_t *reg, const char *id, const char *reason,
+                                int64_t now_wall)
+{
+    struct coord_worker *w = coord_registry_find(reg, id);
+
+    if (!w)
+        return -ENOENT;
+    if (++w->failures < COORD_BLOCKLIST_FAILURES || w->blocklisted[0])
+        return 0;
+    snprintf(w->blocklisted, sizeof(w->blocklisted), "%d job failures, the last: %s", w->failures,
+             reason);
+    record_event(reg, now_wall, "blocklisted", id, w->blocklisted);
+    dx_warn("worker %s blocklisted: %s", id, w->blocklisted);
+    return 1;
 }
 
 int coord_registry_set_drained(coord_registry_t *reg, const char *id, int drained, int64_t now_wall)
@@ -435,6 +506,11 @@ int coord_registry_set_drained(coord_registry_t *reg, const char *id, int draine
 
     if (!w)
         return -ENOENT;
+    if (!drained && w->blocklisted[0]) {
+        w->blocklisted[0] = '\0';
+        w->failures = 0;
+        record_event(reg, now_wall, "unblocklisted", id, "undrained: back in placement");
+    }
     if (w->drained == drained)
         return 0;
     w->drained = drained;

@@ -27,6 +27,10 @@ enum coord_worker_state {
     COORD_WORKER_LEFT,
 };
 
+/* A worker that caused this many job failures is blocklisted. */
+#define COORD_BLOCKLIST_FAILURES 2
+#define COORD_BLOCK_REASON_LEN 256
+
 struct coord_worker {
     char *id;
     char *host;
@@ -49,6 +53,10 @@ struct coord_worker {
     char *data_addr;       /* data-plane endpoint, "" when none */
     uint64_t assigned_job; /* the job duplexd gave it, 0 when free */
     int drained;           /* kept out of placement */
+    int conn_fd;           /* duplexd's socket its messages last came on (-1: none known) */
+    int64_t closed_mono;   /* when that connection closed; 0 while open */
+    int failures;          /* jobs whose failure it caused (lost, refused, timed out) */
+    char blocklisted[COORD_BLOCK_REASON_LEN]; /* why it is kept out of placement; "" if not */
 };
 
 /* What a Register did. */
@@ -87,6 +95,19 @@ int coord_registry_goodbye(coord_registry_t *reg, const Duplex__Goodbye *m, int6
 int coord_registry_sweep(coord_registry_t *reg, int64_t now_wall, int64_t now_mono,
                          int64_t dead_after_ms);
 
+/* Where a worker's messages come from: its connection's socket (fd). */
+void coord_registry_seen_on(coord_registry_t *reg, struct coord_worker *w, int fd);
+
+/* The connection on socket fd closed (the ZeroMQ monitor says so): a worker
+ * whose process died loses its connection at once, a live one reconnects
+ * and says something within a heartbeat. Returns how many workers used it. */
+int coord_registry_conn_closed(coord_registry_t *reg, int fd, int64_t now_mono);
+
+/* Alive workers whose connection closed at least wait_ms ago and who sent
+ * nothing since are lost ("its connection closed..."). Returns how many. */
+int coord_registry_sweep_closed(coord_registry_t *reg, int64_t now_wall, int64_t now_mono,
+                                int64_t wait_ms);
+
 struct coord_worker *coord_registry_find(coord_registry_t *reg, const char *id);
 
 /* The worker with a live session whose last message came from this ZeroMQ
@@ -94,12 +115,19 @@ struct coord_worker *coord_registry_find(coord_registry_t *reg, const char *id);
 struct coord_worker *coord_registry_find_route(coord_registry_t *reg, const uint8_t *rid,
                                                size_t rlen);
 
-/* Drains (drained = 1) or undrains a worker, with an event. Returns 0 or
- * -ENOENT. */
+/* Drains (drained = 1) or undrains a worker, with an event; undraining
+ * also clears a blocklisting and the failure count. Returns 0 or -ENOENT. */
 int coord_registry_set_drained(coord_registry_t *reg, const char *id, int drained,
                                int64_t now_wall);
 
-/* Free for placement: alive, not drained, no assigned job. */
+/* Counts a job failure this worker caused; at COORD_BLOCKLIST_FAILURES it
+ * is blocklisted (kept out of placement) with the reason, and an event.
+ * Returns 1 when this call blocklisted it, else 0 (or -ENOENT). */
+int coord_registry_note_failure(coord_registry_t *reg, const char *id, const char *reason,
+                                int64_t now_wall);
+
+/* Free for placement: alive, not drained, not blocklisted, no assigned
+ * job. */
 int coord_worker_is_free(const struct coord_worker *w);
 
 /* Fills a malloc'd array with every worker, ordered by id. Returns the count

@@ -35,6 +35,11 @@
 #define SWEEP_MIN_MS 20
 /* Workers must acknowledge an assignment within this. */
 #define ASSIGN_ACK_TIMEOUT_MS 10000
+/* A worker whose connection closed and that says nothing for this many
+ * heartbeat intervals is lost (its process died: the kernel closed its
+ * sockets), well before dead-after. */
+#define CLOSED_SILENT_INTERVALS 2
+#define MONITOR_ENDPOINT "inproc://duplexd-monitor"
 
 struct coord_server {
     struct coord_server_config cfg;
@@ -42,6 +47,9 @@ struct coord_server {
     void *zctx;
     void *router;
     dx_zwatch_t *watch;
+    void *monitor; /* PAIR receiving the ROUTER's disconnect events */
+    dx_zwatch_t *monitor_watch;
+    uv_timer_t hint; /* fires a while after a disconnect */
     uv_timer_t sweep;
     uv_prepare_t flush;
     uv_signal_t sigterm;
@@ -57,6 +65,7 @@ struct coord_server {
 struct peer_frame {
     uint8_t rid[COORD_ROUTING_MAX];
     size_t rlen;
+    int fd; /* the connection's socket (ZMQ_SRCFD), -1 unknown */
     char name[96];
 };
 
@@ -208,6 +217,7 @@ static void handle_list_workers(coord_server_t *s, const struct peer_frame *p,
         wi->job_id = w->job_id;
         wi->step = w->step;
         wi->drained = w->drained;
+        wi->blocklisted = (char *)w->blocklisted;
         wi->assigned_job = w->assigned_job;
         ptrs[i] = wi;
     }
@@ -536,6 +546,7 @@ static int server_recv_one(coord_server_t *s)
         zmq_msg_close(&next);
     }
     peer_name(&p, &payload);
+    p.fd = zmq_msg_get(&payload, ZMQ_SRCFD);
     if (frames != 1) {
         char text[64];
         snprintf(text, sizeof(text), "expected 1 frame after the routing id, got %d", frames);
@@ -543,8 +554,13 @@ static int server_recv_one(coord_server_t *s)
     } else if (dx_env_decode(zmq_msg_data(&payload), zmq_msg_size(&payload), &m, &err) < 0) {
         server_reject(s, &p, err.code, err.request_id, err.text);
     } else {
+        struct coord_worker *w;
+
         server_dispatch(s, &p, &m);
         dx_msg_clear(&m);
+        /* the connection this worker speaks on, for the monitor */
+        if ((w = coord_registry_find_route(s->reg, p.rid, p.rlen)))
+            coord_registry_seen_on(s->reg, w, p.fd);
     }
     zmq_msg_close(&payload);
     zmq_msg_close(&rid);
@@ -577,6 +593,71 @@ static void server_on_sweep(uv_timer_t *t)
         server_check_gone(s, now);
     coord_jobs_check_timeouts(s->jobs, now, ASSIGN_ACK_TIMEOUT_MS);
     coord_jobs_schedule(s->jobs, now);
+}
+
+/* A while after a worker's connection closed: lost unless it said
+ * something since (a live worker reconnects within a heartbeat). */
+static void server_on_hint(uv_timer_t *t)
+{
+    coord_server_t *s = t->data;
+    int64_t now = dx_wall_ms(), wait = (int64_t)s->cfg.heartbeat_ms * CLOSED_SILENT_INTERVALS;
+
+    if (coord_registry_sweep_closed(s->reg, now, dx_mono_ms(), wait) > 0) {
+        server_check_gone(s, now);
+        coord_jobs_schedule(s->jobs, now);
+    }
+}
+
+/* The ROUTER's monitor: a connection closed. When it was a worker's, check
+ * on it soon (duplexctl's connections close all the time: ignored). */
+static void server_on_monitor(dx_zwatch_t *w, int revents, void *arg)
+{
+    coord_server_t *s = arg;
+    (void)w;
+    (void)revents;
+
+    for (int i = 0; i < DX_ZWATCH_BATCH; i++) {
+        zmq_msg_t event, addr;
+        uint16_t what = 0;
+        uint32_t fd = 0;
+
+        zmq_msg_init(&event);
+        if (zmq_msg_recv(&event, s->monitor, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&event);
+            return;
+        }
+        if (zmq_msg_size(&event) >= sizeof(what) + sizeof(fd)) {
+            memcpy(&what, zmq_msg_data(&event), sizeof(what));
+            memcpy(&fd, (const uint8_t *)zmq_msg_data(&event) + sizeof(what), sizeof(fd));
+        }
+        zmq_msg_init(&addr); /* the second frame: the endpoint */
+        if (zmq_msg_more(&event))
+            zmq_msg_recv(&addr, s->monitor, 0);
+        zmq_msg_close(&addr);
+        zmq_msg_close(&event);
+        if (what == ZMQ_EVENT_DISCONNECTED &&
+            coord_registry_conn_closed(s->reg, (int)fd, dx_mono_ms()) > 0)
+            uv_timer_start(&s->hint, server_on_hint,
+                           (uint64_t)s->cfg.heartbeat_ms * CLOSED_SILENT_INTERVALS + 1, 0);
+    }
+}
+
+static int server_monitor(coord_server_t *s, char *err, size_t errlen)
+{
+    int rc;
+
+    if (zmq_socket_monitor(s->router, MONITOR_ENDPOINT, ZMQ_EVENT_DISCONNECTED) < 0 ||
+        !(s->monitor = zmq_socket(s->zctx, ZMQ_PAIR)) ||
+        zmq_connect(s->monitor, MONITOR_ENDPOINT) < 0) {
+        snprintf(err, errlen, "cannot monitor the ROUTER socket: %s", zmq_strerror(errno));
+        return -errno;
+    }
+    if ((rc = dx_zwatch_create(&s->loop, s->monitor, ZMQ_POLLIN, server_on_monitor, s,
+                               &s->monitor_watch)) < 0) {
+        snprintf(err, errlen, "cannot watch the monitor socket: %s", strerror(-rc));
+        return rc;
+    }
+    return 0;
 }
 
 /* Runs once per loop turn, before the loop blocks: commit the turn's writes. */
@@ -659,6 +740,10 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
         goto fail;
     }
     uv_timer_init(&s->loop, &s->sweep);
+    uv_timer_init(&s->loop, &s->hint);
+    s->hint.data = s;
+    if ((rc = server_monitor(s, err, errlen)) < 0)
+        goto fail;
     uv_prepare_init(&s->loop, &s->flush);
     uv_signal_init(&s->loop, &s->sigterm);
     uv_signal_init(&s->loop, &s->sigint);
@@ -700,8 +785,13 @@ void coord_server_destroy(coord_server_t *s)
     if (!s)
         return;
     dx_zwatch_destroy(s->watch);
+    dx_zwatch_destroy(s->monitor_watch);
     if (dx_loop_close(&s->loop) < 0)
         dx_warn("event loop closed with handles still open");
+    if (s->router && s->monitor)
+        zmq_socket_monitor(s->router, NULL, 0);
+    if (s->monitor)
+        zmq_close(s->monitor);
     if (s->router)
         zmq_close(s->router);
     if (s->zctx)
@@ -712,4 +802,9 @@ void coord_server_destroy(coord_server_t *s)
     if (s->rejected)
         dx_info("%llu bad messages rejected while running", (unsigned long long)s->rejected);
     free(s);
+}
+
+uv_loop_t *coord_server_loop(coord_server_t *s)
+{
+    return &s->loop;
 }

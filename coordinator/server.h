@@ -4,6 +4,7 @@
 #define COORD_SERVER_H
 
 #include <stddef.h>
+#include <uv.h>
 
 struct coord_server_config {
     const char *listen; /* ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:7700 */
@@ -23,5 +24,8 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
 int coord_server_run(coord_server_t *s);
 
 void coord_server_destroy(coord_server_t *s);
+
+/* The server's event loop (e.g. for a systemd watchdog timer). */
+uv_loop_t *coord_server_loop(coord_server_t *s);
 
 #endif

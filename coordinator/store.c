@@ -105,6 +105,7 @@ static const char *const migrations[] = {
     "  dir TEXT NOT NULL,"
     "  shards INTEGER NOT NULL,"
     "  ts_ms INTEGER NOT NULL," /* when the last shard came and the manifest was written */
+    "  bad TEXT,"               /* why a worker could not load it; NULL while usable */
     "  PRIMARY KEY (job_id, step)"
     ");",
 };
@@ -130,6 +131,7 @@ enum store_stmt {
     STMT_CKPT_SHARDS,
     STMT_CKPT_COMPLETE,
     STMT_CKPT_LAST,
+    STMT_CKPT_BAD,
     STMT_BEGIN,
     STMT_COMMIT,
     STMT_COUNT,
@@ -170,8 +172,9 @@ static const char *const stmt_sql[STMT_COUNT] = {
                          " WHERE job_id = ?1 AND step = ?2 ORDER BY file",
     [STMT_CKPT_COMPLETE] = "INSERT OR REPLACE INTO checkpoints (job_id, step, dir, shards, ts_ms)"
                            " VALUES (?1, ?2, ?3, ?4, ?5)",
-    [STMT_CKPT_LAST] = "SELECT step, dir FROM checkpoints WHERE job_id = ?1"
+    [STMT_CKPT_LAST] = "SELECT step, dir FROM checkpoints WHERE job_id = ?1 AND bad IS NULL"
                        " ORDER BY step DESC LIMIT 1",
+    [STMT_CKPT_BAD] = "UPDATE checkpoints SET bad = ?3 WHERE job_id = ?1 AND step = ?2",
     [STMT_EVENTS_LIST] = "SELECT id, ts_ms, kind, worker_id, job_id, detail FROM events"
                          " WHERE id > ?2 AND (?1 = 0 OR job_id = ?1) ORDER BY id LIMIT ?3",
     [STMT_BEGIN] = "BEGIN IMMEDIATE",
@@ -720,6 +723,19 @@ int coord_store_checkpoint_complete(coord_store_t *s, uint64_t job_id, uint64_t 
     sqlite3_bind_text(st, 3, dir, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 4, shards);
     sqlite3_bind_int64(st, 5, ts_ms);
+    return store_step(s, st);
+}
+
+int coord_store_checkpoint_mark_bad(coord_store_t *s, uint64_t job_id, uint64_t step,
+                                    const char *why)
+{
+    sqlite3_stmt *st = s->stmt[STMT_CKPT_BAD];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)step);
+    sqlite3_bind_text(st, 3, why, -1, SQLITE_STATIC);
     return store_step(s, st);
 }
 

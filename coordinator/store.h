@@ -135,8 +135,12 @@ int coord_store_checkpoint_shards_each(coord_store_t *s, uint64_t job_id, uint64
 int coord_store_checkpoint_complete(coord_store_t *s, uint64_t job_id, uint64_t step,
                                     const char *dir, int shards, int64_t ts_ms);
 
-/* The latest complete checkpoint of a job: its step and directory, or
- * -ENOENT. */
+/* Marks a checkpoint unusable (a worker could not load it), with why. */
+int coord_store_checkpoint_mark_bad(coord_store_t *s, uint64_t job_id, uint64_t step,
+                                    const char *why);
+
+/* The latest complete checkpoint of a job not marked bad: its step and
+ * directory, or -ENOENT. */
 int coord_store_last_checkpoint(coord_store_t *s, uint64_t job_id, uint64_t *step, char *dir,
                                 size_t dirlen);
 

@@ -53,8 +53,10 @@ static void print_table(const Duplex__ListWorkersReply *r)
             snprintf(job, sizeof(job), "%llu", (unsigned long long)w->assigned_job);
         else
             snprintf(job, sizeof(job), "-");
-        printf("%-24s %-16s %-16s %4d %-8s %-6s %8s %8d %6s%s\n", w->worker_id, w->host, w->node,
-               w->gpu_index, w->backend, w->state, age, w->pid, job, w->drained ? "  drained" : "");
+        printf("%-24s %-16s %-16s %4d %-8s %-6s %8s %8d %6s%s%s%s\n", w->worker_id, w->host,
+               w->node, w->gpu_index, w->backend, w->state, age, w->pid, job,
+               w->drained ? "  drained" : "", w->blocklisted[0] ? "  blocklisted: " : "",
+               w->blocklisted);
     }
 }
 
@@ -79,6 +81,9 @@ static int print_json(const Duplex__ListWorkersReply *r)
                       "activity", activity_name(w->activity), "job", (json_int_t)w->job_id, "step",
                       (json_int_t)w->step, "drained", (int)w->drained, "assigned_job",
                       (json_int_t)w->assigned_job);
+        if (o)
+            json_object_set_new(o, "blocklisted",
+                                w->blocklisted[0] ? json_string(w->blocklisted) : json_null());
         if (!o || json_array_append_new(arr, o) < 0)
             goto out;
     }

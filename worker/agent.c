@@ -64,6 +64,7 @@ struct wk_agent {
         uint64_t job_id;
         bool ok;
         uint64_t steps;
+        uint32_t attempt;
         char error[TEXT_MAX];
     } pending_done;
 };
@@ -212,6 +213,7 @@ static void agent_send_pending_done(wk_agent_t *a)
     d.job_id = a->pending_done.job_id;
     d.ok = a->pending_done.ok;
     d.steps = a->pending_done.steps;
+    d.attempt = a->pending_done.attempt;
     d.error = a->pending_done.error;
     if (agent_send(a, DUPLEX__MSG_TYPE__MSG_JOB_DONE, ++a->next_request_id, &d.base) == 0) {
         dx_info("job %" PRIu64 ": JobDone sent after registering again", d.job_id);
@@ -228,6 +230,7 @@ static void agent_forward_done(wk_agent_t *a, const Duplex__JobDone *d)
     a->pending_done.job_id = d->job_id;
     a->pending_done.ok = d->ok;
     a->pending_done.steps = d->steps;
+    a->pending_done.attempt = d->attempt;
     snprintf(a->pending_done.error, sizeof(a->pending_done.error), "%s", d->error);
 }
 
@@ -299,10 +302,11 @@ static void agent_on_assignment(wk_agent_t *a, const struct dx_msg *m)
     } else if (a->rt) {
         snprintf(err, sizeof(err), "busy: running job %" PRIu64 " attempt %u",
                  wk_runtime_job(a->rt), wk_runtime_attempt(a->rt));
-    } else if (wk_runtime_create(a->zctx, a->data, as, a->cfg.id,
-                                 &(struct wk_runtime_opts){.backend = a->cfg.backend}, &a->rt, err,
-                                 sizeof(err)) < 0) {
+    } else if ((rc = wk_runtime_create(a->zctx, a->data, as, a->cfg.id,
+                                       &(struct wk_runtime_opts){.backend = a->cfg.backend}, &a->rt,
+                                       err, sizeof(err))) < 0) {
         a->rt = NULL;
+        ack.bad_checkpoint = rc == -EUCLEAN;
     } else if ((rc = dx_zwatch_create(&a->loop, wk_runtime_socket(a->rt), ZMQ_POLLIN,
                                       agent_on_runtime, a, &a->rt_watch)) < 0) {
         snprintf(err, sizeof(err), "cannot watch the runtime: %s", strerror(-rc));
@@ -312,6 +316,7 @@ static void agent_on_assignment(wk_agent_t *a, const struct dx_msg *m)
         a->job_steps_done = 0;
     }
     ack.job_id = as->job_id;
+    ack.attempt = as->attempt;
     ack.ok = err[0] == '\0';
     ack.error = err;
     if (!ack.ok)
@@ -524,4 +529,9 @@ void wk_agent_destroy(wk_agent_t *a)
 const char *wk_agent_data_addr(const wk_agent_t *a)
 {
     return wk_data_addr(a->data);
+}
+
+uv_loop_t *wk_agent_loop(wk_agent_t *a)
+{
+    return &a->loop;
 }

@@ -11,6 +11,7 @@
 #define WK_AGENT_H
 
 #include <stddef.h>
+#include <uv.h>
 
 struct wk_agent_config {
     const char *coordinator; /* duplexd's ZeroMQ endpoint */
@@ -37,6 +38,9 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
 int wk_agent_run(wk_agent_t *a);
 
 void wk_agent_destroy(wk_agent_t *a);
+
+/* The agent's event loop (e.g. for a systemd watchdog timer). */
+uv_loop_t *wk_agent_loop(wk_agent_t *a);
 
 /* The data-plane endpoint sent in Register.data_addr. */
 const char *wk_agent_data_addr(const wk_agent_t *a);

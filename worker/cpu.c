@@ -1314,8 +1314,10 @@ int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
         goto fail;
     }
     c->data_open = 1;
-    if (a->checkpoint && a->checkpoint[0] && (rc = load_checkpoint(c, a->checkpoint)) < 0)
+    if (a->checkpoint && a->checkpoint[0] && load_checkpoint(c, a->checkpoint) < 0) {
+        rc = -EUCLEAN; /* the checkpoint, not this worker, is at fault */
         goto fail;
+    }
     c->err = NULL;
     *out = c;
     return 0;

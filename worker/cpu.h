@@ -66,7 +66,8 @@ struct wk_cpu_step {
 typedef struct wk_cpu wk_cpu_t;
 
 /* Builds this rank's chunks from the assignment (its spec_json, schedule
- * and ranks). peers_addr: [dp][pp][ep] (index (d * pp + p) * ep +
+ * and ranks) and loads its checkpoint if it names one (-EUCLEAN when that
+ * fails: missing, torn, or of another layout). peers_addr: [dp][pp][ep] (index (d * pp + p) * ep +
  * e). data_dir: the training text (NULL: WK_DATA_DIR_DEFAULT). 0, or -errno
  * with the reason in err. */
 int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,

@@ -9,6 +9,7 @@
 
 #include "common/log.h"
 #include "common/opts.h"
+#include "common/sdnotify.h"
 #include "common/version.h"
 #include "coordinator/jobspec.h"
 #include "proto/envelope.h"
@@ -145,10 +146,11 @@ int main(int argc, char **argv)
 {
     struct wk_agent_config cfg;
     wk_agent_t *agent = NULL;
+    uv_timer_t watchdog;
     char hostname[HOST_NAME_MAX + 1];
     char default_id[HOST_NAME_MAX + 32];
     const char *coordinator;
-    char err[512];
+    char err[512], sd_status[512];
     int status;
 
     dx_log_init("duplex-worker", DX_LOG_INFO);
@@ -184,8 +186,15 @@ int main(int argc, char **argv)
         fprintf(stderr, "duplex-worker: %s\n", err);
         goto out;
     }
+    /* set up: tell systemd (Type=notify), and ping its watchdog from the
+     * agent's loop so that a hung loop gets restarted */
+    if (dx_sd_watchdog_start(wk_agent_loop(agent), &watchdog) < 0)
+        dx_warn("cannot start the systemd watchdog timer");
+    snprintf(sd_status, sizeof(sd_status), "worker %s, coordinator %s", cfg.id, cfg.coordinator);
+    dx_sd_ready(sd_status);
     status = wk_agent_run(agent);
-    wk_agent_destroy(agent);
+    dx_sd_stopping();
+    wk_agent_destroy(agent); /* closes the watchdog timer with the loop */
 out:
     dx_opts_free(options);
     return status;

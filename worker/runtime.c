@@ -314,6 +314,7 @@ static void report_step(wk_runtime_t *rt, double step_ms, const struct wk_cpu_st
     Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
 
     r.job_id = rt->job_id;
+    r.attempt = rt->attempt;
     r.step = rt->cur_step;
     r.step_ms = step_ms;
     if (cs) {
@@ -404,6 +405,7 @@ static void *runtime_main(void *arg)
         }
     }
     done.job_id = rt->job_id;
+    done.attempt = rt->attempt;
     done.ok = rc == 0;
     done.steps = completed;
     if (rc < 0)

@@ -46,7 +46,9 @@ typedef struct wk_runtime wk_runtime_t;
  * own ranks name it), then starts the thread. The runtime uses `data`
  * (and its sockets) from its thread until wk_runtime_destroy; the caller
  * must not touch it meanwhile. opts may be NULL. Returns 0, or -EINVAL
- * with the reason in err (fit for AssignmentAck.error), or -errno. */
+ * with the reason in err (fit for AssignmentAck.error), -EUCLEAN when the
+ * checkpoint the assignment starts from is missing, torn or does not fit
+ * (AssignmentAck.bad_checkpoint), or -errno. */
 int wk_runtime_create(void *zctx, wk_data_t *data, const Duplex__Assignment *a, const char *self_id,
                       const struct wk_runtime_opts *opts, wk_runtime_t **out, char *err,
                       size_t errlen);

@@ -18,7 +18,9 @@ struct sent {
     char worker[64];
     Duplex__MsgType type;
     uint64_t job_id;
+    uint32_t attempt;
     int pp_rank;
+    char checkpoint[128];
 };
 
 static struct sent sent[MAX_SENT];
@@ -39,7 +41,9 @@ static int fake_send(void *arg, const char *worker_id, Duplex__MsgType type,
     if (type == DUPLEX__MSG_TYPE__MSG_ASSIGNMENT) {
         const Duplex__Assignment *a = (const Duplex__Assignment *)body;
         sent[nsent].job_id = a->job_id;
+        sent[nsent].attempt = a->attempt;
         sent[nsent].pp_rank = a->pp_rank;
+        snprintf(sent[nsent].checkpoint, sizeof(sent[nsent].checkpoint), "%s", a->checkpoint);
         cr_assert_eq(a->n_peers, (size_t)(a->pp * a->ep * a->dp));
     } else {
         sent[nsent].job_id = ((const Duplex__AbortJob *)body)->job_id;
@@ -118,27 +122,55 @@ static const char *state_of(uint64_t id)
     return buf;
 }
 
-static void ack_all(uint64_t id, int ok)
+/* The attempt of the job's latest Assignments. */
+static uint32_t last_attempt(uint64_t id)
+{
+    uint32_t attempt = 0;
+    for (int i = 0; i < nsent; i++)
+        if (sent[i].type == DUPLEX__MSG_TYPE__MSG_ASSIGNMENT && sent[i].job_id == id)
+            attempt = sent[i].attempt;
+    return attempt;
+}
+
+static int is_current(int i, uint64_t id)
+{
+    return sent[i].type == DUPLEX__MSG_TYPE__MSG_ASSIGNMENT && sent[i].job_id == id &&
+           sent[i].attempt == last_attempt(id);
+}
+
+static void ack_all_at(uint64_t id, int ok, int64_t now)
 {
     Duplex__AssignmentAck a = DUPLEX__ASSIGNMENT_ACK__INIT;
     a.job_id = id;
+    a.attempt = last_attempt(id);
     a.ok = ok;
     a.error = ok ? "" : "busy";
     for (int i = 0; i < nsent; i++)
-        if (sent[i].type == DUPLEX__MSG_TYPE__MSG_ASSIGNMENT && sent[i].job_id == id)
-            coord_jobs_on_ack(jobs, sent[i].worker, &a, 3000);
+        if (is_current(i, id))
+            coord_jobs_on_ack(jobs, sent[i].worker, &a, now);
 }
 
-static void done_all(uint64_t id, int ok)
+static void ack_all(uint64_t id, int ok)
+{
+    ack_all_at(id, ok, 3000);
+}
+
+static void done_all_at(uint64_t id, int ok, int64_t now)
 {
     Duplex__JobDone d = DUPLEX__JOB_DONE__INIT;
     d.job_id = id;
+    d.attempt = last_attempt(id);
     d.ok = ok;
     d.steps = 10;
     d.error = ok ? "" : "boom";
     for (int i = 0; i < nsent; i++)
-        if (sent[i].type == DUPLEX__MSG_TYPE__MSG_ASSIGNMENT && sent[i].job_id == id)
-            coord_jobs_on_done(jobs, sent[i].worker, &d, 4000);
+        if (is_current(i, id))
+            coord_jobs_on_done(jobs, sent[i].worker, &d, now);
+}
+
+static void done_all(uint64_t id, int ok)
+{
+    done_all_at(id, ok, 4000);
 }
 
 static int count_sent(Duplex__MsgType type, uint64_t id)
@@ -155,7 +187,7 @@ Test(jobs, every_transition_of_the_state_machine)
         "queued>placing",       "queued>cancelled",   "queued>failed",      "placing>running",
         "placing>failed",       "placing>cancelled",  "running>succeeded",  "running>failed",
         "running>cancelled",    "running>recovering", "recovering>placing", "recovering>failed",
-        "recovering>cancelled",
+        "recovering>cancelled", "placing>recovering",
     };
 
     for (int from = 0; from < COORD_JOB_STATES; from++) {
@@ -193,6 +225,7 @@ Test(jobs, a_job_runs_to_success, .init = setup, .fini = teardown)
     {
         Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
         r.job_id = id;
+        r.attempt = 1;
         r.step = 1;
         r.loss = 5.5;
         r.step_ms = 12;
@@ -276,15 +309,15 @@ Test(jobs, cancel_queued_and_running, .init = setup, .fini = teardown)
 
 Test(jobs, refused_assignment_and_lost_worker_fail_the_job, .init = setup, .fini = teardown)
 {
-    const char *sets[] = {"backend=sim", "parallel.ep=2"};
-    const char *two[] = {"backend=sim"};
-    uint64_t a = submit("{}", sets, 2), b;
+    const char *sets[] = {"backend=sim", "parallel.ep=2", "restart.max_restarts=0"};
+    const char *two[] = {"backend=sim", "restart.max_restarts=0"};
+    uint64_t a = submit("{}", sets, 3), b;
     struct coord_worker *w;
 
     coord_jobs_schedule(jobs, 2100);
     ack_all(a, 0);
     cr_assert_str_eq(state_of(a), "failed");
-    b = submit("{}", two, 1);
+    b = submit("{}", two, 2);
     coord_jobs_schedule(jobs, 2200);
     /* a's ranks refused and are free, so b was placed */
     cr_assert_str_eq(state_of(b), "placing");
@@ -319,8 +352,8 @@ Test(jobs, drained_workers_are_not_placed_and_backends_do_not_mix, .init = setup
 
 Test(jobs, unacknowledged_assignments_time_out, .init = setup, .fini = teardown)
 {
-    const char *sets[] = {"backend=sim"};
-    uint64_t a = submit("{}", sets, 1);
+    const char *sets[] = {"backend=sim", "restart.max_restarts=0"};
+    uint64_t a = submit("{}", sets, 2);
 
     coord_jobs_schedule(jobs, 2100);
     coord_jobs_check_timeouts(jobs, 2100 + 5000, 10000);
@@ -363,6 +396,7 @@ Test(jobs, expert_imbalance_from_reported_tokens, .init = setup, .fini = teardow
     for (int i = 0; i < nsent; i++) {
         Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
         r.job_id = id;
+        r.attempt = 1;
         r.step = 1;
         /* pp rank 0, ep rank 0 gets 600 tokens over its 4 slots; everyone else 400 */
         r.expert_tokens = sent[i].pp_rank == 0 && i == 0 ? busy : light;
@@ -394,4 +428,113 @@ Test(jobs, reported_loads_drive_the_expert_placement)
     cr_assert_float_eq(coord_eplb_imbalance(w, &loaded, 0), 1.0, 1e-6);
     coord_eplb_plan_clear(&uniform);
     coord_eplb_plan_clear(&loaded);
+}
+
+/* A lost worker makes a running job recover: every rank is told to stop;
+ * after the backoff, once the old ranks stopped, the job is placed again
+ * (attempt 2) on free workers from its latest complete checkpoint, and the
+ * old attempt's messages are ignored. Past the budget the job fails. */
+Test(jobs, a_failure_recovers_from_the_last_checkpoint, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "restart.backoff_ms=500", "restart.max_restarts=1"};
+    uint64_t a = submit("{}", sets, 3);
+    Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
+    struct coord_worker *w;
+    int rc;
+
+    add_worker("w4", "n2", 4, "sim"); /* a spare */
+    coord_jobs_schedule(jobs, 2100);
+    ack_all(a, 1);
+    cr_assert_str_eq(state_of(a), "running");
+    /* step 5 with a checkpoint on both ranks: complete */
+    r.job_id = a;
+    r.attempt = 1;
+    r.step = 5;
+    r.checkpoint_dir = dir;
+    r.checkpoint_bytes = 8;
+    for (int i = 0; i < nsent; i++) {
+        char file[32];
+        snprintf(file, sizeof(file), "rank-%d.ckpt", sent[i].pp_rank);
+        r.checkpoint_file = file;
+        cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, 2500), 0);
+    }
+    w = coord_registry_find(reg, sent[0].worker);
+    w->state = COORD_WORKER_LOST;
+    coord_jobs_on_worker_gone(jobs, w->id, 3000);
+    cr_assert_str_eq(state_of(a), "recovering");
+    cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ABORT_JOB, a), 1, "the survivor is stopped");
+    coord_jobs_schedule(jobs, 3600);
+    cr_assert_str_eq(state_of(a), "recovering", "the survivor has not stopped yet");
+    {
+        Duplex__JobDone d = DUPLEX__JOB_DONE__INIT;
+        d.job_id = a;
+        d.attempt = 1;
+        d.error = "aborted";
+        cr_assert_eq(coord_jobs_on_done(jobs, sent[1].worker, &d, 3400), 0);
+    }
+    coord_jobs_schedule(jobs, 3450); /* still inside the backoff */
+    cr_assert_eq(last_attempt(a), 1);
+    coord_jobs_schedule(jobs, 3800);
+    cr_assert_str_eq(state_of(a), "placing");
+    cr_assert_eq(last_attempt(a), 2);
+    for (int i = 0; i < nsent; i++)
+        if (is_current(i, a)) {
+            cr_assert_str_neq(sent[i].worker, w->id, "the lost worker is not used");
+            cr_assert_str_eq(sent[i].checkpoint, dir, "attempt 2 starts from step 5");
+        }
+    /* an old attempt's report is ignored */
+    r.step = 6;
+    r.checkpoint_file = "";
+    cr_assert_eq(coord_jobs_on_report(jobs, sent[1].worker, &r, 3900), 0);
+    ack_all_at(a, 1, 4000);
+    cr_assert_str_eq(state_of(a), "running");
+    /* a second failure is past the budget of one restart */
+    w = coord_registry_find(reg, sent[nsent - 1].worker);
+    w->state = COORD_WORKER_LOST;
+    coord_jobs_on_worker_gone(jobs, w->id, 5000);
+    cr_assert_str_eq(state_of(a), "failed");
+    {
+        json_t *doc = coord_jobs_status(jobs, a, 0, &rc);
+        cr_assert_not_null(
+            strstr(json_string_value(json_object_get(doc, "reason")), "no restarts left"));
+        cr_assert_eq(json_integer_value(json_object_get(doc, "attempt")), 2);
+        json_decref(doc);
+    }
+}
+
+/* A worker that causes two failures is blocklisted: kept out of placement
+ * until undrained. */
+Test(jobs, repeated_failures_blocklist_the_worker, .init = setup, .fini = teardown)
+{
+    struct coord_worker *w = coord_registry_find(reg, "w0");
+
+    cr_assert_eq(coord_registry_note_failure(reg, "w0", "lost", 1000), 0);
+    cr_assert(coord_worker_is_free(w));
+    cr_assert_eq(coord_registry_note_failure(reg, "w0", "lost again", 1100), 1);
+    cr_assert_not(coord_worker_is_free(w));
+    cr_assert_not_null(strstr(w->blocklisted, "2 job failures, the last: lost again"));
+    cr_assert_eq(coord_registry_set_drained(reg, "w0", 0, 1200), 0);
+    cr_assert(coord_worker_is_free(w), "undrain clears the blocklisting");
+}
+
+/* A running job whose step stops moving is stalled and recovers. */
+Test(jobs, a_stalled_job_recovers, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim"};
+    uint64_t a = submit("{}", sets, 1);
+    Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
+
+    coord_jobs_schedule(jobs, 2100);
+    ack_all_at(a, 1, 2200);
+    r.job_id = a;
+    r.attempt = 1;
+    for (int s = 1; s <= 4; s++) { /* a step every 100 ms */
+        r.step = (uint64_t)s;
+        for (int i = 0; i < nsent; i++)
+            coord_jobs_on_report(jobs, sent[i].worker, &r, 2200 + 100 * s);
+    }
+    coord_jobs_check_timeouts(jobs, 2600 + COORD_STALL_MIN_MS - 1, 10000);
+    cr_assert_str_eq(state_of(a), "running");
+    coord_jobs_check_timeouts(jobs, 2600 + COORD_STALL_MIN_MS + 1, 10000);
+    cr_assert_str_eq(state_of(a), "recovering");
 }
