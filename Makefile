@@ -164,6 +164,7 @@ bench: deps
 	@$(MAKE) --no-print-directory -j$(NPROC) $(BENCH_BINS)
 	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done
 	@echo "== bench/bench_cluster.py $(BUILD)"; /usr/bin/python3 bench/bench_cluster.py $(BUILD)
+	@echo "== bench/bench_recovery.py $(BUILD)"; /usr/bin/python3 bench/bench_recovery.py $(BUILD)
 
 # --- fuzz, format, lint -----------------------------------------------------
 

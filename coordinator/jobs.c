@@ -180,6 +180,10 @@ static void job_persist(coord_jobs_t *jobs, const struct coord_job *j)
         .reason = j->reason,
         .started_ms = j->started_ms,
         .finished_ms = j->finished_ms,
+        .attempt = j->attempt,
+        .restarts = j->restarts,
+        .resume_step = j->resume_step,
+        .resume_dir = j->resume_dir,
     };
     if (coord_store_job_update(jobs->store, &row) < 0)
         dx_error("could not store job %llu", (unsigned long long)j->id);
@@ -302,6 +306,57 @@ static void job_fail(coord_jobs_t *jobs, struct coord_job *j, int64_t now, const
 
 /* ---- load, submit --------------------------------------------------------- */
 
+static int add_rank(const struct coord_rank_row *row, void *arg)
+{
+    struct coord_job *j = arg;
+    struct job_rank *r;
+
+    if (j->nranks >= coord_jobspec_workers(&j->spec))
+        return -EINVAL;
+    r = &j->ranks[j->nranks++];
+    snprintf(r->worker_id, sizeof(r->worker_id), "%s", row->worker_id);
+    r->dp = row->dp;
+    r->pp = row->pp;
+    r->ep = row->ep;
+    return 0;
+}
+
+/* duplexd restarted while j was placed, running or recovering: its ranks
+ * (stored with the attempt) are held again and the job goes on. Workers
+ * that keep running it re-register and carry on, resending what they
+ * reported meanwhile; one that does not come back is lost in the usual
+ * way, and the job recovers. A job that was placing waits for the
+ * acknowledgements again (the ack timeout restarts now). Expert tokens of
+ * this attempt are not counted (its slot map is not stored). */
+static void job_resume(coord_jobs_t *jobs, struct coord_job *j, int64_t now)
+{
+    int need = coord_jobspec_workers(&j->spec), running = j->state == COORD_JOB_RUNNING;
+
+    free(j->ranks);
+    j->nranks = 0;
+    j->ranks = calloc((size_t)need, sizeof(*j->ranks));
+    if (!j->ranks || coord_store_job_ranks_each(jobs->store, j->id, add_rank, j) != need) {
+        job_set_state(jobs, j, COORD_JOB_FAILED, now,
+                      "duplexd restarted and the job's ranks could not be read back");
+        return;
+    }
+    for (int i = 0; i < j->nranks; i++) {
+        struct coord_worker *w = coord_registry_find(jobs->reg, j->ranks[i].worker_id);
+
+        j->ranks[i].acked = running;
+        j->ranks[i].step = j->step;
+        j->ranks[i].done = j->state == COORD_JOB_RECOVERING;
+        if (w && j->state != COORD_JOB_RECOVERING)
+            w->assigned_job = j->id;
+    }
+    j->acks = running ? j->nranks : 0;
+    j->placed_ms = j->progress_ms = now;
+    j->failed_ms = j->recover_at_ms = now;
+    j->recover_until_ms = now + COORD_RECOVER_WAIT_MS;
+    j->slots_per_gpu = 0;
+    job_event(jobs, j, "job_resumed", NULL, now, "duplexd restarted; the job goes on");
+}
+
 struct load_ctx {
     coord_jobs_t *jobs;
     int64_t now;
@@ -334,11 +389,13 @@ static int load_one(const struct coord_job_row *row, void *arg)
                           "its stored spec is no longer valid: %s", err);
         return 0;
     }
+    j->attempt = row->attempt;
+    j->restarts = row->restarts;
+    j->resume_step = row->resume_step;
+    snprintf(j->resume_dir, sizeof(j->resume_dir), "%s", row->resume_dir ? row->resume_dir : "");
     if (j->state == COORD_JOB_PLACING || j->state == COORD_JOB_RUNNING ||
         j->state == COORD_JOB_RECOVERING)
-        job_set_state(ctx->jobs, j, COORD_JOB_FAILED, ctx->now,
-                      "duplexd restarted while the job was %s (recovery is not built yet)",
-                      state_names[j->state]);
+        job_resume(ctx->jobs, j, ctx->now);
     return 0;
 }
 
@@ -361,9 +418,11 @@ static size_t cluster_size(coord_jobs_t *jobs, const char *backend)
     return count;
 }
 
-int coord_jobs_submit(coord_jobs_t *jobs, const char *spec_json, const struct coord_jobspec *spec,
-                      int64_t now_wall, uint64_t *id, char *err, size_t errlen)
+int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, int64_t now_wall,
+                      uint64_t *id, char *err, size_t errlen)
 {
+    /* stored with every field given, so --set overrides survive restarts */
+    char *spec_json = coord_jobspec_to_json(spec);
     struct coord_job_row row = {
         .name = spec->name,
         .spec = spec_json,
@@ -382,14 +441,17 @@ int coord_jobs_submit(coord_jobs_t *jobs, const char *spec_json, const struct co
                  "the job needs %d %s workers (pp %d x ep %d x dp %d); the cluster has %zu",
                  row.workers, spec->backend, spec->parallel.pp, spec->parallel.ep,
                  spec->parallel.dp, have);
+        free(spec_json);
         return -ENOSPC;
     }
     j = calloc(1, sizeof(*j));
-    if (!j || !(j->spec_json = strdup(spec_json)) || job_add(jobs, j) < 0) {
+    if (!spec_json || !j || job_add(jobs, j) < 0) {
+        free(spec_json);
         job_free(j);
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
+    j->spec_json = spec_json; /* the job owns it now */
     if (coord_store_job_insert(jobs->store, &row, &j->id) < 0) {
         jobs->n--;
         job_free(j);
@@ -548,6 +610,16 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
         goto out;
     }
     memcpy(j->slot_expert, experts.phy2log, (size_t)experts.replicas * sizeof(int));
+    {
+        struct coord_rank_row *rows = calloc((size_t)j->nranks, sizeof(*rows));
+
+        for (int i = 0; rows && i < j->nranks; i++)
+            rows[i] = (struct coord_rank_row){j->ranks[i].dp, j->ranks[i].pp, j->ranks[i].ep,
+                                              j->ranks[i].worker_id};
+        if (!rows || coord_store_job_ranks(jobs->store, j->id, rows, j->nranks) < 0)
+            dx_error("job %llu: could not store its ranks", (unsigned long long)j->id);
+        free(rows);
+    }
     if (j->attempt == 0)
         snprintf(j->resume_dir, sizeof(j->resume_dir), "%s", j->spec.checkpoint.from);
     j->acks = j->dones = 0;

@@ -87,15 +87,15 @@ int coord_jobs_create(coord_store_t *store, coord_registry_t *reg, const struct 
 void coord_jobs_destroy(coord_jobs_t *jobs);
 
 /* Loads stored jobs. Queued jobs stay queued; jobs that were placing,
- * running or recovering when duplexd stopped are failed with that reason
- * (recovery restarts come with the recovery issue). */
+ * running or recovering when duplexd stopped go on with their stored ranks
+ * (an event job_resumed): their workers carry on and re-register. */
 int coord_jobs_load(coord_jobs_t *jobs, int64_t now_wall);
 
-/* Queues a validated spec (spec_json is stored as given). Returns 0 with
- * *id, or -ENOSPC when the cluster has fewer workers of the backend than the
- * job needs (err says so). */
-int coord_jobs_submit(coord_jobs_t *jobs, const char *spec_json, const struct coord_jobspec *spec,
-                      int64_t now_wall, uint64_t *id, char *err, size_t errlen);
+/* Queues a validated spec (stored as JSON with every field given). Returns
+ * 0 with *id, or -ENOSPC when the cluster has fewer workers of the backend
+ * than the job needs (err says so). */
+int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, int64_t now_wall,
+                      uint64_t *id, char *err, size_t errlen);
 
 /* Starts what can start now. Call after anything that frees workers or
  * queues jobs. */

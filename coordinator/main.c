@@ -16,7 +16,7 @@
 #define DEFAULT_DEAD_AFTER_MS 2000
 
 static char *opt_config, *opt_listen, *opt_db, *opt_log_level;
-static int opt_heartbeat_ms, opt_dead_after_ms;
+static int opt_heartbeat_ms, opt_dead_after_ms, opt_spares;
 
 static const struct dx_opt options[] = {
     {"config", DX_OPT_STRING, &opt_config, NULL, 0, 0, 0, "FILE",
@@ -28,6 +28,8 @@ static const struct dx_opt options[] = {
      "heartbeat interval told to workers"},
     {"dead-after-ms", DX_OPT_INT, &opt_dead_after_ms, NULL, DEFAULT_DEAD_AFTER_MS, 20, 600000, "MS",
      "declare a worker lost after this long without a heartbeat"},
+    {"spares", DX_OPT_INT, &opt_spares, NULL, 0, 0, 4096, "K",
+     "free workers per backend that new jobs leave unused, for recoveries"},
     {"log-level", DX_OPT_STRING, &opt_log_level, "info", 0, 0, 0, "LEVEL",
      "debug, info, warn or error"},
     {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
@@ -64,6 +66,7 @@ int main(int argc, char **argv)
         .db = opt_db,
         .heartbeat_ms = opt_heartbeat_ms,
         .dead_after_ms = opt_dead_after_ms,
+        .spares = opt_spares,
     };
     if (coord_server_create(&cfg, &server, err, sizeof(err)) < 0) {
         dx_error("%s", err);

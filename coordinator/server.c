@@ -252,17 +252,7 @@ static void handle_submit(coord_server_t *s, const struct peer_frame *p, const s
     if (!req->dry_run) {
         uint64_t id;
         int64_t now = dx_wall_ms();
-        /* stored with every field given, so --set overrides survive restarts */
-        char *full = coord_jobspec_to_json(&spec);
-
-        if (!full) {
-            server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id,
-                          "out of memory");
-            return;
-        }
-        rc = coord_jobs_submit(s->jobs, full, &spec, now, &id, err, sizeof(err));
-        free(full);
-        if (rc < 0) {
+        if (coord_jobs_submit(s->jobs, &spec, now, &id, err, sizeof(err)) < 0) {
             server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY, m->request_id, err);
             return;
         }
@@ -328,6 +318,9 @@ static void server_check_gone(coord_server_t *s, int64_t now)
     free(ws);
 }
 
+static void reply_ok(coord_server_t *s, const struct peer_frame *p, uint64_t request_id,
+                     const char *text);
+
 /* AssignmentAck, StepReport and JobDone come from a registered worker's
  * session; anything else about a job is stale and the job is stopped. */
 static void handle_job_message(coord_server_t *s, const struct peer_frame *p,
@@ -357,6 +350,10 @@ static void handle_job_message(coord_server_t *s, const struct peer_frame *p,
         rc = coord_jobs_on_done(s->jobs, w->id, (const Duplex__JobDone *)m->body, now);
         break;
     }
+    /* reports and JobDones are acknowledged: the worker keeps each until
+     * then and sends it again after registering anew (duplexd restarted) */
+    if (m->type != DUPLEX__MSG_TYPE__MSG_ASSIGNMENT_ACK)
+        reply_ok(s, p, m->request_id, "");
     if (rc == -ENOENT && m->type != DUPLEX__MSG_TYPE__MSG_JOB_DONE) {
         Duplex__AbortJob a = DUPLEX__ABORT_JOB__INIT;
         dx_info("worker %s reports on job %llu, which it does not run here; stopping it", w->id,
@@ -726,8 +723,9 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
     }
     {
         struct coord_jobs_io io = {server_send_worker, s};
-        if ((rc = coord_jobs_create(s->store, s->reg, &io, &s->jobs)) < 0 ||
-            (rc = coord_jobs_load(s->jobs, dx_wall_ms())) < 0) {
+        if ((rc = coord_jobs_create(s->store, s->reg, &io, &s->jobs)) == 0)
+            coord_jobs_set_spares(s->jobs, cfg->spares);
+        if (rc < 0 || (rc = coord_jobs_load(s->jobs, dx_wall_ms())) < 0) {
             snprintf(err, errlen, "%s: cannot load jobs: %s", cfg->db, strerror(-rc));
             goto fail;
         }

@@ -11,6 +11,7 @@ struct coord_server_config {
     const char *db;     /* SQLite file */
     int heartbeat_ms;   /* interval told to workers */
     int dead_after_ms;  /* silence after which a worker is lost */
+    int spares;         /* free workers per backend kept for recoveries */
 };
 
 typedef struct coord_server coord_server_t;

@@ -107,6 +107,19 @@ static const char *const migrations[] = {
     "  ts_ms INTEGER NOT NULL," /* when the last shard came and the manifest was written */
     "  bad TEXT,"               /* why a worker could not load it; NULL while usable */
     "  PRIMARY KEY (job_id, step)"
+    ");"
+    "ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE jobs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE jobs ADD COLUMN resume_step INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE jobs ADD COLUMN resume_dir TEXT NOT NULL DEFAULT '';"
+    "CREATE TABLE job_ranks (" /* the current attempt's ranks */
+    "  job_id INTEGER NOT NULL,"
+    "  idx INTEGER NOT NULL,"
+    "  dp INTEGER NOT NULL,"
+    "  pp INTEGER NOT NULL,"
+    "  ep INTEGER NOT NULL,"
+    "  worker_id TEXT NOT NULL,"
+    "  PRIMARY KEY (job_id, idx)"
     ");",
 };
 
@@ -132,6 +145,9 @@ enum store_stmt {
     STMT_CKPT_COMPLETE,
     STMT_CKPT_LAST,
     STMT_CKPT_BAD,
+    STMT_RANKS_CLEAR,
+    STMT_RANK_PUT,
+    STMT_RANKS_ALL,
     STMT_BEGIN,
     STMT_COMMIT,
     STMT_COUNT,
@@ -154,9 +170,16 @@ static const char *const stmt_sql[STMT_COUNT] = {
     [STMT_JOB_INSERT] = "INSERT INTO jobs (name, spec, backend, state, priority, workers, steps,"
                         " submitted_ms) VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7)",
     [STMT_JOB_UPDATE] = "UPDATE jobs SET state = ?2, step = ?3, reason = ?4, started_ms = ?5,"
-                        " finished_ms = ?6 WHERE id = ?1",
+                        " finished_ms = ?6, attempt = ?7, restarts = ?8, resume_step = ?9,"
+                        " resume_dir = ?10 WHERE id = ?1",
     [STMT_JOBS_ALL] = "SELECT id, name, spec, state, step, reason, submitted_ms, started_ms,"
-                      " finished_ms FROM jobs ORDER BY id",
+                      " finished_ms, attempt, restarts, resume_step, resume_dir FROM jobs"
+                      " ORDER BY id",
+    [STMT_RANKS_CLEAR] = "DELETE FROM job_ranks WHERE job_id = ?1",
+    [STMT_RANK_PUT] = "INSERT INTO job_ranks (job_id, idx, dp, pp, ep, worker_id)"
+                      " VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    [STMT_RANKS_ALL] = "SELECT dp, pp, ep, worker_id FROM job_ranks WHERE job_id = ?1"
+                       " ORDER BY idx",
     [STMT_METRIC] = "INSERT OR REPLACE INTO metrics (job_id, step, worker_id, ts_ms, loss,"
                     " step_ms, tokens_per_s, compute_ms, wait_ms, comm_ms, hidden_comm_ms,"
                     " sync_ms, f_ms, b_ms, i_ms, w_ms, fb_ms, tokens)"
@@ -617,7 +640,57 @@ int coord_store_job_update(coord_store_t *s, const struct coord_job_row *job)
     sqlite3_bind_text(st, 4, job->reason ? job->reason : "", -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 5, job->started_ms);
     sqlite3_bind_int64(st, 6, job->finished_ms);
+    sqlite3_bind_int64(st, 7, job->attempt);
+    sqlite3_bind_int(st, 8, job->restarts);
+    sqlite3_bind_int64(st, 9, (sqlite3_int64)job->resume_step);
+    sqlite3_bind_text(st, 10, job->resume_dir ? job->resume_dir : "", -1, SQLITE_STATIC);
     return store_step(s, st);
+}
+
+int coord_store_job_ranks(coord_store_t *s, uint64_t job_id, const struct coord_rank_row *ranks,
+                          int n)
+{
+    sqlite3_stmt *st = s->stmt[STMT_RANKS_CLEAR];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    if (store_step(s, st) < 0)
+        return -EIO;
+    st = s->stmt[STMT_RANK_PUT];
+    for (int i = 0; i < n; i++) {
+        sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+        sqlite3_bind_int(st, 2, i);
+        sqlite3_bind_int(st, 3, ranks[i].dp);
+        sqlite3_bind_int(st, 4, ranks[i].pp);
+        sqlite3_bind_int(st, 5, ranks[i].ep);
+        sqlite3_bind_text(st, 6, ranks[i].worker_id, -1, SQLITE_STATIC);
+        if (store_step(s, st) < 0)
+            return -EIO;
+    }
+    return 0;
+}
+
+int coord_store_job_ranks_each(coord_store_t *s, uint64_t job_id,
+                               int (*fn)(const struct coord_rank_row *, void *), void *arg)
+{
+    sqlite3_stmt *st = s->stmt[STMT_RANKS_ALL];
+    int rc = 0, n = 0;
+
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+        struct coord_rank_row row = {
+            .dp = sqlite3_column_int(st, 0),
+            .pp = sqlite3_column_int(st, 1),
+            .ep = sqlite3_column_int(st, 2),
+            .worker_id = (const char *)sqlite3_column_text(st, 3),
+        };
+        rc = fn(&row, arg);
+        n++;
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return rc < 0 ? rc : n;
 }
 
 int coord_store_jobs_each(coord_store_t *s, int (*fn)(const struct coord_job_row *, void *),
@@ -637,6 +710,10 @@ int coord_store_jobs_each(coord_store_t *s, int (*fn)(const struct coord_job_row
             .submitted_ms = sqlite3_column_int64(st, 6),
             .started_ms = sqlite3_column_int64(st, 7),
             .finished_ms = sqlite3_column_int64(st, 8),
+            .attempt = (uint32_t)sqlite3_column_int64(st, 9),
+            .restarts = sqlite3_column_int(st, 10),
+            .resume_step = (uint64_t)sqlite3_column_int64(st, 11),
+            .resume_dir = (const char *)sqlite3_column_text(st, 12),
         };
         rc = fn(&row, arg);
     }

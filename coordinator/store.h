@@ -86,12 +86,33 @@ struct coord_job_row {
     uint64_t steps;
     const char *reason;
     int64_t submitted_ms, started_ms, finished_ms;
+    /* schema 3: where a running or recovering job is, for a restart */
+    uint32_t attempt;
+    int restarts;
+    uint64_t resume_step;
+    const char *resume_dir;
+};
+
+/* One rank of a job's current attempt. */
+struct coord_rank_row {
+    int dp, pp, ep;
+    const char *worker_id;
 };
 
 /* Inserts a queued job; *id gets its new id. */
 int coord_store_job_insert(coord_store_t *s, const struct coord_job_row *job, uint64_t *id);
 
-/* Writes state, step, reason and times of job->id. */
+/* Replaces the ranks of a job's current attempt (n rows). */
+int coord_store_job_ranks(coord_store_t *s, uint64_t job_id, const struct coord_rank_row *ranks,
+                          int n);
+
+/* The stored ranks of a job, in the order written. Returns the count or
+ * -EIO. */
+int coord_store_job_ranks_each(coord_store_t *s, uint64_t job_id,
+                               int (*fn)(const struct coord_rank_row *, void *), void *arg);
+
+/* Writes state, step, reason, times, attempt, restarts and resume point of
+ * job->id. */
 int coord_store_job_update(coord_store_t *s, const struct coord_job_row *job);
 
 /* Every job, by id (name, spec, state, step, reason and times are set). */

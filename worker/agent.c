@@ -59,14 +59,14 @@ struct wk_agent {
     dx_zwatch_t *rt_watch; /* its report socket */
 
     /* a JobDone duplexd could not be sent (it was away); sent after registering */
-    struct {
-        bool valid;
-        uint64_t job_id;
-        bool ok;
-        uint64_t steps;
-        uint32_t attempt;
-        char error[TEXT_MAX];
-    } pending_done;
+    /* StepReports and JobDones not yet acknowledged by duplexd, oldest
+     * first (encoded envelopes): sent again after each registration */
+    struct outbox_entry {
+        uint64_t request_id;
+        uint8_t *buf;
+        size_t len;
+    } * outbox;
+    size_t outbox_n, outbox_cap;
 };
 
 static const char *const sim_capabilities[] = {"sim", NULL};
@@ -130,7 +130,7 @@ static void agent_send_heartbeat(wk_agent_t *a)
 }
 
 static void agent_on_tick(uv_timer_t *t);
-static void agent_send_pending_done(wk_agent_t *a);
+static void agent_resend_outbox(wk_agent_t *a);
 
 /* Sends Register now and arms the retry timer with the next backoff. */
 static void agent_start_registering(wk_agent_t *a, bool reset_backoff)
@@ -169,7 +169,7 @@ static void agent_on_ack(wk_agent_t *a, const struct dx_msg *m)
     dx_info("registered with %s as %s (heartbeat every %u ms)", a->cfg.coordinator, a->cfg.id,
             a->heartbeat_ms);
     uv_timer_start(&a->tick, agent_on_tick, a->heartbeat_ms, a->heartbeat_ms);
-    agent_send_pending_done(a);
+    agent_resend_outbox(a);
 }
 
 static void agent_on_error(wk_agent_t *a, const struct dx_msg *m)
@@ -204,34 +204,59 @@ static void agent_on_error(wk_agent_t *a, const struct dx_msg *m)
 
 /* ---- jobs ------------------------------------------------------------------ */
 
-static void agent_send_pending_done(wk_agent_t *a)
+/* Sends a report and keeps it until duplexd acknowledges it (Ok with its
+ * request id). When the outbox is full the oldest entry is dropped. */
+static void agent_send_kept(wk_agent_t *a, Duplex__MsgType type, const ProtobufCMessage *body)
 {
-    Duplex__JobDone d = DUPLEX__JOB_DONE__INIT;
+    struct outbox_entry e = {.request_id = ++a->next_request_id};
 
-    if (!a->pending_done.valid)
+    if (dx_env_encode(type, e.request_id, body, &e.buf, &e.len) < 0) {
+        dx_error("cannot encode a %s", dx_msg_type_name(type));
         return;
-    d.job_id = a->pending_done.job_id;
-    d.ok = a->pending_done.ok;
-    d.steps = a->pending_done.steps;
-    d.attempt = a->pending_done.attempt;
-    d.error = a->pending_done.error;
-    if (agent_send(a, DUPLEX__MSG_TYPE__MSG_JOB_DONE, ++a->next_request_id, &d.base) == 0) {
-        dx_info("job %" PRIu64 ": JobDone sent after registering again", d.job_id);
-        a->pending_done.valid = false;
+    }
+    if (a->outbox_n == WK_AGENT_OUTBOX_MAX) {
+        dx_warn("%zu reports unacknowledged by duplexd; dropping the oldest", a->outbox_n);
+        free(a->outbox[0].buf);
+        memmove(a->outbox, a->outbox + 1, (a->outbox_n - 1) * sizeof(*a->outbox));
+        a->outbox_n--;
+    }
+    if (a->outbox_n == a->outbox_cap) {
+        size_t cap = a->outbox_cap ? a->outbox_cap * 2 : 64;
+        struct outbox_entry *n = realloc(a->outbox, cap * sizeof(*n));
+
+        if (!n) {
+            free(e.buf);
+            dx_error("out of memory keeping a %s", dx_msg_type_name(type));
+            return;
+        }
+        a->outbox = n;
+        a->outbox_cap = cap;
+    }
+    a->outbox[a->outbox_n++] = e;
+    if (zmq_send(a->dealer, e.buf, e.len, ZMQ_DONTWAIT) < 0) /* kept: sent again later */
+        dx_debug("%s not sent now: %s", dx_msg_type_name(type), zmq_strerror(errno));
+}
+
+static void agent_on_ok(wk_agent_t *a, const struct dx_msg *m)
+{
+    for (size_t i = 0; i < a->outbox_n; i++) {
+        if (a->outbox[i].request_id != m->request_id)
+            continue;
+        free(a->outbox[i].buf);
+        memmove(a->outbox + i, a->outbox + i + 1, (a->outbox_n - i - 1) * sizeof(*a->outbox));
+        a->outbox_n--;
+        return;
     }
 }
 
-static void agent_forward_done(wk_agent_t *a, const Duplex__JobDone *d)
+static void agent_resend_outbox(wk_agent_t *a)
 {
-    if (agent_send(a, DUPLEX__MSG_TYPE__MSG_JOB_DONE, ++a->next_request_id, &d->base) == 0)
-        return;
-    dx_warn("job %" PRIu64 ": duplexd is away; JobDone kept until we register again", d->job_id);
-    a->pending_done.valid = true;
-    a->pending_done.job_id = d->job_id;
-    a->pending_done.ok = d->ok;
-    a->pending_done.steps = d->steps;
-    a->pending_done.attempt = d->attempt;
-    snprintf(a->pending_done.error, sizeof(a->pending_done.error), "%s", d->error);
+    size_t sent = 0;
+
+    for (size_t i = 0; i < a->outbox_n; i++)
+        sent += zmq_send(a->dealer, a->outbox[i].buf, a->outbox[i].len, ZMQ_DONTWAIT) >= 0;
+    if (a->outbox_n)
+        dx_info("sent %zu of %zu unacknowledged reports again", sent, a->outbox_n);
 }
 
 /* Joins the runtime (its JobDone was the last thing it did) and goes idle. */
@@ -265,14 +290,14 @@ static void agent_take_reports(wk_agent_t *a)
             return;
         }
         if (m.type == DUPLEX__MSG_TYPE__MSG_JOB_DONE) {
-            agent_forward_done(a, (const Duplex__JobDone *)m.body);
+            agent_send_kept(a, m.type, m.body);
             dx_msg_clear(&m);
             agent_end_job(a);
             return;
         }
         if (m.type == DUPLEX__MSG_TYPE__MSG_STEP_REPORT) {
             a->job_steps_done = ((const Duplex__StepReport *)m.body)->step;
-            agent_send(a, m.type, ++a->next_request_id, m.body); /* lost if duplexd is away */
+            agent_send_kept(a, m.type, m.body);
         }
         dx_msg_clear(&m);
     }
@@ -358,10 +383,11 @@ static void agent_stop_job(wk_agent_t *a)
         dx_warn("job %" PRIu64 " did not stop within %d ms; reporting it stopped",
                 wk_runtime_job(a->rt), STOP_JOB_WAIT_MS);
         d.job_id = wk_runtime_job(a->rt);
+        d.attempt = wk_runtime_attempt(a->rt);
         d.ok = false;
         d.error = STOPPING_TEXT;
         d.steps = a->job_steps_done;
-        agent_forward_done(a, &d);
+        agent_send_kept(a, DUPLEX__MSG_TYPE__MSG_JOB_DONE, &d.base);
         agent_end_job(a); /* joins: every wait in the runtime is sliced */
     }
 }
@@ -400,6 +426,9 @@ static void agent_on_dealer(dx_zwatch_t *w, int revents, void *arg)
             break;
         case DUPLEX__MSG_TYPE__MSG_ABORT_JOB:
             agent_on_abort(a, &m);
+            break;
+        case DUPLEX__MSG_TYPE__MSG_OK:
+            agent_on_ok(a, &m);
             break;
         default:
             dx_warn("unexpected %s from %s", dx_msg_type_name(m.type), a->cfg.coordinator);
@@ -523,6 +552,9 @@ void wk_agent_destroy(wk_agent_t *a)
         zmq_close(a->dealer); /* lingers up to DX_WIRE_LINGER_MS to deliver a Goodbye */
     if (a->zctx)
         zmq_ctx_term(a->zctx);
+    for (size_t i = 0; i < a->outbox_n; i++)
+        free(a->outbox[i].buf);
+    free(a->outbox);
     free(a);
 }
 

@@ -26,6 +26,9 @@ struct wk_agent_config {
 typedef struct wk_agent wk_agent_t;
 
 /* Exit statuses of wk_agent_run beyond 0 (stopped by a signal). */
+/* Reports kept for duplexd until it acknowledges them (a few hours of
+ * steps of one job); past this the oldest are dropped. */
+#define WK_AGENT_OUTBOX_MAX 65536
 #define WK_EXIT_REPLACED 3 /* another process registered this worker id */
 #define WK_EXIT_REFUSED 4  /* duplexd refused the registration itself */
 

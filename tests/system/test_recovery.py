@@ -208,3 +208,22 @@ def test_a_hung_worker_is_detected_as_a_stall(cluster, tmp_path):
         proc.send_signal(signal.SIGCONT)
     assert time.monotonic() - t0 < job_timeout()
     assert final_shards(st) == want
+
+
+def test_duplexd_killed_mid_job_loses_nothing(cluster, tmp_path):
+    c = cluster
+    start(c, 8)
+    want = reference(c, tmp_path)
+    jid = submit(c, tmp_path, "coordinator")
+    wait_for(c, jid, lambda s: s["state"] == "running" and s["step"] >= 10, "step 10")
+    c.duplexd.kill9()
+    time.sleep(1.0)  # the workers train on, keeping their reports
+    c.start_duplexd()
+    st = finished(c, jid)
+    assert st["attempt"] == 1, st  # it went on, it was not restarted
+    assert [e["step"] for e in st["losses"]] == list(range(1, STEPS + 1)), st["losses"]
+    assert all(e["loss"] > 0 for e in st["losses"]), st["losses"]
+    saved = sorted(int(e["detail"].split()[1].rstrip(":")) for e in events(c, jid, "checkpoint"))
+    assert saved == list(range(EVERY, STEPS + 1, EVERY)), saved
+    assert events(c, jid, "job_resumed"), "the restart is recorded"
+    assert final_shards(st) == want

@@ -106,7 +106,7 @@ static uint64_t submit(const char *json, const char *const *sets, size_t nsets)
 
     cr_assert_eq(coord_jobspec_parse(json, strlen(json), sets, nsets, &spec, err, sizeof(err)), 0,
                  "%s", err);
-    cr_assert_eq(coord_jobs_submit(jobs, json, &spec, 2000, &id, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(coord_jobs_submit(jobs, &spec, 2000, &id, err, sizeof(err)), 0, "%s", err);
     return id;
 }
 
@@ -346,7 +346,7 @@ Test(jobs, drained_workers_are_not_placed_and_backends_do_not_mix, .init = setup
     cr_assert_eq(coord_registry_set_drained(reg, "nobody", 1, 2200), -ENOENT);
     /* no cpu workers at all: refused at submission */
     cr_assert_eq(coord_jobspec_parse("{}", 2, cpu, 1, &spec, err, sizeof(err)), 0);
-    cr_assert_eq(coord_jobs_submit(jobs, "{}", &spec, 2300, &id, err, sizeof(err)), -ENOSPC);
+    cr_assert_eq(coord_jobs_submit(jobs, &spec, 2300, &id, err, sizeof(err)), -ENOSPC);
     cr_assert_not_null(strstr(err, "needs 2 cpu workers"), "%s", err);
 }
 
@@ -363,7 +363,7 @@ Test(jobs, unacknowledged_assignments_time_out, .init = setup, .fini = teardown)
     cr_assert_eq(coord_registry_find(reg, "w0")->assigned_job, 0, "never-started ranks are freed");
 }
 
-Test(jobs, restart_fails_running_jobs_and_keeps_queued_ones, .init = setup, .fini = teardown)
+Test(jobs, a_restart_keeps_running_and_queued_jobs, .init = setup, .fini = teardown)
 {
     const char *sets[] = {"backend=sim", "parallel.ep=2"};
     uint64_t a = submit("{}", sets, 2), b = submit("{}", sets, 2);
@@ -374,8 +374,14 @@ Test(jobs, restart_fails_running_jobs_and_keeps_queued_ones, .init = setup, .fin
     coord_jobs_destroy(jobs);
     cr_assert_eq(coord_jobs_create(store, reg, &io, &jobs), 0);
     cr_assert_eq(coord_jobs_load(jobs, 9000), 0);
-    cr_assert_str_eq(state_of(a), "failed");
+    /* the running job goes on with its stored ranks, held again */
+    cr_assert_str_eq(state_of(a), "running");
     cr_assert_str_eq(state_of(b), "queued");
+    for (int i = 0; i < nsent; i++)
+        if (is_current(i, a))
+            cr_assert_eq(coord_registry_find(reg, sent[i].worker)->assigned_job, a);
+    done_all_at(a, 1, 9100);
+    cr_assert_str_eq(state_of(a), "succeeded");
 }
 
 /* Expert tokens in step reports give the EP group's load imbalance: the
@@ -537,4 +543,27 @@ Test(jobs, a_stalled_job_recovers, .init = setup, .fini = teardown)
     cr_assert_str_eq(state_of(a), "running");
     coord_jobs_check_timeouts(jobs, 2600 + COORD_STALL_MIN_MS + 1, 10000);
     cr_assert_str_eq(state_of(a), "recovering");
+}
+
+/* With spares kept, a new job leaves that many free workers unused; a
+ * recovering job may take them. */
+Test(jobs, spares_are_kept_for_recoveries, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.ep=2"};
+    uint64_t a = submit("{}", sets, 2);
+    int rc;
+
+    coord_jobs_set_spares(jobs, 1);
+    coord_jobs_schedule(jobs, 2100);
+    cr_assert_str_eq(state_of(a), "queued", "4 free workers, 4 needed, 1 spare kept");
+    {
+        json_t *doc = coord_jobs_status(jobs, a, 0, &rc);
+        cr_assert_not_null(
+            strstr(json_string_value(json_object_get(doc, "reason")), "spares kept out"));
+        json_decref(doc);
+    }
+    add_worker("w4", "n2", 4, "sim");
+    coord_jobs_schedule(jobs, 2200);
+    cr_assert_str_eq(state_of(a), "placing");
+    cr_assert_eq(coord_registry_find(reg, "w4")->assigned_job, 0, "the spare stays free");
 }
