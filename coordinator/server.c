@@ -59,6 +59,12 @@ struct coord_server {
     coord_jobs_t *jobs;
     struct dx_ratelimit reject_log;
     uint64_t rejected;
+    struct pending_ack { /* Oks to send after this loop turn's commit */
+        uint8_t rid[COORD_ROUTING_MAX];
+        size_t rlen;
+        uint64_t request_id;
+    } * acks;
+    size_t n_acks, cap_acks;
 };
 
 /* One received message: routing id, payload, and a printable peer name. */
@@ -256,6 +262,12 @@ static void handle_submit(coord_server_t *s, const struct peer_frame *p, const s
             server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY, m->request_id, err);
             return;
         }
+        if (coord_store_flush(s->store) < 0) { /* committed before it is acknowledged */
+            snprintf(err, sizeof(err), "could not store job %llu: %s", (unsigned long long)id,
+                     coord_store_errmsg(s->store));
+            server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id, err);
+            return;
+        }
         reply.job_id = id;
         reply.plan_json = "";
         server_reply(s, p, DUPLEX__MSG_TYPE__MSG_SUBMIT_REPLY, m->request_id, &reply.base);
@@ -318,8 +330,24 @@ static void server_check_gone(coord_server_t *s, int64_t now)
     free(ws);
 }
 
-static void reply_ok(coord_server_t *s, const struct peer_frame *p, uint64_t request_id,
-                     const char *text);
+/* Queues an Ok for request_id, sent once this loop turn's writes are
+ * committed. */
+static void server_ack_later(coord_server_t *s, const struct peer_frame *p, uint64_t request_id)
+{
+    if (s->n_acks == s->cap_acks) {
+        size_t cap = s->cap_acks ? 2 * s->cap_acks : 64;
+        struct pending_ack *n = realloc(s->acks, cap * sizeof(*n));
+
+        if (!n)
+            return; /* unacknowledged: the worker sends it again */
+        s->acks = n;
+        s->cap_acks = cap;
+    }
+    memcpy(s->acks[s->n_acks].rid, p->rid, p->rlen);
+    s->acks[s->n_acks].rlen = p->rlen;
+    s->acks[s->n_acks].request_id = request_id;
+    s->n_acks++;
+}
 
 /* AssignmentAck, StepReport and JobDone come from a registered worker's
  * session; anything else about a job is stale and the job is stopped. */
@@ -350,10 +378,11 @@ static void handle_job_message(coord_server_t *s, const struct peer_frame *p,
         rc = coord_jobs_on_done(s->jobs, w->id, (const Duplex__JobDone *)m->body, now);
         break;
     }
-    /* reports and JobDones are acknowledged: the worker keeps each until
-     * then and sends it again after registering anew (duplexd restarted) */
+    /* reports and JobDones are acknowledged once what they changed is
+     * committed (server_on_flush): the worker keeps each until then and
+     * sends it again after registering anew (duplexd restarted) */
     if (m->type != DUPLEX__MSG_TYPE__MSG_ASSIGNMENT_ACK)
-        reply_ok(s, p, m->request_id, "");
+        server_ack_later(s, p, m->request_id);
     if (rc == -ENOENT && m->type != DUPLEX__MSG_TYPE__MSG_JOB_DONE) {
         Duplex__AbortJob a = DUPLEX__ABORT_JOB__INIT;
         dx_info("worker %s reports on job %llu, which it does not run here; stopping it", w->id,
@@ -661,8 +690,21 @@ static int server_monitor(coord_server_t *s, char *err, size_t errlen)
 static void server_on_flush(uv_prepare_t *h)
 {
     coord_server_t *s = h->data;
-    if (coord_store_flush(s->store) < 0)
+
+    if (coord_store_flush(s->store) < 0) {
         dx_error("store commit failed: %s", coord_store_errmsg(s->store));
+        s->n_acks = 0; /* unacknowledged: the workers send them again */
+        return;
+    }
+    for (size_t i = 0; i < s->n_acks; i++) {
+        Duplex__Ok ok = DUPLEX__OK__INIT;
+
+        ok.text = "";
+        if (dx_wire_send(s->router, s->acks[i].rid, s->acks[i].rlen, DUPLEX__MSG_TYPE__MSG_OK,
+                         s->acks[i].request_id, &ok.base) < 0)
+            dx_debug("an acknowledgement was not delivered (its worker will resend)");
+    }
+    s->n_acks = 0;
 }
 
 static void server_on_signal(uv_signal_t *h, int signum)
@@ -799,6 +841,7 @@ void coord_server_destroy(coord_server_t *s)
     coord_store_close(s->store);
     if (s->rejected)
         dx_info("%llu bad messages rejected while running", (unsigned long long)s->rejected);
+    free(s->acks);
     free(s);
 }
 
