@@ -37,7 +37,7 @@ CFLAGS_ALL += -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-om
               -U_FORTIFY_SOURCE
 LDFLAGS_ALL += -fsanitize=address,undefined
 endif
-LIBS := -lzmq -luv -lsqlite3 -lprotobuf-c -ljansson -lopenblas -lsystemd -lpthread -lm
+LIBS := -lzmq -luv -lsqlite3 -lprotobuf-c -ljansson -lopenblas -lsystemd -ldl -lpthread -lm
 
 PROTO_C := $(BUILD)/gen/proto/duplex.pb-c.c
 PROTO_H := $(BUILD)/gen/proto/duplex.pb-c.h
@@ -51,7 +51,7 @@ COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c co
               coordinator/jobspec.c coordinator/placement.c coordinator/plan.c \
               coordinator/jobs.c
 WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c worker/data.c worker/train.c \
-              worker/cpu.c \
+              worker/cpu.c worker/cuda.c \
               $(wildcard worker/model/*.c)
 CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)

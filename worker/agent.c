@@ -488,10 +488,21 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
     wk_agent_t *a;
     int rc;
 
-    if (!wk_backend_capabilities(cfg->backend)) {
+    if (strcmp(cfg->backend, "cuda") == 0) {
+        /* the GPU stack must load; the training on it is not built yet */
+        wk_cuda_t *cuda = NULL;
+
+        if ((rc = wk_cuda_open(&cfg->cuda, &cuda, err, errlen)) < 0)
+            return rc;
         snprintf(err, errlen,
-                 "backend \"%s\" is not available in this build (the cuda backend is not "
-                 "implemented yet); use --backend cpu or sim",
+                 "the cuda backend's GPU stack loads (%s), but training on it is not built yet; "
+                 "use --backend cpu or sim",
+                 wk_cuda_describe(cuda));
+        wk_cuda_close(cuda);
+        return -ENOTSUP;
+    }
+    if (!wk_backend_capabilities(cfg->backend)) {
+        snprintf(err, errlen, "backend \"%s\" is unknown; use --backend cpu, sim or cuda",
                  cfg->backend);
         return -ENOTSUP;
     }

@@ -13,22 +13,26 @@
 #include <stddef.h>
 #include <uv.h>
 
+#include "worker/cuda.h"
+
 struct wk_agent_config {
     const char *coordinator; /* duplexd's ZeroMQ endpoint */
     const char *id;          /* worker id, unique in the cluster */
     const char *host;
     const char *node; /* node / NVLink domain for placement */
     int gpu;
-    const char *backend;     /* "sim" or "cpu" */
-    const char *data_listen; /* data-plane bind endpoint; NULL: WK_DATA_LISTEN_DEFAULT */
+    const char *backend;       /* "sim", "cpu" or "cuda" */
+    const char *data_listen;   /* data-plane bind endpoint; NULL: WK_DATA_LISTEN_DEFAULT */
+    struct wk_cuda_paths cuda; /* the GPU stack's libraries (backend cuda) */
 };
 
 typedef struct wk_agent wk_agent_t;
 
-/* Exit statuses of wk_agent_run beyond 0 (stopped by a signal). */
 /* Reports kept for duplexd until it acknowledges them (a few hours of
  * steps of one job); past this the oldest are dropped. */
 #define WK_AGENT_OUTBOX_MAX 65536
+
+/* Exit statuses of wk_agent_run beyond 0 (stopped by a signal). */
 #define WK_EXIT_REPLACED 3 /* another process registered this worker id */
 #define WK_EXIT_REFUSED 4  /* duplexd refused the registration itself */
 

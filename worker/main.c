@@ -23,6 +23,7 @@ void openblas_set_num_threads(int);
 #define SPEC_MAX_BYTES (1 << 20)
 #define GENERATE_TEMPERATURE 0.7f
 
+static char *opt_cuda_lib, *opt_nccl_lib, *opt_cublaslt_lib;
 static char *opt_config, *opt_coordinator, *opt_backend, *opt_id, *opt_host, *opt_node,
     *opt_data_listen, *opt_log_level, *opt_standalone, *opt_save, *opt_from, *opt_prompt;
 static int opt_gpu, opt_steps, opt_generate;
@@ -34,6 +35,12 @@ static const struct dx_opt options[] = {
     {"coordinator", DX_OPT_STRING, &opt_coordinator, NULL, 0, 0, 0, "ADDR",
      "duplexd endpoint (default $DUPLEX_COORDINATOR, then " DEFAULT_COORDINATOR ")"},
     {"backend", DX_OPT_STRING, &opt_backend, "cpu", 0, 0, 0, "NAME", "sim, cpu or cuda"},
+    {"cuda-lib", DX_OPT_STRING, &opt_cuda_lib, WK_CUDA_LIB_DEFAULT, 0, 0, 0, "PATH",
+     "with --backend cuda: the NVIDIA driver library"},
+    {"nccl-lib", DX_OPT_STRING, &opt_nccl_lib, WK_NCCL_LIB_DEFAULT, 0, 0, 0, "PATH",
+     "with --backend cuda: NCCL"},
+    {"cublaslt-lib", DX_OPT_STRING, &opt_cublaslt_lib, WK_CUBLASLT_LIB_DEFAULT, 0, 0, 0, "PATH",
+     "with --backend cuda: cuBLASLt"},
     {"id", DX_OPT_STRING, &opt_id, NULL, 0, 0, 0, "ID",
      "worker id, unique in the cluster (default HOST-gpuN)"},
     {"host", DX_OPT_STRING, &opt_host, NULL, 0, 0, 0, "NAME", "host name (default: this host)"},
@@ -176,6 +183,7 @@ int main(int argc, char **argv)
         .node = opt_node ? opt_node : (opt_host ? opt_host : hostname),
         .gpu = opt_gpu,
         .backend = opt_backend,
+        .cuda = {opt_cuda_lib, opt_nccl_lib, opt_cublaslt_lib},
         .data_listen = opt_data_listen,
     };
     if (dx_worker_id_check(cfg.id, err, sizeof(err)) < 0) {

@@ -1,0 +1,41 @@
+"""`duplex-worker --backend cuda` on a machine without the GPU stack: it
+refuses to start with a message naming every missing piece (the driver,
+NCCL, cuBLASLt; their paths can be given), and nothing else needs them."""
+
+import ctypes
+
+from conftest import SANITIZER_REPORT, WORKER, describe, run_binary
+
+
+def have_driver():
+    """A driver that loads and initialises (a GPU machine)."""
+    try:
+        return ctypes.CDLL("libcuda.so.1").cuInit(0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def cuda_worker(*args):
+    result = run_binary(WORKER, "--backend", "cuda", "--id", "gpu-test",
+                        "--coordinator", "tcp://127.0.0.1:1", *args, timeout=20)
+    assert not SANITIZER_REPORT.search(result.stderr), describe(result)
+    return result
+
+
+def test_a_missing_driver_is_named():
+    result = cuda_worker()
+    assert result.returncode == 1, describe(result)
+    if have_driver():  # a GPU machine: the stack loads, training is not built yet
+        assert "training on it is not built yet" in result.stderr, describe(result)
+    else:
+        assert "the cuda backend cannot start: libcuda.so.1 (the NVIDIA driver) cannot be " \
+               "loaded" in result.stderr, describe(result)
+
+
+def test_every_missing_library_is_named_with_its_path():
+    result = cuda_worker("--cuda-lib", "/nonexistent/libcuda.so", "--nccl-lib",
+                         "/nonexistent/libnccl.so.2", "--cublaslt-lib", "/nonexistent/lt.so")
+    assert result.returncode == 1, describe(result)
+    for piece in ("/nonexistent/libcuda.so (the NVIDIA driver)",
+                  "/nonexistent/libnccl.so.2 (NCCL)", "/nonexistent/lt.so (cuBLASLt)"):
+        assert piece in result.stderr, describe(result)
