@@ -834,6 +834,8 @@ static void job_checkpoint_shard(coord_jobs_t *jobs, struct coord_job *j, const 
     char err[512], detail[JOB_REASON_LEN];
     int n;
 
+    if (coord_store_checkpoint_recorded(jobs->store, j->id, m->step))
+        return; /* a report sent again (duplexd restarted): done already */
     if (coord_store_checkpoint_shard(jobs->store, j->id, m->step, worker_id, m->checkpoint_dir,
                                      m->checkpoint_file, m->checkpoint_bytes, m->checkpoint_crc32c,
                                      now_wall) < 0)

@@ -97,7 +97,7 @@ static const char *const migrations[] = {
     "  bytes INTEGER NOT NULL,"
     "  crc32c INTEGER NOT NULL,"
     "  ts_ms INTEGER NOT NULL,"
-    "  PRIMARY KEY (job_id, step, worker_id)"
+    "  PRIMARY KEY (job_id, step, file)" /* a rank's shard, whichever worker wrote it */
     ");"
     "CREATE TABLE checkpoints ("
     "  job_id INTEGER NOT NULL,"
@@ -145,6 +145,7 @@ enum store_stmt {
     STMT_CKPT_COMPLETE,
     STMT_CKPT_LAST,
     STMT_CKPT_BAD,
+    STMT_CKPT_HAVE,
     STMT_RANKS_CLEAR,
     STMT_RANK_PUT,
     STMT_RANKS_ALL,
@@ -198,6 +199,8 @@ static const char *const stmt_sql[STMT_COUNT] = {
     [STMT_CKPT_LAST] = "SELECT step, dir FROM checkpoints WHERE job_id = ?1 AND bad IS NULL"
                        " ORDER BY step DESC LIMIT 1",
     [STMT_CKPT_BAD] = "UPDATE checkpoints SET bad = ?3 WHERE job_id = ?1 AND step = ?2",
+    [STMT_CKPT_HAVE] = "SELECT 1 FROM checkpoints WHERE job_id = ?1 AND step = ?2"
+                       " AND bad IS NULL",
     [STMT_EVENTS_LIST] = "SELECT id, ts_ms, kind, worker_id, job_id, detail FROM events"
                          " WHERE id > ?2 AND (?1 = 0 OR job_id = ?1) ORDER BY id LIMIT ?3",
     [STMT_BEGIN] = "BEGIN IMMEDIATE",
@@ -801,6 +804,19 @@ int coord_store_checkpoint_complete(coord_store_t *s, uint64_t job_id, uint64_t 
     sqlite3_bind_int(st, 4, shards);
     sqlite3_bind_int64(st, 5, ts_ms);
     return store_step(s, st);
+}
+
+int coord_store_checkpoint_recorded(coord_store_t *s, uint64_t job_id, uint64_t step)
+{
+    sqlite3_stmt *st = s->stmt[STMT_CKPT_HAVE];
+    int have;
+
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)step);
+    have = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return have;
 }
 
 int coord_store_checkpoint_mark_bad(coord_store_t *s, uint64_t job_id, uint64_t step,

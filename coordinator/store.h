@@ -139,7 +139,8 @@ int coord_store_job_steps_each(coord_store_t *s, uint64_t job_id,
                                int (*fn)(const struct coord_step_metric *, int reports, void *),
                                void *arg);
 
-/* One rank's checkpoint shard of a job's step (dir: the step directory). */
+/* One rank's checkpoint shard of a job's step (dir: the step directory),
+ * by file name: a rank written again (a later attempt) replaces it. */
 int coord_store_checkpoint_shard(coord_store_t *s, uint64_t job_id, uint64_t step,
                                  const char *worker_id, const char *dir, const char *file,
                                  uint64_t bytes, uint32_t crc32c, int64_t ts_ms);
@@ -155,6 +156,10 @@ int coord_store_checkpoint_shards_each(coord_store_t *s, uint64_t job_id, uint64
  * the manifest written). */
 int coord_store_checkpoint_complete(coord_store_t *s, uint64_t job_id, uint64_t step,
                                     const char *dir, int shards, int64_t ts_ms);
+
+/* 1 when the job's step checkpoint was recorded complete (and not marked
+ * bad), else 0. */
+int coord_store_checkpoint_recorded(coord_store_t *s, uint64_t job_id, uint64_t step);
 
 /* Marks a checkpoint unusable (a worker could not load it), with why. */
 int coord_store_checkpoint_mark_bad(coord_store_t *s, uint64_t job_id, uint64_t step,
