@@ -53,6 +53,7 @@ COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c co
 WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c worker/data.c worker/train.c \
               worker/cpu.c worker/cuda.c \
               $(wildcard worker/model/*.c)
+KREF_SRC   := kernels/ref.c
 CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
@@ -64,12 +65,15 @@ PIPE_OBJ   := $(call obj,$(PIPE_SRC))
 COORD_OBJ  := $(call obj,$(COORD_SRC))
 WORKER_OBJ := $(call obj,$(WORKER_SRC))
 CTL_OBJ    := $(call obj,$(CTL_SRC))
+KREF_OBJ   := $(call obj,$(KREF_SRC))
 LIB_COMMON := $(BUILD)/lib/libdxcommon.a
 LIB_PIPE   := $(BUILD)/lib/libdxpipe.a
 LIB_COORD  := $(BUILD)/lib/libdxcoord.a
 LIB_WORKER := $(BUILD)/lib/libdxworker.a
 LIB_CTL    := $(BUILD)/lib/libdxctl.a
-ALL_LIBS   := $(LIB_CTL) $(LIB_WORKER) $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
+# CPU references of the CUDA kernels (kernels/ref.c); tests link them
+LIB_KREF   := $(BUILD)/lib/libdxkref.a
+ALL_LIBS   := $(LIB_CTL) $(LIB_WORKER) $(LIB_COORD) $(LIB_PIPE) $(LIB_KREF) $(LIB_COMMON)
 
 BINS       := $(BUILD)/bin/duplexd $(BUILD)/bin/duplex-worker $(BUILD)/bin/duplexctl
 UNIT_BINS  := $(patsubst tests/unit/%.c,$(BUILD)/tests/unit/%,$(UNIT_SRC))
@@ -80,10 +84,10 @@ FUZZ_TARGETS := envelope ckpt
 FUZZ_REPLAY := $(patsubst %,$(BUILD)/tests/fuzz/fuzz_%_replay,$(FUZZ_TARGETS))
 
 .PHONY: all deps deps-dev test test-build run bench format format-check lint fuzz install \
-        uninstall clean
+        uninstall clean kernels
 .DEFAULT_GOAL := all
 
-all: $(BINS)
+all: $(BINS) kernels
 
 deps:
 	@missing=$$(for p in $(DEB_PKGS); do \
@@ -119,6 +123,9 @@ $(LIB_PIPE): $(PIPE_OBJ)
 $(LIB_COORD): $(COORD_OBJ)
 $(LIB_WORKER): $(WORKER_OBJ)
 $(LIB_CTL): $(CTL_OBJ)
+$(LIB_KREF): $(KREF_OBJ)
+# the references must round like the kernels: no fused multiply-add
+$(KREF_OBJ): CFLAGS_ALL += -ffp-contract=off
 $(ALL_LIBS):
 	@mkdir -p $(dir $@)
 	rm -f $@ && $(AR) rcs $@ $^
@@ -130,6 +137,62 @@ $(BUILD)/bin/duplexctl: $(BUILD)/obj/ctl/main.o $(LIB_CTL) $(LIB_COORD) $(LIB_PI
 $(BINS):
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $^ $(LIBS)
+
+# --- CUDA kernels ------------------------------------------------------------
+# kernels/NAME.cu -> $(BUILD)/kernels/NAME.ptx (nvcc) -> NAME.cubin (ptxas, its
+# resource report in NAME.ptxas.txt) -> $(BUILD)/gen/kernels/NAME_{ptx,cubin}.c
+# (symbols dx_kernel_NAME_ptx / _cubin and their _len) -> libdxkernels.a, for
+# a loader to cuModuleLoadData. Built when nvcc is found; a kernel that does
+# not assemble fails the build.
+
+ifeq ($(origin NVCC),undefined)
+NVCC := $(shell command -v nvcc 2>/dev/null)
+endif
+ifeq ($(origin PTXAS),undefined)
+PTXAS := $(if $(NVCC),$(or $(wildcard $(dir $(NVCC))ptxas),$(shell command -v ptxas 2>/dev/null)))
+endif
+CUDA_ARCH   ?= sm_90
+NVCC_FLAGS  ?= -std=c++17 -O3 -lineinfo
+KERNEL_SRC  := $(wildcard kernels/*.cu)
+KERNEL_NAMES := $(patsubst kernels/%.cu,%,$(KERNEL_SRC))
+KERNEL_GEN  := $(foreach k,$(KERNEL_NAMES),$(BUILD)/gen/kernels/$(k)_ptx.c \
+                 $(BUILD)/gen/kernels/$(k)_cubin.c)
+LIB_KERNELS := $(BUILD)/lib/libdxkernels.a
+
+ifneq ($(NVCC),)
+kernels: $(LIB_KERNELS)
+else
+kernels:
+	@echo "kernels: nvcc not found on PATH, CUDA kernels (kernels/*.cu) not built"
+endif
+
+$(BUILD)/kernels/%.ptx: kernels/%.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) -arch=$(CUDA_ARCH) $(NVCC_FLAGS) -ptx $< -o $@.tmp && mv $@.tmp $@ || \
+	  { rm -f $@.tmp; exit 1; }
+
+$(BUILD)/kernels/%.cubin $(BUILD)/kernels/%.ptxas.txt: $(BUILD)/kernels/%.ptx
+	@echo "ptxas -arch=$(CUDA_ARCH) -O3 -v $< -o $(BUILD)/kernels/$*.cubin"
+	@if $(PTXAS) -arch=$(CUDA_ARCH) -O3 -v $< -o $(BUILD)/kernels/$*.cubin \
+	    > $(BUILD)/kernels/$*.ptxas.txt 2>&1; then :; else \
+	  cat $(BUILD)/kernels/$*.ptxas.txt; rm -f $(BUILD)/kernels/$*.cubin; exit 1; \
+	fi
+
+$(BUILD)/gen/kernels/%_ptx.c: $(BUILD)/kernels/%.ptx kernels/embed.py
+	@mkdir -p $(dir $@)
+	$(PYTHON) kernels/embed.py $< $@ dx_kernel_$*_ptx --text
+
+$(BUILD)/gen/kernels/%_cubin.c: $(BUILD)/kernels/%.cubin kernels/embed.py
+	@mkdir -p $(dir $@)
+	$(PYTHON) kernels/embed.py $< $@ dx_kernel_$*_cubin
+
+# keep the chain's steps (make would delete them as intermediates)
+.SECONDARY: $(foreach k,$(KERNEL_NAMES),$(BUILD)/kernels/$(k).ptx $(BUILD)/kernels/$(k).cubin \
+              $(BUILD)/kernels/$(k).ptxas.txt) $(KERNEL_GEN)
+
+$(LIB_KERNELS): $(patsubst $(BUILD)/gen/%.c,$(BUILD)/obj/gen/%.o,$(KERNEL_GEN))
+	@mkdir -p $(dir $@)
+	rm -f $@ && $(AR) rcs $@ $^
 
 # --- tests ------------------------------------------------------------------
 
@@ -191,7 +254,7 @@ format: deps-dev
 format-check: deps-dev
 	clang-format --dry-run --Werror $(FORMAT_FILES)
 
-LINT_DIRS := common proto pipeline coordinator worker worker/model ctl
+LINT_DIRS := common proto pipeline coordinator worker worker/model ctl kernels
 
 # cppcheck, then clang-tidy with the checks in .clang-tidy (all must pass).
 lint: deps-dev $(PROTO_H)

@@ -14,8 +14,8 @@
 #include "common/log.h"
 
 /* The driver API's types, as its ABI defines them. */
-typedef int cu_result;    /* CUresult: 0 is CUDA_SUCCESS */
-typedef int cu_device;    /* CUdevice */
+typedef int cu_result; /* CUresult: 0 is CUDA_SUCCESS */
+typedef int cu_device; /* CUdevice */
 typedef unsigned long long cu_u64;
 #define CU_GET_PROC_VERSION 12000 /* the ABI version of the entry points we ask for */
 
@@ -66,7 +66,9 @@ static void add_problem(char *err, size_t errlen, const char *fmt, ...)
 
 static void *open_lib(const char *path, const char *what, char *err, size_t errlen)
 {
-    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    /* never unloaded: C++ libraries (NCCL, cuBLASLt) keep static allocations
+     * that would look leaked once their code is gone */
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
 
     if (!h)
         add_problem(err, errlen, "%s (%s) cannot be loaded: %s", path, what, dlerror());
@@ -128,8 +130,7 @@ static int open_driver(wk_cuda_t *c, const char *path, char *err, size_t errlen)
         add_problem(err, errlen, "cuInit failed: %s (error %d)", cu_error(c, rc), rc);
         return -ENODEV;
     }
-    if (c->driver_version(&c->driver) != 0 || c->device_count(&c->devices) != 0 ||
-        c->devices < 1) {
+    if (c->driver_version(&c->driver) != 0 || c->device_count(&c->devices) != 0 || c->devices < 1) {
         add_problem(err, errlen, "no CUDA device");
         return -ENODEV;
     }
@@ -141,15 +142,15 @@ int wk_cuda_open(const struct wk_cuda_paths *paths, wk_cuda_t **out, char *err, 
     const char *cuda = paths && paths->cuda ? paths->cuda : WK_CUDA_LIB_DEFAULT;
     const char *nccl = paths && paths->nccl ? paths->nccl : WK_NCCL_LIB_DEFAULT;
     const char *cublaslt = paths && paths->cublaslt ? paths->cublaslt : WK_CUBLASLT_LIB_DEFAULT;
-    wk_cuda_t *c = calloc(1, sizeof(*c));
-    int rc = 0, rc2;
+    wk_cuda_t *c;
+    int rc = 0;
     char name[NAME_MAX_LEN] = "?";
 
     *out = NULL;
     if (!err || errlen == 0)
         return -EINVAL;
     err[0] = '\0';
-    if (!c) {
+    if (!(c = calloc(1, sizeof(*c)))) {
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
@@ -187,13 +188,13 @@ int wk_cuda_open(const struct wk_cuda_paths *paths, wk_cuda_t **out, char *err, 
     {
         cu_device dev = 0;
 
-        if ((rc2 = c->device_get(&dev, 0)) != 0 || c->device_name(name, sizeof(name), dev) != 0)
+        if (c->device_get(&dev, 0) != 0 || c->device_name(name, sizeof(name), dev) != 0)
             snprintf(name, sizeof(name), "?");
     }
     snprintf(c->describe, sizeof(c->describe),
              "driver %d.%d, %d device%s (%s), NCCL %d.%d.%d, cuBLASLt %zu", c->driver / 1000,
-             c->driver % 1000 / 10, c->devices, c->devices == 1 ? "" : "s", name,
-             c->nccl / 10000, c->nccl / 100 % 100, c->nccl % 100, c->cublaslt);
+             c->driver % 1000 / 10, c->devices, c->devices == 1 ? "" : "s", name, c->nccl / 10000,
+             c->nccl / 100 % 100, c->nccl % 100, c->cublaslt);
     *out = c;
     return 0;
 }

@@ -1,0 +1,115 @@
+/* fp8.cu - fp32 <-> e4m3 with one fp32 scale per 1 x 128 tile of a row, on
+ * the GPU (sm_89+ for the e4m3 conversions). The contract is
+ * dx_kref_fp8_quant / dx_kref_fp8_dequant in kernels/ref.h: scale = amax /
+ * 448 (1 when amax is 0), q = cvt.rn.satfinite.e4m3(x / scale), x' =
+ * decode(q) * scale, every operation correctly rounded (bitwise the
+ * reference's).
+ *
+ * dx_fp8_quant_1x128(x [rows][cols], rows, cols, q [rows][cols],
+ *                    scales [rows][(cols + 127) / 128])
+ * dx_fp8_dequant_1x128(q, scales, rows, cols, x)
+ * Launch: any grid, blockDim a multiple of 32; one warp per tile, lane l
+ * owns the tile's elements 4l .. 4l + 3. */
+#include <stdint.h>
+
+#define DX_TILE 128
+#define DX_E4M3_MAX 448.0f
+
+/* Two floats to two e4m3 codes: lo in bits 0-7, hi in bits 8-15. */
+static __device__ __forceinline__ uint16_t e4m3x2(float lo, float hi)
+{
+    uint16_t r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+/* Two e4m3 codes (lo in bits 0-7) to two floats, exactly. */
+static __device__ __forceinline__ float2 e4m3x2_to_f32(uint16_t v)
+{
+    uint32_t h2;
+    uint16_t lo, hi;
+    float2 f;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(v));
+    asm("mov.b32 {%0, %1}, %2;" : "=h"(lo), "=h"(hi) : "r"(h2));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f.x) : "h"(lo));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f.y) : "h"(hi));
+    return f;
+}
+
+static __device__ __forceinline__ float ld_nc_f32(const float *p)
+{
+    float v;
+    asm volatile("ld.global.nc.L1::no_allocate.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+extern "C" __global__ void dx_fp8_quant_1x128(const float *__restrict__ x, int rows, int cols,
+                                              uint8_t *__restrict__ q,
+                                              float *__restrict__ scales)
+{
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int tiles = (cols + DX_TILE - 1) / DX_TILE;
+    const long long all = (long long)rows * tiles;
+
+    for (long long w = (long long)blockIdx.x * warps + (threadIdx.x >> 5); w < all;
+         w += (long long)gridDim.x * warps) {
+        const int r = (int)(w / tiles), tile = (int)(w % tiles);
+        const int c0 = tile * DX_TILE + lane * 4;
+        const size_t row = (size_t)r * cols;
+        float v[4];
+        float amax = 0.0f;
+
+        for (int i = 0; i < 4; i++) {
+            v[i] = c0 + i < cols ? ld_nc_f32(x + row + c0 + i) : 0.0f;
+            amax = fmaxf(amax, fabsf(v[i]));
+        }
+        for (int off = 16; off > 0; off >>= 1)
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const float scale = amax > 0.0f ? __fdiv_rn(amax, DX_E4M3_MAX) : 1.0f;
+        if (lane == 0)
+            scales[(size_t)r * tiles + tile] = scale;
+        uint16_t a = e4m3x2(__fdiv_rn(v[0], scale), __fdiv_rn(v[1], scale));
+        uint16_t b = e4m3x2(__fdiv_rn(v[2], scale), __fdiv_rn(v[3], scale));
+        uint32_t packed = (uint32_t)a | ((uint32_t)b << 16);
+        uint8_t *dst = q + row + c0;
+        if (c0 + 3 < cols && ((uintptr_t)dst & 3) == 0) {
+            *(uint32_t *)dst = packed;
+        } else {
+            for (int i = 0; i < 4; i++)
+                if (c0 + i < cols)
+                    dst[i] = (uint8_t)(packed >> (8 * i));
+        }
+    }
+}
+
+extern "C" __global__ void dx_fp8_dequant_1x128(const uint8_t *__restrict__ q,
+                                                const float *__restrict__ scales, int rows,
+                                                int cols, float *__restrict__ x)
+{
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int tiles = (cols + DX_TILE - 1) / DX_TILE;
+    const long long all = (long long)rows * tiles;
+
+    for (long long w = (long long)blockIdx.x * warps + (threadIdx.x >> 5); w < all;
+         w += (long long)gridDim.x * warps) {
+        const int r = (int)(w / tiles), tile = (int)(w % tiles);
+        const int c0 = tile * DX_TILE + lane * 4;
+        const size_t row = (size_t)r * cols;
+        const float scale = scales[(size_t)r * tiles + tile];
+        const uint8_t *src = q + row + c0;
+        uint32_t packed = 0;
+
+        if (c0 + 3 < cols && ((uintptr_t)src & 3) == 0) {
+            packed = *(const uint32_t *)src;
+        } else {
+            for (int i = 0; i < 4; i++)
+                if (c0 + i < cols)
+                    packed |= (uint32_t)src[i] << (8 * i);
+        }
+        float2 a = e4m3x2_to_f32((uint16_t)packed), b = e4m3x2_to_f32((uint16_t)(packed >> 16));
+        float v[4] = {a.x, a.y, b.x, b.y};
+        for (int i = 0; i < 4; i++)
+            if (c0 + i < cols)
+                x[row + c0 + i] = __fmul_rn(v[i], scale);
+    }
+}
