@@ -21,13 +21,11 @@ docs/BENCHMARKS.md.
 """
 import json
 import os
-import shutil
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
-import tempfile
+
+from localcluster import LocalCluster
 
 SCHEDULES = ["1f1b", "dualpipe", "zb1p", "dualpipev"]
 STEPS = 12
@@ -38,47 +36,9 @@ TARGET = 0.05
 JOB_TIMEOUT_S = 120
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
+class Cluster(LocalCluster):
     def __init__(self, build, backend):
-        self.ctl = os.path.join(os.path.abspath(build), "bin", "duplexctl")
-        self.dir = tempfile.mkdtemp(prefix="bench-cluster-%s-" % backend)
-        self.addr = "tcp://127.0.0.1:%d" % free_port()
-        self.backend = backend
-        self.env = dict(os.environ, DUPLEX_COORDINATOR=self.addr)
-
-    def run(self, *args, timeout=60):
-        p = subprocess.run([self.ctl] + list(args), env=self.env, cwd=self.dir,
-                           capture_output=True, text=True, timeout=timeout)
-        if p.returncode != 0:
-            raise RuntimeError("duplexctl %s failed (%d):\n%s%s" %
-                               (" ".join(args), p.returncode, p.stdout, p.stderr))
-        return p.stdout
-
-    def __enter__(self):
-        try:
-            self.run("local", "up", "--workers", str(WORKERS), "--backend", self.backend,
-                     "--dir", self.dir, "--coordinator", self.addr, timeout=90)
-        except BaseException:
-            self.__exit__(*sys.exc_info())
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.run("local", "down", "--dir", self.dir)
-        except Exception as e:  # still remove the directory
-            print("bench_cluster: local down: %s" % e, file=sys.stderr)
-        if exc[0] is None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        else:
-            print("bench_cluster: logs kept in %s/logs" % self.dir, file=sys.stderr)
-        return False
+        super().__init__(build, backend, WORKERS, "bench_cluster")
 
     def job(self, spec, sets=()):
         path = os.path.join(self.dir, "%s.json" % spec["name"])

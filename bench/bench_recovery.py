@@ -27,13 +27,13 @@ import json
 import os
 import random
 import re
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+from localcluster import LocalCluster
 
 WORKERS = 9            # 8 for the job + 1 spare
 JOB_WORKERS = 8
@@ -49,48 +49,10 @@ REP_TIMEOUT_S = 40
 TOTAL_BUDGET_S = 170
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
+class Cluster(LocalCluster):
     def __init__(self, build):
-        self.bindir = os.path.join(os.path.abspath(build), "bin")
-        self.ctl = os.path.join(self.bindir, "duplexctl")
-        self.dir = tempfile.mkdtemp(prefix="bench-recovery-")
-        self.addr = "tcp://127.0.0.1:%d" % free_port()
-        self.env = dict(os.environ, DUPLEX_COORDINATOR=self.addr)
+        super().__init__(build, "cpu", WORKERS, "bench_recovery")
         self.next_gpu = WORKERS
-
-    def run(self, *args, timeout=30):
-        p = subprocess.run([self.ctl] + list(args), env=self.env, cwd=self.dir,
-                           capture_output=True, text=True, timeout=timeout)
-        if p.returncode != 0:
-            raise RuntimeError("duplexctl %s failed (%d):\n%s%s" %
-                               (" ".join(args), p.returncode, p.stdout, p.stderr))
-        return p.stdout
-
-    def __enter__(self):
-        try:
-            self.run("local", "up", "--workers", str(WORKERS), "--backend", "cpu",
-                     "--dir", self.dir, "--coordinator", self.addr, timeout=90)
-        except BaseException:
-            self.__exit__(*sys.exc_info())
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.run("local", "down", "--dir", self.dir, timeout=60)
-        except Exception as e:  # still remove the directory
-            print("bench_recovery: local down: %s" % e, file=sys.stderr)
-        if exc[0] is None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        else:
-            print("bench_recovery: logs kept in %s/logs" % self.dir, file=sys.stderr)
-        return False
 
     def start_worker(self):
         """One more cpu worker, as ctl/local.c starts them (detached, output
@@ -113,16 +75,6 @@ class Cluster:
         os.rename(pidfile + ".tmp", pidfile)
         self.children = getattr(self, "children", []) + [p]
         return p.pid
-
-    def workers(self):
-        return json.loads(self.run("workers", "--json"))["workers"]
-
-    def status(self, job_id):
-        return json.loads(self.run("status", str(job_id), "--json"))
-
-    def events(self):
-        out = self.run("events", "--json")
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def job_spec(repo, ckpt_dir):
