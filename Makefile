@@ -53,7 +53,7 @@ COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c co
 WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c worker/data.c worker/train.c \
               worker/cpu.c worker/cuda.c \
               $(wildcard worker/model/*.c)
-KREF_SRC   := kernels/ref.c
+KREF_SRC   := kernels/ref.c kernels/transport_ref.c
 CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
@@ -84,7 +84,7 @@ FUZZ_TARGETS := envelope ckpt
 FUZZ_REPLAY := $(patsubst %,$(BUILD)/tests/fuzz/fuzz_%_replay,$(FUZZ_TARGETS))
 
 .PHONY: all deps deps-dev test test-build run bench format format-check lint fuzz install \
-        uninstall clean kernels
+        uninstall clean kernels gpucheck bundle
 .DEFAULT_GOAL := all
 
 all: $(BINS) kernels
@@ -194,6 +194,57 @@ $(LIB_KERNELS): $(patsubst $(BUILD)/gen/%.c,$(BUILD)/obj/gen/%.o,$(KERNEL_GEN))
 	@mkdir -p $(dir $@)
 	rm -f $@ && $(AR) rcs $@ $^
 
+# --- GPU check and the bundle for a GPU host --------------------------------
+# duplex-gpucheck (tests/gpu/gpucheck.c) runs every embedded kernel against
+# its CPU reference; it needs libdxkernels.a, so nvcc. `make bundle` copies
+# the programs, duplex-gpucheck and every shared library ldd resolves for
+# them (but glibc's own: libc, libm, libpthread, libdl, librt, libresolv, the
+# loader, which must match the host's)
+# into $(BUILD)/bundle/{bin,lib}, with tests/gpu/run.sh and examples/, and
+# packs it as $(BUILD)/bundle.tar.gz: a GPU host then needs only glibc and
+# the NVIDIA driver (see tests/gpu/run.sh).
+
+GPUCHECK   := $(BUILD)/bin/duplex-gpucheck
+BUNDLE     := $(BUILD)/bundle
+BUNDLE_MAX_MIB := 60
+BUNDLE_SYSTEM_LIBS := libc.so% libm.so% libpthread.so% libdl.so% librt.so% libresolv.so% ld-linux%
+
+ifneq ($(NVCC),)
+gpucheck: $(GPUCHECK)
+
+$(GPUCHECK): $(BUILD)/obj/tests/gpu/gpucheck.o $(LIB_WORKER) $(LIB_KREF) $(LIB_KERNELS) \
+             $(LIB_COMMON)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS_ALL) -o $@ $^ -ldl -lm
+
+bundle: $(BINS) $(GPUCHECK)
+	rm -rf $(BUNDLE) $(BUNDLE).tar.gz
+	mkdir -p $(BUNDLE)/bin $(BUNDLE)/lib
+	cp $(BINS) $(GPUCHECK) $(BUNDLE)/bin/
+	@libs=$$(ldd $(BINS) $(GPUCHECK) | awk '$$2 == "=>" && $$3 ~ /^\// { print $$3 }' | \
+	  sort -u); \
+	missing=$$(ldd $(BINS) $(GPUCHECK) | grep 'not found'); \
+	if [ -n "$$missing" ]; then echo "bundle: unresolved: $$missing"; exit 1; fi; \
+	for l in $$libs; do \
+	  case "$$(basename $$l)" in \
+	    $(subst %,*,$(subst $() ,|,$(strip $(BUNDLE_SYSTEM_LIBS))))) ;; \
+	    *) cp -L $$l $(BUNDLE)/lib/ || exit 1 ;; \
+	  esac; \
+	done
+	cp tests/gpu/run.sh $(BUNDLE)/run.sh
+	chmod 0755 $(BUNDLE)/run.sh
+	cp -r examples $(BUNDLE)/examples
+	@mib=$$(du -sm $(BUNDLE) | cut -f1); \
+	echo "bundle: $(BUNDLE) $$mib MiB:" $$(ls $(BUNDLE)/lib); \
+	if [ $$mib -gt $(BUNDLE_MAX_MIB) ]; then \
+	  echo "bundle: over $(BUNDLE_MAX_MIB) MiB"; exit 1; fi
+	tar -C $(dir $(BUNDLE)) -czf $(BUNDLE).tar.gz $(notdir $(BUNDLE))
+	@echo "bundle: $(BUNDLE).tar.gz ($$(du -h $(BUNDLE).tar.gz | cut -f1))"
+else
+gpucheck bundle:
+	@echo "$@: nvcc not found on PATH: the kernels, so duplex-gpucheck, cannot be built"; exit 1
+endif
+
 # --- tests ------------------------------------------------------------------
 
 $(BUILD)/tests/unit/%: $(BUILD)/obj/tests/unit/%.o $(ALL_LIBS)
@@ -205,7 +256,7 @@ $(BUILD)/tests/fuzz/fuzz_%_replay: $(BUILD)/obj/tests/fuzz/fuzz_%.o \
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $^ $(LIBS)
 
-test-build: $(BINS) $(UNIT_BINS) $(FUZZ_REPLAY)
+test-build: $(BINS) $(UNIT_BINS) $(FUZZ_REPLAY) $(if $(NVCC),$(BUILD)/bin/duplex-gpucheck)
 
 # Plain pass, then the same tests on an ASan + UBSan build in build/asan.
 test: deps
@@ -254,7 +305,7 @@ format: deps-dev
 format-check: deps-dev
 	clang-format --dry-run --Werror $(FORMAT_FILES)
 
-LINT_DIRS := common proto pipeline coordinator worker worker/model ctl kernels
+LINT_DIRS := common proto pipeline coordinator worker worker/model ctl kernels tests/gpu
 
 # cppcheck, then clang-tidy with the checks in .clang-tidy (all must pass).
 lint: deps-dev $(PROTO_H)

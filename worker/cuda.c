@@ -1,7 +1,8 @@
 /* cuda.c - opens the GPU stack with dlopen (see cuda.h). Owns the library
- * handles and the driver entry points resolved through cuGetProcAddress;
- * declares the few CUDA types it needs itself, so building needs no CUDA
- * header either. */
+ * handles, the driver entry points resolved through cuGetProcAddress and
+ * the retained primary context; declares the few CUDA types it needs itself
+ * (signatures as cuda.h of CUDA 12/13 declares them), so building needs no
+ * CUDA header either. */
 #include "worker/cuda.h"
 
 #include <dlfcn.h>
@@ -27,11 +28,42 @@ typedef cu_result (*cu_device_get_count_fn)(int *count);
 typedef cu_result (*cu_device_get_fn)(cu_device *dev, int ordinal);
 typedef cu_result (*cu_device_get_name_fn)(char *name, int len, cu_device dev);
 typedef cu_result (*cu_get_error_string_fn)(cu_result error, const char **str);
+typedef void *cu_context; /* CUcontext */
+typedef void *cu_stream;  /* CUstream; NULL is the default stream */
+#define CU_ATTR_MULTIPROCESSOR_COUNT 16
+#define CU_ATTR_CC_MAJOR 75
+#define CU_ATTR_CC_MINOR 76
+#define CU_EVENT_DEFAULT 0
+typedef cu_result (*cu_device_get_attribute_fn)(int *pi, int attrib, cu_device dev);
+typedef cu_result (*cu_primary_ctx_retain_fn)(cu_context *pctx, cu_device dev);
+typedef cu_result (*cu_primary_ctx_release_fn)(cu_device dev);
+typedef cu_result (*cu_ctx_set_current_fn)(cu_context ctx);
+typedef cu_result (*cu_ctx_synchronize_fn)(void);
+typedef cu_result (*cu_module_load_data_fn)(wk_cuda_module *mod, const void *image);
+typedef cu_result (*cu_module_unload_fn)(wk_cuda_module mod);
+typedef cu_result (*cu_module_get_function_fn)(wk_cuda_function_t *fn, wk_cuda_module mod,
+                                               const char *name);
+typedef cu_result (*cu_mem_alloc_fn)(wk_cuda_ptr *p, size_t bytes);
+typedef cu_result (*cu_mem_free_fn)(wk_cuda_ptr p);
+typedef cu_result (*cu_memcpy_htod_fn)(wk_cuda_ptr dst, const void *src, size_t bytes);
+typedef cu_result (*cu_memcpy_dtoh_fn)(void *dst, wk_cuda_ptr src, size_t bytes);
+typedef cu_result (*cu_memcpy_dtod_fn)(wk_cuda_ptr dst, wk_cuda_ptr src, size_t bytes);
+typedef cu_result (*cu_memset_d8_fn)(wk_cuda_ptr dst, unsigned char uc, size_t n);
+typedef cu_result (*cu_launch_kernel_fn)(wk_cuda_function_t f, unsigned gx, unsigned gy,
+                                         unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                                         unsigned shmem, cu_stream stream, void **params,
+                                         void **extra);
+typedef cu_result (*cu_event_create_fn)(wk_cuda_event *ev, unsigned flags);
+typedef cu_result (*cu_event_destroy_fn)(wk_cuda_event ev);
+typedef cu_result (*cu_event_record_fn)(wk_cuda_event ev, cu_stream stream);
+typedef cu_result (*cu_event_synchronize_fn)(wk_cuda_event ev);
+typedef cu_result (*cu_event_elapsed_fn)(float *ms, wk_cuda_event start, wk_cuda_event end);
 typedef int (*nccl_get_version_fn)(int *version);
 typedef size_t (*cublaslt_get_version_fn)(void);
 
 #define DESCRIBE_MAX 512
 #define NAME_MAX_LEN 128
+#define ERROR_MAX 512
 
 struct wk_cuda {
     void *libcuda, *libnccl, *libcublaslt;
@@ -41,9 +73,31 @@ struct wk_cuda {
     cu_device_get_fn device_get;
     cu_device_get_name_fn device_name;
     cu_get_error_string_fn error_string;
+    cu_device_get_attribute_fn device_attribute;
+    cu_primary_ctx_retain_fn ctx_retain;
+    cu_primary_ctx_release_fn ctx_release;
+    cu_ctx_set_current_fn ctx_set_current;
+    cu_ctx_synchronize_fn ctx_synchronize;
+    cu_module_load_data_fn module_load_data;
+    cu_module_unload_fn module_unload;
+    cu_module_get_function_fn module_get_function;
+    cu_mem_alloc_fn mem_alloc;
+    cu_mem_free_fn mem_free;
+    cu_memcpy_htod_fn memcpy_htod;
+    cu_memcpy_dtoh_fn memcpy_dtoh;
+    cu_memcpy_dtod_fn memcpy_dtod;
+    cu_memset_d8_fn memset_d8;
+    cu_launch_kernel_fn launch_kernel;
+    cu_event_create_fn event_create;
+    cu_event_destroy_fn event_destroy;
+    cu_event_record_fn event_record;
+    cu_event_synchronize_fn event_synchronize;
+    cu_event_elapsed_fn event_elapsed;
     int driver, devices, nccl;
     size_t cublaslt;
+    int ctx_device; /* the device whose primary context is retained, or -1 */
     char describe[DESCRIBE_MAX];
+    char error[ERROR_MAX];
 };
 
 /* Appends "; " and a formatted piece to err. */
@@ -98,6 +152,28 @@ static int resolve_driver(wk_cuda_t *c, const char *path, char *err, size_t errl
         {"cuDeviceGet", (void **)&c->device_get},
         {"cuDeviceGetName", (void **)&c->device_name},
         {"cuGetErrorString", (void **)&c->error_string},
+        /* the base names: at CU_GET_PROC_VERSION the driver hands out the
+         * versions whose signatures are declared above (cuMemAlloc_v2, ...) */
+        {"cuDeviceGetAttribute", (void **)&c->device_attribute},
+        {"cuDevicePrimaryCtxRetain", (void **)&c->ctx_retain},
+        {"cuDevicePrimaryCtxRelease", (void **)&c->ctx_release},
+        {"cuCtxSetCurrent", (void **)&c->ctx_set_current},
+        {"cuCtxSynchronize", (void **)&c->ctx_synchronize},
+        {"cuModuleLoadData", (void **)&c->module_load_data},
+        {"cuModuleUnload", (void **)&c->module_unload},
+        {"cuModuleGetFunction", (void **)&c->module_get_function},
+        {"cuMemAlloc", (void **)&c->mem_alloc},
+        {"cuMemFree", (void **)&c->mem_free},
+        {"cuMemcpyHtoD", (void **)&c->memcpy_htod},
+        {"cuMemcpyDtoH", (void **)&c->memcpy_dtoh},
+        {"cuMemcpyDtoD", (void **)&c->memcpy_dtod},
+        {"cuMemsetD8", (void **)&c->memset_d8},
+        {"cuLaunchKernel", (void **)&c->launch_kernel},
+        {"cuEventCreate", (void **)&c->event_create},
+        {"cuEventDestroy", (void **)&c->event_destroy},
+        {"cuEventRecord", (void **)&c->event_record},
+        {"cuEventSynchronize", (void **)&c->event_synchronize},
+        {"cuEventElapsedTime", (void **)&c->event_elapsed},
     };
 
     if (!get)
@@ -154,9 +230,12 @@ int wk_cuda_open(const struct wk_cuda_paths *paths, wk_cuda_t **out, char *err, 
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
+    c->ctx_device = -1;
     /* try every piece, so the message lists all that is missing */
     rc = open_driver(c, cuda, err, errlen);
-    if ((c->libnccl = open_lib(nccl, "NCCL", err, errlen))) {
+    if (paths && paths->driver_only) {
+        /* neither NCCL nor cuBLASLt */
+    } else if ((c->libnccl = open_lib(nccl, "NCCL", err, errlen))) {
         nccl_get_version_fn v = (nccl_get_version_fn)dlsym(c->libnccl, "ncclGetVersion");
         if (!v || v(&c->nccl) != 0) {
             add_problem(err, errlen, "%s has no working ncclGetVersion", nccl);
@@ -165,7 +244,9 @@ int wk_cuda_open(const struct wk_cuda_paths *paths, wk_cuda_t **out, char *err, 
     } else {
         rc = rc ? rc : -ENOENT;
     }
-    if ((c->libcublaslt = open_lib(cublaslt, "cuBLASLt", err, errlen))) {
+    if (paths && paths->driver_only) {
+        /* as above */
+    } else if ((c->libcublaslt = open_lib(cublaslt, "cuBLASLt", err, errlen))) {
         cublaslt_get_version_fn v =
             (cublaslt_get_version_fn)dlsym(c->libcublaslt, "cublasLtGetVersion");
         if (!v) {
@@ -191,10 +272,15 @@ int wk_cuda_open(const struct wk_cuda_paths *paths, wk_cuda_t **out, char *err, 
         if (c->device_get(&dev, 0) != 0 || c->device_name(name, sizeof(name), dev) != 0)
             snprintf(name, sizeof(name), "?");
     }
-    snprintf(c->describe, sizeof(c->describe),
-             "driver %d.%d, %d device%s (%s), NCCL %d.%d.%d, cuBLASLt %zu", c->driver / 1000,
-             c->driver % 1000 / 10, c->devices, c->devices == 1 ? "" : "s", name, c->nccl / 10000,
-             c->nccl / 100 % 100, c->nccl % 100, c->cublaslt);
+    if (paths && paths->driver_only)
+        snprintf(c->describe, sizeof(c->describe), "driver %d.%d, %d device%s (%s)",
+                 c->driver / 1000, c->driver % 1000 / 10, c->devices, c->devices == 1 ? "" : "s",
+                 name);
+    else
+        snprintf(c->describe, sizeof(c->describe),
+                 "driver %d.%d, %d device%s (%s), NCCL %d.%d.%d, cuBLASLt %zu", c->driver / 1000,
+                 c->driver % 1000 / 10, c->devices, c->devices == 1 ? "" : "s", name,
+                 c->nccl / 10000, c->nccl / 100 % 100, c->nccl % 100, c->cublaslt);
     *out = c;
     return 0;
 }
@@ -203,6 +289,8 @@ void wk_cuda_close(wk_cuda_t *c)
 {
     if (!c)
         return;
+    if (c->ctx_device >= 0)
+        c->ctx_release(c->ctx_device);
     if (c->libcublaslt)
         dlclose(c->libcublaslt);
     if (c->libnccl)
@@ -215,4 +303,172 @@ void wk_cuda_close(wk_cuda_t *c)
 const char *wk_cuda_describe(const wk_cuda_t *c)
 {
     return c->describe;
+}
+
+/* --- the driver API for tools that run kernels --------------------------- */
+
+/* Records "call: CUDA error string (CUDA error N)" when rc is not success. */
+static int check(wk_cuda_t *c, cu_result rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int check(wk_cuda_t *c, cu_result rc, const char *fmt, ...)
+{
+    va_list ap;
+    int used;
+
+    if (rc == 0)
+        return 0;
+    va_start(ap, fmt);
+    used = vsnprintf(c->error, sizeof(c->error), fmt, ap);
+    va_end(ap);
+    if (used >= 0 && (size_t)used < sizeof(c->error))
+        snprintf(c->error + used, sizeof(c->error) - (size_t)used, ": %s (CUDA error %d)",
+                 cu_error(c, rc), rc);
+    return -EIO;
+}
+
+const char *wk_cuda_error(const wk_cuda_t *c)
+{
+    return c->error;
+}
+
+int wk_cuda_context(wk_cuda_t *c, int device)
+{
+    cu_device dev = 0;
+    cu_context ctx = NULL;
+    int rc;
+
+    if (device < 0 || device >= c->devices) {
+        snprintf(c->error, sizeof(c->error), "device %d: there are %d", device, c->devices);
+        return -EINVAL;
+    }
+    if (c->ctx_device >= 0) {
+        snprintf(c->error, sizeof(c->error), "a context is already held (device %d)",
+                 c->ctx_device);
+        return -EINVAL;
+    }
+    if ((rc = check(c, c->device_get(&dev, device), "cuDeviceGet(%d)", device)) < 0)
+        return rc;
+    if ((rc = check(c, c->ctx_retain(&ctx, dev), "cuDevicePrimaryCtxRetain(%d)", device)) < 0)
+        return rc;
+    if ((rc = check(c, c->ctx_set_current(ctx), "cuCtxSetCurrent")) < 0) {
+        c->ctx_release(dev);
+        return rc;
+    }
+    c->ctx_device = dev;
+    return 0;
+}
+
+int wk_cuda_device_info(wk_cuda_t *c, int *major, int *minor, int *sms)
+{
+    int rc;
+
+    if (c->ctx_device < 0) {
+        snprintf(c->error, sizeof(c->error), "no context (wk_cuda_context first)");
+        return -EINVAL;
+    }
+    if ((rc = check(c, c->device_attribute(major, CU_ATTR_CC_MAJOR, c->ctx_device),
+                    "cuDeviceGetAttribute(compute capability major)")) < 0 ||
+        (rc = check(c, c->device_attribute(minor, CU_ATTR_CC_MINOR, c->ctx_device),
+                    "cuDeviceGetAttribute(compute capability minor)")) < 0 ||
+        (rc = check(c, c->device_attribute(sms, CU_ATTR_MULTIPROCESSOR_COUNT, c->ctx_device),
+                    "cuDeviceGetAttribute(multiprocessor count)")) < 0)
+        return rc;
+    return 0;
+}
+
+int wk_cuda_module_load(wk_cuda_t *c, const void *image, wk_cuda_module *mod)
+{
+    *mod = NULL;
+    return check(c, c->module_load_data(mod, image), "cuModuleLoadData");
+}
+
+void wk_cuda_module_unload(wk_cuda_t *c, wk_cuda_module mod)
+{
+    if (mod)
+        c->module_unload(mod);
+}
+
+int wk_cuda_function(wk_cuda_t *c, wk_cuda_module mod, const char *name, wk_cuda_function_t *fn)
+{
+    *fn = NULL;
+    return check(c, c->module_get_function(fn, mod, name), "cuModuleGetFunction(%s)", name);
+}
+
+int wk_cuda_alloc(wk_cuda_t *c, size_t bytes, wk_cuda_ptr *p)
+{
+    *p = 0;
+    return check(c, c->mem_alloc(p, bytes ? bytes : 1), "cuMemAlloc(%zu bytes)", bytes);
+}
+
+void wk_cuda_free(wk_cuda_t *c, wk_cuda_ptr p)
+{
+    if (p)
+        c->mem_free(p);
+}
+
+int wk_cuda_upload(wk_cuda_t *c, wk_cuda_ptr dst, const void *src, size_t bytes)
+{
+    return check(c, c->memcpy_htod(dst, src, bytes), "cuMemcpyHtoD(%zu bytes)", bytes);
+}
+
+int wk_cuda_download(wk_cuda_t *c, void *dst, wk_cuda_ptr src, size_t bytes)
+{
+    return check(c, c->memcpy_dtoh(dst, src, bytes), "cuMemcpyDtoH(%zu bytes)", bytes);
+}
+
+int wk_cuda_copy(wk_cuda_t *c, wk_cuda_ptr dst, wk_cuda_ptr src, size_t bytes)
+{
+    return check(c, c->memcpy_dtod(dst, src, bytes), "cuMemcpyDtoD(%zu bytes)", bytes);
+}
+
+int wk_cuda_memset(wk_cuda_t *c, wk_cuda_ptr dst, unsigned char byte, size_t bytes)
+{
+    return check(c, c->memset_d8(dst, byte, bytes), "cuMemsetD8(0x%02x, %zu bytes)", byte, bytes);
+}
+
+int wk_cuda_launch(wk_cuda_t *c, wk_cuda_function_t fn, const unsigned grid[3],
+                   const unsigned block[3], unsigned shmem, void **args)
+{
+    unsigned g[3], b[3];
+
+    for (int i = 0; i < 3; i++) {
+        g[i] = grid[i] ? grid[i] : 1;
+        b[i] = block[i] ? block[i] : 1;
+    }
+    return check(c,
+                 c->launch_kernel(fn, g[0], g[1], g[2], b[0], b[1], b[2], shmem, NULL, args, NULL),
+                 "cuLaunchKernel(grid %u,%u,%u block %u,%u,%u shared %u)", g[0], g[1], g[2], b[0],
+                 b[1], b[2], shmem);
+}
+
+int wk_cuda_sync(wk_cuda_t *c)
+{
+    return check(c, c->ctx_synchronize(), "cuCtxSynchronize");
+}
+
+int wk_cuda_event_create(wk_cuda_t *c, wk_cuda_event *ev)
+{
+    *ev = NULL;
+    return check(c, c->event_create(ev, CU_EVENT_DEFAULT), "cuEventCreate");
+}
+
+void wk_cuda_event_destroy(wk_cuda_t *c, wk_cuda_event ev)
+{
+    if (ev)
+        c->event_destroy(ev);
+}
+
+int wk_cuda_event_record(wk_cuda_t *c, wk_cuda_event ev)
+{
+    return check(c, c->event_record(ev, NULL), "cuEventRecord");
+}
+
+int wk_cuda_event_elapsed(wk_cuda_t *c, wk_cuda_event start, wk_cuda_event end, float *ms)
+{
+    int rc;
+
+    if ((rc = check(c, c->event_synchronize(end), "cuEventSynchronize")) < 0)
+        return rc;
+    return check(c, c->event_elapsed(ms, start, end), "cuEventElapsedTime");
 }

@@ -6,6 +6,13 @@
  * with --backend cuda, each path overridable. On a machine without them the
  * worker refuses to start with a message naming every piece that is
  * missing; nothing else needs them.
+ *
+ * Past the open, a small driver API for tools that run the kernels
+ * (tests/gpu/gpucheck.c): the device's primary context, modules from an
+ * image (cubin or PTX), functions, device memory, launches and event
+ * timing. Those calls return 0 or -EIO (-EINVAL for bad arguments) and
+ * leave "cuMemAlloc(1048576 bytes): out of memory (CUDA error 2)" in
+ * wk_cuda_error(c): the driver call and the CUDA error string.
  */
 #ifndef WK_CUDA_H
 #define WK_CUDA_H
@@ -20,6 +27,9 @@
  * search path). */
 struct wk_cuda_paths {
     const char *cuda, *nccl, *cublaslt;
+    /* open the driver only: NCCL and cuBLASLt are neither opened nor
+     * required (a tool that only launches the project's kernels) */
+    int driver_only;
 };
 
 typedef struct wk_cuda wk_cuda_t;
@@ -33,5 +43,46 @@ void wk_cuda_close(wk_cuda_t *c);
 
 /* "driver 13.0, 1 device (NVIDIA H200), NCCL 2.27.3, cuBLASLt 13.0.0". */
 const char *wk_cuda_describe(const wk_cuda_t *c);
+
+/* The driver's handles: CUdeviceptr, CUmodule, CUfunction, CUevent. */
+typedef unsigned long long wk_cuda_ptr;
+typedef struct wk_cuda_module_s *wk_cuda_module;
+typedef struct wk_cuda_function_s *wk_cuda_function_t;
+typedef struct wk_cuda_event_s *wk_cuda_event;
+
+/* The last failed call and its CUDA error string ("" when none). */
+const char *wk_cuda_error(const wk_cuda_t *c);
+
+/* Makes device's primary context current on the calling thread (retained
+ * until wk_cuda_close). Everything below needs it. */
+int wk_cuda_context(wk_cuda_t *c, int device);
+/* The current device's compute capability and multiprocessor count. */
+int wk_cuda_device_info(wk_cuda_t *c, int *major, int *minor, int *sms);
+
+/* cuModuleLoadData: image is a cubin or a NUL-terminated PTX text. */
+int wk_cuda_module_load(wk_cuda_t *c, const void *image, wk_cuda_module *mod);
+void wk_cuda_module_unload(wk_cuda_t *c, wk_cuda_module mod);
+int wk_cuda_function(wk_cuda_t *c, wk_cuda_module mod, const char *name, wk_cuda_function_t *fn);
+
+int wk_cuda_alloc(wk_cuda_t *c, size_t bytes, wk_cuda_ptr *p);
+void wk_cuda_free(wk_cuda_t *c, wk_cuda_ptr p); /* 0 is ignored */
+int wk_cuda_upload(wk_cuda_t *c, wk_cuda_ptr dst, const void *src, size_t bytes);
+int wk_cuda_download(wk_cuda_t *c, void *dst, wk_cuda_ptr src, size_t bytes);
+int wk_cuda_copy(wk_cuda_t *c, wk_cuda_ptr dst, wk_cuda_ptr src, size_t bytes);
+int wk_cuda_memset(wk_cuda_t *c, wk_cuda_ptr dst, unsigned char byte, size_t bytes);
+
+/* cuLaunchKernel on the default stream: grid and block are x, y, z (0 is
+ * taken as 1); args points at each argument's value, as the driver wants. */
+int wk_cuda_launch(wk_cuda_t *c, wk_cuda_function_t fn, const unsigned grid[3],
+                   const unsigned block[3], unsigned shmem, void **args);
+/* Waits for everything launched; a kernel's fault shows up here. */
+int wk_cuda_sync(wk_cuda_t *c);
+
+int wk_cuda_event_create(wk_cuda_t *c, wk_cuda_event *ev);
+void wk_cuda_event_destroy(wk_cuda_t *c, wk_cuda_event ev);
+/* Records ev on the default stream. */
+int wk_cuda_event_record(wk_cuda_t *c, wk_cuda_event ev);
+/* Waits for end, then the milliseconds from start to end. */
+int wk_cuda_event_elapsed(wk_cuda_t *c, wk_cuda_event start, wk_cuda_event end, float *ms);
 
 #endif

@@ -4,7 +4,11 @@ NCCL, cuBLASLt; their paths can be given), and nothing else needs them."""
 
 import ctypes
 
-from conftest import SANITIZER_REPORT, WORKER, describe, run_binary
+import pytest
+
+from conftest import BIN_DIR, SANITIZER_REPORT, WORKER, describe, run_binary
+
+GPUCHECK = BIN_DIR / "duplex-gpucheck"  # built only where nvcc is
 
 
 def have_driver():
@@ -39,3 +43,13 @@ def test_every_missing_library_is_named_with_its_path():
     for piece in ("/nonexistent/libcuda.so (the NVIDIA driver)",
                   "/nonexistent/libnccl.so.2 (NCCL)", "/nonexistent/lt.so (cuBLASLt)"):
         assert piece in result.stderr, describe(result)
+
+
+@pytest.mark.skipif(not GPUCHECK.exists(), reason="duplex-gpucheck needs nvcc to build")
+def test_the_gpu_check_says_what_is_missing():
+    if have_driver():
+        pytest.skip("a GPU machine: run tests/gpu/run.sh there")
+    result = run_binary(GPUCHECK, "--small", timeout=20)
+    assert not SANITIZER_REPORT.search(result.stderr), describe(result)
+    assert result.returncode == 2, describe(result)
+    assert "libcuda.so.1 (the NVIDIA driver) cannot be loaded" in result.stderr, describe(result)
