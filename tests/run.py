@@ -77,7 +77,7 @@ def system_tests(build, env):
     env = dict(env, DUPLEX_BIN=os.path.join(REPO, build, "bin"))
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "junit.xml")
-        proc = run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        proc = run([PYTHON, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
                     f"--junitxml={report}", "tests/system"], env)
         print(proc.stdout[-20000:] if proc.returncode else proc.stdout[-600:])
         try:

@@ -9,7 +9,22 @@
  * gates, pack, combine and dequantized values bitwise (the kernels round
  * every operation like the references: no FMA); e4m3 codes and fp32 scales
  * bitwise. Outputs are poisoned with 0xff bytes on the device and on the host
- * first, so an element a kernel skips shows up as a difference. */
+ * first, so an element a kernel skips shows up as a difference.
+ *
+ * The elementwise kernels (kernels/elementwise.cu) are checked against the
+ * worker's own layers to a relative bound instead: err = |got - want| /
+ * max(|want|, rms(want)) (the floor at the array's RMS measures an element
+ * that a sum or a difference cancels to near 0 against the array's scale,
+ * which is what its absolute error follows). Their row sums are a float
+ * shuffle tree where the worker sums in double in order (relative error of
+ * a float sum of d <= 32000 positive terms, about 125 per thread then a
+ * 256-way tree: <= (125 + 8) * 2^-24 = 8e-6 worst case, ~1e-6 in practice),
+ * and their expf / logf are CUDA's (<= 2 ulp) against glibc's: 1e-5 for
+ * RMSNorm (y, rstd, dx; dg 1e-4: the worker sums it in float, see
+ * check_rmsnorm) and softmax (probs, per-row and mean loss);
+ * SwiGLU has no sums, only expf and a handful of correctly rounded
+ * operations (~4 ulp = 2.4e-7 at worst): 1e-6. Softmax backward from the
+ * reference probabilities is bitwise (the same two roundings). */
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -21,6 +36,7 @@
 
 #include "kernels/ref.h"
 #include "worker/cuda.h"
+#include "worker/model/rmsnorm.h"
 
 /* the kernel images, from libdxkernels.a (kernels/embed.py) */
 #define IMAGE(name)                                                                                \
@@ -31,6 +47,7 @@
 IMAGE(routing);
 IMAGE(dispatch);
 IMAGE(fp8);
+IMAGE(elementwise);
 
 #define POISON 0xff
 #define BLOCK 256 /* threads per block for every launch */
@@ -46,8 +63,9 @@ struct row {
 
 struct gc {
     wk_cuda_t *c;
-    wk_cuda_module mod[3];
+    wk_cuda_module mod[4];
     wk_cuda_function_t route, count, offsets, rows, pack, combine, quant, dequant, copy;
+    wk_cuda_function_t rms_fwd, rms_bwd, rms_dg, swi_fwd, swi_bwd, sx_fwd, sx_bwd;
     unsigned sms;
     int iters;
     uint64_t rng;
@@ -62,6 +80,7 @@ struct ck {
     struct gc *g;
     size_t bad;    /* elements that differ in the row's compares */
     double maxerr; /* the largest error among them (relative for floats) */
+    double bound;  /* > 0: the row's compares are bounded (compare_rel) */
     wk_cuda_ptr d[MAX_BUFS];
     void *h[MAX_BUFS];
     int nd, nh, rc;
@@ -257,6 +276,41 @@ static int compare(struct ck *k, const char *name, const void *got, const void *
     return 0;
 }
 
+/* Bounded comparison of n floats: err = |got - want| / max(|want|,
+ * rms(want)) (NaN: infinite) against bound, which the row keeps; the
+ * largest err goes to k->maxerr whether or not it passes. 1 when all are
+ * within. */
+static int compare_rel(struct ck *k, const char *name, const float *got, const float *want,
+                       size_t n, double bound, char *res, size_t reslen)
+{
+    size_t bad = 0, first = 0, used = strlen(res);
+    double maxerr = 0.0, ss = 0.0, floor_;
+
+    for (size_t i = 0; i < n; i++)
+        ss += (double)want[i] * want[i];
+    floor_ = fmax(sqrt(ss / (double)(n ? n : 1)), 1e-30);
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)got[i] - (double)want[i]) / fmax(fabs((double)want[i]), floor_);
+
+        if (isnan(e) || isnan(got[i]))
+            e = INFINITY;
+        if (e > maxerr)
+            maxerr = e;
+        if (e > bound && !bad++)
+            first = i;
+    }
+    k->bound = bound;
+    if (maxerr > k->maxerr)
+        k->maxerr = maxerr;
+    if (!bad)
+        return 1;
+    k->bad += bad;
+    if (used + 2 < reslen)
+        snprintf(res + used, reslen - used, "%s%s %zu/%zu over %.0e from [%zu], max rel %.3g",
+                 used ? "; " : "", name, bad, n, bound, first, maxerr);
+    return 0;
+}
+
 /* Ends a check: its row, PASS / FAIL with the reason. */
 static void finish(struct ck *k, const char *check, const char *shape, int ok, const char *why,
                    double ms, double gbs)
@@ -267,6 +321,8 @@ static void finish(struct ck *k, const char *check, const char *shape, int ok, c
         snprintf(res, sizeof(res), "FAIL (CUDA)");
         fprintf(stderr, "duplex-gpucheck: %s %s: %s\n", check, shape, k->err);
         ok = 0;
+    } else if (ok && k->bound > 0.0) {
+        snprintf(res, sizeof(res), "PASS %.1e/%.0e", k->maxerr, k->bound);
     } else if (ok) {
         snprintf(res, sizeof(res), "PASS err 0");
     } else {
@@ -277,6 +333,7 @@ static void finish(struct ck *k, const char *check, const char *shape, int ok, c
         k->g->failed++;
     k->bad = 0;
     k->maxerr = 0.0;
+    k->bound = 0.0;
     add_row(k->g, check, shape, res, ok ? ms : -1.0, ok ? gbs : -1.0);
 }
 
@@ -573,6 +630,316 @@ static void check_fp8(struct gc *g, int nrows, int cols, const char *name)
     ck_done(&k);
 }
 
+/* --- elementwise: RMSNorm, SwiGLU, softmax cross-entropy --------------------- */
+
+/* blocks for one block per row (the kernels stride over rows) */
+static unsigned row_grid(const struct gc *g, int rows)
+{
+    size_t cap = (size_t)g->sms * 16, r = rows > 0 ? (size_t)rows : 1;
+
+    return (unsigned)(r < cap ? r : cap);
+}
+
+/* blocks for one thread per element (grid-stride) */
+static unsigned elem_grid(const struct gc *g, size_t items)
+{
+    size_t blocks = (items + BLOCK - 1) / BLOCK, cap = (size_t)g->sms * 16;
+
+    if (blocks < 1)
+        blocks = 1;
+    return (unsigned)(blocks < cap ? blocks : cap);
+}
+
+/* Re-launches an idempotent kernel iters times for its time, once it passed. */
+static double retime(struct ck *k, int ok, wk_cuda_function_t fn, unsigned grid, void **args,
+                     double ms)
+{
+    return ok ? launch(k, fn, grid, 0, args, k->g->iters) : ms;
+}
+
+#define RMS_ROWS_PER_BLOCK 16
+
+/* worker/model/rmsnorm.c's wk_rmsnorm_forward and wk_rmsnorm_backward,
+ * repeated here in the same order and precision: libdxworker's rmsnorm.o
+ * pulls in tensor.o and so cblas, which duplex-gpucheck does not link. r[i]
+ * is the cache's rstd; dg is added to. */
+static void rmsnorm_ref(const float *x, const float *g, const float *dy, int n, int d, float *y,
+                        float *r, float *dx, float *dg)
+{
+    for (int i = 0; i < n; i++) {
+        const float *xi = x + (size_t)i * d;
+        float *yi = y + (size_t)i * d;
+        double ss = 0.0;
+
+        for (int j = 0; j < d; j++)
+            ss += (double)xi[j] * xi[j];
+        r[i] = (float)(1.0 / sqrt(ss / d + WK_RMSNORM_EPS));
+        for (int j = 0; j < d; j++)
+            yi[j] = xi[j] * r[i] * g[j];
+    }
+    for (int i = 0; i < n; i++) {
+        const float *xi = x + (size_t)i * d;
+        const float *dyi = dy + (size_t)i * d;
+        float *dxi = dx + (size_t)i * d;
+        double dot = 0.0;
+
+        for (int j = 0; j < d; j++)
+            dot += (double)g[j] * dyi[j] * xi[j];
+        const float k = (float)(dot / d) * r[i] * r[i] * r[i];
+        for (int j = 0; j < d; j++) {
+            dxi[j] = r[i] * g[j] * dyi[j] - xi[j] * k;
+            dg[j] += dyi[j] * xi[j] * r[i];
+        }
+    }
+}
+
+/* g random and dg starting random, so the kernels' += shows. */
+static void check_rmsnorm(struct gc *g, int n, int d, const char *name)
+{
+    struct ck k = {.g = g};
+    const size_t nd = (size_t)n * d;
+    const int parts = (n + RMS_ROWS_PER_BLOCK - 1) / RMS_ROWS_PER_BLOCK;
+    float *x = host(&k, nd * 4), *gam = host(&k, (size_t)d * 4), *dy = host(&k, nd * 4);
+    float *dg0 = host(&k, (size_t)d * 4), *y = host(&k, nd * 4), *y_d = host(&k, nd * 4);
+    float *r = host(&k, (size_t)n * 4), *r_d = host(&k, (size_t)n * 4);
+    float *dx = host(&k, nd * 4), *dx_d = host(&k, nd * 4);
+    float *dg = host(&k, (size_t)d * 4), *dg_d = host(&k, (size_t)d * 4);
+    char why[512] = "", shape[64];
+    double ms, ms2;
+    int ok;
+
+    snprintf(shape, sizeof(shape), "%s n=%d d=%d", name, n, d);
+    if (k.rc == 0) {
+        fill(g, x, nd, -3.0f, 3.0f);
+        fill(g, gam, (size_t)d, 0.5f, 1.5f);
+        fill(g, dy, nd, -1.0f, 1.0f);
+        fill(g, dg0, (size_t)d, -1.0f, 1.0f);
+        memcpy(dg, dg0, (size_t)d * 4);
+        rmsnorm_ref(x, gam, dy, n, d, y, r, dx, dg);
+    }
+    wk_cuda_ptr d_x = dev(&k, nd * 4, x), d_g = dev(&k, (size_t)d * 4, gam);
+    wk_cuda_ptr d_y = dev(&k, nd * 4, NULL), d_r = dev(&k, (size_t)n * 4, NULL);
+    int nn = n, dd = d, rpb = RMS_ROWS_PER_BLOCK, pp = parts;
+    float eps = WK_RMSNORM_EPS;
+    {
+        void *args[] = {&d_x, &d_g, &nn, &dd, &eps, &d_y, &d_r};
+        ms = launch(&k, g->rms_fwd, row_grid(g, n), 0, args, 1);
+        download(&k, y_d, d_y, nd * 4);
+        download(&k, r_d, d_r, (size_t)n * 4);
+        ok = k.rc == 0;
+        if (ok) {
+            ok = compare_rel(&k, "y", y_d, y, nd, 1e-5, why, sizeof(why));
+            ok &= compare_rel(&k, "rstd", r_d, r, (size_t)n, 1e-5, why, sizeof(why));
+        }
+        ms = retime(&k, ok, g->rms_fwd, row_grid(g, n), args, ms);
+        finish(&k, "rmsnorm_fwd", shape, ok, why, ms, gbs_of(2.0 * (double)nd * 4, ms));
+    }
+    /* backward from the reference rstd; dg partials per 16-row block, then
+     * summed in block order into dg by dx_rmsnorm_dg */
+    if (k.rc == 0 && wk_cuda_upload(g->c, d_r, r, (size_t)n * 4) < 0)
+        ck_fail(&k, wk_cuda_error(g->c));
+    wk_cuda_ptr d_dy = dev(&k, nd * 4, dy), d_dx = dev(&k, nd * 4, NULL);
+    wk_cuda_ptr d_part = dev(&k, (size_t)parts * d * 4, NULL);
+    wk_cuda_ptr d_dg = dev(&k, (size_t)d * 4, dg0);
+    {
+        void *args[] = {&d_x, &d_g, &d_dy, &d_r, &nn, &dd, &rpb, &d_dx, &d_part};
+        void *args2[] = {&d_part, &pp, &dd, &d_dg};
+        ms = launch(&k, g->rms_bwd, (unsigned)parts, 0, args, 1);
+        ms2 = launch(&k, g->rms_dg, elem_grid(g, (size_t)d), 0, args2, 1);
+        download(&k, dx_d, d_dx, nd * 4);
+        download(&k, dg_d, d_dg, (size_t)d * 4);
+        why[0] = '\0';
+        ok = k.rc == 0;
+        if (ok) {
+            ok = compare_rel(&k, "dx", dx_d, dx, nd, 1e-5, why, sizeof(why));
+            /* the worker's dg is a float += over the n rows in order: a
+             * random walk of n half-ulp roundings of the running sum that
+             * grows as sqrt(n) (emulated on the CPU at n = 4096, d = 7168:
+             * 4.6e-6 from the exact sum, 5.1e-6 from the blocked order);
+             * 1e-4 leaves room for larger n, the kernels' blocked sum being
+             * the more exact one */
+            ok &= compare_rel(&k, "dg", dg_d, dg, (size_t)d, 1e-4, why, sizeof(why));
+        }
+        ms += ms2;
+        finish(&k, "rmsnorm_bwd+dg", shape, ok, why, ms, gbs_of(4.0 * (double)nd * 4, ms));
+    }
+    ck_done(&k);
+}
+
+static float swiglu_sigmoid(float z)
+{
+    return 1.0f / (1.0f + expf(-z));
+}
+
+/* The reference is worker/model/moe.c's elementwise SwiGLU loops
+ * (wk_moe_ffn_forward / _backward_input; static there), repeated here in
+ * the same order: act = h1 s h3; dh3 = da h1 s, dh1 = da h3 s (1 + h1 (1 - s)). */
+static void check_swiglu(struct gc *g, int rows, int hidden, const char *name)
+{
+    struct ck k = {.g = g};
+    const size_t n = (size_t)rows * hidden;
+    float *h1 = host(&k, n * 4), *h3 = host(&k, n * 4), *da = host(&k, n * 4);
+    float *act = host(&k, n * 4), *act_d = host(&k, n * 4);
+    float *dh1 = host(&k, n * 4), *dh1_d = host(&k, n * 4);
+    float *dh3 = host(&k, n * 4), *dh3_d = host(&k, n * 4);
+    char why[512] = "", shape[64];
+    long long cnt = (long long)n;
+    unsigned grid = elem_grid(g, n);
+    double ms;
+    int ok;
+
+    snprintf(shape, sizeof(shape), "%s rows=%d hidden=%d", name, rows, hidden);
+    if (k.rc == 0) {
+        fill(g, h1, n, -6.0f, 6.0f);
+        fill(g, h3, n, -3.0f, 3.0f);
+        fill(g, da, n, -1.0f, 1.0f);
+        for (size_t i = 0; i < n; i++) {
+            float z = h1[i], sg = swiglu_sigmoid(z);
+            act[i] = z * sg * h3[i];
+            dh3[i] = da[i] * z * sg;
+            dh1[i] = da[i] * h3[i] * sg * (1.0f + z * (1.0f - sg));
+        }
+    }
+    wk_cuda_ptr d_h1 = dev(&k, n * 4, h1), d_h3 = dev(&k, n * 4, h3), d_da = dev(&k, n * 4, da);
+    wk_cuda_ptr d_act = dev(&k, n * 4, NULL), d_dh1 = dev(&k, n * 4, NULL);
+    wk_cuda_ptr d_dh3 = dev(&k, n * 4, NULL);
+    {
+        void *args[] = {&d_h1, &d_h3, &cnt, &d_act};
+        ms = launch(&k, g->swi_fwd, grid, 0, args, 1);
+        download(&k, act_d, d_act, n * 4);
+        ok = k.rc == 0 && compare_rel(&k, "act", act_d, act, n, 1e-6, why, sizeof(why));
+        ms = retime(&k, ok, g->swi_fwd, grid, args, ms);
+        finish(&k, "swiglu_fwd", shape, ok, why, ms, gbs_of(3.0 * (double)n * 4, ms));
+    }
+    {
+        void *args[] = {&d_h1, &d_h3, &d_da, &cnt, &d_dh1, &d_dh3};
+        ms = launch(&k, g->swi_bwd, grid, 0, args, 1);
+        download(&k, dh1_d, d_dh1, n * 4);
+        download(&k, dh3_d, d_dh3, n * 4);
+        why[0] = '\0';
+        ok = k.rc == 0;
+        if (ok) {
+            ok = compare_rel(&k, "dh1", dh1_d, dh1, n, 1e-6, why, sizeof(why));
+            ok &= compare_rel(&k, "dh3", dh3_d, dh3, n, 1e-6, why, sizeof(why));
+        }
+        ms = retime(&k, ok, g->swi_bwd, grid, args, ms);
+        finish(&k, "swiglu_bwd", shape, ok, why, ms, gbs_of(5.0 * (double)n * 4, ms));
+    }
+    ck_done(&k);
+}
+
+/* worker/model/head.c's softmax cross-entropy from the logits (there it
+ * follows the projection inside wk_head_forward), repeated in its order;
+ * also keeps each row's loss. The mean loss. */
+static float xent_ref(const float *logits, const int32_t *t, int n, int vocab, float *probs,
+                      float *loss_rows)
+{
+    double total = 0.0;
+
+    if (n <= 0 || vocab <= 0)
+        return NAN; /* head.c: -EINVAL */
+    for (int i = 0; i < n; i++) {
+        float *row = probs + (size_t)i * vocab;
+        const float *zi = logits + (size_t)i * vocab;
+
+        for (int j = 0; j < vocab; j++)
+            row[j] = zi[j];
+        float max = zi[0]; /* row[0] */
+
+        for (int j = 1; j < vocab; j++)
+            if (row[j] > max)
+                max = row[j];
+        if (t[i] < 0 || t[i] >= vocab)
+            return NAN; /* head.c: -EINVAL */
+        const double zt = (double)zi[t[i]] - max;
+        row[0] = expf(row[0] - max);
+        double sum = row[0];
+        for (int j = 1; j < vocab; j++) {
+            row[j] = expf(row[j] - max);
+            sum += row[j];
+        }
+        loss_rows[i] = (float)(log(sum) - zt);
+        total += log(sum) - zt;
+        const float inv = (float)(1.0 / sum);
+        for (int j = 0; j < vocab; j++)
+            row[j] *= inv;
+    }
+    return (float)(total / n);
+}
+
+/* head.c's wk_head_backward_input before its GEMM: dlogits = (p - onehot) / n */
+static void xent_bwd_ref(const float *probs, const int32_t *t, int n, int vocab, float *dl)
+{
+    const float inv_n = 1.0f / (float)n;
+
+    for (int i = 0; i < n; i++) {
+        const float *p = probs + (size_t)i * vocab;
+        float *gi = dl + (size_t)i * vocab;
+
+        for (int j = 0; j < vocab; j++)
+            gi[j] = p[j] * inv_n;
+        gi[t[i]] -= inv_n;
+    }
+}
+
+static void check_xent(struct gc *g, int n, int vocab, const char *name)
+{
+    struct ck k = {.g = g};
+    const size_t nv = (size_t)n * vocab;
+    float *z = host(&k, nv * 4), *p = host(&k, nv * 4), *p_d = host(&k, nv * 4);
+    float *l = host(&k, (size_t)n * 4), *l_d = host(&k, (size_t)n * 4);
+    float *dl = host(&k, nv * 4), *dl_d = host(&k, nv * 4);
+    int32_t *t = host(&k, (size_t)n * 4);
+    char why[512] = "", shape[64];
+    float mean = 0.0f, mean_d;
+    double ms, total = 0.0;
+    int ok;
+
+    snprintf(shape, sizeof(shape), "%s n=%d vocab=%d", name, n, vocab);
+    if (k.rc == 0) {
+        fill(g, z, nv, -8.0f, 8.0f);
+        for (int i = 0; i < n; i++)
+            t[i] = (int32_t)(next_u64(g) % (uint64_t)vocab);
+        mean = xent_ref(z, t, n, vocab, p, l);
+        xent_bwd_ref(p, t, n, vocab, dl);
+    }
+    wk_cuda_ptr d_z = dev(&k, nv * 4, z), d_t = dev(&k, (size_t)n * 4, t);
+    wk_cuda_ptr d_p = dev(&k, nv * 4, NULL), d_l = dev(&k, (size_t)n * 4, NULL);
+    wk_cuda_ptr d_dl = dev(&k, nv * 4, NULL);
+    int nn = n, vv = vocab;
+    {
+        void *args[] = {&d_z, &d_t, &nn, &vv, &d_p, &d_l};
+        ms = launch(&k, g->sx_fwd, row_grid(g, n), 0, args, 1);
+        download(&k, p_d, d_p, nv * 4);
+        download(&k, l_d, d_l, (size_t)n * 4);
+        ok = k.rc == 0;
+        if (ok) {
+            /* the mean over rows is the host's: head.c's double total / n */
+            for (int i = 0; i < n; i++)
+                total += l_d[i];
+            mean_d = (float)(total / n);
+            ok = compare_rel(&k, "probs", p_d, p, nv, 1e-5, why, sizeof(why));
+            ok &= compare_rel(&k, "loss_row", l_d, l, (size_t)n, 1e-5, why, sizeof(why));
+            ok &= compare_rel(&k, "loss", &mean_d, &mean, 1, 1e-5, why, sizeof(why));
+        }
+        ms = retime(&k, ok, g->sx_fwd, row_grid(g, n), args, ms);
+        finish(&k, "softmax_xent_fwd", shape, ok, why, ms, gbs_of(2.0 * (double)nv * 4, ms));
+    }
+    /* backward from the reference probabilities: bitwise */
+    if (k.rc == 0 && wk_cuda_upload(g->c, d_p, p, nv * 4) < 0)
+        ck_fail(&k, wk_cuda_error(g->c));
+    {
+        void *args[] = {&d_p, &d_t, &nn, &vv, &d_dl};
+        ms = launch(&k, g->sx_bwd, row_grid(g, n), 0, args, 1);
+        download(&k, dl_d, d_dl, nv * 4);
+        why[0] = '\0';
+        ok = k.rc == 0 && compare(&k, "dlogits", dl_d, dl, nv, 4, 1, why, sizeof(why));
+        ms = retime(&k, ok, g->sx_bwd, row_grid(g, n), args, ms);
+        finish(&k, "softmax_xent_bwd", shape, ok, why, ms, gbs_of(2.0 * (double)nv * 4, ms));
+    }
+    ck_done(&k);
+}
+
 /* --- the ceiling: a device-to-device copy ----------------------------------- */
 
 static void time_copy(struct gc *g, size_t bytes, const char *shape)
@@ -642,6 +1009,10 @@ static int setup(struct gc *g)
         {&g->offsets, 1, "dx_dispatch_offsets"}, {&g->rows, 1, "dx_dispatch_rows"},
         {&g->pack, 1, "dx_dispatch_pack"},       {&g->combine, 1, "dx_combine"},
         {&g->quant, 2, "dx_fp8_quant_1x128"},    {&g->dequant, 2, "dx_fp8_dequant_1x128"},
+        {&g->rms_fwd, 3, "dx_rmsnorm_fwd"},      {&g->rms_bwd, 3, "dx_rmsnorm_bwd"},
+        {&g->rms_dg, 3, "dx_rmsnorm_dg"},        {&g->swi_fwd, 3, "dx_swiglu_fwd"},
+        {&g->swi_bwd, 3, "dx_swiglu_bwd"},       {&g->sx_fwd, 3, "dx_softmax_xent_fwd"},
+        {&g->sx_bwd, 3, "dx_softmax_xent_bwd"},
     };
 
     if (load(g, "routing", dx_kernel_routing_cubin, dx_kernel_routing_cubin_len,
@@ -649,7 +1020,9 @@ static int setup(struct gc *g)
         load(g, "dispatch", dx_kernel_dispatch_cubin, dx_kernel_dispatch_cubin_len,
              dx_kernel_dispatch_ptx, &g->mod[1]) < 0 ||
         load(g, "fp8", dx_kernel_fp8_cubin, dx_kernel_fp8_cubin_len, dx_kernel_fp8_ptx,
-             &g->mod[2]) < 0)
+             &g->mod[2]) < 0 ||
+        load(g, "elementwise", dx_kernel_elementwise_cubin, dx_kernel_elementwise_cubin_len,
+             dx_kernel_elementwise_ptx, &g->mod[3]) < 0)
         return -EIO;
     for (size_t i = 0; i < sizeof(fns) / sizeof(fns[0]); i++) {
         if (wk_cuda_function(g->c, g->mod[fns[i].mod], fns[i].name, fns[i].fn) < 0) {
@@ -676,7 +1049,9 @@ static void print_table(const struct gc *g)
             snprintf(pct, sizeof(pct), "%.0f%%", 100.0 * r->gbs / g->copy_gbs);
         printf("%-19s %-40s %-16s %9s %8s %6s\n", r->check, r->shape, r->result, ms, gbs, pct);
     }
-    printf("\n%d check%s failed; bounds: int32 exact, fp32 bitwise (0 ulp), e4m3 codes exact\n",
+    printf("\n%d check%s failed; bounds: int32 exact, fp32 bitwise (0 ulp), e4m3 codes exact;\n"
+           "elementwise: rel err (|want| floored at its RMS) <= 1e-5 rmsnorm / softmax, 1e-4\n"
+           "rmsnorm dg, 1e-6 swiglu, softmax_xent_bwd bitwise\n",
            g->failed, g->failed == 1 ? "" : "s");
 }
 
@@ -771,10 +1146,19 @@ int main(int argc, char **argv)
     check_fp8(&g, 5, 100, "short");
     if (!small)
         check_fp8(&g, 4096, 7168, "V3");
+    check_rmsnorm(&g, 37, 130, "small");
+    check_swiglu(&g, 37, 130, "small");
+    check_xent(&g, 1024, 256, "bytes");
+    check_xent(&g, 5, 1000, "short");
+    if (!small) {
+        check_rmsnorm(&g, 4096, 7168, "V3");
+        check_swiglu(&g, 4096, 2048, "V3");
+        check_xent(&g, 1024, 32000, "vocab");
+    }
     print_table(&g);
     rc = g.failed ? 1 : 0;
 out:
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         wk_cuda_module_unload(g.c, g.mod[i]);
     wk_cuda_close(g.c);
     return rc;
