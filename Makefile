@@ -215,7 +215,7 @@ gpucheck: $(GPUCHECK)
 $(GPUCHECK): $(BUILD)/obj/tests/gpu/gpucheck.o $(LIB_WORKER) $(LIB_KREF) $(LIB_KERNELS) \
              $(LIB_COMMON)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS_ALL) -o $@ $^ -ldl -lm
+	$(CC) $(LDFLAGS_ALL) -o $@ $^ -lopenblas -ldl -lm
 
 bundle: $(BINS) $(GPUCHECK)
 	rm -rf $(BUNDLE) $(BUNDLE).tar.gz

@@ -659,38 +659,31 @@ static double retime(struct ck *k, int ok, wk_cuda_function_t fn, unsigned grid,
 
 #define RMS_ROWS_PER_BLOCK 16
 
-/* worker/model/rmsnorm.c's wk_rmsnorm_forward and wk_rmsnorm_backward,
- * repeated here in the same order and precision: libdxworker's rmsnorm.o
- * pulls in tensor.o and so cblas, which duplex-gpucheck does not link. r[i]
- * is the cache's rstd; dg is added to. */
-static void rmsnorm_ref(const float *x, const float *g, const float *dy, int n, int d, float *y,
-                        float *r, float *dx, float *dg)
+/* The reference: the worker's own RMSNorm (worker/model/rmsnorm.c). r[i] is
+ * its cache's rstd; dg is added to. Returns 0 or -ENOMEM. */
+static int rmsnorm_ref(const float *x, const float *g, const float *dy, int n, int d, float *y,
+                       float *r, float *dx, float *dg)
 {
-    for (int i = 0; i < n; i++) {
-        const float *xi = x + (size_t)i * d;
-        float *yi = y + (size_t)i * d;
-        double ss = 0.0;
+    struct wk_rmsnorm nm;
+    struct wk_rmsnorm_cache c;
+    int rc;
 
-        for (int j = 0; j < d; j++)
-            ss += (double)xi[j] * xi[j];
-        r[i] = (float)(1.0 / sqrt(ss / d + WK_RMSNORM_EPS));
-        for (int j = 0; j < d; j++)
-            yi[j] = xi[j] * r[i] * g[j];
+    if ((rc = wk_rmsnorm_init(&nm, d)) < 0)
+        return rc;
+    if ((rc = wk_rmsnorm_cache_init(&c, n)) < 0) {
+        wk_rmsnorm_free(&nm);
+        return rc;
     }
-    for (int i = 0; i < n; i++) {
-        const float *xi = x + (size_t)i * d;
-        const float *dyi = dy + (size_t)i * d;
-        float *dxi = dx + (size_t)i * d;
-        double dot = 0.0;
-
-        for (int j = 0; j < d; j++)
-            dot += (double)g[j] * dyi[j] * xi[j];
-        const float k = (float)(dot / d) * r[i] * r[i] * r[i];
-        for (int j = 0; j < d; j++) {
-            dxi[j] = r[i] * g[j] * dyi[j] - xi[j] * k;
-            dg[j] += dyi[j] * xi[j] * r[i];
-        }
+    memcpy(nm.g.data, g, (size_t)d * sizeof(float));
+    memcpy(nm.dg.data, dg, (size_t)d * sizeof(float));
+    if ((rc = wk_rmsnorm_forward(&nm, &c, x, y, n)) == 0) {
+        wk_rmsnorm_backward(&nm, &c, x, dy, dx, n);
+        memcpy(r, c.rstd.data, (size_t)n * sizeof(float));
+        memcpy(dg, nm.dg.data, (size_t)d * sizeof(float));
     }
+    wk_rmsnorm_cache_free(&c);
+    wk_rmsnorm_free(&nm);
+    return rc;
 }
 
 /* g random and dg starting random, so the kernels' += shows. */
@@ -715,7 +708,8 @@ static void check_rmsnorm(struct gc *g, int n, int d, const char *name)
         fill(g, dy, nd, -1.0f, 1.0f);
         fill(g, dg0, (size_t)d, -1.0f, 1.0f);
         memcpy(dg, dg0, (size_t)d * 4);
-        rmsnorm_ref(x, gam, dy, n, d, y, r, dx, dg);
+        if (rmsnorm_ref(x, gam, dy, n, d, y, r, dx, dg) < 0)
+            k.rc = -ENOMEM;
     }
     wk_cuda_ptr d_x = dev(&k, nd * 4, x), d_g = dev(&k, (size_t)d * 4, gam);
     wk_cuda_ptr d_y = dev(&k, nd * 4, NULL), d_r = dev(&k, (size_t)n * 4, NULL);
