@@ -32,6 +32,11 @@ DEB_DEV_PKGS := clang clang-tidy cppcheck clang-format
 CFLAGS_ALL := -std=gnu11 -Wall -Wextra -Werror -Wno-format-truncation -g -O2 -MMD -MP -I. -I$(BUILD)/gen \
               -D_FORTIFY_SOURCE=2 $(CFLAGS)
 LDFLAGS_ALL := $(LDFLAGS)
+# The CUDA, NCCL and cuBLASLt headers, where installed: only the ABI tests
+# (tests/unit/test_*_abi.c) include them, to check the declarations that
+# worker/cuda.c, nccl.c and cublas.c make themselves; the build needs none.
+CUDA_HOME ?= /usr/local/cuda
+CUDA_HEADERS := $(firstword $(wildcard $(CUDA_HOME)/include/cublasLt.h))
 ifeq ($(SANITIZE),1)
 CFLAGS_ALL += -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
               -U_FORTIFY_SOURCE
@@ -49,11 +54,11 @@ PIPE_SRC   := pipeline/schedule.c pipeline/gen_1f1b.c pipeline/gen_dualpipe.c pi
               pipeline/simulate.c pipeline/render.c pipeline/executor.c
 COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c coordinator/eplb.c \
               coordinator/jobspec.c coordinator/placement.c coordinator/plan.c \
-              coordinator/jobs.c
+              coordinator/jobs.c coordinator/nccl_id.c
 WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c worker/data.c worker/train.c \
-              worker/cpu.c worker/cuda.c \
+              worker/cpu.c worker/cuda.c worker/cublas.c worker/nccl.c \
               $(wildcard worker/model/*.c)
-KREF_SRC   := kernels/ref.c kernels/transport_ref.c
+KREF_SRC   := $(wildcard kernels/*_ref.c) kernels/ref.c
 CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
@@ -212,8 +217,9 @@ BUNDLE_SYSTEM_LIBS := libc.so% libm.so% libpthread.so% libdl.so% librt.so% libre
 ifneq ($(NVCC),)
 gpucheck: $(GPUCHECK)
 
-$(GPUCHECK): $(BUILD)/obj/tests/gpu/gpucheck.o $(LIB_WORKER) $(LIB_KREF) $(LIB_KERNELS) \
-             $(LIB_COMMON)
+GPUCHECK_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tests/gpu/*.c))
+
+$(GPUCHECK): $(GPUCHECK_OBJ) $(LIB_WORKER) $(LIB_KREF) $(LIB_KERNELS) $(LIB_COMMON)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $^ -lopenblas -ldl -lm
 
@@ -246,6 +252,11 @@ gpucheck bundle:
 endif
 
 # --- tests ------------------------------------------------------------------
+
+ifneq ($(CUDA_HEADERS),)
+$(BUILD)/obj/tests/unit/%_abi.o: CFLAGS_ALL += -DDX_HAVE_CUDA_HEADERS -isystem $(CUDA_HOME)/include \
+                                               -isystem /usr/local/include
+endif
 
 $(BUILD)/tests/unit/%: $(BUILD)/obj/tests/unit/%.o $(ALL_LIBS)
 	@mkdir -p $(dir $@)

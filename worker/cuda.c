@@ -58,6 +58,20 @@ typedef cu_result (*cu_event_destroy_fn)(wk_cuda_event ev);
 typedef cu_result (*cu_event_record_fn)(wk_cuda_event ev, cu_stream stream);
 typedef cu_result (*cu_event_synchronize_fn)(wk_cuda_event ev);
 typedef cu_result (*cu_event_elapsed_fn)(float *ms, wk_cuda_event start, wk_cuda_event end);
+#define CU_STREAM_NON_BLOCKING 0x1
+#define CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS 0x1
+#define CU_FUNC_ATTR_MAX_DYNAMIC_SHARED 8
+typedef cu_result (*cu_stream_create_fn)(wk_cuda_stream *s, unsigned flags);
+typedef cu_result (*cu_stream_destroy_fn)(wk_cuda_stream s);
+typedef cu_result (*cu_stream_synchronize_fn)(wk_cuda_stream s);
+typedef cu_result (*cu_stream_wait_event_fn)(wk_cuda_stream s, wk_cuda_event ev, unsigned flags);
+typedef cu_result (*cu_memcpy_dtod_async_fn)(wk_cuda_ptr dst, wk_cuda_ptr src, size_t bytes,
+                                             wk_cuda_stream s);
+typedef cu_result (*cu_ipc_get_mem_handle_fn)(struct wk_cuda_ipc_handle *h, wk_cuda_ptr p);
+typedef cu_result (*cu_ipc_open_mem_handle_fn)(wk_cuda_ptr *p, struct wk_cuda_ipc_handle h,
+                                               unsigned flags);
+typedef cu_result (*cu_ipc_close_mem_handle_fn)(wk_cuda_ptr p);
+typedef cu_result (*cu_func_set_attribute_fn)(wk_cuda_function_t fn, int attrib, int value);
 typedef int (*nccl_get_version_fn)(int *version);
 typedef size_t (*cublaslt_get_version_fn)(void);
 
@@ -93,6 +107,15 @@ struct wk_cuda {
     cu_event_record_fn event_record;
     cu_event_synchronize_fn event_synchronize;
     cu_event_elapsed_fn event_elapsed;
+    cu_stream_create_fn stream_create;
+    cu_stream_destroy_fn stream_destroy;
+    cu_stream_synchronize_fn stream_synchronize;
+    cu_stream_wait_event_fn stream_wait_event;
+    cu_memcpy_dtod_async_fn memcpy_dtod_async;
+    cu_ipc_get_mem_handle_fn ipc_get;
+    cu_ipc_open_mem_handle_fn ipc_open;
+    cu_ipc_close_mem_handle_fn ipc_close;
+    cu_func_set_attribute_fn func_set_attribute;
     int driver, devices, nccl;
     size_t cublaslt;
     int ctx_device; /* the device whose primary context is retained, or -1 */
@@ -174,6 +197,15 @@ static int resolve_driver(wk_cuda_t *c, const char *path, char *err, size_t errl
         {"cuEventRecord", (void **)&c->event_record},
         {"cuEventSynchronize", (void **)&c->event_synchronize},
         {"cuEventElapsedTime", (void **)&c->event_elapsed},
+        {"cuStreamCreate", (void **)&c->stream_create},
+        {"cuStreamDestroy", (void **)&c->stream_destroy},
+        {"cuStreamSynchronize", (void **)&c->stream_synchronize},
+        {"cuStreamWaitEvent", (void **)&c->stream_wait_event},
+        {"cuMemcpyDtoDAsync", (void **)&c->memcpy_dtod_async},
+        {"cuIpcGetMemHandle", (void **)&c->ipc_get},
+        {"cuIpcOpenMemHandle", (void **)&c->ipc_open},
+        {"cuIpcCloseMemHandle", (void **)&c->ipc_close},
+        {"cuFuncSetAttribute", (void **)&c->func_set_attribute},
     };
 
     if (!get)
@@ -430,6 +462,12 @@ int wk_cuda_memset(wk_cuda_t *c, wk_cuda_ptr dst, unsigned char byte, size_t byt
 int wk_cuda_launch(wk_cuda_t *c, wk_cuda_function_t fn, const unsigned grid[3],
                    const unsigned block[3], unsigned shmem, void **args)
 {
+    return wk_cuda_launch_on(c, NULL, fn, grid, block, shmem, args);
+}
+
+int wk_cuda_launch_on(wk_cuda_t *c, wk_cuda_stream stream, wk_cuda_function_t fn,
+                      const unsigned grid[3], const unsigned block[3], unsigned shmem, void **args)
+{
     unsigned g[3], b[3];
 
     for (int i = 0; i < 3; i++) {
@@ -437,7 +475,7 @@ int wk_cuda_launch(wk_cuda_t *c, wk_cuda_function_t fn, const unsigned grid[3],
         b[i] = block[i] ? block[i] : 1;
     }
     return check(c,
-                 c->launch_kernel(fn, g[0], g[1], g[2], b[0], b[1], b[2], shmem, NULL, args, NULL),
+                 c->launch_kernel(fn, g[0], g[1], g[2], b[0], b[1], b[2], shmem, stream, args, NULL),
                  "cuLaunchKernel(grid %u,%u,%u block %u,%u,%u shared %u)", g[0], g[1], g[2], b[0],
                  b[1], b[2], shmem);
 }
@@ -461,7 +499,12 @@ void wk_cuda_event_destroy(wk_cuda_t *c, wk_cuda_event ev)
 
 int wk_cuda_event_record(wk_cuda_t *c, wk_cuda_event ev)
 {
-    return check(c, c->event_record(ev, NULL), "cuEventRecord");
+    return wk_cuda_event_record_on(c, ev, NULL);
+}
+
+int wk_cuda_event_record_on(wk_cuda_t *c, wk_cuda_event ev, wk_cuda_stream stream)
+{
+    return check(c, c->event_record(ev, stream), "cuEventRecord");
 }
 
 int wk_cuda_event_elapsed(wk_cuda_t *c, wk_cuda_event start, wk_cuda_event end, float *ms)
@@ -471,4 +514,69 @@ int wk_cuda_event_elapsed(wk_cuda_t *c, wk_cuda_event start, wk_cuda_event end, 
     if ((rc = check(c, c->event_synchronize(end), "cuEventSynchronize")) < 0)
         return rc;
     return check(c, c->event_elapsed(ms, start, end), "cuEventElapsedTime");
+}
+
+/* --- streams, IPC, kernel attributes ---------------------------------------- */
+
+int wk_cuda_stream_create(wk_cuda_t *c, wk_cuda_stream *s)
+{
+    *s = NULL;
+    return check(c, c->stream_create(s, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
+}
+
+void wk_cuda_stream_destroy(wk_cuda_t *c, wk_cuda_stream s)
+{
+    if (s)
+        c->stream_destroy(s);
+}
+
+int wk_cuda_stream_sync(wk_cuda_t *c, wk_cuda_stream s)
+{
+    return check(c, c->stream_synchronize(s), "cuStreamSynchronize");
+}
+
+int wk_cuda_stream_wait(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_event ev)
+{
+    return check(c, c->stream_wait_event(s, ev, 0), "cuStreamWaitEvent");
+}
+
+int wk_cuda_copy_on(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_ptr dst, wk_cuda_ptr src, size_t bytes)
+{
+    return check(c, c->memcpy_dtod_async(dst, src, bytes, s), "cuMemcpyDtoDAsync(%zu bytes)",
+                 bytes);
+}
+
+int wk_cuda_ipc_export(wk_cuda_t *c, wk_cuda_ptr p, struct wk_cuda_ipc_handle *h)
+{
+    memset(h, 0, sizeof(*h));
+    return check(c, c->ipc_get(h, p), "cuIpcGetMemHandle");
+}
+
+int wk_cuda_ipc_import(wk_cuda_t *c, const struct wk_cuda_ipc_handle *h, wk_cuda_ptr *p)
+{
+    *p = 0;
+    return check(c, c->ipc_open(p, *h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
+                 "cuIpcOpenMemHandle");
+}
+
+void wk_cuda_ipc_close(wk_cuda_t *c, wk_cuda_ptr p)
+{
+    if (p)
+        c->ipc_close(p);
+}
+
+int wk_cuda_function_shared(wk_cuda_t *c, wk_cuda_function_t fn, unsigned bytes)
+{
+    return check(c, c->func_set_attribute(fn, CU_FUNC_ATTR_MAX_DYNAMIC_SHARED, (int)bytes),
+                 "cuFuncSetAttribute(max dynamic shared memory %u bytes)", bytes);
+}
+
+void *wk_cuda_nccl_library(const wk_cuda_t *c)
+{
+    return c->libnccl;
+}
+
+void *wk_cuda_cublaslt_library(const wk_cuda_t *c)
+{
+    return c->libcublaslt;
 }

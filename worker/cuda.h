@@ -49,6 +49,12 @@ typedef unsigned long long wk_cuda_ptr;
 typedef struct wk_cuda_module_s *wk_cuda_module;
 typedef struct wk_cuda_function_s *wk_cuda_function_t;
 typedef struct wk_cuda_event_s *wk_cuda_event;
+/* CUstream (cudaStream_t to NCCL and cuBLASLt); NULL is the default stream */
+typedef struct wk_cuda_stream_s *wk_cuda_stream;
+/* CUipcMemHandle: 64 opaque bytes another process of the node can open */
+struct wk_cuda_ipc_handle {
+    unsigned char bytes[64];
+};
 
 /* The last failed call and its CUDA error string ("" when none). */
 const char *wk_cuda_error(const wk_cuda_t *c);
@@ -84,5 +90,34 @@ void wk_cuda_event_destroy(wk_cuda_t *c, wk_cuda_event ev);
 int wk_cuda_event_record(wk_cuda_t *c, wk_cuda_event ev);
 /* Waits for end, then the milliseconds from start to end. */
 int wk_cuda_event_elapsed(wk_cuda_t *c, wk_cuda_event start, wk_cuda_event end, float *ms);
+
+/* The same on a stream (NULL: the default stream). */
+int wk_cuda_launch_on(wk_cuda_t *c, wk_cuda_stream stream, wk_cuda_function_t fn,
+                      const unsigned grid[3], const unsigned block[3], unsigned shmem, void **args);
+int wk_cuda_event_record_on(wk_cuda_t *c, wk_cuda_event ev, wk_cuda_stream stream);
+
+/* Streams: created non-blocking (they do not wait for the default stream).
+ * stream_wait makes s wait for ev's work without blocking the host. */
+int wk_cuda_stream_create(wk_cuda_t *c, wk_cuda_stream *s);
+void wk_cuda_stream_destroy(wk_cuda_t *c, wk_cuda_stream s);
+int wk_cuda_stream_sync(wk_cuda_t *c, wk_cuda_stream s);
+int wk_cuda_stream_wait(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_event ev);
+int wk_cuda_copy_on(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_ptr dst, wk_cuda_ptr src,
+                    size_t bytes);
+
+/* CUDA IPC: export an allocation's handle (p must be the start of a
+ * wk_cuda_alloc), open one from another process (peer access enabled
+ * lazily), close what import opened. */
+int wk_cuda_ipc_export(wk_cuda_t *c, wk_cuda_ptr p, struct wk_cuda_ipc_handle *h);
+int wk_cuda_ipc_import(wk_cuda_t *c, const struct wk_cuda_ipc_handle *h, wk_cuda_ptr *p);
+void wk_cuda_ipc_close(wk_cuda_t *c, wk_cuda_ptr p);
+
+/* Lets fn use more than 48 KiB of dynamic shared memory. */
+int wk_cuda_function_shared(wk_cuda_t *c, wk_cuda_function_t fn, unsigned bytes);
+
+/* The dlopen handles of NCCL and cuBLASLt (NULL with driver_only), for
+ * worker/nccl.c and worker/gemm.c to resolve their entry points. */
+void *wk_cuda_nccl_library(const wk_cuda_t *c);
+void *wk_cuda_cublaslt_library(const wk_cuda_t *c);
 
 #endif
