@@ -56,7 +56,7 @@ COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c co
               coordinator/jobspec.c coordinator/placement.c coordinator/plan.c \
               coordinator/jobs.c coordinator/nccl_id.c
 WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c worker/data.c worker/train.c \
-              worker/cpu.c worker/cuda.c worker/cublas.c worker/nccl.c \
+              worker/cpu.c worker/cuda.c worker/cublas.c worker/nccl.c worker/ipcring.c \
               $(wildcard worker/model/*.c)
 KREF_SRC   := $(wildcard kernels/*_ref.c) kernels/ref.c
 CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
@@ -251,6 +251,22 @@ gpucheck bundle:
 	@echo "$@: nvcc not found on PATH: the kernels, so duplex-gpucheck, cannot be built"; exit 1
 endif
 
+# --- the fake GPU stack for the tests -----------------------------------------
+# libfakecuda.so (tests/fake/): the Driver API on host memory, its kernels the
+# CPU references of kernels/ (built into it, position-independent), so the
+# tests run the code that drives a GPU on machines without one.
+LIB_FAKECUDA := $(BUILD)/lib/libfakecuda.so
+FAKECUDA_SRC := $(wildcard tests/fake/*.c) $(KREF_SRC)
+FAKECUDA_OBJ := $(patsubst %.c,$(BUILD)/obj-pic/%.o,$(FAKECUDA_SRC))
+
+$(BUILD)/obj-pic/%.o: %.c | $(PROTO_H)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -fPIC -fvisibility=hidden -ffp-contract=off -c $< -o $@
+
+$(LIB_FAKECUDA): $(FAKECUDA_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS_ALL) -shared -o $@ $^ -lpthread -lm
+
 # --- tests ------------------------------------------------------------------
 
 ifneq ($(CUDA_HEADERS),)
@@ -267,7 +283,8 @@ $(BUILD)/tests/fuzz/fuzz_%_replay: $(BUILD)/obj/tests/fuzz/fuzz_%.o \
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $^ $(LIBS)
 
-test-build: $(BINS) $(UNIT_BINS) $(FUZZ_REPLAY) $(if $(NVCC),$(BUILD)/bin/duplex-gpucheck)
+test-build: $(BINS) $(UNIT_BINS) $(FUZZ_REPLAY) $(LIB_FAKECUDA) \
+            $(if $(NVCC),$(BUILD)/bin/duplex-gpucheck)
 
 # Plain pass, then the same tests on an ASan + UBSan build in build/asan.
 test: deps

@@ -65,8 +65,31 @@ if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 fi
 
-# shellcheck disable=SC2086 # GPUCHECK_ARGS is a list of options
-step gpucheck "$here/bin/duplex-gpucheck" ${GPUCHECK_ARGS:-} "$@"
+# NCCL and cuBLASLt are opened at run time (dlopen), not bundled (hundreds of
+# MiB): take the host's, from the loader's path, a CUDA toolkit or the
+# nvidia-* Python wheels (PyTorch's environment has both). NCCL_LIB /
+# CUBLASLT_LIB override.
+find_lib() {
+    for d in /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu /opt/*/.venv/lib/python3*/site-packages/nvidia/*/lib \
+        /usr/local/lib/python3*/dist-packages/nvidia/*/lib /usr/lib/python3/dist-packages/nvidia/*/lib; do
+        for f in "$d"/$1; do
+            if [ -e "$f" ]; then
+                echo "$f"
+                return 0
+            fi
+        done
+    done
+    return 1
+}
+nccl=${NCCL_LIB:-$(find_lib 'libnccl.so.2' || true)}
+cublaslt=${CUBLASLT_LIB:-$(find_lib 'libcublasLt.so.1[0-9]' || find_lib 'libcublasLt.so' || true)}
+libs=""
+if [ -n "$nccl" ]; then libs="--nccl-lib $nccl"; else echo "run.sh: no libnccl.so.2 found (NCCL_LIB=...)"; fi
+if [ -n "$cublaslt" ]; then libs="$libs --cublaslt-lib $cublaslt"; else echo "run.sh: no libcublasLt found (CUBLASLT_LIB=...)"; fi
+echo "run.sh: NCCL ${nccl:-missing}, cuBLASLt ${cublaslt:-missing}"
+
+# shellcheck disable=SC2086 # GPUCHECK_ARGS and libs are lists of options
+step gpucheck "$here/bin/duplex-gpucheck" $libs ${GPUCHECK_ARGS:-} "$@"
 
 echo
 printf '%-16s %-24s %7s\n' step result time

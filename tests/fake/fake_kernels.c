@@ -1,0 +1,425 @@
+/* fake_kernels.c - the kernels libfakecuda.so can run: host functions
+ * under the names of the CUDA kernels in kernels/ (each one the CPU
+ * reference of that kernel's contract, so code that drives the GPU runs
+ * its real sequence of launches on a machine without one), plus a few
+ * test-only kernels (dx_fake_*) for the driver layer's own tests. Owns the
+ * name -> function table. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/ref.h"
+#include "kernels/transport_ref.h"
+#include "tests/fake/fakecuda.h"
+
+/* how long a transport kernel waits for its peer before -ETIMEDOUT */
+#define FAKE_TRANSPORT_TIMEOUT_MS 30000
+
+#define ARG(type, i) (*(type *)args[(i)])
+
+static double now_ms(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
+}
+
+/* --- test-only kernels ------------------------------------------------------ */
+
+/* dx_fake_fill_u32(uint32_t *p, uint64_t n, uint32_t v): p[0..n) = v */
+static int fill_u32(const struct fake_grid *g, void **args)
+{
+    uint32_t *p = ARG(uint32_t *, 0);
+    uint64_t n = ARG(uint64_t, 1);
+    uint32_t v = ARG(uint32_t, 2);
+
+    (void)g;
+    for (uint64_t i = 0; i < n; i++)
+        p[i] = v;
+    return 0;
+}
+
+/* dx_fake_add_u32(uint32_t *dst, const uint32_t *src, uint64_t n): dst += src */
+static int add_u32(const struct fake_grid *g, void **args)
+{
+    uint32_t *dst = ARG(uint32_t *, 0);
+    const uint32_t *src = ARG(const uint32_t *, 1);
+    uint64_t n = ARG(uint64_t, 2);
+
+    (void)g;
+    for (uint64_t i = 0; i < n; i++)
+        dst[i] += src[i];
+    return 0;
+}
+
+/* dx_fake_sleep(uint32_t ms): keeps its stream busy */
+static int sleep_ms(const struct fake_grid *g, void **args)
+{
+    uint32_t ms = ARG(uint32_t, 0);
+    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
+
+    (void)g;
+    nanosleep(&t, NULL);
+    return 0;
+}
+
+/* dx_fake_fault(): a kernel that faults */
+static int fault(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    (void)args;
+    return 1;
+}
+
+/* --- the intra-node transport (kernels/transport.cu) ------------------------- */
+
+/* dx_transport_send(ring, slots, slot_bytes, src, msg_off, msg_len, nmsg,
+ * err): one block per channel; channel c sends messages c, c + C, ... and
+ * leaves 0 or -errno in err[c]. Blocks run one after the other here, which
+ * the protocol allows: the receiver visits the channels in the same order. */
+static int transport_send(const struct fake_grid *g, void **args)
+{
+    unsigned char *ring = ARG(unsigned char *, 0);
+    const unsigned char *src = ARG(const unsigned char *, 3);
+    const uint64_t *off = ARG(const uint64_t *, 4), *len = ARG(const uint64_t *, 5);
+    int nmsg = ARG(int, 6);
+    int *err = ARG(int *, 7);
+    const unsigned C = g->grid[0];
+
+    for (unsigned c = 0; c < C; c++) {
+        int rc = 0;
+
+        for (int m = (int)c; m < nmsg && rc == 0; m += (int)C) {
+            const double deadline = now_ms() + FAKE_TRANSPORT_TIMEOUT_MS;
+
+            if ((uintptr_t)(src + off[m]) & 15) {
+                rc = -EINVAL;
+                break;
+            }
+            while ((rc = dx_tref_try_send(ring, c, src + off[m], len[m])) == -EAGAIN)
+                if (now_ms() > deadline)
+                    rc = -ETIMEDOUT;
+        }
+        err[c] = rc;
+    }
+    return 0;
+}
+
+/* dx_transport_recv(ring, slots, slot_bytes, dst, msg_off, msg_cap, nmsg,
+ * msg_len, err) */
+static int transport_recv(const struct fake_grid *g, void **args)
+{
+    unsigned char *ring = ARG(unsigned char *, 0);
+    unsigned char *dst = ARG(unsigned char *, 3);
+    const uint64_t *off = ARG(const uint64_t *, 4), *cap = ARG(const uint64_t *, 5);
+    int nmsg = ARG(int, 6);
+    uint64_t *out_len = ARG(uint64_t *, 7);
+    int *err = ARG(int *, 8);
+    const unsigned C = g->grid[0];
+
+    for (unsigned c = 0; c < C; c++) {
+        int rc = 0;
+
+        for (int m = (int)c; m < nmsg && rc == 0; m += (int)C) {
+            const double deadline = now_ms() + FAKE_TRANSPORT_TIMEOUT_MS;
+            size_t got = 0;
+
+            if ((uintptr_t)(dst + off[m]) & 15) {
+                rc = -EINVAL;
+                break;
+            }
+            while ((rc = dx_tref_try_recv(ring, c, dst + off[m], cap[m], &got)) == -EAGAIN)
+                if (now_ms() > deadline)
+                    rc = -ETIMEDOUT;
+            if (rc == 0 || rc == -ENOBUFS)
+                out_len[m] = got;
+        }
+        err[c] = rc;
+    }
+    return 0;
+}
+
+/* --- routing, dispatch and fp8 (kernels/routing.cu, dispatch.cu, fp8.cu) --- */
+
+/* dx_route_topk(scores, bias, n, E, G, group_limit, top_k, route_scale, ids,
+ * gates, counts) */
+static int route_topk(const struct fake_grid *g, void **args)
+{
+    const struct dx_kref_route_cfg cfg = {ARG(int, 3), ARG(int, 4), ARG(int, 5), ARG(int, 6),
+                                          ARG(float, 7)};
+
+    (void)g;
+    return dx_kref_route(&cfg, ARG(const float *, 0), ARG(const float *, 1), ARG(int, 2),
+                         ARG(int *, 8), ARG(float *, 9), ARG(int *, 10)) != 0;
+}
+
+/* dx_dispatch_count(ids, n, k, E, tokens_per_expert) */
+static int dispatch_count(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    return dx_kref_dispatch_count(ARG(const int *, 0), ARG(int, 1), ARG(int, 2), ARG(int, 3),
+                                  ARG(int *, 4)) != 0;
+}
+
+/* dx_dispatch_offsets(tokens_per_expert, owner, E, R, expert_offset,
+ * rank_rows, rank_offset, expert_slot) */
+static int dispatch_offsets(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    return dx_kref_dispatch_offsets(ARG(const int *, 0), ARG(const int *, 1), ARG(int, 2),
+                                    ARG(int, 3), ARG(int *, 4), ARG(int *, 5), ARG(int *, 6),
+                                    ARG(int *, 7)) != 0;
+}
+
+/* dx_dispatch_rows(ids, gates, n, k, E, expert_slot, send_token, send_gate,
+ * token_slot) */
+static int dispatch_rows(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    return dx_kref_dispatch_rows(ARG(const int *, 0), ARG(const float *, 1), ARG(int, 2),
+                                 ARG(int, 3), ARG(int, 4), ARG(const int *, 5), ARG(int *, 6),
+                                 ARG(float *, 7), ARG(int *, 8)) != 0;
+}
+
+/* dx_dispatch_pack(x, d, send_token, rows, send) */
+static int dispatch_pack(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    dx_kref_dispatch_pack(ARG(const float *, 0), ARG(int, 1), ARG(const int *, 2), ARG(int, 3),
+                          ARG(float *, 4));
+    return 0;
+}
+
+/* dx_combine(y, d, gates, token_slot, n, k, base, out) */
+static int combine(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    dx_kref_combine(ARG(const float *, 0), ARG(int, 1), ARG(const float *, 2),
+                    ARG(const int *, 3), ARG(int, 4), ARG(int, 5), ARG(const float *, 6),
+                    ARG(float *, 7));
+    return 0;
+}
+
+/* dx_fp8_quant_1x128(x, rows, cols, q, scales) */
+static int fp8_quant(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    dx_kref_fp8_quant(ARG(const float *, 0), ARG(int, 1), ARG(int, 2), ARG(uint8_t *, 3),
+                      ARG(float *, 4));
+    return 0;
+}
+
+/* dx_fp8_dequant_1x128(q, scales, rows, cols, x) */
+static int fp8_dequant(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    dx_kref_fp8_dequant(ARG(const uint8_t *, 0), ARG(const float *, 1), ARG(int, 2), ARG(int, 3),
+                        ARG(float *, 4));
+    return 0;
+}
+
+/* --- elementwise layers (kernels/elementwise.cu): the contracts in its
+ * header comment, row sums in index order (the kernels' order differs:
+ * results agree to the bounds duplex-gpucheck states) --------------------- */
+
+/* dx_rmsnorm_fwd(x, g, n, d, eps, y, rstd) */
+static int rmsnorm_fwd(const struct fake_grid *gr, void **args)
+{
+    const float *x = ARG(const float *, 0), *g = ARG(const float *, 1);
+    const int n = ARG(int, 2), d = ARG(int, 3);
+    const float eps = ARG(float, 4);
+    float *y = ARG(float *, 5), *rstd = ARG(float *, 6);
+
+    (void)gr;
+    for (int i = 0; i < n; i++) {
+        const float *xi = x + (size_t)i * d;
+        float ss = 0.0f, r;
+
+        for (int j = 0; j < d; j++)
+            ss += xi[j] * xi[j];
+        r = (float)(1.0 / sqrt((double)ss / d + (double)eps));
+        rstd[i] = r;
+        for (int j = 0; j < d; j++)
+            y[(size_t)i * d + j] = xi[j] * r * g[j];
+    }
+    return 0;
+}
+
+/* dx_rmsnorm_bwd(x, g, dy, rstd, n, d, rows_per_block, dx, dgpart): block b
+ * of the grid owns rows [b * rows_per_block, +rows_per_block) */
+static int rmsnorm_bwd(const struct fake_grid *gr, void **args)
+{
+    const float *x = ARG(const float *, 0), *g = ARG(const float *, 1);
+    const float *dy = ARG(const float *, 2), *rstd = ARG(const float *, 3);
+    const int n = ARG(int, 4), d = ARG(int, 5), per = ARG(int, 6);
+    float *dx = ARG(float *, 7), *dgpart = ARG(float *, 8);
+
+    for (unsigned b = 0; b < gr->grid[0]; b++) {
+        float *part = dgpart + (size_t)b * d;
+        const int first = (int)b * per, last = first + per < n ? first + per : n;
+
+        for (int j = 0; j < d; j++)
+            part[j] = 0.0f;
+        for (int i = first; i < last; i++) {
+            const float *xi = x + (size_t)i * d, *dyi = dy + (size_t)i * d, r = rstd[i];
+            float dot = 0.0f, k;
+
+            for (int j = 0; j < d; j++)
+                dot += g[j] * dyi[j] * xi[j];
+            k = dot / (float)d * r * r * r;
+            for (int j = 0; j < d; j++) {
+                dx[(size_t)i * d + j] = r * g[j] * dyi[j] - xi[j] * k;
+                part[j] += dyi[j] * xi[j] * r;
+            }
+        }
+    }
+    return 0;
+}
+
+/* dx_rmsnorm_dg(dgpart, parts, d, dg): dg += the parts, in order */
+static int rmsnorm_dg(const struct fake_grid *gr, void **args)
+{
+    const float *part = ARG(const float *, 0);
+    const int parts = ARG(int, 1), d = ARG(int, 2);
+    float *dg = ARG(float *, 3);
+
+    (void)gr;
+    for (int j = 0; j < d; j++) {
+        float s = 0.0f;
+
+        for (int p = 0; p < parts; p++)
+            s += part[(size_t)p * d + j];
+        dg[j] += s;
+    }
+    return 0;
+}
+
+static float sigmoid(float z)
+{
+    return 1.0f / (1.0f + expf(-z));
+}
+
+/* dx_swiglu_fwd(h1, h3, count, act) */
+static int swiglu_fwd(const struct fake_grid *gr, void **args)
+{
+    const float *h1 = ARG(const float *, 0), *h3 = ARG(const float *, 1);
+    const long long count = ARG(long long, 2);
+    float *act = ARG(float *, 3);
+
+    (void)gr;
+    for (long long i = 0; i < count; i++)
+        act[i] = h1[i] * sigmoid(h1[i]) * h3[i];
+    return 0;
+}
+
+/* dx_swiglu_bwd(h1, h3, dact, count, dh1, dh3) */
+static int swiglu_bwd(const struct fake_grid *gr, void **args)
+{
+    const float *h1 = ARG(const float *, 0), *h3 = ARG(const float *, 1);
+    const float *dact = ARG(const float *, 2);
+    const long long count = ARG(long long, 3);
+    float *dh1 = ARG(float *, 4), *dh3 = ARG(float *, 5);
+
+    (void)gr;
+    for (long long i = 0; i < count; i++) {
+        const float z = h1[i], sg = sigmoid(z), da = dact[i];
+
+        dh3[i] = da * z * sg;
+        dh1[i] = da * h3[i] * sg * (1.0f + z * (1.0f - sg));
+    }
+    return 0;
+}
+
+/* dx_softmax_xent_fwd(logits, targets, n, vocab, probs, loss) */
+static int xent_fwd(const struct fake_grid *gr, void **args)
+{
+    const float *z = ARG(const float *, 0);
+    const int32_t *t = ARG(const int32_t *, 1);
+    const int n = ARG(int, 2), vocab = ARG(int, 3);
+    float *probs = ARG(float *, 4), *loss = ARG(float *, 5);
+
+    (void)gr;
+    for (int i = 0; i < n; i++) {
+        const float *zi = z + (size_t)i * vocab;
+        float *pi = probs + (size_t)i * vocab, m = -INFINITY, s = 0.0f, inv;
+
+        for (int j = 0; j < vocab; j++)
+            m = fmaxf(m, zi[j]);
+        for (int j = 0; j < vocab; j++)
+            s += (pi[j] = expf(zi[j] - m));
+        inv = 1.0f / s;
+        for (int j = 0; j < vocab; j++)
+            pi[j] *= inv;
+        loss[i] = t[i] >= 0 && t[i] < vocab ? logf(s) - (zi[t[i]] - m) : NAN;
+    }
+    return 0;
+}
+
+/* dx_softmax_xent_bwd(probs, targets, n, vocab, dlogits) */
+static int xent_bwd(const struct fake_grid *gr, void **args)
+{
+    const float *probs = ARG(const float *, 0);
+    const int32_t *t = ARG(const int32_t *, 1);
+    const int n = ARG(int, 2), vocab = ARG(int, 3);
+    float *dl = ARG(float *, 4);
+    const float inv_n = 1.0f / (float)n;
+
+    (void)gr;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < vocab; j++) {
+            const float v = probs[(size_t)i * vocab + j] * inv_n;
+
+            dl[(size_t)i * vocab + j] = j == t[i] ? v - inv_n : v;
+        }
+    return 0;
+}
+
+/* --- the table ------------------------------------------------------------------- */
+
+#define P sizeof(void *)
+#define U32 sizeof(uint32_t)
+#define U64 sizeof(uint64_t)
+#define INT sizeof(int)
+#define F32 sizeof(float)
+#define I64 sizeof(long long)
+
+static const struct fake_kernel kernels[] = {
+    {"dx_fake_fill_u32", 3, {P, U64, U32}, fill_u32},
+    {"dx_fake_add_u32", 3, {P, P, U64}, add_u32},
+    {"dx_fake_sleep", 1, {U32}, sleep_ms},
+    {"dx_fake_fault", 0, {0}, fault},
+    {"dx_route_topk", 11, {P, P, INT, INT, INT, INT, INT, F32, P, P, P}, route_topk},
+    {"dx_dispatch_count", 5, {P, INT, INT, INT, P}, dispatch_count},
+    {"dx_dispatch_offsets", 8, {P, P, INT, INT, P, P, P, P}, dispatch_offsets},
+    {"dx_dispatch_rows", 9, {P, P, INT, INT, INT, P, P, P, P}, dispatch_rows},
+    {"dx_dispatch_pack", 5, {P, INT, P, INT, P}, dispatch_pack},
+    {"dx_combine", 8, {P, INT, P, P, INT, INT, P, P}, combine},
+    {"dx_fp8_quant_1x128", 5, {P, INT, INT, P, P}, fp8_quant},
+    {"dx_fp8_dequant_1x128", 5, {P, P, INT, INT, P}, fp8_dequant},
+    {"dx_rmsnorm_fwd", 7, {P, P, INT, INT, F32, P, P}, rmsnorm_fwd},
+    {"dx_rmsnorm_bwd", 9, {P, P, P, P, INT, INT, INT, P, P}, rmsnorm_bwd},
+    {"dx_rmsnorm_dg", 4, {P, INT, INT, P}, rmsnorm_dg},
+    {"dx_swiglu_fwd", 4, {P, P, I64, P}, swiglu_fwd},
+    {"dx_swiglu_bwd", 6, {P, P, P, I64, P, P}, swiglu_bwd},
+    {"dx_softmax_xent_fwd", 6, {P, P, INT, INT, P, P}, xent_fwd},
+    {"dx_softmax_xent_bwd", 5, {P, P, INT, INT, P}, xent_bwd},
+    {"dx_transport_send", 8, {P, U32, U32, P, P, P, INT, P}, transport_send},
+    {"dx_transport_recv", 9, {P, U32, U32, P, P, P, INT, P, P}, transport_recv},
+};
+
+__attribute__((visibility("default"))) const struct fake_kernel *fakecuda_kernel(int i)
+{
+    return i >= 0 && (size_t)i < sizeof(kernels) / sizeof(kernels[0]) ? &kernels[i] : NULL;
+}
+
+const struct fake_kernel *fake_kernel_find(const char *name)
+{
+    for (size_t i = 0; i < sizeof(kernels) / sizeof(kernels[0]); i++)
+        if (strcmp(kernels[i].name, name) == 0)
+            return &kernels[i];
+    return NULL;
+}

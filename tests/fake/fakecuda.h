@@ -1,0 +1,33 @@
+/* fakecuda.h - the kernels of libfakecuda.so (tests/fake/fakecuda.c): a
+ * kernel is a host function registered under the CUDA kernel's name, run by
+ * the fake's stream threads with the launch's grid and its argument values
+ * (args[i] points at argument i, as cuLaunchKernel's params). */
+#ifndef DX_FAKECUDA_H
+#define DX_FAKECUDA_H
+
+#include <stddef.h>
+
+#define FAKECUDA_DEVICE_NAME "duplex fake GPU"
+#define FAKECUDA_MAX_ARGS 24
+
+struct fake_grid {
+    unsigned grid[3], block[3];
+    unsigned shmem;
+};
+
+struct fake_kernel {
+    const char *name;
+    int nargs;
+    size_t arg_size[FAKECUDA_MAX_ARGS]; /* bytes of each argument's value */
+    /* 0, or nonzero for a fault: the context's later calls then fail with
+     * CUDA_ERROR_LAUNCH_FAILED, as after a kernel fault on a GPU */
+    int (*run)(const struct fake_grid *g, void **args);
+};
+
+/* The kernel registered under name, or NULL (tests/fake/fake_kernels.c). */
+const struct fake_kernel *fake_kernel_find(const char *name);
+/* The i-th registered kernel, or NULL past the last: exported, so a test can
+ * check every argument list against the kernels' PTX. */
+const struct fake_kernel *fakecuda_kernel(int i);
+
+#endif
