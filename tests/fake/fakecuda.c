@@ -78,7 +78,7 @@ struct event {
     struct timespec at;      /* when the last record completed */
 };
 
-enum task_kind { TASK_LAUNCH, TASK_COPY, TASK_RECORD, TASK_WAIT };
+enum task_kind { TASK_LAUNCH, TASK_COPY, TASK_RECORD, TASK_WAIT, TASK_HOST };
 
 struct task {
     enum task_kind kind;
@@ -91,6 +91,8 @@ struct task {
     size_t bytes;
     struct event *ev;
     uint64_t gen;
+    int (*host)(void *arg); /* TASK_HOST: fake_stream_host's work */
+    void *host_arg;
     struct task *next;
 };
 
@@ -131,6 +133,10 @@ static void run_task(struct task *t)
             t->ev->done = t->gen;
         pthread_cond_broadcast(&t->ev->cond);
         pthread_mutex_unlock(&t->ev->lock);
+        break;
+    case TASK_HOST:
+        if (t->host(t->host_arg) != 0)
+            __atomic_store_n(&g_launch_failed, 1, __ATOMIC_SEQ_CST);
         break;
     case TASK_WAIT:
         pthread_mutex_lock(&t->ev->lock);
@@ -720,6 +726,19 @@ static CUresult fk_func_set_attribute(const struct fake_kernel *k, int attr, int
 {
     (void)attr;
     return k && value >= 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+int fake_stream_host(void *stream, int (*fn)(void *arg), void *arg)
+{
+    struct task *t = calloc(1, sizeof(*t));
+
+    if (!t)
+        return -ENOMEM;
+    t->kind = TASK_HOST;
+    t->host = fn;
+    t->host_arg = arg;
+    stream_push(stream_of(stream), t);
+    return 0;
 }
 
 /* --- cuGetProcAddress ---------------------------------------------------------- */

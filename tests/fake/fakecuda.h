@@ -30,4 +30,9 @@ const struct fake_kernel *fake_kernel_find(const char *name);
  * check every argument list against the kernels' PTX. */
 const struct fake_kernel *fakecuda_kernel(int i);
 
+/* Queues fn(arg) on a stream of the fake driver (NULL: the default stream),
+ * in order with its launches; a nonzero return is a fault, as for a kernel
+ * (tests/fake/fakenccl.c runs its communication this way). 0 or -ENOMEM. */
+int fake_stream_host(void *stream, int (*fn)(void *arg), void *arg);
+
 #endif
