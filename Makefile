@@ -129,8 +129,9 @@ $(LIB_COORD): $(COORD_OBJ)
 $(LIB_WORKER): $(WORKER_OBJ)
 $(LIB_CTL): $(CTL_OBJ)
 $(LIB_KREF): $(KREF_OBJ)
-# the references must round like the kernels: no fused multiply-add
-$(KREF_OBJ): CFLAGS_ALL += -ffp-contract=off
+# the references must round like the kernels, and the worker's model like
+# both (the GPU checks compare bitwise): no fused multiply-add, on any target
+$(KREF_OBJ) $(call obj,$(wildcard worker/model/*.c)): CFLAGS_ALL += -ffp-contract=off
 $(ALL_LIBS):
 	@mkdir -p $(dir $@)
 	rm -f $@ && $(AR) rcs $@ $^

@@ -378,6 +378,146 @@ static int xent_bwd(const struct fake_grid *gr, void **args)
     return 0;
 }
 
+
+/* --- kernels/train.cu (emulated as the CUDA code does it) -------------------- */
+
+static unsigned warps_of(const struct fake_grid *g)
+{
+    return g->grid[0] * (g->block[0] / 32);
+}
+
+static int embed_fwd(const struct fake_grid *gr, void **args)
+{
+    const float *w = ARG(const float *, 0);
+    const int32_t *t = ARG(const int32_t *, 1);
+    int n = ARG(int, 2), d = ARG(int, 3), vocab = ARG(int, 4);
+    float *y = ARG(float *, 5);
+    (void)gr;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < d; j++)
+            y[(size_t)i * d + j] = t[i] >= 0 && t[i] < vocab ? w[(size_t)t[i] * d + j] : NAN;
+    return 0;
+}
+
+static int embed_bwd(const struct fake_grid *gr, void **args)
+{
+    const int32_t *tok = ARG(const int32_t *, 0);
+    const float *dy = ARG(const float *, 1);
+    int n = ARG(int, 2), d = ARG(int, 3), vocab = ARG(int, 4);
+    int32_t *chain = ARG(int32_t *, 5);
+    float *dw = ARG(float *, 6);
+    unsigned nw = warps_of(gr);
+    /* warps in reverse order: any order must give the same result */
+    for (int wid = (int)nw - 1; wid >= 0; wid--)
+        for (int i = wid; i < n; i += (int)nw) {
+            int t = tok[i], first = 1, prev = i;
+            if (t < 0 || t >= vocab)
+                continue;
+            for (int at = 0; at < i && first; at += 32) {
+                int any = 0;
+                for (int l = 0; l < 32; l++)
+                    any |= at + l < i && tok[at + l] == t;
+                first = !any;
+            }
+            if (!first)
+                continue;
+            for (int at = i + 1; at < n; at += 32) {
+                unsigned hits = 0;
+                for (int l = 0; l < 32; l++)
+                    if (at + l < n && tok[at + l] == t)
+                        hits |= 1u << l;
+                while (hits) {
+                    int next = at + __builtin_ffs((int)hits) - 1;
+                    hits &= hits - 1;
+                    chain[prev] = next;
+                    prev = next;
+                }
+            }
+            chain[prev] = -1;
+            for (int j = 0; j < d; j++) {
+                float acc = dw[(size_t)t * d + j];
+                for (int p = i; p >= 0; p = chain[p]) {
+                    if (p >= n)
+                        return 1; /* the GPU would fault */
+                    acc = acc + dy[(size_t)p * d + j];
+                }
+                dw[(size_t)t * d + j] = acc;
+            }
+        }
+    return 0;
+}
+
+static int adamw(const struct fake_grid *gr, void **args)
+{
+    float *w = ARG(float *, 0), *m = ARG(float *, 2), *v = ARG(float *, 3);
+    const float *g = ARG(const float *, 1);
+    long long n = ARG(long long, 4);
+    float lr = ARG(float, 5), b1 = ARG(float, 6), b2 = ARG(float, 7), eps = ARG(float, 8);
+    float bc1 = ARG(float, 9), bc2 = ARG(float, 10), decay = ARG(float, 11);
+    const float ob1 = 1.0f - b1, ob2 = 1.0f - b2;
+    (void)gr;
+    for (long long i = 0; i < n; i++) {
+        m[i] = b1 * m[i] + ob1 * g[i];
+        v[i] = b2 * v[i] + ob2 * g[i] * g[i];
+        const float step = lr * (m[i] / bc1) / (sqrtf(v[i] / bc2) + eps);
+        w[i] = w[i] * decay - step;
+    }
+    return 0;
+}
+
+static int add(const struct fake_grid *gr, void **args)
+{
+    const float *a = ARG(const float *, 0), *b = ARG(const float *, 1);
+    long long n = ARG(long long, 2);
+    float *o = ARG(float *, 3);
+    (void)gr;
+    for (long long i = 0; i < n; i++)
+        o[i] = a[i] + b[i];
+    return 0;
+}
+
+static int scale(const struct fake_grid *gr, void **args)
+{
+    const float *x = ARG(const float *, 0);
+    long long n = ARG(long long, 1);
+    float s = ARG(float, 2), *o = ARG(float *, 3);
+    (void)gr;
+    for (long long i = 0; i < n; i++)
+        o[i] = x[i] * s;
+    return 0;
+}
+
+static int load_add(const struct fake_grid *gr, void **args)
+{
+    const int32_t *c = ARG(const int32_t *, 0);
+    int E = ARG(int, 1);
+    long long *l = ARG(long long *, 2);
+    (void)gr;
+    for (int e = 0; e < E; e++)
+        l[e] += c[e];
+    return 0;
+}
+
+static int bias_update(const struct fake_grid *gr, void **args)
+{
+    const long long *l = ARG(const long long *, 0);
+    int E = ARG(int, 1);
+    float gamma = ARG(float, 2), *b = ARG(float *, 3);
+    double sum = 0.0, mean;
+    (void)gr;
+    for (int e = 0; e < E; e++)
+        sum += (double)l[e];
+    mean = sum / (double)E;
+    for (int e = 0; e < E; e++) {
+        double diff = mean - (double)l[e];
+        if (diff > 0.0)
+            b[e] = b[e] + gamma;
+        else if (diff < 0.0)
+            b[e] = b[e] - gamma;
+    }
+    return 0;
+}
+
 /* --- the table ------------------------------------------------------------------- */
 
 #define P sizeof(void *)
@@ -392,6 +532,13 @@ static const struct fake_kernel kernels[] = {
     {"dx_fake_add_u32", 3, {P, P, U64}, add_u32},
     {"dx_fake_sleep", 1, {U32}, sleep_ms},
     {"dx_fake_fault", 0, {0}, fault},
+    {"dx_embed_fwd", 6, {P, P, INT, INT, INT, P}, embed_fwd},
+    {"dx_embed_bwd", 7, {P, P, INT, INT, INT, P, P}, embed_bwd},
+    {"dx_adamw", 12, {P, P, P, P, I64, F32, F32, F32, F32, F32, F32, F32}, adamw},
+    {"dx_add", 4, {P, P, I64, P}, add},
+    {"dx_scale", 4, {P, I64, F32, P}, scale},
+    {"dx_moe_load_add", 3, {P, INT, P}, load_add},
+    {"dx_moe_bias_update", 4, {P, INT, F32, P}, bias_update},
     {"dx_route_topk", 11, {P, P, INT, INT, INT, INT, INT, F32, P, P, P}, route_topk},
     {"dx_dispatch_count", 5, {P, INT, INT, INT, P}, dispatch_count},
     {"dx_dispatch_offsets", 8, {P, P, INT, INT, P, P, P, P}, dispatch_offsets},

@@ -25,7 +25,7 @@
 
 #define GC_POISON 0xff
 #define GC_BLOCK 256 /* threads per block for ck_launch */
-#define GC_MAX_ROWS 96
+#define GC_MAX_ROWS 256
 #define GC_MAX_BUFS 24
 #define GC_MAX_MODULES 16
 
