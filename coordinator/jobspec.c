@@ -57,6 +57,7 @@ static const struct field fields[] = {
     {"parallel.microbatches", FT_INT, OFF(parallel.microbatches), 0, 4, NULL, 1,
      DP_MAX_MICROBATCHES, NULL},
     {"parallel.microbatch_size", FT_INT, OFF(parallel.microbatch_size), 0, 2, NULL, 1, BIG, NULL},
+    {"parallel.max_nodes", FT_INT, OFF(parallel.max_nodes), 0, 0, NULL, 0, 4096, NULL},
     {"train.steps", FT_INT, OFF(train.steps), 0, 10, NULL, 1, 100000000, NULL},
     {"train.lr", FT_DOUBLE, OFF(train.lr), 0, 1e-3, NULL, 0, 10, NULL},
     {"train.seed", FT_INT, OFF(train.seed), 0, 1, NULL, 0, 2147483647, NULL},
@@ -257,11 +258,36 @@ static int fail(char *err, size_t errlen, const char *fmt, ...)
     return -EINVAL;
 }
 
+/* Node-limited routing. A token picks group_limit groups, then top_k
+ * experts among them, so its experts lie on at most min(group_limit, top_k)
+ * whole groups' worth of nodes. When every group lives on one node (the
+ * plan packs groups onto GPUs for that) a token reaches at most
+ * min(group_limit, top_k) nodes, and that is also what it reaches in the
+ * worst case once the EP group spans that many nodes: so the limit holds
+ * whatever the placement only when min(group_limit, top_k) <= max_nodes.
+ * group_limit > max_nodes alone is fine when top_k <= max_nodes. Whether
+ * the actual placement keeps the limit (groups split over nodes) is
+ * checked by the plan. */
+static int check_max_nodes(const struct coord_jobspec *s, char *err, size_t errlen)
+{
+    int M = s->parallel.max_nodes, L = s->model.group_limit, K = s->model.top_k;
+    int reach = L < K ? L : K;
+
+    if (M == 0 || reach <= M)
+        return 0;
+    return fail(err, errlen,
+                "parallel.max_nodes: a token may use %d groups (model.group_limit) and %d experts "
+                "(model.top_k), so with one group per node it reaches %d nodes, more than %d; "
+                "node-limited routing needs min(group_limit, top_k) <= max_nodes",
+                L, K, reach, M);
+}
+
 /* Rules that tie fields together. */
 static int check_layout(const struct coord_jobspec *s, char *err, size_t errlen)
 {
     int stages = s->parallel.schedule == DP_SCHED_DUALPIPEV ? 2 * s->parallel.pp : s->parallel.pp;
     char why[256];
+    int rc;
 
     if (s->model.d_model % s->model.heads != 0)
         return fail(err, errlen, "model.heads: %d does not divide model.d_model (%d)",
@@ -282,6 +308,8 @@ static int check_layout(const struct coord_jobspec *s, char *err, size_t errlen)
     if (s->model.experts % s->parallel.ep != 0)
         return fail(err, errlen, "parallel.ep: %d does not divide model.experts (%d)",
                     s->parallel.ep, s->model.experts);
+    if ((rc = check_max_nodes(s, err, errlen)) < 0)
+        return rc;
     if (s->checkpoint.from[0] && s->checkpoint.from[0] != '/')
         return fail(err, errlen,
                     "checkpoint.from: \"%s\" is not an absolute path (give a step directory as "

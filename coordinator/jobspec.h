@@ -4,7 +4,9 @@
  * Every error names the field (as a dotted path) and the rule it breaks:
  * unknown fields, wrong types, values out of range, and layouts that cannot
  * run (layers that do not split into the schedule's stages, experts that do
- * not split over ep, the schedule's own constraints). The schema is
+ * not split over ep, the schedule's own constraints, a node limit the
+ * routing cannot keep). Whether a placement keeps parallel.max_nodes is the
+ * plan's check (coordinator/plan.h). The schema is
  * documented in docs/JOBSPEC.md.
  */
 #ifndef COORD_JOBSPEC_H
@@ -27,6 +29,7 @@ struct coord_jobspec {
     struct {
         enum dp_sched_kind schedule;
         int pp, ep, dp, microbatches, microbatch_size;
+        int max_nodes; /* nodes a token's experts may span; 0 = no limit */
     } parallel;
     struct {
         int steps;

@@ -38,8 +38,30 @@ int coord_plan_stages(const struct coord_jobspec *spec, int r, int stages[2]);
 /* The expert placement of one EP group: EPLB over the job's experts (one
  * layer; EP rank e holds slots e*R/ep .. (e+1)*R/ep-1 of plan->phy2log).
  * loads (tokens per expert, may be NULL) are what workers reported so far;
- * with none, every expert counts the same. */
+ * with none, every expert counts the same. With parallel.max_nodes set,
+ * EPLB's hierarchical policy runs with gcd(expert_groups, ep) "nodes" of
+ * consecutive EP ranks, so whole groups stay on one EP rank (or on one run
+ * of consecutive ranks when there are fewer groups than ranks) and
+ * node-limited routing keeps its promise on any placement that keeps such
+ * runs on one node. */
 int coord_plan_experts(const struct coord_jobspec *spec, const double *loads,
                        struct coord_eplb_plan *plan, char *err, size_t errlen);
+
+/* The dispatch rule of the workers (Assignment.expert_owner): expert x is
+ * computed by the first EP rank holding one of its replicas (slot / per-rank
+ * slots), or x * ep / experts when none does. owner has plan->experts
+ * entries. */
+void coord_plan_expert_owner(const struct coord_eplb_plan *plan, int ep, int *owner);
+
+/* Checks parallel.max_nodes on a placement: in every EP group (dp, pp) and
+ * for every choice of model.group_limit groups a token may make, the nodes
+ * its top_k experts can be sent to (the owners' nodes) number at most
+ * max_nodes. Returns 0 (also when max_nodes is 0), -EINVAL naming the EP
+ * group, the groups and the nodes of a token that would cross the limit
+ * (or, past a search budget, saying the limit could not be proven), or
+ * -ENOMEM. */
+int coord_plan_check_nodes(const struct coord_jobspec *spec, const struct coord_slot *slots,
+                           const struct coord_placement *place, const struct coord_eplb_plan *plan,
+                           char *err, size_t errlen);
 
 #endif

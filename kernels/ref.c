@@ -119,9 +119,10 @@ int dx_kref_dispatch_count(const int *ids, int n, int k, int experts, int *token
         return -EINVAL;
     memset(tokens_per_expert, 0, sizeof(int) * (size_t)experts);
     for (size_t i = 0; i < (size_t)n * (size_t)k; i++) {
-        if (ids[i] < 0 || ids[i] >= experts)
+        if (ids[i] >= experts)
             return -EINVAL;
-        tokens_per_expert[ids[i]]++;
+        if (ids[i] >= 0) /* negative: masked (a two-hop relay's rows) */
+            tokens_per_expert[ids[i]]++;
     }
     return 0;
 }

@@ -21,7 +21,9 @@
  * rank_offset[r + 1]); inside a rank its experts ascend, and inside an expert
  * its tokens ascend. With owner[e] = e / (E / R) (contiguous blocks) this is
  * exactly the order of struct wk_moe_plan.
- *   count:   tokens_per_expert[e] = tokens whose ids contain e.
+ *   count:   tokens_per_expert[e] = tokens whose ids contain e. A negative
+ *            id is masked: it matches no expert, here and in rows (the
+ *            two-hop relay's received rows, kernels/twohop_ref.h).
  *   offsets: expert_offset[E + 1] exclusive prefix sum of tokens_per_expert
  *            (the plan's offsets); rank_rows[R] = rows going to rank r;
  *            rank_offset[R + 1] its exclusive prefix sum; expert_slot[e] =

@@ -13,6 +13,7 @@
 
 #include "kernels/ref.h"
 #include "kernels/transport_ref.h"
+#include "kernels/twohop_ref.h"
 #include "tests/fake/fakecuda.h"
 
 /* how long a transport kernel waits for its peer before -ETIMEDOUT */
@@ -518,6 +519,53 @@ static int bias_update(const struct fake_grid *gr, void **args)
     return 0;
 }
 
+/* --- the two-hop layout (kernels/twohop.cu) ------------------------------------ */
+
+/* The kernels take no expert count (ids are routing's output, in range):
+ * the reference's checks get the largest id + 1. */
+static int experts_of(const int *ids, int n, int k)
+{
+    int e = 0;
+
+    for (long i = 0; i < (long)n * k; i++)
+        if (ids[i] + 1 > e)
+            e = ids[i] + 1;
+    return e;
+}
+
+/* dx_twohop_count(ids, n, k, owner, per_node, N, node_tokens) */
+static int twohop_count(const struct fake_grid *g, void **args)
+{
+    const int *ids = ARG(const int *, 0);
+    const int n = ARG(int, 1), k = ARG(int, 2);
+    const struct dx_twohop_topo topo = {ARG(int, 5), ARG(int, 4)};
+
+    (void)g;
+    return dx_kref_twohop_count(&topo, ARG(const int *, 3), experts_of(ids, n, k), ids, n, k,
+                                ARG(int *, 6)) < 0;
+}
+
+/* dx_twohop_offsets(node_tokens, N, node_offset) */
+static int twohop_offsets(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    return dx_kref_twohop_offsets(ARG(const int *, 0), ARG(int, 1), ARG(int *, 2)) < 0;
+}
+
+/* dx_twohop_rows(ids, gates, n, k, owner, per_node, N, node_offset,
+ * send_token, token_node_slot, send_ids, send_gates) */
+static int twohop_rows(const struct fake_grid *g, void **args)
+{
+    const int *ids = ARG(const int *, 0);
+    const int n = ARG(int, 2), k = ARG(int, 3);
+    const struct dx_twohop_topo topo = {ARG(int, 6), ARG(int, 5)};
+
+    (void)g;
+    return dx_kref_twohop_rows(&topo, ARG(const int *, 4), experts_of(ids, n, k), ids,
+                               ARG(const float *, 1), n, k, ARG(const int *, 7), ARG(int *, 8),
+                               ARG(int *, 9), ARG(int *, 10), ARG(float *, 11)) < 0;
+}
+
 /* --- the table ------------------------------------------------------------------- */
 
 #define P sizeof(void *)
@@ -554,6 +602,9 @@ static const struct fake_kernel kernels[] = {
     {"dx_swiglu_bwd", 6, {P, P, P, I64, P, P}, swiglu_bwd},
     {"dx_softmax_xent_fwd", 6, {P, P, INT, INT, P, P}, xent_fwd},
     {"dx_softmax_xent_bwd", 5, {P, P, INT, INT, P}, xent_bwd},
+    {"dx_twohop_count", 7, {P, INT, INT, P, INT, INT, P}, twohop_count},
+    {"dx_twohop_offsets", 3, {P, INT, P}, twohop_offsets},
+    {"dx_twohop_rows", 12, {P, P, INT, INT, P, INT, INT, P, P, P, P, P}, twohop_rows},
     {"dx_transport_send", 8, {P, U32, U32, P, P, P, INT, P}, transport_send},
     {"dx_transport_recv", 9, {P, U32, U32, P, P, P, INT, P, P}, transport_recv},
 };

@@ -2,6 +2,7 @@
  * rule with the field it names. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "coordinator/jobspec.h"
@@ -185,5 +186,50 @@ Test(jobspec, to_json_round_trips)
     cr_assert_not_null(strstr(text, "\"microbatch_size\":2"), "%s", text);
     cr_assert_eq(parse(text, NULL, 0, &b), 0, "%s: %s", text, err);
     cr_assert_eq(memcmp(&a, &b, sizeof(a)), 0, "%s", text);
+    free(text);
+}
+
+Test(jobspec, max_nodes_defaults_to_no_limit_and_is_checked)
+{
+    struct coord_jobspec s;
+
+    cr_assert_eq(parse("{}", NULL, 0, &s), 0, "%s", err);
+    cr_assert_eq(s.parallel.max_nodes, 0);
+    expect_error("{\"parallel\": {\"max_nodes\": -1}}", NULL, "parallel.max_nodes", "outside");
+    expect_error("{\"parallel\": {\"max_nodes\": 5000}}", NULL, "parallel.max_nodes", "outside");
+    expect_error("{\"parallel\": {\"max_nodes\": 1.5}}", NULL, "parallel.max_nodes", "integer");
+    /* V3: 8 groups, 4 kept, top-8 -> a token reaches 4 nodes: max_nodes 4 */
+    cr_assert_eq(parse("{\"model\": {\"experts\": 64, \"expert_groups\": 8, \"group_limit\": 4,"
+                       " \"top_k\": 8}, \"parallel\": {\"max_nodes\": 4}}",
+                       NULL, 0, &s),
+                 0, "%s", err);
+    cr_assert_eq(s.parallel.max_nodes, 4);
+    expect_error("{\"model\": {\"experts\": 64, \"expert_groups\": 8, \"group_limit\": 4,"
+                 " \"top_k\": 8}, \"parallel\": {\"max_nodes\": 3}}",
+                 NULL, "parallel.max_nodes", "group_limit");
+    /* group_limit above max_nodes is fine when top_k is not */
+    cr_assert_eq(parse("{\"model\": {\"experts\": 64, \"expert_groups\": 8, \"group_limit\": 4,"
+                       " \"top_k\": 2}, \"parallel\": {\"max_nodes\": 2}}",
+                       NULL, 0, &s),
+                 0, "%s", err);
+    /* top_k above max_nodes is fine when group_limit is not */
+    cr_assert_eq(parse("{\"model\": {\"experts\": 64, \"expert_groups\": 8, \"group_limit\": 2,"
+                       " \"top_k\": 8}, \"parallel\": {\"max_nodes\": 2}}",
+                       NULL, 0, &s),
+                 0, "%s", err);
+    /* 2 groups both kept, top-2, one node: 2 > 1 */
+    expect_error("{\"model\": {\"expert_groups\": 2, \"group_limit\": 2}}", "parallel.max_nodes=1",
+                 "parallel.max_nodes", "min(group_limit, top_k)");
+    /* one group: whether it spans nodes is the plan's check */
+    cr_assert_eq(parse("{}", (const char *[]){"parallel.max_nodes=1"}, 1, &s), 0, "%s", err);
+    cr_assert_eq(
+        parse("{\"model\": {\"top_k\": 1}}", (const char *[]){"parallel.max_nodes=1"}, 1, &s), 0,
+        "%s", err);
+    /* and it survives the round trip */
+    char *text = coord_jobspec_to_json(&s);
+    struct coord_jobspec back;
+    cr_assert_not_null(text);
+    cr_assert_eq(parse(text, NULL, 0, &back), 0, "%s", err);
+    cr_assert_eq(back.parallel.max_nodes, 1);
     free(text);
 }

@@ -499,3 +499,36 @@ Test(kref_fp8, quant_dequant_bound)
             cr_assert(seen_max || amax == 0.0f);
         }
 }
+
+/* The two-hop relay dispatches rows whose ids are masked (-1) where the
+ * token's expert is on another node: those ids match no expert. */
+Test(kernels_ref, masked_ids_match_no_expert)
+{
+    const int ids[6] = {2, -1, -1, 0, 1, -1}; /* 3 tokens x k = 2 */
+    const float gates[6] = {0.5f, 0.0f, 0.0f, 0.25f, 0.75f, 0.0f};
+    const int owner[3] = {0, 0, 1};
+    int tpe[3], eoff[4], rrows[2], roff[3], eslot[3], stok[3], slot[6] = {-1, -1, -1, -1, -1, -1};
+    float sgate[3];
+
+    cr_assert_eq(dx_kref_dispatch_count(ids, 3, 2, 3, tpe), 0);
+    cr_assert_eq(tpe[0], 1);
+    cr_assert_eq(tpe[1], 1);
+    cr_assert_eq(tpe[2], 1);
+    cr_assert_eq(dx_kref_dispatch_offsets(tpe, owner, 3, 2, eoff, rrows, roff, eslot), 0);
+    cr_assert_eq(dx_kref_dispatch_rows(ids, gates, 3, 2, 3, eslot, stok, sgate, slot), 0);
+    /* rank 0 has experts 0 (token 1) and 1 (token 2); rank 1 expert 2 (token 0) */
+    cr_assert_eq(stok[0], 1);
+    cr_assert_eq(stok[1], 2);
+    cr_assert_eq(stok[2], 0);
+    cr_assert_eq(slot[0], 2);
+    cr_assert_eq(slot[1], -1, "a masked id got a slot");
+    cr_assert_eq(slot[2], -1);
+    cr_assert_eq(slot[3], 0);
+    cr_assert_eq(slot[4], 1);
+    cr_assert_eq(slot[5], -1);
+    /* an id past the experts is still refused */
+    {
+        const int bad[2] = {3, 0};
+        cr_assert_eq(dx_kref_dispatch_count(bad, 1, 2, 3, tpe), -EINVAL);
+    }
+}
