@@ -11,6 +11,7 @@
 #include "common/ckpt.h"
 #include "common/clock.h"
 #include "common/log.h"
+#include "coordinator/nccl_id.h"
 #include "coordinator/placement.h"
 #include "coordinator/plan.h"
 #include "proto/envelope.h"
@@ -54,6 +55,9 @@ struct coord_job {
     int await_first_step; /* a recovered attempt has not finished a step yet */
     int64_t progress_ms;  /* when the job's step last moved (or the attempt began) */
     double step_ewma_ms;  /* recent time per step; 0 before two steps */
+    /* backend cuda: the NCCL unique id of the current attempt */
+    unsigned char nccl_id[COORD_NCCL_ID_BYTES];
+    int has_nccl_id;
 };
 
 struct coord_jobs {
@@ -63,6 +67,7 @@ struct coord_jobs {
     int spares;           /* free workers per backend that new jobs leave for recoveries */
     struct coord_job **v; /* by id */
     size_t n, cap;
+    coord_nccl_t *nccl; /* NCCL unique ids, made on the first cuda job */
 };
 
 static const char *const state_names[COORD_JOB_STATES] = {
@@ -146,6 +151,7 @@ void coord_jobs_destroy(coord_jobs_t *jobs)
     for (size_t i = 0; i < jobs->n; i++)
         job_free(jobs->v[i]);
     free(jobs->v);
+    coord_nccl_destroy(jobs->nccl);
     free(jobs);
 }
 
@@ -518,6 +524,8 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
         peers[i].ep = j->ranks[i].ep;
         peers[i].worker_id = j->ranks[i].worker_id;
         peers[i].data_addr = w && w->data_addr ? w->data_addr : "";
+        peers[i].node = w && w->node ? w->node : "";
+        peers[i].gpu = w ? w->gpu : 0;
         peer_ptrs[i] = &peers[i];
     }
     rc = 0;
@@ -552,6 +560,10 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
         a.spec_json = j->spec_json;
         a.expert_owner = owner;
         a.n_expert_owner = (size_t)E;
+        if (j->has_nccl_id) {
+            a.nccl_id.data = j->nccl_id;
+            a.nccl_id.len = sizeof(j->nccl_id);
+        }
         if (jobs->io.send(jobs->io.arg, j->ranks[i].worker_id, DUPLEX__MSG_TYPE__MSG_ASSIGNMENT,
                           &a.base) < 0) {
             rc = -EHOSTUNREACH;
@@ -564,6 +576,26 @@ out:
     free(peer_ptrs);
     free(peers);
     return rc;
+}
+
+/* Backend cuda: a fresh NCCL unique id for the attempt j is about to
+ * begin (every rank's communicator starts from it). 0, or -errno with err
+ * saying why. Other backends need none. */
+static int job_make_nccl_id(coord_jobs_t *jobs, struct coord_job *j, char *err, size_t errlen)
+{
+    int rc;
+
+    j->has_nccl_id = 0;
+    if (strcmp(j->spec.backend, "cuda") != 0)
+        return 0;
+    if (!jobs->nccl && coord_nccl_create(NULL, &jobs->nccl) < 0) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    if ((rc = coord_nccl_unique_id(jobs->nccl, j->nccl_id, err, errlen)) < 0)
+        return rc;
+    j->has_nccl_id = 1;
+    return 0;
 }
 
 /* Places j on free slots and sends its assignments. */
@@ -579,6 +611,11 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
     if ((rc = coord_place(slots, n, pp, ep, dp, &place, err, sizeof(err))) < 0 ||
         (rc = coord_plan_experts(&j->spec, j->expert_load, &experts, err, sizeof(err))) < 0) {
         job_set_state(jobs, j, COORD_JOB_FAILED, now, "placement failed: %s", err);
+        goto out;
+    }
+    if ((rc = job_make_nccl_id(jobs, j, err, sizeof(err))) < 0) {
+        job_set_state(jobs, j, COORD_JOB_FAILED, now, "backend cuda needs an NCCL unique id: %s",
+                      err);
         goto out;
     }
     free(j->ranks);

@@ -1,4 +1,5 @@
 /* main.c - duplexd: flags and config, then the server loop. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,6 +8,7 @@
 #include "common/opts.h"
 #include "common/sdnotify.h"
 #include "common/version.h"
+#include "coordinator/nccl_id.h"
 #include "coordinator/server.h"
 #include "proto/envelope.h"
 
@@ -15,7 +17,7 @@
 #define DEFAULT_HEARTBEAT_MS 500
 #define DEFAULT_DEAD_AFTER_MS 2000
 
-static char *opt_config, *opt_listen, *opt_db, *opt_log_level;
+static char *opt_config, *opt_listen, *opt_db, *opt_log_level, *opt_nccl_lib;
 static int opt_heartbeat_ms, opt_dead_after_ms, opt_spares;
 
 static const struct dx_opt options[] = {
@@ -30,6 +32,9 @@ static const struct dx_opt options[] = {
      "declare a worker lost after this long without a heartbeat"},
     {"spares", DX_OPT_INT, &opt_spares, NULL, 0, 0, 4096, "K",
      "free workers per backend that new jobs leave unused, for recoveries"},
+    {"nccl-lib", DX_OPT_STRING, &opt_nccl_lib, NULL, 0, 0, 0, "PATH",
+     "NCCL library for the unique ids of cuda jobs (default $" COORD_NCCL_LIB_ENV
+     ", else " COORD_NCCL_LIB_DEFAULT ")"},
     {"log-level", DX_OPT_STRING, &opt_log_level, "info", 0, 0, 0, "LEVEL",
      "debug, info, warn or error"},
     {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
@@ -61,6 +66,12 @@ int main(int argc, char **argv)
         goto out;
     }
 
+    /* the jobs module opens NCCL by $DUPLEX_NCCL_LIB (coordinator/nccl_id.h):
+     * the flag sets it, before any thread runs */
+    if (opt_nccl_lib && *opt_nccl_lib && setenv(COORD_NCCL_LIB_ENV, opt_nccl_lib, 1) < 0) {
+        dx_error("cannot set %s for --nccl-lib: %s", COORD_NCCL_LIB_ENV, strerror(errno));
+        goto out;
+    }
     cfg = (struct coord_server_config){
         .listen = opt_listen,
         .db = opt_db,

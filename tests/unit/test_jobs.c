@@ -3,6 +3,7 @@
  * completion, cancel, drain and lost workers, against a real store and a
  * fake transport that records what would be sent. */
 #include <criterion/criterion.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +22,8 @@ struct sent {
     uint32_t attempt;
     int pp_rank;
     char checkpoint[128];
+    size_t nccl_id_len;
+    unsigned char nccl_id[128];
 };
 
 static struct sent sent[MAX_SENT];
@@ -45,6 +48,16 @@ static int fake_send(void *arg, const char *worker_id, Duplex__MsgType type,
         sent[nsent].pp_rank = a->pp_rank;
         snprintf(sent[nsent].checkpoint, sizeof(sent[nsent].checkpoint), "%s", a->checkpoint);
         cr_assert_eq(a->n_peers, (size_t)(a->pp * a->ep * a->dp));
+        sent[nsent].nccl_id_len = a->nccl_id.len;
+        if (a->nccl_id.len == sizeof(sent[nsent].nccl_id))
+            memcpy(sent[nsent].nccl_id, a->nccl_id.data, a->nccl_id.len);
+        /* every peer says where its worker is, as the registry knows it */
+        for (size_t i = 0; i < a->n_peers; i++) {
+            struct coord_worker *w = coord_registry_find(reg, a->peers[i]->worker_id);
+            cr_assert_not_null(w);
+            cr_assert_str_eq(a->peers[i]->node, w->node);
+            cr_assert_eq(a->peers[i]->gpu, w->gpu);
+        }
     } else {
         sent[nsent].job_id = ((const Duplex__AbortJob *)body)->job_id;
     }
@@ -566,4 +579,106 @@ Test(jobs, spares_are_kept_for_recoveries, .init = setup, .fini = teardown)
     coord_jobs_schedule(jobs, 2200);
     cr_assert_str_eq(state_of(a), "placing");
     cr_assert_eq(coord_registry_find(reg, "w4")->assigned_job, 0, "the spare stays free");
+}
+
+/* The NCCL unique id of a cuda job: 128 bytes, the same in every rank's
+ * Assignment of an attempt, a new one for the next attempt; none for the
+ * other backends. */
+Test(jobs, cuda_jobs_get_one_nccl_id_per_attempt, .init = setup, .fini = teardown)
+{
+    const char *sim[] = {"backend=sim"};
+    const char *cuda[] = {"backend=cuda", "restart.backoff_ms=0", "restart.max_restarts=1"};
+    unsigned char first[128];
+    uint64_t s, c;
+    struct coord_worker *w;
+    int n = 0;
+    void *lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+
+    if (!lib)
+        cr_skip_test("libnccl.so.2 cannot be loaded here (%s): no NCCL id to check", dlerror());
+    dlclose(lib);
+    add_worker("c0", "n0", 4, "cuda");
+    add_worker("c1", "n1", 5, "cuda");
+    add_worker("c2", "n1", 6, "cuda");
+    s = submit("{}", sim, 1);
+    c = submit("{}", cuda, 3);
+    coord_jobs_schedule(jobs, 2100);
+    cr_assert_str_eq(state_of(s), "placing");
+    cr_assert_str_eq(state_of(c), "placing");
+    for (int i = 0; i < nsent; i++) {
+        if (sent[i].type != DUPLEX__MSG_TYPE__MSG_ASSIGNMENT)
+            continue;
+        if (sent[i].job_id == s) {
+            cr_assert_eq(sent[i].nccl_id_len, 0, "a sim job gets no NCCL id");
+            continue;
+        }
+        cr_assert_eq(sent[i].nccl_id_len, 128);
+        if (n++ == 0)
+            memcpy(first, sent[i].nccl_id, 128);
+        else
+            cr_assert_eq(memcmp(first, sent[i].nccl_id, 128), 0, "one id for every rank");
+    }
+    cr_assert_eq(n, 2);
+    /* a failure: the next attempt has a new id */
+    ack_all(c, 1);
+    w = coord_registry_find(reg, "c0");
+    for (int i = 0; i < nsent; i++)
+        if (is_current(i, c) && strcmp(sent[i].worker, "c0") != 0)
+            w = coord_registry_find(reg, sent[i].worker);
+    w->state = COORD_WORKER_LOST;
+    coord_jobs_on_worker_gone(jobs, w->id, 3000);
+    cr_assert_str_eq(state_of(c), "recovering");
+    done_all_at(c, 0, 3100);
+    coord_jobs_schedule(jobs, 3200);
+    cr_assert_str_eq(state_of(c), "placing");
+    cr_assert_eq(last_attempt(c), 2);
+    n = 0;
+    for (int i = 0; i < nsent; i++)
+        if (is_current(i, c)) {
+            n++;
+            cr_assert_eq(sent[i].nccl_id_len, 128);
+            cr_assert_neq(memcmp(first, sent[i].nccl_id, 128), 0, "attempt 2 has a new id");
+        }
+    cr_assert_eq(n, 2);
+}
+
+static int find_nccl_event(const struct coord_event_row *row, void *arg)
+{
+    if (strcmp(row->kind, "job_failed") == 0 && strstr(row->detail, "NCCL unique id"))
+        *(int *)arg = 1;
+    return 0;
+}
+
+/* Without NCCL a cuda job fails, saying why, and the rest goes on. */
+Test(jobs, a_cuda_job_without_nccl_fails_clearly, .init = setup, .fini = teardown)
+{
+    const char *cuda[] = {"backend=cuda"};
+    const char *sim[] = {"backend=sim"};
+    uint64_t c, s;
+    int rc;
+
+    cr_assert_eq(setenv("DUPLEX_NCCL_LIB", "/nonexistent/libnccl-bogus.so.2", 1), 0);
+    add_worker("c0", "n0", 4, "cuda");
+    add_worker("c1", "n1", 5, "cuda");
+    c = submit("{}", cuda, 1);
+    coord_jobs_schedule(jobs, 2100);
+    cr_assert_str_eq(state_of(c), "failed");
+    cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, c), 0);
+    {
+        json_t *doc = coord_jobs_status(jobs, c, 0, &rc);
+        const char *reason = json_string_value(json_object_get(doc, "reason"));
+        cr_assert_not_null(strstr(reason, "backend cuda needs an NCCL unique id: "), "%s", reason);
+        cr_assert_not_null(strstr(reason, "/nonexistent/libnccl-bogus.so.2"), "%s", reason);
+        json_decref(doc);
+    }
+    {
+        int found = 0; /* the failure is an event too */
+        cr_assert_geq(coord_store_events_each(store, c, 0, 100, find_nccl_event, &found), 0);
+        cr_assert(found, "no job_failed event names the NCCL id");
+    }
+    /* the cuda workers are free again and other jobs still start */
+    s = submit("{}", sim, 1);
+    coord_jobs_schedule(jobs, 2200);
+    cr_assert_str_eq(state_of(s), "placing");
+    unsetenv("DUPLEX_NCCL_LIB");
 }

@@ -75,28 +75,49 @@ int wk_adamw_add(struct wk_adamw *o, float *w, const float *g, size_t n, int dec
     return o->count++;
 }
 
+int wk_adamw_coeffs(const struct wk_adamw_config *cfg, int64_t t, int decay,
+                    struct wk_adamw_coeffs *out)
+{
+    if (!config_ok(cfg) || t < 1)
+        return -EINVAL;
+    out->lr = cfg->lr;
+    out->beta1 = cfg->beta1;
+    out->beta2 = cfg->beta2;
+    out->eps = cfg->eps;
+    out->bc1 = (float)(1.0 - pow((double)cfg->beta1, (double)t));
+    out->bc2 = (float)(1.0 - pow((double)cfg->beta2, (double)t));
+    out->decay = decay ? 1.0f - cfg->lr * cfg->weight_decay : 1.0f;
+    return 0;
+}
+
+void wk_adamw_update(const struct wk_adamw_coeffs *k, float *w, const float *g, float *m, float *v,
+                     size_t n)
+{
+    const float b1 = k->beta1, b2 = k->beta2, bc1 = k->bc1, bc2 = k->bc2;
+    const float decay = k->decay, lr = k->lr, eps = k->eps;
+
+    for (size_t i = 0; i < n; i++) {
+        float gi = g[i];
+        float mi = b1 * m[i] + (1.0f - b1) * gi;
+        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        w[i] = w[i] * decay - lr * (mi / bc1) / (sqrtf(vi / bc2) + eps);
+    }
+}
+
 int wk_adamw_step(struct wk_adamw *o)
 {
-    const struct wk_adamw_config *c = &o->cfg;
-
-    if (!config_ok(c))
+    if (!config_ok(&o->cfg))
         return -EINVAL;
     for (int i = 0; i < o->count; i++) {
         struct wk_adamw_param *p = &o->p[i];
-        int64_t t = ++p->step;
-        float bc1 = (float)(1.0 - pow((double)c->beta1, (double)t));
-        float bc2 = (float)(1.0 - pow((double)c->beta2, (double)t));
-        float decay = p->decay ? 1.0f - c->lr * c->weight_decay : 1.0f;
-        float b1 = c->beta1, b2 = c->beta2;
+        struct wk_adamw_coeffs k;
+        int rc = wk_adamw_coeffs(&o->cfg, ++p->step, p->decay, &k);
 
-        for (size_t k = 0; k < p->n; k++) {
-            float g = p->g[k];
-            float m = b1 * p->m[k] + (1.0f - b1) * g;
-            float v = b2 * p->v[k] + (1.0f - b2) * g * g;
-            p->m[k] = m;
-            p->v[k] = v;
-            p->w[k] = p->w[k] * decay - c->lr * (m / bc1) / (sqrtf(v / bc2) + c->eps);
-        }
+        if (rc < 0)
+            return rc;
+        wk_adamw_update(&k, p->w, p->g, p->m, p->v, p->n);
     }
     return 0;
 }

@@ -48,6 +48,25 @@ int wk_adamw_add(struct wk_adamw *o, float *w, const float *g, size_t n, int dec
 /* One step of every tensor, in registration order. */
 int wk_adamw_step(struct wk_adamw *o);
 
+/* The scalars of step t (t >= 1) of one tensor, computed once per tensor
+ * per step: the bias corrections bc1 = 1 - b1^t, bc2 = 1 - b2^t (pow in
+ * double, rounded to float) and the decay factor 1 - lr * wd (1 without
+ * decay). A device kernel takes these as arguments, so that its update is
+ * bitwise wk_adamw_update's. */
+struct wk_adamw_coeffs {
+    float lr, beta1, beta2, eps;
+    float bc1, bc2, decay;
+};
+
+/* 0, or -EINVAL for an invalid cfg or t < 1. */
+int wk_adamw_coeffs(const struct wk_adamw_config *cfg, int64_t t, int decay,
+                    struct wk_adamw_coeffs *out);
+/* The update of n elements with the scalars k, in index order, in float:
+ *   m = b1 m + (1 - b1) g;  v = b2 v + ((1 - b2) g) g
+ *   w = w decay - (lr (m / bc1)) / (sqrt(v / bc2) + eps) */
+void wk_adamw_update(const struct wk_adamw_coeffs *k, float *w, const float *g, float *m, float *v,
+                     size_t n);
+
 /* Plain-array state: m then v of tensor 0, then of tensor 1, ...
  * (2 * sum n floats) and one step count per tensor. */
 size_t wk_adamw_state_floats(const struct wk_adamw *o);

@@ -610,28 +610,37 @@ int wk_moe_backward(struct wk_moe *m, struct wk_moe_ctx *c, const float *dout, f
 
 /* --- load balancing ----------------------------------------------------- */
 
+void wk_moe_load_add(int64_t *load, const int *count, int experts)
+{
+    for (int e = 0; e < experts; e++)
+        load[e] += count[e];
+}
+
 void wk_moe_add_load(const struct wk_moe *m, const struct wk_moe_ctx *c, int64_t *load)
 {
-    for (int e = 0; e < m->cfg.experts; e++)
-        load[e] += c->plan.count[e];
+    wk_moe_load_add(load, c->plan.count, m->cfg.experts);
+}
+
+int wk_moe_bias_step(float *bias, const int64_t *load, int experts, float gamma)
+{
+    double mean = 0.0;
+
+    if (!load || experts < 1 || !isfinite(gamma))
+        return -EINVAL;
+    for (int e = 0; e < experts; e++)
+        mean += (double)load[e];
+    mean /= experts;
+    for (int e = 0; e < experts; e++) {
+        double diff = mean - (double)load[e];
+        if (diff > 0.0)
+            bias[e] += gamma;
+        else if (diff < 0.0)
+            bias[e] -= gamma;
+    }
+    return 0;
 }
 
 int wk_moe_update_bias(struct wk_moe *m, const int64_t *load, float gamma)
 {
-    int E = m->cfg.experts;
-    double mean = 0.0;
-
-    if (!load || !isfinite(gamma))
-        return -EINVAL;
-    for (int e = 0; e < E; e++)
-        mean += (double)load[e];
-    mean /= E;
-    for (int e = 0; e < E; e++) {
-        double diff = mean - (double)load[e];
-        if (diff > 0.0)
-            m->bias[e] += gamma;
-        else if (diff < 0.0)
-            m->bias[e] -= gamma;
-    }
-    return 0;
+    return wk_moe_bias_step(m->bias, load, m->cfg.experts, gamma);
 }

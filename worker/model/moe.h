@@ -171,4 +171,11 @@ void wk_moe_add_load(const struct wk_moe *m, const struct wk_moe_ctx *c, int64_t
  * bias[e] += gamma * sign(mean(load) - load[e]). */
 int wk_moe_update_bias(struct wk_moe *m, const int64_t *load, float gamma);
 
+/* The two above on plain arrays (what a device kernel reproduces):
+ * load[e] += count[e]; and the sign rule on bias[experts], the mean of the
+ * loads summed in double in expert order, then divided by experts. The
+ * latter: 0, or -EINVAL for no load, experts < 1 or a gamma not finite. */
+void wk_moe_load_add(int64_t *load, const int *count, int experts);
+int wk_moe_bias_step(float *bias, const int64_t *load, int experts, float gamma);
+
 #endif
