@@ -68,6 +68,7 @@ struct coord_jobs {
     struct coord_job **v; /* by id */
     size_t n, cap;
     coord_nccl_t *nccl; /* NCCL unique ids, made on the first cuda job */
+    char *nccl_lib;     /* its library (NULL: coordinator/nccl_id.h's default) */
 };
 
 static const char *const state_names[COORD_JOB_STATES] = {
@@ -152,6 +153,7 @@ void coord_jobs_destroy(coord_jobs_t *jobs)
         job_free(jobs->v[i]);
     free(jobs->v);
     coord_nccl_destroy(jobs->nccl);
+    free(jobs->nccl_lib);
     free(jobs);
 }
 
@@ -506,16 +508,7 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
     if (!peers || !peer_ptrs || !slots || !owner)
         goto out;
     /* each logical expert is computed by the first ep rank holding a replica */
-    for (int e = 0; e < E; e++)
-        owner[e] = -1;
-    for (int k = 0; k < experts->replicas; k++) {
-        int e = experts->phy2log[k];
-        if (e >= 0 && e < E && owner[e] < 0)
-            owner[e] = k / per_gpu;
-    }
-    for (int e = 0; e < E; e++)
-        if (owner[e] < 0)
-            owner[e] = (int32_t)((int64_t)e * j->spec.parallel.ep / E);
+    coord_plan_expert_owner(experts, j->spec.parallel.ep, owner);
     for (int i = 0; i < j->nranks; i++) {
         struct coord_worker *w = coord_registry_find(jobs->reg, j->ranks[i].worker_id);
         duplex__peer__init(&peers[i]);
@@ -588,7 +581,7 @@ static int job_make_nccl_id(coord_jobs_t *jobs, struct coord_job *j, char *err, 
     j->has_nccl_id = 0;
     if (strcmp(j->spec.backend, "cuda") != 0)
         return 0;
-    if (!jobs->nccl && coord_nccl_create(NULL, &jobs->nccl) < 0) {
+    if (!jobs->nccl && coord_nccl_create(jobs->nccl_lib, &jobs->nccl) < 0) {
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
@@ -609,7 +602,8 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
     int rc;
 
     if ((rc = coord_place(slots, n, pp, ep, dp, &place, err, sizeof(err))) < 0 ||
-        (rc = coord_plan_experts(&j->spec, j->expert_load, &experts, err, sizeof(err))) < 0) {
+        (rc = coord_plan_experts(&j->spec, j->expert_load, &experts, err, sizeof(err))) < 0 ||
+        (rc = coord_plan_check_nodes(&j->spec, slots, &place, &experts, err, sizeof(err))) < 0) {
         job_set_state(jobs, j, COORD_JOB_FAILED, now, "placement failed: %s", err);
         goto out;
     }
@@ -771,6 +765,17 @@ void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall)
 void coord_jobs_set_spares(coord_jobs_t *jobs, int spares)
 {
     jobs->spares = spares > 0 ? spares : 0;
+}
+
+int coord_jobs_set_nccl_library(coord_jobs_t *jobs, const char *library)
+{
+    char *copy = NULL;
+
+    if (library && *library && !(copy = strdup(library)))
+        return -ENOMEM;
+    free(jobs->nccl_lib);
+    jobs->nccl_lib = copy;
+    return 0;
 }
 
 int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, char *err, size_t errlen)

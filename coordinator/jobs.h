@@ -105,6 +105,11 @@ void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall);
  * recovering job finds a replacement at once (duplexd --spares). */
 void coord_jobs_set_spares(coord_jobs_t *jobs, int spares);
 
+/* The NCCL library that makes the unique ids of cuda jobs (duplexd
+ * --nccl-lib; NULL: $DUPLEX_NCCL_LIB, else libnccl.so.2). Opened on the
+ * first cuda job. The string is copied. 0 or -ENOMEM. */
+int coord_jobs_set_nccl_library(coord_jobs_t *jobs, const char *library);
+
 /* Cancels a job that has not ended. Returns 0, -ENOENT or -EALREADY (it
  * ended already; err says how). */
 int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, char *err, size_t errlen);

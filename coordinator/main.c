@@ -1,5 +1,4 @@
 /* main.c - duplexd: flags and config, then the server loop. */
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,18 +65,13 @@ int main(int argc, char **argv)
         goto out;
     }
 
-    /* the jobs module opens NCCL by $DUPLEX_NCCL_LIB (coordinator/nccl_id.h):
-     * the flag sets it, before any thread runs */
-    if (opt_nccl_lib && *opt_nccl_lib && setenv(COORD_NCCL_LIB_ENV, opt_nccl_lib, 1) < 0) {
-        dx_error("cannot set %s for --nccl-lib: %s", COORD_NCCL_LIB_ENV, strerror(errno));
-        goto out;
-    }
     cfg = (struct coord_server_config){
         .listen = opt_listen,
         .db = opt_db,
         .heartbeat_ms = opt_heartbeat_ms,
         .dead_after_ms = opt_dead_after_ms,
         .spares = opt_spares,
+        .nccl_lib = opt_nccl_lib,
     };
     if (coord_server_create(&cfg, &server, err, sizeof(err)) < 0) {
         dx_error("%s", err);

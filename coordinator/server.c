@@ -765,8 +765,10 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
     }
     {
         struct coord_jobs_io io = {server_send_worker, s};
-        if ((rc = coord_jobs_create(s->store, s->reg, &io, &s->jobs)) == 0)
+        if ((rc = coord_jobs_create(s->store, s->reg, &io, &s->jobs)) == 0) {
             coord_jobs_set_spares(s->jobs, cfg->spares);
+            rc = coord_jobs_set_nccl_library(s->jobs, cfg->nccl_lib);
+        }
         if (rc < 0 || (rc = coord_jobs_load(s->jobs, dx_wall_ms())) < 0) {
             snprintf(err, errlen, "%s: cannot load jobs: %s", cfg->db, strerror(-rc));
             goto fail;

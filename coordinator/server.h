@@ -12,6 +12,7 @@ struct coord_server_config {
     int heartbeat_ms;   /* interval told to workers */
     int dead_after_ms;  /* silence after which a worker is lost */
     int spares;         /* free workers per backend kept for recoveries */
+    const char *nccl_lib; /* NCCL for cuda jobs' unique ids; NULL: the default */
 };
 
 typedef struct coord_server coord_server_t;

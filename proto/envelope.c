@@ -146,8 +146,9 @@ static int check_register(const ProtobufCMessage *body, char *text, size_t len)
         (rc = check_name("host", m->host, DX_MAX_NAME_LEN, false, text, len)) < 0 ||
         (rc = check_name("node", m->node, DX_MAX_NAME_LEN, true, text, len)) < 0)
         return rc;
-    if (m->gpu_index < 0 || m->gpu_index > 1023)
-        return field_fail(text, len, "gpu_index %d is outside 0..1023", m->gpu_index);
+    if (m->gpu_index < 0 || m->gpu_index > DX_MAX_GPU_INDEX)
+        return field_fail(text, len, "gpu_index %d is outside 0..%d", m->gpu_index,
+                          DX_MAX_GPU_INDEX);
     if (strcmp(m->backend, "sim") != 0 && strcmp(m->backend, "cpu") != 0 &&
         strcmp(m->backend, "cuda") != 0)
         return field_fail(text, len, "backend \"%.64s\" is not one of sim, cpu, cuda", m->backend);
@@ -257,8 +258,12 @@ static int check_assignment(const ProtobufCMessage *body, char *text, size_t len
     for (size_t i = 0; i < m->n_peers; i++) {
         const Duplex__Peer *p = m->peers[i];
         if ((rc = dx_worker_id_check(p->worker_id, text, len)) < 0 ||
-            (rc = check_text("data_addr", p->data_addr, DX_MAX_NAME_LEN, false, text, len)) < 0)
+            (rc = check_text("data_addr", p->data_addr, DX_MAX_NAME_LEN, false, text, len)) < 0 ||
+            (rc = check_name("node", p->node, DX_MAX_NAME_LEN, true, text, len)) < 0)
             return rc;
+        if (p->gpu < 0 || p->gpu > DX_MAX_GPU_INDEX)
+            return field_fail(text, len, "peer %zu has gpu %d, outside 0..%d", i, p->gpu,
+                              DX_MAX_GPU_INDEX);
         if (p->pp < 0 || p->pp >= m->pp || p->ep < 0 || p->ep >= m->ep || p->dp < 0 ||
             p->dp >= m->dp)
             return field_fail(text, len, "peer %zu has ranks outside the job's layout", i);
@@ -268,6 +273,9 @@ static int check_assignment(const ProtobufCMessage *body, char *text, size_t len
     if (strlen(m->spec_json) > DX_MAX_SPEC_LEN)
         return field_fail(text, len, "spec_json is %zu bytes long; the limit is %d",
                           strlen(m->spec_json), DX_MAX_SPEC_LEN);
+    if (m->nccl_id.len != 0 && m->nccl_id.len != DX_NCCL_ID_BYTES)
+        return field_fail(text, len, "nccl_id is %zu bytes; an NCCL unique id has %d",
+                          m->nccl_id.len, DX_NCCL_ID_BYTES);
     for (size_t i = 0; i < m->n_expert_owner; i++)
         if (m->expert_owner[i] < 0 || m->expert_owner[i] >= m->ep)
             return field_fail(text, len, "expert_owner[%zu] is ep rank %d of %d", i,

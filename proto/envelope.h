@@ -27,6 +27,8 @@
 #define DX_MAX_COST_MS 600000
 #define DX_MAX_SPEC_LEN (64 * 1024) /* a job spec in an Assignment */
 #define DX_MAX_PATH_LEN 4096        /* a checkpoint directory */
+#define DX_MAX_GPU_INDEX 1023       /* a GPU index on its node */
+#define DX_NCCL_ID_BYTES 128        /* Assignment.nccl_id: empty or an ncclUniqueId */
 
 /* A decoded message: the body is the protobuf-c message of `type`. */
 struct dx_msg {

@@ -773,3 +773,79 @@ Test(envelope, step_report_checkpoint_and_figures)
     expect_reject(buf, len, DUPLEX__ERROR_CODE__ERROR_INVALID, "not finite", NULL);
     free(buf);
 }
+
+/* An Assignment of one rank (pp = ep = dp = 1) whose fields the tests break. */
+struct one_rank {
+    Duplex__Assignment a;
+    Duplex__Peer peer;
+    Duplex__Peer *peers[1];
+    uint8_t id[DX_NCCL_ID_BYTES + 1];
+};
+
+static void one_rank_init(struct one_rank *o)
+{
+    o->a = (Duplex__Assignment)DUPLEX__ASSIGNMENT__INIT;
+    o->peer = (Duplex__Peer)DUPLEX__PEER__INIT;
+    o->peer.worker_id = "node0-gpu3";
+    o->peer.data_addr = "tcp://10.0.0.1:7000";
+    o->peer.node = "node0";
+    o->peer.gpu = 3;
+    o->peers[0] = &o->peer;
+    o->a.job_id = 9;
+    o->a.attempt = 1;
+    o->a.schedule = "1f1b";
+    o->a.pp = o->a.ep = o->a.dp = 1;
+    o->a.microbatches = 2;
+    o->a.steps = 3;
+    o->a.peers = o->peers;
+    o->a.n_peers = 1;
+    memset(o->id, 0xab, sizeof(o->id));
+    o->a.nccl_id.data = o->id;
+    o->a.nccl_id.len = DX_NCCL_ID_BYTES;
+}
+
+static void expect_assignment_invalid(const struct one_rank *o, const char *word)
+{
+    uint8_t *buf = NULL;
+    size_t len = 0;
+
+    cr_assert_eq(dx_env_encode(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, 5, &o->a.base, &buf, &len), 0);
+    expect_reject(buf, len, DUPLEX__ERROR_CODE__ERROR_INVALID, word, NULL);
+    free(buf);
+}
+
+Test(envelope, assignment_nccl_id_and_peer_placement_rules)
+{
+    struct one_rank o;
+    struct dx_msg msg;
+    const Duplex__Assignment *got;
+
+    one_rank_init(&o);
+    round_trip(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, 5, &o.a.base, &msg);
+    got = (const Duplex__Assignment *)msg.body;
+    cr_assert_eq(got->nccl_id.len, DX_NCCL_ID_BYTES);
+    cr_assert_arr_eq(got->nccl_id.data, o.id, DX_NCCL_ID_BYTES);
+    cr_assert_str_eq(got->peers[0]->node, "node0");
+    cr_assert_eq(got->peers[0]->gpu, 3);
+    dx_msg_clear(&msg);
+
+    o.a.nccl_id.len = 0; /* no id: a job of another backend */
+    round_trip(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, 5, &o.a.base, &msg);
+    dx_msg_clear(&msg);
+
+    one_rank_init(&o);
+    o.a.nccl_id.len = DX_NCCL_ID_BYTES + 1;
+    expect_assignment_invalid(&o, "nccl_id is 129 bytes");
+    o.a.nccl_id.len = 16;
+    expect_assignment_invalid(&o, "nccl_id is 16 bytes");
+
+    one_rank_init(&o);
+    o.peer.gpu = DX_MAX_GPU_INDEX + 1;
+    expect_assignment_invalid(&o, "gpu 1024");
+    o.peer.gpu = -1;
+    expect_assignment_invalid(&o, "gpu -1");
+
+    one_rank_init(&o);
+    o.peer.node = "node 0; rm -rf";
+    expect_assignment_invalid(&o, "node");
+}
