@@ -4,7 +4,8 @@
  * on every rank), exchange buffers larger than a ring in one group in both
  * directions around a ring of ranks (no deadlock, every byte), split into
  * sub-communicators, and a rank that never joins makes the others fail
- * rather than hang. */
+ * rather than hang; then worker/nccl.c (the cuda backend's NCCL layer) run
+ * on it by two rank processes: grouped exchange, all-reduce, split. */
 #include <criterion/criterion.h>
 #include <dlfcn.h>
 #include <libgen.h>
@@ -181,4 +182,94 @@ Test(fake_nccl, a_missing_rank_is_not_waited_for_forever, .timeout = 30)
     cr_assert_eq(n.get_unique_id(&id), 0);
     cr_assert_eq(n.init_rank(&comm, 2, id, 0), 2 /* ncclSystemError */,
                  "a 2-rank communicator with one rank came up");
+}
+
+/* --- worker/nccl.c on the fake, between two processes ----------------------- */
+
+#include "worker/nccl.h"
+
+static int wk_rank_main(const unsigned char *id, int rank)
+{
+    struct wk_cuda_paths paths = {.cuda = fake_path(), .nccl = fake_path(),
+                                  .cublaslt = fake_path()};
+    enum { N = 4099 };
+    wk_cuda_t *c = NULL;
+    wk_cuda_stream s = NULL;
+    wk_nccl_t *n = NULL, *alone = NULL;
+    wk_cuda_ptr mine, theirs, sum;
+    float h[N], got[N];
+    char err[512];
+    const int peer = 1 - rank;
+
+    if (wk_cuda_open(&paths, &c, err, sizeof(err)) < 0 || wk_cuda_context(c, 0) < 0 ||
+        wk_cuda_stream_create(c, &s) < 0)
+        return 20;
+    if (wk_nccl_create(c, id, 2, rank, &n, err, sizeof(err)) < 0)
+        return 21;
+    if (wk_nccl_rank(n) != rank || wk_nccl_size(n) != 2)
+        return 22;
+    for (int i = 0; i < N; i++)
+        h[i] = value(rank, (size_t)i);
+    if (wk_cuda_alloc(c, sizeof(h), &mine) < 0 || wk_cuda_alloc(c, sizeof(h), &theirs) < 0 ||
+        wk_cuda_alloc(c, sizeof(h), &sum) < 0 || wk_cuda_upload(c, mine, h, sizeof(h)) < 0)
+        return 23;
+    {
+        /* both ranks send first in their lists: the group must not deadlock */
+        const struct wk_nccl_transfer t[2] = {
+            {0, peer, WK_NCCL_FP32, mine, N},
+            {1, peer, WK_NCCL_FP32, theirs, N},
+        };
+
+        if (wk_nccl_exchange(n, s, t, 2) < 0 || wk_cuda_stream_sync(c, s) < 0 ||
+            wk_cuda_download(c, got, theirs, sizeof(got)) < 0)
+            return 24;
+        for (int i = 0; i < N; i++)
+            if (got[i] != value(peer, (size_t)i))
+                return 25;
+    }
+    if (wk_nccl_allreduce_sum(n, s, mine, sum, N) < 0 || wk_cuda_stream_sync(c, s) < 0 ||
+        wk_cuda_download(c, got, sum, sizeof(got)) < 0)
+        return 26;
+    for (int i = 0; i < N; i++) {
+        float want = value(0, (size_t)i) + value(1, (size_t)i);
+
+        if (memcmp(&got[i], &want, sizeof(want)) != 0)
+            return 27;
+    }
+    if (wk_nccl_split(n, rank, 0, &alone) < 0 || !alone || wk_nccl_size(alone) != 1 ||
+        wk_nccl_check(n) < 0)
+        return 28;
+    wk_nccl_destroy(alone);
+    wk_nccl_destroy(n);
+    wk_cuda_stream_destroy(c, s);
+    wk_cuda_close(c);
+    return 0;
+}
+
+Test(fake_nccl, the_workers_nccl_layer_runs_on_it_between_two_processes, .timeout = 60)
+{
+    struct wk_cuda_paths paths = {.cuda = fake_path(), .nccl = fake_path(),
+                                  .cublaslt = fake_path()};
+    unsigned char id[WK_NCCL_ID_BYTES];
+    wk_cuda_t *c = NULL;
+    char err[512];
+    pid_t pid[2];
+
+    cr_assert_eq(wk_cuda_open(&paths, &c, err, sizeof(err)), 0, "%s", err);
+    cr_assert(strstr(wk_cuda_describe(c), "NCCL 2.27.0"), "%s", wk_cuda_describe(c));
+    cr_assert_eq(wk_nccl_unique_id(c, id, err, sizeof(err)), 0, "%s", err);
+    for (int r = 0; r < 2; r++) {
+        pid[r] = fork();
+        cr_assert_geq(pid[r], 0);
+        if (pid[r] == 0)
+            _exit(wk_rank_main(id, r));
+    }
+    for (int r = 0; r < 2; r++) {
+        int status = 0;
+
+        cr_assert_eq(waitpid(pid[r], &status, 0), pid[r]);
+        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rank %d failed at step %d", r,
+                  WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    }
+    wk_cuda_close(c);
 }
