@@ -11,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "kernels/convert_ref.h"
 #include "kernels/ref.h"
 #include "kernels/transport_ref.h"
 #include "kernels/twohop_ref.h"
@@ -566,6 +567,26 @@ static int twohop_rows(const struct fake_grid *g, void **args)
                                ARG(int *, 9), ARG(int *, 10), ARG(float *, 11)) < 0;
 }
 
+/* --- bf16 conversion (kernels/convert.cu) --------------------------------------- */
+
+/* dx_f32_to_bf16(x, y, count) */
+static int f32_to_bf16(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    dx_kref_f32_to_bf16_array(ARG(const float *, 0), ARG(uint16_t *, 1),
+                              (size_t)ARG(long long, 2));
+    return 0;
+}
+
+/* dx_bf16_to_f32(x, y, count) */
+static int bf16_to_f32(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    dx_kref_bf16_to_f32_array(ARG(const uint16_t *, 0), ARG(float *, 1),
+                              (size_t)ARG(long long, 2));
+    return 0;
+}
+
 /* --- the table ------------------------------------------------------------------- */
 
 #define P sizeof(void *)
@@ -605,6 +626,8 @@ static const struct fake_kernel kernels[] = {
     {"dx_twohop_count", 7, {P, INT, INT, P, INT, INT, P}, twohop_count},
     {"dx_twohop_offsets", 3, {P, INT, P}, twohop_offsets},
     {"dx_twohop_rows", 12, {P, P, INT, INT, P, INT, INT, P, P, P, P, P}, twohop_rows},
+    {"dx_f32_to_bf16", 3, {P, P, I64}, f32_to_bf16},
+    {"dx_bf16_to_f32", 3, {P, P, I64}, bf16_to_f32},
     {"dx_transport_send", 8, {P, U32, U32, P, P, P, INT, P}, transport_send},
     {"dx_transport_recv", 9, {P, U32, U32, P, P, P, INT, P, P}, transport_recv},
 };

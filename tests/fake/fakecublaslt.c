@@ -5,7 +5,10 @@
  * of its matrices onto cuBLASLt's (column-major by default) conventions is
  * checked for real. Supported: fp32 and bf16 A and B, fp32 C and D, fp32
  * compute and scale, host-pointer alpha and beta, CUBLASLT_ORDER_COL or
- * ROW, transposes, one matrix per call (no batches, no epilogues). Each
+ * ROW, transposes, one matrix per call (no batches, no epilogues). The
+ * heuristic's algorithm assumes the pointer alignments the preference
+ * promised (256 bytes when it promised none) and cublasLtMatmul refuses
+ * pointers aligned less, as an algorithm picked for aligned data would. Each
  * D(i, j) sums op(A)(i, p) op(B)(p, j) over p ascending in float; with beta
  * 0, C is not read (as cuBLASLt). Anything else is CUBLAS_STATUS_NOT_SUPPORTED. */
 #include <stdint.h>
@@ -40,6 +43,8 @@ enum {
     ORDER_COL = 0,
     ORDER_ROW = 1,
     PREF_MAX_WORKSPACE_BYTES = 1,
+    PREF_MIN_ALIGNMENT_A_BYTES = 5, /* .. D_BYTES = 8 */
+    DEFAULT_ALIGNMENT = 256,        /* what the heuristic assumes when not told */
 };
 
 struct handle {
@@ -59,6 +64,7 @@ struct layout {
 
 struct pref {
     uint64_t max_workspace;
+    uint32_t align[4]; /* the least alignment of A, B, C, D the caller promises */
 };
 
 typedef struct {
@@ -228,8 +234,11 @@ API cublasStatus_t cublasLtMatmulPreferenceCreate(struct pref **p)
 {
     if (!p)
         return CUBLAS_STATUS_INVALID_VALUE;
-    *p = calloc(1, sizeof(**p));
-    return *p ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_ALLOC_FAILED;
+    if (!(*p = calloc(1, sizeof(**p))))
+        return CUBLAS_STATUS_ALLOC_FAILED;
+    for (int i = 0; i < 4; i++)
+        (*p)->align[i] = DEFAULT_ALIGNMENT;
+    return CUBLAS_STATUS_SUCCESS;
 }
 
 API cublasStatus_t cublasLtMatmulPreferenceDestroy(struct pref *p)
@@ -243,10 +252,19 @@ API cublasStatus_t cublasLtMatmulPreferenceSetAttribute(struct pref *p, int attr
 {
     if (!p || !buf)
         return CUBLAS_STATUS_INVALID_VALUE;
-    if (attr != PREF_MAX_WORKSPACE_BYTES || size != sizeof(uint64_t))
-        return CUBLAS_STATUS_NOT_SUPPORTED;
-    memcpy(&p->max_workspace, buf, sizeof(uint64_t));
-    return CUBLAS_STATUS_SUCCESS;
+    if (attr == PREF_MAX_WORKSPACE_BYTES) {
+        if (size != sizeof(uint64_t))
+            return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&p->max_workspace, buf, sizeof(uint64_t));
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    if (attr >= PREF_MIN_ALIGNMENT_A_BYTES && attr < PREF_MIN_ALIGNMENT_A_BYTES + 4) {
+        if (size != sizeof(uint32_t))
+            return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&p->align[attr - PREF_MIN_ALIGNMENT_A_BYTES], buf, sizeof(uint32_t));
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    return CUBLAS_STATUS_NOT_SUPPORTED;
 }
 
 /* The shapes agree: op(A) m x k, op(B) k x n, C and D m x n, leading
@@ -288,7 +306,9 @@ API cublasStatus_t cublasLtMatmulAlgoGetHeuristic(struct handle *h, struct desc 
     if ((s = check_shapes(d, a, b, c, dl)) != CUBLAS_STATUS_SUCCESS)
         return s;
     memset(&results[0], 0, sizeof(results[0]));
-    results[0].algo.data[0] = 0xfa4eull; /* the one algorithm */
+    results[0].algo.data[0] = 0xfa4eull; /* the one algorithm, for these alignments */
+    for (int i = 0; i < 4; i++)
+        results[0].algo.data[1 + i] = p->align[i] ? p->align[i] : 1;
     results[0].state = CUBLAS_STATUS_SUCCESS;
     results[0].wavesCount = 1.0f;
     *returned = 1;
@@ -371,6 +391,13 @@ API cublasStatus_t cublasLtMatmul(struct handle *h, struct desc *d, const void *
         return CUBLAS_STATUS_INVALID_VALUE;
     if ((s = check_shapes(d, a, b, c, dl)) != CUBLAS_STATUS_SUCCESS)
         return s;
+    if (algo) { /* an algorithm chosen for aligned pointers cannot take others */
+        const void *ptrs[4] = {pa, pb, pc ? pc : pd, pd};
+
+        for (int i = 0; i < 4; i++)
+            if (algo->data[1 + i] && (uintptr_t)ptrs[i] % algo->data[1 + i] != 0)
+                return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
     if (!(j = calloc(1, sizeof(*j))))
         return CUBLAS_STATUS_ALLOC_FAILED;
     memcpy(&j->alpha, alpha, sizeof(float));
