@@ -53,3 +53,19 @@ def test_the_gpu_check_says_what_is_missing():
     assert not SANITIZER_REPORT.search(result.stderr), describe(result)
     assert result.returncode == 2, describe(result)
     assert "libcuda.so.1 (the NVIDIA driver) cannot be loaded" in result.stderr, describe(result)
+
+
+FAKE = BIN_DIR.parent / "lib" / "libfakecuda.so"  # tests/fake/: the GPU stack on the host
+
+
+def fake_stack():
+    return ["--cuda-lib", str(FAKE), "--nccl-lib", str(FAKE), "--cublaslt-lib", str(FAKE)]
+
+
+@pytest.mark.skipif(not FAKE.exists(), reason="libfakecuda.so is built by make test-build")
+def test_on_a_gpu_stack_that_loads_the_worker_says_training_is_not_built_yet():
+    result = cuda_worker(*fake_stack())
+    assert result.returncode == 1, describe(result)
+    assert "the cuda backend's GPU stack loads (driver 13.0, 1 device (duplex fake GPU), " \
+           "NCCL 2.27.0, cuBLASLt 130000), but training on it is not built yet" \
+           in result.stderr, describe(result)
