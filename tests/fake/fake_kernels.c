@@ -587,6 +587,142 @@ static int bf16_to_f32(const struct fake_grid *g, void **args)
     return 0;
 }
 
+/* --- causal attention (kernels/attention.cu): the contract of
+ * wk_attn_core_forward / _backward (worker/model/attention.h) in loops --- */
+
+struct attn_shape {
+    int batch, seq, d, heads, dh;
+    float scale;
+};
+
+static struct attn_shape attn_shape(int batch, int seq, int d, int heads)
+{
+    struct attn_shape a = {batch, seq, d, heads, d / heads, 0.0f};
+
+    a.scale = 1.0f / sqrtf((float)a.dh);
+    return a;
+}
+
+/* element c of head h of token row (b, i) in a [batch*seq][d] array */
+#define AT(x, a, b, i, h, c) ((x)[((size_t)(b) * (a).seq + (i)) * (a).d + (size_t)(h) * (a).dh + (c)])
+/* P[(b, h, i)][j] */
+#define PAT(p, a, b, h, i, j)                                                                      \
+    ((p)[(((size_t)(b) * (a).heads + (h)) * (a).seq + (i)) * (a).seq + (j)])
+
+/* dP[i][j] = dctx_i . v_j */
+static float attn_dp(const struct attn_shape *a, const float *dctx, const float *v, int b, int h,
+                     int i, int j)
+{
+    float s = 0.0f;
+
+    for (int c = 0; c < a->dh; c++)
+        s += AT(dctx, *a, b, i, h, c) * AT(v, *a, b, j, h, c);
+    return s;
+}
+
+/* dx_attn_fwd(q, k, v, batch, seq, d, heads, p, ctx) */
+static int attn_fwd(const struct fake_grid *g, void **args)
+{
+    const float *q = ARG(const float *, 0), *k = ARG(const float *, 1), *v = ARG(const float *, 2);
+    const struct attn_shape a = attn_shape(ARG(int, 3), ARG(int, 4), ARG(int, 5), ARG(int, 6));
+    float *p = ARG(float *, 7), *ctx = ARG(float *, 8);
+
+    (void)g;
+    for (int b = 0; b < a.batch; b++)
+        for (int h = 0; h < a.heads; h++)
+            for (int i = 0; i < a.seq; i++) {
+                float m = -INFINITY;
+                double sum = 0.0;
+
+                for (int j = 0; j < a.seq; j++) {
+                    float s = 0.0f;
+
+                    if (j > i) {
+                        PAT(p, a, b, h, i, j) = 0.0f;
+                        continue;
+                    }
+                    for (int c = 0; c < a.dh; c++)
+                        s += AT(q, a, b, i, h, c) * AT(k, a, b, j, h, c);
+                    PAT(p, a, b, h, i, j) = s * a.scale;
+                    m = fmaxf(m, s * a.scale);
+                }
+                for (int j = 0; j <= i; j++)
+                    sum += (PAT(p, a, b, h, i, j) = expf(PAT(p, a, b, h, i, j) - m));
+                for (int j = 0; j <= i; j++)
+                    PAT(p, a, b, h, i, j) = (float)(PAT(p, a, b, h, i, j) / sum);
+                for (int c = 0; c < a.dh; c++) {
+                    float s = 0.0f;
+
+                    for (int j = 0; j <= i; j++)
+                        s += PAT(p, a, b, h, i, j) * AT(v, a, b, j, h, c);
+                    AT(ctx, a, b, i, h, c) = s;
+                }
+            }
+    return 0;
+}
+
+/* dx_attn_bwd_dq(k, v, p, dctx, batch, seq, d, heads, dq, rowdot):
+ * rowdot[(b, h, i)] = sum_j P dP; dq_i = sum_j scale P (dP - rowdot) k_j */
+static int attn_bwd_dq(const struct fake_grid *g, void **args)
+{
+    const float *k = ARG(const float *, 0), *v = ARG(const float *, 1);
+    const float *p = ARG(const float *, 2), *dctx = ARG(const float *, 3);
+    const struct attn_shape a = attn_shape(ARG(int, 4), ARG(int, 5), ARG(int, 6), ARG(int, 7));
+    float *dq = ARG(float *, 8), *rowdot = ARG(float *, 9);
+
+    (void)g;
+    for (int b = 0; b < a.batch; b++)
+        for (int h = 0; h < a.heads; h++)
+            for (int i = 0; i < a.seq; i++) {
+                double dot = 0.0;
+                float rd;
+
+                for (int j = 0; j <= i; j++)
+                    dot += (double)PAT(p, a, b, h, i, j) * attn_dp(&a, dctx, v, b, h, i, j);
+                rd = (float)dot;
+                rowdot[((size_t)b * a.heads + h) * a.seq + i] = rd;
+                for (int c = 0; c < a.dh; c++)
+                    AT(dq, a, b, i, h, c) = 0.0f;
+                for (int j = 0; j <= i; j++) {
+                    float ds = a.scale * PAT(p, a, b, h, i, j) * (attn_dp(&a, dctx, v, b, h, i, j) - rd);
+
+                    for (int c = 0; c < a.dh; c++)
+                        AT(dq, a, b, i, h, c) += ds * AT(k, a, b, j, h, c);
+                }
+            }
+    return 0;
+}
+
+/* dx_attn_bwd_dkdv(q, v, p, dctx, rowdot, batch, seq, d, heads, dk, dv):
+ * dv_j = sum_{i >= j} P[i][j] dctx_i; dk_j = sum_{i >= j} dS[i][j] q_i */
+static int attn_bwd_dkdv(const struct fake_grid *g, void **args)
+{
+    const float *q = ARG(const float *, 0), *v = ARG(const float *, 1);
+    const float *p = ARG(const float *, 2), *dctx = ARG(const float *, 3);
+    const float *rowdot = ARG(const float *, 4);
+    const struct attn_shape a = attn_shape(ARG(int, 5), ARG(int, 6), ARG(int, 7), ARG(int, 8));
+    float *dk = ARG(float *, 9), *dv = ARG(float *, 10);
+
+    (void)g;
+    for (int b = 0; b < a.batch; b++)
+        for (int h = 0; h < a.heads; h++)
+            for (int j = 0; j < a.seq; j++) {
+                for (int c = 0; c < a.dh; c++)
+                    AT(dk, a, b, j, h, c) = AT(dv, a, b, j, h, c) = 0.0f;
+                for (int i = j; i < a.seq; i++) {
+                    const float pij = PAT(p, a, b, h, i, j);
+                    const float rd = rowdot[((size_t)b * a.heads + h) * a.seq + i];
+                    const float ds = a.scale * pij * (attn_dp(&a, dctx, v, b, h, i, j) - rd);
+
+                    for (int c = 0; c < a.dh; c++) {
+                        AT(dv, a, b, j, h, c) += pij * AT(dctx, a, b, i, h, c);
+                        AT(dk, a, b, j, h, c) += ds * AT(q, a, b, i, h, c);
+                    }
+                }
+            }
+    return 0;
+}
+
 /* --- the table ------------------------------------------------------------------- */
 
 #define P sizeof(void *)
@@ -628,6 +764,9 @@ static const struct fake_kernel kernels[] = {
     {"dx_twohop_rows", 12, {P, P, INT, INT, P, INT, INT, P, P, P, P, P}, twohop_rows},
     {"dx_f32_to_bf16", 3, {P, P, I64}, f32_to_bf16},
     {"dx_bf16_to_f32", 3, {P, P, I64}, bf16_to_f32},
+    {"dx_attn_fwd", 9, {P, P, P, INT, INT, INT, INT, P, P}, attn_fwd},
+    {"dx_attn_bwd_dq", 10, {P, P, P, P, INT, INT, INT, INT, P, P}, attn_bwd_dq},
+    {"dx_attn_bwd_dkdv", 11, {P, P, P, P, P, INT, INT, INT, INT, P, P}, attn_bwd_dkdv},
     {"dx_transport_send", 8, {P, U32, U32, P, P, P, INT, P}, transport_send},
     {"dx_transport_recv", 9, {P, U32, U32, P, P, P, INT, P, P}, transport_recv},
 };

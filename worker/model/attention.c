@@ -1,6 +1,9 @@
 /* attention.c - causal multi-head self-attention forward and backward
- * (attention.h). Per-head products are strided sgemm calls on the [N][d]
- * buffers; sums that are not GEMMs are taken in double in a fixed order. */
+ * (attention.h): the projections around wk_attn_core_*, the part between
+ * them, which is also the CPU reference of the GPU kernels
+ * (kernels/attention.cu). Per-head products are strided sgemm calls on the
+ * [N][d] buffers; sums that are not GEMMs are taken in double in a fixed
+ * order. */
 #include "worker/model/attention.h"
 
 #include <cblas.h>
@@ -114,55 +117,50 @@ static void causal_softmax(float *s, int seq)
     }
 }
 
-void wk_attn_forward(const struct wk_attn *a, struct wk_attn_cache *c, const float *x, float *y)
+void wk_attn_core_forward(int batch, int seq, int d, int heads, const float *q, const float *k,
+                          const float *v, float *p, float *ctx)
 {
-    const int d = a->d, dh = a->dh, seq = c->seq, n = c->batch * c->seq;
+    const int dh = d / heads;
     const float scale = 1.0f / sqrtf((float)dh);
 
-    memcpy(c->x.data, x, wk_mat_size(&c->x) * sizeof(float));
-    wk_linear_forward(&a->wq, x, c->q.data, n);
-    wk_linear_forward(&a->wk, x, c->k.data, n);
-    wk_linear_forward(&a->wv, x, c->v.data, n);
-    for (int b = 0; b < c->batch; b++) {
-        for (int h = 0; h < a->heads; h++) {
+    for (int b = 0; b < batch; b++) {
+        for (int h = 0; h < heads; h++) {
             const size_t off = (size_t)b * seq * d + (size_t)h * dh;
-            float *p = c->p.data + ((size_t)b * a->heads + h) * seq * seq;
+            float *ph = p + ((size_t)b * heads + h) * seq * seq;
 
             /* S = scale * Q K^T */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, seq, seq, dh, scale,
-                        c->q.data + off, d, c->k.data + off, d, 0.0f, p, seq);
-            causal_softmax(p, seq);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, seq, seq, dh, scale, q + off, d,
+                        k + off, d, 0.0f, ph, seq);
+            causal_softmax(ph, seq);
             /* ctx = P V */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, seq, dh, seq, 1.0f, p, seq,
-                        c->v.data + off, d, 0.0f, c->ctx.data + off, d);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, seq, dh, seq, 1.0f, ph, seq,
+                        v + off, d, 0.0f, ctx + off, d);
         }
     }
-    wk_linear_forward(&a->wo, c->ctx.data, y, n);
 }
 
-void wk_attn_backward_input(const struct wk_attn *a, struct wk_attn_cache *c, const float *dy,
-                            float *dx)
+void wk_attn_core_backward(int batch, int seq, int d, int heads, const float *q, const float *k,
+                           const float *v, const float *p, const float *dctx, float *dq, float *dk,
+                           float *dv, float *scratch)
 {
-    const int d = a->d, dh = a->dh, seq = c->seq, n = c->batch * c->seq;
+    const int dh = d / heads;
     const float scale = 1.0f / sqrtf((float)dh);
-    float *ds = c->ds.data;
+    float *ds = scratch;
 
-    memcpy(c->dy.data, dy, wk_mat_size(&c->dy) * sizeof(float));
-    wk_linear_backward_input(&a->wo, dy, c->dctx.data, n, 0);
-    for (int b = 0; b < c->batch; b++) {
-        for (int h = 0; h < a->heads; h++) {
+    for (int b = 0; b < batch; b++) {
+        for (int h = 0; h < heads; h++) {
             const size_t off = (size_t)b * seq * d + (size_t)h * dh;
-            const float *p = c->p.data + ((size_t)b * a->heads + h) * seq * seq;
+            const float *ph = p + ((size_t)b * heads + h) * seq * seq;
 
             /* dP = dctx V^T */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, seq, seq, dh, 1.0f,
-                        c->dctx.data + off, d, c->v.data + off, d, 0.0f, ds, seq);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, seq, seq, dh, 1.0f, dctx + off, d,
+                        v + off, d, 0.0f, ds, seq);
             /* dV = P^T dctx */
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, seq, dh, seq, 1.0f, p, seq,
-                        c->dctx.data + off, d, 0.0f, c->dv.data + off, d);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, seq, dh, seq, 1.0f, ph, seq,
+                        dctx + off, d, 0.0f, dv + off, d);
             /* dS = scale * P * (dP - rowsum(P * dP)); masked entries have P = 0 */
             for (int i = 0; i < seq; i++) {
-                const float *pi = p + (size_t)i * seq;
+                const float *pi = ph + (size_t)i * seq;
                 float *di = ds + (size_t)i * seq;
                 double dot = 0.0;
 
@@ -175,11 +173,35 @@ void wk_attn_backward_input(const struct wk_attn *a, struct wk_attn_cache *c, co
             }
             /* dQ = dS K, dK = dS^T Q */
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, seq, dh, seq, 1.0f, ds, seq,
-                        c->k.data + off, d, 0.0f, c->dq.data + off, d);
+                        k + off, d, 0.0f, dq + off, d);
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, seq, dh, seq, 1.0f, ds, seq,
-                        c->q.data + off, d, 0.0f, c->dk.data + off, d);
+                        q + off, d, 0.0f, dk + off, d);
         }
     }
+}
+
+void wk_attn_forward(const struct wk_attn *a, struct wk_attn_cache *c, const float *x, float *y)
+{
+    const int n = c->batch * c->seq;
+
+    memcpy(c->x.data, x, wk_mat_size(&c->x) * sizeof(float));
+    wk_linear_forward(&a->wq, x, c->q.data, n);
+    wk_linear_forward(&a->wk, x, c->k.data, n);
+    wk_linear_forward(&a->wv, x, c->v.data, n);
+    wk_attn_core_forward(c->batch, c->seq, a->d, a->heads, c->q.data, c->k.data, c->v.data,
+                         c->p.data, c->ctx.data);
+    wk_linear_forward(&a->wo, c->ctx.data, y, n);
+}
+
+void wk_attn_backward_input(const struct wk_attn *a, struct wk_attn_cache *c, const float *dy,
+                            float *dx)
+{
+    const int n = c->batch * c->seq;
+
+    memcpy(c->dy.data, dy, wk_mat_size(&c->dy) * sizeof(float));
+    wk_linear_backward_input(&a->wo, dy, c->dctx.data, n, 0);
+    wk_attn_core_backward(c->batch, c->seq, a->d, a->heads, c->q.data, c->k.data, c->v.data,
+                          c->p.data, c->dctx.data, c->dq.data, c->dk.data, c->dv.data, c->ds.data);
     wk_linear_backward_input(&a->wq, c->dq.data, dx, n, 0);
     wk_linear_backward_input(&a->wk, c->dk.data, dx, n, 1);
     wk_linear_backward_input(&a->wv, c->dv.data, dx, n, 1);

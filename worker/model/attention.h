@@ -55,6 +55,26 @@ struct wk_attn_cache {
     struct wk_mat ds;   /* [seq][seq] scratch */
 };
 
+/* The part between the projections, on its own (the layer calls it; the
+ * GPU kernels of kernels/attention.cu have exactly this contract and are
+ * checked against it). q, k, v, ctx, dctx, dq, dk, dv are [batch*seq][d],
+ * head h being columns h*dh .. h*dh+dh-1 (dh = d / heads); p is
+ * [batch*heads*seq][seq], row (b*heads + h)*seq + i holding query i's
+ * probabilities over keys 0..i and 0 for keys after i.
+ *
+ * core_forward: p = causal softmax(q k^T / sqrt(dh)) per sequence and head,
+ * ctx = p v (both overwritten).
+ * core_backward: from p (core_forward's) and dctx, overwrites
+ *   dv = p^T dctx,  dS = p * (dctx v^T - rowsum(p * dctx v^T)) / sqrt(dh),
+ *   dq = dS k,      dk = dS^T q;
+ * scratch holds seq*seq floats. Shapes are the caller's to check: batch,
+ * seq, heads positive and d % heads == 0. */
+void wk_attn_core_forward(int batch, int seq, int d, int heads, const float *q, const float *k,
+                          const float *v, float *p, float *ctx);
+void wk_attn_core_backward(int batch, int seq, int d, int heads, const float *q, const float *k,
+                           const float *v, const float *p, const float *dctx, float *dq, float *dk,
+                           float *dv, float *scratch);
+
 /* 0, -EINVAL (d or heads not positive, d % heads != 0) or -ENOMEM. */
 int wk_attn_init(struct wk_attn *a, int d, int heads, uint64_t seed, uint64_t stream, float std);
 void wk_attn_free(struct wk_attn *a);
