@@ -69,6 +69,23 @@ static int sleep_ms(const struct fake_grid *g, void **args)
     return 0;
 }
 
+/* dx_bench_fma(out, iters, a, b) (kernels/bench.cu): compute-bound on the
+ * GPU; here it takes time in proportion to iters (1 us each) and writes
+ * out[thread] = b / (1 - a), the chains' limit */
+static int bench_fma(const struct fake_grid *g, void **args)
+{
+    float *out = ARG(float *, 0);
+    const int iters = ARG(int, 1);
+    const float a = ARG(float, 2), b = ARG(float, 3);
+    const size_t threads = (size_t)g->grid[0] * g->block[0];
+    struct timespec t = {iters / 1000000, (long)(iters % 1000000) * 1000L};
+
+    nanosleep(&t, NULL);
+    for (size_t i = 0; i < threads; i++)
+        out[i] = b / (1.0f - a);
+    return 0;
+}
+
 /* dx_fake_fault(): a kernel that faults */
 static int fault(const struct fake_grid *g, void **args)
 {
@@ -767,6 +784,7 @@ static const struct fake_kernel kernels[] = {
     {"dx_attn_fwd", 9, {P, P, P, INT, INT, INT, INT, P, P}, attn_fwd},
     {"dx_attn_bwd_dq", 10, {P, P, P, P, INT, INT, INT, INT, P, P}, attn_bwd_dq},
     {"dx_attn_bwd_dkdv", 11, {P, P, P, P, P, INT, INT, INT, INT, P, P}, attn_bwd_dkdv},
+    {"dx_bench_fma", 4, {P, INT, F32, F32}, bench_fma},
     {"dx_transport_send", 8, {P, U32, U32, P, P, P, INT, P}, transport_send},
     {"dx_transport_recv", 9, {P, U32, U32, P, P, P, INT, P, P}, transport_recv},
 };

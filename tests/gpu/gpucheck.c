@@ -430,6 +430,7 @@ int main(int argc, char **argv)
         }
     }
     g.rng = seed;
+    g.cuda_lib = paths.cuda;
     printf("duplex-gpucheck: seed %" PRIu64 " (--seed to repeat)\n", seed);
     if (wk_cuda_open(&paths, &g.c, err, sizeof(err)) == 0) {
         g.full = 1;

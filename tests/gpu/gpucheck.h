@@ -37,7 +37,8 @@ struct gc_row {
 struct gc {
     wk_cuda_t *c;
     int full;         /* NCCL and cuBLASLt are open too (else: driver only) */
-    const char *self; /* argv[0], for checks that start a peer process */
+    const char *self;     /* argv[0], for checks that start a peer process */
+    const char *cuda_lib; /* --cuda-lib, which the peer opens too (NULL: default) */
     int device, small, iters;
     unsigned sms;
     uint64_t rng;
@@ -118,6 +119,15 @@ void gc_check_twohop(struct gc *g);    /* check_twohop.c: node-limited two-hop d
 void gc_check_gemm(struct gc *g);      /* check_gemm.c: cuBLASLt as worker/cublas.c calls it */
 void gc_check_nccl(struct gc *g);      /* check_nccl.c: NCCL as worker/nccl.c calls it */
 void gc_check_transport(struct gc *g); /* check_transport.c: the IPC transport, two processes */
+/* check_transport.c: the overlap benchmark. The transport runs on 20 + 20
+ * channels (sender and receiver, one SM each) of one local ring beside
+ * compute(arg, stream, reps) on another stream (it enqueues its work, done
+ * reps times, and returns 0 or -errno). reps is calibrated so the compute
+ * alone takes as long as the transport alone (the hardest case), starting
+ * from calibrate_reps; the row passes when both together take at most 1.15
+ * x the longer alone. */
+void gc_overlap(struct gc *g, const char *what, int (*compute)(void *arg, wk_cuda_stream s, int reps),
+                void *arg, int calibrate_reps);
 /* check_transport.c: the peer process of gc_check_transport (duplex-gpucheck
  * --transport-peer ...); its exit status */
 int gc_transport_peer(int argc, char **argv);

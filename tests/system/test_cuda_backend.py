@@ -69,3 +69,24 @@ def test_on_a_gpu_stack_that_loads_the_worker_says_training_is_not_built_yet():
     assert "the cuda backend's GPU stack loads (driver 13.0, 1 device (duplex fake GPU), " \
            "NCCL 2.27.0, cuBLASLt 130000), but training on it is not built yet" \
            in result.stderr, describe(result)
+
+
+@pytest.mark.skipif(not GPUCHECK.exists() or not FAKE.exists(),
+                    reason="duplex-gpucheck needs nvcc to build")
+def test_the_whole_gpu_check_runs_on_the_fake_stack():
+    """Every launch sequence, wrapper and harness path of duplex-gpucheck,
+    with the kernels' CPU references standing in for the kernels: every row
+    passes but the overlap ratios, which time a CPU here."""
+    result = run_binary(GPUCHECK, "--small", "--iters", "1", *fake_stack(), timeout=300)
+    assert not SANITIZER_REPORT.search(result.stderr), describe(result)
+    assert result.returncode in (0, 1), describe(result)
+    table = result.stdout[result.stdout.index("\ncheck ") + 1:]
+    table = table[:table.index("\n\n")]  # the rows end at the footer's blank line
+    rows = table.splitlines()[1:]
+    failed = [r for r in rows if " FAIL" in r and not r.startswith("overlap")]
+    assert len(rows) > 60, describe(result)
+    assert not failed, "\n".join(failed) + "\n" + describe(result)
+    for area in ("route_topk", "dispatch_pack", "combine", "fp8_quant", "rmsnorm_fwd", "attn_fwd",
+                 "embed_bwd", "adamw", "twohop_rows", "gemm bf16 xwt", "nccl_allreduce",
+                 "transport ipc"):
+        assert any(r.startswith(area) and " PASS" in r for r in rows), area + "\n" + table
