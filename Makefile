@@ -138,7 +138,7 @@ $(ALL_LIBS):
 
 $(BUILD)/bin/duplexd: $(BUILD)/obj/coordinator/main.o $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
 $(BUILD)/bin/duplex-worker: $(BUILD)/obj/worker/main.o $(LIB_WORKER) $(LIB_COORD) $(LIB_PIPE) \
-                            $(LIB_COMMON)
+                            $(LIB_KREF) $(LIB_COMMON)
 $(BUILD)/bin/duplexctl: $(BUILD)/obj/ctl/main.o $(LIB_CTL) $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
 $(BINS):
 	@mkdir -p $(dir $@)
