@@ -7,11 +7,11 @@
 #include <uv.h>
 
 struct coord_server_config {
-    const char *listen; /* ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:7700 */
-    const char *db;     /* SQLite file */
-    int heartbeat_ms;   /* interval told to workers */
-    int dead_after_ms;  /* silence after which a worker is lost */
-    int spares;         /* free workers per backend kept for recoveries */
+    const char *listen;   /* ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:7700 */
+    const char *db;       /* SQLite file */
+    int heartbeat_ms;     /* interval told to workers */
+    int dead_after_ms;    /* silence after which a worker is lost */
+    int spares;           /* free workers per backend kept for recoveries */
     const char *nccl_lib; /* NCCL for cuda jobs' unique ids; NULL: the default */
 };
 

@@ -474,10 +474,10 @@ int wk_cuda_launch_on(wk_cuda_t *c, wk_cuda_stream stream, wk_cuda_function_t fn
         g[i] = grid[i] ? grid[i] : 1;
         b[i] = block[i] ? block[i] : 1;
     }
-    return check(c,
-                 c->launch_kernel(fn, g[0], g[1], g[2], b[0], b[1], b[2], shmem, stream, args, NULL),
-                 "cuLaunchKernel(grid %u,%u,%u block %u,%u,%u shared %u)", g[0], g[1], g[2], b[0],
-                 b[1], b[2], shmem);
+    return check(
+        c, c->launch_kernel(fn, g[0], g[1], g[2], b[0], b[1], b[2], shmem, stream, args, NULL),
+        "cuLaunchKernel(grid %u,%u,%u block %u,%u,%u shared %u)", g[0], g[1], g[2], b[0], b[1],
+        b[2], shmem);
 }
 
 int wk_cuda_sync(wk_cuda_t *c)
@@ -555,8 +555,7 @@ int wk_cuda_ipc_export(wk_cuda_t *c, wk_cuda_ptr p, struct wk_cuda_ipc_handle *h
 int wk_cuda_ipc_import(wk_cuda_t *c, const struct wk_cuda_ipc_handle *h, wk_cuda_ptr *p)
 {
     *p = 0;
-    return check(c, c->ipc_open(p, *h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
-                 "cuIpcOpenMemHandle");
+    return check(c, c->ipc_open(p, *h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS), "cuIpcOpenMemHandle");
 }
 
 void wk_cuda_ipc_close(wk_cuda_t *c, wk_cuda_ptr p)

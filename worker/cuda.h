@@ -102,8 +102,7 @@ int wk_cuda_stream_create(wk_cuda_t *c, wk_cuda_stream *s);
 void wk_cuda_stream_destroy(wk_cuda_t *c, wk_cuda_stream s);
 int wk_cuda_stream_sync(wk_cuda_t *c, wk_cuda_stream s);
 int wk_cuda_stream_wait(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_event ev);
-int wk_cuda_copy_on(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_ptr dst, wk_cuda_ptr src,
-                    size_t bytes);
+int wk_cuda_copy_on(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_ptr dst, wk_cuda_ptr src, size_t bytes);
 
 /* CUDA IPC: export an allocation's handle (p must be the start of a
  * wk_cuda_alloc), open one from another process (peer access enabled

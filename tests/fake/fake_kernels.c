@@ -217,9 +217,8 @@ static int dispatch_pack(const struct fake_grid *g, void **args)
 static int combine(const struct fake_grid *g, void **args)
 {
     (void)g;
-    dx_kref_combine(ARG(const float *, 0), ARG(int, 1), ARG(const float *, 2),
-                    ARG(const int *, 3), ARG(int, 4), ARG(int, 5), ARG(const float *, 6),
-                    ARG(float *, 7));
+    dx_kref_combine(ARG(const float *, 0), ARG(int, 1), ARG(const float *, 2), ARG(const int *, 3),
+                    ARG(int, 4), ARG(int, 5), ARG(const float *, 6), ARG(float *, 7));
     return 0;
 }
 
@@ -396,7 +395,6 @@ static int xent_bwd(const struct fake_grid *gr, void **args)
         }
     return 0;
 }
-
 
 /* --- kernels/train.cu (emulated as the CUDA code does it) -------------------- */
 
@@ -590,8 +588,7 @@ static int twohop_rows(const struct fake_grid *g, void **args)
 static int f32_to_bf16(const struct fake_grid *g, void **args)
 {
     (void)g;
-    dx_kref_f32_to_bf16_array(ARG(const float *, 0), ARG(uint16_t *, 1),
-                              (size_t)ARG(long long, 2));
+    dx_kref_f32_to_bf16_array(ARG(const float *, 0), ARG(uint16_t *, 1), (size_t)ARG(long long, 2));
     return 0;
 }
 
@@ -599,8 +596,7 @@ static int f32_to_bf16(const struct fake_grid *g, void **args)
 static int bf16_to_f32(const struct fake_grid *g, void **args)
 {
     (void)g;
-    dx_kref_bf16_to_f32_array(ARG(const uint16_t *, 0), ARG(float *, 1),
-                              (size_t)ARG(long long, 2));
+    dx_kref_bf16_to_f32_array(ARG(const uint16_t *, 0), ARG(float *, 1), (size_t)ARG(long long, 2));
     return 0;
 }
 
@@ -621,7 +617,8 @@ static struct attn_shape attn_shape(int batch, int seq, int d, int heads)
 }
 
 /* element c of head h of token row (b, i) in a [batch*seq][d] array */
-#define AT(x, a, b, i, h, c) ((x)[((size_t)(b) * (a).seq + (i)) * (a).d + (size_t)(h) * (a).dh + (c)])
+#define AT(x, a, b, i, h, c)                                                                       \
+    ((x)[((size_t)(b) * (a).seq + (i)) * (a).d + (size_t)(h) * (a).dh + (c)])
 /* P[(b, h, i)][j] */
 #define PAT(p, a, b, h, i, j)                                                                      \
     ((p)[(((size_t)(b) * (a).heads + (h)) * (a).seq + (i)) * (a).seq + (j)])
@@ -701,7 +698,8 @@ static int attn_bwd_dq(const struct fake_grid *g, void **args)
                 for (int c = 0; c < a.dh; c++)
                     AT(dq, a, b, i, h, c) = 0.0f;
                 for (int j = 0; j <= i; j++) {
-                    float ds = a.scale * PAT(p, a, b, h, i, j) * (attn_dp(&a, dctx, v, b, h, i, j) - rd);
+                    float ds =
+                        a.scale * PAT(p, a, b, h, i, j) * (attn_dp(&a, dctx, v, b, h, i, j) - rd);
 
                     for (int c = 0; c < a.dh; c++)
                         AT(dq, a, b, i, h, c) += ds * AT(k, a, b, j, h, c);

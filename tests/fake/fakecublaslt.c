@@ -365,8 +365,8 @@ static int run_job(void *arg)
         }
     for (uint64_t r = 0; r < m; r++)
         for (uint64_t c = 0; c < n; c++) {
-            uint64_t at = j->dl.order == ORDER_ROW ? r * (uint64_t)j->dl.ld + c
-                                                  : r + c * (uint64_t)j->dl.ld;
+            uint64_t at =
+                j->dl.order == ORDER_ROW ? r * (uint64_t)j->dl.ld + c : r + c * (uint64_t)j->dl.ld;
             j->pd[at] = out[r * n + c];
         }
     free(out);
@@ -377,9 +377,8 @@ static int run_job(void *arg)
 API cublasStatus_t cublasLtMatmul(struct handle *h, struct desc *d, const void *alpha,
                                   const void *pa, struct layout *a, const void *pb,
                                   struct layout *b, const void *beta, const void *pc,
-                                  struct layout *c, void *pd, struct layout *dl,
-                                  const algo_t *algo, void *workspace, size_t workspace_bytes,
-                                  void *stream)
+                                  struct layout *c, void *pd, struct layout *dl, const algo_t *algo,
+                                  void *workspace, size_t workspace_bytes, void *stream)
 {
     struct job *j;
     cublasStatus_t s;

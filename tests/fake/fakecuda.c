@@ -519,15 +519,15 @@ static CUresult fk_memset_d8(CUdeviceptr dst, unsigned char v, size_t n)
     return sticky();
 }
 
-static CUresult fk_launch_kernel(const struct fake_kernel *k, unsigned gx, unsigned gy,
-                                 unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                                 unsigned shmem, void *stream, void **params, void **extra)
+static CUresult fk_launch_kernel(const struct fake_kernel *k, unsigned gx, unsigned gy, unsigned gz,
+                                 unsigned bx, unsigned by, unsigned bz, unsigned shmem,
+                                 void *stream, void **params, void **extra)
 {
     struct task *t;
     size_t total = 0, off = 0;
 
-    if (!k || extra || (k->nargs > 0 && !params) || k->nargs > FAKE_MAX_ARGS || !gx || !gy ||
-        !gz || !bx || !by || !bz || (uint64_t)bx * by * bz > 1024)
+    if (!k || extra || (k->nargs > 0 && !params) || k->nargs > FAKE_MAX_ARGS || !gx || !gy || !gz ||
+        !bx || !by || !bz || (uint64_t)bx * by * bz > 1024)
         return CUDA_ERROR_INVALID_VALUE;
     if (sticky())
         return CUDA_ERROR_LAUNCH_FAILED;
@@ -785,9 +785,9 @@ static const struct {
 };
 
 __attribute__((visibility("default"))) CUresult cuGetProcAddress_v2(const char *symbol, void **pfn,
-                                                                     int version,
-                                                                     unsigned long long flags,
-                                                                     int *status)
+                                                                    int version,
+                                                                    unsigned long long flags,
+                                                                    int *status)
 {
     (void)version;
     (void)flags;

@@ -262,8 +262,7 @@ static ncclResult_t attach(struct comm *c)
     if (creator) {
         for (int s = 0; s < c->nranks; s++)
             for (int d = 0; d < c->nranks; d++)
-                dx_tref_ring_init(ring_of(c, s, d), ring, 1, FAKE_NCCL_SLOTS,
-                                  FAKE_NCCL_SLOT_BYTES);
+                dx_tref_ring_init(ring_of(c, s, d), ring, 1, FAKE_NCCL_SLOTS, FAKE_NCCL_SLOT_BYTES);
         h->magic = FAKE_NCCL_MAGIC;
         h->nranks = (uint32_t)c->nranks;
         h->slots = FAKE_NCCL_SLOTS;
@@ -284,9 +283,8 @@ static ncclResult_t attach(struct comm *c)
         unlink(path); /* everyone has it mapped */
     while (atomic_load(&h->attached) < (uint32_t)c->nranks) {
         if (now_ms() > deadline) {
-            snprintf(c->last_error, sizeof(c->last_error),
-                     "only %u of %d ranks joined in %d ms", atomic_load(&h->attached), c->nranks,
-                     timeout_ms());
+            snprintf(c->last_error, sizeof(c->last_error), "only %u of %d ranks joined in %d ms",
+                     atomic_load(&h->attached), c->nranks, timeout_ms());
             unlink(path); /* the communicator is dead: leave nothing in /dev/shm */
             return ncclSystemError;
         }
@@ -399,8 +397,8 @@ static ncclResult_t xfer_step(struct xfer *x, int *progressed)
     if (x->send)
         rc = dx_tref_try_send(ring_of(c, c->rank, x->peer), 0, x->buf + x->off, len);
     else
-        rc = dx_tref_try_recv(ring_of(c, x->peer, c->rank), 0, x->buf + x->off,
-                              x->bytes - x->off, &got);
+        rc = dx_tref_try_recv(ring_of(c, x->peer, c->rank), 0, x->buf + x->off, x->bytes - x->off,
+                              &got);
     if (rc == -EAGAIN)
         return ncclSuccess;
     if (rc < 0) {
@@ -451,8 +449,9 @@ static ncclResult_t run_xfers(struct xfer *x, int n)
             for (int i = 0; i < n; i++)
                 if (!x[i].done)
                     snprintf(x[i].comm->last_error, sizeof(x[i].comm->last_error),
-                             "no progress in %d ms: %s rank %d at %zu of %zu bytes", timeout_ms(), x[i].send ? "send to" : "receive from",
-                             x[i].peer, x[i].off, x[i].bytes);
+                             "no progress in %d ms: %s rank %d at %zu of %zu bytes", timeout_ms(),
+                             x[i].send ? "send to" : "receive from", x[i].peer, x[i].off,
+                             x[i].bytes);
             return ncclSystemError;
         } else {
             sched_yield();
@@ -508,9 +507,11 @@ static int group_run(void *arg)
         struct op *o = &g->ops[i];
 
         if (o->kind != OP_ALLREDUCE) {
-            x[nx++] = (struct xfer){o->comm, o->kind == OP_SEND, o->peer,
-                                    o->kind == OP_SEND ? (unsigned char *)o->sbuf : o->rbuf,
-                                    o->bytes, 0, 0};
+            x[nx++] =
+                (struct xfer){o->comm,  o->kind == OP_SEND,
+                              o->peer,  o->kind == OP_SEND ? (unsigned char *)o->sbuf : o->rbuf,
+                              o->bytes, 0,
+                              0};
             continue;
         }
         for (int p = 0; p < o->comm->nranks; p++) {
@@ -637,8 +638,8 @@ static ncclResult_t add_op(const struct op *o, void *stream)
 API ncclResult_t ncclSend(const void *buf, size_t count, int dtype, int peer, ncclComm_t comm,
                           void *stream)
 {
-    const struct op o = {OP_SEND, comm, buf, NULL, count, count * dtype_size(dtype), dtype, 0,
-                         peer};
+    const struct op o = {OP_SEND, comm, buf, NULL, count, count * dtype_size(dtype),
+                         dtype,   0,    peer};
 
     return add_op(&o, stream);
 }
@@ -646,8 +647,8 @@ API ncclResult_t ncclSend(const void *buf, size_t count, int dtype, int peer, nc
 API ncclResult_t ncclRecv(void *buf, size_t count, int dtype, int peer, ncclComm_t comm,
                           void *stream)
 {
-    const struct op o = {OP_RECV, comm, NULL, buf, count, count * dtype_size(dtype), dtype, 0,
-                         peer};
+    const struct op o = {OP_RECV, comm, NULL, buf, count, count * dtype_size(dtype),
+                         dtype,   0,    peer};
 
     return add_op(&o, stream);
 }
@@ -655,8 +656,8 @@ API ncclResult_t ncclRecv(void *buf, size_t count, int dtype, int peer, ncclComm
 API ncclResult_t ncclAllReduce(const void *sbuf, void *rbuf, size_t count, int dtype, int redop,
                                ncclComm_t comm, void *stream)
 {
-    const struct op o = {OP_ALLREDUCE, comm, sbuf, rbuf, count, count * dtype_size(dtype),
-                         dtype, redop, 0};
+    const struct op o = {OP_ALLREDUCE, comm,  sbuf, rbuf, count, count * dtype_size(dtype),
+                         dtype,        redop, 0};
 
     if (redop != 0 && redop != 2 && redop != 3) /* sum, max, min */
         return ncclInvalidArgument;

@@ -320,7 +320,8 @@ static void overlap_gemm(struct gc *g, wk_cublas_t *lt)
     const int n = g->small ? 512 : 4096, in = g->small ? 1024 : 7168, out = g->small ? 512 : 2048;
     struct ck k = {.g = g};
     struct gemm_overlap o = {.lt = lt};
-    wk_cuda_ptr x = ck_dev(&k, (size_t)n * in * 2, NULL), w = ck_dev(&k, (size_t)out * in * 2, NULL);
+    wk_cuda_ptr x = ck_dev(&k, (size_t)n * in * 2, NULL),
+                w = ck_dev(&k, (size_t)out * in * 2, NULL);
     wk_cuda_ptr y = ck_dev(&k, (size_t)n * out * 4, NULL);
 
     if (k.rc == 0 && (wk_cuda_memset(g->c, x, 0x3c, (size_t)n * in * 2) < 0 ||

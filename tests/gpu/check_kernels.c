@@ -78,7 +78,8 @@ static void check_route(struct gc *g, const struct route_shape *s)
     float *scores = ck_host(&k, all * 4), *bias = ck_host(&k, (size_t)s->experts * 4);
     int *ids = ck_host(&k, nk * 4), *ids_d = ck_host(&k, nk * 4);
     float *gates = ck_host(&k, nk * 4), *gates_d = ck_host(&k, nk * 4);
-    int *counts = ck_host(&k, (size_t)s->experts * 4), *counts_d = ck_host(&k, (size_t)s->experts * 4);
+    int *counts = ck_host(&k, (size_t)s->experts * 4),
+        *counts_d = ck_host(&k, (size_t)s->experts * 4);
     char why[512] = "";
     int ok = 0;
     double ms = -1.0;
@@ -90,7 +91,8 @@ static void check_route(struct gc *g, const struct route_shape *s)
             ck_fail(&k, "dx_kref_route rejected the shape");
     }
     {
-        wk_cuda_ptr d_s = ck_dev(&k, all * 4, scores), d_b = ck_dev(&k, (size_t)s->experts * 4, bias);
+        wk_cuda_ptr d_s = ck_dev(&k, all * 4, scores),
+                    d_b = ck_dev(&k, (size_t)s->experts * 4, bias);
         wk_cuda_ptr d_ids = ck_dev(&k, nk * 4, NULL), d_g = ck_dev(&k, nk * 4, NULL);
         wk_cuda_ptr d_c = ck_dev(&k, (size_t)s->experts * 4, NULL);
         int n = s->n, E = s->experts, G = s->groups, lim = s->limit, tk = s->top_k;
@@ -108,7 +110,8 @@ static void check_route(struct gc *g, const struct route_shape *s)
     if (k.rc == 0) {
         ok = ck_compare(&k, "ids", ids_d, ids, nk, 4, 0, why, sizeof(why));
         ok &= ck_compare(&k, "gates", gates_d, gates, nk, 4, 1, why, sizeof(why));
-        ok &= ck_compare(&k, "counts", counts_d, counts, (size_t)s->experts, 4, 0, why, sizeof(why));
+        ok &=
+            ck_compare(&k, "counts", counts_d, counts, (size_t)s->experts, 4, 0, why, sizeof(why));
     }
     ck_finish(&k, "route_topk", s->name, ok, why, ms, -1.0);
     ck_done(&k);
@@ -199,12 +202,14 @@ static void check_dispatch(struct gc *g, const struct route_shape *s, int random
         why[0] = '\0';
         ok = k.rc == 0;
         if (ok) {
-            ok = ck_compare(&k, "expert_offset", lay_d, eoff, (size_t)E + 1, 4, 0, why, sizeof(why));
-            ok &= ck_compare(&k, "rank_rows", lay_d + E + 1, rrows, (size_t)R, 4, 0, why, sizeof(why));
+            ok =
+                ck_compare(&k, "expert_offset", lay_d, eoff, (size_t)E + 1, 4, 0, why, sizeof(why));
+            ok &= ck_compare(&k, "rank_rows", lay_d + E + 1, rrows, (size_t)R, 4, 0, why,
+                             sizeof(why));
             ok &= ck_compare(&k, "rank_offset", lay_d + E + 1 + R, roff, (size_t)R + 1, 4, 0, why,
-                          sizeof(why));
+                             sizeof(why));
             ok &= ck_compare(&k, "expert_slot", lay_d + E + 2 + 2 * R, eslot, (size_t)E, 4, 0, why,
-                          sizeof(why));
+                             sizeof(why));
         }
         ck_finish(&k, "dispatch_offsets", shape, ok, why, ms, -1.0);
     }
@@ -269,7 +274,7 @@ static void check_dispatch(struct gc *g, const struct route_shape *s, int random
         ms = ck_launch(&k, kf.combine, grid, 0, args, g->iters);
         snprintf(cs, sizeof(cs), "%s%s", shape, with_base ? " +base" : "");
         ck_finish(&k, "combine", cs, ok, why, ms,
-               gc_gbs(((double)K + 1.0 + with_base) * (double)xd * 4, ms));
+                  gc_gbs(((double)K + 1.0 + with_base) * (double)xd * 4, ms));
     }
     ck_done(&k);
 }
@@ -301,7 +306,8 @@ static void check_fp8(struct gc *g, int nrows, int cols, const char *name)
         dx_kref_fp8_quant(x, nrows, cols, q, sc);
         dx_kref_fp8_dequant(q, sc, nrows, cols, xr);
     }
-    wk_cuda_ptr d_x = ck_dev(&k, all * 4, x), d_q = ck_dev(&k, all, NULL), d_sc = ck_dev(&k, ns * 4, NULL);
+    wk_cuda_ptr d_x = ck_dev(&k, all * 4, x), d_q = ck_dev(&k, all, NULL),
+                d_sc = ck_dev(&k, ns * 4, NULL);
     wk_cuda_ptr d_xr = ck_dev(&k, all * 4, NULL);
     int rr = nrows, cc = cols;
     unsigned grid = gc_warp_grid(g, ns);
@@ -316,7 +322,7 @@ static void check_fp8(struct gc *g, int nrows, int cols, const char *name)
             ok &= ck_compare(&k, "scales", sc_d, sc, ns, 4, 1, why, sizeof(why));
         }
         ck_finish(&k, "fp8_quant_1x128", shape, ok, why, ms,
-               gc_gbs((double)all * 5 + (double)ns * 4, ms));
+                  gc_gbs((double)all * 5 + (double)ns * 4, ms));
     }
     /* dequant from the reference codes and scales */
     if (k.rc == 0 &&
@@ -329,7 +335,7 @@ static void check_fp8(struct gc *g, int nrows, int cols, const char *name)
         why[0] = '\0';
         ok = k.rc == 0 && ck_compare(&k, "x'", xr_d, xr, all, 4, 1, why, sizeof(why));
         ck_finish(&k, "fp8_dequant_1x128", shape, ok, why, ms,
-               gc_gbs((double)all * 5 + (double)ns * 4, ms));
+                  gc_gbs((double)all * 5 + (double)ns * 4, ms));
     }
     ck_done(&k);
 }
@@ -474,7 +480,8 @@ static void check_swiglu(struct gc *g, int rows, int hidden, const char *name)
             dh1[i] = da[i] * h3[i] * sg * (1.0f + z * (1.0f - sg));
         }
     }
-    wk_cuda_ptr d_h1 = ck_dev(&k, n * 4, h1), d_h3 = ck_dev(&k, n * 4, h3), d_da = ck_dev(&k, n * 4, da);
+    wk_cuda_ptr d_h1 = ck_dev(&k, n * 4, h1), d_h3 = ck_dev(&k, n * 4, h3),
+                d_da = ck_dev(&k, n * 4, da);
     wk_cuda_ptr d_act = ck_dev(&k, n * 4, NULL), d_dh1 = ck_dev(&k, n * 4, NULL);
     wk_cuda_ptr d_dh3 = ck_dev(&k, n * 4, NULL);
     {
@@ -647,7 +654,7 @@ done:
         g->failed++;
     }
     gc_add_row(g, "copy DtoD (ceiling)", shape, k.rc < 0 ? "FAIL" : "-", per,
-            k.rc < 0 ? -1.0 : g->copy_gbs);
+               k.rc < 0 ? -1.0 : g->copy_gbs);
     ck_done(&k);
 }
 
@@ -665,14 +672,14 @@ static int setup(struct gc *g)
                                                  "dx_combine"};
     static const char *const fp8_names[] = {"dx_fp8_quant_1x128", "dx_fp8_dequant_1x128"};
     static const char *const elementwise_names[] = {
-        "dx_rmsnorm_fwd", "dx_rmsnorm_bwd", "dx_rmsnorm_dg",       "dx_swiglu_fwd",
+        "dx_rmsnorm_fwd", "dx_rmsnorm_bwd",      "dx_rmsnorm_dg",      "dx_swiglu_fwd",
         "dx_swiglu_bwd",  "dx_softmax_xent_fwd", "dx_softmax_xent_bwd"};
     wk_cuda_function_t *const route_fns[] = {&kf.route};
     wk_cuda_function_t *const dispatch_fns[] = {&kf.count, &kf.offsets, &kf.rows, &kf.pack,
                                                 &kf.combine};
     wk_cuda_function_t *const fp8_fns[] = {&kf.quant, &kf.dequant};
-    wk_cuda_function_t *const elementwise_fns[] = {&kf.rms_fwd, &kf.rms_bwd, &kf.rms_dg, &kf.swi_fwd,
-                                                   &kf.swi_bwd, &kf.sx_fwd,  &kf.sx_bwd};
+    wk_cuda_function_t *const elementwise_fns[] = {
+        &kf.rms_fwd, &kf.rms_bwd, &kf.rms_dg, &kf.swi_fwd, &kf.swi_bwd, &kf.sx_fwd, &kf.sx_bwd};
 
     if (GC_MODULE(g, routing, &route) < 0 || GC_MODULE(g, dispatch, &dispatch) < 0 ||
         GC_MODULE(g, fp8, &fp8) < 0 || GC_MODULE(g, elementwise, &elementwise) < 0)

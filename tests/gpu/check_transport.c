@@ -6,8 +6,8 @@
  *
  * Two processes. gc_check_transport forks and execs this program as
  * `duplex-gpucheck --transport-peer FD DEVICE KIND CHANNELS SLOTS SLOT_BYTES
- * THREADS NMSG SEED CUDA_LIB` (CUDA_LIB "-": the default driver; fork before the child touches CUDA, exec so it starts
- * with a fresh CUDA state); the peer (gc_transport_peer) opens the driver
+ * THREADS NMSG SEED CUDA_LIB` (CUDA_LIB "-": the default driver; fork before the child touches
+ * CUDA, exec so it starts with a fresh CUDA state); the peer (gc_transport_peer) opens the driver
  * itself, is the RECEIVER: it creates the ring, sends its descriptor over the
  * socketpair FD, receives the message stream into a buffer poisoned with
  * 0xff, regenerates every message from the seed and reports the bytes that
@@ -807,7 +807,7 @@ struct overlap {
     wk_cuda_ptr src, dst, off, len, cap, rlen, serr, rerr;
     int (*compute)(void *, wk_cuda_stream, int);
     void *arg;
-    int reps; /* the compute's repeat count, calibrated to the transport's time */
+    int reps;      /* the compute's repeat count, calibrated to the transport's time */
     void *host[5]; /* overlap_verify's downloads */
 };
 
@@ -955,7 +955,7 @@ void gc_overlap(struct gc *g, const char *what, int (*compute)(void *, wk_cuda_s
     /* warm up (and calibrate the default compute to the transport's time) */
     alone_t = overlap_round(&o, 1, 0);
     if (k.rc == 0 && !overlap_verify(&o, why, sizeof(why)))
-        alone_t = -1.0; /* a broken transport: no rounds of 70 s timeouts */
+        alone_t = -1.0;  /* a broken transport: no rounds of 70 s timeouts */
     if (alone_t > 0.0) { /* the compute as long as the transport: the hardest case */
         double per = overlap_round(&o, 0, 1) / calibrate_reps;
 

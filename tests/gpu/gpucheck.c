@@ -84,8 +84,8 @@ wk_cuda_ptr ck_dev(struct ck *k, size_t bytes, const void *src)
         return 0;
     }
     k->d[k->nd++] = p;
-    if ((src ? wk_cuda_upload(k->g->c, p, src, bytes) : wk_cuda_memset(k->g->c, p, GC_POISON, bytes)) <
-        0)
+    if ((src ? wk_cuda_upload(k->g->c, p, src, bytes)
+             : wk_cuda_memset(k->g->c, p, GC_POISON, bytes)) < 0)
         ck_fail(k, wk_cuda_error(k->g->c));
     return p;
 }
@@ -106,8 +106,8 @@ void ck_done(struct ck *k)
 }
 
 /* Launches fn iters times between two events; ms per launch. */
-double ck_launch(struct ck *k, wk_cuda_function_t fn, unsigned grid, unsigned shmem,
-                     void **args, int iters)
+double ck_launch(struct ck *k, wk_cuda_function_t fn, unsigned grid, unsigned shmem, void **args,
+                 int iters)
 {
     struct gc *g = k->g;
     wk_cuda_event start = NULL, end = NULL;
@@ -147,8 +147,8 @@ unsigned gc_warp_grid(const struct gc *g, size_t items)
 
 /* --- comparison and the table --------------------------------------------- */
 
-void gc_add_row(struct gc *g, const char *check, const char *shape, const char *result,
-                    double ms, double gbs)
+void gc_add_row(struct gc *g, const char *check, const char *shape, const char *result, double ms,
+                double gbs)
 {
     struct gc_row *r;
 
@@ -165,7 +165,7 @@ void gc_add_row(struct gc *g, const char *check, const char *shape, const char *
 /* Bitwise comparison of n elements of 4 bytes (floats when is_float) or 1
  * byte; appends "differ" details to res. 1 when equal. */
 int ck_compare(struct ck *k, const char *name, const void *got, const void *want, size_t n,
-                   size_t elem, int is_float, char *res, size_t reslen)
+               size_t elem, int is_float, char *res, size_t reslen)
 {
     size_t bad = 0, first = 0;
     double maxerr = 0.0;
@@ -213,8 +213,8 @@ int ck_compare(struct ck *k, const char *name, const void *got, const void *want
  * rms(want)) (NaN: infinite) against bound, which the row keeps; the
  * largest err goes to k->maxerr whether or not it passes. 1 when all are
  * within. */
-int ck_compare_rel(struct ck *k, const char *name, const float *got, const float *want,
-                       size_t n, double bound, char *res, size_t reslen)
+int ck_compare_rel(struct ck *k, const char *name, const float *got, const float *want, size_t n,
+                   double bound, char *res, size_t reslen)
 {
     size_t bad = 0, first = 0, used = strlen(res);
     double maxerr = 0.0, ss = 0.0, floor_;
@@ -246,7 +246,7 @@ int ck_compare_rel(struct ck *k, const char *name, const float *got, const float
 
 /* Ends a check: its row, PASS / FAIL with the reason. */
 void ck_finish(struct ck *k, const char *check, const char *shape, int ok, const char *why,
-                   double ms, double gbs)
+               double ms, double gbs)
 {
     char res[96];
 
@@ -293,8 +293,7 @@ unsigned gc_elem_grid(const struct gc *g, size_t items)
 }
 
 /* Re-launches an idempotent kernel iters times for its time, once it passed. */
-double ck_retime(struct ck *k, int ok, wk_cuda_function_t fn, unsigned grid, void **args,
-                     double ms)
+double ck_retime(struct ck *k, int ok, wk_cuda_function_t fn, unsigned grid, void **args, double ms)
 {
     return ok ? ck_launch(k, fn, grid, 0, args, k->g->iters) : ms;
 }
@@ -444,8 +443,7 @@ int main(int argc, char **argv)
         }
         fprintf(stderr, "duplex-gpucheck: checking the kernels only\n");
     }
-    if (wk_cuda_context(g.c, g.device) < 0 ||
-        wk_cuda_device_info(g.c, &major, &minor, &sms) < 0) {
+    if (wk_cuda_context(g.c, g.device) < 0 || wk_cuda_device_info(g.c, &major, &minor, &sms) < 0) {
         fprintf(stderr, "duplex-gpucheck: %s\n", wk_cuda_error(g.c));
         goto out;
     }

@@ -36,7 +36,7 @@ struct gc_row {
 
 struct gc {
     wk_cuda_t *c;
-    int full;         /* NCCL and cuBLASLt are open too (else: driver only) */
+    int full;             /* NCCL and cuBLASLt are open too (else: driver only) */
     const char *self;     /* argv[0], for checks that start a peer process */
     const char *cuda_lib; /* --cuda-lib, which the peer opens too (NULL: default) */
     int device, small, iters;
@@ -115,10 +115,10 @@ void gc_check_kernels(struct gc *g);   /* check_kernels.c: routing, dispatch, fp
 void gc_time_copy(struct gc *g);       /* check_kernels.c: the copy ceiling */
 void gc_check_attention(struct gc *g); /* check_attention.c: causal attention fwd / bwd */
 void gc_check_train_kernels(struct gc *g); /* check_train_kernels.c: embedding, AdamW, ... */
-void gc_check_twohop(struct gc *g);    /* check_twohop.c: node-limited two-hop dispatch */
-void gc_check_gemm(struct gc *g);      /* check_gemm.c: cuBLASLt as worker/cublas.c calls it */
-void gc_check_nccl(struct gc *g);      /* check_nccl.c: NCCL as worker/nccl.c calls it */
-void gc_check_transport(struct gc *g); /* check_transport.c: the IPC transport, two processes */
+void gc_check_twohop(struct gc *g);        /* check_twohop.c: node-limited two-hop dispatch */
+void gc_check_gemm(struct gc *g);          /* check_gemm.c: cuBLASLt as worker/cublas.c calls it */
+void gc_check_nccl(struct gc *g);          /* check_nccl.c: NCCL as worker/nccl.c calls it */
+void gc_check_transport(struct gc *g);     /* check_transport.c: the IPC transport, two processes */
 /* check_transport.c: the overlap benchmark. The transport runs on 20 + 20
  * channels (sender and receiver, one SM each) of one local ring beside
  * compute(arg, stream, reps) on another stream (it enqueues its work, done
@@ -126,8 +126,9 @@ void gc_check_transport(struct gc *g); /* check_transport.c: the IPC transport, 
  * alone takes as long as the transport alone (the hardest case), starting
  * from calibrate_reps; the row passes when both together take at most 1.15
  * x the longer alone. */
-void gc_overlap(struct gc *g, const char *what, int (*compute)(void *arg, wk_cuda_stream s, int reps),
-                void *arg, int calibrate_reps);
+void gc_overlap(struct gc *g, const char *what,
+                int (*compute)(void *arg, wk_cuda_stream s, int reps), void *arg,
+                int calibrate_reps);
 /* check_transport.c: the peer process of gc_check_transport (duplex-gpucheck
  * --transport-peer ...); its exit status */
 int gc_transport_peer(int argc, char **argv);

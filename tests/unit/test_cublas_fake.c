@@ -39,8 +39,8 @@ struct fixture {
 
 static void setup(struct fixture *f)
 {
-    struct wk_cuda_paths paths = {.cuda = fake_path(), .nccl = fake_path(),
-                                  .cublaslt = fake_path()};
+    struct wk_cuda_paths paths = {
+        .cuda = fake_path(), .nccl = fake_path(), .cublaslt = fake_path()};
     char err[512];
 
     memset(f, 0, sizeof(*f));
@@ -88,8 +88,8 @@ static void expect_close(const float *got, const float *want, size_t n, double b
     for (size_t i = 0; i < n; i++) {
         double e = fabs((double)got[i] - want[i]) / fmax(fabs((double)want[i]), rms);
 
-        cr_assert(e <= bound && !isnan(got[i]), "%s[%zu] = %.9g, want %.9g (rel %.3g > %.1g)",
-                  what, i, (double)got[i], (double)want[i], e, bound);
+        cr_assert(e <= bound && !isnan(got[i]), "%s[%zu] = %.9g, want %.9g (rel %.3g > %.1g)", what,
+                  i, (double)got[i], (double)want[i], e, bound);
     }
 }
 

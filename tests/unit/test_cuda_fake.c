@@ -329,8 +329,8 @@ Test(cuda_fake, transport_kernels_stream_messages_between_streams)
     cr_assert_eq(wk_cuda_stream_create(c, &ss), 0);
     cr_assert_eq(wk_cuda_stream_create(c, &rs), 0);
     {
-        void *rargs[] = {&d_ring, &slots, &slot_bytes, &d_dst, &d_off, &d_cap, &nmsg, &d_got,
-                         &d_rerr};
+        void *rargs[] = {&d_ring, &slots, &slot_bytes, &d_dst, &d_off,
+                         &d_cap,  &nmsg,  &d_got,      &d_rerr};
         void *sargs[] = {&d_ring, &slots, &slot_bytes, &d_src, &d_off, &d_len, &nmsg, &d_serr};
 
         cr_assert_eq(wk_cuda_launch_on(c, rs, recv, grid, block, 0, rargs), 0);

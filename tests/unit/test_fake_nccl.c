@@ -165,8 +165,7 @@ Test(fake_nccl, three_ranks_all_reduce_exchange_and_split, .timeout = 60)
 
         cr_assert_eq(waitpid(pid[r], &status, 0), pid[r]);
         cr_assert(WIFEXITED(status), "rank %d died", r);
-        cr_assert_eq(WEXITSTATUS(status), 0, "rank %d failed at step %d", r,
-                     WEXITSTATUS(status));
+        cr_assert_eq(WEXITSTATUS(status), 0, "rank %d failed at step %d", r, WEXITSTATUS(status));
     }
 }
 
@@ -190,8 +189,8 @@ Test(fake_nccl, a_missing_rank_is_not_waited_for_forever, .timeout = 30)
 
 static int wk_rank_main(const unsigned char *id, int rank)
 {
-    struct wk_cuda_paths paths = {.cuda = fake_path(), .nccl = fake_path(),
-                                  .cublaslt = fake_path()};
+    struct wk_cuda_paths paths = {
+        .cuda = fake_path(), .nccl = fake_path(), .cublaslt = fake_path()};
     enum { N = 4099 };
     wk_cuda_t *c = NULL;
     wk_cuda_stream s = NULL;
@@ -248,8 +247,8 @@ static int wk_rank_main(const unsigned char *id, int rank)
 
 Test(fake_nccl, the_workers_nccl_layer_runs_on_it_between_two_processes, .timeout = 60)
 {
-    struct wk_cuda_paths paths = {.cuda = fake_path(), .nccl = fake_path(),
-                                  .cublaslt = fake_path()};
+    struct wk_cuda_paths paths = {
+        .cuda = fake_path(), .nccl = fake_path(), .cublaslt = fake_path()};
     unsigned char id[WK_NCCL_ID_BYTES];
     wk_cuda_t *c = NULL;
     char err[512];
