@@ -334,7 +334,7 @@ format: deps-dev
 format-check: deps-dev
 	clang-format --dry-run --Werror $(FORMAT_FILES)
 
-LINT_DIRS := common proto pipeline coordinator worker worker/model ctl kernels tests/gpu
+LINT_DIRS := common proto pipeline coordinator worker worker/model ctl kernels tests/gpu tests/fake
 
 # cppcheck, then clang-tidy with the checks in .clang-tidy (all must pass).
 lint: deps-dev $(PROTO_H)

@@ -119,9 +119,12 @@ static int transport_send(const struct fake_grid *g, void **args)
                 rc = -EINVAL;
                 break;
             }
-            while ((rc = dx_tref_try_send(ring, c, src + off[m], len[m])) == -EAGAIN)
-                if (now_ms() > deadline)
+            while ((rc = dx_tref_try_send(ring, c, src + off[m], len[m])) == -EAGAIN) {
+                if (now_ms() > deadline) {
                     rc = -ETIMEDOUT;
+                    break;
+                }
+            }
         }
         err[c] = rc;
     }
@@ -151,9 +154,12 @@ static int transport_recv(const struct fake_grid *g, void **args)
                 rc = -EINVAL;
                 break;
             }
-            while ((rc = dx_tref_try_recv(ring, c, dst + off[m], cap[m], &got)) == -EAGAIN)
-                if (now_ms() > deadline)
+            while ((rc = dx_tref_try_recv(ring, c, dst + off[m], cap[m], &got)) == -EAGAIN) {
+                if (now_ms() > deadline) {
                     rc = -ETIMEDOUT;
+                    break;
+                }
+            }
             if (rc == 0 || rc == -ENOBUFS)
                 out_len[m] = got;
         }

@@ -517,7 +517,7 @@ static int group_run(void *arg)
         for (int p = 0; p < o->comm->nranks; p++) {
             if (p == o->comm->rank)
                 continue;
-            if (!(tmp[nt] = malloc(o->bytes ? o->bytes : 1))) {
+            if (!(tmp[nt] = calloc(1, o->bytes ? o->bytes : 1))) {
                 rc = ncclSystemError;
                 goto done;
             }
@@ -531,22 +531,25 @@ static int group_run(void *arg)
     for (int i = 0, t = 0; i < g->n; i++) {
         struct op *o = &g->ops[i];
         unsigned char *acc;
-        int first = 1;
 
         if (o->kind != OP_ALLREDUCE)
             continue;
-        if (!(acc = malloc(o->bytes ? o->bytes : 1))) {
+        if (!(acc = calloc(1, o->bytes ? o->bytes : 1))) {
             rc = ncclSystemError;
             goto done;
         }
         for (int p = 0; p < o->comm->nranks; p++) {
             const void *v = p == o->comm->rank ? o->sbuf : tmp[t + (p < o->comm->rank ? p : p - 1)];
 
-            if (first)
+            if (!v || t + o->comm->nranks - 1 > nt) {
+                free(acc);
+                rc = ncclInternalError;
+                goto done;
+            }
+            if (p == 0)
                 memcpy(acc, v, o->bytes);
             else
                 reduce(acc, v, o->count, o->dtype, o->redop);
-            first = 0;
         }
         memcpy(o->rbuf, acc, o->bytes);
         free(acc);
