@@ -728,6 +728,11 @@ static CUresult fk_func_set_attribute(const struct fake_kernel *k, int attr, int
     return k && value >= 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
 
+void fake_sync_all(void)
+{
+    drain_all();
+}
+
 int fake_stream_host(void *stream, int (*fn)(void *arg), void *arg)
 {
     struct task *t = calloc(1, sizeof(*t));

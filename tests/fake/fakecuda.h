@@ -34,5 +34,7 @@ const struct fake_kernel *fakecuda_kernel(int i);
  * in order with its launches; a nonzero return is a fault, as for a kernel
  * (tests/fake/fakenccl.c runs its communication this way). 0 or -ENOMEM. */
 int fake_stream_host(void *stream, int (*fn)(void *arg), void *arg);
+/* Waits for every stream's queued work (what cuCtxSynchronize does). */
+void fake_sync_all(void);
 
 #endif

@@ -334,10 +334,13 @@ API ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId id,
     return comm_init(comm, nranks, f.token, rank);
 }
 
+/* Both wait for the operations queued on the communicator (aborted ones
+ * give up at once) before freeing it. */
 API ncclResult_t ncclCommDestroy(ncclComm_t comm)
 {
     if (!comm)
         return ncclInvalidArgument;
+    fake_sync_all();
     comm_free(comm);
     return ncclSuccess;
 }
@@ -347,8 +350,8 @@ API ncclResult_t ncclCommAbort(ncclComm_t comm)
     if (!comm)
         return ncclInvalidArgument;
     atomic_store(&comm->aborted, 1);
-    /* the stream's operations stop waiting; the memory stays until the
-     * process ends, as they may still be looking at it */
+    fake_sync_all();
+    comm_free(comm);
     return ncclSuccess;
 }
 

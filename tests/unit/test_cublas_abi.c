@@ -27,6 +27,7 @@
 
 #include "worker/cublas.h"
 #include "worker/model/tensor.h"
+#include "tests/unit/fakestack.h"
 
 #ifdef DX_HAVE_CUDA_HEADERS
 #include <cublasLt.h>
@@ -188,22 +189,9 @@ const char *__lsan_default_suppressions(void)
 
 /* $(BUILD)/lib/libfakecuda.so (the fake driver and NCCL), from this test's
  * $(BUILD)/tests/unit/ */
-static const char *fake_path(void)
-{
-    static char path[PATH_MAX];
-    char exe[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-
-    cr_assert_gt(n, 0);
-    exe[n] = '\0';
-    snprintf(path, sizeof(path), "%s/../../lib/libfakecuda.so", dirname(exe));
-    cr_assert_eq(access(path, R_OK), 0, "%s is not built (make test-build)", path);
-    return path;
-}
-
 Test(cublas_create, refuses_a_driver_only_stack)
 {
-    struct wk_cuda_paths paths = {.cuda = fake_path(), .driver_only = 1};
+    struct wk_cuda_paths paths = {.cuda = fakestack_path(), .driver_only = 1};
     wk_cuda_t *c = NULL;
     wk_cublas_t *lt = (wk_cublas_t *)&paths;
     char err[512];
@@ -222,7 +210,7 @@ Test(cublas_create, refuses_a_driver_only_stack)
 Test(cublas_create, resolves_the_real_library_and_names_its_failure)
 {
     void *probe = open_cublaslt();
-    struct wk_cuda_paths paths = {.cuda = fake_path(), .nccl = fake_path()};
+    struct wk_cuda_paths paths = {.cuda = fakestack_path(), .nccl = fakestack_path()};
     wk_cuda_t *c = NULL;
     wk_cublas_t *lt = NULL;
     char err[512] = "";

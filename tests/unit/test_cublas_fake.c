@@ -18,18 +18,7 @@
 #include "worker/cublas.h"
 #include "worker/cuda.h"
 #include "worker/model/tensor.h"
-
-static const char *fake_path(void)
-{
-    static char path[PATH_MAX];
-    char exe[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-
-    cr_assert_gt(n, 0);
-    exe[n] = '\0';
-    snprintf(path, sizeof(path), "%s/../../lib/libfakecuda.so", dirname(exe));
-    return path;
-}
+#include "tests/unit/fakestack.h"
 
 struct fixture {
     wk_cuda_t *c;
@@ -40,7 +29,7 @@ struct fixture {
 static void setup(struct fixture *f)
 {
     struct wk_cuda_paths paths = {
-        .cuda = fake_path(), .nccl = fake_path(), .cublaslt = fake_path()};
+        .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
     char err[512];
 
     memset(f, 0, sizeof(*f));

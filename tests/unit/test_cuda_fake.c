@@ -22,24 +22,12 @@
 #include "kernels/transport_ref.h"
 #include "tests/fake/fakecuda.h"
 #include "worker/cuda.h"
+#include "tests/unit/fakestack.h"
 
 /* $(BUILD)/lib/libfakecuda.so, from this test's $(BUILD)/tests/unit/ */
-static const char *fake_path(void)
-{
-    static char path[PATH_MAX];
-    char exe[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-
-    cr_assert_gt(n, 0);
-    exe[n] = '\0';
-    snprintf(path, sizeof(path), "%s/../../lib/libfakecuda.so", dirname(exe));
-    cr_assert_eq(access(path, R_OK), 0, "%s is not built (make test-build)", path);
-    return path;
-}
-
 static wk_cuda_t *open_fake(void)
 {
-    struct wk_cuda_paths paths = {.cuda = fake_path(), .driver_only = 1};
+    struct wk_cuda_paths paths = {.cuda = fakestack_path(), .driver_only = 1};
     wk_cuda_t *c = NULL;
     char err[512];
 
@@ -88,7 +76,7 @@ Test(cuda_fake, opens_and_describes_the_device)
 
 Test(cuda_fake, a_device_that_does_not_exist_is_refused)
 {
-    struct wk_cuda_paths paths = {.cuda = fake_path(), .driver_only = 1};
+    struct wk_cuda_paths paths = {.cuda = fakestack_path(), .driver_only = 1};
     wk_cuda_t *c = NULL;
     char err[256];
 
@@ -427,7 +415,7 @@ Test(cuda_fake, every_fake_kernel_takes_the_real_kernels_arguments)
 {
     char dir[PATH_MAX], exe[PATH_MAX], all[1 << 14] = "", problem[512] = "";
     ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-    void *lib = dlopen(fake_path(), RTLD_NOW | RTLD_LOCAL);
+    void *lib = dlopen(fakestack_path(), RTLD_NOW | RTLD_LOCAL);
     const struct fake_kernel *(*kernel)(int);
     char *ptx[64];
     int nptx = 0, checked = 0;

@@ -18,7 +18,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "tests/unit/fakestack.h"
 #include "worker/cuda.h"
+#include "worker/nccl.h"
 
 typedef struct {
     char internal[128];
@@ -44,21 +46,9 @@ struct nccl {
 #define NCCL_SUM 0
 #define RANKS 3
 
-static const char *fake_path(void)
-{
-    static char path[PATH_MAX];
-    char exe[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-
-    cr_assert_gt(n, 0);
-    exe[n] = '\0';
-    snprintf(path, sizeof(path), "%s/../../lib/libfakecuda.so", dirname(exe));
-    return path;
-}
-
 static int load(struct nccl *n)
 {
-    void *h = dlopen(fake_path(), RTLD_NOW | RTLD_LOCAL);
+    void *h = dlopen(fakestack_path(), RTLD_NOW | RTLD_LOCAL);
 
     if (!h)
         return -1;
@@ -84,7 +74,7 @@ static float value(int rank, size_t i)
 /* One rank's whole run; 0 when everything it saw was right. */
 static int rank_main(const nccl_id *id, int rank)
 {
-    struct wk_cuda_paths paths = {.cuda = fake_path(), .driver_only = 1};
+    struct wk_cuda_paths paths = {.cuda = fakestack_path(), .driver_only = 1};
     enum { N = 1000, BIG = 1 << 20 };
     struct nccl n;
     wk_cuda_t *c = NULL;
@@ -152,7 +142,7 @@ Test(fake_nccl, three_ranks_all_reduce_exchange_and_split, .timeout = 60)
     nccl_id id;
     pid_t pid[RANKS];
 
-    cr_assert_eq(load(&n), 0, "%s", fake_path());
+    cr_assert_eq(load(&n), 0, "%s", fakestack_path());
     cr_assert_eq(n.get_unique_id(&id), 0);
     for (int r = 0; r < RANKS; r++) {
         pid[r] = fork();
@@ -185,12 +175,10 @@ Test(fake_nccl, a_missing_rank_is_not_waited_for_forever, .timeout = 30)
 
 /* --- worker/nccl.c on the fake, between two processes ----------------------- */
 
-#include "worker/nccl.h"
-
 static int wk_rank_main(const unsigned char *id, int rank)
 {
     struct wk_cuda_paths paths = {
-        .cuda = fake_path(), .nccl = fake_path(), .cublaslt = fake_path()};
+        .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
     enum { N = 4099 };
     wk_cuda_t *c = NULL;
     wk_cuda_stream s = NULL;
@@ -248,7 +236,7 @@ static int wk_rank_main(const unsigned char *id, int rank)
 Test(fake_nccl, the_workers_nccl_layer_runs_on_it_between_two_processes, .timeout = 60)
 {
     struct wk_cuda_paths paths = {
-        .cuda = fake_path(), .nccl = fake_path(), .cublaslt = fake_path()};
+        .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
     unsigned char id[WK_NCCL_ID_BYTES];
     wk_cuda_t *c = NULL;
     char err[512];
