@@ -56,7 +56,7 @@ COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c co
               coordinator/jobspec.c coordinator/placement.c coordinator/plan.c \
               coordinator/jobs.c coordinator/nccl_id.c
 WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c worker/data.c worker/train.c \
-              worker/cpu.c worker/cuda.c worker/cublas.c worker/nccl.c worker/ipcring.c \
+              worker/cpu.c worker/cuda.c worker/cublas.c worker/nccl.c worker/ipcring.c worker/gpu.c \
               $(wildcard worker/model/*.c)
 KREF_SRC   := $(wildcard kernels/*_ref.c) kernels/ref.c
 CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
@@ -78,6 +78,13 @@ LIB_WORKER := $(BUILD)/lib/libdxworker.a
 LIB_CTL    := $(BUILD)/lib/libdxctl.a
 # CPU references of the CUDA kernels (kernels/ref.c); tests link them
 LIB_KREF   := $(BUILD)/lib/libdxkref.a
+# the CUDA kernels' images (see "CUDA kernels" below), where nvcc is found:
+# then the worker links them (worker/gpu.c, DX_HAVE_KERNELS)
+ifeq ($(origin NVCC),undefined)
+NVCC := $(shell command -v nvcc 2>/dev/null)
+endif
+LIB_KERNELS := $(BUILD)/lib/libdxkernels.a
+WITH_KERNELS := $(if $(NVCC),$(LIB_KERNELS))
 ALL_LIBS   := $(LIB_CTL) $(LIB_WORKER) $(LIB_COORD) $(LIB_PIPE) $(LIB_KREF) $(LIB_COMMON)
 
 BINS       := $(BUILD)/bin/duplexd $(BUILD)/bin/duplex-worker $(BUILD)/bin/duplexctl
@@ -137,8 +144,11 @@ $(ALL_LIBS):
 	rm -f $@ && $(AR) rcs $@ $^
 
 $(BUILD)/bin/duplexd: $(BUILD)/obj/coordinator/main.o $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
-$(BUILD)/bin/duplex-worker: $(BUILD)/obj/worker/main.o $(LIB_WORKER) $(LIB_COORD) $(LIB_PIPE) \
-                            $(LIB_KREF) $(LIB_COMMON)
+$(BUILD)/bin/duplex-worker: $(BUILD)/obj/worker/main.o $(LIB_WORKER) $(WITH_KERNELS) $(LIB_COORD) \
+                            $(LIB_PIPE) $(LIB_KREF) $(LIB_COMMON)
+ifneq ($(NVCC),)
+$(BUILD)/obj/worker/gpu.o: CFLAGS_ALL += -DDX_HAVE_KERNELS
+endif
 $(BUILD)/bin/duplexctl: $(BUILD)/obj/ctl/main.o $(LIB_CTL) $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
 $(BINS):
 	@mkdir -p $(dir $@)
@@ -151,9 +161,6 @@ $(BINS):
 # a loader to cuModuleLoadData. Built when nvcc is found; a kernel that does
 # not assemble fails the build.
 
-ifeq ($(origin NVCC),undefined)
-NVCC := $(shell command -v nvcc 2>/dev/null)
-endif
 ifeq ($(origin PTXAS),undefined)
 PTXAS := $(if $(NVCC),$(or $(wildcard $(dir $(NVCC))ptxas),$(shell command -v ptxas 2>/dev/null)))
 endif
@@ -163,7 +170,6 @@ KERNEL_SRC  := $(wildcard kernels/*.cu)
 KERNEL_NAMES := $(patsubst kernels/%.cu,%,$(KERNEL_SRC))
 KERNEL_GEN  := $(foreach k,$(KERNEL_NAMES),$(BUILD)/gen/kernels/$(k)_ptx.c \
                  $(BUILD)/gen/kernels/$(k)_cubin.c)
-LIB_KERNELS := $(BUILD)/lib/libdxkernels.a
 
 ifneq ($(NVCC),)
 kernels: $(LIB_KERNELS)
@@ -275,9 +281,10 @@ $(BUILD)/obj/tests/unit/%_abi.o: CFLAGS_ALL += -DDX_HAVE_CUDA_HEADERS -isystem $
                                                -isystem /usr/local/include
 endif
 
-$(BUILD)/tests/unit/%: $(BUILD)/obj/tests/unit/%.o $(ALL_LIBS)
+$(BUILD)/tests/unit/%: $(BUILD)/obj/tests/unit/%.o $(ALL_LIBS) $(WITH_KERNELS)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS_ALL) -o $@ $< $(ALL_LIBS) $(LIBS) -lcriterion
+	$(CC) $(LDFLAGS_ALL) -o $@ $< $(LIB_CTL) $(LIB_WORKER) $(WITH_KERNELS) $(LIB_COORD) $(LIB_PIPE) \
+	    $(LIB_KREF) $(LIB_COMMON) $(LIBS) -lcriterion
 
 $(BUILD)/tests/fuzz/fuzz_%_replay: $(BUILD)/obj/tests/fuzz/fuzz_%.o \
                                    $(BUILD)/obj/tests/fuzz/replay_main.o $(LIB_COMMON)

@@ -1,0 +1,223 @@
+/* gpu.c - one GPU for the cuda backend (gpu.h): owns the loaded modules,
+ * the resolved kernels, the cuBLASLt handle and the two streams. The kernel
+ * images come from libdxkernels.a (kernels/embed.py), linked in when the
+ * build had nvcc (DX_HAVE_KERNELS). */
+#include "worker/gpu.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ERR_MAX 512
+#define DESCRIBE_MAX 512
+
+/* the modules, in load order */
+#define WK_GPU_MODULES(X)                                                                          \
+    X(routing) X(dispatch) X(elementwise) X(attention) X(train) X(convert) X(fp8) X(twohop)        \
+        X(transport)
+
+enum gpu_module {
+#define MOD_ENUM(m) MOD_##m,
+    WK_GPU_MODULES(MOD_ENUM)
+#undef MOD_ENUM
+        MOD_COUNT
+};
+
+struct image {
+    const char *name;
+    const unsigned char *cubin, *ptx;
+    size_t cubin_len;
+};
+
+#ifdef DX_HAVE_KERNELS
+#define MOD_EXTERN(m)                                                                              \
+    extern const unsigned char dx_kernel_##m##_cubin[];                                            \
+    extern const size_t dx_kernel_##m##_cubin_len;                                                 \
+    extern const unsigned char dx_kernel_##m##_ptx[];
+WK_GPU_MODULES(MOD_EXTERN)
+#undef MOD_EXTERN
+#define MOD_IMAGE(m) {#m, dx_kernel_##m##_cubin, dx_kernel_##m##_ptx, 0},
+static struct image images[MOD_COUNT] = {WK_GPU_MODULES(MOD_IMAGE)};
+#undef MOD_IMAGE
+
+static void image_lengths(void)
+{
+#define MOD_LEN(m) images[MOD_##m].cubin_len = dx_kernel_##m##_cubin_len;
+    WK_GPU_MODULES(MOD_LEN)
+#undef MOD_LEN
+}
+#else
+static struct image images[MOD_COUNT];
+
+static void image_lengths(void)
+{
+}
+#endif
+
+static const struct {
+    enum gpu_module mod;
+    const char *name;
+} kernels[WK_K_COUNT] = {
+#define KERNEL_ROW(e, m, n) [WK_K_##e] = {MOD_##m, n},
+    WK_GPU_KERNELS(KERNEL_ROW)
+#undef KERNEL_ROW
+};
+
+struct wk_gpu {
+    wk_cuda_t *c;
+    wk_cuda_module mod[MOD_COUNT];
+    wk_cuda_function_t fn[WK_K_COUNT];
+    wk_cublas_t *lt;
+    wk_cuda_stream compute, comm;
+    unsigned sms;
+    char describe[DESCRIBE_MAX];
+    char error[ERR_MAX];
+};
+
+int wk_gpu_have_kernels(void)
+{
+#ifdef DX_HAVE_KERNELS
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Loads module m: its cubin, else its PTX through the JIT. */
+static int load_module(wk_gpu_t *g, enum gpu_module m, char *err, size_t errlen)
+{
+    const struct image *im = &images[m];
+    size_t used = strlen(g->describe);
+    const char *how = "cubin";
+
+    if (im->cubin_len == 0 || wk_cuda_module_load(g->c, im->cubin, &g->mod[m]) < 0) {
+        how = "PTX";
+        if (wk_cuda_module_load(g->c, im->ptx, &g->mod[m]) < 0) {
+            snprintf(err, errlen, "kernel module %s: neither its sm_90 cubin nor its PTX loads: %s",
+                     im->name, wk_cuda_error(g->c));
+            return -EIO;
+        }
+    }
+    snprintf(g->describe + used, sizeof(g->describe) - used, "%s%s %s", used ? ", " : "",
+             im->name, how);
+    return 0;
+}
+
+int wk_gpu_create(wk_cuda_t *c, int device, size_t workspace_bytes, wk_gpu_t **out, char *err,
+                  size_t errlen)
+{
+    wk_gpu_t *g;
+    int major = 0, minor = 0, sms = 0, rc;
+
+    *out = NULL;
+    if (!wk_gpu_have_kernels()) {
+        snprintf(err, errlen, "this duplex was built without nvcc, so without its CUDA kernels; "
+                              "rebuild it where the CUDA toolkit is installed");
+        return -ENOTSUP;
+    }
+    if (!(g = calloc(1, sizeof(*g)))) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    g->c = c;
+    image_lengths();
+    if ((rc = wk_cuda_context(c, device)) < 0 ||
+        (rc = wk_cuda_device_info(c, &major, &minor, &sms)) < 0) {
+        snprintf(err, errlen, "GPU %d: %s", device, wk_cuda_error(c));
+        goto fail;
+    }
+    g->sms = sms > 0 ? (unsigned)sms : 1;
+    for (int m = 0; m < MOD_COUNT; m++)
+        if ((rc = load_module(g, (enum gpu_module)m, err, errlen)) < 0)
+            goto fail;
+    for (int k = 0; k < WK_K_COUNT; k++) {
+        if ((rc = wk_cuda_function(c, g->mod[kernels[k].mod], kernels[k].name, &g->fn[k])) < 0) {
+            snprintf(err, errlen, "%s", wk_cuda_error(c));
+            goto fail;
+        }
+    }
+    if ((rc = wk_cublas_create(c, workspace_bytes, &g->lt, err, errlen)) < 0)
+        goto fail;
+    if ((rc = wk_cuda_stream_create(c, &g->compute)) < 0 ||
+        (rc = wk_cuda_stream_create(c, &g->comm)) < 0) {
+        snprintf(err, errlen, "%s", wk_cuda_error(c));
+        goto fail;
+    }
+    *out = g;
+    return 0;
+fail:
+    wk_gpu_destroy(g);
+    return rc;
+}
+
+void wk_gpu_destroy(wk_gpu_t *g)
+{
+    if (!g)
+        return;
+    if (g->compute || g->comm) {
+        wk_cuda_sync(g->c);
+        wk_cuda_stream_destroy(g->c, g->compute);
+        wk_cuda_stream_destroy(g->c, g->comm);
+    }
+    wk_cublas_destroy(g->lt);
+    for (int m = 0; m < MOD_COUNT; m++)
+        wk_cuda_module_unload(g->c, g->mod[m]);
+    free(g);
+}
+
+wk_cuda_t *wk_gpu_cuda(const wk_gpu_t *g)
+{
+    return g->c;
+}
+
+wk_cublas_t *wk_gpu_cublas(const wk_gpu_t *g)
+{
+    return g->lt;
+}
+
+wk_cuda_stream wk_gpu_compute_stream(const wk_gpu_t *g)
+{
+    return g->compute;
+}
+
+wk_cuda_stream wk_gpu_comm_stream(const wk_gpu_t *g)
+{
+    return g->comm;
+}
+
+unsigned wk_gpu_sms(const wk_gpu_t *g)
+{
+    return g->sms;
+}
+
+const char *wk_gpu_kernel_name(enum wk_gpu_kernel k)
+{
+    return k >= 0 && k < WK_K_COUNT ? kernels[k].name : "?";
+}
+
+const char *wk_gpu_describe(const wk_gpu_t *g)
+{
+    return g->describe;
+}
+
+int wk_gpu_launch(wk_gpu_t *g, enum wk_gpu_kernel k, wk_cuda_stream s, unsigned grid,
+                  unsigned block, unsigned shmem, void **args)
+{
+    const unsigned gr[3] = {grid ? grid : 1, 1, 1}, bl[3] = {block ? block : 1, 1, 1};
+
+    if (k < 0 || k >= WK_K_COUNT) {
+        snprintf(g->error, sizeof(g->error), "kernel %d: no such kernel", (int)k);
+        return -EINVAL;
+    }
+    if (wk_cuda_launch_on(g->c, s, g->fn[k], gr, bl, shmem, args) < 0) {
+        snprintf(g->error, sizeof(g->error), "%s: %s", kernels[k].name, wk_cuda_error(g->c));
+        return -EIO;
+    }
+    return 0;
+}
+
+const char *wk_gpu_error(const wk_gpu_t *g)
+{
+    return g->error;
+}

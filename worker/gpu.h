@@ -1,0 +1,92 @@
+/* gpu.h - one GPU as the cuda backend uses it: its context, every kernel
+ * of kernels/ loaded from the images built into this program (the sm_90
+ * cubin, the PTX through the driver's JIT elsewhere), the cuBLASLt handle
+ * and two streams, compute and communication, that only events order.
+ *
+ * A build without nvcc has no kernel images: wk_gpu_create then fails with
+ * -ENOTSUP saying so. Launches take the kernel by its enum (WK_K_*, one per
+ * kernel the backend runs, named as in kernels/ *.cu) and report failures
+ * as "dx_rmsnorm_fwd: cuLaunchKernel(...): ..." in wk_gpu_error. */
+#ifndef WK_GPU_H
+#define WK_GPU_H
+
+#include <stddef.h>
+
+#include "worker/cublas.h"
+#include "worker/cuda.h"
+
+/* X(enum suffix, module, function name): every kernel the backend launches */
+#define WK_GPU_KERNELS(X)                                                                          \
+    X(ROUTE_TOPK, routing, "dx_route_topk")                                                        \
+    X(DISPATCH_COUNT, dispatch, "dx_dispatch_count")                                               \
+    X(DISPATCH_OFFSETS, dispatch, "dx_dispatch_offsets")                                           \
+    X(DISPATCH_ROWS, dispatch, "dx_dispatch_rows")                                                 \
+    X(DISPATCH_PACK, dispatch, "dx_dispatch_pack")                                                 \
+    X(COMBINE, dispatch, "dx_combine")                                                             \
+    X(RMSNORM_FWD, elementwise, "dx_rmsnorm_fwd")                                                  \
+    X(RMSNORM_BWD, elementwise, "dx_rmsnorm_bwd")                                                  \
+    X(RMSNORM_DG, elementwise, "dx_rmsnorm_dg")                                                    \
+    X(SWIGLU_FWD, elementwise, "dx_swiglu_fwd")                                                    \
+    X(SWIGLU_BWD, elementwise, "dx_swiglu_bwd")                                                    \
+    X(XENT_FWD, elementwise, "dx_softmax_xent_fwd")                                                \
+    X(XENT_BWD, elementwise, "dx_softmax_xent_bwd")                                                \
+    X(ATTN_FWD, attention, "dx_attn_fwd")                                                          \
+    X(ATTN_BWD_DQ, attention, "dx_attn_bwd_dq")                                                    \
+    X(ATTN_BWD_DKDV, attention, "dx_attn_bwd_dkdv")                                                \
+    X(EMBED_FWD, train, "dx_embed_fwd")                                                            \
+    X(EMBED_BWD, train, "dx_embed_bwd")                                                            \
+    X(ADAMW, train, "dx_adamw")                                                                    \
+    X(ADD, train, "dx_add")                                                                        \
+    X(SCALE, train, "dx_scale")                                                                    \
+    X(MOE_LOAD_ADD, train, "dx_moe_load_add")                                                      \
+    X(MOE_BIAS_UPDATE, train, "dx_moe_bias_update")                                                \
+    X(F32_TO_BF16, convert, "dx_f32_to_bf16")                                                      \
+    X(BF16_TO_F32, convert, "dx_bf16_to_f32")                                                      \
+    X(FP8_QUANT, fp8, "dx_fp8_quant_1x128")                                                        \
+    X(FP8_DEQUANT, fp8, "dx_fp8_dequant_1x128")                                                    \
+    X(TWOHOP_COUNT, twohop, "dx_twohop_count")                                                     \
+    X(TWOHOP_OFFSETS, twohop, "dx_twohop_offsets")                                                 \
+    X(TWOHOP_ROWS, twohop, "dx_twohop_rows")                                                       \
+    X(TRANSPORT_SEND, transport, "dx_transport_send")                                              \
+    X(TRANSPORT_RECV, transport, "dx_transport_recv")
+
+enum wk_gpu_kernel {
+#define WK_GPU_ENUM(e, mod, name) WK_K_##e,
+    WK_GPU_KERNELS(WK_GPU_ENUM)
+#undef WK_GPU_ENUM
+        WK_K_COUNT
+};
+
+typedef struct wk_gpu wk_gpu_t;
+
+/* Makes device's primary context current on the calling thread (c must
+ * hold none yet), loads every module, resolves every kernel, creates the
+ * cuBLASLt handle (workspace_bytes, 0: its default) and the two streams.
+ * c stays the caller's and must outlive the gpu. 0, -ENOTSUP (no kernel
+ * images in this build), -ENOENT (cuBLASLt not opened) or -EIO, with the
+ * reason in err. */
+int wk_gpu_create(wk_cuda_t *c, int device, size_t workspace_bytes, wk_gpu_t **out, char *err,
+                  size_t errlen);
+void wk_gpu_destroy(wk_gpu_t *g);
+
+/* 1 when this program was built with its CUDA kernels (nvcc was found). */
+int wk_gpu_have_kernels(void);
+
+wk_cuda_t *wk_gpu_cuda(const wk_gpu_t *g);
+wk_cublas_t *wk_gpu_cublas(const wk_gpu_t *g);
+wk_cuda_stream wk_gpu_compute_stream(const wk_gpu_t *g);
+wk_cuda_stream wk_gpu_comm_stream(const wk_gpu_t *g);
+/* multiprocessors of the device */
+unsigned wk_gpu_sms(const wk_gpu_t *g);
+/* "dx_rmsnorm_fwd" */
+const char *wk_gpu_kernel_name(enum wk_gpu_kernel k);
+/* how each module was loaded: "routing cubin, dispatch cubin, ..., fp8 PTX" */
+const char *wk_gpu_describe(const wk_gpu_t *g);
+
+/* Launches kernel k on stream s (1-D grid and block). 0 or -EIO with the
+ * kernel's name and the driver's error in wk_gpu_error. */
+int wk_gpu_launch(wk_gpu_t *g, enum wk_gpu_kernel k, wk_cuda_stream s, unsigned grid,
+                  unsigned block, unsigned shmem, void **args);
+const char *wk_gpu_error(const wk_gpu_t *g);
+
+#endif
