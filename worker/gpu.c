@@ -10,12 +10,13 @@
 #include <string.h>
 
 #define ERR_MAX 512
+#define WK_GPU_ATTN_SHARED (64 * 1024) /* attention.cu at dh 128: 52.6 KiB */
 #define DESCRIBE_MAX 512
 
 /* the modules, in load order */
 #define WK_GPU_MODULES(X)                                                                          \
-    X(routing) X(dispatch) X(elementwise) X(attention) X(train) X(convert) X(fp8) X(twohop)        \
-        X(transport)
+    X(routing)                                                                                     \
+    X(dispatch) X(elementwise) X(attention) X(train) X(convert) X(fp8) X(twohop) X(transport)
 
 enum gpu_module {
 #define MOD_ENUM(m) MOD_##m,
@@ -99,8 +100,8 @@ static int load_module(wk_gpu_t *g, enum gpu_module m, char *err, size_t errlen)
             return -EIO;
         }
     }
-    snprintf(g->describe + used, sizeof(g->describe) - used, "%s%s %s", used ? ", " : "",
-             im->name, how);
+    snprintf(g->describe + used, sizeof(g->describe) - used, "%s%s %s", used ? ", " : "", im->name,
+             how);
     return 0;
 }
 
@@ -112,8 +113,9 @@ int wk_gpu_create(wk_cuda_t *c, int device, size_t workspace_bytes, wk_gpu_t **o
 
     *out = NULL;
     if (!wk_gpu_have_kernels()) {
-        snprintf(err, errlen, "this duplex was built without nvcc, so without its CUDA kernels; "
-                              "rebuild it where the CUDA toolkit is installed");
+        snprintf(err, errlen,
+                 "this duplex was built without nvcc, so without its CUDA kernels; "
+                 "rebuild it where the CUDA toolkit is installed");
         return -ENOTSUP;
     }
     if (!(g = calloc(1, sizeof(*g)))) {
@@ -134,6 +136,13 @@ int wk_gpu_create(wk_cuda_t *c, int device, size_t workspace_bytes, wk_gpu_t **o
     for (int k = 0; k < WK_K_COUNT; k++) {
         if ((rc = wk_cuda_function(c, g->mod[kernels[k].mod], kernels[k].name, &g->fn[k])) < 0) {
             snprintf(err, errlen, "%s", wk_cuda_error(c));
+            goto fail;
+        }
+    }
+    /* attention's backward needs more than the default 48 KiB at dh 128 */
+    for (int k = WK_K_ATTN_FWD; k <= WK_K_ATTN_BWD_DKDV; k++) {
+        if ((rc = wk_cuda_function_shared(c, g->fn[k], WK_GPU_ATTN_SHARED)) < 0) {
+            snprintf(err, errlen, "%s: %s", kernels[k].name, wk_cuda_error(c));
             goto fail;
         }
     }
@@ -220,4 +229,11 @@ int wk_gpu_launch(wk_gpu_t *g, enum wk_gpu_kernel k, wk_cuda_stream s, unsigned 
 const char *wk_gpu_error(const wk_gpu_t *g)
 {
     return g->error;
+}
+
+int wk_gpu_gemm_result(wk_gpu_t *g, int rc)
+{
+    if (rc < 0)
+        snprintf(g->error, sizeof(g->error), "%s", wk_cublas_error(g->lt));
+    return rc < 0 ? rc : 0;
 }
