@@ -67,6 +67,10 @@ typedef cu_result (*cu_stream_synchronize_fn)(wk_cuda_stream s);
 typedef cu_result (*cu_stream_wait_event_fn)(wk_cuda_stream s, wk_cuda_event ev, unsigned flags);
 typedef cu_result (*cu_memcpy_dtod_async_fn)(wk_cuda_ptr dst, wk_cuda_ptr src, size_t bytes,
                                              wk_cuda_stream s);
+typedef cu_result (*cu_memcpy_htod_async_fn)(wk_cuda_ptr dst, const void *src, size_t bytes,
+                                             wk_cuda_stream s);
+typedef cu_result (*cu_memset_d8_async_fn)(wk_cuda_ptr dst, unsigned char uc, size_t n,
+                                           wk_cuda_stream s);
 typedef cu_result (*cu_ipc_get_mem_handle_fn)(struct wk_cuda_ipc_handle *h, wk_cuda_ptr p);
 typedef cu_result (*cu_ipc_open_mem_handle_fn)(wk_cuda_ptr *p, struct wk_cuda_ipc_handle h,
                                                unsigned flags);
@@ -112,6 +116,8 @@ struct wk_cuda {
     cu_stream_synchronize_fn stream_synchronize;
     cu_stream_wait_event_fn stream_wait_event;
     cu_memcpy_dtod_async_fn memcpy_dtod_async;
+    cu_memset_d8_async_fn memset_d8_async;
+    cu_memcpy_htod_async_fn memcpy_htod_async;
     cu_ipc_get_mem_handle_fn ipc_get;
     cu_ipc_open_mem_handle_fn ipc_open;
     cu_ipc_close_mem_handle_fn ipc_close;
@@ -202,6 +208,8 @@ static int resolve_driver(wk_cuda_t *c, const char *path, char *err, size_t errl
         {"cuStreamSynchronize", (void **)&c->stream_synchronize},
         {"cuStreamWaitEvent", (void **)&c->stream_wait_event},
         {"cuMemcpyDtoDAsync", (void **)&c->memcpy_dtod_async},
+        {"cuMemsetD8Async", (void **)&c->memset_d8_async},
+        {"cuMemcpyHtoDAsync", (void **)&c->memcpy_htod_async},
         {"cuIpcGetMemHandle", (void **)&c->ipc_get},
         {"cuIpcOpenMemHandle", (void **)&c->ipc_open},
         {"cuIpcCloseMemHandle", (void **)&c->ipc_close},
@@ -544,6 +552,20 @@ int wk_cuda_copy_on(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_ptr dst, wk_cuda_ptr
 {
     return check(c, c->memcpy_dtod_async(dst, src, bytes, s), "cuMemcpyDtoDAsync(%zu bytes)",
                  bytes);
+}
+
+int wk_cuda_upload_on(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_ptr dst, const void *src,
+                      size_t bytes)
+{
+    return check(c, c->memcpy_htod_async(dst, src, bytes, s), "cuMemcpyHtoDAsync(%zu bytes)",
+                 bytes);
+}
+
+int wk_cuda_memset_on(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_ptr dst, unsigned char byte,
+                      size_t bytes)
+{
+    return check(c, c->memset_d8_async(dst, byte, bytes, s), "cuMemsetD8Async(0x%02x, %zu bytes)",
+                 byte, bytes);
 }
 
 int wk_cuda_ipc_export(wk_cuda_t *c, wk_cuda_ptr p, struct wk_cuda_ipc_handle *h)

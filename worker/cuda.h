@@ -103,6 +103,12 @@ void wk_cuda_stream_destroy(wk_cuda_t *c, wk_cuda_stream s);
 int wk_cuda_stream_sync(wk_cuda_t *c, wk_cuda_stream s);
 int wk_cuda_stream_wait(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_event ev);
 int wk_cuda_copy_on(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_ptr dst, wk_cuda_ptr src, size_t bytes);
+int wk_cuda_memset_on(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_ptr dst, unsigned char byte,
+                      size_t bytes);
+/* An upload in s's order, from pageable memory: src may be reused as soon
+ * as the call returns (the driver stages it), the copy lands in order. */
+int wk_cuda_upload_on(wk_cuda_t *c, wk_cuda_stream s, wk_cuda_ptr dst, const void *src,
+                      size_t bytes);
 
 /* CUDA IPC: export an allocation's handle (p must be the start of a
  * wk_cuda_alloc), open one from another process (peer access enabled

@@ -6,10 +6,10 @@
 #include <errno.h>
 #include <stdio.h>
 
-#define BLOCK 256          /* threads of a row or element launch */
-#define ATTN_THREADS 256   /* kernels/attention.cu: exactly */
-#define ATTN_TILE 32       /* rows per attention block */
-#define ATTN_MAX_DH 128    /* kernels/attention.cu: DX_ATTN_MAX_DH */
+#define BLOCK 256        /* threads of a row or element launch */
+#define ATTN_THREADS 256 /* kernels/attention.cu: exactly */
+#define ATTN_TILE 32     /* rows per attention block */
+#define ATTN_MAX_DH 128  /* kernels/attention.cu: DX_ATTN_MAX_DH */
 
 static unsigned cap_grid(const wk_gpu_t *g, size_t blocks)
 {
@@ -104,7 +104,8 @@ int wk_dl_attn_fwd(wk_gpu_t *g, wk_cuda_stream s, const struct wk_dl_attn_shape 
         return wk_gpu_gemm_result(g, rc);
     if ((rc = attn_launch(g, s, a, WK_K_ATTN_FWD, args)) < 0)
         return rc;
-    return wk_gpu_gemm_result(g, wk_cublas_xwt(lt, s, WK_CUBLAS_F32, ctx, w[3], y, n, d, d, 0.0f, 0));
+    return wk_gpu_gemm_result(g,
+                              wk_cublas_xwt(lt, s, WK_CUBLAS_F32, ctx, w[3], y, n, d, d, 0.0f, 0));
 }
 
 int wk_dl_attn_bwd_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_dl_attn_shape *a,
@@ -192,15 +193,15 @@ int wk_dl_head_bwd_input(wk_gpu_t *g, wk_cuda_stream s, int n, int d, int vocab,
 
     if ((rc = wk_gpu_launch(g, WK_K_XENT_BWD, s, cap_grid(g, (size_t)n), BLOCK, 0, args)) < 0)
         return rc;
-    return wk_gpu_gemm_result(g, wk_cublas_dyw(wk_gpu_cublas(g), s, WK_CUBLAS_F32, dlogits, w, dx, n, d,
-                                    vocab, 0.0f, 0));
+    return wk_gpu_gemm_result(
+        g, wk_cublas_dyw(wk_gpu_cublas(g), s, WK_CUBLAS_F32, dlogits, w, dx, n, d, vocab, 0.0f, 0));
 }
 
 int wk_dl_head_bwd_weight(wk_gpu_t *g, wk_cuda_stream s, int n, int d, int vocab, wk_cuda_ptr x,
                           wk_cuda_ptr dlogits, wk_cuda_ptr dw)
 {
-    return wk_gpu_gemm_result(g, wk_cublas_dytx(wk_gpu_cublas(g), s, WK_CUBLAS_F32, dlogits, x, dw, n, d,
-                                     vocab, 0));
+    return wk_gpu_gemm_result(
+        g, wk_cublas_dytx(wk_gpu_cublas(g), s, WK_CUBLAS_F32, dlogits, x, dw, n, d, vocab, 0));
 }
 
 int wk_dl_add(wk_gpu_t *g, wk_cuda_stream s, long long count, wk_cuda_ptr a, wk_cuda_ptr b,

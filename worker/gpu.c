@@ -16,7 +16,7 @@
 /* the modules, in load order */
 #define WK_GPU_MODULES(X)                                                                          \
     X(routing)                                                                                     \
-    X(dispatch) X(elementwise) X(attention) X(train) X(convert) X(fp8) X(twohop) X(transport)
+    X(dispatch) X(elementwise) X(attention) X(train) X(convert) X(fp8) X(moe) X(twohop) X(transport)
 
 enum gpu_module {
 #define MOD_ENUM(m) MOD_##m,

@@ -541,6 +541,78 @@ static int bias_update(const struct fake_grid *gr, void **args)
     return 0;
 }
 
+/* --- kernels/moe.cu (worker/model/moe.c's formulas, in its order) ------------- */
+
+/* dx_moe_sigmoid(logits, count, scores) */
+static int moe_sigmoid(const struct fake_grid *gr, void **args)
+{
+    const float *z = ARG(const float *, 0);
+    long long n = ARG(long long, 1);
+    float *s = ARG(float *, 2);
+    (void)gr;
+    for (long long i = 0; i < n; i++)
+        s[i] = sigmoid(z[i]);
+    return 0;
+}
+
+/* dx_moe_gate_scale(dout, d, send_token, send_gate, rows, dy) */
+static int moe_gate_scale(const struct fake_grid *gr, void **args)
+{
+    const float *dout = ARG(const float *, 0), *gate = ARG(const float *, 3);
+    int d = ARG(int, 1), rows = ARG(int, 4);
+    const int *token = ARG(const int *, 2);
+    float *dy = ARG(float *, 5);
+    (void)gr;
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < d; i++)
+            dy[(size_t)r * d + i] = gate[r] * dout[(size_t)token[r] * d + i];
+    return 0;
+}
+
+/* dx_moe_gate_dot(dout, d, y, token_slot, n, k, dgate) */
+static int moe_gate_dot(const struct fake_grid *gr, void **args)
+{
+    const float *dout = ARG(const float *, 0), *y = ARG(const float *, 2);
+    int d = ARG(int, 1), n = ARG(int, 4), k = ARG(int, 5);
+    const int *slot = ARG(const int *, 3);
+    float *dgate = ARG(float *, 6);
+    (void)gr;
+    for (size_t p = 0; p < (size_t)n * (size_t)k; p++) {
+        const float *g = dout + p / (size_t)k * d, *yr = y + (size_t)slot[p] * d;
+        float acc = 0.0f;
+        for (int i = 0; i < d; i++)
+            acc += g[i] * yr[i];
+        dgate[p] = acc;
+    }
+    return 0;
+}
+
+/* dx_moe_router_grad(scores, E, ids, dgate, n, k, route_scale, dlogit) */
+static int moe_router_grad(const struct fake_grid *gr, void **args)
+{
+    const float *scores = ARG(const float *, 0), *dgate = ARG(const float *, 3);
+    int E = ARG(int, 1), n = ARG(int, 4), k = ARG(int, 5);
+    const int *ids = ARG(const int *, 2);
+    float route_scale = ARG(float, 6), *dlogit = ARG(float *, 7);
+    (void)gr;
+    for (int t = 0; t < n; t++) {
+        const float *s = scores + (size_t)t * E, *dg = dgate + (size_t)t * k;
+        const int *ch = ids + (size_t)t * k;
+        float sum = 0.0f, dot = 0.0f;
+        for (int j = 0; j < k; j++) {
+            sum += s[ch[j]];
+            dot += dg[j] * s[ch[j]];
+        }
+        for (int e = 0; e < E; e++)
+            dlogit[(size_t)t * E + e] = 0.0f;
+        for (int j = 0; j < k; j++) {
+            float sj = s[ch[j]], ds = route_scale * (dg[j] / sum - dot / (sum * sum));
+            dlogit[(size_t)t * E + ch[j]] = ds * sj * (1.0f - sj);
+        }
+    }
+    return 0;
+}
+
 /* --- the two-hop layout (kernels/twohop.cu) ------------------------------------ */
 
 /* The kernels take no expert count (ids are routing's output, in range):
@@ -765,6 +837,10 @@ static const struct fake_kernel kernels[] = {
     {"dx_scale", 4, {P, I64, F32, P}, scale},
     {"dx_moe_load_add", 3, {P, INT, P}, load_add},
     {"dx_moe_bias_update", 4, {P, INT, F32, P}, bias_update},
+    {"dx_moe_sigmoid", 3, {P, I64, P}, moe_sigmoid},
+    {"dx_moe_gate_scale", 6, {P, INT, P, P, INT, P}, moe_gate_scale},
+    {"dx_moe_gate_dot", 7, {P, INT, P, P, INT, INT, P}, moe_gate_dot},
+    {"dx_moe_router_grad", 8, {P, INT, P, P, INT, INT, F32, P}, moe_router_grad},
     {"dx_route_topk", 11, {P, P, INT, INT, INT, INT, INT, F32, P, P, P}, route_topk},
     {"dx_dispatch_count", 5, {P, INT, INT, INT, P}, dispatch_count},
     {"dx_dispatch_offsets", 8, {P, P, INT, INT, P, P, P, P}, dispatch_offsets},

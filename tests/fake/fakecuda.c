@@ -684,6 +684,56 @@ static CUresult fk_memcpy_dtod_async(CUdeviceptr dst, CUdeviceptr src, size_t by
     return CUDA_SUCCESS;
 }
 
+struct memset_job {
+    void *dst;
+    unsigned char v;
+    size_t n;
+};
+
+static int run_memset(void *arg)
+{
+    struct memset_job *j = arg;
+
+    memset(j->dst, j->v, j->n);
+    free(j);
+    return 0;
+}
+
+static CUresult fk_memset_d8_async(CUdeviceptr dst, unsigned char v, size_t n, void *s)
+{
+    struct memset_job *j = malloc(sizeof(*j));
+
+    if (!j)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    *j = (struct memset_job){(void *)(uintptr_t)dst, v, n};
+    if (fake_stream_host(s, run_memset, j) < 0) {
+        free(j);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    return CUDA_SUCCESS;
+}
+
+/* from pageable memory, as the driver does it: src is staged at the call */
+static CUresult fk_memcpy_htod_async(CUdeviceptr dst, const void *src, size_t bytes, void *s)
+{
+    struct task *t = calloc(1, sizeof(*t));
+    unsigned char *staged = malloc(bytes ? bytes : 1);
+
+    if (!t || !staged) {
+        free(t);
+        free(staged);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    memcpy(staged, src, bytes);
+    t->kind = TASK_COPY;
+    t->dst = (void *)(uintptr_t)dst;
+    t->src = staged;
+    t->bytes = bytes;
+    t->argbuf = staged; /* freed with the task */
+    stream_push(stream_of(s), t);
+    return CUDA_SUCCESS;
+}
+
 static CUresult fk_ipc_get_mem_handle(struct ipc_handle *h, CUdeviceptr p)
 {
     struct alloc *a = find_alloc(p, 0);
@@ -783,6 +833,8 @@ static const struct {
     {"cuStreamSynchronize", (void *)fk_stream_synchronize},
     {"cuStreamWaitEvent", (void *)fk_stream_wait_event},
     {"cuMemcpyDtoDAsync", (void *)fk_memcpy_dtod_async},
+    {"cuMemsetD8Async", (void *)fk_memset_d8_async},
+    {"cuMemcpyHtoDAsync", (void *)fk_memcpy_htod_async},
     {"cuIpcGetMemHandle", (void *)fk_ipc_get_mem_handle},
     {"cuIpcOpenMemHandle", (void *)fk_ipc_open_mem_handle},
     {"cuIpcCloseMemHandle", (void *)fk_ipc_close_mem_handle},

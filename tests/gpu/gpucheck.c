@@ -356,7 +356,8 @@ static void print_table(const struct gc *g)
            "|want| floored at the array's RMS; each file's header derives its bounds), or\n"
            "\"err 0\": bitwise (int32, e4m3 codes, the kernels that keep the reference's order:\n"
            "dispatch, fp8, train, two-hop, conversions, NCCL). Elementwise 1e-5 (rmsnorm dg\n"
-           "1e-4, swiglu 1e-6); attention P 2e-5, ctx/dq/dk/dv 2e-4; GEMM fp32 8u sqrt(k)+4u,\n"
+           "1e-4, swiglu 1e-6, MoE sigmoid 5 2^-23); attention P 2e-5, ctx/dq/dk/dv 2e-4; GEMM "
+           "fp32 8u sqrt(k)+4u,\n"
            "bf16 + u k/4 (u = 2^-24).\n",
            g->failed, g->failed == 1 ? "" : "s");
 }
@@ -454,6 +455,7 @@ int main(int argc, char **argv)
     gc_check_kernels(&g);
     gc_check_attention(&g);
     gc_check_train_kernels(&g);
+    gc_check_moe(&g);
     gc_check_twohop(&g);
     gc_check_gemm(&g);
     gc_check_nccl(&g);

@@ -115,6 +115,7 @@ void gc_check_kernels(struct gc *g);   /* check_kernels.c: routing, dispatch, fp
 void gc_time_copy(struct gc *g);       /* check_kernels.c: the copy ceiling */
 void gc_check_attention(struct gc *g); /* check_attention.c: causal attention fwd / bwd */
 void gc_check_train_kernels(struct gc *g); /* check_train_kernels.c: embedding, AdamW, ... */
+void gc_check_moe(struct gc *g);           /* check_moe.c: router sigmoid, gate backward */
 void gc_check_twohop(struct gc *g);        /* check_twohop.c: node-limited two-hop dispatch */
 void gc_check_gemm(struct gc *g);          /* check_gemm.c: cuBLASLt as worker/cublas.c calls it */
 void gc_check_nccl(struct gc *g);          /* check_nccl.c: NCCL as worker/nccl.c calls it */

@@ -29,8 +29,8 @@ struct fx {
 
 static void fx_open(struct fx *f)
 {
-    struct wk_cuda_paths paths = {.cuda = fakestack_path(), .nccl = fakestack_path(),
-                                  .cublaslt = fakestack_path()};
+    struct wk_cuda_paths paths = {
+        .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
     char err[512];
 
     memset(f, 0, sizeof(*f));
@@ -160,11 +160,11 @@ Test(dlayer_fake, attention_forward_input_and_weight_gradients)
         dw[i] = dbuf(&f, lin[i]->dw.data, D * D * sizeof(float)); /* zero, as the CPU's */
     }
     b = (struct wk_dl_attn_buf){
-        dbuf(&f, NULL, sizeof(x)),           dbuf(&f, NULL, sizeof(x)),
-        dbuf(&f, NULL, sizeof(x)),           dbuf(&f, NULL, (size_t)B * H * T * T * 4),
-        dbuf(&f, NULL, sizeof(x)),           dbuf(&f, NULL, (size_t)B * H * T * 4),
-        dbuf(&f, NULL, sizeof(x)),           dbuf(&f, NULL, sizeof(x)),
-        dbuf(&f, NULL, sizeof(x)),           dbuf(&f, NULL, sizeof(x)),
+        dbuf(&f, NULL, sizeof(x)), dbuf(&f, NULL, sizeof(x)),
+        dbuf(&f, NULL, sizeof(x)), dbuf(&f, NULL, (size_t)B * H * T * T * 4),
+        dbuf(&f, NULL, sizeof(x)), dbuf(&f, NULL, (size_t)B * H * T * 4),
+        dbuf(&f, NULL, sizeof(x)), dbuf(&f, NULL, sizeof(x)),
+        dbuf(&f, NULL, sizeof(x)), dbuf(&f, NULL, sizeof(x)),
     };
     xd = dbuf(&f, x, sizeof(x));
     dyd = dbuf(&f, dy, sizeof(dy));

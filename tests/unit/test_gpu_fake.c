@@ -12,8 +12,8 @@
 
 static wk_cuda_t *open_stack(void)
 {
-    struct wk_cuda_paths paths = {.cuda = fakestack_path(), .nccl = fakestack_path(),
-                                  .cublaslt = fakestack_path()};
+    struct wk_cuda_paths paths = {
+        .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
     wk_cuda_t *c = NULL;
     char err[512];
 

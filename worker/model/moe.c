@@ -32,6 +32,12 @@ static inline float sigmoidf(float z)
     return 1.0f / (1.0f + expf(-z));
 }
 
+void wk_moe_sigmoid(const float *logits, size_t count, float *scores)
+{
+    for (size_t i = 0; i < count; i++)
+        scores[i] = sigmoidf(logits[i]);
+}
+
 void wk_moe_config_defaults(struct wk_moe_config *cfg)
 {
     cfg->route_scale = WK_MOE_ROUTE_SCALE;
@@ -307,8 +313,7 @@ int wk_moe_route(const struct wk_moe *m, struct wk_moe_ctx *c, const float *x, i
     if (n > 0)
         memcpy(c->x, x, sizeof(float) * (size_t)n * (size_t)d);
     gemm(CblasNoTrans, CblasTrans, n, E, d, c->x, d, m->router, d, 0.0f, c->score, E);
-    for (size_t i = 0; i < (size_t)n * (size_t)E; i++)
-        c->score[i] = sigmoidf(c->score[i]);
+    wk_moe_sigmoid(c->score, (size_t)n * (size_t)E, c->score);
 
     memset(p->count, 0, sizeof(int) * (size_t)E);
     for (int t = 0; t < n; t++) {
@@ -451,6 +456,47 @@ int wk_moe_forward(const struct wk_moe *m, struct wk_moe_ctx *c, const float *x,
 
 /* --- backward ----------------------------------------------------------- */
 
+void wk_moe_gate_scale(const float *dout, int d, const int *token, const float *gate, int rows,
+                       float *dy)
+{
+    for (size_t r = 0; r < (size_t)rows; r++) {
+        const float *g = dout + (size_t)token[r] * (size_t)d;
+        for (size_t i = 0; i < (size_t)d; i++)
+            dy[r * (size_t)d + i] = gate[r] * g[i];
+    }
+}
+
+void wk_moe_gate_backward(const float *score, int experts, const int *choice, const int *row, int n,
+                          int top_k, const float *dout, const float *y, int d, float route_scale,
+                          float *dgate, float *dlogit)
+{
+    size_t E = (size_t)experts, K = (size_t)top_k, D = (size_t)d;
+
+    /* gate_k = scale * s_k / S with S the sum of the chosen s:
+     * dL/ds_j = scale * (dgate_j / S - sum_k dgate_k s_k / S^2) */
+    memset(dlogit, 0, sizeof(float) * (size_t)n * E);
+    for (size_t t = 0; t < (size_t)n; t++) {
+        const float *s = score + t * E, *g = dout + t * D;
+        const int *ch = choice + t * K, *rows = row + t * K;
+        float sum = 0.0f, dot = 0.0f, *dg = dgate + t * K;
+
+        for (size_t k = 0; k < K; k++) {
+            const float *yr = y + (size_t)rows[k] * D;
+            float acc = 0.0f;
+            for (size_t i = 0; i < D; i++)
+                acc += g[i] * yr[i];
+            dg[k] = acc;
+            sum += s[ch[k]];
+            dot += acc * s[ch[k]];
+        }
+        for (size_t k = 0; k < K; k++) {
+            float sj = s[ch[k]];
+            float ds = route_scale * (dg[k] / sum - dot / (sum * sum));
+            dlogit[t * E + (size_t)ch[k]] = ds * sj * (1.0f - sj);
+        }
+    }
+}
+
 int wk_moe_backward_prepare(const struct wk_moe *m, struct wk_moe_ctx *c, const float *dout)
 {
     const struct wk_moe_config *cfg = &m->cfg;
@@ -462,34 +508,12 @@ int wk_moe_backward_prepare(const struct wk_moe *m, struct wk_moe_ctx *c, const 
         return -EINVAL;
     if (n > 0)
         memcpy(c->dout, dout, sizeof(float) * n * d);
-    for (size_t r = 0; r < (size_t)p->rows; r++) {
-        const float *g = c->dout + (size_t)p->token[r] * d;
-        for (size_t i = 0; i < d; i++)
-            c->dy[r * d + i] = p->gate[r] * g[i];
-    }
-    /* gate_k = scale * s_k / S with S the sum of the chosen s:
-     * dL/ds_j = scale * (dgate_j / S - sum_k dgate_k s_k / S^2) */
-    memset(c->dlogit, 0, sizeof(float) * n * (size_t)E);
-    for (size_t t = 0; t < n; t++) {
-        const float *s = c->score + t * E, *g = c->dout + t * d;
-        const int *ch = c->choice + t * K, *rows = c->row + t * K;
-        float sum = 0.0f, dot = 0.0f, *dgate = c->work;
-
-        for (int k = 0; k < K; k++) {
-            const float *y = c->y + (size_t)rows[k] * d;
-            float acc = 0.0f;
-            for (size_t i = 0; i < d; i++)
-                acc += g[i] * y[i];
-            dgate[k] = acc;
-            sum += s[ch[k]];
-            dot += acc * s[ch[k]];
-        }
-        for (int k = 0; k < K; k++) {
-            float sj = s[ch[k]];
-            float ds = cfg->route_scale * (dgate[k] / sum - dot / (sum * sum));
-            c->dlogit[t * E + ch[k]] = ds * sj * (1.0f - sj);
-        }
-    }
+    wk_moe_gate_scale(c->dout, (int)d, p->token, p->gate, p->rows, c->dy);
+    /* token by token: c->work holds the token's dgate (E + G >= top_k) */
+    for (size_t t = 0; t < n; t++)
+        wk_moe_gate_backward(c->score + t * E, E, c->choice + t * K, c->row + t * K, 1, K,
+                             c->dout + t * d, c->y, (int)d, cfg->route_scale, c->work,
+                             c->dlogit + t * E);
     return 0;
 }
 

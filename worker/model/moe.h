@@ -149,6 +149,28 @@ int wk_moe_backward_weight_dense(struct wk_moe *m, const struct wk_moe_ctx *c);
 /* Weight gradients of routed experts [lo, hi) only. */
 int wk_moe_backward_weight_experts(struct wk_moe *m, const struct wk_moe_ctx *c, int lo, int hi);
 
+/* The router's pieces on plain arrays (what the device kernels of
+ * kernels/moe.cu reproduce; the layer itself calls them).
+ *
+ * wk_moe_sigmoid: scores[i] = 1 / (1 + expf(-logits[i])) for i < count (in
+ * place when scores == logits).
+ * wk_moe_gate_scale: dy[r][:] = gate[r] * dout[token[r]][:] for r < rows,
+ * each product rounded once (the backward's gate-scaled pack).
+ * wk_moe_gate_backward: for n tokens with score [n][experts], their chosen
+ * experts choice [n][top_k] and the row of each choice row [n][top_k] in
+ * y [rows][d], given dout [n][d]: dgate[t][k] = dout[t] . y[row[t][k]]
+ * (summed in i order from 0.0f), and dlogit [n][experts], the gradient of
+ * the router's pre-sigmoid logits: with S = sum over k of s_k = score[t]
+ * [choice[t][k]] and dot = sum over k of dgate_k * s_k (both in k order),
+ * dlogit[t][choice] = route_scale * (dgate_k / S - dot / (S * S)) * s_k *
+ * (1 - s_k), 0 for the other experts. */
+void wk_moe_sigmoid(const float *logits, size_t count, float *scores);
+void wk_moe_gate_scale(const float *dout, int d, const int *token, const float *gate, int rows,
+                       float *dy);
+void wk_moe_gate_backward(const float *score, int experts, const int *choice, const int *row, int n,
+                          int top_k, const float *dout, const float *y, int d, float route_scale,
+                          float *dgate, float *dlogit);
+
 /* --- one SwiGLU expert on gathered rows (what an EP rank runs) ---------- */
 
 /* y[rows][d] = (silu(x w1^T) * (x w3^T)) w2^T; keeps h1, h3, act [rows][hidden]. */

@@ -1,0 +1,55 @@
+/* dmoe.h - the MoE layer on the GPU for the cuda backend: the contract of
+ * worker/model/moe.h (wk_moe_forward, _backward_input, _backward_weight)
+ * on device buffers, with every expert on this GPU (expert parallelism
+ * sends the dispatched rows elsewhere in a later step). One stream, fp32.
+ *
+ * Forward: router GEMM, sigmoid, group-limited top-k with the routing bias
+ * (kernels/routing.cu; its expert counts also go into the step's int64
+ * loads), the dispatch layout and pack (kernels/dispatch.cu), each expert's
+ * SwiGLU FFN as three cuBLASLt GEMMs on its rows, the shared experts on
+ * every token, and the gated combine. The per-expert GEMMs need the row
+ * counts on the host: the forward downloads the expert offsets (E + 1
+ * ints) once, a synchronisation of the stream, and keeps them for the
+ * backward. Backward: the gate-scaled rows, the gate and router gradients
+ * (kernels/moe.cu), the FFNs' input gradients, and dx = router GEMM +
+ * shared + the rows' gradients combined with unit gates; the weight half
+ * accumulates every weight gradient from what the two kept. */
+#ifndef WK_DMOE_H
+#define WK_DMOE_H
+
+#include "worker/gpu.h"
+#include "worker/model/moe.h"
+
+/* The layer's weights (or their gradients) on the device, laid out as
+ * struct wk_moe's: router [E][d], bias [E], w1 and w3 [E][H][d], w2
+ * [E][d][H], sw1 and sw3 [S][H][d], sw2 [S][d][H]. */
+struct wk_dmoe_w {
+    wk_cuda_ptr router, bias, w1, w3, w2, sw1, sw3, sw2;
+};
+
+typedef struct wk_dmoe_buf wk_dmoe_buf_t;
+
+/* One micro-batch's buffers for up to cap tokens (struct wk_moe_ctx's). */
+int wk_dmoe_buf_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap,
+                       wk_dmoe_buf_t **out);
+void wk_dmoe_buf_destroy(wk_gpu_t *g, wk_dmoe_buf_t *b);
+
+/* out [n][d] from x [n][d]; load [E] (int64) += the tokens each expert took.
+ * Synchronises the stream once (the expert offsets). */
+int wk_dmoe_forward(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
+                    const struct wk_dmoe_w *w, wk_dmoe_buf_t *b, wk_cuda_ptr x, int n,
+                    wk_cuda_ptr out, wk_cuda_ptr load);
+/* dx [n][d] (overwritten) from dout [n][d] of the forward b holds. */
+int wk_dmoe_backward_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
+                           const struct wk_dmoe_w *w, wk_dmoe_buf_t *b, wk_cuda_ptr dout,
+                           wk_cuda_ptr dx);
+/* grad += every weight gradient (not the bias: it has none). */
+int wk_dmoe_backward_weight(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
+                            const struct wk_dmoe_buf *b, const struct wk_dmoe_w *grad);
+
+/* The forward's routing, for tests: ids [n][k] (int32) and the expert
+ * offsets [E + 1] on the host (valid after wk_dmoe_forward). */
+wk_cuda_ptr wk_dmoe_buf_ids(const wk_dmoe_buf_t *b);
+const int *wk_dmoe_buf_offsets(const wk_dmoe_buf_t *b);
+
+#endif
