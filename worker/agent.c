@@ -20,6 +20,7 @@
 #include "common/zwatch.h"
 #include "proto/wire.h"
 #include "worker/dataplane.h"
+#include "worker/gpu.h"
 #include "worker/runtime.h"
 
 /* Register retries back off from the first to the last delay. */
@@ -54,7 +55,9 @@ struct wk_agent {
     bool stopping;           /* SIGTERM/SIGINT seen: no new jobs */
     uint64_t job_steps_done; /* the last StepReport's step */
 
-    wk_data_t *data;       /* the data plane: ours while idle, the runtime's while a job runs */
+    wk_data_t *data; /* the data plane: ours while idle, the runtime's while a job runs */
+    wk_cuda_t *cuda; /* backend cuda: the GPU stack and this worker's GPU */
+    wk_gpu_t *gpu;
     wk_runtime_t *rt;      /* the running job, or NULL */
     dx_zwatch_t *rt_watch; /* its report socket */
 
@@ -71,6 +74,7 @@ struct wk_agent {
 
 static const char *const sim_capabilities[] = {"sim", NULL};
 static const char *const cpu_capabilities[] = {"fp32", "blas", NULL};
+static const char *const cuda_capabilities[] = {"fp32", "cuda", NULL};
 
 const char *const *wk_backend_capabilities(const char *backend)
 {
@@ -78,6 +82,8 @@ const char *const *wk_backend_capabilities(const char *backend)
         return sim_capabilities;
     if (strcmp(backend, "cpu") == 0)
         return cpu_capabilities;
+    if (strcmp(backend, "cuda") == 0)
+        return cuda_capabilities;
     return NULL;
 }
 
@@ -327,9 +333,10 @@ static void agent_on_assignment(wk_agent_t *a, const struct dx_msg *m)
     } else if (a->rt) {
         snprintf(err, sizeof(err), "busy: running job %" PRIu64 " attempt %u",
                  wk_runtime_job(a->rt), wk_runtime_attempt(a->rt));
-    } else if ((rc = wk_runtime_create(a->zctx, a->data, as, a->cfg.id,
-                                       &(struct wk_runtime_opts){.backend = a->cfg.backend}, &a->rt,
-                                       err, sizeof(err))) < 0) {
+    } else if ((rc = wk_runtime_create(
+                    a->zctx, a->data, as, a->cfg.id,
+                    &(struct wk_runtime_opts){.backend = a->cfg.backend, .gpu = a->gpu}, &a->rt,
+                    err, sizeof(err))) < 0) {
         a->rt = NULL;
         ack.bad_checkpoint = rc == -EUCLEAN;
     } else if ((rc = dx_zwatch_create(&a->loop, wk_runtime_socket(a->rt), ZMQ_POLLIN,
@@ -483,24 +490,33 @@ static int agent_connect(wk_agent_t *a, char *err, size_t errlen)
     return 0;
 }
 
+/* Backend cuda: the GPU stack (every missing piece named) and this worker's
+ * GPU (--gpu), with every kernel loaded; the context is the agent's thread's
+ * and the runtime's thread binds it too. */
+static int open_gpu(wk_agent_t *a, char *err, size_t errlen)
+{
+    char why[1024];
+    int rc;
+
+    if ((rc = wk_cuda_open(&a->cfg.cuda, &a->cuda, err, errlen)) < 0)
+        return rc;
+    if ((rc = wk_gpu_create(a->cuda, a->cfg.gpu, 0, &a->gpu, why, sizeof(why))) < 0) {
+        snprintf(err, errlen, "the cuda backend cannot start on GPU %d (%s): %s", a->cfg.gpu,
+                 wk_cuda_describe(a->cuda), why);
+        wk_cuda_close(a->cuda);
+        a->cuda = NULL;
+        return rc;
+    }
+    dx_info("GPU %d: %s; kernels: %s", a->cfg.gpu, wk_cuda_describe(a->cuda),
+            wk_gpu_describe(a->gpu));
+    return 0;
+}
+
 int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *err, size_t errlen)
 {
     wk_agent_t *a;
     int rc;
 
-    if (strcmp(cfg->backend, "cuda") == 0) {
-        /* the GPU stack must load; the training on it is not built yet */
-        wk_cuda_t *cuda = NULL;
-
-        if ((rc = wk_cuda_open(&cfg->cuda, &cuda, err, errlen)) < 0)
-            return rc;
-        snprintf(err, errlen,
-                 "the cuda backend's GPU stack loads (%s), but training on it is not built yet; "
-                 "use --backend cpu or sim",
-                 wk_cuda_describe(cuda));
-        wk_cuda_close(cuda);
-        return -ENOTSUP;
-    }
     if (!wk_backend_capabilities(cfg->backend)) {
         snprintf(err, errlen, "backend \"%s\" is unknown; use --backend cpu, sim or cuda",
                  cfg->backend);
@@ -512,8 +528,14 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
         return -ENOMEM;
     }
     a->cfg = *cfg;
+    if (strcmp(cfg->backend, "cuda") == 0 && (rc = open_gpu(a, err, errlen)) < 0) {
+        free(a);
+        return rc;
+    }
     if ((rc = uv_loop_init(&a->loop)) < 0) {
         snprintf(err, errlen, "cannot create the event loop: %s", uv_strerror(rc));
+        wk_gpu_destroy(a->gpu);
+        wk_cuda_close(a->cuda);
         free(a);
         return rc;
     }
@@ -558,6 +580,8 @@ void wk_agent_destroy(wk_agent_t *a)
     if (dx_loop_close(&a->loop) < 0)
         dx_warn("event loop closed with handles still open");
     wk_runtime_destroy(a->rt); /* aborts and joins a job still running */
+    wk_gpu_destroy(a->gpu);
+    wk_cuda_close(a->cuda);
     wk_data_destroy(a->data);
     if (a->dealer)
         zmq_close(a->dealer); /* lingers up to DX_WIRE_LINGER_MS to deliver a Goodbye */

@@ -34,6 +34,9 @@ struct slot {
     int path, mb, stage, chunk;
     int ready; /* cache allocated */
     struct wk_model_cache cache;
+    /* on a GPU: the device cache and the device copies of x_in .. dx */
+    wk_dmodel_cache_t *dcache;
+    wk_cuda_ptr d_in, d_out, d_dy, d_dx;
     float *x_in, *x_out, *dy, *dx; /* [rows][d]: received input, output, received dy, dx */
     int32_t *tokens;               /* [Bl][T + 1]: with the embedding or the head */
     struct ep_layer *ep;           /* [layers of the chunk], with ep > 1 */
@@ -42,6 +45,7 @@ struct slot {
 struct chunk {
     int stage, first, last, flags;
     struct wk_model model;
+    wk_dmodel_t *dev; /* on a GPU: the model's device twin (model keeps shapes, checkpoints) */
 };
 
 struct wk_cpu {
@@ -71,6 +75,7 @@ struct wk_cpu {
     uint8_t *sync_buf;
     size_t sync_cap;
     uint64_t start_step; /* the checkpoint's step, or 0 */
+    wk_gpu_t *gpu;       /* the cuda backend's GPU, or NULL: compute on the CPU */
     char *err;
     size_t errlen;
 };
@@ -147,8 +152,17 @@ static void slot_free(wk_cpu_t *c, struct slot *s)
     if (!s)
         return;
     ch = &c->chunk[s->chunk];
-    if (s->ready)
+    if (s->ready && !c->gpu)
         wk_model_cache_free(&s->cache, &ch->model);
+    if (c->gpu) {
+        wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+
+        wk_dmodel_cache_destroy(ch->dev, s->dcache);
+        wk_cuda_free(cu, s->d_in);
+        wk_cuda_free(cu, s->d_out);
+        wk_cuda_free(cu, s->d_dy);
+        wk_cuda_free(cu, s->d_dx);
+    }
     for (int i = 0; s->ep && i < ch->last - ch->first; i++)
         ep_layer_free(&s->ep[i]);
     free(s->ep);
@@ -212,8 +226,25 @@ static int slot_get(wk_cpu_t *c, int path, int mb, int stage, int chunk, struct 
     s->tokens = calloc((size_t)c->Bl * (size_t)(c->T + 1), sizeof(int32_t));
     if (!s->x_in || !s->x_out || !s->dy || !s->dx || !s->tokens)
         goto fail;
-    if ((rc = wk_model_cache_init(&s->cache, &ch->model, c->Bl, c->T)) < 0)
+    if (c->gpu) {
+        wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+
+        if ((rc = wk_dmodel_cache_create(ch->dev, c->Bl, c->T, &s->dcache)) < 0) {
+            slot_free(c, s);
+            return fail(c, rc, "micro-batch %d of stage %d on the GPU: %s", mb, stage,
+                        wk_dmodel_error(ch->dev));
+        }
+        if ((rc = wk_cuda_alloc(cu, nd * sizeof(float), &s->d_in)) < 0 ||
+            (rc = wk_cuda_alloc(cu, nd * sizeof(float), &s->d_out)) < 0 ||
+            (rc = wk_cuda_alloc(cu, nd * sizeof(float), &s->d_dy)) < 0 ||
+            (rc = wk_cuda_alloc(cu, nd * sizeof(float), &s->d_dx)) < 0) {
+            slot_free(c, s);
+            return fail(c, rc, "micro-batch %d of stage %d on the GPU: %s", mb, stage,
+                        wk_cuda_error(cu));
+        }
+    } else if ((rc = wk_model_cache_init(&s->cache, &ch->model, c->Bl, c->T)) < 0) {
         goto fail;
+    }
     s->ready = 1;
     if (c->ep > 1) {
         int L = ch->last - ch->first;
@@ -631,6 +662,66 @@ static struct slot *peek_slot(wk_cpu_t *c, int path, int mb, int stage)
     return ref ? *ref : NULL;
 }
 
+/* --- the cuda backend's compute: the chunk's device twin ------------------------ */
+
+/* rc of a device model call: its reason into err */
+static int gpu_rc(wk_cpu_t *c, const struct chunk *ch, int rc)
+{
+    return rc < 0 ? fail(c, rc, "stage %d on the GPU: %s", ch->stage, wk_dmodel_error(ch->dev)) : 0;
+}
+
+/* bytes of one activation (or its gradient) of this rank's share */
+static size_t act_size(const wk_cpu_t *c)
+{
+    return (size_t)c->Bl * (size_t)c->T * (size_t)c->d * sizeof(float);
+}
+
+/* The device's result into host memory, after the compute stream's work. */
+static int gpu_fetch(wk_cpu_t *c, void *dst, wk_cuda_ptr src)
+{
+    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+    int rc;
+
+    if ((rc = wk_cuda_stream_sync(cu, wk_gpu_compute_stream(c->gpu))) < 0 ||
+        (rc = wk_cuda_download(cu, dst, src, act_size(c))) < 0)
+        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    return 0;
+}
+
+/* Messages stay on the host's data plane: the input goes up, the output
+ * comes down (NCCL and the IPC transport replace this in a later step). */
+static int gpu_forward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const float *x_in,
+                       float *loss)
+{
+    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+    int rc;
+
+    if (x_in &&
+        (rc = wk_cuda_upload_on(cu, wk_gpu_compute_stream(c->gpu), s->d_in, x_in, act_size(c))) < 0)
+        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    if ((rc = gpu_rc(c, ch,
+                     wk_dmodel_forward(ch->dev, s->dcache, s->tokens, x_in ? s->d_in : 0,
+                                       (ch->flags & WK_MODEL_HAS_HEAD) ? 0 : s->d_out, loss))) < 0)
+        return rc;
+    return (ch->flags & WK_MODEL_HAS_HEAD) ? 0 : gpu_fetch(c, s->x_out, s->d_out);
+}
+
+static int gpu_backward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const float *dy, int full)
+{
+    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+    int has_embed = ch->flags & WK_MODEL_HAS_EMBED, rc;
+
+    if (dy &&
+        (rc = wk_cuda_upload_on(cu, wk_gpu_compute_stream(c->gpu), s->d_dy, dy, act_size(c))) < 0)
+        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    if ((rc = gpu_rc(c, ch,
+                     wk_dmodel_backward_input(ch->dev, s->dcache, dy ? s->d_dy : 0,
+                                              has_embed ? 0 : s->d_dx))) < 0 ||
+        (full && (rc = gpu_rc(c, ch, wk_dmodel_backward_weight(ch->dev, s->dcache))) < 0))
+        return rc;
+    return has_embed ? 0 : gpu_fetch(c, s->dx, s->d_dx);
+}
+
 static int run_forward(wk_cpu_t *c, const struct dp_work *w)
 {
     struct slot *s = NULL, *prev;
@@ -651,7 +742,8 @@ static int run_forward(wk_cpu_t *c, const struct dp_work *w)
             is_local(c, w->path, w->stage - 1) ? peek_slot(c, w->path, w->mb, w->stage - 1) : NULL;
         x_in = prev ? prev->x_out : s->x_in;
     }
-    rc = wk_model_forward(&ch->model, &s->cache, s->tokens, x_in, s->x_out, &loss);
+    rc = c->gpu ? gpu_forward(c, ch, s, x_in, &loss)
+                : wk_model_forward(&ch->model, &s->cache, s->tokens, x_in, s->x_out, &loss);
     if (rc < 0)
         return c->err[0] ? rc
                          : fail(c, rc, "forward of micro-batch %d at stage %d failed: %s", w->mb,
@@ -674,7 +766,15 @@ static int run_backward(wk_cpu_t *c, const struct dp_work *w, enum dp_op_kind ki
                     dp_op_kind_name(kind), w->mb, w->stage);
     ch = &c->chunk[s->chunk];
     if (kind == DP_OP_W) {
-        rc = wk_model_backward_weight(&ch->model, &s->cache);
+        rc = c->gpu ? gpu_rc(c, ch, wk_dmodel_backward_weight(ch->dev, s->dcache))
+                    : wk_model_backward_weight(&ch->model, &s->cache);
+    } else if (c->gpu) {
+        if (!(ch->flags & WK_MODEL_HAS_HEAD)) {
+            next = is_local(c, w->path, w->stage + 1) ? peek_slot(c, w->path, w->mb, w->stage + 1)
+                                                      : NULL;
+            dy = next ? next->dx : s->dy;
+        }
+        rc = gpu_backward(c, ch, s, dy, kind == DP_OP_B);
     } else {
         if (!(ch->flags & WK_MODEL_HAS_HEAD)) {
             next = is_local(c, w->path, w->stage + 1) ? peek_slot(c, w->path, w->mb, w->stage + 1)
@@ -785,8 +885,11 @@ void wk_cpu_step_begin(wk_cpu_t *c, uint64_t step)
     c->step = step;
     c->loss_sum = 0.0;
     memset(c->ex_rows, 0, (size_t)c->E * sizeof(*c->ex_rows));
-    for (int i = 0; i < c->nchunks; i++)
+    for (int i = 0; i < c->nchunks; i++) {
         wk_model_zero_grad(&c->chunk[i].model);
+        if (c->gpu)
+            wk_dmodel_zero_grad(c->chunk[i].dev); /* a failure shows at the next call */
+    }
 }
 
 /* The ranks holding stage st, as indices (d, pp, e) in member order:
@@ -1005,11 +1108,25 @@ int wk_cpu_step_end(wk_cpu_t *c, struct wk_cpu_step *out, char *err, size_t errl
     c->errlen = errlen;
     if (err && errlen)
         err[0] = '\0';
+    /* on a GPU the sums go through the host: gradients and loads down, the
+     * group's sums up, then the optimizer on the device */
+    for (int i = 0; c->gpu && i < c->nchunks; i++)
+        if ((rc = gpu_rc(c, &c->chunk[i], wk_dmodel_download_grads(c->chunk[i].dev))) < 0)
+            return rc;
     if ((rc = sync_grads(c, &loss, &has_loss)) < 0)
         return rc;
     for (int i = 0; i < c->nchunks; i++) {
-        wk_model_scale_grad(&c->chunk[i].model, scale);
-        if ((rc = wk_model_step(&c->chunk[i].model)) < 0)
+        struct chunk *ch = &c->chunk[i];
+
+        if (c->gpu) {
+            if ((rc = gpu_rc(c, ch, wk_dmodel_upload_grads(ch->dev))) < 0 ||
+                (rc = gpu_rc(c, ch, wk_dmodel_scale_grad(ch->dev, scale))) < 0 ||
+                (rc = gpu_rc(c, ch, wk_dmodel_step(ch->dev))) < 0)
+                return rc;
+            continue;
+        }
+        wk_model_scale_grad(&ch->model, scale);
+        if ((rc = wk_model_step(&ch->model)) < 0)
             return fail(c, rc, "the optimizer step failed: %s", strerror(-rc));
     }
     for (size_t k = 0; k < c->n_slots_ex; k++) {
@@ -1064,6 +1181,10 @@ int wk_cpu_checkpoint(wk_cpu_t *c, const char *root, uint64_t step, char *dir, s
     if (!realpath(path, abs))
         return fail(c, -errno, "cannot resolve %s: %s", path, strerror(errno));
     snprintf(dir, dirlen, "%s", abs);
+    /* on a GPU the host models take the device's weights, moments and biases */
+    for (int i = 0; c->gpu && i < c->nchunks; i++)
+        if ((rc = gpu_rc(c, &c->chunk[i], wk_dmodel_download(c->chunk[i].dev))) < 0)
+            return rc;
     shard_name(c, file, sizeof(file));
     if (snprintf(path, sizeof(path), "%s/%s", abs, file) >= (int)sizeof(path))
         return fail(c, -ENAMETOOLONG, "checkpoint path too long under %s", abs);
@@ -1159,8 +1280,10 @@ void wk_cpu_destroy(wk_cpu_t *c)
     for (size_t i = 0; c->slots && i < nslots; i++)
         slot_free(c, c->slots[i]);
     free(c->slots);
-    for (int i = 0; i < c->nchunks; i++)
+    for (int i = 0; i < c->nchunks; i++) {
+        wk_dmodel_destroy(c->chunk[i].dev);
         wk_model_free(&c->chunk[i].model);
+    }
     if (c->data_open)
         wk_data_close(&c->data);
     for (int i = 0; c->addr && i < c->pp * c->ep * c->dp; i++)
@@ -1210,9 +1333,29 @@ static int setup_chunks(wk_cpu_t *c, const Duplex__Assignment *a)
     return 0;
 }
 
+/* The chunks' device twins, from the host models (initialised, or loaded
+ * from the checkpoint). Expert parallelism is not on the GPU yet. */
+static int setup_gpu(wk_cpu_t *c, wk_gpu_t *gpu)
+{
+    char why[512];
+    int rc;
+
+    if (c->ep > 1)
+        return fail(c, -ENOTSUP,
+                    "the cuda backend does not run expert parallelism yet (parallel.ep %d): "
+                    "use ep 1, or the cpu backend",
+                    c->ep);
+    c->gpu = gpu;
+    for (int i = 0; i < c->nchunks; i++)
+        if ((rc = wk_dmodel_create(gpu, &c->chunk[i].model, &c->chunk[i].dev, why, sizeof(why))) <
+            0)
+            return fail(c, rc, "stage %d on the GPU: %s", c->chunk[i].stage, why);
+    return 0;
+}
+
 int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
                   const char *const *peers_addr, const char *data_dir, const struct wk_cpu_io *io,
-                  wk_cpu_t **out, char *err, size_t errlen)
+                  wk_gpu_t *gpu, wk_cpu_t **out, char *err, size_t errlen)
 {
     struct wk_train_config tc;
     wk_cpu_t *c;
@@ -1318,6 +1461,8 @@ int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
         rc = -EUCLEAN; /* the checkpoint, not this worker, is at fault */
         goto fail;
     }
+    if (gpu && (rc = setup_gpu(c, gpu)) < 0)
+        goto fail;
     c->err = NULL;
     *out = c;
     return 0;

@@ -38,6 +38,8 @@
 #include "pipeline/schedule.h"
 #include "proto/duplex.pb-c.h"
 #include "worker/dataplane.h"
+#include "worker/dmodel.h"
+#include "worker/gpu.h"
 
 /* How the backend moves messages: the runtime's waits (abort, timeouts,
  * hidden-communication accounting). `to`/`from` describe the peer for
@@ -68,11 +70,14 @@ typedef struct wk_cpu wk_cpu_t;
 /* Builds this rank's chunks from the assignment (its spec_json, schedule
  * and ranks) and loads its checkpoint if it names one (-EUCLEAN when that
  * fails: missing, torn, or of another layout). peers_addr: [dp][pp][ep] (index (d * pp + p) * ep +
- * e). data_dir: the training text (NULL: WK_DATA_DIR_DEFAULT). 0, or -errno
- * with the reason in err. */
+ * e). data_dir: the training text (NULL: WK_DATA_DIR_DEFAULT). gpu: the
+ * cuda backend's GPU (NULL: compute on the CPU): each chunk then trains on
+ * its device twin (worker/dmodel.h), messages still going through the
+ * host; -ENOTSUP for expert parallelism there. 0, or -errno with the
+ * reason in err. */
 int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
                   const char *const *peers_addr, const char *data_dir, const struct wk_cpu_io *io,
-                  wk_cpu_t **out, char *err, size_t errlen);
+                  wk_gpu_t *gpu, wk_cpu_t **out, char *err, size_t errlen);
 void wk_cpu_destroy(wk_cpu_t *c);
 
 /* Before a step's ops: clears gradients and per-step counters. */

@@ -125,6 +125,7 @@ struct wk_cuda {
     int driver, devices, nccl;
     size_t cublaslt;
     int ctx_device; /* the device whose primary context is retained, or -1 */
+    cu_context ctx; /* that context */
     char describe[DESCRIBE_MAX];
     char error[ERROR_MAX];
 };
@@ -396,7 +397,17 @@ int wk_cuda_context(wk_cuda_t *c, int device)
         return rc;
     }
     c->ctx_device = dev;
+    c->ctx = ctx;
     return 0;
+}
+
+int wk_cuda_bind(wk_cuda_t *c)
+{
+    if (c->ctx_device < 0) {
+        snprintf(c->error, sizeof(c->error), "no context (wk_cuda_context first)");
+        return -EINVAL;
+    }
+    return check(c, c->ctx_set_current(c->ctx), "cuCtxSetCurrent");
 }
 
 int wk_cuda_device_info(wk_cuda_t *c, int *major, int *minor, int *sms)

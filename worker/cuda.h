@@ -62,6 +62,9 @@ const char *wk_cuda_error(const wk_cuda_t *c);
 /* Makes device's primary context current on the calling thread (retained
  * until wk_cuda_close). Everything below needs it. */
 int wk_cuda_context(wk_cuda_t *c, int device);
+/* Makes the context wk_cuda_context retained current on the calling thread
+ * too (a worker's runtime thread). */
+int wk_cuda_bind(wk_cuda_t *c);
 /* The current device's compute capability and multiprocessor count. */
 int wk_cuda_device_info(wk_cuda_t *c, int *major, int *minor, int *sms);
 

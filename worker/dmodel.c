@@ -55,7 +55,8 @@ struct wk_dmodel_cache {
     int nall, capall;
 };
 
-static int fail(wk_dmodel_t *dm, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(wk_dmodel_t *dm, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 static int fail(wk_dmodel_t *dm, int rc, const char *fmt, ...)
 {
@@ -113,7 +114,8 @@ static int make_views(wk_dmodel_t *dm)
     struct wk_model *m = dm->m;
     int rc;
 
-    if (m->flags & WK_MODEL_HAS_EMBED && (rc = view(dm, m->embed.w.data, &dm->embed, &dm->dembed)) < 0)
+    if (m->flags & WK_MODEL_HAS_EMBED &&
+        (rc = view(dm, m->embed.w.data, &dm->embed, &dm->dembed)) < 0)
         return rc;
     if (m->flags & WK_MODEL_HAS_HEAD &&
         ((rc = view(dm, m->norm_f.g.data, &dm->normf, &dm->dnormf)) < 0 ||
@@ -167,8 +169,8 @@ static int upload_all(wk_dmodel_t *dm)
         if ((rc = wk_cuda_upload(dm->c, dm->layer[i].moe.bias, m->layer[i].moe.bias,
                                  (size_t)dm->E * sizeof(float))) < 0)
             return fail(dm, rc, "uploading a routing bias: %s", wk_cuda_error(dm->c));
-    if ((rc = wk_cuda_upload(dm->c, dm->loads, m->load,
-                             (size_t)dm->L * dm->E * sizeof(int64_t))) < 0)
+    if ((rc = wk_cuda_upload(dm->c, dm->loads, m->load, (size_t)dm->L * dm->E * sizeof(int64_t))) <
+        0)
         return fail(dm, rc, "uploading the expert loads: %s", wk_cuda_error(dm->c));
     return 0;
 }
@@ -201,6 +203,40 @@ int wk_dmodel_download(wk_dmodel_t *dm)
     return 0;
 }
 
+int wk_dmodel_download_grads(wk_dmodel_t *dm)
+{
+    struct wk_model *m = dm->m;
+    int rc;
+
+    if ((rc = wk_cuda_stream_sync(dm->c, dm->s)) < 0)
+        return fail(dm, rc, "%s", wk_cuda_error(dm->c));
+    for (int i = 0; i < m->nparams; i++)
+        if ((rc = wk_cuda_download(dm->c, m->params[i].g, dm->p[i].g,
+                                   m->params[i].n * sizeof(float))) < 0)
+            return fail(dm, rc, "downloading %s's gradient: %s", m->params[i].name,
+                        wk_cuda_error(dm->c));
+    if ((rc = wk_cuda_download(dm->c, m->load, dm->loads,
+                               (size_t)dm->L * dm->E * sizeof(int64_t))) < 0)
+        return fail(dm, rc, "%s", wk_cuda_error(dm->c));
+    return 0;
+}
+
+int wk_dmodel_upload_grads(wk_dmodel_t *dm)
+{
+    struct wk_model *m = dm->m;
+    int rc;
+
+    for (int i = 0; i < m->nparams; i++)
+        if ((rc = wk_cuda_upload_on(dm->c, dm->s, dm->p[i].g, m->params[i].g,
+                                    m->params[i].n * sizeof(float))) < 0)
+            return fail(dm, rc, "uploading %s's gradient: %s", m->params[i].name,
+                        wk_cuda_error(dm->c));
+    if ((rc = wk_cuda_upload_on(dm->c, dm->s, dm->loads, m->load,
+                                (size_t)dm->L * dm->E * sizeof(int64_t))) < 0)
+        return fail(dm, rc, "%s", wk_cuda_error(dm->c));
+    return 0;
+}
+
 void wk_dmodel_destroy(wk_dmodel_t *dm)
 {
     if (!dm)
@@ -222,8 +258,7 @@ void wk_dmodel_destroy(wk_dmodel_t *dm)
     free(dm);
 }
 
-int wk_dmodel_create(wk_gpu_t *g, struct wk_model *m, wk_dmodel_t **out, char *err,
-                     size_t errlen)
+int wk_dmodel_create(wk_gpu_t *g, struct wk_model *m, wk_dmodel_t **out, char *err, size_t errlen)
 {
     wk_dmodel_t *dm;
     int rc = -ENOMEM;
@@ -355,8 +390,8 @@ int wk_dmodel_cache_create(wk_dmodel_t *dm, int batch, int seq, wk_dmodel_cache_
     c->rstd2 = calloc((size_t)L + 1, sizeof(*c->rstd2));
     c->attn = calloc((size_t)L + 1, sizeof(*c->attn));
     c->moe = calloc((size_t)L + 1, sizeof(*c->moe));
-    if (!c->inputs || !c->targets || !c->loss_rows || !c->act || !c->mid || !c->hn1 ||
-        !c->dyattn || !c->rstd1 || !c->rstd2 || !c->attn || !c->moe)
+    if (!c->inputs || !c->targets || !c->loss_rows || !c->act || !c->mid || !c->hn1 || !c->dyattn ||
+        !c->rstd1 || !c->rstd2 || !c->attn || !c->moe)
         goto fail;
     for (int i = 0; i <= L; i++)
         if ((rc = cache_alloc(dm, c, &c->act[i], nd)) < 0)
@@ -490,8 +525,7 @@ int wk_dmodel_forward(wk_dmodel_t *dm, wk_dmodel_cache_t *c, const int32_t *toke
     return 0;
 }
 
-int wk_dmodel_backward_input(wk_dmodel_t *dm, wk_dmodel_cache_t *c, wk_cuda_ptr dy,
-                             wk_cuda_ptr dx)
+int wk_dmodel_backward_input(wk_dmodel_t *dm, wk_dmodel_cache_t *c, wk_cuda_ptr dy, wk_cuda_ptr dx)
 {
     const struct wk_model *m = dm->m;
     const struct wk_dl_attn_shape as = attn_shape(dm, c);
@@ -516,15 +550,15 @@ int wk_dmodel_backward_input(wk_dmodel_t *dm, wk_dmodel_cache_t *c, wk_cuda_ptr 
 
         /* y = mid + moe(norm2(mid)) */
         if ((rc = wk_dmoe_backward_input(dm->g, dm->s, mc, &l->moe, c->moe[i], c->g, c->h)) < 0 ||
-            (rc = wk_dl_rmsnorm_bwd(dm->g, dm->s, n, d, c->mid[i], l->norm2, c->h, c->rstd2[i], c->t,
-                                    l->dnorm2, c->part)) < 0 ||
+            (rc = wk_dl_rmsnorm_bwd(dm->g, dm->s, n, d, c->mid[i], l->norm2, c->h, c->rstd2[i],
+                                    c->t, l->dnorm2, c->part)) < 0 ||
             (rc = add(dm, c, c->g, c->t, c->g2)) < 0)
             return gpu_rc(dm, rc);
         /* mid = x + attn(norm1(x)); the weight half needs attention's dy */
         if ((rc = wk_cuda_copy_on(dm->c, dm->s, c->dyattn[i], c->g2, nd)) < 0 ||
             (rc = wk_dl_attn_bwd_input(dm->g, dm->s, &as, l->attn, c->g2, &c->attn[i], c->h)) < 0 ||
-            (rc = wk_dl_rmsnorm_bwd(dm->g, dm->s, n, d, c->act[i], l->norm1, c->h, c->rstd1[i], c->t,
-                                    l->dnorm1, c->part)) < 0 ||
+            (rc = wk_dl_rmsnorm_bwd(dm->g, dm->s, n, d, c->act[i], l->norm1, c->h, c->rstd1[i],
+                                    c->t, l->dnorm1, c->part)) < 0 ||
             (rc = add(dm, c, c->g2, c->t, c->g)) < 0)
             return gpu_rc(dm, rc);
     }
@@ -598,14 +632,13 @@ int wk_dmodel_step(wk_dmodel_t *dm)
         struct dparam *p = &dm->p[i];
         struct wk_adamw_coeffs k;
         long long count = (long long)p->n;
-        void *args[] = {&p->w,    &p->g,    &p->m,    &p->v,  &count, &k.lr,
-                        &k.beta1, &k.beta2, &k.eps,   &k.bc1, &k.bc2, &k.decay};
+        void *args[] = {&p->w,    &p->g,    &p->m,  &p->v,  &count, &k.lr,
+                        &k.beta1, &k.beta2, &k.eps, &k.bc1, &k.bc2, &k.decay};
 
         /* the step count lives on the host, as wk_adamw_step keeps it */
         if ((rc = wk_adamw_coeffs(&m->opt.cfg, op->step + 1, op->decay, &k)) < 0)
             return fail(dm, rc, "AdamW: bad configuration");
-        if ((rc = wk_gpu_launch(dm->g, WK_K_ADAMW, dm->s, elem_grid(dm, p->n), BLOCK, 0, args)) <
-            0)
+        if ((rc = wk_gpu_launch(dm->g, WK_K_ADAMW, dm->s, elem_grid(dm, p->n), BLOCK, 0, args)) < 0)
             return gpu_rc(dm, rc);
         op->step++;
     }

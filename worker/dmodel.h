@@ -28,8 +28,7 @@ typedef struct wk_dmodel_cache wk_dmodel_cache_t;
 
 /* The twin of m (initialised, with wk_model_optim_init done; m must
  * outlive the twin). Uploads everything. */
-int wk_dmodel_create(wk_gpu_t *g, struct wk_model *m, wk_dmodel_t **out, char *err,
-                     size_t errlen);
+int wk_dmodel_create(wk_gpu_t *g, struct wk_model *m, wk_dmodel_t **out, char *err, size_t errlen);
 void wk_dmodel_destroy(wk_dmodel_t *dm);
 const char *wk_dmodel_error(const wk_dmodel_t *dm);
 
@@ -42,8 +41,7 @@ void wk_dmodel_cache_destroy(wk_dmodel_t *dm, wk_dmodel_cache_t *c);
 int wk_dmodel_forward(wk_dmodel_t *dm, wk_dmodel_cache_t *c, const int32_t *tokens,
                       wk_cuda_ptr x_in, wk_cuda_ptr x_out, float *loss);
 /* dy [rows][d] without the head; dx [rows][d] without the embedding. */
-int wk_dmodel_backward_input(wk_dmodel_t *dm, wk_dmodel_cache_t *c, wk_cuda_ptr dy,
-                             wk_cuda_ptr dx);
+int wk_dmodel_backward_input(wk_dmodel_t *dm, wk_dmodel_cache_t *c, wk_cuda_ptr dy, wk_cuda_ptr dx);
 int wk_dmodel_backward_weight(wk_dmodel_t *dm, wk_dmodel_cache_t *c);
 
 int wk_dmodel_zero_grad(wk_dmodel_t *dm);
@@ -54,5 +52,9 @@ int wk_dmodel_step(wk_dmodel_t *dm);
 /* Weights, gradients, moments, step counts, biases and loads back into
  * the host model (synchronises). */
 int wk_dmodel_download(wk_dmodel_t *dm);
+/* Only the gradients and the expert loads, to the host (synchronises) and
+ * back (for the step-end sums the host makes over a stage's ranks). */
+int wk_dmodel_download_grads(wk_dmodel_t *dm);
+int wk_dmodel_upload_grads(wk_dmodel_t *dm);
 
 #endif

@@ -24,11 +24,14 @@ struct wk_dmoe_buf {
 };
 
 /* every device buffer of struct wk_dmoe_buf, for allocation and release */
-#define BUF_FIELDS(X)                                                                              \
-    X(scores) X(ids) X(gates) X(counts) X(tpe) X(eoff) X(rank_rows) X(rank_off) X(eslot)          \
-        X(send_token) X(send_gate) X(token_slot) X(owner) X(ones) X(xg) X(h1) X(h3) X(act) X(y)   \
-            X(sh1) X(sh3) X(sact) X(sy) X(base) X(dy) X(dgate) X(dlogit) X(dact) X(dh1) X(dh3)    \
-                X(dxg) X(sdact) X(sdh1) X(sdh3) X(sdx) X(tmp) X(x) X(dout)
+// clang-format off
+#define BUF_FIELDS(X) \
+    X(scores) X(ids) X(gates) X(counts) X(tpe) X(eoff) X(rank_rows) X(rank_off) \
+    X(eslot) X(send_token) X(send_gate) X(token_slot) X(owner) X(ones) X(xg) X(h1) \
+    X(h3) X(act) X(y) X(sh1) X(sh3) X(sact) X(sy) X(base) \
+    X(dy) X(dgate) X(dlogit) X(dact) X(dh1) X(dh3) X(dxg) X(sdact) \
+    X(sdh1) X(sdh3) X(sdx) X(tmp) X(x) X(dout)
+// clang-format on
 
 static unsigned grid_for(const wk_gpu_t *g, size_t items, size_t per_block)
 {
@@ -50,8 +53,7 @@ void wk_dmoe_buf_destroy(wk_gpu_t *g, wk_dmoe_buf_t *b)
     free(b);
 }
 
-int wk_dmoe_buf_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap,
-                       wk_dmoe_buf_t **out)
+int wk_dmoe_buf_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap, wk_dmoe_buf_t **out)
 {
     const size_t n = (size_t)cap, E = (size_t)cfg->experts, K = (size_t)cfg->top_k;
     const size_t d = (size_t)cfg->d_model, H = (size_t)cfg->expert_hidden;
@@ -65,41 +67,30 @@ int wk_dmoe_buf_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap,
         wk_cuda_ptr *p;
         size_t bytes;
     } want[] = {
-        {NULL, n * E * f}, /* scores */
-        {NULL, rows * i},  /* ids */
-        {NULL, rows * f},  /* gates */
-        {NULL, E * i},     /* counts */
-        {NULL, E * i},     /* tpe */
-        {NULL, (E + 1) * i},
-        {NULL, i},         /* rank_rows: one rank */
-        {NULL, 2 * i},     /* rank_off */
-        {NULL, E * i},     /* eslot */
-        {NULL, rows * i},  /* send_token */
-        {NULL, rows * f},  /* send_gate */
-        {NULL, rows * i},  /* token_slot */
-        {NULL, E * i},     /* owner: every expert here */
-        {NULL, rows * f},  /* ones */
-        {NULL, rows * d * f},
-        {NULL, rows * H * f},
-        {NULL, rows * H * f},
-        {NULL, rows * H * f},
-        {NULL, rows * d * f},
-        {NULL, S * n * H * f},
-        {NULL, S * n * H * f},
-        {NULL, S * n * H * f},
-        {NULL, S * n * d * f},
-        {NULL, n * d * f}, /* base */
-        {NULL, rows * d * f},
-        {NULL, rows * f},  /* dgate */
-        {NULL, n * E * f}, /* dlogit */
-        {NULL, rows * H * f},
-        {NULL, rows * H * f},
-        {NULL, rows * H * f},
-        {NULL, rows * d * f},
-        {NULL, S * n * H * f},
-        {NULL, S * n * H * f},
-        {NULL, S * n * H * f},
-        {NULL, S * n * d * f},
+        {NULL, n * E * f},                /* scores */
+        {NULL, rows * i},                 /* ids */
+        {NULL, rows * f},                 /* gates */
+        {NULL, E * i},                    /* counts */
+        {NULL, E * i},                    /* tpe */
+        {NULL, (E + 1) * i},   {NULL, i}, /* rank_rows: one rank */
+        {NULL, 2 * i},                    /* rank_off */
+        {NULL, E * i},                    /* eslot */
+        {NULL, rows * i},                 /* send_token */
+        {NULL, rows * f},                 /* send_gate */
+        {NULL, rows * i},                 /* token_slot */
+        {NULL, E * i},                    /* owner: every expert here */
+        {NULL, rows * f},                 /* ones */
+        {NULL, rows * d * f},  {NULL, rows * H * f},
+        {NULL, rows * H * f},  {NULL, rows * H * f},
+        {NULL, rows * d * f},  {NULL, S * n * H * f},
+        {NULL, S * n * H * f}, {NULL, S * n * H * f},
+        {NULL, S * n * d * f}, {NULL, n * d * f}, /* base */
+        {NULL, rows * d * f},  {NULL, rows * f},  /* dgate */
+        {NULL, n * E * f},                        /* dlogit */
+        {NULL, rows * H * f},  {NULL, rows * H * f},
+        {NULL, rows * H * f},  {NULL, rows * d * f},
+        {NULL, S * n * H * f}, {NULL, S * n * H * f},
+        {NULL, S * n * H * f}, {NULL, S * n * d * f},
         {NULL, n * d * f}, /* tmp */
         {NULL, n * d * f}, /* x */
         {NULL, n * d * f}, /* dout */
@@ -147,9 +138,9 @@ const int *wk_dmoe_buf_offsets(const wk_dmoe_buf_t *b)
 /* --- the FFNs ------------------------------------------------------------------ */
 
 /* One SwiGLU FFN on rows [rows][d]: h1, h3 = x W1^T, x W3^T; act; y = act W2^T. */
-static int ffn_forward(wk_gpu_t *g, wk_cuda_stream s, int d, int H, wk_cuda_ptr w1,
-                       wk_cuda_ptr w3, wk_cuda_ptr w2, wk_cuda_ptr x, int rows, wk_cuda_ptr h1,
-                       wk_cuda_ptr h3, wk_cuda_ptr act, wk_cuda_ptr y)
+static int ffn_forward(wk_gpu_t *g, wk_cuda_stream s, int d, int H, wk_cuda_ptr w1, wk_cuda_ptr w3,
+                       wk_cuda_ptr w2, wk_cuda_ptr x, int rows, wk_cuda_ptr h1, wk_cuda_ptr h3,
+                       wk_cuda_ptr act, wk_cuda_ptr y)
 {
     wk_cublas_t *lt = wk_gpu_cublas(g);
     long long count = (long long)rows * H;
@@ -193,9 +184,9 @@ static int ffn_backward_input(wk_gpu_t *g, wk_cuda_stream s, int d, int H, wk_cu
 }
 
 /* dW2 += dy^T act, dW1 += dh1^T x, dW3 += dh3^T x (moe.c's order). */
-static int ffn_backward_weight(wk_gpu_t *g, wk_cuda_stream s, int d, int H, int rows,
-                               wk_cuda_ptr x, wk_cuda_ptr act, wk_cuda_ptr dy, wk_cuda_ptr dh1,
-                               wk_cuda_ptr dh3, wk_cuda_ptr gw1, wk_cuda_ptr gw3, wk_cuda_ptr gw2)
+static int ffn_backward_weight(wk_gpu_t *g, wk_cuda_stream s, int d, int H, int rows, wk_cuda_ptr x,
+                               wk_cuda_ptr act, wk_cuda_ptr dy, wk_cuda_ptr dh1, wk_cuda_ptr dh3,
+                               wk_cuda_ptr gw1, wk_cuda_ptr gw3, wk_cuda_ptr gw2)
 {
     wk_cublas_t *lt = wk_gpu_cublas(g);
     int rc;
@@ -222,12 +213,11 @@ static int route(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
     float scale = cfg->route_scale;
     void *sig[] = {&b->scores, &count, &b->scores};
     wk_cuda_ptr bias = w->bias;
-    void *topk[] = {&b->scores, &bias, &n, &E, &G, &gl, &K, &scale, &b->ids, &b->gates,
-                    &b->counts};
+    void *topk[] = {&b->scores, &bias, &n, &E, &G, &gl, &K, &scale, &b->ids, &b->gates, &b->counts};
     void *loads[] = {&b->counts, &E, &load};
     void *cnt[] = {&b->ids, &n, &K, &E, &b->tpe};
     void *offs[] = {&b->tpe, &b->owner, &E, &R, &b->eoff, &b->rank_rows, &b->rank_off, &b->eslot};
-    void *rows[] = {&b->ids,        &b->gates,     &n, &K, &E, &b->eslot, &b->send_token,
+    void *rows[] = {&b->ids,       &b->gates,     &n, &K, &E, &b->eslot, &b->send_token,
                     &b->send_gate, &b->token_slot};
 
     if ((rc = wk_cublas_xwt(wk_gpu_cublas(g), s, WK_CUBLAS_F32, x, w->router, b->scores, n, d, E,
@@ -271,16 +261,15 @@ int wk_dmoe_forward(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *c
     if ((rc = wk_cuda_copy_on(wk_gpu_cuda(g), s, b->x, x, (size_t)n * d * sizeof(float))) < 0 ||
         (rc = route(g, s, cfg, w, b, x, n, load)) < 0)
         return rc;
-    if ((rc = wk_gpu_launch(g, WK_K_DISPATCH_PACK, s, grid_for(g, (size_t)rows, BLOCK / 32),
-                            BLOCK, 0, pack)) < 0)
+    if ((rc = wk_gpu_launch(g, WK_K_DISPATCH_PACK, s, grid_for(g, (size_t)rows, BLOCK / 32), BLOCK,
+                            0, pack)) < 0)
         return rc;
     for (int e = 0; e < E; e++) {
         size_t o = (size_t)b->off[e];
 
         if ((rc = ffn_forward(g, s, d, H, w->w1 + e * es, w->w3 + e * es, w->w2 + e * es,
-                              b->xg + o * d * 4, b->off[e + 1] - b->off[e],
-                              b->h1 + o * H * 4, b->h3 + o * H * 4, b->act + o * H * 4,
-                              b->y + o * d * 4)) < 0)
+                              b->xg + o * d * 4, b->off[e + 1] - b->off[e], b->h1 + o * H * 4,
+                              b->h3 + o * H * 4, b->act + o * H * 4, b->y + o * d * 4)) < 0)
             return rc;
     }
     for (int j = 0; j < S; j++) {
@@ -331,19 +320,19 @@ int wk_dmoe_backward_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_co
     long long cnt = (long long)n * d;
     void *gscale[] = {&dout, (void *)&d, &b->send_token, &b->send_gate, &rows, &b->dy};
     void *gdot[] = {&dout, (void *)&d, &b->y, &b->token_slot, &n, (void *)&K, &b->dgate};
-    void *rgrad[] = {&b->scores, (void *)&E, &b->ids, &b->dgate, &n, (void *)&K, &scale,
-                     &b->dlogit};
+    void *rgrad[] = {&b->scores, (void *)&E, &b->ids, &b->dgate,
+                     &n,         (void *)&K, &scale,  &b->dlogit};
 
     if (n < 1)
         return -EINVAL;
     if ((rc = wk_cuda_copy_on(wk_gpu_cuda(g), s, b->dout, dout, (size_t)n * d * sizeof(float))) < 0)
         return rc;
-    if ((rc = wk_gpu_launch(g, WK_K_MOE_GATE_SCALE, s, grid_for(g, (size_t)rows, BLOCK / 32),
-                            BLOCK, 0, gscale)) < 0 ||
+    if ((rc = wk_gpu_launch(g, WK_K_MOE_GATE_SCALE, s, grid_for(g, (size_t)rows, BLOCK / 32), BLOCK,
+                            0, gscale)) < 0 ||
         (rc = wk_gpu_launch(g, WK_K_MOE_GATE_DOT, s, grid_for(g, (size_t)pairs, BLOCK), BLOCK, 0,
                             gdot)) < 0 ||
-        (rc = wk_gpu_launch(g, WK_K_MOE_ROUTER_GRAD, s, grid_for(g, (size_t)n, BLOCK / 32),
-                            BLOCK, 0, rgrad)) < 0)
+        (rc = wk_gpu_launch(g, WK_K_MOE_ROUTER_GRAD, s, grid_for(g, (size_t)n, BLOCK / 32), BLOCK,
+                            0, rgrad)) < 0)
         return rc;
     for (int e = 0; e < E; e++) {
         size_t o = (size_t)b->off[e];
@@ -351,16 +340,16 @@ int wk_dmoe_backward_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_co
         if ((rc = ffn_backward_input(g, s, d, H, w->w1 + e * es, w->w3 + e * es, w->w2 + e * es,
                                      b->off[e + 1] - b->off[e], b->h1 + o * H * 4,
                                      b->h3 + o * H * 4, b->dy + o * d * 4, b->dact + o * H * 4,
-                                     b->dh1 + o * H * 4, b->dh3 + o * H * 4,
-                                     b->dxg + o * d * 4)) < 0)
+                                     b->dh1 + o * H * 4, b->dh3 + o * H * 4, b->dxg + o * d * 4)) <
+            0)
             return rc;
     }
     for (int j = 0; j < S; j++) {
         size_t sh = (size_t)j * cap;
 
-        if ((rc = ffn_backward_input(g, s, d, H, w->sw1 + j * es, w->sw3 + j * es,
-                                     w->sw2 + j * es, n, b->sh1 + sh * H * 4, b->sh3 + sh * H * 4,
-                                     dout, b->sdact + sh * H * 4, b->sdh1 + sh * H * 4,
+        if ((rc = ffn_backward_input(g, s, d, H, w->sw1 + j * es, w->sw3 + j * es, w->sw2 + j * es,
+                                     n, b->sh1 + sh * H * 4, b->sh3 + sh * H * 4, dout,
+                                     b->sdact + sh * H * 4, b->sdh1 + sh * H * 4,
                                      b->sdh3 + sh * H * 4, b->sdx + sh * d * 4)) < 0)
             return rc;
     }
@@ -377,8 +366,8 @@ int wk_dmoe_backward_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_co
             return rc;
     }
     {
-        void *comb[] = {&b->dxg, (void *)&d, &b->ones, &b->token_slot, &n, (void *)&K, &b->tmp,
-                        &dx};
+        void *comb[] = {&b->dxg, (void *)&d, &b->ones, &b->token_slot,
+                        &n,      (void *)&K, &b->tmp,  &dx};
 
         return wk_gpu_launch(g, WK_K_COMBINE, s, grid_for(g, (size_t)n, BLOCK / 32), BLOCK, 0,
                              comb);
@@ -411,8 +400,8 @@ int wk_dmoe_backward_weight(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_c
 
         if ((rc = ffn_backward_weight(g, s, d, H, n, b->x, b->sact + sh * H * 4, b->dout,
                                       b->sdh1 + sh * H * 4, b->sdh3 + sh * H * 4,
-                                      grad->sw1 + j * es, grad->sw3 + j * es,
-                                      grad->sw2 + j * es)) < 0)
+                                      grad->sw1 + j * es, grad->sw3 + j * es, grad->sw2 + j * es)) <
+            0)
             return rc;
     }
     return 0;

@@ -30,8 +30,7 @@ struct wk_dmoe_w {
 typedef struct wk_dmoe_buf wk_dmoe_buf_t;
 
 /* One micro-batch's buffers for up to cap tokens (struct wk_moe_ctx's). */
-int wk_dmoe_buf_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap,
-                       wk_dmoe_buf_t **out);
+int wk_dmoe_buf_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap, wk_dmoe_buf_t **out);
 void wk_dmoe_buf_destroy(wk_gpu_t *g, wk_dmoe_buf_t *b);
 
 /* out [n][d] from x [n][d]; load [E] (int64) += the tokens each expert took.

@@ -46,7 +46,8 @@ struct wk_runtime {
     char **peer_id;                 /* [pp]: its worker id, for messages */
     char **all_addr;                /* [dp][pp][ep]: every rank's data_addr */
     int nranks;
-    wk_cpu_t *cpu; /* the cpu backend, or NULL for sim */
+    wk_cpu_t *cpu; /* the cpu (or cuda) backend's training, or NULL for sim */
+    wk_gpu_t *gpu; /* the cuda backend's GPU (its context is made current on the thread) */
     int recv_timeout_ms;
     dp_sched_t *sched;
     dp_exec_t *exec;
@@ -375,6 +376,11 @@ static void *runtime_main(void *arg)
     int rc = 0;
 
     wk_data_begin(rt->data, rt->job_id, rt->attempt);
+    if (rt->gpu && wk_cuda_bind(wk_gpu_cuda(rt->gpu)) < 0) {
+        snprintf(rt->err, sizeof(rt->err), "the GPU's context: %s",
+                 wk_cuda_error(wk_gpu_cuda(rt->gpu)));
+        rc = -EIO;
+    }
     completed = rt->cpu ? wk_cpu_start_step(rt->cpu) : 0;
     for (uint64_t step = completed + 1; step <= rt->steps && rc == 0; step++) {
         double t0 = now_ms();
@@ -558,10 +564,18 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
         snprintf(err, errlen, "cannot set up the executor: %s", strerror(-rc));
         return rc;
     }
-    if (opts && opts->backend && strcmp(opts->backend, "cpu") == 0) {
+    if (opts && opts->backend &&
+        (strcmp(opts->backend, "cpu") == 0 || strcmp(opts->backend, "cuda") == 0)) {
         const struct wk_cpu_io io = {cpu_io_send, cpu_io_recv, rt};
+        int cuda = strcmp(opts->backend, "cuda") == 0;
+
+        if (cuda && !opts->gpu) {
+            snprintf(err, errlen, "the cuda backend has no GPU");
+            return -EINVAL;
+        }
+        rt->gpu = cuda ? opts->gpu : NULL;
         if ((rc = wk_cpu_create(a, rt->sched, (const char *const *)rt->all_addr, opts->data_dir,
-                                &io, &rt->cpu, err, errlen)) < 0)
+                                &io, rt->gpu, &rt->cpu, err, errlen)) < 0)
             return rc;
     }
     return 0;

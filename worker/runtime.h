@@ -26,6 +26,7 @@
 
 #include "proto/duplex.pb-c.h"
 #include "worker/dataplane.h"
+#include "worker/gpu.h"
 
 /* A RECV that waits longer than this fails the job. */
 #define WK_RUNTIME_RECV_TIMEOUT_MS 30000
@@ -34,8 +35,9 @@
 
 struct wk_runtime_opts {
     int recv_timeout_ms;  /* 0: WK_RUNTIME_RECV_TIMEOUT_MS */
-    const char *backend;  /* "cpu" trains the model (worker/cpu.h); NULL or "sim" sleeps */
+    const char *backend;  /* "cpu" / "cuda" train the model (worker/cpu.h); NULL or "sim" sleeps */
     const char *data_dir; /* the cpu backend's training text; NULL: the default */
+    wk_gpu_t *gpu;        /* "cuda": the GPU to train on (worker/gpu.h), the caller's */
 };
 
 typedef struct wk_runtime wk_runtime_t;

@@ -4,7 +4,9 @@
  *
  * It serves, through cuGetProcAddress, the Driver API entry points that
  * worker/cuda.c resolves, with CUDA's semantics on host memory:
- *  - one device ("duplex fake GPU", compute capability 9.0, 132 SMs);
+ *  - FAKECUDA_DEVICES devices (default 1: a local cluster's workers each
+ *    take their --gpu), all "duplex fake GPU", compute capability 9.0, 132
+ *    SMs, sharing the host's memory;
  *  - device memory is host memory: each allocation a memfd mapped shared,
  *    so CUDA IPC works between processes (a handle names the owner's pid and
  *    fd; the importer maps /proc/PID/fd/FD);
@@ -259,6 +261,14 @@ static CUresult sticky(void)
 
 /* --- the entry points -------------------------------------------------------- */
 
+static int device_count(void)
+{
+    const char *v = getenv("FAKECUDA_DEVICES");
+    int n = v ? atoi(v) : 1;
+
+    return n >= 1 && n <= 1024 ? n : 1;
+}
+
 static CUresult fk_init(unsigned flags)
 {
     if (flags != 0)
@@ -277,21 +287,21 @@ static CUresult fk_device_get_count(int *n)
 {
     if (!g_initialised)
         return CUDA_ERROR_NOT_INITIALIZED;
-    *n = 1;
+    *n = device_count();
     return CUDA_SUCCESS;
 }
 
 static CUresult fk_device_get(int *dev, int ordinal)
 {
-    if (ordinal != 0)
+    if (ordinal < 0 || ordinal >= device_count())
         return CUDA_ERROR_INVALID_DEVICE;
-    *dev = 0;
+    *dev = ordinal;
     return CUDA_SUCCESS;
 }
 
 static CUresult fk_device_get_name(char *name, int len, int dev)
 {
-    if (dev != 0 || len < 1)
+    if (dev < 0 || dev >= device_count() || len < 1)
         return CUDA_ERROR_INVALID_VALUE;
     snprintf(name, (size_t)len, "%s", FAKECUDA_DEVICE_NAME);
     return CUDA_SUCCESS;
@@ -339,7 +349,7 @@ static CUresult fk_get_error_string(CUresult rc, const char **s)
 
 static CUresult fk_device_get_attribute(int *v, int attr, int dev)
 {
-    if (dev != 0)
+    if (dev < 0 || dev >= device_count())
         return CUDA_ERROR_INVALID_DEVICE;
     switch (attr) {
     case 16: /* multiprocessor count */
@@ -358,7 +368,7 @@ static CUresult fk_device_get_attribute(int *v, int attr, int dev)
 
 static CUresult fk_primary_ctx_retain(void **ctx, int dev)
 {
-    if (dev != 0)
+    if (dev < 0 || dev >= device_count())
         return CUDA_ERROR_INVALID_DEVICE;
     g_ctx_retained++;
     *ctx = &g_ctx_retained;
@@ -367,7 +377,7 @@ static CUresult fk_primary_ctx_retain(void **ctx, int dev)
 
 static CUresult fk_primary_ctx_release(int dev)
 {
-    if (dev != 0 || g_ctx_retained == 0)
+    if (dev < 0 || dev >= device_count() || g_ctx_retained == 0)
         return CUDA_ERROR_INVALID_CONTEXT;
     g_ctx_retained--;
     return CUDA_SUCCESS;

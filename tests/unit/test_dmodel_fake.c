@@ -39,8 +39,8 @@ struct fx {
 
 static void fx_open(struct fx *f)
 {
-    struct wk_cuda_paths paths = {.cuda = fakestack_path(), .nccl = fakestack_path(),
-                                  .cublaslt = fakestack_path()};
+    struct wk_cuda_paths paths = {
+        .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
     char err[512];
 
     if (!wk_gpu_have_kernels())
@@ -122,8 +122,8 @@ Test(dmodel_fake, trains_like_the_cpu_model, .timeout = 120)
             tokens(s, i, t);
             cr_assert_eq(wk_model_forward(&cpu, &cc[i], t, NULL, NULL, &lc), 0);
             cr_assert_eq(wk_dmodel_forward(dm, dc[i], t, 0, 0, &lg), 0, "%s", wk_dmodel_error(dm));
-            cr_assert(rel(lg, lc, 1e-30) <= 1e-5, "step %d micro-batch %d: loss %.9g, want %.9g",
-                      s, i, (double)lg, (double)lc);
+            cr_assert(rel(lg, lc, 1e-30) <= 1e-5, "step %d micro-batch %d: loss %.9g, want %.9g", s,
+                      i, (double)lg, (double)lc);
         }
         for (int i = MB - 1; i >= 0; i--) {
             cr_assert_eq(wk_model_backward(&cpu, &cc[i], NULL, NULL), 0);
@@ -146,8 +146,8 @@ Test(dmodel_fake, trains_like_the_cpu_model, .timeout = 120)
         cr_assert_eq(gpu.opt.p[i].step, cpu.opt.p[i].step);
     }
     for (int l = 0; l < cfg.layers; l++)
-        cr_assert_arr_eq(gpu.layer[l].moe.bias, cpu.layer[l].moe.bias,
-                         cfg.experts * sizeof(float), "layer %d's routing bias", l);
+        cr_assert_arr_eq(gpu.layer[l].moe.bias, cpu.layer[l].moe.bias, cfg.experts * sizeof(float),
+                         "layer %d's routing bias", l);
     for (int i = 0; i < MB; i++) {
         wk_model_cache_free(&cc[i], &cpu);
         wk_dmodel_cache_destroy(dm, dc[i]);

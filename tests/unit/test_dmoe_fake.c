@@ -26,8 +26,8 @@ struct fx {
 
 static void fx_open(struct fx *f)
 {
-    struct wk_cuda_paths paths = {.cuda = fakestack_path(), .nccl = fakestack_path(),
-                                  .cublaslt = fakestack_path()};
+    struct wk_cuda_paths paths = {
+        .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
     char err[512];
 
     memset(f, 0, sizeof(*f));
@@ -116,13 +116,21 @@ static void moe_parity(int shared)
     randn(m.bias, E, 3, 0.05f);
     randn(x, N * D, 1, 1.0f);
     randn(dout, N * D, 2, 1.0f);
-    w = (struct wk_dmoe_w){dbuf(&f, m.router, E * D * 4), dbuf(&f, m.bias, E * 4),
-                           dbuf(&f, m.w1, es), dbuf(&f, m.w3, es), dbuf(&f, m.w2, es),
-                           shared ? dbuf(&f, m.sw1, ss) : 0, shared ? dbuf(&f, m.sw3, ss) : 0,
+    w = (struct wk_dmoe_w){dbuf(&f, m.router, E * D * 4),
+                           dbuf(&f, m.bias, E * 4),
+                           dbuf(&f, m.w1, es),
+                           dbuf(&f, m.w3, es),
+                           dbuf(&f, m.w2, es),
+                           shared ? dbuf(&f, m.sw1, ss) : 0,
+                           shared ? dbuf(&f, m.sw3, ss) : 0,
                            shared ? dbuf(&f, m.sw2, ss) : 0};
-    gr = (struct wk_dmoe_w){dbuf(&f, m.g_router, E * D * 4), 0, dbuf(&f, m.g_w1, es),
-                            dbuf(&f, m.g_w3, es), dbuf(&f, m.g_w2, es),
-                            shared ? dbuf(&f, m.g_sw1, ss) : 0, shared ? dbuf(&f, m.g_sw3, ss) : 0,
+    gr = (struct wk_dmoe_w){dbuf(&f, m.g_router, E * D * 4),
+                            0,
+                            dbuf(&f, m.g_w1, es),
+                            dbuf(&f, m.g_w3, es),
+                            dbuf(&f, m.g_w2, es),
+                            shared ? dbuf(&f, m.g_sw1, ss) : 0,
+                            shared ? dbuf(&f, m.g_sw3, ss) : 0,
                             shared ? dbuf(&f, m.g_sw2, ss) : 0};
     xd = dbuf(&f, x, sizeof(x));
     doutd = dbuf(&f, dout, sizeof(dout));

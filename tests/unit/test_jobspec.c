@@ -233,3 +233,9 @@ Test(jobspec, max_nodes_defaults_to_no_limit_and_is_checked)
     cr_assert_eq(back.parallel.max_nodes, 1);
     free(text);
 }
+
+Test(jobspec, the_cuda_backend_refuses_expert_parallelism_for_now)
+{
+    expect_error("{\"backend\": \"cuda\", \"parallel\": {\"ep\": 2}}", NULL, "parallel.ep",
+                 "the cuda backend does not run expert parallelism yet");
+}
