@@ -245,7 +245,8 @@ bundle: $(BINS) $(GPUCHECK)
 	  esac; \
 	done
 	cp tests/gpu/run.sh $(BUNDLE)/run.sh
-	chmod 0755 $(BUNDLE)/run.sh
+	cp tests/gpu/train_check.py $(BUNDLE)/train_check.py
+	chmod 0755 $(BUNDLE)/run.sh $(BUNDLE)/train_check.py
 	cp -r examples $(BUNDLE)/examples
 	@mib=$$(du -sm $(BUNDLE) | cut -f1); \
 	echo "bundle: $(BUNDLE) $$mib MiB:" $$(ls $(BUNDLE)/lib); \

@@ -2,8 +2,9 @@
 # run.sh - the GPU host's one command, from the bundle `make bundle` builds
 # (bin/, lib/, examples/ next to this script): no network, none of the
 # project's Debian libraries, only glibc and the NVIDIA driver. Runs
-# duplex-gpucheck (every kernel against its CPU reference, pack / combine
-# against a device copy) under a time limit, then prints a table of the
+# duplex-gpucheck (every kernel against its CPU reference, the libraries,
+# the transport, the benchmarks) and train_check.py (a cuda training job
+# against the CPU trainer) under a time limit, then prints a table of the
 # steps last. Exit 0 only when every step passed; 2 when the GPU stack is
 # missing.
 #
@@ -90,6 +91,17 @@ echo "run.sh: NCCL ${nccl:-missing}, cuBLASLt ${cublaslt:-missing}"
 
 # shellcheck disable=SC2086 # GPUCHECK_ARGS and libs are lists of options
 step gpucheck "$here/bin/duplex-gpucheck" $libs ${GPUCHECK_ARGS:-} "$@"
+
+# a short cuda training job (4 workers on GPU 0) against the CPU trainer
+py=$(command -v python3 || true)
+if [ -n "$py" ]; then
+    # shellcheck disable=SC2086
+    step train "$py" "$here/train_check.py" "$here/bin" $libs
+else
+    echo "run.sh: no python3 on this host: the training check is skipped"
+    steps="$steps$(printf '%-16s %-24s %6s' train "SKIP (no python3)" -)
+"
+fi
 
 echo
 printf '%-16s %-24s %7s\n' step result time
