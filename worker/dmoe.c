@@ -315,7 +315,7 @@ int wk_dmoe_backward_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_co
     const int E = cfg->experts, K = cfg->top_k, d = cfg->d_model, H = cfg->expert_hidden;
     const int S = cfg->shared_experts;
     const size_t es = (size_t)H * d * sizeof(float), cap = (size_t)b->cap;
-    int n = b->n, rows = n * K, pairs = n * K, rc;
+    int n = b->n, rows = n * K, rc;
     float scale = cfg->route_scale;
     long long cnt = (long long)n * d;
     void *gscale[] = {&dout, (void *)&d, &b->send_token, &b->send_gate, &rows, &b->dy};
@@ -329,7 +329,7 @@ int wk_dmoe_backward_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_co
         return rc;
     if ((rc = wk_gpu_launch(g, WK_K_MOE_GATE_SCALE, s, grid_for(g, (size_t)rows, BLOCK / 32), BLOCK,
                             0, gscale)) < 0 ||
-        (rc = wk_gpu_launch(g, WK_K_MOE_GATE_DOT, s, grid_for(g, (size_t)pairs, BLOCK), BLOCK, 0,
+        (rc = wk_gpu_launch(g, WK_K_MOE_GATE_DOT, s, grid_for(g, (size_t)rows, BLOCK), BLOCK, 0,
                             gdot)) < 0 ||
         (rc = wk_gpu_launch(g, WK_K_MOE_ROUTER_GRAD, s, grid_for(g, (size_t)n, BLOCK / 32), BLOCK,
                             0, rgrad)) < 0)
