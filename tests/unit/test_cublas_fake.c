@@ -28,12 +28,10 @@ struct fixture {
 
 static void setup(struct fixture *f)
 {
-    struct wk_cuda_paths paths = {
-        .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
     char err[512];
 
     memset(f, 0, sizeof(*f));
-    cr_assert_eq(wk_cuda_open(&paths, &f->c, err, sizeof(err)), 0, "%s", err);
+    f->c = fakestack_open();
     cr_assert_eq(wk_cuda_context(f->c, 0), 0);
     cr_assert_eq(wk_cuda_stream_create(f->c, &f->s), 0);
     cr_assert_eq(wk_cublas_create(f->c, 1 << 20, &f->lt, err, sizeof(err)), 0, "%s", err);

@@ -32,29 +32,6 @@ static const struct wk_model_config cfg = {
     .group_limit = 2,
 };
 
-struct fx {
-    wk_cuda_t *c;
-    wk_gpu_t *g;
-};
-
-static void fx_open(struct fx *f)
-{
-    struct wk_cuda_paths paths = {
-        .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
-    char err[512];
-
-    if (!wk_gpu_have_kernels())
-        cr_skip_test("built without nvcc: no kernels");
-    cr_assert_eq(wk_cuda_open(&paths, &f->c, err, sizeof(err)), 0, "%s", err);
-    cr_assert_eq(wk_gpu_create(f->c, 0, 1 << 20, &f->g, err, sizeof(err)), 0, "%s", err);
-}
-
-static void fx_close(struct fx *f)
-{
-    wk_gpu_destroy(f->g);
-    wk_cuda_close(f->c);
-}
-
 static void model(struct wk_model *m, int first, int last, int flags)
 {
     struct wk_adamw_config oc;
@@ -96,7 +73,7 @@ static void expect_tensor(const float *got, const float *want, size_t n, double 
 
 Test(dmodel_fake, trains_like_the_cpu_model, .timeout = 120)
 {
-    struct fx f;
+    struct fakestack_gpu f;
     struct wk_model cpu, gpu;
     struct wk_model_cache cc[MB];
     wk_dmodel_t *dm = NULL;
@@ -104,7 +81,7 @@ Test(dmodel_fake, trains_like_the_cpu_model, .timeout = 120)
     int32_t t[BATCH * (SEQ + 1)];
     char err[512];
 
-    fx_open(&f);
+    fakestack_gpu_open(&f);
     model(&cpu, 0, cfg.layers, WK_MODEL_WHOLE);
     model(&gpu, 0, cfg.layers, WK_MODEL_WHOLE);
     cr_assert_eq(wk_dmodel_create(f.g, &gpu, &dm, err, sizeof(err)), 0, "%s", err);
@@ -155,14 +132,14 @@ Test(dmodel_fake, trains_like_the_cpu_model, .timeout = 120)
     wk_dmodel_destroy(dm);
     wk_model_free(&cpu);
     wk_model_free(&gpu);
-    fx_close(&f);
+    fakestack_gpu_close(&f);
 }
 
 /* Stage 0 (embedding + layer 0) and stage 1 (layer 1 + head) as two twins,
  * the activation and its gradient passed between them on the device. */
 Test(dmodel_fake, two_stages_give_the_whole_models_loss_and_gradients)
 {
-    struct fx f;
+    struct fakestack_gpu f;
     struct wk_model whole, s0, s1;
     struct wk_model_cache cw;
     wk_dmodel_t *d0 = NULL, *d1 = NULL;
@@ -172,7 +149,7 @@ Test(dmodel_fake, two_stages_give_the_whole_models_loss_and_gradients)
     float lw = 0.0f, l1 = 0.0f;
     char err[512];
 
-    fx_open(&f);
+    fakestack_gpu_open(&f);
     model(&whole, 0, cfg.layers, WK_MODEL_WHOLE);
     model(&s0, 0, 1, WK_MODEL_HAS_EMBED);
     model(&s1, 1, cfg.layers, WK_MODEL_HAS_HEAD);
@@ -225,5 +202,5 @@ Test(dmodel_fake, two_stages_give_the_whole_models_loss_and_gradients)
     wk_model_free(&whole);
     wk_model_free(&s0);
     wk_model_free(&s1);
-    fx_close(&f);
+    fakestack_gpu_close(&f);
 }

@@ -10,20 +10,9 @@
 #include "tests/unit/fakestack.h"
 #include "worker/gpu.h"
 
-static wk_cuda_t *open_stack(void)
-{
-    struct wk_cuda_paths paths = {
-        .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
-    wk_cuda_t *c = NULL;
-    char err[512];
-
-    cr_assert_eq(wk_cuda_open(&paths, &c, err, sizeof(err)), 0, "%s", err);
-    return c;
-}
-
 Test(gpu_fake, every_kernel_resolves_and_launches_run_in_order)
 {
-    wk_cuda_t *c = open_stack();
+    wk_cuda_t *c = fakestack_open();
     wk_gpu_t *g = NULL;
     char err[512];
     wk_cuda_ptr a, b;
@@ -72,7 +61,7 @@ Test(gpu_fake, every_kernel_resolves_and_launches_run_in_order)
 
 Test(gpu_fake, a_second_gpu_on_one_context_is_refused)
 {
-    wk_cuda_t *c = open_stack();
+    wk_cuda_t *c = fakestack_open();
     wk_gpu_t *g = NULL, *h = NULL;
     char err[512];
 
