@@ -62,6 +62,7 @@ static const struct field fields[] = {
     {"train.lr", FT_DOUBLE, OFF(train.lr), 0, 1e-3, NULL, 0, 10, NULL},
     {"train.seed", FT_INT, OFF(train.seed), 0, 1, NULL, 0, 2147483647, NULL},
     {"train.dataset", FT_STRING, STR(train.dataset), 0, "licenses", 0, 0, NULL},
+    {"train.precision", FT_STRING, STR(train.precision), 0, "fp32", 0, 0, "fp32|bf16"},
     {"checkpoint.every", FT_INT, OFF(checkpoint.every), 0, 5, NULL, 0, 100000000, NULL},
     {"checkpoint.dir", FT_STRING, STR(checkpoint.dir), 0, "var/checkpoints", 0, 0, NULL},
     {"checkpoint.from", FT_STRING, STR(checkpoint.from), 0, "", 0, 0, NULL},
@@ -310,6 +311,10 @@ static int check_layout(const struct coord_jobspec *s, char *err, size_t errlen)
                     s->parallel.ep, s->model.experts);
     if ((rc = check_max_nodes(s, err, errlen)) < 0)
         return rc;
+    if (strcmp(s->train.precision, "bf16") == 0 && strcmp(s->backend, "cuda") != 0)
+        return fail(err, errlen,
+                    "train.precision: bf16 GEMMs run on the cuda backend only (backend %s)",
+                    s->backend);
     if (strcmp(s->backend, "cuda") == 0 && s->parallel.ep > 1)
         return fail(
             err, errlen,

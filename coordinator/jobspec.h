@@ -36,6 +36,7 @@ struct coord_jobspec {
         double lr;
         int seed;
         char dataset[COORD_JOBSPEC_TEXT];
+        char precision[8]; /* "fp32", or "bf16" (GEMM inputs; cuda backend) */
     } train;
     struct {
         int every; /* steps; 0 = never */

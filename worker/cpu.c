@@ -1346,6 +1346,8 @@ static int setup_gpu(wk_cpu_t *c, wk_gpu_t *gpu)
                     "use ep 1, or the cpu backend",
                     c->ep);
     c->gpu = gpu;
+    wk_gpu_set_gemm_dtype(gpu, strcmp(c->spec.train.precision, "bf16") == 0 ? WK_CUBLAS_BF16
+                                                                            : WK_CUBLAS_F32);
     for (int i = 0; i < c->nchunks; i++)
         if ((rc = wk_dmodel_create(gpu, &c->chunk[i].model, &c->chunk[i].dev, why, sizeof(why))) <
             0)

@@ -90,7 +90,6 @@ static int attn_launch(wk_gpu_t *g, wk_cuda_stream s, const struct wk_dl_attn_sh
 int wk_dl_attn_fwd(wk_gpu_t *g, wk_cuda_stream s, const struct wk_dl_attn_shape *a, wk_cuda_ptr x,
                    const wk_cuda_ptr w[4], const struct wk_dl_attn_buf *b, wk_cuda_ptr y)
 {
-    wk_cublas_t *lt = wk_gpu_cublas(g);
     int n = a->batch * a->seq, d = a->d, rc;
     int batch = a->batch, seq = a->seq, heads = a->heads;
     wk_cuda_ptr q = b->q, k = b->k, v = b->v, p = b->p, ctx = b->ctx;
@@ -98,21 +97,19 @@ int wk_dl_attn_fwd(wk_gpu_t *g, wk_cuda_stream s, const struct wk_dl_attn_shape 
 
     if (attn_check(a) < 0)
         return -EINVAL;
-    if ((rc = wk_cublas_xwt(lt, s, WK_CUBLAS_F32, x, w[0], q, n, d, d, 0.0f, 0)) < 0 ||
-        (rc = wk_cublas_xwt(lt, s, WK_CUBLAS_F32, x, w[1], k, n, d, d, 0.0f, 0)) < 0 ||
-        (rc = wk_cublas_xwt(lt, s, WK_CUBLAS_F32, x, w[2], v, n, d, d, 0.0f, 0)) < 0)
-        return wk_gpu_gemm_result(g, rc);
+    if ((rc = wk_gpu_xwt(g, s, x, w[0], q, n, d, d, 0.0f)) < 0 ||
+        (rc = wk_gpu_xwt(g, s, x, w[1], k, n, d, d, 0.0f)) < 0 ||
+        (rc = wk_gpu_xwt(g, s, x, w[2], v, n, d, d, 0.0f)) < 0)
+        return rc;
     if ((rc = attn_launch(g, s, a, WK_K_ATTN_FWD, args)) < 0)
         return rc;
-    return wk_gpu_gemm_result(g,
-                              wk_cublas_xwt(lt, s, WK_CUBLAS_F32, ctx, w[3], y, n, d, d, 0.0f, 0));
+    return wk_gpu_xwt(g, s, ctx, w[3], y, n, d, d, 0.0f);
 }
 
 int wk_dl_attn_bwd_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_dl_attn_shape *a,
                          const wk_cuda_ptr w[4], wk_cuda_ptr dy, const struct wk_dl_attn_buf *b,
                          wk_cuda_ptr dx)
 {
-    wk_cublas_t *lt = wk_gpu_cublas(g);
     int n = a->batch * a->seq, d = a->d, rc;
     int batch = a->batch, seq = a->seq, heads = a->heads;
     wk_cuda_ptr q = b->q, k = b->k, v = b->v, p = b->p, rowdot = b->rowdot;
@@ -123,15 +120,15 @@ int wk_dl_attn_bwd_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_dl_attn_
     if (attn_check(a) < 0)
         return -EINVAL;
     /* as wk_attn_backward_input: dctx = dy Wo, the core, dx = dq Wq + dk Wk + dv Wv */
-    if ((rc = wk_cublas_dyw(lt, s, WK_CUBLAS_F32, dy, w[3], dctx, n, d, d, 0.0f, 0)) < 0)
-        return wk_gpu_gemm_result(g, rc);
+    if ((rc = wk_gpu_dyw(g, s, dy, w[3], dctx, n, d, d, 0.0f)) < 0)
+        return rc;
     if ((rc = attn_launch(g, s, a, WK_K_ATTN_BWD_DQ, dq_args)) < 0 ||
         (rc = attn_launch(g, s, a, WK_K_ATTN_BWD_DKDV, dkdv_args)) < 0)
         return rc;
-    if ((rc = wk_cublas_dyw(lt, s, WK_CUBLAS_F32, dq, w[0], dx, n, d, d, 0.0f, 0)) < 0 ||
-        (rc = wk_cublas_dyw(lt, s, WK_CUBLAS_F32, dk, w[1], dx, n, d, d, 1.0f, 0)) < 0 ||
-        (rc = wk_cublas_dyw(lt, s, WK_CUBLAS_F32, dv, w[2], dx, n, d, d, 1.0f, 0)) < 0)
-        return wk_gpu_gemm_result(g, rc);
+    if ((rc = wk_gpu_dyw(g, s, dq, w[0], dx, n, d, d, 0.0f)) < 0 ||
+        (rc = wk_gpu_dyw(g, s, dk, w[1], dx, n, d, d, 1.0f)) < 0 ||
+        (rc = wk_gpu_dyw(g, s, dv, w[2], dx, n, d, d, 1.0f)) < 0)
+        return rc;
     return 0;
 }
 
@@ -139,16 +136,15 @@ int wk_dl_attn_bwd_weight(wk_gpu_t *g, wk_cuda_stream s, const struct wk_dl_attn
                           wk_cuda_ptr x, wk_cuda_ptr dy, const struct wk_dl_attn_buf *b,
                           const wk_cuda_ptr dw[4])
 {
-    wk_cublas_t *lt = wk_gpu_cublas(g);
     int n = a->batch * a->seq, d = a->d, rc;
 
     if (attn_check(a) < 0)
         return -EINVAL;
-    if ((rc = wk_cublas_dytx(lt, s, WK_CUBLAS_F32, dy, b->ctx, dw[3], n, d, d, 0)) < 0 ||
-        (rc = wk_cublas_dytx(lt, s, WK_CUBLAS_F32, b->dq, x, dw[0], n, d, d, 0)) < 0 ||
-        (rc = wk_cublas_dytx(lt, s, WK_CUBLAS_F32, b->dk, x, dw[1], n, d, d, 0)) < 0 ||
-        (rc = wk_cublas_dytx(lt, s, WK_CUBLAS_F32, b->dv, x, dw[2], n, d, d, 0)) < 0)
-        return wk_gpu_gemm_result(g, rc);
+    if ((rc = wk_gpu_dytx(g, s, dy, b->ctx, dw[3], n, d, d)) < 0 ||
+        (rc = wk_gpu_dytx(g, s, b->dq, x, dw[0], n, d, d)) < 0 ||
+        (rc = wk_gpu_dytx(g, s, b->dk, x, dw[1], n, d, d)) < 0 ||
+        (rc = wk_gpu_dytx(g, s, b->dv, x, dw[2], n, d, d)) < 0)
+        return rc;
     return 0;
 }
 

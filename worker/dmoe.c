@@ -142,21 +142,19 @@ static int ffn_forward(wk_gpu_t *g, wk_cuda_stream s, int d, int H, wk_cuda_ptr 
                        wk_cuda_ptr w2, wk_cuda_ptr x, int rows, wk_cuda_ptr h1, wk_cuda_ptr h3,
                        wk_cuda_ptr act, wk_cuda_ptr y)
 {
-    wk_cublas_t *lt = wk_gpu_cublas(g);
     long long count = (long long)rows * H;
     void *args[] = {&h1, &h3, &count, &act};
     int rc;
 
     if (rows == 0)
         return 0;
-    if ((rc = wk_cublas_xwt(lt, s, WK_CUBLAS_F32, x, w1, h1, rows, d, H, 0.0f, 0)) < 0 ||
-        (rc = wk_cublas_xwt(lt, s, WK_CUBLAS_F32, x, w3, h3, rows, d, H, 0.0f, 0)) < 0)
-        return wk_gpu_gemm_result(g, rc);
+    if ((rc = wk_gpu_xwt(g, s, x, w1, h1, rows, d, H, 0.0f)) < 0 ||
+        (rc = wk_gpu_xwt(g, s, x, w3, h3, rows, d, H, 0.0f)) < 0)
+        return rc;
     if ((rc = wk_gpu_launch(g, WK_K_SWIGLU_FWD, s, grid_for(g, (size_t)count, BLOCK), BLOCK, 0,
                             args)) < 0)
         return rc;
-    return wk_gpu_gemm_result(g,
-                              wk_cublas_xwt(lt, s, WK_CUBLAS_F32, act, w2, y, rows, H, d, 0.0f, 0));
+    return wk_gpu_xwt(g, s, act, w2, y, rows, H, d, 0.0f);
 }
 
 /* dact = dy W2; dh1, dh3 = SwiGLU's backward; dx = dh1 W1 + dh3 W3. */
@@ -165,21 +163,20 @@ static int ffn_backward_input(wk_gpu_t *g, wk_cuda_stream s, int d, int H, wk_cu
                               wk_cuda_ptr h3, wk_cuda_ptr dy, wk_cuda_ptr dact, wk_cuda_ptr dh1,
                               wk_cuda_ptr dh3, wk_cuda_ptr dx)
 {
-    wk_cublas_t *lt = wk_gpu_cublas(g);
     long long count = (long long)rows * H;
     void *args[] = {&h1, &h3, &dact, &count, &dh1, &dh3};
     int rc;
 
     if (rows == 0)
         return 0;
-    if ((rc = wk_cublas_dyw(lt, s, WK_CUBLAS_F32, dy, w2, dact, rows, H, d, 0.0f, 0)) < 0)
-        return wk_gpu_gemm_result(g, rc);
+    if ((rc = wk_gpu_dyw(g, s, dy, w2, dact, rows, H, d, 0.0f)) < 0)
+        return rc;
     if ((rc = wk_gpu_launch(g, WK_K_SWIGLU_BWD, s, grid_for(g, (size_t)count, BLOCK), BLOCK, 0,
                             args)) < 0)
         return rc;
-    if ((rc = wk_cublas_dyw(lt, s, WK_CUBLAS_F32, dh1, w1, dx, rows, d, H, 0.0f, 0)) < 0 ||
-        (rc = wk_cublas_dyw(lt, s, WK_CUBLAS_F32, dh3, w3, dx, rows, d, H, 1.0f, 0)) < 0)
-        return wk_gpu_gemm_result(g, rc);
+    if ((rc = wk_gpu_dyw(g, s, dh1, w1, dx, rows, d, H, 0.0f)) < 0 ||
+        (rc = wk_gpu_dyw(g, s, dh3, w3, dx, rows, d, H, 1.0f)) < 0)
+        return rc;
     return 0;
 }
 
@@ -188,15 +185,14 @@ static int ffn_backward_weight(wk_gpu_t *g, wk_cuda_stream s, int d, int H, int 
                                wk_cuda_ptr act, wk_cuda_ptr dy, wk_cuda_ptr dh1, wk_cuda_ptr dh3,
                                wk_cuda_ptr gw1, wk_cuda_ptr gw3, wk_cuda_ptr gw2)
 {
-    wk_cublas_t *lt = wk_gpu_cublas(g);
     int rc;
 
     if (rows == 0)
         return 0;
-    if ((rc = wk_cublas_dytx(lt, s, WK_CUBLAS_F32, dy, act, gw2, rows, H, d, 0)) < 0 ||
-        (rc = wk_cublas_dytx(lt, s, WK_CUBLAS_F32, dh1, x, gw1, rows, d, H, 0)) < 0 ||
-        (rc = wk_cublas_dytx(lt, s, WK_CUBLAS_F32, dh3, x, gw3, rows, d, H, 0)) < 0)
-        return wk_gpu_gemm_result(g, rc);
+    if ((rc = wk_gpu_dytx(g, s, dy, act, gw2, rows, H, d)) < 0 ||
+        (rc = wk_gpu_dytx(g, s, dh1, x, gw1, rows, d, H)) < 0 ||
+        (rc = wk_gpu_dytx(g, s, dh3, x, gw3, rows, d, H)) < 0)
+        return rc;
     return 0;
 }
 

@@ -72,6 +72,9 @@ struct wk_gpu {
     wk_cublas_t *lt;
     wk_cuda_stream compute, comm;
     unsigned sms;
+    enum wk_cublas_dtype gemm_dtype;
+    wk_cuda_ptr scratch[2]; /* bf16 GEMM operands */
+    size_t scratch_bytes[2];
     char describe[DESCRIBE_MAX];
     char error[ERR_MAX];
 };
@@ -170,6 +173,8 @@ void wk_gpu_destroy(wk_gpu_t *g)
         wk_cuda_stream_destroy(g->c, g->comm);
     }
     wk_cublas_destroy(g->lt);
+    wk_cuda_free(g->c, g->scratch[0]);
+    wk_cuda_free(g->c, g->scratch[1]);
     for (int m = 0; m < MOD_COUNT; m++)
         wk_cuda_module_unload(g->c, g->mod[m]);
     free(g);
@@ -236,4 +241,86 @@ int wk_gpu_gemm_result(wk_gpu_t *g, int rc)
     if (rc < 0)
         snprintf(g->error, sizeof(g->error), "%s", wk_cublas_error(g->lt));
     return rc < 0 ? rc : 0;
+}
+
+/* --- the model's GEMMs in the GPU's precision ---------------------------------- */
+
+void wk_gpu_set_gemm_dtype(wk_gpu_t *g, enum wk_cublas_dtype dtype)
+{
+    g->gemm_dtype = dtype;
+}
+
+enum wk_cublas_dtype wk_gpu_gemm_dtype(const wk_gpu_t *g)
+{
+    return g->gemm_dtype;
+}
+
+/* src [count] fp32 as bf16 in scratch buffer i (grown when too small: after
+ * the work that may still read the old one) */
+static int to_bf16(wk_gpu_t *g, wk_cuda_stream s, int i, wk_cuda_ptr src, long long count,
+                   wk_cuda_ptr *out)
+{
+    size_t bytes = (size_t)count * 2;
+    unsigned blocks = (unsigned)((count + 255) / 256);
+    void *args[] = {&src, &g->scratch[i], &count};
+    int rc;
+
+    if (bytes > g->scratch_bytes[i]) {
+        if ((rc = wk_cuda_sync(g->c)) < 0) {
+            snprintf(g->error, sizeof(g->error), "%s", wk_cuda_error(g->c));
+            return rc;
+        }
+        wk_cuda_free(g->c, g->scratch[i]);
+        g->scratch[i] = 0;
+        g->scratch_bytes[i] = 0;
+        if ((rc = wk_cuda_alloc(g->c, bytes, &g->scratch[i])) < 0) {
+            snprintf(g->error, sizeof(g->error), "%s", wk_cuda_error(g->c));
+            return rc;
+        }
+        g->scratch_bytes[i] = bytes;
+        args[1] = &g->scratch[i];
+    }
+    if ((rc = wk_gpu_launch(g, WK_K_F32_TO_BF16, s, blocks < g->sms * 16 ? blocks : g->sms * 16,
+                            256, 0, args)) < 0)
+        return rc;
+    *out = g->scratch[i];
+    return 0;
+}
+
+int wk_gpu_xwt(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr x, wk_cuda_ptr w, wk_cuda_ptr y, int n,
+               int in, int out, float beta)
+{
+    int rc;
+
+    if (g->gemm_dtype == WK_CUBLAS_BF16 &&
+        ((rc = to_bf16(g, s, 0, x, (long long)n * in, &x)) < 0 ||
+         (rc = to_bf16(g, s, 1, w, (long long)out * in, &w)) < 0))
+        return rc;
+    return wk_gpu_gemm_result(g,
+                              wk_cublas_xwt(g->lt, s, g->gemm_dtype, x, w, y, n, in, out, beta, 0));
+}
+
+int wk_gpu_dyw(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr dy, wk_cuda_ptr w, wk_cuda_ptr dx, int n,
+               int in, int out, float beta)
+{
+    int rc;
+
+    if (g->gemm_dtype == WK_CUBLAS_BF16 &&
+        ((rc = to_bf16(g, s, 0, dy, (long long)n * out, &dy)) < 0 ||
+         (rc = to_bf16(g, s, 1, w, (long long)out * in, &w)) < 0))
+        return rc;
+    return wk_gpu_gemm_result(
+        g, wk_cublas_dyw(g->lt, s, g->gemm_dtype, dy, w, dx, n, in, out, beta, 0));
+}
+
+int wk_gpu_dytx(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr dy, wk_cuda_ptr x, wk_cuda_ptr dw, int n,
+                int in, int out)
+{
+    int rc;
+
+    if (g->gemm_dtype == WK_CUBLAS_BF16 &&
+        ((rc = to_bf16(g, s, 0, dy, (long long)n * out, &dy)) < 0 ||
+         (rc = to_bf16(g, s, 1, x, (long long)n * in, &x)) < 0))
+        return rc;
+    return wk_gpu_gemm_result(g, wk_cublas_dytx(g->lt, s, g->gemm_dtype, dy, x, dw, n, in, out, 0));
 }

@@ -95,4 +95,20 @@ const char *wk_gpu_error(const wk_gpu_t *g);
 /* rc of a cuBLASLt call: when negative, its error becomes wk_gpu_error. */
 int wk_gpu_gemm_result(wk_gpu_t *g, int rc);
 
+/* The model's linear GEMMs (attention's projections, the experts' FFNs:
+ * what DeepSeek-V3 runs in low precision; the router and the head stay
+ * fp32) in the three forms of tensor.h, in the GPU's GEMM precision:
+ * WK_CUBLAS_F32 (the default), or WK_CUBLAS_BF16: both operands rounded to
+ * bfloat16 (kernels/convert.cu, into scratch buffers of the GPU) for the
+ * GEMM, which accumulates and writes fp32; weights stay fp32 (the master
+ * copy). 0 or -errno with the reason in wk_gpu_error. */
+void wk_gpu_set_gemm_dtype(wk_gpu_t *g, enum wk_cublas_dtype dtype);
+enum wk_cublas_dtype wk_gpu_gemm_dtype(const wk_gpu_t *g);
+int wk_gpu_xwt(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr x, wk_cuda_ptr w, wk_cuda_ptr y, int n,
+               int in, int out, float beta);
+int wk_gpu_dyw(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr dy, wk_cuda_ptr w, wk_cuda_ptr dx, int n,
+               int in, int out, float beta);
+int wk_gpu_dytx(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr dy, wk_cuda_ptr x, wk_cuda_ptr dw, int n,
+                int in, int out);
+
 #endif

@@ -114,6 +114,31 @@ def test_the_cuda_backend_trains_the_parity_job_like_the_standalone_run(cluster,
 
 @pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
                     reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+def test_bf16_gemms_train_within_their_rounding(cluster, tmp_path):
+    """train.precision bf16: attention's projections and the experts take
+    bf16 inputs; the losses follow the fp32 CPU run within 2e-2 but not to
+    fp32's last bits, and the model learns."""
+    from test_train import finished, spec_with, standalone_run, submit
+
+    c = cluster
+    cuda_workers(c, 4)
+    path = spec_with(tmp_path, "cuda-bf16", schedule="1f1b", ep=1)
+    spec = json.loads(path.read_text())
+    spec["backend"] = "cuda"
+    spec["train"]["precision"] = "bf16"
+    spec["train"]["steps"] = 10
+    path.write_text(json.dumps(spec))
+    reference, _ = standalone_run(path, tmp_path)
+    losses = [e["loss"] for e in finished(c, submit(c, path))["losses"]]
+    assert len(losses) == 10
+    rels = [abs(a - b) / abs(b) for a, b in zip(losses, reference)]
+    assert max(rels) <= 2e-2, (losses, reference)
+    assert max(rels) > 1e-7, "bf16 losses equal fp32's: the GEMMs did not round"
+    assert losses[-1] < losses[0] - 0.2, losses
+
+
+@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
+                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
 def test_expert_parallelism_on_the_cuda_backend_is_refused_by_name(cluster, tmp_path):
     from test_train import spec_with
 

@@ -239,3 +239,10 @@ Test(jobspec, the_cuda_backend_refuses_expert_parallelism_for_now)
     expect_error("{\"backend\": \"cuda\", \"parallel\": {\"ep\": 2}}", NULL, "parallel.ep",
                  "the cuda backend does not run expert parallelism yet");
 }
+
+Test(jobspec, bf16_precision_is_the_cuda_backends)
+{
+    expect_error("{\"backend\": \"cpu\", \"train\": {\"precision\": \"bf16\"}}", NULL,
+                 "train.precision", "bf16 GEMMs run on the cuda backend only (backend cpu)");
+    expect_error("{\"train\": {\"precision\": \"fp16\"}}", NULL, "train.precision", "fp32|bf16");
+}
