@@ -278,6 +278,29 @@ static void agent_end_job(wk_agent_t *a)
 
 /* Forwards up to a batch of the runtime's reports to duplexd, each with a
  * request id of its own; after the JobDone the job ends. */
+/* A kernel fault made the GPU's context unusable: no job can run here any
+ * more, so leave (Goodbye: duplexd places nothing here) and exit for the
+ * service manager to start the worker again with a fresh context. */
+static void agent_leave_lost_gpu(wk_agent_t *a)
+{
+    char reason[240]; /* a Goodbye's reason fits DX_MAX_NAME_LEN */
+
+    snprintf(reason, sizeof(reason), "GPU %d lost its context (%s)", a->cfg.gpu,
+             wk_cuda_lost(a->cuda));
+    dx_error("%s; exiting so that the worker restarts with a fresh one", reason);
+    a->stopping = true;
+    if (a->registered) {
+        Duplex__Goodbye g = DUPLEX__GOODBYE__INIT;
+
+        g.worker_id = (char *)a->cfg.id;
+        g.session_id = a->session;
+        g.reason = reason;
+        agent_send(a, DUPLEX__MSG_TYPE__MSG_GOODBYE, ++a->next_request_id, &g.base);
+    }
+    a->exit_status = WK_EXIT_GPU_LOST;
+    uv_stop(&a->loop);
+}
+
 static void agent_take_reports(wk_agent_t *a)
 {
     for (int i = 0; i < DX_ZWATCH_BATCH && a->rt; i++) {
@@ -299,6 +322,8 @@ static void agent_take_reports(wk_agent_t *a)
             agent_send_kept(a, m.type, m.body);
             dx_msg_clear(&m);
             agent_end_job(a);
+            if (wk_cuda_lost(a->cuda))
+                agent_leave_lost_gpu(a);
             return;
         }
         if (m.type == DUPLEX__MSG_TYPE__MSG_STEP_REPORT) {

@@ -35,13 +35,17 @@ typedef struct wk_agent wk_agent_t;
 /* Exit statuses of wk_agent_run beyond 0 (stopped by a signal). */
 #define WK_EXIT_REPLACED 3 /* another process registered this worker id */
 #define WK_EXIT_REFUSED 4  /* duplexd refused the registration itself */
+#define WK_EXIT_GPU_LOST 5 /* a kernel fault left the GPU's context unusable */
 
 int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *err, size_t errlen);
 
 /* Serves until SIGTERM/SIGINT (returns 0; a running job is aborted and
  * reported failed with "worker stopping" first), until duplexd says another
- * process took this id (WK_EXIT_REPLACED) or until it refuses the
- * registration (WK_EXIT_REFUSED). */
+ * process took this id (WK_EXIT_REPLACED), until it refuses the
+ * registration (WK_EXIT_REFUSED), or, on the cuda backend, after a job whose
+ * kernel fault left the GPU's context unusable (WK_EXIT_GPU_LOST: its
+ * JobDone and a Goodbye are sent first; the service manager restarts the
+ * worker with a fresh context). */
 int wk_agent_run(wk_agent_t *a);
 
 void wk_agent_destroy(wk_agent_t *a);

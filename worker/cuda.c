@@ -125,6 +125,8 @@ struct wk_cuda {
     int driver, devices, nccl;
     size_t cublaslt;
     int ctx_device; /* the device whose primary context is retained, or -1 */
+    int lost;       /* a call reported a fault that leaves the context unusable */
+    char lost_error[ERROR_MAX];
     cu_context ctx; /* that context */
     char describe[DESCRIBE_MAX];
     char error[ERROR_MAX];
@@ -348,6 +350,24 @@ const char *wk_cuda_describe(const wk_cuda_t *c)
 
 /* --- the driver API for tools that run kernels --------------------------- */
 
+/* The errors after which a context cannot be used again (a kernel's
+ * fault): every later call fails too, until the process ends. */
+static int sticky_error(cu_result rc)
+{
+    switch (rc) {
+    case 700: /* CUDA_ERROR_ILLEGAL_ADDRESS */
+    case 714: /* CUDA_ERROR_HARDWARE_STACK_ERROR */
+    case 715: /* CUDA_ERROR_ILLEGAL_INSTRUCTION */
+    case 716: /* CUDA_ERROR_MISALIGNED_ADDRESS */
+    case 717: /* CUDA_ERROR_INVALID_ADDRESS_SPACE */
+    case 718: /* CUDA_ERROR_INVALID_PC */
+    case 719: /* CUDA_ERROR_LAUNCH_FAILED */
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 /* Records "call: CUDA error string (CUDA error N)" when rc is not success. */
 static int check(wk_cuda_t *c, cu_result rc, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -365,12 +385,21 @@ static int check(wk_cuda_t *c, cu_result rc, const char *fmt, ...)
     if (used >= 0 && (size_t)used < sizeof(c->error))
         snprintf(c->error + used, sizeof(c->error) - (size_t)used, ": %s (CUDA error %d)",
                  cu_error(c, rc), rc);
+    if (sticky_error(rc) && !c->lost) {
+        c->lost = 1;
+        snprintf(c->lost_error, sizeof(c->lost_error), "%s", c->error);
+    }
     return -EIO;
 }
 
 const char *wk_cuda_error(const wk_cuda_t *c)
 {
     return c->error;
+}
+
+const char *wk_cuda_lost(const wk_cuda_t *c)
+{
+    return c && c->lost ? c->lost_error : NULL;
 }
 
 int wk_cuda_context(wk_cuda_t *c, int device)

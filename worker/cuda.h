@@ -58,6 +58,10 @@ struct wk_cuda_ipc_handle {
 
 /* The last failed call and its CUDA error string ("" when none). */
 const char *wk_cuda_error(const wk_cuda_t *c);
+/* NULL, or the first error that left the context unusable (a kernel's
+ * fault: illegal address, launch failure, ...): the process must end to
+ * get a working GPU again. */
+const char *wk_cuda_lost(const wk_cuda_t *c);
 
 /* Makes device's primary context current on the calling thread (retained
  * until wk_cuda_close). Everything below needs it. */

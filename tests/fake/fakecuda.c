@@ -14,6 +14,8 @@
  *    event records, waits for events), so work on two streams really runs
  *    concurrently and only events order it, as on a GPU; the default
  *    stream is one more such queue, and the synchronous copies wait for it;
+ *  - FAKECUDA_FAULT_AFTER=N makes the N-th launch fault, as a kernel's
+ *    illegal access would on a GPU (the context is lost from then on);
  *  - a kernel is a host function registered under the kernel's name
  *    (tests/fake/fake_kernels.c: the CPU references of kernels/, and
  *    test-only kernels); cuModuleGetFunction of any other name fails with
@@ -93,6 +95,7 @@ struct task {
     size_t bytes;
     struct event *ev;
     uint64_t gen;
+    int fault;              /* TASK_LAUNCH: fault instead of running (FAKECUDA_FAULT_AFTER) */
     int (*host)(void *arg); /* TASK_HOST: fake_stream_host's work */
     void *host_arg;
     struct task *next;
@@ -122,7 +125,7 @@ static void run_task(struct task *t)
 {
     switch (t->kind) {
     case TASK_LAUNCH:
-        if (t->kernel->run(&t->grid, t->args) != 0)
+        if (t->fault || t->kernel->run(&t->grid, t->args) != 0)
             __atomic_store_n(&g_launch_failed, 1, __ATOMIC_SEQ_CST);
         break;
     case TASK_COPY:
@@ -529,6 +532,17 @@ static CUresult fk_memset_d8(CUdeviceptr dst, unsigned char v, size_t n)
     return sticky();
 }
 
+/* FAKECUDA_FAULT_AFTER=N: the N-th launch of the process faults (an
+ * illegal address on a GPU), for tests of what follows a kernel fault. */
+static int fault_now(void)
+{
+    static long launches;
+    const char *v = getenv("FAKECUDA_FAULT_AFTER");
+    long n = v ? atol(v) : 0;
+
+    return n > 0 && __atomic_add_fetch(&launches, 1, __ATOMIC_SEQ_CST) == n;
+}
+
 static CUresult fk_launch_kernel(const struct fake_kernel *k, unsigned gx, unsigned gy, unsigned gz,
                                  unsigned bx, unsigned by, unsigned bz, unsigned shmem,
                                  void *stream, void **params, void **extra)
@@ -554,6 +568,7 @@ static CUresult fk_launch_kernel(const struct fake_kernel *k, unsigned gx, unsig
     }
     t->kind = TASK_LAUNCH;
     t->kernel = k;
+    t->fault = fault_now();
     t->grid = (struct fake_grid){{gx, gy, gz}, {bx, by, bz}, shmem};
     stream_push(stream_of(stream), t);
     return CUDA_SUCCESS;

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import BIN_DIR, SANITIZER_REPORT, WORKER, describe, run_binary
+from conftest import BIN_DIR, SANITIZER_REPORT, WORKER, describe, run_binary, sanitized
 
 GPUCHECK = BIN_DIR / "duplex-gpucheck"  # built only where nvcc is
 
@@ -174,3 +174,55 @@ def test_the_whole_gpu_check_runs_on_the_fake_stack():
                  "embed_bwd", "adamw", "twohop_rows", "gemm bf16 xwt", "nccl_allreduce",
                  "transport ipc"):
         assert any(r.startswith(area) and " PASS" in r for r in rows), area + "\n" + table
+
+
+@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
+                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+def test_a_kernel_fault_loses_no_run(cluster, tmp_path):
+    """A kernel fault on one worker's GPU (the fake's FAKECUDA_FAULT_AFTER: an
+    illegal access on a GPU) leaves that context unusable: the worker reports
+    its job failed, says goodbye and exits with status 5 for systemd to
+    restart it; the job restarts from its last checkpoint on the spare and
+    ends with the standalone run's losses."""
+    from test_train import STEPS, spec_with, standalone_run, submit
+
+    c = cluster
+    c.env["FAKECUDA_DEVICES"] = "5"
+    c.start_duplexd("--nccl-lib", str(FAKE))
+    base_env = dict(c.env)
+    c.env["FAKECUDA_FAULT_AFTER"] = "6000"  # a few steps into the job
+    argv = [WORKER, "--coordinator", c.addr, "--backend", "cuda", "--id", "g1", "--gpu", "1",
+            "--host", "testhost", "--node", "node0", "--log-level", "debug", *fake_stack()]
+    faulty = c.spawn("worker-g1", argv, expect_exit=True)
+    c.worker_procs["g1"] = faulty
+    c.env = base_env
+    for gpu in (0, 2, 3, 4):
+        c.start_worker(f"g{gpu}", gpu, *fake_stack(), backend="cuda", wait=False)
+    for gpu in range(5):
+        c.wait_worker_alive(f"g{gpu}")
+    path = spec_with(tmp_path, "cuda-fault", schedule="dualpipe", ep=1)
+    spec = json.loads(path.read_text())
+    spec["backend"] = "cuda"
+    path.write_text(json.dumps(spec))
+    reference, _ = standalone_run(path, tmp_path)
+    jid = submit(c, path)
+    status = {}
+
+    def ended():  # past the recovery too
+        result = c.ctl("status", jid, "--json")
+        status.update(json.loads(result.stdout) if result.returncode == 0 else {})
+        return status.get("state") in ("succeeded", "failed", "cancelled")
+    c.poll_until(ended, timeout=600 if sanitized() else 120, what=f"job {jid} to end")
+    assert status["state"] == "succeeded", (status, c.ctl("events", jid).stdout)
+    assert status["attempt"] == 2, status
+    assert faulty.wait(timeout=30) == 5, faulty.log_tail()
+    assert "lost its context" in faulty.log_text() and "launch failure" in faulty.log_text()
+    events = c.ctl("events", jid).stdout
+    assert "restart" in events or "recover" in events, events
+    losses = status["losses"]
+    assert [e["step"] for e in losses][-1] == STEPS, status
+    by_step = {e["step"]: e["loss"] for e in losses}
+    for step, ref in enumerate(reference, 1):
+        if step in by_step:
+            assert abs(by_step[step] - ref) / abs(ref) <= 1e-4, (step, by_step[step], ref)
+    assert c.workers()["g1"]["state"] in ("left", "lost"), c.workers()["g1"]
