@@ -5,6 +5,7 @@
 #include "worker/cpu.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -13,12 +14,16 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/log.h"
 #include "worker/data.h"
 #include "worker/model/model.h"
 #include "worker/train.h"
 
 #define MS_PER_S 1000.0
 #define PEER_NAME_MAX 320 /* "ranks (pp P, ep E, dp D) at ADDR" */
+
+/* NCCL channels of a rank: to and from each pipeline neighbour */
+enum { CH_SEND_UP, CH_RECV_UP, CH_SEND_DOWN, CH_RECV_DOWN, NCHAN };
 #define NS_PER_MS 1e6
 
 /* The owner side of one MoE layer of one slot: the rows every source sent
@@ -76,6 +81,16 @@ struct wk_cpu {
     size_t sync_cap;
     uint64_t start_step; /* the checkpoint's step, or 0 */
     wk_gpu_t *gpu;       /* the cuda backend's GPU, or NULL: compute on the CPU */
+    /* the cuda backend's pipeline messages by NCCL, when the job has an id:
+     * one 2-rank communicator and stream per direction of each neighbour */
+    unsigned char nccl_id[WK_NCCL_ID_BYTES];
+    int has_nccl_id, nccl_rank, nccl_nranks;
+    atomic_int nccl_ready;   /* set up (the first SEND or RECV of the job does it) */
+    atomic_int nccl_aborted; /* wk_cpu_abort was called */
+    wk_nccl_t *world;
+    wk_nccl_t *chan[NCHAN];
+    wk_cuda_stream chan_stream[NCHAN];
+    wk_cuda_event chan_event[NCHAN], computed;
     char *err;
     size_t errlen;
 };
@@ -688,38 +703,60 @@ static int gpu_fetch(wk_cpu_t *c, void *dst, wk_cuda_ptr src)
     return 0;
 }
 
-/* Messages stay on the host's data plane: the input goes up, the output
- * comes down (NCCL and the IPC transport replace this in a later step). */
-static int gpu_forward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const float *x_in,
-                       float *loss)
+/* The stage input (or output gradient) on the device: a local producer's
+ * buffer (DualPipeV's turn), what NCCL received into dev (the compute stream
+ * already waits for it), or the host's message uploaded into dev. */
+static int gpu_input(wk_cpu_t *c, const struct slot *local, wk_cuda_ptr local_dev,
+                     const float *host, wk_cuda_ptr dev, wk_cuda_ptr *out)
 {
     wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
     int rc;
 
-    if (x_in &&
-        (rc = wk_cuda_upload_on(cu, wk_gpu_compute_stream(c->gpu), s->d_in, x_in, act_size(c))) < 0)
+    if (local) {
+        *out = local_dev;
+        return 0;
+    }
+    *out = dev;
+    if (c->nccl_ready)
+        return 0;
+    if ((rc = wk_cuda_upload_on(cu, wk_gpu_compute_stream(c->gpu), dev, host, act_size(c))) < 0)
         return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
-    if ((rc = gpu_rc(c, ch,
-                     wk_dmodel_forward(ch->dev, s->dcache, s->tokens, x_in ? s->d_in : 0,
-                                       (ch->flags & WK_MODEL_HAS_HEAD) ? 0 : s->d_out, loss))) < 0)
-        return rc;
-    return (ch->flags & WK_MODEL_HAS_HEAD) ? 0 : gpu_fetch(c, s->x_out, s->d_out);
+    return 0;
 }
 
-static int gpu_backward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const float *dy, int full)
+/* Messages go by NCCL between the GPUs when the job has it, else through
+ * the host's data plane (the input goes up, the output comes down). */
+static int gpu_forward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const struct slot *prev,
+                       float *loss)
 {
-    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
-    int has_embed = ch->flags & WK_MODEL_HAS_EMBED, rc;
+    int head = ch->flags & WK_MODEL_HAS_HEAD, rc;
+    wk_cuda_ptr x = 0;
 
-    if (dy &&
-        (rc = wk_cuda_upload_on(cu, wk_gpu_compute_stream(c->gpu), s->d_dy, dy, act_size(c))) < 0)
-        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    if (!(ch->flags & WK_MODEL_HAS_EMBED) &&
+        (rc = gpu_input(c, prev, prev ? prev->d_out : 0, s->x_in, s->d_in, &x)) < 0)
+        return rc;
+    if ((rc = gpu_rc(
+             c, ch,
+             wk_dmodel_forward(ch->dev, s->dcache, s->tokens, x, head ? 0 : s->d_out, loss))) < 0)
+        return rc;
+    return head || c->nccl_ready ? 0 : gpu_fetch(c, s->x_out, s->d_out);
+}
+
+static int gpu_backward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const struct slot *next,
+                        int full)
+{
+    int has_embed = ch->flags & WK_MODEL_HAS_EMBED, rc;
+    wk_cuda_ptr dy = 0;
+
+    if (!(ch->flags & WK_MODEL_HAS_HEAD) &&
+        (rc = gpu_input(c, next, next ? next->d_dx : 0, s->dy, s->d_dy, &dy)) < 0)
+        return rc;
     if ((rc = gpu_rc(c, ch,
-                     wk_dmodel_backward_input(ch->dev, s->dcache, dy ? s->d_dy : 0,
-                                              has_embed ? 0 : s->d_dx))) < 0 ||
+                     wk_dmodel_backward_input(ch->dev, s->dcache, dy, has_embed ? 0 : s->d_dx))) <
+            0 ||
         (full && (rc = gpu_rc(c, ch, wk_dmodel_backward_weight(ch->dev, s->dcache))) < 0))
         return rc;
-    return has_embed ? 0 : gpu_fetch(c, s->dx, s->d_dx);
+    return has_embed || c->nccl_ready ? 0 : gpu_fetch(c, s->dx, s->d_dx);
 }
 
 static int run_forward(wk_cpu_t *c, const struct dp_work *w)
@@ -736,13 +773,14 @@ static int run_forward(wk_cpu_t *c, const struct dp_work *w)
     if (ch->flags & (WK_MODEL_HAS_EMBED | WK_MODEL_HAS_HEAD))
         if ((rc = load_tokens(c, s)) < 0)
             return rc;
+    prev = NULL;
     if (!(ch->flags & WK_MODEL_HAS_EMBED)) {
         /* from the previous stage: ours when it runs here (DualPipeV's turn) */
         prev =
             is_local(c, w->path, w->stage - 1) ? peek_slot(c, w->path, w->mb, w->stage - 1) : NULL;
         x_in = prev ? prev->x_out : s->x_in;
     }
-    rc = c->gpu ? gpu_forward(c, ch, s, x_in, &loss)
+    rc = c->gpu ? gpu_forward(c, ch, s, prev, &loss)
                 : wk_model_forward(&ch->model, &s->cache, s->tokens, x_in, s->x_out, &loss);
     if (rc < 0)
         return c->err[0] ? rc
@@ -769,12 +807,11 @@ static int run_backward(wk_cpu_t *c, const struct dp_work *w, enum dp_op_kind ki
         rc = c->gpu ? gpu_rc(c, ch, wk_dmodel_backward_weight(ch->dev, s->dcache))
                     : wk_model_backward_weight(&ch->model, &s->cache);
     } else if (c->gpu) {
-        if (!(ch->flags & WK_MODEL_HAS_HEAD)) {
+        next = NULL;
+        if (!(ch->flags & WK_MODEL_HAS_HEAD))
             next = is_local(c, w->path, w->stage + 1) ? peek_slot(c, w->path, w->mb, w->stage + 1)
                                                       : NULL;
-            dy = next ? next->dx : s->dy;
-        }
-        rc = gpu_backward(c, ch, s, dy, kind == DP_OP_B);
+        rc = gpu_backward(c, ch, s, next, kind == DP_OP_B);
     } else {
         if (!(ch->flags & WK_MODEL_HAS_HEAD)) {
             next = is_local(c, w->path, w->stage + 1) ? peek_slot(c, w->path, w->mb, w->stage + 1)
@@ -832,16 +869,173 @@ static size_t act_bytes(const wk_cpu_t *c)
     return (size_t)c->Bl * (size_t)c->T * (size_t)c->d * sizeof(float);
 }
 
+/* --- the cuda backend's messages by NCCL -------------------------------------- */
+
+/* 1 + a unique id of the pair (r, r + 1) of pipeline ranks in this rank's
+ * (dp, ep) slice: the color of the pair's communicators */
+static int pair_color(const wk_cpu_t *c, int r)
+{
+    return 1 + ((c->dp_rank * c->ep + c->ep_rank) * c->pp + r);
+}
+
+/* The four splits of the world, the same calls in the same order on every
+ * rank: up from even, up from odd, down from even, down from odd pairs
+ * (r, r + 1); the sender takes key 0 (rank 0 of the pair), the receiver 1. */
+static int nccl_channels(wk_cpu_t *c)
+{
+    const int p = c->pp_rank, P = c->pp;
+
+    for (int split = 0; split < 4; split++) {
+        int down = split >= 2, parity = split & 1, color = WK_NCCL_NO_COLOR, key = 0, role = -1;
+        wk_nccl_t *out = NULL;
+        int rc;
+
+        if ((p & 1) == parity && p + 1 < P) { /* the pair (p, p + 1) */
+            color = pair_color(c, p);
+            key = down ? 1 : 0;
+            role = down ? CH_RECV_DOWN : CH_SEND_UP;
+        } else if (((p - 1) & 1) == parity && p >= 1) { /* the pair (p - 1, p) */
+            color = pair_color(c, p - 1);
+            key = down ? 0 : 1;
+            role = down ? CH_SEND_DOWN : CH_RECV_UP;
+        }
+        if ((rc = wk_nccl_split(c->world, color, key, &out)) < 0)
+            return fail(c, rc, "NCCL: splitting the pipeline channels: %s",
+                        wk_nccl_error(c->world));
+        if (role >= 0)
+            c->chan[role] = out;
+    }
+    return 0;
+}
+
+static int nccl_setup(wk_cpu_t *c)
+{
+    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+    char why[512];
+    int rc;
+
+    if ((rc = wk_nccl_create(cu, c->nccl_id, c->nccl_nranks, c->nccl_rank, &c->world, why,
+                             sizeof(why))) < 0)
+        return fail(c, rc, "NCCL: %s", why);
+    if ((rc = nccl_channels(c)) < 0)
+        return rc;
+    if ((rc = wk_cuda_event_create(cu, &c->computed)) < 0)
+        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    for (int i = 0; i < NCHAN; i++)
+        if (c->chan[i] && ((rc = wk_cuda_stream_create(cu, &c->chan_stream[i])) < 0 ||
+                           (rc = wk_cuda_event_create(cu, &c->chan_event[i])) < 0))
+            return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    atomic_store(&c->nccl_ready, 1); /* after the channels: wk_cpu_abort reads them */
+    dx_info("job %" PRIu64 ": pipeline messages by NCCL (rank %d of %d; channels up %s/%s, "
+            "down %s/%s)",
+            c->job_id, c->nccl_rank, c->nccl_nranks, c->chan[CH_SEND_UP] ? "send" : "-",
+            c->chan[CH_RECV_UP] ? "receive" : "-", c->chan[CH_SEND_DOWN] ? "send" : "-",
+            c->chan[CH_RECV_DOWN] ? "receive" : "-");
+    return 0;
+}
+
+static int nccl_use(wk_cpu_t *c)
+{
+    if (!c->gpu || !c->has_nccl_id)
+        return 0;
+    if (atomic_load(&c->nccl_aborted))
+        return fail(c, -ECANCELED, "NCCL: the job was aborted");
+    if (!c->nccl_ready && nccl_setup(c) < 0)
+        return -1;
+    return 1;
+}
+
+/* The send of buf to pipeline rank peer once the compute stream made it. */
+static int nccl_send(wk_cpu_t *c, int peer, wk_cuda_ptr buf)
+{
+    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+    int ch = peer > c->pp_rank ? CH_SEND_UP : CH_SEND_DOWN;
+    const struct wk_nccl_transfer t = {0, 1, WK_NCCL_FP32, buf, act_size(c) / sizeof(float)};
+    int rc;
+
+    if (!c->chan[ch])
+        return fail(c, -EPROTO, "NCCL: no channel to pipeline rank %d", peer);
+    if ((rc = wk_cuda_event_record_on(cu, c->computed, wk_gpu_compute_stream(c->gpu))) < 0 ||
+        (rc = wk_cuda_stream_wait(cu, c->chan_stream[ch], c->computed)) < 0)
+        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    if ((rc = wk_nccl_exchange(c->chan[ch], c->chan_stream[ch], &t, 1)) < 0)
+        return fail(c, rc, "NCCL: send to pipeline rank %d: %s", peer, wk_nccl_error(c->chan[ch]));
+    return 0;
+}
+
+/* The receive into buf from pipeline rank peer; the compute stream waits. */
+static int nccl_recv(wk_cpu_t *c, int peer, wk_cuda_ptr buf)
+{
+    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+    int ch = peer < c->pp_rank ? CH_RECV_UP : CH_RECV_DOWN;
+    const struct wk_nccl_transfer t = {1, 0, WK_NCCL_FP32, buf, act_size(c) / sizeof(float)};
+    int rc;
+
+    if (!c->chan[ch])
+        return fail(c, -EPROTO, "NCCL: no channel from pipeline rank %d", peer);
+    if ((rc = wk_nccl_exchange(c->chan[ch], c->chan_stream[ch], &t, 1)) < 0)
+        return fail(c, rc, "NCCL: receive from pipeline rank %d: %s", peer,
+                    wk_nccl_error(c->chan[ch]));
+    if ((rc = wk_cuda_event_record_on(cu, c->chan_event[ch], c->chan_stream[ch])) < 0 ||
+        (rc = wk_cuda_stream_wait(cu, wk_gpu_compute_stream(c->gpu), c->chan_event[ch])) < 0)
+        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    return 0;
+}
+
+/* Every send and receive of the step done (their buffers are reused). */
+static int nccl_drain(wk_cpu_t *c)
+{
+    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+    int rc;
+
+    for (int i = 0; c->nccl_ready && i < NCHAN; i++)
+        if (c->chan_stream[i] && (rc = wk_cuda_stream_sync(cu, c->chan_stream[i])) < 0)
+            return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    return 0;
+}
+
+static void nccl_free(wk_cpu_t *c)
+{
+    wk_cuda_t *cu = c->gpu ? wk_gpu_cuda(c->gpu) : NULL;
+
+    if (!cu)
+        return;
+    if (c->nccl_ready)
+        wk_cuda_sync(cu);
+    for (int i = 0; i < NCHAN; i++) {
+        wk_nccl_destroy(c->chan[i]);
+        wk_cuda_stream_destroy(cu, c->chan_stream[i]);
+        wk_cuda_event_destroy(cu, c->chan_event[i]);
+    }
+    wk_cuda_event_destroy(cu, c->computed);
+    wk_nccl_destroy(c->world);
+}
+
+void wk_cpu_abort(wk_cpu_t *c)
+{
+    if (!c || atomic_exchange(&c->nccl_aborted, 1))
+        return;
+    /* a receive or a send waiting for a dead peer gives up */
+    for (int i = 0; c->nccl_ready && i < NCHAN; i++)
+        if (c->chan[i])
+            wk_nccl_abort(c->chan[i]);
+}
+
 int wk_cpu_send(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
 {
     struct slot *s = peek_slot(c, op->work.path, op->work.mb, op->work.stage);
     struct wk_data_key k = pipe_key(c, op);
+    int nccl;
 
     c->err = err;
     c->errlen = errlen;
     if (!s)
         return fail(c, -EPROTO, "nothing computed to send for micro-batch %d of stage %d",
                     op->work.mb, op->work.stage);
+    if ((nccl = nccl_use(c)) < 0)
+        return c->err[0] ? -EIO : -ECANCELED;
+    if (nccl)
+        return nccl_send(c, op->peer, op->payload == DP_ACTIVATION ? s->d_out : s->d_dx);
     int to = rank_index(c, c->dp_rank, op->peer, c->ep_rank);
     char name[PEER_NAME_MAX];
 
@@ -863,6 +1057,10 @@ int wk_cpu_recv(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
     c->errlen = errlen;
     if ((rc = slot_get(c, op->work.path, op->work.mb, stage, op->work.chunk, &s)) < 0 || !s)
         return rc < 0 ? rc : -EPROTO;
+    if ((rc = nccl_use(c)) < 0)
+        return c->err[0] ? -EIO : -ECANCELED;
+    if (rc)
+        return nccl_recv(c, op->peer, op->payload == DP_ACTIVATION ? s->d_in : s->d_dy);
     if ((rc = c->io.recv(
              c->io.arg, &k,
              peer_name(c, rank_index(c, c->dp_rank, op->peer, c->ep_rank), name, sizeof(name)),
@@ -1110,6 +1308,8 @@ int wk_cpu_step_end(wk_cpu_t *c, struct wk_cpu_step *out, char *err, size_t errl
         err[0] = '\0';
     /* on a GPU the sums go through the host: gradients and loads down, the
      * group's sums up, then the optimizer on the device */
+    if (c->gpu && (rc = nccl_drain(c)) < 0)
+        return rc;
     for (int i = 0; c->gpu && i < c->nchunks; i++)
         if ((rc = gpu_rc(c, &c->chunk[i], wk_dmodel_download_grads(c->chunk[i].dev))) < 0)
             return rc;
@@ -1276,6 +1476,7 @@ void wk_cpu_destroy(wk_cpu_t *c)
 
     if (!c)
         return;
+    nccl_free(c);
     nslots = (size_t)c->paths * (size_t)c->Mp * (size_t)c->S;
     for (size_t i = 0; c->slots && i < nslots; i++)
         slot_free(c, c->slots[i]);
@@ -1335,7 +1536,7 @@ static int setup_chunks(wk_cpu_t *c, const Duplex__Assignment *a)
 
 /* The chunks' device twins, from the host models (initialised, or loaded
  * from the checkpoint). Expert parallelism is not on the GPU yet. */
-static int setup_gpu(wk_cpu_t *c, wk_gpu_t *gpu)
+static int setup_gpu(wk_cpu_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
 {
     char why[512];
     int rc;
@@ -1346,6 +1547,18 @@ static int setup_gpu(wk_cpu_t *c, wk_gpu_t *gpu)
                     "use ep 1, or the cpu backend",
                     c->ep);
     c->gpu = gpu;
+    if (a->nccl_id.len == WK_NCCL_ID_BYTES) {
+        c->has_nccl_id = 1;
+        memcpy(c->nccl_id, a->nccl_id.data, WK_NCCL_ID_BYTES);
+        c->nccl_nranks = (int)a->n_peers;
+        c->nccl_rank = -1;
+        for (size_t i = 0; i < a->n_peers; i++)
+            if (a->peers[i]->dp == c->dp_rank && a->peers[i]->pp == c->pp_rank &&
+                a->peers[i]->ep == c->ep_rank)
+                c->nccl_rank = (int)i; /* NCCL rank = index in peers (docs/PROTOCOL.md) */
+        if (c->nccl_rank < 0)
+            return fail(c, -EINVAL, "this rank is not among the assignment's peers");
+    }
     wk_gpu_set_gemm_dtype(gpu, strcmp(c->spec.train.precision, "bf16") == 0 ? WK_CUBLAS_BF16
                                                                             : WK_CUBLAS_F32);
     for (int i = 0; i < c->nchunks; i++)
@@ -1463,7 +1676,7 @@ int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
         rc = -EUCLEAN; /* the checkpoint, not this worker, is at fault */
         goto fail;
     }
-    if (gpu && (rc = setup_gpu(c, gpu)) < 0)
+    if (gpu && (rc = setup_gpu(c, a, gpu)) < 0)
         goto fail;
     c->err = NULL;
     *out = c;

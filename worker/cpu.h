@@ -40,6 +40,7 @@
 #include "worker/dataplane.h"
 #include "worker/dmodel.h"
 #include "worker/gpu.h"
+#include "worker/nccl.h"
 
 /* How the backend moves messages: the runtime's waits (abort, timeouts,
  * hidden-communication accounting). `to`/`from` describe the peer for
@@ -100,6 +101,10 @@ int wk_cpu_step_end(wk_cpu_t *c, struct wk_cpu_step *out, char *err, size_t errl
  * shard's file name, size and checksum. 0, or -errno with the reason. */
 int wk_cpu_checkpoint(wk_cpu_t *c, const char *root, uint64_t step, char *dir, size_t dirlen,
                       struct dx_ckpt_shard_info *info, char *err, size_t errlen);
+
+/* Makes the cuda backend's NCCL transfers that wait for peers give up (a
+ * job aborted because another rank failed). Any thread; idempotent. */
+void wk_cpu_abort(wk_cpu_t *c);
 
 /* The job spec the assignment carried. */
 const struct coord_jobspec *wk_cpu_spec(const wk_cpu_t *c);

@@ -627,6 +627,8 @@ void wk_runtime_abort(wk_runtime_t *rt, const char *error)
         atomic_store(&rt->aborted, true);
     }
     pthread_mutex_unlock(&rt->lock);
+    if (rt->cpu)
+        wk_cpu_abort(rt->cpu); /* NCCL transfers waiting for a dead peer give up */
 }
 
 void *wk_runtime_socket(wk_runtime_t *rt)

@@ -22,7 +22,8 @@
  * A rank that waits more than FAKE_NCCL_TIMEOUT_MS (or the environment's
  * FAKE_NCCL_TIMEOUT_MS) for a peer fails the
  * operation (ncclSystemError as the communicator's async error, and a fault
- * on the stream); ncclCommAbort makes waiting operations give up at once. */
+ * on the stream); ncclCommAbort makes waiting operations give up at once
+ * (the communicator's memory is kept: a thread may still be in a call). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -345,13 +346,22 @@ API ncclResult_t ncclCommDestroy(ncclComm_t comm)
     return ncclSuccess;
 }
 
+/* Aborted communicators stay allocated (and reachable) until the process
+ * ends: another thread may still be inside a call on one, which is why it
+ * was aborted; their operations see the flag and end. */
+static struct comm *graveyard[FAKE_NCCL_MAX_RANKS];
+static atomic_int buried;
+
 API ncclResult_t ncclCommAbort(ncclComm_t comm)
 {
+    int at;
+
     if (!comm)
         return ncclInvalidArgument;
     atomic_store(&comm->aborted, 1);
-    fake_sync_all();
-    comm_free(comm);
+    at = atomic_fetch_add(&buried, 1);
+    if (at < FAKE_NCCL_MAX_RANKS)
+        graveyard[at] = comm;
     return ncclSuccess;
 }
 
@@ -568,7 +578,9 @@ done:
     free(x);
     free(g->ops);
     free(g);
-    return rc != ncclSuccess;
+    /* an abort ends the operations without faulting the stream (as NCCL's
+     * kernels exit); other failures fault it, as a kernel would */
+    return rc != ncclSuccess && rc != ncclRemoteError;
 }
 
 /* --- the group calls ------------------------------------------------------------------- */

@@ -110,6 +110,9 @@ def test_the_cuda_backend_trains_the_parity_job_like_the_standalone_run(cluster,
         assert rel <= 1e-4, f"step {entry['step']}: {entry['loss']!r} vs {ref!r} ({rel:.3g})"
     assert losses[-1]["loss"] < losses[0]["loss"] - 0.3, losses
     assert_params_close(final_params(c, status), ref_params, "cuda dualpipe")
+    # the pipeline's messages went GPU to GPU by NCCL, not through the hosts
+    for gpu in range(4):
+        assert "pipeline messages by NCCL (rank" in c.worker_procs[f"g{gpu}"].log_text()
 
 
 @pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
