@@ -50,7 +50,9 @@ struct slot {
 struct chunk {
     int stage, first, last, flags;
     struct wk_model model;
-    wk_dmodel_t *dev; /* on a GPU: the model's device twin (model keeps shapes, checkpoints) */
+    wk_dmodel_t *dev;   /* on a GPU: the model's device twin (model keeps shapes, checkpoints) */
+    wk_nccl_t *group;   /* on a GPU with NCCL: the stage's ranks, for the step-end sums */
+    wk_cuda_ptr d_loss; /* with the head: the loss sum (fp64) the group sums */
 };
 
 struct wk_cpu {
@@ -91,6 +93,7 @@ struct wk_cpu {
     wk_nccl_t *chan[NCHAN];
     wk_cuda_stream chan_stream[NCHAN];
     wk_cuda_event chan_event[NCHAN], computed;
+    double loss_total; /* the group's loss sum, downloaded */
     char *err;
     size_t errlen;
 };
@@ -871,6 +874,8 @@ static size_t act_bytes(const wk_cpu_t *c)
 
 /* --- the cuda backend's messages by NCCL -------------------------------------- */
 
+static int stage_members(const wk_cpu_t *c, int st, int *out);
+
 /* 1 + a unique id of the pair (r, r + 1) of pipeline ranks in this rank's
  * (dp, ep) slice: the color of the pair's communicators */
 static int pair_color(const wk_cpu_t *c, int r)
@@ -908,29 +913,68 @@ static int nccl_channels(wk_cpu_t *c)
     return 0;
 }
 
+/* The S splits of the world into the ranks holding each stage (one split
+ * per stage, the same calls in the same order on every rank; key = the
+ * position in stage_members, so the sums run in the host sums' order). A
+ * stage one rank holds gets no communicator: it has nothing to sum. */
+static int nccl_groups(wk_cpu_t *c)
+{
+    int me = rank_index(c, c->dp_rank, c->pp_rank, c->ep_rank), rc = 0;
+    int *members = calloc((size_t)(2 * c->dp * c->ep) + 1, sizeof(int));
+
+    if (!members)
+        return fail(c, -ENOMEM, "out of memory");
+    for (int st = 0; st < c->S && rc == 0; st++) {
+        int n = stage_members(c, st, members), key = 0, color = WK_NCCL_NO_COLOR;
+        struct chunk *mine = NULL;
+        wk_nccl_t *out = NULL;
+
+        for (int i = 0; i < c->nchunks; i++)
+            if (c->chunk[i].stage == st)
+                mine = &c->chunk[i];
+        while (key < n && members[key] != me)
+            key++;
+        if (mine && n > 1 && key < n)
+            color = 0;
+        if ((rc = wk_nccl_split(c->world, color, key, &out)) < 0)
+            rc = fail(c, rc, "NCCL: splitting the ranks of stage %d: %s", st,
+                      wk_nccl_error(c->world));
+        else if (mine)
+            mine->group = out;
+    }
+    free(members);
+    return rc;
+}
+
 static int nccl_setup(wk_cpu_t *c)
 {
     wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
     char why[512];
-    int rc;
+    int rc, groups = 0;
 
     if ((rc = wk_nccl_create(cu, c->nccl_id, c->nccl_nranks, c->nccl_rank, &c->world, why,
                              sizeof(why))) < 0)
         return fail(c, rc, "NCCL: %s", why);
-    if ((rc = nccl_channels(c)) < 0)
+    if ((rc = nccl_channels(c)) < 0 || (rc = nccl_groups(c)) < 0)
         return rc;
     if ((rc = wk_cuda_event_create(cu, &c->computed)) < 0)
         return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    for (int i = 0; i < c->nchunks; i++)
+        if ((c->chunk[i].flags & WK_MODEL_HAS_HEAD) &&
+            (rc = wk_cuda_alloc(cu, sizeof(double), &c->chunk[i].d_loss)) < 0)
+            return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
     for (int i = 0; i < NCHAN; i++)
         if (c->chan[i] && ((rc = wk_cuda_stream_create(cu, &c->chan_stream[i])) < 0 ||
                            (rc = wk_cuda_event_create(cu, &c->chan_event[i])) < 0))
             return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    for (int i = 0; i < c->nchunks; i++)
+        groups += c->chunk[i].group != NULL;
     atomic_store(&c->nccl_ready, 1); /* after the channels: wk_cpu_abort reads them */
-    dx_info("job %" PRIu64 ": pipeline messages by NCCL (rank %d of %d; channels up %s/%s, "
-            "down %s/%s)",
+    dx_info("job %" PRIu64 ": pipeline messages and step-end sums by NCCL (rank %d of %d; "
+            "channels up %s/%s, down %s/%s; %d stage group%s)",
             c->job_id, c->nccl_rank, c->nccl_nranks, c->chan[CH_SEND_UP] ? "send" : "-",
             c->chan[CH_RECV_UP] ? "receive" : "-", c->chan[CH_SEND_DOWN] ? "send" : "-",
-            c->chan[CH_RECV_DOWN] ? "receive" : "-");
+            c->chan[CH_RECV_DOWN] ? "receive" : "-", groups, groups == 1 ? "" : "s");
     return 0;
 }
 
@@ -1008,6 +1052,10 @@ static void nccl_free(wk_cpu_t *c)
         wk_cuda_event_destroy(cu, c->chan_event[i]);
     }
     wk_cuda_event_destroy(cu, c->computed);
+    for (int i = 0; i < c->nchunks; i++) {
+        wk_nccl_destroy(c->chunk[i].group);
+        wk_cuda_free(cu, c->chunk[i].d_loss);
+    }
     wk_nccl_destroy(c->world);
 }
 
@@ -1019,6 +1067,9 @@ void wk_cpu_abort(wk_cpu_t *c)
     for (int i = 0; c->nccl_ready && i < NCHAN; i++)
         if (c->chan[i])
             wk_nccl_abort(c->chan[i]);
+    for (int i = 0; c->nccl_ready && i < c->nchunks; i++)
+        if (c->chunk[i].group)
+            wk_nccl_abort(c->chunk[i].group);
 }
 
 int wk_cpu_send(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
@@ -1296,31 +1347,91 @@ static int sync_grads(wk_cpu_t *c, double *loss, int *has_loss)
     return rc;
 }
 
+/* The step-end sums of every chunk over its stage's ranks by NCCL
+ * all-reduce, in place on the compute stream (after the backward passes):
+ * each gradient, the expert loads and, with the head, the loss. The
+ * chunks go in ascending stage order, the same on every rank of a group,
+ * so two groups sharing a rank never wait on each other. */
+static int nccl_sums(wk_cpu_t *c, double *loss, int *has_loss)
+{
+    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+    wk_cuda_stream s = wk_gpu_compute_stream(c->gpu);
+    int swap = c->nchunks == 2 && c->chunk[1].stage < c->chunk[0].stage, rc;
+    struct chunk *head = NULL, *ch = NULL;
+
+    for (int k = 0; k < c->nchunks; k++) {
+        ch = &c->chunk[swap ? 1 - k : k];
+        wk_cuda_ptr buf;
+        size_t n;
+
+        if (ch->flags & WK_MODEL_HAS_HEAD)
+            head = ch;
+        if (!ch->group)
+            continue;
+        for (int i = 0; wk_dmodel_grad_buffer(ch->dev, i, &buf, &n) == 0; i++)
+            if ((rc = wk_nccl_allreduce_sum(ch->group, s, buf, buf, n)) < 0)
+                goto nccl;
+        buf = wk_dmodel_loads(ch->dev, &n);
+        if ((rc = wk_nccl_allreduce_sum_of(ch->group, s, buf, buf, n, WK_NCCL_INT64)) < 0)
+            goto nccl;
+        if (ch != head)
+            continue;
+        if ((rc = wk_cuda_upload_on(cu, s, ch->d_loss, &c->loss_sum, sizeof(double))) < 0)
+            return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+        if ((rc = wk_nccl_allreduce_sum_of(ch->group, s, ch->d_loss, ch->d_loss, 1, WK_NCCL_FP64)) <
+            0)
+            goto nccl;
+    }
+    if (!head)
+        return 0;
+    *has_loss = 1;
+    if (!head->group) {
+        *loss = c->loss_sum;
+        return 0;
+    }
+    if ((rc = wk_cuda_stream_sync(cu, s)) < 0 ||
+        (rc = wk_cuda_download(cu, &c->loss_total, head->d_loss, sizeof(double))) < 0)
+        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    *loss = c->loss_total;
+    return 0;
+nccl:
+    return fail(c, rc, "NCCL: the step-end sums of stage %d: %s", ch->stage,
+                wk_nccl_error(ch->group));
+}
+
 int wk_cpu_step_end(wk_cpu_t *c, struct wk_cpu_step *out, char *err, size_t errlen)
 {
     double t0 = now_ms(), loss = 0.0;
     float scale = 1.0f / (float)((double)c->dp * c->M * c->ep);
-    int has_loss = 0, rc;
+    int has_loss = 0, nccl = 0, rc;
 
     c->err = err;
     c->errlen = errlen;
     if (err && errlen)
         err[0] = '\0';
-    /* on a GPU the sums go through the host: gradients and loads down, the
-     * group's sums up, then the optimizer on the device */
-    if (c->gpu && (rc = nccl_drain(c)) < 0)
-        return rc;
-    for (int i = 0; c->gpu && i < c->nchunks; i++)
-        if ((rc = gpu_rc(c, &c->chunk[i], wk_dmodel_download_grads(c->chunk[i].dev))) < 0)
+    if (c->gpu && (nccl = nccl_use(c)) < 0)
+        return c->err[0] ? -EIO : -ECANCELED;
+    if (nccl) {
+        /* on the GPU: the sums by NCCL, then the optimizer */
+        if ((rc = nccl_drain(c)) < 0 || (rc = nccl_sums(c, &loss, &has_loss)) < 0)
             return rc;
-    if ((rc = sync_grads(c, &loss, &has_loss)) < 0)
-        return rc;
+    } else {
+        /* on the host, over the data plane (a GPU without NCCL: gradients
+         * and loads down, the group's sums up again) */
+        for (int i = 0; c->gpu && i < c->nchunks; i++)
+            if ((rc = gpu_rc(c, &c->chunk[i], wk_dmodel_download_grads(c->chunk[i].dev))) < 0)
+                return rc;
+        if ((rc = sync_grads(c, &loss, &has_loss)) < 0)
+            return rc;
+        for (int i = 0; c->gpu && i < c->nchunks; i++)
+            if ((rc = gpu_rc(c, &c->chunk[i], wk_dmodel_upload_grads(c->chunk[i].dev))) < 0)
+                return rc;
+    }
     for (int i = 0; i < c->nchunks; i++) {
         struct chunk *ch = &c->chunk[i];
 
         if (c->gpu) {
-            if ((rc = gpu_rc(c, ch, wk_dmodel_upload_grads(ch->dev))) < 0 ||
-                (rc = gpu_rc(c, ch, wk_dmodel_scale_grad(ch->dev, scale))) < 0 ||
+            if ((rc = gpu_rc(c, ch, wk_dmodel_scale_grad(ch->dev, scale))) < 0 ||
                 (rc = gpu_rc(c, ch, wk_dmodel_step(ch->dev))) < 0)
                 return rc;
             continue;

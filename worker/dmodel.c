@@ -237,6 +237,21 @@ int wk_dmodel_upload_grads(wk_dmodel_t *dm)
     return 0;
 }
 
+int wk_dmodel_grad_buffer(const wk_dmodel_t *dm, int i, wk_cuda_ptr *g, size_t *n)
+{
+    if (i < 0 || i >= dm->m->nparams)
+        return -ERANGE;
+    *g = dm->p[i].g;
+    *n = dm->p[i].n;
+    return 0;
+}
+
+wk_cuda_ptr wk_dmodel_loads(const wk_dmodel_t *dm, size_t *n)
+{
+    *n = (size_t)dm->L * (size_t)dm->E;
+    return dm->loads;
+}
+
 void wk_dmodel_destroy(wk_dmodel_t *dm)
 {
     if (!dm)

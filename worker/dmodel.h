@@ -56,5 +56,10 @@ int wk_dmodel_download(wk_dmodel_t *dm);
  * back (for the step-end sums the host makes over a stage's ranks). */
 int wk_dmodel_download_grads(wk_dmodel_t *dm);
 int wk_dmodel_upload_grads(wk_dmodel_t *dm);
+/* The device buffers the step-end sums run over in place: tensor i's
+ * gradient (n fp32, the host model's order; -ERANGE past the last) and
+ * the expert loads (n int64, [layers][experts]). */
+int wk_dmodel_grad_buffer(const wk_dmodel_t *dm, int i, wk_cuda_ptr *g, size_t *n);
+wk_cuda_ptr wk_dmodel_loads(const wk_dmodel_t *dm, size_t *n);
 
 #endif

@@ -73,7 +73,17 @@ int wk_nccl_api_load(void *lib, struct wk_nccl_api *api, char *err, size_t errle
 
 static const char *type_name(enum wk_nccl_type t)
 {
-    return t == WK_NCCL_FP32 ? "fp32" : t == WK_NCCL_BYTES ? "bytes" : "?";
+    switch (t) {
+    case WK_NCCL_BYTES:
+        return "bytes";
+    case WK_NCCL_INT64:
+        return "int64";
+    case WK_NCCL_FP32:
+        return "fp32";
+    case WK_NCCL_FP64:
+        return "fp64";
+    }
+    return "?";
 }
 
 /* "CALL: NCCL's string (NCCL error R): NCCL's last error" into buf */
@@ -306,24 +316,32 @@ int wk_nccl_exchange(wk_nccl_t *n, wk_cuda_stream stream, const struct wk_nccl_t
     return rc;
 }
 
-int wk_nccl_allreduce_sum(wk_nccl_t *n, wk_cuda_stream stream, wk_cuda_ptr send, wk_cuda_ptr recv,
-                          size_t count)
+int wk_nccl_allreduce_sum_of(wk_nccl_t *n, wk_cuda_stream stream, wk_cuda_ptr send,
+                             wk_cuda_ptr recv, size_t count, enum wk_nccl_type type)
 {
     wk_nccl_abi_comm_t comm;
     int result;
 
     if (count == 0)
         return 0;
+    if (type != WK_NCCL_FP32 && type != WK_NCCL_FP64 && type != WK_NCCL_INT64)
+        return nccl_bad(n, -EINVAL, "ncclAllReduce: a sum of %s", type_name(type));
     if (!send || !recv)
-        return nccl_bad(n, -EINVAL, "ncclAllReduce(%zu fp32, sum): no %s buffer", count,
-                        send ? "receive" : "send");
+        return nccl_bad(n, -EINVAL, "ncclAllReduce(%zu %s, sum): no %s buffer", count,
+                        type_name(type), send ? "receive" : "send");
     if (!(comm = live_comm(n, "ncclAllReduce")))
         return -ECANCELED;
     result = n->api.all_reduce((const void *)(uintptr_t)send, (void *)(uintptr_t)recv, count,
-                               (int)WK_NCCL_FP32, WK_NCCL_ABI_SUM, comm, stream);
+                               (int)type, WK_NCCL_ABI_SUM, comm, stream);
     if (result != WK_NCCL_ABI_SUCCESS)
-        return nccl_fail(n, comm, result, "ncclAllReduce(%zu fp32, sum)", count);
+        return nccl_fail(n, comm, result, "ncclAllReduce(%zu %s, sum)", count, type_name(type));
     return 0;
+}
+
+int wk_nccl_allreduce_sum(wk_nccl_t *n, wk_cuda_stream stream, wk_cuda_ptr send, wk_cuda_ptr recv,
+                          size_t count)
+{
+    return wk_nccl_allreduce_sum_of(n, stream, send, recv, count, WK_NCCL_FP32);
 }
 
 int wk_nccl_split(wk_nccl_t *n, int color, int key, wk_nccl_t **out)

@@ -54,7 +54,9 @@ enum {
  * ncclFloat32); counts are in elements of the type. */
 enum wk_nccl_type {
     WK_NCCL_BYTES = 1,
+    WK_NCCL_INT64 = 4,
     WK_NCCL_FP32 = 7,
+    WK_NCCL_FP64 = 8,
 };
 
 /* The entry points this module resolves (enums are passed as int, the
@@ -129,6 +131,10 @@ int wk_nccl_transfers_check(const struct wk_nccl_transfer *t, size_t n, int nran
  * queued; the data moves with the stream. */
 int wk_nccl_exchange(wk_nccl_t *n, wk_cuda_stream stream, const struct wk_nccl_transfer *t,
                      size_t count);
+/* The sum of count elements of type (FP32, FP64 or INT64) over every rank
+ * into recv on stream (send == recv is in place). */
+int wk_nccl_allreduce_sum_of(wk_nccl_t *n, wk_cuda_stream stream, wk_cuda_ptr send,
+                             wk_cuda_ptr recv, size_t count, enum wk_nccl_type type);
 /* Sum of count fp32 over every rank into recv on stream (send == recv is
  * in place). */
 int wk_nccl_allreduce_sum(wk_nccl_t *n, wk_cuda_stream stream, wk_cuda_ptr send, wk_cuda_ptr recv,

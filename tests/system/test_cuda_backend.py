@@ -86,18 +86,23 @@ def test_a_worker_on_a_gpu_it_does_not_have_says_so():
 
 @pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
                     reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
-def test_the_cuda_backend_trains_the_parity_job_like_the_standalone_run(cluster, tmp_path):
+@pytest.mark.parametrize("pp,dp", [(4, 1), (2, 2)])
+def test_the_cuda_backend_trains_the_parity_job_like_the_standalone_run(cluster, tmp_path, pp,
+                                                                        dp):
     """The worker issue's parity job (ep 1: expert parallelism is not on the
-    GPU yet) on 4 cuda workers, DualPipe: every step's loss within 1e-4
-    relative of the single-process CPU trainer (the issue's bound; on the
-    fake stack the kernels are their CPU references and the GEMMs sum in
-    another order than OpenBLAS), and the checkpoint's parameters too."""
+    GPU yet) on 4 cuda workers, DualPipe, as pp 4 and as pp 2 x dp 2: every
+    step's loss within 1e-4 relative of the single-process CPU trainer (the
+    issue's bound; on the fake stack the kernels are their CPU references
+    and the GEMMs sum in another order than OpenBLAS), and the checkpoint's
+    parameters too. The step-end sums run by NCCL all-reduce over each
+    stage's ranks: 2 (DualPipe's mirror) or 4 (with dp 2)."""
     from test_train import (STEPS, assert_params_close, final_params, finished,
                             spec_with, standalone_run, submit)
 
     c = cluster
     cuda_workers(c, 4)
-    path = spec_with(tmp_path, "cuda-parity", schedule="dualpipe", ep=1)
+    path = spec_with(tmp_path, f"cuda-parity-pp{pp}-dp{dp}", schedule="dualpipe", ep=1, pp=pp,
+                     dp=dp)
     spec = json.loads(path.read_text())
     spec["backend"] = "cuda"
     path.write_text(json.dumps(spec))
@@ -110,9 +115,13 @@ def test_the_cuda_backend_trains_the_parity_job_like_the_standalone_run(cluster,
         assert rel <= 1e-4, f"step {entry['step']}: {entry['loss']!r} vs {ref!r} ({rel:.3g})"
     assert losses[-1]["loss"] < losses[0]["loss"] - 0.3, losses
     assert_params_close(final_params(c, status), ref_params, "cuda dualpipe")
-    # the pipeline's messages went GPU to GPU by NCCL, not through the hosts
+    # the pipeline's messages and the step-end sums went GPU to GPU by
+    # NCCL, not through the hosts; every rank holds two stages, each
+    # shared with its mirror (and its dp copy)
     for gpu in range(4):
-        assert "pipeline messages by NCCL (rank" in c.worker_procs[f"g{gpu}"].log_text()
+        log = c.worker_procs[f"g{gpu}"].log_text()
+        assert "pipeline messages and step-end sums by NCCL (rank" in log, log
+        assert "; 2 stage groups)" in log, log
 
 
 @pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),

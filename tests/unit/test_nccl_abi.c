@@ -46,6 +46,8 @@ Test(nccl_abi, values_match_nccl_h)
     cr_assert_eq(WK_NCCL_ABI_IN_PROGRESS, ncclInProgress);
     cr_assert_eq(WK_NCCL_BYTES, ncclUint8);
     cr_assert_eq(WK_NCCL_FP32, ncclFloat32);
+    cr_assert_eq(WK_NCCL_FP64, ncclFloat64);
+    cr_assert_eq(WK_NCCL_INT64, ncclInt64);
     cr_assert_eq(WK_NCCL_ABI_SUM, ncclSum);
     cr_assert_eq(WK_NCCL_NO_COLOR, NCCL_SPLIT_NOCOLOR);
     cr_assert_eq(sizeof(wk_nccl_abi_id), 128);
@@ -486,7 +488,7 @@ static int fake_all_reduce(const void *sendbuf, void *recvbuf, size_t count, int
     }
     if (fake_failing("allreduce"))
         return WK_NCCL_ABI_INVALID_ARGUMENT;
-    memmove(recvbuf, sendbuf, count * 4);
+    memmove(recvbuf, sendbuf, count * (type == WK_NCCL_FP32 ? 4 : 8));
     return 0;
 }
 
@@ -601,6 +603,30 @@ Test(nccl_fake, all_reduce_sums_fp32_and_says_what_failed)
     cr_assert_eq(wk_nccl_allreduce_sum(n, NULL, host_ptr(a), host_ptr(b), 5), -EIO);
     cr_assert_str_eq(wk_nccl_error(n), "ncclAllReduce(5 fp32, sum): invalid argument (NCCL error "
                                        "4): fake: allreduce was told to fail");
+    wk_nccl_destroy(n);
+}
+
+Test(nccl_fake, all_reduce_passes_int64_and_fp64_and_refuses_bytes)
+{
+    wk_nccl_t *n = fake_open();
+    int64_t loads[3] = {7, -1, INT64_MAX}, lsum[3] = {0};
+    double loss = 2.5, lossum = 0;
+    unsigned char raw[4] = {0};
+
+    cr_assert_eq(
+        wk_nccl_allreduce_sum_of(n, NULL, host_ptr(loads), host_ptr(lsum), 3, WK_NCCL_INT64), 0,
+        "%s", wk_nccl_error(n));
+    cr_assert_str_eq(fake.log[0], "allreduce 3 4 0", "int64 (4), sum (0)");
+    cr_assert_eq(memcmp(loads, lsum, sizeof(loads)), 0);
+    cr_assert_eq(
+        wk_nccl_allreduce_sum_of(n, NULL, host_ptr(&loss), host_ptr(&lossum), 1, WK_NCCL_FP64), 0);
+    cr_assert_str_eq(fake.log[1], "allreduce 1 8 0", "fp64 (8)");
+    cr_assert_eq(lossum, 2.5);
+    fake.nlog = 0;
+    cr_assert_eq(wk_nccl_allreduce_sum_of(n, NULL, host_ptr(raw), host_ptr(raw), 4, WK_NCCL_BYTES),
+                 -EINVAL);
+    cr_assert_str_eq(wk_nccl_error(n), "ncclAllReduce: a sum of bytes");
+    cr_assert_eq(fake.nlog, 0, "refused before NCCL is called");
     wk_nccl_destroy(n);
 }
 
