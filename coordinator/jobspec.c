@@ -315,12 +315,6 @@ static int check_layout(const struct coord_jobspec *s, char *err, size_t errlen)
         return fail(err, errlen,
                     "train.precision: bf16 GEMMs run on the cuda backend only (backend %s)",
                     s->backend);
-    if (strcmp(s->backend, "cuda") == 0 && s->parallel.ep > 1)
-        return fail(
-            err, errlen,
-            "parallel.ep: the cuda backend does not run expert parallelism yet (parallel.ep "
-            "%d): use ep 1, or the cpu backend",
-            s->parallel.ep);
     if (s->checkpoint.from[0] && s->checkpoint.from[0] != '/')
         return fail(err, errlen,
                     "checkpoint.from: \"%s\" is not an absolute path (give a step directory as "

@@ -90,6 +90,8 @@ struct wk_cpu {
     atomic_int nccl_ready;   /* set up (the first SEND or RECV of the job does it) */
     atomic_int nccl_aborted; /* wk_cpu_abort was called */
     wk_nccl_t *world;
+    wk_nccl_t *ep_comm;    /* this (dp, pp) slice's ep ranks, with ep > 1 */
+    struct wk_dmoe_ep dep; /* where the device MoE layers run their experts */
     wk_nccl_t *chan[NCHAN];
     wk_cuda_stream chan_stream[NCHAN];
     wk_cuda_event chan_event[NCHAN], computed;
@@ -264,7 +266,7 @@ static int slot_get(wk_cpu_t *c, int path, int mb, int stage, int chunk, struct 
         goto fail;
     }
     s->ready = 1;
-    if (c->ep > 1) {
+    if (c->ep > 1 && !c->gpu) { /* on a GPU the MoE layers exchange by NCCL (dmoe.h) */
         int L = ch->last - ch->first;
 
         s->ep = calloc((size_t)L, sizeof(*s->ep));
@@ -831,6 +833,8 @@ static int run_backward(wk_cpu_t *c, const struct dp_work *w, enum dp_op_kind ki
     return 0;
 }
 
+static int nccl_use(wk_cpu_t *c);
+
 int wk_cpu_compute(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
 {
     int rc;
@@ -839,6 +843,9 @@ int wk_cpu_compute(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen
     c->errlen = errlen;
     if (err && errlen)
         err[0] = '\0';
+    /* the MoE layers' expert exchange needs the communicators */
+    if (c->ep > 1 && nccl_use(c) < 0)
+        return c->err[0] ? -EIO : -ECANCELED;
     switch (op->kind) {
     case DP_OP_F:
         return run_forward(c, &op->work);
@@ -957,6 +964,13 @@ static int nccl_setup(wk_cpu_t *c)
         return fail(c, rc, "NCCL: %s", why);
     if ((rc = nccl_channels(c)) < 0 || (rc = nccl_groups(c)) < 0)
         return rc;
+    /* the expert exchange: the ep ranks of this (dp, pp) slice, key = ep rank */
+    if (c->ep > 1) {
+        if ((rc = wk_nccl_split(c->world, 1 + c->dp_rank * c->pp + c->pp_rank, c->ep_rank,
+                                &c->ep_comm)) < 0)
+            return fail(c, rc, "NCCL: splitting the ep ranks: %s", wk_nccl_error(c->world));
+        c->dep.comm = c->ep_comm;
+    }
     if ((rc = wk_cuda_event_create(cu, &c->computed)) < 0)
         return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
     for (int i = 0; i < c->nchunks; i++)
@@ -970,11 +984,12 @@ static int nccl_setup(wk_cpu_t *c)
     for (int i = 0; i < c->nchunks; i++)
         groups += c->chunk[i].group != NULL;
     atomic_store(&c->nccl_ready, 1); /* after the channels: wk_cpu_abort reads them */
-    dx_info("job %" PRIu64 ": pipeline messages and step-end sums by NCCL (rank %d of %d; "
-            "channels up %s/%s, down %s/%s; %d stage group%s)",
+    dx_info("job %" PRIu64 ": pipeline messages, step-end sums and expert rows by NCCL "
+            "(rank %d of %d; channels up %s/%s, down %s/%s; %d stage group%s; %d ep rank%s)",
             c->job_id, c->nccl_rank, c->nccl_nranks, c->chan[CH_SEND_UP] ? "send" : "-",
             c->chan[CH_RECV_UP] ? "receive" : "-", c->chan[CH_SEND_DOWN] ? "send" : "-",
-            c->chan[CH_RECV_DOWN] ? "receive" : "-", groups, groups == 1 ? "" : "s");
+            c->chan[CH_RECV_DOWN] ? "receive" : "-", groups, groups == 1 ? "" : "s", c->ep,
+            c->ep == 1 ? "" : "s");
     return 0;
 }
 
@@ -1056,6 +1071,7 @@ static void nccl_free(wk_cpu_t *c)
         wk_nccl_destroy(c->chunk[i].group);
         wk_cuda_free(cu, c->chunk[i].d_loss);
     }
+    wk_nccl_destroy(c->ep_comm);
     wk_nccl_destroy(c->world);
 }
 
@@ -1070,6 +1086,8 @@ void wk_cpu_abort(wk_cpu_t *c)
     for (int i = 0; c->nccl_ready && i < c->nchunks; i++)
         if (c->chunk[i].group)
             wk_nccl_abort(c->chunk[i].group);
+    if (c->nccl_ready && c->ep_comm)
+        wk_nccl_abort(c->ep_comm);
 }
 
 int wk_cpu_send(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
@@ -1646,17 +1664,13 @@ static int setup_chunks(wk_cpu_t *c, const Duplex__Assignment *a)
 }
 
 /* The chunks' device twins, from the host models (initialised, or loaded
- * from the checkpoint). Expert parallelism is not on the GPU yet. */
+ * from the checkpoint); with ep > 1 their MoE layers exchange rows with
+ * the ep ranks by NCCL. */
 static int setup_gpu(wk_cpu_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
 {
     char why[512];
     int rc;
 
-    if (c->ep > 1)
-        return fail(c, -ENOTSUP,
-                    "the cuda backend does not run expert parallelism yet (parallel.ep %d): "
-                    "use ep 1, or the cpu backend",
-                    c->ep);
     c->gpu = gpu;
     if (a->nccl_id.len == WK_NCCL_ID_BYTES) {
         c->has_nccl_id = 1;
@@ -1669,13 +1683,21 @@ static int setup_gpu(wk_cpu_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
                 c->nccl_rank = (int)i; /* NCCL rank = index in peers (docs/PROTOCOL.md) */
         if (c->nccl_rank < 0)
             return fail(c, -EINVAL, "this rank is not among the assignment's peers");
+    } else if (c->ep > 1) {
+        return fail(c, -EINVAL,
+                    "expert parallelism on the cuda backend (parallel.ep %d) needs the job's "
+                    "NCCL id, and the assignment has none",
+                    c->ep);
     }
+    c->dep = (struct wk_dmoe_ep){c->ep, c->ep_rank, c->owner, NULL, c->ex_rows};
     wk_gpu_set_gemm_dtype(gpu, strcmp(c->spec.train.precision, "bf16") == 0 ? WK_CUBLAS_BF16
                                                                             : WK_CUBLAS_F32);
     for (int i = 0; i < c->nchunks; i++)
         if ((rc = wk_dmodel_create(gpu, &c->chunk[i].model, &c->chunk[i].dev, why, sizeof(why))) <
             0)
             return fail(c, rc, "stage %d on the GPU: %s", c->chunk[i].stage, why);
+        else if (c->ep > 1)
+            wk_dmodel_set_ep(c->chunk[i].dev, &c->dep);
     return 0;
 }
 

@@ -38,7 +38,8 @@ struct wk_dmodel {
     struct dparam *p; /* [m->nparams], the host's order */
     struct dlayer_w *layer;
     wk_cuda_ptr embed, dembed, normf, dnormf, head, dhead;
-    wk_cuda_ptr loads; /* [L][E] int64 */
+    wk_cuda_ptr loads;           /* [L][E] int64 */
+    const struct wk_dmoe_ep *ep; /* NULL: every expert here */
     char err[ERR_MAX];
 };
 
@@ -237,6 +238,11 @@ int wk_dmodel_upload_grads(wk_dmodel_t *dm)
     return 0;
 }
 
+void wk_dmodel_set_ep(wk_dmodel_t *dm, const struct wk_dmoe_ep *ep)
+{
+    dm->ep = ep;
+}
+
 int wk_dmodel_grad_buffer(const wk_dmodel_t *dm, int i, wk_cuda_ptr *g, size_t *n)
 {
     if (i < 0 || i >= dm->m->nparams)
@@ -429,7 +435,8 @@ int wk_dmodel_cache_create(wk_dmodel_t *dm, int batch, int seq, wk_dmodel_cache_
             (rc = cache_alloc(dm, c, &a->dq, nd)) < 0 ||
             (rc = cache_alloc(dm, c, &a->dk, nd)) < 0 ||
             (rc = cache_alloc(dm, c, &a->dv, nd)) < 0 ||
-            (rc = wk_dmoe_buf_create(dm->g, &m->layer[i].moe.cfg, c->rows, &c->moe[i])) < 0)
+            (rc = wk_dmoe_buf_create_ep(dm->g, &m->layer[i].moe.cfg, c->rows, dm->ep, &c->moe[i])) <
+                0)
             goto fail;
     }
     if ((rc = cache_alloc(dm, c, &c->h, nd)) < 0 || (rc = cache_alloc(dm, c, &c->g, nd)) < 0 ||

@@ -12,14 +12,15 @@
  * backward_weight (every other gradient), then zero_grad / scale_grad /
  * step (AdamW per tensor with the host's scalars, the routing-bias update
  * from the step's expert loads). Calls enqueue; those that return host
- * values (the loss) synchronise. Every expert is on this GPU (expert
- * parallelism is the backend's, later). 0 or -errno with the reason in
- * wk_dmodel_error. */
+ * values (the loss) synchronise. The MoE layers run their experts here or,
+ * with wk_dmodel_set_ep, on the ep ranks (dmoe.h). 0 or -errno with the
+ * reason in wk_dmodel_error. */
 #ifndef WK_DMODEL_H
 #define WK_DMODEL_H
 
 #include <stdint.h>
 
+#include "worker/dmoe.h"
 #include "worker/gpu.h"
 #include "worker/model/model.h"
 
@@ -32,6 +33,9 @@ int wk_dmodel_create(wk_gpu_t *g, struct wk_model *m, wk_dmodel_t **out, char *e
 void wk_dmodel_destroy(wk_dmodel_t *dm);
 const char *wk_dmodel_error(const wk_dmodel_t *dm);
 
+/* Expert parallelism for the caches made after (ep outlives them; NULL:
+ * every expert here, the default). */
+void wk_dmodel_set_ep(wk_dmodel_t *dm, const struct wk_dmoe_ep *ep);
 int wk_dmodel_cache_create(wk_dmodel_t *dm, int batch, int seq, wk_dmodel_cache_t **out);
 void wk_dmodel_cache_destroy(wk_dmodel_t *dm, wk_dmodel_cache_t *c);
 

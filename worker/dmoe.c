@@ -1,6 +1,7 @@
 /* dmoe.c - the MoE layer on the GPU (dmoe.h): owns a micro-batch's device
  * buffers and the host copy of its expert offsets; the launch sequences
- * of forward and backward. */
+ * of forward and backward, and with expert parallelism the exchanges of
+ * counts and rows between the ep ranks. */
 #include "worker/dmoe.h"
 
 #include <errno.h>
@@ -21,6 +22,15 @@ struct wk_dmoe_buf {
     wk_cuda_ptr dout; /* [cap][d] copy of the output gradient (the shared experts') */
     wk_cuda_ptr dy, dgate, dlogit, dact, dh1, dh3, dxg, sdact, sdh1, sdh3, sdx, tmp;
     int *off; /* [E + 1] expert offsets of the last forward, on the host */
+    /* the expert side: the rows this rank's experts run, [expert][source];
+     * without expert parallelism the same buffers as the source side */
+    const struct wk_dmoe_ep *ep;   /* NULL: every expert here */
+    int P, me;                     /* ep ranks, this one */
+    wk_cuda_ptr xe, ye, dye, dxe;  /* xg, y, dy, dxg's twins */
+    wk_cuda_ptr cnt_dev;           /* [P][E] int32: rows each source sends each expert */
+    int *xoff;                     /* [E + 1] the expert side's offsets (== off without) */
+    int *cnt, *at;                 /* [P][E] host: those rows, and where they start */
+    struct wk_nccl_transfer *xfer; /* [2 P E]: one exchange's list */
 };
 
 /* every device buffer of struct wk_dmoe_buf, for allocation and release */
@@ -49,15 +59,56 @@ void wk_dmoe_buf_destroy(wk_gpu_t *g, wk_dmoe_buf_t *b)
 #define FREE_FIELD(f) wk_cuda_free(wk_gpu_cuda(g), b->f);
     BUF_FIELDS(FREE_FIELD)
 #undef FREE_FIELD
+    if (b->P > 1) {
+        wk_cuda_free(wk_gpu_cuda(g), b->xe);
+        wk_cuda_free(wk_gpu_cuda(g), b->ye);
+        wk_cuda_free(wk_gpu_cuda(g), b->dye);
+        wk_cuda_free(wk_gpu_cuda(g), b->dxe);
+        wk_cuda_free(wk_gpu_cuda(g), b->cnt_dev);
+        free(b->xoff);
+    }
+    free(b->cnt);
+    free(b->at);
+    free(b->xfer);
     free(b->off);
     free(b);
 }
 
+/* The expert side's buffers and host tables of expert parallelism. */
+static int ep_alloc(wk_gpu_t *g, const struct wk_moe_config *cfg, wk_dmoe_buf_t *b)
+{
+    const size_t P = (size_t)b->P, E = (size_t)cfg->experts;
+    const size_t xrows = P * (size_t)b->cap * (size_t)cfg->top_k, row = (size_t)cfg->d_model * 4;
+    wk_cuda_t *c = wk_gpu_cuda(g);
+    int rc;
+
+    if (!(b->xoff = calloc(E + 1, sizeof(int))) || !(b->cnt = calloc(P * E, sizeof(int))) ||
+        !(b->at = calloc(P * E, sizeof(int))) ||
+        !(b->xfer = calloc(2 * P * E + 1, sizeof(*b->xfer))))
+        return -ENOMEM;
+    if ((rc = wk_cuda_alloc(c, xrows * row, &b->xe)) < 0 ||
+        (rc = wk_cuda_alloc(c, xrows * row, &b->ye)) < 0 ||
+        (rc = wk_cuda_alloc(c, xrows * row, &b->dye)) < 0 ||
+        (rc = wk_cuda_alloc(c, xrows * row, &b->dxe)) < 0 ||
+        (rc = wk_cuda_alloc(c, P * E * sizeof(int32_t), &b->cnt_dev)) < 0)
+        return rc;
+    return 0;
+}
+
 int wk_dmoe_buf_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap, wk_dmoe_buf_t **out)
 {
+    return wk_dmoe_buf_create_ep(g, cfg, cap, NULL, out);
+}
+
+int wk_dmoe_buf_create_ep(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap,
+                          const struct wk_dmoe_ep *ep, wk_dmoe_buf_t **out)
+{
+    const struct wk_dmoe_ep *spread = ep && ep->ranks > 1 ? ep : NULL; /* NULL: all here */
+    const int P = spread ? spread->ranks : 1;
     const size_t n = (size_t)cap, E = (size_t)cfg->experts, K = (size_t)cfg->top_k;
     const size_t d = (size_t)cfg->d_model, H = (size_t)cfg->expert_hidden;
     const size_t S = (size_t)(cfg->shared_experts > 0 ? cfg->shared_experts : 1), rows = n * K;
+    const size_t xrows = (size_t)P * rows; /* the expert side's */
     const size_t f = sizeof(float), i = sizeof(int32_t);
     wk_cuda_t *c = wk_gpu_cuda(g);
     wk_dmoe_buf_t *b;
@@ -67,28 +118,28 @@ int wk_dmoe_buf_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap, wk
         wk_cuda_ptr *p;
         size_t bytes;
     } want[] = {
-        {NULL, n * E * f},                /* scores */
-        {NULL, rows * i},                 /* ids */
-        {NULL, rows * f},                 /* gates */
-        {NULL, E * i},                    /* counts */
-        {NULL, E * i},                    /* tpe */
-        {NULL, (E + 1) * i},   {NULL, i}, /* rank_rows: one rank */
-        {NULL, 2 * i},                    /* rank_off */
-        {NULL, E * i},                    /* eslot */
-        {NULL, rows * i},                 /* send_token */
-        {NULL, rows * f},                 /* send_gate */
-        {NULL, rows * i},                 /* token_slot */
-        {NULL, E * i},                    /* owner: every expert here */
-        {NULL, rows * f},                 /* ones */
-        {NULL, rows * d * f},  {NULL, rows * H * f},
-        {NULL, rows * H * f},  {NULL, rows * H * f},
-        {NULL, rows * d * f},  {NULL, S * n * H * f},
+        {NULL, n * E * f},                            /* scores */
+        {NULL, rows * i},                             /* ids */
+        {NULL, rows * f},                             /* gates */
+        {NULL, E * i},                                /* counts */
+        {NULL, E * i},                                /* tpe */
+        {NULL, (E + 1) * i},   {NULL, i},             /* rank_rows: one rank */
+        {NULL, 2 * i},                                /* rank_off */
+        {NULL, E * i},                                /* eslot */
+        {NULL, rows * i},                             /* send_token */
+        {NULL, rows * f},                             /* send_gate */
+        {NULL, rows * i},                             /* token_slot */
+        {NULL, E * i},                                /* owner: every expert here */
+        {NULL, rows * f},                             /* ones */
+        {NULL, rows * d * f},  {NULL, xrows * H * f}, /* xg, h1 */
+        {NULL, xrows * H * f}, {NULL, xrows * H * f}, /* h3, act */
+        {NULL, rows * d * f},  {NULL, S * n * H * f}, /* y, sh1 */
         {NULL, S * n * H * f}, {NULL, S * n * H * f},
-        {NULL, S * n * d * f}, {NULL, n * d * f}, /* base */
-        {NULL, rows * d * f},  {NULL, rows * f},  /* dgate */
-        {NULL, n * E * f},                        /* dlogit */
-        {NULL, rows * H * f},  {NULL, rows * H * f},
-        {NULL, rows * H * f},  {NULL, rows * d * f},
+        {NULL, S * n * d * f}, {NULL, n * d * f},     /* base */
+        {NULL, rows * d * f},  {NULL, rows * f},      /* dgate */
+        {NULL, n * E * f},                            /* dlogit */
+        {NULL, xrows * H * f}, {NULL, xrows * H * f}, /* dact, dh1 */
+        {NULL, xrows * H * f}, {NULL, rows * d * f},  /* dh3, dxg */
         {NULL, S * n * H * f}, {NULL, S * n * H * f},
         {NULL, S * n * H * f}, {NULL, S * n * d * f},
         {NULL, n * d * f}, /* tmp */
@@ -98,12 +149,16 @@ int wk_dmoe_buf_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap, wk
     size_t k = 0;
 
     *out = NULL;
-    if (cap < 1 || wk_moe_config_check(cfg) < 0)
+    if (cap < 1 || wk_moe_config_check(cfg) < 0 ||
+        (spread && (!spread->owner || spread->rank < 0 || spread->rank >= P)))
         return -EINVAL;
     if (!(b = calloc(1, sizeof(*b))) || !(b->off = calloc(E + 1, sizeof(int))) ||
         !(ones = malloc(rows * f)))
         goto fail;
     b->cap = cap;
+    b->ep = spread;
+    b->P = P;
+    b->me = spread ? spread->rank : 0;
 #define SET_FIELD(fl) want[k++].p = &b->fl;
     BUF_FIELDS(SET_FIELD)
 #undef SET_FIELD
@@ -116,6 +171,15 @@ int wk_dmoe_buf_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap, wk
     if ((rc = wk_cuda_upload(c, b->ones, ones, rows * f)) < 0 ||
         (rc = wk_cuda_memset(c, b->owner, 0, E * i)) < 0)
         goto fail;
+    if (P > 1 && (rc = ep_alloc(g, cfg, b)) < 0)
+        goto fail;
+    if (P == 1) {
+        b->xe = b->xg;
+        b->ye = b->y;
+        b->dye = b->dy;
+        b->dxe = b->dxg;
+        b->xoff = b->off;
+    }
     free(ones);
     *out = b;
     return 0;
@@ -233,10 +297,112 @@ static int route(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
         (rc = wk_gpu_launch(g, WK_K_DISPATCH_OFFSETS, s, 1, BLOCK, 0, offs)) < 0 ||
         (rc = wk_gpu_launch(g, WK_K_DISPATCH_ROWS, s, (unsigned)E, BLOCK, 0, rows)) < 0)
         return rc;
-    /* the per-expert GEMMs need the offsets here */
-    if ((rc = wk_cuda_stream_sync(c, s)) < 0 ||
-        (rc = wk_cuda_download(c, b->off, b->eoff, (size_t)(E + 1) * sizeof(int))) < 0)
-        return rc;
+    return 0;
+}
+
+/* --- expert parallelism ---------------------------------------------------------- */
+
+/* This rank's rows per expert (tpe) to every peer, theirs into cnt_dev. */
+static int ep_send_counts(wk_gpu_t *g, wk_cuda_stream s, int E, wk_dmoe_buf_t *b)
+{
+    const size_t bytes = (size_t)E * sizeof(int32_t);
+    size_t n = 0;
+    int rc;
+
+    for (int r = 0; r < b->P; r++) {
+        if (r == b->me)
+            continue;
+        b->xfer[n++] = (struct wk_nccl_transfer){0, r, WK_NCCL_BYTES, b->tpe, bytes};
+        b->xfer[n++] =
+            (struct wk_nccl_transfer){1, r, WK_NCCL_BYTES, b->cnt_dev + r * bytes, bytes};
+    }
+    if ((rc = wk_cuda_copy_on(wk_gpu_cuda(g), s, b->cnt_dev + (size_t)b->me * bytes, b->tpe,
+                              bytes)) < 0)
+        return wk_gpu_fail(g, rc, "expert counts: %s", wk_cuda_error(wk_gpu_cuda(g)));
+    if ((rc = wk_nccl_exchange(b->ep->comm, s, b->xfer, n)) < 0)
+        return wk_gpu_fail(g, rc, "expert counts to the ep ranks: %s", wk_nccl_error(b->ep->comm));
+    return 0;
+}
+
+/* The expert side's layout from the counts on the host: the rows of each
+ * expert this rank owns, every source's in source order; the others none. */
+static int ep_layout(wk_gpu_t *g, int E, int n, int K, wk_dmoe_buf_t *b)
+{
+    const int *owner = b->ep->owner;
+    long long total = 0;
+
+    for (int x = 0; x < E; x++) {
+        int mine = b->off[x + 1] - b->off[x];
+
+        if (b->cnt[b->me * E + x] != mine)
+            return wk_gpu_fail(g, -EPROTO, "expert counts: %d rows for expert %d, not %d",
+                               b->cnt[b->me * E + x], x, mine);
+        b->xoff[x] = (int)total;
+        if (owner[x] != b->me)
+            continue;
+        for (int r = 0; r < b->P; r++) {
+            int rows = b->cnt[r * E + x];
+
+            if (rows < 0 || rows > n * K)
+                return wk_gpu_fail(g, -EPROTO,
+                                   "expert counts: ep rank %d sends %d rows to expert %d "
+                                   "(at most %d)",
+                                   r, rows, x, n * K);
+            b->at[r * E + x] = (int)total;
+            total += rows;
+        }
+        if (b->ep->rows_run)
+            b->ep->rows_run[x] += total - b->xoff[x];
+    }
+    if (total > (long long)b->P * b->cap * K)
+        return wk_gpu_fail(g, -EPROTO,
+                           "expert counts: %lld rows for this rank's experts, "
+                           "room for %lld",
+                           total, (long long)b->P * b->cap * K);
+    b->xoff[E] = (int)total;
+    return 0;
+}
+
+/* Moves rows of width w floats between the two sides: to the experts
+ * (source side src at off -> expert side dst at at), or back (expert side
+ * src -> source side dst). Blocks for this rank's own experts are copies;
+ * the others are one transfer per (peer, expert), in expert order on both
+ * ends, which is how NCCL pairs them. */
+static int ep_move(wk_gpu_t *g, wk_cuda_stream s, int E, int w, wk_dmoe_buf_t *b, wk_cuda_ptr src,
+                   wk_cuda_ptr dst, int to_experts)
+{
+    const size_t row = (size_t)w * sizeof(float);
+    wk_cuda_ptr source = to_experts ? src : dst, expert = to_experts ? dst : src;
+    wk_cuda_t *c = wk_gpu_cuda(g);
+    size_t n = 0;
+    int rc;
+
+    for (int x = 0; x < E; x++) {
+        int owner = b->ep->owner[x], mine = b->off[x + 1] - b->off[x];
+        wk_cuda_ptr here = source + (size_t)b->off[x] * row;
+
+        if (owner != b->me) {
+            b->xfer[n++] = (struct wk_nccl_transfer){!to_experts, owner, WK_NCCL_FP32, here,
+                                                     (size_t)mine * (size_t)w};
+            continue;
+        }
+        for (int r = 0; r < b->P; r++) {
+            wk_cuda_ptr there = expert + (size_t)b->at[r * E + x] * row;
+            size_t rows = (size_t)b->cnt[r * E + x];
+
+            if (r != b->me) {
+                b->xfer[n++] =
+                    (struct wk_nccl_transfer){to_experts, r, WK_NCCL_FP32, there, rows * (size_t)w};
+            } else if (rows > 0 &&
+                       (rc = wk_cuda_copy_on(c, s, to_experts ? there : here,
+                                             to_experts ? here : there, rows * row)) < 0) {
+                return wk_gpu_fail(g, rc, "expert rows: %s", wk_cuda_error(c));
+            }
+        }
+    }
+    if ((rc = wk_nccl_exchange(b->ep->comm, s, b->xfer, n)) < 0)
+        return wk_gpu_fail(g, rc, "expert rows %s the ep ranks: %s", to_experts ? "to" : "from",
+                           wk_nccl_error(b->ep->comm));
     return 0;
 }
 
@@ -248,26 +414,39 @@ int wk_dmoe_forward(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *c
     const int S = cfg->shared_experts;
     const size_t es = (size_t)H * d * sizeof(float), cap = (size_t)b->cap;
     int rows = n * K, rc;
+    wk_cuda_t *c = wk_gpu_cuda(g);
     wk_cuda_ptr base = 0;
     void *pack[] = {&x, (void *)&d, &b->send_token, &rows, &b->xg};
 
     if (n < 1 || n > b->cap)
         return -EINVAL;
     b->n = n;
-    if ((rc = wk_cuda_copy_on(wk_gpu_cuda(g), s, b->x, x, (size_t)n * d * sizeof(float))) < 0 ||
+    if ((rc = wk_cuda_copy_on(c, s, b->x, x, (size_t)n * d * sizeof(float))) < 0 ||
         (rc = route(g, s, cfg, w, b, x, n, load)) < 0)
         return rc;
     if ((rc = wk_gpu_launch(g, WK_K_DISPATCH_PACK, s, grid_for(g, (size_t)rows, BLOCK / 32), BLOCK,
-                            0, pack)) < 0)
+                            0, pack)) < 0 ||
+        (b->P > 1 && (rc = ep_send_counts(g, s, E, b)) < 0))
+        return rc;
+    /* the per-expert GEMMs need the offsets (and the counts) here */
+    if ((rc = wk_cuda_stream_sync(c, s)) < 0 ||
+        (rc = wk_cuda_download(c, b->off, b->eoff, (size_t)(E + 1) * sizeof(int))) < 0 ||
+        (b->P > 1 &&
+         (rc = wk_cuda_download(c, b->cnt, b->cnt_dev, (size_t)b->P * E * sizeof(int32_t))) < 0))
+        return rc;
+    if (b->P > 1 &&
+        ((rc = ep_layout(g, E, n, K, b)) < 0 || (rc = ep_move(g, s, E, d, b, b->xg, b->xe, 1)) < 0))
         return rc;
     for (int e = 0; e < E; e++) {
-        size_t o = (size_t)b->off[e];
+        size_t o = (size_t)b->xoff[e];
 
         if ((rc = ffn_forward(g, s, d, H, w->w1 + e * es, w->w3 + e * es, w->w2 + e * es,
-                              b->xg + o * d * 4, b->off[e + 1] - b->off[e], b->h1 + o * H * 4,
-                              b->h3 + o * H * 4, b->act + o * H * 4, b->y + o * d * 4)) < 0)
+                              b->xe + o * d * 4, b->xoff[e + 1] - b->xoff[e], b->h1 + o * H * 4,
+                              b->h3 + o * H * 4, b->act + o * H * 4, b->ye + o * d * 4)) < 0)
             return rc;
     }
+    if (b->P > 1 && (rc = ep_move(g, s, E, d, b, b->ye, b->y, 0)) < 0)
+        return rc;
     for (int j = 0; j < S; j++) {
         size_t sh = (size_t)j * cap;
 
@@ -328,18 +507,21 @@ int wk_dmoe_backward_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_co
         (rc = wk_gpu_launch(g, WK_K_MOE_GATE_DOT, s, grid_for(g, (size_t)rows, BLOCK), BLOCK, 0,
                             gdot)) < 0 ||
         (rc = wk_gpu_launch(g, WK_K_MOE_ROUTER_GRAD, s, grid_for(g, (size_t)n, BLOCK / 32), BLOCK,
-                            0, rgrad)) < 0)
+                            0, rgrad)) < 0 ||
+        (b->P > 1 && (rc = ep_move(g, s, E, d, b, b->dy, b->dye, 1)) < 0))
         return rc;
     for (int e = 0; e < E; e++) {
-        size_t o = (size_t)b->off[e];
+        size_t o = (size_t)b->xoff[e];
 
         if ((rc = ffn_backward_input(g, s, d, H, w->w1 + e * es, w->w3 + e * es, w->w2 + e * es,
-                                     b->off[e + 1] - b->off[e], b->h1 + o * H * 4,
-                                     b->h3 + o * H * 4, b->dy + o * d * 4, b->dact + o * H * 4,
-                                     b->dh1 + o * H * 4, b->dh3 + o * H * 4, b->dxg + o * d * 4)) <
+                                     b->xoff[e + 1] - b->xoff[e], b->h1 + o * H * 4,
+                                     b->h3 + o * H * 4, b->dye + o * d * 4, b->dact + o * H * 4,
+                                     b->dh1 + o * H * 4, b->dh3 + o * H * 4, b->dxe + o * d * 4)) <
             0)
             return rc;
     }
+    if (b->P > 1 && (rc = ep_move(g, s, E, d, b, b->dxe, b->dxg, 0)) < 0)
+        return rc;
     for (int j = 0; j < S; j++) {
         size_t sh = (size_t)j * cap;
 
@@ -379,10 +561,10 @@ int wk_dmoe_backward_weight(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_c
     int rc;
 
     for (int e = 0; e < E; e++) {
-        size_t o = (size_t)b->off[e];
+        size_t o = (size_t)b->xoff[e];
 
-        if ((rc = ffn_backward_weight(g, s, d, H, b->off[e + 1] - b->off[e], b->xg + o * d * 4,
-                                      b->act + o * H * 4, b->dy + o * d * 4, b->dh1 + o * H * 4,
+        if ((rc = ffn_backward_weight(g, s, d, H, b->xoff[e + 1] - b->xoff[e], b->xe + o * d * 4,
+                                      b->act + o * H * 4, b->dye + o * d * 4, b->dh1 + o * H * 4,
                                       b->dh3 + o * H * 4, grad->w1 + e * es, grad->w3 + e * es,
                                       grad->w2 + e * es)) < 0)
             return rc;

@@ -1,7 +1,16 @@
 /* dmoe.h - the MoE layer on the GPU for the cuda backend: the contract of
  * worker/model/moe.h (wk_moe_forward, _backward_input, _backward_weight)
- * on device buffers, with every expert on this GPU (expert parallelism
- * sends the dispatched rows elsewhere in a later step). One stream, fp32.
+ * on device buffers. One stream, fp32 (bf16 GEMMs as wk_gpu's precision).
+ *
+ * Expert parallelism (struct wk_dmoe_ep, ranks > 1): every rank routes its
+ * own tokens and packs them per expert; the rows of an expert another
+ * rank owns go there by NCCL (one grouped exchange per direction, a
+ * transfer per (peer, expert) block), the owner runs the expert on the
+ * rows of every source concatenated per expert in source order (the cpu
+ * backend's order), and the outputs come back the same way before the
+ * combine; the backward moves the rows' gradients likewise. Each rank
+ * first sends its per-expert counts to every peer: a second exchange, and
+ * the host reads them with the offsets (one synchronisation per forward).
  *
  * Forward: router GEMM, sigmoid, group-limited top-k with the routing bias
  * (kernels/routing.cu; its expert counts also go into the step's int64
@@ -17,8 +26,22 @@
 #ifndef WK_DMOE_H
 #define WK_DMOE_H
 
+#include <stdint.h>
+
 #include "worker/gpu.h"
 #include "worker/model/moe.h"
+#include "worker/nccl.h"
+
+/* Where the experts run. comm is read at each call (it may be made after
+ * the buffers): its ranks are the ep ranks, every one running the same
+ * layers in the same order. */
+struct wk_dmoe_ep {
+    int ranks, rank;
+    const int *owner;  /* [experts]: the ep rank running each expert */
+    wk_nccl_t *comm;   /* the ep ranks' communicator (ranks > 1) */
+    int64_t *rows_run; /* [experts] on the host: += the rows this rank's
+                        * experts ran in each forward, or NULL */
+};
 
 /* The layer's weights (or their gradients) on the device, laid out as
  * struct wk_moe's: router [E][d], bias [E], w1 and w3 [E][H][d], w2
@@ -29,8 +52,14 @@ struct wk_dmoe_w {
 
 typedef struct wk_dmoe_buf wk_dmoe_buf_t;
 
-/* One micro-batch's buffers for up to cap tokens (struct wk_moe_ctx's). */
+/* One micro-batch's buffers for up to cap tokens (struct wk_moe_ctx's),
+ * every expert here. */
 int wk_dmoe_buf_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap, wk_dmoe_buf_t **out);
+/* The same with the experts placed by ep (NULL or ranks 1: all here; ep
+ * must outlive the buffers). The expert side holds up to ranks * cap *
+ * top_k rows: every source's tokens could pick this rank's experts. */
+int wk_dmoe_buf_create_ep(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap,
+                          const struct wk_dmoe_ep *ep, wk_dmoe_buf_t **out);
 void wk_dmoe_buf_destroy(wk_gpu_t *g, wk_dmoe_buf_t *b);
 
 /* out [n][d] from x [n][d]; load [E] (int64) += the tokens each expert took.

@@ -5,6 +5,7 @@
 #include "worker/gpu.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -234,6 +235,16 @@ int wk_gpu_launch(wk_gpu_t *g, enum wk_gpu_kernel k, wk_cuda_stream s, unsigned 
 const char *wk_gpu_error(const wk_gpu_t *g)
 {
     return g->error;
+}
+
+int wk_gpu_fail(wk_gpu_t *g, int rc, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(g->error, sizeof(g->error), fmt, ap);
+    va_end(ap);
+    return rc;
 }
 
 int wk_gpu_gemm_result(wk_gpu_t *g, int rc)

@@ -234,10 +234,14 @@ Test(jobspec, max_nodes_defaults_to_no_limit_and_is_checked)
     free(text);
 }
 
-Test(jobspec, the_cuda_backend_refuses_expert_parallelism_for_now)
+Test(jobspec, the_cuda_backend_takes_expert_parallelism)
 {
-    expect_error("{\"backend\": \"cuda\", \"parallel\": {\"ep\": 2}}", NULL, "parallel.ep",
-                 "the cuda backend does not run expert parallelism yet");
+    struct coord_jobspec s;
+
+    cr_assert_eq(parse("{\"backend\": \"cuda\", \"parallel\": {\"ep\": 2}}", NULL, 0, &s), 0, "%s",
+                 err);
+    cr_assert_eq(s.parallel.ep, 2);
+    cr_assert_str_eq(s.backend, "cuda");
 }
 
 Test(jobspec, bf16_precision_is_the_cuda_backends)
