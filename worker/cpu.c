@@ -90,8 +90,12 @@ struct wk_cpu {
     atomic_int nccl_ready;   /* set up (the first SEND or RECV of the job does it) */
     atomic_int nccl_aborted; /* wk_cpu_abort was called */
     wk_nccl_t *world;
-    wk_nccl_t *ep_comm;    /* this (dp, pp) slice's ep ranks, with ep > 1 */
-    struct wk_dmoe_ep dep; /* where the device MoE layers run their experts */
+    /* with ep > 1: this (dp, pp) slice's ep ranks, a communicator per chunk
+     * (the chunks' streams run at once), and where each chunk's device MoE
+     * layers run their experts */
+    wk_nccl_t *ep_comm[2];
+    struct wk_dmoe_ep dep[2];
+    wk_cuda_event handoff; /* one chunk's output to the other's stream */
     wk_nccl_t *chan[NCHAN];
     wk_cuda_stream chan_stream[NCHAN];
     wk_cuda_event chan_event[NCHAN], computed;
@@ -697,34 +701,47 @@ static size_t act_size(const wk_cpu_t *c)
 }
 
 /* The device's result into host memory, after the compute stream's work. */
-static int gpu_fetch(wk_cpu_t *c, void *dst, wk_cuda_ptr src)
+/* The stream chunk ch's model runs on: its own lane, so that the two
+ * chunks of an FB pair overlap on the GPU. */
+static wk_cuda_stream chunk_stream(const struct chunk *ch)
+{
+    return wk_dmodel_stream(ch->dev);
+}
+
+static int gpu_fetch(wk_cpu_t *c, const struct chunk *ch, void *dst, wk_cuda_ptr src)
 {
     wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
     int rc;
 
-    if ((rc = wk_cuda_stream_sync(cu, wk_gpu_compute_stream(c->gpu))) < 0 ||
+    if ((rc = wk_cuda_stream_sync(cu, chunk_stream(ch))) < 0 ||
         (rc = wk_cuda_download(cu, dst, src, act_size(c))) < 0)
         return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
     return 0;
 }
 
-/* The stage input (or output gradient) on the device: a local producer's
- * buffer (DualPipeV's turn), what NCCL received into dev (the compute stream
- * already waits for it), or the host's message uploaded into dev. */
-static int gpu_input(wk_cpu_t *c, const struct slot *local, wk_cuda_ptr local_dev,
-                     const float *host, wk_cuda_ptr dev, wk_cuda_ptr *out)
+/* The input (or output gradient) of chunk ch on the device: a local
+ * producer's buffer (DualPipeV's turn: ch's stream waits for the other
+ * chunk's), what NCCL received into dev (ch's stream already waits for it),
+ * or the host's message uploaded into dev. */
+static int gpu_input(wk_cpu_t *c, const struct chunk *ch, const struct slot *local,
+                     wk_cuda_ptr local_dev, const float *host, wk_cuda_ptr dev, wk_cuda_ptr *out)
 {
     wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+    wk_cuda_stream s = chunk_stream(ch), from;
     int rc;
 
     if (local) {
         *out = local_dev;
+        from = chunk_stream(&c->chunk[local->chunk]);
+        if (from != s && ((rc = wk_cuda_event_record_on(cu, c->handoff, from)) < 0 ||
+                          (rc = wk_cuda_stream_wait(cu, s, c->handoff)) < 0))
+            return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
         return 0;
     }
     *out = dev;
     if (c->nccl_ready)
         return 0;
-    if ((rc = wk_cuda_upload_on(cu, wk_gpu_compute_stream(c->gpu), dev, host, act_size(c))) < 0)
+    if ((rc = wk_cuda_upload_on(cu, s, dev, host, act_size(c))) < 0)
         return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
     return 0;
 }
@@ -738,13 +755,13 @@ static int gpu_forward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const stru
     wk_cuda_ptr x = 0;
 
     if (!(ch->flags & WK_MODEL_HAS_EMBED) &&
-        (rc = gpu_input(c, prev, prev ? prev->d_out : 0, s->x_in, s->d_in, &x)) < 0)
+        (rc = gpu_input(c, ch, prev, prev ? prev->d_out : 0, s->x_in, s->d_in, &x)) < 0)
         return rc;
     if ((rc = gpu_rc(
              c, ch,
              wk_dmodel_forward(ch->dev, s->dcache, s->tokens, x, head ? 0 : s->d_out, loss))) < 0)
         return rc;
-    return head || c->nccl_ready ? 0 : gpu_fetch(c, s->x_out, s->d_out);
+    return head || c->nccl_ready ? 0 : gpu_fetch(c, ch, s->x_out, s->d_out);
 }
 
 static int gpu_backward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const struct slot *next,
@@ -754,14 +771,14 @@ static int gpu_backward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const str
     wk_cuda_ptr dy = 0;
 
     if (!(ch->flags & WK_MODEL_HAS_HEAD) &&
-        (rc = gpu_input(c, next, next ? next->d_dx : 0, s->dy, s->d_dy, &dy)) < 0)
+        (rc = gpu_input(c, ch, next, next ? next->d_dx : 0, s->dy, s->d_dy, &dy)) < 0)
         return rc;
     if ((rc = gpu_rc(c, ch,
                      wk_dmodel_backward_input(ch->dev, s->dcache, dy, has_embed ? 0 : s->d_dx))) <
             0 ||
         (full && (rc = gpu_rc(c, ch, wk_dmodel_backward_weight(ch->dev, s->dcache))) < 0))
         return rc;
-    return has_embed || c->nccl_ready ? 0 : gpu_fetch(c, s->dx, s->d_dx);
+    return has_embed || c->nccl_ready ? 0 : gpu_fetch(c, ch, s->dx, s->d_dx);
 }
 
 static int run_forward(wk_cpu_t *c, const struct dp_work *w)
@@ -854,6 +871,14 @@ int wk_cpu_compute(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen
     case DP_OP_W:
         return run_backward(c, &op->work, op->kind);
     case DP_OP_FB:
+        if (c->gpu) {
+            /* the two chunks' streams overlap on the GPU: the backward
+             * first, since it enqueues without waiting, then the forward,
+             * whose MoE layers wait for their own stream's counts only */
+            if ((rc = run_backward(c, &op->work2, DP_OP_B)) < 0)
+                return rc;
+            return run_forward(c, &op->work);
+        }
         /* the forward's sends are queued on the data plane while the
          * backward computes */
         if ((rc = run_forward(c, &op->work)) < 0)
@@ -965,11 +990,11 @@ static int nccl_setup(wk_cpu_t *c)
     if ((rc = nccl_channels(c)) < 0 || (rc = nccl_groups(c)) < 0)
         return rc;
     /* the expert exchange: the ep ranks of this (dp, pp) slice, key = ep rank */
-    if (c->ep > 1) {
+    for (int i = 0; c->ep > 1 && i < c->nchunks; i++) {
         if ((rc = wk_nccl_split(c->world, 1 + c->dp_rank * c->pp + c->pp_rank, c->ep_rank,
-                                &c->ep_comm)) < 0)
+                                &c->ep_comm[i])) < 0)
             return fail(c, rc, "NCCL: splitting the ep ranks: %s", wk_nccl_error(c->world));
-        c->dep.comm = c->ep_comm;
+        c->dep[i].comm = c->ep_comm[i];
     }
     if ((rc = wk_cuda_event_create(cu, &c->computed)) < 0)
         return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
@@ -1004,8 +1029,8 @@ static int nccl_use(wk_cpu_t *c)
     return 1;
 }
 
-/* The send of buf to pipeline rank peer once the compute stream made it. */
-static int nccl_send(wk_cpu_t *c, int peer, wk_cuda_ptr buf)
+/* The send of buf to pipeline rank peer once stream made it. */
+static int nccl_send(wk_cpu_t *c, int peer, wk_cuda_stream stream, wk_cuda_ptr buf)
 {
     wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
     int ch = peer > c->pp_rank ? CH_SEND_UP : CH_SEND_DOWN;
@@ -1014,7 +1039,7 @@ static int nccl_send(wk_cpu_t *c, int peer, wk_cuda_ptr buf)
 
     if (!c->chan[ch])
         return fail(c, -EPROTO, "NCCL: no channel to pipeline rank %d", peer);
-    if ((rc = wk_cuda_event_record_on(cu, c->computed, wk_gpu_compute_stream(c->gpu))) < 0 ||
+    if ((rc = wk_cuda_event_record_on(cu, c->computed, stream)) < 0 ||
         (rc = wk_cuda_stream_wait(cu, c->chan_stream[ch], c->computed)) < 0)
         return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
     if ((rc = wk_nccl_exchange(c->chan[ch], c->chan_stream[ch], &t, 1)) < 0)
@@ -1022,8 +1047,8 @@ static int nccl_send(wk_cpu_t *c, int peer, wk_cuda_ptr buf)
     return 0;
 }
 
-/* The receive into buf from pipeline rank peer; the compute stream waits. */
-static int nccl_recv(wk_cpu_t *c, int peer, wk_cuda_ptr buf)
+/* The receive into buf from pipeline rank peer; stream waits for it. */
+static int nccl_recv(wk_cpu_t *c, int peer, wk_cuda_stream stream, wk_cuda_ptr buf)
 {
     wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
     int ch = peer < c->pp_rank ? CH_RECV_UP : CH_RECV_DOWN;
@@ -1036,7 +1061,7 @@ static int nccl_recv(wk_cpu_t *c, int peer, wk_cuda_ptr buf)
         return fail(c, rc, "NCCL: receive from pipeline rank %d: %s", peer,
                     wk_nccl_error(c->chan[ch]));
     if ((rc = wk_cuda_event_record_on(cu, c->chan_event[ch], c->chan_stream[ch])) < 0 ||
-        (rc = wk_cuda_stream_wait(cu, wk_gpu_compute_stream(c->gpu), c->chan_event[ch])) < 0)
+        (rc = wk_cuda_stream_wait(cu, stream, c->chan_event[ch])) < 0)
         return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
     return 0;
 }
@@ -1067,11 +1092,13 @@ static void nccl_free(wk_cpu_t *c)
         wk_cuda_event_destroy(cu, c->chan_event[i]);
     }
     wk_cuda_event_destroy(cu, c->computed);
+    wk_cuda_event_destroy(cu, c->handoff);
     for (int i = 0; i < c->nchunks; i++) {
         wk_nccl_destroy(c->chunk[i].group);
         wk_cuda_free(cu, c->chunk[i].d_loss);
     }
-    wk_nccl_destroy(c->ep_comm);
+    for (int i = 0; i < 2; i++)
+        wk_nccl_destroy(c->ep_comm[i]);
     wk_nccl_destroy(c->world);
 }
 
@@ -1086,8 +1113,9 @@ void wk_cpu_abort(wk_cpu_t *c)
     for (int i = 0; c->nccl_ready && i < c->nchunks; i++)
         if (c->chunk[i].group)
             wk_nccl_abort(c->chunk[i].group);
-    if (c->nccl_ready && c->ep_comm)
-        wk_nccl_abort(c->ep_comm);
+    for (int i = 0; c->nccl_ready && i < 2; i++)
+        if (c->ep_comm[i])
+            wk_nccl_abort(c->ep_comm[i]);
 }
 
 int wk_cpu_send(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
@@ -1104,7 +1132,8 @@ int wk_cpu_send(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
     if ((nccl = nccl_use(c)) < 0)
         return c->err[0] ? -EIO : -ECANCELED;
     if (nccl)
-        return nccl_send(c, op->peer, op->payload == DP_ACTIVATION ? s->d_out : s->d_dx);
+        return nccl_send(c, op->peer, chunk_stream(&c->chunk[s->chunk]),
+                         op->payload == DP_ACTIVATION ? s->d_out : s->d_dx);
     int to = rank_index(c, c->dp_rank, op->peer, c->ep_rank);
     char name[PEER_NAME_MAX];
 
@@ -1129,7 +1158,8 @@ int wk_cpu_recv(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
     if ((rc = nccl_use(c)) < 0)
         return c->err[0] ? -EIO : -ECANCELED;
     if (rc)
-        return nccl_recv(c, op->peer, op->payload == DP_ACTIVATION ? s->d_in : s->d_dy);
+        return nccl_recv(c, op->peer, chunk_stream(&c->chunk[s->chunk]),
+                         op->payload == DP_ACTIVATION ? s->d_in : s->d_dy);
     if ((rc = c->io.recv(
              c->io.arg, &k,
              peer_name(c, rank_index(c, c->dp_rank, op->peer, c->ep_rank), name, sizeof(name)),
@@ -1366,19 +1396,18 @@ static int sync_grads(wk_cpu_t *c, double *loss, int *has_loss)
 }
 
 /* The step-end sums of every chunk over its stage's ranks by NCCL
- * all-reduce, in place on the compute stream (after the backward passes):
+ * all-reduce, in place on the chunk's stream (after its backward passes):
  * each gradient, the expert loads and, with the head, the loss. The
- * chunks go in ascending stage order, the same on every rank of a group,
- * so two groups sharing a rank never wait on each other. */
+ * chunks go in ascending stage order, the same on every rank of a group. */
 static int nccl_sums(wk_cpu_t *c, double *loss, int *has_loss)
 {
     wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
-    wk_cuda_stream s = wk_gpu_compute_stream(c->gpu);
     int swap = c->nchunks == 2 && c->chunk[1].stage < c->chunk[0].stage, rc;
     struct chunk *head = NULL, *ch = NULL;
 
     for (int k = 0; k < c->nchunks; k++) {
         ch = &c->chunk[swap ? 1 - k : k];
+        wk_cuda_stream s = chunk_stream(ch);
         wk_cuda_ptr buf;
         size_t n;
 
@@ -1407,7 +1436,7 @@ static int nccl_sums(wk_cpu_t *c, double *loss, int *has_loss)
         *loss = c->loss_sum;
         return 0;
     }
-    if ((rc = wk_cuda_stream_sync(cu, s)) < 0 ||
+    if ((rc = wk_cuda_stream_sync(cu, chunk_stream(head))) < 0 ||
         (rc = wk_cuda_download(cu, &c->loss_total, head->d_loss, sizeof(double))) < 0)
         return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
     *loss = c->loss_total;
@@ -1689,15 +1718,23 @@ static int setup_gpu(wk_cpu_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
                     "NCCL id, and the assignment has none",
                     c->ep);
     }
-    c->dep = (struct wk_dmoe_ep){c->ep, c->ep_rank, c->owner, NULL, c->ex_rows};
+    for (int i = 0; i < 2; i++)
+        c->dep[i] = (struct wk_dmoe_ep){c->ep, c->ep_rank, c->owner, NULL, c->ex_rows};
+    if ((rc = wk_cuda_event_create(wk_gpu_cuda(gpu), &c->handoff)) < 0)
+        return fail(c, rc, "GPU: %s", wk_cuda_error(wk_gpu_cuda(gpu)));
     wk_gpu_set_gemm_dtype(gpu, strcmp(c->spec.train.precision, "bf16") == 0 ? WK_CUBLAS_BF16
                                                                             : WK_CUBLAS_F32);
     for (int i = 0; i < c->nchunks; i++)
         if ((rc = wk_dmodel_create(gpu, &c->chunk[i].model, &c->chunk[i].dev, why, sizeof(why))) <
             0)
             return fail(c, rc, "stage %d on the GPU: %s", c->chunk[i].stage, why);
-        else if (c->ep > 1)
-            wk_dmodel_set_ep(c->chunk[i].dev, &c->dep);
+    for (int i = 0; i < c->nchunks; i++) {
+        if ((rc = wk_dmodel_use_stream(c->chunk[i].dev, wk_gpu_lane_stream(gpu, i))) < 0)
+            return fail(c, rc, "stage %d on the GPU: %s", c->chunk[i].stage,
+                        wk_dmodel_error(c->chunk[i].dev));
+        if (c->ep > 1)
+            wk_dmodel_set_ep(c->chunk[i].dev, &c->dep[i]);
+    }
     return 0;
 }
 

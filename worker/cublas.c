@@ -71,8 +71,11 @@ struct wk_cublas {
     lt_heuristic_fn heuristic;
     lt_matmul_fn matmul;
     lt_handle handle;
-    wk_cuda_ptr workspace;
+    wk_cuda_ptr workspace; /* streams other than those below */
     size_t workspace_bytes;
+    int nstreams;
+    wk_cuda_stream stream[WK_CUBLAS_STREAMS - 1];
+    wk_cuda_ptr stream_ws[WK_CUBLAS_STREAMS - 1]; /* [i]: stream[i]'s workspace */
     struct prepared cache[CACHE_SLOTS];
     int next_evict;
     unsigned long long hits;
@@ -237,6 +240,8 @@ void wk_cublas_destroy(wk_cublas_t *lt)
             prepared_release(lt, &lt->cache[i]);
     if (lt->workspace)
         wk_cuda_free(lt->cuda, lt->workspace);
+    for (int i = 0; i < lt->nstreams; i++)
+        wk_cuda_free(lt->cuda, lt->stream_ws[i]);
     if (lt->handle)
         lt->destroy(lt->handle);
     free(lt);
@@ -455,6 +460,35 @@ static struct prepared *lookup(wk_cublas_t *lt, const struct wk_cublas_op *op)
     return prepare(lt, op, &key, slot) < 0 ? NULL : slot;
 }
 
+int wk_cublas_add_stream(wk_cublas_t *lt, wk_cuda_stream s)
+{
+    int rc;
+
+    for (int i = 0; i < lt->nstreams; i++)
+        if (lt->stream[i] == s)
+            return 0;
+    if (lt->nstreams == WK_CUBLAS_STREAMS - 1) {
+        snprintf(lt->error, sizeof(lt->error), "cuBLASLt: workspaces for %d streams at most",
+                 WK_CUBLAS_STREAMS);
+        return -ENOSPC;
+    }
+    if ((rc = wk_cuda_alloc(lt->cuda, lt->workspace_bytes, &lt->stream_ws[lt->nstreams])) < 0) {
+        snprintf(lt->error, sizeof(lt->error), "cuBLASLt workspace (%zu bytes): %s",
+                 lt->workspace_bytes, wk_cuda_error(lt->cuda));
+        return rc;
+    }
+    lt->stream[lt->nstreams++] = s;
+    return 0;
+}
+
+static wk_cuda_ptr workspace_of(const wk_cublas_t *lt, wk_cuda_stream s)
+{
+    for (int i = 0; i < lt->nstreams; i++)
+        if (lt->stream[i] == s)
+            return lt->stream_ws[i];
+    return lt->workspace;
+}
+
 int wk_cublas_gemm(wk_cublas_t *lt, wk_cuda_stream s, const struct wk_cublas_op *op)
 {
     struct prepared *p;
@@ -469,7 +503,8 @@ int wk_cublas_gemm(wk_cublas_t *lt, wk_cuda_stream s, const struct wk_cublas_op 
                  lt->matmul(lt->handle, p->desc, &op->alpha, (const void *)(uintptr_t)op->b, p->a,
                             (const void *)(uintptr_t)op->a, p->b, &op->beta,
                             (const void *)(uintptr_t)op->c, p->c, (void *)(uintptr_t)op->c, p->c,
-                            &p->algo, (void *)(uintptr_t)lt->workspace, lt->workspace_bytes, s),
+                            &p->algo, (void *)(uintptr_t)workspace_of(lt, s), lt->workspace_bytes,
+                            s),
                  op, "cublasLtMatmul");
 }
 

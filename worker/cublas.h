@@ -18,8 +18,9 @@
  * dtype, SM target), so a training step does not rebuild them.
  *
  * A handle is for one thread and the context current on it (the one that
- * was current at wk_cublas_create); GEMMs on one handle share its workspace,
- * so they must run on one stream at a time. */
+ * was current at wk_cublas_create). Each stream added with
+ * wk_cublas_add_stream has a workspace of its own; every other stream
+ * shares the first one, so GEMMs on those must run one stream at a time. */
 #ifndef WK_CUBLAS_H
 #define WK_CUBLAS_H
 
@@ -61,6 +62,11 @@ typedef struct wk_cublas wk_cublas_t;
 int wk_cublas_create(wk_cuda_t *c, size_t workspace_bytes, wk_cublas_t **out, char *err,
                      size_t errlen);
 void wk_cublas_destroy(wk_cublas_t *lt);
+/* A workspace of its own for stream s (at most WK_CUBLAS_STREAMS - 1
+ * streams; adding one twice is a no-op): GEMMs on s may then run while
+ * GEMMs on other streams do. 0, -ENOSPC or -ENOMEM. */
+#define WK_CUBLAS_STREAMS 4
+int wk_cublas_add_stream(wk_cublas_t *lt, wk_cuda_stream s);
 
 /* Enqueues the GEMM on stream s (NULL: the default stream). 0, -EINVAL
  * (a bad shape, stride or dtype) or -EIO; the reason in wk_cublas_error:

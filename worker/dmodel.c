@@ -238,6 +238,21 @@ int wk_dmodel_upload_grads(wk_dmodel_t *dm)
     return 0;
 }
 
+int wk_dmodel_use_stream(wk_dmodel_t *dm, wk_cuda_stream s)
+{
+    int rc;
+
+    if (s != dm->s && (rc = wk_cuda_stream_sync(dm->c, dm->s)) < 0)
+        return fail(dm, rc, "%s", wk_cuda_error(dm->c));
+    dm->s = s;
+    return 0;
+}
+
+wk_cuda_stream wk_dmodel_stream(const wk_dmodel_t *dm)
+{
+    return dm->s;
+}
+
 void wk_dmodel_set_ep(wk_dmodel_t *dm, const struct wk_dmoe_ep *ep)
 {
     dm->ep = ep;

@@ -33,6 +33,10 @@ int wk_dmodel_create(wk_gpu_t *g, struct wk_model *m, wk_dmodel_t **out, char *e
 void wk_dmodel_destroy(wk_dmodel_t *dm);
 const char *wk_dmodel_error(const wk_dmodel_t *dm);
 
+/* The stream every call of dm enqueues on (the GPU's compute stream until
+ * set; switching waits for the old one's work). */
+int wk_dmodel_use_stream(wk_dmodel_t *dm, wk_cuda_stream s);
+wk_cuda_stream wk_dmodel_stream(const wk_dmodel_t *dm);
 /* Expert parallelism for the caches made after (ep outlives them; NULL:
  * every expert here, the default). */
 void wk_dmodel_set_ep(wk_dmodel_t *dm, const struct wk_dmoe_ep *ep);

@@ -74,8 +74,11 @@ struct wk_gpu {
     wk_cuda_stream compute, comm;
     unsigned sms;
     enum wk_cublas_dtype gemm_dtype;
-    wk_cuda_ptr scratch[2]; /* bf16 GEMM operands */
-    size_t scratch_bytes[2];
+    struct gpu_lane {
+        wk_cuda_stream s;       /* lane 0: compute */
+        wk_cuda_ptr scratch[2]; /* bf16 GEMM operands */
+        size_t scratch_bytes[2];
+    } lane[WK_GPU_LANES];
     char describe[DESCRIBE_MAX];
     char error[ERR_MAX];
 };
@@ -157,6 +160,17 @@ int wk_gpu_create(wk_cuda_t *c, int device, size_t workspace_bytes, wk_gpu_t **o
         snprintf(err, errlen, "%s", wk_cuda_error(c));
         goto fail;
     }
+    g->lane[0].s = g->compute;
+    for (int i = 1; i < WK_GPU_LANES; i++) {
+        if ((rc = wk_cuda_stream_create(c, &g->lane[i].s)) < 0) {
+            snprintf(err, errlen, "%s", wk_cuda_error(c));
+            goto fail;
+        }
+        if ((rc = wk_cublas_add_stream(g->lt, g->lane[i].s)) < 0) {
+            snprintf(err, errlen, "%s", wk_cublas_error(g->lt));
+            goto fail;
+        }
+    }
     *out = g;
     return 0;
 fail:
@@ -173,9 +187,13 @@ void wk_gpu_destroy(wk_gpu_t *g)
         wk_cuda_stream_destroy(g->c, g->compute);
         wk_cuda_stream_destroy(g->c, g->comm);
     }
+    for (int i = 1; i < WK_GPU_LANES; i++)
+        wk_cuda_stream_destroy(g->c, g->lane[i].s);
     wk_cublas_destroy(g->lt);
-    wk_cuda_free(g->c, g->scratch[0]);
-    wk_cuda_free(g->c, g->scratch[1]);
+    for (int i = 0; i < WK_GPU_LANES; i++) {
+        wk_cuda_free(g->c, g->lane[i].scratch[0]);
+        wk_cuda_free(g->c, g->lane[i].scratch[1]);
+    }
     for (int m = 0; m < MOD_COUNT; m++)
         wk_cuda_module_unload(g->c, g->mod[m]);
     free(g);
@@ -194,6 +212,11 @@ wk_cublas_t *wk_gpu_cublas(const wk_gpu_t *g)
 wk_cuda_stream wk_gpu_compute_stream(const wk_gpu_t *g)
 {
     return g->compute;
+}
+
+wk_cuda_stream wk_gpu_lane_stream(const wk_gpu_t *g, int lane)
+{
+    return lane >= 0 && lane < WK_GPU_LANES ? g->lane[lane].s : g->compute;
 }
 
 wk_cuda_stream wk_gpu_comm_stream(const wk_gpu_t *g)
@@ -266,35 +289,41 @@ enum wk_cublas_dtype wk_gpu_gemm_dtype(const wk_gpu_t *g)
     return g->gemm_dtype;
 }
 
-/* src [count] fp32 as bf16 in scratch buffer i (grown when too small: after
- * the work that may still read the old one) */
+/* src [count] fp32 as bf16 in scratch buffer i of stream s's lane (the
+ * first lane's for other streams), grown when too small: after the lane's
+ * work that may still read the old one */
 static int to_bf16(wk_gpu_t *g, wk_cuda_stream s, int i, wk_cuda_ptr src, long long count,
                    wk_cuda_ptr *out)
 {
+    struct gpu_lane *l = &g->lane[0];
     size_t bytes = (size_t)count * 2;
     unsigned blocks = (unsigned)((count + 255) / 256);
-    void *args[] = {&src, &g->scratch[i], &count};
+    void *args[] = {&src, &l->scratch[i], &count};
     int rc;
 
-    if (bytes > g->scratch_bytes[i]) {
-        if ((rc = wk_cuda_sync(g->c)) < 0) {
+    for (int k = 1; k < WK_GPU_LANES; k++)
+        if (g->lane[k].s == s)
+            l = &g->lane[k];
+    if (bytes > l->scratch_bytes[i]) {
+        if ((rc = wk_cuda_stream_sync(g->c, l->s)) < 0 ||
+            (l->s != s && (rc = wk_cuda_stream_sync(g->c, s)) < 0)) {
             snprintf(g->error, sizeof(g->error), "%s", wk_cuda_error(g->c));
             return rc;
         }
-        wk_cuda_free(g->c, g->scratch[i]);
-        g->scratch[i] = 0;
-        g->scratch_bytes[i] = 0;
-        if ((rc = wk_cuda_alloc(g->c, bytes, &g->scratch[i])) < 0) {
+        wk_cuda_free(g->c, l->scratch[i]);
+        l->scratch[i] = 0;
+        l->scratch_bytes[i] = 0;
+        if ((rc = wk_cuda_alloc(g->c, bytes, &l->scratch[i])) < 0) {
             snprintf(g->error, sizeof(g->error), "%s", wk_cuda_error(g->c));
             return rc;
         }
-        g->scratch_bytes[i] = bytes;
-        args[1] = &g->scratch[i];
+        l->scratch_bytes[i] = bytes;
     }
+    args[1] = &l->scratch[i];
     if ((rc = wk_gpu_launch(g, WK_K_F32_TO_BF16, s, blocks < g->sms * 16 ? blocks : g->sms * 16,
                             256, 0, args)) < 0)
         return rc;
-    *out = g->scratch[i];
+    *out = l->scratch[i];
     return 0;
 }
 

@@ -80,6 +80,12 @@ wk_cuda_t *wk_gpu_cuda(const wk_gpu_t *g);
 wk_cublas_t *wk_gpu_cublas(const wk_gpu_t *g);
 wk_cuda_stream wk_gpu_compute_stream(const wk_gpu_t *g);
 wk_cuda_stream wk_gpu_comm_stream(const wk_gpu_t *g);
+/* Compute lanes: streams that may run the model at the same time (lane 0
+ * is the compute stream), each with its own bf16 scratch and cuBLASLt
+ * workspace, so two model chunks can overlap (an FB pair's forward and
+ * backward). Only events order them. */
+#define WK_GPU_LANES 2
+wk_cuda_stream wk_gpu_lane_stream(const wk_gpu_t *g, int lane);
 /* multiprocessors of the device */
 unsigned wk_gpu_sms(const wk_gpu_t *g);
 /* "dx_rmsnorm_fwd" */

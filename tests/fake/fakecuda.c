@@ -75,12 +75,27 @@ struct ipc_handle { /* the 64 bytes of a CUipcMemHandle */
 
 /* --- streams and events ----------------------------------------------------- */
 
+/* One cuEventRecord: a wait made after it (and before the next record of
+ * the event) waits for this record itself, as CUDA's does, even when a
+ * later record on another stream completes first. */
+struct record {
+    int done, refs; /* refs: the record task, the event's last, each wait */
+};
+
 struct event {
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    uint64_t recorded, done; /* records asked for / completed */
-    struct timespec at;      /* when the last record completed */
+    struct record *last; /* the latest record, or NULL */
+    int completed;       /* some record completed */
+    struct timespec at;  /* when the last record completed */
 };
+
+/* under ev->lock */
+static void record_unref(struct record *r)
+{
+    if (r && --r->refs == 0)
+        free(r);
+}
 
 enum task_kind { TASK_LAUNCH, TASK_COPY, TASK_RECORD, TASK_WAIT, TASK_HOST };
 
@@ -94,7 +109,7 @@ struct task {
     const void *src;
     size_t bytes;
     struct event *ev;
-    uint64_t gen;
+    struct record *rec;     /* TASK_RECORD's, or what TASK_WAIT waits for (NULL: nothing) */
     int fault;              /* TASK_LAUNCH: fault instead of running (FAKECUDA_FAULT_AFTER) */
     int (*host)(void *arg); /* TASK_HOST: fake_stream_host's work */
     void *host_arg;
@@ -134,8 +149,9 @@ static void run_task(struct task *t)
     case TASK_RECORD:
         pthread_mutex_lock(&t->ev->lock);
         clock_gettime(CLOCK_MONOTONIC, &t->ev->at);
-        if (t->gen > t->ev->done)
-            t->ev->done = t->gen;
+        t->rec->done = 1;
+        t->ev->completed = 1;
+        record_unref(t->rec);
         pthread_cond_broadcast(&t->ev->cond);
         pthread_mutex_unlock(&t->ev->lock);
         break;
@@ -145,8 +161,9 @@ static void run_task(struct task *t)
         break;
     case TASK_WAIT:
         pthread_mutex_lock(&t->ev->lock);
-        while (t->ev->done < t->gen)
+        while (t->rec && !t->rec->done)
             pthread_cond_wait(&t->ev->cond, &t->ev->lock);
+        record_unref(t->rec);
         pthread_mutex_unlock(&t->ev->lock);
         break;
     }
@@ -589,6 +606,7 @@ static CUresult fk_event_destroy(struct event *ev)
     if (!ev)
         return CUDA_ERROR_INVALID_HANDLE;
     drain_all(); /* a queued record or wait may still name it */
+    record_unref(ev->last);
     pthread_mutex_destroy(&ev->lock);
     pthread_cond_destroy(&ev->cond);
     free(ev);
@@ -601,10 +619,14 @@ static CUresult fk_event_record(struct event *ev, void *stream)
 
     if (!ev)
         return CUDA_ERROR_INVALID_HANDLE;
-    if (!(t = calloc(1, sizeof(*t))))
+    if (!(t = calloc(1, sizeof(*t))) || !(t->rec = calloc(1, sizeof(*t->rec)))) {
+        free(t);
         return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    t->rec->refs = 2; /* the task and the event */
     pthread_mutex_lock(&ev->lock);
-    t->gen = ++ev->recorded;
+    record_unref(ev->last);
+    ev->last = t->rec;
     pthread_mutex_unlock(&ev->lock);
     t->kind = TASK_RECORD;
     t->ev = ev;
@@ -617,7 +639,7 @@ static CUresult fk_event_synchronize(struct event *ev)
     if (!ev)
         return CUDA_ERROR_INVALID_HANDLE;
     pthread_mutex_lock(&ev->lock);
-    while (ev->done < ev->recorded)
+    while (ev->last && !ev->last->done)
         pthread_cond_wait(&ev->cond, &ev->lock);
     pthread_mutex_unlock(&ev->lock);
     return sticky();
@@ -631,9 +653,9 @@ static CUresult fk_event_elapsed(float *ms, struct event *a, struct event *b)
         return CUDA_ERROR_INVALID_HANDLE;
     pthread_mutex_lock(&a->lock);
     pthread_mutex_lock(&b->lock);
-    if (a->done == 0 || b->done == 0)
+    if (!a->completed || !b->completed)
         rc = CUDA_ERROR_INVALID_HANDLE; /* never recorded */
-    else if (a->done < a->recorded || b->done < b->recorded)
+    else if (!a->last->done || !b->last->done)
         rc = CUDA_ERROR_NOT_READY;
     else
         *ms = (float)(ts_ms(&b->at) - ts_ms(&a->at));
@@ -687,7 +709,9 @@ static CUresult fk_stream_wait_event(struct stream *s, struct event *ev, unsigne
     if (!(t = calloc(1, sizeof(*t))))
         return CUDA_ERROR_OUT_OF_MEMORY;
     pthread_mutex_lock(&ev->lock);
-    t->gen = ev->recorded; /* the last record made before this call */
+    t->rec = ev->last; /* the last record made before this call */
+    if (t->rec)
+        t->rec->refs++;
     pthread_mutex_unlock(&ev->lock);
     t->kind = TASK_WAIT;
     t->ev = ev;

@@ -186,6 +186,52 @@ Test(cuda_fake, streams_are_ordered_by_events_only)
     wk_cuda_close(c);
 }
 
+/* CUDA's rule: a wait is for the event's record made last before the
+ * wait, even when a later record, on a faster stream, completes first (the
+ * cuda backend records one event on two chunks' streams). */
+Test(cuda_fake, a_wait_is_for_the_record_before_it_not_a_later_one)
+{
+    wk_cuda_t *c = open_fake();
+    wk_cuda_module mod = NULL;
+    wk_cuda_function_t fillf = function(c, &mod, "dx_fake_fill_u32");
+    wk_cuda_function_t add = function(c, &mod, "dx_fake_add_u32");
+    wk_cuda_function_t nap = function(c, &mod, "dx_fake_sleep");
+    wk_cuda_stream slow = NULL, fast = NULL, waiter = NULL;
+    wk_cuda_event ev = NULL;
+    wk_cuda_ptr x = 0, y = 0;
+    uint64_t n = 64;
+    uint32_t ms = 100, out[64];
+    void *nap_args[] = {&ms}, *add_args[] = {&y, &x, &n};
+
+    cr_assert_eq(wk_cuda_stream_create(c, &slow), 0);
+    cr_assert_eq(wk_cuda_stream_create(c, &fast), 0);
+    cr_assert_eq(wk_cuda_stream_create(c, &waiter), 0);
+    cr_assert_eq(wk_cuda_event_create(c, &ev), 0);
+    cr_assert_eq(wk_cuda_alloc(c, n * 4, &x), 0);
+    cr_assert_eq(wk_cuda_alloc(c, n * 4, &y), 0);
+    cr_assert_eq(wk_cuda_memset(c, x, 0, n * 4), 0);
+    cr_assert_eq(wk_cuda_memset(c, y, 0, n * 4), 0);
+    cr_assert_eq(wk_cuda_launch_on(c, slow, nap, one, one, 0, nap_args), 0);
+    cr_assert_eq(fill(c, slow, fillf, x, n, 5), 0);
+    cr_assert_eq(wk_cuda_event_record_on(c, ev, slow), 0);
+    cr_assert_eq(wk_cuda_stream_wait(c, waiter, ev), 0);
+    cr_assert_eq(wk_cuda_event_record_on(c, ev, fast), 0); /* completes at once */
+    cr_assert_eq(wk_cuda_launch_on(c, waiter, add, one, one, 0, add_args), 0);
+    cr_assert_eq(wk_cuda_stream_sync(c, waiter), 0);
+    cr_assert_eq(wk_cuda_download(c, out, y, sizeof(out)), 0);
+    for (uint64_t i = 0; i < n; i++)
+        cr_assert_eq(out[i], 5u, "y[%lu] = %u: the wait took the later record on the fast stream",
+                     (unsigned long)i, out[i]);
+    wk_cuda_event_destroy(c, ev);
+    wk_cuda_stream_destroy(c, slow);
+    wk_cuda_stream_destroy(c, fast);
+    wk_cuda_stream_destroy(c, waiter);
+    wk_cuda_free(c, x);
+    wk_cuda_free(c, y);
+    wk_cuda_module_unload(c, mod);
+    wk_cuda_close(c);
+}
+
 Test(cuda_fake, events_time_the_work_between_them)
 {
     wk_cuda_t *c = open_fake();
