@@ -360,8 +360,10 @@ static void agent_on_assignment(wk_agent_t *a, const struct dx_msg *m)
                  wk_runtime_job(a->rt), wk_runtime_attempt(a->rt));
     } else if ((rc = wk_runtime_create(
                     a->zctx, a->data, as, a->cfg.id,
-                    &(struct wk_runtime_opts){.backend = a->cfg.backend, .gpu = a->gpu}, &a->rt,
-                    err, sizeof(err))) < 0) {
+                    &(struct wk_runtime_opts){.backend = a->cfg.backend,
+                                              .gpu = a->gpu,
+                                              .nccl_timeout_ms = a->cfg.nccl_timeout_ms},
+                    &a->rt, err, sizeof(err))) < 0) {
         a->rt = NULL;
         ack.bad_checkpoint = rc == -EUCLEAN;
     } else if ((rc = dx_zwatch_create(&a->loop, wk_runtime_socket(a->rt), ZMQ_POLLIN,

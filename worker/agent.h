@@ -24,6 +24,7 @@ struct wk_agent_config {
     const char *backend;       /* "sim", "cpu" or "cuda" */
     const char *data_listen;   /* data-plane bind endpoint; NULL: WK_DATA_LISTEN_DEFAULT */
     struct wk_cuda_paths cuda; /* the GPU stack's libraries (backend cuda) */
+    int nccl_timeout_ms;       /* backend cuda: NCCL's wait for the other ranks; 0: default */
 };
 
 typedef struct wk_agent wk_agent_t;

@@ -86,7 +86,7 @@ struct wk_cpu {
     /* the cuda backend's pipeline messages by NCCL, when the job has an id:
      * one 2-rank communicator and stream per direction of each neighbour */
     unsigned char nccl_id[WK_NCCL_ID_BYTES];
-    int has_nccl_id, nccl_rank, nccl_nranks;
+    int has_nccl_id, nccl_rank, nccl_nranks, nccl_timeout_ms;
     atomic_int nccl_ready;   /* set up (the first SEND or RECV of the job does it) */
     atomic_int nccl_aborted; /* wk_cpu_abort was called */
     wk_nccl_t *world;
@@ -981,12 +981,15 @@ static int nccl_groups(wk_cpu_t *c)
 static int nccl_setup(wk_cpu_t *c)
 {
     wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+    /* non-blocking: a rank that never joins fails the job after the
+     * timeout, and an abort (wk_cpu_abort) ends the wait at once */
+    const struct wk_nccl_wait wait = {c->nccl_timeout_ms, &c->nccl_aborted};
     char why[512];
     int rc, groups = 0;
 
-    if ((rc = wk_nccl_create(cu, c->nccl_id, c->nccl_nranks, c->nccl_rank, &c->world, why,
-                             sizeof(why))) < 0)
-        return fail(c, rc, "NCCL: %s", why);
+    if ((rc = wk_nccl_join(cu, c->nccl_id, c->nccl_nranks, c->nccl_rank, &wait, &c->world, why,
+                           sizeof(why))) < 0)
+        return fail(c, rc, "NCCL: the job's communicator: %s", why);
     if ((rc = nccl_channels(c)) < 0 || (rc = nccl_groups(c)) < 0)
         return rc;
     /* the expert exchange: the ep ranks of this (dp, pp) slice, key = ep rank */
@@ -1628,6 +1631,12 @@ uint64_t wk_cpu_start_step(const wk_cpu_t *c)
 
 /* --- create / destroy ---------------------------------------------------------- */
 
+void wk_cpu_set_nccl_timeout(wk_cpu_t *c, int ms)
+{
+    if (ms > 0)
+        c->nccl_timeout_ms = ms;
+}
+
 void wk_cpu_destroy(wk_cpu_t *c)
 {
     size_t nslots;
@@ -1755,6 +1764,7 @@ int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
     }
     c->err = err;
     c->errlen = errlen;
+    c->nccl_timeout_ms = WK_CPU_NCCL_TIMEOUT_MS;
     if (!a->spec_json || !a->spec_json[0]) {
         rc = fail(c, -EINVAL, "the assignment has no job spec (the cpu backend needs its model)");
         goto fail;

@@ -26,7 +26,7 @@ void openblas_set_num_threads(int);
 static char *opt_cuda_lib, *opt_nccl_lib, *opt_cublaslt_lib;
 static char *opt_config, *opt_coordinator, *opt_backend, *opt_id, *opt_host, *opt_node,
     *opt_data_listen, *opt_log_level, *opt_standalone, *opt_save, *opt_from, *opt_prompt;
-static int opt_gpu, opt_steps, opt_generate;
+static int opt_gpu, opt_steps, opt_generate, opt_nccl_timeout;
 static bool opt_json;
 
 static const struct dx_opt options[] = {
@@ -41,6 +41,8 @@ static const struct dx_opt options[] = {
      "with --backend cuda: NCCL"},
     {"cublaslt-lib", DX_OPT_STRING, &opt_cublaslt_lib, WK_CUBLASLT_LIB_DEFAULT, 0, 0, 0, "PATH",
      "with --backend cuda: cuBLASLt"},
+    {"nccl-timeout", DX_OPT_INT, &opt_nccl_timeout, NULL, 300, 1, 86400, "SECONDS",
+     "with --backend cuda: how long NCCL waits for a job's other ranks before the job fails"},
     {"id", DX_OPT_STRING, &opt_id, NULL, 0, 0, 0, "ID",
      "worker id, unique in the cluster (default HOST-gpuN)"},
     {"host", DX_OPT_STRING, &opt_host, NULL, 0, 0, 0, "NAME", "host name (default: this host)"},
@@ -184,6 +186,7 @@ int main(int argc, char **argv)
         .gpu = opt_gpu,
         .backend = opt_backend,
         .cuda = {opt_cuda_lib, opt_nccl_lib, opt_cublaslt_lib},
+        .nccl_timeout_ms = opt_nccl_timeout * 1000,
         .data_listen = opt_data_listen,
     };
     if (dx_worker_id_check(cfg.id, err, sizeof(err)) < 0) {

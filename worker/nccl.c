@@ -9,13 +9,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #define NCCL_ERR_LEN 512
+#define POLL_MAX_US 10000 /* the longest nap between polls of a waiting call */
 
 struct wk_nccl {
     struct wk_nccl_api api;
     wk_nccl_abi_comm_t comm; /* NULL once aborted; exchanged atomically */
     int nranks, rank;
+    int nonblocking; /* joined by wk_nccl_join: calls may return "in progress" */
+    struct wk_nccl_wait wait;
     char err[NCCL_ERR_LEN];
 };
 
@@ -65,6 +70,11 @@ int wk_nccl_api_load(void *lib, struct wk_nccl_api *api, char *err, size_t errle
         }
         /* POSIX: a data pointer from dlsym converts to a function pointer */
         memcpy((char *)api + nccl_symbols[i].offset, &sym, sizeof(sym));
+    }
+    {
+        void *sym = dlsym(lib, "ncclCommInitRankConfig"); /* optional */
+
+        memcpy(&api->comm_init_rank_config, &sym, sizeof(sym));
     }
     return 0;
 }
@@ -134,6 +144,63 @@ static wk_nccl_abi_comm_t live_comm(wk_nccl_t *n, const char *call)
     return comm;
 }
 
+static double now_ms(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
+}
+
+/* The end of a call on a non-blocking communicator: result, or while comm
+ * says "in progress" (the other ranks have not all come), polls its async
+ * error until it settles, the wait's deadline passes (-ETIMEDOUT) or its
+ * cancel flag is raised (-ECANCELED). 0 or -errno with the reason in
+ * n->err; on -ETIMEDOUT and -ECANCELED comm is still to be aborted. */
+static int settle(wk_nccl_t *n, wk_nccl_abi_comm_t comm, int result, const char *call)
+{
+    double deadline = now_ms() + n->wait.timeout_ms;
+    unsigned nap = 50;
+    int state = result;
+
+    if (result != WK_NCCL_ABI_SUCCESS && result != WK_NCCL_ABI_IN_PROGRESS)
+        return nccl_fail(n, comm, result, "%s", call);
+    if (!n->nonblocking)
+        return 0;
+    for (;;) {
+        int got = n->api.comm_get_async_error(comm, &state);
+
+        if (got != WK_NCCL_ABI_SUCCESS)
+            return nccl_fail(n, comm, got, "%s: ncclCommGetAsyncError", call);
+        if (state != WK_NCCL_ABI_IN_PROGRESS)
+            break;
+        if (n->wait.cancel && atomic_load(n->wait.cancel))
+            return nccl_bad(n, -ECANCELED, "%s: given up, the job was aborted", call);
+        if (now_ms() > deadline)
+            return nccl_bad(n, -ETIMEDOUT, "%s: not every rank joined within %g s", call,
+                            n->wait.timeout_ms / 1e3);
+        usleep(nap);
+        nap = nap * 2 > POLL_MAX_US ? POLL_MAX_US : nap * 2;
+    }
+    return state == WK_NCCL_ABI_SUCCESS ? 0 : nccl_fail(n, comm, state, "%s", call);
+}
+
+/* settle for a call on n's own communicator: one that gave up waiting
+ * leaves it aborted (its operation may never complete). */
+static int settle_or_abort(wk_nccl_t *n, wk_nccl_abi_comm_t comm, int result, const char *call)
+{
+    int rc = settle(n, comm, result, call);
+
+    if (rc == -ETIMEDOUT || rc == -ECANCELED) {
+        char why[NCCL_ERR_LEN];
+
+        snprintf(why, sizeof(why), "%s", n->err);
+        wk_nccl_abort(n);
+        snprintf(n->err, sizeof(n->err), "%s", why);
+    }
+    return rc;
+}
+
 /* --- ids and communicators ----------------------------------------------- */
 
 int wk_nccl_unique_id(const wk_cuda_t *c, unsigned char out[WK_NCCL_ID_BYTES], char *err,
@@ -158,30 +225,17 @@ int wk_nccl_unique_id(const wk_cuda_t *c, unsigned char out[WK_NCCL_ID_BYTES], c
     return 0;
 }
 
-int wk_nccl_create(wk_cuda_t *c, const unsigned char id[WK_NCCL_ID_BYTES], int nranks, int rank,
-                   wk_nccl_t **out, char *err, size_t errlen)
-{
-    struct wk_nccl_api api;
-    int rc;
-
-    *out = NULL;
-    if (!c) {
-        snprintf(err, errlen, "wk_nccl_create: no CUDA stack");
-        return -EINVAL;
-    }
-    if ((rc = wk_nccl_api_load(wk_cuda_nccl_library(c), &api, err, errlen)) < 0)
-        return rc;
-    return wk_nccl_create_api(&api, id, nranks, rank, out, err, errlen);
-}
-
-int wk_nccl_create_api(const struct wk_nccl_api *api, const unsigned char id[WK_NCCL_ID_BYTES],
-                       int nranks, int rank, wk_nccl_t **out, char *err, size_t errlen)
+/* ncclCommInitRank, or with wait the non-blocking ncclCommInitRankConfig
+ * (where NCCL has it) polled by settle. */
+static int create(const struct wk_nccl_api *api, const unsigned char id[WK_NCCL_ID_BYTES],
+                  int nranks, int rank, const struct wk_nccl_wait *wait, wk_nccl_t **out, char *err,
+                  size_t errlen)
 {
     wk_nccl_t *n = NULL;
     wk_nccl_abi_id abi_id;
     wk_nccl_abi_comm_t comm = NULL;
     char call[96];
-    int result;
+    int result, rc;
 
     *out = NULL;
     if (!api || !id) {
@@ -193,27 +247,86 @@ int wk_nccl_create_api(const struct wk_nccl_api *api, const unsigned char id[WK_
                  nranks);
         return -EINVAL;
     }
+    if (wait && wait->timeout_ms <= 0) {
+        snprintf(err, errlen, "wk_nccl_join: a timeout of %d ms", wait->timeout_ms);
+        return -EINVAL;
+    }
     if (!(n = calloc(1, sizeof(*n)))) {
         snprintf(err, errlen, "wk_nccl_create: out of memory");
         return -ENOMEM;
     }
     n->api = *api;
-    memcpy(abi_id.internal, id, WK_NCCL_ID_BYTES);
-    if ((result = n->api.comm_init_rank(&comm, nranks, abi_id, rank)) != WK_NCCL_ABI_SUCCESS)
-        goto fail;
-    n->comm = comm;
     n->nranks = nranks;
     n->rank = rank;
+    memcpy(abi_id.internal, id, WK_NCCL_ID_BYTES);
+    snprintf(call, sizeof(call), "%s(rank %d of %d)",
+             wait && api->comm_init_rank_config ? "ncclCommInitRankConfig" : "ncclCommInitRank",
+             rank, nranks);
+    if (wait && api->comm_init_rank_config) {
+        struct wk_nccl_abi_config config = {
+            sizeof(config),        WK_NCCL_ABI_CONFIG_MAGIC, WK_NCCL_ABI_CONFIG_VERSION, 0,
+            WK_NCCL_ABI_UNDEF_INT, WK_NCCL_ABI_UNDEF_INT,    WK_NCCL_ABI_UNDEF_INT,      NULL};
+
+        n->nonblocking = 1;
+        n->wait = *wait;
+        result = n->api.comm_init_rank_config(&comm, nranks, abi_id, rank, &config);
+        if (result != WK_NCCL_ABI_SUCCESS && result != WK_NCCL_ABI_IN_PROGRESS)
+            goto fail;
+        if ((rc = settle(n, comm, result, call)) < 0) {
+            snprintf(err, errlen, "%s", n->err);
+            goto release;
+        }
+    } else if ((result = n->api.comm_init_rank(&comm, nranks, abi_id, rank)) !=
+               WK_NCCL_ABI_SUCCESS) {
+        goto fail;
+    }
+    n->comm = comm;
     *out = n;
     return 0;
 fail:
-    snprintf(call, sizeof(call), "ncclCommInitRank(rank %d of %d)", rank, nranks);
     format_nccl_error(&n->api, comm, result, call, err, errlen);
+    rc = -EIO;
+release:
     /* a handle NCCL left behind is freed without waiting for the peers */
     if (comm)
         n->api.comm_abort(comm);
     free(n);
-    return -EIO;
+    return rc;
+}
+
+int wk_nccl_create(wk_cuda_t *c, const unsigned char id[WK_NCCL_ID_BYTES], int nranks, int rank,
+                   wk_nccl_t **out, char *err, size_t errlen)
+{
+    return wk_nccl_join(c, id, nranks, rank, NULL, out, err, errlen);
+}
+
+int wk_nccl_create_api(const struct wk_nccl_api *api, const unsigned char id[WK_NCCL_ID_BYTES],
+                       int nranks, int rank, wk_nccl_t **out, char *err, size_t errlen)
+{
+    return create(api, id, nranks, rank, NULL, out, err, errlen);
+}
+
+int wk_nccl_join(wk_cuda_t *c, const unsigned char id[WK_NCCL_ID_BYTES], int nranks, int rank,
+                 const struct wk_nccl_wait *wait, wk_nccl_t **out, char *err, size_t errlen)
+{
+    struct wk_nccl_api api;
+    int rc;
+
+    *out = NULL;
+    if (!c) {
+        snprintf(err, errlen, "wk_nccl_create: no CUDA stack");
+        return -EINVAL;
+    }
+    if ((rc = wk_nccl_api_load(wk_cuda_nccl_library(c), &api, err, errlen)) < 0)
+        return rc;
+    return create(&api, id, nranks, rank, wait, out, err, errlen);
+}
+
+int wk_nccl_join_api(const struct wk_nccl_api *api, const unsigned char id[WK_NCCL_ID_BYTES],
+                     int nranks, int rank, const struct wk_nccl_wait *wait, wk_nccl_t **out,
+                     char *err, size_t errlen)
+{
+    return create(api, id, nranks, rank, wait, out, err, errlen);
 }
 
 void wk_nccl_destroy(wk_nccl_t *n)
@@ -304,15 +417,20 @@ int wk_nccl_exchange(wk_nccl_t *n, wk_cuda_stream stream, const struct wk_nccl_t
         else
             result = n->api.send((const void *)(uintptr_t)x->buf, x->count, (int)x->type, x->peer,
                                  comm, stream);
-        if (result != WK_NCCL_ABI_SUCCESS)
+        if (result != WK_NCCL_ABI_SUCCESS && result != WK_NCCL_ABI_IN_PROGRESS)
             rc = nccl_fail(n, comm, result, "%s(%zu %s, %s rank %d; transfer %zu of %zu)",
                            x->recv ? "ncclRecv" : "ncclSend", x->count, type_name(x->type),
                            x->recv ? "from" : "to", x->peer, i, count);
     }
     /* the group is closed even after a failed call, so the next one starts
      * clean; the first error is the one reported */
-    if ((result = n->api.group_end()) != WK_NCCL_ABI_SUCCESS && rc == 0)
-        rc = nccl_fail(n, comm, result, "ncclGroupEnd(%zu transfers)", count);
+    result = n->api.group_end();
+    if (rc == 0) {
+        char call[64];
+
+        snprintf(call, sizeof(call), "ncclGroupEnd(%zu transfers)", count);
+        rc = settle_or_abort(n, comm, result, call);
+    }
     return rc;
 }
 
@@ -320,6 +438,7 @@ int wk_nccl_allreduce_sum_of(wk_nccl_t *n, wk_cuda_stream stream, wk_cuda_ptr se
                              wk_cuda_ptr recv, size_t count, enum wk_nccl_type type)
 {
     wk_nccl_abi_comm_t comm;
+    char call[64];
     int result;
 
     if (count == 0)
@@ -333,9 +452,8 @@ int wk_nccl_allreduce_sum_of(wk_nccl_t *n, wk_cuda_stream stream, wk_cuda_ptr se
         return -ECANCELED;
     result = n->api.all_reduce((const void *)(uintptr_t)send, (void *)(uintptr_t)recv, count,
                                (int)type, WK_NCCL_ABI_SUM, comm, stream);
-    if (result != WK_NCCL_ABI_SUCCESS)
-        return nccl_fail(n, comm, result, "ncclAllReduce(%zu %s, sum)", count, type_name(type));
-    return 0;
+    snprintf(call, sizeof(call), "ncclAllReduce(%zu %s, sum)", count, type_name(type));
+    return settle_or_abort(n, comm, result, call);
 }
 
 int wk_nccl_allreduce_sum(wk_nccl_t *n, wk_cuda_stream stream, wk_cuda_ptr send, wk_cuda_ptr recv,
@@ -348,7 +466,8 @@ int wk_nccl_split(wk_nccl_t *n, int color, int key, wk_nccl_t **out)
 {
     wk_nccl_abi_comm_t comm, child = NULL;
     wk_nccl_t *sub = NULL;
-    int result;
+    char call[64];
+    int result, rc;
 
     *out = NULL;
     if (color < 0 && color != WK_NCCL_NO_COLOR)
@@ -358,13 +477,14 @@ int wk_nccl_split(wk_nccl_t *n, int color, int key, wk_nccl_t **out)
         return -ECANCELED;
     if (!(sub = calloc(1, sizeof(*sub))))
         return nccl_bad(n, -ENOMEM, "ncclCommSplit: out of memory");
-    /* a NULL config: the child takes the parent's */
+    /* a NULL config: the child takes the parent's (non-blocking with it) */
+    snprintf(call, sizeof(call), "ncclCommSplit(color %d, key %d)", color, key);
     result = n->api.comm_split(comm, color, key, &child, NULL);
-    if (result != WK_NCCL_ABI_SUCCESS) {
+    if ((rc = settle(n, child ? child : comm, result, call)) < 0) {
         free(sub);
         if (child)
             n->api.comm_abort(child);
-        return nccl_fail(n, comm, result, "ncclCommSplit(color %d, key %d)", color, key);
+        return rc;
     }
     if (!child) { /* WK_NCCL_NO_COLOR */
         free(sub);
@@ -372,6 +492,8 @@ int wk_nccl_split(wk_nccl_t *n, int color, int key, wk_nccl_t **out)
     }
     sub->api = n->api;
     sub->comm = child;
+    sub->nonblocking = n->nonblocking;
+    sub->wait = n->wait;
     if ((result = n->api.comm_count(child, &sub->nranks)) != WK_NCCL_ABI_SUCCESS ||
         (result = n->api.comm_user_rank(child, &sub->rank)) != WK_NCCL_ABI_SUCCESS) {
         nccl_fail(n, child, result, "ncclCommCount/UserRank of the split (color %d, key %d)", color,

@@ -20,6 +20,7 @@
 #ifndef WK_NCCL_H
 #define WK_NCCL_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 
 #include "worker/cuda.h"
@@ -59,6 +60,19 @@ enum wk_nccl_type {
     WK_NCCL_FP64 = 8,
 };
 
+/* ncclConfig_t as NCCL 2.14 declared it (its first version; later ones
+ * read a config by its size and version, so every NCCL since takes this
+ * one). Unset fields are WK_NCCL_ABI_UNDEF_INT / NULL. */
+#define WK_NCCL_ABI_CONFIG_MAGIC 0xcafebeefu
+#define WK_NCCL_ABI_CONFIG_VERSION 21400        /* NCCL_VERSION(2, 14, 0) */
+#define WK_NCCL_ABI_UNDEF_INT (-2147483647 - 1) /* NCCL_CONFIG_UNDEF_INT (INT_MIN) */
+struct wk_nccl_abi_config {
+    size_t size;
+    unsigned int magic, version;
+    int blocking, cga_cluster_size, min_ctas, max_ctas;
+    const char *net_name;
+};
+
 /* The entry points this module resolves (enums are passed as int, the
  * stream as a CUstream). */
 struct wk_nccl_api {
@@ -82,6 +96,9 @@ struct wk_nccl_api {
                 wk_cuda_stream stream);
     int (*all_reduce)(const void *sendbuf, void *recvbuf, size_t count, int type, int op,
                       wk_nccl_abi_comm_t comm, wk_cuda_stream stream);
+    /* optional (NCCL >= 2.14; NULL before): the non-blocking join */
+    int (*comm_init_rank_config)(wk_nccl_abi_comm_t *comm, int nranks, wk_nccl_abi_id id, int rank,
+                                 void *config);
 };
 
 /* Resolves every entry point from a dlopen handle of libnccl.so.2. 0, or
@@ -105,6 +122,25 @@ int wk_nccl_create(wk_cuda_t *c, const unsigned char id[WK_NCCL_ID_BYTES], int n
 /* The same from entry points already resolved (tests give a fake NCCL). */
 int wk_nccl_create_api(const struct wk_nccl_api *api, const unsigned char id[WK_NCCL_ID_BYTES],
                        int nranks, int rank, wk_nccl_t **out, char *err, size_t errlen);
+
+/* How long a rank waits for the others, and when to stop waiting. */
+struct wk_nccl_wait {
+    int timeout_ms;           /* > 0 */
+    const atomic_int *cancel; /* give up once it is nonzero (another thread sets it), or NULL */
+};
+/* ncclCommInitRankConfig with a non-blocking config: joins the
+ * communicator while polling, so a rank that never joins costs the others
+ * timeout_ms, not a hang: -ETIMEDOUT ("ncclCommInitRankConfig(rank 1 of 4):
+ * not every rank joined within 30 s"), or -ECANCELED once *cancel is set;
+ * NCCL's half-made handle is aborted. The communicator and its splits stay
+ * non-blocking: a call that must wait for the other ranks (a split, the
+ * connection setup of a first send or receive) waits the same way. An
+ * NCCL without ncclCommInitRankConfig (before 2.14) joins blocking. */
+int wk_nccl_join(wk_cuda_t *c, const unsigned char id[WK_NCCL_ID_BYTES], int nranks, int rank,
+                 const struct wk_nccl_wait *wait, wk_nccl_t **out, char *err, size_t errlen);
+int wk_nccl_join_api(const struct wk_nccl_api *api, const unsigned char id[WK_NCCL_ID_BYTES],
+                     int nranks, int rank, const struct wk_nccl_wait *wait, wk_nccl_t **out,
+                     char *err, size_t errlen);
 /* ncclCommDestroy (nothing more after wk_nccl_abort); NULL is ignored. */
 void wk_nccl_destroy(wk_nccl_t *n);
 

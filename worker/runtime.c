@@ -577,6 +577,7 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
         if ((rc = wk_cpu_create(a, rt->sched, (const char *const *)rt->all_addr, opts->data_dir,
                                 &io, rt->gpu, &rt->cpu, err, errlen)) < 0)
             return rc;
+        wk_cpu_set_nccl_timeout(rt->cpu, opts->nccl_timeout_ms);
     }
     return 0;
 }

@@ -38,6 +38,7 @@ struct wk_runtime_opts {
     const char *backend;  /* "cpu" / "cuda" train the model (worker/cpu.h); NULL or "sim" sleeps */
     const char *data_dir; /* the cpu backend's training text; NULL: the default */
     wk_gpu_t *gpu;        /* "cuda": the GPU to train on (worker/gpu.h), the caller's */
+    int nccl_timeout_ms;  /* "cuda": how long NCCL waits for the other ranks; 0: the default */
 };
 
 typedef struct wk_runtime wk_runtime_t;

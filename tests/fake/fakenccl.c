@@ -27,6 +27,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -59,7 +60,15 @@ typedef enum {
     ncclInvalidArgument = 4,
     ncclInvalidUsage = 5,
     ncclRemoteError = 6,
+    ncclInProgress = 7,
 } ncclResult_t;
+
+/* the head of ncclConfig_t, as every NCCL since 2.14 lays it out */
+struct fake_config {
+    size_t size;
+    unsigned int magic, version;
+    int blocking;
+};
 
 typedef struct {
     char internal[128];
@@ -246,7 +255,7 @@ static ncclResult_t attach(struct comm *c)
             }
             if (fd >= 0)
                 close(fd);
-            if (now_ms() > deadline)
+            if (now_ms() > deadline || atomic_load(&c->aborted))
                 return ncclSystemError;
             sched_yield();
         }
@@ -271,7 +280,7 @@ static ncclResult_t attach(struct comm *c)
         atomic_store_explicit(&h->ready, 1, memory_order_release);
     }
     while (!atomic_load_explicit(&h->ready, memory_order_acquire)) {
-        if (now_ms() > deadline)
+        if (now_ms() > deadline || atomic_load(&c->aborted))
             return ncclSystemError;
         sched_yield();
     }
@@ -283,6 +292,8 @@ static ncclResult_t attach(struct comm *c)
     if (atomic_fetch_add(&h->attached, 1) + 1 == (uint32_t)c->nranks)
         unlink(path); /* everyone has it mapped */
     while (atomic_load(&h->attached) < (uint32_t)c->nranks) {
+        if (atomic_load(&c->aborted))
+            return ncclSystemError;
         if (now_ms() > deadline) {
             snprintf(c->last_error, sizeof(c->last_error), "only %u of %d ranks joined in %d ms",
                      atomic_load(&h->attached), c->nranks, timeout_ms());
@@ -321,6 +332,65 @@ static ncclResult_t comm_init(struct comm **out, int nranks, const unsigned char
     }
     *out = c;
     return ncclSuccess;
+}
+
+API ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank);
+
+/* A non-blocking join: attach on a thread of its own; the communicator's
+ * async error says ncclInProgress until it ends. FAKE_NCCL_STALL_ONCE=PATH:
+ * the first rank (of any process) to create PATH never joins, until it is
+ * aborted (a rank that never comes, once). */
+static void *join_main(void *arg)
+{
+    struct comm *c = arg;
+    const char *stall = getenv("FAKE_NCCL_STALL_ONCE");
+    ncclResult_t rc;
+    int fd;
+
+    if (stall && stall[0] && (fd = open(stall, O_CREAT | O_EXCL | O_WRONLY, 0600)) >= 0) {
+        close(fd);
+        while (!atomic_load(&c->aborted))
+            usleep(1000);
+        rc = ncclSystemError;
+    } else {
+        rc = attach(c);
+    }
+    atomic_store(&c->async_err, rc); /* the last touch: the caller may free c now */
+    return NULL;
+}
+
+API ncclResult_t ncclCommInitRankConfig(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank,
+                                        struct fake_config *config)
+{
+    struct fake_id f;
+    struct comm *c;
+    pthread_t t;
+
+    if (!comm)
+        return ncclInvalidArgument;
+    if (config &&
+        (config->magic != 0xcafebeefu || config->version < 21400 || config->size < sizeof(*config)))
+        return ncclInvalidArgument; /* not made as NCCL_CONFIG_INITIALIZER makes it */
+    if (!config || config->blocking != 0)
+        return ncclCommInitRank(comm, nranks, id, rank);
+    memcpy(&f, id.internal, sizeof(f));
+    if (f.magic != FAKE_NCCL_MAGIC)
+        return ncclInvalidArgument;
+    if (nranks < 1 || nranks > FAKE_NCCL_MAX_RANKS || rank < 0 || rank >= nranks)
+        return ncclInvalidArgument;
+    if (!(c = calloc(1, sizeof(*c))))
+        return ncclSystemError;
+    c->rank = rank;
+    c->nranks = nranks;
+    memcpy(c->token, f.token, 16);
+    atomic_store(&c->async_err, ncclInProgress);
+    if (pthread_create(&t, NULL, join_main, c) != 0) {
+        free(c);
+        return ncclSystemError;
+    }
+    pthread_detach(t);
+    *comm = c;
+    return ncclInProgress;
 }
 
 API ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank)

@@ -64,12 +64,12 @@ def fake_stack():
     return ["--cuda-lib", str(FAKE), "--nccl-lib", str(FAKE), "--cublaslt-lib", str(FAKE)]
 
 
-def cuda_workers(c, n):
+def cuda_workers(c, n, *args):
     """duplexd and n workers on the fake GPU stack, one fake GPU each."""
     c.env["FAKECUDA_DEVICES"] = str(n)
     c.start_duplexd("--nccl-lib", str(FAKE))
     for gpu in range(n):
-        c.start_worker(f"g{gpu}", gpu, *fake_stack(), backend="cuda", wait=False)
+        c.start_worker(f"g{gpu}", gpu, *fake_stack(), *args, backend="cuda", wait=False)
     for gpu in range(n):
         c.wait_worker_alive(f"g{gpu}")
 
@@ -227,3 +227,40 @@ def test_a_kernel_fault_loses_no_run(cluster, tmp_path):
         if step in by_step:
             assert abs(by_step[step] - ref) / abs(ref) <= 1e-4, (step, by_step[step], ref)
     assert c.workers()["g1"]["state"] in ("left", "lost"), c.workers()["g1"]
+
+
+@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
+                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+def test_a_rank_that_never_joins_nccl_costs_a_restart_not_a_hang(cluster, tmp_path):
+    """One rank's NCCL join never completes (the fake's FAKE_NCCL_STALL_ONCE,
+    as when a peer's NCCL cannot reach the others): every rank gives up
+    after --nccl-timeout instead of waiting forever, the job restarts with a
+    fresh NCCL id, and it ends with the standalone run's losses."""
+    from test_train import STEPS, spec_with, standalone_run, submit
+
+    c = cluster
+    c.env["FAKE_NCCL_STALL_ONCE"] = str(tmp_path / "stall-once")
+    cuda_workers(c, 4, "--nccl-timeout", "2")
+    path = spec_with(tmp_path, "cuda-stall", schedule="dualpipe", ep=1)
+    spec = json.loads(path.read_text())
+    spec["backend"] = "cuda"
+    path.write_text(json.dumps(spec))
+    reference, _ = standalone_run(path, tmp_path)
+    jid = submit(c, path)
+    status = {}
+
+    def ended():
+        result = c.ctl("status", jid, "--json")
+        status.update(json.loads(result.stdout) if result.returncode == 0 else {})
+        return status.get("state") in ("succeeded", "failed", "cancelled")
+    c.poll_until(ended, timeout=600 if sanitized() else 120, what=f"job {jid} to end")
+    assert status["state"] == "succeeded", (status, c.ctl("events", jid).stdout)
+    assert status["attempt"] == 2, status
+    assert (tmp_path / "stall-once").exists()
+    logs = "".join(c.worker_procs[f"g{gpu}"].log_text() for gpu in range(4))
+    assert "not every rank joined within 2 s" in logs, logs[-3000:]
+    losses = status["losses"]
+    assert [e["step"] for e in losses] == list(range(1, STEPS + 1)), status
+    for entry, ref in zip(losses, reference):
+        assert abs(entry["loss"] - ref) / abs(ref) <= 1e-4, (entry, ref)
+    assert all(w["state"] == "alive" for w in c.workers().values()), c.workers()

@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <stdalign.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -51,6 +52,26 @@ Test(nccl_abi, values_match_nccl_h)
     cr_assert_eq(WK_NCCL_ABI_SUM, ncclSum);
     cr_assert_eq(WK_NCCL_NO_COLOR, NCCL_SPLIT_NOCOLOR);
     cr_assert_eq(sizeof(wk_nccl_abi_id), 128);
+    /* the config: ncclConfig_t's head, field by field */
+    {
+        ncclConfig_t init = NCCL_CONFIG_INITIALIZER;
+
+        cr_assert_eq(init.magic, WK_NCCL_ABI_CONFIG_MAGIC);
+        cr_assert_eq(WK_NCCL_ABI_UNDEF_INT, NCCL_CONFIG_UNDEF_INT);
+        cr_assert_eq(WK_NCCL_ABI_CONFIG_VERSION, NCCL_VERSION(2, 14, 0));
+        cr_assert_geq(init.version, WK_NCCL_ABI_CONFIG_VERSION);
+    }
+#define SAME_FIELD(ours, theirs)                                                                   \
+    cr_assert_eq(offsetof(struct wk_nccl_abi_config, ours), offsetof(ncclConfig_t, theirs), #theirs)
+    SAME_FIELD(size, size);
+    SAME_FIELD(magic, magic);
+    SAME_FIELD(version, version);
+    SAME_FIELD(blocking, blocking);
+    SAME_FIELD(cga_cluster_size, cgaClusterSize);
+    SAME_FIELD(min_ctas, minCTAs);
+    SAME_FIELD(max_ctas, maxCTAs);
+    SAME_FIELD(net_name, netName);
+#undef SAME_FIELD
 }
 
 /* Each entry point of struct wk_nccl_api, its parameters written with
@@ -80,6 +101,8 @@ SAME_PROTOTYPE(ncclAllReduce, ncclResult_t (*)(const void *, void *, size_t, ncc
 /* ncclGroupStart/End are declared "()" in nccl.h: any arguments, none used */
 SAME_PROTOTYPE(ncclGroupStart, ncclResult_t (*)(void));
 SAME_PROTOTYPE(ncclGroupEnd, ncclResult_t (*)(void));
+SAME_PROTOTYPE(ncclCommInitRankConfig,
+               ncclResult_t (*)(ncclComm_t *, int, ncclUniqueId, int, ncclConfig_t *));
 
 #else
 Test(nccl_abi, values_match_nccl_h)
@@ -303,6 +326,8 @@ struct fake_comm {
     int async;              /* what ncclCommGetAsyncError says */
     int aborted, destroyed; /* calls seen */
     int block_until_abort;  /* ncclAllReduce waits for an abort */
+    int polls_left;         /* > 0: ncclCommGetAsyncError says "in progress" this often more */
+    int polls;              /* ncclCommGetAsyncError calls seen */
 };
 
 static struct {
@@ -317,6 +342,7 @@ static struct {
     int npending;
     struct fake_comm comms[4];
     int ncomms;
+    int join_polls; /* what a non-blocking join's communicator starts with as polls_left */
     char last[128];
 } fake;
 
@@ -382,8 +408,29 @@ static int fake_abort(wk_nccl_abi_comm_t comm)
 }
 static int fake_async_error(wk_nccl_abi_comm_t comm, int *async)
 {
-    *async = ((struct fake_comm *)comm)->async;
+    struct fake_comm *fc = (struct fake_comm *)comm;
+
+    fc->polls++;
+    if (fc->polls_left > 0) {
+        fc->polls_left--;
+        *async = WK_NCCL_ABI_IN_PROGRESS;
+        return 0;
+    }
+    *async = fc->async;
     return 0;
+}
+static int fake_init_rank_config(wk_nccl_abi_comm_t *comm, int nranks, wk_nccl_abi_id id, int rank,
+                                 void *config)
+{
+    const struct wk_nccl_abi_config *cf = config;
+    struct fake_comm *fc = fake_new_comm(nranks, rank);
+
+    fake_note("cfg %d/%d blocking %d magic %x v%u size %zu", rank, nranks, cf->blocking, cf->magic,
+              cf->version, cf->size);
+    (void)id;
+    fc->polls_left = fake.join_polls;
+    *comm = (wk_nccl_abi_comm_t)fc;
+    return WK_NCCL_ABI_IN_PROGRESS;
 }
 static int fake_split(wk_nccl_abi_comm_t comm, int color, int key, wk_nccl_abi_comm_t *out,
                       void *config)
@@ -493,10 +540,23 @@ static int fake_all_reduce(const void *sendbuf, void *recvbuf, size_t count, int
 }
 
 static const struct wk_nccl_api fake_api = {
-    fake_get_version, fake_get_unique_id, fake_init_rank,  fake_destroy,
-    fake_abort,       fake_async_error,   fake_split,      fake_count,
-    fake_user_rank,   fake_error_string,  fake_last_error, fake_group_start,
-    fake_group_end,   fake_send,          fake_recv,       fake_all_reduce,
+    fake_get_version,
+    fake_get_unique_id,
+    fake_init_rank,
+    fake_destroy,
+    fake_abort,
+    fake_async_error,
+    fake_split,
+    fake_count,
+    fake_user_rank,
+    fake_error_string,
+    fake_last_error,
+    fake_group_start,
+    fake_group_end,
+    fake_send,
+    fake_recv,
+    fake_all_reduce,
+    fake_init_rank_config,
 };
 
 static wk_nccl_t *fake_open(void)
@@ -724,4 +784,79 @@ Test(nccl_fake, a_failed_init_frees_what_nccl_left)
     cr_assert_eq(wk_nccl_create_api(NULL, id, 1, 0, &n, err, sizeof(err)), -EINVAL);
     cr_assert_eq(wk_nccl_create_api(&fake_api, id, 0, 0, &n, err, sizeof(err)), -EINVAL);
     cr_assert_str_eq(err, "wk_nccl_create: rank 0 is outside a communicator of 0 ranks");
+}
+
+/* --- the non-blocking join ------------------------------------------------ */
+
+Test(nccl_fake, a_join_polls_until_every_rank_joined_and_so_do_its_splits)
+{
+    const struct wk_nccl_wait wait = {5000, NULL};
+    unsigned char id[WK_NCCL_ID_BYTES] = {0};
+    wk_nccl_t *n = NULL, *sub = NULL;
+    char err[256] = "";
+
+    memset(&fake, 0, sizeof(fake));
+    fake.join_polls = 3;
+    cr_assert_eq(wk_nccl_join_api(&fake_api, id, 2, 1, &wait, &n, err, sizeof(err)), 0, "%s", err);
+    cr_assert_str_eq(fake.log[0], "cfg 1/2 blocking 0 magic cafebeef v21400 size 40");
+    cr_assert_eq(fake.comms[0].polls, 4, "three times in progress, then settled");
+    cr_assert_eq(fake.comms[0].aborted, 0);
+    /* a split of a non-blocking communicator is non-blocking: its child is
+     * polled the same way */
+    fake.comms[0].polls_left = 0;
+    cr_assert_eq(wk_nccl_split(n, 1, 0, &sub), 0, "%s", wk_nccl_error(n));
+    cr_assert_not_null(sub);
+    cr_assert_geq(fake.comms[1].polls, 1, "the child was polled");
+    wk_nccl_destroy(sub);
+    wk_nccl_destroy(n);
+}
+
+Test(nccl_fake, a_rank_that_never_joins_costs_the_timeout_not_a_hang)
+{
+    const struct wk_nccl_wait wait = {50, NULL};
+    unsigned char id[WK_NCCL_ID_BYTES] = {0};
+    wk_nccl_t *n = NULL;
+    char err[256] = "";
+
+    memset(&fake, 0, sizeof(fake));
+    fake.join_polls = INT_MAX;
+    cr_assert_eq(wk_nccl_join_api(&fake_api, id, 4, 2, &wait, &n, err, sizeof(err)), -ETIMEDOUT);
+    cr_assert_null(n);
+    cr_assert_str_eq(err, "ncclCommInitRankConfig(rank 2 of 4): not every rank joined within "
+                          "0.05 s");
+    cr_assert_eq(fake.comms[0].aborted, 1, "NCCL's half-made handle is aborted");
+}
+
+Test(nccl_fake, an_abort_ends_the_wait_of_a_join)
+{
+    atomic_int cancel = 1;
+    const struct wk_nccl_wait wait = {60000, &cancel};
+    unsigned char id[WK_NCCL_ID_BYTES] = {0};
+    wk_nccl_t *n = NULL;
+    char err[256] = "";
+
+    memset(&fake, 0, sizeof(fake));
+    fake.join_polls = INT_MAX;
+    cr_assert_eq(wk_nccl_join_api(&fake_api, id, 2, 0, &wait, &n, err, sizeof(err)), -ECANCELED);
+    cr_assert_str_eq(err, "ncclCommInitRankConfig(rank 0 of 2): given up, the job was aborted");
+    cr_assert_eq(fake.comms[0].aborted, 1);
+    cr_assert_eq(wk_nccl_join_api(&fake_api, id, 2, 0, &(struct wk_nccl_wait){0, NULL}, &n, err,
+                                  sizeof(err)),
+                 -EINVAL);
+    cr_assert_str_eq(err, "wk_nccl_join: a timeout of 0 ms");
+}
+
+Test(nccl_fake, an_nccl_without_the_config_call_joins_blocking)
+{
+    struct wk_nccl_api old = fake_api;
+    const struct wk_nccl_wait wait = {50, NULL};
+    unsigned char id[WK_NCCL_ID_BYTES] = {0};
+    wk_nccl_t *n = NULL;
+    char err[256] = "";
+
+    memset(&fake, 0, sizeof(fake));
+    old.comm_init_rank_config = NULL; /* NCCL before 2.14 */
+    cr_assert_eq(wk_nccl_join_api(&old, id, 1, 0, &wait, &n, err, sizeof(err)), 0, "%s", err);
+    cr_assert_str_eq(fake.log[0], "init 0 of 1, id 0");
+    wk_nccl_destroy(n);
 }
