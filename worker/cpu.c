@@ -99,6 +99,7 @@ struct wk_cpu {
     wk_nccl_t *chan[NCHAN];
     wk_cuda_stream chan_stream[NCHAN];
     wk_cuda_event chan_event[NCHAN], computed;
+    wk_cuda_ptr warm;  /* [NCHAN] floats: each channel's first transfer */
     double loss_total; /* the group's loss sum, downloaded */
     char *err;
     size_t errlen;
@@ -978,6 +979,42 @@ static int nccl_groups(wk_cpu_t *c)
     return rc;
 }
 
+/* Every channel's first transfer, in one group on every rank. NCCL
+ * connects a pair at its first transfer, and that call waits for the
+ * peer's: left to the schedule, two neighbours can each wait in a first
+ * send for the other's first receive (the fake NCCL connects the same way,
+ * and DualPipe's first step did deadlock there). */
+static int nccl_connect(wk_cpu_t *c)
+{
+    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
+    wk_nccl_t *comms[NCHAN];
+    struct wk_nccl_transfer t[NCHAN];
+    char why[512];
+    size_t n = 0;
+    int rc;
+
+    if ((rc = wk_cuda_alloc(cu, NCHAN * sizeof(float), &c->warm)) < 0 ||
+        (rc = wk_cuda_memset(cu, c->warm, 0, NCHAN * sizeof(float))) < 0)
+        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    for (int ch = 0; ch < NCHAN; ch++) {
+        int recv = ch == CH_RECV_UP || ch == CH_RECV_DOWN;
+
+        if (!c->chan[ch])
+            continue;
+        comms[n] = c->chan[ch];
+        /* a pair's sender is its rank 0, the receiver its rank 1 */
+        t[n] = (struct wk_nccl_transfer){recv, recv ? 0 : 1, WK_NCCL_FP32,
+                                         c->warm + n * sizeof(float), 1};
+        n++;
+    }
+    if ((rc = wk_nccl_exchange_across(comms, wk_gpu_comm_stream(c->gpu), t, n, why, sizeof(why))) <
+        0)
+        return fail(c, rc, "NCCL: connecting the pipeline channels: %s", why);
+    if ((rc = wk_cuda_stream_sync(cu, wk_gpu_comm_stream(c->gpu))) < 0)
+        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    return 0;
+}
+
 static int nccl_setup(wk_cpu_t *c)
 {
     wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
@@ -990,7 +1027,7 @@ static int nccl_setup(wk_cpu_t *c)
     if ((rc = wk_nccl_join(cu, c->nccl_id, c->nccl_nranks, c->nccl_rank, &wait, &c->world, why,
                            sizeof(why))) < 0)
         return fail(c, rc, "NCCL: the job's communicator: %s", why);
-    if ((rc = nccl_channels(c)) < 0 || (rc = nccl_groups(c)) < 0)
+    if ((rc = nccl_channels(c)) < 0 || (rc = nccl_connect(c)) < 0 || (rc = nccl_groups(c)) < 0)
         return rc;
     /* the expert exchange: the ep ranks of this (dp, pp) slice, key = ep rank */
     for (int i = 0; c->ep > 1 && i < c->nchunks; i++) {
@@ -1096,6 +1133,7 @@ static void nccl_free(wk_cpu_t *c)
     }
     wk_cuda_event_destroy(cu, c->computed);
     wk_cuda_event_destroy(cu, c->handoff);
+    wk_cuda_free(cu, c->warm);
     for (int i = 0; i < c->nchunks; i++) {
         wk_nccl_destroy(c->chunk[i].group);
         wk_cuda_free(cu, c->chunk[i].d_loss);

@@ -434,6 +434,60 @@ int wk_nccl_exchange(wk_nccl_t *n, wk_cuda_stream stream, const struct wk_nccl_t
     return rc;
 }
 
+int wk_nccl_exchange_across(wk_nccl_t *const *comms, wk_cuda_stream stream,
+                            const struct wk_nccl_transfer *t, size_t count, char *err,
+                            size_t errlen)
+{
+    int rc = 0, result;
+    size_t i;
+
+    for (i = 0; i < count; i++) {
+        if (!comms[i]) {
+            snprintf(err, errlen, "transfer %zu has no communicator", i);
+            return -EINVAL;
+        }
+        if ((rc = wk_nccl_transfers_check(&t[i], 1, comms[i]->nranks, err, errlen)) < 0)
+            return rc;
+        if (!live_comm(comms[i], "ncclGroupStart")) {
+            snprintf(err, errlen, "%s", comms[i]->err);
+            return -ECANCELED;
+        }
+    }
+    if (count == 0)
+        return 0;
+    if ((result = comms[0]->api.group_start()) != WK_NCCL_ABI_SUCCESS) {
+        rc = nccl_fail(comms[0], comms[0]->comm, result, "ncclGroupStart");
+        snprintf(err, errlen, "%s", comms[0]->err);
+        return rc;
+    }
+    for (i = 0; i < count && rc == 0; i++) {
+        wk_nccl_t *n = comms[i];
+        const struct wk_nccl_transfer *x = &t[i];
+
+        if (x->count == 0)
+            continue;
+        result = x->recv ? n->api.recv((void *)(uintptr_t)x->buf, x->count, (int)x->type, x->peer,
+                                       n->comm, stream)
+                         : n->api.send((const void *)(uintptr_t)x->buf, x->count, (int)x->type,
+                                       x->peer, n->comm, stream);
+        if (result != WK_NCCL_ABI_SUCCESS && result != WK_NCCL_ABI_IN_PROGRESS)
+            rc = nccl_fail(n, n->comm, result, "%s(%zu %s, %s rank %d; transfer %zu of %zu)",
+                           x->recv ? "ncclRecv" : "ncclSend", x->count, type_name(x->type),
+                           x->recv ? "from" : "to", x->peer, i, count);
+    }
+    result = comms[0]->api.group_end();
+    /* each communicator settles (its connections made) */
+    for (i = 0; i < count && rc == 0; i++) {
+        char call[64];
+
+        snprintf(call, sizeof(call), "ncclGroupEnd(%zu transfers across communicators)", count);
+        rc = settle_or_abort(comms[i], comms[i]->comm, result, call);
+    }
+    if (rc < 0)
+        snprintf(err, errlen, "%s", comms[i > 0 ? i - 1 : 0]->err);
+    return rc;
+}
+
 int wk_nccl_allreduce_sum_of(wk_nccl_t *n, wk_cuda_stream stream, wk_cuda_ptr send,
                              wk_cuda_ptr recv, size_t count, enum wk_nccl_type type)
 {

@@ -167,6 +167,14 @@ int wk_nccl_transfers_check(const struct wk_nccl_transfer *t, size_t n, int nran
  * queued; the data moves with the stream. */
 int wk_nccl_exchange(wk_nccl_t *n, wk_cuda_stream stream, const struct wk_nccl_transfer *t,
                      size_t count);
+/* One group over several communicators: t[i] on comms[i], all on stream.
+ * NCCL connects two ranks at their first transfer, and that first call
+ * waits for the peer's; doing every channel's first transfer in one call
+ * on every rank (at setup) means no schedule can deadlock on connecting.
+ * 0 or -errno with the reason in err. */
+int wk_nccl_exchange_across(wk_nccl_t *const *comms, wk_cuda_stream stream,
+                            const struct wk_nccl_transfer *t, size_t count, char *err,
+                            size_t errlen);
 /* The sum of count elements of type (FP32, FP64 or INT64) over every rank
  * into recv on stream (send == recv is in place). */
 int wk_nccl_allreduce_sum_of(wk_nccl_t *n, wk_cuda_stream stream, wk_cuda_ptr send,

@@ -18,7 +18,13 @@
  *    bitwise the same everywhere (NCCL's ring order differs: results agree
  *    to rounding);
  *  - ncclCommSplit exchanges (color, key) on the parent's rings from the
- *    calling thread (call it with no operation in flight, as at setup).
+ *    calling thread (call it with no operation in flight, as at setup);
+ *  - as NCCL, two ranks connect at their first send/receive with each
+ *    other, and that call waits for the peer's side (ncclGroupEnd blocks,
+ *    or says ncclInProgress on a non-blocking communicator);
+ *  - ncclCommInitRankConfig with blocking 0 joins on a thread of its own
+ *    (ncclInProgress meanwhile); FAKE_NCCL_STALL_ONCE=PATH makes the first
+ *    rank to create PATH never join (until aborted).
  * A rank that waits more than FAKE_NCCL_TIMEOUT_MS (or the environment's
  * FAKE_NCCL_TIMEOUT_MS) for a peer fails the
  * operation (ncclSystemError as the communicator's async error, and a fault
@@ -95,6 +101,9 @@ struct comm {
     size_t map_bytes, ring_bytes;
     atomic_int aborted;
     atomic_int async_err;
+    int nonblocking;     /* made with a non-blocking config (or split from such) */
+    unsigned char *want; /* [nranks][2]: this rank's first send (1) / receive (0) with a peer */
+    unsigned splits;     /* ncclCommSplit calls so far: each child's rendezvous differs */
     char last_error[256];
 };
 
@@ -165,6 +174,43 @@ static unsigned char *ring_of(const struct comm *c, int src, int dst)
     return c->base + FAKE_NCCL_HDR_BYTES + ((size_t)src * c->nranks + dst) * c->ring_bytes;
 }
 
+/* --- connections, as NCCL makes them lazily --------------------------------
+ * NCCL connects two ranks of a communicator at their first send/receive
+ * with each other, and that first call does not return (or, non-blocking,
+ * stays "in progress") until the peer made its side: each pair (src, dst)
+ * has a flag per side in the shared file, after the rings. */
+static _Atomic unsigned char *conn_flag(const struct comm *c, int src, int dst, int sender)
+{
+    unsigned char *flags =
+        c->base + FAKE_NCCL_HDR_BYTES + (size_t)c->nranks * c->nranks * c->ring_bytes;
+
+    return (_Atomic unsigned char *)(flags + ((size_t)src * c->nranks + dst) * 2 + sender);
+}
+
+/* This rank's side of its connection with peer (send: this rank sends). */
+static void connect_begin(struct comm *c, int peer, int send)
+{
+    if (peer == c->rank || c->want[peer * 2 + send])
+        return;
+    c->want[peer * 2 + send] = 1;
+    if (send)
+        atomic_store(conn_flag(c, c->rank, peer, 1), 1);
+    else
+        atomic_store(conn_flag(c, peer, c->rank, 0), 1);
+}
+
+/* Every connection this rank began has its peer's side too. */
+static int connect_done(const struct comm *c)
+{
+    for (int p = 0; p < c->nranks; p++) {
+        if (c->want[p * 2 + 1] && !atomic_load(conn_flag(c, c->rank, p, 0)))
+            return 0;
+        if (c->want[p * 2] && !atomic_load(conn_flag(c, p, c->rank, 1)))
+            return 0;
+    }
+    return 1;
+}
+
 /* --- ids and communicators -------------------------------------------------------- */
 
 API ncclResult_t ncclGetVersion(int *version)
@@ -227,7 +273,7 @@ static ncclResult_t attach(struct comm *c)
 {
     char path[96];
     size_t ring = dx_tref_ring_size(1, FAKE_NCCL_SLOTS, FAKE_NCCL_SLOT_BYTES);
-    size_t bytes = FAKE_NCCL_HDR_BYTES + (size_t)c->nranks * c->nranks * ring;
+    size_t bytes = FAKE_NCCL_HDR_BYTES + (size_t)c->nranks * c->nranks * (ring + 2);
     double deadline = now_ms() + timeout_ms();
     struct shm_hdr *h;
     int fd, creator = 0;
@@ -309,6 +355,8 @@ static void comm_free(struct comm *c)
 {
     if (c && c->base)
         munmap(c->base, c->map_bytes);
+    if (c)
+        free(c->want);
     free(c);
 }
 
@@ -321,8 +369,10 @@ static ncclResult_t comm_init(struct comm **out, int nranks, const unsigned char
     *out = NULL;
     if (nranks < 1 || nranks > FAKE_NCCL_MAX_RANKS || rank < 0 || rank >= nranks)
         return ncclInvalidArgument;
-    if (!(c = calloc(1, sizeof(*c))))
+    if (!(c = calloc(1, sizeof(*c))) || !(c->want = calloc((size_t)nranks * 2, 1))) {
+        free(c);
         return ncclSystemError;
+    }
     c->rank = rank;
     c->nranks = nranks;
     memcpy(c->token, token, 16);
@@ -378,10 +428,13 @@ API ncclResult_t ncclCommInitRankConfig(ncclComm_t *comm, int nranks, ncclUnique
         return ncclInvalidArgument;
     if (nranks < 1 || nranks > FAKE_NCCL_MAX_RANKS || rank < 0 || rank >= nranks)
         return ncclInvalidArgument;
-    if (!(c = calloc(1, sizeof(*c))))
+    if (!(c = calloc(1, sizeof(*c))) || !(c->want = calloc((size_t)nranks * 2, 1))) {
+        free(c);
         return ncclSystemError;
+    }
     c->rank = rank;
     c->nranks = nranks;
+    c->nonblocking = 1;
     memcpy(c->token, f.token, 16);
     atomic_store(&c->async_err, ncclInProgress);
     if (pthread_create(&t, NULL, join_main, c) != 0) {
@@ -440,6 +493,8 @@ API ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *err)
     if (!comm || !err)
         return ncclInvalidArgument;
     *err = (ncclResult_t)atomic_load(&comm->async_err);
+    if (*err == ncclSuccess && comm->base && !connect_done(comm))
+        *err = ncclInProgress; /* a first send/receive waits for its peer */
     return ncclSuccess;
 }
 
@@ -666,6 +721,41 @@ API ncclResult_t ncclGroupStart(void)
     return ncclSuccess;
 }
 
+/* A group's first sends and receives connect (see connect_begin): on a
+ * blocking communicator ncclGroupEnd waits for the peers' sides, on a
+ * non-blocking one it says ncclInProgress until they come. Then the group
+ * is queued on its stream. */
+static ncclResult_t group_connect_and_run(struct group *g)
+{
+    double deadline = now_ms() + timeout_ms();
+    int pending = 0;
+
+    for (int i = 0; i < g->n; i++)
+        if (g->ops[i].kind != OP_ALLREDUCE)
+            connect_begin(g->ops[i].comm, g->ops[i].peer, g->ops[i].kind == OP_SEND);
+    for (int i = 0; i < g->n; i++) {
+        struct comm *c = g->ops[i].comm;
+
+        while (!c->nonblocking && !connect_done(c)) {
+            if (atomic_load(&c->aborted) || now_ms() > deadline) {
+                snprintf(c->last_error, sizeof(c->last_error),
+                         "a first send/receive: the peer never made its side");
+                free(g->ops);
+                free(g);
+                return ncclSystemError;
+            }
+            sched_yield();
+        }
+        pending |= c->nonblocking && !connect_done(c);
+    }
+    if (fake_stream_host(g->stream, group_run, g) < 0) {
+        free(g->ops);
+        free(g);
+        return ncclSystemError;
+    }
+    return pending ? ncclInProgress : ncclSuccess;
+}
+
 API ncclResult_t ncclGroupEnd(void)
 {
     struct group *g;
@@ -683,12 +773,7 @@ API ncclResult_t ncclGroupEnd(void)
         free(g);
         return rc; /* the fake runs a group on one stream only */
     }
-    if (fake_stream_host(g->stream, group_run, g) < 0) {
-        free(g->ops);
-        free(g);
-        return ncclSystemError;
-    }
-    return ncclSuccess;
+    return group_connect_and_run(g);
 }
 
 static ncclResult_t add_op(const struct op *o, void *stream)
@@ -785,6 +870,7 @@ API ncclResult_t ncclCommSplit(ncclComm_t comm, int color, int key, ncclComm_t *
     }
     rc = run_xfers(x, nx);
     free(x);
+    comm->splits++;                       /* the same count on every rank: they all take part */
     if (rc != ncclSuccess || color < 0) { /* NCCL_SPLIT_NOCOLOR: no new communicator */
         free(all);
         return rc;
@@ -799,8 +885,13 @@ API ncclResult_t ncclCommSplit(ncclComm_t comm, int color, int key, ncclComm_t *
     }
     free(all);
     memcpy(token, comm->token, 16);
-    for (int i = 0; i < 4; i++) /* the child's rendezvous: the parent's token and the color */
+    for (int i = 0; i < 4;
+         i++) { /* the child's rendezvous: the parent's token, the color, the split */
         token[i] ^= (unsigned char)((uint32_t)color >> (8 * i));
+        token[4 + i] ^= (unsigned char)(comm->splits >> (8 * i));
+    }
     token[15] ^= 0x5a;
-    return comm_init(newcomm, members, token, rank);
+    if ((rc = comm_init(newcomm, members, token, rank)) == ncclSuccess)
+        (*newcomm)->nonblocking = comm->nonblocking;
+    return rc;
 }

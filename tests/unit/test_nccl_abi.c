@@ -860,3 +860,27 @@ Test(nccl_fake, an_nccl_without_the_config_call_joins_blocking)
     cr_assert_str_eq(fake.log[0], "init 0 of 1, id 0");
     wk_nccl_destroy(n);
 }
+
+Test(nccl_fake, an_exchange_across_communicators_is_one_group)
+{
+    wk_nccl_t *a = fake_open(), *b = NULL, *comms[2];
+    float x = 3.5f, y = 0.0f;
+    struct wk_nccl_transfer t[2] = {{0, 0, WK_NCCL_FP32, host_ptr(&x), 1},
+                                    {1, 0, WK_NCCL_FP32, host_ptr(&y), 1}};
+    char err[256] = "";
+
+    cr_assert_eq(wk_nccl_split(a, 0, 0, &b), 0, "%s", wk_nccl_error(a));
+    fake.nlog = 0;
+    comms[0] = a;
+    comms[1] = b;
+    cr_assert_eq(wk_nccl_exchange_across(comms, NULL, t, 2, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(fake.nlog, 4, "group, send, recv, end: one group");
+    cr_assert_str_eq(fake.log[0], "group");
+    cr_assert_str_eq(fake.log[3], "end");
+    cr_assert_eq(y, 3.5f, "the receive got the send (the fake matches them at the group's end)");
+    comms[1] = NULL;
+    cr_assert_eq(wk_nccl_exchange_across(comms, NULL, t, 2, err, sizeof(err)), -EINVAL);
+    cr_assert_str_eq(err, "transfer 1 has no communicator");
+    wk_nccl_destroy(b);
+    wk_nccl_destroy(a);
+}
