@@ -1739,6 +1739,24 @@ static int setup_chunks(wk_cpu_t *c, const Duplex__Assignment *a)
     return 0;
 }
 
+/* 1 when two of the assignment's ranks are on one GPU (the same node and
+ * GPU index), saying which in why. */
+static int shared_gpu(const Duplex__Assignment *a, char *why, size_t len)
+{
+    for (size_t i = 0; i < a->n_peers; i++)
+        for (size_t j = i + 1; j < a->n_peers; j++) {
+            const Duplex__Peer *p = a->peers[i], *q = a->peers[j];
+
+            if (p->gpu == q->gpu && p->node && p->node[0] && q->node &&
+                strcmp(p->node, q->node) == 0) {
+                snprintf(why, len, "workers %s and %s share GPU %d of node %s", p->worker_id,
+                         q->worker_id, p->gpu, p->node);
+                return 1;
+            }
+        }
+    return 0;
+}
+
 /* The chunks' device twins, from the host models (initialised, or loaded
  * from the checkpoint); with ep > 1 their MoE layers exchange rows with
  * the ep ranks by NCCL. */
@@ -1748,7 +1766,17 @@ static int setup_gpu(wk_cpu_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
     int rc;
 
     c->gpu = gpu;
-    if (a->nccl_id.len == WK_NCCL_ID_BYTES) {
+    if (a->nccl_id.len == WK_NCCL_ID_BYTES && shared_gpu(a, why, sizeof(why))) {
+        /* NCCL refuses two ranks of a communicator on one GPU */
+        if (c->ep > 1)
+            return fail(c, -EINVAL,
+                        "expert parallelism on the cuda backend (parallel.ep %d) needs one GPU "
+                        "per rank: %s",
+                        c->ep, why);
+        dx_info("job %" PRIu64 ": pipeline messages and step-end sums through the hosts, not "
+                "NCCL: %s",
+                a->job_id, why);
+    } else if (a->nccl_id.len == WK_NCCL_ID_BYTES) {
         c->has_nccl_id = 1;
         memcpy(c->nccl_id, a->nccl_id.data, WK_NCCL_ID_BYTES);
         c->nccl_nranks = (int)a->n_peers;

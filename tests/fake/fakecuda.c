@@ -386,10 +386,18 @@ static CUresult fk_device_get_attribute(int *v, int attr, int dev)
     }
 }
 
+static int g_device = -1;
+
+int fake_current_device(void)
+{
+    return g_device;
+}
+
 static CUresult fk_primary_ctx_retain(void **ctx, int dev)
 {
     if (dev < 0 || dev >= device_count())
         return CUDA_ERROR_INVALID_DEVICE;
+    g_device = dev;
     g_ctx_retained++;
     *ctx = &g_ctx_retained;
     return CUDA_SUCCESS;

@@ -36,5 +36,7 @@ const struct fake_kernel *fakecuda_kernel(int i);
 int fake_stream_host(void *stream, int (*fn)(void *arg), void *arg);
 /* Waits for every stream's queued work (what cuCtxSynchronize does). */
 void fake_sync_all(void);
+/* The device whose primary context this process retained last, or -1. */
+int fake_current_device(void);
 
 #endif

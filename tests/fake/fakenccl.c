@@ -55,7 +55,7 @@
 #define FAKE_NCCL_SLOTS 16
 #define FAKE_NCCL_SLOT_BYTES 16384
 #define FAKE_NCCL_MAGIC 0x6c63636e6b616664ull /* "dfakencl" */
-#define FAKE_NCCL_HDR_BYTES 4096
+#define FAKE_NCCL_HDR_BYTES 4096              /* struct shm_hdr, padded */
 #define FAKE_NCCL_MAX_RANKS 256
 
 typedef enum {
@@ -90,9 +90,11 @@ struct fake_id {
 struct shm_hdr {
     uint64_t magic;
     uint32_t nranks, slots, slot_bytes, pad;
-    _Atomic uint32_t ready;    /* the creator laid the rings out */
-    _Atomic uint32_t attached; /* ranks that mapped the file */
+    _Atomic uint32_t ready;              /* the creator laid the rings out */
+    _Atomic uint32_t attached;           /* ranks that mapped the file */
+    int32_t device[FAKE_NCCL_MAX_RANKS]; /* each rank's fake GPU (NCCL: one rank per GPU) */
 };
+_Static_assert(sizeof(struct shm_hdr) <= FAKE_NCCL_HDR_BYTES, "the header outgrew its page");
 
 struct comm {
     int rank, nranks;
@@ -335,6 +337,7 @@ static ncclResult_t attach(struct comm *c)
                  "rank %d says %d ranks, the communicator has %u", c->rank, c->nranks, h->nranks);
         return ncclInvalidUsage;
     }
+    h->device[c->rank] = fake_current_device();
     if (atomic_fetch_add(&h->attached, 1) + 1 == (uint32_t)c->nranks)
         unlink(path); /* everyone has it mapped */
     while (atomic_load(&h->attached) < (uint32_t)c->nranks) {
@@ -348,6 +351,14 @@ static ncclResult_t attach(struct comm *c)
         }
         sched_yield();
     }
+    /* as NCCL: two ranks of a communicator on one GPU is an error */
+    for (int r = 0; r < c->nranks; r++)
+        if (r != c->rank && h->device[r] >= 0 && h->device[r] == h->device[c->rank]) {
+            snprintf(c->last_error, sizeof(c->last_error),
+                     "Duplicate GPU detected: rank %d and rank %d both on CUDA device %d",
+                     r < c->rank ? r : c->rank, r < c->rank ? c->rank : r, h->device[r]);
+            return ncclInvalidUsage;
+        }
     return ncclSuccess;
 }
 

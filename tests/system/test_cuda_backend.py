@@ -264,3 +264,45 @@ def test_a_rank_that_never_joins_nccl_costs_a_restart_not_a_hang(cluster, tmp_pa
     for entry, ref in zip(losses, reference):
         assert abs(entry["loss"] - ref) / abs(ref) <= 1e-4, (entry, ref)
     assert all(w["state"] == "alive" for w in c.workers().values()), c.workers()
+
+
+@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
+                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+def test_ranks_sharing_one_gpu_train_through_the_hosts(cluster, tmp_path):
+    """NCCL refuses two ranks of a communicator on one GPU (the fake does
+    too), so a job whose ranks share a GPU (4 workers on GPU 0, as
+    tests/gpu/train_check.py runs on a one-GPU host) sends its pipeline
+    messages and step-end sums through the hosts, and still trains like the
+    standalone run; expert parallelism there is refused, naming the GPU."""
+    from test_train import finished, spec_with, standalone_run, submit
+
+    c = cluster
+    c.env["FAKECUDA_DEVICES"] = "1"
+    c.start_duplexd("--nccl-lib", str(FAKE))
+    for i in range(4):
+        c.start_worker(f"g{i}", i, *fake_stack(), "--gpu", "0", "--node", "node0",
+                       backend="cuda", wait=False)
+    for i in range(4):
+        c.wait_worker_alive(f"g{i}")
+    path = spec_with(tmp_path, "cuda-one-gpu", schedule="dualpipe", ep=1)
+    spec = json.loads(path.read_text())
+    spec["backend"] = "cuda"
+    path.write_text(json.dumps(spec))
+    reference, _ = standalone_run(path, tmp_path)
+    status = finished(c, submit(c, path))
+    for entry, ref in zip(status["losses"], reference):
+        assert abs(entry["loss"] - ref) / abs(ref) <= 1e-4, (entry, ref)
+    log = c.worker_procs["g0"].log_text()
+    assert "pipeline messages and step-end sums through the hosts, not NCCL: workers " in log, log
+    assert "share GPU 0 of node node0" in log, log
+
+    spec["name"], spec["parallel"]["pp"], spec["parallel"]["ep"] = "cuda-one-gpu-ep", 2, 2
+    spec["restart"] = {"max_restarts": 0}  # the refusal repeats: no use retrying
+    path.write_text(json.dumps(spec))
+    jid = submit(c, path)
+    c.poll_until(lambda: json.loads(c.ctl("status", jid, "--json").stdout)["state"] == "failed",
+                 timeout=60, what=f"job {jid} to fail")
+    events = c.ctl("events", jid).stdout
+    assert "expert parallelism on the cuda backend (parallel.ep 2) needs one GPU per rank" \
+        in events, events
+    assert all(w["state"] == "alive" for w in c.workers().values())

@@ -87,8 +87,8 @@ static int rank_main(const nccl_id *id, int rank)
     int next = (rank + 1) % RANKS, prev = (rank + RANKS - 1) % RANKS, cnt = 0, me = -1;
 
     if (load(&n) < 0 || wk_cuda_open(&paths, &c, err, sizeof(err)) < 0 ||
-        wk_cuda_context(c, 0) < 0 || wk_cuda_stream_create(c, &s) < 0)
-        return 10;
+        wk_cuda_context(c, rank) < 0 || wk_cuda_stream_create(c, &s) < 0)
+        return 10; /* one fake GPU per rank, as NCCL wants */
     if (n.init_rank(&comm, RANKS, *id, rank) != 0)
         return 11;
     /* all-reduce: the rank-order float sum, the same bits everywhere */
@@ -142,6 +142,7 @@ Test(fake_nccl, three_ranks_all_reduce_exchange_and_split, .timeout = 60)
     nccl_id id;
     pid_t pid[RANKS];
 
+    setenv("FAKECUDA_DEVICES", "4", 1);
     cr_assert_eq(load(&n), 0, "%s", fakestack_path());
     cr_assert_eq(n.get_unique_id(&id), 0);
     for (int r = 0; r < RANKS; r++) {
@@ -188,7 +189,7 @@ static int wk_rank_main(const unsigned char *id, int rank)
     char err[512];
     const int peer = 1 - rank;
 
-    if (wk_cuda_open(&paths, &c, err, sizeof(err)) < 0 || wk_cuda_context(c, 0) < 0 ||
+    if (wk_cuda_open(&paths, &c, err, sizeof(err)) < 0 || wk_cuda_context(c, rank) < 0 ||
         wk_cuda_stream_create(c, &s) < 0)
         return 20;
     if (wk_nccl_create(c, id, 2, rank, &n, err, sizeof(err)) < 0)
@@ -235,6 +236,7 @@ static int wk_rank_main(const unsigned char *id, int rank)
 
 Test(fake_nccl, the_workers_nccl_layer_runs_on_it_between_two_processes, .timeout = 60)
 {
+    setenv("FAKECUDA_DEVICES", "2", 1);
     struct wk_cuda_paths paths = {
         .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
     unsigned char id[WK_NCCL_ID_BYTES];
