@@ -18,7 +18,8 @@
  *   c, c + C, ... into dst + msg_off[m] (16-byte aligned, msg_cap[m] bytes)
  *   and writes their lengths to msg_len[m].
  * err[c] is 0, or -EMSGSIZE / -EINVAL (sender), -EPROTO / -ENOBUFS
- * (receiver), -ETIMEDOUT (no progress for DX_TRANSPORT_TIMEOUT_CYCLES); the
+ * (receiver), -ETIMEDOUT (no progress for DX_TRANSPORT_TIMEOUT_CYCLES),
+ * -ECANCELED (a side set the ring's abort word while this one waited); the
  * block stops at the first error. The rings' counters persist across
  * launches: a stream may be sent by several launches of the same grid.
  *
@@ -46,6 +47,13 @@ static __device__ __forceinline__ uint64_t ld_relaxed_sys_u64(const uint64_t *p)
 {
     uint64_t v;
     asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+static __device__ __forceinline__ uint32_t ld_relaxed_sys_u32(const void *p)
+{
+    uint32_t v;
+    asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
 
@@ -160,7 +168,9 @@ extern "C" __global__ void __launch_bounds__(DX_TRANSPORT_THREADS, 1)
             const long long t0 = clock64();
             while (s_err == 0 && s_head + n - tail > slots) {
                 tail = ld_acquire_sys_u64(tailp);
-                if ((uint64_t)(clock64() - t0) > DX_TRANSPORT_TIMEOUT_CYCLES)
+                if (ld_relaxed_sys_u32(ring + DX_TREF_ABORT_OFF))
+                    s_err = -ECANCELED;
+                else if ((uint64_t)(clock64() - t0) > DX_TRANSPORT_TIMEOUT_CYCLES)
                     s_err = -ETIMEDOUT;
             }
         }
@@ -221,6 +231,12 @@ extern "C" __global__ void __launch_bounds__(DX_TRANSPORT_THREADS, 1)
             const long long t0 = clock64();
             while (head == s_tail) {
                 head = ld_acquire_sys_u64(headp);
+                if (head != s_tail)
+                    break;
+                if (ld_relaxed_sys_u32(ring + DX_TREF_ABORT_OFF)) {
+                    s_err = -ECANCELED;
+                    break;
+                }
                 if ((uint64_t)(clock64() - t0) > DX_TRANSPORT_TIMEOUT_CYCLES) {
                     s_err = -ETIMEDOUT;
                     break;

@@ -101,6 +101,21 @@ static void copy_slots(const struct dx_tref_hdr *h, void *ring, uint32_t c, uint
     }
 }
 
+/* The ring's abort word is set (a relaxed load: the word says nothing of
+ * the slots). */
+static bool aborted(void *ring)
+{
+    return atomic_load_explicit((_Atomic uint32_t *)((unsigned char *)ring + DX_TREF_ABORT_OFF),
+                                memory_order_relaxed) != 0;
+}
+
+/* Sets the ring's abort word. */
+void dx_tref_abort(void *ring)
+{
+    atomic_store_explicit((_Atomic uint32_t *)((unsigned char *)ring + DX_TREF_ABORT_OFF), 1,
+                          memory_order_relaxed);
+}
+
 static int send_msg(void *ring, uint32_t channel, const void *data, size_t len, bool wait)
 {
     const struct dx_tref_hdr *h = ring_hdr(ring, channel);
@@ -122,6 +137,8 @@ static int send_msg(void *ring, uint32_t channel, const void *data, size_t len, 
         tl = atomic_load_explicit(tail, memory_order_acquire);
         if (hd + n - tl <= h->slots)
             break;
+        if (aborted(ring))
+            return -ECANCELED;
         if (!wait)
             return -EAGAIN;
         if (++spins >= SPINS_BEFORE_YIELD) {
@@ -167,6 +184,8 @@ static int recv_msg(void *ring, uint32_t channel, void *buf, size_t cap, size_t 
         hd = atomic_load_explicit(head, memory_order_acquire);
         if (hd != tl)
             break;
+        if (aborted(ring))
+            return -ECANCELED;
         if (!wait)
             return -EAGAIN;
         if (++spins >= SPINS_BEFORE_YIELD) {

@@ -88,8 +88,14 @@ struct dx_tref_hdr {
     uint32_t channels;
     uint32_t slots;
     uint32_t slot_bytes;
-    uint32_t reserved;
+    uint32_t abort; /* nonzero: every waiting transfer on the ring gives up (-ECANCELED) */
 };
+/* Abort. Either side may set the header's abort word (a relaxed store, by a
+ * copy engine or the host, while the kernels run): a side waiting for
+ * credit or for a message checks it on every poll and stops with
+ * -ECANCELED, so a job whose peer died ends at once instead of when the
+ * wait times out. A ring is not used again after an abort. */
+#define DX_TREF_ABORT_OFF 20
 
 /* the message header at the start of a message's first slot */
 struct dx_tref_msg {
@@ -111,8 +117,12 @@ int dx_tref_ring_init(void *mem, size_t size, uint32_t channels, uint32_t slots,
 
 /* Send len bytes (data may be NULL when len is 0) as the channel's next
  * message; waits (spin, then sched_yield) for credit. 0, -EINVAL (bad ring
- * or channel) or -EMSGSIZE (more slots than the ring has). */
+ * or channel), -EMSGSIZE (more slots than the ring has) or -ECANCELED (the
+ * ring was aborted). */
 int dx_tref_send(void *ring, uint32_t channel, const void *data, size_t len);
+
+/* Sets the ring's abort word (either side, any thread or process). */
+void dx_tref_abort(void *ring);
 
 /* As dx_tref_send but -EAGAIN instead of waiting for credit. */
 int dx_tref_try_send(void *ring, uint32_t channel, const void *data, size_t len);

@@ -17,13 +17,12 @@
 #include "common/log.h"
 #include "worker/data.h"
 #include "worker/model/model.h"
+#include "worker/plink.h"
 #include "worker/train.h"
 
 #define MS_PER_S 1000.0
 #define PEER_NAME_MAX 320 /* "ranks (pp P, ep E, dp D) at ADDR" */
 
-/* NCCL channels of a rank: to and from each pipeline neighbour */
-enum { CH_SEND_UP, CH_RECV_UP, CH_SEND_DOWN, CH_RECV_DOWN, NCHAN };
 #define NS_PER_MS 1e6
 
 /* The owner side of one MoE layer of one slot: the rows every source sent
@@ -83,12 +82,15 @@ struct wk_cpu {
     size_t sync_cap;
     uint64_t start_step; /* the checkpoint's step, or 0 */
     wk_gpu_t *gpu;       /* the cuda backend's GPU, or NULL: compute on the CPU */
-    /* the cuda backend's pipeline messages by NCCL, when the job has an id:
-     * one 2-rank communicator and stream per direction of each neighbour */
+    /* the cuda backend's links: IPC rings to same-node neighbours, NCCL
+     * (when the job has an id and a GPU per rank) for the rest and for the
+     * step-end sums and the expert exchange, else the hosts */
     unsigned char nccl_id[WK_NCCL_ID_BYTES];
     int has_nccl_id, nccl_rank, nccl_nranks, nccl_timeout_ms;
-    atomic_int nccl_ready;   /* set up (the first SEND or RECV of the job does it) */
-    atomic_int nccl_aborted; /* wk_cpu_abort was called */
+    int same_node[2];       /* the pipeline neighbour below / above is on this node */
+    atomic_int links_ready; /* set up (the first message of the job does it) */
+    atomic_int aborted;     /* wk_cpu_abort was called */
+    wk_plink_t *links;
     wk_nccl_t *world;
     /* with ep > 1: this (dp, pp) slice's ep ranks, a communicator per chunk
      * (the chunks' streams run at once), and where each chunk's device MoE
@@ -96,11 +98,7 @@ struct wk_cpu {
     wk_nccl_t *ep_comm[2];
     struct wk_dmoe_ep dep[2];
     wk_cuda_event handoff; /* one chunk's output to the other's stream */
-    wk_nccl_t *chan[NCHAN];
-    wk_cuda_stream chan_stream[NCHAN];
-    wk_cuda_event chan_event[NCHAN], computed;
-    wk_cuda_ptr warm;  /* [NCHAN] floats: each channel's first transfer */
-    double loss_total; /* the group's loss sum, downloaded */
+    double loss_total;     /* the group's loss sum, downloaded */
     char *err;
     size_t errlen;
 };
@@ -722,33 +720,26 @@ static int gpu_fetch(wk_cpu_t *c, const struct chunk *ch, void *dst, wk_cuda_ptr
 
 /* The input (or output gradient) of chunk ch on the device: a local
  * producer's buffer (DualPipeV's turn: ch's stream waits for the other
- * chunk's), what NCCL received into dev (ch's stream already waits for it),
- * or the host's message uploaded into dev. */
+ * chunk's), or what the RECV put into dev (ch's stream waits for it). */
 static int gpu_input(wk_cpu_t *c, const struct chunk *ch, const struct slot *local,
-                     wk_cuda_ptr local_dev, const float *host, wk_cuda_ptr dev, wk_cuda_ptr *out)
+                     wk_cuda_ptr local_dev, wk_cuda_ptr dev, wk_cuda_ptr *out)
 {
     wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
     wk_cuda_stream s = chunk_stream(ch), from;
     int rc;
 
-    if (local) {
-        *out = local_dev;
-        from = chunk_stream(&c->chunk[local->chunk]);
-        if (from != s && ((rc = wk_cuda_event_record_on(cu, c->handoff, from)) < 0 ||
-                          (rc = wk_cuda_stream_wait(cu, s, c->handoff)) < 0))
-            return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+    *out = local ? local_dev : dev;
+    if (!local)
         return 0;
-    }
-    *out = dev;
-    if (c->nccl_ready)
-        return 0;
-    if ((rc = wk_cuda_upload_on(cu, s, dev, host, act_size(c))) < 0)
+    from = chunk_stream(&c->chunk[local->chunk]);
+    if (from != s && ((rc = wk_cuda_event_record_on(cu, c->handoff, from)) < 0 ||
+                      (rc = wk_cuda_stream_wait(cu, s, c->handoff)) < 0))
         return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
     return 0;
 }
 
-/* Messages go by NCCL between the GPUs when the job has it, else through
- * the host's data plane (the input goes up, the output comes down). */
+/* The messages in and out are the SEND's and RECV's (the links, or the
+ * hosts' data plane). */
 static int gpu_forward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const struct slot *prev,
                        float *loss)
 {
@@ -756,13 +747,13 @@ static int gpu_forward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const stru
     wk_cuda_ptr x = 0;
 
     if (!(ch->flags & WK_MODEL_HAS_EMBED) &&
-        (rc = gpu_input(c, ch, prev, prev ? prev->d_out : 0, s->x_in, s->d_in, &x)) < 0)
+        (rc = gpu_input(c, ch, prev, prev ? prev->d_out : 0, s->d_in, &x)) < 0)
         return rc;
     if ((rc = gpu_rc(
              c, ch,
              wk_dmodel_forward(ch->dev, s->dcache, s->tokens, x, head ? 0 : s->d_out, loss))) < 0)
         return rc;
-    return head || c->nccl_ready ? 0 : gpu_fetch(c, ch, s->x_out, s->d_out);
+    return 0;
 }
 
 static int gpu_backward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const struct slot *next,
@@ -772,14 +763,14 @@ static int gpu_backward(wk_cpu_t *c, struct chunk *ch, struct slot *s, const str
     wk_cuda_ptr dy = 0;
 
     if (!(ch->flags & WK_MODEL_HAS_HEAD) &&
-        (rc = gpu_input(c, ch, next, next ? next->d_dx : 0, s->dy, s->d_dy, &dy)) < 0)
+        (rc = gpu_input(c, ch, next, next ? next->d_dx : 0, s->d_dy, &dy)) < 0)
         return rc;
     if ((rc = gpu_rc(c, ch,
                      wk_dmodel_backward_input(ch->dev, s->dcache, dy, has_embed ? 0 : s->d_dx))) <
             0 ||
         (full && (rc = gpu_rc(c, ch, wk_dmodel_backward_weight(ch->dev, s->dcache))) < 0))
         return rc;
-    return has_embed || c->nccl_ready ? 0 : gpu_fetch(c, ch, s->dx, s->d_dx);
+    return 0;
 }
 
 static int run_forward(wk_cpu_t *c, const struct dp_work *w)
@@ -851,7 +842,7 @@ static int run_backward(wk_cpu_t *c, const struct dp_work *w, enum dp_op_kind ki
     return 0;
 }
 
-static int nccl_use(wk_cpu_t *c);
+static int links_use(wk_cpu_t *c);
 
 int wk_cpu_compute(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
 {
@@ -862,7 +853,7 @@ int wk_cpu_compute(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen
     if (err && errlen)
         err[0] = '\0';
     /* the MoE layers' expert exchange needs the communicators */
-    if (c->ep > 1 && nccl_use(c) < 0)
+    if (c->ep > 1 && links_use(c) < 0)
         return c->err[0] ? -EIO : -ECANCELED;
     switch (op->kind) {
     case DP_OP_F:
@@ -909,43 +900,6 @@ static size_t act_bytes(const wk_cpu_t *c)
 
 static int stage_members(const wk_cpu_t *c, int st, int *out);
 
-/* 1 + a unique id of the pair (r, r + 1) of pipeline ranks in this rank's
- * (dp, ep) slice: the color of the pair's communicators */
-static int pair_color(const wk_cpu_t *c, int r)
-{
-    return 1 + ((c->dp_rank * c->ep + c->ep_rank) * c->pp + r);
-}
-
-/* The four splits of the world, the same calls in the same order on every
- * rank: up from even, up from odd, down from even, down from odd pairs
- * (r, r + 1); the sender takes key 0 (rank 0 of the pair), the receiver 1. */
-static int nccl_channels(wk_cpu_t *c)
-{
-    const int p = c->pp_rank, P = c->pp;
-
-    for (int split = 0; split < 4; split++) {
-        int down = split >= 2, parity = split & 1, color = WK_NCCL_NO_COLOR, key = 0, role = -1;
-        wk_nccl_t *out = NULL;
-        int rc;
-
-        if ((p & 1) == parity && p + 1 < P) { /* the pair (p, p + 1) */
-            color = pair_color(c, p);
-            key = down ? 1 : 0;
-            role = down ? CH_RECV_DOWN : CH_SEND_UP;
-        } else if (((p - 1) & 1) == parity && p >= 1) { /* the pair (p - 1, p) */
-            color = pair_color(c, p - 1);
-            key = down ? 0 : 1;
-            role = down ? CH_SEND_DOWN : CH_RECV_UP;
-        }
-        if ((rc = wk_nccl_split(c->world, color, key, &out)) < 0)
-            return fail(c, rc, "NCCL: splitting the pipeline channels: %s",
-                        wk_nccl_error(c->world));
-        if (role >= 0)
-            c->chan[role] = out;
-    }
-    return 0;
-}
-
 /* The S splits of the world into the ranks holding each stage (one split
  * per stage, the same calls in the same order on every rank; key = the
  * position in stage_members, so the sums run in the host sums' order). A
@@ -979,161 +933,128 @@ static int nccl_groups(wk_cpu_t *c)
     return rc;
 }
 
-/* Every channel's first transfer, in one group on every rank. NCCL
- * connects a pair at its first transfer, and that call waits for the
- * peer's: left to the schedule, two neighbours can each wait in a first
- * send for the other's first receive (the fake NCCL connects the same way,
- * and DualPipe's first step did deadlock there). */
-static int nccl_connect(wk_cpu_t *c)
+/* The links' byte channel for the IPC rings' descriptors: the data plane,
+ * between the two neighbours (their own key: the attempt, no step). */
+static struct wk_data_key ring_key(const wk_cpu_t *c, int from, int to)
 {
-    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
-    wk_nccl_t *comms[NCHAN];
-    struct wk_nccl_transfer t[NCHAN];
-    char why[512];
-    size_t n = 0;
+    return (struct wk_data_key){.job_id = c->job_id,
+                                .attempt = c->attempt,
+                                .payload = WK_DATA_LINK_RING,
+                                .path = -1,
+                                .stage = to,
+                                .src = from};
+}
+
+static int ring_send(void *arg, int peer, const void *buf, size_t len)
+{
+    wk_cpu_t *c = arg;
+    struct wk_data_key k = ring_key(c, c->pp_rank, peer);
+    int to = rank_index(c, c->dp_rank, peer, c->ep_rank);
+    char name[PEER_NAME_MAX];
+
+    return c->io.send(c->io.arg, c->addr[to], &k, buf, len, peer_name(c, to, name, sizeof(name)));
+}
+
+static int ring_recv(void *arg, int peer, void *buf, size_t cap, size_t *len)
+{
+    wk_cpu_t *c = arg;
+    struct wk_data_key k = ring_key(c, peer, c->pp_rank);
+    struct wk_data_msg *m = NULL;
+    char name[PEER_NAME_MAX];
     int rc;
 
-    if ((rc = wk_cuda_alloc(cu, NCHAN * sizeof(float), &c->warm)) < 0 ||
-        (rc = wk_cuda_memset(cu, c->warm, 0, NCHAN * sizeof(float))) < 0)
-        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
-    for (int ch = 0; ch < NCHAN; ch++) {
-        int recv = ch == CH_RECV_UP || ch == CH_RECV_DOWN;
-
-        if (!c->chan[ch])
-            continue;
-        comms[n] = c->chan[ch];
-        /* a pair's sender is its rank 0, the receiver its rank 1 */
-        t[n] = (struct wk_nccl_transfer){recv, recv ? 0 : 1, WK_NCCL_FP32,
-                                         c->warm + n * sizeof(float), 1};
-        n++;
-    }
-    if ((rc = wk_nccl_exchange_across(comms, wk_gpu_comm_stream(c->gpu), t, n, why, sizeof(why))) <
+    if ((rc = c->io.recv(
+             c->io.arg, &k,
+             peer_name(c, rank_index(c, c->dp_rank, peer, c->ep_rank), name, sizeof(name)), &m)) <
         0)
-        return fail(c, rc, "NCCL: connecting the pipeline channels: %s", why);
-    if ((rc = wk_cuda_stream_sync(cu, wk_gpu_comm_stream(c->gpu))) < 0)
-        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
+        return rc;
+    *len = m->len < cap ? m->len : cap;
+    memcpy(buf, m->data, *len);
+    wk_data_msg_free(m);
     return 0;
 }
 
-static int nccl_setup(wk_cpu_t *c)
+/* At the job's first message: NCCL's communicator (when the job has an id
+ * and a GPU per rank), the pipeline links, and with NCCL the stage groups
+ * of the step-end sums and the ep ranks' communicators. */
+static int links_setup(wk_cpu_t *c)
 {
     wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
     /* non-blocking: a rank that never joins fails the job after the
      * timeout, and an abort (wk_cpu_abort) ends the wait at once */
-    const struct wk_nccl_wait wait = {c->nccl_timeout_ms, &c->nccl_aborted};
+    const struct wk_nccl_wait wait = {c->nccl_timeout_ms, &c->aborted};
+    struct wk_plink_config lc = {
+        .gpu = c->gpu,
+        .pp = c->pp,
+        .pp_rank = c->pp_rank,
+        /* 1 + a unique id of the pair (r, r + 1) in this rank's (dp, ep) slice */
+        .color_base = 1 + (c->dp_rank * c->ep + c->ep_rank) * c->pp,
+        .same_node = {c->same_node[0], c->same_node[1]},
+        .msg_bytes = act_size(c),
+        .max_msgs = 4 * c->paths * c->Mp,
+        .send_bytes = ring_send,
+        .recv_bytes = ring_recv,
+        .arg = c,
+    };
     char why[512];
     int rc, groups = 0;
 
-    if ((rc = wk_nccl_join(cu, c->nccl_id, c->nccl_nranks, c->nccl_rank, &wait, &c->world, why,
-                           sizeof(why))) < 0)
+    if (c->has_nccl_id && (rc = wk_nccl_join(cu, c->nccl_id, c->nccl_nranks, c->nccl_rank, &wait,
+                                             &c->world, why, sizeof(why))) < 0)
         return fail(c, rc, "NCCL: the job's communicator: %s", why);
-    if ((rc = nccl_channels(c)) < 0 || (rc = nccl_connect(c)) < 0 || (rc = nccl_groups(c)) < 0)
+    lc.world = c->world;
+    if ((rc = wk_plink_create(&lc, &c->links, why, sizeof(why))) < 0)
+        return fail(c, rc, "the pipeline links: %s", why);
+    if (c->world && (rc = nccl_groups(c)) < 0)
         return rc;
     /* the expert exchange: the ep ranks of this (dp, pp) slice, key = ep rank */
-    for (int i = 0; c->ep > 1 && i < c->nchunks; i++) {
+    for (int i = 0; c->world && c->ep > 1 && i < c->nchunks; i++) {
         if ((rc = wk_nccl_split(c->world, 1 + c->dp_rank * c->pp + c->pp_rank, c->ep_rank,
                                 &c->ep_comm[i])) < 0)
             return fail(c, rc, "NCCL: splitting the ep ranks: %s", wk_nccl_error(c->world));
         c->dep[i].comm = c->ep_comm[i];
     }
-    if ((rc = wk_cuda_event_create(cu, &c->computed)) < 0)
-        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
-    for (int i = 0; i < c->nchunks; i++)
+    for (int i = 0; c->world && i < c->nchunks; i++)
         if ((c->chunk[i].flags & WK_MODEL_HAS_HEAD) &&
             (rc = wk_cuda_alloc(cu, sizeof(double), &c->chunk[i].d_loss)) < 0)
             return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
-    for (int i = 0; i < NCHAN; i++)
-        if (c->chan[i] && ((rc = wk_cuda_stream_create(cu, &c->chan_stream[i])) < 0 ||
-                           (rc = wk_cuda_event_create(cu, &c->chan_event[i])) < 0))
-            return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
     for (int i = 0; i < c->nchunks; i++)
         groups += c->chunk[i].group != NULL;
-    atomic_store(&c->nccl_ready, 1); /* after the channels: wk_cpu_abort reads them */
-    dx_info("job %" PRIu64 ": pipeline messages, step-end sums and expert rows by NCCL "
-            "(rank %d of %d; channels up %s/%s, down %s/%s; %d stage group%s; %d ep rank%s)",
-            c->job_id, c->nccl_rank, c->nccl_nranks, c->chan[CH_SEND_UP] ? "send" : "-",
-            c->chan[CH_RECV_UP] ? "receive" : "-", c->chan[CH_SEND_DOWN] ? "send" : "-",
-            c->chan[CH_RECV_DOWN] ? "receive" : "-", groups, groups == 1 ? "" : "s", c->ep,
-            c->ep == 1 ? "" : "s");
+    atomic_store(&c->links_ready, 1); /* after the links: wk_cpu_abort reads them */
+    if (c->world)
+        dx_info("job %" PRIu64 ": pipeline links %s; step-end sums and expert rows by NCCL "
+                "(rank %d of %d; %d stage group%s; %d ep rank%s)",
+                c->job_id, wk_plink_describe(c->links), c->nccl_rank, c->nccl_nranks, groups,
+                groups == 1 ? "" : "s", c->ep, c->ep == 1 ? "" : "s");
+    else
+        dx_info("job %" PRIu64 ": pipeline links %s; step-end sums through the hosts", c->job_id,
+                wk_plink_describe(c->links));
     return 0;
 }
 
-static int nccl_use(wk_cpu_t *c)
+/* 1 when the links are up (set up now if needed), 0 on the cpu backend,
+ * -1 with the reason in c->err. */
+static int links_use(wk_cpu_t *c)
 {
-    if (!c->gpu || !c->has_nccl_id)
+    if (!c->gpu)
         return 0;
-    if (atomic_load(&c->nccl_aborted))
-        return fail(c, -ECANCELED, "NCCL: the job was aborted");
-    if (!c->nccl_ready && nccl_setup(c) < 0)
+    if (atomic_load(&c->aborted))
+        return fail(c, -ECANCELED, "the job was aborted");
+    if (!c->links_ready && links_setup(c) < 0)
         return -1;
     return 1;
 }
 
-/* The send of buf to pipeline rank peer once stream made it. */
-static int nccl_send(wk_cpu_t *c, int peer, wk_cuda_stream stream, wk_cuda_ptr buf)
-{
-    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
-    int ch = peer > c->pp_rank ? CH_SEND_UP : CH_SEND_DOWN;
-    const struct wk_nccl_transfer t = {0, 1, WK_NCCL_FP32, buf, act_size(c) / sizeof(float)};
-    int rc;
-
-    if (!c->chan[ch])
-        return fail(c, -EPROTO, "NCCL: no channel to pipeline rank %d", peer);
-    if ((rc = wk_cuda_event_record_on(cu, c->computed, stream)) < 0 ||
-        (rc = wk_cuda_stream_wait(cu, c->chan_stream[ch], c->computed)) < 0)
-        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
-    if ((rc = wk_nccl_exchange(c->chan[ch], c->chan_stream[ch], &t, 1)) < 0)
-        return fail(c, rc, "NCCL: send to pipeline rank %d: %s", peer, wk_nccl_error(c->chan[ch]));
-    return 0;
-}
-
-/* The receive into buf from pipeline rank peer; stream waits for it. */
-static int nccl_recv(wk_cpu_t *c, int peer, wk_cuda_stream stream, wk_cuda_ptr buf)
-{
-    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
-    int ch = peer < c->pp_rank ? CH_RECV_UP : CH_RECV_DOWN;
-    const struct wk_nccl_transfer t = {1, 0, WK_NCCL_FP32, buf, act_size(c) / sizeof(float)};
-    int rc;
-
-    if (!c->chan[ch])
-        return fail(c, -EPROTO, "NCCL: no channel from pipeline rank %d", peer);
-    if ((rc = wk_nccl_exchange(c->chan[ch], c->chan_stream[ch], &t, 1)) < 0)
-        return fail(c, rc, "NCCL: receive from pipeline rank %d: %s", peer,
-                    wk_nccl_error(c->chan[ch]));
-    if ((rc = wk_cuda_event_record_on(cu, c->chan_event[ch], c->chan_stream[ch])) < 0 ||
-        (rc = wk_cuda_stream_wait(cu, stream, c->chan_event[ch])) < 0)
-        return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
-    return 0;
-}
-
-/* Every send and receive of the step done (their buffers are reused). */
-static int nccl_drain(wk_cpu_t *c)
-{
-    wk_cuda_t *cu = wk_gpu_cuda(c->gpu);
-    int rc;
-
-    for (int i = 0; c->nccl_ready && i < NCHAN; i++)
-        if (c->chan_stream[i] && (rc = wk_cuda_stream_sync(cu, c->chan_stream[i])) < 0)
-            return fail(c, rc, "GPU: %s", wk_cuda_error(cu));
-    return 0;
-}
-
-static void nccl_free(wk_cpu_t *c)
+static void links_free(wk_cpu_t *c)
 {
     wk_cuda_t *cu = c->gpu ? wk_gpu_cuda(c->gpu) : NULL;
 
     if (!cu)
         return;
-    if (c->nccl_ready)
+    if (c->links_ready)
         wk_cuda_sync(cu);
-    for (int i = 0; i < NCHAN; i++) {
-        wk_nccl_destroy(c->chan[i]);
-        wk_cuda_stream_destroy(cu, c->chan_stream[i]);
-        wk_cuda_event_destroy(cu, c->chan_event[i]);
-    }
-    wk_cuda_event_destroy(cu, c->computed);
+    wk_plink_destroy(c->links);
     wk_cuda_event_destroy(cu, c->handoff);
-    wk_cuda_free(cu, c->warm);
     for (int i = 0; i < c->nchunks; i++) {
         wk_nccl_destroy(c->chunk[i].group);
         wk_cuda_free(cu, c->chunk[i].d_loss);
@@ -1145,16 +1066,17 @@ static void nccl_free(wk_cpu_t *c)
 
 void wk_cpu_abort(wk_cpu_t *c)
 {
-    if (!c || atomic_exchange(&c->nccl_aborted, 1))
+    if (!c || atomic_exchange(&c->aborted, 1))
         return;
-    /* a receive or a send waiting for a dead peer gives up */
-    for (int i = 0; c->nccl_ready && i < NCHAN; i++)
-        if (c->chan[i])
-            wk_nccl_abort(c->chan[i]);
-    for (int i = 0; c->nccl_ready && i < c->nchunks; i++)
+    if (!c->links_ready)
+        return; /* a join in progress sees the flag */
+    /* a receive or a send waiting for a dead peer gives up (NCCL; an IPC
+     * transfer times out by itself) */
+    wk_plink_abort(c->links);
+    for (int i = 0; i < c->nchunks; i++)
         if (c->chunk[i].group)
             wk_nccl_abort(c->chunk[i].group);
-    for (int i = 0; c->nccl_ready && i < 2; i++)
+    for (int i = 0; i < 2; i++)
         if (c->ep_comm[i])
             wk_nccl_abort(c->ep_comm[i]);
 }
@@ -1163,29 +1085,35 @@ int wk_cpu_send(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
 {
     struct slot *s = peek_slot(c, op->work.path, op->work.mb, op->work.stage);
     struct wk_data_key k = pipe_key(c, op);
-    int nccl;
+    int act = op->payload == DP_ACTIVATION, to, rc;
+    char name[PEER_NAME_MAX];
 
     c->err = err;
     c->errlen = errlen;
     if (!s)
         return fail(c, -EPROTO, "nothing computed to send for micro-batch %d of stage %d",
                     op->work.mb, op->work.stage);
-    if ((nccl = nccl_use(c)) < 0)
+    if ((rc = links_use(c)) < 0)
         return c->err[0] ? -EIO : -ECANCELED;
-    if (nccl)
-        return nccl_send(c, op->peer, chunk_stream(&c->chunk[s->chunk]),
-                         op->payload == DP_ACTIVATION ? s->d_out : s->d_dx);
-    int to = rank_index(c, c->dp_rank, op->peer, c->ep_rank);
-    char name[PEER_NAME_MAX];
-
-    return c->io.send(c->io.arg, c->addr[to], &k, op->payload == DP_ACTIVATION ? s->x_out : s->dx,
-                      act_bytes(c), peer_name(c, to, name, sizeof(name)));
+    if (rc && wk_plink_kind(c->links, op->peer) != WK_PLINK_HOST) {
+        if ((rc = wk_plink_send(c->links, op->peer, chunk_stream(&c->chunk[s->chunk]),
+                                act ? s->d_out : s->d_dx)) < 0)
+            return fail(c, rc, "%s", wk_plink_error(c->links));
+        return 0;
+    }
+    /* through the hosts: from the device first */
+    if (rc && (rc = gpu_fetch(c, &c->chunk[s->chunk], act ? s->x_out : s->dx,
+                              act ? s->d_out : s->d_dx)) < 0)
+        return rc;
+    to = rank_index(c, c->dp_rank, op->peer, c->ep_rank);
+    return c->io.send(c->io.arg, c->addr[to], &k, act ? s->x_out : s->dx, act_bytes(c),
+                      peer_name(c, to, name, sizeof(name)));
 }
 
 int wk_cpu_recv(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
 {
     /* the consumer: the next stage for an activation, the previous for a gradient */
-    int stage = op->work.stage + (op->payload == DP_ACTIVATION ? 1 : -1);
+    int act = op->payload == DP_ACTIVATION, stage = op->work.stage + (act ? 1 : -1), gpu;
     struct wk_data_key k = pipe_key(c, op);
     struct wk_data_msg *m = NULL;
     char name[PEER_NAME_MAX];
@@ -1196,23 +1124,31 @@ int wk_cpu_recv(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
     c->errlen = errlen;
     if ((rc = slot_get(c, op->work.path, op->work.mb, stage, op->work.chunk, &s)) < 0 || !s)
         return rc < 0 ? rc : -EPROTO;
-    if ((rc = nccl_use(c)) < 0)
+    if ((gpu = links_use(c)) < 0)
         return c->err[0] ? -EIO : -ECANCELED;
-    if (rc)
-        return nccl_recv(c, op->peer, chunk_stream(&c->chunk[s->chunk]),
-                         op->payload == DP_ACTIVATION ? s->d_in : s->d_dy);
+    if (gpu && wk_plink_kind(c->links, op->peer) != WK_PLINK_HOST) {
+        if ((rc = wk_plink_recv(c->links, op->peer, chunk_stream(&c->chunk[s->chunk]),
+                                act ? s->d_in : s->d_dy)) < 0)
+            return fail(c, rc, "%s", wk_plink_error(c->links));
+        return 0;
+    }
     if ((rc = c->io.recv(
              c->io.arg, &k,
              peer_name(c, rank_index(c, c->dp_rank, op->peer, c->ep_rank), name, sizeof(name)),
              &m)) < 0)
         return rc;
     if (m->len != act_bytes(c)) {
-        rc = fail(c, -EPROTO, "a %s of %zu bytes, expected %zu",
-                  op->payload == DP_ACTIVATION ? "activation" : "gradient", m->len, act_bytes(c));
+        rc = fail(c, -EPROTO, "a %s of %zu bytes, expected %zu", act ? "activation" : "gradient",
+                  m->len, act_bytes(c));
     } else {
-        memcpy(op->payload == DP_ACTIVATION ? s->x_in : s->dy, m->data, m->len);
+        memcpy(act ? s->x_in : s->dy, m->data, m->len);
     }
     wk_data_msg_free(m);
+    /* through the hosts: onto the device, ordered on the consumer's stream */
+    if (rc == 0 && gpu &&
+        (rc = wk_cuda_upload_on(wk_gpu_cuda(c->gpu), chunk_stream(&c->chunk[s->chunk]),
+                                act ? s->d_in : s->d_dy, act ? s->x_in : s->dy, act_bytes(c))) < 0)
+        return fail(c, rc, "GPU: %s", wk_cuda_error(wk_gpu_cuda(c->gpu)));
     return rc;
 }
 
@@ -1491,17 +1427,20 @@ int wk_cpu_step_end(wk_cpu_t *c, struct wk_cpu_step *out, char *err, size_t errl
 {
     double t0 = now_ms(), loss = 0.0;
     float scale = 1.0f / (float)((double)c->dp * c->M * c->ep);
-    int has_loss = 0, nccl = 0, rc;
+    int has_loss = 0, gpu, rc;
 
     c->err = err;
     c->errlen = errlen;
     if (err && errlen)
         err[0] = '\0';
-    if (c->gpu && (nccl = nccl_use(c)) < 0)
+    if ((gpu = links_use(c)) < 0)
         return c->err[0] ? -EIO : -ECANCELED;
-    if (nccl) {
+    /* the step's transfers done and checked (their buffers are reused) */
+    if (gpu && (rc = wk_plink_step_end(c->links)) < 0)
+        return fail(c, rc, "%s", wk_plink_error(c->links));
+    if (c->world) {
         /* on the GPU: the sums by NCCL, then the optimizer */
-        if ((rc = nccl_drain(c)) < 0 || (rc = nccl_sums(c, &loss, &has_loss)) < 0)
+        if ((rc = nccl_sums(c, &loss, &has_loss)) < 0)
             return rc;
     } else {
         /* on the host, over the data plane (a GPU without NCCL: gradients
@@ -1681,7 +1620,7 @@ void wk_cpu_destroy(wk_cpu_t *c)
 
     if (!c)
         return;
-    nccl_free(c);
+    links_free(c);
     nslots = (size_t)c->paths * (size_t)c->Mp * (size_t)c->S;
     for (size_t i = 0; c->slots && i < nslots; i++)
         slot_free(c, c->slots[i]);
@@ -1739,6 +1678,26 @@ static int setup_chunks(wk_cpu_t *c, const Duplex__Assignment *a)
     return 0;
 }
 
+/* same_node[0] / [1]: the pipeline neighbour below / above (same dp and ep
+ * ranks) runs on this rank's node (Peer.node; empty names match nothing). */
+static void neighbours_on_this_node(wk_cpu_t *c, const Duplex__Assignment *a)
+{
+    const char *mine = NULL;
+
+    for (size_t i = 0; i < a->n_peers; i++)
+        if (a->peers[i]->dp == c->dp_rank && a->peers[i]->ep == c->ep_rank &&
+            a->peers[i]->pp == c->pp_rank)
+            mine = a->peers[i]->node;
+    for (size_t i = 0; mine && mine[0] && i < a->n_peers; i++) {
+        const Duplex__Peer *p = a->peers[i];
+        int d = p->pp - c->pp_rank;
+
+        if (p->dp == c->dp_rank && p->ep == c->ep_rank && (d == 1 || d == -1) && p->node &&
+            strcmp(p->node, mine) == 0)
+            c->same_node[d == 1] = 1;
+    }
+}
+
 /* 1 when two of the assignment's ranks are on one GPU (the same node and
  * GPU index), saying which in why. */
 static int shared_gpu(const Duplex__Assignment *a, char *why, size_t len)
@@ -1773,8 +1732,8 @@ static int setup_gpu(wk_cpu_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
                         "expert parallelism on the cuda backend (parallel.ep %d) needs one GPU "
                         "per rank: %s",
                         c->ep, why);
-        dx_info("job %" PRIu64 ": pipeline messages and step-end sums through the hosts, not "
-                "NCCL: %s",
+        dx_info("job %" PRIu64 ": no NCCL, %s: pipeline links to this node by IPC, the rest "
+                "and the step-end sums through the hosts",
                 a->job_id, why);
     } else if (a->nccl_id.len == WK_NCCL_ID_BYTES) {
         c->has_nccl_id = 1;
@@ -1795,6 +1754,7 @@ static int setup_gpu(wk_cpu_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
     }
     for (int i = 0; i < 2; i++)
         c->dep[i] = (struct wk_dmoe_ep){c->ep, c->ep_rank, c->owner, NULL, c->ex_rows};
+    neighbours_on_this_node(c, a);
     if ((rc = wk_cuda_event_create(wk_gpu_cuda(gpu), &c->handoff)) < 0)
         return fail(c, rc, "GPU: %s", wk_cuda_error(wk_gpu_cuda(gpu)));
     wk_gpu_set_gemm_dtype(gpu, strcmp(c->spec.train.precision, "bf16") == 0 ? WK_CUBLAS_BF16

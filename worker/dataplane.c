@@ -170,6 +170,7 @@ static const char *payload_name(int32_t payload, bool *worker_level)
         [WK_DATA_EP_DXG - WK_DATA_EP_DISPATCH] = "expert input gradient",
         [WK_DATA_SYNC_UP - WK_DATA_EP_DISPATCH] = "gradient sync up",
         [WK_DATA_SYNC_DOWN - WK_DATA_EP_DISPATCH] = "gradient sync down",
+        [WK_DATA_LINK_RING - WK_DATA_EP_DISPATCH] = "IPC ring descriptor",
     };
 
     *worker_level = false;
@@ -177,7 +178,7 @@ static const char *payload_name(int32_t payload, bool *worker_level)
         return "activation";
     if (payload == DP_GRADIENT)
         return "gradient";
-    if (payload >= WK_DATA_EP_DISPATCH && payload <= WK_DATA_SYNC_DOWN) {
+    if (payload >= WK_DATA_EP_DISPATCH && payload <= WK_DATA_LINK_RING) {
         *worker_level = true;
         return names[payload - WK_DATA_EP_DISPATCH];
     }

@@ -50,6 +50,7 @@ enum wk_data_payload {
     WK_DATA_EP_DXG = 19,      /* input gradients back */
     WK_DATA_SYNC_UP = 20,     /* gradient all-reduce: contribution to the root */
     WK_DATA_SYNC_DOWN = 21,   /* the root's result */
+    WK_DATA_LINK_RING = 22,   /* an IPC ring's descriptor, to the neighbour sending into it */
 };
 
 /* What names a message: every field is part of the key. payload: enum

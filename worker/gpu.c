@@ -260,6 +260,11 @@ const char *wk_gpu_error(const wk_gpu_t *g)
     return g->error;
 }
 
+wk_cuda_function_t wk_gpu_function(const wk_gpu_t *g, enum wk_gpu_kernel k)
+{
+    return k >= 0 && k < WK_K_COUNT ? g->fn[k] : NULL;
+}
+
 int wk_gpu_fail(wk_gpu_t *g, int rc, const char *fmt, ...)
 {
     va_list ap;

@@ -98,6 +98,8 @@ const char *wk_gpu_describe(const wk_gpu_t *g);
 int wk_gpu_launch(wk_gpu_t *g, enum wk_gpu_kernel k, wk_cuda_stream s, unsigned grid,
                   unsigned block, unsigned shmem, void **args);
 const char *wk_gpu_error(const wk_gpu_t *g);
+/* Kernel k's function, for launchers that take one (worker/ipcring.h). */
+wk_cuda_function_t wk_gpu_function(const wk_gpu_t *g, enum wk_gpu_kernel k);
 /* rc, with the reason (printf-style) as wk_gpu_error: for the layers'
  * failures outside a kernel or a GEMM (an NCCL exchange, a bad size). */
 int wk_gpu_fail(wk_gpu_t *g, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

@@ -229,6 +229,11 @@ int wk_ipcring_import(wk_cuda_t *c, const struct wk_ipcring_desc *d, wk_ipcring_
     return 0;
 }
 
+int wk_ipcring_abort(wk_ipcring_t *r, wk_cuda_stream s)
+{
+    return wk_cuda_memset_on(r->c, s, r->ring + DX_TREF_ABORT_OFF, 1, sizeof(uint32_t));
+}
+
 void wk_ipcring_destroy(wk_ipcring_t *r)
 {
     if (!r)

@@ -66,6 +66,11 @@ int wk_ipcring_export(wk_ipcring_t *r, struct wk_ipcring_desc *d);
  * not a valid shape, -EIO when the handle does not open. */
 int wk_ipcring_import(wk_cuda_t *c, const struct wk_ipcring_desc *d, wk_ipcring_t **out);
 
+/* Sets the ring's abort word on stream s (either side; s must not be the
+ * one a waiting transfer blocks): its transfers stop with -ECANCELED
+ * (transport_ref.h). 0 or -EIO. */
+int wk_ipcring_abort(wk_ipcring_t *r, wk_cuda_stream s);
+
 /* Frees a created ring, closes an imported one's mapping. NULL is ignored. */
 void wk_ipcring_destroy(wk_ipcring_t *r);
 

@@ -6,6 +6,7 @@ train the parity job like the single-process CPU trainer."""
 
 import ctypes
 import json
+import re
 
 import pytest
 
@@ -122,13 +123,18 @@ def test_the_cuda_backend_trains_the_parity_job_like_the_standalone_run(cluster,
     if ep > 1:  # the ranks report the rows their experts ran, as on the cpu backend
         assert status["expert_imbalance"] is not None and status["expert_imbalance"] >= 1.0, \
             status
-    # the pipeline's messages and the step-end sums went GPU to GPU by
-    # NCCL, not through the hosts; every rank holds two stages, each
-    # shared with its mirror (and its dp copy)
-    for gpu in range(4):
-        log = c.worker_procs[f"g{gpu}"].log_text()
-        assert "pipeline messages, step-end sums and expert rows by NCCL (rank" in log, log
+    # the pipeline's messages went GPU to GPU, by IPC to a neighbour on the
+    # same node (workers g0 and g1 are on node0, g2 and g3 on node1) and
+    # by NCCL to the others, and so did the step-end sums; every rank holds
+    # two stages, each shared with its mirror (and its dp or ep copy)
+    logs = [c.worker_procs[f"g{gpu}"].log_text() for gpu in range(4)]
+    for log in logs:
+        assert "; step-end sums and expert rows by NCCL (rank" in log, log
         assert f"; 2 stage groups; {ep} ep rank" in log, log
+    links = re.findall(r"pipeline links ([^;]*);", "".join(logs))
+    assert len(links) == 4 and all("hosts" not in ln for ln in links), links
+    if pp == 4:  # 4 stages on 2 nodes: pairs inside a node and across
+        assert any("IPC" in ln for ln in links) and any("NCCL" in ln for ln in links), links
 
 
 @pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
@@ -293,8 +299,10 @@ def test_ranks_sharing_one_gpu_train_through_the_hosts(cluster, tmp_path):
     for entry, ref in zip(status["losses"], reference):
         assert abs(entry["loss"] - ref) / abs(ref) <= 1e-4, (entry, ref)
     log = c.worker_procs["g0"].log_text()
-    assert "pipeline messages and step-end sums through the hosts, not NCCL: workers " in log, log
-    assert "share GPU 0 of node node0" in log, log
+    assert "no NCCL, workers " in log and "share GPU 0 of node node0" in log, log
+    # one node: every neighbour is reached by IPC, even on the same GPU
+    assert re.search(r"pipeline links (IPC (up|down)(, )?)+; step-end sums through the hosts",
+                     log), log
 
     spec["name"], spec["parallel"]["pp"], spec["parallel"]["ep"] = "cuda-one-gpu-ep", 2, 2
     spec["restart"] = {"max_restarts": 0}  # the refusal repeats: no use retrying

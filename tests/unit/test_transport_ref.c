@@ -203,6 +203,37 @@ Test(tref, edges)
     free(ring);
 }
 
+/* The abort word: a receiver waiting for a message and a sender waiting
+ * for credit both stop with -ECANCELED once either side sets it. */
+static void *recv_until_aborted(void *ring)
+{
+    unsigned char buf[64];
+    size_t len = 0;
+
+    return (void *)(intptr_t)dx_tref_recv(ring, 0, buf, sizeof(buf), &len);
+}
+
+Test(tref, an_abort_ends_the_waits)
+{
+    const uint32_t slots = 2, sb = 64;
+    size_t sz = dx_tref_ring_size(1, slots, sb);
+    void *ring = aligned_alloc(16, sz), *rc = NULL;
+    unsigned char in[64] = {0};
+    pthread_t t;
+
+    cr_assert_eq(dx_tref_ring_init(ring, sz, 1, slots, sb), 0);
+    cr_assert_eq(((struct dx_tref_hdr *)ring)->abort, 0u, "a new ring is not aborted");
+    cr_assert_eq(pthread_create(&t, NULL, recv_until_aborted, ring), 0);
+    usleep(20000); /* it waits for a message that never comes */
+    dx_tref_abort(ring);
+    cr_assert_eq(pthread_join(t, &rc), 0);
+    cr_assert_eq((int)(intptr_t)rc, -ECANCELED);
+    /* a sender without credit gives up too, and nothing more moves */
+    cr_assert_eq(dx_tref_try_send(ring, 0, in, slots * sb - DX_TREF_MSG_HDR), 0);
+    cr_assert_eq(dx_tref_send(ring, 0, in, 1), -ECANCELED);
+    free(ring);
+}
+
 Test(tref, bad_header_is_eproto)
 {
     size_t sz = dx_tref_ring_size(1, 4, 64), len;
