@@ -33,8 +33,8 @@ struct wk_plink {
     wk_cuda_t *c;
     struct link link[NLINKS];
     int pieces;
-    wk_cuda_ptr off, len; /* [pieces] u64: where each piece of a message is, and its bytes */
-    wk_cuda_ptr warm;     /* [NLINKS] floats: the NCCL links' first transfers */
+    wk_cuda_ptr off, len;   /* [pieces] u64: where each piece of a message is, and its bytes */
+    wk_cuda_ptr warm;       /* [NLINKS] floats: the NCCL links' first transfers */
     wk_cuda_stream abort_s; /* the IPC rings' abort words are set on it */
     char describe[64];
     char err[ERR_MAX];
@@ -208,8 +208,8 @@ static int ipc_tables(wk_plink_t *l)
         if (k->kind != WK_PLINK_IPC)
             continue;
         if ((rc = wk_cuda_alloc(l->c, errs, &k->err)) < 0 ||
-            (!k->send && (rc = wk_cuda_alloc(l->c, (size_t)l->cfg.max_msgs * l->pieces * 8,
-                                             &k->lens)) < 0)) {
+            (!k->send &&
+             (rc = wk_cuda_alloc(l->c, (size_t)l->cfg.max_msgs * l->pieces * 8, &k->lens)) < 0)) {
             rc = cuda_fail(l, rc);
             goto done;
         }
@@ -222,8 +222,7 @@ done:
 
 /* --- the links -------------------------------------------------------------- */
 
-int wk_plink_create(const struct wk_plink_config *cfg, wk_plink_t **out, char *err,
-                    size_t errlen)
+int wk_plink_create(const struct wk_plink_config *cfg, wk_plink_t **out, char *err, size_t errlen)
 {
     wk_plink_t *l;
     int rc = 0, n = 0;
@@ -373,8 +372,7 @@ int wk_plink_send(wk_plink_t *l, int peer, wk_cuda_stream producer, wk_cuda_ptr 
         return cuda_fail(l, rc);
     if (k->kind == WK_PLINK_NCCL) {
         if ((rc = wk_nccl_exchange(k->comm, k->s, &t, 1)) < 0)
-            return fail(l, rc, "NCCL: send to pipeline rank %d: %s", peer,
-                        wk_nccl_error(k->comm));
+            return fail(l, rc, "NCCL: send to pipeline rank %d: %s", peer, wk_nccl_error(k->comm));
         return 0;
     }
     if ((rc = ipc_record(l, k, &err, NULL)) < 0)
@@ -402,12 +400,10 @@ int wk_plink_recv(wk_plink_t *l, int peer, wk_cuda_stream consumer, wk_cuda_ptr 
     } else {
         if ((rc = ipc_record(l, k, &err, &lens)) < 0)
             return rc;
-        if ((rc = wk_ipcring_launch_recv(k->ring,
-                                         wk_gpu_function(l->cfg.gpu, WK_K_TRANSPORT_RECV), k->s,
-                                         WK_IPCRING_DEFAULT_THREADS, buf, l->off, l->len,
+        if ((rc = wk_ipcring_launch_recv(k->ring, wk_gpu_function(l->cfg.gpu, WK_K_TRANSPORT_RECV),
+                                         k->s, WK_IPCRING_DEFAULT_THREADS, buf, l->off, l->len,
                                          l->pieces, lens, err)) < 0)
-            return fail(l, rc, "IPC: receive from pipeline rank %d: %s", peer,
-                        wk_cuda_error(l->c));
+            return fail(l, rc, "IPC: receive from pipeline rank %d: %s", peer, wk_cuda_error(l->c));
     }
     if ((rc = wk_cuda_event_record_on(l->c, k->ev, k->s)) < 0 ||
         (rc = wk_cuda_stream_wait(l->c, consumer, k->ev)) < 0)

@@ -33,9 +33,9 @@
 #include "worker/gpu.h"
 #include "worker/nccl.h"
 
-#define WK_PLINK_CHANNELS 8         /* SMs (transport blocks) an IPC transfer takes */
-#define WK_PLINK_SLOTS 16           /* ring slots per channel */
-#define WK_PLINK_SLOT_BYTES 16384   /* bytes per slot */
+#define WK_PLINK_CHANNELS 8             /* SMs (transport blocks) an IPC transfer takes */
+#define WK_PLINK_SLOTS 16               /* ring slots per channel */
+#define WK_PLINK_SLOT_BYTES 16384       /* bytes per slot */
 #define WK_PLINK_PIECE (4 * 16384 - 16) /* a message's pieces: 4 slots each, 16-byte aligned */
 
 enum wk_plink_kind { WK_PLINK_HOST, WK_PLINK_IPC, WK_PLINK_NCCL };
@@ -45,11 +45,11 @@ typedef struct wk_plink wk_plink_t;
 struct wk_plink_config {
     wk_gpu_t *gpu;
     int pp, pp_rank;
-    wk_nccl_t *world;     /* the job's communicator, or NULL: no NCCL */
-    int color_base;       /* the pair (r, r + 1)'s communicators: color color_base + r */
-    int same_node[2];     /* [0]: the neighbour below is on this node, [1]: above */
-    size_t msg_bytes;     /* every message's size (IPC: a multiple of 16, else NCCL) */
-    int max_msgs;         /* messages one link carries in a step, at most */
+    wk_nccl_t *world; /* the job's communicator, or NULL: no NCCL */
+    int color_base;   /* the pair (r, r + 1)'s communicators: color color_base + r */
+    int same_node[2]; /* [0]: the neighbour below is on this node, [1]: above */
+    size_t msg_bytes; /* every message's size (IPC: a multiple of 16, else NCCL) */
+    int max_msgs;     /* messages one link carries in a step, at most */
     /* the IPC rings' descriptors: to the neighbour that sends into our
      * ring, and from the one whose ring we send into */
     int (*send_bytes)(void *arg, int peer, const void *buf, size_t len);
@@ -57,8 +57,7 @@ struct wk_plink_config {
     void *arg;
 };
 
-int wk_plink_create(const struct wk_plink_config *cfg, wk_plink_t **out, char *err,
-                    size_t errlen);
+int wk_plink_create(const struct wk_plink_config *cfg, wk_plink_t **out, char *err, size_t errlen);
 /* Waits for the links' work, then frees everything. NULL is ignored. */
 void wk_plink_destroy(wk_plink_t *l);
 const char *wk_plink_error(const wk_plink_t *l);
