@@ -39,6 +39,7 @@ struct wk_dmodel {
     struct dlayer_w *layer;
     wk_cuda_ptr embed, dembed, normf, dnormf, head, dhead;
     wk_cuda_ptr loads;           /* [L][E] int64 */
+    int bf16;                    /* bf16 GEMMs: the GPU keeps a bf16 copy of each weight */
     const struct wk_dmoe_ep *ep; /* NULL: every expert here */
     char err[ERR_MAX];
 };
@@ -150,6 +151,17 @@ static int make_views(wk_dmodel_t *dm)
 
 /* --- parameters ------------------------------------------------------------- */
 
+/* The weights' bf16 copies (bf16 GEMMs) from the weights as they are now. */
+static int refresh_bf16(wk_dmodel_t *dm)
+{
+    int rc;
+
+    for (int i = 0; dm->bf16 && i < dm->m->nparams; i++)
+        if ((rc = wk_gpu_bf16_refresh(dm->g, dm->s, dm->p[i].w)) < 0)
+            return gpu_rc(dm, rc);
+    return 0;
+}
+
 static int upload_all(wk_dmodel_t *dm)
 {
     struct wk_model *m = dm->m;
@@ -173,7 +185,7 @@ static int upload_all(wk_dmodel_t *dm)
     if ((rc = wk_cuda_upload(dm->c, dm->loads, m->load, (size_t)dm->L * dm->E * sizeof(int64_t))) <
         0)
         return fail(dm, rc, "uploading the expert loads: %s", wk_cuda_error(dm->c));
-    return 0;
+    return refresh_bf16(dm);
 }
 
 int wk_dmodel_download(wk_dmodel_t *dm)
@@ -280,6 +292,8 @@ void wk_dmodel_destroy(wk_dmodel_t *dm)
     wk_cuda_stream_sync(dm->c, dm->s);
     if (dm->p)
         for (int i = 0; i < dm->m->nparams; i++) {
+            if (dm->bf16)
+                wk_gpu_bf16_forget(dm->g, dm->p[i].w);
             wk_cuda_free(dm->c, dm->p[i].w);
             wk_cuda_free(dm->c, dm->p[i].g);
             wk_cuda_free(dm->c, dm->p[i].m);
@@ -335,6 +349,14 @@ int wk_dmodel_create(wk_gpu_t *g, struct wk_model *m, wk_dmodel_t **out, char *e
     if ((rc = wk_cuda_alloc(dm->c, (size_t)(dm->L ? dm->L : 1) * dm->E * sizeof(int64_t),
                             &dm->loads)) < 0)
         goto cuda_fail;
+    /* bf16 GEMMs: a persistent copy of every weight, refreshed after each
+     * change, instead of a conversion at every GEMM */
+    dm->bf16 = wk_gpu_gemm_dtype(g) == WK_CUBLAS_BF16;
+    for (int i = 0; dm->bf16 && i < m->nparams; i++)
+        if ((rc = wk_gpu_bf16_keep(g, dm->p[i].w, m->params[i].n)) < 0) {
+            snprintf(err, errlen, "%s", wk_gpu_error(g));
+            goto fail;
+        }
     if ((rc = make_views(dm)) < 0 || (rc = upload_all(dm)) < 0) {
         snprintf(err, errlen, "%s", dm->err);
         goto fail;
@@ -689,5 +711,5 @@ int wk_dmodel_step(wk_dmodel_t *dm)
     if ((rc = wk_cuda_memset_on(dm->c, dm->s, dm->loads, 0,
                                 (size_t)dm->L * dm->E * sizeof(int64_t))) < 0)
         return gpu_rc(dm, rc);
-    return 0;
+    return refresh_bf16(dm);
 }

@@ -79,6 +79,11 @@ struct wk_gpu {
         wk_cuda_ptr scratch[2]; /* bf16 GEMM operands */
         size_t scratch_bytes[2];
     } lane[WK_GPU_LANES];
+    struct kept { /* a persistent bf16 copy of a weight */
+        wk_cuda_ptr w, copy;
+        size_t count;
+    } * kept;
+    int nkept, capkept;
     char describe[DESCRIBE_MAX];
     char error[ERR_MAX];
 };
@@ -189,6 +194,9 @@ void wk_gpu_destroy(wk_gpu_t *g)
     }
     for (int i = 1; i < WK_GPU_LANES; i++)
         wk_cuda_stream_destroy(g->c, g->lane[i].s);
+    for (int i = 0; i < g->nkept; i++)
+        wk_cuda_free(g->c, g->kept[i].copy);
+    free(g->kept);
     wk_cublas_destroy(g->lt);
     for (int i = 0; i < WK_GPU_LANES; i++) {
         wk_cuda_free(g->c, g->lane[i].scratch[0]);
@@ -294,6 +302,80 @@ enum wk_cublas_dtype wk_gpu_gemm_dtype(const wk_gpu_t *g)
     return g->gemm_dtype;
 }
 
+/* The kept tensor [count] at w, or NULL. */
+static struct kept *kept_of(const wk_gpu_t *g, wk_cuda_ptr w)
+{
+    for (int i = 0; i < g->nkept; i++)
+        if (g->kept[i].w == w)
+            return &g->kept[i];
+    return NULL;
+}
+
+int wk_gpu_bf16_keep(wk_gpu_t *g, wk_cuda_ptr w, size_t count)
+{
+    struct kept *k;
+    int rc;
+
+    if (kept_of(g, w))
+        return 0;
+    if (g->nkept == g->capkept) {
+        int cap = g->capkept ? 2 * g->capkept : 32;
+        struct kept *more = realloc(g->kept, (size_t)cap * sizeof(*more));
+
+        if (!more)
+            return wk_gpu_fail(g, -ENOMEM, "out of memory");
+        g->kept = more;
+        g->capkept = cap;
+    }
+    k = &g->kept[g->nkept];
+    *k = (struct kept){w, 0, count};
+    if ((rc = wk_cuda_alloc(g->c, count * 2 + 16, &k->copy)) < 0)
+        return wk_gpu_fail(g, rc, "a bf16 copy of %zu weights: %s", count, wk_cuda_error(g->c));
+    g->nkept++;
+    return 0;
+}
+
+int wk_gpu_bf16_refresh(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr w)
+{
+    const struct kept *k = kept_of(g, w);
+    long long count;
+    unsigned blocks;
+    wk_cuda_ptr src = w, dst;
+    void *args[] = {&src, &dst, &count};
+
+    if (!k)
+        return wk_gpu_fail(g, -ENOENT, "no bf16 copy is kept of this tensor");
+    count = (long long)k->count;
+    dst = k->copy;
+    blocks = (unsigned)((count + 255) / 256);
+    return wk_gpu_launch(g, WK_K_F32_TO_BF16, s, blocks < g->sms * 16 ? blocks : g->sms * 16, 256,
+                         0, args);
+}
+
+void wk_gpu_bf16_forget(wk_gpu_t *g, wk_cuda_ptr w)
+{
+    struct kept *k = kept_of(g, w);
+
+    if (!k)
+        return;
+    wk_cuda_free(g->c, k->copy);
+    *k = g->kept[--g->nkept];
+}
+
+/* The kept copy of [src, src + count) when a kept tensor holds it whole. */
+static int kept_copy(const wk_gpu_t *g, wk_cuda_ptr src, long long count, wk_cuda_ptr *out)
+{
+    for (int i = 0; i < g->nkept; i++) {
+        const struct kept *k = &g->kept[i];
+
+        if (src >= k->w && src + (size_t)count * 4 <= k->w + k->count * 4) {
+            *out = k->copy + (src - k->w) / 2;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* src [count] fp32 as bf16 in scratch buffer i of stream s's lane (the
  * first lane's for other streams), grown when too small: after the lane's
  * work that may still read the old one */
@@ -306,6 +388,8 @@ static int to_bf16(wk_gpu_t *g, wk_cuda_stream s, int i, wk_cuda_ptr src, long l
     void *args[] = {&src, &l->scratch[i], &count};
     int rc;
 
+    if (kept_copy(g, src, count, out))
+        return 0; /* a weight's persistent copy */
     for (int k = 1; k < WK_GPU_LANES; k++)
         if (g->lane[k].s == s)
             l = &g->lane[k];

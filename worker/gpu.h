@@ -122,4 +122,15 @@ int wk_gpu_dyw(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr dy, wk_cuda_ptr w, wk_
 int wk_gpu_dytx(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr dy, wk_cuda_ptr x, wk_cuda_ptr dw, int n,
                 int in, int out);
 
+/* Persistent bf16 copies of weights, for the bf16 GEMMs above: an operand
+ * that lies inside a kept tensor is taken from its copy instead of being
+ * converted at every GEMM (the same rounding, so the same results). The
+ * owner refreshes a copy whenever its weight changes (after the optimizer
+ * step, after an upload), on the stream its GEMMs run on; a stale copy is
+ * the owner's bug. keep: 0, -ENOMEM/-EIO; refresh: 0 or -errno (-ENOENT
+ * when w is not kept); forget frees it. */
+int wk_gpu_bf16_keep(wk_gpu_t *g, wk_cuda_ptr w, size_t count);
+int wk_gpu_bf16_refresh(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr w);
+void wk_gpu_bf16_forget(wk_gpu_t *g, wk_cuda_ptr w);
+
 #endif

@@ -74,3 +74,55 @@ Test(gpu_fake, a_second_gpu_on_one_context_is_refused)
     wk_gpu_destroy(g);
     wk_cuda_close(c);
 }
+
+/* bf16 GEMMs take a kept weight's persistent copy: results equal the
+ * per-GEMM conversion's, the copy is what the GEMM reads (a change of the
+ * fp32 weight shows only after a refresh), and a slice of a kept tensor (an
+ * expert of a stacked tensor) maps into the copy. */
+Test(gpu_fake, bf16_gemms_read_the_kept_copy_of_a_weight)
+{
+    enum { N = 3, IN = 8, OUT = 4 };
+    struct fakestack_gpu f;
+    float x[N * IN], w[2 * OUT * IN], w2[2 * OUT * IN];
+    wk_cuda_ptr dx, dw, y1, y2;
+    float *a, *b;
+
+    fakestack_gpu_open(&f);
+    fakestack_uniform(x, N * IN, 1, 1.0f);
+    fakestack_uniform(w, 2 * OUT * IN, 2, 1.0f);
+    dx = fakestack_buf(&f, x, sizeof(x));
+    dw = fakestack_buf(&f, w, sizeof(w));
+    y1 = fakestack_buf(&f, NULL, N * OUT * 4);
+    y2 = fakestack_buf(&f, NULL, N * OUT * 4);
+    wk_gpu_set_gemm_dtype(f.g, WK_CUBLAS_BF16);
+    /* the second expert's slice, converted at the GEMM */
+    cr_assert_eq(wk_gpu_xwt(f.g, f.s, dx, dw + OUT * IN * 4, y1, N, IN, OUT, 0.0f), 0, "%s",
+                 wk_gpu_error(f.g));
+    cr_assert_eq(wk_gpu_bf16_refresh(f.g, f.s, dw), -ENOENT);
+    cr_assert_eq(wk_gpu_bf16_keep(f.g, dw, 2 * OUT * IN), 0, "%s", wk_gpu_error(f.g));
+    cr_assert_eq(wk_gpu_bf16_refresh(f.g, f.s, dw), 0, "%s", wk_gpu_error(f.g));
+    cr_assert_eq(wk_gpu_xwt(f.g, f.s, dx, dw + OUT * IN * 4, y2, N, IN, OUT, 0.0f), 0);
+    a = fakestack_fetch(&f, y1, N * OUT * 4);
+    b = fakestack_fetch(&f, y2, N * OUT * 4);
+    cr_assert_arr_eq(a, b, N * OUT * 4, "the kept copy is the same rounding");
+    free(b);
+    /* the fp32 weight changes: the GEMM still reads the (stale) copy... */
+    for (int i = 0; i < 2 * OUT * IN; i++)
+        w2[i] = -w[i];
+    cr_assert_eq(wk_cuda_upload(f.c, dw, w2, sizeof(w2)), 0);
+    cr_assert_eq(wk_gpu_xwt(f.g, f.s, dx, dw + OUT * IN * 4, y2, N, IN, OUT, 0.0f), 0);
+    b = fakestack_fetch(&f, y2, N * OUT * 4);
+    cr_assert_arr_eq(a, b, N * OUT * 4, "no conversion at the GEMM");
+    free(b);
+    /* ...until the owner refreshes it */
+    cr_assert_eq(wk_gpu_bf16_refresh(f.g, f.s, dw), 0);
+    cr_assert_eq(wk_gpu_xwt(f.g, f.s, dx, dw + OUT * IN * 4, y2, N, IN, OUT, 0.0f), 0);
+    b = fakestack_fetch(&f, y2, N * OUT * 4);
+    for (int i = 0; i < N * OUT; i++)
+        cr_assert_eq(b[i], -a[i], "y[%d]: the refreshed copy is the negated weight", i);
+    free(a);
+    free(b);
+    wk_gpu_bf16_forget(f.g, dw);
+    cr_assert_eq(wk_gpu_bf16_refresh(f.g, f.s, dw), -ENOENT);
+    fakestack_gpu_close(&f);
+}

@@ -87,8 +87,8 @@ static int rank_main(int rank, int fd, int scenario)
     cfg.gpu = g;
     if (wk_plink_create(&cfg, &l, err, sizeof(err)) < 0)
         return 11;
-    if (wk_plink_kind(l, peer) != WK_PLINK_IPC || strcmp(wk_plink_describe(l), rank ? "IPC down"
-                                                                                    : "IPC up"))
+    if (wk_plink_kind(l, peer) != WK_PLINK_IPC ||
+        strcmp(wk_plink_describe(l), rank ? "IPC down" : "IPC up"))
         return 12;
     if (wk_cuda_alloc(c, sizeof(h), &buf) < 0 || wk_cuda_alloc(c, sizeof(h), &in) < 0)
         return 13;
