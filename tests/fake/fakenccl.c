@@ -371,11 +371,10 @@ static void comm_free(struct comm *c)
     free(c);
 }
 
-static ncclResult_t comm_init(struct comm **out, int nranks, const unsigned char token[16],
-                              int rank)
+/* A communicator not yet attached to its rendezvous. */
+static ncclResult_t comm_new(struct comm **out, int nranks, const unsigned char token[16], int rank)
 {
     struct comm *c;
-    ncclResult_t rc;
 
     *out = NULL;
     if (nranks < 1 || nranks > FAKE_NCCL_MAX_RANKS || rank < 0 || rank >= nranks)
@@ -387,6 +386,18 @@ static ncclResult_t comm_init(struct comm **out, int nranks, const unsigned char
     c->rank = rank;
     c->nranks = nranks;
     memcpy(c->token, token, 16);
+    *out = c;
+    return ncclSuccess;
+}
+
+static ncclResult_t comm_init(struct comm **out, int nranks, const unsigned char token[16],
+                              int rank)
+{
+    struct comm *c;
+    ncclResult_t rc;
+
+    if ((rc = comm_new(&c, nranks, token, rank)) != ncclSuccess)
+        return rc;
     if ((rc = attach(c)) != ncclSuccess) {
         comm_free(c);
         return rc;
@@ -425,6 +436,7 @@ API ncclResult_t ncclCommInitRankConfig(ncclComm_t *comm, int nranks, ncclUnique
 {
     struct fake_id f;
     struct comm *c;
+    ncclResult_t rc;
     pthread_t t;
 
     if (!comm)
@@ -437,16 +449,9 @@ API ncclResult_t ncclCommInitRankConfig(ncclComm_t *comm, int nranks, ncclUnique
     memcpy(&f, id.internal, sizeof(f));
     if (f.magic != FAKE_NCCL_MAGIC)
         return ncclInvalidArgument;
-    if (nranks < 1 || nranks > FAKE_NCCL_MAX_RANKS || rank < 0 || rank >= nranks)
-        return ncclInvalidArgument;
-    if (!(c = calloc(1, sizeof(*c))) || !(c->want = calloc((size_t)nranks * 2, 1))) {
-        free(c);
-        return ncclSystemError;
-    }
-    c->rank = rank;
-    c->nranks = nranks;
+    if ((rc = comm_new(&c, nranks, f.token, rank)) != ncclSuccess)
+        return rc;
     c->nonblocking = 1;
-    memcpy(c->token, f.token, 16);
     atomic_store(&c->async_err, ncclInProgress);
     if (pthread_create(&t, NULL, join_main, c) != 0) {
         free(c);

@@ -65,6 +65,29 @@ def fake_stack():
     return ["--cuda-lib", str(FAKE), "--nccl-lib", str(FAKE), "--cublaslt-lib", str(FAKE)]
 
 
+def cuda_spec(tmp_path, name, **parallel):
+    """The worker issue's parity job as a cuda job (test_train's spec)."""
+    from test_train import spec_with
+
+    path = spec_with(tmp_path, name, **parallel)
+    spec = json.loads(path.read_text())
+    spec["backend"] = "cuda"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def ended_job(c, jid):
+    """duplexctl status JOB --json once the job ended (past any recovery)."""
+    status = {}
+
+    def ended():
+        result = c.ctl("status", jid, "--json")
+        status.update(json.loads(result.stdout) if result.returncode == 0 else {})
+        return status.get("state") in ("succeeded", "failed", "cancelled")
+    c.poll_until(ended, timeout=600 if sanitized() else 120, what=f"job {jid} to end")
+    return status
+
+
 def cuda_workers(c, n, *args):
     """duplexd and n workers on the fake GPU stack, one fake GPU each."""
     c.env["FAKECUDA_DEVICES"] = str(n)
@@ -99,15 +122,12 @@ def test_the_cuda_backend_trains_the_parity_job_like_the_standalone_run(cluster,
     or 4 (with dp 2 or ep 2); with ep 2 each MoE layer's rows go to the
     rank owning their expert by NCCL and come back."""
     from test_train import (STEPS, assert_params_close, final_params, finished,
-                            spec_with, standalone_run, submit)
+                            standalone_run, submit)
 
     c = cluster
     cuda_workers(c, 4)
-    path = spec_with(tmp_path, f"cuda-parity-pp{pp}-ep{ep}-dp{dp}", schedule="dualpipe", ep=ep,
+    path = cuda_spec(tmp_path, f"cuda-parity-pp{pp}-ep{ep}-dp{dp}", schedule="dualpipe", ep=ep,
                      pp=pp, dp=dp)
-    spec = json.loads(path.read_text())
-    spec["backend"] = "cuda"
-    path.write_text(json.dumps(spec))
     reference, ref_params = standalone_run(path, tmp_path)
     status = finished(c, submit(c, path))
     losses = status["losses"]
@@ -143,13 +163,12 @@ def test_bf16_gemms_train_within_their_rounding(cluster, tmp_path):
     """train.precision bf16: attention's projections and the experts take
     bf16 inputs; the losses follow the fp32 CPU run within 2e-2 but not to
     fp32's last bits, and the model learns."""
-    from test_train import finished, spec_with, standalone_run, submit
+    from test_train import finished, standalone_run, submit
 
     c = cluster
     cuda_workers(c, 4)
-    path = spec_with(tmp_path, "cuda-bf16", schedule="1f1b", ep=1)
+    path = cuda_spec(tmp_path, "cuda-bf16", schedule="1f1b", ep=1)
     spec = json.loads(path.read_text())
-    spec["backend"] = "cuda"
     spec["train"]["precision"] = "bf16"
     spec["train"]["steps"] = 10
     path.write_text(json.dumps(spec))
@@ -191,7 +210,7 @@ def test_a_kernel_fault_loses_no_run(cluster, tmp_path):
     its job failed, says goodbye and exits with status 5 for systemd to
     restart it; the job restarts from its last checkpoint on the spare and
     ends with the standalone run's losses."""
-    from test_train import STEPS, spec_with, standalone_run, submit
+    from test_train import STEPS, standalone_run, submit
 
     c = cluster
     c.env["FAKECUDA_DEVICES"] = "5"
@@ -207,19 +226,10 @@ def test_a_kernel_fault_loses_no_run(cluster, tmp_path):
         c.start_worker(f"g{gpu}", gpu, *fake_stack(), backend="cuda", wait=False)
     for gpu in range(5):
         c.wait_worker_alive(f"g{gpu}")
-    path = spec_with(tmp_path, "cuda-fault", schedule="dualpipe", ep=1)
-    spec = json.loads(path.read_text())
-    spec["backend"] = "cuda"
-    path.write_text(json.dumps(spec))
+    path = cuda_spec(tmp_path, "cuda-fault", schedule="dualpipe", ep=1)
     reference, _ = standalone_run(path, tmp_path)
     jid = submit(c, path)
-    status = {}
-
-    def ended():  # past the recovery too
-        result = c.ctl("status", jid, "--json")
-        status.update(json.loads(result.stdout) if result.returncode == 0 else {})
-        return status.get("state") in ("succeeded", "failed", "cancelled")
-    c.poll_until(ended, timeout=600 if sanitized() else 120, what=f"job {jid} to end")
+    status = ended_job(c, jid)
     assert status["state"] == "succeeded", (status, c.ctl("events", jid).stdout)
     assert status["attempt"] == 2, status
     assert faulty.wait(timeout=30) == 5, faulty.log_tail()
@@ -242,24 +252,15 @@ def test_a_rank_that_never_joins_nccl_costs_a_restart_not_a_hang(cluster, tmp_pa
     as when a peer's NCCL cannot reach the others): every rank gives up
     after --nccl-timeout instead of waiting forever, the job restarts with a
     fresh NCCL id, and it ends with the standalone run's losses."""
-    from test_train import STEPS, spec_with, standalone_run, submit
+    from test_train import STEPS, standalone_run, submit
 
     c = cluster
     c.env["FAKE_NCCL_STALL_ONCE"] = str(tmp_path / "stall-once")
     cuda_workers(c, 4, "--nccl-timeout", "2")
-    path = spec_with(tmp_path, "cuda-stall", schedule="dualpipe", ep=1)
-    spec = json.loads(path.read_text())
-    spec["backend"] = "cuda"
-    path.write_text(json.dumps(spec))
+    path = cuda_spec(tmp_path, "cuda-stall", schedule="dualpipe", ep=1)
     reference, _ = standalone_run(path, tmp_path)
     jid = submit(c, path)
-    status = {}
-
-    def ended():
-        result = c.ctl("status", jid, "--json")
-        status.update(json.loads(result.stdout) if result.returncode == 0 else {})
-        return status.get("state") in ("succeeded", "failed", "cancelled")
-    c.poll_until(ended, timeout=600 if sanitized() else 120, what=f"job {jid} to end")
+    status = ended_job(c, jid)
     assert status["state"] == "succeeded", (status, c.ctl("events", jid).stdout)
     assert status["attempt"] == 2, status
     assert (tmp_path / "stall-once").exists()
@@ -280,7 +281,7 @@ def test_ranks_sharing_one_gpu_train_through_the_hosts(cluster, tmp_path):
     tests/gpu/train_check.py runs on a one-GPU host) sends its pipeline
     messages and step-end sums through the hosts, and still trains like the
     standalone run; expert parallelism there is refused, naming the GPU."""
-    from test_train import finished, spec_with, standalone_run, submit
+    from test_train import finished, standalone_run, submit
 
     c = cluster
     c.env["FAKECUDA_DEVICES"] = "1"
@@ -290,10 +291,8 @@ def test_ranks_sharing_one_gpu_train_through_the_hosts(cluster, tmp_path):
                        backend="cuda", wait=False)
     for i in range(4):
         c.wait_worker_alive(f"g{i}")
-    path = spec_with(tmp_path, "cuda-one-gpu", schedule="dualpipe", ep=1)
+    path = cuda_spec(tmp_path, "cuda-one-gpu", schedule="dualpipe", ep=1)
     spec = json.loads(path.read_text())
-    spec["backend"] = "cuda"
-    path.write_text(json.dumps(spec))
     reference, _ = standalone_run(path, tmp_path)
     status = finished(c, submit(c, path))
     for entry, ref in zip(status["losses"], reference):
@@ -308,8 +307,7 @@ def test_ranks_sharing_one_gpu_train_through_the_hosts(cluster, tmp_path):
     spec["restart"] = {"max_restarts": 0}  # the refusal repeats: no use retrying
     path.write_text(json.dumps(spec))
     jid = submit(c, path)
-    c.poll_until(lambda: json.loads(c.ctl("status", jid, "--json").stdout)["state"] == "failed",
-                 timeout=60, what=f"job {jid} to fail")
+    assert ended_job(c, jid)["state"] == "failed"
     events = c.ctl("events", jid).stdout
     assert "expert parallelism on the cuda backend (parallel.ep 2) needs one GPU per rank" \
         in events, events
