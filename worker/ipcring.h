@@ -34,6 +34,14 @@
 #define WK_IPCRING_MAX_THREADS 512
 #define WK_IPCRING_DEFAULT_THREADS 512
 
+/* The rings of the cuda backend's links (worker/plink.c, worker/xchg.c):
+ * channels (SMs) a transfer takes, slots per channel, bytes per slot, and
+ * the pieces a transfer is cut into (4 slots each, 16-byte aligned). */
+#define WK_IPCRING_LINK_CHANNELS 8
+#define WK_IPCRING_LINK_SLOTS 16
+#define WK_IPCRING_LINK_SLOT_BYTES 16384
+#define WK_IPCRING_LINK_PIECE (4 * WK_IPCRING_LINK_SLOT_BYTES - 16)
+
 struct wk_ipcring_desc {
     uint32_t channels, slots, slot_bytes;
     uint64_t ring_bytes;

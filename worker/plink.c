@@ -148,8 +148,8 @@ static int ipc_setup(wk_plink_t *l)
 
         if (k->kind != WK_PLINK_IPC || k->send)
             continue;
-        if ((rc = wk_ipcring_create(l->c, WK_PLINK_CHANNELS, WK_PLINK_SLOTS, WK_PLINK_SLOT_BYTES,
-                                    &k->ring)) < 0 ||
+        if ((rc = wk_ipcring_create(l->c, WK_IPCRING_LINK_CHANNELS, WK_IPCRING_LINK_SLOTS,
+                                    WK_IPCRING_LINK_SLOT_BYTES, &k->ring)) < 0 ||
             (rc = wk_ipcring_export(k->ring, &d)) < 0)
             return fail(l, rc, "the IPC ring from pipeline rank %d: %s", k->peer,
                         wk_cuda_error(l->c));
@@ -177,7 +177,7 @@ static int ipc_setup(wk_plink_t *l)
 /* The pieces of a message and the links' error records. */
 static int ipc_tables(wk_plink_t *l)
 {
-    const size_t bytes = l->cfg.msg_bytes, piece = WK_PLINK_PIECE;
+    const size_t bytes = l->cfg.msg_bytes, piece = WK_IPCRING_LINK_PIECE;
     uint64_t *off, *len;
     int rc = 0;
 
@@ -203,7 +203,7 @@ static int ipc_tables(wk_plink_t *l)
     }
     for (int i = 0; i < NLINKS; i++) {
         struct link *k = &l->link[i];
-        size_t errs = (size_t)l->cfg.max_msgs * WK_PLINK_CHANNELS * sizeof(int);
+        size_t errs = (size_t)l->cfg.max_msgs * WK_IPCRING_LINK_CHANNELS * sizeof(int);
 
         if (k->kind != WK_PLINK_IPC)
             continue;
@@ -351,7 +351,7 @@ static int ipc_record(wk_plink_t *l, struct link *k, wk_cuda_ptr *err, wk_cuda_p
     if (k->used >= l->cfg.max_msgs)
         return fail(l, -ENOSPC, "more than %d messages to pipeline rank %d in one step",
                     l->cfg.max_msgs, k->peer);
-    *err = k->err + (size_t)k->used * WK_PLINK_CHANNELS * sizeof(int);
+    *err = k->err + (size_t)k->used * WK_IPCRING_LINK_CHANNELS * sizeof(int);
     if (lens)
         *lens = k->lens ? k->lens + (size_t)k->used * l->pieces * 8 : 0;
     k->used++;
@@ -415,7 +415,7 @@ int wk_plink_recv(wk_plink_t *l, int peer, wk_cuda_stream consumer, wk_cuda_ptr 
  * received whole. */
 static int ipc_check(wk_plink_t *l, struct link *k)
 {
-    size_t nerr = (size_t)k->used * WK_PLINK_CHANNELS, nlen = (size_t)k->used * l->pieces;
+    size_t nerr = (size_t)k->used * WK_IPCRING_LINK_CHANNELS, nlen = (size_t)k->used * l->pieces;
     int *errs = calloc(nerr + 1, sizeof(int)), rc = 0;
     uint64_t *lens = calloc(nlen + 1, sizeof(uint64_t));
     uint64_t want;
@@ -432,14 +432,15 @@ static int ipc_check(wk_plink_t *l, struct link *k)
     for (size_t i = 0; i < nerr && rc == 0; i++)
         if (errs[i] != 0)
             rc = fail(l, -EIO, "IPC: %s pipeline rank %d, message %zu of the step, channel %zu: %s",
-                      k->send ? "send to" : "receive from", k->peer, i / WK_PLINK_CHANNELS + 1,
-                      i % WK_PLINK_CHANNELS, strerror(errs[i] < 0 ? -errs[i] : errs[i]));
+                      k->send ? "send to" : "receive from", k->peer,
+                      i / WK_IPCRING_LINK_CHANNELS + 1, i % WK_IPCRING_LINK_CHANNELS,
+                      strerror(errs[i] < 0 ? -errs[i] : errs[i]));
     for (size_t i = 0; !k->send && i < nlen && rc == 0; i++) {
         size_t p = i % (size_t)l->pieces;
 
-        want = l->cfg.msg_bytes - p * WK_PLINK_PIECE < WK_PLINK_PIECE
-                   ? l->cfg.msg_bytes - p * WK_PLINK_PIECE
-                   : WK_PLINK_PIECE;
+        want = l->cfg.msg_bytes - p * WK_IPCRING_LINK_PIECE < WK_IPCRING_LINK_PIECE
+                   ? l->cfg.msg_bytes - p * WK_IPCRING_LINK_PIECE
+                   : WK_IPCRING_LINK_PIECE;
         if (lens[i] != want)
             rc = fail(l, -EIO,
                       "IPC: receive from pipeline rank %d, message %zu of the step: piece %zu "

@@ -8,8 +8,8 @@
  *          memory (worker/ipcring.h), exported by CUDA IPC; its descriptor
  *          goes to the sender through the caller's byte channel (the data
  *          plane); messages move with the transport kernels of
- *          kernels/transport.cu on WK_PLINK_CHANNELS SMs, split into pieces
- *          of at most WK_PLINK_PIECE bytes;
+ *          kernels/transport.cu on WK_IPCRING_LINK_CHANNELS SMs, split into
+ *          pieces of at most WK_IPCRING_LINK_PIECE bytes;
  *   NCCL - the neighbour is elsewhere and the job has a communicator: a
  *          2-rank communicator per pair and direction, split from it (the
  *          four splits are collective over the whole job);
@@ -32,11 +32,6 @@
 
 #include "worker/gpu.h"
 #include "worker/nccl.h"
-
-#define WK_PLINK_CHANNELS 8             /* SMs (transport blocks) an IPC transfer takes */
-#define WK_PLINK_SLOTS 16               /* ring slots per channel */
-#define WK_PLINK_SLOT_BYTES 16384       /* bytes per slot */
-#define WK_PLINK_PIECE (4 * 16384 - 16) /* a message's pieces: 4 slots each, 16-byte aligned */
 
 enum wk_plink_kind { WK_PLINK_HOST, WK_PLINK_IPC, WK_PLINK_NCCL };
 

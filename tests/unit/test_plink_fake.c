@@ -20,9 +20,10 @@
 #include <unistd.h>
 
 #include "tests/unit/fakestack.h"
+#include "worker/ipcring.h"
 #include "worker/plink.h"
 
-#define MSG_FLOATS (3 * WK_PLINK_PIECE / 4 + 100) /* four pieces, the last partial */
+#define MSG_FLOATS (3 * WK_IPCRING_LINK_PIECE / 4 + 100) /* four pieces, the last partial */
 #define MAX_MSGS 4
 
 static int fd_of(void *arg)
