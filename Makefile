@@ -56,7 +56,7 @@ COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c co
               coordinator/jobspec.c coordinator/placement.c coordinator/plan.c \
               coordinator/jobs.c coordinator/nccl_id.c
 WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c worker/data.c worker/train.c \
-              worker/cpu.c worker/cuda.c worker/cublas.c worker/nccl.c worker/ipcring.c worker/plink.c worker/gpu.c worker/dlayer.c worker/dmoe.c worker/dmodel.c \
+              worker/cpu.c worker/cuda.c worker/cublas.c worker/nccl.c worker/ipcring.c worker/plink.c worker/xchg.c worker/gpu.c worker/dlayer.c worker/dmoe.c worker/dmodel.c \
               $(wildcard worker/model/*.c)
 KREF_SRC   := $(wildcard kernels/*_ref.c) kernels/ref.c
 CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c

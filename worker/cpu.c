@@ -18,6 +18,7 @@
 #include "worker/data.h"
 #include "worker/model/model.h"
 #include "worker/plink.h"
+#include "worker/xchg.h"
 #include "worker/train.h"
 
 #define MS_PER_S 1000.0
@@ -92,10 +93,16 @@ struct wk_cpu {
     atomic_int aborted;     /* wk_cpu_abort was called */
     wk_plink_t *links;
     wk_nccl_t *world;
-    /* with ep > 1: this (dp, pp) slice's ep ranks, a communicator per chunk
-     * (the chunks' streams run at once), and where each chunk's device MoE
-     * layers run their experts */
+    /* with ep > 1: this (dp, pp) slice's ep ranks, an exchange (IPC to the
+     * same node, NCCL beyond) per chunk (the chunks' streams run at once),
+     * and where each chunk's device MoE layers run their experts */
+    int *ep_same_node; /* [ep]: ep rank e of this slice runs on this node */
     wk_nccl_t *ep_comm[2];
+    wk_xchg_t *xchg[2];
+    struct ep_ring_arg {
+        wk_cpu_t *c;
+        int chunk;
+    } ep_arg[2];
     struct wk_dmoe_ep dep[2];
     wk_cuda_event handoff; /* one chunk's output to the other's stream */
     double loss_total;     /* the group's loss sum, downloaded */
@@ -933,44 +940,111 @@ static int nccl_groups(wk_cpu_t *c)
     return rc;
 }
 
-/* The links' byte channel for the IPC rings' descriptors: the data plane,
- * between the two neighbours (their own key: the attempt, no step). */
-static struct wk_data_key ring_key(const wk_cpu_t *c, int from, int to)
+/* The byte channel for the IPC rings' descriptors: the data plane, its
+ * own key (the attempt, no step; layer 0 for the pipeline links, 1 + chunk
+ * for a chunk's expert exchange; from and to: pp or ep ranks). */
+static struct wk_data_key ring_key(const wk_cpu_t *c, int layer, int from, int to)
 {
     return (struct wk_data_key){.job_id = c->job_id,
                                 .attempt = c->attempt,
                                 .payload = WK_DATA_LINK_RING,
                                 .path = -1,
+                                .layer = layer,
                                 .stage = to,
                                 .src = from};
 }
 
+static int ring_put(wk_cpu_t *c, int layer, int from, int to, int rank, const void *buf, size_t len)
+{
+    struct wk_data_key k = ring_key(c, layer, from, to);
+    char name[PEER_NAME_MAX];
+
+    return c->io.send(c->io.arg, c->addr[rank], &k, buf, len,
+                      peer_name(c, rank, name, sizeof(name)));
+}
+
+static int ring_get(wk_cpu_t *c, int layer, int from, int to, int rank, void *buf, size_t cap,
+                    size_t *len)
+{
+    struct wk_data_key k = ring_key(c, layer, from, to);
+    struct wk_data_msg *m = NULL;
+    char name[PEER_NAME_MAX];
+    int rc;
+
+    if ((rc = c->io.recv(c->io.arg, &k, peer_name(c, rank, name, sizeof(name)), &m)) < 0)
+        return rc;
+    *len = m->len < cap ? m->len : cap;
+    memcpy(buf, m->data, *len);
+    wk_data_msg_free(m);
+    return 0;
+}
+
+/* the pipeline links' peers are pipeline ranks */
 static int ring_send(void *arg, int peer, const void *buf, size_t len)
 {
     wk_cpu_t *c = arg;
-    struct wk_data_key k = ring_key(c, c->pp_rank, peer);
-    int to = rank_index(c, c->dp_rank, peer, c->ep_rank);
-    char name[PEER_NAME_MAX];
 
-    return c->io.send(c->io.arg, c->addr[to], &k, buf, len, peer_name(c, to, name, sizeof(name)));
+    return ring_put(c, 0, c->pp_rank, peer, rank_index(c, c->dp_rank, peer, c->ep_rank), buf, len);
 }
 
 static int ring_recv(void *arg, int peer, void *buf, size_t cap, size_t *len)
 {
     wk_cpu_t *c = arg;
-    struct wk_data_key k = ring_key(c, peer, c->pp_rank);
-    struct wk_data_msg *m = NULL;
-    char name[PEER_NAME_MAX];
+
+    return ring_get(c, 0, peer, c->pp_rank, rank_index(c, c->dp_rank, peer, c->ep_rank), buf, cap,
+                    len);
+}
+
+/* a chunk's expert exchange's peers are ep ranks */
+static int ep_ring_send(void *arg, int peer, const void *buf, size_t len)
+{
+    const struct ep_ring_arg *a = arg;
+    wk_cpu_t *c = a->c;
+
+    return ring_put(c, 1 + a->chunk, c->ep_rank, peer, rank_index(c, c->dp_rank, c->pp_rank, peer),
+                    buf, len);
+}
+
+static int ep_ring_recv(void *arg, int peer, void *buf, size_t cap, size_t *len)
+{
+    const struct ep_ring_arg *a = arg;
+    wk_cpu_t *c = a->c;
+
+    return ring_get(c, 1 + a->chunk, peer, c->ep_rank, rank_index(c, c->dp_rank, c->pp_rank, peer),
+                    buf, cap, len);
+}
+
+/* Each chunk's expert exchange among the ep ranks of this (dp, pp) slice:
+ * with NCCL its own communicator (key = ep rank), IPC rings to the ranks on
+ * this node. */
+static int ep_setup(wk_cpu_t *c)
+{
+    char why[512];
     int rc;
 
-    if ((rc = c->io.recv(
-             c->io.arg, &k,
-             peer_name(c, rank_index(c, c->dp_rank, peer, c->ep_rank), name, sizeof(name)), &m)) <
-        0)
-        return rc;
-    *len = m->len < cap ? m->len : cap;
-    memcpy(buf, m->data, *len);
-    wk_data_msg_free(m);
+    for (int i = 0; c->ep > 1 && i < c->nchunks; i++) {
+        const struct chunk *ch = &c->chunk[i];
+        struct wk_xchg_config xc = {
+            .gpu = c->gpu,
+            .ranks = c->ep,
+            .rank = c->ep_rank,
+            .same_node = c->ep_same_node,
+            /* 5 exchanges per MoE layer and micro-batch, per step */
+            .max_calls = 5 * (ch->last - ch->first) * c->paths * c->Mp + 1,
+            .send_bytes = ep_ring_send,
+            .recv_bytes = ep_ring_recv,
+            .arg = &c->ep_arg[i],
+        };
+
+        if (c->world && (rc = wk_nccl_split(c->world, 1 + c->dp_rank * c->pp + c->pp_rank,
+                                            c->ep_rank, &c->ep_comm[i])) < 0)
+            return fail(c, rc, "NCCL: splitting the ep ranks: %s", wk_nccl_error(c->world));
+        c->ep_arg[i] = (struct ep_ring_arg){c, i};
+        xc.comm = c->ep_comm[i];
+        if ((rc = wk_xchg_create(&xc, &c->xchg[i], why, sizeof(why))) < 0)
+            return fail(c, rc, "stage %d's expert exchange: %s", ch->stage, why);
+        c->dep[i].xchg = c->xchg[i];
+    }
     return 0;
 }
 
@@ -1007,13 +1081,8 @@ static int links_setup(wk_cpu_t *c)
         return fail(c, rc, "the pipeline links: %s", why);
     if (c->world && (rc = nccl_groups(c)) < 0)
         return rc;
-    /* the expert exchange: the ep ranks of this (dp, pp) slice, key = ep rank */
-    for (int i = 0; c->world && c->ep > 1 && i < c->nchunks; i++) {
-        if ((rc = wk_nccl_split(c->world, 1 + c->dp_rank * c->pp + c->pp_rank, c->ep_rank,
-                                &c->ep_comm[i])) < 0)
-            return fail(c, rc, "NCCL: splitting the ep ranks: %s", wk_nccl_error(c->world));
-        c->dep[i].comm = c->ep_comm[i];
-    }
+    if ((rc = ep_setup(c)) < 0)
+        return rc;
     for (int i = 0; c->world && i < c->nchunks; i++)
         if ((c->chunk[i].flags & WK_MODEL_HAS_HEAD) &&
             (rc = wk_cuda_alloc(cu, sizeof(double), &c->chunk[i].d_loss)) < 0)
@@ -1022,13 +1091,16 @@ static int links_setup(wk_cpu_t *c)
         groups += c->chunk[i].group != NULL;
     atomic_store(&c->links_ready, 1); /* after the links: wk_cpu_abort reads them */
     if (c->world)
-        dx_info("job %" PRIu64 ": pipeline links %s; step-end sums and expert rows by NCCL "
-                "(rank %d of %d; %d stage group%s; %d ep rank%s)",
+        dx_info("job %" PRIu64 ": pipeline links %s; step-end sums by NCCL (rank %d of %d; %d "
+                "stage group%s); %d ep rank%s%s%s",
                 c->job_id, wk_plink_describe(c->links), c->nccl_rank, c->nccl_nranks, groups,
-                groups == 1 ? "" : "s", c->ep, c->ep == 1 ? "" : "s");
+                groups == 1 ? "" : "s", c->ep, c->ep == 1 ? "" : "s", c->xchg[0] ? ", peers " : "",
+                c->xchg[0] ? wk_xchg_describe(c->xchg[0]) : "");
     else
-        dx_info("job %" PRIu64 ": pipeline links %s; step-end sums through the hosts", c->job_id,
-                wk_plink_describe(c->links));
+        dx_info("job %" PRIu64 ": pipeline links %s; step-end sums through the hosts; %d ep "
+                "rank%s%s%s",
+                c->job_id, wk_plink_describe(c->links), c->ep, c->ep == 1 ? "" : "s",
+                c->xchg[0] ? ", peers " : "", c->xchg[0] ? wk_xchg_describe(c->xchg[0]) : "");
     return 0;
 }
 
@@ -1059,8 +1131,10 @@ static void links_free(wk_cpu_t *c)
         wk_nccl_destroy(c->chunk[i].group);
         wk_cuda_free(cu, c->chunk[i].d_loss);
     }
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++) {
+        wk_xchg_destroy(c->xchg[i]);
         wk_nccl_destroy(c->ep_comm[i]);
+    }
     wk_nccl_destroy(c->world);
 }
 
@@ -1076,9 +1150,11 @@ void wk_cpu_abort(wk_cpu_t *c)
     for (int i = 0; i < c->nchunks; i++)
         if (c->chunk[i].group)
             wk_nccl_abort(c->chunk[i].group);
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++) {
+        wk_xchg_abort(c->xchg[i]);
         if (c->ep_comm[i])
             wk_nccl_abort(c->ep_comm[i]);
+    }
 }
 
 int wk_cpu_send(wk_cpu_t *c, const struct dp_op *op, char *err, size_t errlen)
@@ -1438,6 +1514,9 @@ int wk_cpu_step_end(wk_cpu_t *c, struct wk_cpu_step *out, char *err, size_t errl
     /* the step's transfers done and checked (their buffers are reused) */
     if (gpu && (rc = wk_plink_step_end(c->links)) < 0)
         return fail(c, rc, "%s", wk_plink_error(c->links));
+    for (int i = 0; gpu && i < 2; i++)
+        if (c->xchg[i] && (rc = wk_xchg_check(c->xchg[i])) < 0)
+            return fail(c, rc, "the expert exchange: %s", wk_xchg_error(c->xchg[i]));
     if (c->world) {
         /* on the GPU: the sums by NCCL, then the optimizer */
         if ((rc = nccl_sums(c, &loss, &has_loss)) < 0)
@@ -1635,6 +1714,7 @@ void wk_cpu_destroy(wk_cpu_t *c)
         free(c->addr[i]);
     free(c->addr);
     free(c->owner);
+    free(c->ep_same_node);
     free(c->batch);
     free(c->ex_rows);
     free(c->slot_expert);
@@ -1678,24 +1758,40 @@ static int setup_chunks(wk_cpu_t *c, const Duplex__Assignment *a)
     return 0;
 }
 
-/* same_node[0] / [1]: the pipeline neighbour below / above (same dp and ep
- * ranks) runs on this rank's node (Peer.node; empty names match nothing). */
-static void neighbours_on_this_node(wk_cpu_t *c, const Duplex__Assignment *a)
+/* Who runs on this rank's node (Peer.node; empty names match nothing):
+ * same_node[0] / [1], the pipeline neighbour below / above (same dp and
+ * ep ranks); ep_same_node[e], ep rank e of this (dp, pp) slice. */
+static int neighbours_on_this_node(wk_cpu_t *c, const Duplex__Assignment *a)
 {
     const char *mine = NULL;
 
+    if (!(c->ep_same_node = calloc((size_t)c->ep, sizeof(int))))
+        return fail(c, -ENOMEM, "out of memory");
     for (size_t i = 0; i < a->n_peers; i++)
         if (a->peers[i]->dp == c->dp_rank && a->peers[i]->ep == c->ep_rank &&
             a->peers[i]->pp == c->pp_rank)
             mine = a->peers[i]->node;
     for (size_t i = 0; mine && mine[0] && i < a->n_peers; i++) {
         const Duplex__Peer *p = a->peers[i];
-        int d = p->pp - c->pp_rank;
+        int d = p->pp - c->pp_rank, here = p->node && strcmp(p->node, mine) == 0;
 
-        if (p->dp == c->dp_rank && p->ep == c->ep_rank && (d == 1 || d == -1) && p->node &&
-            strcmp(p->node, mine) == 0)
+        if (p->dp != c->dp_rank || !here)
+            continue;
+        if (p->ep == c->ep_rank && (d == 1 || d == -1))
             c->same_node[d == 1] = 1;
+        if (d == 0 && p->ep >= 0 && p->ep < c->ep)
+            c->ep_same_node[p->ep] = 1;
     }
+    return 0;
+}
+
+/* Every ep rank of this slice runs on this node (the exchange needs no NCCL). */
+static int ep_all_here(const wk_cpu_t *c)
+{
+    for (int e = 0; e < c->ep; e++)
+        if (!c->ep_same_node[e])
+            return 0;
+    return 1;
 }
 
 /* 1 when two of the assignment's ranks are on one GPU (the same node and
@@ -1725,12 +1821,14 @@ static int setup_gpu(wk_cpu_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
     int rc;
 
     c->gpu = gpu;
+    if ((rc = neighbours_on_this_node(c, a)) < 0)
+        return rc;
     if (a->nccl_id.len == WK_NCCL_ID_BYTES && shared_gpu(a, why, sizeof(why))) {
         /* NCCL refuses two ranks of a communicator on one GPU */
-        if (c->ep > 1)
+        if (c->ep > 1 && !ep_all_here(c))
             return fail(c, -EINVAL,
-                        "expert parallelism on the cuda backend (parallel.ep %d) needs one GPU "
-                        "per rank: %s",
+                        "expert parallelism across nodes on the cuda backend (parallel.ep %d) "
+                        "needs NCCL, which needs one GPU per rank: %s",
                         c->ep, why);
         dx_info("job %" PRIu64 ": no NCCL, %s: pipeline links to this node by IPC, the rest "
                 "and the step-end sums through the hosts",
@@ -1746,15 +1844,14 @@ static int setup_gpu(wk_cpu_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
                 c->nccl_rank = (int)i; /* NCCL rank = index in peers (docs/PROTOCOL.md) */
         if (c->nccl_rank < 0)
             return fail(c, -EINVAL, "this rank is not among the assignment's peers");
-    } else if (c->ep > 1) {
+    } else if (c->ep > 1 && !ep_all_here(c)) {
         return fail(c, -EINVAL,
-                    "expert parallelism on the cuda backend (parallel.ep %d) needs the job's "
-                    "NCCL id, and the assignment has none",
+                    "expert parallelism across nodes on the cuda backend (parallel.ep %d) "
+                    "needs the job's NCCL id, and the assignment has none",
                     c->ep);
     }
     for (int i = 0; i < 2; i++)
         c->dep[i] = (struct wk_dmoe_ep){c->ep, c->ep_rank, c->owner, NULL, c->ex_rows};
-    neighbours_on_this_node(c, a);
     if ((rc = wk_cuda_event_create(wk_gpu_cuda(gpu), &c->handoff)) < 0)
         return fail(c, rc, "GPU: %s", wk_cuda_error(wk_gpu_cuda(gpu)));
     wk_gpu_set_gemm_dtype(gpu, strcmp(c->spec.train.precision, "bf16") == 0 ? WK_CUBLAS_BF16

@@ -27,7 +27,7 @@ struct wk_dmoe_buf {
     const struct wk_dmoe_ep *ep;   /* NULL: every expert here */
     int P, me;                     /* ep ranks, this one */
     wk_cuda_ptr xe, ye, dye, dxe;  /* xg, y, dy, dxg's twins */
-    wk_cuda_ptr cnt_dev;           /* [P][E] int32: rows each source sends each expert */
+    wk_cuda_ptr cnt_dev;           /* [P][Epad] int32: rows each source sends each expert */
     int *xoff;                     /* [E + 1] the expert side's offsets (== off without) */
     int *cnt, *at;                 /* [P][E] host: those rows, and where they start */
     struct wk_nccl_transfer *xfer; /* [2 P E]: one exchange's list */
@@ -74,6 +74,13 @@ void wk_dmoe_buf_destroy(wk_gpu_t *g, wk_dmoe_buf_t *b)
     free(b);
 }
 
+/* Bytes of one source's counts in cnt_dev: E int32 padded to 16 bytes (the
+ * IPC transport moves 16-byte aligned pieces). */
+static size_t counts_stride(int E)
+{
+    return ((size_t)E * sizeof(int32_t) + 15) & ~(size_t)15;
+}
+
 /* The expert side's buffers and host tables of expert parallelism. */
 static int ep_alloc(wk_gpu_t *g, const struct wk_moe_config *cfg, wk_dmoe_buf_t *b)
 {
@@ -90,7 +97,7 @@ static int ep_alloc(wk_gpu_t *g, const struct wk_moe_config *cfg, wk_dmoe_buf_t 
         (rc = wk_cuda_alloc(c, xrows * row, &b->ye)) < 0 ||
         (rc = wk_cuda_alloc(c, xrows * row, &b->dye)) < 0 ||
         (rc = wk_cuda_alloc(c, xrows * row, &b->dxe)) < 0 ||
-        (rc = wk_cuda_alloc(c, P * E * sizeof(int32_t), &b->cnt_dev)) < 0)
+        (rc = wk_cuda_alloc(c, P * counts_stride(cfg->experts), &b->cnt_dev)) < 0)
         return rc;
     return 0;
 }
@@ -305,7 +312,7 @@ static int route(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
 /* This rank's rows per expert (tpe) to every peer, theirs into cnt_dev. */
 static int ep_send_counts(wk_gpu_t *g, wk_cuda_stream s, int E, wk_dmoe_buf_t *b)
 {
-    const size_t bytes = (size_t)E * sizeof(int32_t);
+    const size_t bytes = (size_t)E * sizeof(int32_t), stride = counts_stride(E);
     size_t n = 0;
     int rc;
 
@@ -314,13 +321,25 @@ static int ep_send_counts(wk_gpu_t *g, wk_cuda_stream s, int E, wk_dmoe_buf_t *b
             continue;
         b->xfer[n++] = (struct wk_nccl_transfer){0, r, WK_NCCL_BYTES, b->tpe, bytes};
         b->xfer[n++] =
-            (struct wk_nccl_transfer){1, r, WK_NCCL_BYTES, b->cnt_dev + r * bytes, bytes};
+            (struct wk_nccl_transfer){1, r, WK_NCCL_BYTES, b->cnt_dev + r * stride, bytes};
     }
-    if ((rc = wk_cuda_copy_on(wk_gpu_cuda(g), s, b->cnt_dev + (size_t)b->me * bytes, b->tpe,
+    if ((rc = wk_cuda_copy_on(wk_gpu_cuda(g), s, b->cnt_dev + (size_t)b->me * stride, b->tpe,
                               bytes)) < 0)
         return wk_gpu_fail(g, rc, "expert counts: %s", wk_cuda_error(wk_gpu_cuda(g)));
-    if ((rc = wk_nccl_exchange(b->ep->comm, s, b->xfer, n)) < 0)
-        return wk_gpu_fail(g, rc, "expert counts to the ep ranks: %s", wk_nccl_error(b->ep->comm));
+    if ((rc = wk_xchg_run(b->ep->xchg, s, b->xfer, n)) < 0)
+        return wk_gpu_fail(g, rc, "expert counts to the ep ranks: %s", wk_xchg_error(b->ep->xchg));
+    return 0;
+}
+
+/* Every source's counts, from cnt_dev's padded rows to cnt [P][E]. */
+static int ep_download_counts(wk_cuda_t *c, int E, wk_dmoe_buf_t *b)
+{
+    const size_t bytes = (size_t)E * sizeof(int32_t), stride = counts_stride(E);
+    int rc;
+
+    for (int r = 0; r < b->P; r++)
+        if ((rc = wk_cuda_download(c, b->cnt + (size_t)r * E, b->cnt_dev + r * stride, bytes)) < 0)
+            return rc;
     return 0;
 }
 
@@ -400,9 +419,9 @@ static int ep_move(wk_gpu_t *g, wk_cuda_stream s, int E, int w, wk_dmoe_buf_t *b
             }
         }
     }
-    if ((rc = wk_nccl_exchange(b->ep->comm, s, b->xfer, n)) < 0)
+    if ((rc = wk_xchg_run(b->ep->xchg, s, b->xfer, n)) < 0)
         return wk_gpu_fail(g, rc, "expert rows %s the ep ranks: %s", to_experts ? "to" : "from",
-                           wk_nccl_error(b->ep->comm));
+                           wk_xchg_error(b->ep->xchg));
     return 0;
 }
 
@@ -431,8 +450,7 @@ int wk_dmoe_forward(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *c
     /* the per-expert GEMMs need the offsets (and the counts) here */
     if ((rc = wk_cuda_stream_sync(c, s)) < 0 ||
         (rc = wk_cuda_download(c, b->off, b->eoff, (size_t)(E + 1) * sizeof(int))) < 0 ||
-        (b->P > 1 &&
-         (rc = wk_cuda_download(c, b->cnt, b->cnt_dev, (size_t)b->P * E * sizeof(int32_t))) < 0))
+        (b->P > 1 && (rc = ep_download_counts(c, E, b)) < 0))
         return rc;
     if (b->P > 1 &&
         ((rc = ep_layout(g, E, n, K, b)) < 0 || (rc = ep_move(g, s, E, d, b, b->xg, b->xe, 1)) < 0))

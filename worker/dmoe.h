@@ -4,9 +4,10 @@
  *
  * Expert parallelism (struct wk_dmoe_ep, ranks > 1): every rank routes its
  * own tokens and packs them per expert; the rows of an expert another
- * rank owns go there by NCCL (one grouped exchange per direction, a
- * transfer per (peer, expert) block), the owner runs the expert on the
- * rows of every source concatenated per expert in source order (the cpu
+ * rank owns go there (worker/xchg.h: by IPC on this node, NCCL beyond; one
+ * grouped exchange per direction, a transfer per (peer, expert) block),
+ * the owner runs the expert on the rows of every source concatenated per
+ * expert in source order (the cpu
  * backend's order), and the outputs come back the same way before the
  * combine; the backward moves the rows' gradients likewise. Each rank
  * first sends its per-expert counts to every peer: a second exchange, and
@@ -30,15 +31,15 @@
 
 #include "worker/gpu.h"
 #include "worker/model/moe.h"
-#include "worker/nccl.h"
+#include "worker/xchg.h"
 
-/* Where the experts run. comm is read at each call (it may be made after
+/* Where the experts run. xchg is read at each call (it may be made after
  * the buffers): its ranks are the ep ranks, every one running the same
  * layers in the same order. */
 struct wk_dmoe_ep {
     int ranks, rank;
     const int *owner;  /* [experts]: the ep rank running each expert */
-    wk_nccl_t *comm;   /* the ep ranks' communicator (ranks > 1) */
+    wk_xchg_t *xchg;   /* the exchange among the ep ranks (ranks > 1) */
     int64_t *rows_run; /* [experts] on the host: += the rows this rank's
                         * experts ran in each forward, or NULL */
 };

@@ -116,11 +116,14 @@ static int transport_send(const struct fake_grid *g, void **args)
         for (int m = (int)c; m < nmsg && rc == 0; m += (int)C) {
             const double deadline = now_ms() + FAKE_TRANSPORT_TIMEOUT_MS;
 
-            if ((uintptr_t)(src + off[m]) & 15) {
+            /* src may be 0 with absolute offsets (the expert exchange's) */
+            const unsigned char *p = (const unsigned char *)((uintptr_t)src + off[m]);
+
+            if ((uintptr_t)p & 15) {
                 rc = -EINVAL;
                 break;
             }
-            while ((rc = dx_tref_try_send(ring, c, src + off[m], len[m])) == -EAGAIN) {
+            while ((rc = dx_tref_try_send(ring, c, p, len[m])) == -EAGAIN) {
                 if (now_ms() > deadline) {
                     rc = -ETIMEDOUT;
                     break;
@@ -152,11 +155,13 @@ static int transport_recv(const struct fake_grid *g, void **args)
             const double deadline = now_ms() + FAKE_TRANSPORT_TIMEOUT_MS;
             size_t got = 0;
 
-            if ((uintptr_t)(dst + off[m]) & 15) {
+            unsigned char *q = (unsigned char *)((uintptr_t)dst + off[m]);
+
+            if ((uintptr_t)q & 15) {
                 rc = -EINVAL;
                 break;
             }
-            while ((rc = dx_tref_try_recv(ring, c, dst + off[m], cap[m], &got)) == -EAGAIN) {
+            while ((rc = dx_tref_try_recv(ring, c, q, cap[m], &got)) == -EAGAIN) {
                 if (now_ms() > deadline) {
                     rc = -ETIMEDOUT;
                     break;
