@@ -35,10 +35,10 @@ struct peer {
 struct wk_xchg {
     struct wk_xchg_config cfg;
     wk_cuda_t *c;
-    struct peer *peer;          /* [ranks] */
-    wk_cuda_event start;        /* the caller's stream, at a call */
-    wk_cuda_stream abort_s;     /* the rings' abort words are set on it */
-    uint64_t *hoff, *hlen;      /* host staging of one piece list */
+    struct peer *peer;      /* [ranks] */
+    wk_cuda_event start;    /* the caller's stream, at a call */
+    wk_cuda_stream abort_s; /* the rings' abort words are set on it */
+    uint64_t *hoff, *hlen;  /* host staging of one piece list */
     int hcap;
     struct wk_nccl_transfer *remote; /* the NCCL part of a call */
     size_t rcap;
@@ -98,8 +98,7 @@ static int rings(wk_xchg_t *x)
         if (!q->ipc)
             continue;
         if ((rc = x->cfg.recv_bytes(x->cfg.arg, p, buf, sizeof(buf), &len)) < 0)
-            return fail(x, rc, "the IPC ring's descriptor from ep rank %d: %s", p,
-                        strerror(-rc));
+            return fail(x, rc, "the IPC ring's descriptor from ep rank %d: %s", p, strerror(-rc));
         if ((rc = wk_ipcring_desc_decode(buf, len, &d, why, sizeof(why))) < 0)
             return fail(x, rc, "ep rank %d's IPC ring: %s", p, why);
         if ((rc = wk_ipcring_import(x->c, &d, &q->tx.ring)) < 0)
@@ -114,8 +113,7 @@ static int side_init(wk_xchg_t *x, struct side *d)
 
     if ((rc = wk_cuda_stream_create(x->c, &d->s)) < 0 ||
         (rc = wk_cuda_event_create(x->c, &d->done)) < 0 ||
-        (rc = wk_cuda_alloc(x->c, (size_t)x->cfg.max_calls * CHANNELS * sizeof(int), &d->err)) <
-            0)
+        (rc = wk_cuda_alloc(x->c, (size_t)x->cfg.max_calls * CHANNELS * sizeof(int), &d->err)) < 0)
         return cuda_fail(x, rc);
     return 0;
 }
@@ -224,8 +222,9 @@ static int pieces(wk_xchg_t *x, const struct wk_nccl_transfer *t, size_t n, int 
         if (t[i].peer != p || t[i].recv != recv || bytes == 0)
             continue;
         if (t[i].buf & 15)
-            return fail(x, -EINVAL, "IPC: a transfer %s ep rank %d at an address not 16-byte "
-                                    "aligned",
+            return fail(x, -EINVAL,
+                        "IPC: a transfer %s ep rank %d at an address not 16-byte "
+                        "aligned",
                         recv ? "from" : "to", p);
         for (size_t off = 0; off < bytes; off += PIECE) {
             if (k == x->hcap) {
@@ -277,13 +276,11 @@ static int launch(wk_xchg_t *x, struct side *d, int recv, int p, int k, wk_cuda_
         (rc = wk_cuda_upload_on(x->c, d->s, d->len, x->hlen, (size_t)k * 8)) < 0)
         return cuda_fail(x, rc);
     /* the pieces' addresses are absolute: the kernels' base is 0 */
-    rc = recv ? wk_ipcring_launch_recv(d->ring,
-                                       wk_gpu_function(x->cfg.gpu, WK_K_TRANSPORT_RECV), d->s,
-                                       WK_IPCRING_DEFAULT_THREADS, 0, d->off, d->len, k, d->got,
-                                       err)
-              : wk_ipcring_launch_send(d->ring,
-                                       wk_gpu_function(x->cfg.gpu, WK_K_TRANSPORT_SEND), d->s,
-                                       WK_IPCRING_DEFAULT_THREADS, 0, d->off, d->len, k, err);
+    rc = recv ? wk_ipcring_launch_recv(d->ring, wk_gpu_function(x->cfg.gpu, WK_K_TRANSPORT_RECV),
+                                       d->s, WK_IPCRING_DEFAULT_THREADS, 0, d->off, d->len, k,
+                                       d->got, err)
+              : wk_ipcring_launch_send(d->ring, wk_gpu_function(x->cfg.gpu, WK_K_TRANSPORT_SEND),
+                                       d->s, WK_IPCRING_DEFAULT_THREADS, 0, d->off, d->len, k, err);
     if (rc < 0)
         return fail(x, rc, "IPC: %s ep rank %d: %s", recv ? "receive from" : "send to", p,
                     wk_cuda_error(x->c));
@@ -355,8 +352,9 @@ static int side_check(wk_xchg_t *x, struct side *d, int recv, int p)
         rc = cuda_fail(x, rc);
     for (size_t i = 0; i < n && rc == 0; i++)
         if (errs[i] != 0)
-            rc = fail(x, -EIO, "IPC: %s ep rank %d, exchange %zu since the last check, channel "
-                               "%zu: %s",
+            rc = fail(x, -EIO,
+                      "IPC: %s ep rank %d, exchange %zu since the last check, channel "
+                      "%zu: %s",
                       recv ? "receive from" : "send to", p, i / CHANNELS + 1, i % CHANNELS,
                       strerror(errs[i] < 0 ? -errs[i] : errs[i]));
     free(errs);

@@ -27,10 +27,10 @@ typedef struct wk_xchg wk_xchg_t;
 
 struct wk_xchg_config {
     wk_gpu_t *gpu;
-    int ranks, rank;       /* the ep ranks, this one */
-    const int *same_node;  /* [ranks]: rank r runs on this node */
-    wk_nccl_t *comm;       /* the ep ranks' communicator, or NULL */
-    int max_calls;         /* calls between two wk_xchg_check, at most */
+    int ranks, rank;      /* the ep ranks, this one */
+    const int *same_node; /* [ranks]: rank r runs on this node */
+    wk_nccl_t *comm;      /* the ep ranks' communicator, or NULL */
+    int max_calls;        /* calls between two wk_xchg_check, at most */
     /* the rings' descriptors, to and from peer (ep rank) */
     int (*send_bytes)(void *arg, int peer, const void *buf, size_t len);
     int (*recv_bytes)(void *arg, int peer, void *buf, size_t cap, size_t *len);
