@@ -218,7 +218,7 @@ Test(tref, an_abort_ends_the_waits)
     const uint32_t slots = 2, sb = 64;
     size_t sz = dx_tref_ring_size(1, slots, sb);
     void *ring = aligned_alloc(16, sz), *rc = NULL;
-    unsigned char in[64] = {0};
+    unsigned char in[128] = {0};
     pthread_t t;
 
     cr_assert_eq(dx_tref_ring_init(ring, sz, 1, slots, sb), 0);
