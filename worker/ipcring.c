@@ -229,6 +229,53 @@ int wk_ipcring_import(wk_cuda_t *c, const struct wk_ipcring_desc *d, wk_ipcring_
     return 0;
 }
 
+int wk_ipcring_offer(wk_cuda_t *c, const struct wk_ipcring_channel *ch, int peer, const char *who,
+                     wk_ipcring_t **out, char *err, size_t errlen)
+{
+    unsigned char buf[WK_IPCRING_DESC_BYTES];
+    struct wk_ipcring_desc d;
+    int rc;
+
+    *out = NULL;
+    if ((rc = wk_ipcring_create(c, WK_IPCRING_LINK_CHANNELS, WK_IPCRING_LINK_SLOTS,
+                                WK_IPCRING_LINK_SLOT_BYTES, out)) < 0 ||
+        (rc = wk_ipcring_export(*out, &d)) < 0) {
+        snprintf(err, errlen, "the IPC ring from %s %d: %s", who, peer, wk_cuda_error(c));
+        return rc;
+    }
+    if ((rc = wk_ipcring_desc_encode(&d, buf, sizeof(buf))) < 0 ||
+        (rc = ch->send(ch->arg, peer, buf, (size_t)rc)) < 0) {
+        snprintf(err, errlen, "the IPC ring's descriptor to %s %d: %s", who, peer, strerror(-rc));
+        return rc;
+    }
+    return 0;
+}
+
+int wk_ipcring_accept(wk_cuda_t *c, const struct wk_ipcring_channel *ch, int peer, const char *who,
+                      wk_ipcring_t **out, char *err, size_t errlen)
+{
+    unsigned char buf[WK_IPCRING_DESC_BYTES];
+    struct wk_ipcring_desc d;
+    char why[256];
+    size_t len = 0;
+    int rc;
+
+    *out = NULL;
+    if ((rc = ch->recv(ch->arg, peer, buf, sizeof(buf), &len)) < 0) {
+        snprintf(err, errlen, "the IPC ring's descriptor from %s %d: %s", who, peer, strerror(-rc));
+        return rc;
+    }
+    if ((rc = wk_ipcring_desc_decode(buf, len, &d, why, sizeof(why))) < 0) {
+        snprintf(err, errlen, "%s %d's IPC ring: %s", who, peer, why);
+        return rc;
+    }
+    if ((rc = wk_ipcring_import(c, &d, out)) < 0) {
+        snprintf(err, errlen, "%s %d's IPC ring: %s", who, peer, wk_cuda_error(c));
+        return rc;
+    }
+    return 0;
+}
+
 int wk_ipcring_abort(wk_ipcring_t *r, wk_cuda_stream s)
 {
     return wk_cuda_memset_on(r->c, s, r->ring + DX_TREF_ABORT_OFF, 1, sizeof(uint32_t));

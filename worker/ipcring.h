@@ -74,6 +74,24 @@ int wk_ipcring_export(wk_ipcring_t *r, struct wk_ipcring_desc *d);
  * not a valid shape, -EIO when the handle does not open. */
 int wk_ipcring_import(wk_cuda_t *c, const struct wk_ipcring_desc *d, wk_ipcring_t **out);
 
+/* The byte channel a link's ring descriptor travels over (the data plane
+ * in the worker): to and from peer. 0 or -errno. */
+struct wk_ipcring_channel {
+    int (*send)(void *arg, int peer, const void *buf, size_t len);
+    int (*recv)(void *arg, int peer, void *buf, size_t cap, size_t *len);
+    void *arg;
+};
+
+/* Receiver of a link: makes a ring of the links' shape (WK_IPCRING_LINK_*)
+ * and sends its descriptor to peer. Sender: receives peer's descriptor,
+ * checks it and maps the ring. Make every offer before any accept and no
+ * two ranks wait for each other. 0 or -errno with err saying what
+ * ("the IPC ring's descriptor from peer 3: ..."), peer named as `who`. */
+int wk_ipcring_offer(wk_cuda_t *c, const struct wk_ipcring_channel *ch, int peer, const char *who,
+                     wk_ipcring_t **out, char *err, size_t errlen);
+int wk_ipcring_accept(wk_cuda_t *c, const struct wk_ipcring_channel *ch, int peer, const char *who,
+                      wk_ipcring_t **out, char *err, size_t errlen);
+
 /* Sets the ring's abort word on stream s (either side; s must not be the
  * one a waiting transfer blocks): its transfers stop with -ECANCELED
  * (transport_ref.h). 0 or -EIO. */

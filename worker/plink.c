@@ -137,40 +137,22 @@ static int nccl_connect(wk_plink_t *l)
  * the send links take theirs: no neighbour waits for the other. */
 static int ipc_setup(wk_plink_t *l)
 {
-    unsigned char buf[WK_IPCRING_DESC_BYTES];
-    struct wk_ipcring_desc d;
-    char why[256];
-    size_t len = 0;
+    const struct wk_ipcring_channel ch = {l->cfg.send_bytes, l->cfg.recv_bytes, l->cfg.arg};
     int rc;
 
-    for (int i = 0; i < NLINKS; i++) {
-        struct link *k = &l->link[i];
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < NLINKS; i++) {
+            struct link *k = &l->link[i];
 
-        if (k->kind != WK_PLINK_IPC || k->send)
-            continue;
-        if ((rc = wk_ipcring_create(l->c, WK_IPCRING_LINK_CHANNELS, WK_IPCRING_LINK_SLOTS,
-                                    WK_IPCRING_LINK_SLOT_BYTES, &k->ring)) < 0 ||
-            (rc = wk_ipcring_export(k->ring, &d)) < 0)
-            return fail(l, rc, "the IPC ring from pipeline rank %d: %s", k->peer,
-                        wk_cuda_error(l->c));
-        if ((rc = wk_ipcring_desc_encode(&d, buf, sizeof(buf))) < 0 ||
-            (rc = l->cfg.send_bytes(l->cfg.arg, k->peer, buf, (size_t)rc)) < 0)
-            return fail(l, rc, "the IPC ring's descriptor to pipeline rank %d: %s", k->peer,
-                        strerror(-rc));
-    }
-    for (int i = 0; i < NLINKS; i++) {
-        struct link *k = &l->link[i];
-
-        if (k->kind != WK_PLINK_IPC || !k->send)
-            continue;
-        if ((rc = l->cfg.recv_bytes(l->cfg.arg, k->peer, buf, sizeof(buf), &len)) < 0)
-            return fail(l, rc, "the IPC ring's descriptor from pipeline rank %d: %s", k->peer,
-                        strerror(-rc));
-        if ((rc = wk_ipcring_desc_decode(buf, len, &d, why, sizeof(why))) < 0)
-            return fail(l, rc, "pipeline rank %d's IPC ring: %s", k->peer, why);
-        if ((rc = wk_ipcring_import(l->c, &d, &k->ring)) < 0)
-            return fail(l, rc, "pipeline rank %d's IPC ring: %s", k->peer, wk_cuda_error(l->c));
-    }
+            if (k->kind != WK_PLINK_IPC || k->send != pass)
+                continue;
+            rc = pass ? wk_ipcring_accept(l->c, &ch, k->peer, "pipeline rank", &k->ring, l->err,
+                                          sizeof(l->err))
+                      : wk_ipcring_offer(l->c, &ch, k->peer, "pipeline rank", &k->ring, l->err,
+                                         sizeof(l->err));
+            if (rc < 0)
+                return rc;
+        }
     return 0;
 }
 

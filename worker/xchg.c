@@ -73,37 +73,22 @@ static size_t type_bytes(enum wk_nccl_type t)
  * waits for another. */
 static int rings(wk_xchg_t *x)
 {
-    unsigned char buf[WK_IPCRING_DESC_BYTES];
-    struct wk_ipcring_desc d;
-    char why[256];
-    size_t len = 0;
+    const struct wk_ipcring_channel ch = {x->cfg.send_bytes, x->cfg.recv_bytes, x->cfg.arg};
     int rc;
 
-    for (int p = 0; p < x->cfg.ranks; p++) {
-        struct peer *q = &x->peer[p];
+    for (int pass = 0; pass < 2; pass++)
+        for (int p = 0; p < x->cfg.ranks; p++) {
+            struct peer *q = &x->peer[p];
 
-        if (!q->ipc)
-            continue;
-        if ((rc = wk_ipcring_create(x->c, CHANNELS, WK_IPCRING_LINK_SLOTS,
-                                    WK_IPCRING_LINK_SLOT_BYTES, &q->rx.ring)) < 0 ||
-            (rc = wk_ipcring_export(q->rx.ring, &d)) < 0)
-            return fail(x, rc, "the IPC ring from ep rank %d: %s", p, wk_cuda_error(x->c));
-        if ((rc = wk_ipcring_desc_encode(&d, buf, sizeof(buf))) < 0 ||
-            (rc = x->cfg.send_bytes(x->cfg.arg, p, buf, (size_t)rc)) < 0)
-            return fail(x, rc, "the IPC ring's descriptor to ep rank %d: %s", p, strerror(-rc));
-    }
-    for (int p = 0; p < x->cfg.ranks; p++) {
-        struct peer *q = &x->peer[p];
-
-        if (!q->ipc)
-            continue;
-        if ((rc = x->cfg.recv_bytes(x->cfg.arg, p, buf, sizeof(buf), &len)) < 0)
-            return fail(x, rc, "the IPC ring's descriptor from ep rank %d: %s", p, strerror(-rc));
-        if ((rc = wk_ipcring_desc_decode(buf, len, &d, why, sizeof(why))) < 0)
-            return fail(x, rc, "ep rank %d's IPC ring: %s", p, why);
-        if ((rc = wk_ipcring_import(x->c, &d, &q->tx.ring)) < 0)
-            return fail(x, rc, "ep rank %d's IPC ring: %s", p, wk_cuda_error(x->c));
-    }
+            if (!q->ipc)
+                continue;
+            rc = pass ? wk_ipcring_accept(x->c, &ch, p, "ep rank", &q->tx.ring, x->err,
+                                          sizeof(x->err))
+                      : wk_ipcring_offer(x->c, &ch, p, "ep rank", &q->rx.ring, x->err,
+                                         sizeof(x->err));
+            if (rc < 0)
+                return rc;
+        }
     return 0;
 }
 

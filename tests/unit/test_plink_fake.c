@@ -19,34 +19,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "tests/unit/fakepair.h"
 #include "tests/unit/fakestack.h"
 #include "worker/ipcring.h"
 #include "worker/plink.h"
 
 #define MSG_FLOATS (3 * WK_IPCRING_LINK_PIECE / 4 + 100) /* four pieces, the last partial */
 #define MAX_MSGS 4
-
-static int fd_of(void *arg)
-{
-    return (int)(intptr_t)arg;
-}
-
-static int send_bytes(void *arg, int peer, const void *buf, size_t len)
-{
-    (void)peer;
-    return write(fd_of(arg), buf, len) == (ssize_t)len ? 0 : -EIO;
-}
-
-static int recv_bytes(void *arg, int peer, void *buf, size_t cap, size_t *len)
-{
-    ssize_t n = read(fd_of(arg), buf, cap);
-
-    (void)peer;
-    if (n <= 0)
-        return -EIO;
-    *len = (size_t)n;
-    return 0;
-}
 
 static double now_ms(void)
 {
@@ -65,8 +44,8 @@ static int rank_main(int rank, int fd, int scenario)
         .same_node = {1, 1},
         .msg_bytes = MSG_FLOATS * sizeof(float),
         .max_msgs = MAX_MSGS,
-        .send_bytes = send_bytes,
-        .recv_bytes = recv_bytes,
+        .send_bytes = fakepair_send,
+        .recv_bytes = fakepair_recv,
         .arg = (void *)(intptr_t)fd,
     };
     struct wk_cuda_paths paths = {
@@ -150,38 +129,14 @@ static int rank_main(int rank, int fd, int scenario)
     return 0;
 }
 
-static void run_pair(int scenario)
-{
-    int sv[2], status;
-    pid_t pid[2];
-
-    if (!wk_gpu_have_kernels())
-        cr_skip_test("built without nvcc: no kernels");
-    setenv("FAKECUDA_DEVICES", "2", 1);
-    cr_assert_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-    for (int r = 0; r < 2; r++) {
-        pid[r] = fork();
-        cr_assert_geq(pid[r], 0);
-        if (pid[r] == 0)
-            _exit(rank_main(r, sv[r], scenario));
-    }
-    close(sv[0]);
-    close(sv[1]);
-    for (int r = 0; r < 2; r++) {
-        cr_assert_eq(waitpid(pid[r], &status, 0), pid[r]);
-        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rank %d failed at step %d", r,
-                  WIFEXITED(status) ? WEXITSTATUS(status) : -1);
-    }
-}
-
 Test(plink_fake, a_same_node_pair_talks_through_ipc_rings, .timeout = 60)
 {
-    run_pair(0);
+    fakepair_run(rank_main, 0);
 }
 
 Test(plink_fake, an_abort_ends_a_receive_that_waits_for_a_dead_peer, .timeout = 60)
 {
-    run_pair(1);
+    fakepair_run(rank_main, 1);
 }
 
 Test(plink_fake, a_pair_across_nodes_without_nccl_goes_through_the_hosts)
@@ -192,8 +147,8 @@ Test(plink_fake, a_pair_across_nodes_without_nccl_goes_through_the_hosts)
                                   .same_node = {0, 0},
                                   .msg_bytes = 64,
                                   .max_msgs = 1,
-                                  .send_bytes = send_bytes,
-                                  .recv_bytes = recv_bytes};
+                                  .send_bytes = fakepair_send,
+                                  .recv_bytes = fakepair_recv};
     wk_plink_t *l = NULL;
     char err[256];
 

@@ -15,28 +15,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "tests/unit/fakepair.h"
 #include "tests/unit/fakestack.h"
 #include "worker/ipcring.h"
 #include "worker/xchg.h"
 
 #define BIG (WK_IPCRING_LINK_PIECE / 4 * 2 + 36) /* floats: three pieces */
-
-static int send_bytes(void *arg, int peer, const void *buf, size_t len)
-{
-    (void)peer;
-    return write((int)(intptr_t)arg, buf, len) == (ssize_t)len ? 0 : -EIO;
-}
-
-static int recv_bytes(void *arg, int peer, void *buf, size_t cap, size_t *len)
-{
-    ssize_t n = read((int)(intptr_t)arg, buf, cap);
-
-    (void)peer;
-    if (n <= 0)
-        return -EIO;
-    *len = (size_t)n;
-    return 0;
-}
 
 static int rank_main(int rank, int fd, int scenario)
 {
@@ -45,8 +29,8 @@ static int rank_main(int rank, int fd, int scenario)
                                  .rank = rank,
                                  .same_node = same,
                                  .max_calls = 3,
-                                 .send_bytes = send_bytes,
-                                 .recv_bytes = recv_bytes,
+                                 .send_bytes = fakepair_send,
+                                 .recv_bytes = fakepair_recv,
                                  .arg = (void *)(intptr_t)fd};
     struct wk_cuda_paths paths = {
         .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
@@ -98,8 +82,8 @@ static int rank_main(int rank, int fd, int scenario)
         const struct wk_nccl_transfer self = {0, rank, WK_NCCL_BYTES, dsmall, 5};
         const struct wk_nccl_transfer odd = {0, peer, WK_NCCL_BYTES, dsmall + 4, 5};
 
-        if (wk_xchg_run(x, s, &self, 1) != -EINVAL ||
-            !strstr(wk_xchg_error(x), "ep rank") || wk_xchg_run(x, s, &odd, 1) != -EINVAL ||
+        if (wk_xchg_run(x, s, &self, 1) != -EINVAL || !strstr(wk_xchg_error(x), "ep rank") ||
+            wk_xchg_run(x, s, &odd, 1) != -EINVAL ||
             !strstr(wk_xchg_error(x), "not 16-byte aligned"))
             return 17;
         /* three calls fit before a check, a fourth does not */
@@ -140,38 +124,14 @@ static int rank_main(int rank, int fd, int scenario)
     return 0;
 }
 
-static void run_pair(int scenario)
-{
-    int sv[2], status;
-    pid_t pid[2];
-
-    if (!wk_gpu_have_kernels())
-        cr_skip_test("built without nvcc: no kernels");
-    setenv("FAKECUDA_DEVICES", "2", 1);
-    cr_assert_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-    for (int r = 0; r < 2; r++) {
-        pid[r] = fork();
-        cr_assert_geq(pid[r], 0);
-        if (pid[r] == 0)
-            _exit(rank_main(r, sv[r], scenario));
-    }
-    close(sv[0]);
-    close(sv[1]);
-    for (int r = 0; r < 2; r++) {
-        cr_assert_eq(waitpid(pid[r], &status, 0), pid[r]);
-        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rank %d failed at step %d", r,
-                  WIFEXITED(status) ? WEXITSTATUS(status) : -1);
-    }
-}
-
 Test(xchg_fake, transfers_pair_up_in_list_order_through_ipc, .timeout = 60)
 {
-    run_pair(0);
+    fakepair_run(rank_main, 0);
 }
 
 Test(xchg_fake, an_abort_ends_a_receive_and_the_check_names_it, .timeout = 60)
 {
-    run_pair(1);
+    fakepair_run(rank_main, 1);
 }
 
 Test(xchg_fake, a_peer_on_another_node_needs_nccl)
@@ -182,8 +142,8 @@ Test(xchg_fake, a_peer_on_another_node_needs_nccl)
                                  .rank = 0,
                                  .same_node = same,
                                  .max_calls = 1,
-                                 .send_bytes = send_bytes,
-                                 .recv_bytes = recv_bytes};
+                                 .send_bytes = fakepair_send,
+                                 .recv_bytes = fakepair_recv};
     wk_xchg_t *x = NULL;
     char err[256];
 
