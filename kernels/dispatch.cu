@@ -17,7 +17,7 @@
  *   both bases are 16-byte aligned, else 4-byte elements.
  * dx_combine(y [rows][d], d, gates, token_slot, n, k, base [n][d] or NULL,
  *   out [n][d]) any grid; warps stride over tokens; out aliases neither y
- *   nor base.
+ *   nor base; a slot < 0 adds nothing (the two-hop relay's masked ids).
  * Read-only source rows are loaded with ld.global.nc.L1::no_allocate. */
 #include <stdint.h>
 
@@ -197,6 +197,8 @@ extern "C" __global__ void dx_combine(const float *__restrict__ y, int d,
                 float4 acc = base ? ld_nc_v4((const float4 *)(base + (size_t)t * d) + i)
                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 for (int j = 0; j < k; j++) {
+                    if (slot[j] < 0)
+                        continue;
                     float4 v = ld_nc_v4((const float4 *)(y + (size_t)slot[j] * d) + i);
                     acc.x = __fadd_rn(acc.x, __fmul_rn(g[j], v.x));
                     acc.y = __fadd_rn(acc.y, __fmul_rn(g[j], v.y));
@@ -209,7 +211,9 @@ extern "C" __global__ void dx_combine(const float *__restrict__ y, int d,
             for (int i = lane; i < d; i += 32) {
                 float acc = base ? ld_nc_f32(base + (size_t)t * d + i) : 0.0f;
                 for (int j = 0; j < k; j++)
-                    acc = __fadd_rn(acc, __fmul_rn(g[j], ld_nc_f32(y + (size_t)slot[j] * d + i)));
+                    if (slot[j] >= 0)
+                        acc = __fadd_rn(acc,
+                                        __fmul_rn(g[j], ld_nc_f32(y + (size_t)slot[j] * d + i)));
                 o[i] = acc;
             }
         }

@@ -23,7 +23,8 @@
  *   are 16-byte aligned, else 4-byte elements.
  * dx_moe_gate_dot(dout [n][d], d, y [rows][d], token_slot, n, k, dgate [n][k])
  *   dgate[t][j] = sum over i ascending of dout[t][i] * y[token_slot[t][j]][i]
- *   from 0.0f, each product rounded then added: bitwise. One thread per
+ *   from 0.0f, each product rounded then added: bitwise; 0 where
+ *   token_slot[t][j] < 0 (the two-hop relay's masked ids). One thread per
  *   (token, choice) sums its row in i order, as moe.c does (a parallel tree
  *   would round differently); any grid, threads stride over the n * k
  *   pairs. Rows are read through the non-coherent path and L1 (each thread
@@ -124,7 +125,9 @@ extern "C" __global__ void dx_moe_gate_dot(const float *__restrict__ dout, int d
         const float *g = dout + (size_t)(p / k) * d;
         const float *yr = y + (size_t)token_slot[p] * d;
         float acc = 0.0f;
-        if (vec) {
+        if (token_slot[p] < 0) {
+            /* a masked choice (the two-hop relay's): no row, no gradient */
+        } else if (vec) {
             const float4 *g4 = (const float4 *)g, *y4 = (const float4 *)yr;
 #pragma unroll 4
             for (int i = 0; i < d / 4; i++) {

@@ -192,6 +192,8 @@ void dx_kref_combine(const float *y, int d, const float *gates, const int *token
             float acc = base ? base[o] : 0.0f;
             for (int j = 0; j < k; j++) {
                 size_t c = (size_t)t * k + j;
+                if (token_slot[c] < 0)
+                    continue;
                 float p = gates[c] * y[(size_t)token_slot[c] * d + i];
                 acc += p;
             }

@@ -33,7 +33,9 @@
  *            (send_gate may be NULL), token_slot[t][k] = send row of ids[t][k].
  *   pack:    send[row][:] = x[send_token[row]][:].
  *   combine: out[t][i] = base[t][i] (0 when base is NULL) + sum over k
- *            ascending of gates[t][k] * y[token_slot[t][k]][i], fp32, each
+ *            ascending with token_slot[t][k] >= 0 (a negative slot, the
+ *            two-hop relay's masked id, adds nothing) of gates[t][k] *
+ *            y[token_slot[t][k]][i], fp32, each
  *            product rounded then added (no FMA), in that order: with base =
  *            the one shared expert's output this is wk_moe_combine's sum.
  *            out must not alias y or base (the kernel reads them through the

@@ -96,7 +96,9 @@ struct wk_cpu {
     /* with ep > 1: this (dp, pp) slice's ep ranks, an exchange (IPC to the
      * same node, NCCL beyond) per chunk (the chunks' streams run at once),
      * and where each chunk's device MoE layers run their experts */
-    int *ep_same_node; /* [ep]: ep rank e of this slice runs on this node */
+    int *ep_same_node;         /* [ep]: ep rank e of this slice runs on this node */
+    int ep_nodes, ep_per_node; /* > 1 nodes: the exchange goes in two hops */
+    int *ep_hop_rank;          /* [ep]: node index * ep_per_node + index there */
     wk_nccl_t *ep_comm[2];
     wk_xchg_t *xchg[2];
     struct ep_ring_arg {
@@ -1029,8 +1031,9 @@ static int ep_setup(wk_cpu_t *c)
             .ranks = c->ep,
             .rank = c->ep_rank,
             .same_node = c->ep_same_node,
-            /* 5 exchanges per MoE layer and micro-batch, per step */
-            .max_calls = 5 * (ch->last - ch->first) * c->paths * c->Mp + 1,
+            /* exchanges per MoE layer and micro-batch, per step: 5, in
+             * two hops 10 */
+            .max_calls = 10 * (ch->last - ch->first) * c->paths * c->Mp + 1,
             .send_bytes = ep_ring_send,
             .recv_bytes = ep_ring_recv,
             .arg = &c->ep_arg[i],
@@ -1070,7 +1073,7 @@ static int links_setup(wk_cpu_t *c)
         .recv_bytes = ring_recv,
         .arg = c,
     };
-    char why[512];
+    char why[512], hops[64] = "";
     int rc, groups = 0;
 
     if (c->has_nccl_id && (rc = wk_nccl_join(cu, c->nccl_id, c->nccl_nranks, c->nccl_rank, &wait,
@@ -1090,12 +1093,15 @@ static int links_setup(wk_cpu_t *c)
     for (int i = 0; i < c->nchunks; i++)
         groups += c->chunk[i].group != NULL;
     atomic_store(&c->links_ready, 1); /* after the links: wk_cpu_abort reads them */
+    if (c->ep_nodes > 1)
+        snprintf(hops, sizeof(hops), ", expert rows in two hops (%d nodes x %d)", c->ep_nodes,
+                 c->ep_per_node);
     if (c->world)
         dx_info("job %" PRIu64 ": pipeline links %s; step-end sums by NCCL (rank %d of %d; %d "
-                "stage group%s); %d ep rank%s%s%s",
+                "stage group%s); %d ep rank%s%s%s%s",
                 c->job_id, wk_plink_describe(c->links), c->nccl_rank, c->nccl_nranks, groups,
                 groups == 1 ? "" : "s", c->ep, c->ep == 1 ? "" : "s", c->xchg[0] ? ", peers " : "",
-                c->xchg[0] ? wk_xchg_describe(c->xchg[0]) : "");
+                c->xchg[0] ? wk_xchg_describe(c->xchg[0]) : "", hops);
     else
         dx_info("job %" PRIu64 ": pipeline links %s; step-end sums through the hosts; %d ep "
                 "rank%s%s%s",
@@ -1715,6 +1721,7 @@ void wk_cpu_destroy(wk_cpu_t *c)
     free(c->addr);
     free(c->owner);
     free(c->ep_same_node);
+    free(c->ep_hop_rank);
     free(c->batch);
     free(c->ex_rows);
     free(c->slot_expert);
@@ -1785,6 +1792,63 @@ static int neighbours_on_this_node(wk_cpu_t *c, const Duplex__Assignment *a)
     return 0;
 }
 
+/* The two-hop topology of this slice's ep ranks (dmoe.h), when they span
+ * nodes and every node runs as many of them: nodes are numbered in the
+ * order of their lowest ep rank, and a rank's local index is its place
+ * among its node's ranks. Otherwise (one node, or uneven nodes: said in
+ * the log) the exchange stays direct. */
+static int ep_two_hops(wk_cpu_t *c, const Duplex__Assignment *a)
+{
+    const char **node = calloc((size_t)c->ep, sizeof(*node));
+    int *idx = calloc((size_t)c->ep, sizeof(int)), *count = calloc((size_t)c->ep, sizeof(int));
+    int nodes = 0, rc = -ENOMEM;
+
+    if (!node || !idx || !count)
+        goto out;
+    for (size_t i = 0; i < a->n_peers; i++) {
+        const Duplex__Peer *p = a->peers[i];
+
+        if (p->dp == c->dp_rank && p->pp == c->pp_rank && p->ep >= 0 && p->ep < c->ep)
+            node[p->ep] = p->node && p->node[0] ? p->node : NULL;
+    }
+    rc = 0;
+    for (int e = 0; e < c->ep; e++) {
+        if (!node[e])
+            goto out; /* a rank without a node name: direct */
+        idx[e] = nodes;
+        for (int f = 0; f < e; f++)
+            if (strcmp(node[f], node[e]) == 0) {
+                idx[e] = idx[f];
+                break;
+            }
+        nodes += idx[e] == nodes;
+        count[idx[e]]++;
+    }
+    if (nodes < 2)
+        goto out;
+    for (int m = 0; m < nodes; m++)
+        if (count[m] != c->ep / nodes || c->ep % nodes) {
+            dx_info("job %" PRIu64 ": the ep ranks' nodes run different numbers of them: "
+                    "expert rows go directly, not in two hops",
+                    a->job_id);
+            goto out;
+        }
+    if (!(c->ep_hop_rank = calloc((size_t)c->ep, sizeof(int)))) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    c->ep_nodes = nodes;
+    c->ep_per_node = c->ep / nodes;
+    memset(count, 0, (size_t)c->ep * sizeof(int));
+    for (int e = 0; e < c->ep; e++)
+        c->ep_hop_rank[e] = idx[e] * c->ep_per_node + count[idx[e]]++;
+out:
+    free(node);
+    free(idx);
+    free(count);
+    return rc < 0 ? fail(c, rc, "out of memory") : 0;
+}
+
 /* Every ep rank of this slice runs on this node (the exchange needs no NCCL). */
 static int ep_all_here(const wk_cpu_t *c)
 {
@@ -1850,8 +1914,11 @@ static int setup_gpu(wk_cpu_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
                     "needs the job's NCCL id, and the assignment has none",
                     c->ep);
     }
+    if (c->ep > 1 && (rc = ep_two_hops(c, a)) < 0)
+        return rc;
     for (int i = 0; i < 2; i++)
-        c->dep[i] = (struct wk_dmoe_ep){c->ep, c->ep_rank, c->owner, NULL, c->ex_rows};
+        c->dep[i] = (struct wk_dmoe_ep){c->ep,      c->ep_rank,  c->owner,       NULL,
+                                        c->ex_rows, c->ep_nodes, c->ep_per_node, c->ep_hop_rank};
     if ((rc = wk_cuda_event_create(wk_gpu_cuda(gpu), &c->handoff)) < 0)
         return fail(c, rc, "GPU: %s", wk_cuda_error(wk_gpu_cuda(gpu)));
     wk_gpu_set_gemm_dtype(gpu, strcmp(c->spec.train.precision, "bf16") == 0 ? WK_CUBLAS_BF16

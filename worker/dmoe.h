@@ -13,6 +13,21 @@
  * first sends its per-expert counts to every peer: a second exchange, and
  * the host reads them with the offsets (one synchronisation per forward).
  *
+ * Two hops (ep->nodes > 1, DeepSeek-V3's dispatch; kernels/twohop_ref.h):
+ * a token crosses to each node holding one of its experts once, to the
+ * rank with this rank's local index there (the relay; NCCL), with its ids
+ * masked to that node's experts and their gates. The relay lays the rows
+ * it received out per expert (dx_dispatch_* on the masked ids) and sends
+ * them to the node's ranks as above (IPC), which run the experts on
+ * [expert][relay] rows. Outputs come back to the relay, which sums each
+ * row's gated outputs (fp32, k order) and returns one row per (token,
+ * node); the source adds those per node in node order. The backward sends
+ * each token's output gradient to the same relays, which scale it by the
+ * gates, compute the gate gradients against the outputs they kept, and
+ * return the summed input gradients and the gate gradients. Two
+ * synchronisations per forward (each hop's counts). The sums group by
+ * node, so results differ from the direct path in the last bits.
+ *
  * Forward: router GEMM, sigmoid, group-limited top-k with the routing bias
  * (kernels/routing.cu; its expert counts also go into the step's int64
  * loads), the dispatch layout and pack (kernels/dispatch.cu), each expert's
@@ -42,6 +57,11 @@ struct wk_dmoe_ep {
     wk_xchg_t *xchg;   /* the exchange among the ep ranks (ranks > 1) */
     int64_t *rows_run; /* [experts] on the host: += the rows this rank's
                         * experts ran in each forward, or NULL */
+    /* Two hops (nodes > 1), else direct: the ep ranks are nodes x per_node,
+     * hop_rank[r] = node * per_node + local index of ep rank r (a
+     * permutation of [0, ranks)). */
+    int nodes, per_node;
+    const int *hop_rank;
 };
 
 /* The layer's weights (or their gradients) on the device, laid out as

@@ -588,7 +588,7 @@ static int moe_gate_dot(const struct fake_grid *gr, void **args)
     for (size_t p = 0; p < (size_t)n * (size_t)k; p++) {
         const float *g = dout + p / (size_t)k * d, *yr = y + (size_t)slot[p] * d;
         float acc = 0.0f;
-        for (int i = 0; i < d; i++)
+        for (int i = 0; i < d && slot[p] >= 0; i++)
             acc += g[i] * yr[i];
         dgate[p] = acc;
     }

@@ -248,7 +248,8 @@ static void check_dispatch(struct gc *g, const struct route_shape *s, int random
         ms = ck_launch(&k, kf.pack, grid, 0, args, g->iters);
         ck_finish(&k, "dispatch_pack", shape, ok, why, ms, gc_gbs(2.0 * (double)sd * 4, ms));
     }
-    /* combine, with a base and without */
+    /* combine, with a base, without, and with masked slots (-1: a two-hop
+     * relay's choices of another node's experts) */
     gc_fill(g, y, sd, -2.0f, 2.0f);
     gc_fill(g, base, xd, -1.0f, 1.0f);
     if (k.rc == 0 && wk_cuda_upload(g->c, d_send, y, sd * 4) < 0)
@@ -256,13 +257,19 @@ static void check_dispatch(struct gc *g, const struct route_shape *s, int random
     if (k.rc == 0 && wk_cuda_upload(g->c, d_tslot, tslot, nk * 4) < 0)
         ck_fail(&k, wk_cuda_error(g->c));
     wk_cuda_ptr d_base = ck_dev(&k, xd * 4, base), d_out = ck_dev(&k, xd * 4, NULL);
-    for (int with_base = 1; with_base >= 0; with_base--) {
-        int dd = d, nn = n, kk = K;
+    for (int variant = 0; variant < 3; variant++) {
+        int dd = d, nn = n, kk = K, with_base = variant == 0;
         wk_cuda_ptr b = with_base ? d_base : 0;
         void *args[] = {&d_send, &dd, &d_gates, &d_tslot, &nn, &kk, &b, &d_out};
         unsigned grid = gc_warp_grid(g, (size_t)n);
         char cs[80];
 
+        if (variant == 2) { /* every third choice masked */
+            for (size_t c = 0; c < nk; c += 3)
+                tslot[c] = -1;
+            if (k.rc == 0 && wk_cuda_upload(g->c, d_tslot, tslot, nk * 4) < 0)
+                ck_fail(&k, wk_cuda_error(g->c));
+        }
         memset(out, GC_POISON, xd * 4);
         dx_kref_combine(y, d, gates, tslot, n, K, with_base ? base : NULL, out);
         if (k.rc == 0 && wk_cuda_memset(g->c, d_out, GC_POISON, xd * 4) < 0)
@@ -272,7 +279,10 @@ static void check_dispatch(struct gc *g, const struct route_shape *s, int random
         why[0] = '\0';
         ok = k.rc == 0 && ck_compare(&k, "out", out_d, out, xd, 4, 1, why, sizeof(why));
         ms = ck_launch(&k, kf.combine, grid, 0, args, g->iters);
-        snprintf(cs, sizeof(cs), "%s%s", shape, with_base ? " +base" : "");
+        snprintf(cs, sizeof(cs), "%s%s", shape,
+                 variant == 0   ? " +base"
+                 : variant == 2 ? " masked"
+                                : "");
         ck_finish(&k, "combine", cs, ok, why, ms,
                   gc_gbs(((double)K + 1.0 + with_base) * (double)xd * 4, ms));
     }

@@ -223,6 +223,23 @@ static void check_gate_bwd(struct gc *g, const struct gate_shape *sh)
                  (double)scale);
         ck_finish(&k, "moe_router_grad", shape, ok, why, ms, gc_gbs(2.0 * (double)nE * 4, ms));
     }
+    { /* a two-hop relay's masked choices (slot -1): gradient 0, the rest as before */
+        void *args[] = {&d_dout, &dd, &d_y, &d_ts, &nn, &kk, &d_dg};
+        unsigned grid = gc_elem_grid(g, pairs);
+
+        for (size_t c = 0; c < pairs; c += 3) {
+            token_slot[c] = -1;
+            dgate[c] = 0.0f;
+        }
+        if (k.rc == 0 && wk_cuda_upload(g->c, d_ts, token_slot, pairs * 4) < 0)
+            ck_fail(&k, wk_cuda_error(g->c));
+        ms = ck_launch(&k, mf.gate_dot, grid, 0, args, 1);
+        ck_download(&k, dgate_d, d_dg, pairs * 4);
+        why[0] = '\0';
+        ok = k.rc == 0 && ck_compare(&k, "dgate", dgate_d, dgate, pairs, 4, 1, why, sizeof(why));
+        snprintf(shape, sizeof(shape), "%s n=%d k=%d masked", sh->name, n, K);
+        ck_finish(&k, "moe_gate_dot", shape, ok, why, ms, -1.0);
+    }
     ck_done(&k);
 }
 

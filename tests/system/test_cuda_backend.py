@@ -113,24 +113,29 @@ def test_a_worker_on_a_gpu_it_does_not_have_says_so():
 
 @pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
                     reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
-@pytest.mark.parametrize("pp,ep,dp", [(4, 1, 1), (2, 1, 2), (2, 2, 1)])
+@pytest.mark.parametrize("pp,ep,dp", [(4, 1, 1), (2, 1, 2), (2, 2, 1), (1, 4, 1)])
 def test_the_cuda_backend_trains_the_parity_job_like_the_standalone_run(cluster, tmp_path, pp,
                                                                         ep, dp):
-    """The worker issue's parity job on 4 cuda workers, DualPipe, as pp 4,
-    pp 2 x dp 2 and pp 2 x ep 2: every step's loss within 1e-4 relative of
-    the single-process CPU trainer (the issue's bound; on the fake stack the
-    kernels are their CPU references and the GEMMs sum in another order
-    than OpenBLAS), and the checkpoint's parameters too. The step-end sums
-    run by NCCL all-reduce over each stage's ranks: 2 (DualPipe's mirror)
-    or 4 (with dp 2 or ep 2); with ep 2 each MoE layer's rows go to the
-    rank owning their expert by NCCL and come back."""
+    """The worker issue's parity job on 4 cuda workers (2 nodes of 2), as
+    DualPipe pp 4, pp 2 x dp 2 and pp 2 x ep 2, and as 1F1B pp 1 x ep 4:
+    every step's loss within 1e-4 relative of the single-process CPU
+    trainer (the issue's bound; on the fake stack the kernels are their CPU
+    references and the GEMMs sum in another order than OpenBLAS), and the
+    checkpoint's parameters too. The step-end sums run by NCCL all-reduce
+    over each stage's ranks: 2 (DualPipe's mirror) or 4 (with dp 2 or ep
+    2 or 4). Placement keeps an ep pair on one node (rows by IPC); ep 4
+    spans both nodes, so its rows go in two hops: a token crosses to each
+    node once, to the rank with its sender's local index (NCCL), which
+    forwards it to the expert's rank there (IPC)."""
     from test_train import (STEPS, assert_params_close, final_params, finished,
                             standalone_run, submit)
 
     c = cluster
     cuda_workers(c, 4)
-    path = cuda_spec(tmp_path, f"cuda-parity-pp{pp}-ep{ep}-dp{dp}", schedule="dualpipe", ep=ep,
-                     pp=pp, dp=dp)
+    path = cuda_spec(tmp_path, f"cuda-parity-pp{pp}-ep{ep}-dp{dp}",
+                     schedule="dualpipe" if pp > 1 else "1f1b", ep=ep, pp=pp, dp=dp,
+                     # the ep ranks share each micro-batch's sequences
+                     **({"microbatch_size": 4, "microbatches": 2} if ep == 4 else {}))
     reference, ref_params = standalone_run(path, tmp_path)
     status = finished(c, submit(c, path))
     losses = status["losses"]
@@ -153,9 +158,13 @@ def test_the_cuda_backend_trains_the_parity_job_like_the_standalone_run(cluster,
     logs = [c.worker_procs[f"g{gpu}"].log_text() for gpu in range(4)]
     for log in logs:
         assert "; step-end sums by NCCL (rank" in log, log
-        assert f"; 2 stage groups); {ep} ep rank" in log, log
-        if ep > 1:  # the expert rows: by IPC on the node, NCCL beyond
-            assert re.search(r"2 ep ranks, peers [01] by IPC, [01] by NCCL", log), log
+        assert f"; {2 if pp > 1 else 1} stage group{'s' if pp > 1 else ''}); {ep} ep rank" \
+            in log, log
+        if ep == 2:  # placement keeps the pair on one node: by IPC
+            assert "2 ep ranks, peers 1 by IPC, 0 by NCCL\n" in log, log
+        if ep == 4:  # across the nodes, in two hops
+            assert "4 ep ranks, peers 1 by IPC, 2 by NCCL, expert rows in two hops " \
+                "(2 nodes x 2)" in log, log
     links = re.findall(r"pipeline links ([^;]*);", "".join(logs))
     assert len(links) == 4 and all("hosts" not in ln for ln in links), links
     if pp == 4:  # 4 stages on 2 nodes: pairs inside a node and across

@@ -282,6 +282,24 @@ struct relay {
 };
 
 /* The two-hop path end to end; checks the crossing rows on the way. */
+/* The cuda backend makes both of the two-hop sums with dx_combine (masked
+ * slots add nothing; gates NULL here: all 1, as the source's sum has none):
+ * its result must be want's bits. */
+static void same_as_dispatch_combine(const float *y, int d, const float *gates, const int *slot,
+                                     int n, int k, const float *base, const float *want)
+{
+    float *ones = zalloc((size_t)n * k * sizeof(float)),
+          *got = zalloc((size_t)n * d * sizeof(float));
+
+    for (size_t i = 0; i < (size_t)n * k; i++)
+        ones[i] = 1.0f;
+    dx_kref_combine(y, d, gates ? gates : ones, slot, n, k, base, got);
+    cr_assert(memcmp(got, want, (size_t)n * d * sizeof(float)) == 0,
+              "dx_combine differs from the two-hop sum");
+    free(ones);
+    free(got);
+}
+
 static void run_twohop(const struct cluster *c, struct delivered **got, int *ngot, float **out)
 {
     const int N = c->topo.nodes, P = c->topo.per_node, R = c->R, E = c->E, k = c->k, d = c->d;
@@ -378,6 +396,7 @@ static void run_twohop(const struct cluster *c, struct delivered **got, int *ngo
                 expert_output(c, e, x->x + (size_t)x->fwd_row[f] * d, x->y + (size_t)f * d);
             }
         dx_kref_twohop_relay_combine(x->y, d, x->gates, x->recv_slot, x->nrecv, k, x->partial);
+        same_as_dispatch_combine(x->y, d, x->gates, x->recv_slot, x->nrecv, k, NULL, x->partial);
         for (int r = 0; r < x->nrecv; r++)
             memcpy(h[x->src[r]].back + (size_t)x->src_row[r] * d, x->partial + (size_t)r * d,
                    sizeof(float) * d);
@@ -385,6 +404,7 @@ static void run_twohop(const struct cluster *c, struct delivered **got, int *ngo
     for (int r = 0; r < R; r++) {
         out[r] = zalloc((size_t)c->n[r] * d * sizeof(float));
         dx_kref_twohop_combine(h[r].back, d, h[r].slot, c->n[r], N, c->base[r], out[r]);
+        same_as_dispatch_combine(h[r].back, d, NULL, h[r].slot, c->n[r], N, c->base[r], out[r]);
         free(h[r].send_token);
         free(h[r].slot);
         free(h[r].send_ids);
