@@ -63,6 +63,7 @@ static const struct field fields[] = {
     {"train.seed", FT_INT, OFF(train.seed), 0, 1, NULL, 0, 2147483647, NULL},
     {"train.dataset", FT_STRING, STR(train.dataset), 0, "licenses", 0, 0, NULL},
     {"train.precision", FT_STRING, STR(train.precision), 0, "fp32", 0, 0, "fp32|bf16"},
+    {"train.dispatch", FT_STRING, STR(train.dispatch), 0, "fp32", 0, 0, "fp32|fp8"},
     {"checkpoint.every", FT_INT, OFF(checkpoint.every), 0, 5, NULL, 0, 100000000, NULL},
     {"checkpoint.dir", FT_STRING, STR(checkpoint.dir), 0, "var/checkpoints", 0, 0, NULL},
     {"checkpoint.from", FT_STRING, STR(checkpoint.from), 0, "", 0, 0, NULL},

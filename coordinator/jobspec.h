@@ -37,6 +37,7 @@ struct coord_jobspec {
         int seed;
         char dataset[COORD_JOBSPEC_TEXT];
         char precision[8]; /* "fp32", or "bf16" (GEMM inputs; cuda backend) */
+        char dispatch[8];  /* the expert rows' payload: "fp32", or "fp8" (e4m3) */
     } train;
     struct {
         int every; /* steps; 0 = never */

@@ -8,6 +8,11 @@
  * dx_fp8_quant_1x128(x [rows][cols], rows, cols, q [rows][cols],
  *                    scales [rows][(cols + 127) / 128])
  * dx_fp8_dequant_1x128(q, scales, rows, cols, x)
+ * The same on records, the dispatch payload's wire format (one per row,
+ * pitch bytes apart: the row's codes, then its scales from byte
+ * round_up(cols, 4); dx_kref_fp8_rec_pitch in kernels/ref.h):
+ * dx_fp8_quant_rec(x [rows][cols], rows, cols, rec, pitch)
+ * dx_fp8_dequant_rec(rec, pitch, rows, cols, x)
  * Launch: any grid, blockDim a multiple of 32; one warp per tile, lane l
  * owns the tile's elements 4l .. 4l + 3. */
 #include <stdint.h>
@@ -43,9 +48,26 @@ static __device__ __forceinline__ float ld_nc_f32(const float *p)
     return v;
 }
 
-extern "C" __global__ void dx_fp8_quant_1x128(const float *__restrict__ x, int rows, int cols,
-                                              uint8_t *__restrict__ q,
-                                              float *__restrict__ scales)
+/* Row r's codes and scales: q_pitch / s_pitch bytes apart, scales s_off
+ * bytes after q (a record) or in their own array (s_off ignored). */
+struct fp8_rows {
+    uint8_t *q;
+    float *s;
+    size_t q_pitch, s_pitch;
+};
+
+static __device__ __forceinline__ uint8_t *fp8_codes(const struct fp8_rows &f, int r)
+{
+    return f.q + (size_t)r * f.q_pitch;
+}
+
+static __device__ __forceinline__ float *fp8_scales(const struct fp8_rows &f, int r)
+{
+    return (float *)((uint8_t *)f.s + (size_t)r * f.s_pitch);
+}
+
+static __device__ __forceinline__ void quant_rows(const float *__restrict__ x, int rows, int cols,
+                                                  struct fp8_rows f)
 {
     const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const int tiles = (cols + DX_TILE - 1) / DX_TILE;
@@ -67,11 +89,11 @@ extern "C" __global__ void dx_fp8_quant_1x128(const float *__restrict__ x, int r
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
         const float scale = amax > 0.0f ? __fdiv_rn(amax, DX_E4M3_MAX) : 1.0f;
         if (lane == 0)
-            scales[(size_t)r * tiles + tile] = scale;
+            fp8_scales(f, r)[tile] = scale;
         uint16_t a = e4m3x2(__fdiv_rn(v[0], scale), __fdiv_rn(v[1], scale));
         uint16_t b = e4m3x2(__fdiv_rn(v[2], scale), __fdiv_rn(v[3], scale));
         uint32_t packed = (uint32_t)a | ((uint32_t)b << 16);
-        uint8_t *dst = q + row + c0;
+        uint8_t *dst = fp8_codes(f, r) + c0;
         if (c0 + 3 < cols && ((uintptr_t)dst & 3) == 0) {
             *(uint32_t *)dst = packed;
         } else {
@@ -82,9 +104,8 @@ extern "C" __global__ void dx_fp8_quant_1x128(const float *__restrict__ x, int r
     }
 }
 
-extern "C" __global__ void dx_fp8_dequant_1x128(const uint8_t *__restrict__ q,
-                                                const float *__restrict__ scales, int rows,
-                                                int cols, float *__restrict__ x)
+static __device__ __forceinline__ void dequant_rows(struct fp8_rows f, int rows, int cols,
+                                                    float *__restrict__ x)
 {
     const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const int tiles = (cols + DX_TILE - 1) / DX_TILE;
@@ -95,8 +116,8 @@ extern "C" __global__ void dx_fp8_dequant_1x128(const uint8_t *__restrict__ q,
         const int r = (int)(w / tiles), tile = (int)(w % tiles);
         const int c0 = tile * DX_TILE + lane * 4;
         const size_t row = (size_t)r * cols;
-        const float scale = scales[(size_t)r * tiles + tile];
-        const uint8_t *src = q + row + c0;
+        const float scale = fp8_scales(f, r)[tile];
+        const uint8_t *src = fp8_codes(f, r) + c0;
         uint32_t packed = 0;
 
         if (c0 + 3 < cols && ((uintptr_t)src & 3) == 0) {
@@ -112,4 +133,40 @@ extern "C" __global__ void dx_fp8_dequant_1x128(const uint8_t *__restrict__ q,
             if (c0 + i < cols)
                 x[row + c0 + i] = __fmul_rn(v[i], scale);
     }
+}
+
+extern "C" __global__ void dx_fp8_quant_1x128(const float *__restrict__ x, int rows, int cols,
+                                              uint8_t *__restrict__ q,
+                                              float *__restrict__ scales)
+{
+    const size_t tiles = (size_t)(cols + DX_TILE - 1) / DX_TILE;
+
+    quant_rows(x, rows, cols, fp8_rows{q, scales, (size_t)cols, tiles * sizeof(float)});
+}
+
+extern "C" __global__ void dx_fp8_dequant_1x128(const uint8_t *__restrict__ q,
+                                                const float *__restrict__ scales, int rows,
+                                                int cols, float *__restrict__ x)
+{
+    const size_t tiles = (size_t)(cols + DX_TILE - 1) / DX_TILE;
+
+    dequant_rows(fp8_rows{(uint8_t *)q, (float *)scales, (size_t)cols, tiles * sizeof(float)}, rows,
+                 cols, x);
+}
+
+extern "C" __global__ void dx_fp8_quant_rec(const float *__restrict__ x, int rows, int cols,
+                                            uint8_t *__restrict__ rec, int pitch)
+{
+    const size_t s_off = ((size_t)cols + 3) & ~(size_t)3;
+
+    quant_rows(x, rows, cols, fp8_rows{rec, (float *)(rec + s_off), (size_t)pitch, (size_t)pitch});
+}
+
+extern "C" __global__ void dx_fp8_dequant_rec(const uint8_t *__restrict__ rec, int pitch,
+                                              int rows, int cols, float *__restrict__ x)
+{
+    const size_t s_off = ((size_t)cols + 3) & ~(size_t)3;
+
+    dequant_rows(fp8_rows{(uint8_t *)rec, (float *)(rec + s_off), (size_t)pitch, (size_t)pitch},
+                 rows, cols, x);
 }

@@ -274,6 +274,38 @@ void dx_kref_fp8_quant(const float *x, int rows, int cols, uint8_t *q, float *sc
         }
 }
 
+/* Records go tile by tile: a tile's quantisation depends on it alone, and
+ * its scale is copied in and out of the record's bytes (no aliasing). */
+void dx_kref_fp8_quant_rec(const float *x, int rows, int cols, uint8_t *rec, int pitch)
+{
+    const size_t off = dx_kref_fp8_rec_scales(cols);
+
+    for (int r = 0; r < rows; r++)
+        for (int t = 0, c = 0; c < cols; t++, c += DX_KREF_FP8_TILE) {
+            uint8_t *row = rec + (size_t)r * pitch;
+            int width = cols - c < DX_KREF_FP8_TILE ? cols - c : DX_KREF_FP8_TILE;
+            float scale;
+
+            dx_kref_fp8_quant(x + (size_t)r * cols + c, 1, width, row + c, &scale);
+            memcpy(row + off + sizeof(float) * (size_t)t, &scale, sizeof(float));
+        }
+}
+
+void dx_kref_fp8_dequant_rec(const uint8_t *rec, int pitch, int rows, int cols, float *x)
+{
+    const size_t off = dx_kref_fp8_rec_scales(cols);
+
+    for (int r = 0; r < rows; r++)
+        for (int t = 0, c = 0; c < cols; t++, c += DX_KREF_FP8_TILE) {
+            const uint8_t *row = rec + (size_t)r * pitch;
+            int width = cols - c < DX_KREF_FP8_TILE ? cols - c : DX_KREF_FP8_TILE;
+            float scale;
+
+            memcpy(&scale, row + off + sizeof(float) * (size_t)t, sizeof(float));
+            dx_kref_fp8_dequant(row + c, &scale, 1, width, x + (size_t)r * cols + c);
+        }
+}
+
 void dx_kref_fp8_dequant(const uint8_t *q, const float *scales, int rows, int cols, float *x)
 {
     int tiles = dx_kref_fp8_tiles(cols);

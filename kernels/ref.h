@@ -114,4 +114,24 @@ static inline int dx_kref_fp8_tiles(int cols)
     return (cols + DX_KREF_FP8_TILE - 1) / DX_KREF_FP8_TILE;
 }
 
+/* The dispatch payload's wire format: a record per row holding its cols
+ * codes, then from byte dx_kref_fp8_rec_scales(cols) its tiles fp32
+ * scales; records are dx_kref_fp8_rec_pitch(cols) bytes apart, a multiple
+ * of 16 (the IPC transport's pieces are 16-byte aligned). */
+static inline size_t dx_kref_fp8_rec_scales(int cols)
+{
+    return ((size_t)cols + 3) & ~(size_t)3;
+}
+
+static inline size_t dx_kref_fp8_rec_pitch(int cols)
+{
+    return (dx_kref_fp8_rec_scales(cols) + 4 * (size_t)dx_kref_fp8_tiles(cols) + 15) & ~(size_t)15;
+}
+
+/* dx_fp8_quant_rec / dx_fp8_dequant_rec: the same rounding as
+ * dx_kref_fp8_quant / _dequant, on records pitch bytes apart (pitch a
+ * multiple of 4, at least dx_kref_fp8_rec_pitch(cols)). */
+void dx_kref_fp8_quant_rec(const float *x, int rows, int cols, uint8_t *rec, int pitch);
+void dx_kref_fp8_dequant_rec(const uint8_t *rec, int pitch, int rows, int cols, float *x);
+
 #endif

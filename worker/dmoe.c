@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/ref.h" /* the fp8 records' layout */
+
 #define BLOCK 256
 
 /* The ranks that send rows to this rank's experts and take them back: every
@@ -44,6 +46,7 @@ struct twohop {
     wk_cuda_ptr recv_ids, recv_gates; /* [N cap][K] */
     wk_cuda_ptr partial;              /* [N cap][d] each received row's sum */
     wk_cuda_ptr dgate_r;              /* [N cap][K] */
+    wk_cuda_ptr rec1, recv_rec;       /* fp8: x1's and recv_x's records */
 };
 
 struct wk_dmoe_buf {
@@ -67,6 +70,8 @@ struct wk_dmoe_buf {
     struct twohop *th;             /* NULL: direct */
     wk_cuda_ptr xe, ye, dye, dxe;  /* xg, y, dy, dxg's twins */
     wk_cuda_ptr cnt_dev;           /* [P][Epad] int32: rows each source sends each expert */
+    size_t pitch;                  /* fp8 dispatch: a record's bytes (else 0) */
+    wk_cuda_ptr rec, rec_e;        /* fp8 dispatch: xg's and xe's records */
     int *xoff;                     /* [E + 1] the expert side's offsets (== off without) */
     int *cnt, *at;                 /* [P][E] host: those rows, and where they start */
     struct wk_nccl_transfer *xfer; /* [2 P E]: one exchange's list */
@@ -103,9 +108,12 @@ static int two_hops(const struct wk_dmoe_ep *ep)
     X(send_gates) X(rcnt_dev) X(x1) X(back1) X(dg1) X(recv_x) X(recv_ids) X(recv_gates) \
     X(partial) X(dgate_r)
 // clang-format on
-#define COUNT_ONE(f) +1
-enum { HOP_NFIELDS = 0 HOP_FIELDS(COUNT_ONE) };
-#undef COUNT_ONE
+#define ONE_BYTE(f) char f;
+struct hop_count { /* a byte per field: its size counts them */
+    HOP_FIELDS(ONE_BYTE)
+};
+#undef ONE_BYTE
+#define HOP_NFIELDS sizeof(struct hop_count)
 
 static void twohop_destroy(wk_gpu_t *g, struct twohop *h)
 {
@@ -114,6 +122,8 @@ static void twohop_destroy(wk_gpu_t *g, struct twohop *h)
 #define FREE_HOP(f) wk_cuda_free(wk_gpu_cuda(g), h->f);
     HOP_FIELDS(FREE_HOP)
 #undef FREE_HOP
+    wk_cuda_free(wk_gpu_cuda(g), h->rec1);
+    wk_cuda_free(wk_gpu_cuda(g), h->recv_rec);
     free(h->relay);
     free(h->noff);
     free(h->roff);
@@ -169,6 +179,13 @@ static int twohop_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap,
     for (k = 0; k < HOP_NFIELDS; k++)
         if ((rc = wk_cuda_alloc(c, bytes[k], field[k])) < 0)
             goto fail;
+    if (cfg->fp8_dispatch) {
+        const size_t pitch = dx_kref_fp8_rec_pitch(cfg->d_model);
+
+        if ((rc = wk_cuda_alloc(c, n * K * pitch, &h->rec1)) < 0 ||
+            (rc = wk_cuda_alloc(c, N * n * pitch, &h->recv_rec)) < 0)
+            goto fail;
+    }
     h->N = ep->nodes;
     h->per = per;
     me = ep->hop_rank[ep->rank];
@@ -205,6 +222,8 @@ void wk_dmoe_buf_destroy(wk_gpu_t *g, wk_dmoe_buf_t *b)
         free(b->xoff);
     }
     twohop_destroy(g, b->th);
+    wk_cuda_free(wk_gpu_cuda(g), b->rec);
+    wk_cuda_free(wk_gpu_cuda(g), b->rec_e);
     free(b->grp.rank);
     free(b->grp.owner);
     free(b->cnt);
@@ -356,6 +375,12 @@ int wk_dmoe_buf_create_ep(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap,
         goto fail;
     if (two && (rc = twohop_create(g, cfg, cap, spread, &b->th)) < 0)
         goto fail;
+    if (cfg->fp8_dispatch) {
+        b->pitch = dx_kref_fp8_rec_pitch(cfg->d_model);
+        if ((rc = wk_cuda_alloc(c, lrows * b->pitch, &b->rec)) < 0 ||
+            (P > 1 && (rc = wk_cuda_alloc(c, xrows * b->pitch, &b->rec_e)) < 0))
+            goto fail;
+    }
     if (P == 1) {
         b->xe = b->xg;
         b->ye = b->y;
@@ -524,6 +549,22 @@ static int combine(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr y, int w, wk_cuda_
     return wk_gpu_launch(g, WK_K_COMBINE, s, grid_for(g, (size_t)n, BLOCK / 32), BLOCK, 0, args);
 }
 
+/* fp8 dispatch: rows [rows][d] fp32 to records pitch bytes apart (quant),
+ * or back. */
+static int fp8_records(wk_gpu_t *g, wk_cuda_stream s, const wk_dmoe_buf_t *b, int quant,
+                       wk_cuda_ptr rows_f32, int rows, int d, wk_cuda_ptr rec)
+{
+    int pitch = (int)b->pitch;
+    void *q[] = {&rows_f32, &rows, &d, &rec, &pitch};
+    void *dq[] = {&rec, &pitch, &rows, &d, &rows_f32};
+    const size_t tiles = (size_t)dx_kref_fp8_tiles(d);
+
+    if (rows == 0)
+        return 0;
+    return wk_gpu_launch(g, quant ? WK_K_FP8_QUANT_REC : WK_K_FP8_DEQUANT_REC, s,
+                         grid_for(g, (size_t)rows * tiles, BLOCK / 32), BLOCK, 0, quant ? q : dq);
+}
+
 /* --- expert parallelism ---------------------------------------------------------- */
 
 /* The layout's rows per expert (tpe) to every member of the group, theirs
@@ -649,6 +690,21 @@ static int ep_move(wk_gpu_t *g, wk_cuda_stream s, int E, int w, wk_dmoe_buf_t *b
     return 0;
 }
 
+/* The layout's packed rows (xg; with fp8 dispatch their records rec) to
+ * the expert side xe, after ep_layout. */
+static int rows_to_experts(wk_gpu_t *g, wk_cuda_stream s, int E, int d, wk_dmoe_buf_t *b)
+{
+    int rc;
+
+    if (!b->pitch)
+        return b->P > 1 ? ep_move(g, s, E, d, b, b->xg, b->xe, 1) : 0;
+    if (b->P == 1) /* xe is xg */
+        return fp8_records(g, s, b, 0, b->xe, b->off[E], d, b->rec);
+    if ((rc = ep_move(g, s, E, (int)(b->pitch / 4), b, b->rec, b->rec_e, 1)) < 0)
+        return rc;
+    return fp8_records(g, s, b, 0, b->xe, b->xoff[E], d, b->rec_e);
+}
+
 /* --- two hops -------------------------------------------------------------------- */
 
 static int fail_xchg(wk_gpu_t *g, int rc, const wk_dmoe_buf_t *b, const char *what)
@@ -745,9 +801,11 @@ static int twohop_dispatch(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_co
         (rc = wk_gpu_launch(g, WK_K_TWOHOP_OFFSETS, s, 1, BLOCK, 0, offs)) < 0 ||
         (rc = wk_gpu_launch(g, WK_K_TWOHOP_ROWS, s, (unsigned)N, BLOCK, 0, rows)) < 0 ||
         (rc = hop1_counts(g, s, b)) < 0 ||
-        (rc = pack(g, s, x, d, h->send_token, h->rows1, h->x1)) < 0)
+        (rc = pack(g, s, x, d, h->send_token, h->rows1, h->x1)) < 0 ||
+        (b->pitch && (rc = fp8_records(g, s, b, 1, h->x1, h->rows1, d, h->rec1)) < 0))
         return rc;
-    if ((rc = hop1_add(g, s, b, &nx, 1, (size_t)d, h->x1, h->recv_x)) < 0 ||
+    if ((rc = b->pitch ? hop1_add(g, s, b, &nx, 1, b->pitch / 4, h->rec1, h->recv_rec)
+                       : hop1_add(g, s, b, &nx, 1, (size_t)d, h->x1, h->recv_x)) < 0 ||
         (rc = hop1_add(g, s, b, &nx, 1, (size_t)K, h->send_ids, h->recv_ids)) < 0 ||
         (rc = hop1_add(g, s, b, &nx, 1, (size_t)K, h->send_gates, h->recv_gates)) < 0)
         return rc;
@@ -758,10 +816,12 @@ static int twohop_dispatch(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_co
         (rc = ep_send_counts(g, s, E, b)) < 0 || (rc = wk_cuda_stream_sync(c, s)) < 0 ||
         (rc = wk_cuda_download(c, b->off, b->eoff, (size_t)(E + 1) * sizeof(int))) < 0 ||
         (rc = ep_download_counts(c, E, b)) < 0 ||
-        (rc = pack(g, s, h->recv_x, d, b->send_token, b->off[E], b->xg)) < 0 ||
+        (rc = b->pitch
+                  ? pack(g, s, h->recv_rec, (int)(b->pitch / 4), b->send_token, b->off[E], b->rec)
+                  : pack(g, s, h->recv_x, d, b->send_token, b->off[E], b->xg)) < 0 ||
         (rc = ep_layout(g, E, N * b->cap, K, b)) < 0)
         return rc;
-    return ep_move(g, s, E, d, b, b->xg, b->xe, 1);
+    return rows_to_experts(g, s, E, d, b);
 }
 
 /* After the experts: their outputs back to the relays, each received row's
@@ -856,6 +916,7 @@ int wk_dmoe_forward(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *c
     } else {
         if ((rc = layout(g, s, cfg, b, b->ids, b->gates, n)) < 0 ||
             (rc = pack(g, s, x, d, b->send_token, n * K, b->xg)) < 0 ||
+            (b->pitch && (rc = fp8_records(g, s, b, 1, b->xg, n * K, d, b->rec)) < 0) ||
             (b->P > 1 && (rc = ep_send_counts(g, s, E, b)) < 0))
             return rc;
         /* the per-expert GEMMs need the offsets (and the counts) here */
@@ -863,8 +924,8 @@ int wk_dmoe_forward(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *c
             (rc = wk_cuda_download(c, b->off, b->eoff, (size_t)(E + 1) * sizeof(int))) < 0 ||
             (b->P > 1 && (rc = ep_download_counts(c, E, b)) < 0))
             return rc;
-        if (b->P > 1 && ((rc = ep_layout(g, E, n * K, K, b)) < 0 ||
-                         (rc = ep_move(g, s, E, d, b, b->xg, b->xe, 1)) < 0))
+        if ((b->P > 1 && (rc = ep_layout(g, E, n * K, K, b)) < 0) ||
+            (rc = rows_to_experts(g, s, E, d, b)) < 0)
             return rc;
     }
     for (int e = 0; e < E; e++) {

@@ -44,6 +44,8 @@
     X(BF16_TO_F32, convert, "dx_bf16_to_f32")                                                      \
     X(FP8_QUANT, fp8, "dx_fp8_quant_1x128")                                                        \
     X(FP8_DEQUANT, fp8, "dx_fp8_dequant_1x128")                                                    \
+    X(FP8_QUANT_REC, fp8, "dx_fp8_quant_rec")                                                      \
+    X(FP8_DEQUANT_REC, fp8, "dx_fp8_dequant_rec")                                                  \
     X(MOE_SIGMOID, moe, "dx_moe_sigmoid")                                                          \
     X(MOE_GATE_SCALE, moe, "dx_moe_gate_scale")                                                    \
     X(MOE_GATE_DOT, moe, "dx_moe_gate_dot")                                                        \

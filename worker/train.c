@@ -59,7 +59,7 @@ void wk_train_config_from_spec(const struct coord_jobspec *spec, struct wk_train
         .model = {spec->model.vocab, spec->model.d_model, spec->model.layers, spec->model.heads,
                   spec->model.experts, spec->model.top_k, spec->model.expert_hidden,
                   spec->model.shared_experts, spec->model.seq_len, spec->model.expert_groups,
-                  spec->model.group_limit},
+                  spec->model.group_limit, strcmp(spec->train.dispatch, "fp8") == 0},
         .seed = (uint64_t)spec->train.seed,
         .steps = spec->train.steps,
         .lr = (float)spec->train.lr,

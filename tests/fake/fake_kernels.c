@@ -245,6 +245,24 @@ static int fp8_quant(const struct fake_grid *g, void **args)
     return 0;
 }
 
+/* dx_fp8_quant_rec(x, rows, cols, rec, pitch) */
+static int fp8_quant_rec(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    dx_kref_fp8_quant_rec(ARG(const float *, 0), ARG(int, 1), ARG(int, 2), ARG(uint8_t *, 3),
+                          ARG(int, 4));
+    return 0;
+}
+
+/* dx_fp8_dequant_rec(rec, pitch, rows, cols, x) */
+static int fp8_dequant_rec(const struct fake_grid *g, void **args)
+{
+    (void)g;
+    dx_kref_fp8_dequant_rec(ARG(const uint8_t *, 0), ARG(int, 1), ARG(int, 2), ARG(int, 3),
+                            ARG(float *, 4));
+    return 0;
+}
+
 /* dx_fp8_dequant_1x128(q, scales, rows, cols, x) */
 static int fp8_dequant(const struct fake_grid *g, void **args)
 {
@@ -857,6 +875,8 @@ static const struct fake_kernel kernels[] = {
     {"dx_combine", 8, {P, INT, P, P, INT, INT, P, P}, combine},
     {"dx_fp8_quant_1x128", 5, {P, INT, INT, P, P}, fp8_quant},
     {"dx_fp8_dequant_1x128", 5, {P, P, INT, INT, P}, fp8_dequant},
+    {"dx_fp8_quant_rec", 5, {P, INT, INT, P, INT}, fp8_quant_rec},
+    {"dx_fp8_dequant_rec", 5, {P, INT, INT, INT, P}, fp8_dequant_rec},
     {"dx_rmsnorm_fwd", 7, {P, P, INT, INT, F32, P, P}, rmsnorm_fwd},
     {"dx_rmsnorm_bwd", 9, {P, P, P, P, INT, INT, INT, P, P}, rmsnorm_bwd},
     {"dx_rmsnorm_dg", 4, {P, INT, INT, P}, rmsnorm_dg},

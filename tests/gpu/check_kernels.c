@@ -42,7 +42,8 @@ GC_IMAGE(elementwise);
 
 /* this file's kernels */
 static struct {
-    wk_cuda_function_t route, count, offsets, rows, pack, combine, quant, dequant;
+    wk_cuda_function_t route, count, offsets, rows, pack, combine, quant, dequant, quant_rec,
+        dequant_rec;
     wk_cuda_function_t rms_fwd, rms_bwd, rms_dg, swi_fwd, swi_bwd, sx_fwd, sx_bwd;
 } kf;
 
@@ -291,6 +292,47 @@ static void check_dispatch(struct gc *g, const struct route_shape *s, int random
 
 /* --- fp8 --------------------------------------------------------------------- */
 
+/* The records (the dispatch payload's wire format) of x: the same codes
+ * and scales, padding left alone (poisoned on both sides), and back to xr. */
+static void check_fp8_records(struct gc *g, struct ck *k, int nrows, int cols, const float *x,
+                              const float *xr, const char *shape)
+{
+    const size_t pitch = dx_kref_fp8_rec_pitch(cols), bytes = (size_t)nrows * pitch;
+    const size_t all = (size_t)nrows * cols;
+    uint8_t *rec = ck_host(k, bytes), *rec_d = ck_host(k, bytes);
+    float *xr_d = ck_host(k, all * 4);
+    wk_cuda_ptr d_x = ck_dev(k, all * 4, x), d_rec = ck_dev(k, bytes, NULL);
+    wk_cuda_ptr d_xr = ck_dev(k, all * 4, NULL);
+    int rr = nrows, cc = cols, pp = (int)pitch, ok;
+    unsigned grid = gc_warp_grid(g, (size_t)nrows * dx_kref_fp8_tiles(cols));
+    char why[512] = "";
+    double ms;
+
+    if (k->rc == 0) {
+        memset(rec, GC_POISON, bytes);
+        dx_kref_fp8_quant_rec(x, nrows, cols, rec, (int)pitch);
+        if (wk_cuda_memset(g->c, d_rec, GC_POISON, bytes) < 0)
+            ck_fail(k, wk_cuda_error(g->c));
+    }
+    {
+        void *args[] = {&d_x, &rr, &cc, &d_rec, &pp};
+        ms = ck_launch(k, kf.quant_rec, grid, 0, args, 1);
+        ck_download(k, rec_d, d_rec, bytes);
+        ok = k->rc == 0 && ck_compare(k, "records", rec_d, rec, bytes, 1, 0, why, sizeof(why));
+        ck_finish(k, "fp8_quant_rec", shape, ok, why, ms, gc_gbs((double)all * 4 + bytes, ms));
+    }
+    if (k->rc == 0 && wk_cuda_upload(g->c, d_rec, rec, bytes) < 0)
+        ck_fail(k, wk_cuda_error(g->c));
+    {
+        void *args[] = {&d_rec, &pp, &rr, &cc, &d_xr};
+        ms = ck_launch(k, kf.dequant_rec, grid, 0, args, 1);
+        ck_download(k, xr_d, d_xr, all * 4);
+        why[0] = '\0';
+        ok = k->rc == 0 && ck_compare(k, "x'", xr_d, xr, all, 4, 1, why, sizeof(why));
+        ck_finish(k, "fp8_dequant_rec", shape, ok, why, ms, gc_gbs((double)all * 4 + bytes, ms));
+    }
+}
+
 static void check_fp8(struct gc *g, int nrows, int cols, const char *name)
 {
     struct ck k = {.g = g};
@@ -347,6 +389,7 @@ static void check_fp8(struct gc *g, int nrows, int cols, const char *name)
         ck_finish(&k, "fp8_dequant_1x128", shape, ok, why, ms,
                   gc_gbs((double)all * 5 + (double)ns * 4, ms));
     }
+    check_fp8_records(g, &k, nrows, cols, x, xr, shape);
     ck_done(&k);
 }
 
@@ -680,14 +723,15 @@ static int setup(struct gc *g)
     static const char *const dispatch_names[] = {"dx_dispatch_count", "dx_dispatch_offsets",
                                                  "dx_dispatch_rows", "dx_dispatch_pack",
                                                  "dx_combine"};
-    static const char *const fp8_names[] = {"dx_fp8_quant_1x128", "dx_fp8_dequant_1x128"};
+    static const char *const fp8_names[] = {"dx_fp8_quant_1x128", "dx_fp8_dequant_1x128",
+                                            "dx_fp8_quant_rec", "dx_fp8_dequant_rec"};
     static const char *const elementwise_names[] = {
         "dx_rmsnorm_fwd", "dx_rmsnorm_bwd",      "dx_rmsnorm_dg",      "dx_swiglu_fwd",
         "dx_swiglu_bwd",  "dx_softmax_xent_fwd", "dx_softmax_xent_bwd"};
     wk_cuda_function_t *const route_fns[] = {&kf.route};
     wk_cuda_function_t *const dispatch_fns[] = {&kf.count, &kf.offsets, &kf.rows, &kf.pack,
                                                 &kf.combine};
-    wk_cuda_function_t *const fp8_fns[] = {&kf.quant, &kf.dequant};
+    wk_cuda_function_t *const fp8_fns[] = {&kf.quant, &kf.dequant, &kf.quant_rec, &kf.dequant_rec};
     wk_cuda_function_t *const elementwise_fns[] = {
         &kf.rms_fwd, &kf.rms_bwd, &kf.rms_dg, &kf.swi_fwd, &kf.swi_bwd, &kf.sx_fwd, &kf.sx_bwd};
 
@@ -696,7 +740,7 @@ static int setup(struct gc *g)
         return -EIO;
     if (gc_functions(g, route, route_names, route_fns, 1) < 0 ||
         gc_functions(g, dispatch, dispatch_names, dispatch_fns, 5) < 0 ||
-        gc_functions(g, fp8, fp8_names, fp8_fns, 2) < 0 ||
+        gc_functions(g, fp8, fp8_names, fp8_fns, 4) < 0 ||
         gc_functions(g, elementwise, elementwise_names, elementwise_fns, 7) < 0)
         return -EIO;
     return 0;

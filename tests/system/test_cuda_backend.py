@@ -195,6 +195,39 @@ def test_bf16_gemms_train_within_their_rounding(cluster, tmp_path):
     assert losses[-1] < losses[0] - 0.2, losses
 
 
+@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
+                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+def test_fp8_dispatch_sends_e4m3_records_in_two_hops_like_the_cpu_trainer(cluster, tmp_path):
+    """train.dispatch fp8 on pp 1 x ep 4 over 2 nodes x 2 GPUs: each token
+    row goes to the relays and on to the experts as an e4m3 record (a scale
+    per 1x128 tile). The CPU trainer rounds the rows the same way, so the
+    losses still match it within 1e-4; against fp32 dispatch they move,
+    within e4m3's rounding."""
+    from test_train import finished, standalone_run, submit
+
+    c = cluster
+    cuda_workers(c, 4)
+    path = cuda_spec(tmp_path, "cuda-fp8", schedule="1f1b", pp=1, ep=4, dp=1, microbatch_size=4,
+                     microbatches=2)
+    spec = json.loads(path.read_text())
+    spec["train"]["steps"] = 10
+    path.write_text(json.dumps(spec))
+    fp32, _ = standalone_run(path, tmp_path)
+    spec["train"]["dispatch"] = "fp8"
+    path.write_text(json.dumps(spec))
+    reference, _ = standalone_run(path, tmp_path)
+    moved = max(abs(a - b) / abs(b) for a, b in zip(reference, fp32))
+    assert 1e-7 < moved <= 2e-2, (reference, fp32)
+    status = finished(c, submit(c, path))
+    losses = [e["loss"] for e in status["losses"]]
+    assert len(losses) == 10, status
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+    assert worst <= 1e-4, (losses, reference)
+    print(f"fp8 dispatch: within {worst:.3g} of the CPU trainer's fp8; {moved:.3g} from fp32")
+    for gpu in range(4):
+        assert "expert rows in two hops (2 nodes x 2)" in c.worker_procs[f"g{gpu}"].log_text()
+
+
 @pytest.mark.skipif(not GPUCHECK.exists() or not FAKE.exists(),
                     reason="duplex-gpucheck needs nvcc to build")
 def test_the_whole_gpu_check_runs_on_the_fake_stack():

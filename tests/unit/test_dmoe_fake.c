@@ -3,7 +3,8 @@
  * (the same experts for every token, the same loads), the output, the input
  * gradient and every weight gradient, with one shared expert and with two,
  * to a relative bound of 1e-5 of max(|want|, rms(want)) (the GEMMs sum in
- * another order than OpenBLAS). */
+ * another order than OpenBLAS); and with the fp8 dispatch (the experts see
+ * the rows as the e4m3 records carry them, on both sides). */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdint.h>
@@ -16,7 +17,17 @@
 
 #define BOUND 1e-5
 
-static void moe_parity(int shared)
+/* The largest |a - b| over n. */
+static float max_diff(const float *a, const float *b, size_t n)
+{
+    float m = 0.0f;
+
+    for (size_t i = 0; i < n; i++)
+        m = fmaxf(m, fabsf(a[i] - b[i]));
+    return m;
+}
+
+static void moe_parity(int shared, int fp8)
 {
     enum { N = 24, D = 16, E = 8, K = 2, H = 12 };
     struct wk_moe_config cfg;
@@ -42,6 +53,7 @@ static void moe_parity(int shared)
     cfg.expert_groups = 4;
     cfg.group_limit = 2;
     cfg.init_std = 0.3f; /* scores far apart: no near-ties for the routing to break */
+    cfg.fp8_dispatch = fp8;
     cr_assert_eq(wk_moe_init(&m, &cfg, 42, 7), 0);
     cr_assert_eq(wk_moe_ctx_init(&c, &cfg, N), 0);
     fakestack_uniform(m.bias, E, 3, 0.05f);
@@ -100,6 +112,17 @@ static void moe_parity(int shared)
         fakestack_expect_close(fakestack_fetch(&f, gr.sw3, ss), m.g_sw3, ss / 4, BOUND, "g_sw3");
         fakestack_expect_close(fakestack_fetch(&f, gr.sw2, ss), m.g_sw2, ss / 4, BOUND, "g_sw2");
     }
+    if (fp8) { /* the rounding did something, and no more than e4m3's */
+        float plain[N * D], diff;
+        struct wk_moe_ctx c32;
+
+        m.cfg.fp8_dispatch = 0;
+        cr_assert_eq(wk_moe_ctx_init(&c32, &m.cfg, N), 0);
+        cr_assert_eq(wk_moe_forward(&m, &c32, x, N, plain), 0);
+        diff = max_diff(plain, out, N * D);
+        cr_assert(diff > 0.0f && diff < 0.1f, "fp8 moved the output by %g", (double)diff);
+        wk_moe_ctx_free(&c32);
+    }
     wk_dmoe_buf_destroy(f.g, b);
     wk_moe_ctx_free(&c);
     wk_moe_free(&m);
@@ -108,15 +131,20 @@ static void moe_parity(int shared)
 
 Test(dmoe_fake, one_shared_expert)
 {
-    moe_parity(1);
+    moe_parity(1, 0);
 }
 
 Test(dmoe_fake, two_shared_experts)
 {
-    moe_parity(2);
+    moe_parity(2, 0);
 }
 
 Test(dmoe_fake, no_shared_expert)
 {
-    moe_parity(0);
+    moe_parity(0, 0);
+}
+
+Test(dmoe_fake, fp8_dispatch_rounds_the_rows_as_the_cpu_layer_does)
+{
+    moe_parity(1, 1);
 }

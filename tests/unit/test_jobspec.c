@@ -250,3 +250,16 @@ Test(jobspec, bf16_precision_is_the_cuda_backends)
                  "train.precision", "bf16 GEMMs run on the cuda backend only (backend cpu)");
     expect_error("{\"train\": {\"precision\": \"fp16\"}}", NULL, "train.precision", "fp32|bf16");
 }
+
+Test(jobspec, dispatch_is_fp32_or_fp8_on_either_backend)
+{
+    struct coord_jobspec spec;
+
+    cr_assert_eq(parse("{}", NULL, 0, &spec), 0, "%s", err);
+    cr_assert_str_eq(spec.train.dispatch, "fp32");
+    cr_assert_eq(
+        parse("{\"backend\": \"cpu\", \"train\": {\"dispatch\": \"fp8\"}}", NULL, 0, &spec), 0,
+        "%s", err);
+    cr_assert_str_eq(spec.train.dispatch, "fp8");
+    expect_error("{\"train\": {\"dispatch\": \"e5m2\"}}", NULL, "train.dispatch", "fp32|fp8");
+}

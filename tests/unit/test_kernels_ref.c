@@ -500,6 +500,43 @@ Test(kref_fp8, quant_dequant_bound)
         }
 }
 
+/* The records (the fp8 dispatch's wire format) hold the same codes and
+ * scales as the arrays, at the documented places, and decode the same. */
+Test(kref_fp8, records_hold_the_arrays_codes_and_scales)
+{
+    enum { ROWS = 4, COLS = 301 };
+    static float x[ROWS * COLS], y[ROWS * COLS], yr[ROWS * COLS];
+    static uint8_t q[ROWS * COLS];
+    static _Alignas(16) uint8_t rec[ROWS * 400]; /* records are 4-byte aligned */
+    const int tiles = dx_kref_fp8_tiles(COLS);
+    const size_t pitch = dx_kref_fp8_rec_pitch(COLS), off = dx_kref_fp8_rec_scales(COLS);
+    float scales[ROWS * 3], s;
+    struct wk_rng r = wk_rng_stream(13, 0);
+
+    cr_assert_eq(off, 304);
+    cr_assert_eq(pitch, 320); /* 304 + 3 scales, to 16 bytes */
+    cr_assert(pitch * ROWS <= sizeof(rec));
+    for (int i = 0; i < ROWS * COLS; i++)
+        x[i] = wk_rng_normal(&r);
+    dx_kref_fp8_quant(x, ROWS, COLS, q, scales);
+    dx_kref_fp8_dequant(q, scales, ROWS, COLS, y);
+    memset(rec, 0xab, sizeof(rec));
+    dx_kref_fp8_quant_rec(x, ROWS, COLS, rec, (int)pitch);
+    for (int rr = 0; rr < ROWS; rr++) {
+        const uint8_t *row = rec + rr * pitch;
+
+        cr_assert_arr_eq(row, q + rr * COLS, COLS);
+        for (size_t b = COLS; b < off; b++)
+            cr_assert_eq(row[b], 0xab, "padding byte %zu written", b);
+        for (int t = 0; t < tiles; t++) {
+            memcpy(&s, row + off + 4 * t, 4);
+            cr_assert_eq(s, scales[rr * tiles + t]);
+        }
+    }
+    dx_kref_fp8_dequant_rec(rec, (int)pitch, ROWS, COLS, yr);
+    cr_assert_arr_eq(yr, y, sizeof(y));
+}
+
 /* The two-hop relay dispatches rows whose ids are masked (-1) where the
  * token's expert is on another node: those ids match no expert. */
 Test(kernels_ref, masked_ids_match_no_expert)

@@ -42,6 +42,7 @@ static void moe_config(const struct wk_model_config *cfg, struct wk_moe_config *
     mc->expert_groups = cfg->expert_groups;
     mc->group_limit = cfg->group_limit;
     mc->init_std = WK_INIT_STD;
+    mc->fp8_dispatch = cfg->fp8_dispatch;
 }
 
 int wk_model_config_check(const struct wk_model_config *cfg, char *err, size_t errlen)

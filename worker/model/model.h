@@ -53,6 +53,7 @@
 struct wk_model_config {
     int vocab, d_model, layers, heads, experts, top_k, expert_hidden, shared_experts;
     int seq_len, expert_groups, group_limit;
+    int fp8_dispatch; /* train.dispatch fp8: struct wk_moe_config's */
 };
 
 /* What a tensor is, for tests and reports. */

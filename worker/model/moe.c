@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/ref.h"
 #include "worker/model/rng.h"
 
 /* C[M][N] = alpha op(A) op(B) + beta C, row-major; empty shapes are no-ops
@@ -42,6 +43,7 @@ void wk_moe_config_defaults(struct wk_moe_config *cfg)
 {
     cfg->route_scale = WK_MOE_ROUTE_SCALE;
     cfg->init_std = WK_MOE_INIT_STD;
+    cfg->fp8_dispatch = 0;
 }
 
 int wk_moe_config_check(const struct wk_moe_config *cfg)
@@ -180,7 +182,7 @@ void wk_moe_ctx_free(struct wk_moe_ctx *c)
                   (void **)&c->dy,         (void **)&c->dh1,         (void **)&c->dh3,
                   (void **)&c->sdh1,       (void **)&c->sdh3,        (void **)&c->dlogit,
                   (void **)&c->dxg,        (void **)&c->sdx,         (void **)&c->work,
-                  (void **)&c->iwork};
+                  (void **)&c->iwork,      (void **)&c->rec};
 
     for (size_t i = 0; i < sizeof(p) / sizeof(p[0]); i++) {
         free(*p[i]);
@@ -231,7 +233,9 @@ int wk_moe_ctx_init(struct wk_moe_ctx *c, const struct wk_moe_config *cfg, int c
     c->sdx = calloc(sn * d, sizeof(float));
     c->work = calloc(E + G, sizeof(float));
     c->iwork = calloc(E + G, sizeof(int));
-    if (!c->plan.count || !c->plan.offset || !c->plan.token || !c->plan.gate || !c->x ||
+    c->rec_pitch = dx_kref_fp8_rec_pitch((int)d);
+    c->rec = aligned_alloc(16, c->rec_pitch);
+    if (!c->rec || !c->plan.count || !c->plan.offset || !c->plan.token || !c->plan.gate || !c->x ||
         !c->score || !c->choice || !c->row || !c->xg || !c->h1 || !c->h3 || !c->act || !c->y ||
         !c->sh1 || !c->sh3 || !c->sact || !c->sy || !c->dout || !c->dy || !c->dh1 || !c->dh3 ||
         !c->sdh1 || !c->sdh3 || !c->dlogit || !c->dxg || !c->sdx || !c->work || !c->iwork) {
@@ -344,6 +348,11 @@ int wk_moe_route(const struct wk_moe *m, struct wk_moe_ctx *c, const float *x, i
             memcpy(c->xg + (size_t)r * d, c->x + (size_t)t * d, sizeof(float) * (size_t)d);
         }
     }
+    if (cfg->fp8_dispatch) /* what the e4m3 records carry, row by row */
+        for (size_t r = 0; r < (size_t)n * K; r++) {
+            dx_kref_fp8_quant_rec(c->xg + r * d, 1, (int)d, c->rec, (int)c->rec_pitch);
+            dx_kref_fp8_dequant_rec(c->rec, (int)c->rec_pitch, 1, (int)d, c->xg + r * d);
+        }
     return 0;
 }
 

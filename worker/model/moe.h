@@ -39,6 +39,9 @@ struct wk_moe_config {
     int group_limit;    /* groups a token may use; top_k <= group_limit * group size */
     float route_scale;  /* V3's routed scaling factor (WK_MOE_ROUTE_SCALE) */
     float init_std;     /* initial weights ~ N(0, init_std^2) (WK_MOE_INIT_STD) */
+    int fp8_dispatch;   /* the experts see each dispatched row rounded to e4m3
+                         * with a scale per 1x128 tile, as the fp8 wire format
+                         * carries it (kernels/ref.h); 0 by default */
 };
 
 /* Parameters, their gradients (accumulated by backward, cleared by
@@ -93,6 +96,8 @@ struct wk_moe_ctx {
     float *sdx;         /* [shared][cap][d] the shared experts' input gradients */
     float *work;        /* [experts + groups] routing scratch */
     int *iwork;         /* [experts + groups] routing scratch */
+    uint8_t *rec;       /* one row's fp8 record (fp8_dispatch) */
+    size_t rec_pitch;
 };
 
 /* Defaults for route_scale and init_std; the shape fields are the caller's. */
