@@ -2,12 +2,13 @@
 """train_check.py - the GPU host's training check (run by tests/gpu/run.sh
 from the bundle): a one-machine cluster of duplexd and 4 workers with
 --backend cuda on GPU 0 trains the parity job (DualPipe, 8 micro-batches,
-20 steps, fp32) twice, as pp 4 x ep 1 and as pp 2 x ep 2, and each job's
-per-step losses are compared with the single-process CPU trainer
-(`duplex-worker --standalone`): the issue's bound is 1e-4 relative. With
-the 4 ranks on one GPU NCCL is not used: the pipeline messages and the
-expert rows go through the IPC transport, the step-end sums through the
-hosts. Standard library only. Prints one line per job:
+20 steps, fp32) three times, as pp 4 x ep 1, as pp 2 x ep 2, and as pp 2
+x ep 2 with the fp8 dispatch (e4m3 records), and each job's per-step
+losses are compared with the single-process CPU trainer's on the same
+spec (`duplex-worker --standalone`): the issue's bound is 1e-4 relative.
+With the 4 ranks on one GPU NCCL is not used: the pipeline messages and
+the expert rows go through the IPC transport, the step-end sums through
+the hosts. Standard library only. Prints one line per job:
 
     train_check: PASS pp 4 x ep 1: 20 steps, max rel 3.1e-06 (<= 1e-04), loss 5.55 -> 4.91, 12.3 s
 
@@ -146,14 +147,16 @@ def main():
             if time.time() > deadline or any(p.poll() is not None for p in procs):
                 return fail(2, "the cluster did not come up")
             time.sleep(0.2)
-        for pp, ep in ((4, 1), (2, 2)):
+        for pp, ep, dispatch in ((4, 1, "fp32"), (2, 2, "fp32"), (2, 2, "fp8")):
             spec = json.loads(json.dumps(SPEC))
-            spec["name"] = f"gpu-parity-pp{pp}-ep{ep}"
+            spec["name"] = f"gpu-parity-pp{pp}-ep{ep}-{dispatch}"
             spec["parallel"].update(pp=pp, ep=ep)
+            spec["train"]["dispatch"] = dispatch
             spec_path = os.path.join(work, spec["name"] + ".json")
             with open(spec_path, "w") as f:
                 json.dump(spec, f)
-            code = run_job(f"pp {pp} x ep {ep}", spec_path)
+            code = run_job(f"pp {pp} x ep {ep}" + (", fp8 dispatch" if dispatch == "fp8" else ""),
+                           spec_path)
             if code:
                 return code
         return 0
