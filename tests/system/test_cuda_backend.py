@@ -197,6 +197,38 @@ def test_bf16_gemms_train_within_their_rounding(cluster, tmp_path):
 
 @pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
                     reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+def test_uneven_nodes_send_expert_rows_directly(cluster, tmp_path):
+    """pp 1 x ep 4 with 3 workers on node0 and 1 on node1: two hops need as
+    many ep ranks on every node, so the log says why not and each row goes
+    straight to its expert's rank (IPC on node0, NCCL to node1); the losses
+    still match the CPU trainer within 1e-4."""
+    from test_train import finished, standalone_run, submit
+
+    c = cluster
+    c.env["FAKECUDA_DEVICES"] = "4"
+    c.start_duplexd("--nccl-lib", str(FAKE))
+    for gpu in range(4):
+        c.start_worker(f"g{gpu}", gpu, *fake_stack(), "--node", "node1" if gpu == 3 else "node0",
+                       backend="cuda", wait=False)
+    for gpu in range(4):
+        c.wait_worker_alive(f"g{gpu}")
+    path = cuda_spec(tmp_path, "cuda-uneven", schedule="1f1b", pp=1, ep=4, dp=1,
+                     microbatch_size=4, microbatches=2)
+    spec = json.loads(path.read_text())
+    spec["train"]["steps"] = 10
+    path.write_text(json.dumps(spec))
+    reference, _ = standalone_run(path, tmp_path)
+    losses = [e["loss"] for e in finished(c, submit(c, path))["losses"]]
+    assert len(losses) == 10
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+    assert worst <= 1e-4, (losses, reference)
+    log = c.worker_procs["g0"].log_text()
+    assert "the ep ranks' nodes run different numbers of them: expert rows go directly" in log, log
+    assert "4 ep ranks, peers 2 by IPC, 1 by NCCL\n" in log, log
+
+
+@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
+                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
 def test_fp8_dispatch_sends_e4m3_records_in_two_hops_like_the_cpu_trainer(cluster, tmp_path):
     """train.dispatch fp8 on pp 1 x ep 4 over 2 nodes x 2 GPUs: each token
     row goes to the relays and on to the experts as an e4m3 record (a scale
