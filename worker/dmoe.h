@@ -28,6 +28,11 @@
  * synchronisations per forward (each hop's counts). The sums group by
  * node, so results differ from the direct path in the last bits.
  *
+ * With cfg->fp8_dispatch the rows travel to the experts as e4m3 records
+ * (dx_fp8_quant_rec; kernels/ref.h's layout), quantised once by the sender
+ * (with two hops before hop 1), and the expert side decodes them: the
+ * experts see the rows worker/model/moe.c rounds the same way.
+ *
  * Forward: router GEMM, sigmoid, group-limited top-k with the routing bias
  * (kernels/routing.cu; its expert counts also go into the step's int64
  * loads), the dispatch layout and pack (kernels/dispatch.cu), each expert's
