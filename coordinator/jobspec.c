@@ -316,6 +316,12 @@ static int check_layout(const struct coord_jobspec *s, char *err, size_t errlen)
         return fail(err, errlen,
                     "train.precision: bf16 GEMMs run on the cuda backend only (backend %s)",
                     s->backend);
+    if (strcmp(s->backend, "cuda") == 0 && s->parallel.ep > 1 && s->model.d_model % 4 != 0)
+        return fail(err, errlen,
+                    "model.d_model: %d is not a multiple of 4, which the cuda backend's expert "
+                    "exchange needs with parallel.ep %d (its transport moves 16-byte pieces, "
+                    "a row's blocks must start on them)",
+                    s->model.d_model, s->parallel.ep);
     if (s->checkpoint.from[0] && s->checkpoint.from[0] != '/')
         return fail(err, errlen,
                     "checkpoint.from: \"%s\" is not an absolute path (give a step directory as "

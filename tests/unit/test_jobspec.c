@@ -251,6 +251,19 @@ Test(jobspec, bf16_precision_is_the_cuda_backends)
     expect_error("{\"train\": {\"precision\": \"fp16\"}}", NULL, "train.precision", "fp32|bf16");
 }
 
+Test(jobspec, cuda_expert_rows_are_whole_16_byte_pieces)
+{
+    struct coord_jobspec spec;
+
+    expect_error("{\"backend\": \"cuda\", \"model\": {\"d_model\": 30, \"heads\": 2},"
+                 " \"parallel\": {\"ep\": 2, \"microbatch_size\": 2}}",
+                 NULL, "model.d_model", "30 is not a multiple of 4");
+    cr_assert_eq(parse("{\"backend\": \"cpu\", \"model\": {\"d_model\": 30, \"heads\": 2},"
+                       " \"parallel\": {\"ep\": 2, \"microbatch_size\": 2}}",
+                       NULL, 0, &spec),
+                 0, "%s", err);
+}
+
 Test(jobspec, dispatch_is_fp32_or_fp8_on_either_backend)
 {
     struct coord_jobspec spec;
