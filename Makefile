@@ -48,18 +48,18 @@ PROTO_C := $(BUILD)/gen/proto/duplex.pb-c.c
 PROTO_H := $(BUILD)/gen/proto/duplex.pb-c.h
 
 COMMON_SRC := common/log.c common/opts.c common/fs.c common/zwatch.c common/ratelimit.c common/loop.c \
-              common/ckpt.c common/sdnotify.c \
-              proto/envelope.c proto/wire.c
+              common/ckpt.c common/sdnotify.c common/zmonitor.c \
+              proto/envelope.c proto/wire.c proto/cert.c
 PIPE_SRC   := pipeline/schedule.c pipeline/gen_1f1b.c pipeline/gen_dualpipe.c pipeline/validate.c \
               pipeline/simulate.c pipeline/render.c pipeline/executor.c
-COORD_SRC  := coordinator/store.c coordinator/registry.c coordinator/server.c coordinator/eplb.c \
+COORD_SRC  := coordinator/authz.c coordinator/zap.c coordinator/store.c coordinator/registry.c coordinator/server.c coordinator/eplb.c \
               coordinator/jobspec.c coordinator/placement.c coordinator/plan.c \
               coordinator/jobs.c coordinator/nccl_id.c
 WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c worker/data.c worker/train.c \
               worker/cpu.c worker/cuda.c worker/cublas.c worker/nccl.c worker/ipcring.c worker/plink.c worker/xchg.c worker/gpu.c worker/dlayer.c worker/dmoe.c worker/dmodel.c \
               $(wildcard worker/model/*.c)
 KREF_SRC   := $(wildcard kernels/*_ref.c) kernels/ref.c
-CTL_SRC    := ctl/client.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
+CTL_SRC    := ctl/client.c ctl/keys.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 
@@ -91,8 +91,10 @@ BINS       := $(BUILD)/bin/duplexd $(BUILD)/bin/duplex-worker $(BUILD)/bin/duple
 UNIT_BINS  := $(patsubst tests/unit/%.c,$(BUILD)/tests/unit/%,$(UNIT_SRC))
 BENCH_BINS := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 # libFuzzer targets (tests/fuzz/fuzz_NAME.c, corpus tests/fuzz/corpus_NAME/),
-# replayed over their corpus by make test
-FUZZ_TARGETS := envelope ckpt
+# replayed over their corpus by make test. FUZZ_EXTRA_NAME: sources beyond
+# $(COMMON_SRC) that target NAME links.
+FUZZ_TARGETS := envelope ckpt cert authz
+FUZZ_EXTRA_authz := coordinator/authz.c
 FUZZ_REPLAY := $(patsubst %,$(BUILD)/tests/fuzz/fuzz_%_replay,$(FUZZ_TARGETS))
 
 .PHONY: all deps deps-dev test test-build run bench format format-check lint fuzz install \
@@ -287,10 +289,12 @@ $(BUILD)/tests/unit/%: $(BUILD)/obj/tests/unit/%.o $(ALL_LIBS) $(WITH_KERNELS)
 	$(CC) $(LDFLAGS_ALL) -o $@ $< $(LIB_CTL) $(LIB_WORKER) $(WITH_KERNELS) $(LIB_COORD) $(LIB_PIPE) \
 	    $(LIB_KREF) $(LIB_COMMON) $(LIBS) -lcriterion
 
+$(foreach t,$(FUZZ_TARGETS),$(if $(FUZZ_EXTRA_$(t)),$(eval \
+  $(BUILD)/tests/fuzz/fuzz_$(t)_replay: $(call obj,$(FUZZ_EXTRA_$(t))))))
 $(BUILD)/tests/fuzz/fuzz_%_replay: $(BUILD)/obj/tests/fuzz/fuzz_%.o \
                                    $(BUILD)/obj/tests/fuzz/replay_main.o $(LIB_COMMON)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS_ALL) -o $@ $^ $(LIBS)
+	$(CC) $(LDFLAGS_ALL) -o $@ $(filter %.o,$^) $(LIB_COMMON) $(LIBS)
 
 test-build: $(BINS) $(UNIT_BINS) $(FUZZ_REPLAY) $(LIB_FAKECUDA) \
             $(if $(NVCC),$(BUILD)/bin/duplex-gpucheck)
@@ -310,6 +314,7 @@ run: deps
 $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(ALL_LIBS)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $< $(ALL_LIBS) $(LIBS)
+$(BUILD)/bench/bench_curve: $(BUILD)/bin/duplexd # it runs BUILD/bin/duplexd
 
 bench: deps
 	@$(MAKE) --no-print-directory -j$(NPROC) $(BENCH_BINS)
@@ -320,10 +325,12 @@ bench: deps
 # --- fuzz, format, lint -----------------------------------------------------
 
 FUZZ_BINS := $(patsubst %,$(BUILD)/fuzz/fuzz_%,$(FUZZ_TARGETS))
+$(foreach t,$(FUZZ_TARGETS),$(if $(FUZZ_EXTRA_$(t)),$(eval \
+  $(BUILD)/fuzz/fuzz_$(t): $(FUZZ_EXTRA_$(t)))))
 $(BUILD)/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(COMMON_SRC) $(PROTO_C)
 	@mkdir -p $(dir $@)
 	$(CLANG) -std=gnu11 -g -O1 -I. -I$(BUILD)/gen -fsanitize=fuzzer,address,undefined \
-	  -o $@ $< $(COMMON_SRC) $(PROTO_C) $(LIBS)
+	  -o $@ $< $(COMMON_SRC) $(FUZZ_EXTRA_$*) $(PROTO_C) $(LIBS)
 
 # FUZZ_SECONDS per target; new finds land in build/fuzz/corpus_NAME
 fuzz: deps-dev

@@ -3,6 +3,7 @@
 #include "coordinator/jobs.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,15 +18,19 @@
 #include "proto/envelope.h"
 
 #define JOB_REASON_LEN 256
+#define JOB_REFUSAL_LEN 1024
+/* A checkpoint directory as long as the longest a worker may report */
+#define JOB_PATH_LEN (DX_MAX_PATH_LEN + 1)
 
 struct job_rank {
     char worker_id[DX_MAX_ID_LEN + 1];
     int dp, pp, ep;
-    uint64_t step;       /* last step it reported */
+    uint64_t step;       /* last step it reported in this attempt (before: where it started) */
     double tokens;       /* tokens its experts took in that step */
     int reported_tokens; /* whether it reports expert tokens at all */
     int acked;
     int done;
+    int resumed; /* held again after duplexd restarted: it may have reported beyond step */
 };
 
 struct coord_job {
@@ -52,9 +57,10 @@ struct coord_job {
     uint64_t failed_step;     /* the job's step then */
     uint64_t resume_step;     /* the checkpoint this attempt started from; 0: none */
     char resume_dir[COORD_JOB_DIR_LEN];
-    int await_first_step; /* a recovered attempt has not finished a step yet */
-    int64_t progress_ms;  /* when the job's step last moved (or the attempt began) */
-    double step_ewma_ms;  /* recent time per step; 0 before two steps */
+    char owner[COORD_JOB_OWNER_LEN]; /* the submitting key's name */
+    int await_first_step;            /* a recovered attempt has not finished a step yet */
+    int64_t progress_ms;             /* when the job's step last moved (or the attempt began) */
+    double step_ewma_ms;             /* recent time per step; 0 before two steps */
     /* backend cuda: the NCCL unique id of the current attempt */
     unsigned char nccl_id[COORD_NCCL_ID_BYTES];
     int has_nccl_id;
@@ -67,8 +73,9 @@ struct coord_jobs {
     int spares;           /* free workers per backend that new jobs leave for recoveries */
     struct coord_job **v; /* by id */
     size_t n, cap;
-    coord_nccl_t *nccl; /* NCCL unique ids, made on the first cuda job */
-    char *nccl_lib;     /* its library (NULL: coordinator/nccl_id.h's default) */
+    coord_nccl_t *nccl;            /* NCCL unique ids, made on the first cuda job */
+    char *nccl_lib;                /* its library (NULL: coordinator/nccl_id.h's default) */
+    char refusal[JOB_REFUSAL_LEN]; /* why the last worker message was refused */
 };
 
 static const char *const state_names[COORD_JOB_STATES] = {
@@ -352,7 +359,10 @@ static void job_resume(coord_jobs_t *jobs, struct coord_job *j, int64_t now)
         struct coord_worker *w = coord_registry_find(jobs->reg, j->ranks[i].worker_id);
 
         j->ranks[i].acked = running;
+        /* every rank reported the job's step in this attempt (job_start);
+         * one may have reported more, which it sends again if unacknowledged */
         j->ranks[i].step = j->step;
+        j->ranks[i].resumed = 1;
         j->ranks[i].done = j->state == COORD_JOB_RECOVERING;
         if (w && j->state != COORD_JOB_RECOVERING)
             w->assigned_job = j->id;
@@ -401,6 +411,7 @@ static int load_one(const struct coord_job_row *row, void *arg)
     j->restarts = row->restarts;
     j->resume_step = row->resume_step;
     snprintf(j->resume_dir, sizeof(j->resume_dir), "%s", row->resume_dir ? row->resume_dir : "");
+    snprintf(j->owner, sizeof(j->owner), "%s", row->owner ? row->owner : "");
     if (j->state == COORD_JOB_PLACING || j->state == COORD_JOB_RUNNING ||
         j->state == COORD_JOB_RECOVERING)
         job_resume(ctx->jobs, j, ctx->now);
@@ -426,8 +437,8 @@ static size_t cluster_size(coord_jobs_t *jobs, const char *backend)
     return count;
 }
 
-int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, int64_t now_wall,
-                      uint64_t *id, char *err, size_t errlen)
+int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, const char *owner,
+                      int64_t now_wall, uint64_t *id, char *err, size_t errlen)
 {
     /* stored with every field given, so --set overrides survive restarts */
     char *spec_json = coord_jobspec_to_json(spec);
@@ -439,6 +450,7 @@ int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, int6
         .workers = coord_jobspec_workers(spec),
         .steps = (uint64_t)spec->train.steps,
         .submitted_ms = now_wall,
+        .owner = owner,
     };
     size_t have = cluster_size(jobs, spec->backend);
     struct coord_job *j;
@@ -469,8 +481,10 @@ int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, int6
     j->spec = *spec;
     j->state = COORD_JOB_QUEUED;
     j->submitted_ms = now_wall;
-    snprintf(detail, sizeof(detail), "%s: %d %s workers, %s, %d steps", spec->name, row.workers,
-             spec->backend, dp_sched_kind_name(spec->parallel.schedule), spec->train.steps);
+    snprintf(j->owner, sizeof(j->owner), "%s", owner);
+    snprintf(detail, sizeof(detail), "%s by %s: %d %s workers, %s, %d steps", spec->name, owner,
+             row.workers, spec->backend, dp_sched_kind_name(spec->parallel.schedule),
+             spec->train.steps);
     job_event(jobs, j, "job_queued", NULL, now_wall, detail);
     snprintf(j->reason, sizeof(j->reason), "submitted");
     *id = j->id;
@@ -517,6 +531,9 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
         peers[i].ep = j->ranks[i].ep;
         peers[i].worker_id = j->ranks[i].worker_id;
         peers[i].data_addr = w && w->data_addr ? w->data_addr : "";
+        /* the key its session registered with: its data plane accepts only
+         * the current attempt's peers, by these keys */
+        peers[i].curve_key = w ? w->key : "";
         peers[i].node = w && w->node ? w->node : "";
         peers[i].gpu = w ? w->gpu : 0;
         peer_ptrs[i] = &peers[i];
@@ -629,6 +646,8 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
                 j->ranks[i].dp = d;
                 j->ranks[i].pp = s;
                 j->ranks[i].ep = e;
+                /* the attempt goes on from the step its checkpoint holds */
+                j->ranks[i].step = j->resume_step;
                 w->assigned_job = j->id;
             }
     free(j->slot_expert);
@@ -654,6 +673,9 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
     if (j->attempt == 0)
         snprintf(j->resume_dir, sizeof(j->resume_dir), "%s", j->spec.checkpoint.from);
     j->acks = j->dones = 0;
+    /* the job is back where the attempt starts: every step it counts from
+     * now on, and every report it compares with, is this attempt's */
+    j->step = j->resume_step;
     j->attempt++;
     j->placed_ms = now;
     job_simulate(j);
@@ -778,7 +800,8 @@ int coord_jobs_set_nccl_library(coord_jobs_t *jobs, const char *library)
     return 0;
 }
 
-int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, char *err, size_t errlen)
+int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, const char *by, int64_t now_wall, char *err,
+                      size_t errlen)
 {
     struct coord_job *j = job_find(jobs, id);
 
@@ -790,7 +813,11 @@ int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, char *e
         snprintf(err, errlen, "job %llu already %s", (unsigned long long)id, state_names[j->state]);
         return -EALREADY;
     }
-    job_end(jobs, j, COORD_JOB_CANCELLED, now_wall, "cancelled by the user");
+    {
+        char reason[128];
+        snprintf(reason, sizeof(reason), "cancelled by %s", by);
+        job_end(jobs, j, COORD_JOB_CANCELLED, now_wall, reason);
+    }
     return 0;
 }
 
@@ -804,17 +831,337 @@ static struct job_rank *rank_of(struct coord_job *j, const char *worker_id)
     return NULL;
 }
 
+const char *coord_jobs_refusal(const coord_jobs_t *jobs)
+{
+    return jobs->refusal;
+}
+
+/* Refuses a worker's message: nothing of it counts. The reason is kept for
+ * the caller's Error reply, which logs it (rate-limited). Returns rc. */
+static int refuse(coord_jobs_t *jobs, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int refuse(coord_jobs_t *jobs, int rc, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(jobs->refusal, sizeof(jobs->refusal), fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+/* The rank a message about j of `attempt` (what: its type) comes from. 0
+ * with *out: the sender's rank of the current attempt; 1: a stale message
+ * of an earlier attempt from a worker that holds a rank now (ignored);
+ * -ENOENT: the worker has no such job (or the job ended and its ranks are
+ * not known since duplexd restarted: nothing can move); -EPERM: no such
+ * attempt, or the sender holds no rank of it. */
+static int job_sender(coord_jobs_t *jobs, struct coord_job *j, const char *worker_id,
+                      uint32_t attempt, const char *what, struct job_rank **out)
+{
+    struct job_rank *r = rank_of(j, worker_id);
+
+    *out = r;
+    if (!j)
+        return -ENOENT;
+    if (attempt == 0 || attempt > j->attempt)
+        return refuse(jobs, -EPERM, "%s for attempt %u of job %llu, which has had %u", what,
+                      attempt, (unsigned long long)j->id, j->attempt);
+    if (!r && (attempt < j->attempt || j->nranks == 0))
+        return -ENOENT;
+    if (!r)
+        return refuse(jobs, -EPERM,
+                      "%s from worker %s, which holds no rank of attempt %u of job %llu", what,
+                      worker_id, attempt, (unsigned long long)j->id);
+    return attempt < j->attempt;
+}
+
+/* ---- checkpoint paths ---- */
+
+/* The shard file of a rank, as workers name it (worker/cpu.c). */
+static void shard_name(const struct job_rank *r, char *buf, size_t len)
+{
+    snprintf(buf, len, "rank-d%d-p%d-e%d.ckpt", r->dp, r->pp, r->ep);
+}
+
+/* Whether file is the shard of one of j's ranks. */
+static int job_is_shard(const struct coord_job *j, const char *file)
+{
+    char name[64];
+
+    for (int i = 0; i < j->nranks; i++) {
+        shard_name(&j->ranks[i], name, sizeof(name));
+        if (strcmp(name, file) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+static int has_control(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f)
+            return 1;
+    return 0;
+}
+
+/* Whether path is what realpath() gives: absolute, no empty, "." or ".."
+ * component, no '/' at the end. */
+static int is_clean_path(const char *path)
+{
+    const char *p = path;
+
+    if (p[0] != '/')
+        return 0;
+    while (*p) {
+        size_t len;
+
+        p++; /* the '/' */
+        len = strcspn(p, "/");
+        if (len == 0 || (len == 1 && p[0] == '.') || (len == 2 && p[0] == '.' && p[1] == '.'))
+            return 0;
+        p += len;
+    }
+    return 1;
+}
+
+/* checkpoint.dir as the end of a worker's realpath() of it, lexically:
+ * "/a/b" for "a/./b/" or "/a//b", "" for "." or "/"; ".." takes the
+ * component before it away (a relative path's leading ".." are dropped:
+ * the worker's working directory is not known here). 0 or -ENAMETOOLONG. */
+static int normalise_dir(const char *in, char *out, size_t outlen)
+{
+    size_t n = 0;
+
+    out[0] = '\0';
+    for (const char *p = in; *p;) {
+        size_t len = strcspn(p, "/");
+
+        if (len == 2 && p[0] == '.' && p[1] == '.') {
+            while (n > 0 && out[n - 1] != '/')
+                n--;
+            n -= n > 0;
+            out[n] = '\0';
+        } else if (len > 0 && !(len == 1 && p[0] == '.')) {
+            if (n + 1 + len + 1 > outlen)
+                return -ENAMETOOLONG;
+            out[n++] = '/';
+            memcpy(out + n, p, len);
+            n += len;
+            out[n] = '\0';
+        }
+        p += len;
+        p += *p == '/';
+    }
+    return 0;
+}
+
+/* 0 when dir is j's own directory of step's checkpoint as a worker reports
+ * it: the realpath() of checkpoint.dir/job-ID/step-SSSSSSSS, which is that
+ * path when checkpoint.dir is absolute (or where it leads, seen from here),
+ * and ends with it when relative (to the worker's checkpoint root). Else
+ * -EINVAL with why. */
+static int job_check_ckpt_dir(const struct coord_job *j, uint64_t step, const char *dir, char *why,
+                              size_t whylen)
+{
+    char root[sizeof(j->spec.checkpoint.dir) + 2], want[JOB_PATH_LEN], real[PATH_MAX];
+    int relative = j->spec.checkpoint.dir[0] != '/';
+    size_t n = strlen(dir), w;
+
+    if (!j->spec.checkpoint.dir[0] ||
+        normalise_dir(j->spec.checkpoint.dir, root, sizeof(root)) < 0 ||
+        dx_ckpt_step_dir(want, sizeof(want), root[0] ? root : "/", j->id, step) < 0) {
+        snprintf(why, whylen, "job %llu has no usable checkpoint.dir (\"%.300s\")",
+                 (unsigned long long)j->id, j->spec.checkpoint.dir);
+        return -EINVAL;
+    }
+    if (has_control(dir) || !is_clean_path(dir)) {
+        snprintf(why, whylen,
+                 "checkpoint directory \"%.300s\" is not an absolute path without \".\", \"..\" "
+                 "or empty components",
+                 has_control(dir) ? "(with control characters)" : dir);
+        return -EINVAL;
+    }
+    w = strlen(want);
+    if (!relative && strcmp(dir, want) == 0)
+        return 0;
+    /* checkpoint.dir through a symbolic link: the worker names where it leads */
+    if (!relative && realpath(want, real) && strcmp(dir, real) == 0)
+        return 0;
+    if (relative && n >= w && strcmp(dir + n - w, want) == 0)
+        return 0;
+    snprintf(why, whylen,
+             "checkpoint directory \"%.300s\" is not job %llu's own for step %llu (%s%.300s)", dir,
+             (unsigned long long)j->id, (unsigned long long)step, relative ? "..." : "", want);
+    return -EINVAL;
+}
+
+/* Whether checkpoint.every asks for a checkpoint after step (and the last). */
+static int job_ckpt_due(const struct coord_job *j, uint64_t step)
+{
+    int every = j->spec.checkpoint.every;
+
+    return every > 0 && (step % (uint64_t)every == 0 || step == (uint64_t)j->spec.train.steps);
+}
+
+/* The checkpoint shard a StepReport of rank r names, if any: 0 when none,
+ * or when it is r's shard in j's own directory of that step, at a step
+ * that is due a checkpoint; else -EINVAL (refused). */
+static int report_check_shard(coord_jobs_t *jobs, const struct coord_job *j,
+                              const struct job_rank *r, const Duplex__StepReport *m)
+{
+    char want[64], why[JOB_REFUSAL_LEN];
+
+    if (!m->checkpoint_file[0]) {
+        if (m->checkpoint_dir[0] || m->checkpoint_bytes || m->checkpoint_crc32c)
+            return refuse(jobs, -EINVAL,
+                          "step %llu names a checkpoint directory, size or checksum but no shard",
+                          (unsigned long long)m->step);
+        return 0;
+    }
+    if (!job_ckpt_due(j, m->step))
+        return refuse(jobs, -EINVAL,
+                      "job %llu has no checkpoint due after step %llu (checkpoint.every %d, "
+                      "train.steps %d)",
+                      (unsigned long long)j->id, (unsigned long long)m->step,
+                      j->spec.checkpoint.every, j->spec.train.steps);
+    shard_name(r, want, sizeof(want));
+    if (has_control(m->checkpoint_file) || strchr(m->checkpoint_file, '/'))
+        return refuse(jobs, -EINVAL,
+                      "shard file name has a '/' or control characters; rank (pp %d, ep %d, dp "
+                      "%d) writes %s",
+                      r->pp, r->ep, r->dp, want);
+    if (strcmp(m->checkpoint_file, want) != 0)
+        return refuse(
+            jobs, -EINVAL,
+            "shard \"%.100s\" is not the shard of worker %s's rank (pp %d, ep %d, dp %d): "
+            "%s",
+            m->checkpoint_file, r->worker_id, r->pp, r->ep, r->dp, want);
+    if (job_check_ckpt_dir(j, m->step, m->checkpoint_dir, why, sizeof(why)) < 0)
+        return refuse(jobs, -EINVAL, "%s", why);
+    return 0;
+}
+
+struct shard_match {
+    const char *dir, *file;
+    uint64_t bytes;
+    uint32_t crc32c;
+    int same;
+};
+
+static int match_shard(const char *dir, const char *file, uint64_t bytes, uint32_t crc32c,
+                       void *arg)
+{
+    struct shard_match *sm = arg;
+
+    if (strcmp(file, sm->file) == 0)
+        sm->same = strcmp(dir, sm->dir) == 0 && bytes == sm->bytes && crc32c == sm->crc32c;
+    return 0;
+}
+
+/* Whether m is the report of its step the worker made before, as recorded
+ * (sent again because duplexd did not acknowledge it). */
+static int report_recorded(coord_jobs_t *jobs, const struct coord_job *j, const char *worker_id,
+                           const Duplex__StepReport *m)
+{
+    struct coord_step_metric had;
+    struct shard_match sm = {m->checkpoint_dir, m->checkpoint_file, m->checkpoint_bytes,
+                             m->checkpoint_crc32c, 0};
+
+    if (coord_store_metric_get(jobs->store, j->id, worker_id, m->step, &had) < 0)
+        return 0;
+    if (had.loss != m->loss || had.step_ms != m->step_ms || had.tokens_per_s != m->tokens_per_s ||
+        had.compute_ms != m->compute_ms || had.wait_ms != m->wait_ms || had.comm_ms != m->comm_ms ||
+        had.hidden_comm_ms != m->hidden_comm_ms || had.sync_ms != m->sync_ms ||
+        had.f_ms != m->f_ms || had.b_ms != m->b_ms || had.i_ms != m->i_ms || had.w_ms != m->w_ms ||
+        had.fb_ms != m->fb_ms || had.tokens != m->tokens)
+        return 0;
+    if (m->checkpoint_file[0] &&
+        coord_store_checkpoint_shards_each(jobs->store, j->id, m->step, match_shard, &sm) < 0)
+        return 0;
+    return !m->checkpoint_file[0] || sm.same;
+}
+
+enum {
+    REPORT_NEW = 0,      /* counts */
+    REPORT_COUNTED = 1,  /* counted already, sent again: nothing to do */
+    REPORT_RECORDED = 2, /* recorded before duplexd restarted, sent again: the rank is there */
+};
+
+/* A StepReport of rank r: REPORT_*, or -EINVAL when refused. */
+static int report_check(coord_jobs_t *jobs, const struct coord_job *j, const struct job_rank *r,
+                        const char *worker_id, const Duplex__StepReport *m)
+{
+    unsigned long long step = m->step, id = j->id;
+    int rc;
+
+    if (m->step == 0 || m->step > (uint64_t)j->spec.train.steps)
+        return refuse(jobs, -EINVAL, "step %llu is not one of job %llu's (1 to %d)", step, id,
+                      j->spec.train.steps);
+    if (m->step <= j->resume_step)
+        return refuse(jobs, -EINVAL,
+                      "step %llu is not after step %llu, where attempt %u of job %llu started",
+                      step, (unsigned long long)j->resume_step, j->attempt, id);
+    if ((rc = report_check_shard(jobs, j, r, m)) < 0)
+        return rc;
+    if (m->step > r->step)
+        return r->resumed && report_recorded(jobs, j, worker_id, m) ? REPORT_RECORDED : REPORT_NEW;
+    if (report_recorded(jobs, j, worker_id, m))
+        return REPORT_COUNTED;
+    return refuse(jobs, -EINVAL,
+                  "worker %s reported step %llu of job %llu already (its last: %llu), and not "
+                  "this report",
+                  worker_id, step, id, (unsigned long long)r->step);
+}
+
+/* A JobDone of rank r: 0 when it fits what r reported, else -EINVAL. */
+static int done_check(coord_jobs_t *jobs, const struct coord_job *j, const struct job_rank *r,
+                      const char *worker_id, const Duplex__JobDone *m)
+{
+    uint64_t steps = (uint64_t)j->spec.train.steps;
+    struct coord_step_metric had;
+
+    if (m->steps > steps)
+        return refuse(jobs, -EINVAL, "JobDone claims %llu steps; job %llu has %llu",
+                      (unsigned long long)m->steps, (unsigned long long)j->id,
+                      (unsigned long long)steps);
+    if (!m->ok)
+        return 0;
+    if (m->steps != steps)
+        return refuse(jobs, -EINVAL, "JobDone says ok after %llu steps; job %llu has %llu",
+                      (unsigned long long)m->steps, (unsigned long long)j->id,
+                      (unsigned long long)steps);
+    if (m->steps == r->step)
+        return 0;
+    /* duplexd restarted: the rank may have reported beyond the job's step
+     * before, and had those reports acknowledged */
+    if (r->resumed && m->steps > r->step &&
+        coord_store_metric_get(jobs->store, j->id, worker_id, m->steps, &had) == 0)
+        return 0;
+    /* nothing reported, started from checkpoint.from (at a step not known
+     * here): that checkpoint may hold the last step */
+    if (r->step == 0 && j->resume_step == 0 && j->resume_dir[0])
+        return 0;
+    return refuse(jobs, -EINVAL,
+                  "JobDone says all %llu steps are done, but the last step worker %s reported in "
+                  "attempt %u of job %llu is %llu",
+                  (unsigned long long)m->steps, worker_id, j->attempt, (unsigned long long)j->id,
+                  (unsigned long long)r->step);
+}
+
 int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__AssignmentAck *m,
                       int64_t now_wall)
 {
     struct coord_job *j = job_find(jobs, m->job_id);
-    struct job_rank *r = rank_of(j, worker_id);
+    struct job_rank *r;
     char reason[JOB_REASON_LEN];
+    int rc = job_sender(jobs, j, worker_id, m->attempt, "AssignmentAck", &r);
 
-    if (!r)
-        return -ENOENT;
-    if (m->attempt != j->attempt || r->acked || job_is_over(j))
-        return 0; /* an earlier attempt's, or said already */
+    if (rc != 0)
+        return rc < 0 ? rc : 0; /* an earlier attempt's */
+    if (r->acked || job_is_over(j))
+        return 0; /* said already */
     r->acked = 1;
     if (!m->ok) {
         struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
@@ -830,8 +1177,9 @@ int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__A
             coord_store_checkpoint_mark_bad(jobs->store, j->id, j->resume_step, reason);
             job_event(jobs, j, "checkpoint_bad", worker_id, now_wall, reason);
             job_fail(jobs, j, now_wall, NULL, reason);
-        } else if (m->bad_checkpoint) {
-            /* the user's checkpoint.from: nothing to fall back to */
+        } else if (m->bad_checkpoint || m->bad_spec) {
+            /* the user's checkpoint.from, or a spec this worker cannot run
+             * (its checkpoint root): nothing to fall back to, nobody to blame */
             job_end(jobs, j, COORD_JOB_FAILED, now_wall, reason);
         } else {
             job_fail(jobs, j, now_wall, m->bad_checkpoint ? NULL : worker_id, reason);
@@ -847,6 +1195,7 @@ int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__A
 struct shard_list {
     struct dx_ckpt_shard_info *v;
     int n, cap;
+    const struct coord_job *j;
     const char *dir;
     int mismatch;
 };
@@ -856,6 +1205,8 @@ static int collect_shard(const char *dir, const char *file, uint64_t bytes, uint
 {
     struct shard_list *l = arg;
 
+    if (!job_is_shard(l->j, file))
+        return 0; /* no rank's of this job (an older duplexd let it in): left out */
     if (strcmp(dir, l->dir) != 0)
         l->mismatch = 1;
     if (l->n == l->cap)
@@ -867,14 +1218,34 @@ static int collect_shard(const char *dir, const char *file, uint64_t bytes, uint
     return 0;
 }
 
+/* Writes the manifest of j's step checkpoint into dir, which must be the
+ * job's own directory of that step (checked again here: duplexd writes
+ * nowhere else). 0, or -errno with err saying why. */
+static int job_write_manifest(const struct coord_job *j, uint64_t step, const char *dir,
+                              const struct dx_ckpt_shard_info *shards, size_t n, char *err,
+                              size_t errlen)
+{
+    int rc;
+
+    if ((rc = job_check_ckpt_dir(j, step, dir, err, errlen)) < 0)
+        return rc;
+    for (size_t i = 0; i < n; i++) {
+        if (!job_is_shard(j, shards[i].file)) {
+            snprintf(err, errlen, "\"%.100s\" is no rank's shard of job %llu", shards[i].file,
+                     (unsigned long long)j->id);
+            return -EINVAL;
+        }
+    }
+    return dx_ckpt_manifest_write(dir, j->id, step, shards, n, err, errlen);
+}
+
 /* Records a rank's shard; once every rank's shard of that step is in,
  * writes the manifest and marks the checkpoint complete. */
 static void job_checkpoint_shard(coord_jobs_t *jobs, struct coord_job *j, const char *worker_id,
                                  const Duplex__StepReport *m, int64_t now_wall)
 {
-    struct shard_list l = {.cap = j->nranks, .dir = m->checkpoint_dir};
-    char err[512], detail[JOB_REASON_LEN];
-    int n;
+    struct shard_list l = {.cap = j->nranks, .j = j, .dir = m->checkpoint_dir};
+    char err[JOB_REFUSAL_LEN], detail[JOB_REASON_LEN];
 
     if (coord_store_checkpoint_recorded(jobs->store, j->id, m->step))
         return; /* a report sent again (duplexd restarted): done already */
@@ -884,25 +1255,25 @@ static void job_checkpoint_shard(coord_jobs_t *jobs, struct coord_job *j, const 
         return;
     if (!(l.v = calloc((size_t)j->nranks, sizeof(*l.v))))
         return;
-    n = coord_store_checkpoint_shards_each(jobs->store, j->id, m->step, collect_shard, &l);
-    if (n == j->nranks && l.mismatch) {
+    if (coord_store_checkpoint_shards_each(jobs->store, j->id, m->step, collect_shard, &l) < 0 ||
+        l.n != j->nranks) {
+        /* not every rank's shard is in yet */
+    } else if (l.mismatch) {
         snprintf(detail, sizeof(detail),
                  "checkpoint of step %llu not complete: the ranks wrote their shards into "
-                 "different directories (%s and others)",
+                 "different directories (%.100s and others)",
                  (unsigned long long)m->step, m->checkpoint_dir);
         job_event(jobs, j, "checkpoint_failed", NULL, now_wall, detail);
-    } else if (n == j->nranks) {
-        if (dx_ckpt_manifest_write(m->checkpoint_dir, j->id, m->step, l.v, (size_t)n, err,
-                                   sizeof(err)) < 0) {
-            snprintf(detail, sizeof(detail), "checkpoint of step %llu not complete: %s",
-                     (unsigned long long)m->step, err);
-            job_event(jobs, j, "checkpoint_failed", NULL, now_wall, detail);
-        } else if (coord_store_checkpoint_complete(jobs->store, j->id, m->step, m->checkpoint_dir,
-                                                   n, now_wall) == 0) {
-            snprintf(detail, sizeof(detail), "step %llu: %d shards in %s",
-                     (unsigned long long)m->step, n, m->checkpoint_dir);
-            job_event(jobs, j, "checkpoint", NULL, now_wall, detail);
-        }
+    } else if (job_write_manifest(j, m->step, m->checkpoint_dir, l.v, (size_t)l.n, err,
+                                  sizeof(err)) < 0) {
+        snprintf(detail, sizeof(detail), "checkpoint of step %llu not complete: %.180s",
+                 (unsigned long long)m->step, err);
+        job_event(jobs, j, "checkpoint_failed", NULL, now_wall, detail);
+    } else if (coord_store_checkpoint_complete(jobs->store, j->id, m->step, m->checkpoint_dir, l.n,
+                                               now_wall) == 0) {
+        snprintf(detail, sizeof(detail), "step %llu: %d shards in %.180s",
+                 (unsigned long long)m->step, l.n, m->checkpoint_dir);
+        job_event(jobs, j, "checkpoint", NULL, now_wall, detail);
     }
     free(l.v);
 }
@@ -911,7 +1282,7 @@ int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex
                          int64_t now_wall)
 {
     struct coord_job *j = job_find(jobs, m->job_id);
-    struct job_rank *r = rank_of(j, worker_id);
+    struct job_rank *r;
     struct coord_step_metric metric = {
         .step = m->step,
         .loss = m->loss,
@@ -930,12 +1301,15 @@ int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex
         .tokens = m->tokens,
     };
     uint64_t min = UINT64_MAX;
+    int rc = job_sender(jobs, j, worker_id, m->attempt, "StepReport", &r);
 
-    if (!r)
-        return -ENOENT;
-    if (m->attempt != j->attempt)
-        return 0; /* an earlier attempt's */
+    if (rc != 0)
+        return rc < 0 ? rc : 0; /* an earlier attempt's */
+    if ((rc = report_check(jobs, j, r, worker_id, m)) < 0 || rc == REPORT_COUNTED)
+        return rc < 0 ? rc : 0;
     r->step = m->step;
+    if (rc == REPORT_RECORDED)
+        goto progress; /* counted before duplexd restarted: only the rank's step moves */
     if (j->await_first_step && m->step > j->resume_step) {
         char detail[JOB_REASON_LEN];
 
@@ -966,6 +1340,7 @@ int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex
         dx_error("could not store a step report of job %llu", (unsigned long long)j->id);
     if (m->checkpoint_file[0])
         job_checkpoint_shard(jobs, j, worker_id, m, now_wall);
+progress:
     for (int i = 0; i < j->nranks; i++)
         min = j->ranks[i].step < min ? j->ranks[i].step : min;
     if (min != j->step && min != UINT64_MAX) {
@@ -987,10 +1362,11 @@ int coord_jobs_on_done(coord_jobs_t *jobs, const char *worker_id, const Duplex__
     struct job_rank *r = rank_of(j, worker_id);
     struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
     char reason[JOB_REASON_LEN];
+    int rc;
 
     if (!j)
         return -ENOENT;
-    if (m->attempt != j->attempt) {
+    if (m->attempt >= 1 && m->attempt < j->attempt) {
         /* an abandoned rank of an earlier attempt stopped at last */
         if (w && w->assigned_job == j->id && (!r || r->done)) {
             w->assigned_job = 0;
@@ -998,8 +1374,9 @@ int coord_jobs_on_done(coord_jobs_t *jobs, const char *worker_id, const Duplex__
         }
         return 0;
     }
-    if (!r)
-        return -ENOENT;
+    if ((rc = job_sender(jobs, j, worker_id, m->attempt, "JobDone", &r)) != 0 ||
+        (rc = done_check(jobs, j, r, worker_id, m)) != 0)
+        return rc;
     if (r->done)
         return 0; /* said already */
     r->done = 1;
@@ -1045,13 +1422,13 @@ void coord_jobs_on_worker_gone(coord_jobs_t *jobs, const char *worker_id, int64_
 
 static json_t *job_summary(const struct coord_job *j)
 {
-    return json_pack("{s:I, s:s, s:s, s:s, s:i, s:i, s:I, s:i, s:s, s:I, s:I, s:I}", "id",
-                     (json_int_t)j->id, "name", j->spec.name, "state", state_names[j->state],
-                     "backend", j->spec.backend, "priority", j->spec.priority, "workers",
-                     coord_jobspec_workers(&j->spec), "step", (json_int_t)j->step, "steps",
-                     j->spec.train.steps, "reason", j->reason, "submitted_ms",
-                     (json_int_t)j->submitted_ms, "started_ms", (json_int_t)j->started_ms,
-                     "finished_ms", (json_int_t)j->finished_ms);
+    return json_pack("{s:I, s:s, s:s, s:s, s:s, s:i, s:i, s:I, s:i, s:s, s:I, s:I, s:I}", "id",
+                     (json_int_t)j->id, "name", j->spec.name, "owner", j->owner, "state",
+                     state_names[j->state], "backend", j->spec.backend, "priority",
+                     j->spec.priority, "workers", coord_jobspec_workers(&j->spec), "step",
+                     (json_int_t)j->step, "steps", j->spec.train.steps, "reason", j->reason,
+                     "submitted_ms", (json_int_t)j->submitted_ms, "started_ms",
+                     (json_int_t)j->started_ms, "finished_ms", (json_int_t)j->finished_ms);
 }
 
 struct steps_ctx {
@@ -1081,6 +1458,8 @@ static double job_expert_imbalance(const struct coord_job *j)
     int ep = j->spec.parallel.ep;
     double worst = -1.0;
 
+    if (ep <= 0)
+        return worst; /* a stored spec that no longer parses */
     for (int g = 0; g + ep <= j->nranks; g += ep) {
         double max = 0.0, sum = 0.0;
         int reported = 0;

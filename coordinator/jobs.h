@@ -66,6 +66,7 @@ enum coord_job_state {
 #define COORD_STALL_FIRST_MS 60000
 #define COORD_STALL_SILENT_MS 1000
 #define COORD_JOB_DIR_LEN 4096
+#define COORD_JOB_OWNER_LEN 65
 
 const char *coord_job_state_name(enum coord_job_state s);
 int coord_job_state_parse(const char *name, enum coord_job_state *out);
@@ -91,11 +92,12 @@ void coord_jobs_destroy(coord_jobs_t *jobs);
  * (an event job_resumed): their workers carry on and re-register. */
 int coord_jobs_load(coord_jobs_t *jobs, int64_t now_wall);
 
-/* Queues a validated spec (stored as JSON with every field given). Returns
- * 0 with *id, or -ENOSPC when the cluster has fewer workers of the backend
- * than the job needs (err says so). */
-int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, int64_t now_wall,
-                      uint64_t *id, char *err, size_t errlen);
+/* Queues a validated spec (stored as JSON with every field given) owned by
+ * owner (the submitting key's name). Returns 0 with *id, or -ENOSPC when
+ * the cluster has fewer workers of the backend than the job needs (err
+ * says so). */
+int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, const char *owner,
+                      int64_t now_wall, uint64_t *id, char *err, size_t errlen);
 
 /* Starts what can start now. Call after anything that frees workers or
  * queues jobs. */
@@ -110,18 +112,48 @@ void coord_jobs_set_spares(coord_jobs_t *jobs, int spares);
  * first cuda job. The string is copied. 0 or -ENOMEM. */
 int coord_jobs_set_nccl_library(coord_jobs_t *jobs, const char *library);
 
-/* Cancels a job that has not ended. Returns 0, -ENOENT or -EALREADY (it
+/* Cancels a job that has not ended, on behalf of by (a key's name, in the
+ * reason and the event). Returns 0, -ENOENT or -EALREADY (it
  * ended already; err says how). */
-int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, char *err, size_t errlen);
+int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, const char *by, int64_t now_wall, char *err,
+                      size_t errlen);
 
-/* What workers say. Each returns 0, or -ENOENT when the worker has no such
- * job (a stale message, logged by the caller). */
+/* What workers say; worker_id is the sender as authenticated by the
+ * caller. A message counts only from the worker that holds a rank of the
+ * job's current attempt, and only when it fits the job:
+ *
+ *   - its attempt exists (1 .. the current one); an earlier attempt's
+ *     message is stale and ignored (0, or -ENOENT from a worker that holds
+ *     no rank now);
+ *   - a StepReport's step is one of the attempt's (after the step its
+ *     checkpoint holds, at most train.steps) and later than the rank's last
+ *     report; a step it reported already counts only as the very same
+ *     report sent again (workers resend what duplexd did not acknowledge,
+ *     also after duplexd restarted): 0, and nothing changes;
+ *   - a checkpoint shard only at a step due one (checkpoint.every, the last
+ *     step), in the job's own step directory (checkpoint.dir/job-ID/
+ *     step-SSSSSSSS as the worker resolved it: that path, or where its
+ *     links lead, when checkpoint.dir is absolute; an absolute path without
+ *     "." or ".." components ending with it when relative), under the
+ *     sender's rank's shard name (rank-dD-pP-eE.ckpt);
+ *   - a JobDone claims at most train.steps; when ok, exactly train.steps,
+ *     the last step the rank reported.
+ *
+ * Each returns 0; -ENOENT when the worker has no such job (a stale
+ * message, logged by the caller); -EPERM when the attempt does not exist or
+ * the sender holds no rank of it; -EINVAL when what it says breaks a rule
+ * above. A refused message changes nothing (no state, metric, checkpoint or
+ * manifest); coord_jobs_refusal() says why. */
 int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__AssignmentAck *m,
                       int64_t now_wall);
 int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex__StepReport *m,
                          int64_t now_wall);
 int coord_jobs_on_done(coord_jobs_t *jobs, const char *worker_id, const Duplex__JobDone *m,
                        int64_t now_wall);
+
+/* Why the last -EPERM or -EINVAL of coord_jobs_on_* refused its message,
+ * for an Error reply ("" before any). Valid until the next call. */
+const char *coord_jobs_refusal(const coord_jobs_t *jobs);
 
 /* A worker was lost or left: its job recovers (or fails when no restarts
  * are left), and the worker's failure counts towards its blocklisting. */

@@ -1,4 +1,5 @@
-/* jobspec.c - parsing and validating job specs (see jobspec.h). */
+/* jobspec.c - parsing and validating job specs (see jobspec.h), and
+ * printing the values users give safely (coord_jobspec_escape). */
 #include "coordinator/jobspec.h"
 
 #include <errno.h>
@@ -10,9 +11,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "worker/data.h"
+
 #define JOBSPEC_MAX_SETS 64
 #define JOBSPEC_MAX_PATH 128
 #define BIG 1000000
+/* a value quoted in an error, escaped (coord_jobspec_escape) and cut */
+#define JOBSPEC_QUOTE 64
 
 enum field_type {
     FT_INT,
@@ -61,7 +66,7 @@ static const struct field fields[] = {
     {"train.steps", FT_INT, OFF(train.steps), 0, 10, NULL, 1, 100000000, NULL},
     {"train.lr", FT_DOUBLE, OFF(train.lr), 0, 1e-3, NULL, 0, 10, NULL},
     {"train.seed", FT_INT, OFF(train.seed), 0, 1, NULL, 0, 2147483647, NULL},
-    {"train.dataset", FT_STRING, STR(train.dataset), 0, "licenses", 0, 0, NULL},
+    {"train.dataset", FT_STRING, STR(train.dataset), 0, WK_DATA_BUILTIN, 0, 0, WK_DATA_DATASETS},
     {"train.precision", FT_STRING, STR(train.precision), 0, "fp32", 0, 0, "fp32|bf16"},
     {"train.dispatch", FT_STRING, STR(train.dispatch), 0, "fp32", 0, 0, "fp32|fp8"},
     {"checkpoint.every", FT_INT, OFF(checkpoint.every), 0, 5, NULL, 0, 100000000, NULL},
@@ -179,11 +184,84 @@ static int in_choices(const char *choices, const char *s)
     return 0;
 }
 
+/* The length of the control character at p, or 0: C0 controls and DEL
+ * (one byte), or a C1 control, U+0080..U+009F (0xc2 0x80..0x9f in UTF-8):
+ * what a terminal may act on rather than print. */
+static size_t control_len(const unsigned char *p)
+{
+    if (p[0] < 0x20 || p[0] == 0x7f)
+        return 1;
+    if (p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f)
+        return 2;
+    return 0;
+}
+
+/* The first control character of s, or NULL. */
+static const char *find_control(const char *s)
+{
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+        if (control_len(p))
+            return (const char *)p;
+    return NULL;
+}
+
+/* The next piece of p as printed into piece: a control character as \xHH
+ * per byte, else one byte or one whole UTF-8 sequence as it is. Returns
+ * the bytes of p it took; *plen gets the piece's length. */
+static size_t escape_piece(const unsigned char *p, char piece[9], size_t *plen)
+{
+    size_t n = control_len(p);
+
+    if (n) {
+        for (size_t i = 0; i < n; i++)
+            snprintf(piece + 4 * i, 5, "\\x%02x", p[i]);
+        *plen = 4 * n;
+        return n;
+    }
+    n = 1;
+    if (p[0] >= 0xc0) /* a UTF-8 lead byte: keep its continuation bytes with it */
+        while (n < 4 && (p[n] & 0xc0) == 0x80)
+            n++;
+    memcpy(piece, p, n);
+    *plen = n;
+    return n;
+}
+
+char *coord_jobspec_escape(const char *s, char *out, size_t outlen)
+{
+    static const char cut[] = "...";
+    const unsigned char *p = (const unsigned char *)s;
+    size_t total = 0, o = 0, plen, n;
+    char piece[9];
+
+    if (outlen == 0)
+        return out;
+    for (const unsigned char *q = p; *q; q += n, total += plen)
+        n = escape_piece(q, piece, &plen);
+    while (*p) {
+        n = escape_piece(p, piece, &plen);
+        /* all of it fits, or this piece and the "..." that says it was cut */
+        if (total >= outlen && o + plen + sizeof(cut) > outlen) {
+            if (o + sizeof(cut) <= outlen) {
+                memcpy(out + o, cut, sizeof(cut) - 1);
+                o += sizeof(cut) - 1;
+            }
+            break;
+        }
+        memcpy(out + o, piece, plen);
+        o += plen;
+        p += n;
+    }
+    out[o] = '\0';
+    return out;
+}
+
 static int load_field(const struct field *f, json_t *v, struct coord_jobspec *spec, char *err,
                       size_t errlen)
 {
     char *base = (char *)spec + f->offset;
-    const char *s;
+    char quoted[JOBSPEC_QUOTE];
+    const char *s, *bad;
 
     switch (f->type) {
     case FT_INT:
@@ -226,8 +304,8 @@ static int load_field(const struct field *f, json_t *v, struct coord_jobspec *sp
         s = v ? json_string_value(v) : f->dflt_s;
         if (f->type == FT_SCHEDULE) {
             if (dp_sched_kind_parse(s, (enum dp_sched_kind *)base) < 0) {
-                snprintf(err, errlen, "%s: \"%.40s\" is not one of 1f1b, zb1p, dualpipe, dualpipev",
-                         f->path, s);
+                snprintf(err, errlen, "%s: \"%s\" is not one of 1f1b, zb1p, dualpipe, dualpipev",
+                         f->path, coord_jobspec_escape(s, quoted, sizeof(quoted)));
                 return -EINVAL;
             }
             return 0;
@@ -238,8 +316,16 @@ static int load_field(const struct field *f, json_t *v, struct coord_jobspec *sp
                      f->size - 1);
             return -EINVAL;
         }
+        /* text is shown in status, logs and errors: no control characters */
+        if ((bad = find_control(s))) {
+            snprintf(err, errlen,
+                     "%s: \"%s\" has a control character (byte %zu); text fields may hold none",
+                     f->path, coord_jobspec_escape(s, quoted, sizeof(quoted)), (size_t)(bad - s));
+            return -EINVAL;
+        }
         if (f->choices && !in_choices(f->choices, s)) {
-            snprintf(err, errlen, "%s: \"%.40s\" is not one of %s", f->path, s, f->choices);
+            snprintf(err, errlen, "%s: \"%s\" is not one of %s", f->path,
+                     coord_jobspec_escape(s, quoted, sizeof(quoted)), f->choices);
             return -EINVAL;
         }
         memcpy(base, s, strlen(s) + 1);
@@ -282,6 +368,45 @@ static int check_max_nodes(const struct coord_jobspec *s, char *err, size_t errl
                 "(model.top_k), so with one group per node it reaches %d nodes, more than %d; "
                 "node-limited routing needs min(group_limit, top_k) <= max_nodes",
                 L, K, reach, M);
+}
+
+/* True when path has a ".." component. */
+static int has_dot_dot(const char *path)
+{
+    for (const char *p = path; *p; p += strcspn(p, "/")) {
+        p += strspn(p, "/");
+        if (p[0] == '.' && p[1] == '.' && (p[2] == '/' || p[2] == '\0'))
+            return 1;
+    }
+    return 0;
+}
+
+/* The checkpoint paths: no way up out of where the workers put them (each
+ * worker also keeps checkpoint.dir under its --checkpoint-root,
+ * worker/runtime.h), and printable ASCII, which is what the protocol
+ * carries paths as (proto/envelope.c). */
+static int check_paths(const struct coord_jobspec *s, char *err, size_t errlen)
+{
+    const struct {
+        const char *field, *value;
+    } paths[] = {{"checkpoint.dir", s->checkpoint.dir}, {"checkpoint.from", s->checkpoint.from}};
+    char quoted[JOBSPEC_QUOTE];
+
+    if (has_dot_dot(s->checkpoint.dir))
+        return fail(err, errlen,
+                    "checkpoint.dir: \"%s\" has a \"..\" component; checkpoint directories "
+                    "may not climb out of the workers' checkpoint root",
+                    coord_jobspec_escape(s->checkpoint.dir, quoted, sizeof(quoted)));
+    for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
+        for (const unsigned char *p = (const unsigned char *)paths[i].value; *p; p++)
+            if (*p > 0x7e)
+                return fail(err, errlen,
+                            "%s: \"%s\" has byte 0x%02x at %zu; checkpoint paths are printable "
+                            "ASCII",
+                            paths[i].field,
+                            coord_jobspec_escape(paths[i].value, quoted, sizeof(quoted)), *p,
+                            (size_t)(p - (const unsigned char *)paths[i].value));
+    return 0;
 }
 
 /* Rules that tie fields together. */
@@ -355,7 +480,11 @@ int coord_jobspec_parse(const char *json, size_t len, const char *const *sets, s
     json_t *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
     int rc = -EINVAL;
 
+    /* every field's default first: a spec that fails still leaves a usable
+     * *out (what was read before the error, defaults for the rest) */
     memset(out, 0, sizeof(*out));
+    for (size_t i = 0; i < NFIELDS; i++)
+        load_field(&fields[i], NULL, out, err, errlen);
     if (!root)
         return fail(err, errlen, "line %d, column %d: %s", jerr.line, jerr.column, jerr.text);
     if (!json_is_object(root)) {
@@ -374,6 +503,8 @@ int coord_jobspec_parse(const char *json, size_t len, const char *const *sets, s
     for (size_t i = 0; i < NFIELDS; i++)
         if ((rc = load_field(&fields[i], lookup(root, fields[i].path), out, err, errlen)) < 0)
             goto out;
+    if ((rc = check_paths(out, err, errlen)) < 0)
+        goto out;
     rc = check_layout(out, err, errlen);
 out:
     json_decref(root);

@@ -6,7 +6,12 @@
  * run (layers that do not split into the schedule's stages, experts that do
  * not split over ep, the schedule's own constraints, a node limit the
  * routing cannot keep). Whether a placement keeps parallel.max_nodes is the
- * plan's check (coordinator/plan.h). The schema is
+ * plan's check (coordinator/plan.h). Inputs are checked for where they are
+ * used: train.dataset is one the workers have (worker/data.h's
+ * WK_DATA_DATASETS), checkpoint.dir has no ".." component (each worker
+ * also keeps it under its checkpoint root, worker/runtime.h), checkpoint
+ * paths are printable ASCII, and no text field holds a control character.
+ * Values quoted in errors are escaped (coord_jobspec_escape). The schema is
  * documented in docs/JOBSPEC.md.
  */
 #ifndef COORD_JOBSPEC_H
@@ -56,7 +61,8 @@ struct coord_jobspec {
 /* Parses and validates a spec. sets (may be NULL) are "dotted.path=value"
  * overrides applied before validation; a value is read as JSON when it
  * parses as JSON, else as a string. Returns 0, or -EINVAL with the field and
- * rule in err. */
+ * rule in err; *out then still holds a spec that can be shown (the fields
+ * read before the error, the defaults for the rest). */
 int coord_jobspec_parse(const char *json, size_t len, const char *const *sets, size_t nsets,
                         struct coord_jobspec *out, char *err, size_t errlen);
 
@@ -64,6 +70,12 @@ int coord_jobspec_parse(const char *json, size_t len, const char *const *sets, s
  * overrides applied), which parses back to the same spec; free() it.
  * NULL when out of memory. */
 char *coord_jobspec_to_json(const struct coord_jobspec *spec);
+
+/* s fit for a terminal or a log line: every control character (bytes
+ * below 0x20, 0x7f, and the C1 controls U+0080..U+009F) written as \xHH
+ * per byte, the rest as it is. Cut, ending in "...", where out (outlen
+ * bytes with the NUL) is too short. Returns out. */
+char *coord_jobspec_escape(const char *s, char *out, size_t outlen);
 
 /* Workers the job needs: pp x ep x dp. */
 int coord_jobspec_workers(const struct coord_jobspec *spec);

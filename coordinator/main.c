@@ -10,14 +10,17 @@
 #include "coordinator/nccl_id.h"
 #include "coordinator/server.h"
 #include "proto/envelope.h"
+#include "proto/wire.h"
 
 #define DEFAULT_LISTEN "tcp://127.0.0.1:7700"
 #define DEFAULT_DB "var/duplex.db"
 #define DEFAULT_HEARTBEAT_MS 500
 #define DEFAULT_DEAD_AFTER_MS 2000
 
-static char *opt_config, *opt_listen, *opt_db, *opt_log_level, *opt_nccl_lib;
+static char *opt_config, *opt_listen, *opt_db, *opt_log_level, *opt_nccl_lib, *opt_key,
+    *opt_authorized;
 static int opt_heartbeat_ms, opt_dead_after_ms, opt_spares;
+static bool opt_insecure;
 
 static const struct dx_opt options[] = {
     {"config", DX_OPT_STRING, &opt_config, NULL, 0, 0, 0, "FILE",
@@ -34,6 +37,14 @@ static const struct dx_opt options[] = {
     {"nccl-lib", DX_OPT_STRING, &opt_nccl_lib, NULL, 0, 0, 0, "PATH",
      "NCCL library for the unique ids of cuda jobs (default $" COORD_NCCL_LIB_ENV
      ", else " COORD_NCCL_LIB_DEFAULT ")"},
+    {"key", DX_OPT_STRING, &opt_key, NULL, 0, 0, 0, "FILE",
+     "duplexd's secret CURVE certificate (duplexctl keys gen --role server); with --authorized"},
+    {"authorized", DX_OPT_STRING, &opt_authorized, NULL, 0, 0, 0, "FILE",
+     "allow-list: one \"KEY ROLE NAME [ids=..] [host=..]\" line per key that may connect "
+     "(reread on SIGHUP)"},
+    {"insecure", DX_OPT_FLAG, &opt_insecure, NULL, 0, 0, 0, NULL,
+     "serve without keys on a non-loopback address: anyone who reaches the port controls the "
+     "cluster"},
     {"log-level", DX_OPT_STRING, &opt_log_level, "info", 0, 0, 0, "LEVEL",
      "debug, info, warn or error"},
     {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
@@ -65,6 +76,17 @@ int main(int argc, char **argv)
         goto out;
     }
 
+    if (!opt_key && !opt_authorized && !dx_endpoint_is_local(opt_listen) && !opt_insecure) {
+        fprintf(stderr,
+                "duplexd: refusing to listen on %s without keys: anyone who reaches it could "
+                "drain workers, forge reports and cancel jobs. Give --key and --authorized "
+                "(see duplexctl keys gen), or --insecure to serve in clear anyway\n",
+                opt_listen);
+        status = DX_OPTS_EXIT_USAGE;
+        goto out;
+    }
+    if (!opt_key && !opt_authorized)
+        dx_warn("no keys (--key, --authorized): every peer that reaches %s is trusted", opt_listen);
     cfg = (struct coord_server_config){
         .listen = opt_listen,
         .db = opt_db,
@@ -72,6 +94,8 @@ int main(int argc, char **argv)
         .dead_after_ms = opt_dead_after_ms,
         .spares = opt_spares,
         .nccl_lib = opt_nccl_lib,
+        .key = opt_key,
+        .authorized = opt_authorized,
     };
     if (coord_server_create(&cfg, &server, err, sizeof(err)) < 0) {
         dx_error("%s", err);

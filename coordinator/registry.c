@@ -389,6 +389,20 @@ static void mark_lost(coord_registry_t *reg, struct coord_worker *w, int64_t now
     record_event(reg, now_wall, "lost", w->id, detail);
 }
 
+int coord_registry_revoke(coord_registry_t *reg, struct coord_worker *w, const char *why,
+                          int64_t now_wall)
+{
+    if (w->session[0] == '\0')
+        return -ENOENT;
+    w->session[0] = '\0';
+    w->routing_len = 0;
+    if (w->state == COORD_WORKER_ALIVE)
+        mark_lost(reg, w, now_wall, why);
+    else
+        record_event(reg, now_wall, "revoked", w->id, why);
+    return 0;
+}
+
 int coord_registry_sweep(coord_registry_t *reg, int64_t now_wall, int64_t now_mono,
                          int64_t dead_after_ms)
 {
@@ -500,24 +514,28 @@ int coord_registry_note_failure(coord_registry_t *reg, const char *id, const cha
     return 1;
 }
 
-int coord_registry_set_drained(coord_registry_t *reg, const char *id, int drained, int64_t now_wall)
+int coord_registry_set_drained(coord_registry_t *reg, const char *id, int drained, const char *by,
+                               int64_t now_wall)
 {
     struct coord_worker *w = coord_registry_find(reg, id);
+    char detail[160];
 
     if (!w)
         return -ENOENT;
     if (!drained && w->blocklisted[0]) {
         w->blocklisted[0] = '\0';
         w->failures = 0;
-        record_event(reg, now_wall, "unblocklisted", id, "undrained: back in placement");
+        snprintf(detail, sizeof(detail), "undrained by %s: back in placement", by);
+        record_event(reg, now_wall, "unblocklisted", id, detail);
     }
     if (w->drained == drained)
         return 0;
     w->drained = drained;
     if (coord_store_worker_set_drained(reg->store, id, drained) < 0)
         dx_error("could not store drain of worker %s", id);
-    record_event(reg, now_wall, drained ? "drained" : "undrained", id,
-                 drained ? "kept out of placement; its job goes on" : "back in placement");
+    snprintf(detail, sizeof(detail), "by %s: %s", by,
+             drained ? "kept out of placement; its job goes on" : "back in placement");
+    record_event(reg, now_wall, drained ? "drained" : "undrained", id, detail);
     return 0;
 }
 

@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "coordinator/store.h"
+#include "proto/cert.h"
 #include "proto/duplex.pb-c.h"
 
 #define COORD_SESSION_LEN 32  /* hex characters */
@@ -57,6 +58,10 @@ struct coord_worker {
     int64_t closed_mono;   /* when that connection closed; 0 while open */
     int failures;          /* jobs whose failure it caused (lost, refused, timed out) */
     char blocklisted[COORD_BLOCK_REASON_LEN]; /* why it is kept out of placement; "" if not */
+    /* the CURVE public key (Z85) and allow-list name its session registered
+     * with; "" without keys (--insecure) or before it registered */
+    char key[DX_CERT_KEY_LEN + 1];
+    char key_name[DX_CERT_META_MAX + 1];
 };
 
 /* What a Register did. */
@@ -115,9 +120,15 @@ struct coord_worker *coord_registry_find(coord_registry_t *reg, const char *id);
 struct coord_worker *coord_registry_find_route(coord_registry_t *reg, const uint8_t *rid,
                                                size_t rlen);
 
+/* Ends a worker's live session because its key may no longer speak for
+ * it (removed from the allow-list): it is lost, with an event naming why,
+ * and must register again. Returns 0 or -ENOENT when it had no session. */
+int coord_registry_revoke(coord_registry_t *reg, struct coord_worker *w, const char *why,
+                          int64_t now_wall);
+
 /* Drains (drained = 1) or undrains a worker, with an event; undraining
  * also clears a blocklisting and the failure count. Returns 0 or -ENOENT. */
-int coord_registry_set_drained(coord_registry_t *reg, const char *id, int drained,
+int coord_registry_set_drained(coord_registry_t *reg, const char *id, int drained, const char *by,
                                int64_t now_wall);
 
 /* Counts a job failure this worker caused; at COORD_BLOCKLIST_FAILURES it

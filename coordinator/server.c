@@ -8,6 +8,8 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <stdarg.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,12 +21,16 @@
 #include "common/loop.h"
 #include "common/ratelimit.h"
 #include "common/version.h"
+#include "common/zmonitor.h"
 #include "common/zwatch.h"
+#include "coordinator/authz.h"
 #include "coordinator/jobs.h"
 #include "coordinator/jobspec.h"
 #include "coordinator/plan.h"
 #include "coordinator/registry.h"
 #include "coordinator/store.h"
+#include "coordinator/zap.h"
+#include "proto/cert.h"
 #include "proto/wire.h"
 
 /* Rejection log lines allowed per window before they are only counted. */
@@ -54,6 +60,10 @@ struct coord_server {
     uv_prepare_t flush;
     uv_signal_t sigterm;
     uv_signal_t sigint;
+    uv_signal_t sighup;
+    struct dx_cert cert;  /* duplexd's own keys (when secure) */
+    coord_authz_t *authz; /* the allow-list; NULL: no keys, everyone trusted */
+    coord_zap_t *zap;
     coord_store_t *store;
     coord_registry_t *reg;
     coord_jobs_t *jobs;
@@ -67,23 +77,44 @@ struct coord_server {
     size_t n_acks, cap_acks;
 };
 
-/* One received message: routing id, payload, and a printable peer name. */
+/* One received message: routing id, payload, who sent it (the key's
+ * principal when duplexd has keys) and a printable peer name. */
 struct peer_frame {
     uint8_t rid[COORD_ROUTING_MAX];
     size_t rlen;
-    int fd; /* the connection's socket (ZMQ_SRCFD), -1 unknown */
-    char name[96];
+    int fd;                            /* the connection's socket (ZMQ_SRCFD), -1 unknown */
+    const struct coord_principal *who; /* NULL without keys */
+    char key[DX_CERT_KEY_LEN + 1];     /* the connection's CURVE key, "" without */
+    char name[160];
 };
 
-static void peer_name(struct peer_frame *p, zmq_msg_t *payload)
+/* Whose message this is: the CURVE key ZAP accepted (User-Id), looked up in
+ * the allow-list current now (it may have been reloaded since). */
+static void peer_identify(coord_server_t *s, struct peer_frame *p, zmq_msg_t *payload)
 {
     const char *addr = zmq_msg_gets(payload, "Peer-Address");
+    const char *user = s->authz ? zmq_msg_gets(payload, "User-Id") : NULL;
     char hex[2 * 8 + 1] = "";
     size_t n = p->rlen < 8 ? p->rlen : 8;
 
     for (size_t i = 0; i < n; i++)
         snprintf(hex + 2 * i, 3, "%02x", p->rid[i]);
-    snprintf(p->name, sizeof(p->name), "peer %s (id %s)", addr ? addr : "?", hex);
+    if (user && dx_cert_key_valid(user)) {
+        memcpy(p->key, user, DX_CERT_KEY_LEN + 1);
+        p->who = coord_authz_find(s->authz, p->key);
+    }
+    if (p->who)
+        snprintf(p->name, sizeof(p->name), "peer %s (id %s, %s key %s)", addr ? addr : "?", hex,
+                 coord_role_name(p->who->role), p->who->name);
+    else
+        snprintf(p->name, sizeof(p->name), "peer %s (id %s%s%s)", addr ? addr : "?", hex,
+                 p->key[0] ? ", key " : "", p->key);
+}
+
+/* The name a job's owner and the events record for the sender. */
+static const char *peer_principal(const struct peer_frame *p)
+{
+    return p->who ? p->who->name : "anonymous";
 }
 
 static void server_reply(coord_server_t *s, const struct peer_frame *p, Duplex__MsgType type,
@@ -114,6 +145,11 @@ static void server_reject(coord_server_t *s, const struct peer_frame *p, Duplex_
         if (suppressed)
             dx_warn("(%llu more refusals not logged)", (unsigned long long)suppressed);
         dx_log(level, "refused message from %s: %s: %s", p->name, dx_error_code_name(code), text);
+        if (code == DUPLEX__ERROR_CODE__ERROR_FORBIDDEN) { /* who tried what, rate-limited too */
+            char detail[512];
+            snprintf(detail, sizeof(detail), "%s: %s", p->name, text);
+            coord_store_event(s->store, dx_wall_ms(), "refused", NULL, detail);
+        }
     }
     rc = dx_wire_send_error(s->router, p->rid, p->rlen, code, request_id, text);
     if (rc < 0)
@@ -121,6 +157,72 @@ static void server_reject(coord_server_t *s, const struct peer_frame *p, Duplex_
 }
 
 static void server_check_gone(coord_server_t *s, int64_t now);
+
+/* Refuses a message with ERROR_FORBIDDEN, the text naming the rule. */
+static void server_forbid(coord_server_t *s, const struct peer_frame *p, uint64_t request_id,
+                          const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+static void server_forbid(coord_server_t *s, const struct peer_frame *p, uint64_t request_id,
+                          const char *fmt, ...)
+{
+    char text[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof(text), fmt, ap);
+    va_end(ap);
+    server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_FORBIDDEN, request_id, text);
+}
+
+/* Whether the sender's key may send this kind of message at all (refused
+ * with the rule when not). Without keys every peer may send anything. */
+static bool server_authorize(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
+{
+    const char *rule;
+
+    if (!s->authz || m->type == DUPLEX__MSG_TYPE__MSG_ERROR)
+        return true; /* an Error is only logged, never answered */
+    if (!p->who) {
+        server_forbid(s, p, m->request_id,
+                      "key %s is not in duplexd's allow-list (removed since it connected)",
+                      p->key[0] ? p->key : "(none)");
+        return false;
+    }
+    if (!coord_authz_may_send(p->who->role, m->type, &rule)) {
+        server_forbid(s, p, m->request_id, "%s key \"%s\" may not send %s: %s",
+                      coord_role_name(p->who->role), p->who->name, dx_msg_type_name(m->type), rule);
+        return false;
+    }
+    return true;
+}
+
+/* A worker key speaks only for the worker ids (and host) its allow-list
+ * line names, and only for a session it registered itself. host: the
+ * Register's, or NULL for later messages (checked at registration). */
+static bool server_worker_key_ok(coord_server_t *s, const struct peer_frame *p,
+                                 const struct dx_msg *m, const char *worker_id, const char *host)
+{
+    struct coord_worker *w = coord_registry_find(s->reg, worker_id);
+
+    if (!s->authz)
+        return true;
+    if (!coord_authz_worker_may_be(p->who, worker_id, host ? host : w ? w->host : NULL)) {
+        server_forbid(s, p, m->request_id,
+                      "worker key \"%s\" may not speak for worker %s%s%s (see its ids= and "
+                      "host= in the allow-list)",
+                      p->who->name, worker_id, host ? " on host " : "", host ? host : "");
+        return false;
+    }
+    if (w && w->key[0] && strcmp(w->key, p->key) != 0 &&
+        (m->type != DUPLEX__MSG_TYPE__MSG_REGISTER || w->state == COORD_WORKER_ALIVE)) {
+        server_forbid(s, p, m->request_id,
+                      "worker %s's session belongs to key \"%s\"; key \"%s\" may not take it "
+                      "over",
+                      worker_id, w->key_name, p->who->name);
+        return false;
+    }
+    return true;
+}
 
 static void handle_register(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
 {
@@ -132,6 +234,8 @@ static void handle_register(coord_server_t *s, const struct peer_frame *p, const
     int restarted = old && old->assigned_job && old->pid != r->pid;
     int rc;
 
+    if (!server_worker_key_ok(s, p, m, r->worker_id, r->host))
+        return;
     if (restarted) /* the process that ran the job is gone */
         coord_jobs_on_worker_gone(s->jobs, r->worker_id, dx_wall_ms());
     rc = coord_registry_register(s->reg, r, p->rid, p->rlen, dx_wall_ms(), dx_mono_ms(), &outcome,
@@ -143,6 +247,8 @@ static void handle_register(coord_server_t *s, const struct peer_frame *p, const
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id, text);
         return;
     }
+    snprintf(w->key, sizeof(w->key), "%s", p->key);
+    snprintf(w->key_name, sizeof(w->key_name), "%s", p->who ? p->who->name : "");
     ack.session_id = w->session;
     ack.heartbeat_interval_ms = (uint32_t)s->cfg.heartbeat_ms;
     ack.dead_after_ms = (uint32_t)s->cfg.dead_after_ms;
@@ -169,8 +275,11 @@ static void session_refused(coord_server_t *s, const struct peer_frame *p, const
 static void handle_heartbeat(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
 {
     const Duplex__Heartbeat *hb = (const Duplex__Heartbeat *)m->body;
-    int rc = coord_registry_heartbeat(s->reg, hb, p->rid, p->rlen, dx_wall_ms(), dx_mono_ms());
+    int rc;
 
+    if (!server_worker_key_ok(s, p, m, hb->worker_id, NULL))
+        return;
+    rc = coord_registry_heartbeat(s->reg, hb, p->rid, p->rlen, dx_wall_ms(), dx_mono_ms());
     if (rc < 0)
         session_refused(s, p, "heartbeat", hb->worker_id, rc, m->request_id);
     else if (hb->activity == DUPLEX__WORKER_ACTIVITY__ACTIVITY_IDLE)
@@ -180,8 +289,11 @@ static void handle_heartbeat(coord_server_t *s, const struct peer_frame *p, cons
 static void handle_goodbye(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
 {
     const Duplex__Goodbye *g = (const Duplex__Goodbye *)m->body;
-    int rc = coord_registry_goodbye(s->reg, g, dx_wall_ms());
+    int rc;
 
+    if (!server_worker_key_ok(s, p, m, g->worker_id, NULL))
+        return;
+    rc = coord_registry_goodbye(s->reg, g, dx_wall_ms());
     if (rc < 0)
         session_refused(s, p, "goodbye", g->worker_id, rc, m->request_id);
     else
@@ -258,7 +370,7 @@ static void handle_submit(coord_server_t *s, const struct peer_frame *p, const s
     if (!req->dry_run) {
         uint64_t id;
         int64_t now = dx_wall_ms();
-        if (coord_jobs_submit(s->jobs, &spec, now, &id, err, sizeof(err)) < 0) {
+        if (coord_jobs_submit(s->jobs, &spec, peer_principal(p), now, &id, err, sizeof(err)) < 0) {
             server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY, m->request_id, err);
             return;
         }
@@ -364,6 +476,10 @@ static void handle_job_message(coord_server_t *s, const struct peer_frame *p,
                       "job messages need a registered session: register again");
         return;
     }
+    if (s->authz && strcmp(w->key, p->key) != 0) { /* the route is the connection's: defence */
+        server_forbid(s, p, m->request_id, "worker %s's session belongs to another key", w->id);
+        return;
+    }
     switch (m->type) {
     case DUPLEX__MSG_TYPE__MSG_ASSIGNMENT_ACK:
         job_id = ((const Duplex__AssignmentAck *)m->body)->job_id;
@@ -377,6 +493,13 @@ static void handle_job_message(coord_server_t *s, const struct peer_frame *p,
         job_id = ((const Duplex__JobDone *)m->body)->job_id;
         rc = coord_jobs_on_done(s->jobs, w->id, (const Duplex__JobDone *)m->body, now);
         break;
+    }
+    if (rc == -EPERM || rc == -EINVAL) { /* refused: it moved nothing and is not acknowledged */
+        server_reject(s, p,
+                      rc == -EPERM ? DUPLEX__ERROR_CODE__ERROR_FORBIDDEN
+                                   : DUPLEX__ERROR_CODE__ERROR_INVALID,
+                      m->request_id, coord_jobs_refusal(s->jobs));
+        return;
     }
     /* reports and JobDones are acknowledged once what they changed is
      * committed (server_on_flush): the worker keeps each until then and
@@ -465,7 +588,7 @@ static void handle_cancel(coord_server_t *s, const struct peer_frame *p, const s
     int64_t now = dx_wall_ms();
     char err[128];
 
-    if (coord_jobs_cancel(s->jobs, req->job_id, now, err, sizeof(err)) < 0) {
+    if (coord_jobs_cancel(s->jobs, req->job_id, peer_principal(p), now, err, sizeof(err)) < 0) {
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_INVALID, m->request_id, err);
         return;
     }
@@ -479,7 +602,8 @@ static void handle_drain(coord_server_t *s, const struct peer_frame *p, const st
     int64_t now = dx_wall_ms();
     char text[256];
 
-    if (coord_registry_set_drained(s->reg, req->worker_id, !req->undrain, now) < 0) {
+    if (coord_registry_set_drained(s->reg, req->worker_id, !req->undrain, peer_principal(p), now) <
+        0) {
         snprintf(text, sizeof(text), "no worker %s", req->worker_id);
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_INVALID, m->request_id, text);
         return;
@@ -571,7 +695,7 @@ static int server_recv_one(coord_server_t *s)
             zmq_msg_move(&payload, &next);
         zmq_msg_close(&next);
     }
-    peer_name(&p, &payload);
+    peer_identify(s, &p, &payload);
     p.fd = zmq_msg_get(&payload, ZMQ_SRCFD);
     if (frames != 1) {
         char text[64];
@@ -582,7 +706,8 @@ static int server_recv_one(coord_server_t *s)
     } else {
         struct coord_worker *w;
 
-        server_dispatch(s, &p, &m);
+        if (server_authorize(s, &p, &m))
+            server_dispatch(s, &p, &m);
         dx_msg_clear(&m);
         /* the connection this worker speaks on, for the monitor */
         if ((w = coord_registry_find_route(s->reg, p.rid, p.rlen)))
@@ -643,24 +768,11 @@ static void server_on_monitor(dx_zwatch_t *w, int revents, void *arg)
     (void)revents;
 
     for (int i = 0; i < DX_ZWATCH_BATCH; i++) {
-        zmq_msg_t event, addr;
         uint16_t what = 0;
         uint32_t fd = 0;
 
-        zmq_msg_init(&event);
-        if (zmq_msg_recv(&event, s->monitor, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&event);
+        if (dx_monitor_recv(s->monitor, &what, &fd) <= 0)
             return;
-        }
-        if (zmq_msg_size(&event) >= sizeof(what) + sizeof(fd)) {
-            memcpy(&what, zmq_msg_data(&event), sizeof(what));
-            memcpy(&fd, (const uint8_t *)zmq_msg_data(&event) + sizeof(what), sizeof(fd));
-        }
-        zmq_msg_init(&addr); /* the second frame: the endpoint */
-        if (zmq_msg_more(&event))
-            zmq_msg_recv(&addr, s->monitor, 0);
-        zmq_msg_close(&addr);
-        zmq_msg_close(&event);
         if (what == ZMQ_EVENT_DISCONNECTED &&
             coord_registry_conn_closed(s->reg, (int)fd, dx_mono_ms()) > 0)
             uv_timer_start(&s->hint, server_on_hint,
@@ -672,11 +784,10 @@ static int server_monitor(coord_server_t *s, char *err, size_t errlen)
 {
     int rc;
 
-    if (zmq_socket_monitor(s->router, MONITOR_ENDPOINT, ZMQ_EVENT_DISCONNECTED) < 0 ||
-        !(s->monitor = zmq_socket(s->zctx, ZMQ_PAIR)) ||
-        zmq_connect(s->monitor, MONITOR_ENDPOINT) < 0) {
-        snprintf(err, errlen, "cannot monitor the ROUTER socket: %s", zmq_strerror(errno));
-        return -errno;
+    if ((rc = dx_monitor_open(s->zctx, s->router, MONITOR_ENDPOINT, ZMQ_EVENT_DISCONNECTED,
+                              &s->monitor)) < 0) {
+        snprintf(err, errlen, "cannot monitor the ROUTER socket: %s", zmq_strerror(-rc));
+        return rc;
     }
     if ((rc = dx_zwatch_create(&s->loop, s->monitor, ZMQ_POLLIN, server_on_monitor, s,
                                &s->monitor_watch)) < 0) {
@@ -714,9 +825,88 @@ static void server_on_signal(uv_signal_t *h, int signum)
     uv_stop(&s->loop);
 }
 
+/* Rereads the allow-list (SIGHUP). A key no longer listed is refused from
+ * now on; the sessions of workers whose key may no longer speak for them
+ * end, and their connections are closed (a reconnection meets ZAP). */
+static void server_reload_keys(coord_server_t *s)
+{
+    coord_authz_t *fresh = NULL, *old = s->authz;
+    struct coord_worker **ws = NULL;
+    char err[512], detail[256];
+    int64_t now = dx_wall_ms();
+    int n, ended = 0;
+
+    if (!s->authz) {
+        dx_info("SIGHUP: duplexd runs without keys; nothing to reload");
+        return;
+    }
+    if (coord_authz_load(s->cfg.authorized, &fresh, err, sizeof(err)) < 0) {
+        dx_error("SIGHUP: %s; keeping the %zu keys loaded before", err, coord_authz_count(old));
+        return;
+    }
+    s->authz = fresh;
+    coord_zap_set_authz(s->zap, fresh);
+    coord_authz_destroy(old);
+    n = coord_registry_list(s->reg, &ws);
+    for (int i = 0; i < n; i++) {
+        struct coord_worker *w = ws[i];
+        const struct coord_principal *who = coord_authz_find(fresh, w->key);
+        int fd = w->conn_fd;
+
+        if (!w->key[0] || w->session[0] == '\0' ||
+            (who && coord_authz_worker_may_be(who, w->id, w->host)))
+            continue;
+        snprintf(detail, sizeof(detail),
+                 "key \"%s\" may no longer speak for it (allow-list reloaded)", w->key_name);
+        if (coord_registry_revoke(s->reg, w, detail, now) == 0)
+            ended++;
+        if (fd >= 0 && w->closed_mono == 0)
+            shutdown(fd, SHUT_RDWR); /* ZeroMQ sees the connection end and closes it */
+        w->conn_fd = -1;
+    }
+    free(ws);
+    if (ended)
+        server_check_gone(s, now);
+    snprintf(detail, sizeof(detail), "%zu keys from %s; %d worker sessions ended",
+             coord_authz_count(fresh), s->cfg.authorized, ended);
+    coord_store_event(s->store, now, "keys_reloaded", NULL, detail);
+    dx_info("SIGHUP: %s", detail);
+}
+
+static void server_on_sighup(uv_signal_t *h, int signum)
+{
+    (void)signum;
+    server_reload_keys(h->data);
+}
+
+/* With keys: duplexd's certificate, the allow-list and the ZAP handler,
+ * which must answer before the CURVE server binds. */
+static int server_keys(coord_server_t *s, char *err, size_t errlen)
+{
+    int rc;
+
+    if (!s->cfg.key && !s->cfg.authorized)
+        return 0;
+    if (!s->cfg.key || !s->cfg.authorized) {
+        snprintf(err, errlen,
+                 "--key and --authorized go together (duplexd's secret key and the "
+                 "allow-list of the keys that may talk to it)");
+        return -EINVAL;
+    }
+    if ((rc = dx_cert_load(s->cfg.key, true, &s->cert, err, errlen)) < 0 ||
+        (rc = coord_authz_load(s->cfg.authorized, &s->authz, err, errlen)) < 0 ||
+        (rc = coord_zap_create(&s->loop, s->zctx, s->authz, &s->zap, err, errlen)) < 0)
+        return rc;
+    if ((rc = dx_cert_apply_server(s->router, &s->cert)) < 0) {
+        snprintf(err, errlen, "cannot make the ROUTER a CURVE server: %s", zmq_strerror(-rc));
+        return rc;
+    }
+    return 0;
+}
+
 static int server_bind(coord_server_t *s, char *err, size_t errlen)
 {
-    int one = 1;
+    int one = 1, rc;
 
     s->zctx = zmq_ctx_new();
     if (!s->zctx) {
@@ -729,6 +919,8 @@ static int server_bind(coord_server_t *s, char *err, size_t errlen)
         snprintf(err, errlen, "cannot set up the ROUTER socket: %s", zmq_strerror(errno));
         return -errno;
     }
+    if ((rc = server_keys(s, err, errlen)) < 0)
+        return rc;
     if (zmq_bind(s->router, s->cfg.listen) < 0) {
         int e = errno;
         snprintf(err, errlen, "cannot listen on %s: %s", s->cfg.listen, zmq_strerror(e));
@@ -789,7 +981,8 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
     uv_prepare_init(&s->loop, &s->flush);
     uv_signal_init(&s->loop, &s->sigterm);
     uv_signal_init(&s->loop, &s->sigint);
-    s->sweep.data = s->flush.data = s->sigterm.data = s->sigint.data = s;
+    uv_signal_init(&s->loop, &s->sighup);
+    s->sweep.data = s->flush.data = s->sigterm.data = s->sigint.data = s->sighup.data = s;
     sweep_ms = cfg->dead_after_ms / SWEEPS_PER_DEAD_AFTER;
     if (sweep_ms < SWEEP_MIN_MS)
         sweep_ms = SWEEP_MIN_MS;
@@ -797,9 +990,11 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
     uv_prepare_start(&s->flush, server_on_flush);
     uv_signal_start(&s->sigterm, server_on_signal, SIGTERM);
     uv_signal_start(&s->sigint, server_on_signal, SIGINT);
+    uv_signal_start(&s->sighup, server_on_sighup, SIGHUP);
 
-    snprintf(detail, sizeof(detail), "duplexd %s (protocol %d) on %s, %zu workers known",
-             DX_VERSION, DX_PROTOCOL_VERSION, cfg->listen, coord_registry_count(s->reg));
+    snprintf(detail, sizeof(detail), "duplexd %s (protocol %d) on %s, %zu workers known, %s",
+             DX_VERSION, DX_PROTOCOL_VERSION, cfg->listen, coord_registry_count(s->reg),
+             s->authz ? "CURVE keys" : "no keys (insecure)");
     coord_store_event(s->store, dx_wall_ms(), "coordinator_started", NULL, detail);
     if (coord_store_flush(s->store) < 0) {
         snprintf(err, errlen, "%s: cannot write: %s", cfg->db, coord_store_errmsg(s->store));
@@ -828,12 +1023,10 @@ void coord_server_destroy(coord_server_t *s)
         return;
     dx_zwatch_destroy(s->watch);
     dx_zwatch_destroy(s->monitor_watch);
+    coord_zap_destroy(s->zap);
     if (dx_loop_close(&s->loop) < 0)
         dx_warn("event loop closed with handles still open");
-    if (s->router && s->monitor)
-        zmq_socket_monitor(s->router, NULL, 0);
-    if (s->monitor)
-        zmq_close(s->monitor);
+    dx_monitor_close(s->router, s->monitor);
     if (s->router)
         zmq_close(s->router);
     if (s->zctx)
@@ -841,6 +1034,7 @@ void coord_server_destroy(coord_server_t *s)
     coord_jobs_destroy(s->jobs);
     coord_registry_destroy(s->reg);
     coord_store_close(s->store);
+    coord_authz_destroy(s->authz);
     if (s->rejected)
         dx_info("%llu bad messages rejected while running", (unsigned long long)s->rejected);
     free(s->acks);

@@ -1,5 +1,6 @@
-/* server.h - duplexd's event loop: the ROUTER socket, the liveness sweep,
- * the per-turn store commit and the signals that stop it. */
+/* server.h - duplexd's event loop: the ROUTER socket (a CURVE server with
+ * keys), who may send what, the liveness sweep, the per-turn store commit
+ * and the signals that stop it or reload its keys. */
 #ifndef COORD_SERVER_H
 #define COORD_SERVER_H
 
@@ -13,6 +14,11 @@ struct coord_server_config {
     int dead_after_ms;    /* silence after which a worker is lost */
     int spares;           /* free workers per backend kept for recoveries */
     const char *nccl_lib; /* NCCL for cuda jobs' unique ids; NULL: the default */
+    /* CURVE: duplexd's secret certificate and the allow-list of the keys
+     * that may talk to it (coordinator/authz.h); both NULL: no keys, every
+     * peer is trusted (--insecure) */
+    const char *key;
+    const char *authorized;
 };
 
 typedef struct coord_server coord_server_t;
@@ -22,7 +28,9 @@ typedef struct coord_server coord_server_t;
 int coord_server_create(const struct coord_server_config *cfg, coord_server_t **out, char *err,
                         size_t errlen);
 
-/* Serves until SIGTERM or SIGINT. Returns 0. */
+/* Serves until SIGTERM or SIGINT; SIGHUP rereads the allow-list (a key
+ * removed from it is refused from then on and its workers' sessions end).
+ * Returns 0. */
 int coord_server_run(coord_server_t *s);
 
 void coord_server_destroy(coord_server_t *s);

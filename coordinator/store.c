@@ -121,6 +121,8 @@ static const char *const migrations[] = {
     "  worker_id TEXT NOT NULL,"
     "  PRIMARY KEY (job_id, idx)"
     ");",
+    /* 3 -> 4: who submitted each job (the key's name) */
+    "ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';",
 };
 
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == COORD_STORE_SCHEMA_VERSION,
@@ -138,6 +140,7 @@ enum store_stmt {
     STMT_JOB_UPDATE,
     STMT_JOBS_ALL,
     STMT_METRIC,
+    STMT_METRIC_GET,
     STMT_JOB_STEPS,
     STMT_EVENTS_LIST,
     STMT_CKPT_SHARD,
@@ -169,12 +172,12 @@ static const char *const stmt_sql[STMT_COUNT] = {
     [STMT_WORKER_DRAINED] = "UPDATE workers SET drained = ?2 WHERE id = ?1",
     [STMT_WORKERS_DRAINED] = "SELECT id FROM workers WHERE drained != 0",
     [STMT_JOB_INSERT] = "INSERT INTO jobs (name, spec, backend, state, priority, workers, steps,"
-                        " submitted_ms) VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7)",
+                        " submitted_ms, owner) VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8)",
     [STMT_JOB_UPDATE] = "UPDATE jobs SET state = ?2, step = ?3, reason = ?4, started_ms = ?5,"
                         " finished_ms = ?6, attempt = ?7, restarts = ?8, resume_step = ?9,"
                         " resume_dir = ?10 WHERE id = ?1",
     [STMT_JOBS_ALL] = "SELECT id, name, spec, state, step, reason, submitted_ms, started_ms,"
-                      " finished_ms, attempt, restarts, resume_step, resume_dir FROM jobs"
+                      " finished_ms, attempt, restarts, resume_step, resume_dir, owner FROM jobs"
                       " ORDER BY id",
     [STMT_RANKS_CLEAR] = "DELETE FROM job_ranks WHERE job_id = ?1",
     [STMT_RANK_PUT] = "INSERT INTO job_ranks (job_id, idx, dp, pp, ep, worker_id)"
@@ -186,6 +189,9 @@ static const char *const stmt_sql[STMT_COUNT] = {
                     " sync_ms, f_ms, b_ms, i_ms, w_ms, fb_ms, tokens)"
                     " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,"
                     " ?16, ?17, ?18)",
+    [STMT_METRIC_GET] = "SELECT loss, step_ms, tokens_per_s, compute_ms, wait_ms, comm_ms,"
+                        " hidden_comm_ms, sync_ms, f_ms, b_ms, i_ms, w_ms, fb_ms, tokens"
+                        " FROM metrics WHERE job_id = ?1 AND step = ?2 AND worker_id = ?3",
     [STMT_JOB_STEPS] = "SELECT step, MAX(loss), MAX(step_ms), MIN(tokens_per_s), MAX(compute_ms),"
                        " MAX(wait_ms), COUNT(*), SUM(comm_ms), SUM(hidden_comm_ms), MAX(sync_ms),"
                        " MAX(f_ms), MAX(b_ms), MAX(i_ms), MAX(w_ms), MAX(fb_ms), MAX(tokens)"
@@ -626,6 +632,7 @@ int coord_store_job_insert(coord_store_t *s, const struct coord_job_row *job, ui
     sqlite3_bind_int(st, 5, job->workers);
     sqlite3_bind_int64(st, 6, (sqlite3_int64)job->steps);
     sqlite3_bind_int64(st, 7, job->submitted_ms);
+    sqlite3_bind_text(st, 8, job->owner ? job->owner : "", -1, SQLITE_STATIC);
     if ((rc = store_step(s, st)) == 0)
         *id = (uint64_t)sqlite3_last_insert_rowid(s->db);
     return rc;
@@ -717,6 +724,7 @@ int coord_store_jobs_each(coord_store_t *s, int (*fn)(const struct coord_job_row
             .restarts = sqlite3_column_int(st, 10),
             .resume_step = (uint64_t)sqlite3_column_int64(st, 11),
             .resume_dir = (const char *)sqlite3_column_text(st, 12),
+            .owner = (const char *)sqlite3_column_text(st, 13),
         };
         rc = fn(&row, arg);
     }
@@ -750,6 +758,40 @@ int coord_store_metric(coord_store_t *s, uint64_t job_id, const char *worker_id,
     sqlite3_bind_double(st, 17, m->fb_ms);
     sqlite3_bind_int64(st, 18, (sqlite3_int64)m->tokens);
     return store_step(s, st);
+}
+
+int coord_store_metric_get(coord_store_t *s, uint64_t job_id, const char *worker_id, uint64_t step,
+                           struct coord_step_metric *m)
+{
+    sqlite3_stmt *st = s->stmt[STMT_METRIC_GET];
+    int rc = -ENOENT;
+
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)step);
+    sqlite3_bind_text(st, 3, worker_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        *m = (struct coord_step_metric){
+            .step = step,
+            .loss = sqlite3_column_double(st, 0),
+            .step_ms = sqlite3_column_double(st, 1),
+            .tokens_per_s = sqlite3_column_double(st, 2),
+            .compute_ms = sqlite3_column_double(st, 3),
+            .wait_ms = sqlite3_column_double(st, 4),
+            .comm_ms = sqlite3_column_double(st, 5),
+            .hidden_comm_ms = sqlite3_column_double(st, 6),
+            .sync_ms = sqlite3_column_double(st, 7),
+            .f_ms = sqlite3_column_double(st, 8),
+            .b_ms = sqlite3_column_double(st, 9),
+            .i_ms = sqlite3_column_double(st, 10),
+            .w_ms = sqlite3_column_double(st, 11),
+            .fb_ms = sqlite3_column_double(st, 12),
+            .tokens = (uint64_t)sqlite3_column_int64(st, 13),
+        };
+        rc = 0;
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return rc;
 }
 
 int coord_store_checkpoint_shard(coord_store_t *s, uint64_t job_id, uint64_t step,

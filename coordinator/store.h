@@ -19,7 +19,7 @@
 typedef struct coord_store coord_store_t;
 
 /* The schema version this build writes. */
-#define COORD_STORE_SCHEMA_VERSION 3
+#define COORD_STORE_SCHEMA_VERSION 4
 
 /* A worker as stored. Strings are borrowed: valid for the call (or, in a
  * coord_store_workers_each callback, until it returns). */
@@ -91,6 +91,9 @@ struct coord_job_row {
     int restarts;
     uint64_t resume_step;
     const char *resume_dir;
+    /* schema 4: the allow-list name of the key that submitted it
+     * ("anonymous" without keys; "" for jobs stored before) */
+    const char *owner;
 };
 
 /* One rank of a job's current attempt. */
@@ -130,6 +133,10 @@ struct coord_step_metric {
 /* Records one worker's report of one step. */
 int coord_store_metric(coord_store_t *s, uint64_t job_id, const char *worker_id, int64_t ts_ms,
                        const struct coord_step_metric *m);
+
+/* One worker's recorded report of one step into *m. 0, or -ENOENT. */
+int coord_store_metric_get(coord_store_t *s, uint64_t job_id, const char *worker_id, uint64_t step,
+                           struct coord_step_metric *m);
 
 /* Per step of a job, over the workers that reported it: the largest loss,
  * step time, compute, wait, sync and per-op times and tokens, the smallest

@@ -8,33 +8,57 @@
 #include <zmq.h>
 
 #include "common/clock.h"
+#include "common/zmonitor.h"
+#include "ctl/ctl.h"
+#include "proto/cert.h"
 #include "proto/wire.h"
+
+#define CLIENT_MONITOR "inproc://duplexctl-handshake"
 
 struct ctl_client {
     void *zctx;
     void *dealer;
+    void *handshakes; /* the DEALER's monitor: refused handshakes */
+    bool secure;      /* CURVE keys given */
     char *coordinator;
     int timeout_ms;
     uint64_t next_request_id;
 };
 
-int ctl_client_create(const char *coordinator, int timeout_ms, ctl_client_t **out, char *err,
+int ctl_client_create(const struct ctl_globals *g, int timeout_ms, ctl_client_t **out, char *err,
                       size_t errlen)
 {
+    const char *coordinator = g->coordinator;
     ctl_client_t *c = calloc(1, sizeof(*c));
-    int linger = 0;
+    struct dx_cert own;
+    char server_key[DX_CERT_KEY_LEN + 1];
+    int linger = 0, secure, rc;
 
+    secure = dx_cert_load_client(g->key[0] ? g->key : NULL, g->server_key[0] ? g->server_key : NULL,
+                                 g->insecure, &own, server_key, err, errlen);
+    if (secure < 0) {
+        free(c);
+        return secure;
+    }
     if (!c || !(c->coordinator = strdup(coordinator))) {
         free(c);
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
     c->timeout_ms = timeout_ms;
+    c->secure = secure;
     c->zctx = zmq_ctx_new();
     if (!c->zctx || !(c->dealer = zmq_socket(c->zctx, ZMQ_DEALER)) ||
         dx_wire_setup(c->dealer) < 0 ||
         zmq_setsockopt(c->dealer, ZMQ_LINGER, &linger, sizeof(linger)) < 0) {
         snprintf(err, errlen, "cannot set up a ZeroMQ socket: %s", zmq_strerror(errno));
+        goto fail;
+    }
+    if ((secure && (rc = dx_cert_apply_client(c->dealer, &own, server_key)) < 0) ||
+        (rc = dx_monitor_open(c->zctx, c->dealer, CLIENT_MONITOR, DX_MONITOR_HANDSHAKE_FAILED,
+                              &c->handshakes)) < 0) {
+        snprintf(err, errlen, "cannot set up %s: %s", secure ? "CURVE" : "the socket's monitor",
+                 zmq_strerror(-rc));
         goto fail;
     }
     if (zmq_connect(c->dealer, coordinator) < 0) {
@@ -61,14 +85,29 @@ int ctl_client_call(ctl_client_t *c, Duplex__MsgType type, const ProtobufCMessag
         return rc;
     }
     for (;;) {
-        zmq_pollitem_t item = {.socket = c->dealer, .events = ZMQ_POLLIN};
+        zmq_pollitem_t items[2] = {{.socket = c->dealer, .events = ZMQ_POLLIN},
+                                   {.socket = c->handshakes, .events = ZMQ_POLLIN}};
         int64_t left = deadline - dx_mono_ms();
         struct dx_decode_error derr;
+        uint16_t event;
+        uint32_t value;
 
-        if (left <= 0 || zmq_poll(&item, 1, (long)left) == 0) {
-            snprintf(err, errlen, "no answer from duplexd at %s within %.1f s (is it running?)",
-                     c->coordinator, c->timeout_ms / 1000.0);
+        if (left <= 0 || zmq_poll(items, c->handshakes ? 2 : 1, (long)left) == 0) {
+            snprintf(err, errlen, "no answer from duplexd at %s within %.1f s (is it running%s?)",
+                     c->coordinator, c->timeout_ms / 1000.0,
+                     c->handshakes ? ", and is --server-key its public key" : "");
             return -ETIMEDOUT;
+        }
+        if (c->handshakes && dx_monitor_recv(c->handshakes, &event, &value) > 0) {
+            if (c->secure)
+                snprintf(err, errlen, "duplexd at %s refused our key: %s", c->coordinator,
+                         dx_monitor_event_name(event, value));
+            else
+                snprintf(err, errlen,
+                         "duplexd at %s speaks CURVE: give --key and --server-key (or $%s and "
+                         "$%s)",
+                         c->coordinator, DX_CERT_KEY_ENV, DX_CERT_SERVER_KEY_ENV);
+            return -EACCES;
         }
         rc = dx_wire_recv(c->dealer, reply, &derr);
         if (rc == -EAGAIN || rc == -EINTR)
@@ -104,6 +143,7 @@ void ctl_client_destroy(ctl_client_t *c)
 {
     if (!c)
         return;
+    dx_monitor_close(c->dealer, c->handshakes);
     if (c->dealer)
         zmq_close(c->dealer);
     if (c->zctx)

@@ -1,5 +1,6 @@
-/* client.h - duplexctl's request/reply link to duplexd: a DEALER socket, a
- * request id per call, and a deadline on every answer. */
+/* client.h - duplexctl's request/reply link to duplexd: a DEALER socket
+ * (a CURVE client with keys), a request id per call, and a deadline on
+ * every answer; a refused handshake is said at once rather than timed out. */
 #ifndef CTL_CLIENT_H
 #define CTL_CLIENT_H
 
@@ -9,7 +10,11 @@
 
 typedef struct ctl_client ctl_client_t;
 
-int ctl_client_create(const char *coordinator, int timeout_ms, ctl_client_t **out, char *err,
+struct ctl_globals;
+
+/* Connects to g->coordinator, with CURVE when g names keys (refused in
+ * clear unless g->insecure). Returns 0 or -errno with err. */
+int ctl_client_create(const struct ctl_globals *g, int timeout_ms, ctl_client_t **out, char *err,
                       size_t errlen);
 
 /* Sends one request and waits for the reply carrying its request id.

@@ -1,6 +1,7 @@
 /* jobs.c - duplexctl's job commands: status, events, cancel, drain and
  * undrain. Each asks duplexd one question and prints the answer as a table
- * (or, with --json, as duplexd's JSON). */
+ * (or, with --json, as duplexd's JSON). Users' text (job names, reasons,
+ * event details, paths) is printed with control characters escaped. */
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -12,10 +13,12 @@
 #include <unistd.h>
 
 #include "common/opts.h"
+#include "coordinator/jobspec.h"
 #include "ctl/client.h"
 #include "ctl/ctl.h"
 
 #define WATCH_INTERVAL_US 1000000
+#define TEXT_MAX 1024 /* a text field as printed, escaped */
 
 /* Options every job command takes. */
 struct job_cmd {
@@ -38,7 +41,7 @@ static int call(struct ctl_globals *g, Duplex__MsgType type, const ProtobufCMess
     char err[1024];
     int rc;
 
-    rc = ctl_client_create(g->coordinator, g->timeout_s * 1000, &client, err, sizeof(err));
+    rc = ctl_client_create(g, g->timeout_s * 1000, &client, err, sizeof(err));
     if (rc == 0)
         rc = ctl_client_call(client, type, body, reply_type, reply, err, sizeof(err));
     if (rc == 0 && !reply->body) {
@@ -70,6 +73,14 @@ static const char *str(json_t *o, const char *key)
     return s ? s : "";
 }
 
+/* str() fit for a terminal: duplexd refuses control characters in new job
+ * specs, but a job stored before that (or a reason quoting one) may hold
+ * some, and printed raw they would drive the terminal. */
+static const char *text(json_t *o, const char *key, char *buf, size_t len)
+{
+    return coord_jobspec_escape(str(o, key), buf, len);
+}
+
 static long long num(json_t *o, const char *key)
 {
     return (long long)json_integer_value(json_object_get(o, key));
@@ -84,15 +95,17 @@ static void print_jobs(json_t *doc)
         printf("no jobs\n");
         return;
     }
-    printf("%5s  %-16s %-10s %-7s %7s %11s  %-8s  %s\n", "ID", "NAME", "STATE", "BACKEND",
-           "WORKERS", "STEP", "STARTED", "REASON");
+    printf("%5s  %-16s %-12s %-10s %-7s %7s %11s  %-8s  %s\n", "ID", "NAME", "OWNER", "STATE",
+           "BACKEND", "WORKERS", "STEP", "STARTED", "REASON");
     json_array_foreach (jobs, i, j) {
-        char started[16], step[32];
+        char started[16], step[32], name[TEXT_MAX], reason[TEXT_MAX], owner[TEXT_MAX];
         format_time(num(j, "started_ms"), started, sizeof(started));
         snprintf(step, sizeof(step), "%lld/%lld", num(j, "step"), num(j, "steps"));
-        printf("%5lld  %-16.16s %-10s %-7s %7lld %11s  %-8s  %s\n", num(j, "id"), str(j, "name"),
-               str(j, "state"), str(j, "backend"), num(j, "workers"), step, started,
-               str(j, "reason"));
+        text(j, "owner", owner, sizeof(owner));
+        printf("%5lld  %-16.16s %-12.12s %-10s %-7s %7lld %11s  %-8s  %s\n", num(j, "id"),
+               text(j, "name", name, sizeof(name)), owner[0] ? owner : "-", str(j, "state"),
+               str(j, "backend"), num(j, "workers"), step, started,
+               text(j, "reason", reason, sizeof(reason)));
     }
 }
 
@@ -132,10 +145,13 @@ void ctl_print_job(json_t *j)
 {
     json_t *ranks = json_object_get(j, "ranks"), *losses = json_object_get(j, "losses"), *r;
     json_t *bubble = json_object_get(j, "bubble");
+    char name[TEXT_MAX], reason[TEXT_MAX], dir[TEXT_MAX], owner[TEXT_MAX];
     size_t i;
 
-    printf("job %lld \"%s\": %s (%s)\n", num(j, "id"), str(j, "name"), str(j, "state"),
-           str(j, "reason"));
+    printf("job %lld \"%s\": %s (%s)\n", num(j, "id"), text(j, "name", name, sizeof(name)),
+           str(j, "state"), text(j, "reason", reason, sizeof(reason)));
+    if (text(j, "owner", owner, sizeof(owner))[0])
+        printf("  owner %s\n", owner);
     printf("  %s, pp %lld x ep %lld x dp %lld, %lld micro-batches, backend %s, attempt %lld\n",
            str(j, "schedule"), num(j, "pp"), num(j, "ep"), num(j, "dp"), num(j, "microbatches"),
            str(j, "backend"), num(j, "attempt"));
@@ -161,7 +177,8 @@ void ctl_print_job(json_t *j)
                "compute\n",
                100.0 * json_number_value(hidden), json_number_value(json_object_get(j, "comm_ms")));
     if (json_is_object(ckpt))
-        printf("  checkpoint: step %lld in %s\n", num(ckpt, "step"), str(ckpt, "dir"));
+        printf("  checkpoint: step %lld in %s\n", num(ckpt, "step"),
+               text(ckpt, "dir", dir, sizeof(dir)));
     if (json_is_number(json_object_get(j, "expert_imbalance")))
         printf("  expert imbalance: %.3f (busiest GPU's tokens / mean, worst EP group)\n",
                json_number_value(json_object_get(j, "expert_imbalance")));
@@ -331,7 +348,7 @@ int ctl_cmd_events(struct ctl_globals *g, int argc, char **argv)
             goto out;
         }
         json_array_foreach (arr, i, e) {
-            char when[16];
+            char when[16], worker[TEXT_MAX], detail[TEXT_MAX];
             req.after_id = (uint64_t)num(e, "id");
             if (c.json) {
                 json_dumpf(e, stdout, JSON_COMPACT);
@@ -343,8 +360,8 @@ int ctl_cmd_events(struct ctl_globals *g, int argc, char **argv)
             if (num(e, "job_id"))
                 printf(" job %lld", num(e, "job_id"));
             if (str(e, "worker_id")[0])
-                printf(" worker %s", str(e, "worker_id"));
-            printf(": %s\n", str(e, "detail"));
+                printf(" worker %s", text(e, "worker_id", worker, sizeof(worker)));
+            printf(": %s\n", text(e, "detail", detail, sizeof(detail)));
         }
         json_decref(arr);
         fflush(stdout);

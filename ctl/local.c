@@ -26,8 +26,9 @@
 #include "common/opts.h"
 #include "ctl/client.h"
 #include "ctl/ctl.h"
+#include "proto/cert.h"
 
-#define LOCAL_DEFAULT_DIR "var/local"
+#define LOCAL_DEFAULT_DIR CTL_LOCAL_DEFAULT_DIR
 #define LOCAL_MAX_WORKERS 256
 #define LOCAL_POLL_MS 100
 #define LOCAL_STOP_TIMEOUT_MS 5000
@@ -210,6 +211,8 @@ static int local_stop(const char *dir, bool quiet)
 struct local_up {
     const char *dir;
     const char *coordinator;
+    struct ctl_globals g; /* duplexctl's own link to the cluster: its operator key */
+    char keys[PATH_MAX];  /* DIR/keys */
     const char *backend;
     int workers;
     int timeout_s;
@@ -238,7 +241,7 @@ static int count_alive(const struct local_up *u, char *err, size_t errlen)
     struct dx_msg reply = {0};
     int alive = -1;
 
-    if (ctl_client_create(u->coordinator, LOCAL_POLL_MS * 5, &client, err, errlen) == 0 &&
+    if (ctl_client_create(&u->g, LOCAL_POLL_MS * 5, &client, err, errlen) == 0 &&
         ctl_client_call(client, DUPLEX__MSG_TYPE__MSG_LIST_WORKERS, &req.base,
                         DUPLEX__MSG_TYPE__MSG_LIST_WORKERS_REPLY, &reply, err, errlen) == 0) {
         const Duplex__ListWorkersReply *r = (const Duplex__ListWorkersReply *)reply.body;
@@ -277,10 +280,14 @@ static int spawn_named(const struct local_up *u, const char *name, char *const a
 
 static int start_coordinator(struct local_up *u)
 {
-    char exe[PATH_MAX], db[PATH_MAX], log[PATH_MAX], err[512];
-    char *argv[] = {exe, "--listen", (char *)u->coordinator, "--db", db, NULL};
+    char exe[PATH_MAX], db[PATH_MAX], log[PATH_MAX], err[512], key[PATH_MAX], pub[PATH_MAX],
+        authorized[PATH_MAX];
+    char *argv[] = {exe,     "--listen", (char *)u->coordinator, "--db",     db,
+                    "--key", key,        "--authorized",         authorized, NULL};
     int64_t deadline;
 
+    ctl_keys_paths(u->keys, CTL_LOCAL_SERVER_KEY, pub, sizeof(pub), key, sizeof(key));
+    snprintf(authorized, sizeof(authorized), "%s/%s", u->keys, CTL_LOCAL_AUTHORIZED);
     snprintf(exe, sizeof(exe), "%s/duplexd", u->bindir);
     snprintf(db, sizeof(db), "%s/duplex.db", u->dir);
     snprintf(log, sizeof(log), "%s/logs/duplexd.log", u->dir);
@@ -304,14 +311,25 @@ static int start_coordinator(struct local_up *u)
 
 static int start_workers(struct local_up *u)
 {
-    char exe[PATH_MAX], gpu[16], name[32], log[PATH_MAX], err[512];
-    char *argv[] = {exe,         "--coordinator",    (char *)u->coordinator,
-                    "--backend", (char *)u->backend, "--gpu",
-                    gpu,         "--node",           u->hostname,
+    char exe[PATH_MAX], gpu[16], name[32], log[PATH_MAX], err[512], key[PATH_MAX], pub[PATH_MAX];
+    char *argv[] = {exe,
+                    "--coordinator",
+                    (char *)u->coordinator,
+                    "--backend",
+                    (char *)u->backend,
+                    "--gpu",
+                    gpu,
+                    "--node",
+                    u->hostname,
+                    "--key",
+                    key,
+                    "--server-key",
+                    u->g.server_key,
                     NULL};
     int64_t deadline;
     int alive = 0;
 
+    ctl_keys_paths(u->keys, CTL_LOCAL_WORKER_KEY, pub, sizeof(pub), key, sizeof(key));
     snprintf(exe, sizeof(exe), "%s/duplex-worker", u->bindir);
     for (int k = 0; k < u->workers; k++) {
         snprintf(gpu, sizeof(gpu), "%d", k);
@@ -329,6 +347,63 @@ static int start_workers(struct local_up *u)
             return -1;
         }
         usleep(LOCAL_POLL_MS * 1000);
+    }
+    return 0;
+}
+
+/* The cluster's keys in DIR/keys, made on its first start and kept: duplexd's,
+ * one for duplexctl (operator) and one the workers share (any worker id
+ * from this host), with the allow-list naming the last two. */
+static int local_keys(struct local_up *u)
+{
+    static const struct {
+        const char *name, *role;
+    } keys[] = {
+        {CTL_LOCAL_SERVER_KEY, "server"},
+        {CTL_LOCAL_OPERATOR_KEY, "operator"},
+        {CTL_LOCAL_WORKER_KEY, "worker"},
+    };
+    char pub[PATH_MAX], sec[PATH_MAX], authorized[PATH_MAX], err[512], line[512];
+    struct dx_cert cert;
+    FILE *f;
+    int fd;
+
+    snprintf(u->keys, sizeof(u->keys), "%s/%s", u->dir, CTL_LOCAL_KEYS);
+    snprintf(authorized, sizeof(authorized), "%s/%s", u->keys, CTL_LOCAL_AUTHORIZED);
+    ctl_keys_paths(u->keys, CTL_LOCAL_OPERATOR_KEY, pub, sizeof(pub), u->g.key, sizeof(u->g.key));
+    ctl_keys_paths(u->keys, CTL_LOCAL_SERVER_KEY, u->g.server_key, sizeof(u->g.server_key), sec,
+                   sizeof(sec));
+    if (access(authorized, R_OK) == 0)
+        return 0; /* made by an earlier start */
+    fd = open(authorized, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0 && errno == ENOENT && dx_mkdir_p(u->keys, 0700) == 0)
+        fd = open(authorized, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0 || !(f = fdopen(fd, "w"))) {
+        fprintf(stderr, "duplexctl: cannot write %s: %s\n", authorized, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    fprintf(f, "# duplexd's allow-list for the local cluster in %s (duplexctl local up)\n", u->dir);
+    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+        ctl_keys_paths(u->keys, keys[i].name, pub, sizeof(pub), sec, sizeof(sec));
+        unlink(pub); /* half-made keys of an interrupted start */
+        unlink(sec);
+        if (ctl_keys_make(u->keys, keys[i].name, keys[i].role, &cert, err, sizeof(err)) < 0) {
+            fprintf(stderr, "duplexctl: %s\n", err);
+            fclose(f);
+            unlink(authorized);
+            return -1;
+        }
+        if (strcmp(keys[i].role, "server") != 0 &&
+            ctl_keys_line(&cert, NULL, strcmp(keys[i].role, "worker") == 0 ? u->hostname : NULL,
+                          line, sizeof(line)) == 0)
+            fprintf(f, "%s\n", line);
+    }
+    if (fclose(f) != 0) {
+        fprintf(stderr, "duplexctl: cannot write %s: %s\n", authorized, strerror(errno));
+        unlink(authorized);
+        return -1;
     }
     return 0;
 }
@@ -362,6 +437,8 @@ static int local_up(struct local_up *u)
             return CTL_EXIT_FAIL;
         }
     }
+    if (local_keys(u) < 0)
+        return CTL_EXIT_FAIL;
     if (start_coordinator(u) < 0 || start_workers(u) < 0) {
         fprintf(stderr, "duplexctl: local cluster did not come up; stopping what started\n");
         local_stop(u->dir, false);
@@ -369,6 +446,9 @@ static int local_up(struct local_up *u)
     }
     printf("local cluster up: duplexd at %s, %d %s worker%s; logs in %s/logs\n", u->coordinator,
            u->workers, u->backend, u->workers == 1 ? "" : "s", u->dir);
+    if (strcmp(u->dir, CTL_LOCAL_DEFAULT_DIR) != 0)
+        printf("its keys: export %s=%s %s=%s\n", DX_CERT_KEY_ENV, u->g.key, DX_CERT_SERVER_KEY_ENV,
+               u->g.server_key);
     printf("stop it with: duplexctl local down --dir %s\n", u->dir);
     return CTL_EXIT_OK;
 }
@@ -438,6 +518,7 @@ int ctl_cmd_local(struct ctl_globals *g, int argc, char **argv)
         struct local_up u = {
             .dir = dir,
             .coordinator = g->coordinator,
+            .g = *g,
             .backend = backend,
             .workers = workers,
             .timeout_s = timeout_s ? timeout_s : 30,

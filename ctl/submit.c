@@ -200,7 +200,7 @@ int ctl_cmd_submit(struct ctl_globals *g, int argc, char **argv)
     req.sets = sets.v;
     req.n_sets = sets.n;
     req.dry_run = dry_run;
-    if (ctl_client_create(g->coordinator, g->timeout_s * 1000, &client, err, sizeof(err)) < 0 ||
+    if (ctl_client_create(g, g->timeout_s * 1000, &client, err, sizeof(err)) < 0 ||
         ctl_client_call(client, DUPLEX__MSG_TYPE__MSG_SUBMIT, &req.base,
                         DUPLEX__MSG_TYPE__MSG_SUBMIT_REPLY, &reply, err, sizeof(err)) < 0) {
         fprintf(stderr, "duplexctl submit: %s\n", err);

@@ -122,7 +122,7 @@ int ctl_cmd_workers(struct ctl_globals *g, int argc, char **argv)
         goto out;
     ctl_globals_override(g, coordinator, timeout_s);
     status = CTL_EXIT_FAIL;
-    if (ctl_client_create(g->coordinator, g->timeout_s * 1000, &client, err, sizeof(err)) < 0 ||
+    if (ctl_client_create(g, g->timeout_s * 1000, &client, err, sizeof(err)) < 0 ||
         ctl_client_call(client, DUPLEX__MSG_TYPE__MSG_LIST_WORKERS, &req.base,
                         DUPLEX__MSG_TYPE__MSG_LIST_WORKERS_REPLY, &reply, err, sizeof(err)) < 0) {
         fprintf(stderr, "duplexctl: %s\n", err);

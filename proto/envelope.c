@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "proto/cert.h"
+
 typedef int (*msg_check_fn)(const ProtobufCMessage *body, char *text, size_t len);
 
 struct msg_kind {
@@ -264,6 +266,8 @@ static int check_assignment(const ProtobufCMessage *body, char *text, size_t len
         if (p->gpu < 0 || p->gpu > DX_MAX_GPU_INDEX)
             return field_fail(text, len, "peer %zu has gpu %d, outside 0..%d", i, p->gpu,
                               DX_MAX_GPU_INDEX);
+        if (p->curve_key[0] && !dx_cert_key_valid(p->curve_key))
+            return field_fail(text, len, "peer %zu's curve_key is not a Z85 CURVE key", i);
         if (p->pp < 0 || p->pp >= m->pp || p->ep < 0 || p->ep >= m->ep || p->dp < 0 ||
             p->dp >= m->dp)
             return field_fail(text, len, "peer %zu has ranks outside the job's layout", i);

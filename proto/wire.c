@@ -7,6 +7,19 @@
 #include <string.h>
 #include <zmq.h>
 
+bool dx_endpoint_is_local(const char *endpoint)
+{
+    const char *host;
+
+    if (strncmp(endpoint, "ipc://", 6) == 0 || strncmp(endpoint, "inproc://", 9) == 0)
+        return true;
+    if (strncmp(endpoint, "tcp://", 6) != 0)
+        return false;
+    host = endpoint + 6;
+    return strncmp(host, "127.", 4) == 0 || strncmp(host, "localhost:", 10) == 0 ||
+           strncmp(host, "[::1]:", 6) == 0;
+}
+
 int dx_wire_setup(void *sock)
 {
     int linger = DX_WIRE_LINGER_MS;

@@ -7,6 +7,7 @@
 #ifndef DX_WIRE_H
 #define DX_WIRE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -14,6 +15,10 @@
 
 /* How long a closing socket may keep trying to deliver queued messages. */
 #define DX_WIRE_LINGER_MS 500
+
+/* Whether a ZeroMQ endpoint can only be reached from this machine:
+ * ipc://, inproc://, or tcp:// on a loopback address or localhost. */
+bool dx_endpoint_is_local(const char *endpoint);
 
 /* Sets linger and the frame size limit. Returns 0 or -errno. */
 int dx_wire_setup(void *sock);

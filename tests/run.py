@@ -53,7 +53,7 @@ def unit_tests(build, env):
     return passed, failed
 
 
-FUZZ_TARGETS = ("envelope", "ckpt")
+FUZZ_TARGETS = ("envelope", "ckpt", "cert", "authz")
 
 
 def fuzz_replay(build, env):

@@ -17,6 +17,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "common/loop.h"
+#include "common/zmonitor.h"
 #include "common/zwatch.h"
 #include "proto/wire.h"
 #include "worker/dataplane.h"
@@ -26,6 +27,10 @@
 /* Register retries back off from the first to the last delay. */
 #define REGISTER_RETRY_FIRST_MS 100
 #define REGISTER_RETRY_MAX_MS 8000
+/* After another process took our worker id: wait this long, then register
+ * again. */
+#define REPLACED_RETRY_MS 30000
+#define HANDSHAKE_MONITOR "inproc://duplex-worker-handshake"
 /* Transport reconnects to duplexd back off the same way, inside ZeroMQ. */
 #define RECONNECT_FIRST_MS 100
 #define RECONNECT_MAX_MS 2000
@@ -42,7 +47,10 @@ struct wk_agent {
     void *zctx;
     void *dealer;
     dx_zwatch_t *watch;
-    uv_timer_t tick; /* register retry or heartbeat */
+    void *handshakes; /* with keys: the DEALER's monitor, for refused handshakes */
+    dx_zwatch_t *handshake_watch;
+    bool handshake_failing; /* said once until a handshake succeeds */
+    uv_timer_t tick;        /* register retry or heartbeat */
     uv_signal_t sigterm;
     uv_signal_t sigint;
     bool registered;
@@ -190,9 +198,15 @@ static void agent_on_error(wk_agent_t *a, const struct dx_msg *m)
         agent_start_registering(a, true);
         return;
     case DUPLEX__ERROR_CODE__ERROR_SESSION_REPLACED:
-        dx_error("another process registered worker id %s; exiting", a->cfg.id);
-        a->exit_status = WK_EXIT_REPLACED;
-        uv_stop(&a->loop);
+        /* no message may stop a healthy worker for good: stand aside, and
+         * register again later (two processes with one id take turns,
+         * loudly, until the operator fixes it) */
+        dx_error("another process registered worker id %s; registering again in %d s", a->cfg.id,
+                 REPLACED_RETRY_MS / 1000);
+        a->registered = false;
+        a->session[0] = '\0';
+        a->retry_ms = 0;
+        uv_timer_start(&a->tick, agent_on_tick, REPLACED_RETRY_MS, 0);
         return;
     default:
         if (!a->registered && m->request_id == a->register_request_id) {
@@ -362,10 +376,12 @@ static void agent_on_assignment(wk_agent_t *a, const struct dx_msg *m)
                     a->zctx, a->data, as, a->cfg.id,
                     &(struct wk_runtime_opts){.backend = a->cfg.backend,
                                               .gpu = a->gpu,
-                                              .nccl_timeout_ms = a->cfg.nccl_timeout_ms},
+                                              .nccl_timeout_ms = a->cfg.nccl_timeout_ms,
+                                              .checkpoint_root = a->cfg.checkpoint_root},
                     &a->rt, err, sizeof(err))) < 0) {
         a->rt = NULL;
         ack.bad_checkpoint = rc == -EUCLEAN;
+        ack.bad_spec = rc == -EDOM;
     } else if ((rc = dx_zwatch_create(&a->loop, wk_runtime_socket(a->rt), ZMQ_POLLIN,
                                       agent_on_runtime, a, &a->rt_watch)) < 0) {
         snprintf(err, sizeof(err), "cannot watch the runtime: %s", strerror(-rc));
@@ -492,9 +508,53 @@ static void agent_on_signal(uv_signal_t *h, int signum)
     uv_stop(&a->loop);
 }
 
+/* The DEALER's handshakes: a key duplexd refuses is said once per streak
+ * (ZeroMQ keeps reconnecting quietly otherwise). */
+static void agent_on_handshake(dx_zwatch_t *w, int revents, void *arg)
+{
+    wk_agent_t *a = arg;
+    (void)w;
+    (void)revents;
+
+    for (int i = 0; i < DX_ZWATCH_BATCH; i++) {
+        uint16_t event = 0;
+        uint32_t value = 0;
+        int rc = dx_monitor_recv(a->handshakes, &event, &value);
+
+        if (rc <= 0)
+            return;
+        if (event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
+            a->handshake_failing = false;
+        } else if (!a->handshake_failing) {
+            a->handshake_failing = true;
+            dx_error("duplexd at %s refused our CURVE handshake (%s): is this worker's key in "
+                     "its allow-list, and is --server-key duplexd's public key? Retrying.",
+                     a->cfg.coordinator, dx_monitor_event_name(event, value));
+        }
+    }
+}
+
+static int agent_watch_handshakes(wk_agent_t *a, char *err, size_t errlen)
+{
+    int rc = dx_monitor_open(a->zctx, a->dealer, HANDSHAKE_MONITOR,
+                             DX_MONITOR_HANDSHAKE_FAILED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED,
+                             &a->handshakes);
+
+    if (rc < 0) {
+        snprintf(err, errlen, "cannot monitor the DEALER's handshakes: %s", zmq_strerror(-rc));
+        return rc;
+    }
+    if ((rc = dx_zwatch_create(&a->loop, a->handshakes, ZMQ_POLLIN, agent_on_handshake, a,
+                               &a->handshake_watch)) < 0) {
+        snprintf(err, errlen, "cannot watch the handshake monitor: %s", strerror(-rc));
+        return rc;
+    }
+    return 0;
+}
+
 static int agent_connect(wk_agent_t *a, char *err, size_t errlen)
 {
-    int one = 1, ivl = RECONNECT_FIRST_MS, ivl_max = RECONNECT_MAX_MS;
+    int one = 1, ivl = RECONNECT_FIRST_MS, ivl_max = RECONNECT_MAX_MS, rc;
 
     a->zctx = zmq_ctx_new();
     if (!a->zctx) {
@@ -509,6 +569,12 @@ static int agent_connect(wk_agent_t *a, char *err, size_t errlen)
         snprintf(err, errlen, "cannot set up the DEALER socket: %s", zmq_strerror(errno));
         return -errno;
     }
+    if (a->cfg.key && (rc = dx_cert_apply_client(a->dealer, a->cfg.key, a->cfg.server_key)) < 0) {
+        snprintf(err, errlen, "cannot set up CURVE on the DEALER socket: %s", zmq_strerror(-rc));
+        return rc;
+    }
+    if (a->cfg.key && (rc = agent_watch_handshakes(a, err, errlen)) < 0)
+        return rc;
     if (zmq_connect(a->dealer, a->cfg.coordinator) < 0) {
         int e = errno;
         snprintf(err, errlen, "cannot connect to %s: %s", a->cfg.coordinator, zmq_strerror(e));
@@ -571,6 +637,11 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
     if ((rc = wk_data_create(a->zctx, cfg->data_listen ? cfg->data_listen : WK_DATA_LISTEN_DEFAULT,
                              cfg->host, &a->data, err, errlen)) < 0)
         goto fail;
+    /* the data plane uses the worker's keypair too, and admits only the
+     * current assignment's peers (their keys come in the Assignment) */
+    if (cfg->key && (rc = wk_data_set_curve(a->data, cfg->key->public_key, cfg->key->secret_key,
+                                            err, errlen)) < 0)
+        goto fail;
     if ((rc = dx_zwatch_create(&a->loop, a->dealer, ZMQ_POLLIN, agent_on_dealer, a, &a->watch)) <
         0) {
         snprintf(err, errlen, "cannot watch the DEALER socket: %s", strerror(-rc));
@@ -604,12 +675,14 @@ void wk_agent_destroy(wk_agent_t *a)
         return;
     dx_zwatch_destroy(a->watch);
     dx_zwatch_destroy(a->rt_watch);
+    dx_zwatch_destroy(a->handshake_watch);
     if (dx_loop_close(&a->loop) < 0)
         dx_warn("event loop closed with handles still open");
     wk_runtime_destroy(a->rt); /* aborts and joins a job still running */
     wk_gpu_destroy(a->gpu);
     wk_cuda_close(a->cuda);
     wk_data_destroy(a->data);
+    dx_monitor_close(a->dealer, a->handshakes);
     if (a->dealer)
         zmq_close(a->dealer); /* lingers up to DX_WIRE_LINGER_MS to deliver a Goodbye */
     if (a->zctx)

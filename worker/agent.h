@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <uv.h>
 
+#include "proto/cert.h"
 #include "worker/cuda.h"
 
 struct wk_agent_config {
@@ -25,6 +26,13 @@ struct wk_agent_config {
     const char *data_listen;   /* data-plane bind endpoint; NULL: WK_DATA_LISTEN_DEFAULT */
     struct wk_cuda_paths cuda; /* the GPU stack's libraries (backend cuda) */
     int nccl_timeout_ms;       /* backend cuda: NCCL's wait for the other ranks; 0: default */
+    /* where jobs' checkpoint.dir must lead (worker/runtime.h); NULL: the cwd */
+    const char *checkpoint_root;
+    /* CURVE: this worker's secret certificate and duplexd's public key (Z85);
+     * both NULL: talk in clear (--insecure). The data plane uses the same
+     * keypair, and accepts only the current assignment's peers. */
+    const struct dx_cert *key;
+    const char *server_key;
 };
 
 typedef struct wk_agent wk_agent_t;
@@ -34,15 +42,13 @@ typedef struct wk_agent wk_agent_t;
 #define WK_AGENT_OUTBOX_MAX 65536
 
 /* Exit statuses of wk_agent_run beyond 0 (stopped by a signal). */
-#define WK_EXIT_REPLACED 3 /* another process registered this worker id */
 #define WK_EXIT_REFUSED 4  /* duplexd refused the registration itself */
 #define WK_EXIT_GPU_LOST 5 /* a kernel fault left the GPU's context unusable */
 
 int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *err, size_t errlen);
 
 /* Serves until SIGTERM/SIGINT (returns 0; a running job is aborted and
- * reported failed with "worker stopping" first), until duplexd says another
- * process took this id (WK_EXIT_REPLACED), until it refuses the
+ * reported failed with "worker stopping" first), until duplexd refuses the
  * registration (WK_EXIT_REFUSED), or, on the cuda backend, after a job whose
  * kernel fault left the GPU's context unusable (WK_EXIT_GPU_LOST: its
  * JobDone and a Goodbye are sent first; the service manager restarts the

@@ -16,6 +16,7 @@
 
 #include "common/log.h"
 #include "worker/data.h"
+#include "worker/ipcring.h"
 #include "worker/model/model.h"
 #include "worker/plink.h"
 #include "worker/xchg.h"
@@ -1689,6 +1690,22 @@ const struct coord_jobspec *wk_cpu_spec(const wk_cpu_t *c)
 uint64_t wk_cpu_start_step(const wk_cpu_t *c)
 {
     return c->start_step;
+}
+
+size_t wk_cpu_max_msg(const wk_cpu_t *c)
+{
+    size_t max = act_bytes(c), d = (size_t)c->d, k = (size_t)(c->top_k < c->E ? c->top_k : c->E);
+
+    if (c->ep > 1) {
+        /* an expert exchange: counts, then the rows of one ep rank's share
+         * for one owner's experts (each token picks k of them at most) */
+        size_t ex =
+            (size_t)c->E * sizeof(int32_t) + (size_t)c->Bl * (size_t)c->T * k * d * sizeof(float);
+        max = ex > max ? ex : max;
+    }
+    if (c->sync_cap / 2 > max) /* a chunk's gradient sum: the largest of ours */
+        max = c->sync_cap / 2;
+    return max > WK_IPCRING_DESC_BYTES ? max : WK_IPCRING_DESC_BYTES;
 }
 
 /* --- create / destroy ---------------------------------------------------------- */

@@ -121,4 +121,12 @@ const struct coord_jobspec *wk_cpu_spec(const wk_cpu_t *c);
  * and its layout), or 0 for a fresh start. */
 uint64_t wk_cpu_start_step(const wk_cpu_t *c);
 
+/* The largest payload this rank receives on the data plane (for
+ * wk_data_set_max_msg): a pipeline activation or gradient (B/ep * seq_len
+ * * d_model floats), with ep > 1 an expert exchange (experts int32 counts,
+ * then up to B/ep * seq_len * top_k rows of d_model floats), a step-end
+ * sum of one of its chunks (its gradients, expert loads and loss), or an
+ * IPC ring's descriptor, whichever is largest. */
+size_t wk_cpu_max_msg(const wk_cpu_t *c);
+
 #endif

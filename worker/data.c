@@ -105,6 +105,11 @@ static int map_file(struct wk_data *d, const char *dir, const char *name, char *
     return rc;
 }
 
+const char *wk_data_dataset_dir(const char *name)
+{
+    return name && strcmp(name, WK_DATA_BUILTIN) == 0 ? WK_DATA_DIR_DEFAULT : NULL;
+}
+
 int wk_data_open(struct wk_data *d, const char *dir, char *err, size_t errlen)
 {
     char **names = NULL;

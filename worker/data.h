@@ -19,6 +19,15 @@
 #include <stdint.h>
 
 #define WK_DATA_DIR_DEFAULT "/usr/share/common-licenses"
+
+/* The datasets a worker can train on, by the name a job's train.dataset
+ * gives them, '|'-separated. This is the one definition: the job spec's
+ * parser (coordinator/jobspec.c) accepts exactly these names, so duplexd,
+ * the workers and --standalone (which all parse specs with it) agree, and
+ * wk_data_dataset_dir maps each to its text. Until datasets exist the only
+ * one is the built-in text in WK_DATA_DIR_DEFAULT. */
+#define WK_DATA_BUILTIN "licenses"
+#define WK_DATA_DATASETS WK_DATA_BUILTIN
 #define WK_DATA_TRAIN_PERCENT 90
 #define WK_DATA_SALT 0x5eed7e47ULL
 
@@ -40,6 +49,10 @@ struct wk_data {
     size_t len;       /* of the concatenation */
     size_t train_len; /* bytes [0, train_len) train, [train_len, len) validate */
 };
+
+/* The directory holding dataset name's text, or NULL for a name that is
+ * not in WK_DATA_DATASETS. */
+const char *wk_data_dataset_dir(const char *name);
 
 /* Reads the directory. 0, or -errno with the reason in err (a missing or
  * unreadable directory, no regular file, or too little text to split). */

@@ -12,19 +12,63 @@
  * A receiver thread, started by wk_data_create, owns the PULL socket: it
  * reads every frame as soon as it arrives, stamps its arrival time and
  * keeps it in a bounded buffer until wk_data_recv asks for its key, so
- * communication proceeds while the caller computes. Messages of an older
- * job or attempt than the current one are dropped, as are duplicates.
+ * communication proceeds while the caller computes.
+ *
+ * Attempts. wk_data_begin starts a job attempt and wk_data_end ends it;
+ * between the two the attempt is current. Only frames of the current
+ * attempt are buffered; every other frame is dropped and counted. Between
+ * attempts (after wk_data_end, or before the first wk_data_begin) frames
+ * of a later attempt than the last one are kept in a small early
+ * allowance (a peer may start the attempt just before this rank does):
+ * wk_data_begin takes those of its attempt and frees the rest. Both ends
+ * free every message still buffered, so nothing outlives an attempt.
+ *
+ * Trust. Frames are checked before they are kept:
+ *  - size: frames over the attempt's largest message (wk_data_set_max_msg)
+ *    are refused. With CURVE, libzmq refuses them before allocating them
+ *    (ZMQ_MAXMSGSIZE, closing the connection); in clear, the receiver
+ *    thread refuses them before copying them (libzmq allocated them, up to
+ *    WK_DATA_MAX_PAYLOAD, and frees them at once);
+ *  - bounds: the buffer holds at most wk_data_limits' messages and bytes,
+ *    and each peer at most its share of them (a peer: the CURVE key of the
+ *    connection, or in clear the peer's IP address). A frame that finds
+ *    no room is dropped and the attempt fails (-ENOBUFS);
+ *  - duplicates: a second frame with the key of a buffered or already
+ *    received message, or of a step before the last one received, means
+ *    one of the copies is not from the real sender: the attempt fails
+ *    (-EEXIST; wk_data_failure names the key and both sources) instead of
+ *    training on whichever came first;
+ *  - keys (wk_data_set_curve): the PULL socket is a CURVE server and the
+ *    data plane's ZAP handler (RFC 27) admits only the keys
+ *    wk_data_allow_peers lists; every frame's key is checked against the
+ *    list current when it arrives. Connections whose key is not listed are
+ *    refused while a list is set, and held while it is empty (see
+ *    WK_DATA_ZAP_HOLD_MS), so a peer that starts an attempt before this
+ *    rank does waits with its frames in its own queue. wk_data_end closes every connection, so the
+ *    next attempt's peers pass the handler again.
+ * Without a keypair the data plane runs in clear, with the same checks
+ * except the keys.
+ *
+ * Calls at an attempt (the runtime's order): wk_data_set_max_msg,
+ * wk_data_set_peer_key for each peer, wk_data_allow_peers, wk_data_begin;
+ * the sends and receives; wk_data_end (before the JobDone: no frame of a
+ * later attempt can be on the way then).
  *
  * Thread safety: wk_data_send from one thread at a time, wk_data_recv from
  * one thread at a time (the two may be different threads, running
- * concurrently); wk_data_begin, wk_data_stats, wk_data_addr and
- * wk_data_set_limits from any thread. wk_data_destroy once nothing else
+ * concurrently); wk_data_end from the sending thread, or while no send
+ * runs; the other calls from any thread. wk_data_destroy once nothing else
  * uses the wk_data_t. A hand-over between threads (the agent while idle,
  * the runtime thread while a job runs) is ordered by thread create/join.
+ * The data plane binds the ZAP endpoint of its ZeroMQ context when it gets
+ * a keypair: nothing else in that context may (the worker's agent is only
+ * a CURVE client), and a second keyed data plane needs a context of its
+ * own.
  */
 #ifndef WK_DATAPLANE_H
 #define WK_DATAPLANE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -32,13 +76,33 @@
 #define WK_DATA_LISTEN_DEFAULT "tcp://127.0.0.1:*"
 /* The largest payload a message may carry (the frame adds the header). */
 #define WK_DATA_MAX_PAYLOAD (64 * 1024 * 1024)
-/* Messages kept waiting for their wk_data_recv, and their payload bytes. */
+/* The frame's header: what a message's payload adds on the wire. */
+#define WK_DATA_HEADER_BYTES 56
+/* The attempt's buffer: messages and payload bytes, and one peer's share. */
 #define WK_DATA_BUFFER_MAX 65536
 #define WK_DATA_BUFFER_BYTES (256 * 1024 * 1024)
+#define WK_DATA_PEER_MAX (WK_DATA_BUFFER_MAX / 2)
+#define WK_DATA_PEER_BYTES (WK_DATA_BUFFER_BYTES / 2)
+/* Between attempts: the early allowance for a later one, and a peer's share. */
+#define WK_DATA_EARLY_MAX 1024
+#define WK_DATA_EARLY_BYTES (64 * 1024 * 1024)
+#define WK_DATA_EARLY_PEER_MAX 256
+#define WK_DATA_EARLY_PEER_BYTES (32 * 1024 * 1024)
 /* The longest endpoint string. */
 #define WK_DATA_ADDR_MAX 256
 /* How long a closed socket keeps trying to deliver what it queued. */
 #define WK_DATA_LINGER_MS 1000
+/* A CURVE key in Z85 (32 bytes), without the NUL. */
+#define WK_DATA_KEY_LEN 40
+/* The ZAP domain of the data plane's CURVE server. */
+#define WK_DATA_ZAP_DOMAIN "duplex-data"
+/* How long the ZAP handler holds a connection while no peer list is set,
+ * and how many it holds at once (the oldest is forgotten when one more
+ * comes). It is the PULL socket's ZMQ_HANDSHAKE_IVL: libzmq closes a
+ * connection held that long, and the peer connects again (its frames wait
+ * in its queue) and is held again. */
+#define WK_DATA_ZAP_HOLD_MS 10000
+#define WK_DATA_ZAP_HELD_MAX 64
 
 /* Worker-level payload kinds, beyond enum dp_payload (DP_ACTIVATION,
  * DP_GRADIENT) of pipeline/schedule.h. For these, layer and src (the
@@ -55,7 +119,8 @@ enum wk_data_payload {
 
 /* What names a message: every field is part of the key. payload: enum
  * dp_payload or enum wk_data_payload. Build keys with designated
- * initializers; fields left out are 0. */
+ * initializers; fields left out are 0. Step 0 is for messages outside the
+ * steps (the IPC rings' descriptors); the steps count from 1. */
 struct wk_data_key {
     uint64_t job_id;
     uint32_t attempt;
@@ -94,46 +159,124 @@ void wk_data_destroy(wk_data_t *d);
 /* The endpoint peers send to, e.g. "tcp://node3:40123". */
 const char *wk_data_addr(const wk_data_t *d);
 
-/* Starts a job attempt: buffered messages of older jobs or attempts are
- * dropped, as are those that arrive later; messages of this or a newer one
- * are kept. The PUSH sockets of an earlier job are closed (by the next
- * wk_data_send, on the sending thread). Clears the overflow that
- * wk_data_recv reports once every message the full buffer dropped belongs
- * to an older attempt. */
+/* Gives the worker its CURVE keypair (Z85, as zmq_curve_keypair makes
+ * them), before any job: the PULL socket becomes a CURVE server, rebound
+ * on the same endpoint, behind the data plane's ZAP handler (bound on
+ * inproc://zeromq.zap.01 in the context), which admits no one until
+ * wk_data_allow_peers; the PUSH sockets become CURVE clients presenting
+ * it. Returns 0, -EINVAL (a key is not 40 Z85 characters, or the public
+ * key is not the secret key's), -ENOTSUP (libzmq without CURVE),
+ * -EADDRINUSE (another ZAP handler in the context) or -errno, with the
+ * reason in err. After a failed rebind the data plane receives nothing:
+ * every wk_data_recv fails with its error. */
+int wk_data_set_curve(wk_data_t *d, const char *public_z85, const char *secret_z85, char *err,
+                      size_t errlen);
+
+/* True once wk_data_set_curve succeeded. */
+bool wk_data_curve(const wk_data_t *d);
+
+/* The keys (Z85) whose connections the ZAP handler admits from now on,
+ * replacing the list: the current assignment's peers. An empty list (as
+ * wk_data_end leaves it) admits no one and holds new connections; a set
+ * one refuses every other key, and frames from connections made with an
+ * unlisted key are dropped from now on. Without a keypair the list is
+ * kept but unused. Returns 0, -EINVAL (a key is not valid: none is taken)
+ * or -ENOMEM. */
+int wk_data_allow_peers(wk_data_t *d, const char *const *public_z85, size_t n);
+
+/* The CURVE public key (Z85) of the worker at addr, for wk_data_send's
+ * PUSH socket to it; kept until wk_data_end. Unused without a keypair.
+ * Returns 0, -EINVAL (not a valid key, or addr too long) or -ENOMEM. */
+int wk_data_set_peer_key(wk_data_t *d, const char *addr, const char *public_z85);
+
+/* The largest payload the coming attempt's messages have (clamped to
+ * WK_DATA_MAX_PAYLOAD); larger frames are refused (see Trust above) until
+ * wk_data_end. With CURVE, when no connection was admitted since the last
+ * wk_data_end (call it before wk_data_allow_peers), the PULL socket is
+ * rebound with ZMQ_MAXMSGSIZE = WK_DATA_HEADER_BYTES + bytes (and the 33
+ * bytes CURVE adds to a frame: 64 to be safe), as libzmq
+ * applies it only to listeners bound after it is set; otherwise the
+ * listener keeps its limit until the next wk_data_end and the receiver
+ * thread checks the size. Returns 0 or -errno (the rebind failed). */
+int wk_data_set_max_msg(wk_data_t *d, size_t bytes);
+
+/* Starts a job attempt: ends the previous one if wk_data_end did not, and
+ * takes the early frames of this attempt (see Attempts above; an early
+ * frame of it that found no room makes wk_data_recv report -ENOBUFS). The
+ * PUSH sockets of an earlier job are closed (by the next wk_data_send, on
+ * the sending thread). */
 void wk_data_begin(wk_data_t *d, uint64_t job_id, uint32_t attempt);
 
-/* Sends one message to the PULL socket at addr (connecting on first use).
+/* Ends the current attempt: frees every buffered message (buffered bytes
+ * go back to 0), forgets the peer list and keys and the largest message,
+ * closes the PUSH sockets (each lingering to deliver what it queued) and,
+ * with CURVE, every connection to the PULL socket (rebinding it, with the
+ * largest message's ZMQ_MAXMSGSIZE). Call it from the sending thread, or
+ * while no send runs, before saying the attempt ended. */
+void wk_data_end(wk_data_t *d);
+
+/* Sends one message to the PULL socket at addr (connecting on first use;
+ * with CURVE, as a client of the key wk_data_set_peer_key gave for addr).
  * Waits up to timeout_ms (0: not at all) for room in the peer's queue.
- * Returns 0, -ETIMEDOUT, -EMSGSIZE (payload too large) or -errno. */
+ * Returns 0, -ETIMEDOUT, -EMSGSIZE (payload too large), -ENOKEY (CURVE
+ * and no key for addr) or -errno. */
 int wk_data_send(wk_data_t *d, const char *addr, const struct wk_data_key *key, const void *payload,
                  size_t len, int timeout_ms);
 
 /* Takes the message with this key from the buffer, waiting up to
  * timeout_ms (0: only what the receiver thread already read) for the
  * receiver thread to bring it. Returns 0 with *out set, -ETIMEDOUT,
- * -ENOBUFS when the buffer overflowed (a message was dropped, so the
- * attempt cannot finish: every later call that does not find its message
- * says so too, until wk_data_begin starts a newer attempt), or -errno (the
- * receiver thread stopped on that error). */
+ * -EEXIST when a duplicate of one of the attempt's messages arrived (every
+ * later call says so too, until the next attempt), -ENOBUFS when a message
+ * of the attempt was dropped for want of room (every later call that does
+ * not find its message says so too), or -errno (the receiver thread
+ * stopped on that error). wk_data_failure says why for -EEXIST and
+ * -ENOBUFS. */
 int wk_data_recv(wk_data_t *d, const struct wk_data_key *key, int timeout_ms,
                  struct wk_data_msg **out);
 
+/* Why the current attempt's receives fail (-EEXIST, -ENOBUFS), naming the
+ * message and its sources, e.g. "a second activation d0 stage 1 of step 5
+ * (job 7, attempt 1) came from 10.0.0.4 (the first from 10.0.0.3)"; "" when
+ * they do not. */
+void wk_data_failure(wk_data_t *d, char *buf, size_t len);
+
 void wk_data_msg_free(struct wk_data_msg *m);
 
-/* Counters for logs and tests. */
+/* Counters for logs and tests: frames, then refusals by kind. */
 struct wk_data_stats {
     uint64_t sent;
-    uint64_t received;   /* good frames read off the socket */
-    uint64_t dropped;    /* of an older job or attempt */
-    uint64_t bad;        /* frames that are not data-plane messages, or duplicates */
-    uint64_t overflowed; /* dropped because the buffer was full (or out of memory) */
-    size_t buffered;     /* waiting in the buffer now */
+    uint64_t received;         /* data-plane frames read off the socket (of any attempt) */
+    uint64_t early;            /* of them, kept between attempts for a later one */
+    uint64_t dropped;          /* not of the current attempt (or, early, not of the next) */
+    uint64_t bad;              /* frames that are not data-plane messages */
+    uint64_t duplicates;       /* a second frame with a message's key: the attempt fails */
+    uint64_t oversize;         /* over the attempt's largest message (seen by the receiver) */
+    uint64_t overflowed;       /* the buffer (or the early allowance) was full, or out of memory */
+    uint64_t peer_overflowed;  /* the sending peer's share of it was full */
+    uint64_t unallowed;        /* from a connection whose CURVE key is not listed (any more) */
+    uint64_t refused;          /* connections the ZAP handler refused (400, 500) */
+    uint64_t held;             /* connections it held, while no peer list was set */
+    uint64_t handshake_failed; /* connections whose handshake failed (clear to CURVE, bad key) */
+    uint64_t disconnected;     /* connections closed (by the peer, or by libzmq: a frame
+                                * over ZMQ_MAXMSGSIZE, a handshake that failed) */
+    size_t buffered;           /* messages waiting now (the attempt's and early ones) */
+    size_t buffered_bytes;     /* their payload bytes */
 };
 void wk_data_stats(const wk_data_t *d, struct wk_data_stats *out);
 
-/* For tests: lowers (or raises) the buffer's bounds, by default
- * WK_DATA_BUFFER_MAX messages and WK_DATA_BUFFER_BYTES payload bytes. */
-void wk_data_set_limits(wk_data_t *d, size_t max_msgs, size_t max_bytes);
+/* The buffer's bounds, and how long the ZAP handler holds a connection
+ * (the defaults are the WK_DATA_* above). */
+struct wk_data_limits {
+    size_t msgs, bytes;                       /* the attempt's messages */
+    size_t peer_msgs, peer_bytes;             /* of them, from one peer */
+    size_t early_msgs, early_bytes;           /* between attempts, of a later one */
+    size_t early_peer_msgs, early_peer_bytes; /* of them, from one peer */
+    int zap_hold_ms; /* WK_DATA_ZAP_HOLD_MS (applied when the PULL socket is bound) */
+};
+void wk_data_get_limits(const wk_data_t *d, struct wk_data_limits *out);
+/* For tests: lowers (or raises) them. */
+void wk_data_set_limits(wk_data_t *d, const struct wk_data_limits *l);
 
 /* "activation d3 stage 2 of step 5 (job 7, attempt 1)" style name; the
  * worker-level payloads name their layer and source rank too. */

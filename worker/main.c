@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/log.h"
@@ -13,7 +14,9 @@
 #include "common/version.h"
 #include "coordinator/jobspec.h"
 #include "proto/envelope.h"
+#include "proto/cert.h"
 #include "worker/agent.h"
+#include "worker/data.h"
 #include "worker/dataplane.h"
 #include "worker/train.h"
 
@@ -27,7 +30,8 @@ static char *opt_cuda_lib, *opt_nccl_lib, *opt_cublaslt_lib;
 static char *opt_config, *opt_coordinator, *opt_backend, *opt_id, *opt_host, *opt_node,
     *opt_data_listen, *opt_log_level, *opt_standalone, *opt_save, *opt_from, *opt_prompt;
 static int opt_gpu, opt_steps, opt_generate, opt_nccl_timeout;
-static bool opt_json;
+static char *opt_checkpoint_root, *opt_key, *opt_server_key;
+static bool opt_json, opt_insecure;
 
 static const struct dx_opt options[] = {
     {"config", DX_OPT_STRING, &opt_config, NULL, 0, 0, 0, "FILE",
@@ -53,6 +57,18 @@ static const struct dx_opt options[] = {
      "data-plane endpoint to bind (PULL); with 0.0.0.0 or * the --host name is advertised"},
     {"log-level", DX_OPT_STRING, &opt_log_level, "info", 0, 0, 0, "LEVEL",
      "debug, info, warn or error"},
+    {"key", DX_OPT_STRING, &opt_key, NULL, 0, 0, 0, "FILE",
+     "this worker's secret CURVE certificate (duplexctl keys gen --role worker; default "
+     "$" DX_CERT_KEY_ENV ")"},
+    {"server-key", DX_OPT_STRING, &opt_server_key, NULL, 0, 0, 0, "FILE",
+     "duplexd's public certificate (default $" DX_CERT_SERVER_KEY_ENV ")"},
+    {"insecure", DX_OPT_FLAG, &opt_insecure, NULL, 0, 0, 0, NULL,
+     "without keys, talk to duplexd and the other workers in clear (anyone on the network can "
+     "impersonate them)"},
+    {"checkpoint-root", DX_OPT_STRING, &opt_checkpoint_root, NULL, 0, 0, 0, "DIR",
+     "jobs' checkpoints stay under DIR: a relative checkpoint.dir is taken from it, an absolute "
+     "one must lie under it, or the job is refused (default: the working directory, which is "
+     "the state directory /var/lib/duplex under systemd)"},
     {"standalone", DX_OPT_STRING, &opt_standalone, NULL, 0, 0, 0, "JOB.json",
      "train the job's model in this one process (no coordinator), then exit"},
     {"steps", DX_OPT_INT, &opt_steps, NULL, 0, 0, INT_MAX, "N",
@@ -121,12 +137,13 @@ static int run_standalone(void)
         fprintf(stderr, "duplex-worker: %s: %s\n", opt_standalone, err);
         return EXIT_FAILURE;
     }
-    if (strcmp(spec.train.dataset, "licenses") != 0) {
-        fprintf(stderr, "duplex-worker: %s: train.dataset: only \"licenses\" is known, not %s\n",
-                opt_standalone, spec.train.dataset);
+    wk_train_config_from_spec(&spec, &cfg);
+    /* the parser took only datasets the workers have (worker/data.h) */
+    if (!(cfg.data_dir = wk_data_dataset_dir(spec.train.dataset))) {
+        fprintf(stderr, "duplex-worker: %s: train.dataset: not one of %s\n", opt_standalone,
+                WK_DATA_DATASETS);
         return EXIT_FAILURE;
     }
-    wk_train_config_from_spec(&spec, &cfg);
     if (opt_steps > 0)
         cfg.steps = opt_steps;
     cfg.json = opt_json;
@@ -158,9 +175,13 @@ int main(int argc, char **argv)
     uv_timer_t watchdog;
     char hostname[HOST_NAME_MAX + 1];
     char default_id[HOST_NAME_MAX + 32];
+    char checkpoint_root[PATH_MAX];
+    struct stat st;
+    struct dx_cert key;
+    char server_key[DX_CERT_KEY_LEN + 1];
     const char *coordinator;
     char err[512], sd_status[512];
-    int status;
+    int status, rc;
 
     dx_log_init("duplex-worker", DX_LOG_INFO);
     /* one GEMM thread: bitwise reproducible sums, and one worker per core */
@@ -177,7 +198,27 @@ int main(int argc, char **argv)
     hostname[sizeof(hostname) - 1] = '\0';
     snprintf(default_id, sizeof(default_id), "%s-gpu%d", opt_host ? opt_host : hostname, opt_gpu);
     coordinator = opt_coordinator ? opt_coordinator : getenv("DUPLEX_COORDINATOR");
+    /* resolved once: the working directory by default, as it is now */
+    if (!realpath(opt_checkpoint_root ? opt_checkpoint_root : ".", checkpoint_root) ||
+        stat(checkpoint_root, &st) < 0) {
+        fprintf(stderr, "duplex-worker: --checkpoint-root %s: %s\n",
+                opt_checkpoint_root ? opt_checkpoint_root : "(the working directory)",
+                strerror(errno));
+        goto out;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "duplex-worker: --checkpoint-root %s: not a directory\n", checkpoint_root);
+        goto out;
+    }
 
+    if ((rc = dx_cert_load_client(opt_key, opt_server_key, opt_insecure, &key, server_key, err,
+                                  sizeof(err))) < 0) {
+        fprintf(stderr, "duplex-worker: %s\n", err);
+        status = DX_OPTS_EXIT_USAGE;
+        goto out;
+    }
+    if (rc == 0)
+        dx_warn("--insecure: talking to duplexd and the data-plane peers in clear");
     cfg = (struct wk_agent_config){
         .coordinator = coordinator && coordinator[0] ? coordinator : DEFAULT_COORDINATOR,
         .id = opt_id ? opt_id : default_id,
@@ -188,6 +229,9 @@ int main(int argc, char **argv)
         .cuda = {opt_cuda_lib, opt_nccl_lib, opt_cublaslt_lib},
         .nccl_timeout_ms = opt_nccl_timeout * 1000,
         .data_listen = opt_data_listen,
+        .checkpoint_root = checkpoint_root,
+        .key = rc == 1 ? &key : NULL,
+        .server_key = rc == 1 ? server_key : NULL,
     };
     if (dx_worker_id_check(cfg.id, err, sizeof(err)) < 0) {
         fprintf(stderr, "duplex-worker: --id: %s\n", err);

@@ -2,7 +2,8 @@
  * Owns the job's schedule, the executor walking this rank's ops, the step
  * loop with its timings, the waits (abort flag, timeouts, hidden-comm
  * accounting), the abort flag and the PAIR sockets that carry reports to
- * the agent. The cpu backend's training is worker/cpu.c.
+ * the agent, and the check that keeps a job's checkpoints under the
+ * worker's checkpoint root. The cpu backend's training is worker/cpu.c.
  */
 #include "worker/runtime.h"
 
@@ -19,12 +20,15 @@
 #include <zmq.h>
 
 #include "common/log.h"
+#include "coordinator/jobspec.h"
 #include "pipeline/executor.h"
 #include "worker/cpu.h"
 #include "pipeline/schedule.h"
 #include "proto/wire.h"
+#include "worker/data.h"
 
 #define ERR_MAX 512
+#define QUOTE_MAX 256 /* a path quoted in an error, escaped and cut */
 #define INPROC_NAME_MAX 64
 #define MS_PER_S 1000.0
 #define NS_PER_MS 1000000L
@@ -45,8 +49,11 @@ struct wk_runtime {
     char **peer_addr;               /* [pp]: data_addr of each pipeline rank of our dp, ep */
     char **peer_id;                 /* [pp]: its worker id, for messages */
     char **all_addr;                /* [dp][pp][ep]: every rank's data_addr */
+    char **all_key;                 /* [dp][pp][ep]: its CURVE key ("" in clear) */
     int nranks;
-    wk_cpu_t *cpu; /* the cpu (or cuda) backend's training, or NULL for sim */
+    size_t max_msg;          /* the largest payload this rank receives */
+    wk_cpu_t *cpu;           /* the cpu (or cuda) backend's training, or NULL for sim */
+    char ckpt_dir[PATH_MAX]; /* cpu/cuda: checkpoint.dir under the checkpoint root */
     wk_gpu_t *gpu; /* the cuda backend's GPU (its context is made current on the thread) */
     int recv_timeout_ms;
     dp_sched_t *sched;
@@ -208,10 +215,17 @@ static int timed_recv(wk_runtime_t *rt, const struct wk_data_key *key, const cha
         return 0;
     }
     wk_data_key_name(key, name, sizeof(name));
-    if (rc == -ETIMEDOUT)
+    if (rc == -ETIMEDOUT) {
         snprintf(rt->err, sizeof(rt->err), "no %s from %s after %.0f s", name, from,
                  rt->recv_timeout_ms / MS_PER_S);
-    else
+    } else if (rc == -EEXIST || rc == -ENOBUFS) {
+        /* a duplicate (one copy may be forged) or a message dropped: the data plane says which */
+        char why[ERR_MAX / 2];
+
+        wk_data_failure(rt->data, why, sizeof(why));
+        snprintf(rt->err, sizeof(rt->err), "receiving %s from %s failed: %s", name, from,
+                 why[0] ? why : strerror(-rc));
+    } else
         snprintf(rt->err, sizeof(rt->err), "receiving %s from %s failed: %s", name, from,
                  strerror(-rc));
     return rc;
@@ -300,7 +314,7 @@ static int save_checkpoint(wk_runtime_t *rt, char *dir, size_t dirlen,
 
     if (every <= 0 || (rt->cur_step % (uint64_t)every != 0 && rt->cur_step != rt->steps))
         return 0;
-    rc = wk_cpu_checkpoint(rt->cpu, spec->checkpoint.dir, rt->cur_step, dir, dirlen, info, rt->err,
+    rc = wk_cpu_checkpoint(rt->cpu, rt->ckpt_dir, rt->cur_step, dir, dirlen, info, rt->err,
                            sizeof(rt->err));
     if (rc == 0)
         dx_info("job %" PRIu64 ": checkpoint of step %" PRIu64 " written: %s/%s (%" PRIu64
@@ -367,6 +381,36 @@ static void explain_failure(wk_runtime_t *rt, int rc)
     snprintf(rt->err, sizeof(rt->err), "step %" PRIu64 ": %s", rt->cur_step, why);
 }
 
+/* Opens the attempt on the data plane: its largest message, with CURVE the
+ * peers' keys (to send to them, and the only ones admitted), then begins. */
+static int data_start(wk_runtime_t *rt)
+{
+    const char **keys = NULL;
+    int rc;
+
+    if ((rc = wk_data_set_max_msg(rt->data, rt->max_msg)) < 0) {
+        snprintf(rt->err, sizeof(rt->err), "the data plane: %s", strerror(-rc));
+        return rc;
+    }
+    if (wk_data_curve(rt->data)) {
+        if (!(keys = calloc((size_t)rt->nranks, sizeof(*keys)))) {
+            snprintf(rt->err, sizeof(rt->err), "out of memory");
+            return -ENOMEM;
+        }
+        for (int i = 0; i < rt->nranks && rc == 0; i++) {
+            keys[i] = rt->all_key[i];
+            if ((rc = wk_data_set_peer_key(rt->data, rt->all_addr[i], keys[i])) < 0)
+                snprintf(rt->err, sizeof(rt->err), "the CURVE key of the rank at %s: %s",
+                         rt->all_addr[i], strerror(-rc));
+        }
+        if (rc == 0 && (rc = wk_data_allow_peers(rt->data, keys, (size_t)rt->nranks)) < 0)
+            snprintf(rt->err, sizeof(rt->err), "the data plane's peer keys: %s", strerror(-rc));
+        free(keys);
+    }
+    wk_data_begin(rt->data, rt->job_id, rt->attempt);
+    return rc;
+}
+
 static void *runtime_main(void *arg)
 {
     wk_runtime_t *rt = arg;
@@ -375,8 +419,8 @@ static void *runtime_main(void *arg)
     double t_job = now_ms();
     int rc = 0;
 
-    wk_data_begin(rt->data, rt->job_id, rt->attempt);
-    if (rt->gpu && wk_cuda_bind(wk_gpu_cuda(rt->gpu)) < 0) {
+    rc = data_start(rt);
+    if (rc == 0 && rt->gpu && wk_cuda_bind(wk_gpu_cuda(rt->gpu)) < 0) {
         snprintf(rt->err, sizeof(rt->err), "the GPU's context: %s",
                  wk_cuda_error(wk_gpu_cuda(rt->gpu)));
         rc = -EIO;
@@ -423,6 +467,8 @@ static void *runtime_main(void *arg)
     else
         dx_warn("job %" PRIu64 " attempt %u stopped after %" PRIu64 " steps: %s", rt->job_id,
                 rt->attempt, completed, rt->err);
+    /* before the JobDone: nothing of a later attempt can be on the way yet */
+    wk_data_end(rt->data);
     report(rt, DUPLEX__MSG_TYPE__MSG_JOB_DONE, &done.base);
     return NULL;
 }
@@ -437,7 +483,8 @@ static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char 
     rt->peer_addr = calloc((size_t)rt->pp, sizeof(*rt->peer_addr));
     rt->peer_id = calloc((size_t)rt->pp, sizeof(*rt->peer_id));
     rt->all_addr = calloc((size_t)rt->nranks, sizeof(*rt->all_addr));
-    if (!rt->peer_addr || !rt->peer_id || !rt->all_addr)
+    rt->all_key = calloc((size_t)rt->nranks, sizeof(*rt->all_key));
+    if (!rt->peer_addr || !rt->peer_id || !rt->all_addr || !rt->all_key)
         goto nomem;
     for (size_t i = 0; i < a->n_peers; i++) {
         const Duplex__Peer *p = a->peers[i];
@@ -453,8 +500,16 @@ static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char 
         }
         {
             int at = (p->dp * rt->pp + p->pp) * rt->ep + p->ep;
-            if (!rt->all_addr[at] && !(rt->all_addr[at] = strdup(p->data_addr)))
+            if (!rt->all_addr[at] && (!(rt->all_addr[at] = strdup(p->data_addr)) ||
+                                      !(rt->all_key[at] = strdup(p->curve_key))))
                 goto nomem;
+            /* with a keypair, the data plane talks CURVE only (without, keys are unused) */
+            if (wk_data_curve(rt->data) && strlen(rt->all_key[at]) != WK_DATA_KEY_LEN) {
+                snprintf(err, errlen,
+                         "peer %s has no CURVE key, and this worker's data plane uses CURVE",
+                         p->worker_id);
+                return -EINVAL;
+            }
         }
         if (p->dp != rt->dp_rank || p->ep != rt->ep_rank)
             continue;
@@ -523,6 +578,131 @@ fail:
     return rc;
 }
 
+/* --- the checkpoint root ------------------------------------------------------------ */
+
+/* True when path has a ".." component. */
+static bool has_dot_dot(const char *path)
+{
+    for (const char *p = path; *p; p += strcspn(p, "/")) {
+        p += strspn(p, "/");
+        if (p[0] == '.' && p[1] == '.' && (p[2] == '/' || p[2] == '\0'))
+            return true;
+    }
+    return false;
+}
+
+/* The absolute path `path` leads to: realpath of its longest existing
+ * prefix, then the components after it (not there yet; "." and empty ones
+ * dropped). 0 or -errno. */
+static int resolve_path(const char *path, char *out, size_t outlen)
+{
+    char buf[PATH_MAX], real[PATH_MAX];
+    size_t end, o;
+
+    if (snprintf(buf, sizeof(buf), "%s", path) >= (int)sizeof(buf))
+        return -ENAMETOOLONG;
+    end = strlen(buf);
+    while (!realpath(buf, real)) {
+        if (errno != ENOENT && errno != ENOTDIR)
+            return -errno;
+        while (end > 0 && buf[end - 1] == '/')
+            end--;
+        while (end > 0 && buf[end - 1] != '/')
+            end--;
+        if (end == 0)
+            return -ENOENT; /* a relative path with nothing of it there */
+        buf[end] = '\0';
+    }
+    if ((o = (size_t)snprintf(out, outlen, "%s", real)) >= outlen)
+        return -ENAMETOOLONG;
+    for (const char *p = path + end; *p; p += strcspn(p, "/")) {
+        size_t n;
+
+        p += strspn(p, "/");
+        n = strcspn(p, "/");
+        if (n == 0 || (n == 1 && p[0] == '.'))
+            continue;
+        if (o + (out[o - 1] != '/') + n >= outlen)
+            return -ENAMETOOLONG;
+        if (out[o - 1] != '/')
+            out[o++] = '/';
+        memcpy(out + o, p, n);
+        o += n;
+        out[o] = '\0';
+    }
+    return 0;
+}
+
+int wk_runtime_checkpoint_dir(const char *root, const char *dir, char *out, size_t outlen,
+                              char *err, size_t errlen)
+{
+    char real_root[PATH_MAX], path[PATH_MAX], qdir[QUOTE_MAX], qroot[QUOTE_MAX];
+    size_t n;
+    int rc;
+
+    coord_jobspec_escape(dir, qdir, sizeof(qdir));
+    if (!realpath(root, real_root)) {
+        rc = -errno;
+        snprintf(err, errlen,
+                 "checkpoint.dir \"%s\": the checkpoint root %s cannot be resolved: %s", qdir,
+                 coord_jobspec_escape(root, qroot, sizeof(qroot)), strerror(-rc));
+        return rc;
+    }
+    coord_jobspec_escape(real_root, qroot, sizeof(qroot));
+    if (has_dot_dot(dir)) {
+        snprintf(err, errlen, "checkpoint.dir \"%s\" has a \"..\" component (checkpoint root %s)",
+                 qdir, qroot);
+        return -EINVAL;
+    }
+    if (snprintf(path, sizeof(path), "%s%s%s", dir[0] == '/' ? "" : real_root,
+                 dir[0] == '/' ? "" : "/", dir) >= (int)sizeof(path)) {
+        snprintf(err, errlen, "checkpoint.dir \"%s\" is too long under checkpoint root %s", qdir,
+                 qroot);
+        return -ENAMETOOLONG;
+    }
+    if ((rc = resolve_path(path, out, outlen)) < 0) {
+        snprintf(err, errlen, "checkpoint.dir \"%s\" under checkpoint root %s: %s", qdir, qroot,
+                 strerror(-rc));
+        return rc;
+    }
+    n = strlen(real_root);
+    if (strcmp(real_root, "/") != 0 &&
+        (strncmp(out, real_root, n) != 0 || (out[n] != '/' && out[n] != '\0'))) {
+        char qout[QUOTE_MAX];
+
+        snprintf(err, errlen,
+                 "checkpoint.dir \"%s\" is outside checkpoint root %s (it leads to %s; see "
+                 "duplex-worker --checkpoint-root)",
+                 qdir, qroot, coord_jobspec_escape(out, qout, sizeof(qout)));
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* The job's own inputs, before anything is built: the text of its
+ * train.dataset (unless opts name a directory) and where its checkpoint.dir
+ * leads (rt->ckpt_dir), which must be under the checkpoint root. A spec
+ * that does not parse is left to wk_cpu_create, which says why. */
+static int check_job_paths(wk_runtime_t *rt, const Duplex__Assignment *a,
+                           const struct wk_runtime_opts *opts, const char **data_dir, char *err,
+                           size_t errlen)
+{
+    struct coord_jobspec spec;
+    char why[ERR_MAX];
+
+    if (!a->spec_json || coord_jobspec_parse(a->spec_json, strlen(a->spec_json), NULL, 0, &spec,
+                                             why, sizeof(why)) < 0)
+        return 0;
+    if (!*data_dir && !(*data_dir = wk_data_dataset_dir(spec.train.dataset))) {
+        snprintf(err, errlen, "train.dataset \"%s\": this worker has no such dataset (%s)",
+                 coord_jobspec_escape(spec.train.dataset, why, sizeof(why)), WK_DATA_DATASETS);
+        return -EINVAL;
+    }
+    return wk_runtime_checkpoint_dir(opts->checkpoint_root ? opts->checkpoint_root : ".",
+                                     spec.checkpoint.dir, rt->ckpt_dir, sizeof(rt->ckpt_dir), err,
+                                     errlen);
+}
+
 static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id,
                  const struct wk_runtime_opts *opts, char *err, size_t errlen)
 {
@@ -560,6 +740,7 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
         return rc;
     if ((rc = dp_sched_generate(rt->kind, a->pp, a->microbatches, &rt->sched, err, errlen)) < 0)
         return rc;
+    rt->max_msg = 0; /* sim: messages without payload */
     if ((rc = dp_exec_create(rt->sched, rt->pp_rank, &exec_callbacks, rt, &rt->exec)) < 0) {
         snprintf(err, errlen, "cannot set up the executor: %s", strerror(-rc));
         return rc;
@@ -568,16 +749,20 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
         (strcmp(opts->backend, "cpu") == 0 || strcmp(opts->backend, "cuda") == 0)) {
         const struct wk_cpu_io io = {cpu_io_send, cpu_io_recv, rt};
         int cuda = strcmp(opts->backend, "cuda") == 0;
+        const char *data_dir = opts->data_dir;
 
         if (cuda && !opts->gpu) {
             snprintf(err, errlen, "the cuda backend has no GPU");
             return -EINVAL;
         }
+        if ((rc = check_job_paths(rt, a, opts, &data_dir, err, errlen)) < 0)
+            return rc == -EINVAL ? -EDOM : rc; /* the job's fault, not the worker's */
         rt->gpu = cuda ? opts->gpu : NULL;
-        if ((rc = wk_cpu_create(a, rt->sched, (const char *const *)rt->all_addr, opts->data_dir,
-                                &io, rt->gpu, &rt->cpu, err, errlen)) < 0)
+        if ((rc = wk_cpu_create(a, rt->sched, (const char *const *)rt->all_addr, data_dir, &io,
+                                rt->gpu, &rt->cpu, err, errlen)) < 0)
             return rc;
         wk_cpu_set_nccl_timeout(rt->cpu, opts->nccl_timeout_ms);
+        rt->max_msg = wk_cpu_max_msg(rt->cpu);
     }
     return 0;
 }
@@ -667,7 +852,10 @@ void wk_runtime_destroy(wk_runtime_t *rt)
     wk_cpu_destroy(rt->cpu);
     for (int i = 0; rt->all_addr && i < rt->nranks; i++)
         free(rt->all_addr[i]);
+    for (int i = 0; rt->all_key && i < rt->nranks; i++)
+        free(rt->all_key[i]);
     free(rt->all_addr);
+    free(rt->all_key);
     dp_exec_destroy(rt->exec);
     dp_sched_destroy(rt->sched);
     for (int i = 0; rt->peer_addr && i < rt->pp; i++)

@@ -36,25 +36,41 @@
 struct wk_runtime_opts {
     int recv_timeout_ms;  /* 0: WK_RUNTIME_RECV_TIMEOUT_MS */
     const char *backend;  /* "cpu" / "cuda" train the model (worker/cpu.h); NULL or "sim" sleeps */
-    const char *data_dir; /* the cpu backend's training text; NULL: the default */
+    const char *data_dir; /* the cpu backend's training text; NULL: train.dataset's */
     wk_gpu_t *gpu;        /* "cuda": the GPU to train on (worker/gpu.h), the caller's */
     int nccl_timeout_ms;  /* "cuda": how long NCCL waits for the other ranks; 0: the default */
+    /* cpu/cuda: the directory the job's checkpoint.dir must lead under
+     * (wk_runtime_checkpoint_dir); NULL: the working directory */
+    const char *checkpoint_root;
 };
 
 typedef struct wk_runtime wk_runtime_t;
 
 /* Checks the assignment (known schedule, a schedule that can be built for
  * its pp and micro-batches, a peer for every pipeline rank of this
- * worker's dp and ep ranks, and, when self_id is given, that this worker's
- * own ranks name it), then starts the thread. The runtime uses `data`
- * (and its sockets) from its thread until wk_runtime_destroy; the caller
- * must not touch it meanwhile. opts may be NULL. Returns 0, or -EINVAL
- * with the reason in err (fit for AssignmentAck.error), -EUCLEAN when the
- * checkpoint the assignment starts from is missing, torn or does not fit
- * (AssignmentAck.bad_checkpoint), or -errno. */
+ * worker's dp and ep ranks, when self_id is given that this worker's own
+ * ranks name it, and on the cpu and cuda backends that the job's
+ * checkpoint.dir leads under the checkpoint root), then starts the
+ * thread. The runtime uses `data` (and its sockets) from its thread until
+ * wk_runtime_destroy; the caller must not touch it meanwhile. opts may be
+ * NULL. Returns 0, or -EINVAL with the reason in err (fit for
+ * AssignmentAck.error), -EUCLEAN when the checkpoint the assignment starts
+ * from is missing, torn or does not fit (AssignmentAck.bad_checkpoint),
+ * -EDOM when the job's own inputs are at fault, not this worker (its
+ * train.dataset or checkpoint.dir: AssignmentAck.bad_spec), or -errno. */
 int wk_runtime_create(void *zctx, wk_data_t *data, const Duplex__Assignment *a, const char *self_id,
                       const struct wk_runtime_opts *opts, wk_runtime_t **out, char *err,
                       size_t errlen);
+
+/* Where a job's checkpoint.dir puts checkpoints on this worker: a relative
+ * dir is taken from root; then the path, with the symbolic links of the
+ * part that exists resolved (realpath; the rest is what mkdir -p would
+ * create), must lie under root (resolved the same way), and no component
+ * may be "..". out gets that absolute path. 0, or -EINVAL (outside the
+ * root, or ".."), -ENAMETOOLONG or -errno (root or dir cannot be
+ * resolved), with the reason in err naming checkpoint.dir and the root. */
+int wk_runtime_checkpoint_dir(const char *root, const char *dir, char *out, size_t outlen,
+                              char *err, size_t errlen);
 
 /* Stops the job soon (between ops, or within WK_RUNTIME_SLICE_MS of a
  * wait): its JobDone says ok=false with `error` as the reason. The first

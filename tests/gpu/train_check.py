@@ -84,9 +84,28 @@ def main():
             procs.append(subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=work,
                                           env=env, start_new_session=True))
 
-    def ctl(*a):
-        return subprocess.run([binp("duplexctl"), *a], capture_output=True, text=True, env=env,
-                              timeout=30)
+    def ctl(*a, key="operator"):
+        keys = {"DUPLEX_KEY": os.path.join(work, "keys", f"{key}.key_secret")}
+        return subprocess.run([binp("duplexctl"), *a], capture_output=True, text=True,
+                              env=dict(env, **keys), timeout=30)
+
+    def make_keys():
+        """CURVE keys as a real cluster has them: duplexd's, an operator's,
+        and one the workers share; the allow-list names the last two."""
+        keys = os.path.join(work, "keys")
+        lines = []
+        for name, role, extra in (("duplexd", "server", []), ("operator", "operator", []),
+                                  ("workers", "worker", ["--ids", "*"])):
+            out = ctl("keys", "gen", "--role", role, "--name", name, "--out", keys, *extra)
+            if out.returncode != 0:
+                raise RuntimeError("duplexctl keys gen: " + out.stderr)
+            lines.append(out.stdout)
+        with open(os.path.join(keys, "authorized"), "w") as f:
+            f.write("".join(lines))
+        env.update(DUPLEX_KEY=os.path.join(keys, "workers.key_secret"),
+                   DUPLEX_SERVER_KEY=os.path.join(keys, "duplexd.key"))
+        return ["--key", os.path.join(keys, "duplexd.key_secret"), "--authorized",
+                os.path.join(keys, "authorized")]
 
     def fail(code, why):
         print(f"train_check: FAIL {why}")
@@ -131,9 +150,10 @@ def main():
         return 0
 
     try:
+        keys = make_keys()
         spawn("duplexd", [binp("duplexd"), "--listen", addr, "--db",
-                          os.path.join(work, "duplex.db"), *(["--nccl-lib", args.nccl_lib]
-                                                             if args.nccl_lib else [])])
+                          os.path.join(work, "duplex.db"), *keys,
+                          *(["--nccl-lib", args.nccl_lib] if args.nccl_lib else [])])
         for i in range(WORKERS):
             spawn(f"worker-{i}", [binp("duplex-worker"), "--backend", "cuda", "--gpu", "0",
                                   "--id", f"gpu0-{i}", "--node", "node0", *libs])

@@ -271,14 +271,62 @@ def format_log_tail(path, n=LOG_TAIL_LINES):
         "\n".join(lines[-n:])
 
 
+CERT_KEY = re.compile(r'^\s+(public|secret)-key = "(.{40})"\s*$', re.M)
+
+
+def read_cert(path):
+    """{"public": Z85, "secret": Z85 or None} of a ZeroMQ certificate file."""
+    keys = dict(m.groups() for m in CERT_KEY.finditer(Path(path).read_text()))
+    return {"public": keys["public"], "secret": keys.get("secret")}
+
+
+class Keys:
+    """CURVE keys made with `duplexctl keys gen` in one directory, and the
+    allow-list duplexd reads (--authorized): one line per key made, in the
+    order made."""
+
+    def __init__(self, root):
+        self.dir = Path(root) / "keys"
+        self.authorized = self.dir / "authorized"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.authorized.write_text("# allow-list of a test cluster\n")
+        self.lines = {}  # name -> its allow-list line
+
+    def gen(self, name, role, *extra, authorize=True):
+        """Make NAME.key/NAME.key_secret; list it (unless authorize=False)
+        and return the secret file's path."""
+        result = ctl("keys", "gen", "--role", role, "--name", name, "--out", self.dir, *extra)
+        assert result.returncode == 0, describe(result)
+        if role != "server":
+            self.lines[name] = result.stdout.strip()
+            if authorize:
+                with open(self.authorized, "a") as f:
+                    f.write(self.lines[name] + "\n")
+        return self.dir / f"{name}.key_secret"
+
+    def public(self, name):
+        return self.dir / f"{name}.key"
+
+    def rewrite(self, names):
+        """The allow-list with only these keys' lines."""
+        self.authorized.write_text("# allow-list of a test cluster\n" + "".join(
+            self.lines[n] + "\n" for n in names))
+
+
 class Cluster:
     """duplexd and workers for one test, all under `root`.
 
     Daemons are started on demand; stop_all() (called by the fixtures) stops
     whatever still runs and reports anything suspicious.
+
+    By default the cluster has CURVE keys (secure=True): duplexd's, an
+    operator's (duplexctl via ctl()), a reader's, and one worker key for any
+    worker id ("workers", also in self.env as $DUPLEX_KEY so that workers
+    started with their own argv find it). secure=False runs everything with
+    --insecure.
     """
 
-    def __init__(self, root, heartbeat_ms=200, dead_after_ms=1000):
+    def __init__(self, root, heartbeat_ms=200, dead_after_ms=1000, secure=True):
         self.root = Path(root)
         self.log_dir = self.root / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -292,6 +340,34 @@ class Cluster:
         self.duplexd = None      # the current coordinator
         self.worker_procs = {}   # worker id -> its latest Daemon
         self.adopted = []        # (name, pid) started by others, e.g. `local up`
+        self.secure = secure
+        self.keys = None
+        if secure:
+            self.keys = Keys(self.root)
+            self.keys.gen("duplexd", "server")
+            self.operator_key = self.keys.gen("operator", "operator")
+            self.reader_key = self.keys.gen("reader", "reader")
+            self.worker_key = self.keys.gen("workers", "worker", "--ids", "*")
+            self.server_pub = self.keys.public("duplexd")
+            self.env["DUPLEX_KEY"] = str(self.worker_key)
+            self.env["DUPLEX_SERVER_KEY"] = str(self.server_pub)
+
+    def curve_args(self, key=None):
+        """duplexctl's or a worker's flags for this cluster: key (default the
+        operator's) and duplexd's public key; --insecure without keys."""
+        if not self.secure:
+            return ["--insecure"]
+        return ["--key", key or self.operator_key, "--server-key", self.server_pub]
+
+    def curve_socket(self, sock, key_name="operator"):
+        """Make a pyzmq socket a CURVE client of this cluster's duplexd with
+        the named key (or leave it in clear without keys); returns it."""
+        if self.secure:
+            own = read_cert(self.keys.dir / f"{key_name}.key_secret")
+            sock.curve_secretkey = own["secret"].encode()
+            sock.curve_publickey = own["public"].encode()
+            sock.curve_serverkey = read_cert(self.server_pub)["public"].encode()
+        return sock
 
     # -- starting things --------------------------------------------------
 
@@ -304,9 +380,11 @@ class Cluster:
         return daemon.start()
 
     def duplexd_argv(self, *extra, listen=None, db=None):
+        keys = (["--key", self.keys.dir / "duplexd.key_secret", "--authorized",
+                 self.keys.authorized] if self.secure else [])
         return [DUPLEXD, "--listen", listen or self.addr, "--db", db or self.db_path,
                 "--heartbeat-ms", self.heartbeat_ms, "--dead-after-ms", self.dead_after_ms,
-                "--log-level", "debug", *extra]
+                "--log-level", "debug", *keys, *extra]
 
     def start_duplexd(self, *extra, wait=True):
         """Start (or restart) the coordinator; by default wait until it answers."""
@@ -318,9 +396,10 @@ class Cluster:
     def start_worker(self, worker_id, gpu, *extra, backend="sim", wait=True):
         """Start a worker with an explicit id; by default wait until duplexd
         lists this very process (by pid) as alive."""
+        keys = [] if self.secure else ["--insecure"]  # with keys: $DUPLEX_KEY in self.env
         argv = [WORKER, "--coordinator", self.addr, "--backend", backend,
                 "--id", worker_id, "--gpu", gpu, "--host", "testhost",
-                "--node", f"node{gpu // 2}", "--log-level", "debug", *extra]
+                "--node", f"node{gpu // 2}", "--log-level", "debug", *keys, *extra]
         daemon = self.spawn(f"worker-{worker_id}", argv)
         self.worker_procs[worker_id] = daemon
         if wait:
@@ -403,10 +482,11 @@ class Cluster:
 
     # -- querying -------------------------------------------------------------
 
-    def ctl(self, *args, ctl_timeout=CTL_TIMEOUT, timeout=None):
-        """duplexctl against this cluster's coordinator."""
-        return ctl("--coordinator", self.addr, "--timeout", ctl_timeout, *args,
-                   env=self.env, timeout=timeout or ctl_timeout + DEADLINE)
+    def ctl(self, *args, ctl_timeout=CTL_TIMEOUT, timeout=None, key=None):
+        """duplexctl against this cluster's coordinator, with the operator's
+        key (or `key`, a secret certificate's path)."""
+        return ctl("--coordinator", self.addr, "--timeout", ctl_timeout, *self.curve_args(key),
+                   *args, env=self.env, timeout=timeout or ctl_timeout + DEADLINE)
 
     def workers_list(self, ctl_timeout=CTL_TIMEOUT):
         """The "workers" list of `duplexctl workers --json`, as printed."""
@@ -553,6 +633,10 @@ class ErrorCode(enum.IntEnum):
     UNEXPECTED = 7
     NOT_REGISTERED = 8
     SESSION_REPLACED = 9
+    BAD_SPEC = 10
+    NO_CAPACITY = 11
+    NOT_IMPLEMENTED = 12
+    FORBIDDEN = 13
 
 
 def encode_varint(n):

@@ -28,7 +28,7 @@ def have_driver():
 
 def cuda_worker(*args):
     result = run_binary(WORKER, "--backend", "cuda", "--id", "gpu-test",
-                        "--coordinator", "tcp://127.0.0.1:1", *args, timeout=20)
+                        "--coordinator", "tcp://127.0.0.1:1", "--insecure", *args, timeout=20)
     assert not SANITIZER_REPORT.search(result.stderr), describe(result)
     return result
 

@@ -102,7 +102,7 @@ def test_cancel_mid_run_frees_the_workers(sim4, tmp_path):
     result = c.ctl("cancel", jid)
     assert result.returncode == 0 and "cancelled" in result.stdout, describe(result)
     doc = wait_state(c, jid, ("cancelled",))
-    assert doc["reason"] == "cancelled by the user"
+    assert doc["reason"] == "cancelled by operator"  # the name of the key that cancelled
     again = c.ctl("cancel", jid)
     assert again.returncode == 1 and "already cancelled" in again.stderr, describe(again)
     # the freed workers run the next job

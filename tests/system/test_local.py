@@ -19,6 +19,9 @@ class LocalDir:
         # teardown; point its queries at the local cluster's coordinator.
         cluster.addr = self.addr
         cluster.db_path = self.dir / "duplex.db"
+        # and its queries at the keys `local up` makes for its cluster
+        cluster.operator_key = self.dir / "keys" / "operator.key_secret"
+        cluster.server_pub = self.dir / "keys" / "duplexd.key"
 
     def pid_file(self, name):
         return self.dir / "run" / f"{name}.pid"
@@ -114,3 +117,34 @@ def test_local_down_on_fresh_dir(local):
     assert result.returncode == 0, describe(result)
     assert (result.stdout + result.stderr).strip(), "`local down` should print a message"
     assert not Path(local.dir / "run" / "duplexd.pid").exists()
+
+
+def test_commands_find_the_default_local_clusters_keys(cluster):
+    """`local up` with the default --dir (var/local, here under the test's
+    own working directory) makes CURVE keys; duplexctl run there then needs
+    no key flags, as the README's commands assume."""
+    import subprocess
+    from conftest import CTL, base_env
+
+    env = base_env()
+    env.pop("DUPLEX_KEY", None)
+    env.pop("DUPLEX_SERVER_KEY", None)
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [str(CTL), "--coordinator", addr, *args], cwd=cluster.root, env=env, text=True,
+        capture_output=True, timeout=3 * DEADLINE)
+    up = run("local", "up", "--workers", "1", "--backend", "sim", "--coordinator", addr)
+    try:
+        assert up.returncode == 0, describe(up)
+        keys = cluster.root / "var" / "local" / "keys"
+        assert (keys / "operator.key_secret").stat().st_mode & 0o777 == 0o600
+        listing = run("workers")
+        assert listing.returncode == 0 and "alive" in listing.stdout, describe(listing)
+        insecure = run("--insecure", "workers")
+        assert insecure.returncode != 0 and "speaks CURVE" in insecure.stderr, describe(insecure)
+    finally:
+        for path in sorted((cluster.root / "var" / "local" / "run").glob("*.pid")):
+            text = path.read_text().strip()
+            if text.isdigit():
+                cluster.adopt(path.stem, int(text))
+        run("local", "down")

@@ -201,7 +201,7 @@ def test_ctl_without_duplexd_says_no_answer(how, timeout_s):
     else:
         args = ["--coordinator", addr, "workers"]
     start = time.monotonic()
-    result = ctl(*args, env=env, timeout=DEADLINE)
+    result = ctl("--insecure", *args, env=env, timeout=DEADLINE)  # no keys to find here
     elapsed = time.monotonic() - start
     assert result.returncode != 0, describe(result)
     assert "no answer" in result.stderr, describe(result)
@@ -245,7 +245,7 @@ def test_help_and_version_exit_zero(binary, args):
 def test_bad_arguments_exit_nonzero(binary, args, tmp_path):
     # Pointed at a port nobody listens on, in case the option is ignored.
     unused = f"tcp://127.0.0.1:{free_port()}"
-    extra = (["--coordinator", unused] if binary == WORKER
+    extra = (["--coordinator", unused, "--insecure"] if binary == WORKER
              else ["--listen", unused, "--db", tmp_path / "x.db"])
     result = run_binary(binary, *extra, *args, timeout=DEADLINE)
     assert result.returncode != 0, describe(result)
@@ -254,7 +254,8 @@ def test_bad_arguments_exit_nonzero(binary, args, tmp_path):
 
 def test_worker_cuda_backend_not_available():
     unused = f"tcp://127.0.0.1:{free_port()}"
-    result = run_binary(WORKER, "--backend", "cuda", "--coordinator", unused, "--id", "wc",
+    result = run_binary(WORKER, "--backend", "cuda", "--coordinator", unused, "--insecure",
+                        "--id", "wc",
                         timeout=DEADLINE)
     assert result.returncode != 0, describe(result)
     assert "cuda" in result.stderr.lower(), describe(result)

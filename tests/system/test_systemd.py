@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import CTL, DEADLINE, DUPLEXD, REPO, WORKER, base_env, describe
+from conftest import CTL, DEADLINE, DUPLEXD, REPO, WORKER, describe
 
 UNITS = ("duplexd.service", "duplex-worker@.service")
 # The watchdog period the tests ask for: pings come every half of it.
@@ -217,7 +217,7 @@ def check_notify_lifecycle(daemon, sock):
 
 def test_duplexd_notifies_systemd(cluster, notify):
     sock = notify("duplexd")
-    cluster.env = sock.env(base_env())
+    cluster.env = sock.env(cluster.env)
     duplexd = cluster.start_duplexd(wait=False)
     check_notify_lifecycle(duplexd, sock)
 
@@ -225,7 +225,7 @@ def test_duplexd_notifies_systemd(cluster, notify):
 def test_worker_notifies_systemd(cluster, notify):
     cluster.start_duplexd()
     sock = notify("worker")
-    cluster.env = sock.env(base_env())
+    cluster.env = sock.env(cluster.env)  # keeps the cluster's worker key
     worker = cluster.start_worker("sd-w0", 0)
     check_notify_lifecycle(worker, sock)
 
@@ -233,7 +233,7 @@ def test_worker_notifies_systemd(cluster, notify):
 def test_no_watchdog_for_another_pid(cluster, notify):
     """WATCHDOG_PID naming another process: READY=1 but no pings."""
     sock = notify("duplexd")
-    env = sock.env(base_env())
+    env = sock.env(cluster.env)
     env["WATCHDOG_PID"] = str(os.getpid())
     cluster.env = env
     duplexd = cluster.start_duplexd(wait=False)

@@ -1,10 +1,14 @@
-/* test_dataplane.c - two data-plane endpoints in one process: advertised
- * addresses, out-of-order delivery through the buffer, old jobs dropped,
- * timeouts, garbage frames, the buffer bound, the receiver thread reading
- * ahead while the caller is busy, layer and source in the key, concurrent
- * sending and receiving, and frames of the old format. */
+/* test_dataplane.c - data-plane endpoints in one process: advertised
+ * addresses, out-of-order delivery through the buffer, frames of other
+ * attempts dropped (and the early ones of the next kept), timeouts,
+ * garbage frames, the buffer's bounds (and each peer's share), the
+ * receiver thread reading ahead while the caller is busy, layer and source
+ * in the key, concurrent sending and receiving, frames of the old format;
+ * and the attacks of issue 14: floods of a foreign job, large frames kept,
+ * forged duplicates, oversize frames, and CURVE with the ZAP handler. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -164,7 +168,29 @@ Test(dataplane, out_of_order_both_ways)
     pair_close(&p);
 }
 
-Test(dataplane, older_jobs_and_attempts_are_dropped_newer_kept)
+/* Waits until the counter at offset `field` of d's stats reaches want. */
+#define wait_stat(d, field, want)                                                                  \
+    wait_stat_at(d, offsetof(struct wk_data_stats, field), want, #field)
+
+static void wait_stat_at(wk_data_t *d, size_t off, uint64_t want, const char *name)
+{
+    struct wk_data_stats st;
+    uint64_t v = 0;
+    int64_t t0 = dx_mono_ms();
+
+    do {
+        wk_data_stats(d, &st);
+        memcpy(&v, (const char *)&st + off, sizeof(v));
+        if (v >= want)
+            return;
+        struct timespec ts = {0, NS_PER_MS};
+        nanosleep(&ts, NULL);
+    } while (dx_mono_ms() - t0 < WAIT_MS);
+    cr_assert_geq(v, want, "%s is %llu, not %llu", name, (unsigned long long)v,
+                  (unsigned long long)want);
+}
+
+Test(dataplane, frames_of_other_attempts_are_dropped)
 {
     struct pair p;
     struct wk_data_stats st;
@@ -173,15 +199,25 @@ Test(dataplane, older_jobs_and_attempts_are_dropped_newer_kept)
     wk_data_begin(p.b, 5, 2);
     send_key(p.a, p.b, key(5, 1, 1, 0)); /* older attempt */
     send_key(p.a, p.b, key(4, 9, 1, 1)); /* older job */
-    send_key(p.a, p.b, key(6, 1, 1, 2)); /* next job, before we started it */
+    send_key(p.a, p.b, key(6, 1, 1, 2)); /* a job this rank was not given */
+    send_key(p.a, p.b, key(5, 3, 1, 4)); /* an attempt this rank was not given */
     send_key(p.a, p.b, key(5, 2, 1, 3)); /* the current one */
     expect(p.b, key(5, 2, 1, 3));
+    wait_stat(p.b, received, 5);
     wk_data_stats(p.b, &st);
-    cr_assert_eq(st.dropped, 2);
-    cr_assert_eq(st.buffered, 1);
+    cr_assert_eq(st.dropped, 4);
+    cr_assert_eq(st.buffered, 0);
     expect_none(p.b, key(5, 1, 1, 0));
+
+    /* between attempts, a later one's frames wait for it (a peer started first) */
+    wk_data_end(p.b);
+    send_key(p.a, p.b, key(5, 2, 1, 5)); /* the attempt that ended */
+    send_key(p.a, p.b, key(6, 1, 1, 2));
+    wait_stat(p.b, early, 1);
     wk_data_begin(p.b, 6, 1);
     expect(p.b, key(6, 1, 1, 2));
+    wk_data_stats(p.b, &st);
+    cr_assert_eq(st.dropped, 5);
 
     /* starting a new attempt empties the buffer of the old one */
     send_key(p.a, p.b, key(6, 1, 3, 10));
@@ -192,7 +228,7 @@ Test(dataplane, older_jobs_and_attempts_are_dropped_newer_kept)
     wk_data_begin(p.b, 6, 2);
     wk_data_stats(p.b, &st);
     cr_assert_eq(st.buffered, 0);
-    cr_assert_eq(st.dropped, 3);
+    cr_assert_eq(st.buffered_bytes, 0);
     pair_close(&p);
 }
 
@@ -462,11 +498,16 @@ Test(dataplane, overflow_is_reported)
 {
     struct wk_data_msg *m = NULL;
     struct wk_data_stats st;
+    struct wk_data_limits lim;
     uint8_t big[100] = {0};
+    char why[512];
     struct pair p;
 
     pair_open(&p);
-    wk_data_set_limits(p.b, 8, 1000);
+    wk_data_get_limits(p.b, &lim);
+    lim.msgs = 8;
+    lim.bytes = 1000;
+    wk_data_set_limits(p.b, &lim);
     wk_data_begin(p.b, 1, 1);
     for (int i = 0; i < 20; i++)
         send_key(p.a, p.b, key(1, 1, 1, i));
@@ -479,6 +520,8 @@ Test(dataplane, overflow_is_reported)
     wk_data_stats(p.b, &st);
     cr_assert_eq(st.buffered, 8);
     cr_assert_eq(st.overflowed, 12);
+    wk_data_failure(p.b, why, sizeof(why));
+    cr_assert(strstr(why, "was dropped: the receive buffer was full"), "%s", why);
     /* what the buffer holds is still there; misses keep saying so */
     for (int i = 0; i < 8; i++)
         expect(p.b, key(1, 1, 1, i));
@@ -488,9 +531,12 @@ Test(dataplane, overflow_is_reported)
     wk_data_begin(p.b, 1, 2);
     expect_none(p.b, key(1, 2, 1, 0));
 
-    /* the byte bound: a message of the next attempt overflows it, and
-     * starting that attempt does not hide it */
-    wk_data_set_limits(p.b, 8, 150);
+    /* the early allowance's byte bound: a message of the next attempt
+     * overflows it between attempts, and starting that attempt does not
+     * hide it */
+    wk_data_end(p.b);
+    lim.early_bytes = 150;
+    wk_data_set_limits(p.b, &lim);
     cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b),
                               &(struct wk_data_key){.job_id = 1, .attempt = 3, .mb = 1}, big,
                               sizeof(big), 0),
@@ -510,6 +556,8 @@ Test(dataplane, overflow_is_reported)
     wk_data_msg_free(m);
     wk_data_stats(p.b, &st);
     cr_assert_eq(st.overflowed, 13);
+    wk_data_failure(p.b, why, sizeof(why));
+    cr_assert(strstr(why, "came before the attempt started"), "%s", why);
     pair_close(&p);
 }
 
@@ -539,4 +587,479 @@ Test(dataplane, old_format_frames_are_bad)
     wait_counts(p.b, 2, 2);
     zmq_close(raw);
     pair_close(&p);
+}
+
+/* --- issue 14: attacks on the data plane ----------------------------------------- */
+
+#define FLOOD 66000                  /* more than WK_DATA_BUFFER_MAX */
+#define BIG_FRAME (20 * 1024 * 1024) /* an attacker's large frame */
+#define HELD_MS 300                  /* a held peer stays held this long */
+
+static void flood_foreign_job(wk_data_t *from, wk_data_t *to, int n)
+{
+    for (int i = 0; i < n; i++) {
+        struct wk_data_key k = {.job_id = UINT64_MAX, .attempt = 1, .step = (uint64_t)i};
+
+        cr_assert_eq(wk_data_send(from, wk_data_addr(to), &k, NULL, 0, 0), 0);
+    }
+}
+
+/* 65,547 frames with job_id 2^64-1 made a worker fail every later job. */
+Test(dataplane, a_flood_of_a_foreign_job_buffers_nothing)
+{
+    struct wk_data_stats st;
+    struct pair p;
+
+    pair_open(&p);
+    /* while an attempt runs: every frame is dropped */
+    wk_data_begin(p.b, 3, 1);
+    flood_foreign_job(p.a, p.b, FLOOD);
+    wait_stat(p.b, received, FLOOD);
+    wk_data_stats(p.b, &st);
+    cr_assert_eq(st.buffered, 0);
+    cr_assert_eq(st.dropped, FLOOD);
+    cr_assert_eq(st.overflowed + st.peer_overflowed, 0);
+    send_key(p.a, p.b, key(3, 1, 1, 0));
+    expect(p.b, key(3, 1, 1, 0));
+
+    /* between jobs: at most the early allowance, freed when the next starts */
+    wk_data_end(p.b);
+    flood_foreign_job(p.a, p.b, FLOOD);
+    wait_stat(p.b, received, 2 * FLOOD + 1);
+    wk_data_stats(p.b, &st);
+    cr_assert_leq(st.buffered, WK_DATA_EARLY_PEER_MAX);
+    wk_data_begin(p.b, 4, 1);
+    wk_data_stats(p.b, &st);
+    cr_assert_eq(st.buffered, 0);
+    send_key(p.a, p.b, key(4, 1, 1, 0));
+    expect(p.b, key(4, 1, 1, 0)); /* the later job works */
+    pair_close(&p);
+}
+
+/* Three 60 MiB frames kept 180 MB of a worker's memory for good. */
+Test(dataplane, large_frames_are_freed_when_the_attempt_ends)
+{
+    uint8_t *big = calloc(1, BIG_FRAME);
+    struct wk_data_stats st;
+    struct pair p;
+
+    cr_assert_not_null(big);
+    pair_open(&p);
+    /* of the current attempt, never asked for */
+    wk_data_begin(p.b, 1, 1);
+    for (int i = 0; i < 3; i++) {
+        struct wk_data_key k = key(1, 1, 50, i);
+        cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, big, BIG_FRAME, 0), 0);
+    }
+    wait_stat(p.b, received, 3);
+    wk_data_stats(p.b, &st);
+    cr_assert_eq(st.buffered_bytes, 3 * (size_t)BIG_FRAME);
+    wk_data_end(p.b);
+    wk_data_stats(p.b, &st);
+    cr_assert_eq(st.buffered, 0);
+    cr_assert_eq(st.buffered_bytes, 0);
+
+    /* of a later job, between jobs: one fits the early allowance, until the next begins */
+    for (int i = 0; i < 3; i++) {
+        struct wk_data_key k = key(1000, 1, 1, i);
+        cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, big, BIG_FRAME, 0), 0);
+    }
+    wait_stat(p.b, received, 6);
+    wk_data_stats(p.b, &st);
+    cr_assert_leq(st.buffered_bytes, WK_DATA_EARLY_PEER_BYTES);
+    cr_assert_eq(st.peer_overflowed, 2);
+    wk_data_begin(p.b, 2, 1);
+    wk_data_stats(p.b, &st);
+    cr_assert_eq(st.buffered_bytes, 0);
+    pair_close(&p);
+    free(big);
+}
+
+/* The frame a raw PUSH socket sends: what any process on the network can. */
+static void raw_send(void *raw, struct wk_data_key k, const void *payload, size_t len)
+{
+    uint8_t frame[WK_DATA_HEADER_BYTES + 256] = {'D', 'X', 'D', '2'};
+    uint8_t *p = frame + 4;
+    const uint64_t u64[] = {k.job_id, k.step};
+    const uint32_t u32[] = {(uint32_t)k.payload, (uint32_t)k.path,  (uint32_t)k.mb,
+                            (uint32_t)k.stage,   (uint32_t)k.layer, (uint32_t)k.src};
+
+    cr_assert_leq(len, 256);
+    for (int i = 0; i < 8; i++)
+        *p++ = (uint8_t)(u64[0] >> (8 * i));
+    for (int i = 0; i < 4; i++)
+        *p++ = (uint8_t)(k.attempt >> (8 * i));
+    for (int i = 0; i < 8; i++)
+        *p++ = (uint8_t)(u64[1] >> (8 * i));
+    for (size_t j = 0; j < 6; j++)
+        for (int i = 0; i < 4; i++)
+            *p++ = (uint8_t)(u32[j] >> (8 * i));
+    memcpy(frame + WK_DATA_HEADER_BYTES, payload, len);
+    cr_assert_eq(zmq_send(raw, frame, WK_DATA_HEADER_BYTES + len, 0),
+                 (int)(WK_DATA_HEADER_BYTES + len));
+}
+
+/* Zero-filled activations pushed before step 100's real ones arrived first;
+ * the real ones were dropped and the job trained on the forgery. */
+Test(dataplane, a_forged_frame_before_the_real_one_fails_the_attempt)
+{
+    const uint8_t zeros[64] = {0};
+    struct wk_data_key k = {
+        .job_id = 7, .attempt = 1, .step = 100, .payload = DP_ACTIVATION, .mb = 3, .stage = 1};
+    struct wk_data_msg *m = NULL;
+    struct wk_data_stats st;
+    char why[512];
+    struct pair p;
+    void *raw;
+
+    pair_open(&p);
+    wk_data_begin(p.b, 7, 1);
+    raw = zmq_socket(p.zctx, ZMQ_PUSH);
+    cr_assert_eq(zmq_connect(raw, wk_data_addr(p.b)), 0);
+    raw_send(raw, k, zeros, sizeof(zeros));
+    wait_stat(p.b, received, 1);
+    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, "real", 5, 0), 0);
+    wait_stat(p.b, duplicates, 1);
+    cr_assert_eq(wk_data_recv(p.b, &k, WAIT_MS, &m), -EEXIST); /* not the forged payload */
+    cr_assert_null(m);
+    wk_data_failure(p.b, why, sizeof(why));
+    cr_assert(strstr(why, "a second activation d3 stage 1 of step 100 (job 7, attempt 1) came "
+                          "from peer 127.0.0.1 (the first from peer 127.0.0.1)"),
+              "%s", why);
+    /* every later receive of the attempt fails too */
+    send_key(p.a, p.b, key(7, 1, 100, 4));
+    cr_assert_eq(wk_data_recv(p.b, &(struct wk_data_key){0}, 0, &m), -EEXIST);
+
+    /* the next attempt is clean; a forgery received first is caught when
+     * the real one comes */
+    wk_data_begin(p.b, 7, 2);
+    k.attempt = 2;
+    raw_send(raw, k, zeros, sizeof(zeros));
+    cr_assert_eq(wk_data_recv(p.b, &k, WAIT_MS, &m), 0);
+    cr_assert_eq(m->len, sizeof(zeros));
+    wk_data_msg_free(m);
+    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, "real", 5, 0), 0);
+    wait_stat(p.b, duplicates, 2);
+    cr_assert_eq(wk_data_recv(p.b, &(struct wk_data_key){.job_id = 7, .attempt = 2, .step = 101},
+                              WAIT_MS, &m),
+                 -EEXIST);
+    wk_data_failure(p.b, why, sizeof(why));
+    cr_assert(strstr(why, "after this rank received the first"), "%s", why);
+    wk_data_stats(p.b, &st);
+    cr_assert_eq(st.duplicates, 2);
+    zmq_close(raw);
+    pair_close(&p);
+}
+
+Test(dataplane, frames_over_the_largest_message_are_refused)
+{
+    uint8_t buf[300] = {0};
+    struct wk_data_key k = key(2, 1, 1, 0);
+    struct wk_data_msg *m = NULL;
+    struct wk_data_stats st;
+    struct pair p;
+
+    pair_open(&p);
+    cr_assert_eq(wk_data_set_max_msg(p.b, 200), 0);
+    wk_data_begin(p.b, 2, 1);
+    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, buf, 201, 0), 0);
+    wait_stat(p.b, oversize, 1);
+    k.mb = 1;
+    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, buf, 200, 0), 0);
+    cr_assert_eq(wk_data_recv(p.b, &k, WAIT_MS, &m), 0);
+    cr_assert_eq(m->len, 200);
+    wk_data_msg_free(m);
+    wk_data_stats(p.b, &st);
+    cr_assert_eq(st.buffered_bytes, 0);
+    /* wk_data_end forgets the limit */
+    wk_data_end(p.b);
+    wk_data_begin(p.b, 3, 1);
+    k = key(3, 1, 1, 0);
+    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, buf, sizeof(buf), 0), 0);
+    cr_assert_eq(wk_data_recv(p.b, &k, WAIT_MS, &m), 0);
+    wk_data_msg_free(m);
+    pair_close(&p);
+}
+
+/* A flooding peer fills its own share only: another peer still gets in. */
+Test(dataplane, each_peer_has_a_share_of_the_buffer)
+{
+    struct wk_data_limits lim;
+    struct wk_data_msg *m = NULL;
+    struct wk_data_stats st;
+    struct wk_data_key k9;
+    char other[WK_DATA_ADDR_MAX], why[512];
+    struct pair p;
+
+    pair_open(&p);
+    wk_data_get_limits(p.b, &lim);
+    lim.peer_msgs = 4;
+    wk_data_set_limits(p.b, &lim);
+    wk_data_begin(p.b, 1, 1);
+    for (int i = 0; i < 10; i++)
+        send_key(p.a, p.b, key(1, 1, 1, i));
+    wait_stat(p.b, peer_overflowed, 6);
+    /* from another address (127.0.0.2 is loopback too) */
+    snprintf(other, sizeof(other), "tcp://127.0.0.2:0;%s", wk_data_addr(p.b) + strlen("tcp://"));
+    cr_assert_eq(wk_data_send(p.a, other,
+                              &(struct wk_data_key){.job_id = 1, .attempt = 1, .step = 2}, "x", 2,
+                              0),
+                 0);
+    wait_stat(p.b, received, 11); /* a miss says -ENOBUFS at once now */
+    cr_assert_eq(
+        wk_data_recv(p.b, &(struct wk_data_key){.job_id = 1, .attempt = 1, .step = 2}, WAIT_MS, &m),
+        0);
+    wk_data_msg_free(m);
+    expect(p.b, key(1, 1, 1, 0));
+    k9 = key(1, 1, 1, 9);
+    cr_assert_eq(wk_data_recv(p.b, &k9, 0, &m), -ENOBUFS);
+    wk_data_failure(p.b, why, sizeof(why));
+    cr_assert(strstr(why, "from peer 127.0.0.1 was dropped: that peer's share"), "%s", why);
+    wk_data_stats(p.b, &st);
+    cr_assert_eq(st.buffered, 3);
+    wk_data_end(p.b);
+    wk_data_stats(p.b, &st);
+    cr_assert_eq(st.buffered, 0);
+    pair_close(&p);
+}
+
+/* --- CURVE: each keyed endpoint in a context of its own (one ZAP handler each) --- */
+
+struct keyed {
+    void *zctx;
+    wk_data_t *d;
+    char pub[WK_DATA_KEY_LEN + 1], sec[WK_DATA_KEY_LEN + 1];
+};
+
+static void keyed_open(struct keyed *k, bool curve)
+{
+    char err[ERR_LEN] = "";
+
+    k->zctx = zmq_ctx_new();
+    cr_assert_not_null(k->zctx);
+    cr_assert_eq(zmq_curve_keypair(k->pub, k->sec), 0);
+    cr_assert_eq(wk_data_create(k->zctx, LOOPBACK, "h", &k->d, err, sizeof(err)), 0, "%s", err);
+    if (curve)
+        cr_assert_eq(wk_data_set_curve(k->d, k->pub, k->sec, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(wk_data_curve(k->d), curve);
+}
+
+static void keyed_close(struct keyed *k)
+{
+    wk_data_destroy(k->d);
+    zmq_ctx_term(k->zctx);
+}
+
+/* from sends k to `to`, presenting to's key. */
+static void keyed_send(struct keyed *from, struct keyed *to, struct wk_data_key k)
+{
+    char text[64];
+    int n = snprintf(text, sizeof(text), "mb %d step %llu", k.mb, (unsigned long long)k.step);
+
+    cr_assert_eq(wk_data_set_peer_key(from->d, wk_data_addr(to->d), to->pub), 0);
+    cr_assert_eq(wk_data_send(from->d, wk_data_addr(to->d), &k, text, (size_t)n + 1, 0), 0);
+}
+
+static void allow(struct keyed *k, struct keyed *const *peers, size_t n)
+{
+    const char *keys[8];
+
+    for (size_t i = 0; i < n; i++)
+        keys[i] = peers[i]->pub;
+    cr_assert_eq(wk_data_allow_peers(k->d, keys, n), 0);
+}
+
+Test(dataplane, curve_admits_the_listed_peers_only)
+{
+    struct keyed b, a, stranger, clear;
+    struct wk_data_stats st;
+
+    keyed_open(&b, true);
+    keyed_open(&a, true);
+    keyed_open(&stranger, true);
+    keyed_open(&clear, false);
+    allow(&b, (struct keyed *[]){&a}, 1);
+    wk_data_begin(b.d, 1, 1);
+    keyed_send(&a, &b, key(1, 1, 1, 0));
+    expect(b.d, key(1, 1, 1, 0));
+    /* a key that is not listed, and a peer in clear: nothing comes */
+    keyed_send(&stranger, &b, key(1, 1, 1, 1));
+    send_key(clear.d, b.d, key(1, 1, 1, 2));
+    wait_stat(b.d, refused, 1);
+    wait_stat(b.d, handshake_failed, 1);
+    expect_none(b.d, key(1, 1, 1, 1));
+    expect_none(b.d, key(1, 1, 1, 2));
+    wk_data_stats(b.d, &st);
+    cr_assert_eq(st.received, 1);
+    /* the sending side needs the peer's key */
+    cr_assert_eq(wk_data_send(a.d, wk_data_addr(clear.d), &(struct wk_data_key){0}, NULL, 0, 0),
+                 -ENOKEY);
+    keyed_close(&clear);
+    keyed_close(&stranger);
+    keyed_close(&a);
+    keyed_close(&b);
+}
+
+Test(dataplane, a_new_peer_list_refuses_the_old_peers)
+{
+    struct keyed b, a, c;
+    struct wk_data_stats st;
+
+    keyed_open(&b, true);
+    keyed_open(&a, true);
+    keyed_open(&c, true);
+    allow(&b, (struct keyed *[]){&a, &c}, 2);
+    wk_data_begin(b.d, 1, 1);
+    keyed_send(&a, &b, key(1, 1, 1, 0));
+    keyed_send(&c, &b, key(1, 1, 1, 1));
+    expect(b.d, key(1, 1, 1, 0));
+    expect(b.d, key(1, 1, 1, 1));
+    /* c is no peer any more: its open connection is not listened to ... */
+    allow(&b, (struct keyed *[]){&a}, 1);
+    keyed_send(&c, &b, key(1, 1, 1, 2));
+    wait_stat(b.d, unallowed, 1);
+    expect_none(b.d, key(1, 1, 1, 2));
+    /* ... and a new one is refused */
+    wk_data_end(c.d); /* closes its sockets */
+    keyed_send(&c, &b, key(1, 1, 1, 3));
+    wait_stat(b.d, refused, 1);
+    expect_none(b.d, key(1, 1, 1, 3));
+    keyed_send(&a, &b, key(1, 1, 1, 4));
+    expect(b.d, key(1, 1, 1, 4));
+    wk_data_stats(b.d, &st);
+    cr_assert_eq(st.buffered, 0);
+    keyed_close(&c);
+    keyed_close(&a);
+    keyed_close(&b);
+}
+
+/* A peer that starts the attempt before this rank waits at the ZAP handler
+ * (its frames stay in its queue) and gets in when the list comes; the
+ * attempt's end closes the connection, and the next attempt admits again. */
+Test(dataplane, a_peer_that_starts_first_is_held_until_listed)
+{
+    struct keyed b, a;
+    struct wk_data_stats st;
+
+    keyed_open(&b, true);
+    keyed_open(&a, true);
+    keyed_send(&a, &b, key(1, 1, 1, 0)); /* b has no list yet */
+    sleep_ms(HELD_MS);
+    wk_data_stats(b.d, &st);
+    cr_assert_eq(st.received, 0);
+    cr_assert_eq(st.refused, 0);
+    allow(&b, (struct keyed *[]){&a}, 1);
+    wk_data_begin(b.d, 1, 1);
+    expect(b.d, key(1, 1, 1, 0));
+
+    /* a's connection closes; a reconnects and is held (a frame sent the
+     * moment it closes is lost: the runtime ends an attempt before its
+     * JobDone, so none of the next attempt's can be on the way) */
+    wk_data_end(b.d);
+    wk_data_stats(b.d, &st);
+    cr_assert_eq(st.buffered, 0);
+    sleep_ms(HELD_MS);
+    keyed_send(&a, &b, key(1, 2, 1, 0));
+    sleep_ms(HELD_MS);
+    wk_data_stats(b.d, &st);
+    cr_assert_eq(st.received, 1);
+    allow(&b, (struct keyed *[]){&a}, 1);
+    wk_data_begin(b.d, 1, 2);
+    expect(b.d, key(1, 2, 1, 0));
+    keyed_close(&a);
+    keyed_close(&b);
+}
+
+/* A connection held too long is closed by libzmq (the hold time is the
+ * handshake interval): the peer connects again, is held again, and gets
+ * in once listed, its frame intact. */
+Test(dataplane, a_held_peer_connects_again)
+{
+    struct wk_data_limits lim;
+    struct wk_data_stats st;
+    struct keyed b, a;
+    char err[ERR_LEN] = "";
+
+    keyed_open(&b, false);
+    keyed_open(&a, true);
+    wk_data_get_limits(b.d, &lim);
+    lim.zap_hold_ms = 200;
+    wk_data_set_limits(b.d, &lim);
+    cr_assert_eq(wk_data_set_curve(b.d, b.pub, b.sec, err, sizeof(err)), 0, "%s", err);
+    keyed_send(&a, &b, key(1, 1, 1, 0));
+    wait_stat(b.d, held, 3); /* held, timed out, held again, ... */
+    wk_data_stats(b.d, &st);
+    cr_assert_eq(st.received, 0);
+    cr_assert_eq(st.refused, 0);
+    cr_assert_geq(st.handshake_failed, 2);
+    allow(&b, (struct keyed *[]){&a}, 1);
+    wk_data_begin(b.d, 1, 1);
+    expect(b.d, key(1, 1, 1, 0));
+    keyed_close(&a);
+    keyed_close(&b);
+}
+
+/* With CURVE, libzmq refuses a frame over ZMQ_MAXMSGSIZE before allocating
+ * it (and closes the connection); the receiver never sees it. */
+Test(dataplane, curve_frames_over_maxmsgsize_are_refused_by_libzmq)
+{
+    uint8_t buf[8192] = {0}; /* over the limit and over CURVE_HANDSHAKE_MAX */
+    struct keyed b, a;
+    struct wk_data_stats st;
+    struct wk_data_key k = key(1, 1, 1, 0);
+    struct wk_data_msg *m = NULL;
+
+    keyed_open(&b, true);
+    keyed_open(&a, true);
+    cr_assert_eq(wk_data_set_max_msg(b.d, 1000), 0); /* before the list: rebinds */
+    allow(&b, (struct keyed *[]){&a}, 1);
+    wk_data_begin(b.d, 1, 1);
+    cr_assert_eq(wk_data_set_peer_key(a.d, wk_data_addr(b.d), b.pub), 0);
+    cr_assert_eq(wk_data_send(a.d, wk_data_addr(b.d), &k, buf, sizeof(buf), 0), 0);
+    wait_stat(b.d, disconnected, 1);
+    k.mb = 1;
+    cr_assert_eq(wk_data_send(a.d, wk_data_addr(b.d), &k, buf, 1000, 0), 0); /* a reconnects */
+    cr_assert_eq(wk_data_recv(b.d, &k, WAIT_MS, &m), 0);
+    cr_assert_eq(m->len, 1000);
+    wk_data_msg_free(m);
+    wk_data_stats(b.d, &st);
+    cr_assert_eq(st.received, 1); /* the large one never reached the receiver */
+    cr_assert_eq(st.oversize, 0);
+    keyed_close(&a);
+    keyed_close(&b);
+}
+
+Test(dataplane, curve_keys_are_checked)
+{
+    struct keyed k, other;
+    char err[ERR_LEN] = "", pub2[WK_DATA_KEY_LEN + 1], sec2[WK_DATA_KEY_LEN + 1];
+    wk_data_t *second = NULL;
+    const char *bad[] = {"not a key"};
+
+    keyed_open(&k, false);
+    cr_assert_eq(zmq_curve_keypair(pub2, sec2), 0);
+    cr_assert_eq(wk_data_set_curve(k.d, "short", k.sec, err, sizeof(err)), -EINVAL);
+    cr_assert_eq(wk_data_set_curve(k.d, pub2, k.sec, err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "not the secret key's"), "%s", err);
+    cr_assert_not(wk_data_curve(k.d));
+    cr_assert_eq(wk_data_allow_peers(k.d, bad, 1), -EINVAL);
+    cr_assert_eq(wk_data_set_peer_key(k.d, "tcp://127.0.0.1:1", "bad"), -EINVAL);
+    cr_assert_eq(wk_data_set_curve(k.d, k.pub, k.sec, err, sizeof(err)), 0, "%s", err);
+    /* one ZAP handler per context */
+    cr_assert_eq(wk_data_create(k.zctx, LOOPBACK, "h", &second, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(wk_data_set_curve(second, pub2, sec2, err, sizeof(err)), -EADDRINUSE);
+    cr_assert(strstr(err, "another ZAP handler"), "%s", err);
+    cr_assert_not(wk_data_curve(second));
+    wk_data_destroy(second);
+    /* a keyed data plane still serves after an attempt ends with nothing admitted */
+    keyed_open(&other, true);
+    allow(&k, (struct keyed *[]){&other}, 1);
+    wk_data_begin(k.d, 5, 1);
+    wk_data_end(k.d);
+    allow(&k, (struct keyed *[]){&other}, 1);
+    wk_data_begin(k.d, 5, 2);
+    keyed_send(&other, &k, key(5, 2, 1, 0));
+    expect(k.d, key(5, 2, 1, 0));
+    keyed_close(&other);
+    keyed_close(&k);
 }

@@ -10,6 +10,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <dirent.h>
+#include <sqlite3.h>
+#include <sys/stat.h>
+
+#include "common/ckpt.h"
 #include "coordinator/jobs.h"
 #include "coordinator/plan.h"
 
@@ -119,7 +124,8 @@ static uint64_t submit(const char *json, const char *const *sets, size_t nsets)
 
     cr_assert_eq(coord_jobspec_parse(json, strlen(json), sets, nsets, &spec, err, sizeof(err)), 0,
                  "%s", err);
-    cr_assert_eq(coord_jobs_submit(jobs, &spec, 2000, &id, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(coord_jobs_submit(jobs, &spec, "alice", 2000, &id, err, sizeof(err)), 0, "%s",
+                 err);
     return id;
 }
 
@@ -168,13 +174,42 @@ static void ack_all(uint64_t id, int ok)
     ack_all_at(id, ok, 3000);
 }
 
+/* The job's train.steps. */
+static uint64_t steps_of(uint64_t id)
+{
+    int rc;
+    json_t *doc = coord_jobs_status(jobs, id, 0, &rc);
+    uint64_t steps;
+
+    cr_assert_not_null(doc);
+    steps = (uint64_t)json_integer_value(json_object_get(doc, "steps"));
+    json_decref(doc);
+    return steps;
+}
+
+/* Every rank of the current attempt reports step (no checkpoint). */
+static void report_all_at(uint64_t id, uint64_t step, int64_t now)
+{
+    Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
+    r.job_id = id;
+    r.attempt = last_attempt(id);
+    r.step = step;
+    r.loss = 1.0 / (double)step;
+    for (int i = 0; i < nsent; i++)
+        if (is_current(i, id))
+            cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, now), 0, "%s",
+                         coord_jobs_refusal(jobs));
+}
+
+/* Every rank says it stopped: ok after all the job's steps, else failed
+ * after none. */
 static void done_all_at(uint64_t id, int ok, int64_t now)
 {
     Duplex__JobDone d = DUPLEX__JOB_DONE__INIT;
     d.job_id = id;
     d.attempt = last_attempt(id);
     d.ok = ok;
-    d.steps = 10;
+    d.steps = ok ? steps_of(id) : 0;
     d.error = ok ? "" : "boom";
     for (int i = 0; i < nsent; i++)
         if (is_current(i, id))
@@ -184,6 +219,94 @@ static void done_all_at(uint64_t id, int ok, int64_t now)
 static void done_all(uint64_t id, int ok)
 {
     done_all_at(id, ok, 4000);
+}
+
+/* Every rank reports the last step, then that it is done. */
+static void finish_all_at(uint64_t id, int64_t now)
+{
+    report_all_at(id, steps_of(id), now);
+    done_all_at(id, 1, now);
+}
+
+/* Everything a worker's message could move, as text: the job's status (its
+ * state, step, ranks, losses, checkpoint), what duplexd sent, which job
+ * holds each worker, and every stored row (committed first). */
+static char *snapshot(uint64_t id)
+{
+    static const char *const tables[] = {"jobs",   "job_ranks",         "metrics",
+                                         "events", "checkpoint_shards", "checkpoints"};
+    char *text = NULL, *js;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    struct coord_worker **ws = NULL;
+    sqlite3 *sdb;
+    int rc, n;
+    json_t *doc = coord_jobs_status(jobs, id, 0, &rc);
+
+    cr_assert_not_null(f);
+    cr_assert_not_null(doc);
+    js = json_dumps(doc, JSON_SORT_KEYS);
+    fprintf(f, "%s\nsent %d\n", js, nsent);
+    free(js);
+    json_decref(doc);
+    n = coord_registry_list(reg, &ws);
+    for (int i = 0; i < n; i++)
+        fprintf(f, "%s holds %llu\n", ws[i]->id, (unsigned long long)ws[i]->assigned_job);
+    free(ws);
+    cr_assert_eq(coord_store_flush(store), 0);
+    cr_assert_eq(sqlite3_open_v2(db, &sdb, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    for (size_t t = 0; t < sizeof(tables) / sizeof(tables[0]); t++) {
+        char sql[128];
+        sqlite3_stmt *st;
+
+        snprintf(sql, sizeof(sql), "SELECT * FROM %s ORDER BY rowid", tables[t]);
+        cr_assert_eq(sqlite3_prepare_v2(sdb, sql, -1, &st, NULL), SQLITE_OK, "%s", sql);
+        fprintf(f, "-- %s\n", tables[t]);
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            for (int c = 0; c < sqlite3_column_count(st); c++) {
+                const unsigned char *v = sqlite3_column_text(st, c);
+                fprintf(f, "%s|", v ? (const char *)v : "NULL");
+            }
+            fputc('\n', f);
+        }
+        sqlite3_finalize(st);
+    }
+    sqlite3_close(sdb);
+    fclose(f);
+    return text;
+}
+
+/* How many MANIFEST.json files lie anywhere under root (links not
+ * followed). */
+static int manifests_under(const char *root)
+{
+    DIR *d = opendir(root);
+    struct dirent *e;
+    int n = 0;
+
+    cr_assert_not_null(d, "%s", root);
+    while ((e = readdir(d))) {
+        char path[1024];
+        struct stat st;
+
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        snprintf(path, sizeof(path), "%s/%s", root, e->d_name);
+        cr_assert_eq(lstat(path, &st), 0, "%s", path);
+        if (S_ISDIR(st.st_mode))
+            n += manifests_under(path);
+        else
+            n += strcmp(e->d_name, "MANIFEST.json") == 0;
+    }
+    closedir(d);
+    return n;
+}
+
+/* root/job-ID/step-SSSSSSSS into buf, created. */
+static void make_step_dir(char *buf, size_t len, const char *root, uint64_t id, uint64_t step)
+{
+    cr_assert_eq(dx_ckpt_step_dir(buf, len, root, id, step), 0);
+    cr_assert_eq(dx_ckpt_mkdirs(buf), 0, "%s", buf);
 }
 
 static int count_sent(Duplex__MsgType type, uint64_t id)
@@ -226,8 +349,8 @@ Test(jobs, every_transition_of_the_state_machine)
 
 Test(jobs, a_job_runs_to_success, .init = setup, .fini = teardown)
 {
-    const char *sets[] = {"backend=sim", "parallel.ep=2"};
-    uint64_t id = submit("{}", sets, 2);
+    const char *sets[] = {"backend=sim", "parallel.ep=2", "train.steps=1"};
+    uint64_t id = submit("{}", sets, 3);
 
     cr_assert_str_eq(state_of(id), "queued");
     coord_jobs_schedule(jobs, 2100);
@@ -287,7 +410,7 @@ Test(jobs, fifo_with_priorities_and_no_overtaking, .init = setup, .fini = teardo
     json_decref(doc);
     d = submit("{}", urgent, 2);
     ack_all(a, 1);
-    done_all(a, 1);
+    finish_all_at(a, 4000);
     cr_assert_str_eq(state_of(d), "placing", "higher priority goes first");
     cr_assert_str_eq(state_of(b), "queued");
     cr_assert_str_eq(state_of(c), "queued");
@@ -301,14 +424,14 @@ Test(jobs, cancel_queued_and_running, .init = setup, .fini = teardown)
 
     coord_jobs_schedule(jobs, 2100);
     ack_all(a, 1);
-    cr_assert_eq(coord_jobs_cancel(jobs, b, 2200, err, sizeof(err)), 0);
+    cr_assert_eq(coord_jobs_cancel(jobs, b, "alice", 2200, err, sizeof(err)), 0);
     cr_assert_str_eq(state_of(b), "cancelled");
-    cr_assert_eq(coord_jobs_cancel(jobs, a, 2300, err, sizeof(err)), 0);
+    cr_assert_eq(coord_jobs_cancel(jobs, a, "alice", 2300, err, sizeof(err)), 0);
     cr_assert_str_eq(state_of(a), "cancelled");
     cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ABORT_JOB, a), 4);
-    cr_assert_eq(coord_jobs_cancel(jobs, a, 2400, err, sizeof(err)), -EALREADY);
+    cr_assert_eq(coord_jobs_cancel(jobs, a, "alice", 2400, err, sizeof(err)), -EALREADY);
     cr_assert_not_null(strstr(err, "already cancelled"), "%s", err);
-    cr_assert_eq(coord_jobs_cancel(jobs, 999, 2400, err, sizeof(err)), -ENOENT);
+    cr_assert_eq(coord_jobs_cancel(jobs, 999, "alice", 2400, err, sizeof(err)), -ENOENT);
     /* the workers are held until they say they stopped */
     {
         uint64_t c = submit("{}", sets, 2);
@@ -350,16 +473,16 @@ Test(jobs, drained_workers_are_not_placed_and_backends_do_not_mix, .init = setup
     uint64_t id;
     const char *cpu[] = {"backend=cpu"};
 
-    cr_assert_eq(coord_registry_set_drained(reg, "w3", 1, 2050), 0);
+    cr_assert_eq(coord_registry_set_drained(reg, "w3", 1, "alice", 2050), 0);
     coord_jobs_schedule(jobs, 2100);
     cr_assert_str_eq(state_of(a), "queued");
-    cr_assert_eq(coord_registry_set_drained(reg, "w3", 0, 2150), 0);
+    cr_assert_eq(coord_registry_set_drained(reg, "w3", 0, "alice", 2150), 0);
     coord_jobs_schedule(jobs, 2200);
     cr_assert_str_eq(state_of(a), "placing");
-    cr_assert_eq(coord_registry_set_drained(reg, "nobody", 1, 2200), -ENOENT);
+    cr_assert_eq(coord_registry_set_drained(reg, "nobody", 1, "alice", 2200), -ENOENT);
     /* no cpu workers at all: refused at submission */
     cr_assert_eq(coord_jobspec_parse("{}", 2, cpu, 1, &spec, err, sizeof(err)), 0);
-    cr_assert_eq(coord_jobs_submit(jobs, &spec, 2300, &id, err, sizeof(err)), -ENOSPC);
+    cr_assert_eq(coord_jobs_submit(jobs, &spec, "alice", 2300, &id, err, sizeof(err)), -ENOSPC);
     cr_assert_not_null(strstr(err, "needs 2 cpu workers"), "%s", err);
 }
 
@@ -393,7 +516,7 @@ Test(jobs, a_restart_keeps_running_and_queued_jobs, .init = setup, .fini = teard
     for (int i = 0; i < nsent; i++)
         if (is_current(i, a))
             cr_assert_eq(coord_registry_find(reg, sent[i].worker)->assigned_job, a);
-    done_all_at(a, 1, 9100);
+    finish_all_at(a, 9100);
     cr_assert_str_eq(state_of(a), "succeeded");
 }
 
@@ -455,12 +578,18 @@ Test(jobs, reported_loads_drive_the_expert_placement)
  * old attempt's messages are ignored. Past the budget the job fails. */
 Test(jobs, a_failure_recovers_from_the_last_checkpoint, .init = setup, .fini = teardown)
 {
-    const char *sets[] = {"backend=sim", "restart.backoff_ms=500", "restart.max_restarts=1"};
-    uint64_t a = submit("{}", sets, 3);
+    char set_dir[256], step5[256];
+    const char *sets[] = {"backend=sim", "restart.backoff_ms=500", "restart.max_restarts=1",
+                          set_dir};
+    uint64_t a;
     Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
     struct coord_worker *w;
+    char *before;
     int rc;
 
+    snprintf(set_dir, sizeof(set_dir), "checkpoint.dir=%s", dir);
+    a = submit("{}", sets, 4);
+    make_step_dir(step5, sizeof(step5), dir, a, 5);
     add_worker("w4", "n2", 4, "sim"); /* a spare */
     coord_jobs_schedule(jobs, 2100);
     ack_all(a, 1);
@@ -469,14 +598,16 @@ Test(jobs, a_failure_recovers_from_the_last_checkpoint, .init = setup, .fini = t
     r.job_id = a;
     r.attempt = 1;
     r.step = 5;
-    r.checkpoint_dir = dir;
+    r.checkpoint_dir = step5;
     r.checkpoint_bytes = 8;
     for (int i = 0; i < nsent; i++) {
         char file[32];
-        snprintf(file, sizeof(file), "rank-%d.ckpt", sent[i].pp_rank);
+        snprintf(file, sizeof(file), "rank-d0-p%d-e0.ckpt", sent[i].pp_rank);
         r.checkpoint_file = file;
-        cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, 2500), 0);
+        cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, 2500), 0, "%s",
+                     coord_jobs_refusal(jobs));
     }
+    cr_assert_eq(manifests_under(step5), 1);
     w = coord_registry_find(reg, sent[0].worker);
     w->state = COORD_WORKER_LOST;
     coord_jobs_on_worker_gone(jobs, w->id, 3000);
@@ -499,12 +630,21 @@ Test(jobs, a_failure_recovers_from_the_last_checkpoint, .init = setup, .fini = t
     for (int i = 0; i < nsent; i++)
         if (is_current(i, a)) {
             cr_assert_str_neq(sent[i].worker, w->id, "the lost worker is not used");
-            cr_assert_str_eq(sent[i].checkpoint, dir, "attempt 2 starts from step 5");
+            cr_assert_str_eq(sent[i].checkpoint, step5, "attempt 2 starts from step 5");
         }
-    /* an old attempt's report is ignored */
+    /* an old attempt's report is ignored: it moves nothing */
     r.step = 6;
     r.checkpoint_file = "";
+    r.checkpoint_dir = "";
+    r.checkpoint_bytes = 0;
+    before = snapshot(a);
     cr_assert_eq(coord_jobs_on_report(jobs, sent[1].worker, &r, 3900), 0);
+    {
+        char *after = snapshot(a);
+        cr_assert_str_eq(after, before);
+        free(after);
+    }
+    free(before);
     ack_all_at(a, 1, 4000);
     cr_assert_str_eq(state_of(a), "running");
     /* a second failure is past the budget of one restart */
@@ -532,7 +672,7 @@ Test(jobs, repeated_failures_blocklist_the_worker, .init = setup, .fini = teardo
     cr_assert_eq(coord_registry_note_failure(reg, "w0", "lost again", 1100), 1);
     cr_assert_not(coord_worker_is_free(w));
     cr_assert_not_null(strstr(w->blocklisted, "2 job failures, the last: lost again"));
-    cr_assert_eq(coord_registry_set_drained(reg, "w0", 0, 1200), 0);
+    cr_assert_eq(coord_registry_set_drained(reg, "w0", 0, "alice", 1200), 0);
     cr_assert(coord_worker_is_free(w), "undrain clears the blocklisting");
 }
 
@@ -681,4 +821,466 @@ Test(jobs, a_cuda_job_without_nccl_fails_clearly, .init = setup, .fini = teardow
     coord_jobs_schedule(jobs, 2200);
     cr_assert_str_eq(state_of(s), "placing");
     unsetenv("DUPLEX_NCCL_LIB");
+}
+
+/* ---- reports must prove themselves ---------------------------------------- */
+
+/* A running sim job of two pipeline ranks, 6 steps, a checkpoint every 3
+ * into ckdir: rank[0] and rank[1] get the workers of pipeline ranks 0 and
+ * 1, outsider one that holds no rank. */
+static uint64_t start_ckpt_job(const char *ckdir, char rank[2][64], char *outsider)
+{
+    char set_dir[512];
+    const char *sets[] = {"backend=sim", "parallel.pp=2", "train.steps=6", "checkpoint.every=3",
+                          set_dir};
+    uint64_t id;
+
+    snprintf(set_dir, sizeof(set_dir), "checkpoint.dir=%s", ckdir);
+    id = submit("{}", sets, 5);
+    coord_jobs_schedule(jobs, 2100);
+    ack_all(id, 1);
+    cr_assert_str_eq(state_of(id), "running");
+    for (int i = 0; i < nsent; i++)
+        if (is_current(i, id))
+            snprintf(rank[sent[i].pp_rank], 64, "%s", sent[i].worker);
+    snprintf(outsider, 64, "%s", strcmp(rank[0], "w3") && strcmp(rank[1], "w3") ? "w3" : "w2");
+    cr_assert_str_neq(outsider, rank[0]);
+    cr_assert_str_neq(outsider, rank[1]);
+    return id;
+}
+
+static Duplex__StepReport report_msg(uint64_t id, uint32_t attempt, uint64_t step, double loss)
+{
+    Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
+    r.job_id = id;
+    r.attempt = attempt;
+    r.step = step;
+    r.loss = loss;
+    r.step_ms = 10 + (double)step;
+    r.compute_ms = 8;
+    r.tokens = 512;
+    return r;
+}
+
+static Duplex__JobDone done_msg(uint64_t id, uint32_t attempt, int ok, uint64_t steps)
+{
+    Duplex__JobDone d = DUPLEX__JOB_DONE__INIT;
+    d.job_id = id;
+    d.attempt = attempt;
+    d.ok = ok;
+    d.steps = steps;
+    d.error = ok ? "" : "forged failure";
+    return d;
+}
+
+/* rc is refused with `want`, the refusal says `says`, and nothing moved. */
+static void assert_refused(int rc, int want, const char *says, uint64_t id, const char *before)
+{
+    char *after = snapshot(id);
+
+    cr_assert_eq(rc, want, "expected %d, got %d (%s)", want, rc, coord_jobs_refusal(jobs));
+    cr_assert_not_null(strstr(coord_jobs_refusal(jobs), says), "refusal \"%s\" lacks \"%s\"",
+                       coord_jobs_refusal(jobs), says);
+    cr_assert_str_eq(after, before, "a refused message moved something");
+    free(after);
+}
+
+/* Only the worker that holds a rank in the current attempt speaks for it. */
+Test(trust, messages_from_a_worker_without_the_rank_are_refused, .init = setup, .fini = teardown)
+{
+    char rank[2][64], outsider[64], ck[256];
+    uint64_t id;
+    Duplex__StepReport r;
+    Duplex__JobDone d;
+    Duplex__AssignmentAck a = DUPLEX__ASSIGNMENT_ACK__INIT;
+    char *before;
+
+    snprintf(ck, sizeof(ck), "%s/ck", dir);
+    id = start_ckpt_job(ck, rank, outsider);
+    before = snapshot(id);
+    r = report_msg(id, 1, 1, 0.0001);
+    assert_refused(coord_jobs_on_report(jobs, outsider, &r, 3000), -EPERM, "holds no rank", id,
+                   before);
+    /* the rank's worker, but an attempt that never was */
+    r.attempt = 2;
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000), -EPERM, "attempt 2", id, before);
+    r.attempt = 0;
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000), -EPERM, "attempt 0", id, before);
+    d = done_msg(id, 1, 1, 6);
+    assert_refused(coord_jobs_on_done(jobs, outsider, &d, 3000), -EPERM, "holds no rank", id,
+                   before);
+    d = done_msg(id, 1, 0, 0); /* a forged failure would make the job recover */
+    assert_refused(coord_jobs_on_done(jobs, outsider, &d, 3000), -EPERM, "holds no rank", id,
+                   before);
+    d = done_msg(id, 9, 0, 0);
+    assert_refused(coord_jobs_on_done(jobs, rank[1], &d, 3000), -EPERM, "attempt 9", id, before);
+    a.job_id = id;
+    a.attempt = 1;
+    a.ok = 0;
+    a.error = "forged refusal";
+    assert_refused(coord_jobs_on_ack(jobs, outsider, &a, 3000), -EPERM, "holds no rank", id,
+                   before);
+    a.attempt = 5;
+    assert_refused(coord_jobs_on_ack(jobs, rank[0], &a, 3000), -EPERM, "attempt 5", id, before);
+    /* no such job: stale, as before */
+    r = report_msg(id + 7, 1, 1, 1.0);
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3000), -ENOENT);
+    cr_assert_str_eq(state_of(id), "running");
+    free(before);
+}
+
+/* Steps are the job's, go forward per rank, and a step reported already
+ * counts only as the very same report sent again. JobDone agrees with the
+ * reports. */
+Test(trust, steps_must_be_the_jobs_and_go_forward, .init = setup, .fini = teardown)
+{
+    char rank[2][64], outsider[64], ck[256];
+    uint64_t id;
+    Duplex__StepReport r;
+    Duplex__JobDone d;
+    char *before, *s1;
+
+    snprintf(ck, sizeof(ck), "%s/ck", dir);
+    id = start_ckpt_job(ck, rank, outsider);
+    before = snapshot(id);
+    r = report_msg(id, 1, 0, 1.0);
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000), -EINVAL, "step 0", id, before);
+    r = report_msg(id, 1, 7, 1.0);
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000), -EINVAL, "step 7", id, before);
+    r = report_msg(id, 1, 600, 0.0001);
+    assert_refused(coord_jobs_on_report(jobs, rank[1], &r, 3000), -EINVAL, "step 600", id, before);
+    free(before);
+    /* a real step 1 of rank 0, then the same report again: idempotent */
+    r = report_msg(id, 1, 1, 5.5);
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3000), 0, "%s", coord_jobs_refusal(jobs));
+    s1 = snapshot(id);
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3100), 0, "%s", coord_jobs_refusal(jobs));
+    before = snapshot(id);
+    cr_assert_str_eq(before, s1, "a report sent again must change nothing");
+    free(before);
+    /* step 1 again, but not the report made */
+    r.loss = 0.0001;
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3100), -EINVAL, "already", id, s1);
+    r = report_msg(id, 1, 1, 5.5);
+    r.checkpoint_crc32c = 7; /* names a checksum but no shard */
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3100), -EINVAL, "no shard", id, s1);
+    free(s1);
+    /* step 2, then step 1 again: the very same one is fine, another is not */
+    r = report_msg(id, 1, 2, 5.0);
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3200), 0, "%s", coord_jobs_refusal(jobs));
+    s1 = snapshot(id);
+    r = report_msg(id, 1, 1, 5.5);
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3300), 0, "%s", coord_jobs_refusal(jobs));
+    before = snapshot(id);
+    cr_assert_str_eq(before, s1);
+    free(before);
+    r.step_ms = 1;
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3300), -EINVAL, "already", id, s1);
+    /* JobDone must agree: at most the job's steps, ok only after all of
+     * them, the last one the rank reported */
+    d = done_msg(id, 1, 1, 600);
+    assert_refused(coord_jobs_on_done(jobs, rank[0], &d, 3400), -EINVAL, "claims 600", id, s1);
+    d = done_msg(id, 1, 0, 600);
+    assert_refused(coord_jobs_on_done(jobs, rank[0], &d, 3400), -EINVAL, "claims 600", id, s1);
+    d = done_msg(id, 1, 1, 2);
+    assert_refused(coord_jobs_on_done(jobs, rank[0], &d, 3400), -EINVAL, "after 2 steps", id, s1);
+    d = done_msg(id, 1, 1, 6);
+    assert_refused(coord_jobs_on_done(jobs, rank[0], &d, 3400), -EINVAL, "reported in attempt 1",
+                   id, s1);
+    assert_refused(coord_jobs_on_done(jobs, rank[1], &d, 3400), -EINVAL, "is 0", id, s1);
+    cr_assert_str_eq(state_of(id), "running");
+    free(s1);
+    /* the honest way to the end still works */
+    r = report_msg(id, 1, 1, 5.5);
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[1], &r, 3500), 0, "%s", coord_jobs_refusal(jobs));
+    r = report_msg(id, 1, 2, 5.0);
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[1], &r, 3500), 0, "%s", coord_jobs_refusal(jobs));
+    for (uint64_t step = 3; step <= 6; step++) {
+        char path[512], file[64];
+
+        make_step_dir(path, sizeof(path), ck, id, step);
+        for (int k = 0; k < 2; k++) {
+            r = report_msg(id, 1, step, 5.0 - (double)step / 2);
+            if (step % 3 == 0) {
+                snprintf(file, sizeof(file), "rank-d0-p%d-e0.ckpt", k);
+                r.checkpoint_dir = path;
+                r.checkpoint_file = file;
+                r.checkpoint_bytes = 100;
+                r.checkpoint_crc32c = 0xabcd;
+            }
+            cr_assert_eq(coord_jobs_on_report(jobs, rank[k], &r, 3600), 0, "%s",
+                         coord_jobs_refusal(jobs));
+        }
+    }
+    d = done_msg(id, 1, 1, 6);
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[0], &d, 3700), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[0], &d, 3700), 0, "said again: no harm");
+    cr_assert_str_eq(state_of(id), "running");
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[1], &d, 3700), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_str_eq(state_of(id), "succeeded");
+    cr_assert_eq(manifests_under(dir), 2, "steps 3 and 6");
+}
+
+/* A shard goes only into the job's own directory of that step (its
+ * checkpoint.dir normalised as realpath() would: "//" and "." gone), under
+ * the sender's rank's name, at a step due a checkpoint; duplexd writes no
+ * manifest anywhere else. */
+Test(trust, checkpoints_go_only_into_the_jobs_own_directory, .init = setup, .fini = teardown)
+{
+    char rank[2][64], outsider[64], ck[256], ckset[256], own[512], other[8][512], *before;
+    uint64_t id;
+    Duplex__StepReport r;
+    struct {
+        const char *dir, *file, *says;
+    } bad[16];
+    int nbad = 0;
+
+    snprintf(ck, sizeof(ck), "%s/ck", dir);
+    snprintf(ckset, sizeof(ckset), "%s//ck/./", dir);
+    id = start_ckpt_job(ckset, rank, outsider);
+    report_all_at(id, 1, 3000);
+    /* a shard at step 2, which is due none */
+    make_step_dir(own, sizeof(own), ck, id, 2);
+    r = report_msg(id, 1, 2, 1.0);
+    r.checkpoint_dir = own;
+    r.checkpoint_file = "rank-d0-p0-e0.ckpt";
+    r.checkpoint_bytes = 10;
+    before = snapshot(id);
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000), -EINVAL, "no checkpoint due", id,
+                   before);
+    free(before);
+    report_all_at(id, 2, 3100);
+    make_step_dir(own, sizeof(own), ck, id, 3);
+    snprintf(other[0], sizeof(other[0]), "%s/evil/job-%llu/step-00000003", dir,
+             (unsigned long long)id);
+    cr_assert_eq(dx_ckpt_mkdirs(other[0]), 0);
+    make_step_dir(other[1], sizeof(other[1]), ck, id + 1, 3); /* another job's */
+    make_step_dir(other[2], sizeof(other[2]), ck, id, 6);     /* another step's */
+    snprintf(other[3], sizeof(other[3]), "%s/job-%llu/../job-%llu/step-00000003", ck,
+             (unsigned long long)id, (unsigned long long)id);
+    snprintf(other[4], sizeof(other[4]), "%s/", own);
+    snprintf(other[5], sizeof(other[5]), "%s//ck/job-%llu/step-00000003", dir,
+             (unsigned long long)id);
+    snprintf(other[6], sizeof(other[6]), "ck/job-%llu/step-00000003", (unsigned long long)id);
+    snprintf(other[7], sizeof(other[7]), "%s/./step-00000003", own);
+    for (int k = 0; k < 8; k++)
+        bad[nbad++] = (typeof(bad[0])){other[k], "rank-d0-p0-e0.ckpt", "not"};
+    bad[nbad++] = (typeof(bad[0])){own, "rank-d0-p1-e0.ckpt", "is not the shard"};
+    bad[nbad++] = (typeof(bad[0])){own, "../rank-d0-p0-e0.ckpt", "'/'"};
+    bad[nbad++] = (typeof(bad[0])){own, "x/rank-d0-p0-e0.ckpt", "'/'"};
+    bad[nbad++] = (typeof(bad[0])){own, "rank-d0-p0-e0.ckpt\n", "control"};
+    bad[nbad++] = (typeof(bad[0])){"/tmp/x\001y", "rank-d0-p0-e0.ckpt", "control"};
+    bad[nbad++] = (typeof(bad[0])){"", "rank-d0-p0-e0.ckpt", "not"};
+    bad[nbad++] = (typeof(bad[0])){own, "", "no shard"};
+    before = snapshot(id);
+    for (int k = 0; k < nbad; k++) {
+        r = report_msg(id, 1, 3, 1.0);
+        r.checkpoint_dir = (char *)bad[k].dir;
+        r.checkpoint_file = (char *)bad[k].file;
+        r.checkpoint_bytes = 10;
+        r.checkpoint_crc32c = 99;
+        assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3200), -EINVAL, bad[k].says, id,
+                       before);
+    }
+    free(before);
+    cr_assert_eq(manifests_under(dir), 0, "no manifest written anywhere");
+    /* the real shards complete the checkpoint, where it belongs */
+    for (int k = 0; k < 2; k++) {
+        char file[64];
+
+        snprintf(file, sizeof(file), "rank-d0-p%d-e0.ckpt", k);
+        r = report_msg(id, 1, 3, 1.0);
+        r.checkpoint_dir = own;
+        r.checkpoint_file = file;
+        r.checkpoint_bytes = 10;
+        r.checkpoint_crc32c = 99;
+        cr_assert_eq(coord_jobs_on_report(jobs, rank[k], &r, 3300), 0, "%s",
+                     coord_jobs_refusal(jobs));
+    }
+    cr_assert_eq(manifests_under(own), 1);
+    cr_assert_eq(manifests_under(dir), 1, "the manifest is written only into the job's own");
+    {
+        uint64_t step = 0;
+        char got[512];
+
+        cr_assert_eq(coord_store_last_checkpoint(store, id, &step, got, sizeof(got)), 0);
+        cr_assert_eq(step, 3);
+        cr_assert_str_eq(got, own);
+    }
+}
+
+/* checkpoint.dir relative to the workers' working directory: the reported
+ * absolute directory must end with it (on a component boundary); through
+ * a symbolic link, an absolute checkpoint.dir matches where it leads. */
+Test(trust, relative_and_linked_checkpoint_dirs, .init = setup, .fini = teardown)
+{
+    char rank[2][64], outsider[64], own[512], bad[3][512], real[256], link[256], *before;
+    uint64_t id;
+    Duplex__StepReport r;
+
+    id = start_ckpt_job("ck/./sub/", rank, outsider);
+    report_all_at(id, 1, 3000);
+    report_all_at(id, 2, 3000);
+    snprintf(real, sizeof(real), "%s/cwd/ck/sub", dir);
+    make_step_dir(own, sizeof(own), real, id, 3);
+    snprintf(bad[0], sizeof(bad[0]), "%s/cwd/xck/sub/job-%llu/step-00000003", dir,
+             (unsigned long long)id);
+    snprintf(bad[1], sizeof(bad[1]), "%s/cwd/ck/job-%llu/step-00000003", dir,
+             (unsigned long long)id);
+    snprintf(bad[2], sizeof(bad[2]), "%s/cwd/ck/sub/../sub/job-%llu/step-00000003", dir,
+             (unsigned long long)id);
+    before = snapshot(id);
+    for (int k = 0; k < 3; k++) {
+        r = report_msg(id, 1, 3, 1.0);
+        r.checkpoint_dir = bad[k];
+        r.checkpoint_file = "rank-d0-p0-e0.ckpt";
+        assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3100), -EINVAL, "not", id, before);
+    }
+    free(before);
+    for (int k = 0; k < 2; k++) {
+        char file[64];
+
+        snprintf(file, sizeof(file), "rank-d0-p%d-e0.ckpt", k);
+        r = report_msg(id, 1, 3, 1.0);
+        r.checkpoint_dir = own;
+        r.checkpoint_file = file;
+        cr_assert_eq(coord_jobs_on_report(jobs, rank[k], &r, 3200), 0, "%s",
+                     coord_jobs_refusal(jobs));
+    }
+    cr_assert_eq(manifests_under(own), 1);
+    done_all(id, 0);
+
+    /* an absolute checkpoint.dir through a link: workers name where it leads */
+    snprintf(real, sizeof(real), "%s/real", dir);
+    snprintf(link, sizeof(link), "%s/link", dir);
+    cr_assert_eq(dx_ckpt_mkdirs(real), 0);
+    cr_assert_eq(symlink(real, link), 0);
+    id = start_ckpt_job(link, rank, outsider);
+    report_all_at(id, 1, 4000);
+    report_all_at(id, 2, 4000);
+    {
+        char via_link[512];
+
+        make_step_dir(via_link, sizeof(via_link), link, id, 3);
+        cr_assert_eq(dx_ckpt_step_dir(own, sizeof(own), real, id, 3), 0);
+    }
+    r = report_msg(id, 1, 3, 1.0);
+    r.checkpoint_dir = own;
+    r.checkpoint_file = "rank-d0-p0-e0.ckpt";
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 4100), 0, "%s", coord_jobs_refusal(jobs));
+}
+
+/* Rows a duplexd before these rules let in (a foreign shard, a rank's
+ * shard in a foreign directory) cannot make duplexd write a manifest
+ * elsewhere, nor list a foreign shard. */
+Test(trust, leftover_shards_cannot_misdirect_the_manifest, .init = setup, .fini = teardown)
+{
+    char rank[2][64], outsider[64], ck[256], own[512], evil[512], file[64];
+    struct dx_ckpt_manifest man = {0};
+    char err[256];
+    uint64_t id;
+    Duplex__StepReport r;
+
+    snprintf(ck, sizeof(ck), "%s/ck", dir);
+    id = start_ckpt_job(ck, rank, outsider);
+    report_all_at(id, 1, 3000);
+    report_all_at(id, 2, 3000);
+    make_step_dir(own, sizeof(own), ck, id, 3);
+    snprintf(evil, sizeof(evil), "%s/evil", dir);
+    cr_assert_eq(dx_ckpt_mkdirs(evil), 0);
+    cr_assert_eq(
+        coord_store_checkpoint_shard(store, id, 3, outsider, evil, "evil.ckpt", 1, 2, 3000), 0);
+    cr_assert_eq(coord_store_checkpoint_shard(store, id, 3, outsider, evil, "rank-d0-p1-e0.ckpt", 1,
+                                              2, 3000),
+                 0);
+    r = report_msg(id, 1, 3, 1.0);
+    r.checkpoint_dir = own;
+    r.checkpoint_file = "rank-d0-p0-e0.ckpt";
+    r.checkpoint_bytes = 10;
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3100), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(manifests_under(dir), 0, "no manifest while a shard lies elsewhere");
+    snprintf(file, sizeof(file), "rank-d0-p1-e0.ckpt");
+    r.checkpoint_file = file;
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[1], &r, 3200), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(manifests_under(dir), 1);
+    cr_assert_eq(dx_ckpt_manifest_read(own, &man, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(man.n_shards, 2, "only the job's own shards are listed");
+    cr_assert_not_null(dx_ckpt_manifest_find(&man, "rank-d0-p0-e0.ckpt"));
+    cr_assert_not_null(dx_ckpt_manifest_find(&man, "rank-d0-p1-e0.ckpt"));
+    dx_ckpt_manifest_clear(&man);
+}
+
+/* After duplexd restarts, workers send again what it did not acknowledge:
+ * the very same reports change nothing, different ones for those steps are
+ * refused, and a rank that finished before the restart may say so. */
+Test(trust, reports_sent_again_after_a_restart, .init = setup, .fini = teardown)
+{
+    char rank[2][64], outsider[64], ck[256], step3[512], step6[512], *before, *after;
+    struct coord_jobs_io io = {fake_send, NULL};
+    Duplex__StepReport sent_before[7];
+    Duplex__JobDone d;
+    uint64_t id;
+
+    snprintf(ck, sizeof(ck), "%s/ck", dir);
+    id = start_ckpt_job(ck, rank, outsider);
+    make_step_dir(step3, sizeof(step3), ck, id, 3);
+    make_step_dir(step6, sizeof(step6), ck, id, 6);
+    /* rank 0 runs to the end (its JobDone is lost), rank 1 reaches step 2 */
+    for (uint64_t step = 1; step <= 6; step++) {
+        Duplex__StepReport *r = &sent_before[step];
+
+        *r = report_msg(id, 1, step, 6.0 - (double)step);
+        if (step % 3 == 0) {
+            r->checkpoint_dir = step == 3 ? step3 : step6;
+            r->checkpoint_file = "rank-d0-p0-e0.ckpt";
+            r->checkpoint_bytes = 64;
+            r->checkpoint_crc32c = (uint32_t)step;
+        }
+        cr_assert_eq(coord_jobs_on_report(jobs, rank[0], r, 3000 + (int64_t)step), 0, "%s",
+                     coord_jobs_refusal(jobs));
+        if (step <= 2)
+            cr_assert_eq(coord_jobs_on_report(jobs, rank[1], r, 3000 + (int64_t)step), 0);
+    }
+    cr_assert_eq(coord_store_flush(store), 0);
+    coord_jobs_destroy(jobs);
+    cr_assert_eq(coord_jobs_create(store, reg, &io, &jobs), 0);
+    cr_assert_eq(coord_jobs_load(jobs, 9000), 0);
+    cr_assert_str_eq(state_of(id), "running");
+    /* every report of rank 0 again, exactly: nothing stored changes */
+    before = snapshot(id);
+    for (uint64_t step = 1; step <= 6; step++)
+        cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &sent_before[step], 9100), 0, "%s",
+                     coord_jobs_refusal(jobs));
+    after = snapshot(id);
+    cr_assert_str_eq(strstr(after, "-- jobs"), strstr(before, "-- jobs"),
+                     "reports sent again changed what is stored");
+    free(after);
+    free(before);
+    /* but not another report of those steps */
+    before = snapshot(id);
+    for (uint64_t step = 1; step <= 6; step++) {
+        Duplex__StepReport r = sent_before[step];
+        r.loss = 0.0001;
+        assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 9200), -EINVAL, "already", id,
+                       before);
+    }
+    /* rank 1 did not report step 6: its ok JobDone is refused; rank 0's,
+     * sent again, counts */
+    d = done_msg(id, 1, 1, 6);
+    assert_refused(coord_jobs_on_done(jobs, rank[1], &d, 9300), -EINVAL, "is 2", id, before);
+    free(before);
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[0], &d, 9300), 0, "%s", coord_jobs_refusal(jobs));
+    for (uint64_t step = 3; step <= 6; step++) {
+        Duplex__StepReport r = report_msg(id, 1, step, 6.0 - (double)step);
+        if (step % 3 == 0) {
+            r.checkpoint_dir = step == 3 ? step3 : step6;
+            r.checkpoint_file = "rank-d0-p1-e0.ckpt";
+            r.checkpoint_bytes = 64;
+        }
+        cr_assert_eq(coord_jobs_on_report(jobs, rank[1], &r, 9400), 0, "%s",
+                     coord_jobs_refusal(jobs));
+    }
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[1], &d, 9500), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_str_eq(state_of(id), "succeeded");
+    cr_assert_eq(manifests_under(dir), 2);
 }

@@ -2,10 +2,12 @@
  * rule with the field it names. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "coordinator/jobspec.h"
+#include "worker/data.h"
 
 static char err[512];
 
@@ -275,4 +277,125 @@ Test(jobspec, dispatch_is_fp32_or_fp8_on_either_backend)
         "%s", err);
     cr_assert_str_eq(spec.train.dispatch, "fp8");
     expect_error("{\"train\": {\"dispatch\": \"e5m2\"}}", NULL, "train.dispatch", "fp32|fp8");
+}
+
+/* Issue 14: inputs are checked where they are used. The workers train only
+ * the datasets they have (worker/data.h's list), so duplexd refuses any
+ * other train.dataset at submission, naming the field and the value. */
+Test(jobspec, train_dataset_is_one_the_workers_have)
+{
+    struct coord_jobspec s;
+
+    cr_assert_eq(parse("{\"train\": {\"dataset\": \"licenses\"}}", NULL, 0, &s), 0, "%s", err);
+    cr_assert_str_eq(s.train.dataset, "licenses");
+    expect_error("{\"train\": {\"dataset\": \"/dev/zero\"}}", NULL, "train.dataset",
+                 "\"/dev/zero\"");
+    expect_error("{}", "train.dataset=../../etc/shadow", "train.dataset", "../../etc/shadow");
+    expect_error("{}", "train.dataset=License", "train.dataset", "licenses");
+    /* the value is printed safely: no raw escape reaches the error */
+    expect_error("{\"train\": {\"dataset\": \"\\u001b[2Jx\"}}", NULL, "train.dataset", "\\x1b");
+    cr_assert_null(strchr(err, '\033'), "%s", err);
+}
+
+/* The one list: every name the parser takes is one a worker can open. */
+Test(jobspec, every_dataset_accepted_has_its_text_on_the_workers)
+{
+    char list[] = WK_DATA_DATASETS, set[128], *save = NULL;
+    struct coord_jobspec s;
+    int n = 0;
+
+    for (char *name = strtok_r(list, "|", &save); name; name = strtok_r(NULL, "|", &save), n++) {
+        snprintf(set, sizeof(set), "train.dataset=%s", name);
+        cr_assert_eq(parse("{}", (const char *[]){set}, 1, &s), 0, "%s: %s", name, err);
+        cr_assert_not_null(wk_data_dataset_dir(s.train.dataset), "%s", name);
+    }
+    cr_assert_gt(n, 0);
+    cr_assert_null(wk_data_dataset_dir("/dev/zero"));
+    cr_assert_null(wk_data_dataset_dir(""));
+    cr_assert_str_eq(wk_data_dataset_dir("licenses"), WK_DATA_DIR_DEFAULT);
+}
+
+Test(jobspec, checkpoint_dir_has_no_dot_dot_component)
+{
+    static const char *const bad[] = {
+        "..",      "../x",    "a/../b",   "a/..",   "../../../../outside",
+        "/abs/..", "/a/../b", "a//..//b", "./../x", "/srv/duplex/../../etc",
+    };
+    struct coord_jobspec s;
+    char set[128];
+
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        snprintf(set, sizeof(set), "checkpoint.dir=%s", bad[i]);
+        expect_error("{}", set, "checkpoint.dir", "..");
+    }
+    /* the protocol carries checkpoint paths as printable ASCII */
+    expect_error("{\"checkpoint\": {\"dir\": \"caf\\u00e9\"}}", NULL, "checkpoint.dir", "ASCII");
+    expect_error("{}", "checkpoint.from=/ck/\xc3\xa9", "checkpoint.from", "ASCII");
+    /* dots that are not a whole component are names like any other */
+    static const char *const good[] = {"a..b",           "...",  "..x/y",           "x/..y",
+                                       "/srv/duplex/ck", "./ck", "var/checkpoints", "a/.b"};
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        snprintf(set, sizeof(set), "checkpoint.dir=%s", good[i]);
+        cr_assert_eq(parse("{}", (const char *[]){set}, 1, &s), 0, "%s: %s", good[i], err);
+        cr_assert_str_eq(s.checkpoint.dir, good[i]);
+    }
+}
+
+Test(jobspec, text_fields_refuse_control_characters)
+{
+    struct coord_jobspec s;
+
+    expect_error("{\"name\": \"two\\nlines\"}", NULL, "name", "control character");
+    expect_error("{\"name\": \"\\u001b[31mred\"}", NULL, "name", "control character");
+    cr_assert_null(strchr(err, '\033'), "the error prints the escape raw: %s", err);
+    cr_assert_not_null(strstr(err, "\\x1b"), "%s", err);
+    expect_error("{\"name\": \"tab\\there\"}", NULL, "name", "control character");
+    expect_error("{\"name\": \"del\\u007f\"}", NULL, "name", "control character");
+    expect_error("{\"name\": \"c1\\u009b31m\"}", NULL, "name", "control character");
+    expect_error("{\"name\": \"cr\\r\"}", NULL, "name", "control character");
+    expect_error("{\"checkpoint\": {\"dir\": \"ck\\nx\"}}", NULL, "checkpoint.dir",
+                 "control character");
+    expect_error("{\"checkpoint\": {\"from\": \"/ck\\u001b\"}}", NULL, "checkpoint.from",
+                 "control character");
+    /* ordinary names, spaces, punctuation and UTF-8 text are fine */
+    static const char *const good[] = {"{\"name\": \"demo\"}", "{\"name\": \"my job #2 (v3)\"}",
+                                       "{\"name\": \"caf\\u00e9 \\u65e5\\u672c\"}",
+                                       "{\"name\": \"a-b_c.d:e@f\"}"};
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
+        cr_assert_eq(parse(good[i], NULL, 0, &s), 0, "%s: %s", good[i], err);
+}
+
+Test(jobspec, escape_writes_control_characters_as_hex)
+{
+    char out[64];
+
+    cr_assert_str_eq(coord_jobspec_escape("plain", out, sizeof(out)), "plain");
+    cr_assert_str_eq(coord_jobspec_escape("a\nb\033[2J\x7f", out, sizeof(out)),
+                     "a\\x0ab\\x1b[2J\\x7f");
+    cr_assert_str_eq(coord_jobspec_escape("\xc2\x9b"
+                                          "1m caf\xc3\xa9",
+                                          out, sizeof(out)),
+                     "\\xc2\\x9b1m caf\xc3\xa9");
+    /* too long: cut with "...", never in the middle of an escape */
+    cr_assert_str_eq(coord_jobspec_escape("abcdefghij", out, 8), "abcd...");
+    cr_assert_str_eq(coord_jobspec_escape("ab\n\n\n", out, 9), "ab...");
+    cr_assert_eq(strlen(coord_jobspec_escape("\n\n\n\n\n\n\n\n", out, sizeof(out))), 32);
+}
+
+/* A spec stored before a rule existed may fail now; duplexd still shows
+ * it, so a failed parse leaves the defaults, never zeros (an ep of 0 once
+ * hung duplexd's status of such a job). */
+Test(jobspec, a_failed_parse_leaves_a_spec_that_can_be_shown)
+{
+    struct coord_jobspec s;
+
+    cr_assert_eq(parse("{\"name\": \"a\\nb\", \"parallel\": {\"ep\": 2}}", NULL, 0, &s), -EINVAL);
+    cr_assert_eq(s.parallel.ep, 1);
+    cr_assert_eq(s.parallel.pp, 2);
+    cr_assert_eq(s.parallel.microbatches, 4);
+    cr_assert_str_eq(s.train.dataset, "licenses");
+    cr_assert_eq(parse("{\"model\": ", NULL, 0, &s), -EINVAL);
+    cr_assert_eq(coord_jobspec_workers(&s), 2);
+    cr_assert_eq(parse("{\"train\": {\"dataset\": \"/dev/zero\"}}", NULL, 0, &s), -EINVAL);
+    cr_assert_eq(s.parallel.ep, 1);
 }

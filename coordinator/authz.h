@@ -1,0 +1,75 @@
+/* authz.h - duplexd's allow-list: which CURVE public keys may talk to it,
+ * in which role, under which name, and (for workers) as which worker ids.
+ *
+ * The file (duplexd --authorized FILE) has one key a line:
+ *
+ *     # comments start with "# " (a key may itself start with '#')
+ *     <public key>  worker    gpu-node3  ids=node3-gpu0,node3-gpu1  host=node3
+ *     <public key>  operator  alice
+ *     <public key>  reader    grafana
+ *
+ * Fields are separated by blanks. A worker line needs ids= (a comma list of
+ * worker ids, each may end in '*' to match a prefix; "*" alone is any id)
+ * and/or host= (Register.host must equal it); both, when given, must hold.
+ * Names are 1..64 characters of [A-Za-z0-9._@-], unique in the file; a key
+ * appears once. Any error refuses the whole file, naming the line.
+ */
+#ifndef COORD_AUTHZ_H
+#define COORD_AUTHZ_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "proto/cert.h"
+#include "proto/duplex.pb-c.h"
+
+/* Files larger than this, or with more lines, are refused. */
+#define COORD_AUTHZ_FILE_MAX (16 * 1024 * 1024)
+#define COORD_AUTHZ_LINE_MAX 4096
+
+enum coord_role {
+    COORD_ROLE_WORKER,
+    COORD_ROLE_OPERATOR,
+    COORD_ROLE_READER,
+};
+
+struct coord_principal {
+    char key[DX_CERT_KEY_LEN + 1];
+    enum coord_role role;
+    char name[DX_CERT_META_MAX + 1];
+    char **ids; /* worker: allowed id patterns (may be empty when host is set) */
+    size_t n_ids;
+    char *host; /* worker: the host it must register from, or NULL */
+};
+
+typedef struct coord_authz coord_authz_t;
+
+/* Parses an allow-list's text (len bytes). source names it in errors.
+ * Returns 0 or -EINVAL / -ENOMEM with the reason in err. */
+int coord_authz_parse(const char *text, size_t len, const char *source, coord_authz_t **out,
+                      char *err, size_t errlen);
+
+/* Reads and parses the file at path. Returns 0 or -errno with err. */
+int coord_authz_load(const char *path, coord_authz_t **out, char *err, size_t errlen);
+
+void coord_authz_destroy(coord_authz_t *a);
+
+/* The principal of a public key (Z85), or NULL when it is not listed. */
+const struct coord_principal *coord_authz_find(const coord_authz_t *a, const char *key);
+
+size_t coord_authz_count(const coord_authz_t *a);
+
+/* Whether a worker principal may register as worker_id from host. */
+bool coord_authz_worker_may_be(const struct coord_principal *p, const char *worker_id,
+                               const char *host);
+
+/* Whether a role may send a message of this type to duplexd. When it may
+ * not, *rule names the rule (a static string) for the Error. */
+bool coord_authz_may_send(enum coord_role role, Duplex__MsgType type, const char **rule);
+
+const char *coord_role_name(enum coord_role role);
+
+/* Parses "worker", "operator" or "reader". Returns 0 or -EINVAL. */
+int coord_role_parse(const char *s, enum coord_role *out);
+
+#endif
