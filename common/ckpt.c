@@ -220,6 +220,11 @@ struct dx_ckpt_writer {
     size_t n, alloc;
 };
 
+void dx_ckpt_shard_name(int dp, int pp, int ep, char *buf, size_t len)
+{
+    snprintf(buf, len, "rank-d%d-p%d-e%d.ckpt", dp, pp, ep);
+}
+
 int dx_ckpt_writer_create(dx_ckpt_writer_t **out)
 {
     dx_ckpt_writer_t *w = calloc(1, sizeof(*w));

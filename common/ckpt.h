@@ -78,6 +78,10 @@ uint32_t dx_ckpt_crc32c(uint32_t crc, const void *data, size_t len);
 
 /* --- writing a shard --- */
 
+/* The shard file name of a rank, "rank-dD-pP-eE.ckpt": workers write it,
+ * duplexd checks reports against it. */
+void dx_ckpt_shard_name(int dp, int pp, int ep, char *buf, size_t len);
+
 int dx_ckpt_writer_create(dx_ckpt_writer_t **out);
 
 /* Adds a section of count elements of type t. data is referenced, not

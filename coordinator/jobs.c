@@ -882,7 +882,7 @@ static int job_sender(coord_jobs_t *jobs, struct coord_job *j, const char *worke
 /* The shard file of a rank, as workers name it (worker/cpu.c). */
 static void shard_name(const struct job_rank *r, char *buf, size_t len)
 {
-    snprintf(buf, len, "rank-d%d-p%d-e%d.ckpt", r->dp, r->pp, r->ep);
+    dx_ckpt_shard_name(r->dp, r->pp, r->ep, buf, len);
 }
 
 /* Whether file is the shard of one of j's ranks. */

@@ -14,6 +14,10 @@
 
 #include "common/log.h"
 
+/* The longest property value read (zcert's email, organization, ...); only
+ * name and role are kept, at most DX_CERT_META_MAX characters. */
+#define CERT_VALUE_MAX 255
+
 #define Z85_ALPHABET                                                                               \
     "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
 
@@ -78,7 +82,7 @@ static int cert_value(const struct cert_line *l, size_t pos, char *out, size_t o
 static int cert_property(struct dx_cert *c, enum cert_section section, const struct cert_line *l,
                          size_t pos, char *err, size_t errlen)
 {
-    char name[32], value[DX_CERT_META_MAX + 1];
+    char name[32], value[CERT_VALUE_MAX + 1];
     size_t n = 0;
     int rc;
 
@@ -109,7 +113,10 @@ static int cert_property(struct dx_cert *c, enum cert_section section, const str
         memcpy(dst, value, DX_CERT_KEY_LEN + 1);
     } else if (section == SECTION_METADATA &&
                (strcmp(name, "name") == 0 || strcmp(name, "role") == 0)) {
-        memcpy(name[0] == 'n' ? c->name : c->role, value, sizeof(value));
+        if (strlen(value) > DX_CERT_META_MAX)
+            return dx_errf(err, errlen, -EINVAL, "line %d: %s longer than %d characters", l->number,
+                           name, DX_CERT_META_MAX);
+        memcpy(name[0] == 'n' ? c->name : c->role, value, strlen(value) + 1);
     }
     return 0; /* other properties (zcert's email, organization, ...) are kept out */
 }

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/ckpt.h"
 #include "common/log.h"
 #include "worker/data.h"
 #include "worker/ipcring.h"
@@ -1584,7 +1585,7 @@ enum {
 
 static void shard_name(const wk_cpu_t *c, char *buf, size_t len)
 {
-    snprintf(buf, len, "rank-d%d-p%d-e%d.ckpt", c->dp_rank, c->pp_rank, c->ep_rank);
+    dx_ckpt_shard_name(c->dp_rank, c->pp_rank, c->ep_rank, buf, len);
 }
 
 int wk_cpu_checkpoint(wk_cpu_t *c, const char *root, uint64_t step, char *dir, size_t dirlen,

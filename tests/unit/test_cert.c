@@ -679,7 +679,19 @@ Test(cert, parse_refuses_long_values)
     memset(val, 'v', sizeof(val) - 1);
     val[sizeof(val) - 1] = '\0';
     snprintf(text, sizeof(text), "metadata\n    name = \"%s\"\n", val);
-    parse_fails(text, "value longer than 64 characters", "line 2");
+    parse_fails(text, "name longer than 64 characters", "line 2");
+    /* a long property that is not kept (zcert's email) is read past */
+    {
+        char email[200], doc[1024];
+        struct keypair k2 = new_keypair();
+        struct dx_cert c2;
+
+        memset(email, 'e', sizeof(email) - 1);
+        email[sizeof(email) - 1] = '\0';
+        snprintf(doc, sizeof(doc), "metadata\n    email = \"%s\"\ncurve\n    public-key = \"%s\"\n",
+                 email, k2.pub);
+        parse_ok(doc, &c2);
+    }
     /* exactly 64 is kept */
     struct keypair k = new_keypair();
     struct dx_cert c;
