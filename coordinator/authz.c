@@ -324,6 +324,10 @@ int coord_authz_load(const char *path, coord_authz_t **out, char *err, size_t er
     while (len < (size_t)st.st_size && (n = read(fd, text + len, (size_t)st.st_size - len)) > 0)
         len += (size_t)n;
     close(fd);
+    if (len != (size_t)st.st_size) { /* a read error, or the file shrank meanwhile */
+        free(text);
+        return dx_errf(err, errlen, -EIO, "the allow-list %s changed or failed while read", path);
+    }
     rc = coord_authz_parse(text, len, path, out, err, errlen);
     free(text);
     return rc;
@@ -356,13 +360,20 @@ static bool id_matches(const char *pattern, const char *id)
 bool coord_authz_worker_may_be(const struct coord_principal *p, const char *worker_id,
                                const char *host)
 {
-    bool id_ok = p->n_ids == 0;
+    bool id_ok = false;
+    size_t n;
 
     if (p->role != COORD_ROLE_WORKER)
         return false;
     for (size_t i = 0; i < p->n_ids && !id_ok; i++)
         id_ok = id_matches(p->ids[i], worker_id);
-    return id_ok && (!p->host || (host && strcmp(p->host, host) == 0));
+    /* host= alone: the ids of that host's GPUs (HOST-gpuN is the default
+     * id), since Register.host is the worker's own say */
+    if (p->n_ids == 0 && p->host) {
+        n = strlen(p->host);
+        id_ok = strncmp(worker_id, p->host, n) == 0 && worker_id[n] == '-';
+    }
+    return id_ok && (!p->host || !host || strcmp(p->host, host) == 0);
 }
 
 bool coord_authz_may_send(enum coord_role role, Duplex__MsgType type, const char **rule)

@@ -11,6 +11,7 @@
  * Fields are separated by blanks. A worker line needs ids= (a comma list of
  * worker ids, each may end in '*' to match a prefix; "*" alone is any id)
  * and/or host= (Register.host must equal it); both, when given, must hold.
+ * host= alone allows the ids "HOST-..." (HOST-gpuN is a worker's default).
  * Names are 1..64 characters of [A-Za-z0-9._@-], unique in the file; a key
  * appears once. Any error refuses the whole file, naming the line.
  */
@@ -59,7 +60,8 @@ const struct coord_principal *coord_authz_find(const coord_authz_t *a, const cha
 
 size_t coord_authz_count(const coord_authz_t *a);
 
-/* Whether a worker principal may register as worker_id from host. */
+/* Whether a worker principal may speak for worker_id (registering from
+ * host; NULL: a later message, whose host was checked at registration). */
 bool coord_authz_worker_may_be(const struct coord_principal *p, const char *worker_id,
                                const char *host);
 

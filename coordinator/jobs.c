@@ -58,9 +58,13 @@ struct coord_job {
     uint64_t resume_step;     /* the checkpoint this attempt started from; 0: none */
     char resume_dir[COORD_JOB_DIR_LEN];
     char owner[COORD_JOB_OWNER_LEN]; /* the submitting key's name */
-    int await_first_step;            /* a recovered attempt has not finished a step yet */
-    int64_t progress_ms;             /* when the job's step last moved (or the attempt began) */
-    double step_ewma_ms;             /* recent time per step; 0 before two steps */
+    /* an absolute checkpoint.dir resolved once (symbolic links), so that a
+     * report is never checked with a file-system call on the loop; "" when
+     * relative or unresolvable */
+    char ckpt_real[COORD_JOB_DIR_LEN];
+    int await_first_step; /* a recovered attempt has not finished a step yet */
+    int64_t progress_ms;  /* when the job's step last moved (or the attempt began) */
+    double step_ewma_ms;  /* recent time per step; 0 before two steps */
     /* backend cuda: the NCCL unique id of the current attempt */
     unsigned char nccl_id[COORD_NCCL_ID_BYTES];
     int has_nccl_id;
@@ -77,6 +81,8 @@ struct coord_jobs {
     char *nccl_lib;                /* its library (NULL: coordinator/nccl_id.h's default) */
     char refusal[JOB_REFUSAL_LEN]; /* why the last worker message was refused */
 };
+
+static void job_resolve_ckpt_dir(struct coord_job *j);
 
 static const char *const state_names[COORD_JOB_STATES] = {
     "queued", "placing", "running", "succeeded", "failed", "cancelled", "recovering",
@@ -412,6 +418,7 @@ static int load_one(const struct coord_job_row *row, void *arg)
     j->resume_step = row->resume_step;
     snprintf(j->resume_dir, sizeof(j->resume_dir), "%s", row->resume_dir ? row->resume_dir : "");
     snprintf(j->owner, sizeof(j->owner), "%s", row->owner ? row->owner : "");
+    job_resolve_ckpt_dir(j);
     if (j->state == COORD_JOB_PLACING || j->state == COORD_JOB_RUNNING ||
         j->state == COORD_JOB_RECOVERING)
         job_resume(ctx->jobs, j, ctx->now);
@@ -479,6 +486,7 @@ int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, cons
         return -EIO;
     }
     j->spec = *spec;
+    job_resolve_ckpt_dir(j);
     j->state = COORD_JOB_QUEUED;
     j->submitted_ms = now_wall;
     snprintf(j->owner, sizeof(j->owner), "%s", owner);
@@ -877,6 +885,36 @@ static int job_sender(coord_jobs_t *jobs, struct coord_job *j, const char *worke
     return attempt < j->attempt;
 }
 
+/* Resolves an absolute checkpoint.dir's symbolic links once (workers
+ * report real paths); a directory not made yet stays as it is. */
+static void job_resolve_ckpt_dir(struct coord_job *j)
+{
+    char path[PATH_MAX], real[PATH_MAX];
+    size_t cut;
+
+    j->ckpt_real[0] = '\0';
+    if (j->spec.checkpoint.dir[0] != '/' ||
+        snprintf(path, sizeof(path), "%s", j->spec.checkpoint.dir) >= (int)sizeof(path))
+        return;
+    /* the longest prefix that exists, then the rest as given */
+    for (cut = strlen(path); cut > 0;) {
+        char saved = path[cut];
+
+        path[cut] = '\0';
+        if (realpath(path, real)) {
+            path[cut] = saved;
+            snprintf(j->ckpt_real, sizeof(j->ckpt_real), "%s%s", strcmp(real, "/") ? real : "",
+                     path + cut);
+            return;
+        }
+        path[cut] = saved;
+        while (cut > 0 && path[cut - 1] != '/')
+            cut--;
+        if (cut > 0)
+            cut--; /* drop the '/' too */
+    }
+}
+
 /* ---- checkpoint paths ---- */
 
 /* The shard file of a rank, as workers name it (worker/cpu.c). */
@@ -986,8 +1024,11 @@ static int job_check_ckpt_dir(const struct coord_job *j, uint64_t step, const ch
     w = strlen(want);
     if (!relative && strcmp(dir, want) == 0)
         return 0;
-    /* checkpoint.dir through a symbolic link: the worker names where it leads */
-    if (!relative && realpath(want, real) && strcmp(dir, real) == 0)
+    /* checkpoint.dir through a symbolic link: the worker names where it
+     * leads (resolved when the job was queued or loaded) */
+    if (!relative && j->ckpt_real[0] &&
+        dx_ckpt_step_dir(real, sizeof(real), j->ckpt_real, j->id, step) == 0 &&
+        strcmp(dir, real) == 0)
         return 0;
     if (relative && n >= w && strcmp(dir + n - w, want) == 0)
         return 0;

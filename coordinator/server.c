@@ -9,7 +9,6 @@
 #include <errno.h>
 #include <signal.h>
 #include <stdarg.h>
-#include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -206,7 +205,7 @@ static bool server_worker_key_ok(coord_server_t *s, const struct peer_frame *p,
 
     if (!s->authz)
         return true;
-    if (!coord_authz_worker_may_be(p->who, worker_id, host ? host : w ? w->host : NULL)) {
+    if (!coord_authz_worker_may_be(p->who, worker_id, host)) {
         server_forbid(s, p, m->request_id,
                       "worker key \"%s\" may not speak for worker %s%s%s (see its ids= and "
                       "host= in the allow-list)",
@@ -652,7 +651,10 @@ static void server_dispatch(coord_server_t *s, const struct peer_frame *p, const
         return;
     case DUPLEX__MSG_TYPE__MSG_ERROR: {
         const Duplex__Error *e = (const Duplex__Error *)m->body;
-        dx_warn("%s reports error %s: %.200s", p->name, dx_error_code_name(e->code), e->text);
+        uint64_t suppressed;
+
+        if (dx_ratelimit_allow(&s->reject_log, dx_mono_ms(), &suppressed))
+            dx_warn("%s reports error %s: %.200s", p->name, dx_error_code_name(e->code), e->text);
         return;
     }
     default:
@@ -827,7 +829,8 @@ static void server_on_signal(uv_signal_t *h, int signum)
 
 /* Rereads the allow-list (SIGHUP). A key no longer listed is refused from
  * now on; the sessions of workers whose key may no longer speak for them
- * end, and their connections are closed (a reconnection meets ZAP). */
+ * end: their next heartbeat is refused, and they connect again (meeting
+ * ZAP). */
 static void server_reload_keys(coord_server_t *s)
 {
     coord_authz_t *fresh = NULL, *old = s->authz;
@@ -840,8 +843,11 @@ static void server_reload_keys(coord_server_t *s)
         dx_info("SIGHUP: duplexd runs without keys; nothing to reload");
         return;
     }
-    if (coord_authz_load(s->cfg.authorized, &fresh, err, sizeof(err)) < 0) {
+    if (coord_authz_load(s->cfg.authorized, &fresh, err, sizeof(err)) < 0 ||
+        (coord_authz_count(fresh) == 0 &&
+         snprintf(err, sizeof(err), "%s lists no key (being rewritten?)", s->cfg.authorized))) {
         dx_error("SIGHUP: %s; keeping the %zu keys loaded before", err, coord_authz_count(old));
+        coord_authz_destroy(fresh);
         return;
     }
     s->authz = fresh;
@@ -851,18 +857,17 @@ static void server_reload_keys(coord_server_t *s)
     for (int i = 0; i < n; i++) {
         struct coord_worker *w = ws[i];
         const struct coord_principal *who = coord_authz_find(fresh, w->key);
-        int fd = w->conn_fd;
 
         if (!w->key[0] || w->session[0] == '\0' ||
             (who && coord_authz_worker_may_be(who, w->id, w->host)))
             continue;
         snprintf(detail, sizeof(detail),
                  "key \"%s\" may no longer speak for it (allow-list reloaded)", w->key_name);
+        /* its connection stays (its fd may already be another's by now):
+         * its next heartbeat is refused, and the worker connects again,
+         * meeting ZAP */
         if (coord_registry_revoke(s->reg, w, detail, now) == 0)
             ended++;
-        if (fd >= 0 && w->closed_mono == 0)
-            shutdown(fd, SHUT_RDWR); /* ZeroMQ sees the connection end and closes it */
-        w->conn_fd = -1;
     }
     free(ws);
     if (ended)

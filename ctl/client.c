@@ -98,7 +98,10 @@ int ctl_client_call(ctl_client_t *c, Duplex__MsgType type, const ProtobufCMessag
                      c->handshakes ? ", and is --server-key its public key" : "");
             return -ETIMEDOUT;
         }
-        if (c->handshakes && dx_monitor_recv(c->handshakes, &event, &value) > 0) {
+        /* a reply waiting wins: a handshake may have failed and a later
+         * reconnection succeeded (duplexd restarted meanwhile) */
+        if (!(items[0].revents & ZMQ_POLLIN) && c->handshakes &&
+            dx_monitor_recv(c->handshakes, &event, &value) > 0) {
             if (c->secure)
                 snprintf(err, errlen, "duplexd at %s refused our key: %s", c->coordinator,
                          dx_monitor_event_name(event, value));

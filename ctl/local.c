@@ -363,7 +363,7 @@ static int local_keys(struct local_up *u)
         {CTL_LOCAL_OPERATOR_KEY, "operator"},
         {CTL_LOCAL_WORKER_KEY, "worker"},
     };
-    char pub[PATH_MAX], sec[PATH_MAX], authorized[PATH_MAX], err[512], line[512];
+    char pub[PATH_MAX], sec[PATH_MAX], authorized[PATH_MAX], tmp[PATH_MAX + 8], err[512], line[512];
     struct dx_cert cert;
     FILE *f;
     int fd;
@@ -374,12 +374,13 @@ static int local_keys(struct local_up *u)
     ctl_keys_paths(u->keys, CTL_LOCAL_SERVER_KEY, u->g.server_key, sizeof(u->g.server_key), sec,
                    sizeof(sec));
     if (access(authorized, R_OK) == 0)
-        return 0; /* made by an earlier start */
-    fd = open(authorized, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        return 0; /* made by an earlier start: it is renamed in place last */
+    snprintf(tmp, sizeof(tmp), "%s.tmp", authorized);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0 && errno == ENOENT && dx_mkdir_p(u->keys, 0700) == 0)
-        fd = open(authorized, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0 || !(f = fdopen(fd, "w"))) {
-        fprintf(stderr, "duplexctl: cannot write %s: %s\n", authorized, strerror(errno));
+        fprintf(stderr, "duplexctl: cannot write %s: %s\n", tmp, strerror(errno));
         if (fd >= 0)
             close(fd);
         return -1;
@@ -392,7 +393,7 @@ static int local_keys(struct local_up *u)
         if (ctl_keys_make(u->keys, keys[i].name, keys[i].role, &cert, err, sizeof(err)) < 0) {
             fprintf(stderr, "duplexctl: %s\n", err);
             fclose(f);
-            unlink(authorized);
+            unlink(tmp);
             return -1;
         }
         if (strcmp(keys[i].role, "server") != 0 &&
@@ -400,9 +401,9 @@ static int local_keys(struct local_up *u)
                           line, sizeof(line)) == 0)
             fprintf(f, "%s\n", line);
     }
-    if (fclose(f) != 0) {
+    if (fflush(f) != 0 || fsync(fileno(f)) < 0 || fclose(f) != 0 || rename(tmp, authorized) < 0) {
         fprintf(stderr, "duplexctl: cannot write %s: %s\n", authorized, strerror(errno));
-        unlink(authorized);
+        unlink(tmp);
         return -1;
     }
     return 0;

@@ -59,6 +59,7 @@ struct wk_agent {
     unsigned retry_ms;
     uint64_t next_request_id;
     uint64_t register_request_id;
+    uint64_t heartbeat_request_id; /* the last heartbeat's */
     int exit_status;
     bool stopping;           /* SIGTERM/SIGINT seen: no new jobs */
     uint64_t job_steps_done; /* the last StepReport's step */
@@ -140,7 +141,8 @@ static void agent_send_heartbeat(wk_agent_t *a)
         hb.job_id = wk_runtime_job(a->rt);
         hb.step = wk_runtime_step(a->rt);
     }
-    agent_send(a, DUPLEX__MSG_TYPE__MSG_HEARTBEAT, ++a->next_request_id, &hb.base);
+    a->heartbeat_request_id = ++a->next_request_id;
+    agent_send(a, DUPLEX__MSG_TYPE__MSG_HEARTBEAT, a->heartbeat_request_id, &hb.base);
 }
 
 static void agent_on_tick(uv_timer_t *t);
@@ -190,6 +192,17 @@ static void agent_on_error(wk_agent_t *a, const struct dx_msg *m)
 {
     const Duplex__Error *e = (const Duplex__Error *)m->body;
 
+    if (e->code == DUPLEX__ERROR_CODE__ERROR_FORBIDDEN && a->registered &&
+        m->request_id == a->heartbeat_request_id) {
+        /* our key may no longer speak for this worker (duplexd reloaded its
+         * allow-list): a new connection, whose handshake says whether the
+         * key is still known, then a new Register */
+        dx_error("duplexd refused our session: %.200s; connecting again", e->text);
+        zmq_disconnect(a->dealer, a->cfg.coordinator);
+        zmq_connect(a->dealer, a->cfg.coordinator);
+        agent_start_registering(a, false);
+        return;
+    }
     switch (e->code) {
     case DUPLEX__ERROR_CODE__ERROR_NOT_REGISTERED:
         if (!a->registered)

@@ -195,6 +195,26 @@ def test_another_key_cannot_take_a_live_worker_id(keyed):
     assert_whole(keyed)
 
 
+def test_a_host_key_speaks_only_for_that_hosts_ids(keyed):
+    """host= alone binds the ids too (HOST-...): the host a Register names is
+    the sender's own say, so it cannot widen what the key may be."""
+    keyed.keys.gen("hostkey", "worker", "--host", "testhost")
+    keyed.duplexd.send_signal(signal.SIGHUP)
+    keyed.duplexd.expected_running = True
+    keyed.poll_until(lambda: keyed.events("keys_reloaded"), what="the allow-list reloaded")
+    raw = Raw(keyed, "hostkey")
+    try:
+        expect_forbidden(raw.request(MsgType.REGISTER, register_body("w0", host="testhost")),
+                         "may not speak for worker w0")
+        reply = raw.request(MsgType.REGISTER, register_body("testhost-gpu5", host="testhost"))
+        assert reply is not None and reply.type == MsgType.REGISTER_ACK, reply
+        reply = raw.request(MsgType.REGISTER, register_body("testhost-gpu6", host="elsewhere"))
+        expect_forbidden(reply, "may not speak for worker testhost-gpu6")
+    finally:
+        raw.close()
+    assert_whole(keyed)
+
+
 def test_a_second_key_allowed_the_same_id_cannot_replace_the_live_session(tmp_path):
     """Even a key the allow-list lets register as w0 (a copy-paste slip, a
     second machine) cannot take w0 while its first key's session lives."""

@@ -193,10 +193,11 @@ Test(authz, a_hash_that_is_not_a_comment)
      * 32 bits, which libzmq refuses.) */
     char key[DX_CERT_KEY_LEN + 1];
 
-    snprintf(key, sizeof(key), "#%s", keys[0] + 1);
+    /* a fixed second character: "##" would start a comment */
+    snprintf(key, sizeof(key), "#0%s", keys[0] + 2);
     parse_fails(fmt("# fine\n%s operator alice\n", key), 2, "is not a CURVE public key");
     parse_fails(fmt("# fine\n#x\n"), 2, "expected \"KEY ROLE NAME");
-    parse_fails(fmt("#%s operator alice\n", keys[0]), 1, "is not a CURVE public key");
+    parse_fails(fmt("#0%s operator alice\n", keys[0]), 1, "is not a CURVE public key");
 }
 
 /* ---- refusals ------------------------------------------------------------ */
@@ -491,12 +492,17 @@ Test(authz, worker_may_be_host_only)
     const struct coord_principal *p = coord_authz_find(a, keys[0]);
 
     cr_assert(coord_authz_worker_may_be(p, "node3-gpu0", "node3"));
-    cr_assert(coord_authz_worker_may_be(p, "whatever", "node3"), "host= alone: any id");
+    /* host= alone binds the ids too: the host a worker names is its own say */
+    cr_assert_not(coord_authz_worker_may_be(p, "whatever", "node3"), "host= alone: HOST-* ids");
+    cr_assert_not(coord_authz_worker_may_be(p, "node4-gpu0", "node3"));
+    cr_assert_not(coord_authz_worker_may_be(p, "node3gpu0", "node3"));
     cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu0", "node4"));
     cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu0", "node3.example.org"));
     cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu0", "node"));
     cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu0", ""));
-    cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu0", NULL));
+    /* later messages (host checked at registration): the ids still bind */
+    cr_assert(coord_authz_worker_may_be(p, "node3-gpu0", NULL));
+    cr_assert_not(coord_authz_worker_may_be(p, "node4-gpu0", NULL));
     coord_authz_destroy(a);
 }
 
@@ -508,7 +514,7 @@ Test(authz, worker_may_be_ids_and_host)
     cr_assert(coord_authz_worker_may_be(p, "node3-gpu0", "node3"));
     cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu0", "node4"), "both must hold");
     cr_assert_not(coord_authz_worker_may_be(p, "node4-gpu0", "node3"), "both must hold");
-    cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu0", NULL));
+    cr_assert(coord_authz_worker_may_be(p, "node3-gpu0", NULL), "host checked at registration");
     coord_authz_destroy(a);
 }
 
