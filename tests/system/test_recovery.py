@@ -179,7 +179,14 @@ def test_a_torn_checkpoint_falls_back_to_the_previous_one(cluster, tmp_path):
     ranks = job_workers(c, jid)
     for w in ranks:
         c.worker_procs[w["id"]].proc.send_signal(signal.SIGSTOP)
-    latest = status(c, jid)["checkpoint"]
+    # reports sent before the stop may still complete a newer checkpoint:
+    # take the latest once it has stayed the same for a second
+    latest, since = status(c, jid)["checkpoint"], time.monotonic()
+    while time.monotonic() - since < 1.0:
+        time.sleep(0.2)
+        now = status(c, jid)["checkpoint"]
+        if now != latest:
+            latest, since = now, time.monotonic()
     from pathlib import Path
     shard = sorted(Path(latest["dir"]).glob("*.ckpt"))[1]
     shard.write_bytes(shard.read_bytes()[:100])
