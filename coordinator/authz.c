@@ -74,7 +74,7 @@ void coord_authz_destroy(coord_authz_t *a)
     free(a);
 }
 
-static bool name_ok(const char *s)
+bool coord_authz_name_ok(const char *s)
 {
     size_t n = strlen(s);
 
@@ -178,7 +178,7 @@ static int parse_entry(char *line, struct authz_entry **out, char *err, size_t e
                      f[1]);
         goto fail;
     }
-    if (!name_ok(f[2])) {
+    if (!coord_authz_name_ok(f[2])) {
         rc = dx_errf(err, errlen, -EINVAL,
                      "bad name \"%.64s\" (1-64 characters of A-Z a-z 0-9 . _ @ -)", f[2]);
         goto fail;

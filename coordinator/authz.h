@@ -60,6 +60,10 @@ const struct coord_principal *coord_authz_find(const coord_authz_t *a, const cha
 
 size_t coord_authz_count(const coord_authz_t *a);
 
+/* Whether s is a key's name as the allow-list takes it: 1-64 characters
+ * of A-Z a-z 0-9 . _ @ - (duplexctl keys gen checks --name with it). */
+bool coord_authz_name_ok(const char *s);
+
 /* Whether a worker principal may speak for worker_id (registering from
  * host; NULL: a later message, whose host was checked at registration). */
 bool coord_authz_worker_may_be(const struct coord_principal *p, const char *worker_id,

@@ -9,6 +9,7 @@
 
 #include "common/fs.h"
 #include "common/opts.h"
+#include "coordinator/authz.h"
 #include "ctl/ctl.h"
 #include "proto/cert.h"
 
@@ -60,18 +61,6 @@ int ctl_keys_make(const char *dir, const char *name, const char *role, struct dx
     return dx_cert_save(out, pub, sec, err, errlen);
 }
 
-static bool keys_name_ok(const char *s)
-{
-    size_t n = strlen(s);
-
-    if (n == 0 || n > DX_CERT_META_MAX)
-        return false;
-    for (size_t i = 0; i < n; i++)
-        if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@-", s[i]))
-            return false;
-    return true;
-}
-
 static int keys_gen(int argc, char **argv)
 {
     char *role = NULL, *name = NULL, *dir = NULL, *ids = NULL, *host = NULL;
@@ -111,7 +100,7 @@ static int keys_gen(int argc, char **argv)
                 role);
         goto out;
     }
-    if (!keys_name_ok(name)) {
+    if (!coord_authz_name_ok(name)) {
         fprintf(stderr, "duplexctl keys gen: --name: 1-64 characters of A-Z a-z 0-9 . _ @ -\n");
         goto out;
     }
