@@ -48,12 +48,12 @@ PROTO_C := $(BUILD)/gen/proto/duplex.pb-c.c
 PROTO_H := $(BUILD)/gen/proto/duplex.pb-c.h
 
 COMMON_SRC := common/log.c common/opts.c common/fs.c common/zwatch.c common/ratelimit.c common/loop.c \
-              common/ckpt.c common/sdnotify.c common/zmonitor.c \
+              common/ckpt.c common/sdnotify.c common/zmonitor.c common/loopstat.c \
               proto/envelope.c proto/wire.c proto/cert.c
 PIPE_SRC   := pipeline/schedule.c pipeline/gen_1f1b.c pipeline/gen_dualpipe.c pipeline/validate.c \
               pipeline/simulate.c pipeline/render.c pipeline/executor.c
 COORD_SRC  := coordinator/authz.c coordinator/zap.c coordinator/store.c coordinator/registry.c coordinator/server.c coordinator/eplb.c \
-              coordinator/jobspec.c coordinator/placement.c coordinator/plan.c \
+              coordinator/jobspec.c coordinator/admit.c coordinator/placement.c coordinator/plan.c \
               coordinator/jobs.c coordinator/nccl_id.c
 WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c worker/data.c worker/train.c \
               worker/cpu.c worker/cuda.c worker/cublas.c worker/nccl.c worker/ipcring.c worker/plink.c worker/xchg.c worker/gpu.c worker/dlayer.c worker/dmoe.c worker/dmodel.c \
@@ -297,7 +297,7 @@ $(BUILD)/tests/fuzz/fuzz_%_replay: $(BUILD)/obj/tests/fuzz/fuzz_%.o \
 	$(CC) $(LDFLAGS_ALL) -o $@ $(filter %.o,$^) $(LIB_COMMON) $(LIBS)
 
 test-build: $(BINS) $(UNIT_BINS) $(FUZZ_REPLAY) $(LIB_FAKECUDA) \
-            $(if $(NVCC),$(BUILD)/bin/duplex-gpucheck)
+            $(BUILD)/bench/bench_fleet $(if $(NVCC),$(BUILD)/bin/duplex-gpucheck)
 
 # Plain pass, then the same tests on an ASan + UBSan build in build/asan.
 test: deps
@@ -311,10 +311,18 @@ run: deps
 	@$(MAKE) --no-print-directory -j$(NPROC) all
 	scripts/demo.sh $(BUILD)
 
-$(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(ALL_LIBS)
+# BENCH_EXTRA_NAME: sources beyond bench/NAME.c that bench NAME links (the
+# simulated workers' shared module, bench/simfleet.c, is no bench itself)
+BENCH_EXTRA_bench_curve := bench/simfleet.c
+BENCH_EXTRA_bench_fleet := bench/simfleet.c
+$(foreach b,$(patsubst bench/%.c,%,$(BENCH_SRC)),$(if $(BENCH_EXTRA_$(b)),$(eval \
+  $(BUILD)/bench/$(b): $(call obj,$(BENCH_EXTRA_$(b))))))
+$(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(ALL_LIBS) $(WITH_KERNELS)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS_ALL) -o $@ $< $(ALL_LIBS) $(LIBS)
-$(BUILD)/bench/bench_curve: $(BUILD)/bin/duplexd # it runs BUILD/bin/duplexd
+	$(CC) $(LDFLAGS_ALL) -o $@ $(filter %.o,$^) $(LIB_CTL) $(LIB_WORKER) $(WITH_KERNELS) $(LIB_COORD) \
+	    $(LIB_PIPE) $(LIB_KREF) $(LIB_COMMON) $(LIBS)
+# they run BUILD/bin/duplexd
+$(BUILD)/bench/bench_curve $(BUILD)/bench/bench_fleet: $(BUILD)/bin/duplexd
 
 bench: deps
 	@$(MAKE) --no-print-directory -j$(NPROC) $(BENCH_BINS)

@@ -3,10 +3,17 @@
  *   1. envelope encode + decode of a Heartbeat (ns per message);
  *   2. heartbeats ingested by the registry with the store writing through,
  *      committed once per batch of 2,048 (one loop turn of a 2,048-GPU
- *      cluster) versus once per heartbeat; the ratio is what batching buys.
+ *      cluster) versus once per heartbeat; the ratio is what batching buys;
+ *   3. what durability costs: one loop turn's writes (a job update and an
+ *      event) committed one turn at a time, in WAL mode with
+ *      synchronous=NORMAL versus FULL (what the store runs since issue 15:
+ *      the WAL is fsynced at every commit), in a directory on the disk under
+ *      test ($DUPLEX_BENCH_DIR, else the current one: /tmp may be a tmpfs,
+ *      where fsync costs nothing).
  *
  * Prints one line per measurement; numbers go in docs/BENCHMARKS.md.
  */
+#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +29,7 @@
 #define ENVELOPE_ROUNDS 200000
 #define BATCHED_ROUNDS 20 /* x CLUSTER_WORKERS heartbeats */
 #define UNBATCHED_HEARTBEATS 2048
+#define SYNC_COMMITS 500
 
 static double now_s(void)
 {
@@ -138,10 +146,82 @@ static void bench_heartbeats(void)
     rmdir(dir);
 }
 
+static void sync_exec(sqlite3 *db, const char *sql)
+{
+    char *msg = NULL;
+
+    if (sqlite3_exec(db, sql, NULL, NULL, &msg) != SQLITE_OK) {
+        fprintf(stderr, "%s: %s\n", sql, msg ? msg : sqlite3_errmsg(db));
+        exit(1);
+    }
+}
+
+/* Seconds per commit of one small turn with the given synchronous mode, on
+ * a fresh database in dir (the store's journal settings). */
+static double sync_commits(const char *dir, const char *mode)
+{
+    char path[4200], pragma[64], side[4300];
+    sqlite3 *db;
+    double t0, dt;
+
+    snprintf(path, sizeof(path), "%s/sync-%s.db", dir, mode);
+    if (sqlite3_open(path, &db) != SQLITE_OK) {
+        fprintf(stderr, "%s: %s\n", path, sqlite3_errmsg(db));
+        exit(1);
+    }
+    snprintf(pragma, sizeof(pragma), "PRAGMA synchronous = %s", mode);
+    sync_exec(db, "PRAGMA journal_mode = WAL");
+    sync_exec(db, pragma);
+    sync_exec(db, "CREATE TABLE jobs (id INTEGER PRIMARY KEY, state TEXT, step INTEGER);"
+                  "CREATE TABLE events (id INTEGER PRIMARY KEY, ts_ms INTEGER, kind TEXT,"
+                  " job_id INTEGER, detail TEXT);"
+                  "INSERT INTO jobs VALUES (1, 'running', 0);");
+    t0 = now_s();
+    for (int i = 0; i < SYNC_COMMITS; i++) {
+        char sql[256];
+        snprintf(sql, sizeof(sql),
+                 "BEGIN IMMEDIATE; UPDATE jobs SET step = %d WHERE id = 1;"
+                 " INSERT INTO events (ts_ms, kind, job_id, detail)"
+                 " VALUES (%d, 'job_step', 1, 'a step of a job'); COMMIT;",
+                 i, i);
+        sync_exec(db, sql);
+    }
+    dt = now_s() - t0;
+    sqlite3_close(db);
+    unlink(path);
+    snprintf(side, sizeof(side), "%s-wal", path);
+    unlink(side);
+    snprintf(side, sizeof(side), "%s-shm", path);
+    unlink(side);
+    return dt / SYNC_COMMITS;
+}
+
+static void bench_sync(void)
+{
+    const char *base = getenv("DUPLEX_BENCH_DIR");
+    char dir[4096];
+    double normal, full;
+
+    snprintf(dir, sizeof(dir), "%s/duplex-bench-sync-XXXXXX", base && *base ? base : ".");
+    if (!mkdtemp(dir)) {
+        perror("mkdtemp");
+        exit(1);
+    }
+    normal = sync_commits(dir, "NORMAL");
+    full = sync_commits(dir, "FULL");
+    printf("store commits (WAL), synchronous=NORMAL: %.1f us/commit (%d commits in %s)\n",
+           normal * 1e6, SYNC_COMMITS, dir);
+    printf("store commits (WAL), synchronous=FULL:   %.1f us/commit; FULL costs %.1fx, "
+           "+%.1f us a commit\n",
+           full * 1e6, full / normal, (full - normal) * 1e6);
+    rmdir(dir);
+}
+
 int main(void)
 {
     dx_log_init("bench", DX_LOG_WARN);
     bench_envelope();
     bench_heartbeats();
+    bench_sync();
     return 0;
 }

@@ -39,33 +39,24 @@
  * (this program being BUILD/bench/bench_curve) and examples/demo.json (from
  * the current directory, else from the directories above BUILD). About a
  * minute; needs 2 x 2,048 x 2 file descriptors (it raises RLIMIT_NOFILE).
+ * The duplexd children, /proc readings and the simulated workers' topology
+ * and sockets are bench/simfleet's, shared with bench_fleet.
  */
-#define _GNU_SOURCE /* nftw */
-#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <ftw.h>
 #include <limits.h>
-#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/prctl.h>
-#include <sys/resource.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 #include <zmq.h>
 
+#include "bench/simfleet.h"
 #include "common/log.h"
 #include "coordinator/jobspec.h"
 #include "pipeline/schedule.h"
@@ -77,8 +68,7 @@
 #include "worker/train.h"
 
 #define SIM_WORKERS 2048
-#define GPUS_PER_NODE 8
-#define SIM_NODES (SIM_WORKERS / GPUS_PER_NODE)
+#define SIM_NODES (SIM_WORKERS / SIM_GPUS_PER_NODE)
 #define SIM_CONTEXTS 2 /* ZeroMQ contexts (one I/O thread each) per daemon's workers */
 #define HB_BATCH 32    /* heartbeats per connection before its probe */
 #define HB_ROUNDS 5    /* per daemon, alternating */
@@ -86,7 +76,6 @@
 #define HB_WARMUP_S 1.0
 #define HB_REPLY_TIMEOUT_S 60.0
 #define REGISTER_TIMEOUT_S 180.0 /* SYNs dropped by a full listen queue are retried for minutes */
-#define DAEMON_START_S 15.0
 
 #define DP_ROUNDS 3
 #define DP_ROUND_BYTES (256u * 1024 * 1024) /* moved per round, per size */
@@ -97,34 +86,6 @@
 #define SODIUM_ROUND_BYTES (256u * 1024 * 1024)
 
 #define TARGET 0.30
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-
-/* the daemons, for die() to stop them */
-#define MAX_DAEMONS 2
-static pid_t daemon_pids[MAX_DAEMONS];
-
-static void die(const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    fprintf(stderr, "bench_curve: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
-    va_end(ap);
-    for (int i = 0; i < MAX_DAEMONS; i++)
-        if (daemon_pids[i] > 0)
-            kill(daemon_pids[i], SIGKILL);
-    exit(1);
-}
 
 static int cmp_double(const void *a, const void *b)
 {
@@ -149,11 +110,8 @@ static const char *verdict(double cost)
 /* --- part 1: duplexd ------------------------------------------------------ */
 
 struct daemon {
+    struct sim_daemon d; /* name: "clear" or "curve" */
     bool curve;
-    const char *name; /* "clear" or "curve" */
-    pid_t pid;
-    char dir[64];
-    char endpoint[64];
     struct dx_cert server;
     struct dx_cert nodes[SIM_NODES]; /* worker keys, one per node */
 };
@@ -174,243 +132,51 @@ struct sim {
     uint64_t handled;
 };
 
-static int free_port(void)
-{
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) < 0)
-        die("cannot find a free port: %s", strerror(errno));
-    port = ntohs(a.sin_port);
-    close(fd);
-    return port;
-}
-
-static bool port_open(int port)
-{
-    struct sockaddr_in a = {.sin_family = AF_INET,
-                            .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    bool ok = fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
-
-    if (fd >= 0)
-        close(fd);
-    return ok;
-}
-
-static void daemon_log_tail(const struct daemon *dm)
-{
-    char path[128], line[512];
-    FILE *f;
-
-    snprintf(path, sizeof(path), "%s/duplexd.log", dm->dir);
-    if (!(f = fopen(path, "r")))
-        return;
-    fprintf(stderr, "--- %s:\n", path);
-    while (fgets(line, sizeof(line), f))
-        fputs(line, stderr);
-    fclose(f);
-}
-
 static void daemon_keys(struct daemon *dm)
 {
     char pub[128], sec[128], err[256];
     FILE *f;
 
     if (dx_cert_generate("duplexd", "server", &dm->server) < 0)
-        die("cannot make duplexd's keypair");
-    snprintf(pub, sizeof(pub), "%s/duplexd.key", dm->dir);
-    snprintf(sec, sizeof(sec), "%s/duplexd.key_secret", dm->dir);
+        sim_die("cannot make duplexd's keypair");
+    snprintf(pub, sizeof(pub), "%s/duplexd.key", dm->d.dir);
+    snprintf(sec, sizeof(sec), "%s/duplexd.key_secret", dm->d.dir);
     if (dx_cert_save(&dm->server, pub, sec, err, sizeof(err)) < 0)
-        die("%s", err);
-    snprintf(pub, sizeof(pub), "%s/authorized", dm->dir);
+        sim_die("%s", err);
+    snprintf(pub, sizeof(pub), "%s/authorized", dm->d.dir);
     if (!(f = fopen(pub, "w")))
-        die("%s: %s", pub, strerror(errno));
+        sim_die("%s: %s", pub, strerror(errno));
     for (int n = 0; n < SIM_NODES; n++) {
         char name[32];
         snprintf(name, sizeof(name), "node%04d", n);
         if (dx_cert_generate(name, "worker", &dm->nodes[n]) < 0)
-            die("cannot make a worker keypair");
+            sim_die("cannot make a worker keypair");
         fprintf(f, "%s worker %s ids=%s-*\n", dm->nodes[n].public_key, name, name);
     }
     if (fclose(f) != 0)
-        die("%s: %s", pub, strerror(errno));
+        sim_die("%s: %s", pub, strerror(errno));
 }
 
-static void daemon_start(struct daemon *dm, const char *duplexd, int slot)
+static void daemon_start(struct daemon *dm, const char *duplexd)
 {
-    char listen[64], db[128], key[128], authz[128], log[128];
-    int port = free_port();
-    double t0;
+    char key[128], authz[128];
+    const char *extra[] = {"--dead-after-ms", "600000", /* idle between rounds without being lost */
+                           "--key",           key,      "--authorized", authz, NULL};
 
-    snprintf(dm->dir, sizeof(dm->dir), "/tmp/duplex-bench-curve-XXXXXX");
-    if (!mkdtemp(dm->dir))
-        die("mkdtemp: %s", strerror(errno));
+    sim_daemon_dir(&dm->d, "curve");
+    snprintf(key, sizeof(key), "%s/duplexd.key_secret", dm->d.dir);
+    snprintf(authz, sizeof(authz), "%s/authorized", dm->d.dir);
     if (dm->curve)
         daemon_keys(dm);
-    snprintf(listen, sizeof(listen), "tcp://127.0.0.1:%d", port);
-    snprintf(dm->endpoint, sizeof(dm->endpoint), "%s", listen);
-    snprintf(db, sizeof(db), "%s/duplex.db", dm->dir);
-    snprintf(key, sizeof(key), "%s/duplexd.key_secret", dm->dir);
-    snprintf(authz, sizeof(authz), "%s/authorized", dm->dir);
-    snprintf(log, sizeof(log), "%s/duplexd.log", dm->dir);
-    fflush(NULL);
-    dm->pid = fork();
-    if (dm->pid < 0)
-        die("fork: %s", strerror(errno));
-    if (dm->pid == 0) {
-        char *argv[16];
-        int argc = 0, fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        if (fd >= 0) {
-            dup2(fd, STDOUT_FILENO);
-            dup2(fd, STDERR_FILENO);
-            close(fd);
-        }
-        argv[argc++] = (char *)duplexd;
-        argv[argc++] = "--listen";
-        argv[argc++] = listen;
-        argv[argc++] = "--db";
-        argv[argc++] = db;
-        argv[argc++] = "--log-level";
-        argv[argc++] = "warn";
-        argv[argc++] = "--dead-after-ms"; /* idle between rounds without being lost */
-        argv[argc++] = "600000";
-        if (dm->curve) {
-            argv[argc++] = "--key";
-            argv[argc++] = key;
-            argv[argc++] = "--authorized";
-            argv[argc++] = authz;
-        }
-        argv[argc] = NULL;
-        execv(duplexd, argv);
-        fprintf(stderr, "exec %s: %s\n", duplexd, strerror(errno));
-        _exit(127);
-    }
-    daemon_pids[slot] = dm->pid;
-    t0 = now_s();
-    while (!port_open(port)) {
-        int status;
-        if (waitpid(dm->pid, &status, WNOHANG) == dm->pid) {
-            daemon_pids[slot] = 0;
-            daemon_log_tail(dm);
-            die("duplexd (%s) exited before listening", dm->name);
-        }
-        if (now_s() - t0 > DAEMON_START_S) {
-            daemon_log_tail(dm);
-            die("duplexd (%s) does not listen on %s", dm->name, listen);
-        }
-        usleep(20000);
-    }
-}
-
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path) < 0 ? -1 : 0;
-}
-
-/* Stops the daemon and removes its directory (database, keys, log). */
-static void daemon_stop(struct daemon *dm, int slot)
-{
-    int status;
-
-    kill(dm->pid, SIGTERM);
-    waitpid(dm->pid, &status, 0);
-    daemon_pids[slot] = 0;
-    if (nftw(dm->dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS) < 0)
-        fprintf(stderr, "bench_curve: cannot remove %s: %s\n", dm->dir, strerror(errno));
-}
-
-/* utime + stime of /proc/PATH/stat, seconds */
-static double stat_cpu_s(const char *path)
-{
-    char buf[1024], *p;
-    unsigned long long ut = 0, st = 0;
-    FILE *f;
-    size_t n;
-
-    if (!(f = fopen(path, "r")))
-        return 0; /* a thread that just ended */
-    n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    /* after "(comm)": state is field 3, utime 14, stime 15 */
-    if (!(p = strrchr(buf, ')')) ||
-        sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
-        die("cannot read %s", path);
-    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
-}
-
-/* CPU time of pid: its main thread (the event loop), and its other
- * threads (ZeroMQ's I/O thread, where CURVE's crypto runs) */
-struct proc_cpu {
-    double main, other;
-};
-
-static struct proc_cpu proc_cpu(pid_t pid)
-{
-    struct proc_cpu c = {0, 0};
-    char path[96];
-    struct dirent *e;
-    DIR *d;
-
-    snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
-    if (!(d = opendir(path)))
-        die("%s: %s", path, strerror(errno));
-    while ((e = readdir(d))) {
-        if (e->d_name[0] == '.')
-            continue;
-        snprintf(path, sizeof(path), "/proc/%d/task/%.16s/stat", (int)pid, e->d_name);
-        if (atoi(e->d_name) == (int)pid)
-            c.main += stat_cpu_s(path);
-        else
-            c.other += stat_cpu_s(path);
-    }
-    closedir(d);
-    return c;
-}
-
-/* TcpExtListenOverflows of /proc/net/netstat (the whole machine's): SYNs
- * dropped because a listen queue was full */
-static long long listen_overflows(void)
-{
-    char names[4096], values[4096];
-    FILE *f = fopen("/proc/net/netstat", "r");
-    long long v = -1;
-
-    while (f && fgets(names, sizeof(names), f) && fgets(values, sizeof(values), f)) {
-        char *sn, *sv, *n = strtok_r(names, " \n", &sn), *x = strtok_r(values, " \n", &sv);
-        if (!n || strcmp(n, "TcpExt:") != 0)
-            continue;
-        while ((n = strtok_r(NULL, " \n", &sn)) && (x = strtok_r(NULL, " \n", &sv)))
-            if (strcmp(n, "ListenOverflows") == 0)
-                v = atoll(x);
-    }
-    if (f)
-        fclose(f);
-    return v;
-}
-
-static double self_cpu_s(void)
-{
-    struct rusage ru;
-
-    getrusage(RUSAGE_SELF, &ru);
-    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec +
-           ru.ru_stime.tv_usec / 1e6;
+    else
+        extra[2] = NULL;
+    sim_daemon_start(&dm->d, duplexd, extra);
 }
 
 static void sim_send(struct sim *s, int i, const uint8_t *buf, size_t len)
 {
     if (zmq_send(s->sock[i], buf, len, ZMQ_DONTWAIT) < 0)
-        die("worker %s (%s): send: %s", s->ids[i], s->dm->name, zmq_strerror(errno));
+        sim_die("worker %s (%s): send: %s", s->ids[i], s->dm->d.name, zmq_strerror(errno));
 }
 
 /* the next batch on connection i: HB_BATCH heartbeats, then the probe */
@@ -426,7 +192,8 @@ static void sim_batch(struct sim *s, int i)
 static void sim_reply(struct sim *s, int i, const struct dx_msg *m)
 {
     if (!s->waiting[i])
-        die("worker %s (%s): unexpected %s", s->ids[i], s->dm->name, dx_msg_type_name(m->type));
+        sim_die("worker %s (%s): unexpected %s", s->ids[i], s->dm->d.name,
+                dx_msg_type_name(m->type));
     if (m->type == DUPLEX__MSG_TYPE__MSG_REGISTER_ACK) {
         const Duplex__RegisterAck *a = (const Duplex__RegisterAck *)m->body;
         snprintf(s->session[i], sizeof(s->session[i]), "%s", a->session_id);
@@ -437,10 +204,11 @@ static void sim_reply(struct sim *s, int i, const struct dx_msg *m)
         s->handled += HB_BATCH; /* the probe: every heartbeat before it was handled */
     } else if (m->type == DUPLEX__MSG_TYPE__MSG_ERROR) {
         const Duplex__Error *e = (const Duplex__Error *)m->body;
-        die("worker %s (%s): duplexd says %s: %s", s->ids[i], s->dm->name,
-            dx_error_code_name(e->code), e->text);
+        sim_die("worker %s (%s): duplexd says %s: %s", s->ids[i], s->dm->d.name,
+                dx_error_code_name(e->code), e->text);
     } else {
-        die("worker %s (%s): unexpected %s", s->ids[i], s->dm->name, dx_msg_type_name(m->type));
+        sim_die("worker %s (%s): unexpected %s", s->ids[i], s->dm->d.name,
+                dx_msg_type_name(m->type));
     }
     s->waiting[i] = false;
     s->outstanding--;
@@ -459,9 +227,9 @@ static void sim_drain(struct sim *s, int i)
         if (rc == -EAGAIN)
             return;
         if (rc == -EPROTO)
-            die("worker %s (%s): bad reply: %s", s->ids[i], s->dm->name, err.text);
+            sim_die("worker %s (%s): bad reply: %s", s->ids[i], s->dm->d.name, err.text);
         if (rc < 0)
-            die("worker %s (%s): receive: %s", s->ids[i], s->dm->name, zmq_strerror(-rc));
+            sim_die("worker %s (%s): receive: %s", s->ids[i], s->dm->d.name, zmq_strerror(-rc));
         sim_reply(s, i, &m);
         dx_msg_clear(&m);
         if (s->running)
@@ -477,17 +245,17 @@ static void sim_run_until(struct sim *s, double until, double timeout_s)
     double deadline = until + timeout_s;
 
     while (s->outstanding > 0) {
-        double t = now_s();
+        double t = sim_now_s();
         int n;
 
         if (s->running && t >= until)
             s->running = false;
         if (t > deadline)
-            die("duplexd (%s): %d replies still due after %.0f s", s->dm->name, s->outstanding,
-                timeout_s);
+            sim_die("duplexd (%s): %d replies still due after %.0f s", s->dm->d.name,
+                    s->outstanding, timeout_s);
         n = epoll_wait(s->epfd, ev, 256, 50);
         if (n < 0 && errno != EINTR)
-            die("epoll_wait: %s", strerror(errno));
+            sim_die("epoll_wait: %s", strerror(errno));
         for (int k = 0; k < n; k++)
             sim_drain(s, (int)ev[k].data.u32);
     }
@@ -498,31 +266,14 @@ static void sim_open(struct sim *s, struct daemon *dm)
     memset(s, 0, sizeof(*s));
     s->dm = dm;
     if ((s->epfd = epoll_create1(0)) < 0)
-        die("epoll_create1: %s", strerror(errno));
-    for (int c = 0; c < SIM_CONTEXTS; c++) {
-        if (!(s->ctx[c] = zmq_ctx_new()) ||
-            zmq_ctx_set(s->ctx[c], ZMQ_MAX_SOCKETS, SIM_WORKERS / SIM_CONTEXTS + 16) < 0)
-            die("zmq_ctx_new: %s", zmq_strerror(errno));
-    }
+        sim_die("epoll_create1: %s", strerror(errno));
+    for (int c = 0; c < SIM_CONTEXTS; c++)
+        s->ctx[c] = sim_context(SIM_WORKERS / SIM_CONTEXTS + 16);
     for (int i = 0; i < SIM_WORKERS; i++) {
-        int linger = 0, fd, rc;
-        size_t fdlen = sizeof(fd);
-        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
-
-        snprintf(s->ids[i], sizeof(s->ids[i]), "node%04d-gpu%d", i / GPUS_PER_NODE,
-                 i % GPUS_PER_NODE);
-        if (!(s->sock[i] = zmq_socket(s->ctx[i % SIM_CONTEXTS], ZMQ_DEALER)) ||
-            dx_wire_setup(s->sock[i]) < 0 ||
-            zmq_setsockopt(s->sock[i], ZMQ_LINGER, &linger, sizeof(linger)) < 0)
-            die("worker socket %d: %s", i, zmq_strerror(errno));
-        if (dm->curve && (rc = dx_cert_apply_client(s->sock[i], &dm->nodes[i / GPUS_PER_NODE],
-                                                    dm->server.public_key)) < 0)
-            die("worker socket %d: CURVE: %s", i, strerror(-rc));
-        if (zmq_connect(s->sock[i], dm->endpoint) < 0 ||
-            zmq_getsockopt(s->sock[i], ZMQ_FD, &fd, &fdlen) < 0)
-            die("worker socket %d: %s", i, zmq_strerror(errno));
-        if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
-            die("epoll_ctl: %s", strerror(errno));
+        sim_worker_id(i, s->ids[i], sizeof(s->ids[i]));
+        s->sock[i] = sim_dealer(s->ctx[i % SIM_CONTEXTS], dm->d.endpoint, false,
+                                dm->curve ? &dm->nodes[i / SIM_GPUS_PER_NODE] : NULL,
+                                dm->server.public_key, s->epfd, (uint32_t)i);
     }
 }
 
@@ -541,23 +292,13 @@ static void sim_close(struct sim *s)
 /* Registers every worker, then encodes its heartbeat and its probe. */
 static double sim_register(struct sim *s)
 {
-    double t0 = now_s();
+    double t0 = sim_now_s();
 
     for (int i = 0; i < SIM_WORKERS; i++) {
-        Duplex__Register r = DUPLEX__REGISTER__INIT;
-        char host[16];
         uint8_t *buf;
         size_t len;
 
-        snprintf(host, sizeof(host), "node%04d", i / GPUS_PER_NODE);
-        r.worker_id = s->ids[i];
-        r.host = r.node = host;
-        r.gpu_index = i % GPUS_PER_NODE;
-        r.backend = "sim";
-        r.pid = (int32_t)getpid();
-        r.data_addr = "";
-        if (dx_env_encode(DUPLEX__MSG_TYPE__MSG_REGISTER, 1, &r.base, &buf, &len) < 0)
-            die("cannot encode a Register");
+        sim_register_encode(i, "sim", "", 1, &buf, &len);
         sim_send(s, i, buf, len);
         free(buf);
         s->waiting[i] = true;
@@ -566,7 +307,8 @@ static double sim_register(struct sim *s)
     }
     sim_run_until(s, t0, REGISTER_TIMEOUT_S);
     if (s->registered != SIM_WORKERS)
-        die("duplexd (%s): %d of %d workers registered", s->dm->name, s->registered, SIM_WORKERS);
+        sim_die("duplexd (%s): %d of %d workers registered", s->dm->d.name, s->registered,
+                SIM_WORKERS);
     for (int i = 0; i < SIM_WORKERS; i++) {
         Duplex__Heartbeat hb = DUPLEX__HEARTBEAT__INIT;
         char probe_id[32];
@@ -576,16 +318,16 @@ static double sim_register(struct sim *s)
         hb.activity = DUPLEX__WORKER_ACTIVITY__ACTIVITY_IDLE;
         if (dx_env_encode(DUPLEX__MSG_TYPE__MSG_HEARTBEAT, 2, &hb.base, &s->hb[i], &s->hb_len[i]) <
             0)
-            die("cannot encode a Heartbeat");
+            sim_die("cannot encode a Heartbeat");
         /* an id of the same node (the key may speak for it) that nobody registered */
-        snprintf(probe_id, sizeof(probe_id), "node%04d-probe", i / GPUS_PER_NODE);
+        snprintf(probe_id, sizeof(probe_id), "node%04d-probe", i / SIM_GPUS_PER_NODE);
         hb.worker_id = probe_id;
         hb.session_id = "probe";
         if (dx_env_encode(DUPLEX__MSG_TYPE__MSG_HEARTBEAT, 3, &hb.base, &s->probe[i],
                           &s->probe_len[i]) < 0)
-            die("cannot encode a Heartbeat");
+            sim_die("cannot encode a Heartbeat");
     }
-    return now_s() - t0;
+    return sim_now_s() - t0;
 }
 
 struct hb_round {
@@ -598,8 +340,8 @@ struct hb_round {
 
 static struct hb_round sim_round(struct sim *s, double seconds)
 {
-    struct proc_cpu c0 = proc_cpu(s->dm->pid), c1;
-    double b0 = self_cpu_s(), t0 = now_s(), dt;
+    struct sim_proc_cpu c0 = sim_proc_cpu(s->dm->d.pid), c1;
+    double b0 = sim_self_cpu_s(), t0 = sim_now_s(), dt;
     struct hb_round r;
 
     s->handled = 0;
@@ -609,29 +351,14 @@ static struct hb_round sim_round(struct sim *s, double seconds)
         sim_drain(s, i);
     }
     sim_run_until(s, t0 + seconds, HB_REPLY_TIMEOUT_S);
-    dt = now_s() - t0;
-    c1 = proc_cpu(s->dm->pid);
+    dt = sim_now_s() - t0;
+    c1 = sim_proc_cpu(s->dm->d.pid);
     r.rate = (double)s->handled / dt;
     r.main_us = (c1.main - c0.main) / (double)s->handled * 1e6;
     r.io_us = (c1.other - c0.other) / (double)s->handled * 1e6;
     r.busy = (c1.main - c0.main) / dt;
-    r.self_us = (self_cpu_s() - b0) / (double)s->handled * 1e6;
+    r.self_us = (sim_self_cpu_s() - b0) / (double)s->handled * 1e6;
     return r;
-}
-
-static void raise_nofile(void)
-{
-    struct rlimit rl;
-    rlim_t want = 4 * SIM_WORKERS * MAX_DAEMONS + 1024;
-
-    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
-        die("getrlimit: %s", strerror(errno));
-    if (rl.rlim_cur < want) {
-        rl.rlim_cur = rl.rlim_max < want ? rl.rlim_max : want;
-        if (setrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur < want)
-            die("need %llu file descriptors, the hard limit is %llu", (unsigned long long)want,
-                (unsigned long long)rl.rlim_max);
-    }
 }
 
 static void hb_print(const char *what, const struct hb_round *r)
@@ -648,7 +375,7 @@ static double bench_heartbeats(const char *duplexd)
     struct hb_round rounds[2][HB_ROUNDS], med[2];
     double v[HB_ROUNDS], cost;
 
-    raise_nofile();
+    sim_raise_nofile(4 * SIM_WORKERS * 2 + 1024);
     printf("duplexd heartbeats: %d simulated workers (DEALER sockets; with CURVE, %d worker keys, "
            "one per 8-GPU node), batches of %d heartbeats + 1 probe per connection, %d rounds of "
            "%.0f s per daemon, alternating; medians\n",
@@ -658,15 +385,15 @@ static double bench_heartbeats(const char *duplexd)
         double reg;
 
         dms[d].curve = d == 1;
-        dms[d].name = d ? "curve" : "clear";
-        daemon_start(&dms[d], duplexd, d);
+        dms[d].d.name = d ? "curve" : "clear";
+        daemon_start(&dms[d], duplexd);
         sim_open(&sims[d], &dms[d]);
-        o0 = listen_overflows();
+        o0 = sim_listen_overflows();
         reg = sim_register(&sims[d]);
-        o1 = listen_overflows();
+        o1 = sim_listen_overflows();
         printf("register %d workers at once (%s): %.2f s (listen queue overflows on this "
                "machine meanwhile: %lld)\n",
-               SIM_WORKERS, dms[d].name, reg, o0 < 0 || o1 < 0 ? -1 : o1 - o0);
+               SIM_WORKERS, dms[d].d.name, reg, o0 < 0 || o1 < 0 ? -1 : o1 - o0);
         fflush(stdout);
     }
     for (int d = 0; d < 2; d++) /* warm-up, not counted */
@@ -676,7 +403,7 @@ static double bench_heartbeats(const char *duplexd)
             char what[32];
 
             rounds[d][k] = sim_round(&sims[d], HB_ROUND_S);
-            snprintf(what, sizeof(what), "%s round %d", dms[d].name, k + 1);
+            snprintf(what, sizeof(what), "%s round %d", dms[d].d.name, k + 1);
             hb_print(what, &rounds[d][k]);
             fflush(stdout);
         }
@@ -695,7 +422,7 @@ static double bench_heartbeats(const char *duplexd)
         HB_MEDIAN(busy);
         HB_MEDIAN(self_us);
 #undef HB_MEDIAN
-        snprintf(what, sizeof(what), "%s (median)", dms[d].name);
+        snprintf(what, sizeof(what), "%s (median)", dms[d].d.name);
         hb_print(what, &med[d]);
     }
     cost = 1 - med[1].rate / med[0].rate;
@@ -706,7 +433,7 @@ static double bench_heartbeats(const char *duplexd)
            med[1].self_us / med[0].self_us);
     for (int d = 0; d < 2; d++) {
         sim_close(&sims[d]);
-        daemon_stop(&dms[d], d);
+        sim_daemon_stop(&dms[d].d);
     }
     fflush(stdout);
     return cost;
@@ -725,11 +452,11 @@ static void endpoint_open(struct endpoint *e, bool curve)
     char err[256];
 
     if (!(e->zctx = zmq_ctx_new()) || zmq_curve_keypair(e->pub, e->sec) < 0)
-        die("zmq: %s", zmq_strerror(errno));
+        sim_die("zmq: %s", zmq_strerror(errno));
     if (wk_data_create(e->zctx, WK_DATA_LISTEN_DEFAULT, "127.0.0.1", &e->d, err, sizeof(err)) < 0)
-        die("data plane: %s", err);
+        sim_die("data plane: %s", err);
     if (curve && wk_data_set_curve(e->d, e->pub, e->sec, err, sizeof(err)) < 0)
-        die("data plane: %s", err);
+        sim_die("data plane: %s", err);
 }
 
 static void endpoint_close(struct endpoint *e)
@@ -782,7 +509,7 @@ static void *dp_receiver(void *arg)
         if (rc < 0)
             return NULL;
     }
-    f->t_end = now_s();
+    f->t_end = sim_now_s();
     return NULL;
 }
 
@@ -812,13 +539,13 @@ static struct dp_result dp_round(struct endpoint *from, struct endpoint *to, uin
     if ((rc = wk_data_set_max_msg(to->d, size)) < 0 ||
         (rc = wk_data_set_peer_key(from->d, wk_data_addr(to->d), to->pub)) < 0 ||
         (rc = wk_data_allow_peers(to->d, keys, 1)) < 0)
-        die("data plane setup: %s", strerror(-rc));
+        sim_die("data plane setup: %s", strerror(-rc));
     wk_data_begin(to->d, f.job, attempt);
     wk_data_begin(from->d, f.job, attempt);
     if (pthread_create(&th, NULL, dp_receiver, &f) != 0)
-        die("pthread_create");
-    c0 = self_cpu_s();
-    t0 = now_s();
+        sim_die("pthread_create");
+    c0 = sim_self_cpu_s();
+    t0 = sim_now_s();
     for (size_t i = 0; i < count; i++) {
         struct wk_data_key k = dp_key(&f, i);
 
@@ -830,17 +557,17 @@ static struct dp_result dp_round(struct endpoint *from, struct endpoint *to, uin
         if (rc < 0)
             break;
         if ((rc = wk_data_send(from->d, wk_data_addr(to->d), &k, payload, size, DP_TIMEOUT_MS)) < 0)
-            die("data plane send of %zu bytes: %s", size, strerror(-rc));
+            sim_die("data plane send of %zu bytes: %s", size, strerror(-rc));
     }
     pthread_join(th, NULL);
     if (f.error) {
         wk_data_failure(to->d, what, sizeof(what));
-        die("data plane receive of %zu bytes: %s %s", size, strerror(-f.error), what);
+        sim_die("data plane receive of %zu bytes: %s %s", size, strerror(-f.error), what);
     }
     pthread_mutex_destroy(&f.mu);
     pthread_cond_destroy(&f.cv);
     return (struct dp_result){(double)size * (double)count / (f.t_end - t0) / 1e6,
-                              (self_cpu_s() - c0) / ((double)size * (double)count) * 1e9};
+                              (sim_self_cpu_s() - c0) / ((double)size * (double)count) * 1e9};
 }
 
 /* The demo's messages: one activation of a rank's share of a micro-batch,
@@ -857,15 +584,15 @@ static void demo_sizes(const char *path, size_t *act, size_t *grad, int *grad_st
 
     if (!f || fseek(f, 0, SEEK_END) < 0 || (len = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) < 0 ||
         !(text = malloc((size_t)len + 1)) || fread(text, 1, (size_t)len, f) != (size_t)len)
-        die("%s: cannot read it", path);
+        sim_die("%s: cannot read it", path);
     fclose(f);
     if (coord_jobspec_parse(text, (size_t)len, NULL, 0, &spec, err, sizeof(err)) < 0)
-        die("%s: %s", path, err);
+        sim_die("%s: %s", path, err);
     free(text);
     wk_train_config_from_spec(&spec, &tc);
     if (dp_sched_generate(spec.parallel.schedule, spec.parallel.pp, spec.parallel.microbatches,
                           &sched, err, sizeof(err)) < 0)
-        die("%s: %s", path, err);
+        sim_die("%s: %s", path, err);
     stages = dp_sched_stages(sched);
     dp_sched_destroy(sched);
     per = spec.model.layers / stages;
@@ -879,7 +606,7 @@ static void demo_sizes(const char *path, size_t *act, size_t *grad, int *grad_st
         size_t nf = 0, size;
 
         if (wk_model_stage_init(&m, &tc.model, tc.seed, st * per, (st + 1) * per, flags) < 0)
-            die("%s: cannot build stage %d", path, st);
+            sim_die("%s: cannot build stage %d", path, st);
         for (int i = 0; i < wk_model_param_count(&m); i++)
             nf += wk_model_param(&m, i)->n;
         wk_model_free(&m);
@@ -917,21 +644,21 @@ static void bench_sodium(size_t size, double *seal, double *open, double *copy)
         for (size_t i = 32; i < size + 32; i++)
             m[i] = (unsigned char)(i * 131);
         box(c, m, size + 32, nonce, key); /* warm */
-        t0 = now_s();
+        t0 = sim_now_s();
         for (size_t r = 0; r < rounds; r++)
             box(c, m, size + 32, nonce, key);
-        *seal = (double)size * (double)rounds / (now_s() - t0) / 1e6;
-        t0 = now_s();
+        *seal = (double)size * (double)rounds / (sim_now_s() - t0) / 1e6;
+        t0 = sim_now_s();
         for (size_t r = 0; r < rounds; r++)
             if (unbox(m, c, size + 32, nonce, key) != 0)
-                die("crypto_box_open_afternm refused its own box");
-        *open = (double)size * (double)rounds / (now_s() - t0) / 1e6;
-        t0 = now_s();
+                sim_die("crypto_box_open_afternm refused its own box");
+        *open = (double)size * (double)rounds / (sim_now_s() - t0) / 1e6;
+        t0 = sim_now_s();
         for (size_t r = 0; r < rounds; r++) {
             memcpy(c, m, size + 32);
             __asm__ __volatile__("" : : "r"(c) : "memory");
         }
-        *copy = (double)size * (double)rounds / (now_s() - t0) / 1e6;
+        *copy = (double)size * (double)rounds / (sim_now_s() - t0) / 1e6;
     }
     free(m);
     free(c);
@@ -961,7 +688,7 @@ static void bench_dataplane(const char *spec_path, double cost[DP_SIZES], size_t
         for (int e = 0; e < 2; e++)
             endpoint_open(&ep[m][e], m == 1);
     if (!(payload = malloc(BIG_MSG)))
-        die("out of memory");
+        sim_die("out of memory");
     for (size_t i = 0; i < BIG_MSG; i++)
         payload[i] = (uint8_t)(i * 2654435761u >> 24);
     for (int s = 0; s < DP_SIZES; s++) {
@@ -1006,21 +733,6 @@ static void bench_dataplane(const char *spec_path, double cost[DP_SIZES], size_t
 
 /* --- main ------------------------------------------------------------------ */
 
-/* The directory this program is in (BUILD/bench). */
-static void exe_dir(char *out, size_t len)
-{
-    char exe[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-    char *slash;
-
-    if (n < 0)
-        die("readlink /proc/self/exe: %s", strerror(errno));
-    exe[n] = '\0';
-    if ((slash = strrchr(exe, '/')))
-        *slash = '\0';
-    snprintf(out, len, "%s", exe);
-}
-
 /* path as given when it exists, else looked for in the directories above
  * this program's (the repository holding BUILD) */
 static void find_upwards(const char *dir, const char *path, char *out, size_t len)
@@ -1040,10 +752,10 @@ int main(int argc, char **argv)
 {
     char dir[PATH_MAX], duplexd[PATH_MAX + 32], spec[2 * PATH_MAX];
     size_t sizes[DP_SIZES];
-    double hb_cost, dp_cost[DP_SIZES], t0 = now_s();
+    double hb_cost, dp_cost[DP_SIZES], t0 = sim_now_s();
     bool dp_met = true;
 
-    exe_dir(dir, sizeof(dir));
+    sim_exe_dir(dir, sizeof(dir));
     snprintf(duplexd, sizeof(duplexd), "%s/../bin/duplexd", dir);
     find_upwards(dir, "examples/demo.json", spec, sizeof(spec));
     for (int i = 1; i < argc; i++) {
@@ -1057,7 +769,8 @@ int main(int argc, char **argv)
         }
     }
     if (access(duplexd, X_OK) != 0)
-        die("%s: %s (build it first: make BUILD=... BUILD/bin/duplexd)", duplexd, strerror(errno));
+        sim_die("%s: %s (build it first: make BUILD=... BUILD/bin/duplexd)", duplexd,
+                strerror(errno));
     dx_log_init("bench", DX_LOG_WARN);
     signal(SIGPIPE, SIG_IGN);
 
@@ -1065,7 +778,7 @@ int main(int argc, char **argv)
     bench_dataplane(spec, dp_cost, sizes);
 
     printf("CURVE cost (1 - curve/clear throughput; target <= %.0f%%), whole run %.0f s:\n",
-           TARGET * 100, now_s() - t0);
+           TARGET * 100, sim_now_s() - t0);
     printf("CURVE cost: heartbeats %.1f%% (%s)\n", hb_cost * 100, verdict(hb_cost));
     printf("CURVE cost: data plane");
     for (int s = 0; s < DP_SIZES; s++) {

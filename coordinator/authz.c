@@ -395,7 +395,8 @@ bool coord_authz_may_send(enum coord_role role, Duplex__MsgType type, const char
     case DUPLEX__MSG_TYPE__MSG_SUBMIT:
     case DUPLEX__MSG_TYPE__MSG_CANCEL:
     case DUPLEX__MSG_TYPE__MSG_DRAIN:
-        *rule = "submitting, cancelling and draining need an operator key";
+    case DUPLEX__MSG_TYPE__MSG_FORGET:
+        *rule = "submitting, cancelling, draining and forgetting need an operator key";
         return role == COORD_ROLE_OPERATOR;
     default: /* Error (only logged), and what the dispatcher refuses itself */
         *rule = "";

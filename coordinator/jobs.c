@@ -22,6 +22,12 @@
 /* A checkpoint directory as long as the longest a worker may report */
 #define JOB_PATH_LEN (DX_MAX_PATH_LEN + 1)
 
+/* One moment on both clocks: wall time for records, events and status;
+ * monotonic time for every duration (jobs.h). */
+struct jnow {
+    int64_t wall, mono;
+};
+
 struct job_rank {
     char worker_id[DX_MAX_ID_LEN + 1];
     int dp, pp, ep;
@@ -29,7 +35,8 @@ struct job_rank {
     double tokens;       /* tokens its experts took in that step */
     int reported_tokens; /* whether it reports expert tokens at all */
     int acked;
-    int done;
+    int done;    /* stopped (or never started, or abandoned): nothing more to wait for */
+    int lost;    /* its worker was lost while it ran: it may still run, unconfirmed */
     int resumed; /* held again after duplexd restarted: it may have reported beyond step */
 };
 
@@ -44,27 +51,27 @@ struct coord_job {
     uint32_t attempt;
     struct job_rank *ranks;
     int nranks, acks, dones;
-    int64_t placed_ms; /* when the assignments went out */
-    int *slot_expert;  /* [ep][slots per GPU]: logical expert of each slot */
+    int64_t placed_mono; /* when the assignments went out */
+    int *slot_expert;    /* [ep][slots per GPU]: logical expert of each slot */
     int slots_per_gpu;
     double *expert_load; /* [experts]: tokens reported so far, for rebalancing */
     double sim_makespan_ms, sim_bubble_ms;
     /* recovery */
-    int restarts;             /* recoveries begun */
-    int64_t recover_at_ms;    /* RECOVERING: place again no earlier (backoff) */
-    int64_t recover_until_ms; /* RECOVERING: fail when no workers came by then */
-    int64_t failed_ms;        /* when the last failure was detected */
-    uint64_t failed_step;     /* the job's step then */
-    uint64_t resume_step;     /* the checkpoint this attempt started from; 0: none */
+    int restarts;               /* recoveries begun */
+    int64_t recover_at_mono;    /* RECOVERING: place again no earlier (backoff) */
+    int64_t recover_until_mono; /* RECOVERING: fail when no workers came by then */
+    int64_t failed_mono;        /* when the last failure was detected */
+    uint64_t failed_step;       /* the job's step then */
+    uint64_t resume_step;       /* the checkpoint this attempt started from; 0: none */
     char resume_dir[COORD_JOB_DIR_LEN];
     char owner[COORD_JOB_OWNER_LEN]; /* the submitting key's name */
     /* an absolute checkpoint.dir resolved once (symbolic links), so that a
      * report is never checked with a file-system call on the loop; "" when
      * relative or unresolvable */
     char ckpt_real[COORD_JOB_DIR_LEN];
-    int await_first_step; /* a recovered attempt has not finished a step yet */
-    int64_t progress_ms;  /* when the job's step last moved (or the attempt began) */
-    double step_ewma_ms;  /* recent time per step; 0 before two steps */
+    int await_first_step;  /* a recovered attempt has not finished a step yet */
+    int64_t progress_mono; /* when the job's step last moved (or the attempt began) */
+    double step_ewma_ms;   /* recent time per step; 0 before two steps */
     /* backend cuda: the NCCL unique id of the current attempt */
     unsigned char nccl_id[COORD_NCCL_ID_BYTES];
     int has_nccl_id;
@@ -74,12 +81,17 @@ struct coord_jobs {
     coord_store_t *store;
     coord_registry_t *reg;
     struct coord_jobs_io io;
-    int spares;           /* free workers per backend that new jobs leave for recoveries */
-    struct coord_job **v; /* by id */
+    int spares;            /* free workers per backend that new jobs leave for recoveries */
+    uint64_t metrics_keep; /* steps of metrics rows a job keeps (0: all) */
+    struct coord_job **v;  /* by id */
     size_t n, cap;
     coord_nccl_t *nccl;            /* NCCL unique ids, made on the first cuda job */
     char *nccl_lib;                /* its library (NULL: coordinator/nccl_id.h's default) */
     char refusal[JOB_REFUSAL_LEN]; /* why the last worker message was refused */
+    /* ids of the workers that may be stale (coord_worker.stale_job), to
+     * send them AbortJob again without a walk over every worker */
+    char **stale;
+    size_t n_stale, cap_stale;
 };
 
 static void job_resolve_ckpt_dir(struct coord_job *j);
@@ -143,6 +155,7 @@ int coord_jobs_create(coord_store_t *store, coord_registry_t *reg, const struct 
     jobs->store = store;
     jobs->reg = reg;
     jobs->io = *io;
+    jobs->metrics_keep = COORD_METRICS_KEEP_STEPS;
     *out = jobs;
     return 0;
 }
@@ -165,6 +178,9 @@ void coord_jobs_destroy(coord_jobs_t *jobs)
     for (size_t i = 0; i < jobs->n; i++)
         job_free(jobs->v[i]);
     free(jobs->v);
+    for (size_t i = 0; i < jobs->n_stale; i++)
+        free(jobs->stale[i]);
+    free(jobs->stale);
     coord_nccl_destroy(jobs->nccl);
     free(jobs->nccl_lib);
     free(jobs);
@@ -175,6 +191,14 @@ static struct coord_job *job_find(coord_jobs_t *jobs, uint64_t id)
     for (size_t i = 0; i < jobs->n; i++)
         if (jobs->v[i]->id == id)
             return jobs->v[i];
+    return NULL;
+}
+
+static struct job_rank *rank_of(struct coord_job *j, const char *worker_id)
+{
+    for (int i = 0; j && i < j->nranks; i++)
+        if (strcmp(j->ranks[i].worker_id, worker_id) == 0)
+            return &j->ranks[i];
     return NULL;
 }
 
@@ -219,10 +243,11 @@ static void job_event(coord_jobs_t *jobs, const struct coord_job *j, const char 
 
 /* Moves j to `to` with a reason: stored, with a "job_<state>" event. */
 static int job_set_state(coord_jobs_t *jobs, struct coord_job *j, enum coord_job_state to,
-                         int64_t now, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+                         struct jnow now, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
 
 static int job_set_state(coord_jobs_t *jobs, struct coord_job *j, enum coord_job_state to,
-                         int64_t now, const char *fmt, ...)
+                         struct jnow now, const char *fmt, ...)
 {
     char kind[32];
     va_list ap;
@@ -238,20 +263,21 @@ static int job_set_state(coord_jobs_t *jobs, struct coord_job *j, enum coord_job
     j->state = to;
     if (to == COORD_JOB_RUNNING) {
         if (!j->started_ms)
-            j->started_ms = now;
-        j->progress_ms = now;
+            j->started_ms = now.wall;
+        j->progress_mono = now.mono;
         j->step_ewma_ms = 0;
     }
     if (job_is_over(j))
-        j->finished_ms = now;
+        j->finished_ms = now.wall;
     dx_info("job %llu: %s (%s)", (unsigned long long)j->id, state_names[to], j->reason);
     job_persist(jobs, j);
     snprintf(kind, sizeof(kind), "job_%s", state_names[to]);
-    job_event(jobs, j, kind, NULL, now, j->reason);
+    job_event(jobs, j, kind, NULL, now.wall, j->reason);
     return 0;
 }
 
-/* Tells every rank that has not finished to stop. */
+/* Tells every rank that has not finished to stop (a lost worker's when it
+ * is back: stale_check). */
 static void job_abort_ranks(coord_jobs_t *jobs, struct coord_job *j, const char *reason)
 {
     Duplex__AbortJob m = DUPLEX__ABORT_JOB__INIT;
@@ -259,8 +285,9 @@ static void job_abort_ranks(coord_jobs_t *jobs, struct coord_job *j, const char 
     m.job_id = j->id;
     m.reason = (char *)reason;
     for (int i = 0; i < j->nranks; i++) {
-        if (!j->ranks[i].done && jobs->io.send(jobs->io.arg, j->ranks[i].worker_id,
-                                               DUPLEX__MSG_TYPE__MSG_ABORT_JOB, &m.base) < 0)
+        if (!j->ranks[i].done && !j->ranks[i].lost &&
+            jobs->io.send(jobs->io.arg, j->ranks[i].worker_id, DUPLEX__MSG_TYPE__MSG_ABORT_JOB,
+                          &m.base) < 0)
             dx_debug("abort of job %llu not delivered to %s", (unsigned long long)j->id,
                      j->ranks[i].worker_id);
     }
@@ -281,9 +308,105 @@ static void job_stop_ranks(coord_jobs_t *jobs, struct coord_job *j, const char *
     }
 }
 
+/* ---- stale workers -------------------------------------------------------- */
+
+/* Sends a stale worker AbortJob for what it may still run (when alive). */
+static void stale_abort(coord_jobs_t *jobs, struct coord_worker *w, int64_t now_mono)
+{
+    Duplex__AbortJob m = DUPLEX__ABORT_JOB__INIT;
+    char reason[128];
+
+    if (w->state != COORD_WORKER_ALIVE)
+        return;
+    snprintf(reason, sizeof(reason), "duplexd gave up attempt %u of job %llu on this worker",
+             w->stale_attempt, (unsigned long long)w->stale_job);
+    m.job_id = w->stale_job;
+    m.reason = reason;
+    w->stale_abort_mono = now_mono ? now_mono : 1;
+    if (jobs->io.send(jobs->io.arg, w->id, DUPLEX__MSG_TYPE__MSG_ABORT_JOB, &m.base) < 0)
+        dx_debug("abort of job %llu not delivered to %s", (unsigned long long)w->stale_job, w->id);
+}
+
+/* w may still run attempt `attempt` (0: some attempt) of job id, which
+ * duplexd gave up: it stays out of placement and is sent AbortJob while it
+ * is alive, until it says it stopped (stale_clear). */
+static void stale_mark(coord_jobs_t *jobs, struct coord_worker *w, uint64_t id, uint32_t attempt)
+{
+    int listed = w->stale_job != 0; /* every stale worker is in jobs->stale */
+
+    w->stale_job = id;
+    w->stale_attempt = attempt;
+    w->stale_pid = w->pid;
+    w->stale_abort_mono = 0;
+    for (size_t i = 0; !listed && i < jobs->n_stale; i++)
+        listed = strcmp(jobs->stale[i], w->id) == 0;
+    if (listed)
+        return;
+    if (jobs->n_stale == jobs->cap_stale) {
+        size_t cap = jobs->cap_stale ? 2 * jobs->cap_stale : 8;
+        char **v = realloc(jobs->stale, cap * sizeof(*v));
+
+        if (!v)
+            goto fail;
+        jobs->stale = v;
+        jobs->cap_stale = cap;
+    }
+    if (!(jobs->stale[jobs->n_stale] = strdup(w->id)))
+        goto fail;
+    jobs->n_stale++;
+    return;
+fail: /* it stays out of placement; only AbortJob is not sent again */
+    dx_error("out of memory noting that worker %s may still run job %llu", w->id,
+             (unsigned long long)id);
+}
+
+/* w said it stopped what it may have run (how says how): no longer stale;
+ * a rank of the job's current attempt that waited for it stopped. */
+static void stale_clear(coord_jobs_t *jobs, struct coord_worker *w, const char *how)
+{
+    struct coord_job *j = w->stale_job ? job_find(jobs, w->stale_job) : NULL;
+    struct job_rank *r = rank_of(j, w->id);
+
+    if (!w->stale_job)
+        return;
+    if (r && r->lost && !r->done && (!w->stale_attempt || w->stale_attempt == j->attempt))
+        r->done = 1;
+    dx_info("worker %s no longer runs job %llu attempt %u (%s)", w->id,
+            (unsigned long long)w->stale_job, w->stale_attempt, how);
+    w->stale_job = 0;
+    w->stale_attempt = 0;
+    w->stale_pid = 0;
+    w->stale_abort_mono = 0;
+}
+
+/* Stale workers: confirmed by another process under the id (or leaving),
+ * else sent AbortJob again every COORD_STALE_ABORT_EVERY_MS while alive.
+ * The list drops the ones that confirmed. */
+static void stale_check(coord_jobs_t *jobs, int64_t now_mono)
+{
+    size_t k = 0;
+
+    for (size_t i = 0; i < jobs->n_stale; i++) {
+        struct coord_worker *w = coord_registry_find(jobs->reg, jobs->stale[i]);
+
+        if (w && w->stale_job && w->pid != w->stale_pid)
+            stale_clear(jobs, w, "another process runs under its id");
+        else if (w && w->stale_job && w->state == COORD_WORKER_LEFT)
+            stale_clear(jobs, w, "it left");
+        if (!w || !w->stale_job) {
+            free(jobs->stale[i]);
+            continue;
+        }
+        if (!w->stale_abort_mono || now_mono - w->stale_abort_mono >= COORD_STALE_ABORT_EVERY_MS)
+            stale_abort(jobs, w, now_mono);
+        jobs->stale[k++] = jobs->stale[i];
+    }
+    jobs->n_stale = k;
+}
+
 /* Ends a job that has not ended, stopping its ranks. */
-static void job_end(coord_jobs_t *jobs, struct coord_job *j, enum coord_job_state to, int64_t now,
-                    const char *reason)
+static void job_end(coord_jobs_t *jobs, struct coord_job *j, enum coord_job_state to,
+                    struct jnow now, const char *reason)
 {
     if (job_is_over(j) || job_set_state(jobs, j, to, now, "%s", reason) < 0)
         return;
@@ -295,7 +418,7 @@ static void job_end(coord_jobs_t *jobs, struct coord_job *j, enum coord_job_stat
  * checkpoint) while restarts are left, else it fails. culprit, when
  * known, is the worker that caused it: counted towards its blocklisting.
  * A failure while already recovering needs nothing more. */
-static void job_fail(coord_jobs_t *jobs, struct coord_job *j, int64_t now, const char *culprit,
+static void job_fail(coord_jobs_t *jobs, struct coord_job *j, struct jnow now, const char *culprit,
                      const char *reason)
 {
     char text[JOB_REASON_LEN];
@@ -303,9 +426,9 @@ static void job_fail(coord_jobs_t *jobs, struct coord_job *j, int64_t now, const
     if (job_is_over(j))
         return;
     if (culprit)
-        coord_registry_note_failure(jobs->reg, culprit, reason, now);
+        coord_registry_note_failure(jobs->reg, culprit, reason, now.wall, now.mono);
     if (j->state == COORD_JOB_RECOVERING) {
-        job_event(jobs, j, "job_failure", culprit, now, reason);
+        job_event(jobs, j, "job_failure", culprit, now.wall, reason);
         return;
     }
     if (j->restarts >= j->spec.restart.max_restarts) {
@@ -315,10 +438,10 @@ static void job_fail(coord_jobs_t *jobs, struct coord_job *j, int64_t now, const
         return;
     }
     j->restarts++;
-    j->failed_ms = now;
+    j->failed_mono = now.mono;
     j->failed_step = j->step;
-    j->recover_at_ms = now + j->spec.restart.backoff_ms;
-    j->recover_until_ms = j->recover_at_ms + COORD_RECOVER_WAIT_MS;
+    j->recover_at_mono = now.mono + j->spec.restart.backoff_ms;
+    j->recover_until_mono = j->recover_at_mono + COORD_RECOVER_WAIT_MS;
     j->await_first_step = 0;
     job_set_state(jobs, j, COORD_JOB_RECOVERING, now, "restart %d of %d after step %llu: %.200s",
                   j->restarts, j->spec.restart.max_restarts, (unsigned long long)j->step, reason);
@@ -349,7 +472,7 @@ static int add_rank(const struct coord_rank_row *row, void *arg)
  * way, and the job recovers. A job that was placing waits for the
  * acknowledgements again (the ack timeout restarts now). Expert tokens of
  * this attempt are not counted (its slot map is not stored). */
-static void job_resume(coord_jobs_t *jobs, struct coord_job *j, int64_t now)
+static void job_resume(coord_jobs_t *jobs, struct coord_job *j, struct jnow now)
 {
     int need = coord_jobspec_workers(&j->spec), running = j->state == COORD_JOB_RUNNING;
 
@@ -374,16 +497,16 @@ static void job_resume(coord_jobs_t *jobs, struct coord_job *j, int64_t now)
             w->assigned_job = j->id;
     }
     j->acks = running ? j->nranks : 0;
-    j->placed_ms = j->progress_ms = now;
-    j->failed_ms = j->recover_at_ms = now;
-    j->recover_until_ms = now + COORD_RECOVER_WAIT_MS;
+    j->placed_mono = j->progress_mono = now.mono;
+    j->failed_mono = j->recover_at_mono = now.mono;
+    j->recover_until_mono = now.mono + COORD_RECOVER_WAIT_MS;
     j->slots_per_gpu = 0;
-    job_event(jobs, j, "job_resumed", NULL, now, "duplexd restarted; the job goes on");
+    job_event(jobs, j, "job_resumed", NULL, now.wall, "duplexd restarted; the job goes on");
 }
 
 struct load_ctx {
     coord_jobs_t *jobs;
-    int64_t now;
+    struct jnow now;
     int rc;
 };
 
@@ -425,9 +548,9 @@ static int load_one(const struct coord_job_row *row, void *arg)
     return 0;
 }
 
-int coord_jobs_load(coord_jobs_t *jobs, int64_t now_wall)
+int coord_jobs_load(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono)
 {
-    struct load_ctx ctx = {jobs, now_wall, 0};
+    struct load_ctx ctx = {jobs, {now_wall, now_mono}, 0};
     return coord_store_jobs_each(jobs->store, load_one, &ctx);
 }
 
@@ -618,7 +741,7 @@ static int job_make_nccl_id(coord_jobs_t *jobs, struct coord_job *j, char *err, 
 
 /* Places j on free slots and sends its assignments. */
 static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord_slot *slots,
-                     size_t n, int64_t now)
+                     size_t n, struct jnow now)
 {
     struct coord_placement place = {0};
     struct coord_eplb_plan experts = {0};
@@ -685,7 +808,7 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
      * now on, and every report it compares with, is this attempt's */
     j->step = j->resume_step;
     j->attempt++;
-    j->placed_ms = now;
+    j->placed_mono = now.mono;
     job_simulate(j);
     job_set_state(jobs, j, COORD_JOB_PLACING, now, "placed on %d workers (%d EP groups span nodes)",
                   j->nranks, place.split_groups);
@@ -714,7 +837,8 @@ static struct coord_job *queue_head(coord_jobs_t *jobs)
 }
 
 /* The free workers of a backend, as placement slots (free() them); NULL
- * when out of memory. */
+ * when out of memory. A stale worker (it may still run an attempt duplexd
+ * gave up) is not free. */
 static struct coord_slot *free_slots(coord_jobs_t *jobs, const char *backend, size_t *n_free)
 {
     struct coord_worker **ws = NULL;
@@ -724,16 +848,18 @@ static struct coord_slot *free_slots(coord_jobs_t *jobs, const char *backend, si
     *n_free = 0;
     slots = n >= 0 ? calloc((size_t)n + 1, sizeof(*slots)) : NULL;
     for (int i = 0; slots && i < n; i++)
-        if (coord_worker_is_free(ws[i]) && strcmp(ws[i]->backend, backend) == 0)
+        if (coord_worker_is_free(ws[i]) && !ws[i]->stale_job &&
+            strcmp(ws[i]->backend, backend) == 0)
             slots[(*n_free)++] = (struct coord_slot){ws[i]->id, ws[i]->node, ws[i]->gpu};
     free(ws);
     return slots;
 }
 
-/* A recovering job: once its old ranks stopped and its backoff passed, it
- * is placed again (on any free workers, spares included) from its latest
- * complete checkpoint; with too few workers it waits, then fails. */
-static void job_try_recover(coord_jobs_t *jobs, struct coord_job *j, int64_t now)
+/* A recovering job: once every rank of its last attempt confirmed it
+ * stopped (or was abandoned) and its backoff passed, it is placed again (on
+ * any free workers, spares included) from its latest complete checkpoint;
+ * with too few workers it waits, then fails. */
+static void job_try_recover(coord_jobs_t *jobs, struct coord_job *j, struct jnow now)
 {
     size_t need = (size_t)coord_jobspec_workers(&j->spec), n_free = 0;
     struct coord_slot *slots;
@@ -741,7 +867,7 @@ static void job_try_recover(coord_jobs_t *jobs, struct coord_job *j, int64_t now
 
     for (int i = 0; i < j->nranks; i++)
         stopping += !j->ranks[i].done;
-    if (stopping || now < j->recover_at_ms)
+    if (stopping || now.mono < j->recover_at_mono)
         return;
     slots = free_slots(jobs, j->spec.backend, &n_free);
     if (slots && n_free >= need) {
@@ -757,24 +883,25 @@ static void job_try_recover(coord_jobs_t *jobs, struct coord_job *j, int64_t now
         }
         j->await_first_step = 1;
         job_start(jobs, j, slots, n_free, now);
-    } else if (now > j->recover_until_ms) {
+    } else if (now.mono > j->recover_until_mono) {
         char reason[JOB_REASON_LEN];
 
         snprintf(reason, sizeof(reason), "no %zu free %s workers to restart on within %d s", need,
-                 j->spec.backend, (int)((now - j->failed_ms) / 1000));
+                 j->spec.backend, (int)((now.mono - j->failed_mono) / 1000));
         job_end(jobs, j, COORD_JOB_FAILED, now, reason);
     }
     free(slots);
 }
 
-void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall)
+void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono)
 {
+    struct jnow now = {now_wall, now_mono};
     struct coord_job *j;
 
     /* recovering jobs first: they had their workers already */
     for (size_t i = 0; i < jobs->n; i++)
         if (jobs->v[i]->state == COORD_JOB_RECOVERING)
-            job_try_recover(jobs, jobs->v[i], now_wall);
+            job_try_recover(jobs, jobs->v[i], now);
     while ((j = queue_head(jobs))) {
         size_t free_n = 0, need = (size_t)coord_jobspec_workers(&j->spec);
         struct coord_slot *slots = free_slots(jobs, j->spec.backend, &free_n);
@@ -787,9 +914,14 @@ void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall)
             free(slots);
             return; /* the head of the queue holds the rest: no overtaking */
         }
-        job_start(jobs, j, slots, free_n - (size_t)jobs->spares, now_wall);
+        job_start(jobs, j, slots, free_n - (size_t)jobs->spares, now);
         free(slots);
     }
+}
+
+void coord_jobs_set_metrics_keep(coord_jobs_t *jobs, uint64_t steps)
+{
+    jobs->metrics_keep = steps;
 }
 
 void coord_jobs_set_spares(coord_jobs_t *jobs, int spares)
@@ -808,8 +940,8 @@ int coord_jobs_set_nccl_library(coord_jobs_t *jobs, const char *library)
     return 0;
 }
 
-int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, const char *by, int64_t now_wall, char *err,
-                      size_t errlen)
+int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, const char *by, int64_t now_wall,
+                      int64_t now_mono, char *err, size_t errlen)
 {
     struct coord_job *j = job_find(jobs, id);
 
@@ -824,20 +956,12 @@ int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, const char *by, int64_t n
     {
         char reason[128];
         snprintf(reason, sizeof(reason), "cancelled by %s", by);
-        job_end(jobs, j, COORD_JOB_CANCELLED, now_wall, reason);
+        job_end(jobs, j, COORD_JOB_CANCELLED, (struct jnow){now_wall, now_mono}, reason);
     }
     return 0;
 }
 
 /* ---- what workers say ----------------------------------------------------- */
-
-static struct job_rank *rank_of(struct coord_job *j, const char *worker_id)
-{
-    for (int i = 0; j && i < j->nranks; i++)
-        if (strcmp(j->ranks[i].worker_id, worker_id) == 0)
-            return &j->ranks[i];
-    return NULL;
-}
 
 const char *coord_jobs_refusal(const coord_jobs_t *jobs)
 {
@@ -1102,7 +1226,8 @@ static int match_shard(const char *dir, const char *file, uint64_t bytes, uint32
 }
 
 /* Whether m is the report of its step the worker made before, as recorded
- * (sent again because duplexd did not acknowledge it). */
+ * (sent again because duplexd did not acknowledge it): 1, 0 when not, or
+ * -ENOENT when the worker's report of that step is not stored. */
 static int report_recorded(coord_jobs_t *jobs, const struct coord_job *j, const char *worker_id,
                            const Duplex__StepReport *m)
 {
@@ -1111,7 +1236,7 @@ static int report_recorded(coord_jobs_t *jobs, const struct coord_job *j, const 
                              m->checkpoint_crc32c, 0};
 
     if (coord_store_metric_get(jobs->store, j->id, worker_id, m->step, &had) < 0)
-        return 0;
+        return -ENOENT;
     if (had.loss != m->loss || had.step_ms != m->step_ms || had.tokens_per_s != m->tokens_per_s ||
         had.compute_ms != m->compute_ms || had.wait_ms != m->wait_ms || had.comm_ms != m->comm_ms ||
         had.hidden_comm_ms != m->hidden_comm_ms || had.sync_ms != m->sync_ms ||
@@ -1130,6 +1255,25 @@ enum {
     REPORT_RECORDED = 2, /* recorded before duplexd restarted, sent again: the rank is there */
 };
 
+/* Whether the metrics rows of the job's step were deleted (or will be at
+ * the job's next step): it lies COORD_METRICS_KEEP_STEPS or more behind
+ * the step every rank finished. */
+static int metrics_expired(const coord_jobs_t *jobs, const struct coord_job *j, uint64_t step)
+{
+    return jobs->metrics_keep && j->step > jobs->metrics_keep &&
+           step <= j->step - jobs->metrics_keep;
+}
+
+/* Metrics retention (coord_jobs_set_metrics_keep): deletes the job's
+ * metrics rows of the steps now expired; their aggregates stay. */
+static void job_expire_metrics(coord_jobs_t *jobs, const struct coord_job *j)
+{
+    if (!jobs->metrics_keep || j->step <= jobs->metrics_keep)
+        return;
+    if (coord_store_metrics_expire(jobs->store, j->id, j->step - jobs->metrics_keep) < 0)
+        dx_error("could not delete the old metrics rows of job %llu", (unsigned long long)j->id);
+}
+
 /* A StepReport of rank r: REPORT_*, or -EINVAL when refused. */
 static int report_check(coord_jobs_t *jobs, const struct coord_job *j, const struct job_rank *r,
                         const char *worker_id, const Duplex__StepReport *m)
@@ -1147,8 +1291,13 @@ static int report_check(coord_jobs_t *jobs, const struct coord_job *j, const str
     if ((rc = report_check_shard(jobs, j, r, m)) < 0)
         return rc;
     if (m->step > r->step)
-        return r->resumed && report_recorded(jobs, j, worker_id, m) ? REPORT_RECORDED : REPORT_NEW;
-    if (report_recorded(jobs, j, worker_id, m))
+        return r->resumed && report_recorded(jobs, j, worker_id, m) > 0 ? REPORT_RECORDED
+                                                                        : REPORT_NEW;
+    if ((rc = report_recorded(jobs, j, worker_id, m)) > 0)
+        return REPORT_COUNTED;
+    /* its row expired (job_expire_metrics): every rank finished that step
+     * long ago and counted it; the report moves nothing */
+    if (rc == -ENOENT && metrics_expired(jobs, j, m->step))
         return REPORT_COUNTED;
     return refuse(jobs, -EINVAL,
                   "worker %s reported step %llu of job %llu already (its last: %llu), and not "
@@ -1191,9 +1340,42 @@ static int done_check(coord_jobs_t *jobs, const struct coord_job *j, const struc
                   (unsigned long long)r->step);
 }
 
-int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__AssignmentAck *m,
-                      int64_t now_wall)
+/* Whether a refused assignment says that w is busy with something duplexd
+ * no longer gives it (an earlier attempt of j, or another job it holds no
+ * running rank of): duplexd's doing, not the worker's. What it runs goes
+ * into *job and *attempt (0: not known), from the refusal ("busy: running
+ * job J attempt A", worker/agent.c) or else from its last heartbeat. */
+static int refused_as_busy(coord_jobs_t *jobs, const struct coord_job *j,
+                           const struct coord_worker *w, const char *error, uint64_t *job,
+                           uint32_t *attempt)
 {
+    unsigned long long id;
+    unsigned a;
+    struct coord_job *o;
+    struct job_rank *r;
+
+    if (!w)
+        return 0;
+    if (error && sscanf(error, "busy: running job %llu attempt %u", &id, &a) == 2 && id) {
+        *job = id;
+        *attempt = a;
+    } else if (w->activity == DUPLEX__WORKER_ACTIVITY__ACTIVITY_BUSY && w->job_id) {
+        *job = w->job_id;
+        *attempt = 0;
+    } else {
+        return 0;
+    }
+    if (*job == j->id) /* the same attempt would have been taken as running already */
+        return *attempt < j->attempt;
+    o = job_find(jobs, *job);
+    r = rank_of(o, w->id);
+    return !(o && !job_is_over(o) && r && !r->done && (!*attempt || *attempt == o->attempt));
+}
+
+int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__AssignmentAck *m,
+                      int64_t now_wall, int64_t now_mono)
+{
+    struct jnow now = {now_wall, now_mono};
     struct coord_job *j = job_find(jobs, m->job_id);
     struct job_rank *r;
     char reason[JOB_REASON_LEN];
@@ -1206,6 +1388,8 @@ int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__A
     r->acked = 1;
     if (!m->ok) {
         struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
+        uint64_t busy_job = 0;
+        uint32_t busy_attempt = 0;
 
         snprintf(reason, sizeof(reason), "worker %s refused its assignment: %.180s", worker_id,
                  m->error);
@@ -1216,20 +1400,30 @@ int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__A
             /* one of the job's own checkpoints is at fault, not the
              * worker: recover from an older one */
             coord_store_checkpoint_mark_bad(jobs->store, j->id, j->resume_step, reason);
-            job_event(jobs, j, "checkpoint_bad", worker_id, now_wall, reason);
-            job_fail(jobs, j, now_wall, NULL, reason);
+            job_event(jobs, j, "checkpoint_bad", worker_id, now.wall, reason);
+            job_fail(jobs, j, now, NULL, reason);
         } else if (m->bad_checkpoint || m->bad_spec) {
             /* the user's checkpoint.from, or a spec this worker cannot run
              * (its checkpoint root): nothing to fall back to, nobody to blame */
-            job_end(jobs, j, COORD_JOB_FAILED, now_wall, reason);
+            job_end(jobs, j, COORD_JOB_FAILED, now, reason);
+        } else if (refused_as_busy(jobs, j, w, m->error, &busy_job, &busy_attempt)) {
+            /* still running what duplexd gave up: not a failure of the
+             * worker; it stays out of placement until it stops */
+            snprintf(reason, sizeof(reason),
+                     "worker %s refused its assignment: still busy with job %llu attempt %u, "
+                     "which duplexd gave up (not counted against it)",
+                     worker_id, (unsigned long long)busy_job, busy_attempt);
+            stale_mark(jobs, w, busy_job, busy_attempt);
+            stale_abort(jobs, w, now.mono);
+            job_fail(jobs, j, now, NULL, reason);
         } else {
-            job_fail(jobs, j, now_wall, m->bad_checkpoint ? NULL : worker_id, reason);
+            job_fail(jobs, j, now, worker_id, reason);
         }
-        coord_jobs_schedule(jobs, now_wall);
+        coord_jobs_schedule(jobs, now.wall, now.mono);
         return 0;
     }
     if (++j->acks == j->nranks && j->state == COORD_JOB_PLACING)
-        job_set_state(jobs, j, COORD_JOB_RUNNING, now_wall, "all %d workers started", j->nranks);
+        job_set_state(jobs, j, COORD_JOB_RUNNING, now, "all %d workers started", j->nranks);
     return 0;
 }
 
@@ -1320,7 +1514,7 @@ static void job_checkpoint_shard(coord_jobs_t *jobs, struct coord_job *j, const 
 }
 
 int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex__StepReport *m,
-                         int64_t now_wall)
+                         int64_t now_wall, int64_t now_mono)
 {
     struct coord_job *j = job_find(jobs, m->job_id);
     struct job_rank *r;
@@ -1358,7 +1552,7 @@ int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex
         snprintf(detail, sizeof(detail),
                  "attempt %u: step %llu done %.1f s after the failure was detected; resumed "
                  "from %s; %llu steps lost",
-                 j->attempt, (unsigned long long)m->step, (double)(now_wall - j->failed_ms) / 1e3,
+                 j->attempt, (unsigned long long)m->step, (double)(now_mono - j->failed_mono) / 1e3,
                  j->resume_dir[0] ? j->resume_dir : "the start",
                  (unsigned long long)(j->failed_step > j->resume_step
                                           ? j->failed_step - j->resume_step
@@ -1385,41 +1579,61 @@ progress:
     for (int i = 0; i < j->nranks; i++)
         min = j->ranks[i].step < min ? j->ranks[i].step : min;
     if (min != j->step && min != UINT64_MAX) {
-        if (min > j->step && j->progress_ms && j->step > j->resume_step) {
-            double dt = (double)(now_wall - j->progress_ms) / (double)(min - j->step);
+        if (min > j->step && j->progress_mono && j->step > j->resume_step) {
+            double dt = (double)(now_mono - j->progress_mono) / (double)(min - j->step);
             j->step_ewma_ms = j->step_ewma_ms > 0 ? 0.8 * j->step_ewma_ms + 0.2 * dt : dt;
         }
         j->step = min;
-        j->progress_ms = now_wall;
+        j->progress_mono = now_mono;
         job_persist(jobs, j);
+        job_expire_metrics(jobs, j);
     }
     return 0;
 }
 
 int coord_jobs_on_done(coord_jobs_t *jobs, const char *worker_id, const Duplex__JobDone *m,
-                       int64_t now_wall)
+                       int64_t now_wall, int64_t now_mono)
 {
+    struct jnow now = {now_wall, now_mono};
     struct coord_job *j = job_find(jobs, m->job_id);
     struct job_rank *r = rank_of(j, worker_id);
     struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
     char reason[JOB_REASON_LEN];
-    int rc;
+    int rc, freed = 0;
 
     if (!j)
         return -ENOENT;
     if (m->attempt >= 1 && m->attempt < j->attempt) {
-        /* an abandoned rank of an earlier attempt stopped at last */
+        /* a rank of an earlier attempt (abandoned, or its worker lost or
+         * stale) stopped at last: answered, it moves nothing else */
+        if (w && w->stale_job == j->id && w->stale_attempt <= m->attempt) {
+            stale_clear(jobs, w, "its JobDone");
+            freed = 1;
+        }
         if (w && w->assigned_job == j->id && (!r || r->done)) {
             w->assigned_job = 0;
-            coord_jobs_schedule(jobs, now_wall);
+            freed = 1;
         }
+        if (freed)
+            coord_jobs_schedule(jobs, now.wall, now.mono);
         return 0;
     }
     if ((rc = job_sender(jobs, j, worker_id, m->attempt, "JobDone", &r)) != 0 ||
         (rc = done_check(jobs, j, r, worker_id, m)) != 0)
         return rc;
-    if (r->done)
-        return 0; /* said already */
+    if (w && w->stale_job == j->id) { /* its rank, if it waited for it, is done now */
+        stale_clear(jobs, w, "its JobDone");
+        freed = 1;
+    }
+    if (r->done) { /* said already, or abandoned or lost: it stopped now */
+        if (w && w->assigned_job == j->id && (job_is_over(j) || j->state == COORD_JOB_RECOVERING)) {
+            w->assigned_job = 0;
+            freed = 1;
+        }
+        if (freed)
+            coord_jobs_schedule(jobs, now.wall, now.mono);
+        return 0;
+    }
     r->done = 1;
     if (w && w->assigned_job == j->id)
         w->assigned_job = 0;
@@ -1428,35 +1642,48 @@ int coord_jobs_on_done(coord_jobs_t *jobs, const char *worker_id, const Duplex__
             /* the rank that says so need not be the cause (a peer may
              * have died): no blame */
             snprintf(reason, sizeof(reason), "worker %s: %.200s", worker_id, m->error);
-            job_fail(jobs, j, now_wall, NULL, reason);
+            job_fail(jobs, j, now, NULL, reason);
         } else if (++j->dones == j->nranks) {
-            job_set_state(jobs, j, COORD_JOB_SUCCEEDED, now_wall,
-                          "all %d workers finished %llu steps", j->nranks,
-                          (unsigned long long)m->steps);
+            job_set_state(jobs, j, COORD_JOB_SUCCEEDED, now, "all %d workers finished %llu steps",
+                          j->nranks, (unsigned long long)m->steps);
         }
     }
-    coord_jobs_schedule(jobs, now_wall);
+    coord_jobs_schedule(jobs, now.wall, now.mono);
     return 0;
 }
 
-void coord_jobs_on_worker_gone(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall)
+void coord_jobs_on_worker_gone(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall,
+                               int64_t now_mono)
 {
+    struct jnow now = {now_wall, now_mono};
     struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
     struct coord_job *j = w ? job_find(jobs, w->assigned_job) : NULL;
     struct job_rank *r = rank_of(j, worker_id);
+    int lost = w && w->state == COORD_WORKER_LOST, running = r && !r->done;
     char reason[JOB_REASON_LEN];
 
     if (!w || !w->assigned_job)
         return;
     w->assigned_job = 0;
-    if (r)
-        r->done = 1;
-    if (j && !job_is_over(j)) {
+    if (running) {
+        /* a worker that left stopped its job first, one that registers as
+         * a new process ran it in the old one; a lost one may still run
+         * it (a cut network): the job waits for it to confirm the abort */
+        if (lost && r->acked)
+            r->lost = 1;
+        else
+            r->done = 1;
+    }
+    if (lost && j)
+        stale_mark(jobs, w, j->id, r ? j->attempt : 0);
+    /* a worker held only for a rank it no longer runs (abandoned, or of
+     * a job that ended) fails nothing */
+    if (j && !job_is_over(j) && running) {
         snprintf(reason, sizeof(reason), "worker %s is %s", worker_id,
                  coord_worker_state_name(w->state));
-        job_fail(jobs, j, now_wall, worker_id, reason);
+        job_fail(jobs, j, now, worker_id, reason);
     }
-    coord_jobs_schedule(jobs, now_wall);
+    coord_jobs_schedule(jobs, now.wall, now.mono);
 }
 
 /* ---- status --------------------------------------------------------------- */
@@ -1628,11 +1855,11 @@ static const char *silent_rank(coord_jobs_t *jobs, const struct coord_job *j, in
 /* A running job whose step has not moved for COORD_STALL_FACTOR recent
  * step times (at least COORD_STALL_MIN_MS; COORD_STALL_FIRST_MS before its
  * first step) is stalled: a hang, not a death. */
-static void job_check_stall(coord_jobs_t *jobs, struct coord_job *j, int64_t now)
+static void job_check_stall(coord_jobs_t *jobs, struct coord_job *j, struct jnow now)
 {
     int64_t limit = j->step_ewma_ms > 0 ? (int64_t)(COORD_STALL_FACTOR * j->step_ewma_ms)
                                         : COORD_STALL_FIRST_MS;
-    int64_t idle = now - j->progress_ms, silent = 0;
+    int64_t idle = now.mono - j->progress_mono, silent = 0;
     char reason[JOB_REASON_LEN];
     const char *culprit;
 
@@ -1640,7 +1867,7 @@ static void job_check_stall(coord_jobs_t *jobs, struct coord_job *j, int64_t now
         limit = COORD_STALL_MIN_MS;
     if (j->state != COORD_JOB_RUNNING || idle < limit)
         return;
-    culprit = silent_rank(jobs, j, dx_mono_ms(), &silent);
+    culprit = silent_rank(jobs, j, now.mono, &silent);
     if (culprit)
         snprintf(reason, sizeof(reason),
                  "stalled: no step finished for %.1f s (limit %.1f s); worker %s silent for "
@@ -1649,40 +1876,50 @@ static void job_check_stall(coord_jobs_t *jobs, struct coord_job *j, int64_t now
     else
         snprintf(reason, sizeof(reason), "stalled: no step finished for %.1f s (limit %.1f s)",
                  (double)idle / 1e3, (double)limit / 1e3);
-    job_event(jobs, j, "job_stalled", culprit, now, reason);
+    job_event(jobs, j, "job_stalled", culprit, now.wall, reason);
     job_fail(jobs, j, now, culprit, reason);
 }
 
 /* Ranks of a recovering job that did not confirm the abort in time are
- * abandoned (their workers stay held until they report), so the job can
- * be placed elsewhere. */
-static void job_abandon_ranks(coord_jobs_t *jobs, struct coord_job *j, int64_t now)
+ * abandoned, so the job can be placed elsewhere: their workers stay stale
+ * (and held, when alive) until they say they stopped. */
+static void job_abandon_ranks(coord_jobs_t *jobs, struct coord_job *j, struct jnow now)
 {
     char detail[JOB_REASON_LEN];
 
-    if (j->state != COORD_JOB_RECOVERING || now - j->failed_ms < COORD_ABORT_WAIT_MS)
+    if (j->state != COORD_JOB_RECOVERING || now.mono - j->failed_mono < COORD_ABORT_WAIT_MS)
         return;
     for (int i = 0; i < j->nranks; i++) {
-        if (j->ranks[i].done)
+        struct job_rank *r = &j->ranks[i];
+        struct coord_worker *w;
+
+        if (r->done)
             continue;
-        j->ranks[i].done = 1;
+        r->done = 1;
+        if ((w = coord_registry_find(jobs->reg, r->worker_id)))
+            stale_mark(jobs, w, j->id, j->attempt);
         snprintf(detail, sizeof(detail),
-                 "rank (pp %d, ep %d, dp %d) did not stop within %d ms of the abort; abandoned",
-                 j->ranks[i].pp, j->ranks[i].ep, j->ranks[i].dp, COORD_ABORT_WAIT_MS);
-        job_event(jobs, j, "rank_abandoned", j->ranks[i].worker_id, now, detail);
+                 "rank (pp %d, ep %d, dp %d) did not stop within %d ms of the abort%s; "
+                 "abandoned, its worker kept out of placement until it stops",
+                 r->pp, r->ep, r->dp, COORD_ABORT_WAIT_MS, r->lost ? " (its worker was lost)" : "");
+        job_event(jobs, j, "rank_abandoned", r->worker_id, now.wall, detail);
     }
 }
 
-void coord_jobs_check_timeouts(coord_jobs_t *jobs, int64_t now_wall, int64_t ack_timeout_ms)
+void coord_jobs_check_timeouts(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono,
+                               int64_t ack_timeout_ms)
 {
+    struct jnow now = {now_wall, now_mono};
+
+    stale_check(jobs, now.mono);
     for (size_t i = 0; i < jobs->n; i++) {
         struct coord_job *j = jobs->v[i];
         char reason[JOB_REASON_LEN];
         const char *culprit = NULL;
 
-        job_check_stall(jobs, j, now_wall);
-        job_abandon_ranks(jobs, j, now_wall);
-        if (j->state != COORD_JOB_PLACING || now_wall - j->placed_ms < ack_timeout_ms)
+        job_check_stall(jobs, j, now);
+        job_abandon_ranks(jobs, j, now);
+        if (j->state != COORD_JOB_PLACING || now.mono - j->placed_mono < ack_timeout_ms)
             continue;
         for (int k = 0; k < j->nranks && !culprit; k++) {
             if (!j->ranks[k].acked) {
@@ -1694,23 +1931,33 @@ void coord_jobs_check_timeouts(coord_jobs_t *jobs, int64_t now_wall, int64_t ack
             }
         }
         if (culprit)
-            job_fail(jobs, j, now_wall, culprit, reason);
+            job_fail(jobs, j, now, culprit, reason);
     }
 }
 
-void coord_jobs_on_idle(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall)
+void coord_jobs_on_idle(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall,
+                        int64_t now_mono)
 {
     struct coord_worker *w = coord_registry_find(jobs->reg, worker_id);
     struct coord_job *j = w && w->assigned_job ? job_find(jobs, w->assigned_job) : NULL;
     struct job_rank *r = rank_of(j, worker_id);
+    int freed = 0;
 
+    if (w && w->stale_job) { /* it runs nothing: whatever it may have run stopped */
+        stale_clear(jobs, w, "it says it is idle");
+        freed = 1;
+    }
     /* a worker that says it is idle while duplexd holds it for a job that
-     * has ended (its JobDone was lost), or for an attempt it no longer has a
-     * running rank in (it was abandoned), is free again */
-    if (!j || (!job_is_over(j) && r && !r->done))
-        return;
-    if (r)
-        r->done = 1;
-    w->assigned_job = 0;
-    coord_jobs_schedule(jobs, now_wall);
+     * has ended (its JobDone was lost), for an attempt it no longer has a
+     * running rank in (it was abandoned), or for a rank it started of an
+     * attempt being aborted, is free again (an idle heartbeat sent before
+     * an Assignment arrived comes before its acknowledgement) */
+    if (j && (job_is_over(j) || !r || r->done || (j->state == COORD_JOB_RECOVERING && r->acked))) {
+        if (r)
+            r->done = 1;
+        w->assigned_job = 0;
+        freed = 1;
+    }
+    if (freed)
+        coord_jobs_schedule(jobs, now_wall, now_mono);
 }

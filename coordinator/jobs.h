@@ -16,12 +16,30 @@
  *
  * A failure (a worker lost, a refused or unacknowledged assignment, a rank
  * that stops with an error) makes a job recover while its restart budget
- * lasts: every rank is told to stop, and after restart.backoff_ms the job
- * is placed again (attempt + 1) on any free workers, its experts
- * rebalanced by the loads reported so far, every rank starting from the
- * job's latest complete checkpoint (one a worker found unusable is marked
- * bad and an older one is used). Workers that cause failures repeatedly
- * are blocklisted (registry.h). Messages of an earlier attempt are ignored.
+ * lasts: every rank is told to stop, and once every rank of the attempt
+ * confirmed it stopped (its JobDone, an idle heartbeat, or a new process
+ * under its worker id; at most COORD_ABORT_WAIT_MS) and restart.backoff_ms
+ * passed, the job is placed again (attempt + 1) on any free workers, its
+ * experts rebalanced by the loads reported so far, every rank starting from
+ * the job's latest complete checkpoint (one a worker found unusable is
+ * marked bad and an older one is used). Workers that cause failures
+ * repeatedly are blocklisted (registry.h). Messages of an earlier attempt
+ * are answered but move nothing.
+ *
+ * A worker that may still run an attempt duplexd gave up (it was lost
+ * while running it, did not confirm the abort in time, or refused an
+ * assignment as busy with it) is "stale": it is kept out of placement and
+ * sent AbortJob again every COORD_STALE_ABORT_EVERY_MS while it is alive,
+ * until it says it stopped. A refusal because the worker is busy with such
+ * an attempt (AssignmentAck.error "busy: running job J attempt A", or its
+ * last heartbeat busy with a job) is duplexd's doing, not the worker's: the
+ * job recovers, nobody is blamed.
+ *
+ * Time: every duration (ack timeouts, stall detection, the backoff, the
+ * waits of a recovery) is measured on the monotonic clock (now_mono, from
+ * dx_mono_ms()); the wall clock (now_wall, dx_wall_ms()) only goes into
+ * records, events and status. A step of the wall clock changes no
+ * decision.
  *
  * The module sends nothing itself: it asks its owner through coord_jobs_io
  * to deliver Assignments and AbortJobs to workers.
@@ -55,8 +73,12 @@ enum coord_job_state {
  * before it fails. */
 #define COORD_RECOVER_WAIT_MS 60000
 /* Ranks of a recovering job that do not confirm the abort within this are
- * abandoned (a hung process); the job goes on without them. */
+ * abandoned (a hung process, or a lost worker that did not come back); the
+ * job goes on without them and their workers stay stale (kept out of
+ * placement) until they confirm. */
 #define COORD_ABORT_WAIT_MS 5000
+/* How often a stale worker that is alive is sent AbortJob again. */
+#define COORD_STALE_ABORT_EVERY_MS 1000
 /* Stall detection: no step for COORD_STALL_FACTOR x the recent step time,
  * at least COORD_STALL_MIN_MS (COORD_STALL_FIRST_MS before the first step
  * of an attempt, which loads checkpoints and starts up). A rank whose
@@ -90,7 +112,7 @@ void coord_jobs_destroy(coord_jobs_t *jobs);
 /* Loads stored jobs. Queued jobs stay queued; jobs that were placing,
  * running or recovering when duplexd stopped go on with their stored ranks
  * (an event job_resumed): their workers carry on and re-register. */
-int coord_jobs_load(coord_jobs_t *jobs, int64_t now_wall);
+int coord_jobs_load(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono);
 
 /* Queues a validated spec (stored as JSON with every field given) owned by
  * owner (the submitting key's name). Returns 0 with *id, or -ENOSPC when
@@ -101,11 +123,20 @@ int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, cons
 
 /* Starts what can start now. Call after anything that frees workers or
  * queues jobs. */
-void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall);
+void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono);
 
 /* Free workers per backend that queued jobs leave unused, so that a
  * recovering job finds a replacement at once (duplexd --spares). */
 void coord_jobs_set_spares(coord_jobs_t *jobs, int spares);
+
+/* Metrics retention: a job keeps its per-rank metrics rows of the last
+ * COORD_METRICS_KEEP_STEPS steps before its step (the step every rank has
+ * finished); older ones are deleted as the job advances. The per-step
+ * aggregates that status shows are kept for the whole run. */
+#define COORD_METRICS_KEEP_STEPS 128
+
+/* Changes that number (tests); 0 keeps every row. */
+void coord_jobs_set_metrics_keep(coord_jobs_t *jobs, uint64_t steps);
 
 /* The NCCL library that makes the unique ids of cuda jobs (duplexd
  * --nccl-lib; NULL: $DUPLEX_NCCL_LIB, else libnccl.so.2). Opened on the
@@ -115,8 +146,8 @@ int coord_jobs_set_nccl_library(coord_jobs_t *jobs, const char *library);
 /* Cancels a job that has not ended, on behalf of by (a key's name, in the
  * reason and the event). Returns 0, -ENOENT or -EALREADY (it
  * ended already; err says how). */
-int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, const char *by, int64_t now_wall, char *err,
-                      size_t errlen);
+int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, const char *by, int64_t now_wall,
+                      int64_t now_mono, char *err, size_t errlen);
 
 /* What workers say; worker_id is the sender as authenticated by the
  * caller. A message counts only from the worker that holds a rank of the
@@ -145,28 +176,36 @@ int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, const char *by, int64_t n
  * above. A refused message changes nothing (no state, metric, checkpoint or
  * manifest); coord_jobs_refusal() says why. */
 int coord_jobs_on_ack(coord_jobs_t *jobs, const char *worker_id, const Duplex__AssignmentAck *m,
-                      int64_t now_wall);
+                      int64_t now_wall, int64_t now_mono);
 int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex__StepReport *m,
-                         int64_t now_wall);
+                         int64_t now_wall, int64_t now_mono);
 int coord_jobs_on_done(coord_jobs_t *jobs, const char *worker_id, const Duplex__JobDone *m,
-                       int64_t now_wall);
+                       int64_t now_wall, int64_t now_mono);
 
 /* Why the last -EPERM or -EINVAL of coord_jobs_on_* refused its message,
  * for an Error reply ("" before any). Valid until the next call. */
 const char *coord_jobs_refusal(const coord_jobs_t *jobs);
 
-/* A worker was lost or left: its job recovers (or fails when no restarts
- * are left), and the worker's failure counts towards its blocklisting. */
-void coord_jobs_on_worker_gone(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall);
+/* A worker was lost or left (or registered as a new process): its job
+ * recovers (or fails when no restarts are left), and the worker's failure
+ * counts towards its blocklisting. A lost worker may still be running its
+ * rank: the job waits for it to confirm the abort (COORD_ABORT_WAIT_MS at
+ * most), and it stays stale until it does (AbortJob when it is back). */
+void coord_jobs_on_worker_gone(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall,
+                               int64_t now_mono);
 
 /* Periodic checks: assignments not all acknowledged within
- * ack_timeout_ms, stalled jobs, recovering jobs' ranks that never stopped.
- * Each failure leads to a recovery (or the job's end). */
-void coord_jobs_check_timeouts(coord_jobs_t *jobs, int64_t now_wall, int64_t ack_timeout_ms);
+ * ack_timeout_ms, stalled jobs, recovering jobs' ranks that never stopped,
+ * AbortJob again to stale workers that are alive. Each failure leads to a
+ * recovery (or the job's end). Durations on now_mono only. */
+void coord_jobs_check_timeouts(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono,
+                               int64_t ack_timeout_ms);
 
 /* A worker reported itself idle: if duplexd still holds it for a job that
- * has ended, it is freed. */
-void coord_jobs_on_idle(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall);
+ * has ended (or for a rank it gave up), it is freed; a stale worker has
+ * confirmed that it stopped. */
+void coord_jobs_on_idle(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall,
+                        int64_t now_mono);
 
 /* JSON for `duplexctl status`: every job (id 0) or one job in detail.
  * Returns a new reference, or NULL with -ENOENT/-ENOMEM in *rc. */

@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -467,6 +468,13 @@ static int check_layout(const struct coord_jobspec *s, char *err, size_t errlen)
                        sizeof(why)) < 0)
         return fail(err, errlen, "parallel: %s (parallel.pp %d, parallel.microbatches %d)", why,
                     s->parallel.pp, s->parallel.microbatches);
+    if ((int64_t)s->parallel.pp * s->parallel.microbatches > COORD_JOBSPEC_SIM_BUDGET)
+        return fail(err, errlen,
+                    "parallel: pp %d x microbatches %d = %lld is over duplexd's simulation "
+                    "budget of %d (it simulates every job's schedule before placing it); use "
+                    "fewer micro-batches per step",
+                    s->parallel.pp, s->parallel.microbatches,
+                    (long long)s->parallel.pp * s->parallel.microbatches, COORD_JOBSPEC_SIM_BUDGET);
     if (s->sim.w > s->sim.b)
         return fail(err, errlen, "sim.w: %g is more than sim.b (%g), a full backward", s->sim.w,
                     s->sim.b);
@@ -579,4 +587,161 @@ out:
 int coord_jobspec_workers(const struct coord_jobspec *spec)
 {
     return spec->parallel.pp * spec->parallel.ep * spec->parallel.dp;
+}
+
+/* --- memory per rank (coord_jobspec_memory) ----------------------------------
+ * Counted in doubles (the products of the largest specs pass 2^64) and
+ * rounded up into bytes at the end; each term names the allocation in
+ * worker/model/ or worker/cpu.c it stands for. */
+
+#define F32 4.0 /* bytes of a float, an int32 */
+#define I64 8.0
+/* the allocator's rounding and headers: up to a page per allocation (the
+ * large ones are mmap'd whole pages) */
+#define ALLOC_SLACK 4096.0
+
+struct mem_terms {
+    double params, grads, optimizer, activations;
+};
+
+/* One stage of `layers` layers (with the embedding / the head) on a rank,
+ * run for `slots` micro-batches: weights, gradients, AdamW moments, and
+ * one cache per micro-batch. *sync gets the step-end buffer's bytes. */
+static void stage_memory(const struct coord_jobspec *s, double layers, int embed, int head,
+                         double slots, struct mem_terms *t, double *sync)
+{
+    double d = s->model.d_model, V = s->model.vocab, E = s->model.experts;
+    double H = s->model.expert_hidden, K = s->model.top_k, Sh = s->model.shared_experts;
+    double G = s->model.expert_groups, h = s->model.heads, T = s->model.seq_len;
+    double B = s->parallel.microbatch_size, ep = s->parallel.ep;
+    double Bl = B / ep, R = Bl * T, rows = R * K, sn = Sh * R + 1;
+    /* per layer: norm1, norm2; wq, wk, wv, wo; router, routed and shared
+     * experts' w1, w3, w2; the routing bias */
+    double layer_w = 2 * d + 4 * d * d + E * d + 3 * E * H * d + 3 * Sh * H * d + E;
+    double w = layers * layer_w + (embed ? V * d : 0) + (head ? d + V * d : 0);
+    double moe_ctx, attn, slot;
+
+    /* per layer 11 tensors (+1 bias, + loads), 3 with the embedding or head;
+     * each has its weights, gradient and two moments */
+    double tensors = layers * 12 + 3 + (embed ? 1 : 0) + (head ? 2 : 0);
+
+    t->params += w * F32 + tensors * ALLOC_SLACK;
+    t->grads +=
+        w * F32 + layers * E * I64 + tensors * ALLOC_SLACK; /* a gradient per weight; loads */
+    t->optimizer += 2 * (w * F32 + tensors * ALLOC_SLACK);  /* AdamW m and v */
+    *sync = w * F32 + layers * E * I64 + I64;
+
+    /* wk_moe_ctx_init with cap R: x, dout; score, dlogit; xg, y, dy, dxg;
+     * h1, h3, act, dh1, dh3; the shared experts' five [hidden] and two [d]
+     * rows; the plan's ints and the routing scratch */
+    moe_ctx = (2 * R * d + 2 * R * E + 4 * rows * d + 5 * rows * H + 5 * sn * H + 2 * sn * d +
+               4 * rows + 2 * E + 1 + 2 * (E + G)) *
+              F32;
+    /* wk_attn_cache_init: ten [R][d], the probabilities [Bl * heads * T][T], [T][T] */
+    attn = (10 * R * d + Bl * h * T * T + T * T) * F32;
+    /* wk_model_cache_init: inputs, targets; act[L + 1]; per layer mid, two
+     * rms caches, attention, MoE; h, g, g2, t; with the head the final
+     * norm's cache and the head's x, probs, dlogits, targets */
+    slot = (2 * R + (layers + 1) * R * d + 4 * R * d) * F32 +
+           layers * ((R * d + 2 * R) * F32 + attn + moe_ctx) +
+           (head ? (R + R * d + 2 * R * V + R) * F32 : 0);
+    /* cpu.c's slot: x_in, x_out, dy, dx, tokens */
+    slot += (4 * R * d + Bl * (T + 1)) * F32;
+    /* its allocations: 6 per layer for the layer and its norms, 12 for the
+     * attention, 30 for the MoE; 20 more with the head, buffers, scratch */
+    slot += (layers * 48 + 20) * ALLOC_SLACK;
+    /* with ep > 1 the owner side of each MoE layer (ep_layer_init): rows of
+     * the whole micro-batch */
+    if (s->parallel.ep > 1)
+        slot += layers * (((4 * d + 5 * H) * B * T * K + ep * E + E + 1) * F32 + 11 * ALLOC_SLACK);
+    t->activations += slots * slot;
+}
+
+/* Rank r's stages (one chunk, or two for DualPipe / DualPipeV) */
+static void rank_memory(const struct coord_jobspec *s, int r, struct mem_terms *t)
+{
+    int P = s->parallel.pp, M = s->parallel.microbatches, S = P, stage[2], n = 1;
+    double slots = M, sync[2] = {0, 0};
+
+    switch (s->parallel.schedule) {
+    case DP_SCHED_DUALPIPE: /* path c runs chunk c: stage r, then P-1-r */
+        stage[0] = r;
+        stage[1] = P - 1 - r;
+        n = 2;
+        slots = M / 2.0;
+        break;
+    case DP_SCHED_DUALPIPEV: /* one path through stages r and 2P-1-r */
+        S = 2 * P;
+        stage[0] = r;
+        stage[1] = 2 * P - 1 - r;
+        n = 2;
+        break;
+    default:
+        stage[0] = r;
+        break;
+    }
+    memset(t, 0, sizeof(*t));
+    for (int i = 0; i < n; i++)
+        stage_memory(s, (double)s->model.layers / S, stage[i] == 0, stage[i] == S - 1, ceil(slots),
+                     t, &sync[i]);
+    t->grads += 2 * (sync[0] > sync[1] ? sync[0] : sync[1]); /* the step-end sums' buffer */
+}
+
+static uint64_t mem_bytes(double v)
+{
+    return v >= 18446744073709549568.0 ? UINT64_MAX : (uint64_t)ceil(v);
+}
+
+void coord_jobspec_memory(const struct coord_jobspec *spec, struct coord_jobspec_memory *out)
+{
+    struct mem_terms best = {0}, t;
+    int P = spec->parallel.pp > 0 ? spec->parallel.pp : 1;
+
+    /* the middle ranks hold no embedding and no head: rank 0 or P-1 needs most */
+    for (int r = 0; r < P; r += (P > 1 ? P - 1 : 1)) {
+        rank_memory(spec, r, &t);
+        if (t.params + t.grads + t.optimizer + t.activations >
+            best.params + best.grads + best.optimizer + best.activations)
+            best = t;
+    }
+    out->params = mem_bytes(best.params);
+    out->grads = mem_bytes(best.grads);
+    out->optimizer = mem_bytes(best.optimizer);
+    out->activations = mem_bytes(best.activations);
+    out->total = mem_bytes(best.params + best.grads + best.optimizer + best.activations);
+}
+
+/* The unit that shows v with a few digits: KiB, MiB, GiB or TiB. */
+static const char *mem_unit(uint64_t v, double *scale)
+{
+    static const char *const names[] = {"KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+
+    *scale = 1024.0;
+    while (u < 3 && (double)v >= *scale * 1024.0) {
+        *scale *= 1024.0;
+        u++;
+    }
+    return names[u];
+}
+
+char *coord_jobspec_bytes_text(uint64_t bytes, char *buf, size_t len)
+{
+    double scale;
+    const char *unit = mem_unit(bytes, &scale);
+
+    snprintf(buf, len, "%.1f %s", (double)bytes / scale, unit);
+    return buf;
+}
+
+char *coord_jobspec_memory_text(const struct coord_jobspec_memory *m, char *buf, size_t len)
+{
+    double k;
+    const char *unit = mem_unit(m->total, &k);
+
+    snprintf(buf, len,
+             "%.1f %s (parameters %.1f, gradients %.1f, optimizer %.1f, activations %.1f)",
+             (double)m->total / k, unit, (double)m->params / k, (double)m->grads / k,
+             (double)m->optimizer / k, (double)m->activations / k);
+    return buf;
 }

@@ -18,10 +18,15 @@
 #define COORD_JOBSPEC_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "pipeline/schedule.h"
 
 #define COORD_JOBSPEC_TEXT 128
+/* duplexd simulates every job's schedule inside its event loop, in time
+ * that grows with pp x microbatches (about 70 ms at this bound on a 2-core
+ * VM; pp 128 x 65,536 took 17 s): specs over it are refused. */
+#define COORD_JOBSPEC_SIM_BUDGET 131072
 
 struct coord_jobspec {
     char name[COORD_JOBSPEC_TEXT];
@@ -79,5 +84,36 @@ char *coord_jobspec_escape(const char *s, char *out, size_t outlen);
 
 /* Workers the job needs: pp x ep x dp. */
 int coord_jobspec_workers(const struct coord_jobspec *spec);
+
+/* What one rank of the job allocates on the cpu backend (and, as the model
+ * and its caches, on a cuda worker's GPU), in bytes, for the rank that
+ * needs the most (the one with the embedding or the head). An upper bound
+ * within about 2x of what worker/cpu.c and worker/model/ allocate:
+ *  - params: the weights of the stages the rank holds (one, or two for
+ *    DualPipe and DualPipeV), every expert of their layers (each rank keeps
+ *    a copy of every expert; the ep owner computes it);
+ *  - grads: a gradient per weight, plus the step-end sums' two buffers of
+ *    the largest stage's gradients;
+ *  - optimizer: AdamW's two moments per weight;
+ *  - activations: the cpu backend keeps one cache per micro-batch it runs
+ *    (every micro-batch of a step, per stage it holds; not only the
+ *    schedule's peak of live ones): the layer inputs, the attention's
+ *    [B/ep x T x d] tensors and [B/ep x heads x T x T] probabilities, the
+ *    MoE routing and expert rows (top_k x rows x hidden), the head's two
+ *    [rows x vocab] tensors, the pipeline buffers and, with ep > 1, the
+ *    owner side's rows of the whole micro-batch.
+ * The sim backend allocates none of it (its total is still computed).
+ * Sums saturate at UINT64_MAX. */
+struct coord_jobspec_memory {
+    uint64_t params, grads, optimizer, activations;
+    uint64_t total;
+};
+void coord_jobspec_memory(const struct coord_jobspec *spec, struct coord_jobspec_memory *out);
+
+/* "34.2 GiB (parameters 12.1, gradients 12.1, optimizer 24.2, activations
+ * 0.9)" into buf, in the unit (KiB, MiB, GiB, TiB) that suits the total;
+ * returns buf. coord_jobspec_bytes_text: "15.6 GiB". */
+char *coord_jobspec_memory_text(const struct coord_jobspec_memory *m, char *buf, size_t len);
+char *coord_jobspec_bytes_text(uint64_t bytes, char *buf, size_t len);
 
 #endif

@@ -1,4 +1,7 @@
-/* main.c - duplexd: flags and config, then the server loop. */
+/* main.c - duplexd: flags and config, then the server loop, and the exit
+ * status: COORD_STORE_EXIT_FAILED when the database failed (fail-stop, see
+ * coordinator/store.h), for systemd to restart duplexd from it. */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +12,7 @@
 #include "common/version.h"
 #include "coordinator/nccl_id.h"
 #include "coordinator/server.h"
+#include "coordinator/store.h"
 #include "proto/envelope.h"
 #include "proto/wire.h"
 
@@ -16,10 +20,11 @@
 #define DEFAULT_DB "var/duplex.db"
 #define DEFAULT_HEARTBEAT_MS 500
 #define DEFAULT_DEAD_AFTER_MS 2000
+#define DEFAULT_FORGET_AFTER_H 168 /* a week */
 
 static char *opt_config, *opt_listen, *opt_db, *opt_log_level, *opt_nccl_lib, *opt_key,
     *opt_authorized;
-static int opt_heartbeat_ms, opt_dead_after_ms, opt_spares;
+static int opt_heartbeat_ms, opt_dead_after_ms, opt_spares, opt_forget_after_h;
 static bool opt_insecure;
 
 static const struct dx_opt options[] = {
@@ -34,6 +39,8 @@ static const struct dx_opt options[] = {
      "declare a worker lost after this long without a heartbeat"},
     {"spares", DX_OPT_INT, &opt_spares, NULL, 0, 0, 4096, "K",
      "free workers per backend that new jobs leave unused, for recoveries"},
+    {"forget-after-h", DX_OPT_INT, &opt_forget_after_h, NULL, DEFAULT_FORGET_AFTER_H, 0, 87600,
+     "HOURS", "forget workers lost or left this long (their events stay); 0: never"},
     {"nccl-lib", DX_OPT_STRING, &opt_nccl_lib, NULL, 0, 0, 0, "PATH",
      "NCCL library for the unique ids of cuda jobs (default $" COORD_NCCL_LIB_ENV
      ", else " COORD_NCCL_LIB_DEFAULT ")"},
@@ -66,6 +73,11 @@ int main(int argc, char **argv)
     int status;
 
     dx_log_init("duplexd", DX_LOG_INFO);
+    /* A write past the file size limit (RLIMIT_FSIZE, e.g. a quota or a
+     * limit set by the supervisor) would kill duplexd with SIGXFSZ, leaving
+     * no word of why; ignored, the write fails with EFBIG instead, and the
+     * store fails stop with that cause in the log. */
+    signal(SIGXFSZ, SIG_IGN);
     if (!dx_opts_cli(options, &cli, argc, argv, NULL, &status))
         goto out;
     status = EXIT_FAILURE;
@@ -93,12 +105,15 @@ int main(int argc, char **argv)
         .heartbeat_ms = opt_heartbeat_ms,
         .dead_after_ms = opt_dead_after_ms,
         .spares = opt_spares,
+        .forget_after_h = opt_forget_after_h,
         .nccl_lib = opt_nccl_lib,
         .key = opt_key,
         .authorized = opt_authorized,
     };
     if (coord_server_create(&cfg, &server, err, sizeof(err)) < 0) {
         dx_error("%s", err);
+        if (coord_store_any_failed())
+            status = COORD_STORE_EXIT_FAILED;
         goto out;
     }
     /* serving from here on: tell systemd (Type=notify), and ping its
@@ -111,6 +126,13 @@ int main(int argc, char **argv)
     dx_sd_stopping();
     coord_server_destroy(server); /* closes the watchdog timer with the loop */
     status = EXIT_SUCCESS;
+    if (coord_store_any_failed()) {
+        /* what is committed is all there is; a new duplexd goes on from it */
+        dx_error("exiting with status %d: the database failed (see above); a restart goes on "
+                 "from what it holds",
+                 COORD_STORE_EXIT_FAILED);
+        status = COORD_STORE_EXIT_FAILED;
+    }
 out:
     dx_opts_free(options);
     return status;

@@ -2,7 +2,9 @@
 #include "coordinator/registry.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,15 +12,19 @@
 #include <uthash.h>
 
 #include "common/log.h"
+#include "proto/envelope.h"
 
 struct registry_entry {
     struct coord_worker w;
-    UT_hash_handle hh;
+    UT_hash_handle hh;       /* by_id, keyed by w.id */
+    UT_hash_handle hh_route; /* by_route, keyed by w.routing_id, while it holds the route */
+    bool routed;             /* in by_route */
 };
 
 struct coord_registry {
     coord_store_t *store;
     struct registry_entry *by_id;
+    struct registry_entry *by_route; /* each routing id's latest worker */
 };
 
 static const char *const state_names[] = {
@@ -71,6 +77,8 @@ static void worker_free_fields(struct coord_worker *w)
     worker_free_description(w);
 }
 
+static void entry_remove(coord_registry_t *reg, struct registry_entry *e);
+
 void coord_registry_destroy(coord_registry_t *reg)
 {
     struct registry_entry *e, *tmp;
@@ -78,9 +86,7 @@ void coord_registry_destroy(coord_registry_t *reg)
     if (!reg)
         return;
     HASH_ITER (hh, reg->by_id, e, tmp) {
-        HASH_DEL(reg->by_id, e);
-        worker_free_fields(&e->w);
-        free(e);
+        entry_remove(reg, e);
     }
     free(reg);
 }
@@ -127,8 +133,18 @@ static struct registry_entry *entry_new(coord_registry_t *reg, const char *id)
     return e;
 }
 
+/* Takes e out of the route index (its routing id stays, for sending). */
+static void route_unlink(coord_registry_t *reg, struct registry_entry *e)
+{
+    if (!e->routed)
+        return;
+    HASH_DELETE(hh_route, reg->by_route, e);
+    e->routed = false;
+}
+
 static void entry_remove(coord_registry_t *reg, struct registry_entry *e)
 {
+    route_unlink(reg, e);
     HASH_DEL(reg->by_id, e);
     worker_free_fields(&e->w);
     free(e);
@@ -209,13 +225,40 @@ static int session_new(char out[COORD_SESSION_LEN + 1])
     return 0;
 }
 
-static void worker_set_route(struct coord_worker *w, const uint8_t *rid, size_t rlen)
+static struct registry_entry *entry_of(struct coord_worker *w)
 {
+    return (struct registry_entry *)((char *)w - offsetof(struct registry_entry, w));
+}
+
+/* The worker's messages now come from routing id (rid, rlen): it becomes
+ * that route's worker in the index (a route's latest registrant wins). */
+static void worker_set_route(coord_registry_t *reg, struct coord_worker *w, const uint8_t *rid,
+                             size_t rlen)
+{
+    struct registry_entry *e = entry_of(w), *holder = NULL;
+
     if (rlen > sizeof(w->routing_id))
         rlen = sizeof(w->routing_id);
+    if (e->routed && w->routing_len == rlen && memcmp(w->routing_id, rid, rlen) == 0)
+        return; /* the usual case: the same connection as before */
+    route_unlink(reg, e);
     if (rlen)
         memcpy(w->routing_id, rid, rlen);
     w->routing_len = rlen;
+    if (!rlen)
+        return;
+    HASH_FIND(hh_route, reg->by_route, w->routing_id, rlen, holder);
+    if (holder)
+        route_unlink(reg, holder);
+    HASH_ADD_KEYPTR(hh_route, reg->by_route, w->routing_id, rlen, e);
+    e->routed = true;
+}
+
+/* The worker has no route any more (it left, or its key was revoked). */
+static void worker_clear_route(coord_registry_t *reg, struct coord_worker *w)
+{
+    route_unlink(reg, entry_of(w));
+    w->routing_len = 0;
 }
 
 static int worker_persist(coord_registry_t *reg, const struct coord_worker *w)
@@ -256,6 +299,17 @@ int coord_registry_register(coord_registry_t *reg, const Duplex__Register *m, co
     int rc;
 
     HASH_FIND_STR(reg->by_id, m->worker_id, e);
+    if (e && e->w.state == COORD_WORKER_ALIVE && e->w.session[0] && e->w.pid == m->pid &&
+        strcmp(e->w.host, m->host) == 0 && e->w.routing_len == rlen &&
+        memcmp(e->w.routing_id, rid, rlen) == 0) {
+        w = &e->w;
+        w->last_seen_mono = now_mono;
+        w->last_heartbeat_ms = now_wall;
+        worker_set_route(reg, w, rid, rlen);
+        *outcome = COORD_REGISTERED_RETRY;
+        *out = w;
+        return 0;
+    }
     if (!e) {
         e = entry_new(reg, m->worker_id);
         if (!e)
@@ -300,6 +354,7 @@ int coord_registry_register(coord_registry_t *reg, const Duplex__Register *m, co
     }
     w->gpu = m->gpu_index;
     w->pid = m->pid;
+    w->memory_bytes = m->memory_bytes;
     w->state = COORD_WORKER_ALIVE;
     w->registered_ms = now_wall;
     w->last_heartbeat_ms = now_wall;
@@ -309,7 +364,8 @@ int coord_registry_register(coord_registry_t *reg, const Duplex__Register *m, co
     w->activity = DUPLEX__WORKER_ACTIVITY__ACTIVITY_IDLE;
     w->job_id = 0;
     w->step = 0;
-    worker_set_route(w, rid, rlen);
+    w->stored_heartbeat_ms = now_wall;
+    worker_set_route(reg, w, rid, rlen);
 
     if (worker_persist(reg, w) < 0)
         dx_error("could not store worker %s", w->id);
@@ -344,21 +400,29 @@ int coord_registry_heartbeat(coord_registry_t *reg, const Duplex__Heartbeat *m, 
 
     if (rc < 0)
         return rc;
-    w->last_seen_mono = now_mono;
-    w->last_heartbeat_ms = now_wall;
     w->activity = m->activity;
     w->job_id = m->job_id;
     w->step = m->step;
-    worker_set_route(w, rid, rlen);
+    if (now_mono <= 0)
+        return 0; /* sent before its connection closed: not a sign of life */
+    w->last_seen_mono = now_mono;
+    w->last_heartbeat_ms = now_wall;
+    worker_set_route(reg, w, rid, rlen);
     if (w->state == COORD_WORKER_LOST) {
         char detail[128];
         w->state = COORD_WORKER_ALIVE;
         snprintf(detail, sizeof(detail), "heartbeat after being lost");
+        w->stored_heartbeat_ms = now_wall;
         if (worker_persist(reg, w) < 0)
             dx_error("could not store worker %s", w->id);
         record_event(reg, now_wall, "returned", w->id, detail);
         return 0;
     }
+    /* liveness lives in memory; the database gets a coarse last-seen */
+    if (now_wall - w->stored_heartbeat_ms < COORD_STORE_HEARTBEAT_MS &&
+        now_wall >= w->stored_heartbeat_ms)
+        return 0;
+    w->stored_heartbeat_ms = now_wall;
     if (coord_store_worker_touch(reg->store, w->id, now_wall) < 0)
         dx_error("could not store heartbeat of worker %s", w->id);
     return 0;
@@ -373,7 +437,7 @@ int coord_registry_goodbye(coord_registry_t *reg, const Duplex__Goodbye *m, int6
         return rc;
     w->state = COORD_WORKER_LEFT;
     w->session[0] = '\0';
-    w->routing_len = 0;
+    worker_clear_route(reg, w);
     if (coord_store_worker_set_state(reg->store, w->id, state_names[w->state]) < 0)
         dx_error("could not store departure of worker %s", w->id);
     record_event(reg, now_wall, "left", w->id, m->reason[0] ? m->reason : "goodbye");
@@ -395,7 +459,7 @@ int coord_registry_revoke(coord_registry_t *reg, struct coord_worker *w, const c
     if (w->session[0] == '\0')
         return -ENOENT;
     w->session[0] = '\0';
-    w->routing_len = 0;
+    worker_clear_route(reg, w);
     if (w->state == COORD_WORKER_ALIVE)
         mark_lost(reg, w, now_wall, why);
     else
@@ -499,16 +563,22 @@ int coord_worker_is_free(const struct coord_worker *w)
 }
 
 int coord_registry_note_failure(coord_registry_t *reg, const char *id, const char *reason,
-                                int64_t now_wall)
+                                int64_t now_wall, int64_t now_mono)
 {
     struct coord_worker *w = coord_registry_find(reg, id);
+    int64_t since;
 
     if (!w)
         return -ENOENT;
-    if (++w->failures < COORD_BLOCKLIST_FAILURES || w->blocklisted[0])
+    since = w->failure_mono && now_mono > w->failure_mono ? now_mono - w->failure_mono : 0;
+    w->failure_score = w->failure_score * exp2(-(double)since / COORD_FAILURE_HALF_LIFE_MS) + 1.0;
+    w->failure_mono = now_mono;
+    w->failures++;
+    if (w->failure_score + 0.5 < COORD_BLOCKLIST_FAILURES || w->blocklisted[0])
         return 0;
-    snprintf(w->blocklisted, sizeof(w->blocklisted), "%d job failures, the last: %s", w->failures,
-             reason);
+    snprintf(w->blocklisted, sizeof(w->blocklisted),
+             "%d job failures (%.2f after decay, half-life %d min), the last: %s", w->failures,
+             w->failure_score, COORD_FAILURE_HALF_LIFE_MS / 60000, reason);
     record_event(reg, now_wall, "blocklisted", id, w->blocklisted);
     dx_warn("worker %s blocklisted: %s", id, w->blocklisted);
     return 1;
@@ -525,6 +595,8 @@ int coord_registry_set_drained(coord_registry_t *reg, const char *id, int draine
     if (!drained && w->blocklisted[0]) {
         w->blocklisted[0] = '\0';
         w->failures = 0;
+        w->failure_score = 0;
+        w->failure_mono = 0;
         snprintf(detail, sizeof(detail), "undrained by %s: back in placement", by);
         record_event(reg, now_wall, "unblocklisted", id, detail);
     }
@@ -539,6 +611,45 @@ int coord_registry_set_drained(coord_registry_t *reg, const char *id, int draine
     return 0;
 }
 
+static int forget_entry(coord_registry_t *reg, struct registry_entry *e, const char *why,
+                        int64_t now_wall)
+{
+    char id[DX_MAX_ID_LEN + 1];
+
+    if (e->w.state == COORD_WORKER_ALIVE || e->w.assigned_job)
+        return -EBUSY;
+    snprintf(id, sizeof(id), "%s", e->w.id);
+    if (coord_store_worker_delete(reg->store, id) < 0)
+        dx_error("could not delete worker %s from the store", id);
+    entry_remove(reg, e);
+    record_event(reg, now_wall, "forgotten", id, why);
+    return 0;
+}
+
+int coord_registry_forget(coord_registry_t *reg, const char *id, const char *why, int64_t now_wall)
+{
+    struct registry_entry *e = NULL;
+
+    HASH_FIND_STR(reg->by_id, id, e);
+    return e ? forget_entry(reg, e, why, now_wall) : -ENOENT;
+}
+
+int coord_registry_forget_gone(coord_registry_t *reg, int64_t now_wall, int64_t now_mono,
+                               int64_t retain_ms)
+{
+    struct registry_entry *e, *tmp;
+    char why[96];
+    int n = 0;
+
+    snprintf(why, sizeof(why), "gone for more than %lld h", (long long)(retain_ms / 3600000));
+    HASH_ITER (hh, reg->by_id, e, tmp) {
+        if (e->w.state != COORD_WORKER_ALIVE && now_mono - e->w.last_seen_mono >= retain_ms &&
+            forget_entry(reg, e, why, now_wall) == 0)
+            n++;
+    }
+    return n;
+}
+
 static int load_drained(const char *id, void *arg)
 {
     struct coord_worker *w = coord_registry_find(arg, id);
@@ -550,11 +661,23 @@ static int load_drained(const char *id, void *arg)
 struct coord_worker *coord_registry_find_route(coord_registry_t *reg, const uint8_t *rid,
                                                size_t rlen)
 {
+    struct registry_entry *e = NULL;
+
+    if (!rlen)
+        return NULL;
+    HASH_FIND(hh_route, reg->by_route, rid, rlen, e);
+    return e && e->w.session[0] ? &e->w : NULL;
+}
+
+int coord_registry_each(coord_registry_t *reg, int (*fn)(struct coord_worker *w, void *arg),
+                        void *arg)
+{
     struct registry_entry *e, *tmp;
+    int rc;
 
     HASH_ITER (hh, reg->by_id, e, tmp) {
-        if (e->w.session[0] && e->w.routing_len == rlen && memcmp(e->w.routing_id, rid, rlen) == 0)
-            return &e->w;
+        if ((rc = fn(&e->w, arg)) != 0)
+            return rc;
     }
-    return NULL;
+    return 0;
 }

@@ -7,7 +7,9 @@
  * every worker's next heartbeat is refused and it registers again, which
  * updates its row instead of adding one.
  *
- * Liveness uses the monotonic clock; the wall clock only goes into records.
+ * Liveness uses a monotonic clock (duplexd passes its liveness clock: monotonic
+ * time less the time its loop was too late to listen); the wall clock only goes
+ * into records.
  */
 #ifndef COORD_REGISTRY_H
 #define COORD_REGISTRY_H
@@ -28,7 +30,16 @@ enum coord_worker_state {
     COORD_WORKER_LEFT,
 };
 
-/* A worker that caused this many job failures is blocklisted. */
+/* Heartbeats live in memory; a worker's row gets its last heartbeat at
+ * most this often (and at every change of state). */
+#define COORD_STORE_HEARTBEAT_MS 30000
+
+/* A worker's count of the job failures it caused decays with this
+ * half-life (monotonic clock): each failure adds 1 to what is left of the
+ * earlier ones. When the decayed count, rounded to the nearest whole,
+ * reaches COORD_BLOCKLIST_FAILURES the worker is blocklisted: with 2 and
+ * one hour, two failures less than an hour apart. */
+#define COORD_FAILURE_HALF_LIFE_MS 3600000
 #define COORD_BLOCKLIST_FAILURES 2
 #define COORD_BLOCK_REASON_LEN 256
 
@@ -47,7 +58,8 @@ struct coord_worker {
     size_t routing_len;
     int64_t registered_ms;           /* wall */
     int64_t last_heartbeat_ms;       /* wall, 0 when never */
-    int64_t last_seen_mono;          /* monotonic, drives liveness */
+    int64_t last_seen_mono;          /* the liveness clock (see coord_registry_heartbeat) */
+    int64_t stored_heartbeat_ms;     /* wall: the last heartbeat written to the store */
     Duplex__WorkerActivity activity; /* as the worker last reported */
     uint64_t job_id;                 /* as the worker last reported */
     uint64_t step;
@@ -62,13 +74,31 @@ struct coord_worker {
      * with; "" without keys (--insecure) or before it registered */
     char key[DX_CERT_KEY_LEN + 1];
     char key_name[DX_CERT_META_MAX + 1];
+    /* failures decayed (COORD_FAILURE_HALF_LIFE_MS) to failure_mono, the
+     * monotonic time of the last one counted */
+    double failure_score;
+    int64_t failure_mono;
+    /* jobs.c: an attempt of a job this worker may still be running though
+     * duplexd gave it up (it was lost while running it, did not confirm the
+     * abort in time, or refused an assignment as busy with it): kept out of
+     * placement and sent AbortJob again until it says it stopped (a JobDone
+     * of that job, an idle heartbeat, a process other than stale_pid).
+     * stale_job 0: none; stale_attempt 0: any attempt of it. */
+    uint64_t stale_job;
+    uint32_t stale_attempt;
+    int stale_pid;
+    int64_t stale_abort_mono; /* when AbortJob last went out for it; 0: not yet */
+    /* what its jobs may use, as it registered it (Register.memory_bytes);
+     * 0: unknown (coordinator/admit.h does not check it) */
+    uint64_t memory_bytes;
 };
 
 /* What a Register did. */
 enum coord_register_outcome {
-    COORD_REGISTERED_NEW,     /* id never seen: "registered" */
-    COORD_REGISTERED_AGAIN,   /* id was alive or had left: "reregistered" */
-    COORD_REGISTERED_RETURNED /* id was lost: "returned" */
+    COORD_REGISTERED_NEW,      /* id never seen: "registered" */
+    COORD_REGISTERED_AGAIN,    /* id was alive or had left: "reregistered" */
+    COORD_REGISTERED_RETURNED, /* id was lost: "returned" */
+    COORD_REGISTERED_RETRY     /* the live session's own process asked again: same session */
 };
 
 typedef struct coord_registry coord_registry_t;
@@ -82,13 +112,22 @@ void coord_registry_destroy(coord_registry_t *reg);
 int coord_registry_load(coord_registry_t *reg, int64_t now_mono);
 
 /* Records a registration from the peer with routing id (rid, rlen) and gives
- * the worker a new session. */
+ * the worker a new session; a Register from the process that holds the
+ * live session (same pid and host, on its connection: a retry whose
+ * answer was slow) keeps
+ * it, with no event, so a registration storm does not make sessions
+ * stale as fast as they are handed out. */
 int coord_registry_register(coord_registry_t *reg, const Duplex__Register *m, const uint8_t *rid,
                             size_t rlen, int64_t now_wall, int64_t now_mono,
                             enum coord_register_outcome *outcome, struct coord_worker **out);
 
-/* Records a heartbeat. Returns 0, -ENOENT when the session is not known
- * (register again) or -ESTALE when another process took the worker id. */
+/* Records a heartbeat. now_mono is the liveness clock: monotonic, less any
+ * time duplexd's loop was too late to listen; 0 for a heartbeat read after
+ * its connection closed (sent before its worker died), which is then no
+ * sign of life. The store gets the heartbeat at most every
+ * COORD_STORE_HEARTBEAT_MS. Returns 0, -ENOENT when the session is not
+ * known (register again) or -ESTALE when another process took the worker
+ * id. */
 int coord_registry_heartbeat(coord_registry_t *reg, const Duplex__Heartbeat *m, const uint8_t *rid,
                              size_t rlen, int64_t now_wall, int64_t now_mono);
 
@@ -116,7 +155,7 @@ int coord_registry_sweep_closed(coord_registry_t *reg, int64_t now_wall, int64_t
 struct coord_worker *coord_registry_find(coord_registry_t *reg, const char *id);
 
 /* The worker with a live session whose last message came from this ZeroMQ
- * routing id, or NULL. */
+ * routing id (the latest to use it), or NULL. A hash lookup. */
 struct coord_worker *coord_registry_find_route(coord_registry_t *reg, const uint8_t *rid,
                                                size_t rlen);
 
@@ -127,19 +166,37 @@ int coord_registry_revoke(coord_registry_t *reg, struct coord_worker *w, const c
                           int64_t now_wall);
 
 /* Drains (drained = 1) or undrains a worker, with an event; undraining
- * also clears a blocklisting and the failure count. Returns 0 or -ENOENT. */
+ * also clears a blocklisting and the (decayed) failure count. Returns 0 or
+ * -ENOENT. */
 int coord_registry_set_drained(coord_registry_t *reg, const char *id, int drained, const char *by,
                                int64_t now_wall);
 
-/* Counts a job failure this worker caused; at COORD_BLOCKLIST_FAILURES it
- * is blocklisted (kept out of placement) with the reason, and an event.
- * Returns 1 when this call blocklisted it, else 0 (or -ENOENT). */
+/* Drops a gone worker (lost or left, no job) from memory and the store,
+ * with a "forgotten" event naming who and why. Returns 0, -ENOENT, or
+ * -EBUSY when it is alive or holds a job. */
+int coord_registry_forget(coord_registry_t *reg, const char *id, const char *why, int64_t now_wall);
+
+/* Forgets every gone worker (lost or left, no job) not heard from for
+ * retain_ms on the liveness clock. Returns how many. */
+int coord_registry_forget_gone(coord_registry_t *reg, int64_t now_wall, int64_t now_mono,
+                               int64_t retain_ms);
+
+/* Counts a job failure this worker caused at now_mono (monotonic): the
+ * earlier ones decayed with COORD_FAILURE_HALF_LIFE_MS, plus 1; when that
+ * rounds to COORD_BLOCKLIST_FAILURES it is blocklisted (kept out of
+ * placement) with the reason, and an event (at now_wall). Returns 1 when
+ * this call blocklisted it, else 0 (or -ENOENT). */
 int coord_registry_note_failure(coord_registry_t *reg, const char *id, const char *reason,
-                                int64_t now_wall);
+                                int64_t now_wall, int64_t now_mono);
 
 /* Free for placement: alive, not drained, not blocklisted, no assigned
  * job. */
 int coord_worker_is_free(const struct coord_worker *w);
+
+/* Calls fn for every worker, in no order, until it returns nonzero (which
+ * is returned). fn must not add or remove workers. */
+int coord_registry_each(coord_registry_t *reg, int (*fn)(struct coord_worker *w, void *arg),
+                        void *arg);
 
 /* Fills a malloc'd array with every worker, ordered by id. Returns the count
  * or -ENOMEM. */

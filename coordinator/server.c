@@ -12,16 +12,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <uv.h>
 #include <zmq.h>
 
 #include "common/clock.h"
 #include "common/log.h"
 #include "common/loop.h"
+#include "common/loopstat.h"
 #include "common/ratelimit.h"
 #include "common/version.h"
 #include "common/zmonitor.h"
 #include "common/zwatch.h"
+#include "coordinator/admit.h"
 #include "coordinator/authz.h"
 #include "coordinator/jobs.h"
 #include "coordinator/jobspec.h"
@@ -44,7 +47,22 @@
  * heartbeat intervals is lost (its process died: the kernel closed its
  * sockets), well before dead-after. */
 #define CLOSED_SILENT_INTERVALS 2
+/* A sweep later than this (on top of its period) means the loop could not
+ * listen: that time does not count as anyone's silence. */
+#define LATE_ALLOWANCE_MIN_MS 50
 #define MONITOR_ENDPOINT "inproc://duplexd-monitor"
+/* Connections waiting to be accepted: a fleet registers at once (the
+ * kernel caps it at net.core.somaxconn). */
+#define SERVER_BACKLOG 8192
+/* Messages queued per connection, each way: a peer that floods or never
+ * reads its replies holds at most this many (sends to it then fail: its
+ * replies are dropped, as ROUTER_MANDATORY reports). */
+#define SERVER_RCVHWM 256
+#define SERVER_SNDHWM 64
+/* How often gone workers past --forget-after-h are looked for. */
+#define FORGET_CHECK_MS 60000
+/* Warn when open connections pass this share of the fd limit. */
+#define FD_WARN_PERCENT 80
 
 struct coord_server {
     struct coord_server_config cfg;
@@ -57,6 +75,7 @@ struct coord_server {
     uv_timer_t hint; /* fires a while after a disconnect */
     uv_timer_t sweep;
     uv_prepare_t flush;
+    uv_prepare_t sleeps; /* the last thing before polling: loop statistics */
     uv_signal_t sigterm;
     uv_signal_t sigint;
     uv_signal_t sighup;
@@ -68,6 +87,16 @@ struct coord_server {
     coord_jobs_t *jobs;
     struct dx_ratelimit reject_log;
     uint64_t rejected;
+    struct dx_loopstat loopstat;
+    int64_t sweep_ms;        /* the sweep's period */
+    int64_t last_sweep_mono; /* when it last ran (dx_mono_ms) */
+    int64_t late_until_mono; /* lateness is counted up to here */
+    int64_t unheard_ms;      /* time the loop was too late to listen */
+    int64_t forgot_mono;     /* when gone workers were last looked for */
+    uint8_t *fd_closed;      /* the monitor saw this connection's socket close */
+    size_t n_fd_closed;
+    uint64_t conns;      /* connections open now */
+    uint64_t fd_limit;   /* RLIMIT_NOFILE (raised to its hard limit), 0: unlimited */
     struct pending_ack { /* Oks to send after this loop turn's commit */
         uint8_t rid[COORD_ROUTING_MAX];
         size_t rlen;
@@ -83,7 +112,8 @@ struct peer_frame {
     size_t rlen;
     int fd;                            /* the connection's socket (ZMQ_SRCFD), -1 unknown */
     const struct coord_principal *who; /* NULL without keys */
-    char key[DX_CERT_KEY_LEN + 1];     /* the connection's CURVE key, "" without */
+    bool conn_closed; /* it came on a connection the monitor saw close (queued before) */
+    char key[DX_CERT_KEY_LEN + 1]; /* the connection's CURVE key, "" without */
     char name[160];
 };
 
@@ -108,6 +138,21 @@ static void peer_identify(coord_server_t *s, struct peer_frame *p, zmq_msg_t *pa
     else
         snprintf(p->name, sizeof(p->name), "peer %s (id %s%s%s)", addr ? addr : "?", hex,
                  p->key[0] ? ", key " : "", p->key);
+}
+
+/* The clock liveness runs on: monotonic time less the time duplexd's loop
+ * was too late to hear anyone (stopped, starved or stuck in a callback), so
+ * a late loop never declares anyone lost for its own lateness. */
+static int64_t server_heard_ms(const coord_server_t *s)
+{
+    return dx_mono_ms() - s->unheard_ms;
+}
+
+/* A callback of the loop starts: the loop is busy from now on. */
+static void server_busy(coord_server_t *s)
+{
+    if (!s->loopstat.woke_us)
+        dx_loopstat_woke(&s->loopstat, (int64_t)(uv_hrtime() / 1000));
 }
 
 /* The name a job's owner and the events record for the sender. */
@@ -223,6 +268,38 @@ static bool server_worker_key_ok(coord_server_t *s, const struct peer_frame *p,
     return true;
 }
 
+/* The store failed (fail-stop, store.h): nothing of this loop turn is
+ * acknowledged, nothing more is read, and the loop ends; duplexd exits
+ * for systemd to restart it from what the database holds. */
+static void server_fail_stop(coord_server_t *s)
+{
+    dx_error("the database failed: %s; duplexd stops serving (nothing of this loop turn is "
+             "acknowledged)",
+             coord_store_errmsg(s->store));
+    s->n_acks = 0; /* unacknowledged: the workers send them again to the next duplexd */
+    dx_zwatch_destroy(s->watch); /* read nothing more (this turn's check phase included) */
+    s->watch = NULL;
+    uv_prepare_stop(&s->flush);
+    uv_stop(&s->loop);
+}
+
+/* Commits what a request changed before it is acknowledged. On a failed
+ * commit the sender gets an Error with the cause and duplexd stops
+ * (server_fail_stop); returns false then. */
+static bool server_commit_for(coord_server_t *s, const struct peer_frame *p, uint64_t request_id,
+                              const char *what)
+{
+    char err[512];
+
+    if (coord_store_flush(s->store) == 0 && !coord_store_failed(s->store))
+        return true;
+    snprintf(err, sizeof(err), "%s not done: the database failed: %s; duplexd stops", what,
+             coord_store_errmsg(s->store));
+    server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, request_id, err);
+    server_fail_stop(s);
+    return false;
+}
+
 static void handle_register(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
 {
     const Duplex__Register *r = (const Duplex__Register *)m->body;
@@ -236,9 +313,9 @@ static void handle_register(coord_server_t *s, const struct peer_frame *p, const
     if (!server_worker_key_ok(s, p, m, r->worker_id, r->host))
         return;
     if (restarted) /* the process that ran the job is gone */
-        coord_jobs_on_worker_gone(s->jobs, r->worker_id, dx_wall_ms());
-    rc = coord_registry_register(s->reg, r, p->rid, p->rlen, dx_wall_ms(), dx_mono_ms(), &outcome,
-                                 &w);
+        coord_jobs_on_worker_gone(s->jobs, r->worker_id, dx_wall_ms(), server_heard_ms(s));
+    rc = coord_registry_register(s->reg, r, p->rid, p->rlen, dx_wall_ms(), server_heard_ms(s),
+                                 &outcome, &w);
 
     if (rc < 0) {
         char text[128];
@@ -278,11 +355,12 @@ static void handle_heartbeat(coord_server_t *s, const struct peer_frame *p, cons
 
     if (!server_worker_key_ok(s, p, m, hb->worker_id, NULL))
         return;
-    rc = coord_registry_heartbeat(s->reg, hb, p->rid, p->rlen, dx_wall_ms(), dx_mono_ms());
+    rc = coord_registry_heartbeat(s->reg, hb, p->rid, p->rlen, dx_wall_ms(),
+                                  p->conn_closed ? 0 : server_heard_ms(s));
     if (rc < 0)
         session_refused(s, p, "heartbeat", hb->worker_id, rc, m->request_id);
     else if (hb->activity == DUPLEX__WORKER_ACTIVITY__ACTIVITY_IDLE)
-        coord_jobs_on_idle(s->jobs, hb->worker_id, dx_wall_ms());
+        coord_jobs_on_idle(s->jobs, hb->worker_id, dx_wall_ms(), server_heard_ms(s));
 }
 
 static void handle_goodbye(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
@@ -299,6 +377,10 @@ static void handle_goodbye(coord_server_t *s, const struct peer_frame *p, const 
         server_check_gone(s, dx_wall_ms());
 }
 
+/* Workers per ListWorkersReply at most: about 200 KB, well under the
+ * message size limit at any fleet size. */
+#define LIST_WORKERS_PAGE 1000
+
 static void handle_list_workers(coord_server_t *s, const struct peer_frame *p,
                                 const struct dx_msg *m)
 {
@@ -306,17 +388,32 @@ static void handle_list_workers(coord_server_t *s, const struct peer_frame *p,
     struct coord_worker **ws = NULL;
     Duplex__WorkerInfo *infos = NULL;
     Duplex__WorkerInfo **ptrs = NULL;
+    const Duplex__ListWorkers *req = (const Duplex__ListWorkers *)m->body;
     int64_t now = dx_wall_ms();
-    int n = coord_registry_list(s->reg, &ws);
+    int n = coord_registry_list(s->reg, &ws), first = 0, count;
+    int page = req->limit && req->limit < LIST_WORKERS_PAGE ? (int)req->limit : LIST_WORKERS_PAGE;
 
-    if (n < 0 || !(infos = calloc((size_t)n + 1, sizeof(*infos))) ||
-        !(ptrs = calloc((size_t)n + 1, sizeof(*ptrs)))) {
+    if (n < 0 || !(infos = calloc(LIST_WORKERS_PAGE + 1, sizeof(*infos))) ||
+        !(ptrs = calloc(LIST_WORKERS_PAGE + 1, sizeof(*ptrs)))) {
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id,
                       "out of memory listing workers");
         goto out;
     }
-    for (int i = 0; i < n; i++) {
-        const struct coord_worker *w = ws[i];
+    if (req->after_id[0]) { /* the first id after it: a binary search of the sorted list */
+        int hi = n;
+        while (first < hi) {
+            int mid = first + (hi - first) / 2;
+            if (strcmp(ws[mid]->id, req->after_id) <= 0)
+                first = mid + 1;
+            else
+                hi = mid;
+        }
+    }
+    count = n - first;
+    if (count > page)
+        count = page;
+    for (int i = 0; i < count; i++) {
+        const struct coord_worker *w = ws[first + i];
         Duplex__WorkerInfo *wi = &infos[i];
 
         duplex__worker_info__init(wi);
@@ -339,7 +436,9 @@ static void handle_list_workers(coord_server_t *s, const struct peer_frame *p,
         ptrs[i] = wi;
     }
     reply.workers = ptrs;
-    reply.n_workers = (size_t)n;
+    reply.n_workers = (size_t)count;
+    reply.next_after_id = first + count < n ? ws[first + count - 1]->id : "";
+    reply.total = (uint32_t)n;
     server_reply(s, p, DUPLEX__MSG_TYPE__MSG_LIST_WORKERS_REPLY, m->request_id, &reply.base);
 out:
     free(ptrs);
@@ -366,23 +465,33 @@ static void handle_submit(coord_server_t *s, const struct peer_frame *p, const s
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_BAD_SPEC, m->request_id, err);
         return;
     }
+    if (coord_admit_registry(s->reg, &spec, err, sizeof(err)) < 0) {
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY, m->request_id, err);
+        return;
+    }
     if (!req->dry_run) {
-        uint64_t id;
-        int64_t now = dx_wall_ms();
-        if (coord_jobs_submit(s->jobs, &spec, peer_principal(p), now, &id, err, sizeof(err)) < 0) {
-            server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY, m->request_id, err);
+        uint64_t id = 0;
+        int64_t now = dx_wall_ms(), mono = server_heard_ms(s);
+
+        rc = coord_jobs_submit(s->jobs, &spec, peer_principal(p), now, &id, err, sizeof(err));
+        if ((rc == 0 || coord_store_failed(s->store)) &&
+            !server_commit_for(s, p, m->request_id, "submit")) {
+            /* fail-stop: the job is not stored, so it is not accepted;
+             * withdrawn from memory too, so that nothing this process
+             * still does places it */
+            if (rc == 0 && coord_jobs_cancel(s->jobs, id, "duplexd (not stored)", now, mono, err,
+                                             sizeof(err)) < 0)
+                dx_warn("could not withdraw job %llu: %s", (unsigned long long)id, err);
             return;
         }
-        if (coord_store_flush(s->store) < 0) { /* committed before it is acknowledged */
-            snprintf(err, sizeof(err), "could not store job %llu: %s", (unsigned long long)id,
-                     coord_store_errmsg(s->store));
-            server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id, err);
+        if (rc < 0) {
+            server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY, m->request_id, err);
             return;
         }
         reply.job_id = id;
         reply.plan_json = "";
         server_reply(s, p, DUPLEX__MSG_TYPE__MSG_SUBMIT_REPLY, m->request_id, &reply.base);
-        coord_jobs_schedule(s->jobs, now);
+        coord_jobs_schedule(s->jobs, now, mono);
         return;
     }
     n = coord_registry_list(s->reg, &ws);
@@ -430,15 +539,24 @@ static int server_send_worker(void *arg, const char *worker_id, Duplex__MsgType 
 }
 
 /* Jobs of workers that are no longer alive fail (recovery comes later). */
+struct check_gone {
+    coord_server_t *s;
+    int64_t now;
+};
+
+static int check_gone_one(struct coord_worker *w, void *arg)
+{
+    struct check_gone *c = arg;
+
+    if (w->state != COORD_WORKER_ALIVE && w->assigned_job)
+        coord_jobs_on_worker_gone(c->s->jobs, w->id, c->now, server_heard_ms(c->s));
+    return 0;
+}
+
 static void server_check_gone(coord_server_t *s, int64_t now)
 {
-    struct coord_worker **ws = NULL;
-    int n = coord_registry_list(s->reg, &ws);
-
-    for (int i = 0; i < n; i++)
-        if (ws[i]->state != COORD_WORKER_ALIVE && ws[i]->assigned_job)
-            coord_jobs_on_worker_gone(s->jobs, ws[i]->id, now);
-    free(ws);
+    struct check_gone c = {s, now};
+    coord_registry_each(s->reg, check_gone_one, &c);
 }
 
 /* Queues an Ok for request_id, sent once this loop turn's writes are
@@ -482,15 +600,18 @@ static void handle_job_message(coord_server_t *s, const struct peer_frame *p,
     switch (m->type) {
     case DUPLEX__MSG_TYPE__MSG_ASSIGNMENT_ACK:
         job_id = ((const Duplex__AssignmentAck *)m->body)->job_id;
-        rc = coord_jobs_on_ack(s->jobs, w->id, (const Duplex__AssignmentAck *)m->body, now);
+        rc = coord_jobs_on_ack(s->jobs, w->id, (const Duplex__AssignmentAck *)m->body, now,
+                               server_heard_ms(s));
         break;
     case DUPLEX__MSG_TYPE__MSG_STEP_REPORT:
         job_id = ((const Duplex__StepReport *)m->body)->job_id;
-        rc = coord_jobs_on_report(s->jobs, w->id, (const Duplex__StepReport *)m->body, now);
+        rc = coord_jobs_on_report(s->jobs, w->id, (const Duplex__StepReport *)m->body, now,
+                                  server_heard_ms(s));
         break;
     default:
         job_id = ((const Duplex__JobDone *)m->body)->job_id;
-        rc = coord_jobs_on_done(s->jobs, w->id, (const Duplex__JobDone *)m->body, now);
+        rc =
+            coord_jobs_on_done(s->jobs, w->id, (const Duplex__JobDone *)m->body, now, dx_mono_ms());
         break;
     }
     if (rc == -EPERM || rc == -EINVAL) { /* refused: it moved nothing and is not acknowledged */
@@ -543,6 +664,24 @@ static void reply_json(coord_server_t *s, const struct peer_frame *p, const stru
     json_decref(doc);
 }
 
+/* The loop's own latency, for `status --json`. */
+static json_t *loop_json(const struct dx_loopstat *ls)
+{
+    json_t *hist = json_array();
+
+    for (int i = 0; hist && i < DX_LOOPSTAT_BUCKETS; i++) {
+        int64_t le = dx_loopstat_bucket_us(i);
+        json_array_append_new(hist, json_pack("{s:o, s:I}", "le_us",
+                                              le < 0 ? json_null() : json_integer(le), "turns",
+                                              (json_int_t)ls->busy[i]));
+    }
+    return json_pack("{s:I, s:I, s:o, s:I, s:I, s:I}", "turns", (json_int_t)ls->turns,
+                     "busy_us_max", (json_int_t)ls->busy_us_max, "busy_histogram",
+                     hist ? hist : json_null(), "late_count", (json_int_t)ls->late_count,
+                     "late_ms_max", (json_int_t)ls->late_ms_max, "late_ms_total",
+                     (json_int_t)ls->late_ms_total);
+}
+
 static void handle_job_status(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
 {
     const Duplex__JobStatus *req = (const Duplex__JobStatus *)m->body;
@@ -555,6 +694,8 @@ static void handle_job_status(coord_server_t *s, const struct peer_frame *p, con
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_INVALID, m->request_id, text);
         return;
     }
+    if (doc && !req->job_id)
+        json_object_set_new(doc, "duplexd", json_pack("{s:o}", "loop", loop_json(&s->loopstat)));
     reply_json(s, p, m, DUPLEX__MSG_TYPE__MSG_JOB_STATUS_REPLY, doc);
 }
 
@@ -587,12 +728,40 @@ static void handle_cancel(coord_server_t *s, const struct peer_frame *p, const s
     int64_t now = dx_wall_ms();
     char err[128];
 
-    if (coord_jobs_cancel(s->jobs, req->job_id, peer_principal(p), now, err, sizeof(err)) < 0) {
+    if (coord_jobs_cancel(s->jobs, req->job_id, peer_principal(p), now, server_heard_ms(s), err,
+                          sizeof(err)) < 0) {
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_INVALID, m->request_id, err);
         return;
     }
+    if (!server_commit_for(s, p, m->request_id, "cancel"))
+        return;
     reply_ok(s, p, m->request_id, "cancelled");
-    coord_jobs_schedule(s->jobs, now);
+    coord_jobs_schedule(s->jobs, now, server_heard_ms(s));
+}
+
+static void handle_forget(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
+{
+    const Duplex__Forget *req = (const Duplex__Forget *)m->body;
+    char text[256], why[128];
+    int rc;
+
+    snprintf(why, sizeof(why), "by %s", peer_principal(p));
+    rc = coord_registry_forget(s->reg, req->worker_id, why, dx_wall_ms());
+    if (rc == -ENOENT) {
+        snprintf(text, sizeof(text), "no worker %s", req->worker_id);
+    } else if (rc == -EBUSY) {
+        snprintf(text, sizeof(text),
+                 "worker %s is alive or holds a job: only lost or left workers are forgotten "
+                 "(stop it first)",
+                 req->worker_id);
+    } else {
+        if (!server_commit_for(s, p, m->request_id, "forget"))
+            return;
+        snprintf(text, sizeof(text), "%s forgotten", req->worker_id);
+        reply_ok(s, p, m->request_id, text);
+        return;
+    }
+    server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_INVALID, m->request_id, text);
 }
 
 static void handle_drain(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
@@ -607,9 +776,11 @@ static void handle_drain(coord_server_t *s, const struct peer_frame *p, const st
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_INVALID, m->request_id, text);
         return;
     }
+    if (!server_commit_for(s, p, m->request_id, req->undrain ? "undrain" : "drain"))
+        return;
     snprintf(text, sizeof(text), "%s %s", req->worker_id, req->undrain ? "undrained" : "drained");
     reply_ok(s, p, m->request_id, text);
-    coord_jobs_schedule(s->jobs, now);
+    coord_jobs_schedule(s->jobs, now, server_heard_ms(s));
 }
 
 static void server_dispatch(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
@@ -649,6 +820,9 @@ static void server_dispatch(coord_server_t *s, const struct peer_frame *p, const
     case DUPLEX__MSG_TYPE__MSG_DRAIN:
         handle_drain(s, p, m);
         return;
+    case DUPLEX__MSG_TYPE__MSG_FORGET:
+        handle_forget(s, p, m);
+        return;
     case DUPLEX__MSG_TYPE__MSG_ERROR: {
         const Duplex__Error *e = (const Duplex__Error *)m->body;
         uint64_t suppressed;
@@ -664,6 +838,8 @@ static void server_dispatch(coord_server_t *s, const struct peer_frame *p, const
         return;
     }
 }
+
+static bool server_fd_closed(coord_server_t *s, int fd);
 
 /* Receives one [routing id][payload...] message. Returns 1 when one was
  * handled, 0 when none was waiting, -errno on a socket error. */
@@ -699,6 +875,7 @@ static int server_recv_one(coord_server_t *s)
     }
     peer_identify(s, &p, &payload);
     p.fd = zmq_msg_get(&payload, ZMQ_SRCFD);
+    p.conn_closed = server_fd_closed(s, p.fd);
     if (frames != 1) {
         char text[64];
         snprintf(text, sizeof(text), "expected 1 frame after the routing id, got %d", frames);
@@ -711,8 +888,9 @@ static int server_recv_one(coord_server_t *s)
         if (server_authorize(s, &p, &m))
             server_dispatch(s, &p, &m);
         dx_msg_clear(&m);
-        /* the connection this worker speaks on, for the monitor */
-        if ((w = coord_registry_find_route(s->reg, p.rid, p.rlen)))
+        /* the connection this worker speaks on, for the monitor; a message
+         * read after its connection closed keeps the close mark */
+        if (!p.conn_closed && (w = coord_registry_find_route(s->reg, p.rid, p.rlen)))
             coord_registry_seen_on(s->reg, w, p.fd);
     }
     zmq_msg_close(&payload);
@@ -726,7 +904,8 @@ static void server_on_router(dx_zwatch_t *w, int revents, void *arg)
     (void)w;
     (void)revents;
 
-    for (int i = 0; i < DX_ZWATCH_BATCH; i++) {
+    server_busy(s);
+    for (int i = 0; i < DX_ZWATCH_BATCH && s->watch; i++) { /* no watch: fail-stopped */
         int rc = server_recv_one(s);
         if (rc == 0)
             return;
@@ -737,15 +916,45 @@ static void server_on_router(dx_zwatch_t *w, int revents, void *arg)
     }
 }
 
+/* Counts the time since the sweep was due (its period and an allowance
+ * past its last run) as time the loop could not listen: stopped (SIGSTOP,
+ * a paused VM), starved of CPU, or stuck in a long callback. Called first
+ * by every timer that judges liveness, so whichever runs first after a
+ * stall counts it, once. */
+static void server_count_lateness(coord_server_t *s, int64_t now_mono)
+{
+    int64_t due = s->last_sweep_mono + s->sweep_ms;
+    int64_t from = due > s->late_until_mono ? due : s->late_until_mono;
+    int64_t allowance =
+        s->sweep_ms > 2 * LATE_ALLOWANCE_MIN_MS ? s->sweep_ms / 2 : LATE_ALLOWANCE_MIN_MS;
+    int64_t late = dx_loopstat_late(&s->loopstat, now_mono - from, 0, allowance);
+
+    if (!late)
+        return;
+    s->late_until_mono = now_mono;
+    s->unheard_ms += late;
+    dx_warn("duplexd's loop was late by %lld ms (stopped, starved of CPU or stuck in a "
+            "callback); that time is not counted as any worker's silence",
+            (long long)late);
+}
+
 static void server_on_sweep(uv_timer_t *t)
 {
     coord_server_t *s = t->data;
-    int64_t now = dx_wall_ms();
+    int64_t now = dx_wall_ms(), now_mono = dx_mono_ms();
 
-    if (coord_registry_sweep(s->reg, now, dx_mono_ms(), s->cfg.dead_after_ms) > 0)
+    server_busy(s);
+    server_count_lateness(s, now_mono);
+    s->last_sweep_mono = s->late_until_mono = now_mono;
+    if (coord_registry_sweep(s->reg, now, server_heard_ms(s), s->cfg.dead_after_ms) > 0)
         server_check_gone(s, now);
-    coord_jobs_check_timeouts(s->jobs, now, ASSIGN_ACK_TIMEOUT_MS);
-    coord_jobs_schedule(s->jobs, now);
+    if (s->cfg.forget_after_h > 0 && now_mono - s->forgot_mono >= FORGET_CHECK_MS) {
+        s->forgot_mono = now_mono;
+        coord_registry_forget_gone(s->reg, now, server_heard_ms(s),
+                                   (int64_t)s->cfg.forget_after_h * 3600000);
+    }
+    coord_jobs_check_timeouts(s->jobs, now, server_heard_ms(s), ASSIGN_ACK_TIMEOUT_MS);
+    coord_jobs_schedule(s->jobs, now, server_heard_ms(s));
 }
 
 /* A while after a worker's connection closed: lost unless it said
@@ -755,39 +964,109 @@ static void server_on_hint(uv_timer_t *t)
     coord_server_t *s = t->data;
     int64_t now = dx_wall_ms(), wait = (int64_t)s->cfg.heartbeat_ms * CLOSED_SILENT_INTERVALS;
 
-    if (coord_registry_sweep_closed(s->reg, now, dx_mono_ms(), wait) > 0) {
+    server_busy(s);
+    server_count_lateness(s, dx_mono_ms());
+    if (coord_registry_sweep_closed(s->reg, now, server_heard_ms(s), wait) > 0) {
         server_check_gone(s, now);
-        coord_jobs_schedule(s->jobs, now);
+        coord_jobs_schedule(s->jobs, now, server_heard_ms(s));
     }
 }
 
 /* The ROUTER's monitor: a connection closed. When it was a worker's, check
  * on it soon (duplexctl's connections close all the time: ignored). */
-static void server_on_monitor(dx_zwatch_t *w, int revents, void *arg)
+/* Marks socket fd closed or open again; false when out of memory (the
+ * mark is then lost: detection falls back to dead-after). */
+static bool server_mark_fd(coord_server_t *s, int fd, bool closed)
 {
-    coord_server_t *s = arg;
-    (void)w;
-    (void)revents;
+    if (fd < 0)
+        return false;
+    if ((size_t)fd >= s->n_fd_closed) {
+        size_t n = s->n_fd_closed ? s->n_fd_closed : 1024;
+        uint8_t *v;
 
+        if (!closed)
+            return true; /* never marked: open */
+        while (n <= (size_t)fd)
+            n *= 2;
+        if (!(v = realloc(s->fd_closed, n)))
+            return false;
+        memset(v + s->n_fd_closed, 0, n - s->n_fd_closed);
+        s->fd_closed = v;
+        s->n_fd_closed = n;
+    }
+    s->fd_closed[fd] = closed;
+    return true;
+}
+
+/* Keeps count of open connections and warns (once per crossing) when they
+ * near the fd limit: past it, ZeroMQ cannot accept and workers cannot
+ * register. */
+static void server_count_conn(coord_server_t *s, int delta)
+{
+    uint64_t warn_at = s->fd_limit * FD_WARN_PERCENT / 100;
+
+    if (delta < 0 && s->conns == 0)
+        return;
+    s->conns = delta < 0 ? s->conns - 1 : s->conns + 1;
+    if (s->fd_limit && s->conns == warn_at && delta > 0)
+        dx_warn("%llu connections open, %d%% of this process's limit of %llu open files: raise it "
+                "(LimitNOFILE= in the unit, ulimit -n) or workers will fail to register",
+                (unsigned long long)s->conns, FD_WARN_PERCENT, (unsigned long long)s->fd_limit);
+}
+
+/* Reads the monitor's events: connections accepted and closed. */
+static void server_read_monitor(coord_server_t *s)
+{
     for (int i = 0; i < DX_ZWATCH_BATCH; i++) {
         uint16_t what = 0;
         uint32_t fd = 0;
 
         if (dx_monitor_recv(s->monitor, &what, &fd) <= 0)
             return;
-        if (what == ZMQ_EVENT_DISCONNECTED &&
-            coord_registry_conn_closed(s->reg, (int)fd, dx_mono_ms()) > 0)
-            uv_timer_start(&s->hint, server_on_hint,
-                           (uint64_t)s->cfg.heartbeat_ms * CLOSED_SILENT_INTERVALS + 1, 0);
+        if (what == ZMQ_EVENT_ACCEPTED) {
+            server_mark_fd(s, (int)fd, false);
+            server_count_conn(s, +1);
+        } else if (what == ZMQ_EVENT_DISCONNECTED) {
+            server_mark_fd(s, (int)fd, true);
+            server_count_conn(s, -1);
+            if (coord_registry_conn_closed(s->reg, (int)fd, server_heard_ms(s)) > 0)
+                uv_timer_start(&s->hint, server_on_hint,
+                               (uint64_t)s->cfg.heartbeat_ms * CLOSED_SILENT_INTERVALS + 1, 0);
+        }
     }
+}
+
+/* Whether a message from socket fd came on a connection already closed: a
+ * dead worker's last messages, read after its disconnect. ZeroMQ reports
+ * a new connection (that may reuse the fd) before its first message, so
+ * the monitor's pending events are read before saying yes. */
+static bool server_fd_closed(coord_server_t *s, int fd)
+{
+    if (fd < 0 || (size_t)fd >= s->n_fd_closed || !s->fd_closed[fd])
+        return false;
+    server_read_monitor(s);
+    return s->fd_closed[fd];
+}
+
+/* The ROUTER's monitor: connections accepted and closed. When a worker's
+ * closed, check on it soon (duplexctl's connections close all the time:
+ * ignored). */
+static void server_on_monitor(dx_zwatch_t *w, int revents, void *arg)
+{
+    coord_server_t *s = arg;
+    (void)w;
+    (void)revents;
+
+    server_busy(s);
+    server_read_monitor(s);
 }
 
 static int server_monitor(coord_server_t *s, char *err, size_t errlen)
 {
     int rc;
 
-    if ((rc = dx_monitor_open(s->zctx, s->router, MONITOR_ENDPOINT, ZMQ_EVENT_DISCONNECTED,
-                              &s->monitor)) < 0) {
+    if ((rc = dx_monitor_open(s->zctx, s->router, MONITOR_ENDPOINT,
+                              ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED, &s->monitor)) < 0) {
         snprintf(err, errlen, "cannot monitor the ROUTER socket: %s", zmq_strerror(-rc));
         return rc;
     }
@@ -799,14 +1078,19 @@ static int server_monitor(coord_server_t *s, char *err, size_t errlen)
     return 0;
 }
 
-/* Runs once per loop turn, before the loop blocks: commit the turn's writes. */
+/* Runs once per loop turn, before the loop blocks: commit the turn's writes,
+ * then send the acknowledgements that waited for them. A failed commit, or
+ * a write that failed during the turn (the store then refuses the commit),
+ * is fail-stop (store.h): nothing of the turn is acknowledged, duplexd reads
+ * no more messages and stops, and main exits with COORD_STORE_EXIT_FAILED
+ * for systemd to restart it from the database, which holds only committed
+ * turns. */
 static void server_on_flush(uv_prepare_t *h)
 {
     coord_server_t *s = h->data;
 
     if (coord_store_flush(s->store) < 0) {
-        dx_error("store commit failed: %s", coord_store_errmsg(s->store));
-        s->n_acks = 0; /* unacknowledged: the workers send them again */
+        server_fail_stop(s);
         return;
     }
     for (size_t i = 0; i < s->n_acks; i++) {
@@ -818,6 +1102,15 @@ static void server_on_flush(uv_prepare_t *h)
             dx_debug("an acknowledgement was not delivered (its worker will resend)");
     }
     s->n_acks = 0;
+}
+
+/* The last callback before the loop polls again: the turn is over. */
+static void server_on_sleeps(uv_prepare_t *h)
+{
+    coord_server_t *s = h->data;
+
+    dx_loopstat_sleeps(&s->loopstat, (int64_t)(uv_hrtime() / 1000));
+    s->loopstat.woke_us = 0;
 }
 
 static void server_on_signal(uv_signal_t *h, int signum)
@@ -911,7 +1204,7 @@ static int server_keys(coord_server_t *s, char *err, size_t errlen)
 
 static int server_bind(coord_server_t *s, char *err, size_t errlen)
 {
-    int one = 1, rc;
+    int one = 1, backlog = SERVER_BACKLOG, rcvhwm = SERVER_RCVHWM, sndhwm = SERVER_SNDHWM, rc;
 
     s->zctx = zmq_ctx_new();
     if (!s->zctx) {
@@ -920,7 +1213,10 @@ static int server_bind(coord_server_t *s, char *err, size_t errlen)
     }
     s->router = zmq_socket(s->zctx, ZMQ_ROUTER);
     if (!s->router || dx_wire_setup(s->router) < 0 ||
-        zmq_setsockopt(s->router, ZMQ_ROUTER_MANDATORY, &one, sizeof(one)) < 0) {
+        zmq_setsockopt(s->router, ZMQ_ROUTER_MANDATORY, &one, sizeof(one)) < 0 ||
+        zmq_setsockopt(s->router, ZMQ_BACKLOG, &backlog, sizeof(backlog)) < 0 ||
+        zmq_setsockopt(s->router, ZMQ_RCVHWM, &rcvhwm, sizeof(rcvhwm)) < 0 ||
+        zmq_setsockopt(s->router, ZMQ_SNDHWM, &sndhwm, sizeof(sndhwm)) < 0) {
         snprintf(err, errlen, "cannot set up the ROUTER socket: %s", zmq_strerror(errno));
         return -errno;
     }
@@ -934,12 +1230,33 @@ static int server_bind(coord_server_t *s, char *err, size_t errlen)
     return 0;
 }
 
+/* Raises the soft limit on open files to the hard one (each worker's
+ * connection is a file) and returns it, or 0 when unlimited. */
+static uint64_t server_raise_fd_limit(void)
+{
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        return 0;
+    if (rl.rlim_cur < rl.rlim_max) {
+        rlim_t was = rl.rlim_cur;
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+            rl.rlim_cur = was;
+    }
+    if (rl.rlim_cur == RLIM_INFINITY)
+        return 0;
+    dx_info("open files limit %llu (%llu worker connections before the warning)",
+            (unsigned long long)rl.rlim_cur,
+            (unsigned long long)rl.rlim_cur * FD_WARN_PERCENT / 100);
+    return (uint64_t)rl.rlim_cur;
+}
+
 int coord_server_create(const struct coord_server_config *cfg, coord_server_t **out, char *err,
                         size_t errlen)
 {
     coord_server_t *s = calloc(1, sizeof(*s));
     char detail[256];
-    int64_t sweep_ms;
     int rc;
 
     if (!s) {
@@ -947,6 +1264,7 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
         return -ENOMEM;
     }
     s->cfg = *cfg;
+    s->fd_limit = server_raise_fd_limit();
     s->reject_log = (struct dx_ratelimit)DX_RATELIMIT_INIT(REJECT_LOG_WINDOW_MS, REJECT_LOG_BURST);
     if ((rc = uv_loop_init(&s->loop)) < 0) {
         snprintf(err, errlen, "cannot create the event loop: %s", uv_strerror(rc));
@@ -956,7 +1274,7 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
     if ((rc = coord_store_open(cfg->db, &s->store, err, errlen)) < 0)
         goto fail;
     if ((rc = coord_registry_create(s->store, &s->reg)) < 0 ||
-        (rc = coord_registry_load(s->reg, dx_mono_ms())) < 0) {
+        (rc = coord_registry_load(s->reg, server_heard_ms(s))) < 0) {
         snprintf(err, errlen, "%s: cannot load workers: %s", cfg->db, strerror(-rc));
         goto fail;
     }
@@ -966,7 +1284,7 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
             coord_jobs_set_spares(s->jobs, cfg->spares);
             rc = coord_jobs_set_nccl_library(s->jobs, cfg->nccl_lib);
         }
-        if (rc < 0 || (rc = coord_jobs_load(s->jobs, dx_wall_ms())) < 0) {
+        if (rc < 0 || (rc = coord_jobs_load(s->jobs, dx_wall_ms(), server_heard_ms(s))) < 0) {
             snprintf(err, errlen, "%s: cannot load jobs: %s", cfg->db, strerror(-rc));
             goto fail;
         }
@@ -984,14 +1302,19 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
     if ((rc = server_monitor(s, err, errlen)) < 0)
         goto fail;
     uv_prepare_init(&s->loop, &s->flush);
+    uv_prepare_init(&s->loop, &s->sleeps);
     uv_signal_init(&s->loop, &s->sigterm);
     uv_signal_init(&s->loop, &s->sigint);
     uv_signal_init(&s->loop, &s->sighup);
-    s->sweep.data = s->flush.data = s->sigterm.data = s->sigint.data = s->sighup.data = s;
-    sweep_ms = cfg->dead_after_ms / SWEEPS_PER_DEAD_AFTER;
-    if (sweep_ms < SWEEP_MIN_MS)
-        sweep_ms = SWEEP_MIN_MS;
-    uv_timer_start(&s->sweep, server_on_sweep, (uint64_t)sweep_ms, (uint64_t)sweep_ms);
+    s->sweep.data = s->flush.data = s->sleeps.data = s->sigterm.data = s->sigint.data =
+        s->sighup.data = s;
+    s->sweep_ms = cfg->dead_after_ms / SWEEPS_PER_DEAD_AFTER;
+    if (s->sweep_ms < SWEEP_MIN_MS)
+        s->sweep_ms = SWEEP_MIN_MS;
+    s->last_sweep_mono = s->late_until_mono = dx_mono_ms();
+    uv_timer_start(&s->sweep, server_on_sweep, (uint64_t)s->sweep_ms, (uint64_t)s->sweep_ms);
+    /* libuv runs the prepare handle started last first: sleeps after flush */
+    uv_prepare_start(&s->sleeps, server_on_sleeps);
     uv_prepare_start(&s->flush, server_on_flush);
     uv_signal_start(&s->sigterm, server_on_signal, SIGTERM);
     uv_signal_start(&s->sigint, server_on_signal, SIGINT);
@@ -1043,6 +1366,7 @@ void coord_server_destroy(coord_server_t *s)
     if (s->rejected)
         dx_info("%llu bad messages rejected while running", (unsigned long long)s->rejected);
     free(s->acks);
+    free(s->fd_closed);
     free(s);
 }
 

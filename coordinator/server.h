@@ -14,6 +14,7 @@ struct coord_server_config {
     int dead_after_ms;    /* silence after which a worker is lost */
     int spares;           /* free workers per backend kept for recoveries */
     const char *nccl_lib; /* NCCL for cuda jobs' unique ids; NULL: the default */
+    int forget_after_h;   /* gone workers (lost, left) are forgotten after; 0: never */
     /* CURVE: duplexd's secret certificate and the allow-list of the keys
      * that may talk to it (coordinator/authz.h); both NULL: no keys, every
      * peer is trusted (--insecure) */

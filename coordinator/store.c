@@ -1,4 +1,6 @@
-/* store.c - duplexd's SQLite database (see store.h). */
+/* store.c - duplexd's SQLite database (see store.h): the schema and its
+ * migrations, the prepared statements, the per-turn transaction and the
+ * fail-stop that follows the first failed write or commit. */
 #include "coordinator/store.h"
 
 #include <errno.h>
@@ -18,6 +20,13 @@
 #define STORE_BUSY_TIMEOUT_MS 5000
 /* Keep the WAL file from growing without bound between checkpoints. */
 #define STORE_JOURNAL_SIZE_LIMIT (64 * 1024 * 1024)
+
+/* Per step of a job, over its metrics rows: what job_steps keeps (in its
+ * column order, from loss to tokens). */
+#define STEP_AGGREGATES                                                                            \
+    " MAX(loss), MAX(step_ms), MIN(tokens_per_s), MAX(compute_ms), MAX(wait_ms), COUNT(*),"        \
+    " SUM(comm_ms), SUM(hidden_comm_ms), MAX(sync_ms), MAX(f_ms), MAX(b_ms), MAX(i_ms),"           \
+    " MAX(w_ms), MAX(fb_ms), MAX(tokens)"
 
 /* migrations[i] brings the schema from version i to version i + 1. */
 static const char *const migrations[] = {
@@ -123,6 +132,35 @@ static const char *const migrations[] = {
     ");",
     /* 3 -> 4: who submitted each job (the key's name) */
     "ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';",
+    /* 4 -> 5: per job and step, the figures over its reporting workers that
+     * status shows, kept up to date as reports come (one row per step, so
+     * status reads O(steps), not every rank's row); filled from the metrics
+     * rows already there. expired: the step's metrics rows were deleted
+     * (coord_store_metrics_expire). */
+    "CREATE TABLE job_steps ("
+    "  job_id INTEGER NOT NULL,"
+    "  step INTEGER NOT NULL,"
+    "  loss REAL NOT NULL,"
+    "  step_ms REAL NOT NULL,"
+    "  tokens_per_s REAL NOT NULL,"
+    "  compute_ms REAL NOT NULL,"
+    "  wait_ms REAL NOT NULL,"
+    "  reports INTEGER NOT NULL,"
+    "  comm_ms REAL NOT NULL,"
+    "  hidden_comm_ms REAL NOT NULL,"
+    "  sync_ms REAL NOT NULL,"
+    "  f_ms REAL NOT NULL,"
+    "  b_ms REAL NOT NULL,"
+    "  i_ms REAL NOT NULL,"
+    "  w_ms REAL NOT NULL,"
+    "  fb_ms REAL NOT NULL,"
+    "  tokens INTEGER NOT NULL,"
+    "  expired INTEGER NOT NULL DEFAULT 0,"
+    "  PRIMARY KEY (job_id, step)"
+    ") WITHOUT ROWID;"
+    "INSERT INTO job_steps (job_id, step, loss, step_ms, tokens_per_s, compute_ms, wait_ms,"
+    "  reports, comm_ms, hidden_comm_ms, sync_ms, f_ms, b_ms, i_ms, w_ms, fb_ms, tokens)"
+    "  SELECT job_id, step," STEP_AGGREGATES " FROM metrics GROUP BY job_id, step;",
 };
 
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == COORD_STORE_SCHEMA_VERSION,
@@ -135,12 +173,19 @@ enum store_stmt {
     STMT_WORKERS_ALL,
     STMT_JOB_EVENT,
     STMT_WORKER_DRAINED,
+    STMT_WORKER_DELETE,
     STMT_WORKERS_DRAINED,
     STMT_JOB_INSERT,
     STMT_JOB_UPDATE,
     STMT_JOBS_ALL,
     STMT_METRIC,
+    STMT_METRIC_ADD,
     STMT_METRIC_GET,
+    STMT_STEP_FOLD,
+    STMT_STEP_SWAP,
+    STMT_STEP_REDO,
+    STMT_STEPS_EXPIRE,
+    STMT_METRICS_EXPIRE,
     STMT_JOB_STEPS,
     STMT_EVENTS_LIST,
     STMT_CKPT_SHARD,
@@ -170,6 +215,7 @@ static const char *const stmt_sql[STMT_COUNT] = {
     [STMT_JOB_EVENT] = "INSERT INTO events (ts_ms, kind, worker_id, job_id, detail)"
                        " VALUES (?1, ?2, ?3, ?4, ?5)",
     [STMT_WORKER_DRAINED] = "UPDATE workers SET drained = ?2 WHERE id = ?1",
+    [STMT_WORKER_DELETE] = "DELETE FROM workers WHERE id = ?1",
     [STMT_WORKERS_DRAINED] = "SELECT id FROM workers WHERE drained != 0",
     [STMT_JOB_INSERT] = "INSERT INTO jobs (name, spec, backend, state, priority, workers, steps,"
                         " submitted_ms, owner) VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8)",
@@ -189,13 +235,61 @@ static const char *const stmt_sql[STMT_COUNT] = {
                     " sync_ms, f_ms, b_ms, i_ms, w_ms, fb_ms, tokens)"
                     " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,"
                     " ?16, ?17, ?18)",
+    /* a worker's first report of a step: no row is replaced (DO NOTHING,
+     * sqlite3_changes() says 0 when one was there) */
+    [STMT_METRIC_ADD] = "INSERT INTO metrics (job_id, step, worker_id, ts_ms, loss, step_ms,"
+                        " tokens_per_s, compute_ms, wait_ms, comm_ms, hidden_comm_ms, sync_ms,"
+                        " f_ms, b_ms, i_ms, w_ms, fb_ms, tokens)"
+                        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,"
+                        " ?15, ?16, ?17, ?18) ON CONFLICT DO NOTHING",
+    /* folds that new row (STMT_METRIC_ADD's parameters) into its step; a
+     * step without a row yet, or whose rows expired, is left alone (0
+     * changes) for STMT_STEP_REDO */
+    [STMT_STEP_FOLD] =
+        "UPDATE job_steps SET loss = MAX(loss, ?5), step_ms = MAX(step_ms, ?6),"
+        " tokens_per_s = MIN(tokens_per_s, ?7), compute_ms = MAX(compute_ms, ?8),"
+        " wait_ms = MAX(wait_ms, ?9), reports = reports + 1, comm_ms = comm_ms + ?10,"
+        " hidden_comm_ms = hidden_comm_ms + ?11, sync_ms = MAX(sync_ms, ?12),"
+        " f_ms = MAX(f_ms, ?13), b_ms = MAX(b_ms, ?14), i_ms = MAX(i_ms, ?15),"
+        " w_ms = MAX(w_ms, ?16), fb_ms = MAX(fb_ms, ?17), tokens = MAX(tokens, ?18)"
+        " WHERE job_id = ?1 AND step = ?2 AND expired = 0",
+    /* swaps a replaced row (its figures ?19 to ?32, in the order of ?5 to
+     * ?18) for the new one (STMT_METRIC's parameters) in its step: sums
+     * take the difference, a largest or smallest figure the new value when
+     * it is further out; when the old row may have held one that the new
+     * value does not reach, nothing is done (0 changes) and STMT_STEP_REDO
+     * makes the step again */
+    [STMT_STEP_SWAP] =
+        "UPDATE job_steps SET loss = MAX(loss, ?5), step_ms = MAX(step_ms, ?6),"
+        " tokens_per_s = MIN(tokens_per_s, ?7), compute_ms = MAX(compute_ms, ?8),"
+        " wait_ms = MAX(wait_ms, ?9), comm_ms = comm_ms - ?24 + ?10,"
+        " hidden_comm_ms = hidden_comm_ms - ?25 + ?11, sync_ms = MAX(sync_ms, ?12),"
+        " f_ms = MAX(f_ms, ?13), b_ms = MAX(b_ms, ?14), i_ms = MAX(i_ms, ?15),"
+        " w_ms = MAX(w_ms, ?16), fb_ms = MAX(fb_ms, ?17), tokens = MAX(tokens, ?18)"
+        " WHERE job_id = ?1 AND step = ?2 AND expired = 0 AND NOT ("
+        " (?5 < loss AND ?19 = loss) OR (?6 < step_ms AND ?20 = step_ms) OR"
+        " (?7 > tokens_per_s AND ?21 = tokens_per_s) OR (?8 < compute_ms AND ?22 = compute_ms) OR"
+        " (?9 < wait_ms AND ?23 = wait_ms) OR (?12 < sync_ms AND ?26 = sync_ms) OR"
+        " (?13 < f_ms AND ?27 = f_ms) OR (?14 < b_ms AND ?28 = b_ms) OR"
+        " (?15 < i_ms AND ?29 = i_ms) OR (?16 < w_ms AND ?30 = w_ms) OR"
+        " (?17 < fb_ms AND ?31 = fb_ms) OR (?18 < tokens AND ?32 = tokens))",
+    /* one step from its rows: its first row, the first row of a step whose
+     * earlier rows expired (run again after a recovery: the step starts
+     * anew), or after a replaced row that STMT_STEP_SWAP could not swap */
+    [STMT_STEP_REDO] = "INSERT OR REPLACE INTO job_steps (job_id, step, loss, step_ms,"
+                       " tokens_per_s, compute_ms, wait_ms, reports, comm_ms, hidden_comm_ms,"
+                       " sync_ms, f_ms, b_ms, i_ms, w_ms, fb_ms, tokens, expired)"
+                       " SELECT job_id, step," STEP_AGGREGATES ", 0 FROM metrics"
+                       " WHERE job_id = ?1 AND step = ?2 GROUP BY job_id, step",
+    [STMT_STEPS_EXPIRE] = "UPDATE job_steps SET expired = 1 WHERE job_id = ?1 AND step IN"
+                          " (SELECT DISTINCT step FROM metrics WHERE job_id = ?1 AND step <= ?2)",
+    [STMT_METRICS_EXPIRE] = "DELETE FROM metrics WHERE job_id = ?1 AND step <= ?2",
     [STMT_METRIC_GET] = "SELECT loss, step_ms, tokens_per_s, compute_ms, wait_ms, comm_ms,"
                         " hidden_comm_ms, sync_ms, f_ms, b_ms, i_ms, w_ms, fb_ms, tokens"
                         " FROM metrics WHERE job_id = ?1 AND step = ?2 AND worker_id = ?3",
-    [STMT_JOB_STEPS] = "SELECT step, MAX(loss), MAX(step_ms), MIN(tokens_per_s), MAX(compute_ms),"
-                       " MAX(wait_ms), COUNT(*), SUM(comm_ms), SUM(hidden_comm_ms), MAX(sync_ms),"
-                       " MAX(f_ms), MAX(b_ms), MAX(i_ms), MAX(w_ms), MAX(fb_ms), MAX(tokens)"
-                       " FROM metrics WHERE job_id = ?1 GROUP BY step ORDER BY step",
+    [STMT_JOB_STEPS] = "SELECT step, loss, step_ms, tokens_per_s, compute_ms, wait_ms, reports,"
+                       " comm_ms, hidden_comm_ms, sync_ms, f_ms, b_ms, i_ms, w_ms, fb_ms, tokens"
+                       " FROM job_steps WHERE job_id = ?1 ORDER BY step",
     [STMT_CKPT_SHARD] = "INSERT OR REPLACE INTO checkpoint_shards (job_id, step, worker_id, dir,"
                         " file, bytes, crc32c, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     [STMT_CKPT_SHARDS] = "SELECT dir, file, bytes, crc32c FROM checkpoint_shards"
@@ -218,7 +312,13 @@ struct coord_store {
     sqlite3 *db;
     sqlite3_stmt *stmt[STMT_COUNT];
     bool in_txn;
+    bool failed;        /* a write or commit failed: every later one is refused */
+    int fail_code;      /* its SQLite extended result code */
+    char fail_msg[512]; /* its cause, for coord_store_errmsg */
 };
+
+/* Set by the first failure of any store (coord_store_any_failed). */
+static bool store_any_failed;
 
 static int store_exec(coord_store_t *s, const char *sql, char *err, size_t errlen)
 {
@@ -358,7 +458,7 @@ int coord_store_open(const char *path, coord_store_t **out, char *err, size_t er
     }
     sqlite3_busy_timeout(s->db, STORE_BUSY_TIMEOUT_MS);
     snprintf(pragmas, sizeof(pragmas),
-             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;"
+             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;"
              " PRAGMA foreign_keys = ON; PRAGMA journal_size_limit = %d;",
              STORE_JOURNAL_SIZE_LIMIT);
     if ((rc = store_exec(s, pragmas, why, sizeof(why))) < 0 ||
@@ -387,8 +487,8 @@ void coord_store_close(coord_store_t *s)
 {
     if (!s)
         return;
-    if (s->in_txn && coord_store_flush(s) < 0)
-        dx_error("store: final commit failed: %s", sqlite3_errmsg(s->db));
+    if (s->db && s->in_txn && coord_store_flush(s) < 0)
+        dx_error("store: final commit failed: %s", coord_store_errmsg(s));
     for (int i = 0; i < STMT_COUNT; i++)
         sqlite3_finalize(s->stmt[i]);
     sqlite3_close(s->db);
@@ -404,26 +504,137 @@ int coord_store_schema_version(coord_store_t *s)
 
 const char *coord_store_errmsg(coord_store_t *s)
 {
-    return sqlite3_errmsg(s->db);
+    return s->failed ? s->fail_msg : sqlite3_errmsg(s->db);
 }
 
-/* Runs a prepared statement to completion and resets it. */
+int coord_store_failed(const coord_store_t *s)
+{
+    return s->failed;
+}
+
+int coord_store_errcode(const coord_store_t *s)
+{
+    return s->failed ? s->fail_code : 0;
+}
+
+int coord_store_any_failed(void)
+{
+    return store_any_failed;
+}
+
+/* The name of an SQLite result code, for logs: the extended codes a write
+ * meets, else the primary code's. */
+static const char *store_code_name(int code)
+{
+    switch (code) {
+    case SQLITE_IOERR_READ:
+        return "SQLITE_IOERR_READ";
+    case SQLITE_IOERR_SHORT_READ:
+        return "SQLITE_IOERR_SHORT_READ";
+    case SQLITE_IOERR_WRITE:
+        return "SQLITE_IOERR_WRITE";
+    case SQLITE_IOERR_FSYNC:
+        return "SQLITE_IOERR_FSYNC";
+    case SQLITE_IOERR_TRUNCATE:
+        return "SQLITE_IOERR_TRUNCATE";
+    case SQLITE_IOERR_SHMSIZE:
+        return "SQLITE_IOERR_SHMSIZE";
+    case SQLITE_IOERR_NOMEM:
+        return "SQLITE_IOERR_NOMEM";
+    case SQLITE_CONSTRAINT_CHECK:
+        return "SQLITE_CONSTRAINT_CHECK";
+    case SQLITE_CONSTRAINT_PRIMARYKEY:
+        return "SQLITE_CONSTRAINT_PRIMARYKEY";
+    case SQLITE_CONSTRAINT_UNIQUE:
+        return "SQLITE_CONSTRAINT_UNIQUE";
+    case SQLITE_CONSTRAINT_NOTNULL:
+        return "SQLITE_CONSTRAINT_NOTNULL";
+    case SQLITE_CONSTRAINT_TRIGGER:
+        return "SQLITE_CONSTRAINT_TRIGGER";
+    case SQLITE_READONLY_DBMOVED:
+        return "SQLITE_READONLY_DBMOVED";
+    }
+    switch (code & 0xff) {
+    case SQLITE_FULL:
+        return "SQLITE_FULL";
+    case SQLITE_IOERR:
+        return "SQLITE_IOERR";
+    case SQLITE_BUSY:
+        return "SQLITE_BUSY";
+    case SQLITE_LOCKED:
+        return "SQLITE_LOCKED";
+    case SQLITE_NOMEM:
+        return "SQLITE_NOMEM";
+    case SQLITE_READONLY:
+        return "SQLITE_READONLY";
+    case SQLITE_CORRUPT:
+        return "SQLITE_CORRUPT";
+    case SQLITE_CANTOPEN:
+        return "SQLITE_CANTOPEN";
+    case SQLITE_CONSTRAINT:
+        return "SQLITE_CONSTRAINT";
+    case SQLITE_NOTADB:
+        return "SQLITE_NOTADB";
+    case SQLITE_ERROR:
+        return "SQLITE_ERROR";
+    default:
+        return "SQLITE_?";
+    }
+}
+
+/* Fail-stop (store.h), called right where a write or commit failed, before
+ * anything else can overwrite SQLite's error: keeps the cause, rolls the
+ * turn's transaction back unless SQLite already did, and from now on every
+ * write and commit is refused. `what` is the statement that failed; err the
+ * errno right after it (SQLite's own record of it is often 0). */
+static void store_fail(coord_store_t *s, const char *what, int err)
+{
+    int code = sqlite3_extended_errcode(s->db), primary = code & 0xff;
+    int sys = sqlite3_system_errno(s->db) ? sqlite3_system_errno(s->db) : err;
+    char sysmsg[128] = "";
+
+    if (s->failed)
+        return; /* the first cause is the one that matters */
+    /* the errno belongs to this error only when the error is about a file */
+    if (sys && (primary == SQLITE_IOERR || primary == SQLITE_FULL || primary == SQLITE_CANTOPEN))
+        snprintf(sysmsg, sizeof(sysmsg), "; %s", strerror(sys));
+    snprintf(s->fail_msg, sizeof(s->fail_msg), "%s [%s, SQLite extended code %d%s] in %.80s",
+             sqlite3_errmsg(s->db), store_code_name(code), code, sysmsg, what);
+    s->failed = true;
+    s->fail_code = code ? code : SQLITE_ERROR;
+    store_any_failed = true;
+    dx_error("store: %s; writing stops here (nothing of this turn is committed)", s->fail_msg);
+    if (!sqlite3_get_autocommit(s->db) &&
+        sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL) != SQLITE_OK)
+        dx_warn("store: rolling the failed turn back: %s (what was not committed is not there)",
+                sqlite3_errmsg(s->db));
+    s->in_txn = false;
+}
+
+/* Runs a writing statement to completion and resets it; a failure fails the
+ * store. */
 static int store_step(coord_store_t *s, sqlite3_stmt *st)
 {
-    int rc = sqlite3_step(st);
+    int rc, err;
 
+    errno = 0;
+    rc = sqlite3_step(st);
+    err = errno;
+    if (rc != SQLITE_DONE)
+        store_fail(s, sqlite3_sql(st), err); /* before the reset: the error is this one */
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
-    if (rc != SQLITE_DONE) {
-        dx_error("store: %s: %s", sqlite3_sql(st), sqlite3_errmsg(s->db));
-        return -EIO;
-    }
-    return 0;
+    return rc == SQLITE_DONE ? 0 : -EIO;
 }
 
-/* Joins the transaction of this loop turn, opening it if needed. */
+/* Joins the transaction of this loop turn, opening it if needed. A failed
+ * store writes nothing more. */
 static int store_begin(coord_store_t *s)
 {
+    if (s->failed) {
+        dx_debug("store: write refused: the store failed earlier (%s)", s->fail_msg);
+        return -EIO;
+    }
     if (s->in_txn)
         return 0;
     if (store_step(s, s->stmt[STMT_BEGIN]) < 0)
@@ -434,13 +645,13 @@ static int store_begin(coord_store_t *s)
 
 int coord_store_flush(coord_store_t *s)
 {
+    if (s->failed)
+        return -EIO; /* the turn had a failed write: none of it is committed */
     if (!s->in_txn)
         return 0;
+    if (store_step(s, s->stmt[STMT_COMMIT]) < 0)
+        return -EIO; /* store_fail rolled back what the COMMIT did not */
     s->in_txn = false;
-    if (store_step(s, s->stmt[STMT_COMMIT]) < 0) {
-        sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
-        return -EIO;
-    }
     return 0;
 }
 
@@ -607,6 +818,16 @@ int coord_store_worker_set_drained(coord_store_t *s, const char *id, int drained
     return store_step(s, st);
 }
 
+int coord_store_worker_delete(coord_store_t *s, const char *id)
+{
+    sqlite3_stmt *st = s->stmt[STMT_WORKER_DELETE];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    return store_step(s, st);
+}
+
 int coord_store_drained_each(coord_store_t *s, int (*fn)(const char *id, void *arg), void *arg)
 {
     sqlite3_stmt *st = s->stmt[STMT_WORKERS_DRAINED];
@@ -732,16 +953,14 @@ int coord_store_jobs_each(coord_store_t *s, int (*fn)(const struct coord_job_row
     return rc;
 }
 
-int coord_store_metric(coord_store_t *s, uint64_t job_id, const char *worker_id, int64_t ts_ms,
-                       const struct coord_step_metric *m)
+/* Binds a report to STMT_METRIC's parameters (STMT_METRIC_ADD and
+ * STMT_STEP_FOLD number theirs alike). */
+static void bind_metric(sqlite3_stmt *st, uint64_t job_id, const char *worker_id, int64_t ts_ms,
+                        const struct coord_step_metric *m)
 {
-    sqlite3_stmt *st = s->stmt[STMT_METRIC];
-
-    if (store_begin(s) < 0)
-        return -EIO;
     sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
     sqlite3_bind_int64(st, 2, (sqlite3_int64)m->step);
-    sqlite3_bind_text(st, 3, worker_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, worker_id, -1, SQLITE_STATIC); /* unused by the fold */
     sqlite3_bind_int64(st, 4, ts_ms);
     sqlite3_bind_double(st, 5, m->loss);
     sqlite3_bind_double(st, 6, m->step_ms);
@@ -757,6 +976,100 @@ int coord_store_metric(coord_store_t *s, uint64_t job_id, const char *worker_id,
     sqlite3_bind_double(st, 16, m->w_ms);
     sqlite3_bind_double(st, 17, m->fb_ms);
     sqlite3_bind_int64(st, 18, (sqlite3_int64)m->tokens);
+}
+
+/* The step's job_steps row again from its metrics rows. */
+static int store_step_redo(coord_store_t *s, uint64_t job_id, uint64_t step)
+{
+    sqlite3_stmt *st = s->stmt[STMT_STEP_REDO];
+
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)step);
+    return store_step(s, st);
+}
+
+/* A report replacing the worker's earlier one of the step (a step run
+ * again after a recovery): swapped in the step's job_steps row in O(1),
+ * unless the old row may have held a largest or smallest figure that the new
+ * one does not reach; then the step is made again from its rows (O(ranks)). */
+static int store_metric_replace(coord_store_t *s, uint64_t job_id, const char *worker_id,
+                                int64_t ts_ms, const struct coord_step_metric *m)
+{
+    struct coord_step_metric old;
+    sqlite3_stmt *st;
+
+    if (coord_store_metric_get(s, job_id, worker_id, m->step, &old) < 0)
+        goto redo; /* cannot be: the row is there */
+    st = s->stmt[STMT_METRIC];
+    bind_metric(st, job_id, worker_id, ts_ms, m);
+    if (store_step(s, st) < 0)
+        return -EIO;
+    st = s->stmt[STMT_STEP_SWAP];
+    bind_metric(st, job_id, worker_id, ts_ms, m);
+    sqlite3_bind_double(st, 19, old.loss);
+    sqlite3_bind_double(st, 20, old.step_ms);
+    sqlite3_bind_double(st, 21, old.tokens_per_s);
+    sqlite3_bind_double(st, 22, old.compute_ms);
+    sqlite3_bind_double(st, 23, old.wait_ms);
+    sqlite3_bind_double(st, 24, old.comm_ms);
+    sqlite3_bind_double(st, 25, old.hidden_comm_ms);
+    sqlite3_bind_double(st, 26, old.sync_ms);
+    sqlite3_bind_double(st, 27, old.f_ms);
+    sqlite3_bind_double(st, 28, old.b_ms);
+    sqlite3_bind_double(st, 29, old.i_ms);
+    sqlite3_bind_double(st, 30, old.w_ms);
+    sqlite3_bind_double(st, 31, old.fb_ms);
+    sqlite3_bind_int64(st, 32, (sqlite3_int64)old.tokens);
+    if (store_step(s, st) < 0)
+        return -EIO;
+    if (sqlite3_changes(s->db) == 1)
+        return 0;
+    return store_step_redo(s, job_id, m->step);
+redo:
+    st = s->stmt[STMT_METRIC];
+    bind_metric(st, job_id, worker_id, ts_ms, m);
+    if (store_step(s, st) < 0)
+        return -EIO;
+    return store_step_redo(s, job_id, m->step);
+}
+
+/* A worker's first report of a step is added and folded into the step's
+ * job_steps row (O(1)); one replacing its earlier report is swapped in
+ * (store_metric_replace), so that nothing is counted twice. */
+int coord_store_metric(coord_store_t *s, uint64_t job_id, const char *worker_id, int64_t ts_ms,
+                       const struct coord_step_metric *m)
+{
+    sqlite3_stmt *st = s->stmt[STMT_METRIC_ADD];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    bind_metric(st, job_id, worker_id, ts_ms, m);
+    if (store_step(s, st) < 0)
+        return -EIO;
+    if (sqlite3_changes(s->db) == 0)
+        return store_metric_replace(s, job_id, worker_id, ts_ms, m);
+    st = s->stmt[STMT_STEP_FOLD];
+    bind_metric(st, job_id, worker_id, ts_ms, m);
+    if (store_step(s, st) < 0)
+        return -EIO;
+    if (sqlite3_changes(s->db) == 0) /* the step's first row, or its earlier ones expired */
+        return store_step_redo(s, job_id, m->step);
+    return 0;
+}
+
+int coord_store_metrics_expire(coord_store_t *s, uint64_t job_id, uint64_t through_step)
+{
+    sqlite3_stmt *st = s->stmt[STMT_STEPS_EXPIRE];
+
+    if (store_begin(s) < 0)
+        return -EIO;
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)through_step);
+    if (store_step(s, st) < 0)
+        return -EIO;
+    st = s->stmt[STMT_METRICS_EXPIRE];
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)through_step);
     return store_step(s, st);
 }
 

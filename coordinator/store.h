@@ -1,14 +1,27 @@
 /* store.h - duplexd's SQLite database: the one place cluster state is kept.
  *
  * One connection, owned by duplexd's loop thread, in WAL mode with
- * synchronous=NORMAL. The schema is versioned with PRAGMA user_version and
- * brought up to date by migrations when the file is opened; a file from a
- * newer duplexd is refused. Every write joins the transaction of the current
- * loop turn (opened by the first write); coord_store_flush() commits it, and
- * duplexd calls that once per turn, before the loop blocks.
+ * synchronous=FULL: a commit is on disk (WAL fsynced) when it returns, so
+ * what duplexd acknowledges after it survives power loss. The schema is
+ * versioned with PRAGMA user_version and brought up to date by migrations
+ * when the file is opened; a file from a newer duplexd is refused. Every
+ * write joins the transaction of the current loop turn (opened by the first
+ * write); coord_store_flush() commits it, and duplexd calls that once per
+ * turn, before the loop blocks.
  *
- * Tables: workers (one row per worker id), events (append-only), jobs, and
- * metrics (one row per job, step and reporting worker).
+ * Fail-stop: the first write or commit that fails (a full disk, an I/O
+ * error, a broken constraint) rolls the turn's transaction back, keeps the
+ * real cause (coord_store_errmsg) and makes the store refuse every later
+ * write and commit with -EIO, so that no part of a failed turn is ever
+ * committed. The database then holds exactly the committed turns; duplexd
+ * stops serving and exits with COORD_STORE_EXIT_FAILED, for its supervisor
+ * (systemd, Restart=on-failure) to start it again from the database.
+ *
+ * Tables: workers (one row per worker id), events (append-only), jobs,
+ * metrics (one row per job, step and reporting worker) and job_steps (one
+ * row per job and step: the metrics rows' aggregates that status shows, kept
+ * up to date as each report is recorded; it outlives the metrics rows,
+ * which expire, see coord_store_metrics_expire).
  */
 #ifndef COORD_STORE_H
 #define COORD_STORE_H
@@ -19,7 +32,7 @@
 typedef struct coord_store coord_store_t;
 
 /* The schema version this build writes. */
-#define COORD_STORE_SCHEMA_VERSION 4
+#define COORD_STORE_SCHEMA_VERSION 5
 
 /* A worker as stored. Strings are borrowed: valid for the call (or, in a
  * coord_store_workers_each callback, until it returns). */
@@ -69,6 +82,9 @@ int coord_store_job_event(coord_store_t *s, int64_t ts_ms, const char *kind, con
                           uint64_t job_id, const char *detail);
 
 int coord_store_worker_set_drained(coord_store_t *s, const char *id, int drained);
+
+/* Deletes a worker's row (its events stay). */
+int coord_store_worker_delete(coord_store_t *s, const char *id);
 
 /* Calls fn with the id of every drained worker. */
 int coord_store_drained_each(coord_store_t *s, int (*fn)(const char *id, void *arg), void *arg);
@@ -130,9 +146,16 @@ struct coord_step_metric {
     uint64_t tokens;
 };
 
-/* Records one worker's report of one step. */
+/* Records one worker's report of one step (replacing its earlier one) and
+ * brings the step's aggregates (coord_store_job_steps_each) up to date:
+ * O(1) for a first report, O(the step's reports) for a replacing one. */
 int coord_store_metric(coord_store_t *s, uint64_t job_id, const char *worker_id, int64_t ts_ms,
                        const struct coord_step_metric *m);
+
+/* Deletes the job's metrics rows of steps up to through_step; the steps'
+ * aggregates stay. The first report of such a step afterwards (the step run
+ * again after a recovery) starts its aggregates anew. */
+int coord_store_metrics_expire(coord_store_t *s, uint64_t job_id, uint64_t through_step);
 
 /* One worker's recorded report of one step into *m. 0, or -ENOENT. */
 int coord_store_metric_get(coord_store_t *s, uint64_t job_id, const char *worker_id, uint64_t step,
@@ -141,7 +164,9 @@ int coord_store_metric_get(coord_store_t *s, uint64_t job_id, const char *worker
 /* Per step of a job, over the workers that reported it: the largest loss,
  * step time, compute, wait, sync and per-op times and tokens, the smallest
  * rate, the summed communication and hidden communication times, and how
- * many reported. */
+ * many reported; by step. Read from job_steps: O(steps), whatever the
+ * number of ranks. (The sums are added up as reports come, so they may
+ * differ from a SUM over the rows in the last bits.) */
 int coord_store_job_steps_each(coord_store_t *s, uint64_t job_id,
                                int (*fn)(const struct coord_step_metric *, int reports, void *),
                                void *arg);
@@ -194,7 +219,24 @@ int coord_store_events_each(coord_store_t *s, uint64_t job_id, uint64_t after_id
 /* Commits the transaction of this loop turn, if one is open. */
 int coord_store_flush(coord_store_t *s);
 
-/* The last SQLite error text, for logs. */
+/* After a failure (coord_store_failed): its cause, e.g. "database or disk
+ * is full [SQLITE_FULL, SQLite extended code 13] in COMMIT" (with the
+ * system's error where SQLite had one). Otherwise SQLite's last error text. */
 const char *coord_store_errmsg(coord_store_t *s);
+
+/* 1 once a write or commit of this store failed (fail-stop), else 0. */
+int coord_store_failed(const coord_store_t *s);
+
+/* The SQLite extended result code of that failure; 0 while none. */
+int coord_store_errcode(const coord_store_t *s);
+
+/* 1 once any store of this process failed: duplexd's main then exits with
+ * COORD_STORE_EXIT_FAILED (the server closes the store before main could
+ * ask it). */
+int coord_store_any_failed(void);
+
+/* duplexd's exit status after its database failed (EX_IOERR): not a usage
+ * error, so systemd restarts it (the unit prevents restarts only on 2). */
+#define COORD_STORE_EXIT_FAILED 74
 
 #endif

@@ -154,3 +154,62 @@ void ctl_client_destroy(ctl_client_t *c)
     free(c->coordinator);
     free(c);
 }
+
+void ctl_workers_clear(struct ctl_workers *w)
+{
+    for (size_t i = 0; i < w->n_pages; i++)
+        dx_msg_clear(&w->pages[i]);
+    free(w->pages);
+    free(w->workers);
+    memset(w, 0, sizeof(*w));
+}
+
+int ctl_workers_fetch(ctl_client_t *c, unsigned page, struct ctl_workers *out, char *err,
+                      size_t errlen)
+{
+    char after[DX_MAX_ID_LEN + 1] = "";
+    int rc;
+
+    memset(out, 0, sizeof(*out));
+    for (;;) {
+        Duplex__ListWorkers req = DUPLEX__LIST_WORKERS__INIT;
+        const Duplex__ListWorkersReply *r;
+        struct dx_msg *pages;
+        Duplex__WorkerInfo **all;
+
+        if (!(pages = realloc(out->pages, (out->n_pages + 1) * sizeof(*pages)))) {
+            rc = -ENOMEM;
+            goto fail;
+        }
+        out->pages = pages;
+        req.after_id = after;
+        req.limit = page;
+        if ((rc = ctl_client_call(c, DUPLEX__MSG_TYPE__MSG_LIST_WORKERS, &req.base,
+                                  DUPLEX__MSG_TYPE__MSG_LIST_WORKERS_REPLY,
+                                  &out->pages[out->n_pages], err, errlen)) < 0)
+            goto fail;
+        r = (const Duplex__ListWorkersReply *)out->pages[out->n_pages++].body;
+        if (!(all = realloc(out->workers, (out->n + r->n_workers + 1) * sizeof(*all)))) {
+            rc = -ENOMEM;
+            goto fail;
+        }
+        out->workers = all;
+        memcpy(all + out->n, r->workers, r->n_workers * sizeof(*all));
+        out->n += r->n_workers;
+        if (!r->next_after_id[0])
+            return 0;
+        /* a next page must start past this one: a duplexd that says
+         * otherwise would keep us asking forever */
+        if (strcmp(r->next_after_id, after) <= 0 || strlen(r->next_after_id) > DX_MAX_ID_LEN) {
+            snprintf(err, errlen, "duplexd's worker list does not advance (after \"%s\")", after);
+            rc = -EPROTO;
+            goto fail;
+        }
+        snprintf(after, sizeof(after), "%s", r->next_after_id);
+    }
+fail:
+    if (rc == -ENOMEM)
+        snprintf(err, errlen, "out of memory listing workers");
+    ctl_workers_clear(out);
+    return rc;
+}

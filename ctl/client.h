@@ -24,6 +24,21 @@ int ctl_client_create(const struct ctl_globals *g, int timeout_ms, ctl_client_t 
 int ctl_client_call(ctl_client_t *c, Duplex__MsgType type, const ProtobufCMessage *body,
                     Duplex__MsgType reply_type, struct dx_msg *reply, char *err, size_t errlen);
 
+/* Every worker duplexd knows, fetched page by page (ListWorkers), in id
+ * order: workers[0..n) point into the pages' replies. */
+struct ctl_workers {
+    struct dx_msg *pages;
+    size_t n_pages;
+    Duplex__WorkerInfo **workers;
+    size_t n;
+};
+
+/* Fills *out (release it with ctl_workers_clear). page: workers per
+ * request (0: duplexd's largest). Returns 0 or -errno with err. */
+int ctl_workers_fetch(ctl_client_t *c, unsigned page, struct ctl_workers *out, char *err,
+                      size_t errlen);
+void ctl_workers_clear(struct ctl_workers *w);
+
 void ctl_client_destroy(ctl_client_t *c);
 
 #endif

@@ -50,6 +50,7 @@ int ctl_cmd_events(struct ctl_globals *g, int argc, char **argv);
 int ctl_cmd_cancel(struct ctl_globals *g, int argc, char **argv);
 int ctl_cmd_drain(struct ctl_globals *g, int argc, char **argv);
 int ctl_cmd_undrain(struct ctl_globals *g, int argc, char **argv);
+int ctl_cmd_forget(struct ctl_globals *g, int argc, char **argv); /* workers forget */
 int ctl_cmd_keys(struct ctl_globals *g, int argc, char **argv);
 
 /* keys.c: DIR/NAME.key and DIR/NAME.key_secret. Returns 0 or -ENAMETOOLONG. */

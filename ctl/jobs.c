@@ -452,3 +452,18 @@ int ctl_cmd_undrain(struct ctl_globals *g, int argc, char **argv)
 {
     return drain(g, argc, argv, true);
 }
+
+int ctl_cmd_forget(struct ctl_globals *g, int argc, char **argv)
+{
+    const struct dx_cli cli = {
+        .prog = "duplexctl workers forget",
+        .synopsis = "duplexctl workers forget WORKER\n\nDrops the record of a worker that is "
+                    "lost or left and runs no job (its events stay). If it comes back, it "
+                    "registers as new.",
+    };
+    Duplex__Forget req = DUPLEX__FORGET__INIT;
+
+    req.worker_id = "";
+    return ok_command(g, argc, argv, &cli, DUPLEX__MSG_TYPE__MSG_FORGET, &req.base,
+                      (const char **)&req.worker_id, NULL);
+}

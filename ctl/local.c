@@ -236,20 +236,17 @@ static int find_bindir(char *out, size_t len)
 /* Counts workers alive in duplexd's answer; -1 when duplexd did not answer. */
 static int count_alive(const struct local_up *u, char *err, size_t errlen)
 {
-    Duplex__ListWorkers req = DUPLEX__LIST_WORKERS__INIT;
     ctl_client_t *client = NULL;
-    struct dx_msg reply = {0};
+    struct ctl_workers list = {0};
     int alive = -1;
 
     if (ctl_client_create(&u->g, LOCAL_POLL_MS * 5, &client, err, errlen) == 0 &&
-        ctl_client_call(client, DUPLEX__MSG_TYPE__MSG_LIST_WORKERS, &req.base,
-                        DUPLEX__MSG_TYPE__MSG_LIST_WORKERS_REPLY, &reply, err, errlen) == 0) {
-        const Duplex__ListWorkersReply *r = (const Duplex__ListWorkersReply *)reply.body;
+        ctl_workers_fetch(client, 0, &list, err, errlen) == 0) {
         alive = 0;
-        for (size_t i = 0; i < r->n_workers; i++)
-            alive += strcmp(r->workers[i]->state, "alive") == 0;
+        for (size_t i = 0; i < list.n; i++)
+            alive += strcmp(list.workers[i]->state, "alive") == 0;
     }
-    dx_msg_clear(&reply);
+    ctl_workers_clear(&list);
     ctl_client_destroy(client);
     return alive;
 }

@@ -18,7 +18,7 @@ struct ctl_command {
 };
 
 static const struct ctl_command commands[] = {
-    {"workers", ctl_cmd_workers, "list the cluster's workers [--json]"},
+    {"workers", ctl_cmd_workers, "list the cluster's workers [--json]; workers forget WORKER"},
     {"local", ctl_cmd_local, "start (up) or stop (down) a one-machine cluster"},
     {"plan", ctl_cmd_plan, "print a pipeline schedule: timeline, ops, JSON or SVG"},
     {"place", ctl_cmd_place, "run the expert placement (EPLB) on a loads file"},

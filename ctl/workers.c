@@ -36,15 +36,15 @@ static void format_age(int64_t ms, char *buf, size_t len)
         snprintf(buf, len, "%lldh", (long long)(ms / 3600000));
 }
 
-static void print_table(const Duplex__ListWorkersReply *r)
+static void print_table(const struct ctl_workers *r)
 {
-    if (r->n_workers == 0) {
+    if (r->n == 0) {
         printf("no workers registered\n");
         return;
     }
     printf("%-24s %-16s %-16s %4s %-8s %-6s %8s %8s %6s\n", "ID", "HOST", "NODE", "GPU", "BACKEND",
            "STATE", "HB AGE", "PID", "JOB");
-    for (size_t i = 0; i < r->n_workers; i++) {
+    for (size_t i = 0; i < r->n; i++) {
         const Duplex__WorkerInfo *w = r->workers[i];
         char age[16];
         format_age(w->heartbeat_age_ms, age, sizeof(age));
@@ -60,14 +60,14 @@ static void print_table(const Duplex__ListWorkersReply *r)
     }
 }
 
-static int print_json(const Duplex__ListWorkersReply *r)
+static int print_json(const struct ctl_workers *r)
 {
     json_t *root = json_object(), *arr = json_array();
     int rc = -ENOMEM;
 
     if (!root || !arr || json_object_set(root, "workers", arr) < 0)
         goto out;
-    for (size_t i = 0; i < r->n_workers; i++) {
+    for (size_t i = 0; i < r->n; i++) {
         const Duplex__WorkerInfo *w = r->workers[i];
         json_t *caps = json_array();
         json_t *o;
@@ -100,45 +100,49 @@ out:
 int ctl_cmd_workers(struct ctl_globals *g, int argc, char **argv)
 {
     char *coordinator = NULL;
-    int timeout_s = 0;
+    int timeout_s = 0, page = 0;
     bool json = false;
     const struct dx_opt options[] = {
         {"json", DX_OPT_FLAG, &json, NULL, 0, 0, 0, NULL, "print JSON"},
+        {"page", DX_OPT_INT, &page, NULL, 0, 1, 1000, "N",
+         "workers per request (default: duplexd's largest page, 1000)"},
         {"coordinator", DX_OPT_STRING, &coordinator, NULL, 0, 0, 0, "ADDR", "duplexd endpoint"},
         {"timeout", DX_OPT_INT, &timeout_s, NULL, 0, 1, 3600, "SECONDS", "how long to wait"},
         {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
     };
-    Duplex__ListWorkers req = DUPLEX__LIST_WORKERS__INIT;
     ctl_client_t *client = NULL;
-    struct dx_msg reply = {0};
+    struct ctl_workers list = {0};
     const struct dx_cli cli = {
         .prog = "duplexctl workers",
-        .synopsis = "duplexctl workers [--json]\n\nLists the cluster's workers.",
+        .synopsis = "duplexctl workers [--json] [--page N]\n"
+                    "duplexctl workers forget WORKER\n\nLists the cluster's workers, ordered by "
+                    "id (asked for page by page); `forget` drops a gone worker's record.",
     };
     char err[512];
     int status;
 
+    if (argc > 1 && strcmp(argv[1], "forget") == 0)
+        return ctl_cmd_forget(g, argc - 1, argv + 1);
     if (!dx_opts_cli(options, &cli, argc, argv, NULL, &status))
         goto out;
     ctl_globals_override(g, coordinator, timeout_s);
     status = CTL_EXIT_FAIL;
     if (ctl_client_create(g, g->timeout_s * 1000, &client, err, sizeof(err)) < 0 ||
-        ctl_client_call(client, DUPLEX__MSG_TYPE__MSG_LIST_WORKERS, &req.base,
-                        DUPLEX__MSG_TYPE__MSG_LIST_WORKERS_REPLY, &reply, err, sizeof(err)) < 0) {
+        ctl_workers_fetch(client, (unsigned)page, &list, err, sizeof(err)) < 0) {
         fprintf(stderr, "duplexctl: %s\n", err);
         goto out;
     }
     if (json) {
-        if (print_json((const Duplex__ListWorkersReply *)reply.body) < 0) {
+        if (print_json(&list) < 0) {
             fprintf(stderr, "duplexctl: cannot write JSON\n");
             goto out;
         }
     } else {
-        print_table((const Duplex__ListWorkersReply *)reply.body);
+        print_table(&list);
     }
     status = CTL_EXIT_OK;
 out:
-    dx_msg_clear(&reply);
+    ctl_workers_clear(&list);
     ctl_client_destroy(client);
     dx_opts_free(options);
     return status;

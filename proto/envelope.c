@@ -2,6 +2,7 @@
 #include "proto/envelope.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -28,6 +29,9 @@ static int check_submit(const ProtobufCMessage *body, char *text, size_t len);
 static int check_assignment(const ProtobufCMessage *body, char *text, size_t len);
 static int check_step_report(const ProtobufCMessage *body, char *text, size_t len);
 static int check_drain(const ProtobufCMessage *body, char *text, size_t len);
+static int check_list_workers(const ProtobufCMessage *body, char *text, size_t len);
+static int check_forget(const ProtobufCMessage *body, char *text, size_t len);
+static int check_list_workers_reply(const ProtobufCMessage *body, char *text, size_t len);
 
 static const struct msg_kind msg_kinds[] = {
     {DUPLEX__MSG_TYPE__MSG_REGISTER, "Register", &duplex__register__descriptor, check_register},
@@ -36,9 +40,10 @@ static const struct msg_kind msg_kinds[] = {
     {DUPLEX__MSG_TYPE__MSG_HEARTBEAT, "Heartbeat", &duplex__heartbeat__descriptor, check_heartbeat},
     {DUPLEX__MSG_TYPE__MSG_GOODBYE, "Goodbye", &duplex__goodbye__descriptor, check_goodbye},
     {DUPLEX__MSG_TYPE__MSG_ERROR, "Error", &duplex__error__descriptor, NULL},
-    {DUPLEX__MSG_TYPE__MSG_LIST_WORKERS, "ListWorkers", &duplex__list_workers__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_LIST_WORKERS, "ListWorkers", &duplex__list_workers__descriptor,
+     check_list_workers},
     {DUPLEX__MSG_TYPE__MSG_LIST_WORKERS_REPLY, "ListWorkersReply",
-     &duplex__list_workers_reply__descriptor, NULL},
+     &duplex__list_workers_reply__descriptor, check_list_workers_reply},
     {DUPLEX__MSG_TYPE__MSG_SUBMIT, "Submit", &duplex__submit__descriptor, check_submit},
     {DUPLEX__MSG_TYPE__MSG_SUBMIT_REPLY, "SubmitReply", &duplex__submit_reply__descriptor, NULL},
     {DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, "Assignment", &duplex__assignment__descriptor,
@@ -57,6 +62,7 @@ static const struct msg_kind msg_kinds[] = {
     {DUPLEX__MSG_TYPE__MSG_EVENTS, "Events", &duplex__events__descriptor, NULL},
     {DUPLEX__MSG_TYPE__MSG_EVENTS_REPLY, "EventsReply", &duplex__events_reply__descriptor, NULL},
     {DUPLEX__MSG_TYPE__MSG_OK, "Ok", &duplex__ok__descriptor, NULL},
+    {DUPLEX__MSG_TYPE__MSG_FORGET, "Forget", &duplex__forget__descriptor, check_forget},
 };
 
 static const struct msg_kind *kind_of(Duplex__MsgType type)
@@ -166,6 +172,9 @@ static int check_register(const ProtobufCMessage *body, char *text, size_t len)
         return field_fail(text, len, "pid %d is negative", m->pid);
     if ((rc = check_text("data_addr", m->data_addr, DX_MAX_NAME_LEN, true, text, len)) < 0)
         return rc;
+    if (m->memory_bytes > DX_MAX_MEMORY_BYTES)
+        return field_fail(text, len, "memory_bytes %" PRIu64 " is over %llu (1 PiB)",
+                          (uint64_t)m->memory_bytes, (unsigned long long)DX_MAX_MEMORY_BYTES);
     return 0;
 }
 
@@ -316,6 +325,25 @@ static int check_drain(const ProtobufCMessage *body, char *text, size_t len)
 {
     const Duplex__Drain *m = (const Duplex__Drain *)body;
     return dx_worker_id_check(m->worker_id, text, len);
+}
+
+static int check_forget(const ProtobufCMessage *body, char *text, size_t len)
+{
+    const Duplex__Forget *m = (const Duplex__Forget *)body;
+    return dx_worker_id_check(m->worker_id, text, len);
+}
+
+/* A page's bound: "" or a worker id. */
+static int check_list_workers(const ProtobufCMessage *body, char *text, size_t len)
+{
+    const Duplex__ListWorkers *m = (const Duplex__ListWorkers *)body;
+    return check_name("after_id", m->after_id, DX_MAX_ID_LEN, true, text, len);
+}
+
+static int check_list_workers_reply(const ProtobufCMessage *body, char *text, size_t len)
+{
+    const Duplex__ListWorkersReply *m = (const Duplex__ListWorkersReply *)body;
+    return check_name("next_after_id", m->next_after_id, DX_MAX_ID_LEN, true, text, len);
 }
 
 /* ---- encode / decode ----------------------------------------------------- */

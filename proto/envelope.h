@@ -25,10 +25,11 @@
 #define DX_MAX_SETS 64
 #define DX_MAX_RANKS 4096
 #define DX_MAX_COST_MS 600000
-#define DX_MAX_SPEC_LEN (64 * 1024) /* a job spec in an Assignment */
-#define DX_MAX_PATH_LEN 4096        /* a checkpoint directory */
-#define DX_MAX_GPU_INDEX 1023       /* a GPU index on its node */
-#define DX_NCCL_ID_BYTES 128        /* Assignment.nccl_id: empty or an ncclUniqueId */
+#define DX_MAX_SPEC_LEN (64 * 1024)      /* a job spec in an Assignment */
+#define DX_MAX_PATH_LEN 4096             /* a checkpoint directory */
+#define DX_MAX_GPU_INDEX 1023            /* a GPU index on its node */
+#define DX_NCCL_ID_BYTES 128             /* Assignment.nccl_id: empty or an ncclUniqueId */
+#define DX_MAX_MEMORY_BYTES (1ULL << 50) /* Register.memory_bytes: at most 1 PiB */
 
 /* A decoded message: the body is the protobuf-c message of `type`. */
 struct dx_msg {

@@ -35,8 +35,10 @@
 #define RECONNECT_FIRST_MS 100
 #define RECONNECT_MAX_MS 2000
 /* On SIGTERM a running job gets this long to stop and say JobDone (it
- * reacts within WK_RUNTIME_SLICE_MS; this is only a guard). */
-#define STOP_JOB_WAIT_MS 2000
+ * reacts within WK_RUNTIME_SLICE_MS, or one layer of an op or of the
+ * model's initialisation); past it the agent says JobDone and Goodbye
+ * itself and joins the runtime thread only on the way out. */
+#define STOP_JOB_WAIT_MS 800
 /* Texts for AssignmentAck.error, JobDone.error and Goodbye.reason. */
 #define TEXT_MAX 512
 #define STOPPING_TEXT "worker stopping"
@@ -69,6 +71,12 @@ struct wk_agent {
     wk_gpu_t *gpu;
     wk_runtime_t *rt;      /* the running job, or NULL */
     dx_zwatch_t *rt_watch; /* its report socket */
+    /* the runtime answers the Assignment itself once its model is built
+     * (wk_runtime_opts.ack): the Assignment's request id, and whether the
+     * answer went out */
+    uint64_t rt_request_id;
+    bool rt_acked;
+    bool rt_abandoned; /* stopping: JobDone said for it; joined on the way out */
 
     /* a JobDone duplexd could not be sent (it was away); sent after registering */
     /* StepReports and JobDones not yet acknowledged by duplexd, oldest
@@ -108,6 +116,18 @@ static int agent_send(wk_agent_t *a, Duplex__MsgType type, uint64_t request_id,
     return rc;
 }
 
+/* Register.memory_bytes: --memory-limit when given, else on cpu and sim
+ * MemAvailable now; on cuda the GPU's memory is not known here: 0
+ * (unknown; duplexd does not check it, the worker still checks its host). */
+static uint64_t agent_memory(const wk_agent_t *a)
+{
+    uint64_t m = a->cfg.memory_limit;
+
+    if (!m && strcmp(a->cfg.backend, "cuda") != 0)
+        m = wk_runtime_memory_available();
+    return m > DX_MAX_MEMORY_BYTES ? DX_MAX_MEMORY_BYTES : m;
+}
+
 static void agent_send_register(wk_agent_t *a)
 {
     Duplex__Register r = DUPLEX__REGISTER__INIT;
@@ -125,6 +145,7 @@ static void agent_send_register(wk_agent_t *a)
     r.n_capabilities = n;
     r.pid = (int32_t)getpid();
     r.data_addr = (char *)wk_data_addr(a->data);
+    r.memory_bytes = agent_memory(a);
     a->register_request_id = ++a->next_request_id;
     agent_send(a, DUPLEX__MSG_TYPE__MSG_REGISTER, a->register_request_id, &r.base);
 }
@@ -345,6 +366,20 @@ static void agent_take_reports(wk_agent_t *a)
             dx_error("reading the runtime's reports failed: %s", zmq_strerror(-rc));
             return;
         }
+        if (m.type == DUPLEX__MSG_TYPE__MSG_ASSIGNMENT_ACK) {
+            const Duplex__AssignmentAck *ack = (const Duplex__AssignmentAck *)m.body;
+            bool ok = ack->ok;
+
+            a->rt_acked = true;
+            if (!ok)
+                dx_warn("refusing job %" PRIu64 " attempt %u: %s", ack->job_id, ack->attempt,
+                        ack->error);
+            agent_send(a, m.type, a->rt_request_id, m.body);
+            dx_msg_clear(&m);
+            if (!ok) /* refused: the runtime ends without a JobDone */
+                agent_end_job(a);
+            return;
+        }
         if (m.type == DUPLEX__MSG_TYPE__MSG_JOB_DONE) {
             agent_send_kept(a, m.type, m.body);
             dx_msg_clear(&m);
@@ -379,6 +414,12 @@ static void agent_on_assignment(wk_agent_t *a, const struct dx_msg *m)
     if (a->stopping) {
         snprintf(err, sizeof(err), "%s", STOPPING_TEXT);
     } else if (a->rt && wk_runtime_job(a->rt) == as->job_id &&
+               wk_runtime_attempt(a->rt) == as->attempt && !a->rt_acked) {
+        dx_info("job %" PRIu64 " attempt %u assigned again; its model is being built, the "
+                "answer follows",
+                as->job_id, as->attempt);
+        return;
+    } else if (a->rt && wk_runtime_job(a->rt) == as->job_id &&
                wk_runtime_attempt(a->rt) == as->attempt) {
         dx_info("job %" PRIu64 " attempt %u assigned again; it is running already", as->job_id,
                 as->attempt);
@@ -390,7 +431,9 @@ static void agent_on_assignment(wk_agent_t *a, const struct dx_msg *m)
                     &(struct wk_runtime_opts){.backend = a->cfg.backend,
                                               .gpu = a->gpu,
                                               .nccl_timeout_ms = a->cfg.nccl_timeout_ms,
-                                              .checkpoint_root = a->cfg.checkpoint_root},
+                                              .checkpoint_root = a->cfg.checkpoint_root,
+                                              .memory_limit = a->cfg.memory_limit,
+                                              .ack = 1},
                     &a->rt, err, sizeof(err))) < 0) {
         a->rt = NULL;
         ack.bad_checkpoint = rc == -EUCLEAN;
@@ -401,7 +444,14 @@ static void agent_on_assignment(wk_agent_t *a, const struct dx_msg *m)
         wk_runtime_destroy(a->rt);
         a->rt = NULL;
     } else {
+        /* the runtime builds the model on its thread and answers then
+         * (agent_take_reports): this loop stays free for AbortJob and
+         * signals meanwhile */
         a->job_steps_done = 0;
+        a->rt_request_id = m->request_id;
+        a->rt_acked = false;
+        a->rt_abandoned = false;
+        return;
     }
     ack.job_id = as->job_id;
     ack.attempt = as->attempt;
@@ -433,14 +483,14 @@ static void agent_stop_job(wk_agent_t *a)
     int64_t deadline = dx_mono_ms() + STOP_JOB_WAIT_MS;
 
     wk_runtime_abort(a->rt, STOPPING_TEXT);
-    while (a->rt && dx_mono_ms() < deadline) {
+    while (a->rt && !a->rt_abandoned && dx_mono_ms() < deadline) {
         zmq_pollitem_t item = {wk_runtime_socket(a->rt), 0, ZMQ_POLLIN, 0};
 
         if (zmq_poll(&item, 1, (long)(deadline - dx_mono_ms())) < 0 && errno != EINTR)
             break;
         agent_take_reports(a);
     }
-    if (a->rt) {
+    if (a->rt && !a->rt_abandoned) {
         Duplex__JobDone d = DUPLEX__JOB_DONE__INIT;
 
         dx_warn("job %" PRIu64 " did not stop within %d ms; reporting it stopped",
@@ -451,7 +501,9 @@ static void agent_stop_job(wk_agent_t *a)
         d.error = STOPPING_TEXT;
         d.steps = a->job_steps_done;
         agent_send_kept(a, DUPLEX__MSG_TYPE__MSG_JOB_DONE, &d.base);
-        agent_end_job(a); /* joins: every wait in the runtime is sliced */
+        /* not joined here: one GEMM of a big model cannot be interrupted;
+         * the Goodbye goes out first, wk_agent_destroy joins */
+        a->rt_abandoned = true;
     }
 }
 

@@ -11,6 +11,7 @@
 #define WK_AGENT_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <uv.h>
 
 #include "proto/cert.h"
@@ -28,6 +29,11 @@ struct wk_agent_config {
     int nccl_timeout_ms;       /* backend cuda: NCCL's wait for the other ranks; 0: default */
     /* where jobs' checkpoint.dir must lead (worker/runtime.h); NULL: the cwd */
     const char *checkpoint_root;
+    /* what this worker's jobs may use, in bytes (--memory-limit); 0: on cpu
+     * and sim MemAvailable. Sent in Register.memory_bytes (for duplexd's
+     * admission, coordinator/admit.h) and checked before a job's model is
+     * allocated (worker/runtime.h) */
+    uint64_t memory_limit;
     /* CURVE: this worker's secret certificate and duplexd's public key (Z85);
      * both NULL: talk in clear (--insecure). The data plane uses the same
      * keypair, and accepts only the current assignment's peers. */

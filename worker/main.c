@@ -2,6 +2,7 @@
  * --standalone, the single-process reference trainer). */
 #include <errno.h>
 #include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,7 +31,7 @@ static char *opt_cuda_lib, *opt_nccl_lib, *opt_cublaslt_lib;
 static char *opt_config, *opt_coordinator, *opt_backend, *opt_id, *opt_host, *opt_node,
     *opt_data_listen, *opt_log_level, *opt_standalone, *opt_save, *opt_from, *opt_prompt;
 static int opt_gpu, opt_steps, opt_generate, opt_nccl_timeout;
-static char *opt_checkpoint_root, *opt_key, *opt_server_key;
+static char *opt_checkpoint_root, *opt_key, *opt_server_key, *opt_memory_limit;
 static bool opt_json, opt_insecure;
 
 static const struct dx_opt options[] = {
@@ -69,6 +70,10 @@ static const struct dx_opt options[] = {
      "jobs' checkpoints stay under DIR: a relative checkpoint.dir is taken from it, an absolute "
      "one must lie under it, or the job is refused (default: the working directory, which is "
      "the state directory /var/lib/duplex under systemd)"},
+    {"memory-limit", DX_OPT_STRING, &opt_memory_limit, NULL, 0, 0, 0, "BYTES",
+     "what this worker's jobs may use (a suffix K, M, G or T: powers of 1024), reported to "
+     "duplexd and checked before a job's model is allocated (default: cpu and sim "
+     "MemAvailable; cuda unknown)"},
     {"standalone", DX_OPT_STRING, &opt_standalone, NULL, 0, 0, 0, "JOB.json",
      "train the job's model in this one process (no coordinator), then exit"},
     {"steps", DX_OPT_INT, &opt_steps, NULL, 0, 0, INT_MAX, "N",
@@ -94,6 +99,36 @@ static const struct dx_cli cli = {
 };
 
 /* Reads at most SPEC_MAX_BYTES of path into a malloc'd buffer. */
+/* "12345", "512M", "16G": bytes, with a suffix K, M, G, T or P (powers of
+ * 1024), 1 to DX_MAX_MEMORY_BYTES. 0 or -EINVAL. */
+static int parse_bytes(const char *text, uint64_t *out)
+{
+    static const char suffixes[] = "KMGTP";
+    char *end;
+    unsigned long long v;
+    const char *p;
+
+    errno = 0;
+    if (text[0] < '0' || text[0] > '9')
+        return -EINVAL;
+    v = strtoull(text, &end, 10);
+    if (errno || v == 0)
+        return -EINVAL;
+    if (*end && (p = strchr(suffixes, *end)) && end[1] == '\0') {
+        for (long i = 0; i <= p - suffixes; i++) {
+            if (v > DX_MAX_MEMORY_BYTES / 1024)
+                return -EINVAL;
+            v *= 1024;
+        }
+    } else if (*end) {
+        return -EINVAL;
+    }
+    if (v > DX_MAX_MEMORY_BYTES)
+        return -EINVAL;
+    *out = v;
+    return 0;
+}
+
 static char *read_spec(const char *path, size_t *len)
 {
     FILE *f = fopen(path, "rb");
@@ -233,6 +268,13 @@ int main(int argc, char **argv)
         .key = rc == 1 ? &key : NULL,
         .server_key = rc == 1 ? server_key : NULL,
     };
+    if (opt_memory_limit && parse_bytes(opt_memory_limit, &cfg.memory_limit) < 0) {
+        fprintf(stderr,
+                "duplex-worker: --memory-limit %s: expected bytes, 1 to 1P, with an optional "
+                "K, M, G, T or P suffix\n",
+                opt_memory_limit);
+        goto out;
+    }
     if (dx_worker_id_check(cfg.id, err, sizeof(err)) < 0) {
         fprintf(stderr, "duplex-worker: --id: %s\n", err);
         goto out;

@@ -26,6 +26,7 @@
 #include "pipeline/schedule.h"
 #include "proto/wire.h"
 #include "worker/data.h"
+#include "worker/model/tensor.h"
 
 #define ERR_MAX 512
 #define QUOTE_MAX 256 /* a path quoted in an error, escaped and cut */
@@ -55,6 +56,12 @@ struct wk_runtime {
     wk_cpu_t *cpu;           /* the cpu (or cuda) backend's training, or NULL for sim */
     char ckpt_dir[PATH_MAX]; /* cpu/cuda: checkpoint.dir under the checkpoint root */
     wk_gpu_t *gpu; /* the cuda backend's GPU (its context is made current on the thread) */
+    /* opts->ack: the assignment (a copy) whose backend the thread builds
+     * before it answers AssignmentAck; NULL once built or without ack */
+    Duplex__Assignment *build;
+    const char *data_dir; /* the cpu backend's training text, for the build */
+    bool send_ack;        /* opts->ack: the thread's first report is the AssignmentAck */
+    int nccl_timeout_ms;
     int recv_timeout_ms;
     dp_sched_t *sched;
     dp_exec_t *exec;
@@ -411,6 +418,37 @@ static int data_start(wk_runtime_t *rt)
     return rc;
 }
 
+static int build_backend(wk_runtime_t *rt, const Duplex__Assignment *a, const char *data_dir,
+                         char *err, size_t errlen);
+
+/* With opts->ack: builds the backend here (allocating and initialising the
+ * model, loading the checkpoint: the long part, off the agent's loop and
+ * stopped by an abort) and answers the assignment. Returns 1 when it was
+ * refused (the thread then ends without a JobDone), else 0, or -ECANCELED
+ * when an abort stopped the build (acknowledged, then failed). */
+static int build_and_ack(wk_runtime_t *rt)
+{
+    Duplex__AssignmentAck ack = DUPLEX__ASSIGNMENT_ACK__INIT;
+    int rc;
+
+    if (!rt->send_ack)
+        return 0;
+    rc = rt->build ? build_backend(rt, rt->build, rt->data_dir, rt->err, sizeof(rt->err)) : 0;
+    if (rt->build)
+        duplex__assignment__free_unpacked(rt->build, NULL);
+    rt->build = NULL;
+    ack.job_id = rt->job_id;
+    ack.attempt = rt->attempt;
+    ack.ok = rc == 0 || (rc == -ECANCELED && is_aborted(rt));
+    ack.error = ack.ok ? "" : rt->err;
+    ack.bad_checkpoint = rc == -EUCLEAN;
+    ack.bad_spec = rc == -EDOM;
+    report(rt, DUPLEX__MSG_TYPE__MSG_ASSIGNMENT_ACK, &ack.base);
+    if (!ack.ok)
+        return 1;
+    return rc < 0 ? -ECANCELED : 0;
+}
+
 static void *runtime_main(void *arg)
 {
     wk_runtime_t *rt = arg;
@@ -419,7 +457,11 @@ static void *runtime_main(void *arg)
     double t_job = now_ms();
     int rc = 0;
 
-    rc = data_start(rt);
+    wk_set_stop(&rt->aborted); /* the model's long loops poll it (worker/model/tensor.h) */
+    if ((rc = build_and_ack(rt)) == 1)
+        return NULL;
+    if (rc == 0)
+        rc = data_start(rt);
     if (rc == 0 && rt->gpu && wk_cuda_bind(wk_gpu_cuda(rt->gpu)) < 0) {
         snprintf(rt->err, sizeof(rt->err), "the GPU's context: %s",
                  wk_cuda_error(wk_gpu_cuda(rt->gpu)));
@@ -703,6 +745,68 @@ static int check_job_paths(wk_runtime_t *rt, const Duplex__Assignment *a,
                                      errlen);
 }
 
+uint64_t wk_runtime_memory_available(void)
+{
+    char line[256];
+    unsigned long long kb = 0;
+    FILE *f = fopen("/proc/meminfo", "r");
+
+    if (!f)
+        return 0;
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
+            break;
+    fclose(f);
+    return (uint64_t)kb * 1024;
+}
+
+/* Before anything of the job is allocated: what one rank of it needs
+ * (coord_jobspec_memory; on a GPU the host keeps the weights, gradients
+ * and AdamW moments, the device the rest) against what this worker has
+ * now, the lesser of its limit and MemAvailable. -EDOM (the job's own
+ * size: AssignmentAck.bad_spec) with the numbers, else 0. A spec that does
+ * not parse is left to wk_cpu_create. */
+static int check_memory(const Duplex__Assignment *a, uint64_t limit, int cuda, char *err,
+                        size_t errlen)
+{
+    struct coord_jobspec spec;
+    struct coord_jobspec_memory m;
+    uint64_t avail = wk_runtime_memory_available(), have = avail, need;
+    char why[ERR_MAX], need_text[160], have_text[32];
+
+    if (!a->spec_json || coord_jobspec_parse(a->spec_json, strlen(a->spec_json), NULL, 0, &spec,
+                                             why, sizeof(why)) < 0)
+        return 0;
+    coord_jobspec_memory(&spec, &m);
+    need = cuda ? m.params + m.grads + m.optimizer : m.total;
+    if (limit && (!have || limit < have))
+        have = limit;
+    if (!have || need <= have)
+        return 0;
+    snprintf(err, errlen, "the job needs %s per rank%s; this worker has %s (%s): not allocating it",
+             coord_jobspec_memory_text(&m, need_text, sizeof(need_text)),
+             cuda ? " (on the host: all but the activations)" : "",
+             coord_jobspec_bytes_text(have, have_text, sizeof(have_text)),
+             have == limit ? "its --memory-limit" : "MemAvailable now");
+    return -EDOM;
+}
+
+/* A copy of the assignment for the runtime thread (the caller's is freed
+ * when it returns). NULL when out of memory. */
+static Duplex__Assignment *copy_assignment(const Duplex__Assignment *a)
+{
+    size_t len = duplex__assignment__get_packed_size(a);
+    uint8_t *buf = malloc(len + 1);
+    Duplex__Assignment *out = NULL;
+
+    if (buf) {
+        duplex__assignment__pack(a, buf);
+        out = duplex__assignment__unpack(NULL, len, buf);
+    }
+    free(buf);
+    return out;
+}
+
 static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id,
                  const struct wk_runtime_opts *opts, char *err, size_t errlen)
 {
@@ -718,6 +822,7 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
     rt->ep_rank = a->ep_rank;
     rt->dp_rank = a->dp_rank;
     rt->microbatches = a->microbatches;
+    rt->send_ack = opts && opts->ack;
     rt->cost_ms[DP_OP_F] = a->cost_f_ms;
     rt->cost_ms[DP_OP_B] = a->cost_b_ms;
     rt->cost_ms[DP_OP_W] = a->cost_w_ms;
@@ -747,7 +852,6 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
     }
     if (opts && opts->backend &&
         (strcmp(opts->backend, "cpu") == 0 || strcmp(opts->backend, "cuda") == 0)) {
-        const struct wk_cpu_io io = {cpu_io_send, cpu_io_recv, rt};
         int cuda = strcmp(opts->backend, "cuda") == 0;
         const char *data_dir = opts->data_dir;
 
@@ -757,13 +861,35 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
         }
         if ((rc = check_job_paths(rt, a, opts, &data_dir, err, errlen)) < 0)
             return rc == -EINVAL ? -EDOM : rc; /* the job's fault, not the worker's */
-        rt->gpu = cuda ? opts->gpu : NULL;
-        if ((rc = wk_cpu_create(a, rt->sched, (const char *const *)rt->all_addr, data_dir, &io,
-                                rt->gpu, &rt->cpu, err, errlen)) < 0)
+        if ((rc = check_memory(a, opts->memory_limit, cuda, err, errlen)) < 0)
             return rc;
-        wk_cpu_set_nccl_timeout(rt->cpu, opts->nccl_timeout_ms);
-        rt->max_msg = wk_cpu_max_msg(rt->cpu);
+        rt->gpu = cuda ? opts->gpu : NULL;
+        rt->nccl_timeout_ms = opts->nccl_timeout_ms;
+        if (opts->ack) { /* the thread builds it, then answers */
+            rt->build = copy_assignment(a);
+            rt->data_dir = data_dir;
+            if (!rt->build) {
+                snprintf(err, errlen, "out of memory");
+                return -ENOMEM;
+            }
+            return 0;
+        }
+        return build_backend(rt, a, data_dir, err, errlen);
     }
+    return 0;
+}
+
+static int build_backend(wk_runtime_t *rt, const Duplex__Assignment *a, const char *data_dir,
+                         char *err, size_t errlen)
+{
+    const struct wk_cpu_io io = {cpu_io_send, cpu_io_recv, rt};
+    int rc;
+
+    if ((rc = wk_cpu_create(a, rt->sched, (const char *const *)rt->all_addr, data_dir, &io, rt->gpu,
+                            &rt->cpu, err, errlen)) < 0)
+        return rc;
+    wk_cpu_set_nccl_timeout(rt->cpu, rt->nccl_timeout_ms);
+    rt->max_msg = wk_cpu_max_msg(rt->cpu);
     return 0;
 }
 
@@ -850,6 +976,8 @@ void wk_runtime_destroy(wk_runtime_t *rt)
     if (rt->rx)
         zmq_close(rt->rx);
     wk_cpu_destroy(rt->cpu);
+    if (rt->build)
+        duplex__assignment__free_unpacked(rt->build, NULL);
     for (int i = 0; rt->all_addr && i < rt->nranks; i++)
         free(rt->all_addr[i]);
     for (int i = 0; rt->all_key && i < rt->nranks; i++)

@@ -42,6 +42,17 @@ struct wk_runtime_opts {
     /* cpu/cuda: the directory the job's checkpoint.dir must lead under
      * (wk_runtime_checkpoint_dir); NULL: the working directory */
     const char *checkpoint_root;
+    /* cpu/cuda: what this worker's jobs may use (--memory-limit), 0: no
+     * limit; a job needing more than the lesser of it and MemAvailable is
+     * refused before anything is allocated (-EDOM) */
+    uint64_t memory_limit;
+    /* cpu/cuda: build the backend (the model: allocation, initialisation,
+     * the checkpoint) on the runtime thread, where an abort stops it, and
+     * send an AssignmentAck (request id 0; ok, or the refusal with
+     * bad_checkpoint / bad_spec) as the first report; a refused job's
+     * thread then ends without a JobDone. 0: built in wk_runtime_create,
+     * no AssignmentAck (the sim backend always acks at once with ack). */
+    int ack;
 };
 
 typedef struct wk_runtime wk_runtime_t;
@@ -71,6 +82,9 @@ int wk_runtime_create(void *zctx, wk_data_t *data, const Duplex__Assignment *a, 
  * resolved), with the reason in err naming checkpoint.dir and the root. */
 int wk_runtime_checkpoint_dir(const char *root, const char *dir, char *out, size_t outlen,
                               char *err, size_t errlen);
+
+/* MemAvailable of /proc/meminfo in bytes; 0 when it cannot be read. */
+uint64_t wk_runtime_memory_available(void);
 
 /* Stops the job soon (between ops, or within WK_RUNTIME_SLICE_MS of a
  * wait): its JobDone says ok=false with `error` as the reason. The first

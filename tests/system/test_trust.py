@@ -144,8 +144,11 @@ def test_each_role_does_only_its_own(keyed, tmp_path, key, command):
     assert result.returncode == 1, describe(result)
     assert "FORBIDDEN" in result.stderr, describe(result)
     assert ("operator" in result.stderr or "worker keys" in result.stderr), describe(result)
-    refusals = keyed.events("refused")
-    assert any(f"key {key}" in e["detail"] for e in refusals), refusals
+    # the event is committed at the end of duplexd's loop turn, the reply
+    # is not held back for it
+    keyed.poll_until(lambda: any(f"key {key}" in e["detail"] for e in keyed.events("refused")),
+                     what=f"a refused event naming key {key}",
+                     progress=lambda: keyed.events("refused"))
     assert_whole(keyed)
 
 

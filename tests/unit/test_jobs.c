@@ -5,6 +5,7 @@
 #include <criterion/criterion.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,7 +158,9 @@ static int is_current(int i, uint64_t id)
            sent[i].attempt == last_attempt(id);
 }
 
-static void ack_all_at(uint64_t id, int ok, int64_t now)
+/* Every rank of the current attempt acknowledges (ok, or refuses with an
+ * error that blames it), at wall and mono. */
+static void ack_all_clk(uint64_t id, int ok, int64_t wall, int64_t mono)
 {
     Duplex__AssignmentAck a = DUPLEX__ASSIGNMENT_ACK__INIT;
     a.job_id = id;
@@ -166,7 +169,12 @@ static void ack_all_at(uint64_t id, int ok, int64_t now)
     a.error = ok ? "" : "busy";
     for (int i = 0; i < nsent; i++)
         if (is_current(i, id))
-            coord_jobs_on_ack(jobs, sent[i].worker, &a, now);
+            coord_jobs_on_ack(jobs, sent[i].worker, &a, wall, mono);
+}
+
+static void ack_all_at(uint64_t id, int ok, int64_t now)
+{
+    ack_all_clk(id, ok, now, now);
 }
 
 static void ack_all(uint64_t id, int ok)
@@ -188,7 +196,7 @@ static uint64_t steps_of(uint64_t id)
 }
 
 /* Every rank of the current attempt reports step (no checkpoint). */
-static void report_all_at(uint64_t id, uint64_t step, int64_t now)
+static void report_all_clk(uint64_t id, uint64_t step, int64_t wall, int64_t mono)
 {
     Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
     r.job_id = id;
@@ -197,13 +205,18 @@ static void report_all_at(uint64_t id, uint64_t step, int64_t now)
     r.loss = 1.0 / (double)step;
     for (int i = 0; i < nsent; i++)
         if (is_current(i, id))
-            cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, now), 0, "%s",
+            cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, wall, mono), 0, "%s",
                          coord_jobs_refusal(jobs));
+}
+
+static void report_all_at(uint64_t id, uint64_t step, int64_t now)
+{
+    report_all_clk(id, step, now, now);
 }
 
 /* Every rank says it stopped: ok after all the job's steps, else failed
  * after none. */
-static void done_all_at(uint64_t id, int ok, int64_t now)
+static void done_all_clk(uint64_t id, int ok, int64_t wall, int64_t mono)
 {
     Duplex__JobDone d = DUPLEX__JOB_DONE__INIT;
     d.job_id = id;
@@ -213,7 +226,12 @@ static void done_all_at(uint64_t id, int ok, int64_t now)
     d.error = ok ? "" : "boom";
     for (int i = 0; i < nsent; i++)
         if (is_current(i, id))
-            coord_jobs_on_done(jobs, sent[i].worker, &d, now);
+            coord_jobs_on_done(jobs, sent[i].worker, &d, wall, mono);
+}
+
+static void done_all_at(uint64_t id, int ok, int64_t now)
+{
+    done_all_clk(id, ok, now, now);
 }
 
 static void done_all(uint64_t id, int ok)
@@ -233,7 +251,7 @@ static void finish_all_at(uint64_t id, int64_t now)
  * holds each worker, and every stored row (committed first). */
 static char *snapshot(uint64_t id)
 {
-    static const char *const tables[] = {"jobs",   "job_ranks",         "metrics",
+    static const char *const tables[] = {"jobs",   "job_ranks",         "metrics",    "job_steps",
                                          "events", "checkpoint_shards", "checkpoints"};
     char *text = NULL, *js;
     size_t len = 0;
@@ -259,7 +277,9 @@ static char *snapshot(uint64_t id)
         char sql[128];
         sqlite3_stmt *st;
 
-        snprintf(sql, sizeof(sql), "SELECT * FROM %s ORDER BY rowid", tables[t]);
+        /* job_steps has no rowid: its key orders it */
+        snprintf(sql, sizeof(sql), "SELECT * FROM %s ORDER BY %s", tables[t],
+                 strcmp(tables[t], "job_steps") == 0 ? "job_id, step" : "rowid");
         cr_assert_eq(sqlite3_prepare_v2(sdb, sql, -1, &st, NULL), SQLITE_OK, "%s", sql);
         fprintf(f, "-- %s\n", tables[t]);
         while (sqlite3_step(st) == SQLITE_ROW) {
@@ -317,6 +337,27 @@ static int count_sent(Duplex__MsgType type, uint64_t id)
     return n;
 }
 
+static int count_sent_to(Duplex__MsgType type, uint64_t id, const char *worker)
+{
+    int n = 0;
+    for (int i = 0; i < nsent; i++)
+        n += sent[i].type == type && sent[i].job_id == id && strcmp(sent[i].worker, worker) == 0;
+    return n;
+}
+
+/* The job's reason, as status gives it. */
+static const char *reason_of(uint64_t id)
+{
+    static char buf[512];
+    int rc;
+    json_t *doc = coord_jobs_status(jobs, id, 0, &rc);
+
+    cr_assert_not_null(doc);
+    snprintf(buf, sizeof(buf), "%s", json_string_value(json_object_get(doc, "reason")));
+    json_decref(doc);
+    return buf;
+}
+
 Test(jobs, every_transition_of_the_state_machine)
 {
     const char *legal[] = {
@@ -353,7 +394,7 @@ Test(jobs, a_job_runs_to_success, .init = setup, .fini = teardown)
     uint64_t id = submit("{}", sets, 3);
 
     cr_assert_str_eq(state_of(id), "queued");
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     cr_assert_str_eq(state_of(id), "placing");
     cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, id), 4);
     ack_all(id, 1);
@@ -367,7 +408,7 @@ Test(jobs, a_job_runs_to_success, .init = setup, .fini = teardown)
         r.step_ms = 12;
         r.compute_ms = 10;
         for (int i = 0; i < nsent; i++)
-            cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, 3500), 0);
+            cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, 3500, 3500), 0);
     }
     done_all(id, 1);
     cr_assert_str_eq(state_of(id), "succeeded");
@@ -385,7 +426,7 @@ Test(jobs, a_job_runs_to_success, .init = setup, .fini = teardown)
     {
         Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
         r.job_id = id + 100;
-        cr_assert_eq(coord_jobs_on_report(jobs, "w0", &r, 5000), -ENOENT);
+        cr_assert_eq(coord_jobs_on_report(jobs, "w0", &r, 5000, 5000), -ENOENT);
     }
 }
 
@@ -399,7 +440,7 @@ Test(jobs, fifo_with_priorities_and_no_overtaking, .init = setup, .fini = teardo
     int rc;
     json_t *doc;
 
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     cr_assert_str_eq(state_of(a), "placing");
     cr_assert_str_eq(state_of(b), "queued");
     cr_assert_str_eq(state_of(c), "queued", "the small job must not overtake the big one");
@@ -422,20 +463,20 @@ Test(jobs, cancel_queued_and_running, .init = setup, .fini = teardown)
     uint64_t a = submit("{}", sets, 2), b = submit("{}", sets, 2);
     char err[128];
 
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     ack_all(a, 1);
-    cr_assert_eq(coord_jobs_cancel(jobs, b, "alice", 2200, err, sizeof(err)), 0);
+    cr_assert_eq(coord_jobs_cancel(jobs, b, "alice", 2200, 2200, err, sizeof(err)), 0);
     cr_assert_str_eq(state_of(b), "cancelled");
-    cr_assert_eq(coord_jobs_cancel(jobs, a, "alice", 2300, err, sizeof(err)), 0);
+    cr_assert_eq(coord_jobs_cancel(jobs, a, "alice", 2300, 2300, err, sizeof(err)), 0);
     cr_assert_str_eq(state_of(a), "cancelled");
     cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ABORT_JOB, a), 4);
-    cr_assert_eq(coord_jobs_cancel(jobs, a, "alice", 2400, err, sizeof(err)), -EALREADY);
+    cr_assert_eq(coord_jobs_cancel(jobs, a, "alice", 2400, 2400, err, sizeof(err)), -EALREADY);
     cr_assert_not_null(strstr(err, "already cancelled"), "%s", err);
-    cr_assert_eq(coord_jobs_cancel(jobs, 999, "alice", 2400, err, sizeof(err)), -ENOENT);
+    cr_assert_eq(coord_jobs_cancel(jobs, 999, "alice", 2400, 2400, err, sizeof(err)), -ENOENT);
     /* the workers are held until they say they stopped */
     {
         uint64_t c = submit("{}", sets, 2);
-        coord_jobs_schedule(jobs, 2500);
+        coord_jobs_schedule(jobs, 2500, 2500);
         cr_assert_str_eq(state_of(c), "queued");
         done_all(a, 0);
         cr_assert_str_eq(state_of(c), "placing");
@@ -450,17 +491,17 @@ Test(jobs, refused_assignment_and_lost_worker_fail_the_job, .init = setup, .fini
     uint64_t a = submit("{}", sets, 3), b;
     struct coord_worker *w;
 
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     ack_all(a, 0);
     cr_assert_str_eq(state_of(a), "failed");
     b = submit("{}", two, 2);
-    coord_jobs_schedule(jobs, 2200);
+    coord_jobs_schedule(jobs, 2200, 2200);
     /* a's ranks refused and are free, so b was placed */
     cr_assert_str_eq(state_of(b), "placing");
     ack_all(b, 1);
     w = coord_registry_find(reg, sent[nsent - 1].worker);
     w->state = COORD_WORKER_LOST;
-    coord_jobs_on_worker_gone(jobs, w->id, 2300);
+    coord_jobs_on_worker_gone(jobs, w->id, 2300, 2300);
     cr_assert_str_eq(state_of(b), "failed");
 }
 
@@ -474,10 +515,10 @@ Test(jobs, drained_workers_are_not_placed_and_backends_do_not_mix, .init = setup
     const char *cpu[] = {"backend=cpu"};
 
     cr_assert_eq(coord_registry_set_drained(reg, "w3", 1, "alice", 2050), 0);
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     cr_assert_str_eq(state_of(a), "queued");
     cr_assert_eq(coord_registry_set_drained(reg, "w3", 0, "alice", 2150), 0);
-    coord_jobs_schedule(jobs, 2200);
+    coord_jobs_schedule(jobs, 2200, 2200);
     cr_assert_str_eq(state_of(a), "placing");
     cr_assert_eq(coord_registry_set_drained(reg, "nobody", 1, "alice", 2200), -ENOENT);
     /* no cpu workers at all: refused at submission */
@@ -491,10 +532,10 @@ Test(jobs, unacknowledged_assignments_time_out, .init = setup, .fini = teardown)
     const char *sets[] = {"backend=sim", "restart.max_restarts=0"};
     uint64_t a = submit("{}", sets, 2);
 
-    coord_jobs_schedule(jobs, 2100);
-    coord_jobs_check_timeouts(jobs, 2100 + 5000, 10000);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    coord_jobs_check_timeouts(jobs, 2100 + 5000, 2100 + 5000, 10000);
     cr_assert_str_eq(state_of(a), "placing");
-    coord_jobs_check_timeouts(jobs, 2100 + 10000, 10000);
+    coord_jobs_check_timeouts(jobs, 2100 + 10000, 2100 + 10000, 10000);
     cr_assert_str_eq(state_of(a), "failed");
     cr_assert_eq(coord_registry_find(reg, "w0")->assigned_job, 0, "never-started ranks are freed");
 }
@@ -505,11 +546,11 @@ Test(jobs, a_restart_keeps_running_and_queued_jobs, .init = setup, .fini = teard
     uint64_t a = submit("{}", sets, 2), b = submit("{}", sets, 2);
     struct coord_jobs_io io = {fake_send, NULL};
 
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     ack_all(a, 1);
     coord_jobs_destroy(jobs);
     cr_assert_eq(coord_jobs_create(store, reg, &io, &jobs), 0);
-    cr_assert_eq(coord_jobs_load(jobs, 9000), 0);
+    cr_assert_eq(coord_jobs_load(jobs, 9000, 9000), 0);
     /* the running job goes on with its stored ranks, held again */
     cr_assert_str_eq(state_of(a), "running");
     cr_assert_str_eq(state_of(b), "queued");
@@ -530,7 +571,7 @@ Test(jobs, expert_imbalance_from_reported_tokens, .init = setup, .fini = teardow
     int rc;
     json_t *doc;
 
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     ack_all(id, 1);
     doc = coord_jobs_status(jobs, id, 0, &rc);
     cr_assert(json_is_null(json_object_get(doc, "expert_imbalance")));
@@ -543,7 +584,7 @@ Test(jobs, expert_imbalance_from_reported_tokens, .init = setup, .fini = teardow
         /* pp rank 0, ep rank 0 gets 600 tokens over its 4 slots; everyone else 400 */
         r.expert_tokens = sent[i].pp_rank == 0 && i == 0 ? busy : light;
         r.n_expert_tokens = 4;
-        cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, 3000), 0);
+        cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, 3000, 3000), 0);
     }
     doc = coord_jobs_status(jobs, id, 0, &rc);
     cr_assert_float_eq(json_number_value(json_object_get(doc, "expert_imbalance")), 600.0 / 500.0,
@@ -573,9 +614,11 @@ Test(jobs, reported_loads_drive_the_expert_placement)
 }
 
 /* A lost worker makes a running job recover: every rank is told to stop;
- * after the backoff, once the old ranks stopped, the job is placed again
- * (attempt 2) on free workers from its latest complete checkpoint, and the
- * old attempt's messages are ignored. Past the budget the job fails. */
+ * after the backoff, once the old ranks stopped (the lost one may still
+ * run: it is waited for up to COORD_ABORT_WAIT_MS, then abandoned), the
+ * job is placed again (attempt 2) on free workers from its latest complete
+ * checkpoint, and the old attempt's messages are ignored. Past the budget
+ * the job fails. */
 Test(jobs, a_failure_recovers_from_the_last_checkpoint, .init = setup, .fini = teardown)
 {
     char set_dir[256], step5[256];
@@ -591,7 +634,7 @@ Test(jobs, a_failure_recovers_from_the_last_checkpoint, .init = setup, .fini = t
     a = submit("{}", sets, 4);
     make_step_dir(step5, sizeof(step5), dir, a, 5);
     add_worker("w4", "n2", 4, "sim"); /* a spare */
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     ack_all(a, 1);
     cr_assert_str_eq(state_of(a), "running");
     /* step 5 with a checkpoint on both ranks: complete */
@@ -604,28 +647,35 @@ Test(jobs, a_failure_recovers_from_the_last_checkpoint, .init = setup, .fini = t
         char file[32];
         snprintf(file, sizeof(file), "rank-d0-p%d-e0.ckpt", sent[i].pp_rank);
         r.checkpoint_file = file;
-        cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, 2500), 0, "%s",
+        cr_assert_eq(coord_jobs_on_report(jobs, sent[i].worker, &r, 2500, 2500), 0, "%s",
                      coord_jobs_refusal(jobs));
     }
     cr_assert_eq(manifests_under(step5), 1);
     w = coord_registry_find(reg, sent[0].worker);
     w->state = COORD_WORKER_LOST;
-    coord_jobs_on_worker_gone(jobs, w->id, 3000);
+    coord_jobs_on_worker_gone(jobs, w->id, 3000, 3000);
     cr_assert_str_eq(state_of(a), "recovering");
     cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ABORT_JOB, a), 1, "the survivor is stopped");
-    coord_jobs_schedule(jobs, 3600);
+    coord_jobs_schedule(jobs, 3600, 3600);
     cr_assert_str_eq(state_of(a), "recovering", "the survivor has not stopped yet");
     {
         Duplex__JobDone d = DUPLEX__JOB_DONE__INIT;
         d.job_id = a;
         d.attempt = 1;
         d.error = "aborted";
-        cr_assert_eq(coord_jobs_on_done(jobs, sent[1].worker, &d, 3400), 0);
+        cr_assert_eq(coord_jobs_on_done(jobs, sent[1].worker, &d, 3400, 3400), 0);
     }
-    coord_jobs_schedule(jobs, 3450); /* still inside the backoff */
+    coord_jobs_schedule(jobs, 3450, 3450); /* still inside the backoff */
     cr_assert_eq(last_attempt(a), 1);
-    coord_jobs_schedule(jobs, 3800);
-    cr_assert_str_eq(state_of(a), "placing");
+    coord_jobs_schedule(jobs, 3800, 3800);
+    cr_assert_str_eq(state_of(a), "recovering", "the lost worker may still run its rank");
+    coord_jobs_check_timeouts(jobs, 3000 + COORD_ABORT_WAIT_MS - 1, 3000 + COORD_ABORT_WAIT_MS - 1,
+                              10000);
+    coord_jobs_schedule(jobs, 3000 + COORD_ABORT_WAIT_MS - 1, 3000 + COORD_ABORT_WAIT_MS - 1);
+    cr_assert_str_eq(state_of(a), "recovering");
+    coord_jobs_check_timeouts(jobs, 3000 + COORD_ABORT_WAIT_MS, 3000 + COORD_ABORT_WAIT_MS, 10000);
+    coord_jobs_schedule(jobs, 3000 + COORD_ABORT_WAIT_MS, 3000 + COORD_ABORT_WAIT_MS);
+    cr_assert_str_eq(state_of(a), "placing", "abandoned, the lost rank no longer holds it up");
     cr_assert_eq(last_attempt(a), 2);
     for (int i = 0; i < nsent; i++)
         if (is_current(i, a)) {
@@ -638,19 +688,19 @@ Test(jobs, a_failure_recovers_from_the_last_checkpoint, .init = setup, .fini = t
     r.checkpoint_dir = "";
     r.checkpoint_bytes = 0;
     before = snapshot(a);
-    cr_assert_eq(coord_jobs_on_report(jobs, sent[1].worker, &r, 3900), 0);
+    cr_assert_eq(coord_jobs_on_report(jobs, sent[1].worker, &r, 8100, 8100), 0);
     {
         char *after = snapshot(a);
         cr_assert_str_eq(after, before);
         free(after);
     }
     free(before);
-    ack_all_at(a, 1, 4000);
+    ack_all_at(a, 1, 8200);
     cr_assert_str_eq(state_of(a), "running");
     /* a second failure is past the budget of one restart */
     w = coord_registry_find(reg, sent[nsent - 1].worker);
     w->state = COORD_WORKER_LOST;
-    coord_jobs_on_worker_gone(jobs, w->id, 5000);
+    coord_jobs_on_worker_gone(jobs, w->id, 8300, 8300);
     cr_assert_str_eq(state_of(a), "failed");
     {
         json_t *doc = coord_jobs_status(jobs, a, 0, &rc);
@@ -667,13 +717,18 @@ Test(jobs, repeated_failures_blocklist_the_worker, .init = setup, .fini = teardo
 {
     struct coord_worker *w = coord_registry_find(reg, "w0");
 
-    cr_assert_eq(coord_registry_note_failure(reg, "w0", "lost", 1000), 0);
+    cr_assert_eq(coord_registry_note_failure(reg, "w0", "lost", 1000, 1000), 0);
     cr_assert(coord_worker_is_free(w));
-    cr_assert_eq(coord_registry_note_failure(reg, "w0", "lost again", 1100), 1);
+    cr_assert_eq(coord_registry_note_failure(reg, "w0", "lost again", 1100, 1100), 1);
     cr_assert_not(coord_worker_is_free(w));
-    cr_assert_not_null(strstr(w->blocklisted, "2 job failures, the last: lost again"));
+    cr_assert_not_null(strstr(w->blocklisted,
+                              "2 job failures (2.00 after decay, half-life 60 min), the last: "
+                              "lost again"),
+                       "%s", w->blocklisted);
     cr_assert_eq(coord_registry_set_drained(reg, "w0", 0, "alice", 1200), 0);
     cr_assert(coord_worker_is_free(w), "undrain clears the blocklisting");
+    cr_assert_eq(coord_registry_note_failure(reg, "w0", "once more", 1300, 1300), 0,
+                 "and the count");
 }
 
 /* A running job whose step stops moving is stalled and recovers. */
@@ -683,18 +738,20 @@ Test(jobs, a_stalled_job_recovers, .init = setup, .fini = teardown)
     uint64_t a = submit("{}", sets, 1);
     Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
 
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     ack_all_at(a, 1, 2200);
     r.job_id = a;
     r.attempt = 1;
     for (int s = 1; s <= 4; s++) { /* a step every 100 ms */
         r.step = (uint64_t)s;
         for (int i = 0; i < nsent; i++)
-            coord_jobs_on_report(jobs, sent[i].worker, &r, 2200 + 100 * s);
+            coord_jobs_on_report(jobs, sent[i].worker, &r, 2200 + 100 * s, 2200 + 100 * s);
     }
-    coord_jobs_check_timeouts(jobs, 2600 + COORD_STALL_MIN_MS - 1, 10000);
+    coord_jobs_check_timeouts(jobs, 2600 + COORD_STALL_MIN_MS - 1, 2600 + COORD_STALL_MIN_MS - 1,
+                              10000);
     cr_assert_str_eq(state_of(a), "running");
-    coord_jobs_check_timeouts(jobs, 2600 + COORD_STALL_MIN_MS + 1, 10000);
+    coord_jobs_check_timeouts(jobs, 2600 + COORD_STALL_MIN_MS + 1, 2600 + COORD_STALL_MIN_MS + 1,
+                              10000);
     cr_assert_str_eq(state_of(a), "recovering");
 }
 
@@ -707,7 +764,7 @@ Test(jobs, spares_are_kept_for_recoveries, .init = setup, .fini = teardown)
     int rc;
 
     coord_jobs_set_spares(jobs, 1);
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     cr_assert_str_eq(state_of(a), "queued", "4 free workers, 4 needed, 1 spare kept");
     {
         json_t *doc = coord_jobs_status(jobs, a, 0, &rc);
@@ -716,7 +773,7 @@ Test(jobs, spares_are_kept_for_recoveries, .init = setup, .fini = teardown)
         json_decref(doc);
     }
     add_worker("w4", "n2", 4, "sim");
-    coord_jobs_schedule(jobs, 2200);
+    coord_jobs_schedule(jobs, 2200, 2200);
     cr_assert_str_eq(state_of(a), "placing");
     cr_assert_eq(coord_registry_find(reg, "w4")->assigned_job, 0, "the spare stays free");
 }
@@ -742,7 +799,7 @@ Test(jobs, cuda_jobs_get_one_nccl_id_per_attempt, .init = setup, .fini = teardow
     add_worker("c2", "n1", 6, "cuda");
     s = submit("{}", sim, 1);
     c = submit("{}", cuda, 3);
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     cr_assert_str_eq(state_of(s), "placing");
     cr_assert_str_eq(state_of(c), "placing");
     for (int i = 0; i < nsent; i++) {
@@ -766,10 +823,10 @@ Test(jobs, cuda_jobs_get_one_nccl_id_per_attempt, .init = setup, .fini = teardow
         if (is_current(i, c) && strcmp(sent[i].worker, "c0") != 0)
             w = coord_registry_find(reg, sent[i].worker);
     w->state = COORD_WORKER_LOST;
-    coord_jobs_on_worker_gone(jobs, w->id, 3000);
+    coord_jobs_on_worker_gone(jobs, w->id, 3000, 3000);
     cr_assert_str_eq(state_of(c), "recovering");
     done_all_at(c, 0, 3100);
-    coord_jobs_schedule(jobs, 3200);
+    coord_jobs_schedule(jobs, 3200, 3200);
     cr_assert_str_eq(state_of(c), "placing");
     cr_assert_eq(last_attempt(c), 2);
     n = 0;
@@ -801,7 +858,7 @@ Test(jobs, a_cuda_job_without_nccl_fails_clearly, .init = setup, .fini = teardow
     add_worker("c0", "n0", 4, "cuda");
     add_worker("c1", "n1", 5, "cuda");
     c = submit("{}", cuda, 1);
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     cr_assert_str_eq(state_of(c), "failed");
     cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, c), 0);
     {
@@ -818,7 +875,7 @@ Test(jobs, a_cuda_job_without_nccl_fails_clearly, .init = setup, .fini = teardow
     }
     /* the cuda workers are free again and other jobs still start */
     s = submit("{}", sim, 1);
-    coord_jobs_schedule(jobs, 2200);
+    coord_jobs_schedule(jobs, 2200, 2200);
     cr_assert_str_eq(state_of(s), "placing");
     unsetenv("DUPLEX_NCCL_LIB");
 }
@@ -837,7 +894,7 @@ static uint64_t start_ckpt_job(const char *ckdir, char rank[2][64], char *outsid
 
     snprintf(set_dir, sizeof(set_dir), "checkpoint.dir=%s", ckdir);
     id = submit("{}", sets, 5);
-    coord_jobs_schedule(jobs, 2100);
+    coord_jobs_schedule(jobs, 2100, 2100);
     ack_all(id, 1);
     cr_assert_str_eq(state_of(id), "running");
     for (int i = 0; i < nsent; i++)
@@ -899,32 +956,36 @@ Test(trust, messages_from_a_worker_without_the_rank_are_refused, .init = setup, 
     id = start_ckpt_job(ck, rank, outsider);
     before = snapshot(id);
     r = report_msg(id, 1, 1, 0.0001);
-    assert_refused(coord_jobs_on_report(jobs, outsider, &r, 3000), -EPERM, "holds no rank", id,
-                   before);
+    assert_refused(coord_jobs_on_report(jobs, outsider, &r, 3000, 3000), -EPERM, "holds no rank",
+                   id, before);
     /* the rank's worker, but an attempt that never was */
     r.attempt = 2;
-    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000), -EPERM, "attempt 2", id, before);
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000, 3000), -EPERM, "attempt 2", id,
+                   before);
     r.attempt = 0;
-    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000), -EPERM, "attempt 0", id, before);
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000, 3000), -EPERM, "attempt 0", id,
+                   before);
     d = done_msg(id, 1, 1, 6);
-    assert_refused(coord_jobs_on_done(jobs, outsider, &d, 3000), -EPERM, "holds no rank", id,
+    assert_refused(coord_jobs_on_done(jobs, outsider, &d, 3000, 3000), -EPERM, "holds no rank", id,
                    before);
     d = done_msg(id, 1, 0, 0); /* a forged failure would make the job recover */
-    assert_refused(coord_jobs_on_done(jobs, outsider, &d, 3000), -EPERM, "holds no rank", id,
+    assert_refused(coord_jobs_on_done(jobs, outsider, &d, 3000, 3000), -EPERM, "holds no rank", id,
                    before);
     d = done_msg(id, 9, 0, 0);
-    assert_refused(coord_jobs_on_done(jobs, rank[1], &d, 3000), -EPERM, "attempt 9", id, before);
+    assert_refused(coord_jobs_on_done(jobs, rank[1], &d, 3000, 3000), -EPERM, "attempt 9", id,
+                   before);
     a.job_id = id;
     a.attempt = 1;
     a.ok = 0;
     a.error = "forged refusal";
-    assert_refused(coord_jobs_on_ack(jobs, outsider, &a, 3000), -EPERM, "holds no rank", id,
+    assert_refused(coord_jobs_on_ack(jobs, outsider, &a, 3000, 3000), -EPERM, "holds no rank", id,
                    before);
     a.attempt = 5;
-    assert_refused(coord_jobs_on_ack(jobs, rank[0], &a, 3000), -EPERM, "attempt 5", id, before);
+    assert_refused(coord_jobs_on_ack(jobs, rank[0], &a, 3000, 3000), -EPERM, "attempt 5", id,
+                   before);
     /* no such job: stale, as before */
     r = report_msg(id + 7, 1, 1, 1.0);
-    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3000), -ENOENT);
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3000, 3000), -ENOENT);
     cr_assert_str_eq(state_of(id), "running");
     free(before);
 }
@@ -944,57 +1005,70 @@ Test(trust, steps_must_be_the_jobs_and_go_forward, .init = setup, .fini = teardo
     id = start_ckpt_job(ck, rank, outsider);
     before = snapshot(id);
     r = report_msg(id, 1, 0, 1.0);
-    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000), -EINVAL, "step 0", id, before);
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000, 3000), -EINVAL, "step 0", id,
+                   before);
     r = report_msg(id, 1, 7, 1.0);
-    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000), -EINVAL, "step 7", id, before);
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000, 3000), -EINVAL, "step 7", id,
+                   before);
     r = report_msg(id, 1, 600, 0.0001);
-    assert_refused(coord_jobs_on_report(jobs, rank[1], &r, 3000), -EINVAL, "step 600", id, before);
+    assert_refused(coord_jobs_on_report(jobs, rank[1], &r, 3000, 3000), -EINVAL, "step 600", id,
+                   before);
     free(before);
     /* a real step 1 of rank 0, then the same report again: idempotent */
     r = report_msg(id, 1, 1, 5.5);
-    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3000), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3000, 3000), 0, "%s",
+                 coord_jobs_refusal(jobs));
     s1 = snapshot(id);
-    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3100), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3100, 3100), 0, "%s",
+                 coord_jobs_refusal(jobs));
     before = snapshot(id);
     cr_assert_str_eq(before, s1, "a report sent again must change nothing");
     free(before);
     /* step 1 again, but not the report made */
     r.loss = 0.0001;
-    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3100), -EINVAL, "already", id, s1);
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3100, 3100), -EINVAL, "already", id, s1);
     r = report_msg(id, 1, 1, 5.5);
     r.checkpoint_crc32c = 7; /* names a checksum but no shard */
-    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3100), -EINVAL, "no shard", id, s1);
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3100, 3100), -EINVAL, "no shard", id,
+                   s1);
     free(s1);
     /* step 2, then step 1 again: the very same one is fine, another is not */
     r = report_msg(id, 1, 2, 5.0);
-    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3200), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3200, 3200), 0, "%s",
+                 coord_jobs_refusal(jobs));
     s1 = snapshot(id);
     r = report_msg(id, 1, 1, 5.5);
-    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3300), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3300, 3300), 0, "%s",
+                 coord_jobs_refusal(jobs));
     before = snapshot(id);
     cr_assert_str_eq(before, s1);
     free(before);
     r.step_ms = 1;
-    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3300), -EINVAL, "already", id, s1);
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3300, 3300), -EINVAL, "already", id, s1);
     /* JobDone must agree: at most the job's steps, ok only after all of
      * them, the last one the rank reported */
     d = done_msg(id, 1, 1, 600);
-    assert_refused(coord_jobs_on_done(jobs, rank[0], &d, 3400), -EINVAL, "claims 600", id, s1);
+    assert_refused(coord_jobs_on_done(jobs, rank[0], &d, 3400, 3400), -EINVAL, "claims 600", id,
+                   s1);
     d = done_msg(id, 1, 0, 600);
-    assert_refused(coord_jobs_on_done(jobs, rank[0], &d, 3400), -EINVAL, "claims 600", id, s1);
+    assert_refused(coord_jobs_on_done(jobs, rank[0], &d, 3400, 3400), -EINVAL, "claims 600", id,
+                   s1);
     d = done_msg(id, 1, 1, 2);
-    assert_refused(coord_jobs_on_done(jobs, rank[0], &d, 3400), -EINVAL, "after 2 steps", id, s1);
+    assert_refused(coord_jobs_on_done(jobs, rank[0], &d, 3400, 3400), -EINVAL, "after 2 steps", id,
+                   s1);
     d = done_msg(id, 1, 1, 6);
-    assert_refused(coord_jobs_on_done(jobs, rank[0], &d, 3400), -EINVAL, "reported in attempt 1",
-                   id, s1);
-    assert_refused(coord_jobs_on_done(jobs, rank[1], &d, 3400), -EINVAL, "is 0", id, s1);
+    assert_refused(coord_jobs_on_done(jobs, rank[0], &d, 3400, 3400), -EINVAL,
+                   "reported in attempt 1", id, s1);
+    assert_refused(coord_jobs_on_done(jobs, rank[1], &d, 3400, 3400), -EINVAL, "is 0", id, s1);
     cr_assert_str_eq(state_of(id), "running");
     free(s1);
     /* the honest way to the end still works */
     r = report_msg(id, 1, 1, 5.5);
-    cr_assert_eq(coord_jobs_on_report(jobs, rank[1], &r, 3500), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[1], &r, 3500, 3500), 0, "%s",
+                 coord_jobs_refusal(jobs));
     r = report_msg(id, 1, 2, 5.0);
-    cr_assert_eq(coord_jobs_on_report(jobs, rank[1], &r, 3500), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[1], &r, 3500, 3500), 0, "%s",
+                 coord_jobs_refusal(jobs));
     for (uint64_t step = 3; step <= 6; step++) {
         char path[512], file[64];
 
@@ -1008,15 +1082,17 @@ Test(trust, steps_must_be_the_jobs_and_go_forward, .init = setup, .fini = teardo
                 r.checkpoint_bytes = 100;
                 r.checkpoint_crc32c = 0xabcd;
             }
-            cr_assert_eq(coord_jobs_on_report(jobs, rank[k], &r, 3600), 0, "%s",
+            cr_assert_eq(coord_jobs_on_report(jobs, rank[k], &r, 3600, 3600), 0, "%s",
                          coord_jobs_refusal(jobs));
         }
     }
     d = done_msg(id, 1, 1, 6);
-    cr_assert_eq(coord_jobs_on_done(jobs, rank[0], &d, 3700), 0, "%s", coord_jobs_refusal(jobs));
-    cr_assert_eq(coord_jobs_on_done(jobs, rank[0], &d, 3700), 0, "said again: no harm");
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[0], &d, 3700, 3700), 0, "%s",
+                 coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[0], &d, 3700, 3700), 0, "said again: no harm");
     cr_assert_str_eq(state_of(id), "running");
-    cr_assert_eq(coord_jobs_on_done(jobs, rank[1], &d, 3700), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[1], &d, 3700, 3700), 0, "%s",
+                 coord_jobs_refusal(jobs));
     cr_assert_str_eq(state_of(id), "succeeded");
     cr_assert_eq(manifests_under(dir), 2, "steps 3 and 6");
 }
@@ -1046,8 +1122,8 @@ Test(trust, checkpoints_go_only_into_the_jobs_own_directory, .init = setup, .fin
     r.checkpoint_file = "rank-d0-p0-e0.ckpt";
     r.checkpoint_bytes = 10;
     before = snapshot(id);
-    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000), -EINVAL, "no checkpoint due", id,
-                   before);
+    assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3000, 3000), -EINVAL,
+                   "no checkpoint due", id, before);
     free(before);
     report_all_at(id, 2, 3100);
     make_step_dir(own, sizeof(own), ck, id, 3);
@@ -1079,8 +1155,8 @@ Test(trust, checkpoints_go_only_into_the_jobs_own_directory, .init = setup, .fin
         r.checkpoint_file = (char *)bad[k].file;
         r.checkpoint_bytes = 10;
         r.checkpoint_crc32c = 99;
-        assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3200), -EINVAL, bad[k].says, id,
-                       before);
+        assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3200, 3200), -EINVAL, bad[k].says,
+                       id, before);
     }
     free(before);
     cr_assert_eq(manifests_under(dir), 0, "no manifest written anywhere");
@@ -1094,7 +1170,7 @@ Test(trust, checkpoints_go_only_into_the_jobs_own_directory, .init = setup, .fin
         r.checkpoint_file = file;
         r.checkpoint_bytes = 10;
         r.checkpoint_crc32c = 99;
-        cr_assert_eq(coord_jobs_on_report(jobs, rank[k], &r, 3300), 0, "%s",
+        cr_assert_eq(coord_jobs_on_report(jobs, rank[k], &r, 3300, 3300), 0, "%s",
                      coord_jobs_refusal(jobs));
     }
     cr_assert_eq(manifests_under(own), 1);
@@ -1134,7 +1210,8 @@ Test(trust, relative_and_linked_checkpoint_dirs, .init = setup, .fini = teardown
         r = report_msg(id, 1, 3, 1.0);
         r.checkpoint_dir = bad[k];
         r.checkpoint_file = "rank-d0-p0-e0.ckpt";
-        assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3100), -EINVAL, "not", id, before);
+        assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 3100, 3100), -EINVAL, "not", id,
+                       before);
     }
     free(before);
     for (int k = 0; k < 2; k++) {
@@ -1144,7 +1221,7 @@ Test(trust, relative_and_linked_checkpoint_dirs, .init = setup, .fini = teardown
         r = report_msg(id, 1, 3, 1.0);
         r.checkpoint_dir = own;
         r.checkpoint_file = file;
-        cr_assert_eq(coord_jobs_on_report(jobs, rank[k], &r, 3200), 0, "%s",
+        cr_assert_eq(coord_jobs_on_report(jobs, rank[k], &r, 3200, 3200), 0, "%s",
                      coord_jobs_refusal(jobs));
     }
     cr_assert_eq(manifests_under(own), 1);
@@ -1167,7 +1244,8 @@ Test(trust, relative_and_linked_checkpoint_dirs, .init = setup, .fini = teardown
     r = report_msg(id, 1, 3, 1.0);
     r.checkpoint_dir = own;
     r.checkpoint_file = "rank-d0-p0-e0.ckpt";
-    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 4100), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 4100, 4100), 0, "%s",
+                 coord_jobs_refusal(jobs));
 }
 
 /* Rows a duplexd before these rules let in (a foreign shard, a rank's
@@ -1197,11 +1275,13 @@ Test(trust, leftover_shards_cannot_misdirect_the_manifest, .init = setup, .fini 
     r.checkpoint_dir = own;
     r.checkpoint_file = "rank-d0-p0-e0.ckpt";
     r.checkpoint_bytes = 10;
-    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3100), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &r, 3100, 3100), 0, "%s",
+                 coord_jobs_refusal(jobs));
     cr_assert_eq(manifests_under(dir), 0, "no manifest while a shard lies elsewhere");
     snprintf(file, sizeof(file), "rank-d0-p1-e0.ckpt");
     r.checkpoint_file = file;
-    cr_assert_eq(coord_jobs_on_report(jobs, rank[1], &r, 3200), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_report(jobs, rank[1], &r, 3200, 3200), 0, "%s",
+                 coord_jobs_refusal(jobs));
     cr_assert_eq(manifests_under(dir), 1);
     cr_assert_eq(dx_ckpt_manifest_read(own, &man, err, sizeof(err)), 0, "%s", err);
     cr_assert_eq(man.n_shards, 2, "only the job's own shards are listed");
@@ -1236,20 +1316,23 @@ Test(trust, reports_sent_again_after_a_restart, .init = setup, .fini = teardown)
             r->checkpoint_bytes = 64;
             r->checkpoint_crc32c = (uint32_t)step;
         }
-        cr_assert_eq(coord_jobs_on_report(jobs, rank[0], r, 3000 + (int64_t)step), 0, "%s",
-                     coord_jobs_refusal(jobs));
+        cr_assert_eq(
+            coord_jobs_on_report(jobs, rank[0], r, 3000 + (int64_t)step, 3000 + (int64_t)step), 0,
+            "%s", coord_jobs_refusal(jobs));
         if (step <= 2)
-            cr_assert_eq(coord_jobs_on_report(jobs, rank[1], r, 3000 + (int64_t)step), 0);
+            cr_assert_eq(
+                coord_jobs_on_report(jobs, rank[1], r, 3000 + (int64_t)step, 3000 + (int64_t)step),
+                0);
     }
     cr_assert_eq(coord_store_flush(store), 0);
     coord_jobs_destroy(jobs);
     cr_assert_eq(coord_jobs_create(store, reg, &io, &jobs), 0);
-    cr_assert_eq(coord_jobs_load(jobs, 9000), 0);
+    cr_assert_eq(coord_jobs_load(jobs, 9000, 9000), 0);
     cr_assert_str_eq(state_of(id), "running");
     /* every report of rank 0 again, exactly: nothing stored changes */
     before = snapshot(id);
     for (uint64_t step = 1; step <= 6; step++)
-        cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &sent_before[step], 9100), 0, "%s",
+        cr_assert_eq(coord_jobs_on_report(jobs, rank[0], &sent_before[step], 9100, 9100), 0, "%s",
                      coord_jobs_refusal(jobs));
     after = snapshot(id);
     cr_assert_str_eq(strstr(after, "-- jobs"), strstr(before, "-- jobs"),
@@ -1261,15 +1344,16 @@ Test(trust, reports_sent_again_after_a_restart, .init = setup, .fini = teardown)
     for (uint64_t step = 1; step <= 6; step++) {
         Duplex__StepReport r = sent_before[step];
         r.loss = 0.0001;
-        assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 9200), -EINVAL, "already", id,
+        assert_refused(coord_jobs_on_report(jobs, rank[0], &r, 9200, 9200), -EINVAL, "already", id,
                        before);
     }
     /* rank 1 did not report step 6: its ok JobDone is refused; rank 0's,
      * sent again, counts */
     d = done_msg(id, 1, 1, 6);
-    assert_refused(coord_jobs_on_done(jobs, rank[1], &d, 9300), -EINVAL, "is 2", id, before);
+    assert_refused(coord_jobs_on_done(jobs, rank[1], &d, 9300, 9300), -EINVAL, "is 2", id, before);
     free(before);
-    cr_assert_eq(coord_jobs_on_done(jobs, rank[0], &d, 9300), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[0], &d, 9300, 9300), 0, "%s",
+                 coord_jobs_refusal(jobs));
     for (uint64_t step = 3; step <= 6; step++) {
         Duplex__StepReport r = report_msg(id, 1, step, 6.0 - (double)step);
         if (step % 3 == 0) {
@@ -1277,10 +1361,492 @@ Test(trust, reports_sent_again_after_a_restart, .init = setup, .fini = teardown)
             r.checkpoint_file = "rank-d0-p1-e0.ckpt";
             r.checkpoint_bytes = 64;
         }
-        cr_assert_eq(coord_jobs_on_report(jobs, rank[1], &r, 9400), 0, "%s",
+        cr_assert_eq(coord_jobs_on_report(jobs, rank[1], &r, 9400, 9400), 0, "%s",
                      coord_jobs_refusal(jobs));
     }
-    cr_assert_eq(coord_jobs_on_done(jobs, rank[1], &d, 9500), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[1], &d, 9500, 9500), 0, "%s",
+                 coord_jobs_refusal(jobs));
     cr_assert_str_eq(state_of(id), "succeeded");
     cr_assert_eq(manifests_under(dir), 2);
+}
+
+/* ---- clocks: durations on the monotonic clock only ------------------------ */
+
+#define HOUR_MS 3600000LL
+
+/* The wall clock stepping an hour forward (or back) times no assignment
+ * out; monotonic time does. */
+Test(clock, a_wall_clock_step_does_not_time_out_an_assignment, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "restart.max_restarts=0"};
+    uint64_t a = submit("{}", sets, 2);
+
+    coord_jobs_schedule(jobs, 2100, 100);
+    coord_jobs_check_timeouts(jobs, 2100 + HOUR_MS, 100 + 5000, 10000);
+    cr_assert_str_eq(state_of(a), "placing", "the wall clock jumped an hour; 5 s passed");
+    coord_jobs_check_timeouts(jobs, 2100 - HOUR_MS, 100 + 9999, 10000);
+    cr_assert_str_eq(state_of(a), "placing", "and back");
+    coord_jobs_check_timeouts(jobs, 2100 - HOUR_MS, 100 + 10000, 10000);
+    cr_assert_str_eq(state_of(a), "failed", "10 s passed on the monotonic clock");
+}
+
+/* Stall detection: the wall clock jumping between steps and checks stalls
+ * nothing; the recent step time is monotonic too. */
+Test(clock, a_wall_clock_step_does_not_stall_a_running_job, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim"};
+    uint64_t a = submit("{}", sets, 1);
+
+    coord_jobs_schedule(jobs, 2100, 100);
+    ack_all_clk(a, 1, 2200, 200);
+    cr_assert_str_eq(state_of(a), "running");
+    for (int s = 1; s <= 4; s++) /* a step every 100 ms; the wall clock hops about */
+        report_all_clk(a, (uint64_t)s, 2200 + 100 * s + (s % 2 ? HOUR_MS : -HOUR_MS),
+                       200 + 100 * s);
+    coord_jobs_check_timeouts(jobs, 2600 + 5 * HOUR_MS, 600 + COORD_STALL_MIN_MS - 1, 10000);
+    cr_assert_str_eq(state_of(a), "running", "%s", reason_of(a));
+    coord_jobs_check_timeouts(jobs, 2600 - 5 * HOUR_MS, 600 + COORD_STALL_MIN_MS + 1, 10000);
+    cr_assert_str_eq(state_of(a), "recovering");
+    cr_assert_not_null(strstr(reason_of(a), "stalled: no step finished for 5.0 s"), "%s",
+                       reason_of(a));
+}
+
+/* A recovering job waits for free workers COORD_RECOVER_WAIT_MS past its
+ * backoff on the monotonic clock: a +1 h step of the wall clock fails
+ * nothing. */
+Test(clock, a_wall_clock_step_does_not_fail_a_job_waiting_for_workers, .init = setup,
+     .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.pp=2", "parallel.ep=2", "restart.backoff_ms=500",
+                          "restart.max_restarts=3"};
+    uint64_t a = submit("{}", sets, 5);
+    struct coord_worker *w;
+
+    coord_jobs_schedule(jobs, 2100, 100);
+    ack_all_clk(a, 1, 2200, 200);
+    cr_assert_str_eq(state_of(a), "running");
+    /* one of the four workers leaves (its rank stopped with it): the
+     * other three stop too, and three are too few */
+    w = coord_registry_find(reg, sent[0].worker);
+    w->state = COORD_WORKER_LEFT;
+    coord_jobs_on_worker_gone(jobs, w->id, 2300, 300);
+    cr_assert_str_eq(state_of(a), "recovering");
+    done_all_clk(a, 0, 2400, 400);
+    coord_jobs_schedule(jobs, 2400 + HOUR_MS, 1000);
+    coord_jobs_check_timeouts(jobs, 2400 + HOUR_MS, 1000, 10000);
+    cr_assert_str_eq(state_of(a), "recovering", "the wall clock jumped an hour: %s", reason_of(a));
+    coord_jobs_schedule(jobs, 2400 + 2 * HOUR_MS, 300 + 500 + COORD_RECOVER_WAIT_MS);
+    cr_assert_str_eq(state_of(a), "recovering", "%s", reason_of(a));
+    cr_assert_eq(last_attempt(a), 1);
+    coord_jobs_schedule(jobs, 2400 - HOUR_MS, 300 + 500 + COORD_RECOVER_WAIT_MS + 1);
+    cr_assert_str_eq(state_of(a), "failed");
+    cr_assert_not_null(strstr(reason_of(a), "no 4 free sim workers to restart on within 60 s"),
+                       "%s", reason_of(a));
+}
+
+/* The backoff before the next attempt is monotonic. */
+Test(clock, the_backoff_is_monotonic, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "restart.backoff_ms=500", "restart.max_restarts=3"};
+    uint64_t a = submit("{}", sets, 3);
+    struct coord_worker *w;
+
+    coord_jobs_schedule(jobs, 2100, 100);
+    ack_all_clk(a, 1, 2200, 200);
+    w = coord_registry_find(reg, sent[0].worker);
+    w->state = COORD_WORKER_LEFT;
+    coord_jobs_on_worker_gone(jobs, w->id, 2300, 300);
+    done_all_clk(a, 0, 2350, 350);
+    coord_jobs_schedule(jobs, 2300 + HOUR_MS, 799);
+    cr_assert_str_eq(state_of(a), "recovering");
+    cr_assert_eq(last_attempt(a), 1);
+    coord_jobs_schedule(jobs, 2300 - HOUR_MS, 800);
+    cr_assert_str_eq(state_of(a), "placing");
+    cr_assert_eq(last_attempt(a), 2);
+}
+
+/* ---- fairer blocklisting --------------------------------------------------- */
+
+/* Failure counts decay with COORD_FAILURE_HALF_LIFE_MS on the monotonic
+ * clock: two failures less than a half-life apart blocklist, two more than
+ * one apart do not; the wall clock counts for nothing. */
+Test(blocklist, failure_counts_decay_with_their_half_life, .init = setup, .fini = teardown)
+{
+    const int64_t H = COORD_FAILURE_HALF_LIFE_MS, M = 60000;
+    struct coord_worker *w0 = coord_registry_find(reg, "w0");
+
+    cr_assert_eq(COORD_FAILURE_HALF_LIFE_MS, 3600000, "the stated half-life (docs) is an hour");
+    /* 61 minutes apart: the first counts a little under half */
+    cr_assert_eq(coord_registry_note_failure(reg, "w0", "a", 1000, 1000), 0);
+    cr_assert_eq(coord_registry_note_failure(reg, "w0", "b", 1000, 1000 + H + M), 0);
+    cr_assert_float_eq(w0->failure_score, 1.0 + exp2(-61.0 / 60.0), 1e-9);
+    cr_assert(coord_worker_is_free(w0));
+    /* a third soon after: blocklisted */
+    cr_assert_eq(coord_registry_note_failure(reg, "w0", "c", 1000, 1000 + H + 2 * M), 1);
+    cr_assert_not(coord_worker_is_free(w0));
+    cr_assert_not_null(strstr(w0->blocklisted, "3 job failures (2.48 after decay"), "%s",
+                       w0->blocklisted);
+    /* 59 minutes apart: blocklisted */
+    cr_assert_eq(coord_registry_note_failure(reg, "w1", "a", 1000, 1000), 0);
+    cr_assert_eq(coord_registry_note_failure(reg, "w1", "b", 1000, 1000 + H - M), 1);
+    /* the wall clock jumping ten hours between two failures a second
+     * apart changes nothing, nor does it standing still for two hours */
+    cr_assert_eq(coord_registry_note_failure(reg, "w2", "a", 5000, 5000), 0);
+    cr_assert_eq(coord_registry_note_failure(reg, "w2", "b", 5000 + 10 * HOUR_MS, 6000), 1);
+    cr_assert_eq(coord_registry_note_failure(reg, "w3", "a", 5000, 5000), 0);
+    cr_assert_eq(coord_registry_note_failure(reg, "w3", "b", 5000, 5000 + 2 * H), 0);
+}
+
+/* The first current-attempt worker of job id, and another one. */
+static void two_ranks(uint64_t id, char *first, char *second)
+{
+    int k = 0;
+
+    for (int i = 0; i < nsent && k < 2; i++)
+        if (is_current(i, id))
+            snprintf(k++ ? second : first, 64, "%s", sent[i].worker);
+    cr_assert_eq(k, 2);
+}
+
+/* A lost worker may still run its rank (a cut network): the next attempt
+ * waits for it to confirm the abort. When it is back it is sent AbortJob
+ * (again every COORD_STALE_ABORT_EVERY_MS), its stale messages are
+ * answered and move nothing, and its JobDone lets the job go on; it is
+ * counted one failure, for being lost, and nothing for being busy. */
+Test(blocklist, a_lost_worker_is_stopped_when_it_returns_and_waited_for, .init = setup,
+     .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "restart.backoff_ms=0", "restart.max_restarts=3"};
+    uint64_t a = submit("{}", sets, 3);
+    char lost[64], survivor[64];
+    struct coord_worker *w;
+    Duplex__JobDone d;
+    Duplex__StepReport r;
+    int aborts;
+    char *before;
+
+    coord_jobs_schedule(jobs, 2100, 2100);
+    ack_all(a, 1);
+    report_all_at(a, 1, 3010);
+    two_ranks(a, lost, survivor);
+    w = coord_registry_find(reg, lost);
+    w->state = COORD_WORKER_LOST;
+    coord_jobs_on_worker_gone(jobs, lost, 3100, 3100);
+    cr_assert_str_eq(state_of(a), "recovering");
+    cr_assert_eq(w->failures, 1);
+    cr_assert_eq(w->stale_job, a);
+    d = done_msg(a, 1, 0, 1);
+    cr_assert_eq(coord_jobs_on_done(jobs, survivor, &d, 3200, 3200), 0);
+    coord_jobs_schedule(jobs, 3300, 3300);
+    coord_jobs_check_timeouts(jobs, 3300, 3300, 10000);
+    cr_assert_str_eq(state_of(a), "recovering", "the lost rank may still run");
+    cr_assert_eq(last_attempt(a), 1);
+    /* it is back (a heartbeat), still busy with the job */
+    aborts = count_sent_to(DUPLEX__MSG_TYPE__MSG_ABORT_JOB, a, lost);
+    w->state = COORD_WORKER_ALIVE;
+    w->activity = DUPLEX__WORKER_ACTIVITY__ACTIVITY_BUSY;
+    w->job_id = a;
+    coord_jobs_check_timeouts(jobs, 3400, 3400, 10000);
+    cr_assert_eq(count_sent_to(DUPLEX__MSG_TYPE__MSG_ABORT_JOB, a, lost), aborts + 1);
+    coord_jobs_check_timeouts(jobs, 3400, 3400 + COORD_STALE_ABORT_EVERY_MS - 1, 10000);
+    cr_assert_eq(count_sent_to(DUPLEX__MSG_TYPE__MSG_ABORT_JOB, a, lost), aborts + 1);
+    coord_jobs_check_timeouts(jobs, 3400, 3400 + COORD_STALE_ABORT_EVERY_MS, 10000);
+    cr_assert_eq(count_sent_to(DUPLEX__MSG_TYPE__MSG_ABORT_JOB, a, lost), aborts + 2,
+                 "sent again until it stops");
+    coord_jobs_schedule(jobs, 4500, 4500);
+    cr_assert_eq(last_attempt(a), 1, "the lost rank has not confirmed");
+    /* it stops: its JobDone of attempt 1, and the job goes on at once */
+    d = done_msg(a, 1, 0, 1);
+    cr_assert_eq(coord_jobs_on_done(jobs, lost, &d, 4600, 4600), 0, "%s", coord_jobs_refusal(jobs));
+    cr_assert_eq(w->stale_job, 0);
+    cr_assert_str_eq(state_of(a), "placing");
+    cr_assert_eq(last_attempt(a), 2);
+    /* a report of attempt 1 it sends again is answered (not refused) and
+     * moves nothing */
+    r = report_msg(a, 1, 2, 0.5);
+    before = snapshot(a);
+    {
+        int rc = coord_jobs_on_report(jobs, lost, &r, 4700, 4700);
+        char *after = snapshot(a);
+
+        cr_assert(rc == 0 || rc == -ENOENT, "rc %d: %s", rc, coord_jobs_refusal(jobs));
+        cr_assert_str_eq(after, before);
+        free(after);
+    }
+    free(before);
+    ack_all_at(a, 1, 4800);
+    cr_assert_str_eq(state_of(a), "running");
+    cr_assert_eq(w->failures, 1);
+    cr_assert_eq(w->blocklisted[0], '\0');
+}
+
+/* A lost worker that comes back as a new process (its pid changed) ran its
+ * rank in the old one: that confirms the abort. */
+Test(blocklist, a_lost_worker_back_as_a_new_process_confirms, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "restart.backoff_ms=0", "restart.max_restarts=3"};
+    uint64_t a = submit("{}", sets, 3);
+    char lost[64], survivor[64];
+    struct coord_worker *w;
+    Duplex__JobDone d;
+    Duplex__Register reg_msg = DUPLEX__REGISTER__INIT;
+    enum coord_register_outcome outcome;
+    uint8_t rid[4] = {9, 9, 9, 9};
+
+    coord_jobs_schedule(jobs, 2100, 2100);
+    ack_all(a, 1);
+    two_ranks(a, lost, survivor);
+    w = coord_registry_find(reg, lost);
+    w->state = COORD_WORKER_LOST;
+    coord_jobs_on_worker_gone(jobs, lost, 3100, 3100);
+    d = done_msg(a, 1, 0, 0);
+    cr_assert_eq(coord_jobs_on_done(jobs, survivor, &d, 3200, 3200), 0);
+    coord_jobs_check_timeouts(jobs, 3300, 3300, 10000);
+    coord_jobs_schedule(jobs, 3300, 3300);
+    cr_assert_eq(last_attempt(a), 1);
+    reg_msg.worker_id = lost;
+    reg_msg.host = w->host;
+    reg_msg.node = w->node;
+    reg_msg.gpu_index = w->gpu;
+    reg_msg.backend = "sim";
+    reg_msg.pid = w->pid + 1000;
+    reg_msg.data_addr = "tcp://127.0.0.1:1";
+    cr_assert_eq(coord_registry_register(reg, &reg_msg, rid, sizeof(rid), 3400, 3400, &outcome, &w),
+                 0);
+    coord_jobs_check_timeouts(jobs, 3400, 3400, 10000);
+    coord_jobs_schedule(jobs, 3400, 3400);
+    cr_assert_eq(w->stale_job, 0);
+    cr_assert_str_eq(state_of(a), "placing");
+    cr_assert_eq(last_attempt(a), 2);
+}
+
+/* A worker that refuses an assignment because it still runs an attempt
+ * duplexd gave up (here: duplexd restarted while the job recovered, and
+ * forgot that a rank had not stopped) is not blamed: the job recovers, the
+ * worker is kept out of placement and told to stop until it says it did. */
+Test(blocklist, busy_with_the_previous_attempt_is_not_a_failure, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "restart.backoff_ms=0", "restart.max_restarts=5"};
+    struct coord_jobs_io io = {fake_send, NULL};
+    uint64_t a;
+    char first[64], second[64], busy[64];
+    Duplex__AssignmentAck ack = DUPLEX__ASSIGNMENT_ACK__INIT;
+    Duplex__JobDone d;
+    struct coord_worker *w;
+    char error[128];
+
+    /* two workers only */
+    cr_assert_eq(coord_registry_set_drained(reg, "w2", 1, "alice", 2000), 0);
+    cr_assert_eq(coord_registry_set_drained(reg, "w3", 1, "alice", 2000), 0);
+    a = submit("{}", sets, 3);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    ack_all(a, 1);
+    two_ranks(a, first, second);
+    /* one rank fails (no blame); the other is told to stop */
+    d = done_msg(a, 1, 0, 0);
+    cr_assert_eq(coord_jobs_on_done(jobs, first, &d, 3100, 3100), 0);
+    cr_assert_str_eq(state_of(a), "recovering");
+    /* duplexd restarts before that rank stopped (its registry is new too) */
+    coord_jobs_destroy(jobs);
+    cr_assert_eq(coord_jobs_create(store, reg, &io, &jobs), 0);
+    coord_registry_find(reg, second)->assigned_job = 0;
+    cr_assert_eq(coord_jobs_load(jobs, 3200, 3200), 0);
+    coord_jobs_schedule(jobs, 3300, 3300);
+    cr_assert_eq(last_attempt(a), 2);
+    /* the rank that had not stopped refuses attempt 2 */
+    snprintf(busy, sizeof(busy), "%s", second);
+    snprintf(error, sizeof(error), "busy: running job %llu attempt 1", (unsigned long long)a);
+    ack.job_id = a;
+    ack.attempt = 2;
+    ack.ok = 0;
+    ack.error = error;
+    cr_assert_eq(coord_jobs_on_ack(jobs, busy, &ack, 3400, 3400), 0);
+    w = coord_registry_find(reg, busy);
+    cr_assert_eq(w->failures, 0, "busy with what duplexd gave up is not its failure");
+    cr_assert_eq(w->blocklisted[0], '\0');
+    cr_assert_str_eq(state_of(a), "recovering");
+    cr_assert_not_null(strstr(reason_of(a), "not counted against it"), "%s", reason_of(a));
+    cr_assert_eq(w->stale_job, a);
+    cr_assert_eq(w->stale_attempt, 1);
+    cr_assert_geq(count_sent_to(DUPLEX__MSG_TYPE__MSG_ABORT_JOB, a, busy), 1);
+    /* the other rank of attempt 2 had not acknowledged: stopped, free */
+    {
+        Duplex__AssignmentAck ok = DUPLEX__ASSIGNMENT_ACK__INIT;
+        ok.job_id = a;
+        ok.attempt = 2;
+        ok.ok = 1;
+        ok.error = "";
+        coord_jobs_on_ack(jobs, strcmp(busy, first) ? first : second, &ok, 3450, 3450);
+        d = done_msg(a, 2, 0, 0);
+        coord_jobs_on_done(jobs, strcmp(busy, first) ? first : second, &d, 3460, 3460);
+    }
+    /* the stale worker is kept out: one free worker is too few */
+    coord_jobs_check_timeouts(jobs, 3500, 3500, 10000);
+    coord_jobs_schedule(jobs, 3500, 3500);
+    cr_assert_eq(last_attempt(a), 2, "the busy worker is not placed again: %s", reason_of(a));
+    /* it stops at last (its JobDone of attempt 1): attempt 3 starts */
+    d = done_msg(a, 1, 0, 0);
+    cr_assert_eq(coord_jobs_on_done(jobs, busy, &d, 3600, 3600), 0);
+    cr_assert_eq(w->stale_job, 0);
+    cr_assert_eq(last_attempt(a), 3);
+    ack_all_at(a, 1, 3700);
+    cr_assert_str_eq(state_of(a), "running");
+    cr_assert_eq(w->failures, 0);
+}
+
+/* Busy with another job duplexd thinks ended (said by the refusal, or by
+ * the worker's last heartbeat) is not a failure either; an idle heartbeat
+ * confirms it stopped. Any other refusal still counts. */
+Test(blocklist, busy_with_an_ended_job_is_not_a_failure, .init = setup, .fini = teardown)
+{
+    const char *one[] = {"backend=sim", "parallel.pp=1", "parallel.schedule=1f1b"};
+    const char *sets[] = {"backend=sim", "parallel.pp=1", "parallel.schedule=1f1b",
+                          "restart.backoff_ms=0", "restart.max_restarts=5"};
+    char err[128], error[128];
+    uint64_t old, a;
+    Duplex__AssignmentAck ack = DUPLEX__ASSIGNMENT_ACK__INIT;
+    struct coord_worker *w;
+
+    old = submit("{}", one, 3);
+    coord_jobs_schedule(jobs, 2050, 2050);
+    cr_assert_eq(coord_jobs_cancel(jobs, old, "alice", 2060, 2060, err, sizeof(err)), 0);
+    cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, old), 1);
+    /* its worker never acknowledged: free at once, yet it runs the job */
+    a = submit("{}", sets, 5);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    w = coord_registry_find(reg, sent[nsent - 1].worker);
+    snprintf(error, sizeof(error), "busy: running job %llu attempt 1", (unsigned long long)old);
+    ack.job_id = a;
+    ack.attempt = last_attempt(a);
+    ack.ok = 0;
+    ack.error = error;
+    cr_assert_eq(coord_jobs_on_ack(jobs, w->id, &ack, 2200, 2200), 0);
+    cr_assert_eq(w->failures, 0);
+    cr_assert_eq(w->stale_job, old);
+    cr_assert_geq(count_sent_to(DUPLEX__MSG_TYPE__MSG_ABORT_JOB, old, w->id), 1);
+    /* an idle heartbeat says it stopped */
+    coord_jobs_on_idle(jobs, w->id, 2300, 2300);
+    cr_assert_eq(w->stale_job, 0);
+    /* the heartbeat says busy, the refusal only "busy" */
+    coord_jobs_schedule(jobs, 2400, 2400);
+    w = coord_registry_find(reg, sent[nsent - 1].worker);
+    w->activity = DUPLEX__WORKER_ACTIVITY__ACTIVITY_BUSY;
+    w->job_id = old;
+    ack.attempt = last_attempt(a);
+    ack.error = "busy";
+    cr_assert_eq(coord_jobs_on_ack(jobs, w->id, &ack, 2500, 2500), 0);
+    cr_assert_eq(w->failures, 0);
+    cr_assert_eq(w->stale_job, old);
+    cr_assert_eq(w->stale_attempt, 0);
+    w->activity = DUPLEX__WORKER_ACTIVITY__ACTIVITY_IDLE;
+    w->job_id = 0;
+    coord_jobs_on_idle(jobs, w->id, 2600, 2600);
+    /* any other refusal is the worker's */
+    coord_jobs_schedule(jobs, 2700, 2700);
+    w = coord_registry_find(reg, sent[nsent - 1].worker);
+    ack.attempt = last_attempt(a);
+    ack.error = "out of memory";
+    cr_assert_eq(coord_jobs_on_ack(jobs, w->id, &ack, 2800, 2800), 0);
+    cr_assert_eq(w->failures, 1);
+    cr_assert_eq(w->stale_job, 0);
+}
+
+/* A worker held only for a rank it was abandoned in fails nothing when it
+ * is lost: the job's current attempt does not have it. */
+Test(blocklist, losing_an_abandoned_worker_fails_nothing, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "restart.backoff_ms=0", "restart.max_restarts=3"};
+    uint64_t a = submit("{}", sets, 3);
+    char hung[64], other[64];
+    struct coord_worker *w;
+    Duplex__JobDone d;
+
+    coord_jobs_schedule(jobs, 2100, 2100);
+    ack_all(a, 1);
+    two_ranks(a, other, hung);
+    d = done_msg(a, 1, 0, 0);
+    cr_assert_eq(coord_jobs_on_done(jobs, other, &d, 3100, 3100), 0);
+    /* the other rank hangs: abandoned after COORD_ABORT_WAIT_MS */
+    coord_jobs_check_timeouts(jobs, 3100 + COORD_ABORT_WAIT_MS, 3100 + COORD_ABORT_WAIT_MS, 10000);
+    coord_jobs_schedule(jobs, 3100 + COORD_ABORT_WAIT_MS, 3100 + COORD_ABORT_WAIT_MS);
+    cr_assert_eq(last_attempt(a), 2);
+    w = coord_registry_find(reg, hung);
+    cr_assert_eq(w->assigned_job, a, "held until it stops");
+    cr_assert_eq(w->stale_job, a);
+    ack_all_at(a, 1, 9000);
+    cr_assert_str_eq(state_of(a), "running");
+    w->state = COORD_WORKER_LOST;
+    coord_jobs_on_worker_gone(jobs, hung, 9100, 9100);
+    cr_assert_str_eq(state_of(a), "running", "%s", reason_of(a));
+    cr_assert_eq(w->failures, 0);
+    cr_assert_eq(w->stale_job, a, "it may still run attempt 1");
+}
+
+/* Metrics retention: a running job keeps the metrics rows of its last
+ * steps only; status still shows every step; a report sent again of a step
+ * whose rows expired is counted already, not refused. */
+Test(jobs, old_metrics_rows_expire_and_status_keeps_every_step, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "train.steps=10"};
+    uint64_t id = submit("{}", sets, 2);
+    Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
+    char *before, *after;
+    sqlite3 *sdb;
+    int rc;
+
+    coord_jobs_set_metrics_keep(jobs, 3);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    ack_all(id, 1);
+    cr_assert_str_eq(state_of(id), "running");
+    for (uint64_t step = 1; step <= 8; step++)
+        report_all_at(id, step, 3000 + (int64_t)step);
+    cr_assert_eq(coord_store_flush(store), 0);
+    cr_assert_eq(sqlite3_open_v2(db, &sdb, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    {
+        sqlite3_stmt *st;
+        cr_assert_eq(sqlite3_prepare_v2(sdb,
+                                        "SELECT min(step), max(step), count(*) FROM metrics"
+                                        " WHERE job_id = ?1",
+                                        -1, &st, NULL),
+                     SQLITE_OK);
+        sqlite3_bind_int64(st, 1, (sqlite3_int64)id);
+        cr_assert_eq(sqlite3_step(st), SQLITE_ROW);
+        cr_assert_eq(sqlite3_column_int(st, 0), 6, "steps up to 8 - 3 expired");
+        cr_assert_eq(sqlite3_column_int(st, 1), 8);
+        cr_assert_eq(sqlite3_column_int(st, 2), 3 * 2);
+        sqlite3_finalize(st);
+    }
+    sqlite3_close(sdb);
+    /* the rank's report of step 2, sent again: nothing to compare it with,
+     * nothing moves, and it is acknowledged */
+    r.job_id = id;
+    r.attempt = last_attempt(id);
+    r.step = 2;
+    r.loss = 1.0 / 2.0;
+    before = snapshot(id);
+    cr_assert_eq(coord_jobs_on_report(jobs, sent[0].worker, &r, 3100, 3100), 0, "%s",
+                 coord_jobs_refusal(jobs));
+    after = snapshot(id);
+    cr_assert_str_eq(after, before);
+    free(after);
+    free(before);
+    /* step 6's rows are kept: a different report of it is still refused */
+    r.step = 6;
+    r.loss = 99;
+    cr_assert_eq(coord_jobs_on_report(jobs, sent[0].worker, &r, 3100, 3100), -EINVAL);
+    report_all_at(id, 9, 4000);
+    finish_all_at(id, 5000);
+    cr_assert_str_eq(state_of(id), "succeeded");
+    {
+        json_t *doc = coord_jobs_status(jobs, id, 0, &rc);
+        json_t *losses = json_object_get(doc, "losses");
+
+        cr_assert_eq(json_array_size(losses), 10, "every step's loss");
+        for (size_t i = 0; i < 10; i++) {
+            json_t *e = json_array_get(losses, i);
+            cr_assert_eq(json_integer_value(json_object_get(e, "step")), (json_int_t)i + 1);
+            cr_assert_eq(json_real_value(json_object_get(e, "loss")), 1.0 / (double)(i + 1));
+        }
+        json_decref(doc);
+    }
 }

@@ -399,3 +399,22 @@ Test(jobspec, a_failed_parse_leaves_a_spec_that_can_be_shown)
     cr_assert_eq(parse("{\"train\": {\"dataset\": \"/dev/zero\"}}", NULL, 0, &s), -EINVAL);
     cr_assert_eq(s.parallel.ep, 1);
 }
+
+Test(jobspec, schedules_over_the_simulation_budget_are_refused)
+{
+    struct coord_jobspec s;
+
+    /* at the budget: accepted (1f1b: any pp, microbatches >= pp) */
+    cr_assert_eq(parse("{\"model\": {\"layers\": 128}, \"parallel\": {\"schedule\": \"1f1b\", "
+                       "\"pp\": 128, \"microbatches\": 1024}}",
+                       NULL, 0, &s),
+                 0, "%s", err);
+    cr_assert_eq((long long)s.parallel.pp * s.parallel.microbatches, COORD_JOBSPEC_SIM_BUDGET);
+    /* one micro-batch more: refused, with the numbers */
+    expect_error("{\"model\": {\"layers\": 128}, \"parallel\": {\"schedule\": \"1f1b\", "
+                 "\"pp\": 128, \"microbatches\": 1025}}",
+                 NULL, "parallel", "131200");
+    expect_error("{\"model\": {\"layers\": 256}, \"parallel\": {\"pp\": 128, \"microbatches\": "
+                 "65536}}",
+                 NULL, "simulation budget", "8388608");
+}

@@ -287,10 +287,89 @@ Test(registry, heartbeat_updates_worker)
     cr_assert_eq(w->last_seen_mono, T0_MONO + 1500);
     cr_assert_eq(w->routing_len, 3, "the route follows the latest heartbeat");
     cr_assert_eq(w->routing_id[0], 9);
+    /* liveness lives in memory: the row keeps the registration's time ... */
+    cr_assert_eq(peek_int("SELECT last_heartbeat_ms FROM workers WHERE id = '%q'", "w1"), T0_WALL);
+    cr_assert_eq(heartbeat("w1", w->session, T0_WALL + COORD_STORE_HEARTBEAT_MS - 1,
+                           T0_MONO + COORD_STORE_HEARTBEAT_MS - 1, 78),
+                 0);
+    cr_assert_eq(peek_int("SELECT last_heartbeat_ms FROM workers WHERE id = '%q'", "w1"), T0_WALL);
+    /* ... until COORD_STORE_HEARTBEAT_MS passed: a coarse last-seen */
+    cr_assert_eq(heartbeat("w1", w->session, T0_WALL + COORD_STORE_HEARTBEAT_MS,
+                           T0_MONO + COORD_STORE_HEARTBEAT_MS, 79),
+                 0);
     cr_assert_eq(peek_int("SELECT last_heartbeat_ms FROM workers WHERE id = '%q'", "w1"),
-                 T0_WALL + 1500);
+                 T0_WALL + COORD_STORE_HEARTBEAT_MS);
     /* a heartbeat is not an event */
     cr_assert_eq(peek_int("SELECT count(*) FROM events WHERE worker_id = '%q'", "w1"), 1);
+}
+
+Test(registry, heartbeat_from_a_closed_connection_is_no_sign_of_life)
+{
+    struct coord_worker *w = do_register("w1", 100, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+
+    cr_assert_eq(coord_registry_sweep(reg, T0_WALL + DEAD_AFTER, T0_MONO + DEAD_AFTER, DEAD_AFTER),
+                 1);
+    cr_assert_eq(w->state, COORD_WORKER_LOST);
+    /* read after its connection closed: its report is kept, it stays lost */
+    cr_assert_eq(heartbeat("w1", w->session, T0_WALL + DEAD_AFTER + 1, 0, 5), 0);
+    cr_assert_eq(w->step, 5);
+    cr_assert_eq(w->state, COORD_WORKER_LOST);
+    cr_assert_eq(w->last_seen_mono, T0_MONO);
+    cr_assert_eq(event_count("returned", "w1"), 0);
+    /* the same heartbeat on a live connection brings it back */
+    cr_assert_eq(heartbeat("w1", w->session, T0_WALL + DEAD_AFTER + 2, T0_MONO + DEAD_AFTER + 2, 6),
+                 0);
+    cr_assert_eq(w->state, COORD_WORKER_ALIVE);
+}
+
+Test(registry, route_index_follows_the_latest_sender)
+{
+    struct coord_worker *a = do_register("a", 1, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+    struct coord_worker *b = do_register("b", 2, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+    const uint8_t ra[5] = {0, 1, 2, 3, 1}, rb[5] = {0, 1, 2, 3, 2}, shared[3] = {9, 9, 9};
+
+    cr_assert_eq(coord_registry_find_route(reg, ra, sizeof(ra)), a);
+    cr_assert_eq(coord_registry_find_route(reg, rb, sizeof(rb)), b);
+    cr_assert_null(coord_registry_find_route(reg, ra, 4), "a prefix is another route");
+    cr_assert_null(coord_registry_find_route(reg, ra, 0));
+    /* a heartbeats on a new connection: its old route is free */
+    cr_assert_eq(heartbeat("a", a->session, T0_WALL + 1, T0_MONO + 1, 1), 0);
+    cr_assert_null(coord_registry_find_route(reg, ra, sizeof(ra)));
+    cr_assert_eq(coord_registry_find_route(reg, shared, sizeof(shared)), a);
+    /* b comes on the same connection: the route is b's, a keeps its id to be sent to */
+    cr_assert_eq(heartbeat("b", b->session, T0_WALL + 2, T0_MONO + 2, 1), 0);
+    cr_assert_eq(coord_registry_find_route(reg, shared, sizeof(shared)), b);
+    cr_assert_eq(a->routing_len, sizeof(shared));
+    /* b leaves: nobody holds the route until a speaks again */
+    cr_assert_eq(goodbye("b", b->session, "bye", T0_WALL + 3), 0);
+    cr_assert_null(coord_registry_find_route(reg, shared, sizeof(shared)));
+    cr_assert_eq(heartbeat("a", a->session, T0_WALL + 4, T0_MONO + 4, 2), 0);
+    cr_assert_eq(coord_registry_find_route(reg, shared, sizeof(shared)), a);
+    /* revoked: its session ends and so does its route */
+    cr_assert_eq(coord_registry_revoke(reg, a, "key removed", T0_WALL + 5), 0);
+    cr_assert_null(coord_registry_find_route(reg, shared, sizeof(shared)));
+}
+
+static int count_alive(struct coord_worker *w, void *arg)
+{
+    if (w->state == COORD_WORKER_ALIVE)
+        ++*(int *)arg;
+    return strcmp(w->id, "stop") == 0 ? 7 : 0;
+}
+
+Test(registry, each_visits_every_worker_until_told_to_stop)
+{
+    int n = 0;
+
+    for (int i = 0; i < 100; i++) {
+        char id[16];
+        snprintf(id, sizeof(id), "w%d", i);
+        do_register(id, i, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+    }
+    cr_assert_eq(coord_registry_each(reg, count_alive, &n), 0);
+    cr_assert_eq(n, 100);
+    do_register("stop", 200, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+    cr_assert_eq(coord_registry_each(reg, count_alive, &n), 7);
 }
 
 Test(registry, heartbeat_rejections)
@@ -476,7 +555,8 @@ Test(registry, load_restores_workers)
     cr_assert_str_eq(w->capabilities[0], "fp16");
     cr_assert_str_eq(w->capabilities[1], "nvlink");
     cr_assert_eq(w->registered_ms, T0_WALL + 1000);
-    cr_assert_eq(w->last_heartbeat_ms, T0_WALL + 5500);
+    /* the store's coarse last-seen: the heartbeat at +5500 stayed in memory */
+    cr_assert_eq(w->last_heartbeat_ms, T0_WALL + 1000);
     cr_assert_str_eq(w->session, "", "sessions are not restored");
     cr_assert_eq(w->routing_len, 0);
     cr_assert_eq(coord_registry_find(reg, "b")->state, COORD_WORKER_LEFT);
@@ -557,4 +637,67 @@ Test(registry, state_names)
     cr_assert_str_eq(coord_worker_state_name(COORD_WORKER_ALIVE), "alive");
     cr_assert_str_eq(coord_worker_state_name(COORD_WORKER_LOST), "lost");
     cr_assert_str_eq(coord_worker_state_name(COORD_WORKER_LEFT), "left");
+}
+
+Test(registry, forget_drops_only_gone_workers)
+{
+    struct coord_worker *a = do_register("a", 1, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+    struct coord_worker *b = do_register("b", 2, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+
+    cr_assert_eq(coord_registry_forget(reg, "nobody", "by test", T0_WALL), -ENOENT);
+    cr_assert_eq(coord_registry_forget(reg, "a", "by test", T0_WALL), -EBUSY, "alive");
+    cr_assert_eq(goodbye("a", a->session, "bye", T0_WALL + 1), 0);
+    a->assigned_job = 7;
+    cr_assert_eq(coord_registry_forget(reg, "a", "by test", T0_WALL), -EBUSY, "holds a job");
+    a->assigned_job = 0;
+    cr_assert_eq(coord_registry_forget(reg, "a", "by test", T0_WALL + 2), 0);
+    cr_assert_null(coord_registry_find(reg, "a"));
+    cr_assert_eq(peek_int("SELECT count(*) FROM workers WHERE id = '%q'", "a"), 0);
+    cr_assert_eq(event_count("forgotten", "a"), 1);
+    cr_assert_eq(event_count("registered", "a"), 1, "its events stay");
+    /* it comes back as new */
+    do_register("a", 3, T0_WALL + 3, T0_MONO + 3, COORD_REGISTERED_NEW);
+    cr_assert_eq(b->state, COORD_WORKER_ALIVE);
+}
+
+Test(registry, gone_workers_are_forgotten_after_the_retention)
+{
+    const int64_t retain = 3600000;
+
+    do_register("lost", 1, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+    struct coord_worker *alive = do_register("alive", 2, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+    cr_assert_eq(coord_registry_sweep(reg, T0_WALL + DEAD_AFTER, T0_MONO + DEAD_AFTER, DEAD_AFTER),
+                 2);
+    cr_assert_eq(heartbeat("alive", alive->session, T0_WALL + DEAD_AFTER + 1,
+                           T0_MONO + retain + DEAD_AFTER, 1),
+                 0);
+    cr_assert_eq(coord_registry_forget_gone(reg, T0_WALL, T0_MONO + retain - 1, retain), 0);
+    cr_assert_eq(coord_registry_forget_gone(reg, T0_WALL, T0_MONO + retain, retain), 1);
+    cr_assert_null(coord_registry_find(reg, "lost"));
+    cr_assert_not_null(coord_registry_find(reg, "alive"));
+    cr_assert_eq(event_count("forgotten", "lost"), 1);
+}
+
+Test(registry, a_retried_register_keeps_the_live_session)
+{
+    struct coord_worker *w = do_register("w1", 100, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+    char first[COORD_SESSION_LEN + 1];
+
+    snprintf(first, sizeof(first), "%s", w->session);
+    /* the same process asks again (its answer was slow): same session, no event */
+    w = do_register("w1", 100, T0_WALL + 5, T0_MONO + 5, COORD_REGISTERED_RETRY);
+    cr_assert_str_eq(w->session, first);
+    cr_assert_eq(heartbeat("w1", first, T0_WALL + 6, T0_MONO + 6, 1), 0);
+    cr_assert_eq(event_count("reregistered", "w1"), 0);
+    /* another process (pid) gets a new one */
+    w = do_register("w1", 101, T0_WALL + 10, T0_MONO + 10, COORD_REGISTERED_AGAIN);
+    cr_assert_str_neq(w->session, first);
+    /* and once lost, the same process returns with a new session too */
+    cr_assert_eq(
+        coord_registry_sweep(reg, T0_WALL + 10 + DEAD_AFTER, T0_MONO + 10 + DEAD_AFTER, DEAD_AFTER),
+        1);
+    snprintf(first, sizeof(first), "%s", w->session);
+    w = do_register("w1", 101, T0_WALL + 20 + DEAD_AFTER, T0_MONO + 20 + DEAD_AFTER,
+                    COORD_REGISTERED_RETURNED);
+    cr_assert_str_neq(w->session, first);
 }

@@ -1,12 +1,16 @@
-/* test_store.c - SQLite store: open/refuse, WAL, upsert, append-only events, batching. */
+/* test_store.c - SQLite store: open/refuse, WAL, upsert, append-only events, batching,
+ * and fail-stop (a failed write or commit keeps its real cause, commits no
+ * part of its turn and refuses every later write). */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <signal.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -360,22 +364,167 @@ Test(store, set_state_and_touch)
     coord_store_close(s);
 }
 
-Test(store, invalid_state_rejected)
+/* A write that breaks a constraint fails the store: the cause is kept, the
+ * turn's good writes are not committed either, later writes are refused. */
+Test(store, invalid_state_fails_the_turn_and_stops_writing)
 {
     coord_store_t *s = open_store();
     struct coord_worker_row r = make_row("w1");
     struct seen seen = {0};
 
+    struct coord_worker_row w0 = make_row("w0"), w3 = make_row("w3");
+
+    cr_assert_eq(coord_store_worker_put(s, &w0), 0);
+    cr_assert_eq(coord_store_flush(s), 0, "a committed turn before");
+    cr_assert_eq(coord_store_failed(s), 0);
+    cr_assert_eq(coord_store_errcode(s), 0);
+    cr_assert_eq(coord_store_any_failed(), 0);
+
     cr_assert_eq(coord_store_worker_put(s, &r), 0);
     cr_assert_eq(coord_store_worker_set_state(s, "w1", "zombie"), -EIO);
-    r.state = "bogus";
+    cr_assert_eq(coord_store_failed(s), 1);
+    cr_assert_eq(coord_store_any_failed(), 1);
+    cr_assert_eq(coord_store_errcode(s), SQLITE_CONSTRAINT_CHECK);
+    cr_assert_not_null(strstr(coord_store_errmsg(s), "CHECK constraint failed"), "%s",
+                       coord_store_errmsg(s));
+    cr_assert_not_null(strstr(coord_store_errmsg(s), "[SQLITE_CONSTRAINT_CHECK, SQLite extended "
+                                                     "code 275] in UPDATE workers"),
+                       "%s", coord_store_errmsg(s));
+    /* every later write and the commit are refused; the cause stays */
     r.id = "w2";
     cr_assert_eq(coord_store_worker_put(s, &r), -EIO);
-    /* the store is still usable and keeps the good row */
-    cr_assert_eq(coord_store_flush(s), 0);
+    cr_assert_eq(coord_store_event(s, 1, "x", NULL, ""), -EIO);
+    cr_assert_eq(coord_store_flush(s), -EIO);
+    cr_assert_eq(coord_store_flush(s), -EIO);
+    cr_assert_not_null(strstr(coord_store_errmsg(s), "CHECK constraint failed"), "%s",
+                       coord_store_errmsg(s));
+    /* reads still see the committed state: the failed turn is rolled back */
     cr_assert_eq(coord_store_workers_each(s, collect, &seen), 0);
     cr_assert_eq(seen.n, 1);
-    cr_assert_str_eq(seen.rows[0].state, "alive");
+    cr_assert_str_eq(seen.rows[0].id, "w0");
+    coord_store_close(s);
+
+    s = open_store(); /* a restart: only the committed turn, and writable */
+    memset(&seen, 0, sizeof(seen));
+    cr_assert_eq(coord_store_workers_each(s, collect, &seen), 0);
+    cr_assert_eq(seen.n, 1);
+    cr_assert_str_eq(seen.rows[0].id, "w0");
+    cr_assert_eq(coord_store_failed(s), 0);
+    cr_assert_eq(coord_store_worker_put(s, &w3), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+    coord_store_close(s);
+}
+
+/* ---- a full disk: RLIMIT_FSIZE 0, so every write to a file fails (EFBIG) ---- */
+
+static void disk_full(bool full)
+{
+    struct rlimit rl;
+
+    signal(SIGXFSZ, SIG_IGN); /* as duplexd does: the write fails instead */
+    cr_assert_eq(getrlimit(RLIMIT_FSIZE, &rl), 0);
+    rl.rlim_cur = full ? 0 : rl.rlim_max;
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &rl), 0);
+}
+
+static int count_jobs(coord_store_t *s)
+{
+    sqlite3 *db = peek_open();
+    int n = (int)peek_int(db, "SELECT count(*) FROM jobs");
+
+    (void)s;
+    sqlite3_close(db);
+    return n;
+}
+
+static struct coord_job_row make_job(const char *name, const char *spec)
+{
+    struct coord_job_row j = {
+        .name = name,
+        .spec = spec,
+        .backend = "sim",
+        .priority = 0,
+        .workers = 2,
+        .steps = 3,
+        .submitted_ms = 1000,
+        .owner = "operator",
+    };
+    return j;
+}
+
+Test(store, failed_commit_keeps_the_real_cause_and_commits_nothing)
+{
+    coord_store_t *s = open_store();
+    struct coord_job_row j = make_job("kept", "{}");
+    uint64_t id = 0;
+
+    cr_assert_eq(coord_store_job_insert(s, &j, &id), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+
+    /* the next turn: its writes are in SQLite's cache; the COMMIT writes */
+    j.name = "refused";
+    cr_assert_eq(coord_store_job_insert(s, &j, &id), 0);
+    cr_assert_eq(coord_store_event(s, 2, "job_queued", NULL, "refused"), 0);
+    disk_full(true);
+    cr_assert_eq(coord_store_flush(s), -EIO);
+    disk_full(false);
+    cr_assert_eq(coord_store_failed(s), 1);
+    cr_assert_eq(coord_store_errcode(s), SQLITE_IOERR_WRITE, "%s", coord_store_errmsg(s));
+    cr_assert_not_null(strstr(coord_store_errmsg(s), "disk I/O error [SQLITE_IOERR_WRITE, SQLite "
+                                                     "extended code 778; File too large] in "
+                                                     "COMMIT"),
+                       "%s", coord_store_errmsg(s));
+    cr_assert_null(strstr(coord_store_errmsg(s), "cannot rollback"), "%s", coord_store_errmsg(s));
+    /* room again, but this store stays stopped: only a new one goes on */
+    cr_assert_eq(coord_store_job_insert(s, &j, &id), -EIO);
+    cr_assert_eq(coord_store_flush(s), -EIO);
+    cr_assert_eq(count_jobs(s), 1);
+    coord_store_close(s);
+
+    s = open_store();
+    cr_assert_eq(count_jobs(s), 1, "the refused job is not there");
+    j.name = "after";
+    cr_assert_eq(coord_store_job_insert(s, &j, &id), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+    cr_assert_eq(id, 2, "ids go on from what was committed");
+    coord_store_close(s);
+}
+
+/* A statement that fails inside a turn (here an INSERT too big for SQLite's
+ * cache, which spills to the WAL while the disk is full) fails the turn:
+ * the commit is refused, the turn's earlier writes are not committed. */
+Test(store, failed_statement_mid_turn_commits_no_half_turn)
+{
+    coord_store_t *s = open_store();
+    struct coord_job_row j = make_job("kept", "{}");
+    size_t big = 16u << 20; /* over the default 2 MB page cache */
+    char *spec = malloc(big + 1);
+    uint64_t id = 0;
+    int rc;
+
+    cr_assert_not_null(spec);
+    memset(spec, 'x', big);
+    spec[big] = '\0';
+    cr_assert_eq(coord_store_job_insert(s, &j, &id), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+
+    j.name = "first half";
+    cr_assert_eq(coord_store_job_insert(s, &j, &id), 0);
+    disk_full(true);
+    j = make_job("too big", spec);
+    rc = coord_store_job_insert(s, &j, &id);
+    disk_full(false);
+    cr_assert_eq(rc, -EIO);
+    cr_assert_eq(coord_store_failed(s), 1);
+    cr_assert_eq(coord_store_errcode(s) & 0xff, SQLITE_IOERR, "%s", coord_store_errmsg(s));
+    cr_assert_not_null(strstr(coord_store_errmsg(s), "in INSERT INTO jobs"), "%s",
+                       coord_store_errmsg(s));
+    cr_assert_eq(coord_store_flush(s), -EIO, "half a turn is never committed");
+    coord_store_close(s);
+    free(spec);
+
+    s = open_store();
+    cr_assert_eq(count_jobs(s), 1);
     coord_store_close(s);
 }
 
@@ -572,5 +721,254 @@ Test(store, checkpoints_and_their_shards)
     cr_assert_eq(step, 10, "step 20 is not complete");
     cr_assert_str_eq(dir, "/ck/job-7/step-00000010");
     cr_assert_eq(coord_store_last_checkpoint(s, 8, &step, dir, sizeof(dir)), -ENOENT);
+    coord_store_close(s);
+}
+
+/* ---- per-step aggregates (job_steps) and metrics retention ----------------- */
+
+#define AGG_MAX_STEPS 16
+
+/* What coord_store_job_steps_each gave, or the GROUP BY over metrics rows
+ * that it stands for, by step. */
+struct agg_seen {
+    int n;
+    struct coord_step_metric m[AGG_MAX_STEPS];
+    int reports[AGG_MAX_STEPS];
+};
+
+static int see_step(const struct coord_step_metric *m, int reports, void *arg)
+{
+    struct agg_seen *seen = arg;
+
+    cr_assert_lt(seen->n, AGG_MAX_STEPS);
+    seen->m[seen->n] = *m;
+    seen->reports[seen->n++] = reports;
+    return 0;
+}
+
+/* The aggregates status read before schema 5, straight from the rows. */
+static void group_by_rows(sqlite3 *db, uint64_t job_id, struct agg_seen *out)
+{
+    const char *sql =
+        "SELECT step, MAX(loss), MAX(step_ms), MIN(tokens_per_s), MAX(compute_ms), MAX(wait_ms),"
+        " COUNT(*), SUM(comm_ms), SUM(hidden_comm_ms), MAX(sync_ms), MAX(f_ms), MAX(b_ms),"
+        " MAX(i_ms), MAX(w_ms), MAX(fb_ms), MAX(tokens) FROM metrics WHERE job_id = ?1"
+        " GROUP BY step ORDER BY step";
+    sqlite3_stmt *st;
+
+    cr_assert_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK, "%s", sqlite3_errmsg(db));
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
+    out->n = 0;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        struct coord_step_metric m = {
+            .step = (uint64_t)sqlite3_column_int64(st, 0),
+            .loss = sqlite3_column_double(st, 1),
+            .step_ms = sqlite3_column_double(st, 2),
+            .tokens_per_s = sqlite3_column_double(st, 3),
+            .compute_ms = sqlite3_column_double(st, 4),
+            .wait_ms = sqlite3_column_double(st, 5),
+            .comm_ms = sqlite3_column_double(st, 7),
+            .hidden_comm_ms = sqlite3_column_double(st, 8),
+            .sync_ms = sqlite3_column_double(st, 9),
+            .f_ms = sqlite3_column_double(st, 10),
+            .b_ms = sqlite3_column_double(st, 11),
+            .i_ms = sqlite3_column_double(st, 12),
+            .w_ms = sqlite3_column_double(st, 13),
+            .fb_ms = sqlite3_column_double(st, 14),
+            .tokens = (uint64_t)sqlite3_column_int64(st, 15),
+        };
+        see_step(&m, sqlite3_column_int(st, 6), out);
+    }
+    sqlite3_finalize(st);
+}
+
+/* Field by field (the test's values are no NaNs or negative zeros). */
+static int same_metric(const struct coord_step_metric *a, const struct coord_step_metric *b)
+{
+    return a->step == b->step && a->loss == b->loss && a->step_ms == b->step_ms &&
+           a->tokens_per_s == b->tokens_per_s && a->compute_ms == b->compute_ms &&
+           a->wait_ms == b->wait_ms && a->comm_ms == b->comm_ms &&
+           a->hidden_comm_ms == b->hidden_comm_ms && a->sync_ms == b->sync_ms &&
+           a->f_ms == b->f_ms && a->b_ms == b->b_ms && a->i_ms == b->i_ms && a->w_ms == b->w_ms &&
+           a->fb_ms == b->fb_ms && a->tokens == b->tokens;
+}
+
+/* The same steps with the same figures (the test's values are sums of
+ * eighths: every sum is exact in any order). */
+static void assert_same_steps(const struct agg_seen *a, const struct agg_seen *b)
+{
+    cr_assert_eq(a->n, b->n, "%d steps, expected %d", a->n, b->n);
+    for (int i = 0; i < a->n; i++) {
+        cr_assert_eq(a->reports[i], b->reports[i], "step %d", i);
+        cr_assert(same_metric(&a->m[i], &b->m[i]),
+                  "step %llu: loss %g/%g step_ms %g/%g comm %g/%g reports %d",
+                  (unsigned long long)a->m[i].step, a->m[i].loss, b->m[i].loss, a->m[i].step_ms,
+                  b->m[i].step_ms, a->m[i].comm_ms, b->m[i].comm_ms, a->reports[i]);
+    }
+}
+
+/* A report with every figure drawn from seed, in eighths. */
+static struct coord_step_metric agg_metric(uint64_t step, unsigned seed)
+{
+    unsigned x = seed * 2654435761u + (unsigned)step * 40503u;
+    struct coord_step_metric m = {.step = step};
+    double *f[] = {&m.loss,    &m.step_ms,        &m.tokens_per_s, &m.compute_ms, &m.wait_ms,
+                   &m.comm_ms, &m.hidden_comm_ms, &m.sync_ms,      &m.f_ms,       &m.b_ms,
+                   &m.i_ms,    &m.w_ms,           &m.fb_ms};
+
+    for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) {
+        x = x * 1103515245u + 12345u;
+        *f[i] = (double)((x >> 8) % 4096) / 8.0;
+    }
+    m.tokens = (x >> 4) % 100000;
+    return m;
+}
+
+static void assert_steps_match_rows(coord_store_t *s, uint64_t job_id)
+{
+    struct agg_seen got = {0}, want = {0};
+    sqlite3 *db;
+
+    cr_assert_eq(coord_store_flush(s), 0);
+    cr_assert_eq(coord_store_job_steps_each(s, job_id, see_step, &got), 0);
+    db = peek_open();
+    group_by_rows(db, job_id, &want);
+    sqlite3_close(db);
+    assert_same_steps(&got, &want);
+}
+
+/* Reports folded one by one, reports replaced (sent again with other
+ * figures: a step run again) and two jobs: the aggregates are what a GROUP
+ * BY over the rows gives. */
+Test(store, step_aggregates_follow_the_metrics_rows)
+{
+    coord_store_t *s = open_store();
+    char worker[16];
+
+    for (int round = 0; round < 2; round++)
+        for (uint64_t step = 1; step <= 6; step++)
+            for (int r = 5; r >= 0; r--) {
+                struct coord_step_metric m = agg_metric(step, (unsigned)(r + 10 * round));
+
+                if (round == 1 && (step + (uint64_t)r) % 3)
+                    continue; /* some ranks report again */
+                snprintf(worker, sizeof(worker), "w%d", r);
+                cr_assert_eq(coord_store_metric(s, 7, worker, 1000, &m), 0);
+                m = agg_metric(step, (unsigned)r + 77);
+                cr_assert_eq(coord_store_metric(s, 8, worker, 1000, &m), 0);
+            }
+    assert_steps_match_rows(s, 7);
+    assert_steps_match_rows(s, 8);
+    {
+        struct agg_seen got = {0};
+        cr_assert_eq(coord_store_job_steps_each(s, 7, see_step, &got), 0);
+        cr_assert_eq(got.n, 6);
+        cr_assert_eq(got.reports[0], 6, "a report replaced is not counted twice");
+    }
+    coord_store_close(s);
+}
+
+/* A database of schema 4 (metrics rows, no job_steps) is migrated: its
+ * history is aggregated from the rows it has. */
+Test(store, migration_aggregates_existing_metrics)
+{
+    coord_store_t *s = open_store();
+    struct agg_seen before = {0};
+    sqlite3 *db;
+
+    for (uint64_t step = 1; step <= 9; step++)
+        for (int r = 0; r < 4; r++) {
+            struct coord_step_metric m = agg_metric(step, (unsigned)r);
+            char worker[16];
+
+            snprintf(worker, sizeof(worker), "w%d", r);
+            cr_assert_eq(coord_store_metric(s, 3, worker, 1000, &m), 0);
+        }
+    cr_assert_eq(coord_store_flush(s), 0);
+    cr_assert_eq(coord_store_job_steps_each(s, 3, see_step, &before), 0);
+    coord_store_close(s);
+    /* back to what schema 4 had */
+    db = peek_open();
+    cr_assert_eq(
+        sqlite3_exec(db, "DROP TABLE job_steps; PRAGMA user_version = 4", NULL, NULL, NULL),
+        SQLITE_OK, "%s", sqlite3_errmsg(db));
+    sqlite3_close(db);
+
+    s = open_store();
+    cr_assert_eq(coord_store_schema_version(s), 5);
+    {
+        struct agg_seen after = {0};
+        cr_assert_eq(coord_store_job_steps_each(s, 3, see_step, &after), 0);
+        cr_assert_eq(after.n, 9);
+        assert_same_steps(&after, &before);
+    }
+    assert_steps_match_rows(s, 3);
+    coord_store_close(s);
+}
+
+/* Expired rows are deleted and their steps' aggregates kept; a step run
+ * again after its rows expired starts its aggregates anew. */
+Test(store, expired_metrics_keep_their_aggregates)
+{
+    coord_store_t *s = open_store();
+    struct agg_seen before = {0}, after = {0};
+    struct coord_step_metric m, had;
+    sqlite3 *db;
+
+    for (uint64_t step = 1; step <= 5; step++)
+        for (int r = 0; r < 3; r++) {
+            char worker[16];
+
+            snprintf(worker, sizeof(worker), "w%d", r);
+            m = agg_metric(step, (unsigned)r);
+            cr_assert_eq(coord_store_metric(s, 4, worker, 1000, &m), 0);
+            cr_assert_eq(coord_store_metric(s, 5, worker, 1000, &m), 0);
+        }
+    cr_assert_eq(coord_store_job_steps_each(s, 4, see_step, &before), 0);
+    cr_assert_eq(coord_store_metrics_expire(s, 4, 3), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+    db = peek_open();
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM metrics WHERE job_id = 4"), 2 * 3);
+    cr_assert_eq(peek_int(db, "SELECT min(step) FROM metrics WHERE job_id = 4"), 4);
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM metrics WHERE job_id = 5"), 5 * 3,
+                 "another job's rows stay");
+    cr_assert_eq(peek_int(db, "SELECT count(*) FROM job_steps WHERE expired != 0"), 3);
+    sqlite3_close(db);
+    cr_assert_eq(coord_store_metric_get(s, 4, "w1", 3, &had), -ENOENT);
+    cr_assert_eq(coord_store_metric_get(s, 4, "w1", 4, &had), 0);
+    cr_assert_eq(coord_store_job_steps_each(s, 4, see_step, &after), 0);
+    assert_same_steps(&after, &before);
+    /* expiring again deletes nothing more */
+    cr_assert_eq(coord_store_metrics_expire(s, 4, 3), 0);
+    /* step 2 runs again (a recovery from step 1): its aggregates start anew
+     * from the new rows, a replaced row is folded in once */
+    m = agg_metric(2, 40);
+    cr_assert_eq(coord_store_metric(s, 4, "w0", 2000, &m), 0);
+    after.n = 0;
+    cr_assert_eq(coord_store_job_steps_each(s, 4, see_step, &after), 0);
+    cr_assert_eq(after.n, 5);
+    cr_assert_eq(after.reports[1], 1);
+    cr_assert(same_metric(&after.m[1], &m), "only the new report counts");
+    cr_assert_eq(after.reports[0], 3);
+    cr_assert(same_metric(&after.m[0], &before.m[0]), "step 1 is as it was");
+    m = agg_metric(2, 41);
+    cr_assert_eq(coord_store_metric(s, 4, "w1", 2000, &m), 0);
+    m = agg_metric(2, 42);
+    cr_assert_eq(coord_store_metric(s, 4, "w1", 2000, &m), 0);
+    {
+        struct agg_seen rows = {0};
+        after.n = 0;
+        cr_assert_eq(coord_store_flush(s), 0);
+        cr_assert_eq(coord_store_job_steps_each(s, 4, see_step, &after), 0);
+        db = peek_open();
+        group_by_rows(db, 4, &rows);
+        sqlite3_close(db);
+        cr_assert_eq(rows.n, 3, "steps 2, 4 and 5 have rows");
+        cr_assert_eq(after.reports[1], 2);
+        cr_assert(same_metric(&after.m[1], &rows.m[0]));
+        /* the steps not run again are as they were */
+        for (int i = 2; i < 5; i++)
+            cr_assert(same_metric(&after.m[i], &before.m[i]), "step %d", i + 1);
+    }
     coord_store_close(s);
 }

@@ -164,7 +164,7 @@ int wk_model_stage_init(struct wk_model *m, const struct wk_model_config *cfg, u
     }
     if (flags & WK_MODEL_HAS_EMBED) {
         rc = wk_embed_init(&m->embed, cfg->vocab, d, s, WK_MODEL_STREAM_EMBED, WK_INIT_STD);
-        if (rc < 0)
+        if (rc < 0 || (rc = wk_stopped() ? -ECANCELED : 0) < 0)
             goto fail;
     }
     for (int i = 0; i < last - first; i++) {
@@ -177,14 +177,14 @@ int wk_model_stage_init(struct wk_model *m, const struct wk_model_config *cfg, u
         if (rc < 0)
             goto fail;
         rc = wk_moe_init(&ly->moe, &mc, s, base + WK_MODEL_STREAM_MOE);
-        if (rc < 0)
+        if (rc < 0 || (rc = wk_stopped() ? -ECANCELED : 0) < 0)
             goto fail;
     }
     if (flags & WK_MODEL_HAS_HEAD) {
         if ((rc = wk_rmsnorm_init(&m->norm_f, d)) < 0)
             goto fail;
         rc = wk_head_init(&m->head, d, cfg->vocab, s, WK_MODEL_STREAM_HEAD, WK_INIT_STD);
-        if (rc < 0)
+        if (rc < 0 || (rc = wk_stopped() ? -ECANCELED : 0) < 0)
             goto fail;
     }
     if ((rc = build_params(m)) < 0)
@@ -410,6 +410,9 @@ int wk_model_forward(struct wk_model *m, struct wk_model_cache *c, const int32_t
         struct wk_model_layer *ly = &m->layer[i];
         float *x = c->act[i].data, *mid = c->mid[i].data, *y = c->act[i + 1].data;
 
+        if (wk_stopped())
+            return -ECANCELED;
+
         if ((rc = wk_rmsnorm_forward(&ly->norm1, &c->n1[i], x, c->h.data, rows)) < 0)
             return rc;
         wk_attn_forward(&ly->attn, &c->attn[i], c->h.data, c->t.data);
@@ -449,6 +452,8 @@ int wk_model_backward_input(struct wk_model *m, struct wk_model_cache *c, const 
     for (int i = L - 1; i >= 0; i--) {
         struct wk_model_layer *ly = &m->layer[i];
 
+        if (wk_stopped())
+            return -ECANCELED;
         /* y = mid + moe(norm2(mid)) */
         if ((rc = moe_backward_input(m, c, i, g, h)) < 0)
             return rc;
@@ -471,6 +476,8 @@ int wk_model_backward_weight(struct wk_model *m, struct wk_model_cache *c)
     if (m->flags & WK_MODEL_HAS_HEAD)
         wk_head_backward_weight(&m->head, &c->head);
     for (int i = L - 1; i >= 0; i--) {
+        if (wk_stopped())
+            return -ECANCELED;
         if ((rc = moe_backward_weight(m, c, i)) < 0)
             return rc;
         wk_attn_backward_weight(&m->layer[i].attn, &c->attn[i]);

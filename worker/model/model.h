@@ -137,8 +137,10 @@ struct wk_model_cache {
 /* 0, or -EINVAL with a reason in err for a shape the layers cannot take. */
 int wk_model_config_check(const struct wk_model_config *cfg, char *err, size_t errlen);
 
-/* The stage of layers [first, last) with flags WK_MODEL_HAS_*. 0, -EINVAL or
- * -ENOMEM (nothing is left allocated on error). */
+/* The stage of layers [first, last) with flags WK_MODEL_HAS_*. 0, -EINVAL,
+ * -ENOMEM, or -ECANCELED when the thread's stop flag was set (wk_set_stop;
+ * forward and backward check it between layers too); nothing is left
+ * allocated on error. */
 int wk_model_stage_init(struct wk_model *m, const struct wk_model_config *cfg, uint64_t seed,
                         int first, int last, int flags);
 /* The whole model: the stage [0, layers) with the embedding and the head. */

@@ -11,6 +11,7 @@
 
 #include "kernels/ref.h"
 #include "worker/model/rng.h"
+#include "worker/model/tensor.h"
 
 /* C[M][N] = alpha op(A) op(B) + beta C, row-major; empty shapes are no-ops
  * (an empty inner dimension with beta 0 clears C). */
@@ -69,8 +70,11 @@ static void fill_normal(float *w, size_t n, float std, uint64_t seed, uint64_t s
 {
     struct wk_rng r = wk_rng_stream(seed, stream);
 
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
+        if (i % WK_STOP_POLL == WK_STOP_POLL - 1 && wk_stopped())
+            return;
         w[i] = wk_rng_normal(&r) * std;
+    }
 }
 
 void wk_moe_free(struct wk_moe *m)

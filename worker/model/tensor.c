@@ -47,8 +47,23 @@ void wk_mat_fill_normal(struct wk_mat *m, uint64_t seed, uint64_t stream, float 
     struct wk_rng r = wk_rng_stream(seed, stream);
     size_t n = wk_mat_size(m);
 
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
+        if (i % WK_STOP_POLL == WK_STOP_POLL - 1 && wk_stopped())
+            return;
         m->data[i] = wk_rng_normal(&r) * std;
+    }
+}
+
+static _Thread_local const atomic_bool *stop_flag;
+
+void wk_set_stop(const atomic_bool *stop)
+{
+    stop_flag = stop;
+}
+
+bool wk_stopped(void)
+{
+    return stop_flag && atomic_load(stop_flag);
 }
 
 void wk_mat_fill(struct wk_mat *m, float value)

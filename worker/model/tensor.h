@@ -16,6 +16,8 @@
 #ifndef WK_TENSOR_H
 #define WK_TENSOR_H
 
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -38,6 +40,16 @@ void wk_mat_zero(struct wk_mat *m);
  * row-major order, so the values depend on (seed, stream, shape) only. */
 void wk_mat_fill_normal(struct wk_mat *m, uint64_t seed, uint64_t stream, float std);
 void wk_mat_fill(struct wk_mat *m, float value);
+
+/* A stop flag for the calling thread (NULL: none). Long work polls it: the
+ * weight fills (every WK_STOP_POLL values, leaving the rest unfilled), the
+ * model's initialisation, forward and backward (between layers), which
+ * then fail with -ECANCELED. The runtime sets its abort flag here, so that
+ * an abort takes effect within one layer's GEMMs, not after a whole stage
+ * is built or a whole op run. */
+#define WK_STOP_POLL (1u << 20)
+void wk_set_stop(const atomic_bool *stop);
+bool wk_stopped(void);
 
 /* y[n][out] = x[n][in] W[out][in]^T + beta * y. */
 void wk_gemm_xwt(const float *x, const float *w, float *y, int n, int in, int out, float beta);

@@ -1,0 +1,162 @@
+"""duplexd's loop under its own lateness (issue 15): a loop that was late
+never declares anyone lost for it, it measures its own latency, and
+heartbeats stay out of the database.
+
+The attacks: stop duplexd (SIGSTOP, as a VM pause, a swap storm or a
+callback stuck for seconds would) for several dead-after periods while its
+workers keep heartbeating; then let it go on. Before the fix its first
+sweep, which runs before the heartbeats queued meanwhile are read, declared
+every worker lost.
+"""
+import json
+import signal
+import time
+
+import zmq
+
+from conftest import (MsgType, bytes_field, decode_envelope, decode_error, envelope,
+                      parse_fields, poll_until, varint_field)
+
+
+def start_fleet(cluster, n):
+    cluster.start_duplexd()
+    for i in range(n):
+        cluster.start_worker(f"w{i}", i)
+    cluster.wait_states({f"w{i}": "alive" for i in range(n)})
+
+
+def test_a_stopped_duplexd_loses_nobody(cluster):
+    start_fleet(cluster, 3)
+    pause_s = 3 * cluster.dead_after_ms / 1000
+    cluster.duplexd.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(pause_s)
+    finally:
+        cluster.duplexd.send_signal(signal.SIGCONT)
+    # two dead-after periods after it resumed: a worker it really lost
+    # would be declared by now, and the workers are still heartbeating
+    time.sleep(2 * cluster.dead_after_ms / 1000)
+    assert cluster.events("lost") == [], cluster.log_tails()
+    assert {w: v["state"] for w, v in cluster.workers().items()} == \
+        {"w0": "alive", "w1": "alive", "w2": "alive"}
+    assert "late" in cluster.duplexd.log_text(), "the stall is not logged"
+
+
+def test_a_killed_worker_is_still_lost_after_a_stall(cluster):
+    """The stall's grace does not hide a real death."""
+    start_fleet(cluster, 2)
+    cluster.duplexd.send_signal(signal.SIGSTOP)
+    try:
+        cluster.worker_procs["w1"].kill9()
+        time.sleep(2 * cluster.dead_after_ms / 1000)
+    finally:
+        cluster.duplexd.send_signal(signal.SIGCONT)
+    cluster.wait_states({"w0": "alive", "w1": "lost"})
+    assert [e["worker_id"] for e in cluster.events("lost")] == ["w1"]
+
+
+def test_status_json_shows_the_loop_latency(cluster):
+    start_fleet(cluster, 1)
+    cluster.duplexd.send_signal(signal.SIGSTOP)
+    time.sleep(1.0)
+    cluster.duplexd.send_signal(signal.SIGCONT)
+
+    def loop():
+        doc = json.loads(cluster.ctl("status", "--json").stdout)
+        stats = doc["duplexd"]["loop"]
+        return stats if stats["late_ms_max"] >= 500 else None
+    stats = poll_until(loop, what="the pause to show as lateness")
+    assert stats["turns"] > 0
+    assert sum(b["turns"] for b in stats["busy_histogram"]) == stats["turns"]
+    bounds = [b["le_us"] for b in stats["busy_histogram"]]
+    assert bounds[-1] is None, "the last bucket is unbounded"
+    assert bounds[:-1] == sorted(bounds[:-1]) and bounds[0] > 0
+    assert stats["late_count"] >= 1 and stats["late_ms_total"] >= stats["late_ms_max"]
+    assert stats["busy_us_max"] >= 0
+
+
+def test_heartbeats_stay_out_of_the_database(cluster):
+    """Liveness lives in memory: idle heartbeats do not rewrite the
+    worker's row (a coarse last-seen does, every 30 s)."""
+    start_fleet(cluster, 1)
+    first = cluster.db_query("SELECT last_heartbeat_ms FROM workers WHERE id = 'w0'")
+    time.sleep(10 * cluster.heartbeat_ms / 1000)
+    later = cluster.db_query("SELECT last_heartbeat_ms FROM workers WHERE id = 'w0'")
+    age = cluster.workers()["w0"]["heartbeat_age_ms"]
+    assert 0 <= age < 5 * cluster.heartbeat_ms, "duplexctl workers shows the live heartbeat"
+    assert later == first, "every heartbeat still writes the database"
+
+
+def test_a_huge_dry_run_is_refused_before_it_starts(cluster, tmp_path):
+    """`submit --dry-run` of dualpipe pp 128 with 65,536 micro-batches used
+    to simulate inside the loop for 9 s: workers were lost, a finished job
+    failed. Now the spec is refused, naming the budget, before any work."""
+    start_fleet(cluster, 2)
+    spec = tmp_path / "huge.json"
+    spec.write_text(json.dumps({
+        "name": "huge", "backend": "sim", "model": {"layers": 256, "experts": 4},
+        "parallel": {"schedule": "dualpipe", "pp": 128, "microbatches": 65536},
+        "sim": {"f": 1, "b": 1, "w": 1, "fb": 2}}))
+    started = time.monotonic()
+    result = cluster.ctl("submit", spec, "--dry-run")
+    took = time.monotonic() - started
+    assert result.returncode != 0, result.stdout
+    assert "simulation budget" in result.stderr and "8388608" in result.stderr, result.stderr
+    assert took < 5, f"refusing took {took:.1f} s"
+    late = json.loads(cluster.ctl("status", "--json").stdout)["duplexd"]["loop"]
+    assert late["late_count"] == 0, late
+    assert cluster.events("lost") == []
+
+
+def test_workers_come_in_pages(cluster):
+    """20,000 workers made a 41.6 MB reply, over duplexctl's 4 MiB limit:
+    `workers` never answered. Replies are pages now; duplexctl asks for
+    every page."""
+    start_fleet(cluster, 3)
+    sock = cluster.curve_socket(zmq.Context.instance().socket(zmq.DEALER))
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.addr)
+    try:
+        def page(after, limit):
+            sock.send(envelope(MsgType.LIST_WORKERS,
+                               bytes_field(1, after.encode()) + varint_field(2, limit),
+                               request_id=7))
+            assert sock.poll(10000, zmq.POLLIN), "no reply"
+            reply = decode_envelope(sock.recv())
+            assert reply.type == MsgType.LIST_WORKERS_REPLY, reply
+            f = parse_fields(reply.body)
+            ids = [parse_fields(w)[1][-1].decode() for w in f.get(1, [])]
+            return ids, f.get(2, [b""])[-1].decode(), f.get(3, [0])[-1]
+        assert page("", 2) == (["w0", "w1"], "w1", 3)
+        assert page("w1", 2) == (["w2"], "", 3)
+        assert page("w2", 2) == ([], "", 3)
+        assert page("", 0) == (["w0", "w1", "w2"], "", 3)
+        # a bad bound is refused, naming the field
+        sock.send(envelope(MsgType.LIST_WORKERS, bytes_field(1, b"w\n1"), request_id=8))
+        assert sock.poll(10000, zmq.POLLIN)
+        reply = decode_envelope(sock.recv())
+        assert reply.type == MsgType.ERROR and "after_id" in decode_error(reply.body).text
+    finally:
+        sock.close(linger=0)
+    listed = json.loads(cluster.ctl("workers", "--json", "--page", "1").stdout)["workers"]
+    assert [w["id"] for w in listed] == ["w0", "w1", "w2"]
+
+
+def test_gone_workers_can_be_forgotten(cluster):
+    """Registered workers were kept forever. An operator forgets a gone one
+    (a live one is refused); its events stay; it may come back as new."""
+    start_fleet(cluster, 2)
+    alive = cluster.ctl("workers", "forget", "w0")
+    assert alive.returncode == 1 and "alive" in alive.stderr, alive.stderr
+    cluster.worker_procs["w1"].terminate()
+    cluster.wait_states({"w1": "left"})
+    result = cluster.ctl("workers", "forget", "w1")
+    assert result.returncode == 0 and "w1 forgotten" in result.stdout, result.stderr
+    assert set(cluster.workers()) == {"w0"}
+    assert cluster.db_query("SELECT count(*) FROM workers WHERE id = 'w1'") == [(0,)]
+    assert [e["kind"] for e in cluster.events(worker_id="w1")][-1] == "forgotten"
+    assert cluster.ctl("workers", "forget", "w1").returncode == 1  # no such worker now
+    reader = cluster.ctl("workers", "forget", "w0", key=cluster.reader_key)
+    assert reader.returncode == 1 and "FORBIDDEN" in reader.stderr, reader.stderr
+    cluster.start_worker("w1", 1)
+    assert [e["kind"] for e in cluster.events(worker_id="w1")][-1] == "registered"
