@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <uthash.h>
 
 #include "common/ckpt.h"
 #include "common/clock.h"
@@ -35,9 +36,10 @@ struct job_rank {
     double tokens;       /* tokens its experts took in that step */
     int reported_tokens; /* whether it reports expert tokens at all */
     int acked;
-    int done;    /* stopped (or never started, or abandoned): nothing more to wait for */
-    int lost;    /* its worker was lost while it ran: it may still run, unconfirmed */
-    int resumed; /* held again after duplexd restarted: it may have reported beyond step */
+    int done;          /* stopped (or never started, or abandoned): nothing more to wait for */
+    int lost;          /* its worker was lost while it ran: it may still run, unconfirmed */
+    int resumed;       /* held again after duplexd restarted: it may have reported beyond step */
+    UT_hash_handle hh; /* coord_job.by_worker */
 };
 
 struct coord_job {
@@ -50,6 +52,9 @@ struct coord_job {
     int64_t submitted_ms, started_ms, finished_ms;
     uint32_t attempt;
     struct job_rank *ranks;
+    struct job_rank *by_worker; /* the ranks by worker id (rank_index) */
+    uint64_t min_step;          /* the least step of any rank ... */
+    int at_min;                 /* ... and how many ranks are at it */
     int nranks, acks, dones;
     int64_t placed_mono; /* when the assignments went out */
     int *slot_expert;    /* [ep][slots per GPU]: logical expert of each slot */
@@ -165,6 +170,7 @@ static void job_free(struct coord_job *j)
     if (!j)
         return;
     free(j->spec_json);
+    HASH_CLEAR(hh, j->by_worker);
     free(j->ranks);
     free(j->slot_expert);
     free(j->expert_load);
@@ -196,10 +202,47 @@ static struct coord_job *job_find(coord_jobs_t *jobs, uint64_t id)
 
 static struct job_rank *rank_of(struct coord_job *j, const char *worker_id)
 {
-    for (int i = 0; j && i < j->nranks; i++)
-        if (strcmp(j->ranks[i].worker_id, worker_id) == 0)
-            return &j->ranks[i];
-    return NULL;
+    struct job_rank *r = NULL;
+
+    if (j)
+        HASH_FIND_STR(j->by_worker, worker_id, r);
+    return r;
+}
+
+/* The least step of any rank and how many are at it: a walk over the
+ * ranks, done when the ranks are set and when the last rank at the least
+ * step moves on (once per step), so a report costs O(1). */
+static void rank_count_min(struct coord_job *j)
+{
+    j->min_step = UINT64_MAX;
+    j->at_min = 0;
+    for (int i = 0; i < j->nranks; i++) {
+        if (j->ranks[i].step < j->min_step) {
+            j->min_step = j->ranks[i].step;
+            j->at_min = 0;
+        }
+        j->at_min += j->ranks[i].step == j->min_step;
+    }
+}
+
+/* The ranks were (re)set: index them by worker id, count the least step. */
+static void rank_index(struct coord_job *j)
+{
+    HASH_CLEAR(hh, j->by_worker);
+    for (int i = 0; i < j->nranks; i++)
+        HASH_ADD_STR(j->by_worker, worker_id, &j->ranks[i]);
+    rank_count_min(j);
+}
+
+static void rank_set_step(struct coord_job *j, struct job_rank *r, uint64_t step)
+{
+    if (r->step == step)
+        return;
+    if (r->step == j->min_step)
+        j->at_min--;
+    r->step = step;
+    if (step < j->min_step || j->at_min <= 0)
+        rank_count_min(j);
 }
 
 static int job_add(coord_jobs_t *jobs, struct coord_job *j)
@@ -476,6 +519,7 @@ static void job_resume(coord_jobs_t *jobs, struct coord_job *j, struct jnow now)
 {
     int need = coord_jobspec_workers(&j->spec), running = j->state == COORD_JOB_RUNNING;
 
+    HASH_CLEAR(hh, j->by_worker);
     free(j->ranks);
     j->nranks = 0;
     j->ranks = calloc((size_t)need, sizeof(*j->ranks));
@@ -496,6 +540,7 @@ static void job_resume(coord_jobs_t *jobs, struct coord_job *j, struct jnow now)
         if (w && j->state != COORD_JOB_RECOVERING)
             w->assigned_job = j->id;
     }
+    rank_index(j);
     j->acks = running ? j->nranks : 0;
     j->placed_mono = j->progress_mono = now.mono;
     j->failed_mono = j->recover_at_mono = now.mono;
@@ -760,6 +805,7 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
                       err);
         goto out;
     }
+    HASH_CLEAR(hh, j->by_worker);
     free(j->ranks);
     j->nranks = pp * ep * dp;
     j->ranks = calloc((size_t)j->nranks, sizeof(*j->ranks));
@@ -781,6 +827,7 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
                 j->ranks[i].step = j->resume_step;
                 w->assigned_job = j->id;
             }
+    rank_index(j);
     free(j->slot_expert);
     j->slots_per_gpu = experts.replicas / ep;
     j->slot_expert = malloc((size_t)experts.replicas * sizeof(int));
@@ -1535,14 +1582,14 @@ int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex
         .fb_ms = m->fb_ms,
         .tokens = m->tokens,
     };
-    uint64_t min = UINT64_MAX;
+    uint64_t min;
     int rc = job_sender(jobs, j, worker_id, m->attempt, "StepReport", &r);
 
     if (rc != 0)
         return rc < 0 ? rc : 0; /* an earlier attempt's */
     if ((rc = report_check(jobs, j, r, worker_id, m)) < 0 || rc == REPORT_COUNTED)
         return rc < 0 ? rc : 0;
-    r->step = m->step;
+    rank_set_step(j, r, m->step);
     if (rc == REPORT_RECORDED)
         goto progress; /* counted before duplexd restarted: only the rank's step moves */
     if (j->await_first_step && m->step > j->resume_step) {
@@ -1576,8 +1623,7 @@ int coord_jobs_on_report(coord_jobs_t *jobs, const char *worker_id, const Duplex
     if (m->checkpoint_file[0])
         job_checkpoint_shard(jobs, j, worker_id, m, now_wall);
 progress:
-    for (int i = 0; i < j->nranks; i++)
-        min = j->ranks[i].step < min ? j->ranks[i].step : min;
+    min = j->min_step;
     if (min != j->step && min != UINT64_MAX) {
         if (min > j->step && j->progress_mono && j->step > j->resume_step) {
             double dt = (double)(now_mono - j->progress_mono) / (double)(min - j->step);

@@ -194,7 +194,8 @@ int ctl_workers_fetch(ctl_client_t *c, unsigned page, struct ctl_workers *out, c
             goto fail;
         }
         out->workers = all;
-        memcpy(all + out->n, r->workers, r->n_workers * sizeof(*all));
+        if (r->n_workers)
+            memcpy(all + out->n, r->workers, r->n_workers * sizeof(*all));
         out->n += r->n_workers;
         if (!r->next_after_id[0])
             return 0;

@@ -287,6 +287,12 @@ static void agent_send_kept(wk_agent_t *a, Duplex__MsgType type, const ProtobufC
         a->outbox_cap = cap;
     }
     a->outbox[a->outbox_n++] = e;
+    /* while registering, kept only: the RegisterAck sends the outbox in
+     * order. Sent now, it could reach duplexd right after our Register and
+     * before the older reports the ack resends, which duplexd then refuses
+     * as already passed. */
+    if (!a->registered)
+        return;
     if (zmq_send(a->dealer, e.buf, e.len, ZMQ_DONTWAIT) < 0) /* kept: sent again later */
         dx_debug("%s not sent now: %s", dx_msg_type_name(type), zmq_strerror(errno));
 }
