@@ -694,6 +694,8 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
     int32_t *slots = calloc((size_t)per_gpu + 1, sizeof(int32_t));
     int E = j->spec.model.experts;
     int32_t *owner = calloc((size_t)E + 1, sizeof(int32_t));
+    uint8_t *tail = NULL;
+    size_t tail_len = 0;
 
     if (!peers || !peer_ptrs || !slots || !owner)
         goto out;
@@ -713,6 +715,18 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
         peers[i].node = w && w->node ? w->node : "";
         peers[i].gpu = w ? w->gpu : 0;
         peer_ptrs[i] = &peers[i];
+    }
+    if (jobs->io.send_tail) {
+        /* every rank's peer list is the same: packed once (an Assignment
+         * with only peers set packs to exactly that field) */
+        Duplex__Assignment only = DUPLEX__ASSIGNMENT__INIT;
+
+        only.peers = peer_ptrs;
+        only.n_peers = (size_t)j->nranks;
+        tail_len = duplex__assignment__get_packed_size(&only);
+        if (!(tail = malloc(tail_len ? tail_len : 1)))
+            goto out;
+        duplex__assignment__pack(&only, tail);
     }
     rc = 0;
     for (int i = 0; i < j->nranks; i++) {
@@ -740,8 +754,8 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
         a.cost_b_ms = j->spec.sim.b;
         a.cost_w_ms = j->spec.sim.w;
         a.cost_fb_ms = j->spec.sim.fb;
-        a.peers = peer_ptrs;
-        a.n_peers = (size_t)j->nranks;
+        a.peers = tail ? NULL : peer_ptrs;
+        a.n_peers = tail ? 0 : (size_t)j->nranks;
         a.checkpoint = j->resume_dir;
         a.spec_json = j->spec_json;
         a.expert_owner = owner;
@@ -750,13 +764,16 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
             a.nccl_id.data = j->nccl_id;
             a.nccl_id.len = sizeof(j->nccl_id);
         }
-        if (jobs->io.send(jobs->io.arg, j->ranks[i].worker_id, DUPLEX__MSG_TYPE__MSG_ASSIGNMENT,
-                          &a.base) < 0) {
+        if ((tail ? jobs->io.send_tail(jobs->io.arg, j->ranks[i].worker_id,
+                                       DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, &a.base, tail, tail_len)
+                  : jobs->io.send(jobs->io.arg, j->ranks[i].worker_id,
+                                  DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, &a.base)) < 0) {
             rc = -EHOSTUNREACH;
             break;
         }
     }
 out:
+    free(tail);
     free(owner);
     free(slots);
     free(peer_ptrs);

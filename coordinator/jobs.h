@@ -100,6 +100,11 @@ int coord_job_transition_allowed(enum coord_job_state from, enum coord_job_state
 struct coord_jobs_io {
     int (*send)(void *arg, const char *worker_id, Duplex__MsgType type,
                 const ProtobufCMessage *body);
+    /* optional: send with pre-packed fields of body's type appended
+     * (dx_env_encode_tail): a job's peer list, packed once for all its
+     * Assignments instead of once per rank */
+    int (*send_tail)(void *arg, const char *worker_id, Duplex__MsgType type,
+                     const ProtobufCMessage *body, const uint8_t *tail, size_t tail_len);
     void *arg;
 };
 

@@ -538,6 +538,20 @@ static int server_send_worker(void *arg, const char *worker_id, Duplex__MsgType 
     return dx_wire_send(s->router, w->routing_id, w->routing_len, type, 0, body);
 }
 
+/* The same with a pre-packed tail (a job's peer list, jobs module I/O). */
+static int server_send_worker_tail(void *arg, const char *worker_id, Duplex__MsgType type,
+                                   const ProtobufCMessage *body, const uint8_t *tail,
+                                   size_t tail_len)
+{
+    coord_server_t *s = arg;
+    struct coord_worker *w = coord_registry_find(s->reg, worker_id);
+
+    if (!w || w->state != COORD_WORKER_ALIVE || w->routing_len == 0)
+        return -EHOSTUNREACH;
+    return dx_wire_send_tail(s->router, w->routing_id, w->routing_len, type, 0, body, tail,
+                             tail_len);
+}
+
 /* Jobs of workers that are no longer alive fail (recovery comes later). */
 struct check_gone {
     coord_server_t *s;
@@ -1279,7 +1293,7 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
         goto fail;
     }
     {
-        struct coord_jobs_io io = {server_send_worker, s};
+        struct coord_jobs_io io = {server_send_worker, server_send_worker_tail, s};
         if ((rc = coord_jobs_create(s->store, s->reg, &io, &s->jobs)) == 0) {
             coord_jobs_set_spares(s->jobs, cfg->spares);
             rc = coord_jobs_set_nccl_library(s->jobs, cfg->nccl_lib);

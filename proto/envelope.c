@@ -351,21 +351,30 @@ static int check_list_workers_reply(const ProtobufCMessage *body, char *text, si
 int dx_env_encode(Duplex__MsgType type, uint64_t request_id, const ProtobufCMessage *body,
                   uint8_t **buf, size_t *len)
 {
+    return dx_env_encode_tail(type, request_id, body, NULL, 0, buf, len);
+}
+
+int dx_env_encode_tail(Duplex__MsgType type, uint64_t request_id, const ProtobufCMessage *body,
+                       const uint8_t *tail, size_t tail_len, uint8_t **buf, size_t *len)
+{
     const struct msg_kind *k = kind_of(type);
     Duplex__Envelope env = DUPLEX__ENVELOPE__INIT;
     uint8_t *body_buf = NULL;
-    size_t body_len = 0;
+    size_t body_len = 0, packed = 0;
     uint8_t *out;
     int rc = -ENOMEM;
 
-    if (!k || (body && body->descriptor != k->descriptor))
+    if (!k || (body && body->descriptor != k->descriptor) || (tail_len && !body))
         return -EINVAL;
     if (body) {
-        body_len = protobuf_c_message_get_packed_size(body);
+        packed = protobuf_c_message_get_packed_size(body);
+        body_len = packed + tail_len;
         body_buf = malloc(body_len ? body_len : 1);
         if (!body_buf)
             goto fail;
         protobuf_c_message_pack(body, body_buf);
+        if (tail_len)
+            memcpy(body_buf + packed, tail, tail_len);
     }
     env.version = DX_PROTOCOL_VERSION;
     env.type = type;

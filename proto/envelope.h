@@ -51,6 +51,13 @@ struct dx_decode_error {
 int dx_env_encode(Duplex__MsgType type, uint64_t request_id, const ProtobufCMessage *body,
                   uint8_t **buf, size_t *len);
 
+/* The same with tail (tail_len bytes, may be NULL/0) appended to the
+ * packed body: fields of the body's message type packed once elsewhere
+ * (e.g. the peers every Assignment of a job carries), which a decoder
+ * merges into the body as if they were packed with it. */
+int dx_env_encode_tail(Duplex__MsgType type, uint64_t request_id, const ProtobufCMessage *body,
+                       const uint8_t *tail, size_t tail_len, uint8_t **buf, size_t *len);
+
 /* Decodes and checks one frame. Returns 0 and fills msg (release it with
  * dx_msg_clear), or -EPROTO and fills err. */
 int dx_env_decode(const uint8_t *buf, size_t len, struct dx_msg *msg, struct dx_decode_error *err);

@@ -44,9 +44,16 @@ static int wire_send_frames(void *sock, const uint8_t *rid, size_t rlen, const u
 int dx_wire_send(void *sock, const uint8_t *rid, size_t rlen, Duplex__MsgType type,
                  uint64_t request_id, const ProtobufCMessage *body)
 {
+    return dx_wire_send_tail(sock, rid, rlen, type, request_id, body, NULL, 0);
+}
+
+int dx_wire_send_tail(void *sock, const uint8_t *rid, size_t rlen, Duplex__MsgType type,
+                      uint64_t request_id, const ProtobufCMessage *body, const uint8_t *tail,
+                      size_t tail_len)
+{
     uint8_t *buf;
     size_t len;
-    int rc = dx_env_encode(type, request_id, body, &buf, &len);
+    int rc = dx_env_encode_tail(type, request_id, body, tail, tail_len, &buf, &len);
 
     if (rc < 0)
         return rc;

@@ -30,6 +30,11 @@ int dx_wire_setup(void *sock);
 int dx_wire_send(void *sock, const uint8_t *rid, size_t rlen, Duplex__MsgType type,
                  uint64_t request_id, const ProtobufCMessage *body);
 
+/* The same with pre-packed fields appended to the body (dx_env_encode_tail). */
+int dx_wire_send_tail(void *sock, const uint8_t *rid, size_t rlen, Duplex__MsgType type,
+                      uint64_t request_id, const ProtobufCMessage *body, const uint8_t *tail,
+                      size_t tail_len);
+
 /* Sends an Error envelope. */
 int dx_wire_send_error(void *sock, const uint8_t *rid, size_t rlen, Duplex__ErrorCode code,
                        uint64_t request_id, const char *text);

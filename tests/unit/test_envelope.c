@@ -849,3 +849,68 @@ Test(envelope, assignment_nccl_id_and_peer_placement_rules)
     o.peer.node = "node 0; rm -rf";
     expect_assignment_invalid(&o, "node");
 }
+
+/* A job's peers packed once and appended to each rank's Assignment decode
+ * exactly as if every Assignment were packed whole. */
+Test(envelope, a_packed_tail_merges_into_the_body)
+{
+    Duplex__Assignment a = DUPLEX__ASSIGNMENT__INIT, only = DUPLEX__ASSIGNMENT__INIT;
+    Duplex__Peer p[3], *pp[3];
+    const char *ids[3] = {"node0-gpu0", "node0-gpu1", "node1-gpu0"};
+    uint8_t *whole = NULL, *tailed = NULL, *tail;
+    size_t whole_len = 0, tailed_len = 0, tail_len;
+    struct dx_msg msg;
+    struct dx_decode_error err;
+    const Duplex__Assignment *got;
+
+    for (int i = 0; i < 3; i++) {
+        p[i] = (Duplex__Peer)DUPLEX__PEER__INIT;
+        p[i].pp = i;
+        p[i].worker_id = (char *)ids[i];
+        p[i].data_addr = "tcp://10.0.0.1:7000";
+        p[i].node = i < 2 ? "node0" : "node1";
+        p[i].gpu = i % 2;
+        pp[i] = &p[i];
+    }
+    a.job_id = 9;
+    a.attempt = 1;
+    a.schedule = "1f1b";
+    a.pp = 3;
+    a.ep = a.dp = 1;
+    a.pp_rank = 1;
+    a.microbatches = 3;
+    a.steps = 3;
+    only.peers = pp;
+    only.n_peers = 3;
+    cr_assert_eq(duplex__assignment__get_packed_size(&(Duplex__Assignment)DUPLEX__ASSIGNMENT__INIT),
+                 0, "an empty Assignment packs to nothing, so `only` packs to its peers alone");
+    tail_len = duplex__assignment__get_packed_size(&only);
+    tail = malloc(tail_len);
+    cr_assert_not_null(tail);
+    duplex__assignment__pack(&only, tail);
+    cr_assert_eq(dx_env_encode_tail(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, 5, &a.base, tail, tail_len,
+                                    &tailed, &tailed_len),
+                 0);
+    a.peers = pp;
+    a.n_peers = 3;
+    cr_assert_eq(dx_env_encode(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, 5, &a.base, &whole, &whole_len),
+                 0);
+    cr_assert_eq(tailed_len, whole_len);
+    cr_assert_eq(dx_env_decode(tailed, tailed_len, &msg, &err), 0, "%s", err.text);
+    got = (const Duplex__Assignment *)msg.body;
+    cr_assert_eq(got->pp_rank, 1);
+    cr_assert_eq(got->n_peers, 3);
+    for (int i = 0; i < 3; i++) {
+        cr_assert_str_eq(got->peers[i]->worker_id, ids[i]);
+        cr_assert_eq(got->peers[i]->pp, i);
+        cr_assert_eq(got->peers[i]->gpu, i % 2);
+    }
+    dx_msg_clear(&msg);
+    /* a tail without a body is refused */
+    cr_assert_eq(dx_env_encode_tail(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, 5, NULL, tail, tail_len,
+                                    &tailed, &tailed_len),
+                 -EINVAL);
+    free(tail);
+    free(whole);
+    free(tailed);
+}

@@ -90,7 +90,7 @@ static void add_worker(const char *id, const char *node, int gpu, const char *ba
 
 static void setup(void)
 {
-    struct coord_jobs_io io = {fake_send, NULL};
+    struct coord_jobs_io io = {.send = fake_send};
     char err[256];
 
     cr_assert_not_null(mkdtemp(dir));
@@ -544,7 +544,7 @@ Test(jobs, a_restart_keeps_running_and_queued_jobs, .init = setup, .fini = teard
 {
     const char *sets[] = {"backend=sim", "parallel.ep=2"};
     uint64_t a = submit("{}", sets, 2), b = submit("{}", sets, 2);
-    struct coord_jobs_io io = {fake_send, NULL};
+    struct coord_jobs_io io = {.send = fake_send};
 
     coord_jobs_schedule(jobs, 2100, 2100);
     ack_all(a, 1);
@@ -1296,7 +1296,7 @@ Test(trust, leftover_shards_cannot_misdirect_the_manifest, .init = setup, .fini 
 Test(trust, reports_sent_again_after_a_restart, .init = setup, .fini = teardown)
 {
     char rank[2][64], outsider[64], ck[256], step3[512], step6[512], *before, *after;
-    struct coord_jobs_io io = {fake_send, NULL};
+    struct coord_jobs_io io = {.send = fake_send};
     Duplex__StepReport sent_before[7];
     Duplex__JobDone d;
     uint64_t id;
@@ -1627,7 +1627,7 @@ Test(blocklist, a_lost_worker_back_as_a_new_process_confirms, .init = setup, .fi
 Test(blocklist, busy_with_the_previous_attempt_is_not_a_failure, .init = setup, .fini = teardown)
 {
     const char *sets[] = {"backend=sim", "restart.backoff_ms=0", "restart.max_restarts=5"};
-    struct coord_jobs_io io = {fake_send, NULL};
+    struct coord_jobs_io io = {.send = fake_send};
     uint64_t a;
     char first[64], second[64], busy[64];
     Duplex__AssignmentAck ack = DUPLEX__ASSIGNMENT_ACK__INIT;
