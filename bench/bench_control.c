@@ -31,6 +31,18 @@
 #define UNBATCHED_HEARTBEATS 2048
 #define SYNC_COMMITS 500
 
+/* Removes a SQLite database and its WAL mode side files. */
+static void unlink_db(const char *path)
+{
+    char side[4300];
+
+    unlink(path);
+    snprintf(side, sizeof(side), "%s-wal", path);
+    unlink(side);
+    snprintf(side, sizeof(side), "%s-shm", path);
+    unlink(side);
+}
+
 static double now_s(void)
 {
     struct timespec ts;
@@ -138,11 +150,7 @@ static void bench_heartbeats(void)
            batched / unbatched, CLUSTER_WORKERS, 2 * CLUSTER_WORKERS);
     coord_registry_destroy(reg);
     coord_store_close(store);
-    unlink(path);
-    snprintf(path, sizeof(path), "%s/bench.db-wal", dir);
-    unlink(path);
-    snprintf(path, sizeof(path), "%s/bench.db-shm", dir);
-    unlink(path);
+    unlink_db(path);
     rmdir(dir);
 }
 
@@ -160,7 +168,7 @@ static void sync_exec(sqlite3 *db, const char *sql)
  * a fresh database in dir (the store's journal settings). */
 static double sync_commits(const char *dir, const char *mode)
 {
-    char path[4200], pragma[64], side[4300];
+    char path[4200], pragma[64];
     sqlite3 *db;
     double t0, dt;
 
@@ -188,11 +196,7 @@ static double sync_commits(const char *dir, const char *mode)
     }
     dt = now_s() - t0;
     sqlite3_close(db);
-    unlink(path);
-    snprintf(side, sizeof(side), "%s-wal", path);
-    unlink(side);
-    snprintf(side, sizeof(side), "%s-shm", path);
-    unlink(side);
+    unlink_db(path);
     return dt / SYNC_COMMITS;
 }
 

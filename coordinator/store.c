@@ -955,6 +955,18 @@ int coord_store_jobs_each(coord_store_t *s, int (*fn)(const struct coord_job_row
 
 /* Binds a report to STMT_METRIC's parameters (STMT_METRIC_ADD and
  * STMT_STEP_FOLD number theirs alike). */
+/* Binds a report's 14 figures to parameters first .. first + 13. */
+static void bind_figures(sqlite3_stmt *st, int first, const struct coord_step_metric *m)
+{
+    const double v[] = {m->loss,    m->step_ms,        m->tokens_per_s, m->compute_ms, m->wait_ms,
+                        m->comm_ms, m->hidden_comm_ms, m->sync_ms,      m->f_ms,       m->b_ms,
+                        m->i_ms,    m->w_ms,           m->fb_ms};
+
+    for (int i = 0; i < (int)(sizeof(v) / sizeof(v[0])); i++)
+        sqlite3_bind_double(st, first + i, v[i]);
+    sqlite3_bind_int64(st, first + (int)(sizeof(v) / sizeof(v[0])), (sqlite3_int64)m->tokens);
+}
+
 static void bind_metric(sqlite3_stmt *st, uint64_t job_id, const char *worker_id, int64_t ts_ms,
                         const struct coord_step_metric *m)
 {
@@ -962,20 +974,7 @@ static void bind_metric(sqlite3_stmt *st, uint64_t job_id, const char *worker_id
     sqlite3_bind_int64(st, 2, (sqlite3_int64)m->step);
     sqlite3_bind_text(st, 3, worker_id, -1, SQLITE_STATIC); /* unused by the fold */
     sqlite3_bind_int64(st, 4, ts_ms);
-    sqlite3_bind_double(st, 5, m->loss);
-    sqlite3_bind_double(st, 6, m->step_ms);
-    sqlite3_bind_double(st, 7, m->tokens_per_s);
-    sqlite3_bind_double(st, 8, m->compute_ms);
-    sqlite3_bind_double(st, 9, m->wait_ms);
-    sqlite3_bind_double(st, 10, m->comm_ms);
-    sqlite3_bind_double(st, 11, m->hidden_comm_ms);
-    sqlite3_bind_double(st, 12, m->sync_ms);
-    sqlite3_bind_double(st, 13, m->f_ms);
-    sqlite3_bind_double(st, 14, m->b_ms);
-    sqlite3_bind_double(st, 15, m->i_ms);
-    sqlite3_bind_double(st, 16, m->w_ms);
-    sqlite3_bind_double(st, 17, m->fb_ms);
-    sqlite3_bind_int64(st, 18, (sqlite3_int64)m->tokens);
+    bind_figures(st, 5, m);
 }
 
 /* The step's job_steps row again from its metrics rows. */
@@ -996,40 +995,22 @@ static int store_metric_replace(coord_store_t *s, uint64_t job_id, const char *w
                                 int64_t ts_ms, const struct coord_step_metric *m)
 {
     struct coord_step_metric old;
-    sqlite3_stmt *st;
+    /* cannot fail (the row is there); if it does, the step is made again */
+    bool have_old = coord_store_metric_get(s, job_id, worker_id, m->step, &old) == 0;
+    sqlite3_stmt *st = s->stmt[STMT_METRIC];
 
-    if (coord_store_metric_get(s, job_id, worker_id, m->step, &old) < 0)
-        goto redo; /* cannot be: the row is there */
-    st = s->stmt[STMT_METRIC];
     bind_metric(st, job_id, worker_id, ts_ms, m);
     if (store_step(s, st) < 0)
         return -EIO;
-    st = s->stmt[STMT_STEP_SWAP];
-    bind_metric(st, job_id, worker_id, ts_ms, m);
-    sqlite3_bind_double(st, 19, old.loss);
-    sqlite3_bind_double(st, 20, old.step_ms);
-    sqlite3_bind_double(st, 21, old.tokens_per_s);
-    sqlite3_bind_double(st, 22, old.compute_ms);
-    sqlite3_bind_double(st, 23, old.wait_ms);
-    sqlite3_bind_double(st, 24, old.comm_ms);
-    sqlite3_bind_double(st, 25, old.hidden_comm_ms);
-    sqlite3_bind_double(st, 26, old.sync_ms);
-    sqlite3_bind_double(st, 27, old.f_ms);
-    sqlite3_bind_double(st, 28, old.b_ms);
-    sqlite3_bind_double(st, 29, old.i_ms);
-    sqlite3_bind_double(st, 30, old.w_ms);
-    sqlite3_bind_double(st, 31, old.fb_ms);
-    sqlite3_bind_int64(st, 32, (sqlite3_int64)old.tokens);
-    if (store_step(s, st) < 0)
-        return -EIO;
-    if (sqlite3_changes(s->db) == 1)
-        return 0;
-    return store_step_redo(s, job_id, m->step);
-redo:
-    st = s->stmt[STMT_METRIC];
-    bind_metric(st, job_id, worker_id, ts_ms, m);
-    if (store_step(s, st) < 0)
-        return -EIO;
+    if (have_old) {
+        st = s->stmt[STMT_STEP_SWAP];
+        bind_metric(st, job_id, worker_id, ts_ms, m);
+        bind_figures(st, 19, &old);
+        if (store_step(s, st) < 0)
+            return -EIO;
+        if (sqlite3_changes(s->db) == 1)
+            return 0;
+    }
     return store_step_redo(s, job_id, m->step);
 }
 
