@@ -50,6 +50,7 @@
 
 #include "bench/simfleet.h"
 #include "common/log.h"
+#include "common/loopstat.h"
 #include "proto/wire.h"
 
 #define SIM_CONTEXTS 2 /* ZeroMQ contexts (an I/O thread each) for the workers */
@@ -120,6 +121,10 @@ struct fleet {
     uint64_t acks, busy_refusals, reports, dones, aborts, oks, unexpected;
     uint64_t job_id; /* from SubmitReply */
     char submit_error[256];
+    /* duplexd's loop-turn histogram (status --json, duplexd.loop), as of
+     * the last JobStatusReply; status_seen counts the replies */
+    int64_t turns[DX_LOOPSTAT_BUCKETS];
+    unsigned status_seen;
     long rss_limit_kb, peak_kb; /* duplexd's VmHWM when last seen */
     double rss_checked_s;
     char aborted[160]; /* why the phases left cannot run; "" while they can */
@@ -525,6 +530,19 @@ static double worker_tick(struct fleet *f, int i, double now)
 
 /* --- duplexctl's part ---------------------------------------------------------- */
 
+/* Takes the loop-turn histogram out of a status document. */
+static void status_turns(struct fleet *f, const char *text)
+{
+    json_t *doc = json_loads(text, 0, NULL);
+    json_t *hist =
+        json_object_get(json_object_get(json_object_get(doc, "duplexd"), "loop"), "busy_histogram");
+
+    for (size_t i = 0; i < json_array_size(hist) && i < DX_LOOPSTAT_BUCKETS; i++)
+        f->turns[i] = json_integer_value(json_object_get(json_array_get(hist, i), "turns"));
+    f->status_seen++;
+    json_decref(doc);
+}
+
 static void ctl_drain(struct fleet *f)
 {
     for (;;) {
@@ -538,6 +556,8 @@ static void ctl_drain(struct fleet *f)
             sim_die("duplexctl socket: %s", rc == -EPROTO ? err.text : zmq_strerror(-rc));
         if (m.type == DUPLEX__MSG_TYPE__MSG_SUBMIT_REPLY)
             f->job_id = ((const Duplex__SubmitReply *)m.body)->job_id;
+        else if (m.type == DUPLEX__MSG_TYPE__MSG_JOB_STATUS_REPLY)
+            status_turns(f, ((const Duplex__JobStatusReply *)m.body)->json);
         else if (m.type == DUPLEX__MSG_TYPE__MSG_ERROR)
             snprintf(f->submit_error, sizeof(f->submit_error), "%s: %s",
                      dx_error_code_name(((const Duplex__Error *)m.body)->code),
@@ -823,6 +843,44 @@ static void phase_heartbeats(struct fleet *f, const struct phases *ph, json_t *r
     phase_end(f, r, "steady", "heartbeats only", fl);
 }
 
+static bool status_answered(struct fleet *f, void *arg)
+{
+    return f->status_seen != *(unsigned *)arg;
+}
+
+/* duplexd's loop-turn histogram now, into turns (false: no answer). */
+static bool loop_turns(struct fleet *f, const struct phases *ph, int64_t *turns)
+{
+    Duplex__JobStatus req = DUPLEX__JOB_STATUS__INIT;
+    unsigned seen = f->status_seen;
+
+    ctl_send(f, DUPLEX__MSG_TYPE__MSG_JOB_STATUS, &req.base);
+    if (!fleet_run(f, ph->running, status_answered, &seen))
+        return false;
+    memcpy(turns, f->turns, sizeof(f->turns));
+    return true;
+}
+
+/* The longest loop turn between two histograms (the upper bound of the
+ * highest bucket that grew, us; -1 for the open last bucket, 0 for none),
+ * and how many turns over 50 ms. */
+static int64_t longest_turn(const int64_t *before, const int64_t *after, int64_t *over_50ms)
+{
+    int64_t longest = 0;
+
+    *over_50ms = 0;
+    for (int i = 0; i < DX_LOOPSTAT_BUCKETS; i++) {
+        int64_t le = dx_loopstat_bucket_us(i), grew = after[i] - before[i];
+
+        if (grew <= 0)
+            continue;
+        longest = le;
+        if (le < 0 || le > 50000)
+            *over_50ms += grew;
+    }
+    return longest;
+}
+
 /* A sim job of `ranks` workers: dualpipe with ep 8 (one EP group per node)
  * and pp up to 16 when the ranks allow, else 1f1b. */
 static void job_spec(int ranks, char *spec, size_t len, char *layout, size_t llen)
@@ -856,12 +914,14 @@ static void phase_job(struct fleet *f, const struct phases *ph, int ranks, json_
     int64_t t_wall;
     double t0;
     int state = -1;
-    bool running, ended = false;
+    bool running, ended = false, have_turns;
+    int64_t turns0[DX_LOOPSTAT_BUCKETS], turns1[DX_LOOPSTAT_BUCKETS], longest = 0, over = 0;
     const char *end;
 
     if (phase_skipped(f, "job"))
         return;
     ev0 = db_last_event(f);
+    have_turns = loop_turns(f, ph, turns0);
     job_spec(ranks, spec, sizeof(spec), layout, sizeof(layout));
     f->assignments = f->assignment_bytes = f->reassignments = 0;
     f->first_assignment_s = f->last_assignment_s = 0;
@@ -901,6 +961,22 @@ static void phase_job(struct fleet *f, const struct phases *ph, int ranks, json_
                         : " after a Cancel (timeout)",
         (unsigned long long)f->reports, (unsigned long long)f->dones, (unsigned long long)f->aborts,
         (unsigned long long)f->busy_refusals, (unsigned long long)f->reassignments);
+    have_turns = have_turns && loop_turns(f, ph, turns1);
+    if (have_turns) {
+        longest = longest_turn(turns0, turns1, &over);
+        if (longest < 0)
+            say("  duplexd's longest loop turn during the job: over %.0f ms; %lld turns over "
+                "50 ms\n",
+                dx_loopstat_bucket_us(DX_LOOPSTAT_BUCKETS - 2) / 1e3, (long long)over);
+        else
+            say("  duplexd's longest loop turn during the job: at most %.1f ms; %lld turns over "
+                "50 ms\n",
+                longest / 1e3, (long long)over);
+    }
+    json_object_set_new(r, "loop_turn_max_us",
+                        have_turns ? json_integer((json_int_t)longest) : json_null());
+    json_object_set_new(r, "loop_turns_over_50ms",
+                        have_turns ? json_integer((json_int_t)over) : json_null());
     json_object_set_new(r, "job_ranks", json_integer(ranks));
     json_object_set_new(r, "job_layout", json_string(layout));
     json_object_set_new(r, "submit_error", json_string(f->submit_error));

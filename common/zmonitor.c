@@ -9,13 +9,19 @@
 int dx_monitor_open(void *zctx, void *sock, const char *endpoint, int events, void **pair)
 {
     void *p;
-    int linger = 0;
+    int linger = 0, unbounded = 0;
 
     *pair = NULL;
     if (zmq_socket_monitor(sock, endpoint, events) < 0)
         return -errno;
+    /* No limit on the events queued for us: at the limit libzmq's I/O
+     * thread blocks in its send of the next one, holding the monitor's lock,
+     * so every connection of sock stalls and dx_monitor_close (which takes
+     * that lock) never returns. A few bytes per event, at most a few events
+     * per connection. */
     if (!(p = zmq_socket(zctx, ZMQ_PAIR)) ||
         zmq_setsockopt(p, ZMQ_LINGER, &linger, sizeof(linger)) < 0 ||
+        zmq_setsockopt(p, ZMQ_RCVHWM, &unbounded, sizeof(unbounded)) < 0 ||
         zmq_connect(p, endpoint) < 0) {
         int rc = -errno;
         if (p)

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <uthash.h>
+#include <uv.h>
 
 #include "common/ckpt.h"
 #include "common/clock.h"
@@ -50,6 +51,7 @@ struct coord_job {
     char reason[JOB_REASON_LEN]; /* of the last transition, or why it waits */
     uint64_t step;               /* steps every rank has finished */
     int64_t submitted_ms, started_ms, finished_ms;
+    int64_t finished_mono; /* when it ended, for its retention in memory */
     uint32_t attempt;
     struct job_rank *ranks;
     struct job_rank *by_worker; /* the ranks by worker id (rank_index) */
@@ -80,6 +82,7 @@ struct coord_job {
     /* backend cuda: the NCCL unique id of the current attempt */
     unsigned char nccl_id[COORD_NCCL_ID_BYTES];
     int has_nccl_id;
+    struct job_outbox *outbox; /* the placement's Assignments not sent yet */
 };
 
 struct coord_jobs {
@@ -88,7 +91,11 @@ struct coord_jobs {
     struct coord_jobs_io io;
     int spares;            /* free workers per backend that new jobs leave for recoveries */
     uint64_t metrics_keep; /* steps of metrics rows a job keeps (0: all) */
-    struct coord_job **v;  /* by id */
+    /* finished jobs stay in memory this long (< 0: for ever), and at most
+     * this many of them (< 0: any number); coord_jobs_forget_finished */
+    int64_t forget_after_ms;
+    int keep_finished;
+    struct coord_job **v; /* by id, ascending (job_find searches it) */
     size_t n, cap;
     coord_nccl_t *nccl;            /* NCCL unique ids, made on the first cuda job */
     char *nccl_lib;                /* its library (NULL: coordinator/nccl_id.h's default) */
@@ -97,6 +104,12 @@ struct coord_jobs {
      * send them AbortJob again without a walk over every worker */
     char **stale;
     size_t n_stale, cap_stale;
+    /* Assignments sent per coord_jobs_send_some (0: all at placement);
+     * outboxes: the jobs with some still to send */
+    int send_slice;
+    size_t outboxes;
+    uv_loop_t *loop;           /* simulations go to its thread pool; NULL: at once */
+    struct job_sim_work *sims; /* simulations in flight (job_simulate) */
 };
 
 static void job_resolve_ckpt_dir(struct coord_job *j);
@@ -161,14 +174,19 @@ int coord_jobs_create(coord_store_t *store, coord_registry_t *reg, const struct 
     jobs->reg = reg;
     jobs->io = *io;
     jobs->metrics_keep = COORD_METRICS_KEEP_STEPS;
+    jobs->forget_after_ms = -1;
+    jobs->keep_finished = -1;
     *out = jobs;
     return 0;
 }
 
-static void job_free(struct coord_job *j)
+static void job_outbox_free(coord_jobs_t *jobs, struct coord_job *j);
+
+static void job_free(coord_jobs_t *jobs, struct coord_job *j)
 {
     if (!j)
         return;
+    job_outbox_free(jobs, j);
     free(j->spec_json);
     HASH_CLEAR(hh, j->by_worker);
     free(j->ranks);
@@ -177,12 +195,15 @@ static void job_free(struct coord_job *j)
     free(j);
 }
 
+static void job_sims_detach(coord_jobs_t *jobs);
+
 void coord_jobs_destroy(coord_jobs_t *jobs)
 {
     if (!jobs)
         return;
+    job_sims_detach(jobs);
     for (size_t i = 0; i < jobs->n; i++)
-        job_free(jobs->v[i]);
+        job_free(jobs, jobs->v[i]);
     free(jobs->v);
     for (size_t i = 0; i < jobs->n_stale; i++)
         free(jobs->stale[i]);
@@ -192,12 +213,21 @@ void coord_jobs_destroy(coord_jobs_t *jobs)
     free(jobs);
 }
 
+/* A binary search: jobs->v is in ascending id order (ids are allocated
+ * in order, loaded in order, and forgetting keeps the order). */
 static struct coord_job *job_find(coord_jobs_t *jobs, uint64_t id)
 {
-    for (size_t i = 0; i < jobs->n; i++)
-        if (jobs->v[i]->id == id)
-            return jobs->v[i];
-    return NULL;
+    size_t lo = 0, hi = jobs->n;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+
+        if (jobs->v[mid]->id < id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < jobs->n && jobs->v[lo]->id == id ? jobs->v[lo] : NULL;
 }
 
 static struct job_rank *rank_of(struct coord_job *j, const char *worker_id)
@@ -310,8 +340,10 @@ static int job_set_state(coord_jobs_t *jobs, struct coord_job *j, enum coord_job
         j->progress_mono = now.mono;
         j->step_ewma_ms = 0;
     }
-    if (job_is_over(j))
+    if (job_is_over(j)) {
         j->finished_ms = now.wall;
+        j->finished_mono = now.mono;
+    }
     dx_info("job %llu: %s (%s)", (unsigned long long)j->id, state_names[to], j->reason);
     job_persist(jobs, j);
     snprintf(kind, sizeof(kind), "job_%s", state_names[to]);
@@ -549,21 +581,16 @@ static void job_resume(coord_jobs_t *jobs, struct coord_job *j, struct jnow now)
     job_event(jobs, j, "job_resumed", NULL, now.wall, "duplexd restarted; the job goes on");
 }
 
-struct load_ctx {
-    coord_jobs_t *jobs;
-    struct jnow now;
-    int rc;
-};
-
-static int load_one(const struct coord_job_row *row, void *arg)
+/* A stored job as a new coord_job, in no list: its row's fields and its
+ * spec parsed (err: why the stored spec no longer parses, "" when it
+ * does; the spec then has only the name). NULL when out of memory. */
+static struct coord_job *job_from_row(const struct coord_job_row *row, char *err, size_t errlen)
 {
-    struct load_ctx *ctx = arg;
     struct coord_job *j = calloc(1, sizeof(*j));
-    char err[512];
 
-    if (!j || !(j->spec_json = strdup(row->spec)) || job_add(ctx->jobs, j) < 0) {
-        job_free(j);
-        return -ENOMEM;
+    if (!j || !(j->spec_json = strdup(row->spec ? row->spec : ""))) {
+        job_free(NULL, j); /* no outbox yet */
+        return NULL;
     }
     j->id = row->id;
     j->step = row->step;
@@ -573,19 +600,52 @@ static int load_one(const struct coord_job_row *row, void *arg)
     snprintf(j->reason, sizeof(j->reason), "%s", row->reason ? row->reason : "");
     if (coord_job_state_parse(row->state, &j->state) < 0)
         j->state = COORD_JOB_FAILED;
-    if (coord_jobspec_parse(j->spec_json, strlen(j->spec_json), NULL, 0, &j->spec, err,
-                            sizeof(err)) < 0) {
-        snprintf(j->spec.name, sizeof(j->spec.name), "%s", row->name ? row->name : "?");
-        if (!job_is_over(j))
-            job_set_state(ctx->jobs, j, COORD_JOB_FAILED, ctx->now,
-                          "its stored spec is no longer valid: %s", err);
-        return 0;
-    }
     j->attempt = row->attempt;
     j->restarts = row->restarts;
     j->resume_step = row->resume_step;
     snprintf(j->resume_dir, sizeof(j->resume_dir), "%s", row->resume_dir ? row->resume_dir : "");
     snprintf(j->owner, sizeof(j->owner), "%s", row->owner ? row->owner : "");
+    err[0] = '\0';
+    if (coord_jobspec_parse(j->spec_json, strlen(j->spec_json), NULL, 0, &j->spec, err, errlen) <
+        0) {
+        snprintf(j->spec.name, sizeof(j->spec.name), "%s", row->name ? row->name : "?");
+        if (!err[0])
+            snprintf(err, errlen, "it does not parse");
+    } else {
+        err[0] = '\0';
+    }
+    return j;
+}
+
+struct load_ctx {
+    coord_jobs_t *jobs;
+    struct jnow now;
+    int rc;
+    size_t loaded;
+};
+
+static int load_one(const struct coord_job_row *row, void *arg)
+{
+    struct load_ctx *ctx = arg;
+    char err[512];
+    struct coord_job *j = job_from_row(row, err, sizeof(err));
+
+    if (!j || job_add(ctx->jobs, j) < 0) {
+        job_free(ctx->jobs, j);
+        return -ENOMEM;
+    }
+    ctx->loaded++;
+    if (job_is_over(j)) {
+        /* its retention runs from when it ended, as the wall clock says */
+        int64_t age = ctx->now.wall - j->finished_ms;
+        j->finished_mono = ctx->now.mono - (age > 0 ? age : 0);
+    }
+    if (err[0]) {
+        if (!job_is_over(j))
+            job_set_state(ctx->jobs, j, COORD_JOB_FAILED, ctx->now,
+                          "its stored spec is no longer valid: %s", err);
+        return 0;
+    }
     job_resolve_ckpt_dir(j);
     if (j->state == COORD_JOB_PLACING || j->state == COORD_JOB_RUNNING ||
         j->state == COORD_JOB_RECOVERING)
@@ -595,8 +655,18 @@ static int load_one(const struct coord_job_row *row, void *arg)
 
 int coord_jobs_load(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono)
 {
-    struct load_ctx ctx = {jobs, {now_wall, now_mono}, 0};
-    return coord_store_jobs_each(jobs->store, load_one, &ctx);
+    struct load_ctx ctx = {jobs, {now_wall, now_mono}, 0, 0};
+    int64_t since = jobs->forget_after_ms < 0 ? INT64_MIN : now_wall - jobs->forget_after_ms;
+    int64_t stored;
+    int rc = coord_store_jobs_load_each(jobs->store, since, jobs->keep_finished, load_one, &ctx);
+
+    /* finished jobs past retention stay in the database only */
+    if (rc == 0 && (stored = coord_store_jobs_count(jobs->store)) > (int64_t)ctx.loaded)
+        dx_info("%zu jobs loaded; %lld finished job%s past retention left in the database "
+                "(duplexctl status --all)",
+                ctx.loaded, (long long)(stored - (int64_t)ctx.loaded),
+                stored - (int64_t)ctx.loaded == 1 ? "" : "s");
+    return rc;
 }
 
 /* Workers of the backend the cluster has at all (alive or not, not gone). */
@@ -642,14 +712,14 @@ int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, cons
     j = calloc(1, sizeof(*j));
     if (!spec_json || !j || job_add(jobs, j) < 0) {
         free(spec_json);
-        job_free(j);
+        job_free(jobs, j);
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
     j->spec_json = spec_json; /* the job owns it now */
     if (coord_store_job_insert(jobs->store, &row, &j->id) < 0) {
         jobs->n--;
-        job_free(j);
+        job_free(jobs, j);
         snprintf(err, errlen, "could not store the job");
         return -EIO;
     }
@@ -669,40 +739,203 @@ int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, cons
 
 /* ---- scheduling ----------------------------------------------------------- */
 
-/* The simulated makespan and bubble of the job's schedule at its sim costs,
- * for status to compare with what the workers measure. */
-static void job_simulate(struct coord_job *j)
-{
+/* A simulation on the loop's thread pool: it works on its own copy of the
+ * spec, and its result finds the job again by id and attempt (the job may
+ * have ended, been placed again or left memory meanwhile). */
+struct job_sim_work {
+    uv_work_t req;
+    coord_jobs_t *jobs; /* NULL: detached (the jobs were destroyed) */
+    struct job_sim_work *prev, *next;
+    uint64_t id;
+    uint32_t attempt;
+    struct coord_jobspec spec;
     struct coord_plan_sim sim;
+    int rc;
     char err[256];
+};
 
-    if (coord_plan_simulate(&j->spec, &sim, err, sizeof(err)) < 0) {
-        dx_warn("job %llu: cannot simulate its schedule: %s", (unsigned long long)j->id, err);
+static void job_sim_store(coord_jobs_t *jobs, uint64_t id, uint32_t attempt, int rc,
+                          const struct coord_plan_sim *sim, const char *err)
+{
+    struct coord_job *j = job_find(jobs, id);
+
+    if (rc < 0) {
+        dx_warn("job %llu: cannot simulate its schedule: %s", (unsigned long long)id, err);
         return;
     }
-    j->sim_makespan_ms = sim.makespan_ms;
-    j->sim_bubble_ms = sim.bubble_ms;
+    if (j && j->attempt == attempt) {
+        j->sim_makespan_ms = sim->makespan_ms;
+        j->sim_bubble_ms = sim->bubble_ms;
+    }
 }
 
-/* Builds and sends every rank's Assignment. */
-static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
-                                const struct coord_eplb_plan *experts)
+static void job_sim_run(uv_work_t *req)
 {
-    Duplex__Peer *peers = calloc((size_t)j->nranks, sizeof(*peers));
-    Duplex__Peer **peer_ptrs = calloc((size_t)j->nranks, sizeof(*peer_ptrs));
-    int per_gpu = experts->replicas / j->spec.parallel.ep, rc = -ENOMEM;
-    int32_t *slots = calloc((size_t)per_gpu + 1, sizeof(int32_t));
-    int E = j->spec.model.experts;
-    int32_t *owner = calloc((size_t)E + 1, sizeof(int32_t));
-    uint8_t *tail = NULL;
-    size_t tail_len = 0;
+    struct job_sim_work *w = req->data;
 
-    if (!peers || !peer_ptrs || !slots || !owner)
+    w->rc = coord_plan_simulate(&w->spec, &w->sim, w->err, sizeof(w->err));
+}
+
+static void job_sim_done(uv_work_t *req, int status)
+{
+    struct job_sim_work *w = req->data;
+    coord_jobs_t *jobs = w->jobs;
+
+    if (jobs) {
+        if (w->prev)
+            w->prev->next = w->next;
+        else
+            jobs->sims = w->next;
+        if (w->next)
+            w->next->prev = w->prev;
+        if (status < 0)
+            snprintf(w->err, sizeof(w->err), "%s", uv_strerror(status));
+        job_sim_store(jobs, w->id, w->attempt, status < 0 ? status : w->rc, &w->sim, w->err);
+    }
+    free(w);
+}
+
+static void job_sims_detach(coord_jobs_t *jobs)
+{
+    for (struct job_sim_work *w = jobs->sims; w; w = w->next)
+        w->jobs = NULL;
+    jobs->sims = NULL;
+}
+
+void coord_jobs_set_loop(coord_jobs_t *jobs, struct uv_loop_s *loop)
+{
+    jobs->loop = loop;
+}
+
+/* The simulated makespan and bubble of the job's schedule at its sim costs,
+ * for status to compare with what the workers measure: on the loop's
+ * thread pool (up to the simulation budget's tens of ms, too long for the
+ * loop), or at once without a loop or when it cannot be queued. */
+static void job_simulate(coord_jobs_t *jobs, struct coord_job *j)
+{
+    struct job_sim_work *w = jobs->loop ? calloc(1, sizeof(*w)) : NULL;
+    struct coord_plan_sim sim;
+    char err[256];
+    int rc;
+
+    if (w) {
+        w->req.data = w;
+        w->jobs = jobs;
+        w->id = j->id;
+        w->attempt = j->attempt;
+        w->spec = j->spec;
+        if (uv_queue_work(jobs->loop, &w->req, job_sim_run, job_sim_done) == 0) {
+            w->next = jobs->sims;
+            if (w->next)
+                w->next->prev = w;
+            jobs->sims = w;
+            return;
+        }
+        free(w);
+    }
+    rc = coord_plan_simulate(&j->spec, &sim, err, sizeof(err));
+    job_sim_store(jobs, j->id, j->attempt, rc, &sim, err);
+}
+
+/* A rank's GPU, to find two ranks on one GPU by sorting. */
+struct rank_gpu {
+    const char *node;
+    int gpu, rank;
+};
+
+static int cmp_rank_gpu(const void *a, const void *b)
+{
+    const struct rank_gpu *p = a, *q = b;
+    int c = strcmp(p->node, q->node);
+
+    if (c == 0)
+        c = (p->gpu > q->gpu) - (p->gpu < q->gpu);
+    return c ? c : (p->rank > q->rank) - (p->rank < q->rank);
+}
+
+/* Why two of the job's ranks run on one GPU (the same node name and GPU
+ * index) into why, or "" when none do: NCCL refuses two ranks of a
+ * communicator on one GPU, and every rank must take the same way. */
+static int shared_gpu(const Duplex__Peer *peers, int n, char *why, size_t len)
+{
+    struct rank_gpu *order = malloc(((size_t)n + 1) * sizeof(*order));
+
+    why[0] = '\0';
+    if (!order)
+        return -ENOMEM;
+    for (int i = 0; i < n; i++)
+        order[i] = (struct rank_gpu){peers[i].node, peers[i].gpu, i};
+    qsort(order, (size_t)n, sizeof(*order), cmp_rank_gpu);
+    for (int i = 1; i < n; i++) {
+        const Duplex__Peer *p = &peers[order[i - 1].rank], *q = &peers[order[i].rank];
+
+        if (p->node[0] && strcmp(p->node, q->node) == 0 && p->gpu == q->gpu) {
+            snprintf(why, len, "workers %s and %s share GPU %d of node %s", p->worker_id,
+                     q->worker_id, p->gpu, p->node);
+            break;
+        }
+    }
+    free(order);
+    return 0;
+}
+
+/* A placement's Assignments until every one is sent (a slice per
+ * coord_jobs_send_some, or all at once): what they hold beyond the job's
+ * own fields, in bytes of their own (the registry's strings may change
+ * between slices). */
+struct job_outbox {
+    uint32_t attempt;
+    int next;        /* the next rank to send to */
+    uint8_t *packed; /* every rank's Peer, packed as the field it is */
+    size_t *at;      /* [nranks + 1]: where rank i's Peer starts in packed */
+    int32_t *owner;  /* [experts]: Assignment.expert_owner */
+    int32_t *slots;  /* [slots per GPU]: room for one rank's experts */
+    int *near;       /* [coord_plan_peers_max]: room for one rank's peers */
+    uint8_t *tail;   /* room for one rank's packed peers */
+    char shared_gpu[2 * DX_MAX_ID_LEN + 512];
+};
+
+static void job_outbox_free(coord_jobs_t *jobs, struct coord_job *j)
+{
+    struct job_outbox *o = j->outbox;
+
+    if (!o)
+        return;
+    free(o->packed);
+    free(o->at);
+    free(o->owner);
+    free(o->slots);
+    free(o->near);
+    free(o->tail);
+    free(o);
+    j->outbox = NULL;
+    jobs->outboxes--;
+}
+
+/* Packs every rank's Peer once (an Assignment with only that peer set
+ * packs to exactly that field) and judges the GPUs they share. 0 or
+ * -ENOMEM. */
+static int job_outbox_create(coord_jobs_t *jobs, struct coord_job *j,
+                             const struct coord_eplb_plan *experts)
+{
+    Duplex__Assignment only = DUPLEX__ASSIGNMENT__INIT;
+    Duplex__Peer *peers = calloc((size_t)j->nranks, sizeof(*peers)), *one;
+    struct job_outbox *o = calloc(1, sizeof(*o));
+    int max = coord_plan_peers_max(&j->spec), rc = -ENOMEM;
+    size_t most = 0;
+
+    job_outbox_free(jobs, j);
+    if (!peers || !o || !(o->at = calloc((size_t)j->nranks + 1, sizeof(*o->at))) ||
+        !(o->owner = calloc((size_t)j->spec.model.experts + 1, sizeof(*o->owner))) ||
+        !(o->slots = calloc((size_t)j->slots_per_gpu + 1, sizeof(*o->slots))) ||
+        !(o->near = calloc((size_t)max, sizeof(*o->near))))
         goto out;
+    o->attempt = j->attempt;
     /* each logical expert is computed by the first ep rank holding a replica */
-    coord_plan_expert_owner(experts, j->spec.parallel.ep, owner);
+    coord_plan_expert_owner(experts, j->spec.parallel.ep, o->owner);
     for (int i = 0; i < j->nranks; i++) {
         struct coord_worker *w = coord_registry_find(jobs->reg, j->ranks[i].worker_id);
+
         duplex__peer__init(&peers[i]);
         peers[i].dp = j->ranks[i].dp;
         peers[i].pp = j->ranks[i].pp;
@@ -714,71 +947,151 @@ static int job_send_assignments(coord_jobs_t *jobs, struct coord_job *j,
         peers[i].curve_key = w ? w->key : "";
         peers[i].node = w && w->node ? w->node : "";
         peers[i].gpu = w ? w->gpu : 0;
-        peer_ptrs[i] = &peers[i];
     }
-    if (jobs->io.send_tail) {
-        /* every rank's peer list is the same: packed once (an Assignment
-         * with only peers set packs to exactly that field) */
-        Duplex__Assignment only = DUPLEX__ASSIGNMENT__INIT;
-
-        only.peers = peer_ptrs;
-        only.n_peers = (size_t)j->nranks;
-        tail_len = duplex__assignment__get_packed_size(&only);
-        if (!(tail = malloc(tail_len ? tail_len : 1)))
-            goto out;
-        duplex__assignment__pack(&only, tail);
-    }
-    rc = 0;
+    if (j->has_nccl_id && shared_gpu(peers, j->nranks, o->shared_gpu, sizeof(o->shared_gpu)) < 0)
+        goto out;
+    only.peers = &one;
+    only.n_peers = 1;
     for (int i = 0; i < j->nranks; i++) {
-        Duplex__Assignment a = DUPLEX__ASSIGNMENT__INIT;
-        int stages[2];
+        size_t len;
 
-        a.job_id = j->id;
-        a.attempt = j->attempt;
-        a.schedule = (char *)dp_sched_kind_name(j->spec.parallel.schedule);
-        a.pp = j->spec.parallel.pp;
-        a.ep = j->spec.parallel.ep;
-        a.dp = j->spec.parallel.dp;
-        a.microbatches = j->spec.parallel.microbatches;
-        a.steps = (uint64_t)j->spec.train.steps;
-        a.pp_rank = j->ranks[i].pp;
-        a.ep_rank = j->ranks[i].ep;
-        a.dp_rank = j->ranks[i].dp;
-        a.n_stages = (size_t)coord_plan_stages(&j->spec, j->ranks[i].pp, stages);
-        a.stages = stages;
-        for (int k = 0; k < per_gpu; k++)
-            slots[k] = experts->phy2log[j->ranks[i].ep * per_gpu + k];
-        a.experts = slots;
-        a.n_experts = (size_t)per_gpu;
-        a.cost_f_ms = j->spec.sim.f;
-        a.cost_b_ms = j->spec.sim.b;
-        a.cost_w_ms = j->spec.sim.w;
-        a.cost_fb_ms = j->spec.sim.fb;
-        a.peers = tail ? NULL : peer_ptrs;
-        a.n_peers = tail ? 0 : (size_t)j->nranks;
-        a.checkpoint = j->resume_dir;
-        a.spec_json = j->spec_json;
-        a.expert_owner = owner;
-        a.n_expert_owner = (size_t)E;
-        if (j->has_nccl_id) {
-            a.nccl_id.data = j->nccl_id;
-            a.nccl_id.len = sizeof(j->nccl_id);
-        }
-        if ((tail ? jobs->io.send_tail(jobs->io.arg, j->ranks[i].worker_id,
-                                       DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, &a.base, tail, tail_len)
-                  : jobs->io.send(jobs->io.arg, j->ranks[i].worker_id,
-                                  DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, &a.base)) < 0) {
-            rc = -EHOSTUNREACH;
-            break;
-        }
+        one = &peers[i];
+        len = duplex__assignment__get_packed_size(&only);
+        o->at[i + 1] = o->at[i] + len;
+        most = len > most ? len : most;
     }
+    if (!(o->packed = malloc(o->at[j->nranks] + 1)) || !(o->tail = malloc(most * (size_t)max + 1)))
+        goto out;
+    for (int i = 0; i < j->nranks; i++) {
+        one = &peers[i];
+        duplex__assignment__pack(&only, o->packed + o->at[i]);
+    }
+    j->outbox = o;
+    jobs->outboxes++;
+    o = NULL;
+    rc = 0;
 out:
-    free(tail);
-    free(owner);
-    free(slots);
-    free(peer_ptrs);
+    if (o) {
+        j->outbox = o; /* freed as one */
+        jobs->outboxes++;
+        job_outbox_free(jobs, j);
+    }
     free(peers);
     return rc;
+}
+
+/* Sends rank i's Assignment: the job's fields, its own ranks, stages and
+ * experts, and only the peers it exchanges data with (coord_plan_peers),
+ * appended as packed. 0 or -EHOSTUNREACH. */
+static int job_send_assignment(coord_jobs_t *jobs, struct coord_job *j, int i)
+{
+    struct job_outbox *o = j->outbox;
+    Duplex__Assignment a = DUPLEX__ASSIGNMENT__INIT;
+    int stages[2],
+        n = coord_plan_peers(&j->spec, j->ranks[i].dp, j->ranks[i].pp, j->ranks[i].ep, o->near);
+    size_t tail_len = 0;
+    int rc;
+
+    a.job_id = j->id;
+    a.attempt = j->attempt;
+    a.schedule = (char *)dp_sched_kind_name(j->spec.parallel.schedule);
+    a.pp = j->spec.parallel.pp;
+    a.ep = j->spec.parallel.ep;
+    a.dp = j->spec.parallel.dp;
+    a.microbatches = j->spec.parallel.microbatches;
+    a.steps = (uint64_t)j->spec.train.steps;
+    a.pp_rank = j->ranks[i].pp;
+    a.ep_rank = j->ranks[i].ep;
+    a.dp_rank = j->ranks[i].dp;
+    a.n_stages = (size_t)coord_plan_stages(&j->spec, j->ranks[i].pp, stages);
+    a.stages = stages;
+    for (int k = 0; k < j->slots_per_gpu; k++)
+        o->slots[k] = j->slot_expert[j->ranks[i].ep * j->slots_per_gpu + k];
+    a.experts = o->slots;
+    a.n_experts = (size_t)j->slots_per_gpu;
+    a.cost_f_ms = j->spec.sim.f;
+    a.cost_b_ms = j->spec.sim.b;
+    a.cost_w_ms = j->spec.sim.w;
+    a.cost_fb_ms = j->spec.sim.fb;
+    for (int k = 0; k < n; k++) { /* ranks are numbered in j->ranks' order */
+        memcpy(o->tail + tail_len, o->packed + o->at[o->near[k]],
+               o->at[o->near[k] + 1] - o->at[o->near[k]]);
+        tail_len += o->at[o->near[k] + 1] - o->at[o->near[k]];
+    }
+    a.checkpoint = j->resume_dir;
+    a.spec_json = j->spec_json;
+    a.expert_owner = o->owner;
+    a.n_expert_owner = (size_t)j->spec.model.experts;
+    if (j->has_nccl_id) {
+        a.nccl_id.data = j->nccl_id;
+        a.nccl_id.len = sizeof(j->nccl_id);
+        a.shared_gpu = o->shared_gpu;
+    }
+    if (jobs->io.send_tail) {
+        rc = jobs->io.send_tail(jobs->io.arg, j->ranks[i].worker_id,
+                                DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, &a.base, o->tail, tail_len);
+    } else {
+        /* without the packed way (tests): the message those bytes make */
+        size_t len = duplex__assignment__get_packed_size(&a);
+        uint8_t *bytes = malloc(len + tail_len + 1);
+        Duplex__Assignment *whole = NULL;
+
+        if (bytes) {
+            duplex__assignment__pack(&a, bytes);
+            memcpy(bytes + len, o->tail, tail_len);
+            whole = duplex__assignment__unpack(NULL, len + tail_len, bytes);
+        }
+        rc = whole ? jobs->io.send(jobs->io.arg, j->ranks[i].worker_id,
+                                   DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, &whole->base)
+                   : -ENOMEM;
+        duplex__assignment__free_unpacked(whole, NULL);
+        free(bytes);
+    }
+    return rc < 0 ? -EHOSTUNREACH : 0;
+}
+
+/* Sends up to budget of the placement's Assignments still to send;
+ * returns how many it sent. The outbox goes once empty, or when the job
+ * no longer waits for them (cancelled, failed, placed again). */
+static int job_send_some(coord_jobs_t *jobs, struct coord_job *j, int budget, struct jnow now)
+{
+    struct job_outbox *o = j->outbox;
+    int sent = 0;
+
+    if (!o)
+        return 0;
+    if (j->state != COORD_JOB_PLACING || o->attempt != j->attempt) {
+        job_outbox_free(jobs, j);
+        return 0;
+    }
+    while (o->next < j->nranks && sent < budget) {
+        if (job_send_assignment(jobs, j, o->next) < 0) {
+            job_outbox_free(jobs, j);
+            job_fail(jobs, j, now, NULL, "an assignment could not be delivered");
+            return sent;
+        }
+        o->next++;
+        sent++;
+    }
+    if (o->next == j->nranks)
+        job_outbox_free(jobs, j);
+    return sent;
+}
+
+int coord_jobs_send_some(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono)
+{
+    struct jnow now = {now_wall, now_mono};
+    int budget = jobs->send_slice > 0 ? jobs->send_slice : INT_MAX;
+
+    /* in id order: the job placed first is sent first */
+    for (size_t i = 0; i < jobs->n && jobs->outboxes > 0 && budget > 0; i++)
+        budget -= job_send_some(jobs, jobs->v[i], budget, now);
+    return jobs->outboxes > 0;
+}
+
+void coord_jobs_set_send_slice(coord_jobs_t *jobs, int per_call)
+{
+    jobs->send_slice = per_call > 0 ? per_call : 0;
 }
 
 /* Backend cuda: a fresh NCCL unique id for the attempt j is about to
@@ -873,11 +1186,13 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
     j->step = j->resume_step;
     j->attempt++;
     j->placed_mono = now.mono;
-    job_simulate(j);
+    job_simulate(jobs, j);
     job_set_state(jobs, j, COORD_JOB_PLACING, now, "placed on %d workers (%d EP groups span nodes)",
                   j->nranks, place.split_groups);
-    if (job_send_assignments(jobs, j, &experts) < 0)
-        job_fail(jobs, j, now, NULL, "an assignment could not be delivered");
+    if (job_outbox_create(jobs, j, &experts) < 0)
+        job_fail(jobs, j, now, NULL, "out of memory for its assignments");
+    else if (jobs->send_slice == 0)
+        job_send_some(jobs, j, j->nranks, now);
 out:
     coord_eplb_plan_clear(&experts);
     coord_placement_clear(&place);
@@ -988,6 +1303,91 @@ void coord_jobs_set_metrics_keep(coord_jobs_t *jobs, uint64_t steps)
     jobs->metrics_keep = steps;
 }
 
+void coord_jobs_set_retention(coord_jobs_t *jobs, int64_t forget_after_ms, int keep_finished)
+{
+    jobs->forget_after_ms = forget_after_ms;
+    jobs->keep_finished = keep_finished;
+}
+
+/* Whether a worker is still held for j (its JobDone or idle heartbeat has
+ * not come since j ended): j stays in memory to free it then. */
+static int job_held(coord_jobs_t *jobs, const struct coord_job *j)
+{
+    for (int i = 0; i < j->nranks; i++) {
+        struct coord_worker *w = coord_registry_find(jobs->reg, j->ranks[i].worker_id);
+        if (w && w->assigned_job == j->id)
+            return 1;
+    }
+    return 0;
+}
+
+/* Later-ended first (then higher id): the finished jobs the count keeps. */
+static int later_ended(int64_t p_mono, uint64_t p_id, int64_t q_mono, uint64_t q_id)
+{
+    if (p_mono != q_mono)
+        return p_mono > q_mono ? -1 : 1;
+    return p_id > q_id ? -1 : p_id < q_id;
+}
+
+static int cmp_latest_ended(const void *a, const void *b)
+{
+    const struct coord_job *p = *(const struct coord_job *const *)a;
+    const struct coord_job *q = *(const struct coord_job *const *)b;
+
+    return later_ended(p->finished_mono, p->id, q->finished_mono, q->id);
+}
+
+int coord_jobs_forget_finished(coord_jobs_t *jobs, int64_t now_mono)
+{
+    /* the latest-ended job past the count, if any (its key: it may go) */
+    int64_t cut_mono = 0;
+    uint64_t cut_id = 0;
+    int cut = 0;
+    size_t finished = 0, k = 0;
+    int forgotten = 0;
+
+    if (jobs->keep_finished >= 0) {
+        for (size_t i = 0; i < jobs->n; i++)
+            finished += job_is_over(jobs->v[i]);
+        if (finished > (size_t)jobs->keep_finished) {
+            struct coord_job **order = malloc(finished * sizeof(*order));
+            size_t m = 0;
+
+            if (!order)
+                return -ENOMEM;
+            for (size_t i = 0; i < jobs->n; i++)
+                if (job_is_over(jobs->v[i]))
+                    order[m++] = jobs->v[i];
+            qsort(order, m, sizeof(*order), cmp_latest_ended);
+            cut = 1;
+            cut_mono = order[jobs->keep_finished]->finished_mono;
+            cut_id = order[jobs->keep_finished]->id;
+            free(order);
+        }
+    }
+    for (size_t i = 0; i < jobs->n; i++) {
+        struct coord_job *j = jobs->v[i];
+        int expired =
+            jobs->forget_after_ms >= 0 && now_mono - j->finished_mono >= jobs->forget_after_ms;
+        int over = cut && later_ended(j->finished_mono, j->id, cut_mono, cut_id) >= 0;
+
+        if (job_is_over(j) && (expired || over) && !job_held(jobs, j)) {
+            dx_debug("job %llu (%s) leaves memory; it stays in the database",
+                     (unsigned long long)j->id, state_names[j->state]);
+            job_free(jobs, j);
+            forgotten++;
+            continue;
+        }
+        jobs->v[k++] = j; /* the order by id stays */
+    }
+    jobs->n = k;
+    if (forgotten)
+        dx_info("%d finished job%s left memory (kept in the database: duplexctl status JOB, "
+                "status --all)",
+                forgotten, forgotten == 1 ? "" : "s");
+    return forgotten;
+}
+
 void coord_jobs_set_spares(coord_jobs_t *jobs, int spares)
 {
     jobs->spares = spares > 0 ? spares : 0;
@@ -1004,12 +1404,25 @@ int coord_jobs_set_nccl_library(coord_jobs_t *jobs, const char *library)
     return 0;
 }
 
+static int copy_state(const struct coord_job_row *row, void *arg)
+{
+    snprintf(arg, 16, "%s", row->state ? row->state : "");
+    return 0;
+}
+
 int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, const char *by, int64_t now_wall,
                       int64_t now_mono, char *err, size_t errlen)
 {
     struct coord_job *j = job_find(jobs, id);
 
     if (!j) {
+        /* it may have ended and left memory */
+        char state[16] = "";
+
+        if (coord_store_job_get(jobs->store, id, copy_state, state) == 0 && state[0]) {
+            snprintf(err, errlen, "job %llu already %s", (unsigned long long)id, state);
+            return -EALREADY;
+        }
         snprintf(err, errlen, "no job %llu", (unsigned long long)id);
         return -ENOENT;
     }
@@ -1753,13 +2166,28 @@ void coord_jobs_on_worker_gone(coord_jobs_t *jobs, const char *worker_id, int64_
 
 static json_t *job_summary(const struct coord_job *j)
 {
-    return json_pack("{s:I, s:s, s:s, s:s, s:s, s:i, s:i, s:I, s:i, s:s, s:I, s:I, s:I}", "id",
-                     (json_int_t)j->id, "name", j->spec.name, "owner", j->owner, "state",
-                     state_names[j->state], "backend", j->spec.backend, "priority",
-                     j->spec.priority, "workers", coord_jobspec_workers(&j->spec), "step",
-                     (json_int_t)j->step, "steps", j->spec.train.steps, "reason", j->reason,
-                     "submitted_ms", (json_int_t)j->submitted_ms, "started_ms",
-                     (json_int_t)j->started_ms, "finished_ms", (json_int_t)j->finished_ms);
+    return json_pack(
+        "{s:I, s:s, s:s, s:s, s:s, s:i, s:i, s:I, s:i, s:s, s:I, s:I, s:I, s:b}", "id",
+        (json_int_t)j->id, "name", j->spec.name, "owner", j->owner, "state", state_names[j->state],
+        "backend", j->spec.backend, "priority", j->spec.priority, "workers",
+        coord_jobspec_workers(&j->spec), "step", (json_int_t)j->step, "steps", j->spec.train.steps,
+        "reason", j->reason, "submitted_ms", (json_int_t)j->submitted_ms, "started_ms",
+        (json_int_t)j->started_ms, "finished_ms", (json_int_t)j->finished_ms, "in_memory", 1);
+}
+
+/* job_summary() of a job as stored (a page of status --all), without
+ * reading or parsing its spec. */
+static json_t *row_summary(const struct coord_job_row *r)
+{
+#define S(x) ((x) ? (x) : "")
+    return json_pack("{s:I, s:s, s:s, s:s, s:s, s:i, s:i, s:I, s:I, s:s, s:I, s:I, s:I, s:b}", "id",
+                     (json_int_t)r->id, "name", S(r->name), "owner", S(r->owner), "state",
+                     S(r->state), "backend", S(r->backend), "priority", r->priority, "workers",
+                     r->workers, "step", (json_int_t)r->step, "steps", (json_int_t)r->steps,
+                     "reason", S(r->reason), "submitted_ms", (json_int_t)r->submitted_ms,
+                     "started_ms", (json_int_t)r->started_ms, "finished_ms",
+                     (json_int_t)r->finished_ms, "in_memory", 0);
+#undef S
 }
 
 struct steps_ctx {
@@ -1869,6 +2297,42 @@ fail:
     return NULL;
 }
 
+static int stored_job(const struct coord_job_row *row, void *arg)
+{
+    char err[512];
+
+    *(struct coord_job **)arg = job_from_row(row, err, sizeof(err));
+    return *(struct coord_job **)arg ? 0 : -ENOMEM;
+}
+
+/* A job that left memory, from the database: as job_detail() shows it,
+ * its ranks those of its last attempt (each done at the job's step). */
+static json_t *stored_job_detail(coord_jobs_t *jobs, uint64_t id, int *rc)
+{
+    struct coord_job *j = NULL;
+    int need;
+    json_t *o = NULL;
+
+    if ((*rc = coord_store_job_get(jobs->store, id, stored_job, &j)) < 0)
+        return NULL;
+    need = coord_jobspec_workers(&j->spec);
+    if (need > 0 && (j->ranks = calloc((size_t)need, sizeof(*j->ranks))) &&
+        coord_store_job_ranks_each(jobs->store, j->id, add_rank, j) >= 0) {
+        for (int i = 0; i < j->nranks; i++) {
+            j->ranks[i].step = j->step;
+            j->ranks[i].acked = j->ranks[i].done = 1;
+        }
+    } else {
+        j->nranks = 0;
+    }
+    if ((o = job_detail(jobs, j)))
+        json_object_set_new(o, "in_memory", json_false());
+    else
+        *rc = -ENOMEM;
+    job_free(jobs, j);
+    return o;
+}
+
 json_t *coord_jobs_status(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, int *rc)
 {
     json_t *arr;
@@ -1878,10 +2342,8 @@ json_t *coord_jobs_status(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, int
     if (id) {
         struct coord_job *j = job_find(jobs, id);
         json_t *o;
-        if (!j) {
-            *rc = -ENOENT;
-            return NULL;
-        }
+        if (!j)
+            return stored_job_detail(jobs, id, rc);
         o = job_detail(jobs, j);
         if (!o)
             *rc = -ENOMEM;
@@ -1893,6 +2355,59 @@ json_t *coord_jobs_status(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, int
     if (!arr)
         *rc = -ENOMEM;
     return arr ? json_pack("{s:o}", "jobs", arr) : NULL;
+}
+
+struct page_ctx {
+    coord_jobs_t *jobs;
+    json_t *arr;
+    unsigned limit, n;
+    uint64_t last; /* the last id listed */
+    int more;      /* a row past the page was there */
+};
+
+static int page_one(const struct coord_job_row *row, void *arg)
+{
+    struct page_ctx *ctx = arg;
+    struct coord_job *j;
+    json_t *o;
+
+    if (ctx->n == ctx->limit) {
+        ctx->more = 1;
+        return 1;
+    }
+    /* a job in memory as it is now; one that left it as stored */
+    j = job_find(ctx->jobs, row->id);
+    o = j ? job_summary(j) : row_summary(row);
+    if (!o || json_array_append_new(ctx->arr, o) < 0)
+        return -ENOMEM;
+    ctx->n++;
+    ctx->last = row->id;
+    return 0;
+}
+
+json_t *coord_jobs_status_page(coord_jobs_t *jobs, uint64_t after_id, unsigned limit,
+                               uint64_t *next_after_id, int *rc)
+{
+    struct page_ctx ctx = {.jobs = jobs, .arr = json_array()};
+    int n;
+
+    *next_after_id = 0;
+    ctx.limit = limit && limit < COORD_JOBS_PAGE_MAX ? limit : COORD_JOBS_PAGE_MAX;
+    if (!ctx.arr) {
+        *rc = -ENOMEM;
+        return NULL;
+    }
+    /* one row more than the page: whether another page follows */
+    n = coord_store_jobs_page(jobs->store, after_id, (int)ctx.limit + 1, page_one, &ctx);
+    if (n < 0) {
+        *rc = n;
+        json_decref(ctx.arr);
+        return NULL;
+    }
+    *rc = 0;
+    if (ctx.more)
+        *next_after_id = ctx.last;
+    return json_pack("{s:o}", "jobs", ctx.arr);
 }
 
 /* The rank whose worker has been silent longest, if longer than a couple
@@ -2018,6 +2533,9 @@ void coord_jobs_on_idle(coord_jobs_t *jobs, const char *worker_id, int64_t now_w
     if (j && (job_is_over(j) || !r || r->done || (j->state == COORD_JOB_RECOVERING && r->acked))) {
         if (r)
             r->done = 1;
+        w->assigned_job = 0;
+        freed = 1;
+    } else if (w && w->assigned_job && !j) { /* held for a job no longer in memory */
         w->assigned_job = 0;
         freed = 1;
     }

@@ -114,7 +114,8 @@ int coord_jobs_create(coord_store_t *store, coord_registry_t *reg, const struct 
                       coord_jobs_t **out);
 void coord_jobs_destroy(coord_jobs_t *jobs);
 
-/* Loads stored jobs. Queued jobs stay queued; jobs that were placing,
+/* Loads stored jobs (finished ones past retention stay in the database
+ * only: coord_jobs_set_retention). Queued jobs stay queued; jobs that were placing,
  * running or recovering when duplexd stopped go on with their stored ranks
  * (an event job_resumed): their workers carry on and re-register. */
 int coord_jobs_load(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono);
@@ -130,9 +131,33 @@ int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, cons
  * queues jobs. */
 void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono);
 
+/* A placement's Assignments go out per_call at a time, each slice by
+ * coord_jobs_send_some, so that no loop turn carries a whole large job
+ * (duplexd: COORD_JOBS_SEND_SLICE after each commit, so every Assignment
+ * leaves after the placement it belongs to is stored). 0 (the default):
+ * all of them at placement. */
+#define COORD_JOBS_SEND_SLICE 256
+void coord_jobs_set_send_slice(coord_jobs_t *jobs, int per_call);
+
+/* Sends the next slice of the placed jobs' Assignments, the job placed
+ * first first (a failed send fails its job, as at placement). Returns 1
+ * while some remain, else 0. */
+int coord_jobs_send_some(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono);
+
 /* Free workers per backend that queued jobs leave unused, so that a
  * recovering job finds a replacement at once (duplexd --spares). */
 void coord_jobs_set_spares(coord_jobs_t *jobs, int spares);
+
+/* The event loop jobs run on (duplexd's). With one, a placed job's
+ * schedule is simulated (for status's simulated bubble, up to the spec's
+ * simulation budget) on libuv's thread pool, off the loop: status shows 0
+ * until it is done, and the result is kept only when its job still exists
+ * in the same attempt. Without one (NULL, the default: tests), it is
+ * simulated at once. Simulations still in flight when the jobs are
+ * destroyed are detached from them; running the loop to its end (as
+ * dx_loop_close does) completes and frees them. */
+struct uv_loop_s;
+void coord_jobs_set_loop(coord_jobs_t *jobs, struct uv_loop_s *loop);
 
 /* Metrics retention: a job keeps its per-rank metrics rows of the last
  * COORD_METRICS_KEEP_STEPS steps before its step (the step every rank has
@@ -142,6 +167,25 @@ void coord_jobs_set_spares(coord_jobs_t *jobs, int spares);
 
 /* Changes that number (tests); 0 keeps every row. */
 void coord_jobs_set_metrics_keep(coord_jobs_t *jobs, uint64_t steps);
+
+/* Retention of finished jobs (succeeded, failed, cancelled) in memory
+ * (duplexd --forget-jobs-after-h, --keep-jobs): a job leaves memory once it
+ * has been finished for forget_after_ms (< 0: never; 0: at the next
+ * coord_jobs_forget_finished), and beyond keep_finished finished jobs (< 0:
+ * no limit) the ones that ended first leave. Everything about a job stays
+ * in the database, where status finds it (coord_jobs_status,
+ * coord_jobs_status_page); a job is never found again by what workers say
+ * about it, which is answered as stale. Set before coord_jobs_load, which
+ * loads no finished job past retention (by the wall clock: how long ago
+ * its stored finished_ms was). Default: -1, -1 (every job stays). */
+void coord_jobs_set_retention(coord_jobs_t *jobs, int64_t forget_after_ms, int keep_finished);
+
+/* Forgets the finished jobs past retention, as of now_mono (on the clock
+ * of the now_mono given to the other calls: monotonic), except those a
+ * worker is still held for (until its JobDone or idle heartbeat frees it).
+ * O(jobs in memory), plus a sort of the finished ones when over
+ * keep_finished. Returns how many left, or -ENOMEM. */
+int coord_jobs_forget_finished(coord_jobs_t *jobs, int64_t now_mono);
 
 /* The NCCL library that makes the unique ids of cuda jobs (duplexd
  * --nccl-lib; NULL: $DUPLEX_NCCL_LIB, else libnccl.so.2). Opened on the
@@ -212,8 +256,24 @@ void coord_jobs_check_timeouts(coord_jobs_t *jobs, int64_t now_wall, int64_t now
 void coord_jobs_on_idle(coord_jobs_t *jobs, const char *worker_id, int64_t now_wall,
                         int64_t now_mono);
 
-/* JSON for `duplexctl status`: every job (id 0) or one job in detail.
- * Returns a new reference, or NULL with -ENOENT/-ENOMEM in *rc. */
+/* JSON for `duplexctl status`: every job in memory (id 0) or one job in
+ * detail; a job that left memory (coord_jobs_forget_finished) is read
+ * from the database, with "in_memory": false. Returns a new reference, or
+ * NULL with -ENOENT/-ENOMEM/-EIO in *rc. */
 json_t *coord_jobs_status(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, int *rc);
+
+/* Jobs per page of coord_jobs_status_page at most: well under the 4 MiB
+ * message limit (a summary is at most ~2.5 KB of JSON, ~300 B usually),
+ * and a few ms of the loop (~6 ms measured for 500). */
+#define COORD_JOBS_PAGE_MAX 500
+
+/* JSON for `duplexctl status --all`: one page of every job, those that
+ * left memory too, by id: {"jobs": [summary, ...]} of the jobs with ids
+ * above after_id, at most limit (0 or over COORD_JOBS_PAGE_MAX: that
+ * many); a job in memory as coord_jobs_status lists it, one that left as
+ * stored. One bounded read of the database (LIMIT). *next_after_id: the
+ * last id listed when more follow, else 0. NULL with -ENOMEM/-EIO in *rc. */
+json_t *coord_jobs_status_page(coord_jobs_t *jobs, uint64_t after_id, unsigned limit,
+                               uint64_t *next_after_id, int *rc);
 
 #endif

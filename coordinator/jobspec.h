@@ -23,9 +23,11 @@
 #include "pipeline/schedule.h"
 
 #define COORD_JOBSPEC_TEXT 128
-/* duplexd simulates every job's schedule inside its event loop, in time
- * that grows with pp x microbatches (about 70 ms at this bound on a 2-core
- * VM; pp 128 x 65,536 took 17 s): specs over it are refused. */
+/* duplexd simulates every job's schedule (at placement, and for each
+ * `submit --dry-run`) on libuv's thread pool, off its event loop, in time
+ * and memory that grow with pp x microbatches (about 70 ms at this bound on
+ * a 2-core VM; pp 128 x 65,536 took 17 s and pp 256 ran out of memory):
+ * specs over it are refused before any work. */
 #define COORD_JOBSPEC_SIM_BUDGET 131072
 
 struct coord_jobspec {

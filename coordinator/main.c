@@ -21,10 +21,13 @@
 #define DEFAULT_HEARTBEAT_MS 500
 #define DEFAULT_DEAD_AFTER_MS 2000
 #define DEFAULT_FORGET_AFTER_H 168 /* a week */
+#define DEFAULT_FORGET_JOBS_AFTER_H 24
+#define DEFAULT_KEEP_JOBS 1000
 
 static char *opt_config, *opt_listen, *opt_db, *opt_log_level, *opt_nccl_lib, *opt_key,
     *opt_authorized;
 static int opt_heartbeat_ms, opt_dead_after_ms, opt_spares, opt_forget_after_h;
+static int opt_forget_jobs_after_h, opt_keep_jobs;
 static bool opt_insecure;
 
 static const struct dx_opt options[] = {
@@ -41,6 +44,12 @@ static const struct dx_opt options[] = {
      "free workers per backend that new jobs leave unused, for recoveries"},
     {"forget-after-h", DX_OPT_INT, &opt_forget_after_h, NULL, DEFAULT_FORGET_AFTER_H, 0, 87600,
      "HOURS", "forget workers lost or left this long (their events stay); 0: never"},
+    {"forget-jobs-after-h", DX_OPT_INT, &opt_forget_jobs_after_h, NULL, DEFAULT_FORGET_JOBS_AFTER_H,
+     0, 87600, "HOURS",
+     "finished jobs leave memory this long after they ended (they stay in the database: "
+     "status JOB, status --all); 0: at once"},
+    {"keep-jobs", DX_OPT_INT, &opt_keep_jobs, NULL, DEFAULT_KEEP_JOBS, 0, 1000000, "N",
+     "finished jobs kept in memory at most (the ones that ended first leave)"},
     {"nccl-lib", DX_OPT_STRING, &opt_nccl_lib, NULL, 0, 0, 0, "PATH",
      "NCCL library for the unique ids of cuda jobs (default $" COORD_NCCL_LIB_ENV
      ", else " COORD_NCCL_LIB_DEFAULT ")"},
@@ -106,6 +115,8 @@ int main(int argc, char **argv)
         .dead_after_ms = opt_dead_after_ms,
         .spares = opt_spares,
         .forget_after_h = opt_forget_after_h,
+        .forget_jobs_after_h = opt_forget_jobs_after_h,
+        .keep_jobs = opt_keep_jobs,
         .nccl_lib = opt_nccl_lib,
         .key = opt_key,
         .authorized = opt_authorized,

@@ -28,6 +28,74 @@ int coord_plan_stages(const struct coord_jobspec *spec, int r, int stages[2])
     }
 }
 
+int coord_plan_rank_index(const struct coord_jobspec *spec, int dp, int pp, int ep)
+{
+    return (dp * spec->parallel.pp + pp) * spec->parallel.ep + ep;
+}
+
+int coord_plan_peers_max(const struct coord_jobspec *spec)
+{
+    /* 3 pipeline ranks, the EP group, two stages' sum groups of at most
+     * two holders each */
+    return 3 + spec->parallel.ep + 4 * spec->parallel.dp * spec->parallel.ep;
+}
+
+static int cmp_int(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+
+    return (x > y) - (x < y);
+}
+
+/* The pipeline ranks holding stage st (1 or 2), ascending. */
+static int stage_holders(const struct coord_jobspec *spec, int st, int holders[2])
+{
+    int n = 0;
+
+    for (int r = 0; r < spec->parallel.pp && n < 2; r++) {
+        int stages[2], k = coord_plan_stages(spec, r, stages);
+
+        for (int i = 0; i < k; i++)
+            if (stages[i] == st) {
+                holders[n++] = r;
+                break;
+            }
+    }
+    return n;
+}
+
+int coord_plan_peers(const struct coord_jobspec *spec, int d, int p, int e, int *out)
+{
+    int PP = spec->parallel.pp, EP = spec->parallel.ep, DP = spec->parallel.dp;
+    int stages[2], nst = coord_plan_stages(spec, p, stages), n = 0, m = 0;
+
+    for (int q = p - 1; q <= p + 1; q++)
+        if (q >= 0 && q < PP)
+            out[n++] = coord_plan_rank_index(spec, d, q, e);
+    for (int f = 0; f < EP; f++)
+        if (f != e)
+            out[n++] = coord_plan_rank_index(spec, d, p, f);
+    for (int i = 0; i < nst; i++) {
+        int holders[2], nh = stage_holders(spec, stages[i], holders);
+
+        if (nh == 0)
+            continue;
+        if (d != 0 || p != holders[0] || e != 0) { /* a member: its root */
+            out[n++] = coord_plan_rank_index(spec, 0, holders[0], 0);
+            continue;
+        }
+        for (int dd = 0; dd < DP; dd++) /* the root: every member */
+            for (int h = 0; h < nh; h++)
+                for (int f = 0; f < EP; f++)
+                    out[n++] = coord_plan_rank_index(spec, dd, holders[h], f);
+    }
+    qsort(out, (size_t)n, sizeof(*out), cmp_int);
+    for (int i = 0; i < n; i++)
+        if (m == 0 || out[m - 1] != out[i])
+            out[m++] = out[i];
+    return m;
+}
+
 static json_t *stages_of(const struct coord_jobspec *spec, int r)
 {
     int st[2], n = coord_plan_stages(spec, r, st);

@@ -35,6 +35,25 @@ int coord_plan_simulate(const struct coord_jobspec *spec, struct coord_plan_sim 
 /* The model stages pipeline rank r holds; returns how many (1 or 2). */
 int coord_plan_stages(const struct coord_jobspec *spec, int r, int stages[2]);
 
+/* The job's ranks are numbered (dp * pp + pp_rank) * ep + ep_rank: the
+ * order of Assignment.peers' positions, of job_ranks.idx, and the NCCL
+ * rank of the cuda backend. */
+int coord_plan_rank_index(const struct coord_jobspec *spec, int dp, int pp, int ep);
+
+/* The ranks rank (d, p, e) exchanges data with, itself included, as rank
+ * indices in ascending order: its pipeline neighbours (pp ranks p - 1 and
+ * p + 1 of its dp and ep ranks: every schedule sends activations and
+ * gradients only there), its EP group (every ep rank of its dp and pp
+ * ranks), and for each stage it holds the group that sums that stage's
+ * gradients (every dp and ep rank of the pipeline ranks holding the
+ * stage): its root only (the member of dp rank 0, the lowest holder, ep
+ * rank 0), or every member when it is the root. Each rank's Assignment
+ * carries these peers only, so a job's Assignments grow as O(ranks), not
+ * O(ranks^2). out holds coord_plan_peers_max(spec) entries. Returns how
+ * many. */
+int coord_plan_peers(const struct coord_jobspec *spec, int d, int p, int e, int *out);
+int coord_plan_peers_max(const struct coord_jobspec *spec);
+
 /* The expert placement of one EP group: EPLB over the job's experts (one
  * layer; EP rank e holds slots e*R/ep .. (e+1)*R/ep-1 of plan->phy2log).
  * loads (tokens per expert, may be NULL) are what workers reported so far;

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/random.h>
 #include <uthash.h>
+#include <utlist.h>
 
 #include "common/log.h"
 #include "proto/envelope.h"
@@ -19,12 +20,15 @@ struct registry_entry {
     UT_hash_handle hh;       /* by_id, keyed by w.id */
     UT_hash_handle hh_route; /* by_route, keyed by w.routing_id, while it holds the route */
     bool routed;             /* in by_route */
+    struct registry_entry *fd_prev, *fd_next; /* by_fd[w.conn_fd]'s list, while conn_fd >= 0 */
 };
 
 struct coord_registry {
     coord_store_t *store;
     struct registry_entry *by_id;
     struct registry_entry *by_route; /* each routing id's latest worker */
+    struct registry_entry **by_fd;   /* [fd]: the workers last heard on that connection */
+    size_t n_fd;
 };
 
 static const char *const state_names[] = {
@@ -88,6 +92,7 @@ void coord_registry_destroy(coord_registry_t *reg)
     HASH_ITER (hh, reg->by_id, e, tmp) {
         entry_remove(reg, e);
     }
+    free(reg->by_fd);
     free(reg);
 }
 
@@ -129,8 +134,42 @@ static struct registry_entry *entry_new(coord_registry_t *reg, const char *id)
         free(e);
         return NULL;
     }
+    e->w.conn_fd = -1;
     HASH_ADD_KEYPTR(hh, reg->by_id, e->w.id, strlen(e->w.id), e);
     return e;
+}
+
+/* Takes e out of the connection index: no connection known. */
+static void fd_unlink(coord_registry_t *reg, struct registry_entry *e)
+{
+    int fd = e->w.conn_fd;
+
+    if (fd >= 0 && (size_t)fd < reg->n_fd)
+        DL_DELETE2(reg->by_fd[fd], e, fd_prev, fd_next);
+    e->w.conn_fd = -1;
+}
+
+/* e's messages now come on connection fd (out of memory: none known, and
+ * a close is then noticed by dead-after alone). */
+static void fd_link(coord_registry_t *reg, struct registry_entry *e, int fd)
+{
+    fd_unlink(reg, e);
+    if (fd < 0)
+        return;
+    if ((size_t)fd >= reg->n_fd) {
+        size_t n = reg->n_fd ? reg->n_fd : 1024;
+        struct registry_entry **grown;
+
+        while (n <= (size_t)fd)
+            n *= 2;
+        if (!(grown = realloc(reg->by_fd, n * sizeof(*grown))))
+            return;
+        memset(grown + reg->n_fd, 0, (n - reg->n_fd) * sizeof(*grown));
+        reg->by_fd = grown;
+        reg->n_fd = n;
+    }
+    DL_APPEND2(reg->by_fd[fd], e, fd_prev, fd_next);
+    e->w.conn_fd = fd;
 }
 
 /* Takes e out of the route index (its routing id stays, for sending). */
@@ -145,6 +184,7 @@ static void route_unlink(coord_registry_t *reg, struct registry_entry *e)
 static void entry_remove(coord_registry_t *reg, struct registry_entry *e)
 {
     route_unlink(reg, e);
+    fd_unlink(reg, e);
     HASH_DEL(reg->by_id, e);
     worker_free_fields(&e->w);
     free(e);
@@ -359,7 +399,7 @@ int coord_registry_register(coord_registry_t *reg, const Duplex__Register *m, co
     w->registered_ms = now_wall;
     w->last_heartbeat_ms = now_wall;
     w->last_seen_mono = now_mono;
-    w->conn_fd = -1;
+    fd_unlink(reg, entry_of(w));
     w->closed_mono = 0;
     w->activity = DUPLEX__WORKER_ACTIVITY__ACTIVITY_IDLE;
     w->job_id = 0;
@@ -490,8 +530,8 @@ int coord_registry_sweep(coord_registry_t *reg, int64_t now_wall, int64_t now_mo
 
 void coord_registry_seen_on(coord_registry_t *reg, struct coord_worker *w, int fd)
 {
-    (void)reg;
-    w->conn_fd = fd;
+    if (w->conn_fd != fd)
+        fd_link(reg, entry_of(w), fd);
     w->closed_mono = 0;
 }
 
@@ -500,13 +540,15 @@ int coord_registry_conn_closed(coord_registry_t *reg, int fd, int64_t now_mono)
     struct registry_entry *e, *tmp;
     int n = 0;
 
-    HASH_ITER (hh, reg->by_id, e, tmp) {
-        if (fd < 0 || e->w.conn_fd != fd)
-            continue;
+    if (fd < 0 || (size_t)fd >= reg->n_fd)
+        return 0;
+    DL_FOREACH_SAFE2(reg->by_fd[fd], e, tmp, fd_next)
+    {
         e->w.conn_fd = -1;
         e->w.closed_mono = now_mono;
         n++;
     }
+    reg->by_fd[fd] = NULL;
     return n;
 }
 

@@ -63,6 +63,10 @@
 #define FORGET_CHECK_MS 60000
 /* Warn when open connections pass this share of the fd limit. */
 #define FD_WARN_PERCENT 80
+/* Dry runs planned at once on libuv's thread pool (each holds a copy of
+ * the alive workers and, while it runs, a schedule up to the simulation
+ * budget); more are refused as busy, so that a flood queues nothing. */
+#define DRY_RUNS_MAX 2
 
 struct coord_server {
     struct coord_server_config cfg;
@@ -76,6 +80,7 @@ struct coord_server {
     uv_timer_t sweep;
     uv_prepare_t flush;
     uv_prepare_t sleeps; /* the last thing before polling: loop statistics */
+    uv_idle_t sending;   /* active while Assignments wait: the loop polls without blocking */
     uv_signal_t sigterm;
     uv_signal_t sigint;
     uv_signal_t sighup;
@@ -103,6 +108,7 @@ struct coord_server {
         uint64_t request_id;
     } * acks;
     size_t n_acks, cap_acks;
+    int dry_runs; /* being planned off the loop (handle_submit) */
 };
 
 /* One received message: routing id, payload, who sent it (the key's
@@ -446,18 +452,82 @@ out:
     free(ws);
 }
 
+/* A dry run's plan, built on libuv's thread pool: placement, experts and
+ * the schedule's simulation (up to the simulation budget, tens of ms) stay
+ * off the loop. It owns copies of all it reads (the spec, the alive
+ * workers' ids and nodes) and of whom to answer (a routing id: a peer gone
+ * meanwhile makes the reply fail, logged at debug). */
+struct dry_run {
+    uv_work_t req;
+    coord_server_t *s;
+    struct peer_frame peer; /* its principal dropped: the allow-list may be reloaded */
+    uint64_t request_id;
+    struct coord_jobspec spec;
+    struct coord_slot *slots;
+    size_t nslots;
+    char *text; /* the plan, compact JSON */
+    int rc;
+    char err[512];
+};
+
+static void dry_run_free(struct dry_run *d)
+{
+    for (size_t i = 0; d->slots && i < d->nslots; i++) {
+        free((char *)d->slots[i].worker_id);
+        free((char *)d->slots[i].node);
+    }
+    free(d->slots);
+    free(d->text);
+    free(d);
+}
+
+static void dry_run_plan(uv_work_t *req)
+{
+    struct dry_run *d = req->data;
+    json_t *plan = NULL;
+
+    d->rc = coord_plan_build(&d->spec, d->slots, d->nslots, &plan, d->err, sizeof(d->err));
+    if (d->rc == 0 && !(d->text = json_dumps(plan, JSON_COMPACT))) {
+        d->rc = -ENOMEM;
+        snprintf(d->err, sizeof(d->err), "out of memory");
+    }
+    json_decref(plan);
+}
+
+/* Back on the loop (also while it closes at shutdown): the answer. */
+static void dry_run_answer(uv_work_t *req, int status)
+{
+    struct dry_run *d = req->data;
+    coord_server_t *s = d->s;
+
+    server_busy(s);
+    s->dry_runs--;
+    if (status < 0) {
+        snprintf(d->err, sizeof(d->err), "dry run not planned: %s", uv_strerror(status));
+        d->rc = status;
+    }
+    if (d->rc < 0) {
+        server_reject(s, &d->peer, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, d->request_id, d->err);
+    } else {
+        Duplex__SubmitReply reply = DUPLEX__SUBMIT_REPLY__INIT;
+
+        reply.plan_json = d->text;
+        server_reply(s, &d->peer, DUPLEX__MSG_TYPE__MSG_SUBMIT_REPLY, d->request_id, &reply.base);
+    }
+    dry_run_free(d);
+}
+
 /* Submit: validates the spec and, for a dry run, answers with the plan on
- * the alive workers of the job's backend. Running jobs comes later. */
+ * the alive workers of the job's backend, built off the loop (struct
+ * dry_run). */
 static void handle_submit(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
 {
     const Duplex__Submit *req = (const Duplex__Submit *)m->body;
     Duplex__SubmitReply reply = DUPLEX__SUBMIT_REPLY__INIT;
     struct coord_jobspec spec;
     struct coord_worker **ws = NULL;
-    struct coord_slot *slots = NULL;
-    json_t *plan = NULL;
-    char err[512], *text = NULL;
-    size_t nslots = 0;
+    struct dry_run *d = NULL;
+    char err[512];
     int n, rc;
 
     if (coord_jobspec_parse(req->spec_json, strlen(req->spec_json), (const char *const *)req->sets,
@@ -494,35 +564,53 @@ static void handle_submit(coord_server_t *s, const struct peer_frame *p, const s
         coord_jobs_schedule(s->jobs, now, mono);
         return;
     }
+    if (s->dry_runs >= DRY_RUNS_MAX) {
+        snprintf(err, sizeof(err), "busy: %d dry runs in progress, retry", s->dry_runs);
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY, m->request_id, err);
+        return;
+    }
     n = coord_registry_list(s->reg, &ws);
-    if (n < 0 || !(slots = calloc((size_t)n + 1, sizeof(*slots)))) {
+    if (n < 0 || !(d = calloc(1, sizeof(*d))) ||
+        !(d->slots = calloc((size_t)n + 1, sizeof(*d->slots)))) {
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id, "out of memory");
         goto out;
     }
     for (int i = 0; i < n; i++) {
-        if (ws[i]->state == COORD_WORKER_ALIVE && strcmp(ws[i]->backend, spec.backend) == 0)
-            slots[nslots++] = (struct coord_slot){ws[i]->id, ws[i]->node, ws[i]->gpu};
+        if (ws[i]->state == COORD_WORKER_ALIVE && strcmp(ws[i]->backend, spec.backend) == 0) {
+            struct coord_slot *slot = &d->slots[d->nslots++];
+
+            *slot = (struct coord_slot){strdup(ws[i]->id), strdup(ws[i]->node), ws[i]->gpu};
+            if (!slot->worker_id || !slot->node) {
+                server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id,
+                              "out of memory");
+                goto out;
+            }
+        }
     }
-    if ((size_t)coord_jobspec_workers(&spec) > nslots) {
+    if ((size_t)coord_jobspec_workers(&spec) > d->nslots) {
         snprintf(err, sizeof(err),
                  "the job needs %d %s workers (pp %d x ep %d x dp %d); the cluster has %zu alive",
                  coord_jobspec_workers(&spec), spec.backend, spec.parallel.pp, spec.parallel.ep,
-                 spec.parallel.dp, nslots);
+                 spec.parallel.dp, d->nslots);
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY, m->request_id, err);
         goto out;
     }
-    rc = coord_plan_build(&spec, slots, nslots, &plan, err, sizeof(err));
-    if (rc < 0 || !(text = json_dumps(plan, JSON_COMPACT))) {
-        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id,
-                      rc < 0 ? err : "out of memory");
+    d->req.data = d;
+    d->s = s;
+    d->peer = *p;
+    d->peer.who = NULL;
+    d->request_id = m->request_id;
+    d->spec = spec;
+    if ((rc = uv_queue_work(&s->loop, &d->req, dry_run_plan, dry_run_answer)) < 0) {
+        snprintf(err, sizeof(err), "dry run not planned: %s", uv_strerror(rc));
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id, err);
         goto out;
     }
-    reply.plan_json = text;
-    server_reply(s, p, DUPLEX__MSG_TYPE__MSG_SUBMIT_REPLY, m->request_id, &reply.base);
+    s->dry_runs++;
+    d = NULL; /* dry_run_answer's */
 out:
-    free(text);
-    json_decref(plan);
-    free(slots);
+    if (d)
+        dry_run_free(d);
     free(ws);
 }
 
@@ -696,13 +784,41 @@ static json_t *loop_json(const struct dx_loopstat *ls)
                      (json_int_t)ls->late_ms_total);
 }
 
+/* status --all: one page of every job, from the database (a bounded read) */
+static void handle_job_status_page(coord_server_t *s, const struct peer_frame *p,
+                                   const struct dx_msg *m)
+{
+    const Duplex__JobStatus *req = (const Duplex__JobStatus *)m->body;
+    Duplex__JobStatusReply r = DUPLEX__JOB_STATUS_REPLY__INIT;
+    uint64_t next = 0;
+    int rc;
+    json_t *doc = coord_jobs_status_page(s->jobs, req->after_id, req->limit, &next, &rc);
+    char *text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
+
+    if (!text) {
+        server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id,
+                      rc == -EIO ? "cannot read the jobs from the database" : "out of memory");
+    } else {
+        r.json = text;
+        r.next_after_id = next;
+        server_reply(s, p, DUPLEX__MSG_TYPE__MSG_JOB_STATUS_REPLY, m->request_id, &r.base);
+    }
+    free(text);
+    json_decref(doc);
+}
+
 static void handle_job_status(coord_server_t *s, const struct peer_frame *p, const struct dx_msg *m)
 {
     const Duplex__JobStatus *req = (const Duplex__JobStatus *)m->body;
     char text[64];
     int rc;
-    json_t *doc = coord_jobs_status(s->jobs, req->job_id, dx_wall_ms(), &rc);
+    json_t *doc;
 
+    if (req->all && !req->job_id) {
+        handle_job_status_page(s, p, m);
+        return;
+    }
+    doc = coord_jobs_status(s->jobs, req->job_id, dx_wall_ms(), &rc);
     if (rc == -ENOENT) {
         snprintf(text, sizeof(text), "no job %llu", (unsigned long long)req->job_id);
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_INVALID, m->request_id, text);
@@ -732,7 +848,8 @@ static void handle_events(coord_server_t *s, const struct peer_frame *p, const s
         req->limit && req->limit < EVENTS_DEFAULT_LIMIT ? (int)req->limit : EVENTS_DEFAULT_LIMIT;
 
     if (arr)
-        coord_store_events_each(s->store, req->job_id, req->after_id, limit, add_event, arr);
+        coord_store_events_each(s->store, req->job_id, req->after_id, limit, req->last, add_event,
+                                arr);
     reply_json(s, p, m, DUPLEX__MSG_TYPE__MSG_EVENTS_REPLY, arr);
 }
 
@@ -967,6 +1084,8 @@ static void server_on_sweep(uv_timer_t *t)
         coord_registry_forget_gone(s->reg, now, server_heard_ms(s),
                                    (int64_t)s->cfg.forget_after_h * 3600000);
     }
+    /* finished jobs past retention leave memory (a walk over the jobs in it) */
+    coord_jobs_forget_finished(s->jobs, server_heard_ms(s));
     coord_jobs_check_timeouts(s->jobs, now, server_heard_ms(s), ASSIGN_ACK_TIMEOUT_MS);
     coord_jobs_schedule(s->jobs, now, server_heard_ms(s));
 }
@@ -1092,13 +1211,20 @@ static int server_monitor(coord_server_t *s, char *err, size_t errlen)
     return 0;
 }
 
+/* A turn that sends a slice of Assignments (server_on_flush, after the
+ * turn's commit) is a busy one. */
+static void server_on_sending(uv_idle_t *h)
+{
+    server_busy(h->data);
+}
+
 /* Runs once per loop turn, before the loop blocks: commit the turn's writes,
- * then send the acknowledgements that waited for them. A failed commit, or
- * a write that failed during the turn (the store then refuses the commit),
- * is fail-stop (store.h): nothing of the turn is acknowledged, duplexd reads
- * no more messages and stops, and main exits with COORD_STORE_EXIT_FAILED
- * for systemd to restart it from the database, which holds only committed
- * turns. */
+ * then send the acknowledgements that waited for them and the next slice of
+ * Assignments. A failed commit, or a write that failed during the turn (the
+ * store then refuses the commit), is fail-stop (store.h): nothing of the
+ * turn is acknowledged, duplexd reads no more messages and stops, and main
+ * exits with COORD_STORE_EXIT_FAILED for systemd to restart it from the
+ * database, which holds only committed turns. */
 static void server_on_flush(uv_prepare_t *h)
 {
     coord_server_t *s = h->data;
@@ -1116,6 +1242,13 @@ static void server_on_flush(uv_prepare_t *h)
             dx_debug("an acknowledgement was not delivered (its worker will resend)");
     }
     s->n_acks = 0;
+    /* Assignments leave once their placement is stored, a slice a turn;
+     * while some wait the loop does not sleep in its poll */
+    if (coord_jobs_send_some(s->jobs, dx_wall_ms(), server_heard_ms(s)) > 0) {
+        uv_idle_start(&s->sending, server_on_sending);
+    } else {
+        uv_idle_stop(&s->sending);
+    }
 }
 
 /* The last callback before the loop polls again: the turn is over. */
@@ -1296,6 +1429,10 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
         struct coord_jobs_io io = {server_send_worker, server_send_worker_tail, s};
         if ((rc = coord_jobs_create(s->store, s->reg, &io, &s->jobs)) == 0) {
             coord_jobs_set_spares(s->jobs, cfg->spares);
+            coord_jobs_set_retention(s->jobs, (int64_t)cfg->forget_jobs_after_h * 3600000,
+                                     cfg->keep_jobs);
+            coord_jobs_set_loop(s->jobs, &s->loop);
+            coord_jobs_set_send_slice(s->jobs, COORD_JOBS_SEND_SLICE);
             rc = coord_jobs_set_nccl_library(s->jobs, cfg->nccl_lib);
         }
         if (rc < 0 || (rc = coord_jobs_load(s->jobs, dx_wall_ms(), server_heard_ms(s))) < 0) {
@@ -1317,11 +1454,12 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
         goto fail;
     uv_prepare_init(&s->loop, &s->flush);
     uv_prepare_init(&s->loop, &s->sleeps);
+    uv_idle_init(&s->loop, &s->sending);
     uv_signal_init(&s->loop, &s->sigterm);
     uv_signal_init(&s->loop, &s->sigint);
     uv_signal_init(&s->loop, &s->sighup);
-    s->sweep.data = s->flush.data = s->sleeps.data = s->sigterm.data = s->sigint.data =
-        s->sighup.data = s;
+    s->sweep.data = s->flush.data = s->sleeps.data = s->sending.data = s->sigterm.data =
+        s->sigint.data = s->sighup.data = s;
     s->sweep_ms = cfg->dead_after_ms / SWEEPS_PER_DEAD_AFTER;
     if (s->sweep_ms < SWEEP_MIN_MS)
         s->sweep_ms = SWEEP_MIN_MS;

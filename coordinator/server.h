@@ -15,6 +15,11 @@ struct coord_server_config {
     int spares;           /* free workers per backend kept for recoveries */
     const char *nccl_lib; /* NCCL for cuda jobs' unique ids; NULL: the default */
     int forget_after_h;   /* gone workers (lost, left) are forgotten after; 0: never */
+    /* finished jobs leave memory (not the database) this long after they
+     * ended (0: at the next sweep), and beyond keep_jobs of them the ones
+     * that ended first (coord_jobs_set_retention) */
+    int forget_jobs_after_h;
+    int keep_jobs;
     /* CURVE: duplexd's secret certificate and the allow-list of the keys
      * that may talk to it (coordinator/authz.h); both NULL: no keys, every
      * peer is trusted (--insecure) */

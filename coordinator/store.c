@@ -28,6 +28,18 @@
     " SUM(comm_ms), SUM(hidden_comm_ms), MAX(sync_ms), MAX(f_ms), MAX(b_ms), MAX(i_ms),"           \
     " MAX(w_ms), MAX(fb_ms), MAX(tokens)"
 
+/* A jobs row as struct coord_job_row has it (job_row_read). */
+#define JOB_COLUMNS                                                                                \
+    "id, name, spec, state, step, reason, submitted_ms, started_ms, finished_ms, attempt,"         \
+    " restarts, resume_step, resume_dir, owner, backend, priority, workers, steps"
+/* The same without the spec (NULL in its place): a page of summaries reads
+ * no spec text. */
+#define JOB_SUMMARY_COLUMNS                                                                        \
+    "id, name, NULL, state, step, reason, submitted_ms, started_ms, finished_ms, attempt,"         \
+    " restarts, resume_step, resume_dir, owner, backend, priority, workers, steps"
+/* The states of a job that ended. */
+#define JOB_ENDED "('succeeded', 'failed', 'cancelled')"
+
 /* migrations[i] brings the schema from version i to version i + 1. */
 static const char *const migrations[] = {
     /* 0 -> 1: workers and the append-only event log */
@@ -178,6 +190,10 @@ enum store_stmt {
     STMT_JOB_INSERT,
     STMT_JOB_UPDATE,
     STMT_JOBS_ALL,
+    STMT_JOB_GET,
+    STMT_JOBS_PAGE,
+    STMT_JOBS_LOAD,
+    STMT_JOBS_COUNT,
     STMT_METRIC,
     STMT_METRIC_ADD,
     STMT_METRIC_GET,
@@ -188,6 +204,7 @@ enum store_stmt {
     STMT_METRICS_EXPIRE,
     STMT_JOB_STEPS,
     STMT_EVENTS_LIST,
+    STMT_EVENTS_LAST,
     STMT_CKPT_SHARD,
     STMT_CKPT_SHARDS,
     STMT_CKPT_COMPLETE,
@@ -222,9 +239,17 @@ static const char *const stmt_sql[STMT_COUNT] = {
     [STMT_JOB_UPDATE] = "UPDATE jobs SET state = ?2, step = ?3, reason = ?4, started_ms = ?5,"
                         " finished_ms = ?6, attempt = ?7, restarts = ?8, resume_step = ?9,"
                         " resume_dir = ?10 WHERE id = ?1",
-    [STMT_JOBS_ALL] = "SELECT id, name, spec, state, step, reason, submitted_ms, started_ms,"
-                      " finished_ms, attempt, restarts, resume_step, resume_dir, owner FROM jobs"
-                      " ORDER BY id",
+    [STMT_JOBS_ALL] = "SELECT " JOB_COLUMNS " FROM jobs ORDER BY id",
+    [STMT_JOB_GET] = "SELECT " JOB_COLUMNS " FROM jobs WHERE id = ?1",
+    [STMT_JOBS_PAGE] = "SELECT " JOB_SUMMARY_COLUMNS " FROM jobs WHERE id > ?1 ORDER BY id"
+                       " LIMIT ?2",
+    /* what duplexd loads at start: the jobs that have not ended, and the
+     * ?2 (-1: all) that ended last of those that ended at ?1 or later */
+    [STMT_JOBS_LOAD] = "SELECT " JOB_COLUMNS " FROM jobs WHERE state NOT IN " JOB_ENDED
+                       " OR id IN (SELECT id FROM jobs WHERE state IN " JOB_ENDED
+                       " AND finished_ms >= ?1 ORDER BY finished_ms DESC, id DESC LIMIT ?2)"
+                       " ORDER BY id",
+    [STMT_JOBS_COUNT] = "SELECT count(*) FROM jobs",
     [STMT_RANKS_CLEAR] = "DELETE FROM job_ranks WHERE job_id = ?1",
     [STMT_RANK_PUT] = "INSERT INTO job_ranks (job_id, idx, dp, pp, ep, worker_id)"
                       " VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -303,6 +328,9 @@ static const char *const stmt_sql[STMT_COUNT] = {
                        " AND bad IS NULL",
     [STMT_EVENTS_LIST] = "SELECT id, ts_ms, kind, worker_id, job_id, detail FROM events"
                          " WHERE id > ?2 AND (?1 = 0 OR job_id = ?1) ORDER BY id LIMIT ?3",
+    [STMT_EVENTS_LAST] = "SELECT * FROM (SELECT id, ts_ms, kind, worker_id, job_id, detail"
+                         " FROM events WHERE id > ?2 AND (?1 = 0 OR job_id = ?1)"
+                         " ORDER BY id DESC LIMIT ?3) ORDER BY id",
     [STMT_BEGIN] = "BEGIN IMMEDIATE",
     [STMT_COMMIT] = "COMMIT",
 };
@@ -924,33 +952,105 @@ int coord_store_job_ranks_each(coord_store_t *s, uint64_t job_id,
     return rc < 0 ? rc : n;
 }
 
+/* The row st (a statement selecting JOB_COLUMNS) stands on. */
+static struct coord_job_row job_row_read(sqlite3_stmt *st)
+{
+    return (struct coord_job_row){
+        .id = (uint64_t)sqlite3_column_int64(st, 0),
+        .name = (const char *)sqlite3_column_text(st, 1),
+        .spec = (const char *)sqlite3_column_text(st, 2),
+        .state = (const char *)sqlite3_column_text(st, 3),
+        .step = (uint64_t)sqlite3_column_int64(st, 4),
+        .reason = (const char *)sqlite3_column_text(st, 5),
+        .submitted_ms = sqlite3_column_int64(st, 6),
+        .started_ms = sqlite3_column_int64(st, 7),
+        .finished_ms = sqlite3_column_int64(st, 8),
+        .attempt = (uint32_t)sqlite3_column_int64(st, 9),
+        .restarts = sqlite3_column_int(st, 10),
+        .resume_step = (uint64_t)sqlite3_column_int64(st, 11),
+        .resume_dir = (const char *)sqlite3_column_text(st, 12),
+        .owner = (const char *)sqlite3_column_text(st, 13),
+        .backend = (const char *)sqlite3_column_text(st, 14),
+        .priority = sqlite3_column_int(st, 15),
+        .workers = sqlite3_column_int(st, 16),
+        .steps = (uint64_t)sqlite3_column_int64(st, 17),
+    };
+}
+
+/* Calls fn for each row of st (its parameters bound) until fn returns
+ * non-zero; returns that, -EIO when a step failed, else 0; *rows: how
+ * many rows fn saw. Resets st. */
+static int jobs_walk(sqlite3_stmt *st, int (*fn)(const struct coord_job_row *, void *), void *arg,
+                     int *rows)
+{
+    int rc = 0, step = SQLITE_DONE;
+
+    *rows = 0;
+    while (rc == 0 && (step = sqlite3_step(st)) == SQLITE_ROW) {
+        struct coord_job_row row = job_row_read(st);
+        rc = fn(&row, arg);
+        ++*rows;
+    }
+    if (rc == 0 && step != SQLITE_DONE)
+        rc = -EIO;
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return rc;
+}
+
 int coord_store_jobs_each(coord_store_t *s, int (*fn)(const struct coord_job_row *, void *),
                           void *arg)
 {
-    sqlite3_stmt *st = s->stmt[STMT_JOBS_ALL];
-    int rc = 0;
+    int rows;
 
-    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
-        struct coord_job_row row = {
-            .id = (uint64_t)sqlite3_column_int64(st, 0),
-            .name = (const char *)sqlite3_column_text(st, 1),
-            .spec = (const char *)sqlite3_column_text(st, 2),
-            .state = (const char *)sqlite3_column_text(st, 3),
-            .step = (uint64_t)sqlite3_column_int64(st, 4),
-            .reason = (const char *)sqlite3_column_text(st, 5),
-            .submitted_ms = sqlite3_column_int64(st, 6),
-            .started_ms = sqlite3_column_int64(st, 7),
-            .finished_ms = sqlite3_column_int64(st, 8),
-            .attempt = (uint32_t)sqlite3_column_int64(st, 9),
-            .restarts = sqlite3_column_int(st, 10),
-            .resume_step = (uint64_t)sqlite3_column_int64(st, 11),
-            .resume_dir = (const char *)sqlite3_column_text(st, 12),
-            .owner = (const char *)sqlite3_column_text(st, 13),
-        };
-        rc = fn(&row, arg);
-    }
+    return jobs_walk(s->stmt[STMT_JOBS_ALL], fn, arg, &rows);
+}
+
+int coord_store_jobs_load_each(coord_store_t *s, int64_t finished_since_ms, int keep_finished,
+                               int (*fn)(const struct coord_job_row *, void *), void *arg)
+{
+    sqlite3_stmt *st = s->stmt[STMT_JOBS_LOAD];
+    int rows;
+
+    sqlite3_bind_int64(st, 1, finished_since_ms);
+    sqlite3_bind_int(st, 2, keep_finished < 0 ? -1 : keep_finished);
+    return jobs_walk(st, fn, arg, &rows);
+}
+
+int coord_store_jobs_page(coord_store_t *s, uint64_t after_id, int limit,
+                          int (*fn)(const struct coord_job_row *, void *), void *arg)
+{
+    sqlite3_stmt *st = s->stmt[STMT_JOBS_PAGE];
+    int rows, rc;
+
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)(after_id > INT64_MAX ? INT64_MAX : after_id));
+    sqlite3_bind_int(st, 2, limit < 0 ? 0 : limit);
+    rc = jobs_walk(st, fn, arg, &rows);
+    return rc ? rc : rows;
+}
+
+int coord_store_job_get(coord_store_t *s, uint64_t id,
+                        int (*fn)(const struct coord_job_row *, void *), void *arg)
+{
+    sqlite3_stmt *st = s->stmt[STMT_JOB_GET];
+    int rows, rc;
+
+    if (id > INT64_MAX)
+        return -ENOENT;
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)id);
+    rc = jobs_walk(st, fn, arg, &rows);
+    return rc ? rc : rows ? 0 : -ENOENT;
+}
+
+int64_t coord_store_jobs_count(coord_store_t *s)
+{
+    sqlite3_stmt *st = s->stmt[STMT_JOBS_COUNT];
+    int64_t n = -EIO;
+
+    if (sqlite3_step(st) == SQLITE_ROW)
+        n = sqlite3_column_int64(st, 0);
     sqlite3_reset(st);
-    return rc;
+    return n;
 }
 
 /* Binds a report to STMT_METRIC's parameters (STMT_METRIC_ADD and
@@ -1219,9 +1319,9 @@ int coord_store_job_steps_each(coord_store_t *s, uint64_t job_id,
 }
 
 int coord_store_events_each(coord_store_t *s, uint64_t job_id, uint64_t after_id, int limit,
-                            int (*fn)(const struct coord_event_row *, void *), void *arg)
+                            bool last, int (*fn)(const struct coord_event_row *, void *), void *arg)
 {
-    sqlite3_stmt *st = s->stmt[STMT_EVENTS_LIST];
+    sqlite3_stmt *st = s->stmt[last ? STMT_EVENTS_LAST : STMT_EVENTS_LIST];
     int rc = 0;
 
     sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);

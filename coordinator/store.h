@@ -26,6 +26,7 @@
 #ifndef COORD_STORE_H
 #define COORD_STORE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -134,9 +135,34 @@ int coord_store_job_ranks_each(coord_store_t *s, uint64_t job_id,
  * job->id. */
 int coord_store_job_update(coord_store_t *s, const struct coord_job_row *job);
 
-/* Every job, by id (name, spec, state, step, reason and times are set). */
+/* Every job, by id (every field of the row is set). Returns 0, fn's first
+ * non-zero return, or -EIO. */
 int coord_store_jobs_each(coord_store_t *s, int (*fn)(const struct coord_job_row *, void *),
                           void *arg);
+
+/* The jobs a restarted duplexd loads, by id: every job that has not ended,
+ * and of those that ended (succeeded, failed, cancelled) at
+ * finished_since_ms or later the keep_finished that ended last (< 0: all
+ * of them). The others stay in the database only. Returns like
+ * coord_store_jobs_each. */
+int coord_store_jobs_load_each(coord_store_t *s, int64_t finished_since_ms, int keep_finished,
+                               int (*fn)(const struct coord_job_row *, void *), void *arg);
+
+/* One page of every stored job: ids above after_id, by id, at most limit
+ * rows (a bounded read, for status --all); row->spec is NULL (not read).
+ * Returns how many rows fn saw,
+ * fn's first non-zero return, or -EIO. */
+int coord_store_jobs_page(coord_store_t *s, uint64_t after_id, int limit,
+                          int (*fn)(const struct coord_job_row *, void *), void *arg);
+
+/* The job with this id: fn called once with its row; returns 0 (or fn's
+ * non-zero return), -ENOENT or -EIO. */
+int coord_store_job_get(coord_store_t *s, uint64_t id,
+                        int (*fn)(const struct coord_job_row *, void *), void *arg);
+
+/* How many jobs are stored, or -EIO. Ids are never reused (AUTOINCREMENT):
+ * a new job's id is above every id ever stored. */
+int64_t coord_store_jobs_count(coord_store_t *s);
 
 struct coord_step_metric {
     uint64_t step;
@@ -212,9 +238,10 @@ struct coord_event_row {
 };
 
 /* Events after after_id (of job_id, or all when 0), oldest first, at most
- * limit. */
+ * limit: the first ones, or with last the newest ones. */
 int coord_store_events_each(coord_store_t *s, uint64_t job_id, uint64_t after_id, int limit,
-                            int (*fn)(const struct coord_event_row *, void *), void *arg);
+                            bool last, int (*fn)(const struct coord_event_row *, void *),
+                            void *arg);
 
 /* Commits the transaction of this loop turn, if one is open. */
 int coord_store_flush(coord_store_t *s);

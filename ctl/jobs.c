@@ -2,6 +2,7 @@
  * undrain. Each asks duplexd one question and prints the answer as a table
  * (or, with --json, as duplexd's JSON). Users' text (job names, reasons,
  * event details, paths) is printed with control characters escaped. */
+#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -18,7 +19,8 @@
 #include "ctl/ctl.h"
 
 #define WATCH_INTERVAL_US 1000000
-#define TEXT_MAX 1024 /* a text field as printed, escaped */
+#define EVENTS_PAGE 1000 /* events per request: duplexd's largest page */
+#define TEXT_MAX 1024    /* a text field as printed, escaped */
 
 /* Options every job command takes. */
 struct job_cmd {
@@ -225,6 +227,78 @@ int ctl_job_status(struct ctl_globals *g, uint64_t id, json_t **doc, const char 
     return 0;
 }
 
+/* status --all: every job, those that left duplexd's memory too, asked for
+ * page by page (page jobs per request, 0: duplexd's largest) from after
+ * on, at most limit of them (0: all), into *doc: {"jobs": [...],
+ * "next_after_id": the last id listed when limit cut the list short, else
+ * 0}. Returns 0 or -errno (said on stderr). */
+static int fetch_all_jobs(struct ctl_globals *g, uint64_t after, unsigned page, unsigned limit,
+                          json_t **doc, const char *prog)
+{
+    ctl_client_t *client = NULL;
+    json_t *all = json_array();
+    uint64_t next = 0;
+    char err[1024] = "out of memory";
+    int rc = -ENOMEM;
+
+    *doc = NULL;
+    if (!all || (rc = ctl_client_create(g, g->timeout_s * 1000, &client, err, sizeof(err))) < 0)
+        goto out;
+    for (;;) {
+        Duplex__JobStatus req = DUPLEX__JOB_STATUS__INIT;
+        struct dx_msg reply = {0};
+        json_t *got, *j;
+        json_error_t jerr;
+        size_t i;
+
+        req.all = true;
+        req.after_id = after;
+        req.limit = page;
+        if (limit && (!page || limit - json_array_size(all) < page))
+            req.limit = limit - (unsigned)json_array_size(all);
+        if ((rc = ctl_client_call(client, DUPLEX__MSG_TYPE__MSG_JOB_STATUS, &req.base,
+                                  DUPLEX__MSG_TYPE__MSG_JOB_STATUS_REPLY, &reply, err,
+                                  sizeof(err))) < 0)
+            goto out;
+        next = ((const Duplex__JobStatusReply *)reply.body)->next_after_id;
+        got = json_loads(((const Duplex__JobStatusReply *)reply.body)->json, 0, &jerr);
+        dx_msg_clear(&reply);
+        if (!got) {
+            snprintf(err, sizeof(err), "duplexd sent bad JSON: %s", jerr.text);
+            rc = -EPROTO;
+            goto out;
+        }
+        json_array_foreach (json_object_get(got, "jobs"), i, j) {
+            if (limit && json_array_size(all) == limit) {
+                next = (uint64_t)json_integer_value(
+                    json_object_get(json_array_get(all, limit - 1), "id"));
+                break;
+            }
+            json_array_append(all, j);
+        }
+        json_decref(got);
+        if (!next || (limit && json_array_size(all) == limit))
+            break;
+        /* a next page must start past this one: a duplexd that says
+         * otherwise would keep us asking forever */
+        if (next <= after) {
+            snprintf(err, sizeof(err), "duplexd's job list does not advance (after %" PRIu64 ")",
+                     after);
+            rc = -EPROTO;
+            goto out;
+        }
+        after = next;
+    }
+    if (!(*doc = json_pack("{s:O, s:I}", "jobs", all, "next_after_id", (json_int_t)next)))
+        rc = -ENOMEM;
+out:
+    if (rc < 0)
+        fprintf(stderr, "%s: %s\n", prog, err);
+    json_decref(all);
+    ctl_client_destroy(client);
+    return rc < 0 ? rc : 0;
+}
+
 static int parse_job_id(const char *text, uint64_t *id, const char *prog)
 {
     char *end;
@@ -241,21 +315,36 @@ static int parse_job_id(const char *text, uint64_t *id, const char *prog)
 int ctl_cmd_status(struct ctl_globals *g, int argc, char **argv)
 {
     struct job_cmd c = {0};
+    bool all = false;
+    int page = 0, limit = 0;
+    char *after_text = NULL;
     const struct dx_opt options[] = {
         {"json", DX_OPT_FLAG, &c.json, NULL, 0, 0, 0, NULL, "print duplexd's JSON"},
         {"watch", DX_OPT_FLAG, &c.watch, NULL, 0, 0, 0, NULL,
          "repeat every second; with JOB, until the job ends (exit 1 unless it succeeded)"},
+        {"all", DX_OPT_FLAG, &all, NULL, 0, 0, 0, NULL,
+         "every job by id, also the finished ones that left duplexd's memory (from its database)"},
+        {"limit", DX_OPT_INT, &limit, NULL, 0, 1, 1000000000, "N", "with --all: at most N jobs"},
+        {"after", DX_OPT_STRING, &after_text, NULL, 0, 0, 0, "ID",
+         "with --all: the jobs after job ID (where a --limit list left off)"},
+        {"page", DX_OPT_INT, &page, NULL, 0, 1, 500, "N",
+         "with --all: jobs per request (default: duplexd's largest page, 500)"},
         JOB_CMD_OPTIONS(c),
         {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
     };
     const struct dx_cli cli = {
         .prog = "duplexctl status",
-        .synopsis = "duplexctl status [JOB] [--json] [--watch]\n\n"
-                    "Shows every job, or one job in detail: state, step, loss, rate, ranks,\n"
-                    "bubble measured against simulated. Example: duplexctl status 3",
+        .synopsis =
+            "duplexctl status [JOB] [--json] [--watch]\n"
+            "duplexctl status --all [--limit N] [--after ID] [--page N] [--json]\n\n"
+            "Shows the jobs in duplexd's memory (those not finished, and finished ones\n"
+            "within --forget-jobs-after-h), or one job in detail: state, step, loss, rate,\n"
+            "ranks, bubble measured against simulated; a job that left memory is read\n"
+            "from the database. --all lists every job ever submitted, page by page.\n"
+            "Example: duplexctl status 3",
     };
     const char *arg = dx_opts_take_arg(options, &argc, argv);
-    uint64_t id = 0;
+    uint64_t id = 0, after = 0;
     int status;
 
     if (!dx_opts_cli(options, &cli, argc, argv, NULL, &status))
@@ -263,13 +352,25 @@ int ctl_cmd_status(struct ctl_globals *g, int argc, char **argv)
     status = CTL_EXIT_USAGE;
     if (arg && parse_job_id(arg, &id, cli.prog) < 0)
         goto out;
+    if ((limit || after_text || page) && !all) {
+        fprintf(stderr, "%s: --limit, --after and --page go with --all\n", cli.prog);
+        goto out;
+    }
+    if (all && id) {
+        fprintf(stderr, "%s: --all lists every job; give no JOB with it\n", cli.prog);
+        goto out;
+    }
+    if (after_text && strcmp(after_text, "0") != 0 &&
+        parse_job_id(after_text, &after, cli.prog) < 0)
+        goto out;
     ctl_globals_override(g, c.coordinator, c.timeout_s);
     status = CTL_EXIT_FAIL;
     for (long long last_step = -1;;) {
         json_t *doc = NULL;
         bool over;
 
-        if (ctl_job_status(g, id, &doc, cli.prog) < 0)
+        if ((all ? fetch_all_jobs(g, after, (unsigned)page, (unsigned)limit, &doc, cli.prog)
+                 : ctl_job_status(g, id, &doc, cli.prog)) < 0)
             goto out;
         /* watching one job ends with it */
         over = id && c.watch && job_is_over(str(doc, "state"));
@@ -287,6 +388,8 @@ int ctl_cmd_status(struct ctl_globals *g, int argc, char **argv)
             ctl_print_job(doc);
         } else {
             print_jobs(doc);
+            if (num(doc, "next_after_id"))
+                printf("(more: duplexctl status --all --after %lld)\n", num(doc, "next_after_id"));
         }
         if (over && strcmp(str(doc, "state"), "succeeded") != 0) {
             json_decref(doc);
@@ -310,16 +413,24 @@ int ctl_cmd_events(struct ctl_globals *g, int argc, char **argv)
 {
     struct job_cmd c = {0};
     bool follow = false;
+    int limit = 0;
+    char *since = NULL;
     const struct dx_opt options[] = {
         {"json", DX_OPT_FLAG, &c.json, NULL, 0, 0, 0, NULL, "print duplexd's JSON"},
         {"follow", DX_OPT_FLAG, &follow, NULL, 0, 0, 0, NULL, "keep printing new events"},
+        {"limit", DX_OPT_INT, &limit, NULL, 0, 1, EVENTS_PAGE, "N",
+         "only the newest N events (default: every one)"},
+        {"since", DX_OPT_STRING, &since, NULL, 0, 0, 0, "ID",
+         "only the events after event ID (where an earlier list ended)"},
         JOB_CMD_OPTIONS(c),
         {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
     };
     const struct dx_cli cli = {
         .prog = "duplexctl events",
-        .synopsis = "duplexctl events [JOB] [--json] [--follow]\n\n"
-                    "The event log: registrations, losses, job transitions with reasons.",
+        .synopsis = "duplexctl events [JOB] [--limit N] [--since ID] [--json] [--follow]\n\n"
+                    "The event log: registrations, losses, job transitions with reasons,\n"
+                    "oldest first, read from duplexd's database a page at a time.\n"
+                    "Example: duplexctl events 3 --limit 20",
     };
     const char *arg = dx_opts_take_arg(options, &argc, argv);
     Duplex__Events req = DUPLEX__EVENTS__INIT;
@@ -332,10 +443,23 @@ int ctl_cmd_events(struct ctl_globals *g, int argc, char **argv)
         goto out;
     ctl_globals_override(g, c.coordinator, c.timeout_s);
     status = CTL_EXIT_FAIL;
+    if (since) {
+        char *end;
+        unsigned long long v = strtoull(since, &end, 10);
+
+        if (!isdigit((unsigned char)since[0]) || *end != '\0') {
+            fprintf(stderr, "%s: --since \"%s\" is not an event id (a number)\n", cli.prog, since);
+            status = CTL_EXIT_USAGE;
+            goto out;
+        }
+        req.after_id = v;
+    }
+    req.limit = limit ? (uint32_t)limit : EVENTS_PAGE;
+    req.last = limit > 0; /* the newest N first; then, following, every new one */
     for (;;) {
         struct dx_msg reply = {0};
         json_t *arr, *e;
-        size_t i;
+        size_t i, n;
 
         if (call(g, DUPLEX__MSG_TYPE__MSG_EVENTS, &req.base, DUPLEX__MSG_TYPE__MSG_EVENTS_REPLY,
                  &reply, cli.prog) < 0 ||
@@ -363,10 +487,15 @@ int ctl_cmd_events(struct ctl_globals *g, int argc, char **argv)
                 printf(" worker %s", text(e, "worker_id", worker, sizeof(worker)));
             printf(": %s\n", text(e, "detail", detail, sizeof(detail)));
         }
+        n = json_array_size(arr);
         json_decref(arr);
         fflush(stdout);
+        if (!req.last && n == req.limit)
+            continue; /* a full page: there is more */
         if (!follow)
             break;
+        req.last = false;
+        req.limit = EVENTS_PAGE;
         usleep(WATCH_INTERVAL_US);
     }
     status = CTL_EXIT_OK;

@@ -19,6 +19,7 @@
 #include "common/loop.h"
 #include "common/zmonitor.h"
 #include "common/zwatch.h"
+#include "coordinator/jobspec.h"
 #include "proto/wire.h"
 #include "worker/dataplane.h"
 #include "worker/gpu.h"
@@ -69,6 +70,7 @@ struct wk_agent {
     wk_data_t *data; /* the data plane: ours while idle, the runtime's while a job runs */
     wk_cuda_t *cuda; /* backend cuda: the GPU stack and this worker's GPU */
     wk_gpu_t *gpu;
+    uint64_t gpu_memory;   /* its total memory in bytes; 0: the driver could not say */
     wk_runtime_t *rt;      /* the running job, or NULL */
     dx_zwatch_t *rt_watch; /* its report socket */
     /* the runtime answers the Assignment itself once its model is built
@@ -117,14 +119,15 @@ static int agent_send(wk_agent_t *a, Duplex__MsgType type, uint64_t request_id,
 }
 
 /* Register.memory_bytes: --memory-limit when given, else on cpu and sim
- * MemAvailable now; on cuda the GPU's memory is not known here: 0
- * (unknown; duplexd does not check it, the worker still checks its host). */
+ * MemAvailable now, on cuda the GPU's total memory (asked once, at start;
+ * 0 when the driver could not say: unknown, duplexd does not check it, the
+ * worker still checks its host). */
 static uint64_t agent_memory(const wk_agent_t *a)
 {
     uint64_t m = a->cfg.memory_limit;
 
-    if (!m && strcmp(a->cfg.backend, "cuda") != 0)
-        m = wk_runtime_memory_available();
+    if (!m)
+        m = strcmp(a->cfg.backend, "cuda") == 0 ? a->gpu_memory : wk_runtime_memory_available();
     return m > DX_MAX_MEMORY_BYTES ? DX_MAX_MEMORY_BYTES : m;
 }
 
@@ -671,8 +674,20 @@ static int open_gpu(wk_agent_t *a, char *err, size_t errlen)
         a->cuda = NULL;
         return rc;
     }
-    dx_info("GPU %d: %s; kernels: %s", a->cfg.gpu, wk_cuda_describe(a->cuda),
-            wk_gpu_describe(a->gpu));
+    if (wk_gpu_memory_bytes(a->gpu, &a->gpu_memory) < 0)
+        dx_warn("GPU %d: its memory is unknown (%s); registering without it, so duplexd does not "
+                "check jobs against it%s",
+                a->cfg.gpu, wk_gpu_error(a->gpu),
+                a->cfg.memory_limit ? "" : " (--memory-limit would give it)");
+    {
+        char bytes[32], mem[48] = "memory unknown";
+
+        if (a->gpu_memory)
+            snprintf(mem, sizeof(mem), "%s of memory",
+                     coord_jobspec_bytes_text(a->gpu_memory, bytes, sizeof(bytes)));
+        dx_info("GPU %d (%s): %s; kernels: %s", a->cfg.gpu, mem, wk_cuda_describe(a->cuda),
+                wk_gpu_describe(a->gpu));
+    }
     return 0;
 }
 

@@ -30,9 +30,9 @@ struct wk_agent_config {
     /* where jobs' checkpoint.dir must lead (worker/runtime.h); NULL: the cwd */
     const char *checkpoint_root;
     /* what this worker's jobs may use, in bytes (--memory-limit); 0: on cpu
-     * and sim MemAvailable. Sent in Register.memory_bytes (for duplexd's
-     * admission, coordinator/admit.h) and checked before a job's model is
-     * allocated (worker/runtime.h) */
+     * and sim MemAvailable, on cuda the GPU's total memory. Sent in
+     * Register.memory_bytes (for duplexd's admission, coordinator/admit.h)
+     * and checked before a job's model is allocated (worker/runtime.h) */
     uint64_t memory_limit;
     /* CURVE: this worker's secret certificate and duplexd's public key (Z85);
      * both NULL: talk in clear (--insecure). The data plane uses the same

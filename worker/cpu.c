@@ -145,7 +145,7 @@ static int rank_index(const wk_cpu_t *c, int dp, int pp, int ep)
 static const char *peer_name(const wk_cpu_t *c, int index, char *buf, size_t len)
 {
     snprintf(buf, len, "ranks (pp %d, ep %d, dp %d) at %s", (index / c->ep) % c->pp, index % c->ep,
-             index / (c->ep * c->pp), c->addr[index]);
+             index / (c->ep * c->pp), c->addr[index] ? c->addr[index] : "(not among the peers)");
     return buf;
 }
 
@@ -1876,56 +1876,34 @@ static int ep_all_here(const wk_cpu_t *c)
     return 1;
 }
 
-/* 1 when two of the assignment's ranks are on one GPU (the same node and
- * GPU index), saying which in why. */
-static int shared_gpu(const Duplex__Assignment *a, char *why, size_t len)
-{
-    for (size_t i = 0; i < a->n_peers; i++)
-        for (size_t j = i + 1; j < a->n_peers; j++) {
-            const Duplex__Peer *p = a->peers[i], *q = a->peers[j];
-
-            if (p->gpu == q->gpu && p->node && p->node[0] && q->node &&
-                strcmp(p->node, q->node) == 0) {
-                snprintf(why, len, "workers %s and %s share GPU %d of node %s", p->worker_id,
-                         q->worker_id, p->gpu, p->node);
-                return 1;
-            }
-        }
-    return 0;
-}
-
 /* The chunks' device twins, from the host models (initialised, or loaded
  * from the checkpoint); with ep > 1 their MoE layers exchange rows with
  * the ep ranks by NCCL. */
 static int setup_gpu(wk_cpu_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
 {
+    const char *shared = a->shared_gpu; /* duplexd judged it over every rank */
     char why[512];
     int rc;
 
     c->gpu = gpu;
     if ((rc = neighbours_on_this_node(c, a)) < 0)
         return rc;
-    if (a->nccl_id.len == WK_NCCL_ID_BYTES && shared_gpu(a, why, sizeof(why))) {
+    if (a->nccl_id.len == WK_NCCL_ID_BYTES && shared && shared[0]) {
         /* NCCL refuses two ranks of a communicator on one GPU */
         if (c->ep > 1 && !ep_all_here(c))
             return fail(c, -EINVAL,
                         "expert parallelism across nodes on the cuda backend (parallel.ep %d) "
                         "needs NCCL, which needs one GPU per rank: %s",
-                        c->ep, why);
+                        c->ep, shared);
         dx_info("job %" PRIu64 ": no NCCL, %s: pipeline links to this node by IPC, the rest "
                 "and the step-end sums through the hosts",
-                a->job_id, why);
+                a->job_id, shared);
     } else if (a->nccl_id.len == WK_NCCL_ID_BYTES) {
         c->has_nccl_id = 1;
         memcpy(c->nccl_id, a->nccl_id.data, WK_NCCL_ID_BYTES);
-        c->nccl_nranks = (int)a->n_peers;
-        c->nccl_rank = -1;
-        for (size_t i = 0; i < a->n_peers; i++)
-            if (a->peers[i]->dp == c->dp_rank && a->peers[i]->pp == c->pp_rank &&
-                a->peers[i]->ep == c->ep_rank)
-                c->nccl_rank = (int)i; /* NCCL rank = index in peers (docs/PROTOCOL.md) */
-        if (c->nccl_rank < 0)
-            return fail(c, -EINVAL, "this rank is not among the assignment's peers");
+        /* NCCL rank = rank index, (dp * pp + pp_rank) * ep + ep_rank (docs/PROTOCOL.md) */
+        c->nccl_nranks = c->dp * c->pp * c->ep;
+        c->nccl_rank = rank_index(c, c->dp_rank, c->pp_rank, c->ep_rank);
     } else if (c->ep > 1 && !ep_all_here(c)) {
         return fail(c, -EINVAL,
                     "expert parallelism across nodes on the cuda backend (parallel.ep %d) "
@@ -2032,8 +2010,8 @@ int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
         rc = fail(c, -ENOMEM, "out of memory");
         goto fail;
     }
-    for (size_t i = 0; i < nranks; i++)
-        if (!(c->addr[i] = strdup(peers_addr[i]))) {
+    for (size_t i = 0; i < nranks; i++) /* NULL: a rank this one does not talk to */
+        if (peers_addr[i] && !(c->addr[i] = strdup(peers_addr[i]))) {
             rc = fail(c, -ENOMEM, "out of memory");
             goto fail;
         }

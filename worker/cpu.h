@@ -76,12 +76,11 @@ typedef struct wk_cpu wk_cpu_t;
 /* Builds this rank's chunks from the assignment (its spec_json, schedule
  * and ranks) and loads its checkpoint if it names one (-EUCLEAN when that
  * fails: missing, torn, or of another layout). peers_addr: [dp][pp][ep] (index (d * pp + p) * ep +
- * e). data_dir: the training text (NULL: WK_DATA_DIR_DEFAULT). gpu: the
- * cuda backend's GPU (NULL: compute on the CPU): each chunk then trains on
- * its device twin (worker/dmodel.h) on a lane of its own, and with the
- * assignment's NCCL id the pipeline messages, the step-end sums and the
- * expert exchange go GPU to GPU by NCCL. 0, or -errno with the reason in
- * err. */
+ * e), NULL for the ranks outside coord_plan_peers (this rank never talks to them). data_dir: the
+ * training text (NULL: WK_DATA_DIR_DEFAULT). gpu: the cuda backend's GPU (NULL: compute on the
+ * CPU): each chunk then trains on its device twin (worker/dmodel.h) on a lane of its own, and with
+ * the assignment's NCCL id the pipeline messages, the step-end sums and the expert exchange go GPU
+ * to GPU by NCCL. 0, or -errno with the reason in err. */
 void wk_cpu_set_nccl_timeout(wk_cpu_t *c, int ms); /* ms > 0 */
 int wk_cpu_create(const Duplex__Assignment *a, const dp_sched_t *sched,
                   const char *const *peers_addr, const char *data_dir, const struct wk_cpu_io *io,

@@ -35,6 +35,7 @@ typedef void *cu_stream;  /* CUstream; NULL is the default stream */
 #define CU_ATTR_CC_MINOR 76
 #define CU_EVENT_DEFAULT 0
 typedef cu_result (*cu_device_get_attribute_fn)(int *pi, int attrib, cu_device dev);
+typedef cu_result (*cu_device_total_mem_fn)(size_t *bytes, cu_device dev); /* _v2 */
 typedef cu_result (*cu_primary_ctx_retain_fn)(cu_context *pctx, cu_device dev);
 typedef cu_result (*cu_primary_ctx_release_fn)(cu_device dev);
 typedef cu_result (*cu_ctx_set_current_fn)(cu_context ctx);
@@ -92,6 +93,7 @@ struct wk_cuda {
     cu_device_get_name_fn device_name;
     cu_get_error_string_fn error_string;
     cu_device_get_attribute_fn device_attribute;
+    cu_device_total_mem_fn device_total_mem;
     cu_primary_ctx_retain_fn ctx_retain;
     cu_primary_ctx_release_fn ctx_release;
     cu_ctx_set_current_fn ctx_set_current;
@@ -187,6 +189,7 @@ static int resolve_driver(wk_cuda_t *c, const char *path, char *err, size_t errl
         /* the base names: at CU_GET_PROC_VERSION the driver hands out the
          * versions whose signatures are declared above (cuMemAlloc_v2, ...) */
         {"cuDeviceGetAttribute", (void **)&c->device_attribute},
+        {"cuDeviceTotalMem", (void **)&c->device_total_mem},
         {"cuDevicePrimaryCtxRetain", (void **)&c->ctx_retain},
         {"cuDevicePrimaryCtxRelease", (void **)&c->ctx_release},
         {"cuCtxSetCurrent", (void **)&c->ctx_set_current},
@@ -455,6 +458,16 @@ int wk_cuda_device_info(wk_cuda_t *c, int *major, int *minor, int *sms)
                     "cuDeviceGetAttribute(multiprocessor count)")) < 0)
         return rc;
     return 0;
+}
+
+int wk_cuda_device_memory(wk_cuda_t *c, size_t *bytes)
+{
+    *bytes = 0;
+    if (c->ctx_device < 0) {
+        snprintf(c->error, sizeof(c->error), "no context (wk_cuda_context first)");
+        return -EINVAL;
+    }
+    return check(c, c->device_total_mem(bytes, c->ctx_device), "cuDeviceTotalMem");
 }
 
 int wk_cuda_module_load(wk_cuda_t *c, const void *image, wk_cuda_module *mod)

@@ -71,6 +71,9 @@ int wk_cuda_context(wk_cuda_t *c, int device);
 int wk_cuda_bind(wk_cuda_t *c);
 /* The current device's compute capability and multiprocessor count. */
 int wk_cuda_device_info(wk_cuda_t *c, int *major, int *minor, int *sms);
+/* The current device's total memory in bytes (cuDeviceTotalMem: the
+ * stable figure, not what is free now, which other processes change). */
+int wk_cuda_device_memory(wk_cuda_t *c, size_t *bytes);
 
 /* cuModuleLoadData: image is a cubin or a NUL-terminated PTX text. */
 int wk_cuda_module_load(wk_cuda_t *c, const void *image, wk_cuda_module *mod);

@@ -237,6 +237,17 @@ unsigned wk_gpu_sms(const wk_gpu_t *g)
     return g->sms;
 }
 
+int wk_gpu_memory_bytes(wk_gpu_t *g, uint64_t *bytes)
+{
+    size_t total = 0;
+    int rc = wk_cuda_device_memory(g->c, &total);
+
+    *bytes = rc < 0 ? 0 : (uint64_t)total;
+    if (rc < 0)
+        return wk_gpu_fail(g, rc, "%s", wk_cuda_error(g->c));
+    return 0;
+}
+
 const char *wk_gpu_kernel_name(enum wk_gpu_kernel k)
 {
     return k >= 0 && k < WK_K_COUNT ? kernels[k].name : "?";

@@ -11,6 +11,7 @@
 #define WK_GPU_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "worker/cublas.h"
 #include "worker/cuda.h"
@@ -90,6 +91,10 @@ wk_cuda_stream wk_gpu_comm_stream(const wk_gpu_t *g);
 wk_cuda_stream wk_gpu_lane_stream(const wk_gpu_t *g, int lane);
 /* multiprocessors of the device */
 unsigned wk_gpu_sms(const wk_gpu_t *g);
+/* The device's total memory in bytes (cuDeviceTotalMem), into *bytes:
+ * what a cuda worker reports at registration. 0, or -EIO with the
+ * driver's error in wk_gpu_error (*bytes is then 0). */
+int wk_gpu_memory_bytes(wk_gpu_t *g, uint64_t *bytes);
 /* "dx_rmsnorm_fwd" */
 const char *wk_gpu_kernel_name(enum wk_gpu_kernel k);
 /* how each module was loaded: "routing cubin, dispatch cubin, ..., fp8 PTX" */

@@ -73,7 +73,7 @@ static const struct dx_opt options[] = {
     {"memory-limit", DX_OPT_STRING, &opt_memory_limit, NULL, 0, 0, 0, "BYTES",
      "what this worker's jobs may use (a suffix K, M, G or T: powers of 1024), reported to "
      "duplexd and checked before a job's model is allocated (default: cpu and sim "
-     "MemAvailable; cuda unknown)"},
+     "MemAvailable; cuda the GPU's total memory)"},
     {"standalone", DX_OPT_STRING, &opt_standalone, NULL, 0, 0, 0, "JOB.json",
      "train the job's model in this one process (no coordinator), then exit"},
     {"steps", DX_OPT_INT, &opt_steps, NULL, 0, 0, INT_MAX, "N",

@@ -21,6 +21,7 @@
 
 #include "common/log.h"
 #include "coordinator/jobspec.h"
+#include "coordinator/plan.h"
 #include "pipeline/executor.h"
 #include "worker/cpu.h"
 #include "pipeline/schedule.h"
@@ -49,7 +50,7 @@ struct wk_runtime {
     double cost_ms[DP_OP_RECV + 1]; /* per compute op kind */
     char **peer_addr;               /* [pp]: data_addr of each pipeline rank of our dp, ep */
     char **peer_id;                 /* [pp]: its worker id, for messages */
-    char **all_addr;                /* [dp][pp][ep]: every rank's data_addr */
+    char **all_addr;                /* [dp][pp][ep]: data_addr of the ranks we talk to, else NULL */
     char **all_key;                 /* [dp][pp][ep]: its CURVE key ("" in clear) */
     int nranks;
     size_t max_msg;          /* the largest payload this rank receives */
@@ -253,6 +254,12 @@ static int cpu_io_send(void *arg, const char *addr, const struct wk_data_key *ke
 
     if (is_aborted(rt))
         return -ECANCELED;
+    if (!addr) { /* only a schedule's bug sends to a rank outside coord_plan_peers */
+        wk_data_key_name(key, name, sizeof(name));
+        snprintf(rt->err, sizeof(rt->err), "cannot send %s to %s: not among the assignment's peers",
+                 name, to);
+        return -EINVAL;
+    }
     rc = wk_data_send(rt->data, addr, key, buf, len, 0);
     if (rc < 0) {
         wk_data_key_name(key, name, sizeof(name));
@@ -393,6 +400,7 @@ static void explain_failure(wk_runtime_t *rt, int rc)
 static int data_start(wk_runtime_t *rt)
 {
     const char **keys = NULL;
+    size_t n = 0;
     int rc;
 
     if ((rc = wk_data_set_max_msg(rt->data, rt->max_msg)) < 0) {
@@ -405,12 +413,14 @@ static int data_start(wk_runtime_t *rt)
             return -ENOMEM;
         }
         for (int i = 0; i < rt->nranks && rc == 0; i++) {
-            keys[i] = rt->all_key[i];
-            if ((rc = wk_data_set_peer_key(rt->data, rt->all_addr[i], keys[i])) < 0)
+            if (!rt->all_addr[i])
+                continue; /* a rank we do not talk to */
+            keys[n++] = rt->all_key[i];
+            if ((rc = wk_data_set_peer_key(rt->data, rt->all_addr[i], rt->all_key[i])) < 0)
                 snprintf(rt->err, sizeof(rt->err), "the CURVE key of the rank at %s: %s",
                          rt->all_addr[i], strerror(-rc));
         }
-        if (rc == 0 && (rc = wk_data_allow_peers(rt->data, keys, (size_t)rt->nranks)) < 0)
+        if (rc == 0 && (rc = wk_data_allow_peers(rt->data, keys, n)) < 0)
             snprintf(rt->err, sizeof(rt->err), "the data plane's peer keys: %s", strerror(-rc));
         free(keys);
     }
@@ -517,80 +527,102 @@ static void *runtime_main(void *arg)
 
 /* --- create / destroy -------------------------------------------------------- */
 
-/* Fills peer_addr/peer_id for every pipeline rank of our dp and ep ranks. */
+/* The worker id the Assignment gives rank index at (for messages). */
+static const char *peer_worker(const wk_runtime_t *rt, const Duplex__Assignment *a, int at)
+{
+    for (size_t i = 0; i < a->n_peers; i++)
+        if ((a->peers[i]->dp * rt->pp + a->peers[i]->pp) * rt->ep + a->peers[i]->ep == at)
+            return a->peers[i]->worker_id;
+    return "?";
+}
+
+/* Takes the Assignment's peers: each inside the job's layout and named
+ * once, and among them every rank this one exchanges data with
+ * (coord_plan_peers), each with a data address. Fills all_addr/all_key
+ * by rank index (NULL for the ranks it does not talk to) and
+ * peer_addr/peer_id for the pipeline ranks of our dp and ep ranks among
+ * them. */
 static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id, char *err,
                       size_t errlen)
 {
+    struct coord_jobspec layout;
+    int *near = NULL, n, rc = -EINVAL;
+
+    memset(&layout, 0, sizeof(layout));
+    layout.parallel.schedule = rt->kind;
+    layout.parallel.pp = rt->pp;
+    layout.parallel.ep = rt->ep;
+    layout.parallel.dp = rt->dp;
     rt->nranks = rt->pp * rt->ep * rt->dp;
     rt->peer_addr = calloc((size_t)rt->pp, sizeof(*rt->peer_addr));
     rt->peer_id = calloc((size_t)rt->pp, sizeof(*rt->peer_id));
     rt->all_addr = calloc((size_t)rt->nranks, sizeof(*rt->all_addr));
     rt->all_key = calloc((size_t)rt->nranks, sizeof(*rt->all_key));
-    if (!rt->peer_addr || !rt->peer_id || !rt->all_addr || !rt->all_key)
+    near = calloc((size_t)coord_plan_peers_max(&layout), sizeof(*near));
+    if (!rt->peer_addr || !rt->peer_id || !rt->all_addr || !rt->all_key || !near)
         goto nomem;
     for (size_t i = 0; i < a->n_peers; i++) {
         const Duplex__Peer *p = a->peers[i];
+        int at;
 
         if (p->pp < 0 || p->pp >= rt->pp) {
             snprintf(err, errlen, "peer %s has pp rank %d of %d", p->worker_id, p->pp, rt->pp);
-            return -EINVAL;
+            goto out;
         }
         if (p->ep < 0 || p->ep >= rt->ep || p->dp < 0 || p->dp >= rt->dp) {
             snprintf(err, errlen, "peer %s has ranks ep %d, dp %d outside the job", p->worker_id,
                      p->ep, p->dp);
-            return -EINVAL;
+            goto out;
         }
-        {
-            int at = (p->dp * rt->pp + p->pp) * rt->ep + p->ep;
-            if (!rt->all_addr[at] && (!(rt->all_addr[at] = strdup(p->data_addr)) ||
-                                      !(rt->all_key[at] = strdup(p->curve_key))))
-                goto nomem;
-            /* with a keypair, the data plane talks CURVE only (without, keys are unused) */
-            if (wk_data_curve(rt->data) && strlen(rt->all_key[at]) != WK_DATA_KEY_LEN) {
-                snprintf(err, errlen,
-                         "peer %s has no CURVE key, and this worker's data plane uses CURVE",
-                         p->worker_id);
-                return -EINVAL;
-            }
+        at = (p->dp * rt->pp + p->pp) * rt->ep + p->ep;
+        if (rt->all_addr[at]) {
+            snprintf(err, errlen, "two peers for ranks pp %d, ep %d, dp %d (%s and %s)", p->pp,
+                     p->ep, p->dp, peer_worker(rt, a, at), p->worker_id);
+            goto out;
+        }
+        if (!(rt->all_addr[at] = strdup(p->data_addr)) || !(rt->all_key[at] = strdup(p->curve_key)))
+            goto nomem;
+        /* with a keypair, the data plane talks CURVE only (without, keys are unused) */
+        if (wk_data_curve(rt->data) && strlen(rt->all_key[at]) != WK_DATA_KEY_LEN) {
+            snprintf(err, errlen,
+                     "peer %s has no CURVE key, and this worker's data plane uses CURVE",
+                     p->worker_id);
+            goto out;
         }
         if (p->dp != rt->dp_rank || p->ep != rt->ep_rank)
             continue;
-        if (rt->peer_addr[p->pp]) {
-            snprintf(err, errlen, "two peers for ranks pp %d, ep %d, dp %d (%s and %s)", p->pp,
-                     p->ep, p->dp, rt->peer_id[p->pp], p->worker_id);
-            return -EINVAL;
-        }
-        rt->peer_addr[p->pp] = strdup(p->data_addr);
-        rt->peer_id[p->pp] = strdup(p->worker_id);
-        if (!rt->peer_addr[p->pp] || !rt->peer_id[p->pp])
+        if (!(rt->peer_addr[p->pp] = strdup(p->data_addr)) ||
+            !(rt->peer_id[p->pp] = strdup(p->worker_id)))
             goto nomem;
     }
-    for (int pp = 0; pp < rt->pp; pp++) {
-        if (!rt->peer_addr[pp]) {
-            snprintf(err, errlen, "no peer for ranks pp %d, ep %d, dp %d", pp, rt->ep_rank,
-                     rt->dp_rank);
-            return -EINVAL;
+    n = coord_plan_peers(&layout, rt->dp_rank, rt->pp_rank, rt->ep_rank, near);
+    for (int k = 0; k < n; k++) {
+        int at = near[k], pp = (at / rt->ep) % rt->pp, ep = at % rt->ep,
+            dp = at / (rt->ep * rt->pp);
+
+        if (!rt->all_addr[at]) {
+            snprintf(err, errlen, "no peer for ranks pp %d, ep %d, dp %d", pp, ep, dp);
+            goto out;
         }
-        if (rt->peer_addr[pp][0] == '\0') {
-            snprintf(err, errlen, "peer %s (pp %d) has no data address", rt->peer_id[pp], pp);
-            return -EINVAL;
+        if (rt->all_addr[at][0] == '\0') {
+            snprintf(err, errlen, "peer %s (pp %d, ep %d, dp %d) has no data address",
+                     peer_worker(rt, a, at), pp, ep, dp);
+            goto out;
         }
     }
-    for (int i = 0; i < rt->nranks; i++)
-        if (!rt->all_addr[i]) {
-            snprintf(err, errlen, "no peer for ranks pp %d, ep %d, dp %d", (i / rt->ep) % rt->pp,
-                     i % rt->ep, i / (rt->ep * rt->pp));
-            return -EINVAL;
-        }
     if (self_id && strcmp(rt->peer_id[rt->pp_rank], self_id) != 0) {
         snprintf(err, errlen, "the assignment gives our ranks (pp %d, ep %d, dp %d) to worker %s",
                  rt->pp_rank, rt->ep_rank, rt->dp_rank, rt->peer_id[rt->pp_rank]);
-        return -EINVAL;
+        goto out;
     }
-    return 0;
+    rc = 0;
+    goto out;
 nomem:
     snprintf(err, errlen, "out of memory");
-    return -ENOMEM;
+    rc = -ENOMEM;
+out:
+    free(near);
+    return rc;
 }
 
 static int open_pipe(wk_runtime_t *rt, void *zctx, char *err, size_t errlen)

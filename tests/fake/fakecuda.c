@@ -7,6 +7,9 @@
  *  - FAKECUDA_DEVICES devices (default 1: a local cluster's workers each
  *    take their --gpu), all "duplex fake GPU", compute capability 9.0, 132
  *    SMs, sharing the host's memory;
+ *  - each device reports FAKECUDA_MEMORY_BYTES of memory (default 80 GiB)
+ *    and a process's allocations fail with CUDA_ERROR_OUT_OF_MEMORY past
+ *    it, as a full GPU's do;
  *  - device memory is host memory: each allocation a memfd mapped shared,
  *    so CUDA IPC works between processes (a handle names the owner's pid and
  *    fd; the importer maps /proc/PID/fd/FD);
@@ -128,6 +131,7 @@ struct stream {
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static int g_initialised, g_ctx_retained;
 static struct alloc *g_allocs;
+static size_t g_allocated; /* bytes of this process's cuMemAlloc allocations */
 static struct stream *g_streams, *g_default;
 static int g_launch_failed; /* a kernel returned an error: sticky, like a fault */
 
@@ -319,6 +323,28 @@ static CUresult fk_device_get(int *dev, int ordinal)
     return CUDA_SUCCESS;
 }
 
+/* FAKECUDA_MEMORY_BYTES, else FAKECUDA_MEMORY_DEFAULT */
+static size_t device_memory(void)
+{
+    const char *v = getenv(FAKECUDA_MEMORY_ENV);
+    char *end = NULL;
+    unsigned long long n = v ? strtoull(v, &end, 10) : 0;
+
+    return v && end != v && !*end && n > 0 ? (size_t)n : (size_t)FAKECUDA_MEMORY_DEFAULT;
+}
+
+static CUresult fk_device_total_mem(size_t *bytes, int dev)
+{
+    if (!g_initialised)
+        return CUDA_ERROR_NOT_INITIALIZED;
+    if (!bytes)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (dev < 0 || dev >= device_count())
+        return CUDA_ERROR_INVALID_DEVICE;
+    *bytes = device_memory();
+    return CUDA_SUCCESS;
+}
+
 static CUresult fk_device_get_name(char *name, int len, int dev)
 {
     if (dev < 0 || dev >= device_count() || len < 1)
@@ -492,23 +518,44 @@ static CUresult map_alloc(int fd, size_t size, int imported, CUdeviceptr *p)
 static CUresult fk_mem_alloc(CUdeviceptr *p, size_t bytes)
 {
     int fd;
+    size_t total;
     CUresult rc;
 
     if (bytes == 0)
         return CUDA_ERROR_INVALID_VALUE;
-    if ((fd = memfd_create("fakecuda", MFD_CLOEXEC)) < 0)
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    if (ftruncate(fd, (off_t)bytes) < 0) {
+    /* the device's memory: reserved first, given back on failure */
+    pthread_mutex_lock(&g_lock);
+    total = device_memory();
+    rc = g_allocated > total || bytes > total - g_allocated ? CUDA_ERROR_OUT_OF_MEMORY
+                                                            : CUDA_SUCCESS;
+    if (rc == CUDA_SUCCESS)
+        g_allocated += bytes;
+    pthread_mutex_unlock(&g_lock);
+    if (rc != CUDA_SUCCESS)
+        return rc;
+    if ((fd = memfd_create("fakecuda", MFD_CLOEXEC)) < 0) {
+        rc = CUDA_ERROR_OUT_OF_MEMORY;
+    } else if (ftruncate(fd, (off_t)bytes) < 0) {
         close(fd);
-        return CUDA_ERROR_OUT_OF_MEMORY;
+        rc = CUDA_ERROR_OUT_OF_MEMORY;
+    } else if ((rc = map_alloc(fd, bytes, 0, p)) != CUDA_SUCCESS) {
+        close(fd);
     }
-    if ((rc = map_alloc(fd, bytes, 0, p)) != CUDA_SUCCESS)
-        close(fd);
+    if (rc != CUDA_SUCCESS) {
+        pthread_mutex_lock(&g_lock);
+        g_allocated -= bytes;
+        pthread_mutex_unlock(&g_lock);
+    }
     return rc;
 }
 
 static void unmap_alloc(struct alloc *a)
 {
+    if (!a->imported) {
+        pthread_mutex_lock(&g_lock);
+        g_allocated -= a->size;
+        pthread_mutex_unlock(&g_lock);
+    }
     munmap((void *)(uintptr_t)a->base, a->size);
     if (a->fd >= 0)
         close(a->fd);
@@ -864,6 +911,7 @@ static const struct {
     {"cuDeviceGetCount", (void *)fk_device_get_count},
     {"cuDeviceGet", (void *)fk_device_get},
     {"cuDeviceGetName", (void *)fk_device_get_name},
+    {"cuDeviceTotalMem", (void *)fk_device_total_mem},
     {"cuGetErrorString", (void *)fk_get_error_string},
     {"cuDeviceGetAttribute", (void *)fk_device_get_attribute},
     {"cuDevicePrimaryCtxRetain", (void *)fk_primary_ctx_retain},

@@ -8,6 +8,12 @@
 #include <stddef.h>
 
 #define FAKECUDA_DEVICE_NAME "duplex fake GPU"
+/* Each device's memory (cuDeviceTotalMem), in bytes: FAKECUDA_MEMORY_BYTES
+ * in the environment, else 80 GiB. A process's cuMemAlloc fails with
+ * CUDA_ERROR_OUT_OF_MEMORY past it (what cuIpcOpenMemHandle maps is the
+ * exporter's and does not count). */
+#define FAKECUDA_MEMORY_ENV "FAKECUDA_MEMORY_BYTES"
+#define FAKECUDA_MEMORY_DEFAULT (80ull << 30)
 #define FAKECUDA_MAX_ARGS 24
 
 struct fake_grid {

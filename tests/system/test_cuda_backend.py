@@ -409,3 +409,47 @@ def test_ranks_sharing_one_gpu_train_through_the_hosts(cluster, tmp_path):
     logs = "".join(c.worker_procs[f"g{i}"].log_text() for i in range(4))
     assert "2 ep ranks, peers 1 by IPC, 0 by NCCL" in logs, logs[-3000:]
     assert all(w["state"] == "alive" for w in c.workers().values())
+
+
+@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
+                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+def test_cuda_workers_report_their_gpus_memory_for_admission(cluster, tmp_path):
+    """A cuda worker reports its GPU's total memory at registration
+    (Register.memory_bytes; the fake GPU's FAKECUDA_MEMORY_BYTES, here 512
+    MiB: room for the backend's own buffers, 64 MiB of cuBLASLt workspaces,
+    and a small job), so duplexd refuses at submission (dry run and real) a
+    cuda job whose ranks need more than that, with the numbers, and runs one
+    that fits. --memory-limit, when given, is reported instead."""
+    from test_train import finished
+
+    c = cluster
+    c.env["FAKECUDA_MEMORY_BYTES"] = str(512 << 20)
+    cuda_workers(c, 2)
+    for gpu in range(2):
+        log = c.worker_procs[f"g{gpu}"].log_text()
+        assert f"GPU {gpu} (512.0 MiB of memory)" in log, log[-3000:]
+    path = cuda_spec(tmp_path, "cuda-admit", schedule="1f1b", pp=2, ep=1, dp=1)
+    big = ("--set", "model.vocab=65536", "--set", "model.d_model=256")
+    for dry in (("--dry-run",), ()):
+        result = c.ctl("submit", path, *dry, *big)
+        assert result.returncode == 1, describe(result)
+        for word in ("NO_CAPACITY", "MiB (parameters", "per rank",
+                     "0 of the 2 alive cuda workers", "it needs 2 (pp 2 x ep 1 x dp 1)",
+                     "the largest cuda worker reports 512.0 MiB"):
+            assert word in result.stderr, (word, describe(result))
+    assert not c.db_query("SELECT id FROM jobs"), "a refused job was stored"
+
+    # a job that fits the GPUs is accepted, and runs on them
+    result = c.ctl("submit", path, "--set", "train.steps=3")
+    assert result.returncode == 0, describe(result)
+    status = finished(c, int(result.stdout.split()[1]))
+    assert [e["step"] for e in status["losses"]][-1] == 3, status
+
+    # --memory-limit is what a worker reports, GPU or not: one worker of 1 TiB
+    # is not enough for a job of 2 ranks
+    c.env["FAKECUDA_DEVICES"] = "3"
+    c.start_worker("g2", 2, *fake_stack(), "--memory-limit", "1T", backend="cuda")
+    result = c.ctl("submit", path, "--dry-run", *big)
+    assert result.returncode == 1, describe(result)
+    for word in ("1 of the 3 alive cuda workers", "the largest cuda worker reports 1.0 TiB"):
+        assert word in result.stderr, (word, describe(result))

@@ -8,6 +8,7 @@ reasons escaped."""
 
 import json
 import sqlite3
+import time
 
 import pytest
 
@@ -163,16 +164,20 @@ def test_status_escapes_control_characters_it_is_given(cluster, tmp_path):
     evil = "evil\x1b[2J\nname"
     conn = sqlite3.connect(c.db_path)
     try:
+        # finished just now: within retention, so in memory again after the restart
+        now = int(time.time() * 1000)
         conn.execute("INSERT INTO jobs (name, spec, backend, state, priority, workers, steps, "
-                     "reason, submitted_ms) VALUES (?, ?, 'sim', 'succeeded', 0, 2, 1, ?, 1)",
-                     (evil, json.dumps({"name": evil}), "done \x1b]0;title\x07"))
+                     "reason, submitted_ms, finished_ms) "
+                     "VALUES (?, ?, 'sim', 'succeeded', 0, 2, 1, ?, 1, ?)",
+                     (evil, json.dumps({"name": evil}), "done \x1b]0;title\x07", now))
         conn.commit()
     finally:
         conn.close()
     c.start_duplexd()
     table = c.ctl("status")
     one = c.ctl("status", 1)
-    for result in (table, one):
+    every = c.ctl("status", "--all")  # read from the database
+    for result in (table, one, every):
         assert result.returncode == 0, describe(result)
         assert "\x1b" not in result.stdout and "\x07" not in result.stdout, describe(result)
         assert "\\x1b" in result.stdout, describe(result)

@@ -3,6 +3,7 @@
 events."""
 
 import json
+import sqlite3
 import time
 
 import pytest
@@ -136,3 +137,39 @@ def test_a_spec_error_names_the_field(sim4, tmp_path):
     assert bad_id.returncode == 2 and "not a job id" in bad_id.stderr, describe(bad_id)
     unknown = sim4.ctl("status", "999")
     assert unknown.returncode == 1 and "no job 999" in unknown.stderr, describe(unknown)
+
+
+def event_lines(c, *args):
+    result = c.ctl("events", "--json", *args)
+    assert result.returncode == 0, describe(result)
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_events_are_read_page_by_page_and_newest_last(cluster):
+    """`events` lists every event however long the log (duplexd answers
+    1,000 a request), `--limit N` the newest N, `--since ID` those after
+    an id: a long-running cluster's log is no longer cut at its oldest
+    1,000 entries."""
+    c = cluster
+    c.start_duplexd()
+    c.duplexd.terminate()
+    assert c.duplexd.wait() == 0
+    conn = sqlite3.connect(c.db_path)
+    with conn:
+        conn.executemany("INSERT INTO events (ts_ms, kind, worker_id, job_id, detail)"
+                         " VALUES (?, 'test_event', NULL, NULL, ?)",
+                         [(1700000000000 + i, f"event {i}") for i in range(2500)])
+    conn.close()
+    c.start_duplexd()
+    every = event_lines(c)
+    ids = [e["id"] for e in every]
+    assert len(ids) > 2500 and ids == sorted(ids) and len(set(ids)) == len(ids), len(ids)
+    assert sum(e["kind"] == "test_event" for e in every) == 2500
+    newest = event_lines(c, "--limit", "5")
+    assert [e["id"] for e in newest] == ids[-5:], newest
+    after = event_lines(c, "--since", str(ids[-3]))
+    assert [e["id"] for e in after] == ids[-2:], after
+    middle = event_lines(c, "--since", str(ids[100]), "--limit", "2")
+    assert [e["id"] for e in middle] == ids[-2:], middle
+    bad = c.ctl("events", "--since", "yesterday")
+    assert bad.returncode != 0 and "is not an event id" in bad.stderr, describe(bad)

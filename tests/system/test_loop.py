@@ -160,3 +160,134 @@ def test_gone_workers_can_be_forgotten(cluster):
     assert reader.returncode == 1 and "FORBIDDEN" in reader.stderr, reader.stderr
     cluster.start_worker("w1", 1)
     assert [e["kind"] for e in cluster.events(worker_id="w1")][-1] == "registered"
+
+
+# Submit and its reply (proto/duplex.proto), not in conftest's MsgType
+SUBMIT, SUBMIT_REPLY = 8, 9
+
+# A spec at the simulation budget (COORD_JOBSPEC_SIM_BUDGET): pp 2 x
+# 65,536 micro-batches, a plan that takes tens of ms to simulate (seconds
+# under ASan), on two sim workers.
+AT_BUDGET = {
+    "name": "at-budget", "backend": "sim", "model": {"layers": 4, "experts": 4},
+    "parallel": {"schedule": "dualpipe", "pp": 2, "microbatches": 65536},
+    "sim": {"f": 1, "b": 1, "w": 1, "fb": 2}}
+
+
+def dry_run(request_id):
+    return envelope(SUBMIT, bytes_field(1, json.dumps(AT_BUDGET)) + varint_field(3, 1),
+                    request_id=request_id)
+
+
+def operator_socket(cluster):
+    sock = cluster.curve_socket(zmq.Context.instance().socket(zmq.DEALER))
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.addr)
+    return sock
+
+
+def replies(sock, n):
+    """The next n replies, in the order they came."""
+    out = []
+    for _ in range(n):
+        assert sock.poll(60000, zmq.POLLIN), f"no reply after {len(out)} of {n}"
+        out.append(decode_envelope(sock.recv()))
+    return out
+
+
+def loop_stats(cluster):
+    return json.loads(cluster.ctl("status", "--json").stdout)["duplexd"]["loop"]
+
+
+def test_dry_runs_are_planned_off_the_loop(cluster):
+    """A dry run at the simulation budget used to simulate inside duplexd's
+    loop: everything behind it waited (issue 15: 9.3 s frozen, workers
+    lost). Plans are built on libuv's thread pool now. Structural checks,
+    measured in one run: a `workers` request sent after two dry runs is
+    answered before either plan, and no loop turn while a plan was built
+    came near the time the plan took."""
+    start_fleet(cluster, 2)
+    sock = operator_socket(cluster)
+    try:
+        # one dry run alone, timed by its client: the plan's own duration
+        before = loop_stats(cluster)
+        started = time.monotonic()
+        sock.send(dry_run(1))
+        (reply,) = replies(sock, 1)
+        took_us = (time.monotonic() - started) * 1e6
+        after = loop_stats(cluster)
+        assert reply.type == SUBMIT_REPLY, decode_error(reply.body)
+        plan = json.loads(parse_fields(reply.body)[2][-1])
+        assert plan["schedule"]["microbatches"] == 65536 and len(plan["ranks"]) == 2
+        # turns in buckets whose lower bound is at least a quarter of that:
+        # the plan built on the loop was one such turn
+        lower = [0] + [b["le_us"] for b in after["busy_histogram"][:-1]]
+        long_turns = sum(a["turns"] - b["turns"] for lo, a, b in
+                         zip(lower, after["busy_histogram"], before["busy_histogram"])
+                         if lo >= took_us / 4)
+        assert long_turns == 0, (took_us, before, after)
+
+        # two dry runs, then a cheap request: answered first
+        sock.send(dry_run(2))
+        sock.send(dry_run(3))
+        sock.send(envelope(MsgType.LIST_WORKERS, request_id=4))
+        got = replies(sock, 3)
+        assert [r.request_id for r in got][0] == 4, [(r.request_id, r.type) for r in got]
+        assert sorted((r.request_id, r.type) for r in got) == \
+            [(2, SUBMIT_REPLY), (3, SUBMIT_REPLY), (4, MsgType.LIST_WORKERS_REPLY)]
+    finally:
+        sock.close(linger=0)
+    assert cluster.events("lost") == []
+
+
+def test_a_flood_of_dry_runs_is_bounded(cluster, tmp_path):
+    """Dry runs in flight are bounded, so a flood cannot queue unbounded
+    work and memory: beyond the bound, each is refused at once as busy."""
+    start_fleet(cluster, 2)
+    sock = operator_socket(cluster)
+    try:
+        for i in range(8):
+            sock.send(dry_run(10 + i))
+        got = replies(sock, 8)
+    finally:
+        sock.close(linger=0)
+    plans = [r for r in got if r.type == SUBMIT_REPLY]
+    busy = [decode_error(r.body).text for r in got if r.type == MsgType.ERROR]
+    assert len(plans) + len(busy) == 8, got
+    assert plans and got[0].type == MsgType.ERROR, "the first refusal comes before any plan"
+    assert busy and all(t.startswith("busy: ") and "dry runs in progress" in t and "retry" in t
+                        for t in busy), busy
+    # once the flood is over, dry runs are planned again
+    spec = tmp_path / "at-budget.json"
+    spec.write_text(json.dumps(AT_BUDGET))
+    result = cluster.ctl("submit", spec, "--dry-run")
+    assert result.returncode == 0, result.stderr
+
+
+def test_plans_in_flight_at_shutdown(cluster, tmp_path):
+    """A placed job's simulation lands in its status; dry runs still being
+    planned when duplexd is stopped are finished or answered before its
+    loop and jobs go (ASan: nothing used after it was freed, no leak)."""
+    start_fleet(cluster, 2)
+    spec = tmp_path / "at-budget.json"
+    spec.write_text(json.dumps(dict(AT_BUDGET, train={"steps": 1})))
+    result = cluster.ctl("submit", spec)
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.split()[1]  # "job N queued"
+
+    def simulated():
+        doc = json.loads(cluster.ctl("status", job, "--json").stdout)
+        return doc["bubble"]["simulated_step_ms"] > 0 or None
+    poll_until(simulated, what="the placed job's simulated step time")
+    assert cluster.ctl("cancel", job).returncode == 0
+    sock = operator_socket(cluster)
+    try:
+        sock.send(dry_run(1))
+        sock.send(dry_run(2))
+        sock.send(envelope(MsgType.LIST_WORKERS, request_id=3))
+        (listed,) = replies(sock, 1)
+        assert listed.request_id == 3, listed  # the dry runs are in flight
+        cluster.duplexd.terminate()
+        assert cluster.duplexd.wait() == 0, cluster.duplexd.log_tail()
+    finally:
+        sock.close(linger=0)

@@ -111,6 +111,46 @@ Test(cuda_fake, memory_round_trips)
     wk_cuda_close(c);
 }
 
+/* cuDeviceTotalMem: the fake device has FAKECUDA_MEMORY_BYTES (default
+ * 80 GiB), and its allocations fail as a full GPU's do beyond that. */
+Test(cuda_fake, the_devices_memory_is_reported_and_bounds_its_allocations)
+{
+    wk_cuda_t *c = open_fake();
+    wk_cuda_ptr a = 0, b = 0;
+    size_t total = 0;
+
+    cr_assert_eq(wk_cuda_device_memory(c, &total), 0, "%s", wk_cuda_error(c));
+    cr_assert_eq(total, FAKECUDA_MEMORY_DEFAULT);
+    wk_cuda_close(c);
+
+    cr_assert_eq(setenv(FAKECUDA_MEMORY_ENV, "1048576", 1), 0);
+    c = open_fake();
+    cr_assert_eq(wk_cuda_device_memory(c, &total), 0, "%s", wk_cuda_error(c));
+    cr_assert_eq(total, 1u << 20);
+    cr_assert_eq(wk_cuda_alloc(c, 512 << 10, &a), 0, "%s", wk_cuda_error(c));
+    cr_assert_eq(wk_cuda_alloc(c, 768 << 10, &b), -EIO);
+    cr_assert_eq(b, 0);
+    cr_assert_str_eq(wk_cuda_error(c), "cuMemAlloc(786432 bytes): out of memory (CUDA error 2)");
+    /* what is freed can be allocated again */
+    wk_cuda_free(c, a);
+    cr_assert_eq(wk_cuda_alloc(c, 768 << 10, &b), 0, "%s", wk_cuda_error(c));
+    cr_assert_eq(wk_cuda_alloc(c, 256 << 10, &a), 0, "%s", wk_cuda_error(c));
+    wk_cuda_free(c, a);
+    wk_cuda_free(c, b);
+    /* no context: nothing to ask */
+    wk_cuda_close(c);
+    {
+        struct wk_cuda_paths paths = {.cuda = fakestack_path(), .driver_only = 1};
+        char err[256];
+
+        cr_assert_eq(wk_cuda_open(&paths, &c, err, sizeof(err)), 0, "%s", err);
+        cr_assert_eq(wk_cuda_device_memory(c, &total), -EINVAL);
+        cr_assert(strstr(wk_cuda_error(c), "no context"), "%s", wk_cuda_error(c));
+        wk_cuda_close(c);
+    }
+    unsetenv(FAKECUDA_MEMORY_ENV);
+}
+
 Test(cuda_fake, launches_run_and_an_unknown_kernel_is_named)
 {
     wk_cuda_t *c = open_fake();

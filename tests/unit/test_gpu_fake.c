@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <string.h>
 
+#include "tests/fake/fakecuda.h"
 #include "tests/unit/fakestack.h"
 #include "worker/gpu.h"
 
@@ -57,6 +58,26 @@ Test(gpu_fake, every_kernel_resolves_and_launches_run_in_order)
     wk_cuda_free(c, b);
     wk_gpu_destroy(g);
     wk_cuda_close(c);
+}
+
+/* What a cuda worker reports at registration (Register.memory_bytes): the
+ * device's total memory, here the fake's FAKECUDA_MEMORY_BYTES. */
+Test(gpu_fake, the_gpu_reports_its_devices_total_memory)
+{
+    struct fakestack_gpu f;
+    uint64_t bytes = 0;
+
+    cr_assert_eq(setenv(FAKECUDA_MEMORY_ENV, "67108864", 1), 0);
+    fakestack_gpu_open(&f);
+    cr_assert_eq(wk_gpu_memory_bytes(f.g, &bytes), 0, "%s", wk_gpu_error(f.g));
+    cr_assert_eq(bytes, 64ull << 20);
+    fakestack_gpu_close(&f);
+    unsetenv(FAKECUDA_MEMORY_ENV);
+
+    fakestack_gpu_open(&f);
+    cr_assert_eq(wk_gpu_memory_bytes(f.g, &bytes), 0, "%s", wk_gpu_error(f.g));
+    cr_assert_eq(bytes, FAKECUDA_MEMORY_DEFAULT);
+    fakestack_gpu_close(&f);
 }
 
 Test(gpu_fake, a_second_gpu_on_one_context_is_refused)

@@ -14,6 +14,7 @@
 #include <dirent.h>
 #include <sqlite3.h>
 #include <sys/stat.h>
+#include <uv.h>
 
 #include "common/ckpt.h"
 #include "coordinator/jobs.h"
@@ -30,6 +31,7 @@ struct sent {
     char checkpoint[128];
     size_t nccl_id_len;
     unsigned char nccl_id[128];
+    char shared_gpu[256];
 };
 
 static struct sent sent[MAX_SENT];
@@ -53,8 +55,25 @@ static int fake_send(void *arg, const char *worker_id, Duplex__MsgType type,
         sent[nsent].attempt = a->attempt;
         sent[nsent].pp_rank = a->pp_rank;
         snprintf(sent[nsent].checkpoint, sizeof(sent[nsent].checkpoint), "%s", a->checkpoint);
-        cr_assert_eq(a->n_peers, (size_t)(a->pp * a->ep * a->dp));
+        {
+            /* exactly the ranks it exchanges data with, in rank order */
+            struct coord_jobspec layout = {0};
+            int near[256], n;
+
+            cr_assert_eq(dp_sched_kind_parse(a->schedule, &layout.parallel.schedule), 0);
+            layout.parallel.pp = a->pp;
+            layout.parallel.ep = a->ep;
+            layout.parallel.dp = a->dp;
+            cr_assert_leq(coord_plan_peers_max(&layout), 256);
+            n = coord_plan_peers(&layout, a->dp_rank, a->pp_rank, a->ep_rank, near);
+            cr_assert_eq(a->n_peers, (size_t)n);
+            for (int k = 0; k < n; k++)
+                cr_assert_eq(coord_plan_rank_index(&layout, a->peers[k]->dp, a->peers[k]->pp,
+                                                   a->peers[k]->ep),
+                             near[k]);
+        }
         sent[nsent].nccl_id_len = a->nccl_id.len;
+        snprintf(sent[nsent].shared_gpu, sizeof(sent[nsent].shared_gpu), "%s", a->shared_gpu);
         if (a->nccl_id.len == sizeof(sent[nsent].nccl_id))
             memcpy(sent[nsent].nccl_id, a->nccl_id.data, a->nccl_id.len);
         /* every peer says where its worker is, as the registry knows it */
@@ -386,6 +405,42 @@ Test(jobs, every_transition_of_the_state_machine)
         cr_assert_eq((int)back, s);
     }
     cr_assert_eq(coord_job_state_parse("flying", &(enum coord_job_state){0}), -EINVAL);
+}
+
+/* With a send slice, placing sends nothing: each coord_jobs_send_some
+ * (duplexd: after each commit) sends the next slice, the job placed first
+ * first, and a job that stops waiting (cancelled) gets no more. */
+Test(jobs, assignments_go_out_a_slice_at_a_time, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.ep=2"};
+    char err[256];
+    uint64_t a, b;
+
+    coord_jobs_set_send_slice(jobs, 3);
+    cr_assert_eq(coord_jobs_send_some(jobs, 2000, 2000), 0, "nothing to send");
+    a = submit("{}", sets, 2);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    cr_assert_str_eq(state_of(a), "placing");
+    cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, a), 0, "not before the commit");
+    cr_assert_eq(coord_jobs_send_some(jobs, 2101, 2101), 1, "one more to send");
+    cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, a), 3);
+    cr_assert_eq(coord_jobs_send_some(jobs, 2102, 2102), 0, "all sent");
+    cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, a), 4);
+    ack_all(a, 1);
+    cr_assert_str_eq(state_of(a), "running");
+    /* a second job (on the other four workers, which the first left free) is cancelled midway */
+    add_worker("w4", "n2", 4, "sim");
+    add_worker("w5", "n2", 5, "sim");
+    add_worker("w6", "n3", 6, "sim");
+    add_worker("w7", "n3", 7, "sim");
+    b = submit("{}", sets, 2);
+    coord_jobs_schedule(jobs, 2200, 2200);
+    cr_assert_str_eq(state_of(b), "placing");
+    cr_assert_eq(coord_jobs_send_some(jobs, 2201, 2201), 1);
+    cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, b), 3);
+    cr_assert_eq(coord_jobs_cancel(jobs, b, "alice", 2202, 2202, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(coord_jobs_send_some(jobs, 2203, 2203), 0);
+    cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, b), 3, "none after the cancel");
 }
 
 Test(jobs, a_job_runs_to_success, .init = setup, .fini = teardown)
@@ -810,6 +865,7 @@ Test(jobs, cuda_jobs_get_one_nccl_id_per_attempt, .init = setup, .fini = teardow
             continue;
         }
         cr_assert_eq(sent[i].nccl_id_len, 128);
+        cr_assert_str_eq(sent[i].shared_gpu, "", "each rank has a GPU of its own");
         if (n++ == 0)
             memcpy(first, sent[i].nccl_id, 128);
         else
@@ -837,6 +893,36 @@ Test(jobs, cuda_jobs_get_one_nccl_id_per_attempt, .init = setup, .fini = teardow
             cr_assert_neq(memcmp(first, sent[i].nccl_id, 128), 0, "attempt 2 has a new id");
         }
     cr_assert_eq(n, 2);
+}
+
+/* Two ranks of a cuda job on one GPU (the same node and GPU index):
+ * duplexd judges it once over all ranks and tells every rank, naming the
+ * two workers, since no rank sees every other one any more. */
+Test(jobs, cuda_ranks_sharing_a_gpu_are_told_so, .init = setup, .fini = teardown)
+{
+    const char *cuda[] = {"backend=cuda", "parallel.pp=4", "parallel.microbatches=8"};
+    void *lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+    uint64_t c;
+    int n = 0;
+
+    if (!lib)
+        cr_skip_test("libnccl.so.2 cannot be loaded here (%s): no NCCL id to check", dlerror());
+    dlclose(lib);
+    add_worker("c0", "n0", 0, "cuda");
+    add_worker("c1", "n0", 1, "cuda");
+    add_worker("c2", "n1", 1, "cuda");
+    add_worker("c3", "n1", 1, "cuda");
+    c = submit("{}", cuda, 3);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    cr_assert_str_eq(state_of(c), "placing");
+    for (int i = 0; i < nsent; i++)
+        if (is_current(i, c)) {
+            n++;
+            cr_assert(strstr(sent[i].shared_gpu, "share GPU 1 of node n1") &&
+                          strstr(sent[i].shared_gpu, "c2") && strstr(sent[i].shared_gpu, "c3"),
+                      "rank %d: \"%s\"", sent[i].pp_rank, sent[i].shared_gpu);
+        }
+    cr_assert_eq(n, 4);
 }
 
 static int find_nccl_event(const struct coord_event_row *row, void *arg)
@@ -870,7 +956,7 @@ Test(jobs, a_cuda_job_without_nccl_fails_clearly, .init = setup, .fini = teardow
     }
     {
         int found = 0; /* the failure is an event too */
-        cr_assert_geq(coord_store_events_each(store, c, 0, 100, find_nccl_event, &found), 0);
+        cr_assert_geq(coord_store_events_each(store, c, 0, 100, false, find_nccl_event, &found), 0);
         cr_assert(found, "no job_failed event names the NCCL id");
     }
     /* the cuda workers are free again and other jobs still start */
@@ -1849,4 +1935,272 @@ Test(jobs, old_metrics_rows_expire_and_status_keeps_every_step, .init = setup, .
         }
         json_decref(doc);
     }
+}
+
+static double simulated_step_ms(uint64_t id)
+{
+    int rc;
+    json_t *doc = coord_jobs_status(jobs, id, 0, &rc);
+    double ms;
+
+    cr_assert_not_null(doc);
+    ms = json_number_value(json_object_get(json_object_get(doc, "bubble"), "simulated_step_ms"));
+    json_decref(doc);
+    return ms;
+}
+
+/* With duplexd's loop, a placed job's schedule is simulated on the loop's
+ * thread pool (it may take tens of ms): status shows it once the loop ran
+ * the result in. Jobs destroyed with a simulation in flight are detached
+ * from it: the loop frees it without touching them (ASan). */
+Test(jobs, schedules_are_simulated_off_the_loop, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.microbatches=64"};
+    struct coord_jobspec spec;
+    struct coord_plan_sim sim;
+    char err[256];
+    uv_loop_t loop;
+    uint64_t a, b;
+
+    cr_assert_eq(uv_loop_init(&loop), 0);
+    coord_jobs_set_loop(jobs, &loop);
+    a = submit("{}", sets, 2);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    cr_assert_str_eq(state_of(a), "placing");
+    cr_assert_eq(simulated_step_ms(a), 0.0, "simulated inside the loop's callback");
+    cr_assert_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
+    cr_assert_eq(coord_jobspec_parse("{}", 2, sets, 2, &spec, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(coord_plan_simulate(&spec, &sim, err, sizeof(err)), 0, "%s", err);
+    cr_assert_gt(sim.makespan_ms, 0.0);
+    cr_assert_float_eq(simulated_step_ms(a), sim.makespan_ms, 1e-9);
+    /* a second job on the other two workers, its simulation in flight
+     * when the jobs go */
+    b = submit("{}", sets, 2);
+    coord_jobs_schedule(jobs, 2200, 2200);
+    cr_assert_str_eq(state_of(b), "placing");
+    coord_jobs_destroy(jobs);
+    jobs = NULL;
+    cr_assert_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
+    cr_assert_eq(uv_loop_close(&loop), 0);
+}
+
+/* ---- finished jobs leave memory (issue 15) -------------------------------- */
+
+/* The ids of the jobs in memory, as status lists them, as "1,2,"... */
+static const char *in_memory(void)
+{
+    static char buf[256];
+    size_t i, len = 0;
+    int rc;
+    json_t *doc = coord_jobs_status(jobs, 0, 0, &rc), *j;
+
+    cr_assert_not_null(doc);
+    buf[0] = '\0';
+    json_array_foreach (json_object_get(doc, "jobs"), i, j) {
+        cr_assert(json_is_true(json_object_get(j, "in_memory")));
+        len += (size_t)snprintf(buf + len, sizeof(buf) - len, "%lld,",
+                                (long long)json_integer_value(json_object_get(j, "id")));
+    }
+    json_decref(doc);
+    return buf;
+}
+
+static json_t *stored_status(uint64_t id)
+{
+    int rc;
+    json_t *doc = coord_jobs_status(jobs, id, 0, &rc);
+
+    cr_assert_not_null(doc, "no status for job %llu (%d)", (unsigned long long)id, rc);
+    cr_assert(json_is_false(json_object_get(doc, "in_memory")), "job %llu is in memory",
+              (unsigned long long)id);
+    return doc;
+}
+
+Test(retention, finished_jobs_leave_memory_and_stay_readable, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.ep=2"};
+    uint64_t a = submit("{}", sets, 2), b;
+    char err[128], want[32];
+    json_t *doc;
+    int rc;
+
+    coord_jobs_set_retention(jobs, 1000, -1);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    ack_all(a, 1);
+    report_all_at(a, 1, 3000);
+    finish_all_at(a, 4000);
+    cr_assert_str_eq(state_of(a), "succeeded");
+    cr_assert_eq(coord_jobs_forget_finished(jobs, 4999), 0, "not yet past retention");
+    snprintf(want, sizeof(want), "%llu,", (unsigned long long)a);
+    cr_assert_str_eq(in_memory(), want);
+    cr_assert_eq(coord_jobs_forget_finished(jobs, 5000), 1);
+    cr_assert_str_eq(in_memory(), "");
+    cr_assert_eq(coord_jobs_forget_finished(jobs, 9000), 0);
+    /* status JOB from the database: state, steps, ranks, per-step figures */
+    doc = stored_status(a);
+    cr_assert_str_eq(json_string_value(json_object_get(doc, "state")), "succeeded");
+    cr_assert_str_eq(json_string_value(json_object_get(doc, "owner")), "alice");
+    cr_assert_eq(json_integer_value(json_object_get(doc, "step")), steps_of(a));
+    cr_assert_eq(json_integer_value(json_object_get(doc, "attempt")), 1);
+    cr_assert_eq(json_integer_value(json_object_get(doc, "ep")), 2);
+    cr_assert_eq(json_array_size(json_object_get(doc, "ranks")), 4);
+    cr_assert(
+        json_is_true(json_object_get(json_array_get(json_object_get(doc, "ranks"), 3), "done")));
+    cr_assert_eq(json_array_size(json_object_get(doc, "losses")), 2);
+    cr_assert_eq(json_integer_value(json_object_get(doc, "finished_ms")), 4000);
+    json_decref(doc);
+    /* what workers say about it is stale; it cannot be cancelled */
+    {
+        Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
+        r.job_id = a;
+        r.attempt = 1;
+        r.step = 1;
+        cr_assert_eq(coord_jobs_on_report(jobs, "w0", &r, 9000, 9000), -ENOENT);
+    }
+    cr_assert_eq(coord_jobs_cancel(jobs, a, "alice", 9000, 9000, err, sizeof(err)), -EALREADY);
+    cr_assert_str_eq(err, "job 1 already succeeded");
+    cr_assert_eq(coord_jobs_cancel(jobs, a + 7, "alice", 9000, 9000, err, sizeof(err)), -ENOENT);
+    cr_assert_null(coord_jobs_status(jobs, a + 7, 0, &rc));
+    cr_assert_eq(rc, -ENOENT);
+    /* the next job's id follows; the workers are free for it */
+    b = submit("{}", sets, 2);
+    cr_assert_eq(b, a + 1);
+    coord_jobs_schedule(jobs, 9100, 9100);
+    cr_assert_str_eq(state_of(b), "placing");
+}
+
+Test(retention, a_job_stays_while_a_worker_is_held_for_it, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.ep=2"};
+    uint64_t a = submit("{}", sets, 2);
+    char err[128];
+
+    coord_jobs_set_retention(jobs, 0, -1);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    ack_all(a, 1);
+    cr_assert_eq(coord_jobs_cancel(jobs, a, "alice", 2200, 2200, err, sizeof(err)), 0);
+    /* every rank was told to stop and has not said it did: held */
+    cr_assert_eq(coord_registry_find(reg, "w0")->assigned_job, a);
+    cr_assert_eq(coord_jobs_forget_finished(jobs, 99999), 0);
+    cr_assert_str_neq(in_memory(), "");
+    for (int i = 0; i < 4; i++) {
+        char id[8];
+        snprintf(id, sizeof(id), "w%d", i);
+        coord_jobs_on_idle(jobs, id, 2300, 2300);
+        cr_assert_eq(coord_registry_find(reg, id)->assigned_job, 0);
+    }
+    cr_assert_eq(coord_jobs_forget_finished(jobs, 99999), 1);
+    cr_assert_str_eq(in_memory(), "");
+    json_decref(stored_status(a));
+}
+
+Test(retention, beyond_the_count_the_first_ended_leave, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim"}; /* two workers each */
+    uint64_t a = submit("{}", sets, 1), b = submit("{}", sets, 1), c;
+    char want[32];
+
+    coord_jobs_set_retention(jobs, -1, 1);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    ack_all(a, 1);
+    ack_all(b, 1);
+    finish_all_at(b, 4000); /* b ends first */
+    cr_assert_eq(coord_jobs_forget_finished(jobs, 4500), 0, "one finished job is kept");
+    finish_all_at(a, 5000);
+    c = submit("{}", sets, 1); /* queued or running: never forgotten */
+    cr_assert_eq(coord_jobs_forget_finished(jobs, 5500), 1);
+    snprintf(want, sizeof(want), "%llu,%llu,", (unsigned long long)a, (unsigned long long)c);
+    cr_assert_str_eq(in_memory(), want, "a ended last and stays; b left");
+    json_decref(stored_status(b));
+    coord_jobs_set_retention(jobs, -1, 0);
+    cr_assert_eq(coord_jobs_forget_finished(jobs, 5500), 1);
+    snprintf(want, sizeof(want), "%llu,", (unsigned long long)c);
+    cr_assert_str_eq(in_memory(), want);
+}
+
+Test(retention, a_restart_loads_no_finished_job_past_retention, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim"};
+    uint64_t a = submit("{}", sets, 1), b = submit("{}", sets, 1), c, d;
+    struct coord_jobs_io io = {.send = fake_send};
+    char want[32];
+
+    coord_jobs_schedule(jobs, 2100, 2100);
+    ack_all(a, 1);
+    ack_all(b, 1);
+    finish_all_at(a, 4000);
+    finish_all_at(b, 6000);
+    c = submit("{}", sets, 1);
+    cr_assert_eq(coord_store_flush(store), 0);
+    /* restarted at wall 9000 with a retention of 4 s: a ended 5 s ago, b 3 s */
+    coord_jobs_destroy(jobs);
+    cr_assert_eq(coord_jobs_create(store, reg, &io, &jobs), 0);
+    coord_jobs_set_retention(jobs, 4000, -1);
+    cr_assert_eq(coord_jobs_load(jobs, 9000, 100), 0);
+    snprintf(want, sizeof(want), "%llu,%llu,", (unsigned long long)b, (unsigned long long)c);
+    cr_assert_str_eq(in_memory(), want);
+    json_decref(stored_status(a));
+    /* b's retention goes on on the monotonic clock from where it was */
+    cr_assert_eq(coord_jobs_forget_finished(jobs, 100 + 999), 0);
+    cr_assert_eq(coord_jobs_forget_finished(jobs, 100 + 1000), 1);
+    /* ids never come back */
+    d = submit("{}", sets, 1);
+    cr_assert_gt(d, c);
+    /* at most one finished job, none at all */
+    coord_jobs_destroy(jobs);
+    cr_assert_eq(coord_jobs_create(store, reg, &io, &jobs), 0);
+    coord_jobs_set_retention(jobs, -1, 1);
+    cr_assert_eq(coord_jobs_load(jobs, 9000, 100), 0);
+    snprintf(want, sizeof(want), "%llu,%llu,%llu,", (unsigned long long)b, (unsigned long long)c,
+             (unsigned long long)d);
+    cr_assert_str_eq(in_memory(), want);
+    coord_jobs_destroy(jobs);
+    cr_assert_eq(coord_jobs_create(store, reg, &io, &jobs), 0);
+    coord_jobs_set_retention(jobs, 0, -1);
+    cr_assert_eq(coord_jobs_load(jobs, 9000, 100), 0);
+    snprintf(want, sizeof(want), "%llu,%llu,", (unsigned long long)c, (unsigned long long)d);
+    cr_assert_str_eq(in_memory(), want);
+}
+
+Test(retention, every_job_page_by_page, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim"};
+    uint64_t a = submit("{}", sets, 1), b = submit("{}", sets, 1), c = submit("{}", sets, 1);
+    uint64_t next = 99;
+    json_t *doc, *list;
+    int rc;
+
+    coord_jobs_set_retention(jobs, 0, -1);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    ack_all(a, 1);
+    finish_all_at(a, 4000);
+    cr_assert_eq(coord_jobs_forget_finished(jobs, 4000), 1);
+    doc = coord_jobs_status_page(jobs, 0, 2, &next, &rc);
+    cr_assert_not_null(doc);
+    cr_assert_eq(rc, 0);
+    list = json_object_get(doc, "jobs");
+    cr_assert_eq(json_array_size(list), 2);
+    cr_assert_eq(json_integer_value(json_object_get(json_array_get(list, 0), "id")), a);
+    cr_assert(json_is_false(json_object_get(json_array_get(list, 0), "in_memory")));
+    cr_assert_str_eq(json_string_value(json_object_get(json_array_get(list, 0), "state")),
+                     "succeeded");
+    cr_assert_str_eq(json_string_value(json_object_get(json_array_get(list, 0), "owner")), "alice");
+    cr_assert_eq(json_integer_value(json_object_get(json_array_get(list, 0), "workers")), 2);
+    cr_assert_eq(json_integer_value(json_object_get(json_array_get(list, 1), "id")), b);
+    cr_assert(json_is_true(json_object_get(json_array_get(list, 1), "in_memory")));
+    cr_assert_str_eq(json_string_value(json_object_get(json_array_get(list, 1), "state")),
+                     "placing");
+    cr_assert_eq(next, b);
+    json_decref(doc);
+    doc = coord_jobs_status_page(jobs, next, 2, &next, &rc);
+    list = json_object_get(doc, "jobs");
+    cr_assert_eq(json_array_size(list), 1);
+    cr_assert_eq(json_integer_value(json_object_get(json_array_get(list, 0), "id")), c);
+    cr_assert_eq(next, 0, "the last page");
+    json_decref(doc);
+    /* limit 0: the largest page */
+    doc = coord_jobs_status_page(jobs, 0, 0, &next, &rc);
+    cr_assert_eq(json_array_size(json_object_get(doc, "jobs")), 3);
+    cr_assert_eq(next, 0);
+    json_decref(doc);
 }

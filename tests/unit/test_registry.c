@@ -322,6 +322,43 @@ Test(registry, heartbeat_from_a_closed_connection_is_no_sign_of_life)
     cr_assert_eq(w->state, COORD_WORKER_ALIVE);
 }
 
+/* A closed connection marks exactly the workers last heard on it, found
+ * by an index of connections (not a scan of the fleet): one that moved to
+ * another connection, registered anew or was forgotten is not marked. */
+Test(registry, a_closed_connection_marks_its_workers_only)
+{
+    struct coord_worker *a = do_register("a", 100, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+    struct coord_worker *b = do_register("b", 101, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+    struct coord_worker *c = do_register("c", 102, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+    struct coord_worker *d = do_register("d", 104, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);
+
+    cr_assert_eq(a->conn_fd, -1, "a new worker's connection is not known yet");
+    coord_registry_seen_on(reg, a, 7);
+    coord_registry_seen_on(reg, b, 7);
+    coord_registry_seen_on(reg, c, 7);
+    coord_registry_seen_on(reg, d, 7);
+    coord_registry_seen_on(reg, b, 3000); /* b moved (and the index grows) */
+    c = do_register("c", 103, T0_WALL, T0_MONO, COORD_REGISTERED_AGAIN); /* a new session */
+    cr_assert_eq(goodbye("d", d->session, "done", T0_WALL), 0);
+    cr_assert_eq(coord_registry_forget(reg, "d", "test", T0_WALL), 0); /* freed while on fd 7 */
+    cr_assert_eq(c->conn_fd, -1);
+    cr_assert_eq(coord_registry_conn_closed(reg, 7, T0_MONO + 5), 1);
+    cr_assert_eq(a->conn_fd, -1);
+    cr_assert_eq(a->closed_mono, T0_MONO + 5);
+    cr_assert_eq(b->conn_fd, 3000);
+    cr_assert_eq(b->closed_mono, 0);
+    cr_assert_eq(c->closed_mono, 0);
+    cr_assert_eq(coord_registry_conn_closed(reg, 7, T0_MONO + 6), 0, "closed once");
+    cr_assert_eq(coord_registry_conn_closed(reg, 3001, T0_MONO + 6), 0);
+    cr_assert_eq(coord_registry_conn_closed(reg, -1, T0_MONO + 6), 0);
+    /* heard again on the same number (the kernel reuses it): marked again */
+    coord_registry_seen_on(reg, a, 7);
+    cr_assert_eq(a->closed_mono, 0);
+    cr_assert_eq(coord_registry_conn_closed(reg, 3000, T0_MONO + 7), 1);
+    cr_assert_eq(coord_registry_conn_closed(reg, 7, T0_MONO + 7), 1);
+    cr_assert_eq(b->closed_mono, T0_MONO + 7);
+}
+
 Test(registry, route_index_follows_the_latest_sender)
 {
     struct coord_worker *a = do_register("a", 1, T0_WALL, T0_MONO, COORD_REGISTERED_NEW);

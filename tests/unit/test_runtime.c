@@ -359,7 +359,7 @@ Test(runtime, bad_assignments_are_refused)
     assign_init(&s, 1, "dualpipe", 3, 4, 1, 0, &c, none);
     assert_refused(&s, NULL, "even");
     assign_init(&s, 1, "1f1b", 2, 4, 1, 0, &c, none);
-    assert_refused(&s, NULL, "w0 (pp 0) has no data address");
+    assert_refused(&s, NULL, "w0 (pp 0, ep 0, dp 0) has no data address");
     assign_init(&s, 1, "1f1b", 2, 4, 1, 1, &c, none);
     s.peer[0].pp = 1; /* two pp=1 peers, none at pp=0 */
     s.peer[0].data_addr = s.peer[1].data_addr = "tcp://127.0.0.1:1";

@@ -972,3 +972,170 @@ Test(store, expired_metrics_keep_their_aggregates)
     }
     coord_store_close(s);
 }
+
+/* ---- jobs past retention (issue 15): pages, one job, what a restart loads */
+
+struct seen_jobs {
+    uint64_t id[16];
+    char name[16][32], state[16][16], backend[16][8], owner[16][16];
+    int priority[16], workers[16];
+    uint64_t steps[16], step[16];
+    int64_t finished_ms[16];
+    int n;
+};
+
+static int see_job(const struct coord_job_row *row, void *arg)
+{
+    struct seen_jobs *s = arg;
+
+    cr_assert_lt(s->n, 16);
+    s->id[s->n] = row->id;
+    snprintf(s->name[s->n], sizeof(s->name[0]), "%s", row->name);
+    snprintf(s->state[s->n], sizeof(s->state[0]), "%s", row->state);
+    snprintf(s->backend[s->n], sizeof(s->backend[0]), "%s", row->backend ? row->backend : "?");
+    snprintf(s->owner[s->n], sizeof(s->owner[0]), "%s", row->owner);
+    s->priority[s->n] = row->priority;
+    s->workers[s->n] = row->workers;
+    s->steps[s->n] = row->steps;
+    s->step[s->n] = row->step;
+    s->finished_ms[s->n] = row->finished_ms;
+    s->n++;
+    return 0;
+}
+
+static int stop_at_second(const struct coord_job_row *row, void *arg)
+{
+    int *calls = arg;
+    (void)row;
+    return ++*calls == 2 ? 7 : 0;
+}
+
+/* Jobs 1..6: 1 succeeded at 5000, 2 running, 3 failed at 9000, 4 queued,
+ * 5 cancelled at 7000, 6 succeeded at 8000. */
+static void six_jobs(coord_store_t *s)
+{
+    static const char *const states[] = {"succeeded", "running",   "failed",
+                                         "queued",    "cancelled", "succeeded"};
+    static const int64_t finished[] = {5000, 0, 9000, 0, 7000, 8000};
+
+    for (int i = 0; i < 6; i++) {
+        char name[16];
+        struct coord_job_row j;
+        uint64_t id = 0;
+
+        snprintf(name, sizeof(name), "job%d", i + 1);
+        j = make_job(name, "{}");
+        j.priority = i;
+        cr_assert_eq(coord_store_job_insert(s, &j, &id), 0);
+        cr_assert_eq(id, (uint64_t)i + 1);
+        j.id = id;
+        j.state = states[i];
+        j.step = (uint64_t)i;
+        j.reason = "why";
+        j.started_ms = 2000;
+        j.finished_ms = finished[i];
+        cr_assert_eq(coord_store_job_update(s, &j), 0);
+    }
+    cr_assert_eq(coord_store_flush(s), 0);
+}
+
+Test(store, jobs_come_page_by_page_in_id_order)
+{
+    coord_store_t *s = open_store();
+    struct seen_jobs seen = {0};
+    int calls = 0;
+
+    six_jobs(s);
+    cr_assert_eq(coord_store_jobs_count(s), 6);
+    cr_assert_eq(coord_store_jobs_page(s, 0, 4, see_job, &seen), 4);
+    cr_assert_eq(seen.n, 4);
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(seen.id[i], (uint64_t)i + 1);
+    /* every column a summary needs, without the spec */
+    cr_assert_str_eq(seen.name[2], "job3");
+    cr_assert_str_eq(seen.state[2], "failed");
+    cr_assert_str_eq(seen.backend[2], "sim");
+    cr_assert_str_eq(seen.owner[2], "operator");
+    cr_assert_eq(seen.priority[2], 2);
+    cr_assert_eq(seen.workers[2], 2);
+    cr_assert_eq(seen.steps[2], 3);
+    cr_assert_eq(seen.step[2], 2);
+    cr_assert_eq(seen.finished_ms[2], 9000);
+    seen.n = 0;
+    cr_assert_eq(coord_store_jobs_page(s, 4, 4, see_job, &seen), 2);
+    cr_assert_eq(seen.id[0], 5);
+    cr_assert_eq(seen.id[1], 6);
+    seen.n = 0;
+    cr_assert_eq(coord_store_jobs_page(s, 6, 4, see_job, &seen), 0);
+    cr_assert_eq(seen.n, 0);
+    /* a callback that stops the walk */
+    cr_assert_eq(coord_store_jobs_page(s, 0, 10, stop_at_second, &calls), 7);
+    cr_assert_eq(calls, 2);
+    coord_store_close(s);
+}
+
+Test(store, one_job_by_id)
+{
+    coord_store_t *s = open_store();
+    struct seen_jobs seen = {0};
+
+    six_jobs(s);
+    cr_assert_eq(coord_store_job_get(s, 5, see_job, &seen), 0);
+    cr_assert_eq(seen.n, 1);
+    cr_assert_eq(seen.id[0], 5);
+    cr_assert_str_eq(seen.state[0], "cancelled");
+    cr_assert_eq(seen.finished_ms[0], 7000);
+    cr_assert_eq(coord_store_job_get(s, 7, see_job, &seen), -ENOENT);
+    cr_assert_eq(coord_store_job_get(s, 0, see_job, &seen), -ENOENT);
+    cr_assert_eq(seen.n, 1);
+    coord_store_close(s);
+}
+
+Test(store, a_restart_loads_unfinished_and_recently_finished_jobs)
+{
+    coord_store_t *s = open_store();
+    struct seen_jobs seen = {0};
+
+    six_jobs(s);
+    /* no bound: every job */
+    cr_assert_eq(coord_store_jobs_load_each(s, INT64_MIN, -1, see_job, &seen), 0);
+    cr_assert_eq(seen.n, 6);
+    /* finished at 7000 or later: 3, 5, 6, with 2 and 4 that have not ended */
+    seen.n = 0;
+    cr_assert_eq(coord_store_jobs_load_each(s, 7000, -1, see_job, &seen), 0);
+    cr_assert_eq(seen.n, 5);
+    cr_assert_eq(seen.id[0], 2);
+    cr_assert_eq(seen.id[1], 3);
+    cr_assert_eq(seen.id[2], 4);
+    cr_assert_eq(seen.id[3], 5);
+    cr_assert_eq(seen.id[4], 6);
+    /* at most two finished: the two that finished last (3 at 9000, 6 at 8000) */
+    seen.n = 0;
+    cr_assert_eq(coord_store_jobs_load_each(s, INT64_MIN, 2, see_job, &seen), 0);
+    cr_assert_eq(seen.n, 4);
+    cr_assert_eq(seen.id[0], 2);
+    cr_assert_eq(seen.id[1], 3);
+    cr_assert_eq(seen.id[2], 4);
+    cr_assert_eq(seen.id[3], 6);
+    /* none finished */
+    seen.n = 0;
+    cr_assert_eq(coord_store_jobs_load_each(s, 10000, 5, see_job, &seen), 0);
+    cr_assert_eq(seen.n, 2);
+    cr_assert_eq(seen.id[0], 2);
+    cr_assert_eq(seen.id[1], 4);
+    coord_store_close(s);
+    /* ids are never reused, even when the last rows are gone */
+    {
+        sqlite3 *db = peek_open();
+        struct coord_job_row j = make_job("next", "{}");
+        uint64_t id = 0;
+
+        cr_assert_eq(sqlite3_exec(db, "DELETE FROM jobs WHERE id >= 5", NULL, NULL, NULL),
+                     SQLITE_OK);
+        sqlite3_close(db);
+        s = open_store();
+        cr_assert_eq(coord_store_job_insert(s, &j, &id), 0);
+        cr_assert_eq(id, 7);
+        coord_store_close(s);
+    }
+}
