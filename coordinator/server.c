@@ -439,6 +439,7 @@ static void handle_list_workers(coord_server_t *s, const struct peer_frame *p,
         wi->drained = w->drained;
         wi->blocklisted = (char *)w->blocklisted;
         wi->assigned_job = w->assigned_job;
+        wi->memory_bytes = w->memory_bytes;
         ptrs[i] = wi;
     }
     reply.workers = ptrs;

@@ -81,9 +81,11 @@ static int print_json(const struct ctl_workers *r)
                       "activity", activity_name(w->activity), "job", (json_int_t)w->job_id, "step",
                       (json_int_t)w->step, "drained", (int)w->drained, "assigned_job",
                       (json_int_t)w->assigned_job);
-        if (o)
+        if (o) {
             json_object_set_new(o, "blocklisted",
                                 w->blocklisted[0] ? json_string(w->blocklisted) : json_null());
+            json_object_set_new(o, "memory_bytes", json_integer((json_int_t)w->memory_bytes));
+        }
         if (!o || json_array_append_new(arr, o) < 0)
             goto out;
     }

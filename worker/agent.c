@@ -442,6 +442,7 @@ static void agent_on_assignment(wk_agent_t *a, const struct dx_msg *m)
                                               .nccl_timeout_ms = a->cfg.nccl_timeout_ms,
                                               .checkpoint_root = a->cfg.checkpoint_root,
                                               .memory_limit = a->cfg.memory_limit,
+                                              .gpu_memory = a->gpu_memory,
                                               .ack = 1},
                     &a->rt, err, sizeof(err))) < 0) {
         a->rt = NULL;

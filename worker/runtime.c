@@ -798,8 +798,8 @@ uint64_t wk_runtime_memory_available(void)
  * now, the lesser of its limit and MemAvailable. -EDOM (the job's own
  * size: AssignmentAck.bad_spec) with the numbers, else 0. A spec that does
  * not parse is left to wk_cpu_create. */
-static int check_memory(const Duplex__Assignment *a, uint64_t limit, int cuda, char *err,
-                        size_t errlen)
+static int check_memory(const Duplex__Assignment *a, uint64_t limit, int cuda, uint64_t gpu_memory,
+                        char *err, size_t errlen)
 {
     struct coord_jobspec spec;
     struct coord_jobspec_memory m;
@@ -810,6 +810,19 @@ static int check_memory(const Duplex__Assignment *a, uint64_t limit, int cuda, c
                                              why, sizeof(why)) < 0)
         return 0;
     coord_jobspec_memory(&spec, &m);
+    if (cuda && gpu_memory) { /* the whole rank lives on the GPU */
+        uint64_t gpu = limit && limit < gpu_memory ? limit : gpu_memory;
+
+        if (m.total > gpu) {
+            snprintf(err, errlen,
+                     "the job needs %s per rank on the GPU; this worker has %s (%s): not "
+                     "allocating it",
+                     coord_jobspec_memory_text(&m, need_text, sizeof(need_text)),
+                     coord_jobspec_bytes_text(gpu, have_text, sizeof(have_text)),
+                     gpu == limit ? "its --memory-limit" : "the GPU's memory");
+            return -EDOM;
+        }
+    }
     need = cuda ? m.params + m.grads + m.optimizer : m.total;
     if (limit && (!have || limit < have))
         have = limit;
@@ -893,7 +906,7 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
         }
         if ((rc = check_job_paths(rt, a, opts, &data_dir, err, errlen)) < 0)
             return rc == -EINVAL ? -EDOM : rc; /* the job's fault, not the worker's */
-        if ((rc = check_memory(a, opts->memory_limit, cuda, err, errlen)) < 0)
+        if ((rc = check_memory(a, opts->memory_limit, cuda, opts->gpu_memory, err, errlen)) < 0)
             return rc;
         rt->gpu = cuda ? opts->gpu : NULL;
         rt->nccl_timeout_ms = opts->nccl_timeout_ms;

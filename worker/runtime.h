@@ -46,6 +46,10 @@ struct wk_runtime_opts {
      * limit; a job needing more than the lesser of it and MemAvailable is
      * refused before anything is allocated (-EDOM) */
     uint64_t memory_limit;
+    /* cuda: the GPU's memory (wk_gpu_memory_bytes), 0: unknown; a job
+     * whose rank needs more (all of it lives on the GPU), or more than
+     * memory_limit when that is less, is refused the same way */
+    uint64_t gpu_memory;
     /* cpu/cuda: build the backend (the model: allocation, initialisation,
      * the checkpoint) on the runtime thread, where an abort stops it, and
      * send an AssignmentAck (request id 0; ok, or the refusal with

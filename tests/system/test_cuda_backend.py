@@ -428,6 +428,8 @@ def test_cuda_workers_report_their_gpus_memory_for_admission(cluster, tmp_path):
     for gpu in range(2):
         log = c.worker_procs[f"g{gpu}"].log_text()
         assert f"GPU {gpu} (512.0 MiB of memory)" in log, log[-3000:]
+    listed = {w["id"]: w["memory_bytes"] for w in c.workers_list()}
+    assert listed == {"g0": 512 << 20, "g1": 512 << 20}, listed
     path = cuda_spec(tmp_path, "cuda-admit", schedule="1f1b", pp=2, ep=1, dp=1)
     big = ("--set", "model.vocab=65536", "--set", "model.d_model=256")
     for dry in (("--dry-run",), ()):
@@ -453,3 +455,26 @@ def test_cuda_workers_report_their_gpus_memory_for_admission(cluster, tmp_path):
     assert result.returncode == 1, describe(result)
     for word in ("1 of the 3 alive cuda workers", "the largest cuda worker reports 1.0 TiB"):
         assert word in result.stderr, (word, describe(result))
+
+
+@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
+                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+def test_a_cuda_worker_refuses_a_rank_its_gpu_cannot_hold(cluster, tmp_path):
+    """Workers that registered 1 PiB (--memory-limit) pass admission; at the
+    assignment each checks the rank's whole need against its GPU's memory
+    (512 MiB here) and refuses as the job's fault before allocating
+    anything, rather than failing inside the GPU's allocator."""
+    c = cluster
+    c.env["FAKECUDA_MEMORY_BYTES"] = str(512 << 20)
+    cuda_workers(c, 2, "--memory-limit", "1P")
+    path = cuda_spec(tmp_path, "cuda-gpu-check", schedule="1f1b", pp=2, ep=1, dp=1)
+    result = c.ctl("submit", path, "--set", "model.vocab=65536", "--set", "model.d_model=256")
+    assert result.returncode == 0, describe(result)
+    status = ended_job(c, int(result.stdout.split()[1]))
+    assert status["state"] == "failed", status
+    text = json.dumps(status)
+    for word in ("per rank on the GPU", "512.0 MiB (the GPU's memory)", "not allocating it"):
+        assert word in text, (word, status)
+    workers = c.workers_list()
+    assert not [w["worker_id"] for w in workers if w.get("blocklisted")], workers
+    assert all(c.worker_procs[f"g{gpu}"].running() for gpu in range(2))
