@@ -21,7 +21,12 @@
  *      time until duplexd's "lost" event for it; then it registers again;
  *   4. a sim job over the fleet (dualpipe, ep 8 per node): bytes of the
  *      Assignments the workers receive (attempt 1), their spread in time,
- *      submit -> running (duplexd's job_running event), the job's end.
+ *      submit -> running (duplexd's job_running event), the job's end, and
+ *      duplexd's longest loop turn meanwhile (its status --json histogram);
+ *   5. recovery: the same job, running until cancelled, loses a worker
+ *      (socket closed); time until the job is recovering and until it runs
+ *      again (attempt 2, after the worker registered again), attempt 2's
+ *      Assignments and "busy" refusals.
  * Each phase also says how late this process sent heartbeats. duplexd is
  * killed, and the phases left skipped, when its RSS passes a third of the
  * memory available at the start (a stalled loop queues every message).
@@ -61,6 +66,7 @@
 #define DEFAULT_HEARTBEAT_MS 500 /* until a RegisterAck says */
 #define STEP_MS 200              /* a simulated step */
 #define JOB_STEPS 3
+#define RECOVERY_STEPS 100000 /* the recovery phase's job runs until cancelled */
 #define TICK_MIN_MS 2
 #define TICK_MAX_MS 50
 #define DB_POLL_S 0.02
@@ -883,7 +889,8 @@ static int64_t longest_turn(const int64_t *before, const int64_t *after, int64_t
 
 /* A sim job of `ranks` workers: dualpipe with ep 8 (one EP group per node)
  * and pp up to 16 when the ranks allow, else 1f1b. */
-static void job_spec(int ranks, char *spec, size_t len, char *layout, size_t llen)
+static void job_spec(int ranks, int steps, int restarts, char *spec, size_t len, char *layout,
+                     size_t llen)
 {
     int ep = ranks % SIM_GPUS_PER_NODE == 0 ? SIM_GPUS_PER_NODE : 1, rest = ranks / ep, pp = 1;
     const char *schedule = "dualpipe";
@@ -900,8 +907,8 @@ static void job_spec(int ranks, char *spec, size_t len, char *layout, size_t lle
              "\"experts\": %d}, \"parallel\": {\"schedule\": \"%s\", \"pp\": %d, \"ep\": %d, "
              "\"dp\": %d, \"microbatches\": %d, \"microbatch_size\": %d}, "
              "\"train\": {\"steps\": %d}, \"checkpoint\": {\"every\": 0}, "
-             "\"restart\": {\"max_restarts\": 0}}",
-             pp, 2 * ep, schedule, pp, ep, rest / pp, 2 * pp, ep, JOB_STEPS);
+             "\"restart\": {\"max_restarts\": %d, \"backoff_ms\": 0}}",
+             pp, 2 * ep, schedule, pp, ep, rest / pp, 2 * pp, ep, steps, restarts);
     snprintf(layout, llen, "%s pp %d x ep %d x dp %d", schedule, pp, ep, rest / pp);
 }
 
@@ -922,7 +929,7 @@ static void phase_job(struct fleet *f, const struct phases *ph, int ranks, json_
         return;
     ev0 = db_last_event(f);
     have_turns = loop_turns(f, ph, turns0);
-    job_spec(ranks, spec, sizeof(spec), layout, sizeof(layout));
+    job_spec(ranks, JOB_STEPS, 0, spec, sizeof(spec), layout, sizeof(layout));
     f->assignments = f->assignment_bytes = f->reassignments = 0;
     f->first_assignment_s = f->last_assignment_s = 0;
     sub.spec_json = spec;
@@ -990,6 +997,41 @@ static void phase_job(struct fleet *f, const struct phases *ph, int ranks, json_
     phase_end(f, r, "job", "during the job", db_flaps(f, ev0));
 }
 
+/* Worker i, whose socket was closed, comes back: a new socket and
+ * Register, as a restarted worker. */
+static void worker_revive(struct fleet *f, const struct phases *ph, int i)
+{
+    char id[32];
+
+    sim_worker_id(i, id, sizeof(id));
+    f->w[i] = (struct worker){.due_s = sim_now_s()};
+    f->w[i].sock = sim_dealer(f->ctx[i % SIM_CONTEXTS], f->dm.endpoint, true, NULL, NULL, f->epfd,
+                              (uint32_t)i);
+    if (!fleet_run(f, ph->crash, all_registered, NULL))
+        say("  %s: registering again: timeout (%.0f s)\n", id, ph->crash);
+}
+
+/* An event of one kind for one job after an event id: its time. */
+struct job_event_wait {
+    uint64_t job;
+    long long after, ts;
+    const char *kind;
+};
+
+static bool job_event_seen(struct fleet *f, void *arg)
+{
+    struct job_event_wait *w = arg;
+    char sql[160];
+
+    if (!db_due(f))
+        return false;
+    snprintf(sql, sizeof(sql),
+             "SELECT MIN(ts_ms) FROM events WHERE id > ?1 AND job_id = %llu AND kind = ?2",
+             (unsigned long long)w->job);
+    w->ts = db_value(f, sql, w->after, w->kind);
+    return w->ts >= 0;
+}
+
 /* Closes the last registered worker's socket at once; time until duplexd's
  * "lost" event for it. Then it comes back (a new socket and Register, as a
  * restarted worker), so that the job covers the whole fleet. */
@@ -1023,11 +1065,76 @@ static void phase_crash(struct fleet *f, const struct phases *ph, json_t *r)
     json_object_set_new(r, "crash_worker", json_string(id));
     json_object_set_new(r, "crash_detect_s", ok ? json_real((lw.ts - t_wall) / 1e3) : json_null());
     phase_end(f, r, "crash", "meanwhile (the crashed one included)", fl);
-    f->w[victim] = (struct worker){.due_s = sim_now_s()};
-    f->w[victim].sock = sim_dealer(f->ctx[victim % SIM_CONTEXTS], f->dm.endpoint, true, NULL, NULL,
-                                   f->epfd, (uint32_t)victim);
-    if (!fleet_run(f, ph->crash, all_registered, NULL))
-        say("  %s: registering again: timeout (%.0f s)\n", id, ph->crash);
+    worker_revive(f, ph, victim);
+}
+
+/* A job on `ranks` workers that runs until cancelled (restarts allowed,
+ * no backoff) loses one of its workers (socket closed): the times from
+ * the crash to the job's recovering and to its running again (attempt 2,
+ * re-placed; the crashed worker registers again at once after it is
+ * declared lost, as a restarted one would, so that a job over the whole
+ * fleet can be placed again), and attempt 2's Assignments. */
+static void phase_recovery(struct fleet *f, const struct phases *ph, int ranks, json_t *r)
+{
+    Duplex__Submit sub = DUPLEX__SUBMIT__INIT;
+    Duplex__Cancel cancel = DUPLEX__CANCEL__INIT;
+    struct job_event_wait recovering = {.kind = "job_recovering", .ts = -1};
+    struct job_event_wait running = {.kind = "job_running", .ts = -1};
+    char spec[1024], layout[96], id[32];
+    long long ev0, ts = -1;
+    int64_t t_crash;
+    int victim, state = -1;
+    bool ok;
+
+    if (phase_skipped(f, "recovery"))
+        return;
+    ev0 = db_last_event(f);
+    job_spec(ranks, RECOVERY_STEPS, 1, spec, sizeof(spec), layout, sizeof(layout));
+    f->job_id = 0;
+    f->submit_error[0] = '\0';
+    f->reassignments = f->busy_refusals = 0;
+    sub.spec_json = spec;
+    ctl_send(f, DUPLEX__MSG_TYPE__MSG_SUBMIT, &sub.base);
+    if (!fleet_run(f, ph->running, job_running, &ts) || f->submit_error[0]) {
+        say("  recovery (%d ranks): the job did not start: %s\n", ranks,
+            f->submit_error[0] ? f->submit_error : "timeout");
+        return;
+    }
+    /* the highest-numbered worker running it */
+    for (victim = f->n - 1; victim > 0; victim--)
+        if (!f->w[victim].dead && f->w[victim].registered && f->w[victim].job_id == f->job_id)
+            break;
+    sim_worker_id(victim, id, sizeof(id));
+    recovering.job = running.job = f->job_id;
+    recovering.after = running.after = db_last_event(f);
+    t_crash = sim_wall_ms();
+    sim_dealer_close(f->w[victim].sock, f->epfd);
+    f->w[victim].dead = true;
+    f->registered--;
+    ok = fleet_run(f, ph->crash, job_event_seen, &recovering);
+    if (ok)
+        worker_revive(f, ph, victim);
+    ok = ok && fleet_run(f, ph->running, job_event_seen, &running);
+    if (ok)
+        say("  recovery (%d ranks, %s): crash of %s -> job recovering %.3f s, running again "
+            "(attempt 2) %.3f s; %llu Assignments of attempt 2, %llu busy refusals\n",
+            ranks, layout, id, (recovering.ts - t_crash) / 1e3, (running.ts - t_crash) / 1e3,
+            (unsigned long long)f->reassignments, (unsigned long long)f->busy_refusals);
+    else
+        say("  recovery (%d ranks, %s): crash of %s -> %s: timeout\n", ranks, layout, id,
+            recovering.ts < 0 ? "recovering" : "running again");
+    json_object_set_new(r, "recovering_s",
+                        recovering.ts >= 0 ? json_real((recovering.ts - t_crash) / 1e3)
+                                           : json_null());
+    json_object_set_new(r, "recovered_s",
+                        ok ? json_real((running.ts - t_crash) / 1e3) : json_null());
+    json_object_set_new(r, "recovery_assignments", json_integer((json_int_t)f->reassignments));
+    json_object_set_new(r, "recovery_busy_refusals", json_integer((json_int_t)f->busy_refusals));
+    cancel.job_id = f->job_id;
+    ctl_send(f, DUPLEX__MSG_TYPE__MSG_CANCEL, &cancel.base);
+    f->db_polled_s = 0;
+    fleet_run(f, ph->done, job_ended, &state);
+    phase_end(f, r, "recovery", "during the recovery (the crashed one included)", db_flaps(f, ev0));
 }
 
 static json_t *run_fleet(const char *duplexd, int n, int job_ranks, const struct phases *ph)
@@ -1055,6 +1162,7 @@ static json_t *run_fleet(const char *duplexd, int n, int job_ranks, const struct
     phase_heartbeats(&f, ph, r);
     phase_crash(&f, ph, r);
     phase_job(&f, ph, job_ranks > 0 && job_ranks < n ? job_ranks : n, r);
+    phase_recovery(&f, ph, job_ranks > 0 && job_ranks < n ? job_ranks : n, r);
     for (int c = 0; c < MAX_ERROR_CODE; c++)
         if (f.errors[c])
             json_object_set_new(errs, dx_error_code_name((Duplex__ErrorCode)c),

@@ -8,7 +8,7 @@ events (read from its database) are what the assertions are about.
 Real behaviour that must hold at any size: every worker registers, none is
 declared lost while all of them heartbeat, a job placed over the whole
 fleet reaches running (and succeeds), and a worker whose connection closes
-is declared lost, alone."""
+is declared lost, alone, and a job that loses a worker runs again."""
 
 import json
 import subprocess
@@ -67,6 +67,19 @@ def test_a_job_over_the_whole_fleet_runs(fleet):
 def test_a_crashed_worker_is_declared_lost_alone(fleet):
     assert fleet["crash_detect_s"] is not None, fleet["log"]
     assert fleet["crash_flaps"]["lost"] == 1, fleet["log"]
+
+
+def test_a_job_that_loses_a_worker_runs_again(fleet):
+    """The recovery phase: a running job over the whole fleet loses a
+    worker (its socket closed); duplexd declares it lost, stops the
+    others, places the job again once it is back, and every rank takes
+    attempt 2 with no "busy" refusal (each confirmed its abort first)."""
+    assert fleet["recovering_s"] is not None, fleet["log"]
+    assert fleet["recovered_s"] is not None, fleet["log"]
+    assert fleet["recovered_s"] > fleet["recovering_s"], fleet["log"]
+    assert fleet["recovery_assignments"] == WORKERS, fleet["log"]
+    assert fleet["recovery_busy_refusals"] == 0, fleet["log"]
+    assert fleet["recovery_flaps"]["lost"] == 1, fleet["log"]
 
 
 def test_duplexd_exits_cleanly(fleet):
