@@ -37,6 +37,7 @@ struct job_rank {
     double tokens;       /* tokens its experts took in that step */
     int reported_tokens; /* whether it reports expert tokens at all */
     int acked;
+    int sent;          /* its Assignment of this attempt went out (unknown after a restart: 0) */
     int done;          /* stopped (or never started, or abandoned): nothing more to wait for */
     int lost;          /* its worker was lost while it ran: it may still run, unconfirmed */
     int resumed;       /* held again after duplexd restarted: it may have reported beyond step */
@@ -647,8 +648,15 @@ static int load_one(const struct coord_job_row *row, void *arg)
         return 0;
     }
     job_resolve_ckpt_dir(j);
-    if (j->state == COORD_JOB_PLACING || j->state == COORD_JOB_RUNNING ||
-        j->state == COORD_JOB_RECOVERING)
+    if (j->state == COORD_JOB_PLACING)
+        /* its Assignments go out after the placement's commit, a slice a
+         * turn: some may never have left. It is placed again, not counted
+         * as a restart (the stored ranks are stopped first, as for any) */
+        job_set_state(ctx->jobs, j, COORD_JOB_RECOVERING, ctx->now,
+                      "duplexd restarted while placing it (attempt %u): placed again, not "
+                      "counted as a restart",
+                      j->attempt);
+    if (j->state == COORD_JOB_RUNNING || j->state == COORD_JOB_RECOVERING)
         job_resume(ctx->jobs, j, ctx->now);
     return 0;
 }
@@ -1051,9 +1059,11 @@ static int job_send_assignment(coord_jobs_t *jobs, struct coord_job *j, int i)
 }
 
 /* Sends up to budget of the placement's Assignments still to send;
- * returns how many it sent. The outbox goes once empty, or when the job
- * no longer waits for them (cancelled, failed, placed again). */
-static int job_send_some(coord_jobs_t *jobs, struct coord_job *j, int budget, struct jnow now)
+ * returns how many it sent (*failed: a send failed, and so did the job).
+ * The outbox goes once empty, or when the job no longer waits for them
+ * (cancelled, failed, placed again). */
+static int job_send_some(coord_jobs_t *jobs, struct coord_job *j, int budget, struct jnow now,
+                         int *failed)
 {
     struct job_outbox *o = j->outbox;
     int sent = 0;
@@ -1068,9 +1078,10 @@ static int job_send_some(coord_jobs_t *jobs, struct coord_job *j, int budget, st
         if (job_send_assignment(jobs, j, o->next) < 0) {
             job_outbox_free(jobs, j);
             job_fail(jobs, j, now, NULL, "an assignment could not be delivered");
+            *failed = 1;
             return sent;
         }
-        o->next++;
+        j->ranks[o->next++].sent = 1;
         sent++;
     }
     if (o->next == j->nranks)
@@ -1081,12 +1092,11 @@ static int job_send_some(coord_jobs_t *jobs, struct coord_job *j, int budget, st
 int coord_jobs_send_some(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono)
 {
     struct jnow now = {now_wall, now_mono};
-    int budget = jobs->send_slice > 0 ? jobs->send_slice : INT_MAX;
+    int budget = jobs->send_slice > 0 ? jobs->send_slice : INT_MAX, failed = 0;
 
-    /* in id order: the job placed first is sent first */
-    for (size_t i = 0; i < jobs->n && jobs->outboxes > 0 && budget > 0; i++)
-        budget -= job_send_some(jobs, jobs->v[i], budget, now);
-    return jobs->outboxes > 0;
+    for (size_t i = 0; i < jobs->n && jobs->outboxes > 0 && budget > 0; i++) /* by job id */
+        budget -= job_send_some(jobs, jobs->v[i], budget, now, &failed);
+    return jobs->outboxes > 0 || failed;
 }
 
 void coord_jobs_set_send_slice(coord_jobs_t *jobs, int per_call)
@@ -1192,7 +1202,7 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
     if (job_outbox_create(jobs, j, &experts) < 0)
         job_fail(jobs, j, now, NULL, "out of memory for its assignments");
     else if (jobs->send_slice == 0)
-        job_send_some(jobs, j, j->nranks, now);
+        job_send_some(jobs, j, j->nranks, now, &(int){0});
 out:
     coord_eplb_plan_clear(&experts);
     coord_placement_clear(&place);
@@ -2499,8 +2509,9 @@ void coord_jobs_check_timeouts(coord_jobs_t *jobs, int64_t now_wall, int64_t now
         job_abandon_ranks(jobs, j, now);
         if (j->state != COORD_JOB_PLACING || now.mono - j->placed_mono < ack_timeout_ms)
             continue;
+        /* only a rank whose Assignment went out can be blamed */
         for (int k = 0; k < j->nranks && !culprit; k++) {
-            if (!j->ranks[k].acked) {
+            if (!j->ranks[k].acked && j->ranks[k].sent) {
                 culprit = j->ranks[k].worker_id;
                 snprintf(reason, sizeof(reason),
                          "worker %s did not acknowledge its assignment "
@@ -2508,8 +2519,15 @@ void coord_jobs_check_timeouts(coord_jobs_t *jobs, int64_t now_wall, int64_t now
                          culprit, (long long)ack_timeout_ms);
             }
         }
-        if (culprit)
+        if (culprit) {
             job_fail(jobs, j, now, culprit, reason);
+        } else if (j->acks < j->nranks) {
+            snprintf(reason, sizeof(reason),
+                     "%d of its %d assignments not acknowledged within %lld ms, none of them "
+                     "sent",
+                     j->nranks - j->acks, j->nranks, (long long)ack_timeout_ms);
+            job_fail(jobs, j, now, NULL, reason);
+        }
     }
 }
 

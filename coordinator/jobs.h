@@ -139,9 +139,9 @@ void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono)
 #define COORD_JOBS_SEND_SLICE 256
 void coord_jobs_set_send_slice(coord_jobs_t *jobs, int per_call);
 
-/* Sends the next slice of the placed jobs' Assignments, the job placed
- * first first (a failed send fails its job, as at placement). Returns 1
- * while some remain, else 0. */
+/* Sends the next slice of the placed jobs' Assignments, by job id (a
+ * failed send fails its job, as at placement). Returns 1 while some
+ * remain or a failed send changed a job (a write to commit), else 0. */
 int coord_jobs_send_some(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono);
 
 /* Free workers per backend that queued jobs leave unused, so that a

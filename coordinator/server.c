@@ -1495,6 +1495,12 @@ int coord_server_run(coord_server_t *s)
             s->cfg.heartbeat_ms, s->cfg.dead_after_ms, s->cfg.db);
     uv_run(&s->loop, UV_RUN_DEFAULT);
     coord_store_event(s->store, dx_wall_ms(), "coordinator_stopped", NULL, "");
+    /* the Assignments of stored placements still waiting go out now (after
+     * the commit that stores them): a placement is never left half sent */
+    if (!coord_store_failed(s->store) && coord_store_flush(s->store) == 0)
+        while (coord_jobs_send_some(s->jobs, dx_wall_ms(), server_heard_ms(s)) > 0 &&
+               coord_store_flush(s->store) == 0)
+            ;
     return 0;
 }
 

@@ -460,6 +460,7 @@ int ctl_cmd_events(struct ctl_globals *g, int argc, char **argv)
         struct dx_msg reply = {0};
         json_t *arr, *e;
         size_t i, n;
+        uint64_t page_after = req.after_id;
 
         if (call(g, DUPLEX__MSG_TYPE__MSG_EVENTS, &req.base, DUPLEX__MSG_TYPE__MSG_EVENTS_REPLY,
                  &reply, cli.prog) < 0 ||
@@ -490,8 +491,15 @@ int ctl_cmd_events(struct ctl_globals *g, int argc, char **argv)
         n = json_array_size(arr);
         json_decref(arr);
         fflush(stdout);
-        if (!req.last && n == req.limit)
-            continue; /* a full page: there is more */
+        if (!req.last && n == req.limit) { /* a full page: there is more */
+            if (req.after_id <= page_after) {
+                fprintf(stderr,
+                        "%s: duplexd's page of events does not advance (after event %llu)\n",
+                        cli.prog, (unsigned long long)page_after);
+                goto out;
+            }
+            continue;
+        }
         if (!follow)
             break;
         req.last = false;

@@ -15,7 +15,10 @@
 
 #include "proto/duplex.pb-c.h"
 
-#define DX_PROTOCOL_VERSION 1
+/* 2 since issue 15: an Assignment's peers are only the ranks it talks to
+ * (a version-1 worker refuses that) and a worker relies on its shared_gpu
+ * (a version-1 duplexd sends none). */
+#define DX_PROTOCOL_VERSION 2
 /* The largest control frame accepted (also set as ZMQ_MAXMSGSIZE). */
 #define DX_MAX_MSG_SIZE (4 * 1024 * 1024)
 /* Bounds on the strings in control messages. */

@@ -118,8 +118,9 @@ static int agent_send(wk_agent_t *a, Duplex__MsgType type, uint64_t request_id,
     return rc;
 }
 
-/* Register.memory_bytes: --memory-limit when given, else on cpu and sim
- * MemAvailable now, on cuda the GPU's total memory (asked once, at start;
+/* Register.memory_bytes: --memory-limit when given (on cuda no more than
+ * the GPU's memory), else on cpu and sim MemAvailable now, on cuda the
+ * GPU's total memory (asked once, at start;
  * 0 when the driver could not say: unknown, duplexd does not check it, the
  * worker still checks its host). */
 static uint64_t agent_memory(const wk_agent_t *a)
@@ -128,6 +129,8 @@ static uint64_t agent_memory(const wk_agent_t *a)
 
     if (!m)
         m = strcmp(a->cfg.backend, "cuda") == 0 ? a->gpu_memory : wk_runtime_memory_available();
+    else if (strcmp(a->cfg.backend, "cuda") == 0 && a->gpu_memory && a->gpu_memory < m)
+        m = a->gpu_memory; /* no more than the GPU holds (what the worker checks, too) */
     return m > DX_MAX_MEMORY_BYTES ? DX_MAX_MEMORY_BYTES : m;
 }
 

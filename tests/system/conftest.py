@@ -610,7 +610,7 @@ def pytest_runtest_makereport(item, call):
 # --------------------------------------------------------------------------
 # protocol: hand-written protobuf for duplex.Envelope and friends
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # proto/envelope.h DX_PROTOCOL_VERSION
 
 
 class MsgType(enum.IntEnum):

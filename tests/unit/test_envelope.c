@@ -50,7 +50,7 @@ static uint8_t *pack_raw(uint32_t version, int type, uint64_t rid, const uint8_t
     return buf;
 }
 
-/* Packs a body message into a raw version-1 envelope of the given type. */
+/* Packs a body message into a raw envelope of this version and the given type. */
 static uint8_t *pack_msg(int type, uint64_t rid, const ProtobufCMessage *body, size_t *len)
 {
     size_t blen = protobuf_c_message_get_packed_size(body);
@@ -499,7 +499,7 @@ Test(envelope, bad_version)
     Duplex__Register reg = good_register();
     size_t blen = protobuf_c_message_get_packed_size(&reg.base);
     uint8_t *body = malloc(blen);
-    uint32_t versions[] = {0, 99, DX_PROTOCOL_VERSION + 1};
+    uint32_t versions[] = {0, 1, 99, DX_PROTOCOL_VERSION + 1}; /* 1: before issue 15 */
 
     cr_assert_not_null(body);
     protobuf_c_message_pack(&reg.base, body);

@@ -443,6 +443,73 @@ Test(jobs, assignments_go_out_a_slice_at_a_time, .init = setup, .fini = teardown
     cr_assert_eq(count_sent(DUPLEX__MSG_TYPE__MSG_ASSIGNMENT, b), 3, "none after the cancel");
 }
 
+/* A rank whose Assignment never went out is not blamed when the job's
+ * acknowledgements time out; a job duplexd restarted while placing (some
+ * of its slices maybe never sent) is placed again, not counted as a
+ * restart. */
+Test(jobs, unsent_assignments_blame_nobody, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.ep=2", "restart.max_restarts=1",
+                          "restart.backoff_ms=0"};
+    uint64_t a;
+    int acked = 0;
+
+    coord_jobs_set_send_slice(jobs, 3);
+    a = submit("{}", sets, 4);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    cr_assert_eq(coord_jobs_send_some(jobs, 2101, 2101), 1);
+    for (int i = 0; i < nsent; i++)
+        if (is_current(i, a)) {
+            Duplex__AssignmentAck ack = DUPLEX__ASSIGNMENT_ACK__INIT;
+            ack.job_id = a;
+            ack.attempt = 1;
+            ack.ok = 1;
+            cr_assert_eq(coord_jobs_on_ack(jobs, sent[i].worker, &ack, 2102, 2102), 0);
+            acked++;
+        }
+    cr_assert_eq(acked, 3);
+    /* the fourth never went out (no more turns): nobody to blame */
+    coord_jobs_check_timeouts(jobs, 2100 + 10000, 2100 + 10000, 10000);
+    cr_assert_str_eq(state_of(a), "recovering");
+    for (int g = 0; g < 4; g++) {
+        char id[8];
+        snprintf(id, sizeof(id), "w%d", g);
+        cr_assert_eq(coord_registry_find(reg, id)->failures, 0, "%s blamed", id);
+    }
+}
+
+Test(jobs, a_restart_while_placing_places_the_job_again, .init = setup, .fini = teardown)
+{
+    const char *sets[] = {"backend=sim", "parallel.ep=2", "restart.max_restarts=0"};
+    struct coord_jobs_io io = {.send = fake_send};
+    uint64_t a;
+    int rc;
+    json_t *doc;
+
+    coord_jobs_set_send_slice(jobs, 3);
+    a = submit("{}", sets, 3);
+    coord_jobs_schedule(jobs, 2100, 2100);
+    cr_assert_eq(coord_jobs_send_some(jobs, 2101, 2101), 1, "one slice out, one left");
+    coord_jobs_destroy(jobs);     /* duplexd stops before the next turn */
+    for (int g = 0; g < 4; g++) { /* a restarted duplexd's registry holds nobody */
+        char id[8];
+        snprintf(id, sizeof(id), "w%d", g);
+        coord_registry_find(reg, id)->assigned_job = 0;
+    }
+    cr_assert_eq(coord_jobs_create(store, reg, &io, &jobs), 0);
+    cr_assert_eq(coord_jobs_load(jobs, 9000, 9000), 0);
+    cr_assert_str_eq(state_of(a), "recovering");
+    doc = coord_jobs_status(jobs, a, 9000, &rc);
+    cr_assert_eq(json_integer_value(json_object_get(doc, "restarts")), 0, "not a restart");
+    json_decref(doc);
+    /* placed again as attempt 2, every Assignment sent, and it runs */
+    coord_jobs_schedule(jobs, 9100, 9100);
+    cr_assert_str_eq(state_of(a), "placing");
+    cr_assert_eq(last_attempt(a), 2);
+    ack_all(a, 1);
+    cr_assert_str_eq(state_of(a), "running");
+}
+
 Test(jobs, a_job_runs_to_success, .init = setup, .fini = teardown)
 {
     const char *sets[] = {"backend=sim", "parallel.ep=2", "train.steps=1"};

@@ -384,3 +384,40 @@ Test(runtime, bad_assignments_are_refused)
     assert_refused_with(&s, NULL, &(struct wk_runtime_opts){.backend = "cpu"},
                         "model.layers: -1 is outside");
 }
+
+/* A cuda rank needs all of its memory on the GPU: a job whose rank needs
+ * more than the GPU holds (opts.gpu_memory) is refused as the job's fault
+ * (-EDOM) before anything is allocated, with the numbers; an unknown GPU
+ * size (0) is not checked. */
+Test(runtime, a_cuda_rank_bigger_than_its_gpu_is_refused_before_allocating)
+{
+    const struct costs c = {.f = 1, .b = 2, .w = 1, .fb = 3};
+    wk_data_t *none[MAX_RANKS] = {0};
+    struct assign s;
+    void *zctx = zmq_ctx_new();
+    wk_data_t *data = NULL;
+    wk_runtime_t *rt = NULL;
+    char err[ERR_LEN] = "";
+    int not_a_gpu;
+    struct wk_runtime_opts opts = {
+        .backend = "cuda", .gpu = (wk_gpu_t *)&not_a_gpu, .gpu_memory = 64u << 20};
+
+    assign_init(&s, 1, "1f1b", 2, 4, 1, 1, &c, none);
+    s.peer[0].data_addr = s.peer[1].data_addr = "tcp://127.0.0.1:1";
+    s.a.spec_json = "{\"backend\": \"cuda\", \"model\": {\"vocab\": 65536, \"d_model\": 256},"
+                    " \"parallel\": {\"schedule\": \"1f1b\", \"pp\": 2, \"microbatches\": 4}}";
+    cr_assert_eq(wk_data_create(zctx, LOOPBACK, "h", &data, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(wk_runtime_create(zctx, data, &s.a, NULL, &opts, &rt, err, sizeof(err)), -EDOM,
+                 "%s", err);
+    cr_assert_null(rt);
+    cr_assert(strstr(err, "per rank on the GPU") && strstr(err, "64.0 MiB (the GPU's memory)") &&
+                  strstr(err, "not allocating it"),
+              "%s", err);
+    /* --memory-limit, when less, is the bound */
+    opts.memory_limit = 32u << 20;
+    cr_assert_eq(wk_runtime_create(zctx, data, &s.a, NULL, &opts, &rt, err, sizeof(err)), -EDOM,
+                 "%s", err);
+    cr_assert(strstr(err, "32.0 MiB (its --memory-limit)"), "%s", err);
+    wk_data_destroy(data);
+    zmq_ctx_term(zctx);
+}
