@@ -574,7 +574,7 @@ static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char 
                      p->ep, p->dp);
             goto out;
         }
-        at = (p->dp * rt->pp + p->pp) * rt->ep + p->ep;
+        at = coord_plan_rank_index(&layout, p->dp, p->pp, p->ep);
         if (rt->all_addr[at]) {
             snprintf(err, errlen, "two peers for ranks pp %d, ep %d, dp %d (%s and %s)", p->pp,
                      p->ep, p->dp, peer_worker(rt, a, at), p->worker_id);
