@@ -175,7 +175,7 @@ def test_a_torn_checkpoint_falls_back_to_the_previous_one(cluster, tmp_path):
     want = reference(c, tmp_path)
     jid = submit(c, tmp_path, "torn")
     wait_for(c, jid, lambda s: s["checkpoint"] and s["checkpoint"]["step"] >= 12, "step 12 saved")
-    # freeze the job so no newer checkpoint completes, tear the latest, kill a rank
+    # freeze the job so no newer checkpoint completes, tear the latest, kill the ranks
     ranks = job_workers(c, jid)
     for w in ranks:
         c.worker_procs[w["id"]].proc.send_signal(signal.SIGSTOP)
@@ -190,9 +190,13 @@ def test_a_torn_checkpoint_falls_back_to_the_previous_one(cluster, tmp_path):
     from pathlib import Path
     shard = sorted(Path(latest["dir"]).glob("*.ckpt"))[1]
     shard.write_bytes(shard.read_bytes()[:100])
-    kill9(c, ranks[0]["id"])
-    for w in ranks[1:]:
-        c.worker_procs[w["id"]].proc.send_signal(signal.SIGCONT)
+    # kill every rank: a rank left running could still complete a newer
+    # checkpoint that another rank reported before the stop, and the job would
+    # then (rightly) resume from that one; systemd brings the workers back
+    for w in ranks:
+        kill9(c, w["id"])
+    for w in ranks:
+        restart_worker(c, w["id"])
     st = finished(c, jid)
     bad = events(c, jid, "checkpoint_bad")
     assert bad and shard.name in bad[0]["detail"], bad
