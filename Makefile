@@ -2,7 +2,9 @@
 #
 #   make            build the three programs into build/bin
 #   make run        start a local cluster, show it, stop it
-#   make test       unit + system tests, then again under ASan/UBSan
+#   make test       unit + system tests, then again under ASan/UBSan (what CI runs)
+#   make unit       the fast loop: unit tests + fuzz-corpus replay, one plain build
+#   make check      unit + system tests on one plain build (K=NAME, M=MARKEXPR select)
 #   make bench      micro-benchmarks (results go in docs/BENCHMARKS.md)
 #
 # Objects go under $(BUILD) (default build/); SANITIZE=1 adds ASan + UBSan.
@@ -25,7 +27,7 @@ NPROC := $(shell nproc 2>/dev/null || echo 2)
 # Debian packages the build, the tests and `make run` need.
 DEB_PKGS := gcc make libzmq3-dev libuv1-dev libsqlite3-dev protobuf-c-compiler \
             libprotobuf-c-dev libjansson-dev libopenblas-dev libcriterion-dev uthash-dev \
-            python3-pytest python3-zmq libsystemd-dev systemd
+            python3-pytest python3-pytest-xdist python3-zmq libsystemd-dev systemd
 # Extra packages for lint, format and fuzz.
 DEB_DEV_PKGS := clang clang-tidy cppcheck clang-format
 
@@ -34,7 +36,8 @@ CFLAGS_ALL := -std=gnu11 -Wall -Wextra -Werror -Wno-format-truncation -g -O2 -MM
 LDFLAGS_ALL := $(LDFLAGS)
 # The CUDA, NCCL and cuBLASLt headers, where installed: only the ABI tests
 # (tests/unit/test_*_abi.c) include them, to check the declarations that
-# worker/cuda.c, nccl.c and cublas.c make themselves; the build needs none.
+# worker/cuda/driver.c, cuda/comm/nccl.c and cuda/cublas.c make themselves;
+# the build needs none.
 CUDA_HOME ?= /usr/local/cuda
 CUDA_HEADERS := $(firstword $(wildcard $(CUDA_HOME)/include/cublasLt.h))
 ifeq ($(SANITIZE),1)
@@ -49,15 +52,14 @@ PROTO_H := $(BUILD)/gen/proto/duplex.pb-c.h
 
 COMMON_SRC := common/log.c common/opts.c common/fs.c common/zwatch.c common/ratelimit.c common/loop.c \
               common/ckpt.c common/sdnotify.c common/zmonitor.c common/loopstat.c \
-              proto/envelope.c proto/wire.c proto/cert.c
+              proto/envelope.c proto/wire.c proto/cert.c proto/authz.c
 PIPE_SRC   := pipeline/schedule.c pipeline/gen_1f1b.c pipeline/gen_dualpipe.c pipeline/validate.c \
               pipeline/simulate.c pipeline/render.c pipeline/executor.c
-COORD_SRC  := coordinator/authz.c coordinator/zap.c coordinator/store.c coordinator/registry.c coordinator/server.c coordinator/eplb.c \
-              coordinator/jobspec.c coordinator/admit.c coordinator/placement.c coordinator/plan.c \
-              coordinator/jobs.c coordinator/nccl_id.c
-WORKER_SRC := worker/agent.c worker/dataplane.c worker/runtime.c worker/data.c worker/train.c \
-              worker/cpu.c worker/cuda.c worker/cublas.c worker/nccl.c worker/ipcring.c worker/plink.c worker/xchg.c worker/gpu.c worker/dlayer.c worker/dmoe.c worker/dmodel.c \
-              $(wildcard worker/model/*.c)
+# the job model the three programs share (docs/ARCHITECTURE.md, "Rooms")
+JOB_SRC    := $(wildcard job/*.c)
+COORD_SRC  := $(filter-out coordinator/main.c,$(wildcard coordinator/*.c))
+WORKER_SRC := $(filter-out worker/main.c,$(wildcard worker/*.c)) \
+              $(foreach d,net sim rank model cuda cuda/comm cuda/model,$(wildcard worker/$(d)/*.c))
 KREF_SRC   := $(wildcard kernels/*_ref.c) kernels/ref.c
 CTL_SRC    := ctl/client.c ctl/keys.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
@@ -67,25 +69,27 @@ obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
 
 COMMON_OBJ := $(call obj,$(COMMON_SRC)) $(BUILD)/obj/gen/proto/duplex.pb-c.o
 PIPE_OBJ   := $(call obj,$(PIPE_SRC))
+JOB_OBJ    := $(call obj,$(JOB_SRC))
 COORD_OBJ  := $(call obj,$(COORD_SRC))
 WORKER_OBJ := $(call obj,$(WORKER_SRC))
 CTL_OBJ    := $(call obj,$(CTL_SRC))
 KREF_OBJ   := $(call obj,$(KREF_SRC))
 LIB_COMMON := $(BUILD)/lib/libdxcommon.a
 LIB_PIPE   := $(BUILD)/lib/libdxpipe.a
+LIB_JOB    := $(BUILD)/lib/libdxjob.a
 LIB_COORD  := $(BUILD)/lib/libdxcoord.a
 LIB_WORKER := $(BUILD)/lib/libdxworker.a
 LIB_CTL    := $(BUILD)/lib/libdxctl.a
 # CPU references of the CUDA kernels (kernels/ref.c); tests link them
 LIB_KREF   := $(BUILD)/lib/libdxkref.a
 # the CUDA kernels' images (see "CUDA kernels" below), where nvcc is found:
-# then the worker links them (worker/gpu.c, DX_HAVE_KERNELS)
+# then the worker links them (worker/cuda/gpu.c, DX_HAVE_KERNELS)
 ifeq ($(origin NVCC),undefined)
 NVCC := $(shell command -v nvcc 2>/dev/null)
 endif
 LIB_KERNELS := $(BUILD)/lib/libdxkernels.a
 WITH_KERNELS := $(if $(NVCC),$(LIB_KERNELS))
-ALL_LIBS   := $(LIB_CTL) $(LIB_WORKER) $(LIB_COORD) $(LIB_PIPE) $(LIB_KREF) $(LIB_COMMON)
+ALL_LIBS   := $(LIB_CTL) $(LIB_WORKER) $(LIB_COORD) $(LIB_JOB) $(LIB_PIPE) $(LIB_KREF) $(LIB_COMMON)
 
 BINS       := $(BUILD)/bin/duplexd $(BUILD)/bin/duplex-worker $(BUILD)/bin/duplexctl
 UNIT_BINS  := $(patsubst tests/unit/%.c,$(BUILD)/tests/unit/%,$(UNIT_SRC))
@@ -94,10 +98,9 @@ BENCH_BINS := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 # replayed over their corpus by make test. FUZZ_EXTRA_NAME: sources beyond
 # $(COMMON_SRC) that target NAME links.
 FUZZ_TARGETS := envelope ckpt cert authz
-FUZZ_EXTRA_authz := coordinator/authz.c
 FUZZ_REPLAY := $(patsubst %,$(BUILD)/tests/fuzz/fuzz_%_replay,$(FUZZ_TARGETS))
 
-.PHONY: all deps deps-dev test test-build run bench format format-check lint fuzz install \
+.PHONY: all deps deps-dev test test-build unit check run bench format format-check lint fuzz install \
         uninstall clean kernels gpucheck bundle
 .DEFAULT_GOAL := all
 
@@ -134,6 +137,7 @@ $(BUILD)/obj/%.o: %.c | $(PROTO_H)
 
 $(LIB_COMMON): $(COMMON_OBJ)
 $(LIB_PIPE): $(PIPE_OBJ)
+$(LIB_JOB): $(JOB_OBJ)
 $(LIB_COORD): $(COORD_OBJ)
 $(LIB_WORKER): $(WORKER_OBJ)
 $(LIB_CTL): $(CTL_OBJ)
@@ -145,13 +149,14 @@ $(ALL_LIBS):
 	@mkdir -p $(dir $@)
 	rm -f $@ && $(AR) rcs $@ $^
 
-$(BUILD)/bin/duplexd: $(BUILD)/obj/coordinator/main.o $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
-$(BUILD)/bin/duplex-worker: $(BUILD)/obj/worker/main.o $(LIB_WORKER) $(WITH_KERNELS) $(LIB_COORD) \
+# duplexd alone links coordinator/; the worker and duplexctl share job/
+$(BUILD)/bin/duplexd: $(BUILD)/obj/coordinator/main.o $(LIB_COORD) $(LIB_JOB) $(LIB_PIPE) $(LIB_COMMON)
+$(BUILD)/bin/duplex-worker: $(BUILD)/obj/worker/main.o $(LIB_WORKER) $(WITH_KERNELS) $(LIB_JOB) \
                             $(LIB_PIPE) $(LIB_KREF) $(LIB_COMMON)
 ifneq ($(NVCC),)
-$(BUILD)/obj/worker/gpu.o: CFLAGS_ALL += -DDX_HAVE_KERNELS
+$(BUILD)/obj/worker/cuda/gpu.o: CFLAGS_ALL += -DDX_HAVE_KERNELS
 endif
-$(BUILD)/bin/duplexctl: $(BUILD)/obj/ctl/main.o $(LIB_CTL) $(LIB_COORD) $(LIB_PIPE) $(LIB_COMMON)
+$(BUILD)/bin/duplexctl: $(BUILD)/obj/ctl/main.o $(LIB_CTL) $(LIB_JOB) $(LIB_PIPE) $(LIB_COMMON)
 $(BINS):
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $^ $(LIBS)
@@ -180,7 +185,7 @@ kernels:
 	@echo "kernels: nvcc not found on PATH, CUDA kernels (kernels/*.cu) not built"
 endif
 
-$(BUILD)/kernels/%.ptx: kernels/%.cu
+$(BUILD)/kernels/%.ptx: kernels/%.cu kernels/ptx.cuh
 	@mkdir -p $(dir $@)
 	$(NVCC) -arch=$(CUDA_ARCH) $(NVCC_FLAGS) -ptx $< -o $@.tmp && mv $@.tmp $@ || \
 	  { rm -f $@.tmp; exit 1; }
@@ -272,6 +277,13 @@ FAKECUDA_OBJ := $(patsubst %.c,$(BUILD)/obj-pic/%.o,$(FAKECUDA_SRC))
 $(BUILD)/obj-pic/%.o: %.c | $(PROTO_H)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -fPIC -fvisibility=hidden -ffp-contract=off -c $< -o $@
+# Under SANITIZE=1 the fake keeps ASan and UBSan but is optimised as in the
+# plain build (-O2 after the sanitizer build's -O1): its kernels and GEMMs
+# are most of a fake-GPU test's time. The same checks run, and the results
+# are the same bits (no fast-math; -ffp-contract=off at every level).
+ifeq ($(SANITIZE),1)
+$(FAKECUDA_OBJ): CFLAGS_ALL += -O2
+endif
 
 $(LIB_FAKECUDA): $(FAKECUDA_OBJ)
 	@mkdir -p $(dir $@)
@@ -286,8 +298,8 @@ endif
 
 $(BUILD)/tests/unit/%: $(BUILD)/obj/tests/unit/%.o $(ALL_LIBS) $(WITH_KERNELS)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS_ALL) -o $@ $< $(LIB_CTL) $(LIB_WORKER) $(WITH_KERNELS) $(LIB_COORD) $(LIB_PIPE) \
-	    $(LIB_KREF) $(LIB_COMMON) $(LIBS) -lcriterion
+	$(CC) $(LDFLAGS_ALL) -o $@ $< $(LIB_CTL) $(LIB_WORKER) $(WITH_KERNELS) $(LIB_COORD) $(LIB_JOB) \
+	    $(LIB_PIPE) $(LIB_KREF) $(LIB_COMMON) $(LIBS) -lcriterion
 
 $(foreach t,$(FUZZ_TARGETS),$(if $(FUZZ_EXTRA_$(t)),$(eval \
   $(BUILD)/tests/fuzz/fuzz_$(t)_replay: $(call obj,$(FUZZ_EXTRA_$(t))))))
@@ -301,9 +313,23 @@ test-build: $(BINS) $(UNIT_BINS) $(FUZZ_REPLAY) $(LIB_FAKECUDA) \
 
 # Plain pass, then the same tests on an ASan + UBSan build in build/asan.
 test: deps
+	$(PYTHON) scripts/check_rooms.py
 	@$(MAKE) --no-print-directory -j$(NPROC) test-build
 	@$(MAKE) --no-print-directory -j$(NPROC) test-build BUILD=build/asan SANITIZE=1
 	$(PYTHON) tests/run.py build build/asan
+
+# The fast loop, on one plain build ($(BUILD)), no sanitizers: `make unit`
+# runs the unit tests and the fuzz-corpus replay, `make check` those and
+# the system tests. K=NAME and M=MARKEXPR go to tests/run.py as -k and -m
+# (make unit K=jobs/*, make check K=test_recovery M='not fake_gpu').
+RUN_SELECT = $(if $(K),-k '$(K)') $(if $(M),-m '$(M)')
+unit: deps
+	@$(MAKE) --no-print-directory -j$(NPROC) $(UNIT_BINS) $(FUZZ_REPLAY) $(LIB_FAKECUDA)
+	$(PYTHON) tests/run.py --stage unit --stage fuzz $(RUN_SELECT) $(BUILD)
+
+check: deps
+	@$(MAKE) --no-print-directory -j$(NPROC) test-build
+	$(PYTHON) tests/run.py $(RUN_SELECT) $(BUILD)
 
 # --- run, bench -------------------------------------------------------------
 
@@ -320,7 +346,7 @@ $(foreach b,$(patsubst bench/%.c,%,$(BENCH_SRC)),$(if $(BENCH_EXTRA_$(b)),$(eval
 $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(ALL_LIBS) $(WITH_KERNELS)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $(filter %.o,$^) $(LIB_CTL) $(LIB_WORKER) $(WITH_KERNELS) $(LIB_COORD) \
-	    $(LIB_PIPE) $(LIB_KREF) $(LIB_COMMON) $(LIBS)
+	    $(LIB_JOB) $(LIB_PIPE) $(LIB_KREF) $(LIB_COMMON) $(LIBS)
 # they run BUILD/bin/duplexd
 $(BUILD)/bench/bench_curve $(BUILD)/bench/bench_fleet: $(BUILD)/bin/duplexd
 
@@ -357,10 +383,13 @@ format: deps-dev
 format-check: deps-dev
 	clang-format --dry-run --Werror $(FORMAT_FILES)
 
-LINT_DIRS := common proto pipeline coordinator worker worker/model ctl kernels tests/gpu tests/fake
+LINT_DIRS := common proto pipeline job coordinator ctl kernels tests/gpu tests/fake \
+             worker $(addprefix worker/,net sim rank model cuda cuda/comm cuda/model)
 
-# cppcheck, then clang-tidy with the checks in .clang-tidy (all must pass).
+# The rooms' include rule (docs/ARCHITECTURE.md), cppcheck, then clang-tidy
+# with the checks in .clang-tidy (all must pass).
 lint: deps-dev $(PROTO_H)
+	$(PYTHON) scripts/check_rooms.py
 	cppcheck --quiet --error-exitcode=1 --std=c11 --enable=warning,performance,portability \
 	  --inline-suppr --suppress=missingIncludeSystem -I. -I$(BUILD)/gen $(LINT_DIRS)
 	clang-tidy --quiet $(foreach d,$(LINT_DIRS),$(wildcard $(d)/*.c)) -- -std=gnu11 -I. -I$(BUILD)/gen

@@ -18,7 +18,7 @@
  *      its main thread (the event loop: decoding, the registry, SQLite)
  *      and its other threads (ZeroMQ's I/O thread: TCP and CURVE's boxes).
  *
- *   2. the cpu data plane's throughput: two wk_data_t in this process, each
+ *   2. the cpu data plane's throughput: two wk_net_t in this process, each
  *      in a ZeroMQ context of its own, in clear and with a CURVE keypair
  *      each (peers allowed, an attempt begun as the runtime does), for the
  *      demo job's message sizes (examples/demo.json: one activation,
@@ -58,14 +58,14 @@
 
 #include "bench/simfleet.h"
 #include "common/log.h"
-#include "coordinator/jobspec.h"
+#include "job/jobspec.h"
 #include "pipeline/schedule.h"
 #include "proto/cert.h"
 #include "proto/envelope.h"
 #include "proto/wire.h"
-#include "worker/dataplane.h"
+#include "worker/net/dataplane.h"
 #include "worker/model/model.h"
-#include "worker/train.h"
+#include "worker/rank/train.h"
 
 #define SIM_WORKERS 2048
 #define SIM_NODES (SIM_WORKERS / SIM_GPUS_PER_NODE)
@@ -443,8 +443,8 @@ static double bench_heartbeats(const char *duplexd)
 
 struct endpoint {
     void *zctx;
-    wk_data_t *d;
-    char pub[WK_DATA_KEY_LEN + 1], sec[WK_DATA_KEY_LEN + 1];
+    wk_net_t *d;
+    char pub[WK_NET_KEY_LEN + 1], sec[WK_NET_KEY_LEN + 1];
 };
 
 static void endpoint_open(struct endpoint *e, bool curve)
@@ -453,15 +453,15 @@ static void endpoint_open(struct endpoint *e, bool curve)
 
     if (!(e->zctx = zmq_ctx_new()) || zmq_curve_keypair(e->pub, e->sec) < 0)
         sim_die("zmq: %s", zmq_strerror(errno));
-    if (wk_data_create(e->zctx, WK_DATA_LISTEN_DEFAULT, "127.0.0.1", &e->d, err, sizeof(err)) < 0)
+    if (wk_net_create(e->zctx, WK_NET_LISTEN_DEFAULT, "127.0.0.1", &e->d, err, sizeof(err)) < 0)
         sim_die("data plane: %s", err);
-    if (curve && wk_data_set_curve(e->d, e->pub, e->sec, err, sizeof(err)) < 0)
+    if (curve && wk_net_set_curve(e->d, e->pub, e->sec, err, sizeof(err)) < 0)
         sim_die("data plane: %s", err);
 }
 
 static void endpoint_close(struct endpoint *e)
 {
-    wk_data_destroy(e->d);
+    wk_net_destroy(e->d);
     zmq_ctx_term(e->zctx);
 }
 
@@ -477,13 +477,13 @@ struct dp_flow {
     double t_end;
 };
 
-static struct wk_data_key dp_key(const struct dp_flow *f, size_t i)
+static struct wk_net_key dp_key(const struct dp_flow *f, size_t i)
 {
-    return (struct wk_data_key){.job_id = f->job,
-                                .attempt = f->attempt,
-                                .step = 1,
-                                .payload = DP_ACTIVATION,
-                                .mb = (int32_t)i};
+    return (struct wk_net_key){.job_id = f->job,
+                               .attempt = f->attempt,
+                               .step = 1,
+                               .payload = DP_ACTIVATION,
+                               .mb = (int32_t)i};
 }
 
 static void *dp_receiver(void *arg)
@@ -491,14 +491,14 @@ static void *dp_receiver(void *arg)
     struct dp_flow *f = arg;
 
     for (size_t i = 0; i < f->count; i++) {
-        struct wk_data_key k = dp_key(f, i);
-        struct wk_data_msg *m;
-        int rc = wk_data_recv(f->to->d, &k, DP_TIMEOUT_MS, &m);
+        struct wk_net_key k = dp_key(f, i);
+        struct wk_net_msg *m;
+        int rc = wk_net_recv(f->to->d, &k, DP_TIMEOUT_MS, &m);
 
         if (rc == 0 && m->len != f->size)
             rc = -EBADMSG;
         if (rc == 0)
-            wk_data_msg_free(m);
+            wk_net_msg_free(m);
         pthread_mutex_lock(&f->mu);
         if (rc < 0)
             f->error = rc;
@@ -534,20 +534,20 @@ static struct dp_result dp_round(struct endpoint *from, struct endpoint *to, uin
     pthread_mutex_init(&f.mu, NULL);
     pthread_cond_init(&f.cv, NULL);
     /* the runtime's order at an attempt */
-    wk_data_end(to->d);
-    wk_data_end(from->d);
-    if ((rc = wk_data_set_max_msg(to->d, size)) < 0 ||
-        (rc = wk_data_set_peer_key(from->d, wk_data_addr(to->d), to->pub)) < 0 ||
-        (rc = wk_data_allow_peers(to->d, keys, 1)) < 0)
+    wk_net_end(to->d);
+    wk_net_end(from->d);
+    if ((rc = wk_net_set_max_msg(to->d, size)) < 0 ||
+        (rc = wk_net_set_peer_key(from->d, wk_net_addr(to->d), to->pub)) < 0 ||
+        (rc = wk_net_allow_peers(to->d, keys, 1)) < 0)
         sim_die("data plane setup: %s", strerror(-rc));
-    wk_data_begin(to->d, f.job, attempt);
-    wk_data_begin(from->d, f.job, attempt);
+    wk_net_begin(to->d, f.job, attempt);
+    wk_net_begin(from->d, f.job, attempt);
     if (pthread_create(&th, NULL, dp_receiver, &f) != 0)
         sim_die("pthread_create");
     c0 = sim_self_cpu_s();
     t0 = sim_now_s();
     for (size_t i = 0; i < count; i++) {
-        struct wk_data_key k = dp_key(&f, i);
+        struct wk_net_key k = dp_key(&f, i);
 
         pthread_mutex_lock(&f.mu);
         while (!f.error && i - f.received >= window)
@@ -556,12 +556,12 @@ static struct dp_result dp_round(struct endpoint *from, struct endpoint *to, uin
         pthread_mutex_unlock(&f.mu);
         if (rc < 0)
             break;
-        if ((rc = wk_data_send(from->d, wk_data_addr(to->d), &k, payload, size, DP_TIMEOUT_MS)) < 0)
+        if ((rc = wk_net_send(from->d, wk_net_addr(to->d), &k, payload, size, DP_TIMEOUT_MS)) < 0)
             sim_die("data plane send of %zu bytes: %s", size, strerror(-rc));
     }
     pthread_join(th, NULL);
     if (f.error) {
-        wk_data_failure(to->d, what, sizeof(what));
+        wk_net_failure(to->d, what, sizeof(what));
         sim_die("data plane receive of %zu bytes: %s %s", size, strerror(-f.error), what);
     }
     pthread_mutex_destroy(&f.mu);
@@ -574,7 +574,7 @@ static struct dp_result dp_round(struct endpoint *from, struct endpoint *to, uin
  * and the largest stage's step-end sum (gradients, expert loads, loss). */
 static void demo_sizes(const char *path, size_t *act, size_t *grad, int *grad_stage)
 {
-    struct coord_jobspec spec;
+    struct job_spec spec;
     struct wk_train_config tc;
     dp_sched_t *sched;
     char err[512], *text;
@@ -586,7 +586,7 @@ static void demo_sizes(const char *path, size_t *act, size_t *grad, int *grad_st
         !(text = malloc((size_t)len + 1)) || fread(text, 1, (size_t)len, f) != (size_t)len)
         sim_die("%s: cannot read it", path);
     fclose(f);
-    if (coord_jobspec_parse(text, (size_t)len, NULL, 0, &spec, err, sizeof(err)) < 0)
+    if (job_spec_parse(text, (size_t)len, NULL, 0, &spec, err, sizeof(err)) < 0)
         sim_die("%s: %s", path, err);
     free(text);
     wk_train_config_from_spec(&spec, &tc);
@@ -596,7 +596,7 @@ static void demo_sizes(const char *path, size_t *act, size_t *grad, int *grad_st
     stages = dp_sched_stages(sched);
     dp_sched_destroy(sched);
     per = spec.model.layers / stages;
-    /* worker/cpu.c: act_size and sync_size */
+    /* worker/rank/rank.c: act_size and sync_size */
     *act = (size_t)(spec.parallel.microbatch_size / spec.parallel.ep) * (size_t)spec.model.seq_len *
            (size_t)spec.model.d_model * sizeof(float);
     *grad = 0;
@@ -678,7 +678,7 @@ static void bench_dataplane(const char *spec_path, double cost[DP_SIZES], size_t
 
     demo_sizes(spec_path, &sizes[0], &sizes[1], &grad_stage);
     sizes[2] = BIG_MSG;
-    printf("data plane: 2 wk_data_t in one process (a ZeroMQ context each), %s sizes: activation "
+    printf("data plane: 2 wk_net_t in one process (a ZeroMQ context each), %s sizes: activation "
            "%zu B, gradient sum %zu B (stage %d, the largest), and 8 MiB; %u MiB per round, at "
            "most %u MiB unreceived; %d rounds each, clear and CURVE alternating; medians; CPU: "
            "this process's (both ends, every thread) per byte moved\n",

@@ -889,8 +889,8 @@ static int64_t longest_turn(const int64_t *before, const int64_t *after, int64_t
 
 /* A sim job of `ranks` workers: dualpipe with ep 8 (one EP group per node)
  * and pp up to 16 when the ranks allow, else 1f1b. */
-static void job_spec(int ranks, int steps, int restarts, char *spec, size_t len, char *layout,
-                     size_t llen)
+static void fleet_job_spec(int ranks, int steps, int restarts, char *spec, size_t len, char *layout,
+                           size_t llen)
 {
     int ep = ranks % SIM_GPUS_PER_NODE == 0 ? SIM_GPUS_PER_NODE : 1, rest = ranks / ep, pp = 1;
     const char *schedule = "dualpipe";
@@ -929,7 +929,7 @@ static void phase_job(struct fleet *f, const struct phases *ph, int ranks, json_
         return;
     ev0 = db_last_event(f);
     have_turns = loop_turns(f, ph, turns0);
-    job_spec(ranks, JOB_STEPS, 0, spec, sizeof(spec), layout, sizeof(layout));
+    fleet_job_spec(ranks, JOB_STEPS, 0, spec, sizeof(spec), layout, sizeof(layout));
     f->assignments = f->assignment_bytes = f->reassignments = 0;
     f->first_assignment_s = f->last_assignment_s = 0;
     sub.spec_json = spec;
@@ -1089,7 +1089,7 @@ static void phase_recovery(struct fleet *f, const struct phases *ph, int ranks, 
     if (phase_skipped(f, "recovery"))
         return;
     ev0 = db_last_event(f);
-    job_spec(ranks, RECOVERY_STEPS, 1, spec, sizeof(spec), layout, sizeof(layout));
+    fleet_job_spec(ranks, RECOVERY_STEPS, 1, spec, sizeof(spec), layout, sizeof(layout));
     f->job_id = 0;
     f->submit_error[0] = '\0';
     f->reassignments = f->busy_refusals = 0;

@@ -6,8 +6,8 @@
 #include <stdlib.h>
 #include <time.h>
 
-#include "coordinator/eplb.h"
-#include "coordinator/placement.h"
+#include "job/eplb.h"
+#include "job/placement.h"
 
 #define NODES 256
 #define GPUS_PER_NODE 8
@@ -43,17 +43,17 @@ int main(void)
     for (int i = 0; i < LAYERS * EXPERTS; i++)
         w[i] = (float)(100 + rand() % 10000);
     for (int run = 0; run < RUNS; run++) {
-        struct coord_placement p;
-        struct coord_eplb_plan plan;
+        struct job_placement p;
+        struct job_eplb_plan plan;
         double t0 = now_ms(), t1, t2;
 
-        if (coord_place(slots, NODES * GPUS_PER_NODE, 16, EP, 2, &p, err, sizeof(err)) < 0) {
+        if (job_place(slots, NODES * GPUS_PER_NODE, 16, EP, 2, &p, err, sizeof(err)) < 0) {
             fprintf(stderr, "place: %s\n", err);
             return 1;
         }
         t1 = now_ms();
-        if (coord_eplb_rebalance(w, LAYERS, EXPERTS, SLOTS, GROUPS, EP / GPUS_PER_NODE, EP, &plan,
-                                 err, sizeof(err)) < 0) {
+        if (job_eplb_rebalance(w, LAYERS, EXPERTS, SLOTS, GROUPS, EP / GPUS_PER_NODE, EP, &plan,
+                               err, sizeof(err)) < 0) {
             fprintf(stderr, "eplb: %s\n", err);
             return 1;
         }
@@ -62,11 +62,11 @@ int main(void)
         best_eplb = t2 - t1 < best_eplb ? t2 - t1 : best_eplb;
         imbalance = 0;
         for (int l = 0; l < LAYERS; l++)
-            imbalance += coord_eplb_imbalance(w, &plan, l) / LAYERS;
+            imbalance += job_eplb_imbalance(w, &plan, l) / LAYERS;
         if (run == 0)
             printf("split EP groups: %d\n", p.split_groups);
-        coord_placement_clear(&p);
-        coord_eplb_plan_clear(&plan);
+        job_placement_clear(&p);
+        job_eplb_plan_clear(&plan);
     }
     printf("gang placement, 2048 workers (pp 16 x ep 64 x dp 2): %.2f ms\n", best_place);
     printf("EPLB, 58 layers x 256 experts -> 320 slots on 64 GPUs / 8 nodes: %.2f ms "

@@ -26,7 +26,7 @@
 #include <zmq.h>
 
 #include "proto/wire.h"
-#include "worker/agent.h"
+#include "worker/backend.h"
 
 /* the worker agent's reconnect backoff (worker/agent.c) */
 #define AGENT_RECONNECT_FIRST_MS 100
@@ -360,7 +360,8 @@ void sim_register_encode(int i, const char *backend, const char *data_addr, uint
                          uint8_t **buf, size_t *len)
 {
     Duplex__Register r = DUPLEX__REGISTER__INIT;
-    const char *const *caps = wk_backend_capabilities(backend);
+    const struct wk_backend *b = wk_backend_find(backend);
+    const char *const *caps = b ? b->capabilities : NULL;
     char id[32], node[16];
     size_t ncaps = 0;
 

@@ -1,11 +1,14 @@
 /* fs.c - small file-system helpers (see fs.h). */
+#define _XOPEN_SOURCE 700 /* nftw */
 #include "common/fs.h"
 
 #include <errno.h>
+#include <ftw.h>
 #include <limits.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 int dx_mkdir_p(const char *dir, mode_t mode)
 {
@@ -42,4 +45,22 @@ int dx_mkdir_parent(const char *path, mode_t mode)
         return 0;
     *slash = '\0';
     return dx_mkdir_p(buf, mode);
+}
+
+static int remove_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)ftw;
+    return (flag == FTW_DP ? rmdir(path) : unlink(path)) < 0 ? -errno : 0;
+}
+
+int dx_remove_tree(const char *path)
+{
+    struct stat st;
+    int rc;
+
+    if (lstat(path, &st) < 0)
+        return errno == ENOENT ? 0 : -errno;
+    rc = nftw(path, remove_one, 16, FTW_DEPTH | FTW_PHYS);
+    return rc < 0 ? -errno : rc;
 }

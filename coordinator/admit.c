@@ -8,7 +8,7 @@
 #include <string.h>
 
 struct admit_count {
-    const struct coord_jobspec *spec;
+    const struct job_spec *spec;
     uint64_t need;
     size_t alive, fit, small;
     uint64_t largest; /* the most any alive worker of the backend reported */
@@ -35,38 +35,38 @@ static int admit_each(struct coord_worker *w, void *arg)
 
 static int admit_verdict(const struct admit_count *c, char *err, size_t errlen)
 {
-    const struct coord_jobspec *s = c->spec;
-    struct coord_jobspec_memory m;
+    const struct job_spec *s = c->spec;
+    struct job_spec_memory m;
     char need[160], largest[32];
-    int workers = coord_jobspec_workers(s);
+    int workers = job_spec_workers(s);
 
     if ((size_t)workers <= c->fit || c->small == 0)
         return 0;
-    coord_jobspec_memory(s, &m);
+    job_spec_memory(s, &m);
     snprintf(err, errlen,
              "the job needs %s per rank; %zu of the %zu alive %s workers have that much, and it "
              "needs %d (pp %d x ep %d x dp %d); the largest %s worker reports %s",
-             coord_jobspec_memory_text(&m, need, sizeof(need)), c->fit, c->alive, s->backend,
-             workers, s->parallel.pp, s->parallel.ep, s->parallel.dp, s->backend,
-             coord_jobspec_bytes_text(c->largest, largest, sizeof(largest)));
+             job_spec_memory_text(&m, need, sizeof(need)), c->fit, c->alive, s->backend, workers,
+             s->parallel.pp, s->parallel.ep, s->parallel.dp, s->backend,
+             job_spec_bytes_text(c->largest, largest, sizeof(largest)));
     return -ENOSPC;
 }
 
 /* The sim backend allocates no model: nothing to check. */
-static int admit_begin(const struct coord_jobspec *spec, struct admit_count *c)
+static int admit_begin(const struct job_spec *spec, struct admit_count *c)
 {
-    struct coord_jobspec_memory m;
+    struct job_spec_memory m;
 
     memset(c, 0, sizeof(*c));
     if (strcmp(spec->backend, "sim") == 0)
         return 0;
-    coord_jobspec_memory(spec, &m);
+    job_spec_memory(spec, &m);
     c->spec = spec;
     c->need = m.total;
     return 1;
 }
 
-int coord_admit_check(const struct coord_jobspec *spec, struct coord_worker *const *ws, size_t n,
+int coord_admit_check(const struct job_spec *spec, struct coord_worker *const *ws, size_t n,
                       char *err, size_t errlen)
 {
     struct admit_count c;
@@ -79,7 +79,7 @@ int coord_admit_check(const struct coord_jobspec *spec, struct coord_worker *con
     return admit_verdict(&c, err, errlen);
 }
 
-int coord_admit_registry(coord_registry_t *reg, const struct coord_jobspec *spec, char *err,
+int coord_admit_registry(coord_registry_t *reg, const struct job_spec *spec, char *err,
                          size_t errlen)
 {
     struct admit_count c;

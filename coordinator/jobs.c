@@ -15,8 +15,8 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "coordinator/nccl_id.h"
-#include "coordinator/placement.h"
-#include "coordinator/plan.h"
+#include "job/placement.h"
+#include "job/plan.h"
 #include "proto/envelope.h"
 
 #define JOB_REASON_LEN 256
@@ -47,7 +47,7 @@ struct job_rank {
 struct coord_job {
     uint64_t id;
     char *spec_json;
-    struct coord_jobspec spec;
+    struct job_spec spec;
     enum coord_job_state state;
     char reason[JOB_REASON_LEN]; /* of the last transition, or why it waits */
     uint64_t step;               /* steps every rank has finished */
@@ -531,7 +531,7 @@ static int add_rank(const struct coord_rank_row *row, void *arg)
     struct coord_job *j = arg;
     struct job_rank *r;
 
-    if (j->nranks >= coord_jobspec_workers(&j->spec))
+    if (j->nranks >= job_spec_workers(&j->spec))
         return -EINVAL;
     r = &j->ranks[j->nranks++];
     snprintf(r->worker_id, sizeof(r->worker_id), "%s", row->worker_id);
@@ -550,7 +550,7 @@ static int add_rank(const struct coord_rank_row *row, void *arg)
  * this attempt are not counted (its slot map is not stored). */
 static void job_resume(coord_jobs_t *jobs, struct coord_job *j, struct jnow now)
 {
-    int need = coord_jobspec_workers(&j->spec), running = j->state == COORD_JOB_RUNNING;
+    int need = job_spec_workers(&j->spec), running = j->state == COORD_JOB_RUNNING;
 
     HASH_CLEAR(hh, j->by_worker);
     free(j->ranks);
@@ -607,8 +607,7 @@ static struct coord_job *job_from_row(const struct coord_job_row *row, char *err
     snprintf(j->resume_dir, sizeof(j->resume_dir), "%s", row->resume_dir ? row->resume_dir : "");
     snprintf(j->owner, sizeof(j->owner), "%s", row->owner ? row->owner : "");
     err[0] = '\0';
-    if (coord_jobspec_parse(j->spec_json, strlen(j->spec_json), NULL, 0, &j->spec, err, errlen) <
-        0) {
+    if (job_spec_parse(j->spec_json, strlen(j->spec_json), NULL, 0, &j->spec, err, errlen) < 0) {
         snprintf(j->spec.name, sizeof(j->spec.name), "%s", row->name ? row->name : "?");
         if (!err[0])
             snprintf(err, errlen, "it does not parse");
@@ -690,17 +689,17 @@ static size_t cluster_size(coord_jobs_t *jobs, const char *backend)
     return count;
 }
 
-int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, const char *owner,
+int coord_jobs_submit(coord_jobs_t *jobs, const struct job_spec *spec, const char *owner,
                       int64_t now_wall, uint64_t *id, char *err, size_t errlen)
 {
     /* stored with every field given, so --set overrides survive restarts */
-    char *spec_json = coord_jobspec_to_json(spec);
+    char *spec_json = job_spec_to_json(spec);
     struct coord_job_row row = {
         .name = spec->name,
         .spec = spec_json,
         .backend = spec->backend,
         .priority = spec->priority,
-        .workers = coord_jobspec_workers(spec),
+        .workers = job_spec_workers(spec),
         .steps = (uint64_t)spec->train.steps,
         .submitted_ms = now_wall,
         .owner = owner,
@@ -756,14 +755,14 @@ struct job_sim_work {
     struct job_sim_work *prev, *next;
     uint64_t id;
     uint32_t attempt;
-    struct coord_jobspec spec;
-    struct coord_plan_sim sim;
+    struct job_spec spec;
+    struct job_plan_sim sim;
     int rc;
     char err[256];
 };
 
 static void job_sim_store(coord_jobs_t *jobs, uint64_t id, uint32_t attempt, int rc,
-                          const struct coord_plan_sim *sim, const char *err)
+                          const struct job_plan_sim *sim, const char *err)
 {
     struct coord_job *j = job_find(jobs, id);
 
@@ -781,7 +780,7 @@ static void job_sim_run(uv_work_t *req)
 {
     struct job_sim_work *w = req->data;
 
-    w->rc = coord_plan_simulate(&w->spec, &w->sim, w->err, sizeof(w->err));
+    w->rc = job_plan_simulate(&w->spec, &w->sim, w->err, sizeof(w->err));
 }
 
 static void job_sim_done(uv_work_t *req, int status)
@@ -822,7 +821,7 @@ void coord_jobs_set_loop(coord_jobs_t *jobs, struct uv_loop_s *loop)
 static void job_simulate(coord_jobs_t *jobs, struct coord_job *j)
 {
     struct job_sim_work *w = jobs->loop ? calloc(1, sizeof(*w)) : NULL;
-    struct coord_plan_sim sim;
+    struct job_plan_sim sim;
     char err[256];
     int rc;
 
@@ -841,7 +840,7 @@ static void job_simulate(coord_jobs_t *jobs, struct coord_job *j)
         }
         free(w);
     }
-    rc = coord_plan_simulate(&j->spec, &sim, err, sizeof(err));
+    rc = job_plan_simulate(&j->spec, &sim, err, sizeof(err));
     job_sim_store(jobs, j->id, j->attempt, rc, &sim, err);
 }
 
@@ -898,7 +897,7 @@ struct job_outbox {
     size_t *at;      /* [nranks + 1]: where rank i's Peer starts in packed */
     int32_t *owner;  /* [experts]: Assignment.expert_owner */
     int32_t *slots;  /* [slots per GPU]: room for one rank's experts */
-    int *near;       /* [coord_plan_peers_max]: room for one rank's peers */
+    int *near;       /* [job_plan_peers_max]: room for one rank's peers */
     uint8_t *tail;   /* room for one rank's packed peers */
     char shared_gpu[2 * DX_MAX_ID_LEN + 512];
 };
@@ -924,12 +923,12 @@ static void job_outbox_free(coord_jobs_t *jobs, struct coord_job *j)
  * packs to exactly that field) and judges the GPUs they share. 0 or
  * -ENOMEM. */
 static int job_outbox_create(coord_jobs_t *jobs, struct coord_job *j,
-                             const struct coord_eplb_plan *experts)
+                             const struct job_eplb_plan *experts)
 {
     Duplex__Assignment only = DUPLEX__ASSIGNMENT__INIT;
     Duplex__Peer *peers = calloc((size_t)j->nranks, sizeof(*peers)), *one;
     struct job_outbox *o = calloc(1, sizeof(*o));
-    int max = coord_plan_peers_max(&j->spec), rc = -ENOMEM;
+    int max = job_plan_peers_max(&j->spec), rc = -ENOMEM;
     size_t most = 0;
 
     job_outbox_free(jobs, j);
@@ -940,7 +939,7 @@ static int job_outbox_create(coord_jobs_t *jobs, struct coord_job *j,
         goto out;
     o->attempt = j->attempt;
     /* each logical expert is computed by the first ep rank holding a replica */
-    coord_plan_expert_owner(experts, j->spec.parallel.ep, o->owner);
+    job_plan_expert_owner(experts, j->spec.parallel.ep, o->owner);
     for (int i = 0; i < j->nranks; i++) {
         struct coord_worker *w = coord_registry_find(jobs->reg, j->ranks[i].worker_id);
 
@@ -989,14 +988,14 @@ out:
 }
 
 /* Sends rank i's Assignment: the job's fields, its own ranks, stages and
- * experts, and only the peers it exchanges data with (coord_plan_peers),
+ * experts, and only the peers it exchanges data with (job_plan_peers),
  * appended as packed. 0 or -EHOSTUNREACH. */
 static int job_send_assignment(coord_jobs_t *jobs, struct coord_job *j, int i)
 {
     struct job_outbox *o = j->outbox;
     Duplex__Assignment a = DUPLEX__ASSIGNMENT__INIT;
     int stages[2],
-        n = coord_plan_peers(&j->spec, j->ranks[i].dp, j->ranks[i].pp, j->ranks[i].ep, o->near);
+        n = job_plan_peers(&j->spec, j->ranks[i].dp, j->ranks[i].pp, j->ranks[i].ep, o->near);
     size_t tail_len = 0;
     int rc;
 
@@ -1011,7 +1010,7 @@ static int job_send_assignment(coord_jobs_t *jobs, struct coord_job *j, int i)
     a.pp_rank = j->ranks[i].pp;
     a.ep_rank = j->ranks[i].ep;
     a.dp_rank = j->ranks[i].dp;
-    a.n_stages = (size_t)coord_plan_stages(&j->spec, j->ranks[i].pp, stages);
+    a.n_stages = (size_t)job_plan_stages(&j->spec, j->ranks[i].pp, stages);
     a.stages = stages;
     for (int k = 0; k < j->slots_per_gpu; k++)
         o->slots[k] = j->slot_expert[j->ranks[i].ep * j->slots_per_gpu + k];
@@ -1128,15 +1127,15 @@ static int job_make_nccl_id(coord_jobs_t *jobs, struct coord_job *j, char *err, 
 static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord_slot *slots,
                      size_t n, struct jnow now)
 {
-    struct coord_placement place = {0};
-    struct coord_eplb_plan experts = {0};
+    struct job_placement place = {0};
+    struct job_eplb_plan experts = {0};
     int pp = j->spec.parallel.pp, ep = j->spec.parallel.ep, dp = j->spec.parallel.dp;
     char err[512];
     int rc;
 
-    if ((rc = coord_place(slots, n, pp, ep, dp, &place, err, sizeof(err))) < 0 ||
-        (rc = coord_plan_experts(&j->spec, j->expert_load, &experts, err, sizeof(err))) < 0 ||
-        (rc = coord_plan_check_nodes(&j->spec, slots, &place, &experts, err, sizeof(err))) < 0) {
+    if ((rc = job_place(slots, n, pp, ep, dp, &place, err, sizeof(err))) < 0 ||
+        (rc = job_plan_experts(&j->spec, j->expert_load, &experts, err, sizeof(err))) < 0 ||
+        (rc = job_plan_check_nodes(&j->spec, slots, &place, &experts, err, sizeof(err))) < 0) {
         job_set_state(jobs, j, COORD_JOB_FAILED, now, "placement failed: %s", err);
         goto out;
     }
@@ -1156,7 +1155,7 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
     for (int d = 0, i = 0; d < dp; d++)
         for (int s = 0; s < pp; s++)
             for (int e = 0; e < ep; e++, i++) {
-                const struct coord_slot *slot = &slots[coord_placement_at(&place, d, s, e)];
+                const struct coord_slot *slot = &slots[job_placement_at(&place, d, s, e)];
                 struct coord_worker *w = coord_registry_find(jobs->reg, slot->worker_id);
                 snprintf(j->ranks[i].worker_id, sizeof(j->ranks[i].worker_id), "%s",
                          slot->worker_id);
@@ -1204,8 +1203,8 @@ static int job_start(coord_jobs_t *jobs, struct coord_job *j, const struct coord
     else if (jobs->send_slice == 0)
         job_send_some(jobs, j, j->nranks, now, &(int){0});
 out:
-    coord_eplb_plan_clear(&experts);
-    coord_placement_clear(&place);
+    job_eplb_plan_clear(&experts);
+    job_placement_clear(&place);
     return rc;
 }
 
@@ -1250,7 +1249,7 @@ static struct coord_slot *free_slots(coord_jobs_t *jobs, const char *backend, si
  * with too few workers it waits, then fails. */
 static void job_try_recover(coord_jobs_t *jobs, struct coord_job *j, struct jnow now)
 {
-    size_t need = (size_t)coord_jobspec_workers(&j->spec), n_free = 0;
+    size_t need = (size_t)job_spec_workers(&j->spec), n_free = 0;
     struct coord_slot *slots;
     int stopping = 0;
 
@@ -1292,7 +1291,7 @@ void coord_jobs_schedule(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono)
         if (jobs->v[i]->state == COORD_JOB_RECOVERING)
             job_try_recover(jobs, jobs->v[i], now);
     while ((j = queue_head(jobs))) {
-        size_t free_n = 0, need = (size_t)coord_jobspec_workers(&j->spec);
+        size_t free_n = 0, need = (size_t)job_spec_workers(&j->spec);
         struct coord_slot *slots = free_slots(jobs, j->spec.backend, &free_n);
 
         /* new jobs leave the spares free for recoveries */
@@ -1528,7 +1527,7 @@ static void job_resolve_ckpt_dir(struct coord_job *j)
 
 /* ---- checkpoint paths ---- */
 
-/* The shard file of a rank, as workers name it (worker/cpu.c). */
+/* The shard file of a rank, as workers name it (worker/rank/rank.c). */
 static void shard_name(const struct job_rank *r, char *buf, size_t len)
 {
     dx_ckpt_shard_name(r->dp, r->pp, r->ep, buf, len);
@@ -2180,7 +2179,7 @@ static json_t *job_summary(const struct coord_job *j)
         "{s:I, s:s, s:s, s:s, s:s, s:i, s:i, s:I, s:i, s:s, s:I, s:I, s:I, s:b}", "id",
         (json_int_t)j->id, "name", j->spec.name, "owner", j->owner, "state", state_names[j->state],
         "backend", j->spec.backend, "priority", j->spec.priority, "workers",
-        coord_jobspec_workers(&j->spec), "step", (json_int_t)j->step, "steps", j->spec.train.steps,
+        job_spec_workers(&j->spec), "step", (json_int_t)j->step, "steps", j->spec.train.steps,
         "reason", j->reason, "submitted_ms", (json_int_t)j->submitted_ms, "started_ms",
         (json_int_t)j->started_ms, "finished_ms", (json_int_t)j->finished_ms, "in_memory", 1);
 }
@@ -2325,7 +2324,7 @@ static json_t *stored_job_detail(coord_jobs_t *jobs, uint64_t id, int *rc)
 
     if ((*rc = coord_store_job_get(jobs->store, id, stored_job, &j)) < 0)
         return NULL;
-    need = coord_jobspec_workers(&j->spec);
+    need = job_spec_workers(&j->spec);
     if (need > 0 && (j->ranks = calloc((size_t)need, sizeof(*j->ranks))) &&
         coord_store_job_ranks_each(jobs->store, j->id, add_rank, j) >= 0) {
         for (int i = 0; i < j->nranks; i++) {

@@ -51,7 +51,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "coordinator/jobspec.h"
+#include "job/jobspec.h"
 #include "coordinator/registry.h"
 #include "coordinator/store.h"
 #include "proto/duplex.pb-c.h"
@@ -124,7 +124,7 @@ int coord_jobs_load(coord_jobs_t *jobs, int64_t now_wall, int64_t now_mono);
  * owner (the submitting key's name). Returns 0 with *id, or -ENOSPC when
  * the cluster has fewer workers of the backend than the job needs (err
  * says so). */
-int coord_jobs_submit(coord_jobs_t *jobs, const struct coord_jobspec *spec, const char *owner,
+int coord_jobs_submit(coord_jobs_t *jobs, const struct job_spec *spec, const char *owner,
                       int64_t now_wall, uint64_t *id, char *err, size_t errlen);
 
 /* Starts what can start now. Call after anything that frees workers or

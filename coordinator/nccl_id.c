@@ -9,7 +9,7 @@
 #include <string.h>
 
 /* ncclUniqueId, ncclResult_t as int (checked against <nccl.h> by
- * tests/unit/test_nccl_abi.c through worker/nccl.h's same declarations) */
+ * tests/unit/test_nccl_abi.c through worker/cuda/comm/nccl.h's same declarations) */
 typedef struct {
     char internal[COORD_NCCL_ID_BYTES];
 } nccl_id_abi;

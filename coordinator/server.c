@@ -25,10 +25,10 @@
 #include "common/zmonitor.h"
 #include "common/zwatch.h"
 #include "coordinator/admit.h"
-#include "coordinator/authz.h"
+#include "proto/authz.h"
 #include "coordinator/jobs.h"
-#include "coordinator/jobspec.h"
-#include "coordinator/plan.h"
+#include "job/jobspec.h"
+#include "job/plan.h"
 #include "coordinator/registry.h"
 #include "coordinator/store.h"
 #include "coordinator/zap.h"
@@ -84,8 +84,8 @@ struct coord_server {
     uv_signal_t sigterm;
     uv_signal_t sigint;
     uv_signal_t sighup;
-    struct dx_cert cert;  /* duplexd's own keys (when secure) */
-    coord_authz_t *authz; /* the allow-list; NULL: no keys, everyone trusted */
+    struct dx_cert cert; /* duplexd's own keys (when secure) */
+    dx_authz_t *authz;   /* the allow-list; NULL: no keys, everyone trusted */
     coord_zap_t *zap;
     coord_store_t *store;
     coord_registry_t *reg;
@@ -136,7 +136,7 @@ static void peer_identify(coord_server_t *s, struct peer_frame *p, zmq_msg_t *pa
         snprintf(hex + 2 * i, 3, "%02x", p->rid[i]);
     if (user && dx_cert_key_valid(user)) {
         memcpy(p->key, user, DX_CERT_KEY_LEN + 1);
-        p->who = coord_authz_find(s->authz, p->key);
+        p->who = dx_authz_find(s->authz, p->key);
     }
     if (p->who)
         snprintf(p->name, sizeof(p->name), "peer %s (id %s, %s key %s)", addr ? addr : "?", hex,
@@ -238,7 +238,7 @@ static bool server_authorize(coord_server_t *s, const struct peer_frame *p, cons
                       p->key[0] ? p->key : "(none)");
         return false;
     }
-    if (!coord_authz_may_send(p->who->role, m->type, &rule)) {
+    if (!dx_authz_may_send(p->who->role, m->type, &rule)) {
         server_forbid(s, p, m->request_id, "%s key \"%s\" may not send %s: %s",
                       coord_role_name(p->who->role), p->who->name, dx_msg_type_name(m->type), rule);
         return false;
@@ -256,7 +256,7 @@ static bool server_worker_key_ok(coord_server_t *s, const struct peer_frame *p,
 
     if (!s->authz)
         return true;
-    if (!coord_authz_worker_may_be(p->who, worker_id, host)) {
+    if (!dx_authz_worker_may_be(p->who, worker_id, host)) {
         server_forbid(s, p, m->request_id,
                       "worker key \"%s\" may not speak for worker %s%s%s (see its ids= and "
                       "host= in the allow-list)",
@@ -463,7 +463,7 @@ struct dry_run {
     coord_server_t *s;
     struct peer_frame peer; /* its principal dropped: the allow-list may be reloaded */
     uint64_t request_id;
-    struct coord_jobspec spec;
+    struct job_spec spec;
     struct coord_slot *slots;
     size_t nslots;
     char *text; /* the plan, compact JSON */
@@ -487,7 +487,7 @@ static void dry_run_plan(uv_work_t *req)
     struct dry_run *d = req->data;
     json_t *plan = NULL;
 
-    d->rc = coord_plan_build(&d->spec, d->slots, d->nslots, &plan, d->err, sizeof(d->err));
+    d->rc = job_plan_build(&d->spec, d->slots, d->nslots, &plan, d->err, sizeof(d->err));
     if (d->rc == 0 && !(d->text = json_dumps(plan, JSON_COMPACT))) {
         d->rc = -ENOMEM;
         snprintf(d->err, sizeof(d->err), "out of memory");
@@ -525,14 +525,14 @@ static void handle_submit(coord_server_t *s, const struct peer_frame *p, const s
 {
     const Duplex__Submit *req = (const Duplex__Submit *)m->body;
     Duplex__SubmitReply reply = DUPLEX__SUBMIT_REPLY__INIT;
-    struct coord_jobspec spec;
+    struct job_spec spec;
     struct coord_worker **ws = NULL;
     struct dry_run *d = NULL;
     char err[512];
     int n, rc;
 
-    if (coord_jobspec_parse(req->spec_json, strlen(req->spec_json), (const char *const *)req->sets,
-                            req->n_sets, &spec, err, sizeof(err)) < 0) {
+    if (job_spec_parse(req->spec_json, strlen(req->spec_json), (const char *const *)req->sets,
+                       req->n_sets, &spec, err, sizeof(err)) < 0) {
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_BAD_SPEC, m->request_id, err);
         return;
     }
@@ -588,10 +588,10 @@ static void handle_submit(coord_server_t *s, const struct peer_frame *p, const s
             }
         }
     }
-    if ((size_t)coord_jobspec_workers(&spec) > d->nslots) {
+    if ((size_t)job_spec_workers(&spec) > d->nslots) {
         snprintf(err, sizeof(err),
                  "the job needs %d %s workers (pp %d x ep %d x dp %d); the cluster has %zu alive",
-                 coord_jobspec_workers(&spec), spec.backend, spec.parallel.pp, spec.parallel.ep,
+                 job_spec_workers(&spec), spec.backend, spec.parallel.pp, spec.parallel.ep,
                  spec.parallel.dp, d->nslots);
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_NO_CAPACITY, m->request_id, err);
         goto out;
@@ -1274,7 +1274,7 @@ static void server_on_signal(uv_signal_t *h, int signum)
  * ZAP). */
 static void server_reload_keys(coord_server_t *s)
 {
-    coord_authz_t *fresh = NULL, *old = s->authz;
+    dx_authz_t *fresh = NULL, *old = s->authz;
     struct coord_worker **ws = NULL;
     char err[512], detail[256];
     int64_t now = dx_wall_ms();
@@ -1284,23 +1284,23 @@ static void server_reload_keys(coord_server_t *s)
         dx_info("SIGHUP: duplexd runs without keys; nothing to reload");
         return;
     }
-    if (coord_authz_load(s->cfg.authorized, &fresh, err, sizeof(err)) < 0 ||
-        (coord_authz_count(fresh) == 0 &&
+    if (dx_authz_load(s->cfg.authorized, &fresh, err, sizeof(err)) < 0 ||
+        (dx_authz_count(fresh) == 0 &&
          snprintf(err, sizeof(err), "%s lists no key (being rewritten?)", s->cfg.authorized))) {
-        dx_error("SIGHUP: %s; keeping the %zu keys loaded before", err, coord_authz_count(old));
-        coord_authz_destroy(fresh);
+        dx_error("SIGHUP: %s; keeping the %zu keys loaded before", err, dx_authz_count(old));
+        dx_authz_destroy(fresh);
         return;
     }
     s->authz = fresh;
     coord_zap_set_authz(s->zap, fresh);
-    coord_authz_destroy(old);
+    dx_authz_destroy(old);
     n = coord_registry_list(s->reg, &ws);
     for (int i = 0; i < n; i++) {
         struct coord_worker *w = ws[i];
-        const struct coord_principal *who = coord_authz_find(fresh, w->key);
+        const struct coord_principal *who = dx_authz_find(fresh, w->key);
 
         if (!w->key[0] || w->session[0] == '\0' ||
-            (who && coord_authz_worker_may_be(who, w->id, w->host)))
+            (who && dx_authz_worker_may_be(who, w->id, w->host)))
             continue;
         snprintf(detail, sizeof(detail),
                  "key \"%s\" may no longer speak for it (allow-list reloaded)", w->key_name);
@@ -1314,7 +1314,7 @@ static void server_reload_keys(coord_server_t *s)
     if (ended)
         server_check_gone(s, now);
     snprintf(detail, sizeof(detail), "%zu keys from %s; %d worker sessions ended",
-             coord_authz_count(fresh), s->cfg.authorized, ended);
+             dx_authz_count(fresh), s->cfg.authorized, ended);
     coord_store_event(s->store, now, "keys_reloaded", NULL, detail);
     dx_info("SIGHUP: %s", detail);
 }
@@ -1340,7 +1340,7 @@ static int server_keys(coord_server_t *s, char *err, size_t errlen)
         return -EINVAL;
     }
     if ((rc = dx_cert_load(s->cfg.key, true, &s->cert, err, errlen)) < 0 ||
-        (rc = coord_authz_load(s->cfg.authorized, &s->authz, err, errlen)) < 0 ||
+        (rc = dx_authz_load(s->cfg.authorized, &s->authz, err, errlen)) < 0 ||
         (rc = coord_zap_create(&s->loop, s->zctx, s->authz, &s->zap, err, errlen)) < 0)
         return rc;
     if ((rc = dx_cert_apply_server(s->router, &s->cert)) < 0) {
@@ -1521,7 +1521,7 @@ void coord_server_destroy(coord_server_t *s)
     coord_jobs_destroy(s->jobs);
     coord_registry_destroy(s->reg);
     coord_store_close(s->store);
-    coord_authz_destroy(s->authz);
+    dx_authz_destroy(s->authz);
     if (s->rejected)
         dx_info("%llu bad messages rejected while running", (unsigned long long)s->rejected);
     free(s->acks);

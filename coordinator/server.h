@@ -21,7 +21,7 @@ struct coord_server_config {
     int forget_jobs_after_h;
     int keep_jobs;
     /* CURVE: duplexd's secret certificate and the allow-list of the keys
-     * that may talk to it (coordinator/authz.h); both NULL: no keys, every
+     * that may talk to it (proto/authz.h); both NULL: no keys, every
      * peer is trusted (--insecure) */
     const char *key;
     const char *authorized;

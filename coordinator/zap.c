@@ -20,7 +20,7 @@
 struct coord_zap {
     void *sock;
     dx_zwatch_t *watch;
-    const coord_authz_t *authz;
+    const dx_authz_t *authz;
     struct dx_ratelimit log;
     struct coord_zap_stats stats;
 };
@@ -39,7 +39,7 @@ static int zap_answer(struct coord_zap_reply *out, const char *status, const cha
     return status[0] == '5' ? -EPROTO : 0;
 }
 
-int coord_zap_decide(const coord_authz_t *authz, const void *const *frames, const size_t *sizes,
+int coord_zap_decide(const dx_authz_t *authz, const void *const *frames, const size_t *sizes,
                      size_t n, struct coord_zap_reply *out)
 {
     char key[DX_CERT_KEY_LEN + 1];
@@ -56,7 +56,7 @@ int coord_zap_decide(const coord_authz_t *authz, const void *const *frames, cons
         return zap_answer(out, "500", "a CURVE request carries one 32-byte key", "");
     if (!zmq_z85_encode(key, frames[6], 32))
         return zap_answer(out, "500", "cannot encode the key", "");
-    if (!(p = coord_authz_find(authz, key)))
+    if (!(p = dx_authz_find(authz, key)))
         return zap_answer(out, "400", "key not in duplexd's allow-list", "");
     return zap_answer(out, "200", "OK", p->key);
 }
@@ -153,7 +153,7 @@ static void zap_on_readable(dx_zwatch_t *w, int revents, void *arg)
     }
 }
 
-int coord_zap_create(uv_loop_t *loop, void *zctx, const coord_authz_t *authz, coord_zap_t **out,
+int coord_zap_create(uv_loop_t *loop, void *zctx, const dx_authz_t *authz, coord_zap_t **out,
                      char *err, size_t errlen)
 {
     coord_zap_t *z = calloc(1, sizeof(*z));
@@ -193,7 +193,7 @@ void coord_zap_destroy(coord_zap_t *z)
     free(z);
 }
 
-void coord_zap_set_authz(coord_zap_t *z, const coord_authz_t *authz)
+void coord_zap_set_authz(coord_zap_t *z, const dx_authz_t *authz)
 {
     z->authz = authz;
 }

@@ -14,7 +14,7 @@
 #include <unistd.h>
 
 #include "common/opts.h"
-#include "coordinator/jobspec.h"
+#include "job/jobspec.h"
 #include "ctl/client.h"
 #include "ctl/ctl.h"
 
@@ -80,7 +80,7 @@ static const char *str(json_t *o, const char *key)
  * some, and printed raw they would drive the terminal. */
 static const char *text(json_t *o, const char *key, char *buf, size_t len)
 {
-    return coord_jobspec_escape(str(o, key), buf, len);
+    return job_spec_escape(str(o, key), buf, len);
 }
 
 static long long num(json_t *o, const char *key)

@@ -9,7 +9,7 @@
 
 #include "common/fs.h"
 #include "common/opts.h"
-#include "coordinator/authz.h"
+#include "proto/authz.h"
 #include "ctl/ctl.h"
 #include "proto/cert.h"
 
@@ -100,7 +100,7 @@ static int keys_gen(int argc, char **argv)
                 role);
         goto out;
     }
-    if (!coord_authz_name_ok(name)) {
+    if (!dx_authz_name_ok(name)) {
         fprintf(stderr, "duplexctl keys gen: --name: 1-64 characters of A-Z a-z 0-9 . _ @ -\n");
         goto out;
     }

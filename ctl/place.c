@@ -10,7 +10,7 @@
 #include <string.h>
 
 #include "common/opts.h"
-#include "coordinator/eplb.h"
+#include "job/eplb.h"
 #include "ctl/ctl.h"
 
 /* Reads {"weight": [[load per expert] per layer]} into a malloc'd
@@ -77,7 +77,7 @@ static json_t *int_array(const int *v, int n)
     return a;
 }
 
-static double gpu_load(const float *w, const struct coord_eplb_plan *p, int layer, int gpu)
+static double gpu_load(const float *w, const struct job_eplb_plan *p, int layer, int gpu)
 {
     int per_gpu = p->replicas / p->gpus;
     double load = 0.0;
@@ -90,7 +90,7 @@ static double gpu_load(const float *w, const struct coord_eplb_plan *p, int laye
     return load;
 }
 
-static int print_json(const float *w, const struct coord_eplb_plan *p)
+static int print_json(const float *w, const struct job_eplb_plan *p)
 {
     json_t *root = json_object(), *layers = json_array();
     int rc = -ENOMEM;
@@ -116,7 +116,7 @@ static int print_json(const float *w, const struct coord_eplb_plan *p)
         json_object_set_new(layer, "logcnt",
                             int_array(p->logcnt + (size_t)l * p->experts, p->experts));
         json_object_set_new(layer, "gpu_load", loads);
-        json_object_set_new(layer, "imbalance", json_real(coord_eplb_imbalance(w, p, l)));
+        json_object_set_new(layer, "imbalance", json_real(job_eplb_imbalance(w, p, l)));
         json_array_append_new(layers, layer);
     }
     if (json_dumpf(root, stdout, JSON_INDENT(2)) == 0) {
@@ -137,7 +137,7 @@ static void print_ints(const char *label, const int *v, int n)
     putchar('\n');
 }
 
-static void print_table(const float *w, const struct coord_eplb_plan *p, int groups, int nodes)
+static void print_table(const float *w, const struct job_eplb_plan *p, int groups, int nodes)
 {
     int per_gpu = p->replicas / p->gpus;
 
@@ -149,7 +149,7 @@ static void print_table(const float *w, const struct coord_eplb_plan *p, int gro
            per_gpu);
     for (int l = 0; l < p->layers; l++) {
         printf("layer %d: imbalance %.3f (busiest GPU load / mean GPU load)\n", l,
-               coord_eplb_imbalance(w, p, l));
+               job_eplb_imbalance(w, p, l));
         print_ints("phy2log", p->phy2log + (size_t)l * p->replicas, p->replicas);
         print_ints("logcnt", p->logcnt + (size_t)l * p->experts, p->experts);
         printf("  log2phy ");
@@ -191,7 +191,7 @@ int ctl_cmd_place(struct ctl_globals *g, int argc, char **argv)
                     "  duplexctl place --loads loads.json --replicas 16 --groups 4 --nodes 2 "
                     "--gpus 8",
     };
-    struct coord_eplb_plan plan = {0};
+    struct job_eplb_plan plan = {0};
     float *w = NULL;
     int layers, experts, status;
     char err[512];
@@ -206,8 +206,8 @@ int ctl_cmd_place(struct ctl_globals *g, int argc, char **argv)
         goto out;
     }
     if (read_loads(loads, &w, &layers, &experts, err, sizeof(err)) < 0 ||
-        coord_eplb_rebalance(w, layers, experts, replicas, groups, nodes, gpus, &plan, err,
-                             sizeof(err)) < 0) {
+        job_eplb_rebalance(w, layers, experts, replicas, groups, nodes, gpus, &plan, err,
+                           sizeof(err)) < 0) {
         fprintf(stderr, "duplexctl place: %s\n", err);
         goto out;
     }
@@ -221,7 +221,7 @@ int ctl_cmd_place(struct ctl_globals *g, int argc, char **argv)
         print_table(w, &plan, groups, nodes);
     }
 out:
-    coord_eplb_plan_clear(&plan);
+    job_eplb_plan_clear(&plan);
     free(w);
     dx_opts_free(options);
     return status;

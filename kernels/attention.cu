@@ -48,6 +48,7 @@
  *   dk_j = sum_i>=j dS_ij q_i (dS recomputed as in dq), i ascending. One
  *   pass over the query tiles from the block's own; the p tile goes through
  *   shared memory so its rows are read coalesced. */
+#include "ptx.cuh"
 
 #define DX_ATTN_TILE 32
 #define DX_ATTN_WARPS 8
@@ -55,21 +56,6 @@
 #define DX_ATTN_ROWS (DX_ATTN_TILE / DX_ATTN_WARPS) /* rows per warp: 4 */
 #define DX_ATTN_MAX_DH 128
 #define DX_ATTN_COLS (DX_ATTN_MAX_DH / 32) /* output columns per lane: 4 */
-
-static __device__ __forceinline__ float attn_warp_max(float v)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-/* A butterfly: every lane ends with the same sum (a + b == b + a). */
-static __device__ __forceinline__ double attn_warp_sum(double v)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 
 /* Loads rows row0 .. row0+31 (those < seq; the others become 0) of one
  * head's columns of x [*][d] into tile [32][stride], all threads. */
@@ -167,13 +153,13 @@ extern "C" __global__ void dx_attn_fwd(const float *__restrict__ q, const float 
 
         if (i >= seq) /* warp-uniform */
             continue;
-        const float mi = attn_warp_max(m[t]);
+        const float mi = warp_max_f32(m[t]);
         for (int j = lane; j <= i; j += 32) {
             const float e = expf(__fsub_rn(prow[t][j], mi));
             prow[t][j] = e;
             sum += (double)e;
         }
-        const float inv = (float)(1.0 / attn_warp_sum(sum));
+        const float inv = (float)(1.0 / warp_sum_f64(sum));
         for (int j = lane; j <= i; j += 32)
             prow[t][j] = __fmul_rn(prow[t][j], inv);
         for (int j = i + 1 + lane; j < seq; j += 32)
@@ -283,7 +269,7 @@ extern "C" __global__ void dx_attn_bwd_dq(const float *__restrict__ k, const flo
     }
 #pragma unroll
     for (int t = 0; t < DX_ATTN_ROWS; t++) {
-        rd[t] = (float)attn_warp_sum(dot[t]);
+        rd[t] = (float)warp_sum_f64(dot[t]);
         if (lane == 0 && row[t] < seq)
             rowdot[bhrow + row[t]] = rd[t];
     }

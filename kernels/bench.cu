@@ -12,6 +12,8 @@
  *   not fit beside a full one, so the grid decides how many SMs it takes. */
 #include <stdint.h>
 
+#include "ptx.cuh"
+
 #define DX_BENCH_THREADS 1024
 #define DX_BENCH_CHAINS 48
 

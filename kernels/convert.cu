@@ -1,5 +1,5 @@
 /* convert.cu - fp32 <-> bf16 conversion of arrays, the inputs of the bf16
- * GEMMs (worker/cublas.c). The contract and the CPU reference are in
+ * GEMMs (worker/cuda/cublas.c). The contract and the CPU reference are in
  * kernels/convert_ref.h: round to nearest even on the bit pattern (no flush
  * of subnormals, overflow to infinity, a NaN stays a NaN, quietened), done
  * here with the same integer operations so the result is bitwise the
@@ -14,6 +14,8 @@
  *   vector store; the last count % 4 elements, or all of them otherwise,
  *   go one at a time. */
 #include <stdint.h>
+
+#include "ptx.cuh"
 
 static __device__ __forceinline__ unsigned f32_to_bf16(float x)
 {
@@ -30,36 +32,6 @@ static __device__ __forceinline__ float bf16_to_f32(unsigned b)
     return __uint_as_float(b << 16);
 }
 
-static __device__ __forceinline__ float4 ld_nc_v4_f32(const float *p)
-{
-    float4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.f32 {%0, %1, %2, %3}, [%4];"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "l"(p));
-    return v;
-}
-
-static __device__ __forceinline__ uint2 ld_nc_v2_u32(const uint16_t *p)
-{
-    uint2 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
-                 : "=r"(v.x), "=r"(v.y)
-                 : "l"(p));
-    return v;
-}
-
-static __device__ __forceinline__ void st_v2_u32(uint16_t *p, uint2 v)
-{
-    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(v.x), "r"(v.y) : "memory");
-}
-
-static __device__ __forceinline__ void st_v4_f32(float *p, float4 v)
-{
-    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z),
-                 "f"(v.w)
-                 : "memory");
-}
-
 extern "C" __global__ void dx_f32_to_bf16(const float *__restrict__ x, uint16_t *__restrict__ y,
                                           long long count)
 {
@@ -71,7 +43,7 @@ extern "C" __global__ void dx_f32_to_bf16(const float *__restrict__ x, uint16_t 
         const long long quads = count >> 2;
 
         for (long long q = first; q < quads; q += stride) {
-            const float4 v = ld_nc_v4_f32(x + 4 * q);
+            const float4 v = ld_nc_na_v4_f32(x + 4 * q);
             uint2 out;
 
             /* little endian: element 4q is the low half of the first word */
@@ -96,7 +68,7 @@ extern "C" __global__ void dx_bf16_to_f32(const uint16_t *__restrict__ x, float 
         const long long quads = count >> 2;
 
         for (long long q = first; q < quads; q += stride) {
-            const uint2 v = ld_nc_v2_u32(x + 4 * q);
+            const uint2 v = ld_nc_na_v2_u32(x + 4 * q);
             float4 out;
 
             out.x = bf16_to_f32(v.x & 0xffffu);

@@ -21,28 +21,7 @@
  * Read-only source rows are loaded with ld.global.nc.L1::no_allocate. */
 #include <stdint.h>
 
-static __device__ __forceinline__ float4 ld_nc_v4(const float4 *p)
-{
-    float4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.f32 {%0, %1, %2, %3}, [%4];"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "l"(p));
-    return v;
-}
-
-static __device__ __forceinline__ float ld_nc_f32(const float *p)
-{
-    float v;
-    asm volatile("ld.global.nc.L1::no_allocate.f32 %0, [%1];" : "=f"(v) : "l"(p));
-    return v;
-}
-
-static __device__ __forceinline__ void st_v4(float4 *p, float4 v)
-{
-    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y),
-                 "f"(v.z), "f"(v.w)
-                 : "memory");
-}
+#include "ptx.cuh"
 
 /* Does token t choose expert e? k index, or -1. */
 static __device__ __forceinline__ int chose(const int *ids, int t, int k, int e)
@@ -64,17 +43,7 @@ extern "C" __global__ void dx_dispatch_count(const int *__restrict__ ids, int n,
         return;
     for (int t = threadIdx.x; t < n; t += blockDim.x)
         mine += chose(ids, t, k, e) >= 0;
-    for (int off = 16; off > 0; off >>= 1)
-        mine += __shfl_xor_sync(0xffffffffu, mine, off);
-    if (lane == 0)
-        wsum[warp] = mine;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int total = 0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); w++)
-            total += wsum[w];
-        tokens_per_expert[e] = total;
-    }
+    block_sum_s32_store(mine, lane, warp, wsum, tokens_per_expert, e);
 }
 
 extern "C" __global__ void dx_dispatch_offsets(const int *__restrict__ tokens_per_expert,
@@ -132,18 +101,9 @@ extern "C" __global__ void dx_dispatch_rows(const int *__restrict__ ids,
     for (int t0 = 0; t0 < n; t0 += blockDim.x) {
         int t = t0 + threadIdx.x;
         int j = t < n ? chose(ids, t, k, e) : -1;
-        unsigned mask = __ballot_sync(0xffffffffu, j >= 0);
-        int before = __popc(mask & ((1u << lane) - 1u));
-        if (lane == 0)
-            wsum[warp] = __popc(mask);
-        __syncthreads();
-        int wbefore = 0, total = 0;
-        for (int w = 0; w < warps; w++) {
-            wbefore += w < warp ? wsum[w] : 0;
-            total += wsum[w];
-        }
+        const struct ballot_rank r = block_ballot_rank(j >= 0, lane, warp, warps, wsum);
         if (j >= 0) {
-            int slot = base + wbefore + before;
+            int slot = base + r.wbefore + r.before;
             size_t c = (size_t)t * k + j;
             send_token[slot] = t;
             if (send_gate)
@@ -152,7 +112,7 @@ extern "C" __global__ void dx_dispatch_rows(const int *__restrict__ ids,
         }
         __syncthreads(); /* everyone has read wsum and base */
         if (threadIdx.x == 0)
-            base += total;
+            base += r.total;
         __syncthreads();
     }
 }
@@ -171,10 +131,10 @@ extern "C" __global__ void dx_dispatch_pack(const float *__restrict__ x, int d,
             const float4 *s4 = (const float4 *)src;
             float4 *d4 = (float4 *)dst;
             for (int i = lane; i < d / 4; i += 32)
-                st_v4(d4 + i, ld_nc_v4(s4 + i));
+                st_v4_f32(d4 + i, ld_nc_na_v4_f32(s4 + i));
         } else {
             for (int i = lane; i < d; i += 32)
-                dst[i] = ld_nc_f32(src + i);
+                dst[i] = ld_nc_na_f32(src + i);
         }
     }
 }
@@ -194,26 +154,26 @@ extern "C" __global__ void dx_combine(const float *__restrict__ y, int d,
         float *o = out + (size_t)t * d;
         if (vec) {
             for (int i = lane; i < d / 4; i += 32) {
-                float4 acc = base ? ld_nc_v4((const float4 *)(base + (size_t)t * d) + i)
+                float4 acc = base ? ld_nc_na_v4_f32((const float4 *)(base + (size_t)t * d) + i)
                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 for (int j = 0; j < k; j++) {
                     if (slot[j] < 0)
                         continue;
-                    float4 v = ld_nc_v4((const float4 *)(y + (size_t)slot[j] * d) + i);
+                    float4 v = ld_nc_na_v4_f32((const float4 *)(y + (size_t)slot[j] * d) + i);
                     acc.x = __fadd_rn(acc.x, __fmul_rn(g[j], v.x));
                     acc.y = __fadd_rn(acc.y, __fmul_rn(g[j], v.y));
                     acc.z = __fadd_rn(acc.z, __fmul_rn(g[j], v.z));
                     acc.w = __fadd_rn(acc.w, __fmul_rn(g[j], v.w));
                 }
-                st_v4((float4 *)o + i, acc);
+                st_v4_f32((float4 *)o + i, acc);
             }
         } else {
             for (int i = lane; i < d; i += 32) {
-                float acc = base ? ld_nc_f32(base + (size_t)t * d + i) : 0.0f;
+                float acc = base ? ld_nc_na_f32(base + (size_t)t * d + i) : 0.0f;
                 for (int j = 0; j < k; j++)
                     if (slot[j] >= 0)
-                        acc = __fadd_rn(acc,
-                                        __fmul_rn(g[j], ld_nc_f32(y + (size_t)slot[j] * d + i)));
+                        acc = __fadd_rn(
+                            acc, __fmul_rn(g[j], ld_nc_na_f32(y + (size_t)slot[j] * d + i)));
                 o[i] = acc;
             }
         }

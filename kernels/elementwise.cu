@@ -38,46 +38,9 @@
  *   bitwise). Launch as dx_rmsnorm_fwd. */
 #include <stdint.h>
 
-#define DX_MAX_WARPS 32
+#include "ptx.cuh"
 
-static __device__ __forceinline__ float warp_sum(float v)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-static __device__ __forceinline__ float warp_max(float v)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-/* The block's sum (or max) of v, the same value in every thread; the
- * warps' partials are combined by warp 0 in a shuffle tree. sh holds
- * DX_MAX_WARPS floats; the call begins and ends with a barrier so sh can be
- * reused at once. */
-static __device__ __forceinline__ float block_reduce(float v, float *sh, int is_max)
-{
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-
-    v = is_max ? warp_max(v) : warp_sum(v);
-    __syncthreads();
-    if (lane == 0)
-        sh[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float w = lane < warps ? sh[lane] : (is_max ? -INFINITY : 0.0f);
-        w = is_max ? warp_max(w) : warp_sum(w);
-        if (lane == 0)
-            sh[0] = w;
-    }
-    __syncthreads();
-    v = sh[0];
-    __syncthreads();
-    return v;
-}
+#define DX_MAX_WARPS 32 /* block_reduce_f32's shared floats */
 
 extern "C" __global__ void dx_rmsnorm_fwd(const float *__restrict__ x, const float *__restrict__ g,
                                           int n, int d, float eps, float *__restrict__ y,
@@ -92,7 +55,7 @@ extern "C" __global__ void dx_rmsnorm_fwd(const float *__restrict__ x, const flo
 
         for (int j = threadIdx.x; j < d; j += blockDim.x)
             ss = __fadd_rn(ss, __fmul_rn(xi[j], xi[j]));
-        ss = block_reduce(ss, sh, 0);
+        ss = block_reduce_f32(ss, sh, 0);
         /* one double step per row, as rmsnorm.c: (float)(1 / sqrt(ss/d + eps)) */
         const float r = (float)(1.0 / sqrt((double)ss / d + (double)eps));
         if (threadIdx.x == 0)
@@ -124,7 +87,7 @@ extern "C" __global__ void dx_rmsnorm_bwd(const float *__restrict__ x, const flo
 
         for (int j = threadIdx.x; j < d; j += blockDim.x)
             dot = __fadd_rn(dot, __fmul_rn(__fmul_rn(g[j], dyi[j]), xi[j]));
-        dot = block_reduce(dot, sh, 0);
+        dot = block_reduce_f32(dot, sh, 0);
         const float k = __fmul_rn(__fmul_rn(__fmul_rn(__fdiv_rn(dot, (float)d), r), r), r);
         for (int j = threadIdx.x; j < d; j += blockDim.x) {
             const float xv = xi[j], dv = dyi[j];
@@ -191,13 +154,13 @@ extern "C" __global__ void dx_softmax_xent_fwd(const float *__restrict__ logits,
 
         for (int j = threadIdx.x; j < vocab; j += blockDim.x)
             m = fmaxf(m, zi[j]);
-        m = block_reduce(m, sh, 1);
+        m = block_reduce_f32(m, sh, 1);
         for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
             const float e = expf(__fsub_rn(zi[j], m));
             pi[j] = e;
             s = __fadd_rn(s, e);
         }
-        s = block_reduce(s, sh, 0);
+        s = block_reduce_f32(s, sh, 0);
         const float inv = __fdiv_rn(1.0f, s);
         /* thread t wrote exactly the elements it rescales: no barrier needed */
         for (int j = threadIdx.x; j < vocab; j += blockDim.x)

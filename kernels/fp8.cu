@@ -17,6 +17,8 @@
  * owns the tile's elements 4l .. 4l + 3. */
 #include <stdint.h>
 
+#include "ptx.cuh"
+
 #define DX_TILE 128
 #define DX_E4M3_MAX 448.0f
 
@@ -39,13 +41,6 @@ static __device__ __forceinline__ float2 e4m3x2_to_f32(uint16_t v)
     asm("cvt.f32.f16 %0, %1;" : "=f"(f.x) : "h"(lo));
     asm("cvt.f32.f16 %0, %1;" : "=f"(f.y) : "h"(hi));
     return f;
-}
-
-static __device__ __forceinline__ float ld_nc_f32(const float *p)
-{
-    float v;
-    asm volatile("ld.global.nc.L1::no_allocate.f32 %0, [%1];" : "=f"(v) : "l"(p));
-    return v;
 }
 
 /* Row r's codes and scales: q_pitch / s_pitch bytes apart, scales s_off
@@ -82,11 +77,10 @@ static __device__ __forceinline__ void quant_rows(const float *__restrict__ x, i
         float amax = 0.0f;
 
         for (int i = 0; i < 4; i++) {
-            v[i] = c0 + i < cols ? ld_nc_f32(x + row + c0 + i) : 0.0f;
+            v[i] = c0 + i < cols ? ld_nc_na_f32(x + row + c0 + i) : 0.0f;
             amax = fmaxf(amax, fabsf(v[i]));
         }
-        for (int off = 16; off > 0; off >>= 1)
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        amax = warp_max_f32(amax);
         const float scale = amax > 0.0f ? __fdiv_rn(amax, DX_E4M3_MAX) : 1.0f;
         if (lane == 0)
             fp8_scales(f, r)[tile] = scale;

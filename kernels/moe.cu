@@ -56,21 +56,7 @@
  *   [n][k] array of 1.0f. */
 #include <stdint.h>
 
-static __device__ __forceinline__ float4 ld_nc_v4(const float4 *p)
-{
-    float4 v;
-    asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "l"(p));
-    return v;
-}
-
-static __device__ __forceinline__ float ld_nc_f32(const float *p)
-{
-    float v;
-    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p));
-    return v;
-}
+#include "ptx.cuh"
 
 /* acc + a * b, the product rounded first (no FMA) */
 static __device__ __forceinline__ float add_product(float acc, float a, float b)
@@ -102,13 +88,13 @@ extern "C" __global__ void dx_moe_gate_scale(const float *__restrict__ dout, int
             const float4 *s4 = (const float4 *)src;
             float4 *d4 = (float4 *)dst;
             for (int i = lane; i < d / 4; i += 32) {
-                float4 v = ld_nc_v4(s4 + i);
+                float4 v = ld_nc_l1_v4_f32(s4 + i);
                 d4[i] = make_float4(__fmul_rn(gate, v.x), __fmul_rn(gate, v.y),
                                     __fmul_rn(gate, v.z), __fmul_rn(gate, v.w));
             }
         } else {
             for (int i = lane; i < d; i += 32)
-                dst[i] = __fmul_rn(gate, ld_nc_f32(src + i));
+                dst[i] = __fmul_rn(gate, ld_nc_l1_f32(src + i));
         }
     }
 }
@@ -131,7 +117,7 @@ extern "C" __global__ void dx_moe_gate_dot(const float *__restrict__ dout, int d
             const float4 *g4 = (const float4 *)g, *y4 = (const float4 *)yr;
 #pragma unroll 4
             for (int i = 0; i < d / 4; i++) {
-                float4 a = ld_nc_v4(g4 + i), b = ld_nc_v4(y4 + i);
+                float4 a = ld_nc_l1_v4_f32(g4 + i), b = ld_nc_l1_v4_f32(y4 + i);
                 acc = add_product(acc, a.x, b.x);
                 acc = add_product(acc, a.y, b.y);
                 acc = add_product(acc, a.z, b.z);
@@ -139,7 +125,7 @@ extern "C" __global__ void dx_moe_gate_dot(const float *__restrict__ dout, int d
             }
         } else {
             for (int i = 0; i < d; i++)
-                acc = add_product(acc, ld_nc_f32(g + i), ld_nc_f32(yr + i));
+                acc = add_product(acc, ld_nc_l1_f32(g + i), ld_nc_l1_f32(yr + i));
         }
         dgate[p] = acc;
     }

@@ -10,13 +10,9 @@
  * 8 bytes. counts[] is accumulated with red.global.add (caller zeroes it). */
 #include <stdint.h>
 
-#define DX_GROUP_TOP 2
+#include "ptx.cuh"
 
-/* counts[e] += 1 without a return value */
-static __device__ __forceinline__ void red_add_s32(int *p, int v)
-{
-    asm volatile("red.relaxed.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
+#define DX_GROUP_TOP 2
 
 /* Warp-wide argmax of v[i] over i in [0, len) with ok[i] != 0; the lowest
  * index wins ties (as a sequential scan with strict > would). -1 if none. */
@@ -113,7 +109,7 @@ extern "C" __global__ void dx_route_topk(const float *__restrict__ scores,
             for (int k = 0; k < top_k; k++) {
                 int e = ch[k];
                 gates[(size_t)t * top_k + k] = __fdiv_rn(__fmul_rn(route_scale, s[e]), sum);
-                red_add_s32(counts + e, 1);
+                red_relaxed_gpu_add_s32(counts + e, 1); /* no return value */
             }
         }
         __syncwarp();

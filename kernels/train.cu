@@ -2,7 +2,7 @@
  * the token embedding (worker/model/embed.c), the AdamW update
  * (worker/model/adamw.c, wk_adamw_update), elementwise add and scale (the
  * residual of worker/model/model.c, the gradient scaling and the gradient
- * sums of worker/cpu.c) and the MoE's load count and aux-loss-free bias
+ * sums of worker/rank/rank.c) and the MoE's load count and aux-loss-free bias
  * update (worker/model/moe.c, wk_moe_load_add / wk_moe_bias_step).
  *
  * Every float operation is the reference's, in its order, with the _rn
@@ -45,6 +45,8 @@
  *   checks, as wk_moe_bias_step). Launch: one block of any size (the
  *   blocks after the first return at once). */
 #include <stdint.h>
+
+#include "ptx.cuh"
 
 static __device__ __forceinline__ bool aligned16(const void *p)
 {

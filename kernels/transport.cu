@@ -31,67 +31,11 @@
 #include <errno.h>
 #include <stdint.h>
 
+#include "ptx.cuh"
 #include "transport_ref.h"
 
 #define DX_TRANSPORT_THREADS 512
 #define DX_TRANSPORT_TIMEOUT_CYCLES (1ull << 37) /* ~70 s at 2 GHz */
-
-static __device__ __forceinline__ uint64_t ld_acquire_sys_u64(const uint64_t *p)
-{
-    uint64_t v;
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-static __device__ __forceinline__ uint64_t ld_relaxed_sys_u64(const uint64_t *p)
-{
-    uint64_t v;
-    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-static __device__ __forceinline__ uint32_t ld_relaxed_sys_u32(const void *p)
-{
-    uint32_t v;
-    asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-static __device__ __forceinline__ void st_release_sys_u64(uint64_t *p, uint64_t v)
-{
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-static __device__ __forceinline__ void st_relaxed_sys_u64(uint64_t *p, uint64_t v)
-{
-    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-static __device__ __forceinline__ uint4 ld_nc_v4(const void *p)
-{
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
-static __device__ __forceinline__ uint4 ld_relaxed_sys_v4(const void *p)
-{
-    uint4 v;
-    asm volatile("ld.relaxed.sys.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p)
-                 : "memory");
-    return v;
-}
-
-static __device__ __forceinline__ void st_na_v4(void *p, uint4 v)
-{
-    asm volatile("st.global.L1::no_allocate.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x),
-                 "r"(v.y), "r"(v.z), "r"(v.w)
-                 : "memory");
-}
 
 static __device__ __forceinline__ uint64_t msg_slots(uint32_t slot_bytes, uint64_t len)
 {
@@ -186,9 +130,9 @@ extern "C" __global__ void __launch_bounds__(DX_TRANSPORT_THREADS, 1)
                                (uint32_t)(s_seq >> 32));
             } else {
                 const uint64_t b = (uint64_t)(u - 1) * 16;
-                v = b + 16 <= len ? ld_nc_v4(p + b) : ld_partial(p, b, len);
+                v = b + 16 <= len ? ld_nc_na_v4_u32(p + b) : ld_partial(p, b, len);
             }
-            st_na_v4(unit_ptr(data, slots, slot_bytes, first, u), v);
+            st_na_v4_u32(unit_ptr(data, slots, slot_bytes, first, u), v);
         }
         __syncthreads(); /* the whole message is written */
         if (threadIdx.x == 0) {
@@ -243,7 +187,8 @@ extern "C" __global__ void __launch_bounds__(DX_TRANSPORT_THREADS, 1)
                 }
             }
             if (s_err == 0) {
-                const uint4 h = ld_relaxed_sys_v4(unit_ptr(data, slots, slot_bytes, s_tail, 0));
+                const uint4 h =
+                    ld_relaxed_sys_na_v4_u32(unit_ptr(data, slots, slot_bytes, s_tail, 0));
                 const uint64_t bytes = h.x | (uint64_t)h.y << 32;
                 const uint64_t seq = h.z | (uint64_t)h.w << 32;
                 if (seq != s_seq || msg_slots(slot_bytes, bytes) > head - s_tail)
@@ -260,7 +205,7 @@ extern "C" __global__ void __launch_bounds__(DX_TRANSPORT_THREADS, 1)
         const uint64_t first = s_tail, len = s_len;
         const uint32_t units = (uint32_t)((DX_TREF_MSG_HDR + len + 15) / 16);
         for (uint32_t u = 1 + threadIdx.x; u < units; u += blockDim.x) {
-            const uint4 v = ld_relaxed_sys_v4(unit_ptr(data, slots, slot_bytes, first, u));
+            const uint4 v = ld_relaxed_sys_na_v4_u32(unit_ptr(data, slots, slot_bytes, first, u));
             const uint64_t b = (uint64_t)(u - 1) * 16;
             if (b + 16 <= len) {
                 *(uint4 *)(q + b) = v;

@@ -22,19 +22,14 @@
  *   node_offset[m] + the tokens before it that go to m (ballot prefix). */
 #include <stdint.h>
 
-static __device__ __forceinline__ int ld_nc_s32(const int *p)
-{
-    int v;
-    asm volatile("ld.global.nc.L1::no_allocate.s32 %0, [%1];" : "=r"(v) : "l"(p));
-    return v;
-}
+#include "ptx.cuh"
 
 /* Does token t have an expert on node m? */
 static __device__ __forceinline__ bool goes_to(const int *ids, const int *owner, int t, int k,
                                                int per_node, int m)
 {
     for (int j = 0; j < k; j++)
-        if (__ldg(owner + ld_nc_s32(ids + (size_t)t * k + j)) / per_node == m)
+        if (__ldg(owner + ld_nc_na_s32(ids + (size_t)t * k + j)) / per_node == m)
             return true;
     return false;
 }
@@ -51,17 +46,7 @@ extern "C" __global__ void dx_twohop_count(const int *__restrict__ ids, int n, i
         return;
     for (int t = threadIdx.x; t < n; t += blockDim.x)
         mine += goes_to(ids, owner, t, k, per_node, m);
-    for (int off = 16; off > 0; off >>= 1)
-        mine += __shfl_xor_sync(0xffffffffu, mine, off);
-    if (lane == 0)
-        wsum[warp] = mine;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int total = 0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); w++)
-            total += wsum[w];
-        node_tokens[m] = total;
-    }
+    block_sum_s32_store(mine, lane, warp, wsum, node_tokens, m);
 }
 
 extern "C" __global__ void dx_twohop_offsets(const int *__restrict__ node_tokens, int N,
@@ -98,24 +83,15 @@ dx_twohop_rows(const int *__restrict__ ids, const float *__restrict__ gates, int
     for (int t0 = 0; t0 < n; t0 += blockDim.x) {
         const int t = t0 + threadIdx.x;
         const bool go = t < n && goes_to(ids, owner, t, k, per_node, m);
-        const unsigned mask = __ballot_sync(0xffffffffu, go);
-        const int before = __popc(mask & ((1u << lane) - 1u));
-        if (lane == 0)
-            wsum[warp] = __popc(mask);
-        __syncthreads();
-        int wbefore = 0, total = 0;
-        for (int w = 0; w < warps; w++) {
-            wbefore += w < warp ? wsum[w] : 0;
-            total += wsum[w];
-        }
+        const struct ballot_rank r = block_ballot_rank(go, lane, warp, warps, wsum);
         if (t < n) {
-            const int slot = go ? base + wbefore + before : -1;
+            const int slot = go ? base + r.wbefore + r.before : -1;
             token_node_slot[(size_t)t * N + m] = slot;
             if (go) {
                 send_token[slot] = t;
                 for (int j = 0; j < k && (send_ids || send_gates); j++) {
                     const size_t c = (size_t)t * k + j, o = (size_t)slot * k + j;
-                    const int e = ld_nc_s32(ids + c);
+                    const int e = ld_nc_na_s32(ids + c);
                     const bool here = __ldg(owner + e) / per_node == m;
                     if (send_ids)
                         send_ids[o] = here ? e : -1;
@@ -126,7 +102,7 @@ dx_twohop_rows(const int *__restrict__ ids, const float *__restrict__ gates, int
         }
         __syncthreads(); /* everyone has read wsum and base */
         if (threadIdx.x == 0)
-            base += total;
+            base += r.total;
         __syncthreads();
     }
 }

@@ -255,7 +255,7 @@ static int check_assignment(const ProtobufCMessage *body, char *text, size_t len
         return field_fail(text, len, "ranks (pp %d, ep %d, dp %d) outside the job's layout",
                           m->pp_rank, m->ep_rank, m->dp_rank);
     ranks = (size_t)m->pp * (size_t)m->ep * (size_t)m->dp;
-    /* the ranks this rank talks to (coord_plan_peers), each at most once:
+    /* the ranks this rank talks to (job_plan_peers), each at most once:
      * the runtime checks which */
     if (m->n_peers < 1 || m->n_peers > ranks)
         return field_fail(text, len, "%zu peers for %zu ranks", m->n_peers, ranks);

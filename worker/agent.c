@@ -19,10 +19,11 @@
 #include "common/loop.h"
 #include "common/zmonitor.h"
 #include "common/zwatch.h"
-#include "coordinator/jobspec.h"
+#include "job/jobspec.h"
 #include "proto/wire.h"
-#include "worker/dataplane.h"
-#include "worker/gpu.h"
+#include "worker/backend.h"
+#include "worker/net/dataplane.h"
+#include "worker/cuda/gpu.h"
 #include "worker/runtime.h"
 
 /* Register retries back off from the first to the last delay. */
@@ -67,8 +68,9 @@ struct wk_agent {
     bool stopping;           /* SIGTERM/SIGINT seen: no new jobs */
     uint64_t job_steps_done; /* the last StepReport's step */
 
-    wk_data_t *data; /* the data plane: ours while idle, the runtime's while a job runs */
-    wk_cuda_t *cuda; /* backend cuda: the GPU stack and this worker's GPU */
+    wk_net_t *data; /* the data plane: ours while idle, the runtime's while a job runs */
+    const struct wk_backend *backend; /* cfg.backend's entry */
+    wk_cuda_t *cuda;                  /* backend cuda: the GPU stack and this worker's GPU */
     wk_gpu_t *gpu;
     uint64_t gpu_memory;   /* its total memory in bytes; 0: the driver could not say */
     wk_runtime_t *rt;      /* the running job, or NULL */
@@ -90,21 +92,6 @@ struct wk_agent {
     } * outbox;
     size_t outbox_n, outbox_cap;
 };
-
-static const char *const sim_capabilities[] = {"sim", NULL};
-static const char *const cpu_capabilities[] = {"fp32", "blas", NULL};
-static const char *const cuda_capabilities[] = {"fp32", "cuda", NULL};
-
-const char *const *wk_backend_capabilities(const char *backend)
-{
-    if (strcmp(backend, "sim") == 0)
-        return sim_capabilities;
-    if (strcmp(backend, "cpu") == 0)
-        return cpu_capabilities;
-    if (strcmp(backend, "cuda") == 0)
-        return cuda_capabilities;
-    return NULL;
-}
 
 static int agent_send(wk_agent_t *a, Duplex__MsgType type, uint64_t request_id,
                       const ProtobufCMessage *body)
@@ -128,8 +115,8 @@ static uint64_t agent_memory(const wk_agent_t *a)
     uint64_t m = a->cfg.memory_limit;
 
     if (!m)
-        m = strcmp(a->cfg.backend, "cuda") == 0 ? a->gpu_memory : wk_runtime_memory_available();
-    else if (strcmp(a->cfg.backend, "cuda") == 0 && a->gpu_memory && a->gpu_memory < m)
+        m = a->backend->gpu ? a->gpu_memory : wk_runtime_memory_available();
+    else if (a->backend->gpu && a->gpu_memory && a->gpu_memory < m)
         m = a->gpu_memory; /* no more than the GPU holds (what the worker checks, too) */
     return m > DX_MAX_MEMORY_BYTES ? DX_MAX_MEMORY_BYTES : m;
 }
@@ -137,7 +124,7 @@ static uint64_t agent_memory(const wk_agent_t *a)
 static void agent_send_register(wk_agent_t *a)
 {
     Duplex__Register r = DUPLEX__REGISTER__INIT;
-    const char *const *caps = wk_backend_capabilities(a->cfg.backend);
+    const char *const *caps = a->backend->capabilities;
     size_t n = 0;
 
     while (caps && caps[n])
@@ -150,7 +137,7 @@ static void agent_send_register(wk_agent_t *a)
     r.capabilities = (char **)caps;
     r.n_capabilities = n;
     r.pid = (int32_t)getpid();
-    r.data_addr = (char *)wk_data_addr(a->data);
+    r.data_addr = (char *)wk_net_addr(a->data);
     r.memory_bytes = agent_memory(a);
     a->register_request_id = ++a->next_request_id;
     agent_send(a, DUPLEX__MSG_TYPE__MSG_REGISTER, a->register_request_id, &r.base);
@@ -688,7 +675,7 @@ static int open_gpu(wk_agent_t *a, char *err, size_t errlen)
 
         if (a->gpu_memory)
             snprintf(mem, sizeof(mem), "%s of memory",
-                     coord_jobspec_bytes_text(a->gpu_memory, bytes, sizeof(bytes)));
+                     job_spec_bytes_text(a->gpu_memory, bytes, sizeof(bytes)));
         dx_info("GPU %d (%s): %s; kernels: %s", a->cfg.gpu, mem, wk_cuda_describe(a->cuda),
                 wk_gpu_describe(a->gpu));
     }
@@ -698,11 +685,12 @@ static int open_gpu(wk_agent_t *a, char *err, size_t errlen)
 int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *err, size_t errlen)
 {
     wk_agent_t *a;
+    const struct wk_backend *backend = wk_backend_find(cfg->backend);
     int rc;
 
-    if (!wk_backend_capabilities(cfg->backend)) {
-        snprintf(err, errlen, "backend \"%s\" is unknown; use --backend cpu, sim or cuda",
-                 cfg->backend);
+    if (!backend) {
+        snprintf(err, errlen, "backend \"%s\" is unknown; use --backend %s", cfg->backend,
+                 wk_backend_names());
         return -ENOTSUP;
     }
     a = calloc(1, sizeof(*a));
@@ -711,7 +699,8 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
         return -ENOMEM;
     }
     a->cfg = *cfg;
-    if (strcmp(cfg->backend, "cuda") == 0 && (rc = open_gpu(a, err, errlen)) < 0) {
+    a->backend = backend;
+    if (backend->gpu && (rc = open_gpu(a, err, errlen)) < 0) {
         free(a);
         return rc;
     }
@@ -724,13 +713,13 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
     }
     if ((rc = agent_connect(a, err, errlen)) < 0)
         goto fail;
-    if ((rc = wk_data_create(a->zctx, cfg->data_listen ? cfg->data_listen : WK_DATA_LISTEN_DEFAULT,
-                             cfg->host, &a->data, err, errlen)) < 0)
+    if ((rc = wk_net_create(a->zctx, cfg->data_listen ? cfg->data_listen : WK_NET_LISTEN_DEFAULT,
+                            cfg->host, &a->data, err, errlen)) < 0)
         goto fail;
     /* the data plane uses the worker's keypair too, and admits only the
      * current assignment's peers (their keys come in the Assignment) */
-    if (cfg->key && (rc = wk_data_set_curve(a->data, cfg->key->public_key, cfg->key->secret_key,
-                                            err, errlen)) < 0)
+    if (cfg->key && (rc = wk_net_set_curve(a->data, cfg->key->public_key, cfg->key->secret_key, err,
+                                           errlen)) < 0)
         goto fail;
     if ((rc = dx_zwatch_create(&a->loop, a->dealer, ZMQ_POLLIN, agent_on_dealer, a, &a->watch)) <
         0) {
@@ -753,7 +742,7 @@ fail:
 int wk_agent_run(wk_agent_t *a)
 {
     dx_info("worker %s (backend %s, gpu %d, node %s, data plane %s) connecting to %s", a->cfg.id,
-            a->cfg.backend, a->cfg.gpu, a->cfg.node, wk_data_addr(a->data), a->cfg.coordinator);
+            a->cfg.backend, a->cfg.gpu, a->cfg.node, wk_net_addr(a->data), a->cfg.coordinator);
     agent_start_registering(a, true);
     uv_run(&a->loop, UV_RUN_DEFAULT);
     return a->exit_status;
@@ -771,7 +760,7 @@ void wk_agent_destroy(wk_agent_t *a)
     wk_runtime_destroy(a->rt); /* aborts and joins a job still running */
     wk_gpu_destroy(a->gpu);
     wk_cuda_close(a->cuda);
-    wk_data_destroy(a->data);
+    wk_net_destroy(a->data);
     dx_monitor_close(a->dealer, a->handshakes);
     if (a->dealer)
         zmq_close(a->dealer); /* lingers up to DX_WIRE_LINGER_MS to deliver a Goodbye */
@@ -785,7 +774,7 @@ void wk_agent_destroy(wk_agent_t *a)
 
 const char *wk_agent_data_addr(const wk_agent_t *a)
 {
-    return wk_data_addr(a->data);
+    return wk_net_addr(a->data);
 }
 
 uv_loop_t *wk_agent_loop(wk_agent_t *a)

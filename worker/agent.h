@@ -3,7 +3,7 @@
  * aborts, and a clean goodbye.
  *
  * The agent owns a libuv loop, a DEALER socket connected to duplexd and the
- * worker's data plane (worker/dataplane.h), whose address it registers. It
+ * worker's data plane (worker/net/dataplane.h), whose address it registers. It
  * never blocks on compute: an assignment runs in a runtime thread
  * (worker/runtime.h) whose reports the agent forwards to duplexd.
  */
@@ -15,7 +15,7 @@
 #include <uv.h>
 
 #include "proto/cert.h"
-#include "worker/cuda.h"
+#include "worker/cuda/driver.h"
 
 struct wk_agent_config {
     const char *coordinator; /* duplexd's ZeroMQ endpoint */
@@ -24,7 +24,7 @@ struct wk_agent_config {
     const char *node; /* node / NVLink domain for placement */
     int gpu;
     const char *backend;       /* "sim", "cpu" or "cuda" */
-    const char *data_listen;   /* data-plane bind endpoint; NULL: WK_DATA_LISTEN_DEFAULT */
+    const char *data_listen;   /* data-plane bind endpoint; NULL: WK_NET_LISTEN_DEFAULT */
     struct wk_cuda_paths cuda; /* the GPU stack's libraries (backend cuda) */
     int nccl_timeout_ms;       /* backend cuda: NCCL's wait for the other ranks; 0: default */
     /* where jobs' checkpoint.dir must lead (worker/runtime.h); NULL: the cwd */
@@ -68,9 +68,5 @@ uv_loop_t *wk_agent_loop(wk_agent_t *a);
 
 /* The data-plane endpoint sent in Register.data_addr. */
 const char *wk_agent_data_addr(const wk_agent_t *a);
-
-/* The capabilities a backend reports at registration; NULL-terminated, or
- * NULL for a backend this build cannot run. */
-const char *const *wk_backend_capabilities(const char *backend);
 
 #endif

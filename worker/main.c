@@ -13,13 +13,13 @@
 #include "common/opts.h"
 #include "common/sdnotify.h"
 #include "common/version.h"
-#include "coordinator/jobspec.h"
+#include "job/jobspec.h"
 #include "proto/envelope.h"
 #include "proto/cert.h"
 #include "worker/agent.h"
-#include "worker/data.h"
-#include "worker/dataplane.h"
-#include "worker/train.h"
+#include "worker/rank/data.h"
+#include "worker/net/dataplane.h"
+#include "worker/rank/train.h"
 
 void openblas_set_num_threads(int);
 
@@ -54,7 +54,7 @@ static const struct dx_opt options[] = {
     {"node", DX_OPT_STRING, &opt_node, NULL, 0, 0, 0, "NAME",
      "node / NVLink domain used by placement (default: the host name)"},
     {"gpu", DX_OPT_INT, &opt_gpu, NULL, 0, 0, 1023, "N", "local GPU index"},
-    {"data-listen", DX_OPT_STRING, &opt_data_listen, WK_DATA_LISTEN_DEFAULT, 0, 0, 0, "ADDR",
+    {"data-listen", DX_OPT_STRING, &opt_data_listen, WK_NET_LISTEN_DEFAULT, 0, 0, 0, "ADDR",
      "data-plane endpoint to bind (PULL); with 0.0.0.0 or * the --host name is advertised"},
     {"log-level", DX_OPT_STRING, &opt_log_level, "info", 0, 0, 0, "LEVEL",
      "debug, info, warn or error"},
@@ -156,7 +156,7 @@ static char *read_spec(const char *path, size_t *len)
 /* duplex-worker --standalone JOB.json [--steps N] [--json] */
 static int run_standalone(void)
 {
-    struct coord_jobspec spec;
+    struct job_spec spec;
     struct wk_train_config cfg;
     char err[512];
     size_t len;
@@ -166,17 +166,17 @@ static int run_standalone(void)
         fprintf(stderr, "duplex-worker: %s: %s\n", opt_standalone, strerror(errno));
         return EXIT_FAILURE;
     }
-    int rc = coord_jobspec_parse(json, len, NULL, 0, &spec, err, sizeof(err));
+    int rc = job_spec_parse(json, len, NULL, 0, &spec, err, sizeof(err));
     free(json);
     if (rc < 0) {
         fprintf(stderr, "duplex-worker: %s: %s\n", opt_standalone, err);
         return EXIT_FAILURE;
     }
     wk_train_config_from_spec(&spec, &cfg);
-    /* the parser took only datasets the workers have (worker/data.h) */
+    /* the parser took only datasets the workers have (worker/rank/data.h) */
     if (!(cfg.data_dir = wk_data_dataset_dir(spec.train.dataset))) {
         fprintf(stderr, "duplex-worker: %s: train.dataset: not one of %s\n", opt_standalone,
-                WK_DATA_DATASETS);
+                JOB_SPEC_DATASETS);
         return EXIT_FAILURE;
     }
     if (opt_steps > 0)

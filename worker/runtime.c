@@ -3,7 +3,7 @@
  * loop with its timings, the waits (abort flag, timeouts, hidden-comm
  * accounting), the abort flag and the PAIR sockets that carry reports to
  * the agent, and the check that keeps a job's checkpoints under the
- * worker's checkpoint root. The cpu backend's training is worker/cpu.c.
+ * worker's checkpoint root. The cpu backend's training is worker/rank/rank.c.
  */
 #include "worker/runtime.h"
 
@@ -20,13 +20,14 @@
 #include <zmq.h>
 
 #include "common/log.h"
-#include "coordinator/jobspec.h"
-#include "coordinator/plan.h"
+#include "job/jobspec.h"
+#include "job/plan.h"
 #include "pipeline/executor.h"
-#include "worker/cpu.h"
+#include "worker/backend.h"
+#include "worker/rank/rank.h"
 #include "pipeline/schedule.h"
 #include "proto/wire.h"
-#include "worker/data.h"
+#include "worker/rank/data.h"
 #include "worker/model/tensor.h"
 
 #define ERR_MAX 512
@@ -53,9 +54,12 @@ struct wk_runtime {
     char **all_addr;                /* [dp][pp][ep]: data_addr of the ranks we talk to, else NULL */
     char **all_key;                 /* [dp][pp][ep]: its CURVE key ("" in clear) */
     int nranks;
-    size_t max_msg;          /* the largest payload this rank receives */
-    wk_cpu_t *cpu;           /* the cpu (or cuda) backend's training, or NULL for sim */
-    char ckpt_dir[PATH_MAX]; /* cpu/cuda: checkpoint.dir under the checkpoint root */
+    size_t max_msg;                   /* the largest payload this rank receives */
+    const struct wk_backend *backend; /* opts->backend's entry */
+    struct wk_engine_io io;           /* what the engine moves messages and waits with */
+    void *engine; /* its engine (worker/backend.h), once built; under lock for an abort */
+    char ckpt_dir[PATH_MAX]; /* trains: checkpoint.dir under the checkpoint root */
+    int ckpt_every;          /* the spec's checkpoint.every (0: none) */
     wk_gpu_t *gpu; /* the cuda backend's GPU (its context is made current on the thread) */
     /* opts->ack: the assignment (a copy) whose backend the thread builds
      * before it answers AssignmentAck; NULL once built or without ack */
@@ -66,7 +70,7 @@ struct wk_runtime {
     int recv_timeout_ms;
     dp_sched_t *sched;
     dp_exec_t *exec;
-    wk_data_t *data;
+    wk_net_t *data;
     void *tx; /* runtime thread's end of the report pipe */
     void *rx; /* agent's end */
     pthread_t thread;
@@ -75,7 +79,7 @@ struct wk_runtime {
     /* shared between the threads */
     atomic_bool aborted;
     atomic_uint_fast64_t step;
-    pthread_mutex_t lock; /* guards abort_error */
+    pthread_mutex_t lock; /* guards abort_error and the engine's publication */
     char abort_error[ERR_MAX];
 
     /* runtime thread only */
@@ -122,9 +126,11 @@ static bool is_aborted(const wk_runtime_t *rt)
     return atomic_load(&rt->aborted);
 }
 
-/* Sleeps ms in slices, checking the abort flag between them. */
-static int sim_sleep(wk_runtime_t *rt, double ms)
+/* Sleeps ms in slices, checking the abort flag between them (the engines'
+ * io sleep). */
+static int io_sleep(void *arg, double ms)
 {
+    wk_runtime_t *rt = arg;
     struct timespec now, end, next;
     int rc;
 
@@ -152,34 +158,11 @@ static int on_compute(const struct dp_op *op, void *arg)
 
     if (is_aborted(rt))
         return -ECANCELED;
-    if (rt->cpu) {
-        rc = wk_cpu_compute(rt->cpu, op, rt->err, sizeof(rt->err));
-        dt = now_ms() - t0;
-        rt->op_ms[op->kind] += dt;
-        rt->compute_ms += dt - (rt->wait_ms - waited); /* expert exchanges wait inside ops */
-        return rc;
-    }
-    rc = sim_sleep(rt, rt->cost_ms[op->kind]);
+    rc = rt->backend->ops->compute(rt->engine, op, rt->err, sizeof(rt->err));
     dt = now_ms() - t0;
     rt->op_ms[op->kind] += dt;
-    rt->compute_ms += dt;
-    if (rc < 0 && rc != -ECANCELED)
-        snprintf(rt->err, sizeof(rt->err), "sleeping for %s failed: %s", dp_op_kind_name(op->kind),
-                 strerror(-rc));
+    rt->compute_ms += dt - (rt->wait_ms - waited); /* expert exchanges wait inside ops */
     return rc;
-}
-
-static struct wk_data_key op_key(const wk_runtime_t *rt, const struct dp_op *op)
-{
-    return (struct wk_data_key){
-        .job_id = rt->job_id,
-        .attempt = rt->attempt,
-        .step = rt->cur_step,
-        .payload = (int32_t)op->payload,
-        .path = op->work.path,
-        .mb = op->work.mb,
-        .stage = op->work.stage,
-    };
 }
 
 static int64_t wall_ns(void)
@@ -194,8 +177,8 @@ static int64_t wall_ns(void)
  * the message's transfer time: all of it (sent to arrived) is
  * communication; the part before this rank started waiting was hidden
  * behind its compute. On failure rt->err says why (from: the peer). */
-static int timed_recv(wk_runtime_t *rt, const struct wk_data_key *key, const char *from,
-                      struct wk_data_msg **out)
+static int timed_recv(wk_runtime_t *rt, const struct wk_net_key *key, const char *from,
+                      struct wk_net_msg **out)
 {
     double t0 = now_ms();
     int64_t wait_from = wall_ns();
@@ -205,13 +188,13 @@ static int timed_recv(wk_runtime_t *rt, const struct wk_data_key *key, const cha
     for (;;) {
         if (is_aborted(rt))
             return -ECANCELED;
-        rc = wk_data_recv(rt->data, key, WK_RUNTIME_SLICE_MS, out);
+        rc = wk_net_recv(rt->data, key, WK_RUNTIME_SLICE_MS, out);
         if (rc != -ETIMEDOUT || now_ms() - t0 >= rt->recv_timeout_ms)
             break;
     }
     rt->wait_ms += now_ms() - t0;
     if (rc == 0) {
-        const struct wk_data_msg *m = *out;
+        const struct wk_net_msg *m = *out;
         int64_t comm = m->arrived_ns - m->sent_ns;
         int64_t start = m->sent_ns > wait_from ? m->sent_ns : wait_from;
         int64_t exposed = m->arrived_ns > start ? m->arrived_ns - start : 0;
@@ -222,7 +205,7 @@ static int timed_recv(wk_runtime_t *rt, const struct wk_data_key *key, const cha
         }
         return 0;
     }
-    wk_data_key_name(key, name, sizeof(name));
+    wk_net_key_name(key, name, sizeof(name));
     if (rc == -ETIMEDOUT) {
         snprintf(rt->err, sizeof(rt->err), "no %s from %s after %.0f s", name, from,
                  rt->recv_timeout_ms / MS_PER_S);
@@ -230,7 +213,7 @@ static int timed_recv(wk_runtime_t *rt, const struct wk_data_key *key, const cha
         /* a duplicate (one copy may be forged) or a message dropped: the data plane says which */
         char why[ERR_MAX / 2];
 
-        wk_data_failure(rt->data, why, sizeof(why));
+        wk_net_failure(rt->data, why, sizeof(why));
         snprintf(rt->err, sizeof(rt->err), "receiving %s from %s failed: %s", name, from,
                  why[0] ? why : strerror(-rc));
     } else
@@ -239,14 +222,14 @@ static int timed_recv(wk_runtime_t *rt, const struct wk_data_key *key, const cha
     return rc;
 }
 
-static int cpu_io_recv(void *arg, const struct wk_data_key *key, const char *from,
-                       struct wk_data_msg **out)
+static int io_recv(void *arg, const struct wk_net_key *key, const char *from,
+                   struct wk_net_msg **out)
 {
     return timed_recv(arg, key, from, out);
 }
 
-static int cpu_io_send(void *arg, const char *addr, const struct wk_data_key *key, const void *buf,
-                       size_t len, const char *to)
+static int io_send(void *arg, const char *addr, const struct wk_net_key *key, const void *buf,
+                   size_t len, const char *to)
 {
     wk_runtime_t *rt = arg;
     char name[ERR_MAX / 2];
@@ -254,52 +237,33 @@ static int cpu_io_send(void *arg, const char *addr, const struct wk_data_key *ke
 
     if (is_aborted(rt))
         return -ECANCELED;
-    if (!addr) { /* only a schedule's bug sends to a rank outside coord_plan_peers */
-        wk_data_key_name(key, name, sizeof(name));
+    if (!addr) { /* only a schedule's bug sends to a rank outside job_plan_peers */
+        wk_net_key_name(key, name, sizeof(name));
         snprintf(rt->err, sizeof(rt->err), "cannot send %s to %s: not among the assignment's peers",
                  name, to);
         return -EINVAL;
     }
-    rc = wk_data_send(rt->data, addr, key, buf, len, 0);
+    rc = wk_net_send(rt->data, addr, key, buf, len, 0);
     if (rc < 0) {
-        wk_data_key_name(key, name, sizeof(name));
+        wk_net_key_name(key, name, sizeof(name));
         snprintf(rt->err, sizeof(rt->err), "cannot send %s to %s at %s: %s", name, to, addr,
                  strerror(-rc));
     }
     return rc;
 }
 
-static void describe_peer(const wk_runtime_t *rt, int pp, char *buf, size_t len)
-{
-    snprintf(buf, len, "pp rank %d (worker %s at %s)", pp, rt->peer_id[pp], rt->peer_addr[pp]);
-}
-
 static int on_send(const struct dp_op *op, void *arg)
 {
     wk_runtime_t *rt = arg;
-    struct wk_data_key key = op_key(rt, op);
-    char to[ERR_MAX / 2];
 
-    if (rt->cpu)
-        return wk_cpu_send(rt->cpu, op, rt->err, sizeof(rt->err));
-    describe_peer(rt, op->peer, to, sizeof(to));
-    return cpu_io_send(rt, rt->peer_addr[op->peer], &key, NULL, 0, to);
+    return rt->backend->ops->send(rt->engine, op, rt->err, sizeof(rt->err));
 }
 
 static int on_recv(const struct dp_op *op, void *arg)
 {
     wk_runtime_t *rt = arg;
-    struct wk_data_key key = op_key(rt, op);
-    struct wk_data_msg *m = NULL;
-    char from[ERR_MAX / 2];
-    int rc;
 
-    if (rt->cpu)
-        return wk_cpu_recv(rt->cpu, op, rt->err, sizeof(rt->err));
-    describe_peer(rt, op->peer, from, sizeof(from));
-    rc = timed_recv(rt, &key, from, &m);
-    wk_data_msg_free(m); /* sim: the message's arrival is all that matters */
-    return rc;
+    return rt->backend->ops->recv(rt->engine, op, rt->err, sizeof(rt->err));
 }
 
 static const struct dp_exec_callbacks exec_callbacks = {on_compute, on_send, on_recv};
@@ -316,20 +280,21 @@ static void report(wk_runtime_t *rt, Duplex__MsgType type, const ProtobufCMessag
                  dx_msg_type_name(type), zmq_strerror(-rc));
 }
 
-/* The cpu backend's checkpoint after this step, when one is due (every
- * checkpoint.every steps and after the last). 0 when none was due. */
+/* The engine's checkpoint after this step, when one is due (every
+ * checkpoint.every steps and after the last) and it keeps state. 0 when
+ * none was due. */
 static int save_checkpoint(wk_runtime_t *rt, char *dir, size_t dirlen,
                            struct dx_ckpt_shard_info *info)
 {
-    const struct coord_jobspec *spec = wk_cpu_spec(rt->cpu);
-    int every = spec->checkpoint.every;
+    int every = rt->ckpt_every;
     double t0 = now_ms();
     int rc;
 
-    if (every <= 0 || (rt->cur_step % (uint64_t)every != 0 && rt->cur_step != rt->steps))
+    if (!rt->backend->ops->checkpoint || every <= 0 ||
+        (rt->cur_step % (uint64_t)every != 0 && rt->cur_step != rt->steps))
         return 0;
-    rc = wk_cpu_checkpoint(rt->cpu, rt->ckpt_dir, rt->cur_step, dir, dirlen, info, rt->err,
-                           sizeof(rt->err));
+    rc = rt->backend->ops->checkpoint(rt->engine, rt->ckpt_dir, rt->cur_step, dir, dirlen, info,
+                                      rt->err, sizeof(rt->err));
     if (rc == 0)
         dx_info("job %" PRIu64 ": checkpoint of step %" PRIu64 " written: %s/%s (%" PRIu64
                 " bytes, %.1f ms)",
@@ -337,7 +302,7 @@ static int save_checkpoint(wk_runtime_t *rt, char *dir, size_t dirlen,
     return rc;
 }
 
-static void report_step(wk_runtime_t *rt, double step_ms, const struct wk_cpu_step *cs,
+static void report_step(wk_runtime_t *rt, double step_ms, const struct wk_rank_step *cs,
                         const char *ckpt_dir, const struct dx_ckpt_shard_info *ckpt)
 {
     Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
@@ -403,11 +368,11 @@ static int data_start(wk_runtime_t *rt)
     size_t n = 0;
     int rc;
 
-    if ((rc = wk_data_set_max_msg(rt->data, rt->max_msg)) < 0) {
+    if ((rc = wk_net_set_max_msg(rt->data, rt->max_msg)) < 0) {
         snprintf(rt->err, sizeof(rt->err), "the data plane: %s", strerror(-rc));
         return rc;
     }
-    if (wk_data_curve(rt->data)) {
+    if (wk_net_curve(rt->data)) {
         if (!(keys = calloc((size_t)rt->nranks, sizeof(*keys)))) {
             snprintf(rt->err, sizeof(rt->err), "out of memory");
             return -ENOMEM;
@@ -416,15 +381,15 @@ static int data_start(wk_runtime_t *rt)
             if (!rt->all_addr[i])
                 continue; /* a rank we do not talk to */
             keys[n++] = rt->all_key[i];
-            if ((rc = wk_data_set_peer_key(rt->data, rt->all_addr[i], rt->all_key[i])) < 0)
+            if ((rc = wk_net_set_peer_key(rt->data, rt->all_addr[i], rt->all_key[i])) < 0)
                 snprintf(rt->err, sizeof(rt->err), "the CURVE key of the rank at %s: %s",
                          rt->all_addr[i], strerror(-rc));
         }
-        if (rc == 0 && (rc = wk_data_allow_peers(rt->data, keys, n)) < 0)
+        if (rc == 0 && (rc = wk_net_allow_peers(rt->data, keys, n)) < 0)
             snprintf(rt->err, sizeof(rt->err), "the data plane's peer keys: %s", strerror(-rc));
         free(keys);
     }
-    wk_data_begin(rt->data, rt->job_id, rt->attempt);
+    wk_net_begin(rt->data, rt->job_id, rt->attempt);
     return rc;
 }
 
@@ -477,10 +442,10 @@ static void *runtime_main(void *arg)
                  wk_cuda_error(wk_gpu_cuda(rt->gpu)));
         rc = -EIO;
     }
-    completed = rt->cpu ? wk_cpu_start_step(rt->cpu) : 0;
+    completed = rt->engine ? rt->backend->ops->start_step(rt->engine) : 0;
     for (uint64_t step = completed + 1; step <= rt->steps && rc == 0; step++) {
         double t0 = now_ms();
-        struct wk_cpu_step cs = {0};
+        struct wk_rank_step cs = {0};
         struct dx_ckpt_shard_info ckpt = {0};
         char ckpt_dir[PATH_MAX] = "";
 
@@ -489,20 +454,19 @@ static void *runtime_main(void *arg)
         rt->compute_ms = rt->wait_ms = rt->comm_ms = rt->hidden_ms = 0.0;
         memset(rt->op_ms, 0, sizeof(rt->op_ms));
         rt->err[0] = '\0';
-        if (rt->cpu)
-            wk_cpu_step_begin(rt->cpu, step);
+        rt->backend->ops->step_begin(rt->engine, step);
         rc = dp_exec_run(rt->exec, rt->err, sizeof(rt->err));
-        if (rc == 0 && rt->cpu) {
+        if (rc == 0) {
             /* the sums' own waits count in sync_ms, not wait_ms: the four
              * times (compute, wait, sync, the rest) stay disjoint */
             double waited = rt->wait_ms;
-            rc = wk_cpu_step_end(rt->cpu, &cs, rt->err, sizeof(rt->err));
+            rc = rt->backend->ops->step_end(rt->engine, &cs, rt->err, sizeof(rt->err));
             rt->wait_ms = waited;
         }
-        if (rc == 0 && rt->cpu)
+        if (rc == 0)
             rc = save_checkpoint(rt, ckpt_dir, sizeof(ckpt_dir), &ckpt);
         if (rc == 0) {
-            report_step(rt, now_ms() - t0, rt->cpu ? &cs : NULL, ckpt_dir, &ckpt);
+            report_step(rt, now_ms() - t0, rt->backend->trains ? &cs : NULL, ckpt_dir, &ckpt);
             completed = step;
         }
     }
@@ -520,7 +484,7 @@ static void *runtime_main(void *arg)
         dx_warn("job %" PRIu64 " attempt %u stopped after %" PRIu64 " steps: %s", rt->job_id,
                 rt->attempt, completed, rt->err);
     /* before the JobDone: nothing of a later attempt can be on the way yet */
-    wk_data_end(rt->data);
+    wk_net_end(rt->data);
     report(rt, DUPLEX__MSG_TYPE__MSG_JOB_DONE, &done.base);
     return NULL;
 }
@@ -538,14 +502,14 @@ static const char *peer_worker(const wk_runtime_t *rt, const Duplex__Assignment 
 
 /* Takes the Assignment's peers: each inside the job's layout and named
  * once, and among them every rank this one exchanges data with
- * (coord_plan_peers), each with a data address. Fills all_addr/all_key
+ * (job_plan_peers), each with a data address. Fills all_addr/all_key
  * by rank index (NULL for the ranks it does not talk to) and
  * peer_addr/peer_id for the pipeline ranks of our dp and ep ranks among
  * them. */
 static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id, char *err,
                       size_t errlen)
 {
-    struct coord_jobspec layout;
+    struct job_spec layout;
     int *near = NULL, n, rc = -EINVAL;
 
     memset(&layout, 0, sizeof(layout));
@@ -558,7 +522,7 @@ static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char 
     rt->peer_id = calloc((size_t)rt->pp, sizeof(*rt->peer_id));
     rt->all_addr = calloc((size_t)rt->nranks, sizeof(*rt->all_addr));
     rt->all_key = calloc((size_t)rt->nranks, sizeof(*rt->all_key));
-    near = calloc((size_t)coord_plan_peers_max(&layout), sizeof(*near));
+    near = calloc((size_t)job_plan_peers_max(&layout), sizeof(*near));
     if (!rt->peer_addr || !rt->peer_id || !rt->all_addr || !rt->all_key || !near)
         goto nomem;
     for (size_t i = 0; i < a->n_peers; i++) {
@@ -574,7 +538,7 @@ static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char 
                      p->ep, p->dp);
             goto out;
         }
-        at = coord_plan_rank_index(&layout, p->dp, p->pp, p->ep);
+        at = job_plan_rank_index(&layout, p->dp, p->pp, p->ep);
         if (rt->all_addr[at]) {
             snprintf(err, errlen, "two peers for ranks pp %d, ep %d, dp %d (%s and %s)", p->pp,
                      p->ep, p->dp, peer_worker(rt, a, at), p->worker_id);
@@ -583,7 +547,7 @@ static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char 
         if (!(rt->all_addr[at] = strdup(p->data_addr)) || !(rt->all_key[at] = strdup(p->curve_key)))
             goto nomem;
         /* with a keypair, the data plane talks CURVE only (without, keys are unused) */
-        if (wk_data_curve(rt->data) && strlen(rt->all_key[at]) != WK_DATA_KEY_LEN) {
+        if (wk_net_curve(rt->data) && strlen(rt->all_key[at]) != WK_NET_KEY_LEN) {
             snprintf(err, errlen,
                      "peer %s has no CURVE key, and this worker's data plane uses CURVE",
                      p->worker_id);
@@ -595,7 +559,7 @@ static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char 
             !(rt->peer_id[p->pp] = strdup(p->worker_id)))
             goto nomem;
     }
-    n = coord_plan_peers(&layout, rt->dp_rank, rt->pp_rank, rt->ep_rank, near);
+    n = job_plan_peers(&layout, rt->dp_rank, rt->pp_rank, rt->ep_rank, near);
     for (int k = 0; k < n; k++) {
         int at = near[k], pp = (at / rt->ep) % rt->pp, ep = at % rt->ep,
             dp = at / (rt->ep * rt->pp);
@@ -714,15 +678,15 @@ int wk_runtime_checkpoint_dir(const char *root, const char *dir, char *out, size
     size_t n;
     int rc;
 
-    coord_jobspec_escape(dir, qdir, sizeof(qdir));
+    job_spec_escape(dir, qdir, sizeof(qdir));
     if (!realpath(root, real_root)) {
         rc = -errno;
         snprintf(err, errlen,
                  "checkpoint.dir \"%s\": the checkpoint root %s cannot be resolved: %s", qdir,
-                 coord_jobspec_escape(root, qroot, sizeof(qroot)), strerror(-rc));
+                 job_spec_escape(root, qroot, sizeof(qroot)), strerror(-rc));
         return rc;
     }
-    coord_jobspec_escape(real_root, qroot, sizeof(qroot));
+    job_spec_escape(real_root, qroot, sizeof(qroot));
     if (has_dot_dot(dir)) {
         snprintf(err, errlen, "checkpoint.dir \"%s\" has a \"..\" component (checkpoint root %s)",
                  qdir, qroot);
@@ -747,7 +711,7 @@ int wk_runtime_checkpoint_dir(const char *root, const char *dir, char *out, size
         snprintf(err, errlen,
                  "checkpoint.dir \"%s\" is outside checkpoint root %s (it leads to %s; see "
                  "duplex-worker --checkpoint-root)",
-                 qdir, qroot, coord_jobspec_escape(out, qout, sizeof(qout)));
+                 qdir, qroot, job_spec_escape(out, qout, sizeof(qout)));
         return -EINVAL;
     }
     return 0;
@@ -755,23 +719,25 @@ int wk_runtime_checkpoint_dir(const char *root, const char *dir, char *out, size
 
 /* The job's own inputs, before anything is built: the text of its
  * train.dataset (unless opts name a directory) and where its checkpoint.dir
- * leads (rt->ckpt_dir), which must be under the checkpoint root. A spec
- * that does not parse is left to wk_cpu_create, which says why. */
+ * leads (rt->ckpt_dir), which must be under the checkpoint root, and how
+ * often it is written. A spec that does not parse is left to the engine's
+ * create (wk_rank_create), which says why. */
 static int check_job_paths(wk_runtime_t *rt, const Duplex__Assignment *a,
                            const struct wk_runtime_opts *opts, const char **data_dir, char *err,
                            size_t errlen)
 {
-    struct coord_jobspec spec;
+    struct job_spec spec;
     char why[ERR_MAX];
 
-    if (!a->spec_json || coord_jobspec_parse(a->spec_json, strlen(a->spec_json), NULL, 0, &spec,
-                                             why, sizeof(why)) < 0)
+    if (!a->spec_json ||
+        job_spec_parse(a->spec_json, strlen(a->spec_json), NULL, 0, &spec, why, sizeof(why)) < 0)
         return 0;
     if (!*data_dir && !(*data_dir = wk_data_dataset_dir(spec.train.dataset))) {
         snprintf(err, errlen, "train.dataset \"%s\": this worker has no such dataset (%s)",
-                 coord_jobspec_escape(spec.train.dataset, why, sizeof(why)), WK_DATA_DATASETS);
+                 job_spec_escape(spec.train.dataset, why, sizeof(why)), JOB_SPEC_DATASETS);
         return -EINVAL;
     }
+    rt->ckpt_every = spec.checkpoint.every;
     return wk_runtime_checkpoint_dir(opts->checkpoint_root ? opts->checkpoint_root : ".",
                                      spec.checkpoint.dir, rt->ckpt_dir, sizeof(rt->ckpt_dir), err,
                                      errlen);
@@ -793,23 +759,23 @@ uint64_t wk_runtime_memory_available(void)
 }
 
 /* Before anything of the job is allocated: what one rank of it needs
- * (coord_jobspec_memory; on a GPU the host keeps the weights, gradients
+ * (job_spec_memory; on a GPU the host keeps the weights, gradients
  * and AdamW moments, the device the rest) against what this worker has
  * now, the lesser of its limit and MemAvailable. -EDOM (the job's own
  * size: AssignmentAck.bad_spec) with the numbers, else 0. A spec that does
- * not parse is left to wk_cpu_create. */
+ * not parse is left to wk_rank_create. */
 static int check_memory(const Duplex__Assignment *a, uint64_t limit, int cuda, uint64_t gpu_memory,
                         char *err, size_t errlen)
 {
-    struct coord_jobspec spec;
-    struct coord_jobspec_memory m;
+    struct job_spec spec;
+    struct job_spec_memory m;
     uint64_t avail = wk_runtime_memory_available(), have = avail, need;
     char why[ERR_MAX], need_text[160], have_text[32];
 
-    if (!a->spec_json || coord_jobspec_parse(a->spec_json, strlen(a->spec_json), NULL, 0, &spec,
-                                             why, sizeof(why)) < 0)
+    if (!a->spec_json ||
+        job_spec_parse(a->spec_json, strlen(a->spec_json), NULL, 0, &spec, why, sizeof(why)) < 0)
         return 0;
-    coord_jobspec_memory(&spec, &m);
+    job_spec_memory(&spec, &m);
     if (cuda && gpu_memory) { /* the whole rank lives on the GPU */
         uint64_t gpu = limit && limit < gpu_memory ? limit : gpu_memory;
 
@@ -817,8 +783,8 @@ static int check_memory(const Duplex__Assignment *a, uint64_t limit, int cuda, u
             snprintf(err, errlen,
                      "the job needs %s per rank on the GPU; this worker has %s (%s): not "
                      "allocating it",
-                     coord_jobspec_memory_text(&m, need_text, sizeof(need_text)),
-                     coord_jobspec_bytes_text(gpu, have_text, sizeof(have_text)),
+                     job_spec_memory_text(&m, need_text, sizeof(need_text)),
+                     job_spec_bytes_text(gpu, have_text, sizeof(have_text)),
                      gpu == limit ? "its --memory-limit" : "the GPU's memory");
             return -EDOM;
         }
@@ -829,9 +795,9 @@ static int check_memory(const Duplex__Assignment *a, uint64_t limit, int cuda, u
     if (!have || need <= have)
         return 0;
     snprintf(err, errlen, "the job needs %s per rank%s; this worker has %s (%s): not allocating it",
-             coord_jobspec_memory_text(&m, need_text, sizeof(need_text)),
+             job_spec_memory_text(&m, need_text, sizeof(need_text)),
              cuda ? " (on the host: all but the activations)" : "",
-             coord_jobspec_bytes_text(have, have_text, sizeof(have_text)),
+             job_spec_bytes_text(have, have_text, sizeof(have_text)),
              have == limit ? "its --memory-limit" : "MemAvailable now");
     return -EDOM;
 }
@@ -855,6 +821,8 @@ static Duplex__Assignment *copy_assignment(const Duplex__Assignment *a)
 static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id,
                  const struct wk_runtime_opts *opts, char *err, size_t errlen)
 {
+    const struct wk_backend *backend;
+    const char *name;
     int rc;
 
     rt->job_id = a->job_id;
@@ -890,25 +858,31 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
         return rc;
     if ((rc = dp_sched_generate(rt->kind, a->pp, a->microbatches, &rt->sched, err, errlen)) < 0)
         return rc;
-    rt->max_msg = 0; /* sim: messages without payload */
     if ((rc = dp_exec_create(rt->sched, rt->pp_rank, &exec_callbacks, rt, &rt->exec)) < 0) {
         snprintf(err, errlen, "cannot set up the executor: %s", strerror(-rc));
         return rc;
     }
-    if (opts && opts->backend &&
-        (strcmp(opts->backend, "cpu") == 0 || strcmp(opts->backend, "cuda") == 0)) {
-        int cuda = strcmp(opts->backend, "cuda") == 0;
+    name = opts && opts->backend ? opts->backend : "sim";
+    if (!(backend = rt->backend = wk_backend_find(name))) {
+        snprintf(err, errlen, "backend \"%s\" is unknown; use %s", name, wk_backend_names());
+        return -ENOTSUP;
+    }
+    rt->io = (struct wk_engine_io){io_send, io_recv, io_sleep, rt};
+    if (!backend->trains || !opts) /* nothing to build: at once */
+        return build_backend(rt, a, NULL, err, errlen);
+    {
         const char *data_dir = opts->data_dir;
 
-        if (cuda && !opts->gpu) {
-            snprintf(err, errlen, "the cuda backend has no GPU");
+        if (backend->gpu && !opts->gpu) {
+            snprintf(err, errlen, "the %s backend has no GPU", backend->name);
             return -EINVAL;
         }
         if ((rc = check_job_paths(rt, a, opts, &data_dir, err, errlen)) < 0)
             return rc == -EINVAL ? -EDOM : rc; /* the job's fault, not the worker's */
-        if ((rc = check_memory(a, opts->memory_limit, cuda, opts->gpu_memory, err, errlen)) < 0)
+        if ((rc = check_memory(a, opts->memory_limit, backend->gpu, opts->gpu_memory, err,
+                               errlen)) < 0)
             return rc;
-        rt->gpu = cuda ? opts->gpu : NULL;
+        rt->gpu = backend->gpu ? opts->gpu : NULL;
         rt->nccl_timeout_ms = opts->nccl_timeout_ms;
         if (opts->ack) { /* the thread builds it, then answers */
             rt->build = copy_assignment(a);
@@ -921,24 +895,38 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
         }
         return build_backend(rt, a, data_dir, err, errlen);
     }
-    return 0;
 }
 
+/* The backend's engine for this attempt; published under the lock, for an
+ * abort from the agent's thread. */
 static int build_backend(wk_runtime_t *rt, const Duplex__Assignment *a, const char *data_dir,
                          char *err, size_t errlen)
 {
-    const struct wk_cpu_io io = {cpu_io_send, cpu_io_recv, rt};
+    const struct wk_engine_args args = {
+        .a = a,
+        .sched = rt->sched,
+        .peers_addr = (const char *const *)rt->all_addr,
+        .line_addr = (const char *const *)rt->peer_addr,
+        .line_id = (const char *const *)rt->peer_id,
+        .cost_ms = rt->cost_ms,
+        .data_dir = data_dir,
+        .gpu = rt->gpu,
+        .nccl_timeout_ms = rt->nccl_timeout_ms,
+        .io = &rt->io,
+    };
+    void *engine = NULL;
     int rc;
 
-    if ((rc = wk_cpu_create(a, rt->sched, (const char *const *)rt->all_addr, data_dir, &io, rt->gpu,
-                            &rt->cpu, err, errlen)) < 0)
+    if ((rc = rt->backend->ops->create(&args, &engine, err, errlen)) < 0)
         return rc;
-    wk_cpu_set_nccl_timeout(rt->cpu, rt->nccl_timeout_ms);
-    rt->max_msg = wk_cpu_max_msg(rt->cpu);
+    rt->max_msg = rt->backend->ops->max_msg(engine);
+    pthread_mutex_lock(&rt->lock);
+    rt->engine = engine;
+    pthread_mutex_unlock(&rt->lock);
     return 0;
 }
 
-int wk_runtime_create(void *zctx, wk_data_t *data, const Duplex__Assignment *a, const char *self_id,
+int wk_runtime_create(void *zctx, wk_net_t *data, const Duplex__Assignment *a, const char *self_id,
                       const struct wk_runtime_opts *opts, wk_runtime_t **out, char *err,
                       size_t errlen)
 {
@@ -983,9 +971,9 @@ void wk_runtime_abort(wk_runtime_t *rt, const char *error)
         snprintf(rt->abort_error, sizeof(rt->abort_error), "%s", error);
         atomic_store(&rt->aborted, true);
     }
+    if (rt->engine)
+        rt->backend->ops->abort(rt->engine); /* NCCL transfers waiting for a dead peer give up */
     pthread_mutex_unlock(&rt->lock);
-    if (rt->cpu)
-        wk_cpu_abort(rt->cpu); /* NCCL transfers waiting for a dead peer give up */
 }
 
 void *wk_runtime_socket(wk_runtime_t *rt)
@@ -1020,7 +1008,8 @@ void wk_runtime_destroy(wk_runtime_t *rt)
         zmq_close(rt->tx);
     if (rt->rx)
         zmq_close(rt->rx);
-    wk_cpu_destroy(rt->cpu);
+    if (rt->engine)
+        rt->backend->ops->destroy(rt->engine);
     if (rt->build)
         duplex__assignment__free_unpacked(rt->build, NULL);
     for (int i = 0; rt->all_addr && i < rt->nranks; i++)

@@ -4,9 +4,9 @@
  * rank's ops and walks them once per step with the executor
  * (pipeline/executor.h). On the sim backend compute ops sleep their
  * modelled cost and SEND and RECV move empty tagged messages over the data
- * plane (worker/dataplane.h) to the worker of the same dp and ep rank at
+ * plane (worker/net/dataplane.h) to the worker of the same dp and ep rank at
  * the op's pipeline rank. On the cpu backend the ops train the job's model
- * for real (worker/cpu.h): activations and gradients in the messages,
+ * for real (worker/rank/rank.h): activations and gradients in the messages,
  * expert exchanges inside the ops, gradient sums and the optimizer step
  * after the walk. Every receive is timed: the transfer time of each
  * message (sent to arrived) and the part of it this rank spent computing
@@ -25,8 +25,8 @@
 #include <stdint.h>
 
 #include "proto/duplex.pb-c.h"
-#include "worker/dataplane.h"
-#include "worker/gpu.h"
+#include "worker/net/dataplane.h"
+#include "worker/cuda/gpu.h"
 
 /* A RECV that waits longer than this fails the job. */
 #define WK_RUNTIME_RECV_TIMEOUT_MS 30000
@@ -34,10 +34,11 @@
 #define WK_RUNTIME_SLICE_MS 20
 
 struct wk_runtime_opts {
-    int recv_timeout_ms;  /* 0: WK_RUNTIME_RECV_TIMEOUT_MS */
-    const char *backend;  /* "cpu" / "cuda" train the model (worker/cpu.h); NULL or "sim" sleeps */
+    int recv_timeout_ms; /* 0: WK_RUNTIME_RECV_TIMEOUT_MS */
+    const char
+        *backend; /* "cpu" / "cuda" train the model (worker/rank/rank.h); NULL or "sim" sleeps */
     const char *data_dir; /* the cpu backend's training text; NULL: train.dataset's */
-    wk_gpu_t *gpu;        /* "cuda": the GPU to train on (worker/gpu.h), the caller's */
+    wk_gpu_t *gpu;        /* "cuda": the GPU to train on (worker/cuda/gpu.h), the caller's */
     int nccl_timeout_ms;  /* "cuda": how long NCCL waits for the other ranks; 0: the default */
     /* cpu/cuda: the directory the job's checkpoint.dir must lead under
      * (wk_runtime_checkpoint_dir); NULL: the working directory */
@@ -73,7 +74,7 @@ typedef struct wk_runtime wk_runtime_t;
  * from is missing, torn or does not fit (AssignmentAck.bad_checkpoint),
  * -EDOM when the job's own inputs are at fault, not this worker (its
  * train.dataset or checkpoint.dir: AssignmentAck.bad_spec), or -errno. */
-int wk_runtime_create(void *zctx, wk_data_t *data, const Duplex__Assignment *a, const char *self_id,
+int wk_runtime_create(void *zctx, wk_net_t *data, const Duplex__Assignment *a, const char *self_id,
                       const struct wk_runtime_opts *opts, wk_runtime_t **out, char *err,
                       size_t errlen);
 

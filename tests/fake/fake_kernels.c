@@ -115,6 +115,7 @@ static int transport_send(const struct fake_grid *g, void **args)
 
         for (int m = (int)c; m < nmsg && rc == 0; m += (int)C) {
             const double deadline = now_ms() + FAKE_TRANSPORT_TIMEOUT_MS;
+            unsigned tries = 0;
 
             /* src may be 0 with absolute offsets (the expert exchange's) */
             const unsigned char *p = (const unsigned char *)((uintptr_t)src + off[m]);
@@ -128,7 +129,7 @@ static int transport_send(const struct fake_grid *g, void **args)
                     rc = -ETIMEDOUT;
                     break;
                 }
-                sched_yield(); /* a GPU's block spins; here it shares the CPU */
+                fake_backoff(&tries); /* a GPU's block spins; here it shares the CPU */
             }
         }
         err[c] = rc;
@@ -153,6 +154,7 @@ static int transport_recv(const struct fake_grid *g, void **args)
 
         for (int m = (int)c; m < nmsg && rc == 0; m += (int)C) {
             const double deadline = now_ms() + FAKE_TRANSPORT_TIMEOUT_MS;
+            unsigned tries = 0;
             size_t got = 0;
 
             unsigned char *q = (unsigned char *)((uintptr_t)dst + off[m]);
@@ -166,7 +168,7 @@ static int transport_recv(const struct fake_grid *g, void **args)
                     rc = -ETIMEDOUT;
                     break;
                 }
-                sched_yield();
+                fake_backoff(&tries);
             }
             if (rc == 0 || rc == -ENOBUFS)
                 out_len[m] = got;

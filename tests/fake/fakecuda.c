@@ -1,9 +1,9 @@
 /* fakecuda.c - libfakecuda.so, a stand-in for the NVIDIA driver
  * (libcuda.so.1) on machines without a GPU, so the tests can run the code
- * that drives GPUs (worker/cuda.c and what is built on it) for real.
+ * that drives GPUs (worker/cuda/driver.c and what is built on it) for real.
  *
  * It serves, through cuGetProcAddress, the Driver API entry points that
- * worker/cuda.c resolves, with CUDA's semantics on host memory:
+ * worker/cuda/driver.c resolves, with CUDA's semantics on host memory:
  *  - FAKECUDA_DEVICES devices (default 1: a local cluster's workers each
  *    take their --gpu), all "duplex fake GPU", compute capability 9.0, 132
  *    SMs, sharing the host's memory;
@@ -22,7 +22,9 @@
  *  - a kernel is a host function registered under the kernel's name
  *    (tests/fake/fake_kernels.c: the CPU references of kernels/, and
  *    test-only kernels); cuModuleGetFunction of any other name fails with
- *    CUDA_ERROR_NOT_FOUND. Module images are accepted as they are.
+ *    CUDA_ERROR_NOT_FOUND. Module images are accepted as they are (a build
+ *    without nvcc offers placeholders), unless FAKECUDA_STRICT_IMAGES is
+ *    set: then only a cubin or PTX text, as a real driver.
  * Errors use CUDA's codes and strings. Not thread-safe beyond what the
  * tests need: one context, calls from any thread. */
 #define _GNU_SOURCE
@@ -31,6 +33,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,6 +51,7 @@ enum {
     CUDA_ERROR_OUT_OF_MEMORY = 2,
     CUDA_ERROR_NOT_INITIALIZED = 3,
     CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_IMAGE = 200,
     CUDA_ERROR_INVALID_CONTEXT = 201,
     CUDA_ERROR_INVALID_HANDLE = 400,
     CUDA_ERROR_NOT_FOUND = 500,
@@ -371,6 +375,9 @@ static CUresult fk_get_error_string(CUresult rc, const char **s)
     case CUDA_ERROR_INVALID_DEVICE:
         *s = "invalid device ordinal";
         break;
+    case CUDA_ERROR_INVALID_IMAGE:
+        *s = "device kernel image is invalid";
+        break;
     case CUDA_ERROR_INVALID_CONTEXT:
         *s = "invalid device context";
         break;
@@ -456,6 +463,9 @@ static CUresult fk_module_load_data(void **mod, const void *image)
 {
     if (!image)
         return CUDA_ERROR_INVALID_VALUE;
+    if (getenv(FAKECUDA_STRICT_IMAGES_ENV) && memcmp(image, "\177ELF", 4) != 0 &&
+        !strstr(image, ".version"))
+        return CUDA_ERROR_INVALID_IMAGE;
     *mod = calloc(1, sizeof(struct module));
     return *mod ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
 }
@@ -898,6 +908,22 @@ int fake_stream_host(void *stream, int (*fn)(void *arg), void *arg)
     t->host_arg = arg;
     stream_push(stream_of(stream), t);
     return 0;
+}
+
+void fake_backoff(unsigned *tries)
+{
+    enum { YIELDS = 4, FIRST_US = 20, MAX_US = 200 };
+    unsigned n = (*tries)++;
+
+    if (n < YIELDS) {
+        sched_yield();
+    } else {
+        unsigned shift = n - YIELDS < 4 ? n - YIELDS : 4;
+        unsigned us = FIRST_US << shift < MAX_US ? FIRST_US << shift : MAX_US;
+        struct timespec t = {0, (long)us * 1000L};
+
+        nanosleep(&t, NULL);
+    }
 }
 
 /* --- cuGetProcAddress ---------------------------------------------------------- */

@@ -14,6 +14,11 @@
  * exporter's and does not count). */
 #define FAKECUDA_MEMORY_ENV "FAKECUDA_MEMORY_BYTES"
 #define FAKECUDA_MEMORY_DEFAULT (80ull << 30)
+/* Set (to anything): cuModuleLoadData takes only what a real driver might,
+ * a cubin (an ELF image) or PTX text (with a .version directive), and
+ * fails with CUDA_ERROR_INVALID_IMAGE on anything else (a build without
+ * nvcc's placeholders). Unset, module images are accepted as they are. */
+#define FAKECUDA_STRICT_IMAGES_ENV "FAKECUDA_STRICT_IMAGES"
 #define FAKECUDA_MAX_ARGS 24
 
 struct fake_grid {
@@ -44,5 +49,13 @@ int fake_stream_host(void *stream, int (*fn)(void *arg), void *arg);
 void fake_sync_all(void);
 /* The device whose primary context this process retained last, or -1. */
 int fake_current_device(void);
+/* One round of a wait for another thread or process (a ring's credit, a
+ * peer's rendezvous): *tries counts the rounds of this wait (start it at 0).
+ * A GPU's spinning block costs only its own SM; here a spinning thread
+ * takes a CPU from the very process it waits for (the tests run several
+ * workers on two cores), so after a few sched_yield()s it sleeps, 20 us at
+ * first, doubling up to 200 us. The wait's result is the same, only its
+ * CPU cost differs. */
+void fake_backoff(unsigned *tries);
 
 #endif

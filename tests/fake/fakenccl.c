@@ -279,6 +279,7 @@ static ncclResult_t attach(struct comm *c)
     double deadline = now_ms() + timeout_ms();
     struct shm_hdr *h;
     int fd, creator = 0;
+    unsigned tries = 0;
     struct stat st;
 
     shm_name(c->token, path, sizeof(path));
@@ -305,7 +306,7 @@ static ncclResult_t attach(struct comm *c)
                 close(fd);
             if (now_ms() > deadline || atomic_load(&c->aborted))
                 return ncclSystemError;
-            sched_yield();
+            fake_backoff(&tries);
         }
     }
     c->base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -327,10 +328,11 @@ static ncclResult_t attach(struct comm *c)
         h->slot_bytes = FAKE_NCCL_SLOT_BYTES;
         atomic_store_explicit(&h->ready, 1, memory_order_release);
     }
+    tries = 0;
     while (!atomic_load_explicit(&h->ready, memory_order_acquire)) {
         if (now_ms() > deadline || atomic_load(&c->aborted))
             return ncclSystemError;
-        sched_yield();
+        fake_backoff(&tries);
     }
     if (h->nranks != (uint32_t)c->nranks) {
         snprintf(c->last_error, sizeof(c->last_error),
@@ -340,6 +342,7 @@ static ncclResult_t attach(struct comm *c)
     h->device[c->rank] = fake_current_device();
     if (atomic_fetch_add(&h->attached, 1) + 1 == (uint32_t)c->nranks)
         unlink(path); /* everyone has it mapped */
+    tries = 0;
     while (atomic_load(&h->attached) < (uint32_t)c->nranks) {
         if (atomic_load(&c->aborted))
             return ncclSystemError;
@@ -349,7 +352,7 @@ static ncclResult_t attach(struct comm *c)
             unlink(path); /* the communicator is dead: leave nothing in /dev/shm */
             return ncclSystemError;
         }
-        sched_yield();
+        fake_backoff(&tries);
     }
     /* as NCCL: two ranks of a communicator on one GPU is an error */
     for (int r = 0; r < c->nranks; r++)
@@ -571,6 +574,7 @@ static ncclResult_t xfer_step(struct xfer *x, int *progressed)
 static ncclResult_t run_xfers(struct xfer *x, int n)
 {
     double deadline = now_ms() + timeout_ms();
+    unsigned tries = 0;
     int left = 0;
 
     for (int i = 0; i < n; i++) {
@@ -599,6 +603,7 @@ static ncclResult_t run_xfers(struct xfer *x, int n)
         }
         if (progressed) {
             deadline = now_ms() + timeout_ms();
+            tries = 0;
         } else if (now_ms() > deadline) {
             for (int i = 0; i < n; i++)
                 if (!x[i].done)
@@ -608,7 +613,7 @@ static ncclResult_t run_xfers(struct xfer *x, int n)
                              x[i].bytes);
             return ncclSystemError;
         } else {
-            sched_yield();
+            fake_backoff(&tries);
         }
     }
     return ncclSuccess;
@@ -751,6 +756,7 @@ static ncclResult_t group_connect_and_run(struct group *g)
             connect_begin(g->ops[i].comm, g->ops[i].peer, g->ops[i].kind == OP_SEND);
     for (int i = 0; i < g->n; i++) {
         struct comm *c = g->ops[i].comm;
+        unsigned tries = 0;
 
         while (!c->nonblocking && !connect_done(c)) {
             if (atomic_load(&c->aborted) || now_ms() > deadline) {
@@ -760,7 +766,7 @@ static ncclResult_t group_connect_and_run(struct group *g)
                 free(g);
                 return ncclSystemError;
             }
-            sched_yield();
+            fake_backoff(&tries);
         }
         pending |= c->nonblocking && !connect_done(c);
     }

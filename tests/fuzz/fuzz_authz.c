@@ -1,5 +1,5 @@
 /* fuzz_authz.c - libFuzzer target for duplexd's allow-list parser
- * (coordinator/authz.h): any bytes must parse or be refused with a text
+ * (proto/authz.h): any bytes must parse or be refused with a text
  * naming the source and line, never crash or leak. A list that parses
  * answers lookups of a fixed key and of NULL; a principal found has the key
  * asked for, a known role and a name, and a worker one answers whether it
@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "coordinator/authz.h"
+#include "proto/authz.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -21,21 +21,21 @@ static const char *const ids[] = {"", "node3-gpu0", "node3-", "x", "*"};
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    coord_authz_t *a = (coord_authz_t *)0x1;
+    dx_authz_t *a = (dx_authz_t *)0x1;
     const struct coord_principal *p;
     char err[512];
     int rc;
 
     err[0] = '\0';
-    rc = coord_authz_parse((const char *)data, size, "fuzz", &a, err, sizeof(err));
+    rc = dx_authz_parse((const char *)data, size, "fuzz", &a, err, sizeof(err));
     if (rc < 0) {
         if (a || (rc != -ENOMEM && strncmp(err, "fuzz:", 5) != 0))
             abort(); /* every refusal names the source (and line), keeps nothing */
         return 0;
     }
-    if (!a || coord_authz_find(a, NULL) || coord_authz_find(a, ""))
+    if (!a || dx_authz_find(a, NULL) || dx_authz_find(a, ""))
         abort();
-    if ((p = coord_authz_find(a, fixed_key))) {
+    if ((p = dx_authz_find(a, fixed_key))) {
         if (strcmp(p->key, fixed_key) != 0 || !p->name[0] ||
             strcmp(coord_role_name(p->role), "?") == 0)
             abort();
@@ -43,13 +43,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (p->n_ids == 0 && !p->host)
                 abort();
             for (size_t i = 0; i < sizeof(ids) / sizeof(ids[0]); i++) {
-                coord_authz_worker_may_be(p, ids[i], NULL);
-                coord_authz_worker_may_be(p, ids[i], "node3");
+                dx_authz_worker_may_be(p, ids[i], NULL);
+                dx_authz_worker_may_be(p, ids[i], "node3");
             }
-        } else if (p->n_ids || p->host || coord_authz_worker_may_be(p, "x", "node3")) {
+        } else if (p->n_ids || p->host || dx_authz_worker_may_be(p, "x", "node3")) {
             abort();
         }
     }
-    coord_authz_destroy(a);
+    dx_authz_destroy(a);
     return 0;
 }

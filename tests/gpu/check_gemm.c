@@ -1,4 +1,4 @@
-/* check_gemm.c - duplex-gpucheck's checks of cuBLASLt as worker/cublas.c
+/* check_gemm.c - duplex-gpucheck's checks of cuBLASLt as worker/cuda/cublas.c
  * calls it (the model's three GEMM forms, fp32 and bf16, plain and with an
  * SM target) against OpenBLAS's cblas_sgemm, and of the fp32 <-> bf16
  * conversion kernels (kernels/convert.cu) against their CPU reference
@@ -42,7 +42,7 @@
 
 #include "kernels/convert_ref.h"
 #include "tests/gpu/gpucheck.h"
-#include "worker/cublas.h"
+#include "worker/cuda/cublas.h"
 
 GC_IMAGE(convert);
 

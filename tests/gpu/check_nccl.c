@@ -1,4 +1,4 @@
-/* check_nccl.c - NCCL as worker/nccl.c calls it, on one GPU (NCCL puts one
+/* check_nccl.c - NCCL as worker/cuda/comm/nccl.c calls it, on one GPU (NCCL puts one
  * rank per device, so every communicator here has one rank): a unique id, a
  * communicator from it, the fp32 sum all-reduce (out of place and in place:
  * with one rank the result is the input, bitwise), a grouped send and
@@ -11,7 +11,7 @@
 #include <time.h>
 
 #include "tests/gpu/gpucheck.h"
-#include "worker/nccl.h"
+#include "worker/cuda/comm/nccl.h"
 
 #define NCCL_ELEMS (16u << 20)       /* 64 MiB of fp32 */
 #define NCCL_ELEMS_SMALL (64u << 10) /* --small */

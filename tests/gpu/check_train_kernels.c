@@ -300,7 +300,7 @@ static void check_add_scale(struct gc *g, size_t count, const char *name)
     const size_t bytes = count * 4;
     float *a = ck_host(&k, bytes), *b = ck_host(&k, bytes), *y = ck_host(&k, bytes);
     float *y_d = ck_host(&k, bytes);
-    /* worker/cpu.c's gradient scale at dp = 2, M = 8, ep = 3 */
+    /* worker/rank/rank.c's gradient scale at dp = 2, M = 8, ep = 3 */
     float s = 1.0f / (float)((double)2 * 8 * 3);
     char why[512] = "", shape[64];
     long long cnt = (long long)count;
@@ -325,7 +325,7 @@ static void check_add_scale(struct gc *g, size_t count, const char *name)
         ck_finish(&k, "add (residual)", shape, ok, why, ms, gc_gbs(3.0 * (double)bytes, ms));
     }
     /* the gradient sum a += b in place, a moved by one element: the 4-byte
-     * path (cpu.c's fa += fb) */
+     * path (worker/rank/rank.c's fa += fb) */
     {
         wk_cuda_ptr pa = d_a + 4, pb = d_b + 4;
         long long c1 = cnt - 1;

@@ -1,5 +1,5 @@
 /* check_transport.c - duplex-gpucheck's checks of the intra-node transport
- * (kernels/transport.cu over a worker/ipcring.h ring): correctness and
+ * (kernels/transport.cu over a worker/cuda/comm/ipcring.h ring): correctness and
  * throughput between TWO PROCESSES on one GPU through CUDA IPC, and the
  * overlap benchmark of the transport with a compute-bound kernel in one
  * process.
@@ -48,7 +48,7 @@
 
 #include "kernels/transport_ref.h"
 #include "tests/gpu/gpucheck.h"
-#include "worker/ipcring.h"
+#include "worker/cuda/comm/ipcring.h"
 
 /* to move into gpucheck.h: the overlap benchmark with any compute (a
  * cuBLASLt GEMM, ...): compute(arg, s) enqueues its work on s, 0 or -errno */

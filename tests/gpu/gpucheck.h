@@ -10,7 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "worker/cuda.h"
+#include "worker/cuda/driver.h"
 
 /* the kernel images, from libdxkernels.a (kernels/embed.py) */
 #define GC_IMAGE(name)                                                                             \
@@ -117,9 +117,9 @@ void gc_check_attention(struct gc *g); /* check_attention.c: causal attention fw
 void gc_check_train_kernels(struct gc *g); /* check_train_kernels.c: embedding, AdamW, ... */
 void gc_check_moe(struct gc *g);           /* check_moe.c: router sigmoid, gate backward */
 void gc_check_twohop(struct gc *g);        /* check_twohop.c: node-limited two-hop dispatch */
-void gc_check_gemm(struct gc *g);          /* check_gemm.c: cuBLASLt as worker/cublas.c calls it */
-void gc_check_nccl(struct gc *g);          /* check_nccl.c: NCCL as worker/nccl.c calls it */
-void gc_check_transport(struct gc *g);     /* check_transport.c: the IPC transport, two processes */
+void gc_check_gemm(struct gc *g);      /* check_gemm.c: cuBLASLt as worker/cuda/cublas.c calls it */
+void gc_check_nccl(struct gc *g);      /* check_nccl.c: NCCL as worker/cuda/comm/nccl.c calls it */
+void gc_check_transport(struct gc *g); /* check_transport.c: the IPC transport, two processes */
 /* check_transport.c: the overlap benchmark. The transport runs on 20 + 20
  * channels (sender and receiver, one SM each) of one local ring beside
  * compute(arg, stream, reps) on another stream (it enqueues its work, done

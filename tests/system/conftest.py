@@ -593,6 +593,13 @@ def cluster(tmp_path):
     finish_cluster(c)
 
 
+def pytest_configure(config):
+    """The markers the system tests use (pytest -m; tests/run.py -m)."""
+    config.addinivalue_line(
+        "markers", "fake_gpu: runs the cuda backend or duplex-gpucheck on the fake GPU stack "
+        "(libfakecuda.so, tests/fake/); deselect with -m 'not fake_gpu'")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Attach the tails of all daemon logs to the report of a failed test."""

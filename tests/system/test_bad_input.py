@@ -238,8 +238,19 @@ def test_forged_goodbye_does_not_remove_worker(target, client):
         timeout=2.0)
     if reply is not None:
         expect_error(reply, {M.NOT_REGISTERED, M.SESSION_REPLACED}, rid)
-    # Give duplexd a few heartbeats' time to act on it, then check.
-    time.sleep(3 * target.heartbeat_ms / 1000)
+    # duplexd handles one connection's messages in order: when a ListWorkers
+    # sent after the Goodbye is answered, the Goodbye has been dealt with
+    client.send([envelope(MsgType.LIST_WORKERS, request_id=rid + 1)])
+    while True:
+        frames = client.recv()
+        assert frames is not None, "no reply to a ListWorkers sent after the Goodbye"
+        listed = decode_envelope(frames[0])
+        if listed.request_id == rid + 1:
+            break
+        expect_error(listed, {M.NOT_REGISTERED, M.SESSION_REPLACED}, rid)  # the Goodbye's, late
+    assert listed.type == MsgType.LIST_WORKERS_REPLY, listed
+    workers = decode_list_workers_reply(listed.body)
+    assert [(w["worker_id"], w["state"]) for w in workers] == [("w0", "alive")], workers
     assert_still_serving(target)
 
 
@@ -268,11 +279,16 @@ def test_oversized_frame_is_dropped(target, client):
 
 
 def test_burst_of_garbage(target, client):
-    """2000 bad frames as fast as we can send them: every reply is an Error,
-    and duplexd, w0's heartbeats and duplexctl are unaffected."""
-    makers = [make for make, _codes, _echo in BAD_MESSAGES.values()]
+    """2000 bad frames as fast as we can send them: every frame is answered
+    by an Error (the right code for its kind, in the order sent) or its
+    reply is one duplexd dropped because our reply queue was full (its log
+    says so, a line per reply): none goes missing otherwise; and duplexd,
+    w0's heartbeats and duplexctl are unaffected."""
+    makers = [(make, codes) for make, codes, _echo in BAD_MESSAGES.values()]
     rng = random.Random(3)
     replies = []
+    expected = []  # per frame sent (request id i + 1): its acceptable codes, None for any
+    log_before = len(target.duplexd.log_text())
 
     def drain(timeout=0.0):
         while True:
@@ -285,9 +301,11 @@ def test_burst_of_garbage(target, client):
     start = time.monotonic()
     for i in range(2000):
         if i % 3 == 0:
-            frames = [rng.randbytes(rng.randrange(1, 200))]
-        else:
-            frames = makers[i % len(makers)](i + 1)
+            frames, codes = [rng.randbytes(rng.randrange(1, 200))], None
+        else:  # every kind in turn (i % len(makers) would skip those at multiples of 3)
+            make, codes = makers[(i - i // 3 - 1) % len(makers)]
+            frames = make(i + 1)
+        expected.append(codes)
         client.send(frames)
         drain()
     # Collect what is still coming until 2 s of silence (or the deadline).
@@ -297,11 +315,26 @@ def test_burst_of_garbage(target, client):
         before = len(replies)
         drain(timeout=2.0)
     elapsed = time.monotonic() - start
-    print(f"burst: 2000 frames sent, {len(replies)} replies, {elapsed:.1f}s")
+    # server_reject: "error reply to PEER not sent: ..." (debug) per dropped reply
+    dropped = target.duplexd.log_text()[log_before:].count("error reply to ")
+    print(f"burst: 2000 frames sent, {len(replies)} replies, {dropped} dropped at the full "
+          f"queue, {elapsed:.1f}s")
 
-    assert replies, "no replies at all to 2000 bad frames"
-    for frames in replies:
+    assert len(replies) + dropped == 2000, \
+        f"{len(replies)} replies + {dropped} logged as dropped != 2000 frames sent"
+    last_rid = 0
+    for n, frames in enumerate(replies):
         assert len(frames) == 1, frames
         reply = decode_envelope(frames[0])
-        assert reply.type == MsgType.ERROR, f"non-Error reply to a bad frame: {reply}"
+        assert reply.type == MsgType.ERROR, f"non-Error reply {n} to a bad frame: {reply}"
+        assert reply.version == PROTOCOL_VERSION, reply
+        err = decode_error(reply.body)
+        assert err.code != 0 and err.text, (n, err)
+        if reply.request_id:  # it answers frame request_id - 1: in order, once, with its code
+            assert last_rid < reply.request_id <= 2000, \
+                f"reply {n} echoes {reply.request_id} after {last_rid}: out of order or unknown"
+            last_rid = reply.request_id
+            codes = expected[reply.request_id - 1]
+            assert codes is None or err.code in codes, \
+                (reply.request_id, ErrorCode(err.code).name, err.text, codes)
     assert_still_serving(target)

@@ -15,7 +15,28 @@ import pytest
 from conftest import (BIN_DIR, REPO, SANITIZER_REPORT, WORKER, describe, run_binary,
                       sanitized)
 
-GPUCHECK = BIN_DIR / "duplex-gpucheck"  # built only where nvcc is
+GPUCHECK = BIN_DIR / "duplex-gpucheck"  # built only where nvcc is: it embeds the kernels
+# Only what runs the real kernels' images needs nvcc: the tests on the fake
+# GPU stack (marked fake_gpu) run in every build, the fake's kernels being
+# the CPU references (a build without nvcc gives it placeholder images).
+needs_gpucheck = pytest.mark.skipif(not GPUCHECK.exists(),
+                                    reason="built without nvcc: no duplex-gpucheck")
+
+# Parity with the CPU trainer on the fake stack (its kernels are the CPU
+# references; only summation orders differ), measured on the plain build
+# and bounded at 10-15x that, so that a real bug cannot hide under the
+# issue's 1e-4 (which is for a GPU's own kernels: tests/gpu/train_check.py):
+# every fp32 job's losses within 1.8e-8 to 3.8e-8 relative: bound 4e-7
+CUDA_REL_LOSS = 4e-7
+# fp8 dispatch: 6.7e-8 here, 3.9e-6 in train_check.py's pp 2 x ep 2 (a tiny
+# difference can move a value across an e4m3 rounding boundary): 4e-5
+FP8_REL_LOSS = 4e-5
+# final parameters (test_train.assert_params_close): 2.6e-6 to 4.3e-6: 5e-5
+CUDA_PARAM_TOL = 5e-5
+# bf16 GEMM inputs against the fp32 CPU run: 2.2e-5 (and over 1e-7): 3e-4
+CUDA_BF16_REL_LOSS = 3e-4
+# the CPU trainer's fp8 dispatch against its fp32 one: 1.2e-5 (and over 1e-7): 2e-4
+FP8_MOVES_LOSS = 2e-4
 
 
 def have_driver():
@@ -51,7 +72,7 @@ def test_every_missing_library_is_named_with_its_path():
         assert piece in result.stderr, describe(result)
 
 
-@pytest.mark.skipif(not GPUCHECK.exists(), reason="duplex-gpucheck needs nvcc to build")
+@needs_gpucheck
 def test_the_gpu_check_says_what_is_missing():
     if have_driver():
         pytest.skip("a GPU machine: run tests/gpu/run.sh there")
@@ -65,6 +86,7 @@ FAKE = BIN_DIR.parent / "lib" / "libfakecuda.so"  # tests/fake/: the GPU stack o
 
 
 def fake_stack():
+    assert FAKE.exists(), f"{FAKE} is missing: make test-build builds it"
     return ["--cuda-lib", str(FAKE), "--nccl-lib", str(FAKE), "--cublaslt-lib", str(FAKE)]
 
 
@@ -77,6 +99,21 @@ def cuda_spec(tmp_path, name, **parallel):
     spec["backend"] = "cuda"
     path.write_text(json.dumps(spec))
     return path
+
+
+def loss_parity(losses, reference, bound, what):
+    """Every step's loss of a job ({"step", "loss"} entries) within bound,
+    relative, of the standalone run's at that step; prints and returns the
+    largest relative difference."""
+    worst = 0.0
+    for entry in losses:
+        ref = reference[entry["step"] - 1]
+        rel = abs(entry["loss"] - ref) / abs(ref)
+        assert rel <= bound, \
+            f"{what}: step {entry['step']}: {entry['loss']!r} vs {ref!r} ({rel:.3g} > {bound:.0e})"
+        worst = max(worst, rel)
+    print(f"{what}: losses within {worst:.3g} of the standalone run's")
+    return worst
 
 
 def ended_job(c, jid):
@@ -101,8 +138,7 @@ def cuda_workers(c, n, *args):
         c.wait_worker_alive(f"g{gpu}")
 
 
-@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
-                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+@pytest.mark.fake_gpu
 def test_a_worker_on_a_gpu_it_does_not_have_says_so():
     result = cuda_worker("--gpu", "3", *fake_stack())
     assert result.returncode == 1, describe(result)
@@ -111,17 +147,17 @@ def test_a_worker_on_a_gpu_it_does_not_have_says_so():
         describe(result)
 
 
-@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
-                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+@pytest.mark.fake_gpu
 @pytest.mark.parametrize("pp,ep,dp", [(4, 1, 1), (2, 1, 2), (2, 2, 1), (1, 4, 1)])
 def test_the_cuda_backend_trains_the_parity_job_like_the_standalone_run(cluster, tmp_path, pp,
                                                                         ep, dp):
     """The worker issue's parity job on 4 cuda workers (2 nodes of 2), as
     DualPipe pp 4, pp 2 x dp 2 and pp 2 x ep 2, and as 1F1B pp 1 x ep 4:
-    every step's loss within 1e-4 relative of the single-process CPU
-    trainer (the issue's bound; on the fake stack the kernels are their CPU
-    references and the GEMMs sum in another order than OpenBLAS), and the
-    checkpoint's parameters too. The step-end sums run by NCCL all-reduce
+    every step's loss within CUDA_REL_LOSS (4e-7) relative of the
+    single-process CPU trainer (the issue asks 1e-4; on the fake stack the
+    kernels are their CPU references and the GEMMs sum in another order
+    than OpenBLAS), and the checkpoint's parameters within CUDA_PARAM_TOL
+    (5e-5). The step-end sums run by NCCL all-reduce
     over each stage's ranks: 2 (DualPipe's mirror) or 4 (with dp 2 or ep
     2 or 4). Placement keeps an ep pair on one node (rows by IPC); ep 4
     spans both nodes, so its rows go in two hops: a token crosses to each
@@ -140,14 +176,10 @@ def test_the_cuda_backend_trains_the_parity_job_like_the_standalone_run(cluster,
     status = finished(c, submit(c, path))
     losses = status["losses"]
     assert [e["step"] for e in losses] == list(range(1, STEPS + 1)), status
-    worst = 0.0
-    for entry, ref in zip(losses, reference):
-        rel = abs(entry["loss"] - ref) / abs(ref)
-        assert rel <= 1e-4, f"step {entry['step']}: {entry['loss']!r} vs {ref!r} ({rel:.3g})"
-        worst = max(worst, rel)
-    print(f"cuda pp {pp} ep {ep} dp {dp}: losses within {worst:.3g} of the standalone run")
+    loss_parity(losses, reference, CUDA_REL_LOSS, f"cuda pp {pp} ep {ep} dp {dp}")
     assert losses[-1]["loss"] < losses[0]["loss"] - 0.3, losses
-    assert_params_close(final_params(c, status), ref_params, "cuda dualpipe")
+    assert_params_close(final_params(c, status), ref_params, f"cuda pp {pp} ep {ep} dp {dp}",
+                        CUDA_PARAM_TOL)
     if ep > 1:  # the ranks report the rows their experts ran, as on the cpu backend
         assert status["expert_imbalance"] is not None and status["expert_imbalance"] >= 1.0, \
             status
@@ -171,12 +203,12 @@ def test_the_cuda_backend_trains_the_parity_job_like_the_standalone_run(cluster,
         assert any("IPC" in ln for ln in links) and any("NCCL" in ln for ln in links), links
 
 
-@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
-                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+@pytest.mark.fake_gpu
 def test_bf16_gemms_train_within_their_rounding(cluster, tmp_path):
     """train.precision bf16: attention's projections and the experts take
-    bf16 inputs; the losses follow the fp32 CPU run within 2e-2 but not to
-    fp32's last bits, and the model learns."""
+    bf16 inputs; the losses follow the fp32 CPU run within
+    CUDA_BF16_REL_LOSS (3e-4) but not to fp32's last bits, and the model
+    learns."""
     from test_train import finished, standalone_run, submit
 
     c = cluster
@@ -187,21 +219,20 @@ def test_bf16_gemms_train_within_their_rounding(cluster, tmp_path):
     spec["train"]["steps"] = 10
     path.write_text(json.dumps(spec))
     reference, _ = standalone_run(path, tmp_path)
-    losses = [e["loss"] for e in finished(c, submit(c, path))["losses"]]
+    status = finished(c, submit(c, path))
+    losses = [e["loss"] for e in status["losses"]]
     assert len(losses) == 10
-    rels = [abs(a - b) / abs(b) for a, b in zip(losses, reference)]
-    assert max(rels) <= 2e-2, (losses, reference)
-    assert max(rels) > 1e-7, "bf16 losses equal fp32's: the GEMMs did not round"
+    worst = loss_parity(status["losses"], reference, CUDA_BF16_REL_LOSS, "bf16 GEMMs vs fp32")
+    assert worst > 1e-7, "bf16 losses equal fp32's: the GEMMs did not round"
     assert losses[-1] < losses[0] - 0.2, losses
 
 
-@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
-                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+@pytest.mark.fake_gpu
 def test_uneven_nodes_send_expert_rows_directly(cluster, tmp_path):
     """pp 1 x ep 4 with 3 workers on node0 and 1 on node1: two hops need as
     many ep ranks on every node, so the log says why not and each row goes
     straight to its expert's rank (IPC on node0, NCCL to node1); the losses
-    still match the CPU trainer within 1e-4."""
+    still match the CPU trainer within CUDA_REL_LOSS."""
     from test_train import finished, standalone_run, submit
 
     c = cluster
@@ -218,23 +249,21 @@ def test_uneven_nodes_send_expert_rows_directly(cluster, tmp_path):
     spec["train"]["steps"] = 10
     path.write_text(json.dumps(spec))
     reference, _ = standalone_run(path, tmp_path)
-    losses = [e["loss"] for e in finished(c, submit(c, path))["losses"]]
-    assert len(losses) == 10
-    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
-    assert worst <= 1e-4, (losses, reference)
+    losses = finished(c, submit(c, path))["losses"]
+    assert [e["step"] for e in losses] == list(range(1, 11)), losses
+    loss_parity(losses, reference, CUDA_REL_LOSS, "uneven nodes, rows sent directly")
     log = c.worker_procs["g0"].log_text()
     assert "the ep ranks' nodes run different numbers of them: expert rows go directly" in log, log
     assert "4 ep ranks, peers 2 by IPC, 1 by NCCL\n" in log, log
 
 
-@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
-                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+@pytest.mark.fake_gpu
 def test_fp8_dispatch_sends_e4m3_records_in_two_hops_like_the_cpu_trainer(cluster, tmp_path):
     """train.dispatch fp8 on pp 1 x ep 4 over 2 nodes x 2 GPUs: each token
     row goes to the relays and on to the experts as an e4m3 record (a scale
     per 1x128 tile). The CPU trainer rounds the rows the same way, so the
-    losses still match it within 1e-4; against fp32 dispatch they move,
-    within e4m3's rounding."""
+    losses still match it within FP8_REL_LOSS; against fp32 dispatch they
+    move, within e4m3's rounding (FP8_MOVES_LOSS)."""
     from test_train import finished, standalone_run, submit
 
     c = cluster
@@ -249,19 +278,17 @@ def test_fp8_dispatch_sends_e4m3_records_in_two_hops_like_the_cpu_trainer(cluste
     path.write_text(json.dumps(spec))
     reference, _ = standalone_run(path, tmp_path)
     moved = max(abs(a - b) / abs(b) for a, b in zip(reference, fp32))
-    assert 1e-7 < moved <= 2e-2, (reference, fp32)
+    print(f"fp8 dispatch: the CPU trainer's losses {moved:.3g} from its fp32 dispatch's")
+    assert 1e-7 < moved <= FP8_MOVES_LOSS, (reference, fp32)
     status = finished(c, submit(c, path))
-    losses = [e["loss"] for e in status["losses"]]
-    assert len(losses) == 10, status
-    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
-    assert worst <= 1e-4, (losses, reference)
-    print(f"fp8 dispatch: within {worst:.3g} of the CPU trainer's fp8; {moved:.3g} from fp32")
+    assert [e["step"] for e in status["losses"]] == list(range(1, 11)), status
+    loss_parity(status["losses"], reference, FP8_REL_LOSS, "fp8 dispatch")
     for gpu in range(4):
         assert "expert rows in two hops (2 nodes x 2)" in c.worker_procs[f"g{gpu}"].log_text()
 
 
-@pytest.mark.skipif(not GPUCHECK.exists() or not FAKE.exists(),
-                    reason="duplex-gpucheck needs nvcc to build")
+@pytest.mark.fake_gpu
+@needs_gpucheck
 def test_the_whole_gpu_check_runs_on_the_fake_stack():
     """Every launch sequence, wrapper and harness path of duplex-gpucheck,
     with the kernels' CPU references standing in for the kernels: every row
@@ -281,25 +308,29 @@ def test_the_whole_gpu_check_runs_on_the_fake_stack():
         assert any(r.startswith(area) and " PASS" in r for r in rows), area + "\n" + table
 
 
-@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
-                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+@pytest.mark.fake_gpu
 def test_the_gpu_hosts_training_check_runs_on_the_fake_stack():
     """tests/gpu/train_check.py, as the bundle runs it on a GPU host (4
     workers on GPU 0, three jobs against the standalone trainer), on the
-    fake stack: every job passes within the issue's 1e-4."""
-    libs = [arg for flag in ("--cuda-lib", "--nccl-lib", "--cublaslt-lib")
-            for arg in (flag, str(FAKE))]
+    fake stack: every job passes its check (the issue's 1e-4, for a GPU's
+    kernels), and here, with the kernels' CPU references, within
+    CUDA_REL_LOSS (FP8_REL_LOSS with fp8 dispatch)."""
+    libs = fake_stack()
     result = subprocess.run([sys.executable, str(REPO / "tests" / "gpu" / "train_check.py"),
                              str(BIN_DIR), *libs, "--timeout", "600" if sanitized() else "120"],
                             capture_output=True, text=True, timeout=1300)
     assert result.returncode == 0, result.stdout + result.stderr
-    passes = re.findall(r"train_check: PASS (pp \d x ep \d(?:, fp8 dispatch)?): 20 steps",
-                        result.stdout)
-    assert passes == ["pp 4 x ep 1", "pp 2 x ep 2", "pp 2 x ep 2, fp8 dispatch"], result.stdout
+    passes = re.findall(r"train_check: PASS (pp \d x ep \d(?:, fp8 dispatch)?): 20 steps, "
+                        r"max rel (\S+) ", result.stdout)
+    assert [what for what, _ in passes] == ["pp 4 x ep 1", "pp 2 x ep 2",
+                                            "pp 2 x ep 2, fp8 dispatch"], result.stdout
+    print(result.stdout)
+    for what, worst in passes:
+        bound = FP8_REL_LOSS if "fp8" in what else CUDA_REL_LOSS
+        assert float(worst) <= bound, (what, worst, bound)
 
 
-@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
-                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+@pytest.mark.fake_gpu
 def test_a_kernel_fault_loses_no_run(cluster, tmp_path):
     """A kernel fault on one worker's GPU (the fake's FAKECUDA_FAULT_AFTER: an
     illegal access on a GPU) leaves that context unusable: the worker reports
@@ -330,19 +361,26 @@ def test_a_kernel_fault_loses_no_run(cluster, tmp_path):
     assert status["attempt"] == 2, status
     assert faulty.wait(timeout=30) == 5, faulty.log_tail()
     assert "lost its context" in faulty.log_text() and "launch failure" in faulty.log_text()
-    events = c.ctl("events", jid).stdout
-    assert "restart" in events or "recover" in events, events
+    # one recovery, caused by g1's fault: the job's state events, in order
+    # (job_failure: other ranks' failures reported while it recovers)
+    events = [json.loads(line) for line in c.ctl("events", jid, "--json").stdout.splitlines()]
+    states = [e for e in events if e["kind"].startswith("job_") and e["kind"] != "job_failure"]
+    assert [e["kind"] for e in states] == [
+        "job_queued", "job_placing", "job_running", "job_recovering", "job_placing",
+        "job_running", "job_recovered", "job_succeeded"], events
+    recovering, recovered = states[3], states[6]
+    assert "restart 1 of 3" in recovering["detail"] and "worker g1: " in recovering["detail"] \
+        and "launch failure" in recovering["detail"], recovering
+    assert recovered["detail"].startswith("attempt 2: "), recovered
+    assert all(recovering["id"] < e["id"] < recovered["id"]
+               for e in events if e["kind"] == "job_failure"), events
     losses = status["losses"]
     assert [e["step"] for e in losses][-1] == STEPS, status
-    by_step = {e["step"]: e["loss"] for e in losses}
-    for step, ref in enumerate(reference, 1):
-        if step in by_step:
-            assert abs(by_step[step] - ref) / abs(ref) <= 1e-4, (step, by_step[step], ref)
+    loss_parity(losses, reference, CUDA_REL_LOSS, "a kernel fault, recovered")
     assert c.workers()["g1"]["state"] in ("left", "lost"), c.workers()["g1"]
 
 
-@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
-                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+@pytest.mark.fake_gpu
 def test_a_rank_that_never_joins_nccl_costs_a_restart_not_a_hang(cluster, tmp_path):
     """One rank's NCCL join never completes (the fake's FAKE_NCCL_STALL_ONCE,
     as when a peer's NCCL cannot reach the others): every rank gives up
@@ -364,13 +402,11 @@ def test_a_rank_that_never_joins_nccl_costs_a_restart_not_a_hang(cluster, tmp_pa
     assert "not every rank joined within 2 s" in logs, logs[-3000:]
     losses = status["losses"]
     assert [e["step"] for e in losses] == list(range(1, STEPS + 1)), status
-    for entry, ref in zip(losses, reference):
-        assert abs(entry["loss"] - ref) / abs(ref) <= 1e-4, (entry, ref)
+    loss_parity(losses, reference, CUDA_REL_LOSS, "an NCCL join that stalled, restarted")
     assert all(w["state"] == "alive" for w in c.workers().values()), c.workers()
 
 
-@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
-                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+@pytest.mark.fake_gpu
 def test_ranks_sharing_one_gpu_train_through_the_hosts(cluster, tmp_path):
     """NCCL refuses two ranks of a communicator on one GPU (the fake does
     too), so a job whose ranks share a GPU (4 workers on GPU 0, as
@@ -392,8 +428,8 @@ def test_ranks_sharing_one_gpu_train_through_the_hosts(cluster, tmp_path):
     spec = json.loads(path.read_text())
     reference, _ = standalone_run(path, tmp_path)
     status = finished(c, submit(c, path))
-    for entry, ref in zip(status["losses"], reference):
-        assert abs(entry["loss"] - ref) / abs(ref) <= 1e-4, (entry, ref)
+    assert [e["step"] for e in status["losses"]] == list(range(1, len(reference) + 1)), status
+    loss_parity(status["losses"], reference, CUDA_REL_LOSS, "4 ranks on one GPU")
     log = c.worker_procs["g0"].log_text()
     assert "no NCCL, workers " in log and "share GPU 0 of node node0" in log, log
     # one node: every neighbour is reached by IPC, even on the same GPU
@@ -404,15 +440,14 @@ def test_ranks_sharing_one_gpu_train_through_the_hosts(cluster, tmp_path):
     path = cuda_spec(tmp_path, "cuda-one-gpu-ep", schedule="dualpipe", pp=2, ep=2)
     reference, _ = standalone_run(path, tmp_path)
     status = finished(c, submit(c, path))
-    for entry, ref in zip(status["losses"], reference):
-        assert abs(entry["loss"] - ref) / abs(ref) <= 1e-4, (entry, ref)
+    assert [e["step"] for e in status["losses"]] == list(range(1, len(reference) + 1)), status
+    loss_parity(status["losses"], reference, CUDA_REL_LOSS, "4 ranks on one GPU, ep 2")
     logs = "".join(c.worker_procs[f"g{i}"].log_text() for i in range(4))
     assert "2 ep ranks, peers 1 by IPC, 0 by NCCL" in logs, logs[-3000:]
     assert all(w["state"] == "alive" for w in c.workers().values())
 
 
-@pytest.mark.skipif(not FAKE.exists() or not GPUCHECK.exists(),
-                    reason="libfakecuda.so and the kernels (nvcc) are built by make test-build")
+@pytest.mark.fake_gpu
 def test_cuda_workers_report_their_gpus_memory_for_admission(cluster, tmp_path):
     """A cuda worker reports its GPU's total memory at registration
     (Register.memory_bytes; the fake GPU's FAKECUDA_MEMORY_BYTES, here 512

@@ -165,7 +165,7 @@ def test_gone_workers_can_be_forgotten(cluster):
 # Submit and its reply (proto/duplex.proto), not in conftest's MsgType
 SUBMIT, SUBMIT_REPLY = 8, 9
 
-# A spec at the simulation budget (COORD_JOBSPEC_SIM_BUDGET): pp 2 x
+# A spec at the simulation budget (JOB_SPEC_SIM_BUDGET): pp 2 x
 # 65,536 micro-batches, a plan that takes tens of ms to simulate (seconds
 # under ASan), on two sim workers.
 AT_BUDGET = {

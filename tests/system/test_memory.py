@@ -2,7 +2,7 @@
 with the numbers instead of growing a worker until the kernel kills it.
 
 - duplexd refuses at submission (dry run and real) a job whose memory per
-  rank (coordinator/jobspec.h: parameters, gradients, AdamW state,
+  rank (job/jobspec.h: parameters, gradients, AdamW state,
   activations) more than enough alive workers of its backend do not have,
   as they reported at registration (Register.memory_bytes: --memory-limit
   or MemAvailable);

@@ -6,6 +6,7 @@ final parameters bitwise equal to a run that never failed."""
 
 import json
 import random
+import re
 import signal
 import time
 
@@ -203,24 +204,43 @@ def test_a_torn_checkpoint_falls_back_to_the_previous_one(cluster, tmp_path):
     assert final_shards(st) == want
 
 
+STALL = re.compile(r"stalled: no step finished for ([\d.]+) s \(limit ([\d.]+) s\); "
+                   r"worker (\S+) silent for ([\d.]+) s")
+
+
 def test_a_hung_worker_is_detected_as_a_stall(cluster, tmp_path):
+    """A SIGSTOPped rank stays connected but sends nothing: duplexd's stall
+    rule (no step for 10 recent step times, at least 5 s) fails the job,
+    naming the silent worker, long before dead-after (a minute) could have
+    declared it lost; the job recovers and ends bitwise like the
+    reference."""
     c = cluster
-    start(c, 9, dead_after_ms=60000)  # heartbeats alone would take a minute
+    dead_after_s = 60  # heartbeats alone would take a minute
+    start(c, 9, dead_after_ms=dead_after_s * 1000)
     want = reference(c, tmp_path)
     jid = submit(c, tmp_path, "hang")
     wait_for(c, jid, lambda s: s["state"] == "running" and s["step"] >= 8, "step 8")
     hung = job_workers(c, jid)[2]["id"]
     proc = c.worker_procs[hung].proc
     proc.send_signal(signal.SIGSTOP)
-    t0 = time.monotonic()
     try:
         wait_for(c, jid, lambda s: s["state"] == "recovering", "recovering")
-        stalled = events(c, jid, "job_stalled")
-        assert stalled and hung in stalled[0]["detail"], stalled
-        st = finished(c, jid)
+        stalled = c.events("job_stalled")
+        # duplexd's own clock: the stall rule fired (idle past its limit), on
+        # the hung worker, while its silence was still short of dead-after
+        assert len(stalled) == 1 and stalled[0]["worker_id"] == hung, stalled
+        m = STALL.search(stalled[0]["detail"])
+        assert m and m.group(3) == hung, stalled
+        idle, limit, silent = float(m.group(1)), float(m.group(2)), float(m.group(4))
+        assert limit <= idle and silent < dead_after_s, stalled
+        st = finished(c, jid)  # without the hung worker
     finally:
         proc.send_signal(signal.SIGCONT)
-    assert time.monotonic() - t0 < job_timeout()
+    # the stall, not a lost worker, failed the job: if the hung worker was
+    # declared lost at all (a slow recovery, past dead-after), only after
+    lost = c.events("lost", hung)
+    assert all(e["id"] > stalled[0]["id"] for e in lost), (stalled, lost)
+    assert st["attempt"] == 2, st
     assert final_shards(st) == want
 
 

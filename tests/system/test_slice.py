@@ -1,5 +1,6 @@
 """End-to-end slice: duplexd, sim workers and duplexctl working together."""
 
+import re
 import signal
 import time
 
@@ -7,7 +8,7 @@ import pytest
 
 from conftest import (
     CTL, DEADLINE, DUPLEXD, WORKER, base_env, ctl, describe, free_port, run_binary,
-    sanitized, timing_slack_s,
+    timing_slack_s,
 )
 
 WORKER_IDS = ("w0", "w1", "w2")
@@ -35,6 +36,23 @@ def slice3(cluster):
 
 def count(cluster, sql, params=()):
     return cluster.db_query(sql, params)[0][0]
+
+
+UNSENT_HEARTBEAT = re.compile(r"Heartbeat to \S+ not sent")
+
+
+def log_sizes(cluster):
+    return {wid: len(cluster.worker_procs[wid].log_text()) for wid in WORKER_IDS}
+
+
+def wait_unsent_heartbeats(cluster, since, n=3):
+    """Until each worker has logged n heartbeats it could not send (duplexd
+    gone) after the log sizes in since: n of its ticks without duplexd."""
+    def counts():
+        got = {wid: len(UNSENT_HEARTBEAT.findall(cluster.worker_procs[wid].log_text()[since[wid]:]))
+               for wid in WORKER_IDS}
+        return got if min(got.values()) >= n else None
+    cluster.poll_until(counts, what=f"{n} unsent heartbeats from every worker")
 
 
 def test_three_workers_register(slice3):
@@ -85,8 +103,6 @@ def test_killed_worker_becomes_lost_then_returns(slice3):
     c = slice3
     hb, dead = c.heartbeat_ms, c.dead_after_ms
     victim = c.worker_procs["w1"]
-    kill_wall_ms = time.time() * 1000
-    kill_mono = time.monotonic()
     victim.kill9()
 
     def w1_lost():
@@ -96,23 +112,22 @@ def test_killed_worker_becomes_lost_then_returns(slice3):
         return states["w1"] == "lost"
     c.poll_until(w1_lost, timeout=2 * dead / 1000 + 5 * timing_slack_s() + 2,
                  what="w1 to be reported lost", progress=c.states)
-    observed_s = time.monotonic() - kill_mono
 
     lost = c.wait_event("lost", "w1")
     assert len(lost) == 1, lost
-    detected_ms = lost[0]["ts_ms"] - kill_wall_ms
-    print(f"w1 lost: event {detected_ms:.0f} ms after kill -9, seen by duplexctl after "
-          f"{observed_s:.2f} s (heartbeat {hb} ms, dead-after {dead} ms)")
+    print(f"w1 lost: {lost[0]['detail']} (heartbeat {hb} ms, dead-after {dead} ms)")
     # A killed process's connection closes at once; duplexd's socket monitor
     # sees that it was w1's and declares it lost when nothing came for two
-    # heartbeat intervals since, well before dead-after. The worker's last
-    # heartbeat came at most one interval before the kill.
+    # heartbeat intervals since: the closed-connection rule, not dead-after's
+    # silence. The detail gives duplexd's own (monotonic) measures of both.
+    m = re.fullmatch(r"its connection closed and nothing came for (\d+) ms "
+                     r"\(no heartbeat for (\d+) ms\)", lost[0]["detail"])
+    assert m, lost
+    since_close, since_heartbeat = int(m.group(1)), int(m.group(2))
     hint = 2 * hb
-    assert detected_ms >= hint - hb - 150, \
-        f"w1 declared lost only {detected_ms:.0f} ms after the kill (hint after {hint} ms)"
-    assert detected_ms <= dead + 1000 * timing_slack_s(), \
-        f"w1 declared lost {detected_ms:.0f} ms after the kill; want <= {dead} ms"
-    assert "its connection closed and nothing came" in lost[0]["detail"], lost
+    assert since_close >= hint, lost  # it waited the two intervals for a reconnect
+    assert since_heartbeat >= since_close, lost  # the heartbeat came before the close
+    assert since_heartbeat < dead, lost  # so dead-after's rule had not fired yet
 
     w1 = c.workers()["w1"]
     assert w1["heartbeat_age_ms"] >= hint, f"lost worker with a fresh heartbeat age: {w1}"
@@ -130,9 +145,11 @@ def test_killed_worker_becomes_lost_then_returns(slice3):
 def test_duplexd_restart_workers_reregister(slice3):
     c = slice3
     worker_pids = {wid: c.worker_procs[wid].pid for wid in WORKER_IDS}
+    since = log_sizes(c)
     c.duplexd.kill9()
-    # Workers must ride out a missing coordinator rather than exit.
-    time.sleep(3 * c.heartbeat_ms / 1000)
+    # Workers must ride out a missing coordinator rather than exit: each is
+    # still there after three heartbeats it could not send.
+    wait_unsent_heartbeats(c, since)
     for wid in WORKER_IDS:
         assert c.worker_procs[wid].running(), \
             f"{wid} exited while duplexd was down\n{c.worker_procs[wid].log_tail()}"
@@ -164,20 +181,29 @@ def test_sigterm_worker_leaves(slice3):
     left = c.wait_event("left", "w1")
     assert len(left) == 1, left
 
-    # A worker that said goodbye must not later be declared lost.
-    time.sleep(1.5 * c.dead_after_ms / 1000)
-    assert c.states() == {"w0": "alive", "w1": "left", "w2": "alive"}
-    assert c.events("lost") == [], c.events()
+    # A worker that said goodbye must not later be declared lost. w2, stopped
+    # after w1 left (connected, silent), is lost by dead-after's rule; w1's
+    # silence is older, so the sweep that lost w2 would have caught w1 too.
+    w2 = c.worker_procs["w2"].proc
+    w2.send_signal(signal.SIGSTOP)
+    try:
+        lost = c.wait_event("lost", "w2", timeout=DEADLINE)
+    finally:
+        w2.send_signal(signal.SIGCONT)
+    assert lost[0]["detail"].startswith("no heartbeat for "), lost
+    assert [e["worker_id"] for e in c.events("lost")] == ["w2"], c.events()
+    assert c.states()["w1"] == "left"
     assert c.worker_rows()["w1"]["state"] == "left"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_duplexd_exits_cleanly_on_signal(slice3, sig):
     c = slice3
+    since = log_sizes(c)
     c.duplexd.send_signal(sig)
     rc = c.duplexd.wait()
     assert rc == 0, f"duplexd exited with {rc} on {sig.name}\n{c.duplexd.log_tail()}"
-    time.sleep(3 * c.heartbeat_ms / 1000)
+    wait_unsent_heartbeats(c, since)  # three ticks without duplexd
     for wid in WORKER_IDS:
         assert c.worker_procs[wid].running(), f"{wid} exited when duplexd stopped"
 
@@ -204,11 +230,12 @@ def test_ctl_without_duplexd_says_no_answer(how, timeout_s):
     result = ctl("--insecure", *args, env=env, timeout=DEADLINE)  # no keys to find here
     elapsed = time.monotonic() - start
     assert result.returncode != 0, describe(result)
-    assert "no answer" in result.stderr, describe(result)
-    assert addr in result.stderr, describe(result)
-    limit = timeout_s + 2 + (1 if sanitized() else 0)
-    assert elapsed <= limit, f"took {elapsed:.2f}s with --timeout {timeout_s}"
-    assert elapsed >= 0.5 * timeout_s, f"gave up after {elapsed:.2f}s, before the timeout"
+    # it names the timeout it used (the default 3 s, else the one given)
+    assert f"no answer from duplexd at {addr} within {timeout_s:.1f} s" in result.stderr, \
+        describe(result)
+    # a lower bound only: a loaded machine makes it later, never earlier (a
+    # hang is caught by ctl()'s DEADLINE)
+    assert elapsed >= timeout_s, f"gave up after {elapsed:.2f}s, before the timeout"
 
 
 @pytest.mark.parametrize("args", [["--help"], ["help"]], ids=["--help", "help"])

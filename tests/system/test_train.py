@@ -1,7 +1,7 @@
 """Real training on the cpu backend: jobs of pp 4 x ep 2 (dp 1 and dp 2) under
 every schedule, run by cpu workers over the data plane, against the
 single-process reference (`duplex-worker --standalone`): per-step losses
-within 1e-5 relative and final parameters within 1e-4, the same losses
+within 3e-7 relative and final parameters within 3e-5, the same losses
 bitwise when a job runs twice, checkpoints (a job started from step k's
 checkpoint goes on bitwise; a torn shard is refused by name) and the step
 reports' figures."""
@@ -14,8 +14,11 @@ import pytest
 from conftest import REPO, WORKER, db_query, describe, run_binary, sanitized
 
 STEPS = 20
-REL_LOSS = 1e-5
-PARAM_TOL = 1e-4
+# Measured against the standalone run (only float summation orders differ):
+# losses within 1.9e-8 to 2.5e-8 relative, final parameters within 1.3e-6
+# to 2.7e-6 (every schedule, dp 1 and 2); the bounds are about 12x those.
+REL_LOSS = 3e-7
+PARAM_TOL = 3e-5
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
 # 8 layers split into 4 stages (8 for DualPipeV's 2 x pp), 4 experts over ep 2
@@ -62,12 +65,19 @@ def checkpoint_params(step_dir):
     return params
 
 
-def assert_params_close(got, want, what):
+def assert_params_close(got, want, what, bound=PARAM_TOL):
+    """Every parameter within bound of the reference's (absolute, or
+    relative to the tensor's largest value when that is over 1); returns
+    the largest difference so measured."""
     assert sorted(got) == sorted(want), what
+    worst_all = 0.0
     for name, ref in want.items():
         scale = max(1.0, max(abs(x) for x in ref))
-        worst = max(abs(a - b) for a, b in zip(got[name], ref))
-        assert worst <= PARAM_TOL * scale, f"{what}: {name} differs by {worst:.3g}"
+        worst = max(abs(a - b) for a, b in zip(got[name], ref)) / scale
+        assert worst <= bound, f"{what}: {name} differs by {worst:.3g} (bound {bound:.0e})"
+        worst_all = max(worst_all, worst)
+    print(f"{what}: parameters within {worst_all:.3g} of the standalone run's")
+    return worst_all
 
 
 def job_timeout():
@@ -122,15 +132,21 @@ def finished(c, jid):
     return last
 
 
-def assert_parity(status, reference, what):
+def assert_parity(status, reference, what, bound=REL_LOSS):
+    """Every step's loss within bound (relative) of the standalone run's;
+    returns the largest relative difference."""
     losses = status["losses"]
     assert [entry["step"] for entry in losses] == list(range(1, STEPS + 1)), what
     assert len(reference) == STEPS
+    worst = 0.0
     for entry, ref in zip(losses, reference):
         rel = abs(entry["loss"] - ref) / abs(ref)
-        assert rel <= REL_LOSS, (f"{what}: step {entry['step']} loss {entry['loss']!r} vs "
-                                 f"standalone {ref!r} ({rel:.3g} relative)")
+        assert rel <= bound, (f"{what}: step {entry['step']} loss {entry['loss']!r} vs "
+                              f"standalone {ref!r} ({rel:.3g} relative, bound {bound:.0e})")
+        worst = max(worst, rel)
+    print(f"{what}: losses within {worst:.3g} of the standalone run's")
     assert losses[-1]["loss"] < losses[0]["loss"] - 0.3, f"{what} did not train: {losses}"
+    return worst
 
 
 def final_params(c, status):

@@ -17,7 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "worker/gpu.h"
+#include "worker/cuda/gpu.h"
 
 #define FAKESTACK_MAX_BUFS 64
 
@@ -54,15 +54,14 @@ struct fakestack_gpu {
     int nbufs;
 };
 
-/* GPU 0 of the fake stack (skips the test in a build without kernels). */
+/* GPU 0 of the fake stack, in every build: its kernels are host functions
+ * found by name, whatever images the build has. */
 static inline void fakestack_gpu_open(struct fakestack_gpu *f)
 {
     char err[512];
 
     memset(f, 0, sizeof(*f));
-    if (!wk_gpu_have_kernels())
-        cr_skip_test("built without nvcc: no kernels");
-    f->c = fakestack_open();
+    f->c = fakestack_open(); /* takes a build without nvcc's placeholder images too */
     cr_assert_eq(wk_gpu_create(f->c, 0, 1 << 20, &f->g, err, sizeof(err)), 0, "%s", err);
     f->s = wk_gpu_compute_stream(f->g);
 }

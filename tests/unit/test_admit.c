@@ -1,5 +1,5 @@
 /* test_admit.c - memory admission: a spec's memory per rank
- * (coord_jobspec_memory) against what the cpu backend's model really
+ * (job_spec_memory) against what the cpu backend's model really
  * allocates, the refusal of coord_admit_check with the numbers, and
  * Register.memory_bytes through the envelope's checks. */
 #include <criterion/criterion.h>
@@ -12,18 +12,18 @@
 #include <string.h>
 
 #include "coordinator/admit.h"
-#include "coordinator/jobspec.h"
+#include "job/jobspec.h"
 #include "proto/envelope.h"
 #include "worker/model/model.h"
-#include "worker/train.h"
+#include "worker/rank/train.h"
 
 static char err[1024];
 
-static void parse(struct coord_jobspec *s, const char *const *sets, size_t n)
+static void parse(struct job_spec *s, const char *const *sets, size_t n)
 {
     char why[512];
 
-    cr_assert_eq(coord_jobspec_parse("{}", 2, sets, n, s, why, sizeof(why)), 0, "%s", why);
+    cr_assert_eq(job_spec_parse("{}", 2, sets, n, s, why, sizeof(why)), 0, "%s", why);
 }
 
 /* ---- the estimate against the real allocation ------------------------------ */
@@ -36,10 +36,10 @@ static size_t heap_bytes(void)
 }
 
 /* Builds what the cpu backend builds for pipeline rank r of spec (its
- * chunks' models and AdamW state, a cache and cpu.c's four buffers and
+ * chunks' models and AdamW state, a cache and worker/rank/rank.c's four buffers and
  * tokens per micro-batch it runs, the step-end sums' buffer), returns the
  * heap bytes that took, and frees it all. ep 1 only. */
-static size_t measure_rank(const struct coord_jobspec *s, int r)
+static size_t measure_rank(const struct job_spec *s, int r)
 {
     struct wk_train_config tc;
     struct wk_adamw_config oc;
@@ -106,12 +106,12 @@ static size_t measure_rank(const struct coord_jobspec *s, int r)
 
 static void expect_upper_bound(const char *const *sets, size_t n)
 {
-    struct coord_jobspec s;
-    struct coord_jobspec_memory m;
+    struct job_spec s;
+    struct job_spec_memory m;
     size_t real = 0;
 
     parse(&s, sets, n);
-    coord_jobspec_memory(&s, &m);
+    job_spec_memory(&s, &m);
     for (int r = 0; r < s.parallel.pp; r++) {
         size_t b = measure_rank(&s, r);
         real = b > real ? b : real;
@@ -155,36 +155,36 @@ Test(admit, estimate_bounds_the_real_allocation_one_rank)
 
 Test(admit, estimate_grows_with_what_a_rank_holds)
 {
-    struct coord_jobspec s;
-    struct coord_jobspec_memory a, b, c;
+    struct job_spec s;
+    struct job_spec_memory a, b, c;
     const char *more_mb[] = {"parallel.microbatches=8"};
     const char *ep2[] = {"parallel.ep=2"};
 
     parse(&s, NULL, 0);
-    coord_jobspec_memory(&s, &a);
+    job_spec_memory(&s, &a);
     parse(&s, more_mb, 1);
-    coord_jobspec_memory(&s, &b);
+    job_spec_memory(&s, &b);
     cr_assert_gt(b.activations, a.activations, "a cache per micro-batch");
     cr_assert_eq(b.params, a.params);
     cr_assert_eq(b.optimizer, 2 * a.params, "AdamW's m and v");
     parse(&s, ep2, 1);
-    coord_jobspec_memory(&s, &c);
+    job_spec_memory(&s, &c);
     cr_assert_eq(c.params, a.params, "every rank keeps every expert");
 }
 
 Test(admit, huge_spec_saturates_without_overflow)
 {
-    struct coord_jobspec s;
-    struct coord_jobspec_memory m;
+    struct job_spec s;
+    struct job_spec_memory m;
     char text[256];
     const char *sets[] = {"model.vocab=1000000", "model.d_model=65536"};
 
     parse(&s, sets, 2);
-    coord_jobspec_memory(&s, &m);
+    job_spec_memory(&s, &m);
     /* the embedding alone: 1e6 x 65536 floats = 244 GiB, four times over */
     cr_assert_gt(m.params, 244ULL << 30);
     cr_assert_geq(m.total, m.params);
-    coord_jobspec_memory_text(&m, text, sizeof(text));
+    job_spec_memory_text(&m, text, sizeof(text));
     cr_assert_not_null(strstr(text, "TiB (parameters"), "%s", text);
 }
 
@@ -205,17 +205,17 @@ static void fleet(const char *backend, size_t n, const uint64_t *mem)
     }
 }
 
-static uint64_t need_of(const struct coord_jobspec *s)
+static uint64_t need_of(const struct job_spec *s)
 {
-    struct coord_jobspec_memory m;
+    struct job_spec_memory m;
 
-    coord_jobspec_memory(s, &m);
+    job_spec_memory(s, &m);
     return m.total;
 }
 
 Test(admit, refuses_with_the_numbers)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
     uint64_t need, mem[4];
 
     parse(&s, NULL, 0); /* cpu, pp 2 x ep 1 x dp 1 */
@@ -240,7 +240,7 @@ Test(admit, refuses_with_the_numbers)
 
 Test(admit, unknown_memory_fits)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
     uint64_t mem[2] = {0, 0};
 
     parse(&s, NULL, 0);
@@ -253,7 +253,7 @@ Test(admit, unknown_memory_fits)
 
 Test(admit, only_alive_workers_of_the_backend_count)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
     uint64_t need, mem[4];
 
     parse(&s, NULL, 0);
@@ -272,7 +272,7 @@ Test(admit, only_alive_workers_of_the_backend_count)
 
 Test(admit, short_of_workers_is_not_a_memory_refusal)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
     uint64_t mem[1];
 
     parse(&s, NULL, 0);
@@ -284,7 +284,7 @@ Test(admit, short_of_workers_is_not_a_memory_refusal)
 
 Test(admit, sim_jobs_are_never_refused)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
     const char *sets[] = {"backend=sim", "model.vocab=1000000", "model.d_model=65536"};
     uint64_t mem[2] = {1, 1};
 
@@ -295,7 +295,7 @@ Test(admit, sim_jobs_are_never_refused)
 
 Test(admit, the_issue_spec_is_refused)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
     const char *sets[] = {"model.vocab=1000000", "model.d_model=65536"};
     uint64_t mem[2] = {16ULL << 30, 32ULL << 30};
 

@@ -1,4 +1,4 @@
-/* test_authz.c - duplexd's allow-list (coordinator/authz.h): the parser and
+/* test_authz.c - duplexd's allow-list (proto/authz.h): the parser and
  * its refusals, lookups, which worker ids a worker key may take, what each
  * role may send; and the ZAP handler's decision (coordinator/zap.h). */
 #include <criterion/criterion.h>
@@ -12,7 +12,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#include "coordinator/authz.h"
+#include "proto/authz.h"
 #include "coordinator/zap.h"
 
 /* ---- helpers -------------------------------------------------------------- */
@@ -52,11 +52,11 @@ static const char *fmt(const char *f, ...)
     return b;
 }
 
-static coord_authz_t *parse_ok(const char *text)
+static dx_authz_t *parse_ok(const char *text)
 {
-    coord_authz_t *a = NULL;
+    dx_authz_t *a = NULL;
     char err[512] = "";
-    int rc = coord_authz_parse(text, strlen(text), "allow", &a, err, sizeof(err));
+    int rc = dx_authz_parse(text, strlen(text), "allow", &a, err, sizeof(err));
 
     cr_assert_eq(rc, 0, "parse failed: %s\n--- text:\n%s", err, text);
     cr_assert_not_null(a);
@@ -66,9 +66,9 @@ static coord_authz_t *parse_ok(const char *text)
 /* Expects -EINVAL naming "allow:LINE:" and containing word. */
 static void parse_fails_n(const char *text, size_t len, int line, const char *word)
 {
-    coord_authz_t *a = (coord_authz_t *)0x1;
+    dx_authz_t *a = (dx_authz_t *)0x1;
     char err[512] = "", where[32];
-    int rc = coord_authz_parse(text, len, "allow", &a, err, sizeof(err));
+    int rc = dx_authz_parse(text, len, "allow", &a, err, sizeof(err));
 
     cr_assert_eq(rc, -EINVAL, "expected -EINVAL (%s), got %d\n--- text:\n%.*s", word, rc,
                  (int)(len > 2000 ? 2000 : len), text);
@@ -90,17 +90,16 @@ static void parse_fails(const char *text, int line, const char *word)
 
 Test(authz, one_line_of_each_role)
 {
-    coord_authz_t *a =
-        parse_ok(fmt("%s  worker    gpu-node3  ids=node3-gpu0,node3-gpu1  host=node3\n"
-                     "%s  operator  alice\n"
-                     "%s  reader    grafana\n"
-                     "%s\tworker\tn4\thost=node4.example.org\n",
-                     keys[0], keys[1], keys[2], keys[3]));
+    dx_authz_t *a = parse_ok(fmt("%s  worker    gpu-node3  ids=node3-gpu0,node3-gpu1  host=node3\n"
+                                 "%s  operator  alice\n"
+                                 "%s  reader    grafana\n"
+                                 "%s\tworker\tn4\thost=node4.example.org\n",
+                                 keys[0], keys[1], keys[2], keys[3]));
     const struct coord_principal *p;
 
-    cr_assert_eq(coord_authz_count(a), 4);
+    cr_assert_eq(dx_authz_count(a), 4);
 
-    cr_assert_not_null(p = coord_authz_find(a, keys[0]));
+    cr_assert_not_null(p = dx_authz_find(a, keys[0]));
     cr_assert_str_eq(p->key, keys[0]);
     cr_assert_eq(p->role, COORD_ROLE_WORKER);
     cr_assert_str_eq(p->name, "gpu-node3");
@@ -109,76 +108,76 @@ Test(authz, one_line_of_each_role)
     cr_assert_str_eq(p->ids[1], "node3-gpu1");
     cr_assert_str_eq(p->host, "node3");
 
-    cr_assert_not_null(p = coord_authz_find(a, keys[1]));
+    cr_assert_not_null(p = dx_authz_find(a, keys[1]));
     cr_assert_eq(p->role, COORD_ROLE_OPERATOR);
     cr_assert_str_eq(p->name, "alice");
     cr_assert_eq(p->n_ids, 0);
     cr_assert_null(p->host);
 
-    cr_assert_not_null(p = coord_authz_find(a, keys[2]));
+    cr_assert_not_null(p = dx_authz_find(a, keys[2]));
     cr_assert_eq(p->role, COORD_ROLE_READER);
     cr_assert_str_eq(p->name, "grafana");
 
-    cr_assert_not_null(p = coord_authz_find(a, keys[3]));
+    cr_assert_not_null(p = dx_authz_find(a, keys[3]));
     cr_assert_eq(p->role, COORD_ROLE_WORKER);
     cr_assert_eq(p->n_ids, 0);
     cr_assert_str_eq(p->host, "node4.example.org");
-    coord_authz_destroy(a);
+    dx_authz_destroy(a);
 }
 
 Test(authz, order_of_options_and_names)
 {
     char name64[DX_CERT_META_MAX + 1];
-    coord_authz_t *a;
+    dx_authz_t *a;
     const struct coord_principal *p;
 
     memset(name64, 'n', DX_CERT_META_MAX);
     name64[DX_CERT_META_MAX] = '\0';
     a = parse_ok(
         fmt("%s worker w.1_x@y-z host=h ids=*\n%s operator %s\n", keys[0], keys[1], name64));
-    cr_assert_not_null(p = coord_authz_find(a, keys[0]));
+    cr_assert_not_null(p = dx_authz_find(a, keys[0]));
     cr_assert_str_eq(p->name, "w.1_x@y-z");
     cr_assert_str_eq(p->host, "h");
     cr_assert_eq(p->n_ids, 1);
     cr_assert_str_eq(p->ids[0], "*");
-    cr_assert_not_null(p = coord_authz_find(a, keys[1]));
+    cr_assert_not_null(p = dx_authz_find(a, keys[1]));
     cr_assert_str_eq(p->name, name64);
-    coord_authz_destroy(a);
+    dx_authz_destroy(a);
 }
 
 Test(authz, empty_and_comment_only_lists)
 {
-    coord_authz_t *a = parse_ok("");
+    dx_authz_t *a = parse_ok("");
 
-    cr_assert_eq(coord_authz_count(a), 0);
-    cr_assert_null(coord_authz_find(a, keys[0]));
-    coord_authz_destroy(a);
+    cr_assert_eq(dx_authz_count(a), 0);
+    cr_assert_null(dx_authz_find(a, keys[0]));
+    dx_authz_destroy(a);
     a = parse_ok("# nobody\n\n   \n\t\n");
-    cr_assert_eq(coord_authz_count(a), 0);
-    coord_authz_destroy(a);
+    cr_assert_eq(dx_authz_count(a), 0);
+    dx_authz_destroy(a);
 }
 
 Test(authz, comments_blank_lines_and_crlf)
 {
-    coord_authz_t *a = parse_ok(fmt("# duplexd allow-list\r\n"
-                                    "\r\n"
-                                    "#\n"
-                                    "#\tindented by a tab\n"
-                                    "## a heading\n"
-                                    "   # an indented comment\n"
-                                    "\t\n"
-                                    "   %s operator alice   \r\n"
-                                    "%s reader bob\r\n"
-                                    "# %s operator commented-out\n"
-                                    "%s worker w ids=x",
-                                    keys[0], keys[1], keys[2], keys[3]));
+    dx_authz_t *a = parse_ok(fmt("# duplexd allow-list\r\n"
+                                 "\r\n"
+                                 "#\n"
+                                 "#\tindented by a tab\n"
+                                 "## a heading\n"
+                                 "   # an indented comment\n"
+                                 "\t\n"
+                                 "   %s operator alice   \r\n"
+                                 "%s reader bob\r\n"
+                                 "# %s operator commented-out\n"
+                                 "%s worker w ids=x",
+                                 keys[0], keys[1], keys[2], keys[3]));
 
-    cr_assert_eq(coord_authz_count(a), 3);
-    cr_assert_str_eq(coord_authz_find(a, keys[0])->name, "alice");
-    cr_assert_str_eq(coord_authz_find(a, keys[1])->name, "bob");
-    cr_assert_null(coord_authz_find(a, keys[2]), "a commented-out line is not an entry");
-    cr_assert_str_eq(coord_authz_find(a, keys[3])->ids[0], "x", "last line without newline");
-    coord_authz_destroy(a);
+    cr_assert_eq(dx_authz_count(a), 3);
+    cr_assert_str_eq(dx_authz_find(a, keys[0])->name, "alice");
+    cr_assert_str_eq(dx_authz_find(a, keys[1])->name, "bob");
+    cr_assert_null(dx_authz_find(a, keys[2]), "a commented-out line is not an entry");
+    cr_assert_str_eq(dx_authz_find(a, keys[3])->ids[0], "x", "last line without newline");
+    dx_authz_destroy(a);
 
     /* line numbers count CRLF lines */
     parse_fails(fmt("# x\r\n\r\n%s operator alice\r\n%s boss bob\r\n", keys[0], keys[1]), 4,
@@ -288,7 +287,7 @@ Test(authz, refuses_bad_ids)
     id[129] = '\0';
     parse_fails(fmt("%s worker w ids=%s\n", keys[0], id), 1, "bad worker id pattern");
     id[128] = '\0'; /* 128 is the longest */
-    coord_authz_destroy(parse_ok(fmt("%s worker w ids=%s\n", keys[0], id)));
+    dx_authz_destroy(parse_ok(fmt("%s worker w ids=%s\n", keys[0], id)));
 }
 
 Test(authz, refuses_wrong_field_counts)
@@ -321,43 +320,42 @@ Test(authz, refuses_bytes_outside_printable_ascii)
 
 Test(authz, refuses_overlong_lines)
 {
-    char *text = malloc(COORD_AUTHZ_LINE_MAX + 16);
-    coord_authz_t *a;
+    char *text = malloc(DX_AUTHZ_LINE_MAX + 16);
+    dx_authz_t *a;
     char err[256];
 
     cr_assert_not_null(text);
     /* a comment of exactly the longest line is fine, CR not counted */
     text[0] = '#';
-    memset(text + 1, ' ', COORD_AUTHZ_LINE_MAX - 1);
-    memcpy(text + COORD_AUTHZ_LINE_MAX, "\r\n", 3);
-    cr_assert_eq(coord_authz_parse(text, strlen(text), "allow", &a, err, sizeof(err)), 0, "%s",
-                 err);
-    coord_authz_destroy(a);
+    memset(text + 1, ' ', DX_AUTHZ_LINE_MAX - 1);
+    memcpy(text + DX_AUTHZ_LINE_MAX, "\r\n", 3);
+    cr_assert_eq(dx_authz_parse(text, strlen(text), "allow", &a, err, sizeof(err)), 0, "%s", err);
+    dx_authz_destroy(a);
     /* one more character: refused even though it is a comment */
-    memcpy(text + COORD_AUTHZ_LINE_MAX, " \n", 3);
+    memcpy(text + DX_AUTHZ_LINE_MAX, " \n", 3);
     parse_fails(text, 1, "line longer than 4096 characters");
     /* the same as the last line without a newline, after a good one */
     memcpy(text, "\n", 1);
-    memset(text + 1, ' ', COORD_AUTHZ_LINE_MAX + 1);
-    text[COORD_AUTHZ_LINE_MAX + 2] = '\0';
+    memset(text + 1, ' ', DX_AUTHZ_LINE_MAX + 1);
+    text[DX_AUTHZ_LINE_MAX + 2] = '\0';
     parse_fails(text, 2, "line longer than");
     free(text);
 }
 
 Test(authz, refuses_oversize_file)
 {
-    size_t n = COORD_AUTHZ_FILE_MAX + 1;
+    size_t n = DX_AUTHZ_FILE_MAX + 1;
     char *text = malloc(n);
-    coord_authz_t *a = (coord_authz_t *)0x1;
+    dx_authz_t *a = (dx_authz_t *)0x1;
     char err[256];
 
     cr_assert_not_null(text);
     memset(text, '\n', n);
-    cr_assert_eq(coord_authz_parse(text, n, "allow", &a, err, sizeof(err)), -EINVAL);
+    cr_assert_eq(dx_authz_parse(text, n, "allow", &a, err, sizeof(err)), -EINVAL);
     cr_assert_null(a);
     cr_assert_not_null(strstr(err, "larger than"), "%s", err);
-    cr_assert_eq(coord_authz_parse(text, n - 1, "allow", &a, err, sizeof(err)), 0);
-    coord_authz_destroy(a);
+    cr_assert_eq(dx_authz_parse(text, n - 1, "allow", &a, err, sizeof(err)), 0);
+    dx_authz_destroy(a);
     free(text);
 }
 
@@ -373,14 +371,14 @@ Test(authz, load_from_file)
 {
     char dir[] = "/tmp/dx_authz_XXXXXX", path[64], err[512] = "";
     const char *text = fmt("%s operator alice\n", keys[0]);
-    coord_authz_t *a = NULL;
+    dx_authz_t *a = NULL;
     int fd;
 
     cr_assert_not_null(mkdtemp(dir));
     snprintf(path, sizeof(path), "%s/allow", dir);
-    cr_assert_eq(coord_authz_load(path, &a, err, sizeof(err)), -ENOENT);
+    cr_assert_eq(dx_authz_load(path, &a, err, sizeof(err)), -ENOENT);
     cr_assert_not_null(strstr(err, path), "%s", err);
-    cr_assert_eq(coord_authz_load(dir, &a, err, sizeof(err)), -EINVAL);
+    cr_assert_eq(dx_authz_load(dir, &a, err, sizeof(err)), -EINVAL);
     cr_assert_not_null(strstr(err, "not a regular file"), "%s", err);
 
     fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0644);
@@ -388,15 +386,15 @@ Test(authz, load_from_file)
     cr_assert_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
     cr_assert_eq(write(fd, "bad line\n", 9), 9);
     close(fd);
-    cr_assert_eq(coord_authz_load(path, &a, err, sizeof(err)), -EINVAL);
+    cr_assert_eq(dx_authz_load(path, &a, err, sizeof(err)), -EINVAL);
     cr_assert_null(a);
     cr_assert_not_null(strstr(err, fmt("%s:2: ", path)), "the error names file and line: %s", err);
 
     cr_assert_eq(truncate(path, (off_t)strlen(text)), 0);
-    cr_assert_eq(coord_authz_load(path, &a, err, sizeof(err)), 0, "%s", err);
-    cr_assert_eq(coord_authz_count(a), 1);
-    cr_assert_str_eq(coord_authz_find(a, keys[0])->name, "alice");
-    coord_authz_destroy(a);
+    cr_assert_eq(dx_authz_load(path, &a, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(dx_authz_count(a), 1);
+    cr_assert_str_eq(dx_authz_find(a, keys[0])->name, "alice");
+    dx_authz_destroy(a);
     unlink(path);
     rmdir(dir);
 }
@@ -405,25 +403,25 @@ Test(authz, load_from_file)
 
 Test(authz, find)
 {
-    coord_authz_t *a = parse_ok(fmt("%s operator alice\n%s reader bob\n", keys[0], keys[1]));
+    dx_authz_t *a = parse_ok(fmt("%s operator alice\n%s reader bob\n", keys[0], keys[1]));
     char longer[DX_CERT_KEY_LEN + 2];
 
-    cr_assert_eq(coord_authz_count(a), 2);
-    cr_assert_str_eq(coord_authz_find(a, keys[0])->name, "alice");
-    cr_assert_str_eq(coord_authz_find(a, keys[1])->name, "bob");
-    cr_assert_null(coord_authz_find(a, keys[2]));
-    cr_assert_null(coord_authz_find(a, NULL));
-    cr_assert_null(coord_authz_find(a, ""));
-    cr_assert_null(coord_authz_find(NULL, keys[0]));
-    cr_assert_eq(coord_authz_count(NULL), 0);
+    cr_assert_eq(dx_authz_count(a), 2);
+    cr_assert_str_eq(dx_authz_find(a, keys[0])->name, "alice");
+    cr_assert_str_eq(dx_authz_find(a, keys[1])->name, "bob");
+    cr_assert_null(dx_authz_find(a, keys[2]));
+    cr_assert_null(dx_authz_find(a, NULL));
+    cr_assert_null(dx_authz_find(a, ""));
+    cr_assert_null(dx_authz_find(NULL, keys[0]));
+    cr_assert_eq(dx_authz_count(NULL), 0);
     /* a prefix or an extension of a listed key is not it */
     snprintf(longer, sizeof(longer), "%s", keys[0]);
     longer[DX_CERT_KEY_LEN - 1] = '\0';
-    cr_assert_null(coord_authz_find(a, longer));
+    cr_assert_null(dx_authz_find(a, longer));
     snprintf(longer, sizeof(longer), "%sx", keys[0]);
-    cr_assert_null(coord_authz_find(a, longer));
-    coord_authz_destroy(a);
-    coord_authz_destroy(NULL);
+    cr_assert_null(dx_authz_find(a, longer));
+    dx_authz_destroy(a);
+    dx_authz_destroy(NULL);
 }
 
 Test(authz, roles_by_name)
@@ -446,85 +444,85 @@ Test(authz, roles_by_name)
 
 Test(authz, worker_may_be_exact_ids)
 {
-    coord_authz_t *a = parse_ok(fmt("%s worker w ids=node3-gpu0,node3-gpu1\n", keys[0]));
-    const struct coord_principal *p = coord_authz_find(a, keys[0]);
+    dx_authz_t *a = parse_ok(fmt("%s worker w ids=node3-gpu0,node3-gpu1\n", keys[0]));
+    const struct coord_principal *p = dx_authz_find(a, keys[0]);
 
-    cr_assert(coord_authz_worker_may_be(p, "node3-gpu0", "node3"));
-    cr_assert(coord_authz_worker_may_be(p, "node3-gpu1", NULL), "no host= means any host");
-    cr_assert(coord_authz_worker_may_be(p, "node3-gpu1", ""));
-    cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu2", "node3"));
-    cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu", "node3"));
-    cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu00", "node3"));
-    cr_assert_not(coord_authz_worker_may_be(p, "", "node3"));
-    cr_assert_not(coord_authz_worker_may_be(p, "NODE3-GPU0", "node3"));
-    coord_authz_destroy(a);
+    cr_assert(dx_authz_worker_may_be(p, "node3-gpu0", "node3"));
+    cr_assert(dx_authz_worker_may_be(p, "node3-gpu1", NULL), "no host= means any host");
+    cr_assert(dx_authz_worker_may_be(p, "node3-gpu1", ""));
+    cr_assert_not(dx_authz_worker_may_be(p, "node3-gpu2", "node3"));
+    cr_assert_not(dx_authz_worker_may_be(p, "node3-gpu", "node3"));
+    cr_assert_not(dx_authz_worker_may_be(p, "node3-gpu00", "node3"));
+    cr_assert_not(dx_authz_worker_may_be(p, "", "node3"));
+    cr_assert_not(dx_authz_worker_may_be(p, "NODE3-GPU0", "node3"));
+    dx_authz_destroy(a);
 }
 
 Test(authz, worker_may_be_prefix_patterns)
 {
-    coord_authz_t *a = parse_ok(fmt("%s worker w ids=node3-*,spare\n", keys[0]));
-    const struct coord_principal *p = coord_authz_find(a, keys[0]);
+    dx_authz_t *a = parse_ok(fmt("%s worker w ids=node3-*,spare\n", keys[0]));
+    const struct coord_principal *p = dx_authz_find(a, keys[0]);
 
-    cr_assert(coord_authz_worker_may_be(p, "node3-gpu0", NULL));
-    cr_assert(coord_authz_worker_may_be(p, "node3-gpu7", "anywhere"));
-    cr_assert(coord_authz_worker_may_be(p, "node3-", NULL), "an empty rest matches");
-    cr_assert(coord_authz_worker_may_be(p, "spare", NULL));
-    cr_assert_not(coord_authz_worker_may_be(p, "spare2", NULL));
-    cr_assert_not(coord_authz_worker_may_be(p, "node3", NULL));
-    cr_assert_not(coord_authz_worker_may_be(p, "node4-gpu0", NULL));
-    cr_assert_not(coord_authz_worker_may_be(p, "xnode3-gpu0", NULL));
-    coord_authz_destroy(a);
+    cr_assert(dx_authz_worker_may_be(p, "node3-gpu0", NULL));
+    cr_assert(dx_authz_worker_may_be(p, "node3-gpu7", "anywhere"));
+    cr_assert(dx_authz_worker_may_be(p, "node3-", NULL), "an empty rest matches");
+    cr_assert(dx_authz_worker_may_be(p, "spare", NULL));
+    cr_assert_not(dx_authz_worker_may_be(p, "spare2", NULL));
+    cr_assert_not(dx_authz_worker_may_be(p, "node3", NULL));
+    cr_assert_not(dx_authz_worker_may_be(p, "node4-gpu0", NULL));
+    cr_assert_not(dx_authz_worker_may_be(p, "xnode3-gpu0", NULL));
+    dx_authz_destroy(a);
 }
 
 Test(authz, worker_may_be_any_id)
 {
-    coord_authz_t *a = parse_ok(fmt("%s worker w ids=*\n", keys[0]));
-    const struct coord_principal *p = coord_authz_find(a, keys[0]);
+    dx_authz_t *a = parse_ok(fmt("%s worker w ids=*\n", keys[0]));
+    const struct coord_principal *p = dx_authz_find(a, keys[0]);
 
-    cr_assert(coord_authz_worker_may_be(p, "anything", NULL));
-    cr_assert(coord_authz_worker_may_be(p, "", "h"));
-    coord_authz_destroy(a);
+    cr_assert(dx_authz_worker_may_be(p, "anything", NULL));
+    cr_assert(dx_authz_worker_may_be(p, "", "h"));
+    dx_authz_destroy(a);
 }
 
 Test(authz, worker_may_be_host_only)
 {
-    coord_authz_t *a = parse_ok(fmt("%s worker w host=node3\n", keys[0]));
-    const struct coord_principal *p = coord_authz_find(a, keys[0]);
+    dx_authz_t *a = parse_ok(fmt("%s worker w host=node3\n", keys[0]));
+    const struct coord_principal *p = dx_authz_find(a, keys[0]);
 
-    cr_assert(coord_authz_worker_may_be(p, "node3-gpu0", "node3"));
+    cr_assert(dx_authz_worker_may_be(p, "node3-gpu0", "node3"));
     /* host= alone binds the ids too: the host a worker names is its own say */
-    cr_assert_not(coord_authz_worker_may_be(p, "whatever", "node3"), "host= alone: HOST-* ids");
-    cr_assert_not(coord_authz_worker_may_be(p, "node4-gpu0", "node3"));
-    cr_assert_not(coord_authz_worker_may_be(p, "node3gpu0", "node3"));
-    cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu0", "node4"));
-    cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu0", "node3.example.org"));
-    cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu0", "node"));
-    cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu0", ""));
+    cr_assert_not(dx_authz_worker_may_be(p, "whatever", "node3"), "host= alone: HOST-* ids");
+    cr_assert_not(dx_authz_worker_may_be(p, "node4-gpu0", "node3"));
+    cr_assert_not(dx_authz_worker_may_be(p, "node3gpu0", "node3"));
+    cr_assert_not(dx_authz_worker_may_be(p, "node3-gpu0", "node4"));
+    cr_assert_not(dx_authz_worker_may_be(p, "node3-gpu0", "node3.example.org"));
+    cr_assert_not(dx_authz_worker_may_be(p, "node3-gpu0", "node"));
+    cr_assert_not(dx_authz_worker_may_be(p, "node3-gpu0", ""));
     /* later messages (host checked at registration): the ids still bind */
-    cr_assert(coord_authz_worker_may_be(p, "node3-gpu0", NULL));
-    cr_assert_not(coord_authz_worker_may_be(p, "node4-gpu0", NULL));
-    coord_authz_destroy(a);
+    cr_assert(dx_authz_worker_may_be(p, "node3-gpu0", NULL));
+    cr_assert_not(dx_authz_worker_may_be(p, "node4-gpu0", NULL));
+    dx_authz_destroy(a);
 }
 
 Test(authz, worker_may_be_ids_and_host)
 {
-    coord_authz_t *a = parse_ok(fmt("%s worker w ids=node3-* host=node3\n", keys[0]));
-    const struct coord_principal *p = coord_authz_find(a, keys[0]);
+    dx_authz_t *a = parse_ok(fmt("%s worker w ids=node3-* host=node3\n", keys[0]));
+    const struct coord_principal *p = dx_authz_find(a, keys[0]);
 
-    cr_assert(coord_authz_worker_may_be(p, "node3-gpu0", "node3"));
-    cr_assert_not(coord_authz_worker_may_be(p, "node3-gpu0", "node4"), "both must hold");
-    cr_assert_not(coord_authz_worker_may_be(p, "node4-gpu0", "node3"), "both must hold");
-    cr_assert(coord_authz_worker_may_be(p, "node3-gpu0", NULL), "host checked at registration");
-    coord_authz_destroy(a);
+    cr_assert(dx_authz_worker_may_be(p, "node3-gpu0", "node3"));
+    cr_assert_not(dx_authz_worker_may_be(p, "node3-gpu0", "node4"), "both must hold");
+    cr_assert_not(dx_authz_worker_may_be(p, "node4-gpu0", "node3"), "both must hold");
+    cr_assert(dx_authz_worker_may_be(p, "node3-gpu0", NULL), "host checked at registration");
+    dx_authz_destroy(a);
 }
 
 Test(authz, non_workers_may_be_no_worker)
 {
-    coord_authz_t *a = parse_ok(fmt("%s operator alice\n%s reader bob\n", keys[0], keys[1]));
+    dx_authz_t *a = parse_ok(fmt("%s operator alice\n%s reader bob\n", keys[0], keys[1]));
 
-    cr_assert_not(coord_authz_worker_may_be(coord_authz_find(a, keys[0]), "alice", NULL));
-    cr_assert_not(coord_authz_worker_may_be(coord_authz_find(a, keys[1]), "bob", NULL));
-    coord_authz_destroy(a);
+    cr_assert_not(dx_authz_worker_may_be(dx_authz_find(a, keys[0]), "alice", NULL));
+    cr_assert_not(dx_authz_worker_may_be(dx_authz_find(a, keys[1]), "bob", NULL));
+    dx_authz_destroy(a);
 }
 
 /* ---- what each role may send ------------------------------------------------ */
@@ -561,7 +559,7 @@ Test(authz, may_send_by_role)
 
         for (size_t j = 0; j < 3; j++) {
             const char *rule = NULL;
-            bool got = coord_authz_may_send(roles[j], r->type, &rule);
+            bool got = dx_authz_may_send(roles[j], r->type, &rule);
 
             cr_assert_eq(got, want[j], "%s sending type %d: expected %s", coord_role_name(roles[j]),
                          (int)r->type, want[j] ? "allowed" : "refused");
@@ -576,22 +574,20 @@ Test(authz, may_send_examples)
 {
     const char *rule = NULL;
 
-    cr_assert_not(coord_authz_may_send(COORD_ROLE_READER, DUPLEX__MSG_TYPE__MSG_SUBMIT, &rule));
+    cr_assert_not(dx_authz_may_send(COORD_ROLE_READER, DUPLEX__MSG_TYPE__MSG_SUBMIT, &rule));
     cr_assert_not_null(strstr(rule, "operator"), "%s", rule);
-    cr_assert_not(coord_authz_may_send(COORD_ROLE_READER, DUPLEX__MSG_TYPE__MSG_CANCEL, &rule));
-    cr_assert_not(coord_authz_may_send(COORD_ROLE_READER, DUPLEX__MSG_TYPE__MSG_DRAIN, &rule));
-    cr_assert_not(coord_authz_may_send(COORD_ROLE_READER, DUPLEX__MSG_TYPE__MSG_REGISTER, &rule));
+    cr_assert_not(dx_authz_may_send(COORD_ROLE_READER, DUPLEX__MSG_TYPE__MSG_CANCEL, &rule));
+    cr_assert_not(dx_authz_may_send(COORD_ROLE_READER, DUPLEX__MSG_TYPE__MSG_DRAIN, &rule));
+    cr_assert_not(dx_authz_may_send(COORD_ROLE_READER, DUPLEX__MSG_TYPE__MSG_REGISTER, &rule));
     cr_assert_not_null(strstr(rule, "worker"), "%s", rule);
-    cr_assert_not(
-        coord_authz_may_send(COORD_ROLE_WORKER, DUPLEX__MSG_TYPE__MSG_LIST_WORKERS, &rule));
+    cr_assert_not(dx_authz_may_send(COORD_ROLE_WORKER, DUPLEX__MSG_TYPE__MSG_LIST_WORKERS, &rule));
     cr_assert_not_null(strstr(rule, "reader"), "%s", rule);
-    cr_assert_not(coord_authz_may_send(COORD_ROLE_WORKER, DUPLEX__MSG_TYPE__MSG_SUBMIT, &rule));
-    cr_assert_not(coord_authz_may_send(COORD_ROLE_OPERATOR, DUPLEX__MSG_TYPE__MSG_REGISTER, &rule));
-    cr_assert_not(
-        coord_authz_may_send(COORD_ROLE_OPERATOR, DUPLEX__MSG_TYPE__MSG_STEP_REPORT, &rule));
-    cr_assert(coord_authz_may_send(COORD_ROLE_OPERATOR, DUPLEX__MSG_TYPE__MSG_SUBMIT, &rule));
-    cr_assert(coord_authz_may_send(COORD_ROLE_READER, DUPLEX__MSG_TYPE__MSG_EVENTS, &rule));
-    cr_assert(coord_authz_may_send(COORD_ROLE_WORKER, DUPLEX__MSG_TYPE__MSG_HEARTBEAT, &rule));
+    cr_assert_not(dx_authz_may_send(COORD_ROLE_WORKER, DUPLEX__MSG_TYPE__MSG_SUBMIT, &rule));
+    cr_assert_not(dx_authz_may_send(COORD_ROLE_OPERATOR, DUPLEX__MSG_TYPE__MSG_REGISTER, &rule));
+    cr_assert_not(dx_authz_may_send(COORD_ROLE_OPERATOR, DUPLEX__MSG_TYPE__MSG_STEP_REPORT, &rule));
+    cr_assert(dx_authz_may_send(COORD_ROLE_OPERATOR, DUPLEX__MSG_TYPE__MSG_SUBMIT, &rule));
+    cr_assert(dx_authz_may_send(COORD_ROLE_READER, DUPLEX__MSG_TYPE__MSG_EVENTS, &rule));
+    cr_assert(dx_authz_may_send(COORD_ROLE_WORKER, DUPLEX__MSG_TYPE__MSG_HEARTBEAT, &rule));
 }
 
 /* ---- the ZAP decision ---------------------------------------------------- */
@@ -625,12 +621,12 @@ static struct zap_req curve_request(const uint8_t *k, size_t klen)
     return r;
 }
 
-static int decide(const coord_authz_t *a, const struct zap_req *r, struct coord_zap_reply *out)
+static int decide(const dx_authz_t *a, const struct zap_req *r, struct coord_zap_reply *out)
 {
     return coord_zap_decide(a, r->frames, r->sizes, r->n, out);
 }
 
-static void expect_status(const coord_authz_t *a, const struct zap_req *r, const char *status)
+static void expect_status(const dx_authz_t *a, const struct zap_req *r, const char *status)
 {
     struct coord_zap_reply out;
     int rc;
@@ -645,14 +641,14 @@ static void expect_status(const coord_authz_t *a, const struct zap_req *r, const
         cr_assert_str_eq(out.user_id, "", "no user id on a refusal");
 }
 
-static coord_authz_t *zap_list(void)
+static dx_authz_t *zap_list(void)
 {
     return parse_ok(fmt("%s worker w ids=*\n%s reader r\n", keys[0], keys[1]));
 }
 
 Test(zap, accepted_key_user_id_is_the_key)
 {
-    coord_authz_t *a = zap_list();
+    dx_authz_t *a = zap_list();
     struct zap_req r = curve_request(raw[0], 32);
     struct coord_zap_reply out;
 
@@ -667,12 +663,12 @@ Test(zap, accepted_key_user_id_is_the_key)
     set_frame(&r, 1, "", 0);
     set_frame(&r, 3, "", 0);
     expect_status(a, &r, "200");
-    coord_authz_destroy(a);
+    dx_authz_destroy(a);
 }
 
 Test(zap, unknown_key_is_refused)
 {
-    coord_authz_t *a = zap_list();
+    dx_authz_t *a = zap_list();
     struct zap_req r = curve_request(raw[2], 32);
     struct coord_zap_reply out;
 
@@ -682,12 +678,12 @@ Test(zap, unknown_key_is_refused)
     /* with no list at all, nobody is let in */
     r = curve_request(raw[0], 32);
     expect_status(NULL, &r, "400");
-    coord_authz_destroy(a);
+    dx_authz_destroy(a);
 }
 
 Test(zap, other_domains_are_refused)
 {
-    coord_authz_t *a = zap_list();
+    dx_authz_t *a = zap_list();
     struct zap_req r = curve_request(raw[0], 32);
 
     set_frame(&r, 2, "", 0);
@@ -700,12 +696,12 @@ Test(zap, other_domains_are_refused)
     expect_status(a, &r, "400");
     set_frame(&r, 2, "DUPLEX", 6);
     expect_status(a, &r, "400");
-    coord_authz_destroy(a);
+    dx_authz_destroy(a);
 }
 
 Test(zap, other_mechanisms_are_refused)
 {
-    coord_authz_t *a = zap_list();
+    dx_authz_t *a = zap_list();
     struct zap_req r = curve_request(raw[0], 32);
 
     /* NULL: no credentials frame */
@@ -730,12 +726,12 @@ Test(zap, other_mechanisms_are_refused)
     expect_status(a, &r, "400");
     set_frame(&r, 5, "CURVE\0", 6);
     expect_status(a, &r, "400");
-    coord_authz_destroy(a);
+    dx_authz_destroy(a);
 }
 
 Test(zap, malformed_requests)
 {
-    coord_authz_t *a = zap_list();
+    dx_authz_t *a = zap_list();
     uint8_t key33[33];
     struct zap_req r;
 
@@ -779,5 +775,5 @@ Test(zap, malformed_requests)
     /* the key in Z85 rather than raw */
     r = curve_request((const uint8_t *)keys[0], DX_CERT_KEY_LEN);
     expect_status(a, &r, "500");
-    coord_authz_destroy(a);
+    dx_authz_destroy(a);
 }

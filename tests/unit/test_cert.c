@@ -13,7 +13,7 @@
 #include <uv.h>
 #include <zmq.h>
 
-#include "coordinator/authz.h"
+#include "proto/authz.h"
 #include "coordinator/zap.h"
 #include "proto/cert.h"
 
@@ -885,7 +885,7 @@ Test(cert, apply_refuses_public_only)
 struct curve {
     void *ctx;
     uv_loop_t loop;
-    coord_authz_t *authz;
+    dx_authz_t *authz;
     coord_zap_t *zap;
     void *router;
     char endpoint[256];
@@ -906,8 +906,8 @@ static void curve_setup(void)
     cr_assert_eq(dx_cert_generate("good", "worker", &cv.good), 0);
     cr_assert_eq(dx_cert_generate("bad", "worker", &cv.bad), 0);
     snprintf(list, sizeof(list), "%s operator good\n", cv.good.public_key);
-    cr_assert_eq(coord_authz_parse(list, strlen(list), "test", &cv.authz, err, sizeof(err)), 0,
-                 "%s", err);
+    cr_assert_eq(dx_authz_parse(list, strlen(list), "test", &cv.authz, err, sizeof(err)), 0, "%s",
+                 err);
     cr_assert_eq(uv_loop_init(&cv.loop), 0);
     cr_assert_eq(coord_zap_create(&cv.loop, cv.ctx, cv.authz, &cv.zap, err, sizeof(err)), 0, "%s",
                  err);
@@ -925,7 +925,7 @@ static void curve_teardown(void)
     coord_zap_destroy(cv.zap);
     uv_run(&cv.loop, UV_RUN_DEFAULT); /* lets the watcher's handles close */
     uv_loop_close(&cv.loop);
-    coord_authz_destroy(cv.authz);
+    dx_authz_destroy(cv.authz);
     zmq_ctx_term(cv.ctx);
 }
 
@@ -1052,15 +1052,15 @@ Test(cert, curve_plain_client_delivers_nothing, .init = curve_setup, .fini = cur
 Test(cert, curve_allow_list_swap, .init = curve_setup, .fini = curve_teardown)
 {
     struct delivery d;
-    coord_authz_t *next = NULL;
+    dx_authz_t *next = NULL;
     char err[256], list[256];
     void *c;
 
     /* the new list names the other key: the old one is refused from now on */
     snprintf(list, sizeof(list), "%s reader bad\n", cv.bad.public_key);
-    cr_assert_eq(coord_authz_parse(list, strlen(list), "next", &next, err, sizeof(err)), 0);
+    cr_assert_eq(dx_authz_parse(list, strlen(list), "next", &next, err, sizeof(err)), 0);
     coord_zap_set_authz(cv.zap, next);
-    coord_authz_destroy(cv.authz);
+    dx_authz_destroy(cv.authz);
     cv.authz = next;
 
     c = curve_client(&cv.good, cv.server.public_key, "old");

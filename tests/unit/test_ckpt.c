@@ -14,34 +14,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/fs.h"
 #include "common/ckpt.h"
 
 #define ERRLEN 512
 
 static char dir[64];
 static char err[ERRLEN];
-
-/* rm -r path (no symbolic links are made here). */
-static void rm_tree(const char *path)
-{
-    DIR *d = opendir(path);
-    struct dirent *de;
-
-    if (d) {
-        while ((de = readdir(d))) {
-            char sub[512];
-
-            if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-                continue;
-            snprintf(sub, sizeof(sub), "%s/%s", path, de->d_name);
-            rm_tree(sub);
-        }
-        closedir(d);
-        rmdir(path);
-    } else {
-        unlink(path);
-    }
-}
 
 static void setup(void)
 {
@@ -51,7 +30,7 @@ static void setup(void)
 
 static void teardown(void)
 {
-    rm_tree(dir);
+    dx_remove_tree(dir);
 }
 
 TestSuite(ckpt, .init = setup, .fini = teardown);

@@ -16,7 +16,8 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#include "worker/dataplane.h"
+#include "common/fs.h"
+#include "worker/net/dataplane.h"
 #include "worker/runtime.h"
 
 #define ERR_LEN 512
@@ -25,31 +26,6 @@ static char base[PATH_MAX];    /* the mkdtemp directory, resolved */
 static char root[PATH_MAX];    /* BASE/root, the checkpoint root */
 static char outside[PATH_MAX]; /* BASE/outside, next to it */
 static char out[PATH_MAX], err[ERR_LEN];
-
-/* rm -r path, not following symbolic links. */
-static void rm_tree(const char *path)
-{
-    struct stat st;
-    DIR *d;
-    struct dirent *de;
-
-    if (lstat(path, &st) < 0)
-        return;
-    if (!S_ISDIR(st.st_mode) || !(d = opendir(path))) {
-        unlink(path);
-        return;
-    }
-    while ((de = readdir(d))) {
-        char sub[PATH_MAX];
-
-        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-            continue;
-        snprintf(sub, sizeof(sub), "%s/%s", path, de->d_name);
-        rm_tree(sub);
-    }
-    closedir(d);
-    rmdir(path);
-}
 
 static void in_base(char *buf, const char *name)
 {
@@ -70,7 +46,7 @@ static void setup(void)
 
 static void teardown(void)
 {
-    rm_tree(base);
+    dx_remove_tree(base);
 }
 
 TestSuite(ckroot, .init = setup, .fini = teardown);
@@ -192,13 +168,13 @@ Test(ckroot, a_cpu_assignment_outside_the_root_is_refused)
     Duplex__Assignment a = DUPLEX__ASSIGNMENT__INIT;
     Duplex__Peer peer = DUPLEX__PEER__INIT, *peers[] = {&peer};
     void *zctx = zmq_ctx_new();
-    wk_data_t *data = NULL;
+    wk_net_t *data = NULL;
     wk_runtime_t *rt = NULL;
-    char spec[PATH_MAX + 256], addr[WK_DATA_ADDR_MAX], step_dir[PATH_MAX];
+    char spec[PATH_MAX + 256], addr[WK_NET_ADDR_MAX], step_dir[PATH_MAX];
 
-    cr_assert_eq(wk_data_create(zctx, "tcp://127.0.0.1:*", "h", &data, err, sizeof(err)), 0, "%s",
+    cr_assert_eq(wk_net_create(zctx, "tcp://127.0.0.1:*", "h", &data, err, sizeof(err)), 0, "%s",
                  err);
-    snprintf(addr, sizeof(addr), "%s", wk_data_addr(data));
+    snprintf(addr, sizeof(addr), "%s", wk_net_addr(data));
     peer.worker_id = "w0";
     peer.data_addr = addr;
     a.job_id = 7;
@@ -235,6 +211,6 @@ Test(ckroot, a_cpu_assignment_outside_the_root_is_refused)
         -EINVAL);
     cr_assert_not_null(strstr(err, "checkpoint.dir"), "%s", err);
     cr_assert_not_null(strstr(err, "\"..\""), "%s", err);
-    wk_data_destroy(data);
+    wk_net_destroy(data);
     zmq_ctx_term(zctx);
 }

@@ -25,7 +25,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "worker/cublas.h"
+#include "worker/cuda/cublas.h"
 #include "worker/model/tensor.h"
 #include "tests/unit/fakestack.h"
 

@@ -1,4 +1,4 @@
-/* test_cublas_fake.c - worker/cublas.c run end to end on libfakecuda.so's
+/* test_cublas_fake.c - worker/cuda/cublas.c run end to end on libfakecuda.so's
  * cuBLASLt (tests/fake/fakecublaslt.c, cublasLt.h's semantics on the host):
  * the model's three GEMM forms in fp32 and bf16 against the worker's own
  * (worker/model/tensor.h), with beta, a NaN-poisoned output that beta = 0
@@ -15,8 +15,8 @@
 #include <unistd.h>
 
 #include "kernels/convert_ref.h"
-#include "worker/cublas.h"
-#include "worker/cuda.h"
+#include "worker/cuda/cublas.h"
+#include "worker/cuda/driver.h"
 #include "worker/model/tensor.h"
 #include "tests/unit/fakestack.h"
 

@@ -18,7 +18,7 @@
 
 #include "common/clock.h"
 #include "pipeline/schedule.h"
-#include "worker/dataplane.h"
+#include "worker/net/dataplane.h"
 
 #define ERR_LEN 512
 #define LOOPBACK "tcp://127.0.0.1:*"
@@ -26,14 +26,11 @@
 #define SHORT_MS 50  /* for one that never comes */
 #define N_MSGS 40
 #define N_CONCURRENT 2000
-#define BUSY_MS 300   /* the receiver's "compute" */
-#define HIDDEN_MS 150 /* a message read while it computed came well before */
-#define PROMPT_MS 50  /* a buffered message is returned at once */
 #define NS_PER_MS 1000000LL
 
 struct pair {
     void *zctx;
-    wk_data_t *a, *b;
+    wk_net_t *a, *b;
 };
 
 static void pair_open(struct pair *p)
@@ -42,44 +39,44 @@ static void pair_open(struct pair *p)
 
     p->zctx = zmq_ctx_new();
     cr_assert_not_null(p->zctx);
-    cr_assert_eq(wk_data_create(p->zctx, LOOPBACK, "ignored", &p->a, err, sizeof(err)), 0, "%s",
+    cr_assert_eq(wk_net_create(p->zctx, LOOPBACK, "ignored", &p->a, err, sizeof(err)), 0, "%s",
                  err);
-    cr_assert_eq(wk_data_create(p->zctx, LOOPBACK, "ignored", &p->b, err, sizeof(err)), 0, "%s",
+    cr_assert_eq(wk_net_create(p->zctx, LOOPBACK, "ignored", &p->b, err, sizeof(err)), 0, "%s",
                  err);
 }
 
 static void pair_close(struct pair *p)
 {
-    wk_data_destroy(p->a);
-    wk_data_destroy(p->b);
+    wk_net_destroy(p->a);
+    wk_net_destroy(p->b);
     zmq_ctx_term(p->zctx);
 }
 
-static struct wk_data_key key(uint64_t job, uint32_t attempt, uint64_t step, int mb)
+static struct wk_net_key key(uint64_t job, uint32_t attempt, uint64_t step, int mb)
 {
-    return (struct wk_data_key){.job_id = job,
-                                .attempt = attempt,
-                                .step = step,
-                                .payload = mb % 2 ? DP_GRADIENT : DP_ACTIVATION,
-                                .path = mb % 3 == 0,
-                                .mb = mb,
-                                .stage = mb % 5};
+    return (struct wk_net_key){.job_id = job,
+                               .attempt = attempt,
+                               .step = step,
+                               .payload = mb % 2 ? DP_GRADIENT : DP_ACTIVATION,
+                               .path = mb % 3 == 0,
+                               .mb = mb,
+                               .stage = mb % 5};
 }
 
-static void send_key(wk_data_t *from, wk_data_t *to, struct wk_data_key k)
+static void send_key(wk_net_t *from, wk_net_t *to, struct wk_net_key k)
 {
     char text[64];
     int n = snprintf(text, sizeof(text), "mb %d step %llu", k.mb, (unsigned long long)k.step);
 
-    cr_assert_eq(wk_data_send(from, wk_data_addr(to), &k, text, (size_t)n + 1, 0), 0);
+    cr_assert_eq(wk_net_send(from, wk_net_addr(to), &k, text, (size_t)n + 1, 0), 0);
 }
 
-static void expect(wk_data_t *d, struct wk_data_key k)
+static void expect(wk_net_t *d, struct wk_net_key k)
 {
-    struct wk_data_msg *m = NULL;
+    struct wk_net_msg *m = NULL;
     char text[64];
 
-    cr_assert_eq(wk_data_recv(d, &k, WAIT_MS, &m), 0, "mb %d step %llu did not come", k.mb,
+    cr_assert_eq(wk_net_recv(d, &k, WAIT_MS, &m), 0, "mb %d step %llu did not come", k.mb,
                  (unsigned long long)k.step);
     snprintf(text, sizeof(text), "mb %d step %llu", k.mb, (unsigned long long)k.step);
     cr_assert_eq(m->len, strlen(text) + 1);
@@ -91,14 +88,14 @@ static void expect(wk_data_t *d, struct wk_data_key k)
     cr_assert_eq(m->key.stage, k.stage);
     cr_assert_eq(m->key.layer, k.layer);
     cr_assert_eq(m->key.src, k.src);
-    wk_data_msg_free(m);
+    wk_net_msg_free(m);
 }
 
-static void expect_none(wk_data_t *d, struct wk_data_key k)
+static void expect_none(wk_net_t *d, struct wk_net_key k)
 {
-    struct wk_data_msg *m = NULL;
+    struct wk_net_msg *m = NULL;
 
-    cr_assert_eq(wk_data_recv(d, &k, SHORT_MS, &m), -ETIMEDOUT);
+    cr_assert_eq(wk_net_recv(d, &k, SHORT_MS, &m), -ETIMEDOUT);
     cr_assert_null(m);
 }
 
@@ -115,16 +112,16 @@ Test(dataplane, advertised_address)
 
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         char err[ERR_LEN] = "";
-        wk_data_t *d = NULL;
+        wk_net_t *d = NULL;
         const char *addr;
 
-        cr_assert_eq(wk_data_create(zctx, cases[i].listen, cases[i].host, &d, err, sizeof(err)), 0,
+        cr_assert_eq(wk_net_create(zctx, cases[i].listen, cases[i].host, &d, err, sizeof(err)), 0,
                      "%s", err);
-        addr = wk_data_addr(d);
+        addr = wk_net_addr(d);
         cr_assert(strncmp(addr, cases[i].prefix, strlen(cases[i].prefix)) == 0,
                   "%s advertised as %s", cases[i].listen, addr);
         cr_assert_gt(atoi(addr + strlen(cases[i].prefix)), 0, "%s: no port", addr);
-        wk_data_destroy(d);
+        wk_net_destroy(d);
     }
     zmq_ctx_term(zctx);
 }
@@ -133,9 +130,9 @@ Test(dataplane, bad_listen_address)
 {
     void *zctx = zmq_ctx_new();
     char err[ERR_LEN] = "";
-    wk_data_t *d = NULL;
+    wk_net_t *d = NULL;
 
-    cr_assert_lt(wk_data_create(zctx, "bogus://x", "h", &d, err, sizeof(err)), 0);
+    cr_assert_lt(wk_net_create(zctx, "bogus://x", "h", &d, err, sizeof(err)), 0);
     cr_assert_null(d);
     cr_assert(strstr(err, "bogus://x"), "%s", err);
     zmq_ctx_term(zctx);
@@ -144,11 +141,11 @@ Test(dataplane, bad_listen_address)
 Test(dataplane, out_of_order_both_ways)
 {
     struct pair p;
-    struct wk_data_stats st;
+    struct wk_net_stats st;
 
     pair_open(&p);
-    wk_data_begin(p.a, 7, 1);
-    wk_data_begin(p.b, 7, 1);
+    wk_net_begin(p.a, 7, 1);
+    wk_net_begin(p.b, 7, 1);
     for (int i = 0; i < N_MSGS; i++) {
         send_key(p.a, p.b, key(7, 1, 1, i));
         send_key(p.b, p.a, key(7, 1, 2, i));
@@ -160,7 +157,7 @@ Test(dataplane, out_of_order_both_ways)
     for (int i = 1; i < N_MSGS; i += 2)
         expect(p.a, key(7, 1, 2, i));
     expect_none(p.a, key(7, 1, 2, 0)); /* each message comes once */
-    wk_data_stats(p.b, &st);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.received, N_MSGS);
     cr_assert_eq(st.sent, N_MSGS);
     cr_assert_eq(st.buffered, 0);
@@ -170,16 +167,16 @@ Test(dataplane, out_of_order_both_ways)
 
 /* Waits until the counter at offset `field` of d's stats reaches want. */
 #define wait_stat(d, field, want)                                                                  \
-    wait_stat_at(d, offsetof(struct wk_data_stats, field), want, #field)
+    wait_stat_at(d, offsetof(struct wk_net_stats, field), want, #field)
 
-static void wait_stat_at(wk_data_t *d, size_t off, uint64_t want, const char *name)
+static void wait_stat_at(wk_net_t *d, size_t off, uint64_t want, const char *name)
 {
-    struct wk_data_stats st;
+    struct wk_net_stats st;
     uint64_t v = 0;
     int64_t t0 = dx_mono_ms();
 
     do {
-        wk_data_stats(d, &st);
+        wk_net_stats(d, &st);
         memcpy(&v, (const char *)&st + off, sizeof(v));
         if (v >= want)
             return;
@@ -193,10 +190,10 @@ static void wait_stat_at(wk_data_t *d, size_t off, uint64_t want, const char *na
 Test(dataplane, frames_of_other_attempts_are_dropped)
 {
     struct pair p;
-    struct wk_data_stats st;
+    struct wk_net_stats st;
 
     pair_open(&p);
-    wk_data_begin(p.b, 5, 2);
+    wk_net_begin(p.b, 5, 2);
     send_key(p.a, p.b, key(5, 1, 1, 0)); /* older attempt */
     send_key(p.a, p.b, key(4, 9, 1, 1)); /* older job */
     send_key(p.a, p.b, key(6, 1, 1, 2)); /* a job this rank was not given */
@@ -204,29 +201,29 @@ Test(dataplane, frames_of_other_attempts_are_dropped)
     send_key(p.a, p.b, key(5, 2, 1, 3)); /* the current one */
     expect(p.b, key(5, 2, 1, 3));
     wait_stat(p.b, received, 5);
-    wk_data_stats(p.b, &st);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.dropped, 4);
     cr_assert_eq(st.buffered, 0);
     expect_none(p.b, key(5, 1, 1, 0));
 
     /* between attempts, a later one's frames wait for it (a peer started first) */
-    wk_data_end(p.b);
+    wk_net_end(p.b);
     send_key(p.a, p.b, key(5, 2, 1, 5)); /* the attempt that ended */
     send_key(p.a, p.b, key(6, 1, 1, 2));
     wait_stat(p.b, early, 1);
-    wk_data_begin(p.b, 6, 1);
+    wk_net_begin(p.b, 6, 1);
     expect(p.b, key(6, 1, 1, 2));
-    wk_data_stats(p.b, &st);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.dropped, 5);
 
     /* starting a new attempt empties the buffer of the old one */
     send_key(p.a, p.b, key(6, 1, 3, 10));
     send_key(p.a, p.b, key(6, 1, 3, 11));
     expect(p.b, key(6, 1, 3, 11));
-    wk_data_stats(p.b, &st);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.buffered, 1);
-    wk_data_begin(p.b, 6, 2);
-    wk_data_stats(p.b, &st);
+    wk_net_begin(p.b, 6, 2);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.buffered, 0);
     cr_assert_eq(st.buffered_bytes, 0);
     pair_close(&p);
@@ -235,25 +232,25 @@ Test(dataplane, frames_of_other_attempts_are_dropped)
 Test(dataplane, timeout_and_garbage)
 {
     struct pair p;
-    struct wk_data_stats st;
+    struct wk_net_stats st;
     void *raw;
     int64_t t0;
 
     pair_open(&p);
-    wk_data_begin(p.b, 1, 1);
+    wk_net_begin(p.b, 1, 1);
     t0 = dx_mono_ms();
     expect_none(p.b, key(1, 1, 1, 0));
     cr_assert_geq(dx_mono_ms() - t0, SHORT_MS);
 
     raw = zmq_socket(p.zctx, ZMQ_PUSH);
-    cr_assert_eq(zmq_connect(raw, wk_data_addr(p.b)), 0);
+    cr_assert_eq(zmq_connect(raw, wk_net_addr(p.b)), 0);
     cr_assert_eq(zmq_send(raw, "hello", 5, 0), 5);
     cr_assert_eq(zmq_send(raw, "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX", 44, 0), 44);
     send_key(p.a, p.b, key(1, 1, 1, 0));
     expect(p.b, key(1, 1, 1, 0));
     /* the raw socket's frames may come after it (fair queueing) */
     for (t0 = dx_mono_ms(); dx_mono_ms() - t0 < WAIT_MS; expect_none(p.b, key(1, 1, 1, 1))) {
-        wk_data_stats(p.b, &st);
+        wk_net_stats(p.b, &st);
         if (st.bad == 2)
             break;
     }
@@ -261,35 +258,34 @@ Test(dataplane, timeout_and_garbage)
     cr_assert_eq(st.received, 1);
     zmq_close(raw);
 
-    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &(struct wk_data_key){0}, "",
-                              (size_t)WK_DATA_MAX_PAYLOAD + 1, 0),
+    cr_assert_eq(wk_net_send(p.a, wk_net_addr(p.b), &(struct wk_net_key){0}, "",
+                             (size_t)WK_NET_MAX_PAYLOAD + 1, 0),
                  -EMSGSIZE);
     pair_close(&p);
 }
 
 Test(dataplane, buffer_is_bounded)
 {
-    struct wk_data_msg *m = NULL;
-    struct wk_data_key k0;
+    struct wk_net_msg *m = NULL;
+    struct wk_net_key k0;
     struct pair p;
     int rc;
 
     pair_open(&p);
-    wk_data_begin(p.b, 1, 1);
-    for (int i = 0; i <= WK_DATA_BUFFER_MAX; i++) {
-        struct wk_data_key k = key(1, 1, 1, i);
-        cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, NULL, 0, 0), 0);
+    wk_net_begin(p.b, 1, 1);
+    for (int i = 0; i <= WK_NET_BUFFER_MAX; i++) {
+        struct wk_net_key k = key(1, 1, 1, i);
+        cr_assert_eq(wk_net_send(p.a, wk_net_addr(p.b), &k, NULL, 0, 0), 0);
     }
     /* wait for one that is never sent: everything else fills the buffer */
-    rc = wk_data_recv(p.b, &(struct wk_data_key){.job_id = 1, .attempt = 1, .step = 99}, WAIT_MS,
-                      &m);
+    rc = wk_net_recv(p.b, &(struct wk_net_key){.job_id = 1, .attempt = 1, .step = 99}, WAIT_MS, &m);
     cr_assert_eq(rc, -ENOBUFS);
     cr_assert_null(m);
     /* what the buffer holds is still there */
     k0 = key(1, 1, 1, 0);
-    cr_assert_eq(wk_data_recv(p.b, &k0, 0, &m), 0);
+    cr_assert_eq(wk_net_recv(p.b, &k0, 0, &m), 0);
     cr_assert_eq(m->len, 0);
-    wk_data_msg_free(m);
+    wk_net_msg_free(m);
     pair_close(&p);
 }
 
@@ -310,13 +306,13 @@ static void sleep_ms(int ms)
 }
 
 /* Waits until d has read `received` good frames and `bad` bad ones. */
-static void wait_counts(wk_data_t *d, uint64_t received, uint64_t bad)
+static void wait_counts(wk_net_t *d, uint64_t received, uint64_t bad)
 {
-    struct wk_data_stats st;
+    struct wk_net_stats st;
     int64_t t0 = dx_mono_ms();
 
     do {
-        wk_data_stats(d, &st);
+        wk_net_stats(d, &st);
         if (st.received >= received && st.bad >= bad)
             break;
         sleep_ms(1);
@@ -325,41 +321,43 @@ static void wait_counts(wk_data_t *d, uint64_t received, uint64_t bad)
     cr_assert_eq(st.bad, bad);
 }
 
+/* The receiver thread reads a message while the caller computes (nobody
+ * calls wk_net_recv): its count goes up with no call; then a recv that does
+ * not wait returns it from the buffer, stamped as sent after our send began
+ * and arrived before our recv did. Ordering only, no durations. */
 Test(dataplane, received_while_the_receiver_computes)
 {
-    struct wk_data_msg *m = NULL;
-    struct wk_data_key k = key(3, 1, 1, 4);
+    struct wk_net_msg *m = NULL;
+    struct wk_net_key k = key(3, 1, 1, 4);
     struct pair p;
-    int64_t t0, now;
+    int64_t before_send, before_recv;
 
     pair_open(&p);
-    wk_data_begin(p.b, 3, 1);
+    wk_net_begin(p.b, 3, 1);
+    before_send = wall_ns();
     send_key(p.a, p.b, k);
-    sleep_ms(BUSY_MS); /* compute: nobody calls wk_data_recv */
-    t0 = dx_mono_ms();
-    cr_assert_eq(wk_data_recv(p.b, &k, 0, &m), 0, "not read while the receiver computed");
-    cr_assert_lt(dx_mono_ms() - t0, PROMPT_MS);
-    now = wall_ns();
-    cr_assert_gt(m->sent_ns, 0);
+    wait_counts(p.b, 1, 0); /* read off the socket: compute, no wk_net_recv */
+    before_recv = wall_ns();
+    cr_assert_eq(wk_net_recv(p.b, &k, 0, &m), 0, "not read while the receiver computed");
+    cr_assert_geq(m->sent_ns, before_send);
     cr_assert_geq(m->arrived_ns, m->sent_ns);
-    cr_assert_lt(m->arrived_ns - m->sent_ns, HIDDEN_MS * NS_PER_MS, "arrived %lld ms after sent",
-                 (long long)((m->arrived_ns - m->sent_ns) / NS_PER_MS));
-    cr_assert_geq(now - m->arrived_ns, (BUSY_MS - HIDDEN_MS) * NS_PER_MS);
+    cr_assert_leq(m->arrived_ns, before_recv, "stamped %lld ns after the recv began",
+                  (long long)(m->arrived_ns - before_recv));
     cr_assert_str_eq((const char *)m->data, "mb 4 step 1");
-    wk_data_msg_free(m);
+    wk_net_msg_free(m);
     pair_close(&p);
 }
 
 Test(dataplane, layer_and_src_are_part_of_the_key)
 {
-    struct wk_data_key base = {.job_id = 2,
-                               .attempt = 1,
-                               .step = 7,
-                               .payload = WK_DATA_EP_DISPATCH,
-                               .path = 0,
-                               .mb = 1,
-                               .stage = 0};
-    struct wk_data_key keys[4];
+    struct wk_net_key base = {.job_id = 2,
+                              .attempt = 1,
+                              .step = 7,
+                              .payload = WK_NET_EP_DISPATCH,
+                              .path = 0,
+                              .mb = 1,
+                              .stage = 0};
+    struct wk_net_key keys[4];
     struct pair p;
     char name[256];
 
@@ -369,36 +367,36 @@ Test(dataplane, layer_and_src_are_part_of_the_key)
         keys[i].src = i % 2;
     }
     pair_open(&p);
-    wk_data_begin(p.b, 2, 1);
+    wk_net_begin(p.b, 2, 1);
     for (int i = 0; i < 4; i++) {
         char text[16];
         int n = snprintf(text, sizeof(text), "msg %d", i);
 
-        cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &keys[i], text, (size_t)n + 1, 0), 0);
+        cr_assert_eq(wk_net_send(p.a, wk_net_addr(p.b), &keys[i], text, (size_t)n + 1, 0), 0);
     }
     for (int i = 3; i >= 0; i--) {
-        struct wk_data_msg *m = NULL;
+        struct wk_net_msg *m = NULL;
         char text[16];
 
         snprintf(text, sizeof(text), "msg %d", i);
-        cr_assert_eq(wk_data_recv(p.b, &keys[i], WAIT_MS, &m), 0);
+        cr_assert_eq(wk_net_recv(p.b, &keys[i], WAIT_MS, &m), 0);
         cr_assert_eq(m->key.layer, keys[i].layer);
         cr_assert_eq(m->key.src, keys[i].src);
         cr_assert_str_eq((const char *)m->data, text);
-        wk_data_msg_free(m);
+        wk_net_msg_free(m);
     }
     expect_none(p.b, keys[0]);
     pair_close(&p);
 
-    wk_data_key_name(&keys[3], name, sizeof(name));
+    wk_net_key_name(&keys[3], name, sizeof(name));
     cr_assert_str_eq(name, "expert dispatch d1 stage 0 layer 1 from rank 1 of step 7 (job 2, "
                            "attempt 1)");
     base.payload = DP_ACTIVATION;
-    wk_data_key_name(&base, name, sizeof(name));
+    wk_net_key_name(&base, name, sizeof(name));
     cr_assert_str_eq(name, "activation d1 stage 0 of step 7 (job 2, attempt 1)");
-    for (int pl = WK_DATA_EP_DISPATCH; pl <= WK_DATA_SYNC_DOWN; pl++) {
+    for (int pl = WK_NET_EP_DISPATCH; pl <= WK_NET_SYNC_DOWN; pl++) {
         base.payload = pl;
-        wk_data_key_name(&base, name, sizeof(name));
+        wk_net_key_name(&base, name, sizeof(name));
         cr_assert(strstr(name, "layer 0 from rank 0") && !strstr(name, "message"), "%s", name);
     }
 }
@@ -414,19 +412,19 @@ static void shuffle(int *v, int n, unsigned *seed)
     }
 }
 
-static struct wk_data_key concurrent_key(int i)
+static struct wk_net_key concurrent_key(int i)
 {
-    return (struct wk_data_key){.job_id = 9,
-                                .attempt = 1,
-                                .step = (uint64_t)(i / 100),
-                                .payload = WK_DATA_EP_COMBINE + i % 3,
-                                .mb = i % 100 / 10,
-                                .layer = i % 10,
-                                .src = i % 7};
+    return (struct wk_net_key){.job_id = 9,
+                               .attempt = 1,
+                               .step = (uint64_t)(i / 100),
+                               .payload = WK_NET_EP_COMBINE + i % 3,
+                               .mb = i % 100 / 10,
+                               .layer = i % 10,
+                               .src = i % 7};
 }
 
 struct sender {
-    wk_data_t *from;
+    wk_net_t *from;
     const char *to;
     int order[N_CONCURRENT];
     int failed; /* index + 1 of the first send that failed */
@@ -439,9 +437,9 @@ static void *sender_main(void *arg)
 
     for (int n = 0; n < N_CONCURRENT; n++) {
         int i = s->order[n];
-        struct wk_data_key k = concurrent_key(i);
+        struct wk_net_key k = concurrent_key(i);
 
-        if ((s->rc = wk_data_send(s->from, s->to, &k, &i, sizeof(i), 0)) < 0) {
+        if ((s->rc = wk_net_send(s->from, s->to, &k, &i, sizeof(i), 0)) < 0) {
             s->failed = n + 1;
             break;
         }
@@ -456,38 +454,38 @@ Test(dataplane, concurrent_send_and_receive)
     static struct sender s;
     static int want[N_CONCURRENT];
     unsigned seed = 12345;
-    struct wk_data_stats st;
+    struct wk_net_stats st;
     struct pair p;
     pthread_t t;
 
     pair_open(&p);
-    wk_data_begin(p.b, 9, 1);
-    wk_data_begin(p.a, 9, 1);
+    wk_net_begin(p.b, 9, 1);
+    wk_net_begin(p.a, 9, 1);
     s.from = p.a;
-    s.to = wk_data_addr(p.b);
+    s.to = wk_net_addr(p.b);
     shuffle(s.order, N_CONCURRENT, &seed);
     shuffle(want, N_CONCURRENT, &seed);
     cr_assert_eq(pthread_create(&t, NULL, sender_main, &s), 0);
     for (int n = 0; n < N_CONCURRENT; n++) {
-        struct wk_data_key k = concurrent_key(want[n]);
-        struct wk_data_msg *m = NULL;
+        struct wk_net_key k = concurrent_key(want[n]);
+        struct wk_net_msg *m = NULL;
         int got;
 
-        cr_assert_eq(wk_data_recv(p.b, &k, WAIT_MS, &m), 0, "message %d (#%d) did not come",
-                     want[n], n);
+        cr_assert_eq(wk_net_recv(p.b, &k, WAIT_MS, &m), 0, "message %d (#%d) did not come", want[n],
+                     n);
         cr_assert_eq(m->len, sizeof(got));
         memcpy(&got, m->data, sizeof(got));
         cr_assert_eq(got, want[n]);
-        wk_data_msg_free(m);
+        wk_net_msg_free(m);
         if (n % 100 == 0)
-            wk_data_stats(p.b, &st); /* from the receiving thread, while sends go on */
+            wk_net_stats(p.b, &st); /* from the receiving thread, while sends go on */
     }
     pthread_join(t, NULL);
     cr_assert_eq(s.failed, 0, "send #%d failed: %s", s.failed, strerror(-s.rc));
     expect_none(p.b, concurrent_key(0));
-    wk_data_stats(p.a, &st);
+    wk_net_stats(p.a, &st);
     cr_assert_eq(st.sent, N_CONCURRENT);
-    wk_data_stats(p.b, &st);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.received, N_CONCURRENT);
     cr_assert_eq(st.buffered, 0);
     cr_assert_eq(st.bad + st.dropped + st.overflowed, 0);
@@ -496,67 +494,66 @@ Test(dataplane, concurrent_send_and_receive)
 
 Test(dataplane, overflow_is_reported)
 {
-    struct wk_data_msg *m = NULL;
-    struct wk_data_stats st;
-    struct wk_data_limits lim;
+    struct wk_net_msg *m = NULL;
+    struct wk_net_stats st;
+    struct wk_net_limits lim;
     uint8_t big[100] = {0};
     char why[512];
     struct pair p;
 
     pair_open(&p);
-    wk_data_get_limits(p.b, &lim);
+    wk_net_get_limits(p.b, &lim);
     lim.msgs = 8;
     lim.bytes = 1000;
-    wk_data_set_limits(p.b, &lim);
-    wk_data_begin(p.b, 1, 1);
+    wk_net_set_limits(p.b, &lim);
+    wk_net_begin(p.b, 1, 1);
     for (int i = 0; i < 20; i++)
         send_key(p.a, p.b, key(1, 1, 1, i));
     /* wait for one that is never sent: the overflow wakes it */
-    cr_assert_eq(wk_data_recv(p.b, &(struct wk_data_key){.job_id = 1, .attempt = 1, .step = 99},
-                              WAIT_MS, &m),
-                 -ENOBUFS);
+    cr_assert_eq(
+        wk_net_recv(p.b, &(struct wk_net_key){.job_id = 1, .attempt = 1, .step = 99}, WAIT_MS, &m),
+        -ENOBUFS);
     cr_assert_null(m);
     wait_counts(p.b, 20, 0);
-    wk_data_stats(p.b, &st);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.buffered, 8);
     cr_assert_eq(st.overflowed, 12);
-    wk_data_failure(p.b, why, sizeof(why));
+    wk_net_failure(p.b, why, sizeof(why));
     cr_assert(strstr(why, "was dropped: the receive buffer was full"), "%s", why);
     /* what the buffer holds is still there; misses keep saying so */
     for (int i = 0; i < 8; i++)
         expect(p.b, key(1, 1, 1, i));
-    cr_assert_eq(wk_data_recv(p.b, &(struct wk_data_key){.job_id = 1, .attempt = 1}, 0, &m),
+    cr_assert_eq(wk_net_recv(p.b, &(struct wk_net_key){.job_id = 1, .attempt = 1}, 0, &m),
                  -ENOBUFS);
     /* a newer attempt starts clean */
-    wk_data_begin(p.b, 1, 2);
+    wk_net_begin(p.b, 1, 2);
     expect_none(p.b, key(1, 2, 1, 0));
 
     /* the early allowance's byte bound: a message of the next attempt
      * overflows it between attempts, and starting that attempt does not
      * hide it */
-    wk_data_end(p.b);
+    wk_net_end(p.b);
     lim.early_bytes = 150;
-    wk_data_set_limits(p.b, &lim);
-    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b),
-                              &(struct wk_data_key){.job_id = 1, .attempt = 3, .mb = 1}, big,
-                              sizeof(big), 0),
+    wk_net_set_limits(p.b, &lim);
+    cr_assert_eq(wk_net_send(p.a, wk_net_addr(p.b),
+                             &(struct wk_net_key){.job_id = 1, .attempt = 3, .mb = 1}, big,
+                             sizeof(big), 0),
                  0);
-    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b),
-                              &(struct wk_data_key){.job_id = 1, .attempt = 3, .mb = 2}, big,
-                              sizeof(big), 0),
+    cr_assert_eq(wk_net_send(p.a, wk_net_addr(p.b),
+                             &(struct wk_net_key){.job_id = 1, .attempt = 3, .mb = 2}, big,
+                             sizeof(big), 0),
                  0);
     wait_counts(p.b, 22, 0);
-    wk_data_begin(p.b, 1, 3);
-    cr_assert_eq(
-        wk_data_recv(p.b, &(struct wk_data_key){.job_id = 1, .attempt = 3, .mb = 2}, 0, &m),
-        -ENOBUFS);
-    cr_assert_eq(
-        wk_data_recv(p.b, &(struct wk_data_key){.job_id = 1, .attempt = 3, .mb = 1}, 0, &m), 0);
+    wk_net_begin(p.b, 1, 3);
+    cr_assert_eq(wk_net_recv(p.b, &(struct wk_net_key){.job_id = 1, .attempt = 3, .mb = 2}, 0, &m),
+                 -ENOBUFS);
+    cr_assert_eq(wk_net_recv(p.b, &(struct wk_net_key){.job_id = 1, .attempt = 3, .mb = 1}, 0, &m),
+                 0);
     cr_assert_eq(m->len, sizeof(big));
-    wk_data_msg_free(m);
-    wk_data_stats(p.b, &st);
+    wk_net_msg_free(m);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.overflowed, 13);
-    wk_data_failure(p.b, why, sizeof(why));
+    wk_net_failure(p.b, why, sizeof(why));
     cr_assert(strstr(why, "came before the attempt started"), "%s", why);
     pair_close(&p);
 }
@@ -569,9 +566,9 @@ Test(dataplane, old_format_frames_are_bad)
     void *raw;
 
     pair_open(&p);
-    wk_data_begin(p.b, 1, 1);
+    wk_net_begin(p.b, 1, 1);
     raw = zmq_socket(p.zctx, ZMQ_PUSH);
-    cr_assert_eq(zmq_connect(raw, wk_data_addr(p.b)), 0);
+    cr_assert_eq(zmq_connect(raw, wk_net_addr(p.b)), 0);
     old[4] = 1;  /* job 1 */
     old[12] = 1; /* attempt 1 */
     sized[4] = 1;
@@ -591,31 +588,30 @@ Test(dataplane, old_format_frames_are_bad)
 
 /* --- issue 14: attacks on the data plane ----------------------------------------- */
 
-#define FLOOD 66000                  /* more than WK_DATA_BUFFER_MAX */
+#define FLOOD 66000                  /* more than WK_NET_BUFFER_MAX */
 #define BIG_FRAME (20 * 1024 * 1024) /* an attacker's large frame */
-#define HELD_MS 300                  /* a held peer stays held this long */
 
-static void flood_foreign_job(wk_data_t *from, wk_data_t *to, int n)
+static void flood_foreign_job(wk_net_t *from, wk_net_t *to, int n)
 {
     for (int i = 0; i < n; i++) {
-        struct wk_data_key k = {.job_id = UINT64_MAX, .attempt = 1, .step = (uint64_t)i};
+        struct wk_net_key k = {.job_id = UINT64_MAX, .attempt = 1, .step = (uint64_t)i};
 
-        cr_assert_eq(wk_data_send(from, wk_data_addr(to), &k, NULL, 0, 0), 0);
+        cr_assert_eq(wk_net_send(from, wk_net_addr(to), &k, NULL, 0, 0), 0);
     }
 }
 
 /* 65,547 frames with job_id 2^64-1 made a worker fail every later job. */
 Test(dataplane, a_flood_of_a_foreign_job_buffers_nothing)
 {
-    struct wk_data_stats st;
+    struct wk_net_stats st;
     struct pair p;
 
     pair_open(&p);
     /* while an attempt runs: every frame is dropped */
-    wk_data_begin(p.b, 3, 1);
+    wk_net_begin(p.b, 3, 1);
     flood_foreign_job(p.a, p.b, FLOOD);
     wait_stat(p.b, received, FLOOD);
-    wk_data_stats(p.b, &st);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.buffered, 0);
     cr_assert_eq(st.dropped, FLOOD);
     cr_assert_eq(st.overflowed + st.peer_overflowed, 0);
@@ -623,13 +619,13 @@ Test(dataplane, a_flood_of_a_foreign_job_buffers_nothing)
     expect(p.b, key(3, 1, 1, 0));
 
     /* between jobs: at most the early allowance, freed when the next starts */
-    wk_data_end(p.b);
+    wk_net_end(p.b);
     flood_foreign_job(p.a, p.b, FLOOD);
     wait_stat(p.b, received, 2 * FLOOD + 1);
-    wk_data_stats(p.b, &st);
-    cr_assert_leq(st.buffered, WK_DATA_EARLY_PEER_MAX);
-    wk_data_begin(p.b, 4, 1);
-    wk_data_stats(p.b, &st);
+    wk_net_stats(p.b, &st);
+    cr_assert_leq(st.buffered, WK_NET_EARLY_PEER_MAX);
+    wk_net_begin(p.b, 4, 1);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.buffered, 0);
     send_key(p.a, p.b, key(4, 1, 1, 0));
     expect(p.b, key(4, 1, 1, 0)); /* the later job works */
@@ -640,45 +636,45 @@ Test(dataplane, a_flood_of_a_foreign_job_buffers_nothing)
 Test(dataplane, large_frames_are_freed_when_the_attempt_ends)
 {
     uint8_t *big = calloc(1, BIG_FRAME);
-    struct wk_data_stats st;
+    struct wk_net_stats st;
     struct pair p;
 
     cr_assert_not_null(big);
     pair_open(&p);
     /* of the current attempt, never asked for */
-    wk_data_begin(p.b, 1, 1);
+    wk_net_begin(p.b, 1, 1);
     for (int i = 0; i < 3; i++) {
-        struct wk_data_key k = key(1, 1, 50, i);
-        cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, big, BIG_FRAME, 0), 0);
+        struct wk_net_key k = key(1, 1, 50, i);
+        cr_assert_eq(wk_net_send(p.a, wk_net_addr(p.b), &k, big, BIG_FRAME, 0), 0);
     }
     wait_stat(p.b, received, 3);
-    wk_data_stats(p.b, &st);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.buffered_bytes, 3 * (size_t)BIG_FRAME);
-    wk_data_end(p.b);
-    wk_data_stats(p.b, &st);
+    wk_net_end(p.b);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.buffered, 0);
     cr_assert_eq(st.buffered_bytes, 0);
 
     /* of a later job, between jobs: one fits the early allowance, until the next begins */
     for (int i = 0; i < 3; i++) {
-        struct wk_data_key k = key(1000, 1, 1, i);
-        cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, big, BIG_FRAME, 0), 0);
+        struct wk_net_key k = key(1000, 1, 1, i);
+        cr_assert_eq(wk_net_send(p.a, wk_net_addr(p.b), &k, big, BIG_FRAME, 0), 0);
     }
     wait_stat(p.b, received, 6);
-    wk_data_stats(p.b, &st);
-    cr_assert_leq(st.buffered_bytes, WK_DATA_EARLY_PEER_BYTES);
+    wk_net_stats(p.b, &st);
+    cr_assert_leq(st.buffered_bytes, WK_NET_EARLY_PEER_BYTES);
     cr_assert_eq(st.peer_overflowed, 2);
-    wk_data_begin(p.b, 2, 1);
-    wk_data_stats(p.b, &st);
+    wk_net_begin(p.b, 2, 1);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.buffered_bytes, 0);
     pair_close(&p);
     free(big);
 }
 
 /* The frame a raw PUSH socket sends: what any process on the network can. */
-static void raw_send(void *raw, struct wk_data_key k, const void *payload, size_t len)
+static void raw_send(void *raw, struct wk_net_key k, const void *payload, size_t len)
 {
-    uint8_t frame[WK_DATA_HEADER_BYTES + 256] = {'D', 'X', 'D', '2'};
+    uint8_t frame[WK_NET_HEADER_BYTES + 256] = {'D', 'X', 'D', '2'};
     uint8_t *p = frame + 4;
     const uint64_t u64[] = {k.job_id, k.step};
     const uint32_t u32[] = {(uint32_t)k.payload, (uint32_t)k.path,  (uint32_t)k.mb,
@@ -694,9 +690,9 @@ static void raw_send(void *raw, struct wk_data_key k, const void *payload, size_
     for (size_t j = 0; j < 6; j++)
         for (int i = 0; i < 4; i++)
             *p++ = (uint8_t)(u32[j] >> (8 * i));
-    memcpy(frame + WK_DATA_HEADER_BYTES, payload, len);
-    cr_assert_eq(zmq_send(raw, frame, WK_DATA_HEADER_BYTES + len, 0),
-                 (int)(WK_DATA_HEADER_BYTES + len));
+    memcpy(frame + WK_NET_HEADER_BYTES, payload, len);
+    cr_assert_eq(zmq_send(raw, frame, WK_NET_HEADER_BYTES + len, 0),
+                 (int)(WK_NET_HEADER_BYTES + len));
 }
 
 /* Zero-filled activations pushed before step 100's real ones arrived first;
@@ -704,48 +700,48 @@ static void raw_send(void *raw, struct wk_data_key k, const void *payload, size_
 Test(dataplane, a_forged_frame_before_the_real_one_fails_the_attempt)
 {
     const uint8_t zeros[64] = {0};
-    struct wk_data_key k = {
+    struct wk_net_key k = {
         .job_id = 7, .attempt = 1, .step = 100, .payload = DP_ACTIVATION, .mb = 3, .stage = 1};
-    struct wk_data_msg *m = NULL;
-    struct wk_data_stats st;
+    struct wk_net_msg *m = NULL;
+    struct wk_net_stats st;
     char why[512];
     struct pair p;
     void *raw;
 
     pair_open(&p);
-    wk_data_begin(p.b, 7, 1);
+    wk_net_begin(p.b, 7, 1);
     raw = zmq_socket(p.zctx, ZMQ_PUSH);
-    cr_assert_eq(zmq_connect(raw, wk_data_addr(p.b)), 0);
+    cr_assert_eq(zmq_connect(raw, wk_net_addr(p.b)), 0);
     raw_send(raw, k, zeros, sizeof(zeros));
     wait_stat(p.b, received, 1);
-    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, "real", 5, 0), 0);
+    cr_assert_eq(wk_net_send(p.a, wk_net_addr(p.b), &k, "real", 5, 0), 0);
     wait_stat(p.b, duplicates, 1);
-    cr_assert_eq(wk_data_recv(p.b, &k, WAIT_MS, &m), -EEXIST); /* not the forged payload */
+    cr_assert_eq(wk_net_recv(p.b, &k, WAIT_MS, &m), -EEXIST); /* not the forged payload */
     cr_assert_null(m);
-    wk_data_failure(p.b, why, sizeof(why));
+    wk_net_failure(p.b, why, sizeof(why));
     cr_assert(strstr(why, "a second activation d3 stage 1 of step 100 (job 7, attempt 1) came "
                           "from peer 127.0.0.1 (the first from peer 127.0.0.1)"),
               "%s", why);
     /* every later receive of the attempt fails too */
     send_key(p.a, p.b, key(7, 1, 100, 4));
-    cr_assert_eq(wk_data_recv(p.b, &(struct wk_data_key){0}, 0, &m), -EEXIST);
+    cr_assert_eq(wk_net_recv(p.b, &(struct wk_net_key){0}, 0, &m), -EEXIST);
 
     /* the next attempt is clean; a forgery received first is caught when
      * the real one comes */
-    wk_data_begin(p.b, 7, 2);
+    wk_net_begin(p.b, 7, 2);
     k.attempt = 2;
     raw_send(raw, k, zeros, sizeof(zeros));
-    cr_assert_eq(wk_data_recv(p.b, &k, WAIT_MS, &m), 0);
+    cr_assert_eq(wk_net_recv(p.b, &k, WAIT_MS, &m), 0);
     cr_assert_eq(m->len, sizeof(zeros));
-    wk_data_msg_free(m);
-    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, "real", 5, 0), 0);
+    wk_net_msg_free(m);
+    cr_assert_eq(wk_net_send(p.a, wk_net_addr(p.b), &k, "real", 5, 0), 0);
     wait_stat(p.b, duplicates, 2);
-    cr_assert_eq(wk_data_recv(p.b, &(struct wk_data_key){.job_id = 7, .attempt = 2, .step = 101},
-                              WAIT_MS, &m),
-                 -EEXIST);
-    wk_data_failure(p.b, why, sizeof(why));
+    cr_assert_eq(
+        wk_net_recv(p.b, &(struct wk_net_key){.job_id = 7, .attempt = 2, .step = 101}, WAIT_MS, &m),
+        -EEXIST);
+    wk_net_failure(p.b, why, sizeof(why));
     cr_assert(strstr(why, "after this rank received the first"), "%s", why);
-    wk_data_stats(p.b, &st);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.duplicates, 2);
     zmq_close(raw);
     pair_close(&p);
@@ -754,71 +750,70 @@ Test(dataplane, a_forged_frame_before_the_real_one_fails_the_attempt)
 Test(dataplane, frames_over_the_largest_message_are_refused)
 {
     uint8_t buf[300] = {0};
-    struct wk_data_key k = key(2, 1, 1, 0);
-    struct wk_data_msg *m = NULL;
-    struct wk_data_stats st;
+    struct wk_net_key k = key(2, 1, 1, 0);
+    struct wk_net_msg *m = NULL;
+    struct wk_net_stats st;
     struct pair p;
 
     pair_open(&p);
-    cr_assert_eq(wk_data_set_max_msg(p.b, 200), 0);
-    wk_data_begin(p.b, 2, 1);
-    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, buf, 201, 0), 0);
+    cr_assert_eq(wk_net_set_max_msg(p.b, 200), 0);
+    wk_net_begin(p.b, 2, 1);
+    cr_assert_eq(wk_net_send(p.a, wk_net_addr(p.b), &k, buf, 201, 0), 0);
     wait_stat(p.b, oversize, 1);
     k.mb = 1;
-    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, buf, 200, 0), 0);
-    cr_assert_eq(wk_data_recv(p.b, &k, WAIT_MS, &m), 0);
+    cr_assert_eq(wk_net_send(p.a, wk_net_addr(p.b), &k, buf, 200, 0), 0);
+    cr_assert_eq(wk_net_recv(p.b, &k, WAIT_MS, &m), 0);
     cr_assert_eq(m->len, 200);
-    wk_data_msg_free(m);
-    wk_data_stats(p.b, &st);
+    wk_net_msg_free(m);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.buffered_bytes, 0);
-    /* wk_data_end forgets the limit */
-    wk_data_end(p.b);
-    wk_data_begin(p.b, 3, 1);
+    /* wk_net_end forgets the limit */
+    wk_net_end(p.b);
+    wk_net_begin(p.b, 3, 1);
     k = key(3, 1, 1, 0);
-    cr_assert_eq(wk_data_send(p.a, wk_data_addr(p.b), &k, buf, sizeof(buf), 0), 0);
-    cr_assert_eq(wk_data_recv(p.b, &k, WAIT_MS, &m), 0);
-    wk_data_msg_free(m);
+    cr_assert_eq(wk_net_send(p.a, wk_net_addr(p.b), &k, buf, sizeof(buf), 0), 0);
+    cr_assert_eq(wk_net_recv(p.b, &k, WAIT_MS, &m), 0);
+    wk_net_msg_free(m);
     pair_close(&p);
 }
 
 /* A flooding peer fills its own share only: another peer still gets in. */
 Test(dataplane, each_peer_has_a_share_of_the_buffer)
 {
-    struct wk_data_limits lim;
-    struct wk_data_msg *m = NULL;
-    struct wk_data_stats st;
-    struct wk_data_key k9;
-    char other[WK_DATA_ADDR_MAX], why[512];
+    struct wk_net_limits lim;
+    struct wk_net_msg *m = NULL;
+    struct wk_net_stats st;
+    struct wk_net_key k9;
+    char other[WK_NET_ADDR_MAX], why[512];
     struct pair p;
 
     pair_open(&p);
-    wk_data_get_limits(p.b, &lim);
+    wk_net_get_limits(p.b, &lim);
     lim.peer_msgs = 4;
-    wk_data_set_limits(p.b, &lim);
-    wk_data_begin(p.b, 1, 1);
+    wk_net_set_limits(p.b, &lim);
+    wk_net_begin(p.b, 1, 1);
     for (int i = 0; i < 10; i++)
         send_key(p.a, p.b, key(1, 1, 1, i));
     wait_stat(p.b, peer_overflowed, 6);
     /* from another address (127.0.0.2 is loopback too) */
-    snprintf(other, sizeof(other), "tcp://127.0.0.2:0;%s", wk_data_addr(p.b) + strlen("tcp://"));
-    cr_assert_eq(wk_data_send(p.a, other,
-                              &(struct wk_data_key){.job_id = 1, .attempt = 1, .step = 2}, "x", 2,
-                              0),
+    snprintf(other, sizeof(other), "tcp://127.0.0.2:0;%s", wk_net_addr(p.b) + strlen("tcp://"));
+    cr_assert_eq(wk_net_send(p.a, other, &(struct wk_net_key){.job_id = 1, .attempt = 1, .step = 2},
+                             "x", 2, 0),
                  0);
     wait_stat(p.b, received, 11); /* a miss says -ENOBUFS at once now */
     cr_assert_eq(
-        wk_data_recv(p.b, &(struct wk_data_key){.job_id = 1, .attempt = 1, .step = 2}, WAIT_MS, &m),
+        wk_net_recv(p.b, &(struct wk_net_key){.job_id = 1, .attempt = 1, .step = 2}, WAIT_MS, &m),
         0);
-    wk_data_msg_free(m);
+    wk_net_msg_free(m);
     expect(p.b, key(1, 1, 1, 0));
     k9 = key(1, 1, 1, 9);
-    cr_assert_eq(wk_data_recv(p.b, &k9, 0, &m), -ENOBUFS);
-    wk_data_failure(p.b, why, sizeof(why));
+    cr_assert_eq(wk_net_recv(p.b, &k9, 0, &m), -ENOBUFS);
+    wk_net_failure(p.b, why, sizeof(why));
     cr_assert(strstr(why, "from peer 127.0.0.1 was dropped: that peer's share"), "%s", why);
-    wk_data_stats(p.b, &st);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.buffered, 3);
-    wk_data_end(p.b);
-    wk_data_stats(p.b, &st);
+    wk_net_end(p.b);
+    wk_net_stats(p.b, &st);
     cr_assert_eq(st.buffered, 0);
     pair_close(&p);
 }
@@ -827,8 +822,8 @@ Test(dataplane, each_peer_has_a_share_of_the_buffer)
 
 struct keyed {
     void *zctx;
-    wk_data_t *d;
-    char pub[WK_DATA_KEY_LEN + 1], sec[WK_DATA_KEY_LEN + 1];
+    wk_net_t *d;
+    char pub[WK_NET_KEY_LEN + 1], sec[WK_NET_KEY_LEN + 1];
 };
 
 static void keyed_open(struct keyed *k, bool curve)
@@ -838,26 +833,26 @@ static void keyed_open(struct keyed *k, bool curve)
     k->zctx = zmq_ctx_new();
     cr_assert_not_null(k->zctx);
     cr_assert_eq(zmq_curve_keypair(k->pub, k->sec), 0);
-    cr_assert_eq(wk_data_create(k->zctx, LOOPBACK, "h", &k->d, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(wk_net_create(k->zctx, LOOPBACK, "h", &k->d, err, sizeof(err)), 0, "%s", err);
     if (curve)
-        cr_assert_eq(wk_data_set_curve(k->d, k->pub, k->sec, err, sizeof(err)), 0, "%s", err);
-    cr_assert_eq(wk_data_curve(k->d), curve);
+        cr_assert_eq(wk_net_set_curve(k->d, k->pub, k->sec, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(wk_net_curve(k->d), curve);
 }
 
 static void keyed_close(struct keyed *k)
 {
-    wk_data_destroy(k->d);
+    wk_net_destroy(k->d);
     zmq_ctx_term(k->zctx);
 }
 
 /* from sends k to `to`, presenting to's key. */
-static void keyed_send(struct keyed *from, struct keyed *to, struct wk_data_key k)
+static void keyed_send(struct keyed *from, struct keyed *to, struct wk_net_key k)
 {
     char text[64];
     int n = snprintf(text, sizeof(text), "mb %d step %llu", k.mb, (unsigned long long)k.step);
 
-    cr_assert_eq(wk_data_set_peer_key(from->d, wk_data_addr(to->d), to->pub), 0);
-    cr_assert_eq(wk_data_send(from->d, wk_data_addr(to->d), &k, text, (size_t)n + 1, 0), 0);
+    cr_assert_eq(wk_net_set_peer_key(from->d, wk_net_addr(to->d), to->pub), 0);
+    cr_assert_eq(wk_net_send(from->d, wk_net_addr(to->d), &k, text, (size_t)n + 1, 0), 0);
 }
 
 static void allow(struct keyed *k, struct keyed *const *peers, size_t n)
@@ -866,20 +861,20 @@ static void allow(struct keyed *k, struct keyed *const *peers, size_t n)
 
     for (size_t i = 0; i < n; i++)
         keys[i] = peers[i]->pub;
-    cr_assert_eq(wk_data_allow_peers(k->d, keys, n), 0);
+    cr_assert_eq(wk_net_allow_peers(k->d, keys, n), 0);
 }
 
 Test(dataplane, curve_admits_the_listed_peers_only)
 {
     struct keyed b, a, stranger, clear;
-    struct wk_data_stats st;
+    struct wk_net_stats st;
 
     keyed_open(&b, true);
     keyed_open(&a, true);
     keyed_open(&stranger, true);
     keyed_open(&clear, false);
     allow(&b, (struct keyed *[]){&a}, 1);
-    wk_data_begin(b.d, 1, 1);
+    wk_net_begin(b.d, 1, 1);
     keyed_send(&a, &b, key(1, 1, 1, 0));
     expect(b.d, key(1, 1, 1, 0));
     /* a key that is not listed, and a peer in clear: nothing comes */
@@ -889,10 +884,10 @@ Test(dataplane, curve_admits_the_listed_peers_only)
     wait_stat(b.d, handshake_failed, 1);
     expect_none(b.d, key(1, 1, 1, 1));
     expect_none(b.d, key(1, 1, 1, 2));
-    wk_data_stats(b.d, &st);
+    wk_net_stats(b.d, &st);
     cr_assert_eq(st.received, 1);
     /* the sending side needs the peer's key */
-    cr_assert_eq(wk_data_send(a.d, wk_data_addr(clear.d), &(struct wk_data_key){0}, NULL, 0, 0),
+    cr_assert_eq(wk_net_send(a.d, wk_net_addr(clear.d), &(struct wk_net_key){0}, NULL, 0, 0),
                  -ENOKEY);
     keyed_close(&clear);
     keyed_close(&stranger);
@@ -903,13 +898,13 @@ Test(dataplane, curve_admits_the_listed_peers_only)
 Test(dataplane, a_new_peer_list_refuses_the_old_peers)
 {
     struct keyed b, a, c;
-    struct wk_data_stats st;
+    struct wk_net_stats st;
 
     keyed_open(&b, true);
     keyed_open(&a, true);
     keyed_open(&c, true);
     allow(&b, (struct keyed *[]){&a, &c}, 2);
-    wk_data_begin(b.d, 1, 1);
+    wk_net_begin(b.d, 1, 1);
     keyed_send(&a, &b, key(1, 1, 1, 0));
     keyed_send(&c, &b, key(1, 1, 1, 1));
     expect(b.d, key(1, 1, 1, 0));
@@ -920,13 +915,13 @@ Test(dataplane, a_new_peer_list_refuses_the_old_peers)
     wait_stat(b.d, unallowed, 1);
     expect_none(b.d, key(1, 1, 1, 2));
     /* ... and a new one is refused */
-    wk_data_end(c.d); /* closes its sockets */
+    wk_net_end(c.d); /* closes its sockets */
     keyed_send(&c, &b, key(1, 1, 1, 3));
     wait_stat(b.d, refused, 1);
     expect_none(b.d, key(1, 1, 1, 3));
     keyed_send(&a, &b, key(1, 1, 1, 4));
     expect(b.d, key(1, 1, 1, 4));
-    wk_data_stats(b.d, &st);
+    wk_net_stats(b.d, &st);
     cr_assert_eq(st.buffered, 0);
     keyed_close(&c);
     keyed_close(&a);
@@ -939,32 +934,31 @@ Test(dataplane, a_new_peer_list_refuses_the_old_peers)
 Test(dataplane, a_peer_that_starts_first_is_held_until_listed)
 {
     struct keyed b, a;
-    struct wk_data_stats st;
+    struct wk_net_stats st;
 
     keyed_open(&b, true);
     keyed_open(&a, true);
     keyed_send(&a, &b, key(1, 1, 1, 0)); /* b has no list yet */
-    sleep_ms(HELD_MS);
-    wk_data_stats(b.d, &st);
+    wait_stat(b.d, held, 1);             /* a's handshake waits at the ZAP handler */
+    wk_net_stats(b.d, &st);
     cr_assert_eq(st.received, 0);
     cr_assert_eq(st.refused, 0);
     allow(&b, (struct keyed *[]){&a}, 1);
-    wk_data_begin(b.d, 1, 1);
+    wk_net_begin(b.d, 1, 1);
     expect(b.d, key(1, 1, 1, 0));
 
     /* a's connection closes; a reconnects and is held (a frame sent the
      * moment it closes is lost: the runtime ends an attempt before its
      * JobDone, so none of the next attempt's can be on the way) */
-    wk_data_end(b.d);
-    wk_data_stats(b.d, &st);
+    wk_net_end(b.d);
+    wk_net_stats(b.d, &st);
     cr_assert_eq(st.buffered, 0);
-    sleep_ms(HELD_MS);
+    wait_stat(b.d, held, 2); /* connected again, held again */
     keyed_send(&a, &b, key(1, 2, 1, 0));
-    sleep_ms(HELD_MS);
-    wk_data_stats(b.d, &st);
+    wk_net_stats(b.d, &st);
     cr_assert_eq(st.received, 1);
     allow(&b, (struct keyed *[]){&a}, 1);
-    wk_data_begin(b.d, 1, 2);
+    wk_net_begin(b.d, 1, 2);
     expect(b.d, key(1, 2, 1, 0));
     keyed_close(&a);
     keyed_close(&b);
@@ -975,25 +969,25 @@ Test(dataplane, a_peer_that_starts_first_is_held_until_listed)
  * in once listed, its frame intact. */
 Test(dataplane, a_held_peer_connects_again)
 {
-    struct wk_data_limits lim;
-    struct wk_data_stats st;
+    struct wk_net_limits lim;
+    struct wk_net_stats st;
     struct keyed b, a;
     char err[ERR_LEN] = "";
 
     keyed_open(&b, false);
     keyed_open(&a, true);
-    wk_data_get_limits(b.d, &lim);
+    wk_net_get_limits(b.d, &lim);
     lim.zap_hold_ms = 200;
-    wk_data_set_limits(b.d, &lim);
-    cr_assert_eq(wk_data_set_curve(b.d, b.pub, b.sec, err, sizeof(err)), 0, "%s", err);
+    wk_net_set_limits(b.d, &lim);
+    cr_assert_eq(wk_net_set_curve(b.d, b.pub, b.sec, err, sizeof(err)), 0, "%s", err);
     keyed_send(&a, &b, key(1, 1, 1, 0));
     wait_stat(b.d, held, 3); /* held, timed out, held again, ... */
-    wk_data_stats(b.d, &st);
+    wk_net_stats(b.d, &st);
     cr_assert_eq(st.received, 0);
     cr_assert_eq(st.refused, 0);
     cr_assert_geq(st.handshake_failed, 2);
     allow(&b, (struct keyed *[]){&a}, 1);
-    wk_data_begin(b.d, 1, 1);
+    wk_net_begin(b.d, 1, 1);
     expect(b.d, key(1, 1, 1, 0));
     keyed_close(&a);
     keyed_close(&b);
@@ -1005,24 +999,24 @@ Test(dataplane, curve_frames_over_maxmsgsize_are_refused_by_libzmq)
 {
     uint8_t buf[8192] = {0}; /* over the limit and over CURVE_HANDSHAKE_MAX */
     struct keyed b, a;
-    struct wk_data_stats st;
-    struct wk_data_key k = key(1, 1, 1, 0);
-    struct wk_data_msg *m = NULL;
+    struct wk_net_stats st;
+    struct wk_net_key k = key(1, 1, 1, 0);
+    struct wk_net_msg *m = NULL;
 
     keyed_open(&b, true);
     keyed_open(&a, true);
-    cr_assert_eq(wk_data_set_max_msg(b.d, 1000), 0); /* before the list: rebinds */
+    cr_assert_eq(wk_net_set_max_msg(b.d, 1000), 0); /* before the list: rebinds */
     allow(&b, (struct keyed *[]){&a}, 1);
-    wk_data_begin(b.d, 1, 1);
-    cr_assert_eq(wk_data_set_peer_key(a.d, wk_data_addr(b.d), b.pub), 0);
-    cr_assert_eq(wk_data_send(a.d, wk_data_addr(b.d), &k, buf, sizeof(buf), 0), 0);
+    wk_net_begin(b.d, 1, 1);
+    cr_assert_eq(wk_net_set_peer_key(a.d, wk_net_addr(b.d), b.pub), 0);
+    cr_assert_eq(wk_net_send(a.d, wk_net_addr(b.d), &k, buf, sizeof(buf), 0), 0);
     wait_stat(b.d, disconnected, 1);
     k.mb = 1;
-    cr_assert_eq(wk_data_send(a.d, wk_data_addr(b.d), &k, buf, 1000, 0), 0); /* a reconnects */
-    cr_assert_eq(wk_data_recv(b.d, &k, WAIT_MS, &m), 0);
+    cr_assert_eq(wk_net_send(a.d, wk_net_addr(b.d), &k, buf, 1000, 0), 0); /* a reconnects */
+    cr_assert_eq(wk_net_recv(b.d, &k, WAIT_MS, &m), 0);
     cr_assert_eq(m->len, 1000);
-    wk_data_msg_free(m);
-    wk_data_stats(b.d, &st);
+    wk_net_msg_free(m);
+    wk_net_stats(b.d, &st);
     cr_assert_eq(st.received, 1); /* the large one never reached the receiver */
     cr_assert_eq(st.oversize, 0);
     keyed_close(&a);
@@ -1032,32 +1026,32 @@ Test(dataplane, curve_frames_over_maxmsgsize_are_refused_by_libzmq)
 Test(dataplane, curve_keys_are_checked)
 {
     struct keyed k, other;
-    char err[ERR_LEN] = "", pub2[WK_DATA_KEY_LEN + 1], sec2[WK_DATA_KEY_LEN + 1];
-    wk_data_t *second = NULL;
+    char err[ERR_LEN] = "", pub2[WK_NET_KEY_LEN + 1], sec2[WK_NET_KEY_LEN + 1];
+    wk_net_t *second = NULL;
     const char *bad[] = {"not a key"};
 
     keyed_open(&k, false);
     cr_assert_eq(zmq_curve_keypair(pub2, sec2), 0);
-    cr_assert_eq(wk_data_set_curve(k.d, "short", k.sec, err, sizeof(err)), -EINVAL);
-    cr_assert_eq(wk_data_set_curve(k.d, pub2, k.sec, err, sizeof(err)), -EINVAL);
+    cr_assert_eq(wk_net_set_curve(k.d, "short", k.sec, err, sizeof(err)), -EINVAL);
+    cr_assert_eq(wk_net_set_curve(k.d, pub2, k.sec, err, sizeof(err)), -EINVAL);
     cr_assert(strstr(err, "not the secret key's"), "%s", err);
-    cr_assert_not(wk_data_curve(k.d));
-    cr_assert_eq(wk_data_allow_peers(k.d, bad, 1), -EINVAL);
-    cr_assert_eq(wk_data_set_peer_key(k.d, "tcp://127.0.0.1:1", "bad"), -EINVAL);
-    cr_assert_eq(wk_data_set_curve(k.d, k.pub, k.sec, err, sizeof(err)), 0, "%s", err);
+    cr_assert_not(wk_net_curve(k.d));
+    cr_assert_eq(wk_net_allow_peers(k.d, bad, 1), -EINVAL);
+    cr_assert_eq(wk_net_set_peer_key(k.d, "tcp://127.0.0.1:1", "bad"), -EINVAL);
+    cr_assert_eq(wk_net_set_curve(k.d, k.pub, k.sec, err, sizeof(err)), 0, "%s", err);
     /* one ZAP handler per context */
-    cr_assert_eq(wk_data_create(k.zctx, LOOPBACK, "h", &second, err, sizeof(err)), 0, "%s", err);
-    cr_assert_eq(wk_data_set_curve(second, pub2, sec2, err, sizeof(err)), -EADDRINUSE);
+    cr_assert_eq(wk_net_create(k.zctx, LOOPBACK, "h", &second, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(wk_net_set_curve(second, pub2, sec2, err, sizeof(err)), -EADDRINUSE);
     cr_assert(strstr(err, "another ZAP handler"), "%s", err);
-    cr_assert_not(wk_data_curve(second));
-    wk_data_destroy(second);
+    cr_assert_not(wk_net_curve(second));
+    wk_net_destroy(second);
     /* a keyed data plane still serves after an attempt ends with nothing admitted */
     keyed_open(&other, true);
     allow(&k, (struct keyed *[]){&other}, 1);
-    wk_data_begin(k.d, 5, 1);
-    wk_data_end(k.d);
+    wk_net_begin(k.d, 5, 1);
+    wk_net_end(k.d);
     allow(&k, (struct keyed *[]){&other}, 1);
-    wk_data_begin(k.d, 5, 2);
+    wk_net_begin(k.d, 5, 2);
     keyed_send(&other, &k, key(5, 2, 1, 0));
     expect(k.d, key(5, 2, 1, 0));
     keyed_close(&other);

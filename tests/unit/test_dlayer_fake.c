@@ -1,4 +1,4 @@
-/* test_dlayer_fake.c - worker/dlayer.c, the model's dense layers on the
+/* test_dlayer_fake.c - worker/cuda/model/dlayer.c, the model's dense layers on the
  * GPU, against the worker's CPU layers, run on libfakecuda.so (its kernels
  * are the kernels' CPU references, its cuBLASLt computes on the host): each
  * layer's forward and backward (input and weight gradients) on small odd
@@ -11,7 +11,7 @@
 #include <string.h>
 
 #include "tests/unit/fakestack.h"
-#include "worker/dlayer.h"
+#include "worker/cuda/model/dlayer.h"
 #include "worker/model/attention.h"
 #include "worker/model/embed.h"
 #include "worker/model/head.h"

@@ -1,4 +1,4 @@
-/* test_dmoe_fake.c - worker/dmoe.c, the MoE layer on the GPU, against the
+/* test_dmoe_fake.c - worker/cuda/model/dmoe.c, the MoE layer on the GPU, against the
  * worker's CPU layer (worker/model/moe.c) on libfakecuda.so: the routing
  * (the same experts for every token, the same loads), the output, the input
  * gradient and every weight gradient, with one shared expert and with two,
@@ -12,7 +12,7 @@
 #include <string.h>
 
 #include "tests/unit/fakestack.h"
-#include "worker/dmoe.h"
+#include "worker/cuda/model/dmoe.h"
 #include "worker/model/moe.h"
 
 #define BOUND 1e-5

@@ -5,11 +5,11 @@
 #include <math.h>
 #include <string.h>
 
-#include "coordinator/eplb.h"
+#include "job/eplb.h"
 
 static char err[256];
 
-static void check_invariants(const float *w, const struct coord_eplb_plan *p, int nodes)
+static void check_invariants(const float *w, const struct job_eplb_plan *p, int nodes)
 {
     for (int l = 0; l < p->layers; l++) {
         const int *phy2log = p->phy2log + (size_t)l * p->replicas;
@@ -43,7 +43,7 @@ static void check_invariants(const float *w, const struct coord_eplb_plan *p, in
                         cr_assert_eq(s / per_node, t / per_node,
                                      "expert %d has replicas on two nodes", phy2log[s]);
         }
-        cr_assert(coord_eplb_imbalance(w, p, l) >= 1.0);
+        cr_assert(job_eplb_imbalance(w, p, l) >= 1.0);
     }
 }
 
@@ -54,15 +54,15 @@ Test(eplb, readme_example)
                        20, 107, 104, 64, 19,  197, 187, 157, 172, 86, 16,  27};
     const int want[2][16] = {{5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1},
                              {7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1}};
-    struct coord_eplb_plan p;
+    struct job_eplb_plan p;
 
-    cr_assert_eq(coord_eplb_rebalance(w, 2, 12, 16, 4, 2, 8, &p, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_eplb_rebalance(w, 2, 12, 16, 4, 2, 8, &p, err, sizeof(err)), 0, "%s", err);
     cr_assert_eq(p.hierarchical, 1);
     for (int l = 0; l < 2; l++)
         for (int i = 0; i < 16; i++)
             cr_assert_eq(p.phy2log[l * 16 + i], want[l][i], "layer %d slot %d", l, i);
     check_invariants(w, &p, 2);
-    coord_eplb_plan_clear(&p);
+    job_eplb_plan_clear(&p);
 }
 
 /* Global policy (groups % nodes != 0), worked by hand: expert 0 (load 10)
@@ -73,18 +73,18 @@ Test(eplb, global_policy_by_hand)
 {
     const float w[] = {10, 1, 1, 1};
     const int want[] = {0, 0, 3, 0, 1, 2};
-    struct coord_eplb_plan p;
+    struct job_eplb_plan p;
 
-    cr_assert_eq(coord_eplb_rebalance(w, 1, 4, 6, 1, 2, 2, &p, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_eplb_rebalance(w, 1, 4, 6, 1, 2, 2, &p, err, sizeof(err)), 0, "%s", err);
     cr_assert_eq(p.hierarchical, 0);
     for (int i = 0; i < 6; i++)
         cr_assert_eq(p.phy2log[i], want[i], "slot %d: %d", i, p.phy2log[i]);
     cr_assert_eq(p.logcnt[0], 3);
     cr_assert_eq(p.max_count, 3);
     /* GPU loads 10/3*2+1 and 10/3+2: max over mean */
-    cr_assert_float_eq(coord_eplb_imbalance(w, &p, 0), (20.0 / 3 + 1) / 6.5, 1e-6);
+    cr_assert_float_eq(job_eplb_imbalance(w, &p, 0), (20.0 / 3 + 1) / 6.5, 1e-6);
     check_invariants(w, &p, 1);
-    coord_eplb_plan_clear(&p);
+    job_eplb_plan_clear(&p);
 }
 
 /* Equal loads: ties go to the lower index everywhere, so the result is
@@ -93,26 +93,26 @@ Test(eplb, ties_take_the_lowest_index)
 {
     const float w[] = {5, 5, 5, 5};
     const int want[] = {0, 2, 1, 3};
-    struct coord_eplb_plan p;
+    struct job_eplb_plan p;
 
-    cr_assert_eq(coord_eplb_rebalance(w, 1, 4, 4, 1, 1, 2, &p, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_eplb_rebalance(w, 1, 4, 4, 1, 1, 2, &p, err, sizeof(err)), 0, "%s", err);
     for (int i = 0; i < 4; i++)
         cr_assert_eq(p.phy2log[i], want[i], "slot %d: %d", i, p.phy2log[i]);
-    cr_assert_float_eq(coord_eplb_imbalance(w, &p, 0), 1.0, 1e-9);
-    coord_eplb_plan_clear(&p);
+    cr_assert_float_eq(job_eplb_imbalance(w, &p, 0), 1.0, 1e-9);
+    job_eplb_plan_clear(&p);
 }
 
 /* One slot per GPU and no redundancy: the identity. */
 Test(eplb, no_redundancy_one_slot_per_gpu_is_identity)
 {
     const float w[] = {3, 9, 1, 7, 2, 8, 4, 6};
-    struct coord_eplb_plan p;
+    struct job_eplb_plan p;
 
-    cr_assert_eq(coord_eplb_rebalance(w, 1, 8, 8, 4, 2, 8, &p, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_eplb_rebalance(w, 1, 8, 8, 4, 2, 8, &p, err, sizeof(err)), 0, "%s", err);
     check_invariants(w, &p, 2);
     for (int e = 0; e < 8; e++)
         cr_assert_eq(p.logcnt[e], 1);
-    coord_eplb_plan_clear(&p);
+    job_eplb_plan_clear(&p);
 }
 
 /* A V3-like layer shape (256 experts, 8 groups, 4 nodes x 8 GPUs, one
@@ -123,17 +123,17 @@ Test(eplb, v3_shape_invariants)
 {
     enum { L = 3, E = 256, R = 288, G = 8, NODES = 4, GPUS = 32 };
     static float w[L * E];
-    struct coord_eplb_plan p;
+    struct job_eplb_plan p;
 
     for (int i = 0; i < L * E; i++)
         w[i] = (float)(1 + (i * 7919) % 1000 + (i % (E / G) == 0 ? 5000 : 0));
-    cr_assert_eq(coord_eplb_rebalance(w, L, E, R, G, NODES, GPUS, &p, err, sizeof(err)), 0, "%s",
+    cr_assert_eq(job_eplb_rebalance(w, L, E, R, G, NODES, GPUS, &p, err, sizeof(err)), 0, "%s",
                  err);
     check_invariants(w, &p, NODES);
     for (int l = 0; l < L; l++)
-        cr_assert_lt(coord_eplb_imbalance(w, &p, l), 1.2, "layer %d imbalance %.3f", l,
-                     coord_eplb_imbalance(w, &p, l));
-    coord_eplb_plan_clear(&p);
+        cr_assert_lt(job_eplb_imbalance(w, &p, l), 1.2, "layer %d imbalance %.3f", l,
+                     job_eplb_imbalance(w, &p, l));
+    job_eplb_plan_clear(&p);
 }
 
 Test(eplb, argument_errors_name_the_rule)
@@ -141,7 +141,7 @@ Test(eplb, argument_errors_name_the_rule)
     const float w[] = {1, 2, 3, 4, 5, 6};
     const float neg[] = {1, -2, 3, 4};
     const float nan_w[] = {1, NAN, 3, 4};
-    struct coord_eplb_plan p;
+    struct job_eplb_plan p;
     struct {
         const float *w;
         int e, r, g, n, gpus;
@@ -155,8 +155,8 @@ Test(eplb, argument_errors_name_the_rule)
 
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         err[0] = '\0';
-        cr_assert_eq(coord_eplb_rebalance(cases[i].w, 1, cases[i].e, cases[i].r, cases[i].g,
-                                          cases[i].n, cases[i].gpus, &p, err, sizeof(err)),
+        cr_assert_eq(job_eplb_rebalance(cases[i].w, 1, cases[i].e, cases[i].r, cases[i].g,
+                                        cases[i].n, cases[i].gpus, &p, err, sizeof(err)),
                      -EINVAL, "case %zu accepted", i);
         cr_assert_not_null(strstr(err, cases[i].word), "case %zu: \"%s\" lacks \"%s\"", i, err,
                            cases[i].word);

@@ -4,7 +4,7 @@
  * on every rank), exchange buffers larger than a ring in one group in both
  * directions around a ring of ranks (no deadlock, every byte), split into
  * sub-communicators, and a rank that never joins makes the others fail
- * rather than hang; then worker/nccl.c (the cuda backend's NCCL layer) run
+ * rather than hang; then worker/cuda/comm/nccl.c (the cuda backend's NCCL layer) run
  * on it by two rank processes: grouped exchange, all-reduce, split. */
 #include <criterion/criterion.h>
 #include <dlfcn.h>
@@ -19,8 +19,8 @@
 #include <unistd.h>
 
 #include "tests/unit/fakestack.h"
-#include "worker/cuda.h"
-#include "worker/nccl.h"
+#include "worker/cuda/driver.h"
+#include "worker/cuda/comm/nccl.h"
 
 typedef struct {
     char internal[128];
@@ -174,9 +174,9 @@ Test(fake_nccl, a_missing_rank_is_not_waited_for_forever, .timeout = 30)
                  "a 2-rank communicator with one rank came up");
 }
 
-/* --- worker/nccl.c on the fake, between two processes ----------------------- */
+/* --- worker/cuda/comm/nccl.c on the fake, between two processes ----------------------- */
 
-static int wk_rank_main(const unsigned char *id, int rank)
+static int fake_rank_main(const unsigned char *id, int rank)
 {
     struct wk_cuda_paths paths = {
         .cuda = fakestack_path(), .nccl = fakestack_path(), .cublaslt = fakestack_path()};
@@ -251,7 +251,7 @@ Test(fake_nccl, the_workers_nccl_layer_runs_on_it_between_two_processes, .timeou
         pid[r] = fork();
         cr_assert_geq(pid[r], 0);
         if (pid[r] == 0)
-            _exit(wk_rank_main(id, r));
+            _exit(fake_rank_main(id, r));
     }
     for (int r = 0; r < 2; r++) {
         int status = 0;

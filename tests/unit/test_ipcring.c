@@ -1,5 +1,5 @@
 /* test_ipcring.c - the ring descriptor of the IPC transport
- * (worker/ipcring.h) on the CPU: encode / decode round trip, the exact wire
+ * (worker/cuda/comm/ipcring.h) on the CPU: encode / decode round trip, the exact wire
  * layout, every field corrupted (-EPROTO naming the field), truncated and
  * over-long buffers, random bytes never accepted as a ring, and the argument
  * checks that need no GPU. */
@@ -9,7 +9,7 @@
 #include <string.h>
 
 #include "kernels/transport_ref.h"
-#include "worker/ipcring.h"
+#include "worker/cuda/comm/ipcring.h"
 
 static struct wk_ipcring_desc sample(void)
 {

@@ -18,7 +18,7 @@
 
 #include "common/ckpt.h"
 #include "coordinator/jobs.h"
-#include "coordinator/plan.h"
+#include "job/plan.h"
 
 #define MAX_SENT 256
 
@@ -57,20 +57,20 @@ static int fake_send(void *arg, const char *worker_id, Duplex__MsgType type,
         snprintf(sent[nsent].checkpoint, sizeof(sent[nsent].checkpoint), "%s", a->checkpoint);
         {
             /* exactly the ranks it exchanges data with, in rank order */
-            struct coord_jobspec layout = {0};
+            struct job_spec layout = {0};
             int near[256], n;
 
             cr_assert_eq(dp_sched_kind_parse(a->schedule, &layout.parallel.schedule), 0);
             layout.parallel.pp = a->pp;
             layout.parallel.ep = a->ep;
             layout.parallel.dp = a->dp;
-            cr_assert_leq(coord_plan_peers_max(&layout), 256);
-            n = coord_plan_peers(&layout, a->dp_rank, a->pp_rank, a->ep_rank, near);
+            cr_assert_leq(job_plan_peers_max(&layout), 256);
+            n = job_plan_peers(&layout, a->dp_rank, a->pp_rank, a->ep_rank, near);
             cr_assert_eq(a->n_peers, (size_t)n);
             for (int k = 0; k < n; k++)
-                cr_assert_eq(coord_plan_rank_index(&layout, a->peers[k]->dp, a->peers[k]->pp,
-                                                   a->peers[k]->ep),
-                             near[k]);
+                cr_assert_eq(
+                    job_plan_rank_index(&layout, a->peers[k]->dp, a->peers[k]->pp, a->peers[k]->ep),
+                    near[k]);
         }
         sent[nsent].nccl_id_len = a->nccl_id.len;
         snprintf(sent[nsent].shared_gpu, sizeof(sent[nsent].shared_gpu), "%s", a->shared_gpu);
@@ -138,12 +138,12 @@ static void teardown(void)
 
 static uint64_t submit(const char *json, const char *const *sets, size_t nsets)
 {
-    struct coord_jobspec spec;
+    struct job_spec spec;
     char err[512];
     uint64_t id = 0;
 
-    cr_assert_eq(coord_jobspec_parse(json, strlen(json), sets, nsets, &spec, err, sizeof(err)), 0,
-                 "%s", err);
+    cr_assert_eq(job_spec_parse(json, strlen(json), sets, nsets, &spec, err, sizeof(err)), 0, "%s",
+                 err);
     cr_assert_eq(coord_jobs_submit(jobs, &spec, "alice", 2000, &id, err, sizeof(err)), 0, "%s",
                  err);
     return id;
@@ -623,7 +623,7 @@ Test(jobs, drained_workers_are_not_placed_and_backends_do_not_mix, .init = setup
     const char *sets[] = {"backend=sim", "parallel.ep=2"};
     uint64_t a = submit("{}", sets, 2);
     char err[256];
-    struct coord_jobspec spec;
+    struct job_spec spec;
     uint64_t id;
     const char *cpu[] = {"backend=cpu"};
 
@@ -635,7 +635,7 @@ Test(jobs, drained_workers_are_not_placed_and_backends_do_not_mix, .init = setup
     cr_assert_str_eq(state_of(a), "placing");
     cr_assert_eq(coord_registry_set_drained(reg, "nobody", 1, "alice", 2200), -ENOENT);
     /* no cpu workers at all: refused at submission */
-    cr_assert_eq(coord_jobspec_parse("{}", 2, cpu, 1, &spec, err, sizeof(err)), 0);
+    cr_assert_eq(job_spec_parse("{}", 2, cpu, 1, &spec, err, sizeof(err)), 0);
     cr_assert_eq(coord_jobs_submit(jobs, &spec, "alice", 2300, &id, err, sizeof(err)), -ENOSPC);
     cr_assert_not_null(strstr(err, "needs 2 cpu workers"), "%s", err);
 }
@@ -709,21 +709,21 @@ Test(jobs, expert_imbalance_from_reported_tokens, .init = setup, .fini = teardow
  * experts that uniform placement puts on one GPU go to different GPUs. */
 Test(jobs, reported_loads_drive_the_expert_placement)
 {
-    struct coord_jobspec spec;
-    struct coord_eplb_plan uniform, loaded;
+    struct job_spec spec;
+    struct job_eplb_plan uniform, loaded;
     const char *sets[] = {"model.experts=4", "model.top_k=1", "parallel.ep=2"};
     const double loads[] = {10, 1, 10, 1};
     float w[] = {10, 1, 10, 1};
     char err[256];
 
-    cr_assert_eq(coord_jobspec_parse("{}", 2, sets, 3, &spec, err, sizeof(err)), 0, "%s", err);
-    cr_assert_eq(coord_plan_experts(&spec, NULL, &uniform, err, sizeof(err)), 0, "%s", err);
-    cr_assert_eq(coord_plan_experts(&spec, loads, &loaded, err, sizeof(err)), 0, "%s", err);
-    cr_assert_float_eq(coord_eplb_imbalance(w, &uniform, 0), 20.0 / 11.0, 1e-6,
+    cr_assert_eq(job_spec_parse("{}", 2, sets, 3, &spec, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_plan_experts(&spec, NULL, &uniform, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_plan_experts(&spec, loads, &loaded, err, sizeof(err)), 0, "%s", err);
+    cr_assert_float_eq(job_eplb_imbalance(w, &uniform, 0), 20.0 / 11.0, 1e-6,
                        "uniform placement puts experts 0 and 2 together");
-    cr_assert_float_eq(coord_eplb_imbalance(w, &loaded, 0), 1.0, 1e-6);
-    coord_eplb_plan_clear(&uniform);
-    coord_eplb_plan_clear(&loaded);
+    cr_assert_float_eq(job_eplb_imbalance(w, &loaded, 0), 1.0, 1e-6);
+    job_eplb_plan_clear(&uniform);
+    job_eplb_plan_clear(&loaded);
 }
 
 /* A lost worker makes a running job recover: every rank is told to stop;
@@ -2014,8 +2014,8 @@ static double simulated_step_ms(uint64_t id)
 Test(jobs, schedules_are_simulated_off_the_loop, .init = setup, .fini = teardown)
 {
     const char *sets[] = {"backend=sim", "parallel.microbatches=64"};
-    struct coord_jobspec spec;
-    struct coord_plan_sim sim;
+    struct job_spec spec;
+    struct job_plan_sim sim;
     char err[256];
     uv_loop_t loop;
     uint64_t a, b;
@@ -2027,8 +2027,8 @@ Test(jobs, schedules_are_simulated_off_the_loop, .init = setup, .fini = teardown
     cr_assert_str_eq(state_of(a), "placing");
     cr_assert_eq(simulated_step_ms(a), 0.0, "simulated inside the loop's callback");
     cr_assert_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
-    cr_assert_eq(coord_jobspec_parse("{}", 2, sets, 2, &spec, err, sizeof(err)), 0, "%s", err);
-    cr_assert_eq(coord_plan_simulate(&spec, &sim, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_spec_parse("{}", 2, sets, 2, &spec, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_plan_simulate(&spec, &sim, err, sizeof(err)), 0, "%s", err);
     cr_assert_gt(sim.makespan_ms, 0.0);
     cr_assert_float_eq(simulated_step_ms(a), sim.makespan_ms, 1e-9);
     /* a second job on the other two workers, its simulation in flight

@@ -6,21 +6,20 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "coordinator/jobspec.h"
-#include "worker/data.h"
+#include "job/jobspec.h"
+#include "worker/rank/data.h"
 
 static char err[512];
 
-static int parse(const char *json, const char *const *sets, size_t nsets,
-                 struct coord_jobspec *spec)
+static int parse(const char *json, const char *const *sets, size_t nsets, struct job_spec *spec)
 {
     err[0] = '\0';
-    return coord_jobspec_parse(json, strlen(json), sets, nsets, spec, err, sizeof(err));
+    return job_spec_parse(json, strlen(json), sets, nsets, spec, err, sizeof(err));
 }
 
 static void expect_error(const char *json, const char *set, const char *field, const char *word)
 {
-    struct coord_jobspec spec;
+    struct job_spec spec;
     const char *sets[] = {set};
 
     cr_assert_eq(parse(json, set ? sets : NULL, set ? 1 : 0, &spec), -EINVAL, "accepted %s %s",
@@ -32,7 +31,7 @@ static void expect_error(const char *json, const char *set, const char *field, c
 
 Test(jobspec, empty_spec_gets_every_default)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
 
     cr_assert_eq(parse("{}", NULL, 0, &s), 0, "%s", err);
     cr_assert_str_eq(s.name, "job");
@@ -47,12 +46,12 @@ Test(jobspec, empty_spec_gets_every_default)
     cr_assert_str_eq(s.checkpoint.dir, "var/checkpoints");
     cr_assert_eq(s.restart.max_restarts, 3);
     cr_assert_float_eq(s.sim.fb, 3.0, 1e-12);
-    cr_assert_eq(coord_jobspec_workers(&s), 2);
+    cr_assert_eq(job_spec_workers(&s), 2);
 }
 
 Test(jobspec, values_are_read)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
     const char *json = "{\"name\": \"big\", \"backend\": \"sim\", \"priority\": 5,"
                        " \"model\": {\"layers\": 8, \"experts\": 16, \"top_k\": 4},"
                        " \"parallel\": {\"schedule\": \"dualpipev\", \"pp\": 4, \"ep\": 2,"
@@ -63,13 +62,13 @@ Test(jobspec, values_are_read)
     cr_assert_str_eq(s.backend, "sim");
     cr_assert_eq(s.priority, 5);
     cr_assert_eq(s.parallel.schedule, DP_SCHED_DUALPIPEV);
-    cr_assert_eq(coord_jobspec_workers(&s), 24);
+    cr_assert_eq(job_spec_workers(&s), 24);
     cr_assert_float_eq(s.train.lr, 0.5, 1e-12);
 }
 
 Test(jobspec, set_overrides_any_field)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
     const char *sets[] = {"parallel.schedule=dualpipev", "train.steps=5", "name=from-set",
                           "sim.f=\"2\"", "model.layers=8"};
 
@@ -149,7 +148,7 @@ Test(jobspec, impossible_layouts)
 
 Test(jobspec, schedules_accept_their_own_layouts)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
 
     cr_assert_eq(parse("{\"parallel\": {\"schedule\": \"1f1b\", \"pp\": 3, \"microbatches\": 1},"
                        " \"model\": {\"layers\": 6}}",
@@ -163,7 +162,7 @@ Test(jobspec, schedules_accept_their_own_layouts)
 
 Test(jobspec, micro_batches_split_over_ep_and_checkpoint_from_is_absolute)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
 
     expect_error("{\"model\": {\"experts\": 8}, \"parallel\": {\"ep\": 4, \"microbatch_size\": 2}}",
                  NULL, "parallel.microbatch_size", "ep");
@@ -179,11 +178,11 @@ Test(jobspec, to_json_round_trips)
 {
     const char *sets[] = {"train.lr=0.0123456789", "parallel.schedule=zb1p", "name=x y",
                           "checkpoint.from=/ck/job-1/step-00000002"};
-    struct coord_jobspec a, b;
+    struct job_spec a, b;
     char *text;
 
     cr_assert_eq(parse("{\"sim\": {\"f\": 0.1}}", sets, 4, &a), 0, "%s", err);
-    text = coord_jobspec_to_json(&a);
+    text = job_spec_to_json(&a);
     cr_assert_not_null(text);
     cr_assert_not_null(strstr(text, "\"microbatch_size\":2"), "%s", text);
     cr_assert_eq(parse(text, NULL, 0, &b), 0, "%s: %s", text, err);
@@ -193,7 +192,7 @@ Test(jobspec, to_json_round_trips)
 
 Test(jobspec, max_nodes_defaults_to_no_limit_and_is_checked)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
 
     cr_assert_eq(parse("{}", NULL, 0, &s), 0, "%s", err);
     cr_assert_eq(s.parallel.max_nodes, 0);
@@ -228,8 +227,8 @@ Test(jobspec, max_nodes_defaults_to_no_limit_and_is_checked)
         parse("{\"model\": {\"top_k\": 1}}", (const char *[]){"parallel.max_nodes=1"}, 1, &s), 0,
         "%s", err);
     /* and it survives the round trip */
-    char *text = coord_jobspec_to_json(&s);
-    struct coord_jobspec back;
+    char *text = job_spec_to_json(&s);
+    struct job_spec back;
     cr_assert_not_null(text);
     cr_assert_eq(parse(text, NULL, 0, &back), 0, "%s", err);
     cr_assert_eq(back.parallel.max_nodes, 1);
@@ -238,7 +237,7 @@ Test(jobspec, max_nodes_defaults_to_no_limit_and_is_checked)
 
 Test(jobspec, the_cuda_backend_takes_expert_parallelism)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
 
     cr_assert_eq(parse("{\"backend\": \"cuda\", \"parallel\": {\"ep\": 2}}", NULL, 0, &s), 0, "%s",
                  err);
@@ -255,7 +254,7 @@ Test(jobspec, bf16_precision_is_the_cuda_backends)
 
 Test(jobspec, cuda_expert_rows_are_whole_16_byte_pieces)
 {
-    struct coord_jobspec spec;
+    struct job_spec spec;
 
     expect_error("{\"backend\": \"cuda\", \"model\": {\"d_model\": 30, \"heads\": 2},"
                  " \"parallel\": {\"ep\": 2, \"microbatch_size\": 2}}",
@@ -268,7 +267,7 @@ Test(jobspec, cuda_expert_rows_are_whole_16_byte_pieces)
 
 Test(jobspec, dispatch_is_fp32_or_fp8_on_either_backend)
 {
-    struct coord_jobspec spec;
+    struct job_spec spec;
 
     cr_assert_eq(parse("{}", NULL, 0, &spec), 0, "%s", err);
     cr_assert_str_eq(spec.train.dispatch, "fp32");
@@ -280,11 +279,11 @@ Test(jobspec, dispatch_is_fp32_or_fp8_on_either_backend)
 }
 
 /* Issue 14: inputs are checked where they are used. The workers train only
- * the datasets they have (worker/data.h's list), so duplexd refuses any
+ * the datasets they have (worker/rank/data.h's list), so duplexd refuses any
  * other train.dataset at submission, naming the field and the value. */
 Test(jobspec, train_dataset_is_one_the_workers_have)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
 
     cr_assert_eq(parse("{\"train\": {\"dataset\": \"licenses\"}}", NULL, 0, &s), 0, "%s", err);
     cr_assert_str_eq(s.train.dataset, "licenses");
@@ -300,8 +299,8 @@ Test(jobspec, train_dataset_is_one_the_workers_have)
 /* The one list: every name the parser takes is one a worker can open. */
 Test(jobspec, every_dataset_accepted_has_its_text_on_the_workers)
 {
-    char list[] = WK_DATA_DATASETS, set[128], *save = NULL;
-    struct coord_jobspec s;
+    char list[] = JOB_SPEC_DATASETS, set[128], *save = NULL;
+    struct job_spec s;
     int n = 0;
 
     for (char *name = strtok_r(list, "|", &save); name; name = strtok_r(NULL, "|", &save), n++) {
@@ -321,7 +320,7 @@ Test(jobspec, checkpoint_dir_has_no_dot_dot_component)
         "..",      "../x",    "a/../b",   "a/..",   "../../../../outside",
         "/abs/..", "/a/../b", "a//..//b", "./../x", "/srv/duplex/../../etc",
     };
-    struct coord_jobspec s;
+    struct job_spec s;
     char set[128];
 
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
@@ -343,7 +342,7 @@ Test(jobspec, checkpoint_dir_has_no_dot_dot_component)
 
 Test(jobspec, text_fields_refuse_control_characters)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
 
     expect_error("{\"name\": \"two\\nlines\"}", NULL, "name", "control character");
     expect_error("{\"name\": \"\\u001b[31mred\"}", NULL, "name", "control character");
@@ -369,17 +368,16 @@ Test(jobspec, escape_writes_control_characters_as_hex)
 {
     char out[64];
 
-    cr_assert_str_eq(coord_jobspec_escape("plain", out, sizeof(out)), "plain");
-    cr_assert_str_eq(coord_jobspec_escape("a\nb\033[2J\x7f", out, sizeof(out)),
-                     "a\\x0ab\\x1b[2J\\x7f");
-    cr_assert_str_eq(coord_jobspec_escape("\xc2\x9b"
-                                          "1m caf\xc3\xa9",
-                                          out, sizeof(out)),
+    cr_assert_str_eq(job_spec_escape("plain", out, sizeof(out)), "plain");
+    cr_assert_str_eq(job_spec_escape("a\nb\033[2J\x7f", out, sizeof(out)), "a\\x0ab\\x1b[2J\\x7f");
+    cr_assert_str_eq(job_spec_escape("\xc2\x9b"
+                                     "1m caf\xc3\xa9",
+                                     out, sizeof(out)),
                      "\\xc2\\x9b1m caf\xc3\xa9");
     /* too long: cut with "...", never in the middle of an escape */
-    cr_assert_str_eq(coord_jobspec_escape("abcdefghij", out, 8), "abcd...");
-    cr_assert_str_eq(coord_jobspec_escape("ab\n\n\n", out, 9), "ab...");
-    cr_assert_eq(strlen(coord_jobspec_escape("\n\n\n\n\n\n\n\n", out, sizeof(out))), 32);
+    cr_assert_str_eq(job_spec_escape("abcdefghij", out, 8), "abcd...");
+    cr_assert_str_eq(job_spec_escape("ab\n\n\n", out, 9), "ab...");
+    cr_assert_eq(strlen(job_spec_escape("\n\n\n\n\n\n\n\n", out, sizeof(out))), 32);
 }
 
 /* A spec stored before a rule existed may fail now; duplexd still shows
@@ -387,7 +385,7 @@ Test(jobspec, escape_writes_control_characters_as_hex)
  * hung duplexd's status of such a job). */
 Test(jobspec, a_failed_parse_leaves_a_spec_that_can_be_shown)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
 
     cr_assert_eq(parse("{\"name\": \"a\\nb\", \"parallel\": {\"ep\": 2}}", NULL, 0, &s), -EINVAL);
     cr_assert_eq(s.parallel.ep, 1);
@@ -395,21 +393,21 @@ Test(jobspec, a_failed_parse_leaves_a_spec_that_can_be_shown)
     cr_assert_eq(s.parallel.microbatches, 4);
     cr_assert_str_eq(s.train.dataset, "licenses");
     cr_assert_eq(parse("{\"model\": ", NULL, 0, &s), -EINVAL);
-    cr_assert_eq(coord_jobspec_workers(&s), 2);
+    cr_assert_eq(job_spec_workers(&s), 2);
     cr_assert_eq(parse("{\"train\": {\"dataset\": \"/dev/zero\"}}", NULL, 0, &s), -EINVAL);
     cr_assert_eq(s.parallel.ep, 1);
 }
 
 Test(jobspec, schedules_over_the_simulation_budget_are_refused)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
 
     /* at the budget: accepted (1f1b: any pp, microbatches >= pp) */
     cr_assert_eq(parse("{\"model\": {\"layers\": 128}, \"parallel\": {\"schedule\": \"1f1b\", "
                        "\"pp\": 128, \"microbatches\": 1024}}",
                        NULL, 0, &s),
                  0, "%s", err);
-    cr_assert_eq((long long)s.parallel.pp * s.parallel.microbatches, COORD_JOBSPEC_SIM_BUDGET);
+    cr_assert_eq((long long)s.parallel.pp * s.parallel.microbatches, JOB_SPEC_SIM_BUDGET);
     /* one micro-batch more: refused, with the numbers */
     expect_error("{\"model\": {\"layers\": 128}, \"parallel\": {\"schedule\": \"1f1b\", "
                  "\"pp\": 128, \"microbatches\": 1025}}",

@@ -12,7 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "worker/data.h"
+#include "worker/rank/data.h"
 #include "worker/model/model.h"
 #include "worker/model/rng.h"
 

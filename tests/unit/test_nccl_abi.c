@@ -1,7 +1,7 @@
-/* test_nccl_abi.c - worker/nccl.c's own declaration of NCCL's ABI against
+/* test_nccl_abi.c - worker/cuda/comm/nccl.c's own declaration of NCCL's ABI against
  * <nccl.h> (where the CUDA headers are installed) and against the installed
  * libnccl.so.2 (every entry point resolves, error strings for the result
- * values, ids), then what worker/nccl.c checks before it calls NCCL. A GPU
+ * values, ids), then what worker/cuda/comm/nccl.c checks before it calls NCCL. A GPU
  * is needed by none of it: tests/gpu/check_nccl.c runs the communicator. */
 #include <criterion/criterion.h>
 #include <dlfcn.h>
@@ -17,7 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "worker/nccl.h"
+#include "worker/cuda/comm/nccl.h"
 
 #ifdef DX_HAVE_CUDA_HEADERS
 #include <nccl.h>
@@ -200,7 +200,7 @@ Test(nccl_abi, missing_libraries_and_symbols_are_named)
     dlclose(libm);
 }
 
-/* --- what worker/nccl.c checks itself -------------------------------------- */
+/* --- what worker/cuda/comm/nccl.c checks itself -------------------------------------- */
 
 Test(nccl_abi, transfers_are_checked_before_nccl_sees_them)
 {
@@ -254,7 +254,7 @@ Test(nccl_abi, communicators_need_a_cuda_stack_and_a_rank_inside)
     wk_nccl_destroy(NULL);
 }
 
-/* --- through worker/cuda.c, on the fake driver ------------------------------ */
+/* --- through worker/cuda/driver.c, on the fake driver ------------------------------ */
 
 /* $(BUILD)/lib/libfakecuda.so (tests/fake/: the Driver API on host
  * memory), from this test's $(BUILD)/tests/unit/; NULL when not built */
@@ -313,7 +313,7 @@ Test(nccl_abi, ids_and_communicators_through_the_cuda_stack)
     wk_cuda_close(c);
 }
 
-/* --- worker/nccl.c's logic on a fake NCCL ------------------------------------
+/* --- worker/cuda/comm/nccl.c's logic on a fake NCCL ------------------------------------
  * Entry points of one-rank communicators on host memory (a wk_cuda_ptr is a
  * host address here): grouped sends and receives to self are matched at
  * ncclGroupEnd and copied, an all-reduce copies, every call is logged, and

@@ -5,7 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "coordinator/placement.h"
+#include "job/placement.h"
 
 #define MAX_SLOTS 64
 
@@ -28,20 +28,20 @@ static size_t cluster(int nodes, int gpus)
     return n;
 }
 
-static int node_of(const struct coord_placement *p, int d, int s, int e)
+static int node_of(const struct job_placement *p, int d, int s, int e)
 {
     int node;
-    sscanf(slots[coord_placement_at(p, d, s, e)].node, "node%d", &node);
+    sscanf(slots[job_placement_at(p, d, s, e)].node, "node%d", &node);
     return node;
 }
 
-static void check_all_distinct(const struct coord_placement *p)
+static void check_all_distinct(const struct job_placement *p)
 {
     int used[MAX_SLOTS] = {0};
     for (int d = 0; d < p->dp; d++)
         for (int s = 0; s < p->pp; s++)
             for (int e = 0; e < p->ep; e++) {
-                int k = coord_placement_at(p, d, s, e);
+                int k = job_placement_at(p, d, s, e);
                 cr_assert(k >= 0 && k < MAX_SLOTS);
                 cr_assert_eq(used[k]++, 0, "slot %d used twice", k);
             }
@@ -49,10 +49,10 @@ static void check_all_distinct(const struct coord_placement *p)
 
 Test(placement, ep_groups_stay_in_a_node_and_pipeline_neighbours_are_close)
 {
-    struct coord_placement p;
+    struct job_placement p;
     size_t n = cluster(2, 8);
 
-    cr_assert_eq(coord_place(slots, n, 4, 4, 1, &p, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_place(slots, n, 4, 4, 1, &p, err, sizeof(err)), 0, "%s", err);
     check_all_distinct(&p);
     cr_assert_eq(p.split_groups, 0);
     for (int s = 0; s < 4; s++) {
@@ -63,56 +63,56 @@ Test(placement, ep_groups_stay_in_a_node_and_pipeline_neighbours_are_close)
                           "pipeline ranks %d and %d are more than one node apart", s - 1, s);
     }
     /* GPUs in index order inside a node */
-    cr_assert_eq(slots[coord_placement_at(&p, 0, 0, 0)].gpu, 0);
-    cr_assert_eq(slots[coord_placement_at(&p, 0, 0, 3)].gpu, 3);
-    coord_placement_clear(&p);
+    cr_assert_eq(slots[job_placement_at(&p, 0, 0, 0)].gpu, 0);
+    cr_assert_eq(slots[job_placement_at(&p, 0, 0, 3)].gpu, 3);
+    job_placement_clear(&p);
 }
 
 Test(placement, dp_replicas_land_on_different_nodes)
 {
-    struct coord_placement p;
+    struct job_placement p;
     size_t n = cluster(4, 4);
 
-    cr_assert_eq(coord_place(slots, n, 2, 2, 2, &p, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_place(slots, n, 2, 2, 2, &p, err, sizeof(err)), 0, "%s", err);
     check_all_distinct(&p);
     for (int s = 0; s < 2; s++)
         cr_assert_neq(node_of(&p, 0, s, 0), node_of(&p, 1, 0, 0),
                       "replica 0 stage %d shares a node with replica 1", s);
-    coord_placement_clear(&p);
+    job_placement_clear(&p);
 }
 
 Test(placement, group_too_big_for_any_node_is_split_and_counted)
 {
-    struct coord_placement p;
+    struct job_placement p;
     size_t n = cluster(4, 4);
 
-    cr_assert_eq(coord_place(slots, n, 2, 8, 1, &p, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_place(slots, n, 2, 8, 1, &p, err, sizeof(err)), 0, "%s", err);
     check_all_distinct(&p);
     cr_assert_eq(p.split_groups, 2);
-    coord_placement_clear(&p);
+    job_placement_clear(&p);
 }
 
 Test(placement, a_fragmented_cluster_still_fits_groups_where_it_can)
 {
-    struct coord_placement p;
+    struct job_placement p;
     /* node00 has 2 free GPUs, node01 has 4: a group of 4 goes to node01 */
     struct coord_slot frag[] = {{"a", "node00", 0}, {"b", "node00", 1}, {"c", "node01", 0},
                                 {"d", "node01", 1}, {"e", "node01", 2}, {"f", "node01", 3}};
 
-    cr_assert_eq(coord_place(frag, 6, 1, 4, 1, &p, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_place(frag, 6, 1, 4, 1, &p, err, sizeof(err)), 0, "%s", err);
     for (int e = 0; e < 4; e++)
-        cr_assert_str_eq(frag[coord_placement_at(&p, 0, 0, e)].node, "node01");
+        cr_assert_str_eq(frag[job_placement_at(&p, 0, 0, e)].node, "node01");
     cr_assert_eq(p.split_groups, 0);
-    coord_placement_clear(&p);
+    job_placement_clear(&p);
 }
 
 Test(placement, not_enough_workers_says_how_many_are_missing)
 {
-    struct coord_placement p;
+    struct job_placement p;
     size_t n = cluster(1, 4);
 
-    cr_assert_eq(coord_place(slots, n, 2, 4, 1, &p, err, sizeof(err)), -ENOSPC);
+    cr_assert_eq(job_place(slots, n, 2, 4, 1, &p, err, sizeof(err)), -ENOSPC);
     cr_assert_not_null(strstr(err, "needs 8 workers, 4 are free (4 missing)"), "%s", err);
     cr_assert_null(p.slot);
-    cr_assert_eq(coord_place(slots, n, 0, 1, 1, &p, err, sizeof(err)), -EINVAL);
+    cr_assert_eq(job_place(slots, n, 0, 1, 1, &p, err, sizeof(err)), -EINVAL);
 }

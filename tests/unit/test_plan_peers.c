@@ -1,4 +1,4 @@
-/* test_plan_peers.c - coord_plan_peers, the peers a rank's Assignment
+/* test_plan_peers.c - job_plan_peers, the peers a rank's Assignment
  * carries: every rank the schedule and the step-end sums make it talk to,
  * found here independently from the generated schedules (as the worker
  * finds them: op peers, dp_sched_locate), in both directions, and O(ranks)
@@ -7,12 +7,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "coordinator/plan.h"
+#include "job/plan.h"
 #include "pipeline/schedule.h"
 
-static struct coord_jobspec layout(enum dp_sched_kind kind, int pp, int ep, int dp)
+static struct job_spec layout(enum dp_sched_kind kind, int pp, int ep, int dp)
 {
-    struct coord_jobspec s;
+    struct job_spec s;
 
     memset(&s, 0, sizeof(s));
     s.parallel.schedule = kind;
@@ -35,7 +35,7 @@ struct peers {
     int ranks, *n, **near;
 };
 
-static void peers_of(const struct coord_jobspec *s, struct peers *out)
+static void peers_of(const struct job_spec *s, struct peers *out)
 {
     int pp = s->parallel.pp, ep = s->parallel.ep, dp = s->parallel.dp;
 
@@ -46,12 +46,12 @@ static void peers_of(const struct coord_jobspec *s, struct peers *out)
     for (int d = 0; d < dp; d++)
         for (int p = 0; p < pp; p++)
             for (int e = 0; e < ep; e++) {
-                int r = coord_plan_rank_index(s, d, p, e);
+                int r = job_plan_rank_index(s, d, p, e);
 
-                out->near[r] = calloc((size_t)coord_plan_peers_max(s), sizeof(int));
+                out->near[r] = calloc((size_t)job_plan_peers_max(s), sizeof(int));
                 cr_assert(out->near[r]);
-                out->n[r] = coord_plan_peers(s, d, p, e, out->near[r]);
-                cr_assert_leq(out->n[r], coord_plan_peers_max(s));
+                out->n[r] = job_plan_peers(s, d, p, e, out->near[r]);
+                cr_assert_leq(out->n[r], job_plan_peers_max(s));
             }
 }
 
@@ -66,7 +66,7 @@ static void peers_free(struct peers *ps)
 /* Every property of one layout (kind, pp, ep, dp, micro-batches). */
 static void check_layout(enum dp_sched_kind kind, int pp, int ep, int dp, int mb)
 {
-    struct coord_jobspec s = layout(kind, pp, ep, dp);
+    struct job_spec s = layout(kind, pp, ep, dp);
     struct peers ps;
     dp_sched_t *sched = NULL;
     char err[256];
@@ -76,7 +76,7 @@ static void check_layout(enum dp_sched_kind kind, int pp, int ep, int dp, int mb
     for (int d = 0; d < dp; d++)
         for (int p = 0; p < pp; p++)
             for (int e = 0; e < ep; e++) {
-                int me = coord_plan_rank_index(&s, d, p, e), n = ps.n[me];
+                int me = job_plan_rank_index(&s, d, p, e), n = ps.n[me];
                 const int *near = ps.near[me];
                 const struct dp_op *ops;
                 size_t nops;
@@ -89,12 +89,12 @@ static void check_layout(enum dp_sched_kind kind, int pp, int ep, int dp, int mb
                 ops = dp_sched_ops(sched, p, &nops);
                 for (size_t i = 0; i < nops; i++)
                     if (ops[i].kind == DP_OP_SEND || ops[i].kind == DP_OP_RECV)
-                        cr_assert(has(near, n, coord_plan_rank_index(&s, d, ops[i].peer, e)),
+                        cr_assert(has(near, n, job_plan_rank_index(&s, d, ops[i].peer, e)),
                                   "%s pp %d: rank %d's op %zu talks to pp %d, not a peer",
                                   dp_sched_kind_name(kind), pp, p, i, ops[i].peer);
                 /* the expert exchange: the whole EP group */
                 for (int f = 0; f < ep; f++)
-                    cr_assert(has(near, n, coord_plan_rank_index(&s, d, p, f)));
+                    cr_assert(has(near, n, job_plan_rank_index(&s, d, p, f)));
                 /* the step-end sums, as the worker groups them: per stage
                  * it holds, the holders over paths; members by dp rank,
                  * holder, ep rank; the first is the root */
@@ -113,14 +113,14 @@ static void check_layout(enum dp_sched_kind kind, int pp, int ep, int dp, int mb
                             h[0] = h[1];
                             h[1] = t;
                         }
-                        root = coord_plan_rank_index(&s, 0, h[0], 0);
+                        root = job_plan_rank_index(&s, 0, h[0], 0);
                         cr_assert(has(near, n, root), "stage %d's root is not a peer", st);
                         if (root != me)
                             continue;
                         for (int dd = 0; dd < dp; dd++)
                             for (int k = 0; k < nh; k++)
                                 for (int f = 0; f < ep; f++)
-                                    cr_assert(has(near, n, coord_plan_rank_index(&s, dd, h[k], f)),
+                                    cr_assert(has(near, n, job_plan_rank_index(&s, dd, h[k], f)),
                                               "the root of stage %d misses a member", st);
                     }
                 /* both ways: whoever it talks to talks to it (the data
@@ -161,7 +161,7 @@ Test(plan_peers, cover_every_rank_the_schedules_and_sums_talk_to)
  * of every rank per Assignment. */
 Test(plan_peers, grow_linearly_with_the_ranks)
 {
-    struct coord_jobspec s = layout(DP_SCHED_DUALPIPE, 16, 8, 16);
+    struct job_spec s = layout(DP_SCHED_DUALPIPE, 16, 8, 16);
     struct peers ps;
     long total = 0;
 
@@ -173,8 +173,7 @@ Test(plan_peers, grow_linearly_with_the_ranks)
     cr_assert_leq(total, 2048L * 12 + 8L * 256, "%ld peers in all", total);
     cr_assert_lt(total * 100, 2048L * 2048, "%ld peers in all", total);
     /* a rank far down the pipeline does not list pp rank 0 */
-    cr_assert_not(has(ps.near[coord_plan_rank_index(&s, 3, 9, 2)],
-                      ps.n[coord_plan_rank_index(&s, 3, 9, 2)],
-                      coord_plan_rank_index(&s, 3, 0, 2)));
+    cr_assert_not(has(ps.near[job_plan_rank_index(&s, 3, 9, 2)],
+                      ps.n[job_plan_rank_index(&s, 3, 9, 2)], job_plan_rank_index(&s, 3, 0, 2)));
     peers_free(&ps);
 }

@@ -1,4 +1,4 @@
-/* test_plink_fake.c - worker/plink.c, the cuda backend's pipeline links,
+/* test_plink_fake.c - worker/cuda/comm/plink.c, the cuda backend's pipeline links,
  * between two processes on the fake GPU stack (one fake GPU each): both
  * directions of a same-node pair go through IPC rings (their descriptors
  * over a socketpair), a message of several pieces arrives whole and in
@@ -21,8 +21,8 @@
 
 #include "tests/unit/fakepair.h"
 #include "tests/unit/fakestack.h"
-#include "worker/ipcring.h"
-#include "worker/plink.h"
+#include "worker/cuda/comm/ipcring.h"
+#include "worker/cuda/comm/plink.h"
 
 #define MSG_FLOATS (3 * WK_IPCRING_LINK_PIECE / 4 + 100) /* four pieces, the last partial */
 #define MAX_MSGS 4

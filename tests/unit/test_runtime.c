@@ -15,7 +15,7 @@
 #include "pipeline/schedule.h"
 #include "pipeline/simulate.h"
 #include "proto/wire.h"
-#include "worker/dataplane.h"
+#include "worker/net/dataplane.h"
 #include "worker/runtime.h"
 
 #define ERR_LEN 512
@@ -30,7 +30,7 @@ struct assign {
     Duplex__Peer peer[MAX_RANKS];
     Duplex__Peer *peers[MAX_RANKS];
     char id[MAX_RANKS][32];
-    char addr[MAX_RANKS][WK_DATA_ADDR_MAX];
+    char addr[MAX_RANKS][WK_NET_ADDR_MAX];
     char schedule[32];
 };
 
@@ -39,7 +39,7 @@ struct costs {
 };
 
 static void assign_init(struct assign *s, uint64_t job, const char *schedule, int pp, int mbs,
-                        uint64_t steps, int rank, const struct costs *c, wk_data_t *const *data)
+                        uint64_t steps, int rank, const struct costs *c, wk_net_t *const *data)
 {
     memset(s, 0, sizeof(*s));
     s->a = (Duplex__Assignment)DUPLEX__ASSIGNMENT__INIT;
@@ -59,7 +59,7 @@ static void assign_init(struct assign *s, uint64_t job, const char *schedule, in
     for (int r = 0; r < pp; r++) {
         s->peer[r] = (Duplex__Peer)DUPLEX__PEER__INIT;
         snprintf(s->id[r], sizeof(s->id[r]), "w%d", r);
-        snprintf(s->addr[r], sizeof(s->addr[r]), "%s", data[r] ? wk_data_addr(data[r]) : "");
+        snprintf(s->addr[r], sizeof(s->addr[r]), "%s", data[r] ? wk_net_addr(data[r]) : "");
         s->peer[r].pp = r;
         s->peer[r].worker_id = s->id[r];
         s->peer[r].data_addr = s->addr[r];
@@ -85,7 +85,7 @@ struct outcome {
 struct job {
     void *zctx;
     int n;
-    wk_data_t *data[MAX_RANKS];
+    wk_net_t *data[MAX_RANKS];
     wk_runtime_t *rt[MAX_RANKS];
     struct outcome out[MAX_RANKS];
 };
@@ -98,7 +98,7 @@ static void job_open(struct job *j, int n)
     j->zctx = zmq_ctx_new();
     j->n = n;
     for (int r = 0; r < n; r++)
-        cr_assert_eq(wk_data_create(j->zctx, LOOPBACK, "h", &j->data[r], err, sizeof(err)), 0, "%s",
+        cr_assert_eq(wk_net_create(j->zctx, LOOPBACK, "h", &j->data[r], err, sizeof(err)), 0, "%s",
                      err);
 }
 
@@ -187,7 +187,7 @@ static void job_close(struct job *j)
 {
     for (int r = 0; r < j->n; r++) {
         wk_runtime_destroy(j->rt[r]);
-        wk_data_destroy(j->data[r]);
+        wk_net_destroy(j->data[r]);
     }
     zmq_ctx_term(j->zctx);
 }
@@ -331,15 +331,15 @@ static void assert_refused_with(struct assign *s, const char *self,
                                 const struct wk_runtime_opts *opts, const char *want)
 {
     void *zctx = zmq_ctx_new();
-    wk_data_t *data = NULL;
+    wk_net_t *data = NULL;
     wk_runtime_t *rt = NULL;
     char err[ERR_LEN] = "";
 
-    cr_assert_eq(wk_data_create(zctx, LOOPBACK, "h", &data, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(wk_net_create(zctx, LOOPBACK, "h", &data, err, sizeof(err)), 0, "%s", err);
     cr_assert_eq(wk_runtime_create(zctx, data, &s->a, self, opts, &rt, err, sizeof(err)), -EINVAL);
     cr_assert_null(rt);
     cr_assert(strstr(err, want), "\"%s\" not in \"%s\"", want, err);
-    wk_data_destroy(data);
+    wk_net_destroy(data);
     zmq_ctx_term(zctx);
 }
 
@@ -351,7 +351,7 @@ static void assert_refused(struct assign *s, const char *self, const char *want)
 Test(runtime, bad_assignments_are_refused)
 {
     const struct costs c = {.f = 1, .b = 2, .w = 1, .fb = 3};
-    wk_data_t *none[MAX_RANKS] = {0};
+    wk_net_t *none[MAX_RANKS] = {0};
     struct assign s;
 
     assign_init(&s, 1, "gpipe", 2, 4, 1, 0, &c, none);
@@ -392,10 +392,10 @@ Test(runtime, bad_assignments_are_refused)
 Test(runtime, a_cuda_rank_bigger_than_its_gpu_is_refused_before_allocating)
 {
     const struct costs c = {.f = 1, .b = 2, .w = 1, .fb = 3};
-    wk_data_t *none[MAX_RANKS] = {0};
+    wk_net_t *none[MAX_RANKS] = {0};
     struct assign s;
     void *zctx = zmq_ctx_new();
-    wk_data_t *data = NULL;
+    wk_net_t *data = NULL;
     wk_runtime_t *rt = NULL;
     char err[ERR_LEN] = "";
     int not_a_gpu;
@@ -406,7 +406,7 @@ Test(runtime, a_cuda_rank_bigger_than_its_gpu_is_refused_before_allocating)
     s.peer[0].data_addr = s.peer[1].data_addr = "tcp://127.0.0.1:1";
     s.a.spec_json = "{\"backend\": \"cuda\", \"model\": {\"vocab\": 65536, \"d_model\": 256},"
                     " \"parallel\": {\"schedule\": \"1f1b\", \"pp\": 2, \"microbatches\": 4}}";
-    cr_assert_eq(wk_data_create(zctx, LOOPBACK, "h", &data, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(wk_net_create(zctx, LOOPBACK, "h", &data, err, sizeof(err)), 0, "%s", err);
     cr_assert_eq(wk_runtime_create(zctx, data, &s.a, NULL, &opts, &rt, err, sizeof(err)), -EDOM,
                  "%s", err);
     cr_assert_null(rt);
@@ -418,6 +418,6 @@ Test(runtime, a_cuda_rank_bigger_than_its_gpu_is_refused_before_allocating)
     cr_assert_eq(wk_runtime_create(zctx, data, &s.a, NULL, &opts, &rt, err, sizeof(err)), -EDOM,
                  "%s", err);
     cr_assert(strstr(err, "32.0 MiB (its --memory-limit)"), "%s", err);
-    wk_data_destroy(data);
+    wk_net_destroy(data);
     zmq_ctx_term(zctx);
 }

@@ -22,14 +22,6 @@ static char tmpdir[64];
 static char db_path[PATH_MAX];
 static char err[512];
 
-static void rm_rf(const char *path)
-{
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", path);
-    if (system(cmd) != 0)
-        fprintf(stderr, "could not remove %s\n", path);
-}
-
 static void setup(void)
 {
     dx_log_init("test_store",
@@ -44,7 +36,7 @@ static void setup(void)
 static void teardown(void)
 {
     if (tmpdir[0])
-        rm_rf(tmpdir);
+        dx_remove_tree(tmpdir);
 }
 
 TestSuite(store, .init = setup, .fini = teardown);

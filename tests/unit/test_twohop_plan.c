@@ -1,7 +1,7 @@
 /* test_twohop_plan.c - parallel.max_nodes in the plan: the expert owner
- * rule, coord_plan_check_nodes on hand-made placements (groups split over
+ * rule, job_plan_check_nodes on hand-made placements (groups split over
  * nodes, the worst choice of groups found and named, limits that hold), and
- * coord_plan_build on real placements (groups packed on whole ranks when
+ * job_plan_build on real placements (groups packed on whole ranks when
  * the limit is set; a job whose only group spans two nodes refused with a
  * one-node limit, accepted on one node). */
 #include <criterion/criterion.h>
@@ -10,14 +10,13 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "coordinator/plan.h"
+#include "job/plan.h"
 
 static char err[512];
 
-static void spec_of(const char *json, struct coord_jobspec *spec)
+static void spec_of(const char *json, struct job_spec *spec)
 {
-    cr_assert_eq(coord_jobspec_parse(json, strlen(json), NULL, 0, spec, err, sizeof(err)), 0, "%s",
-                 err);
+    cr_assert_eq(job_spec_parse(json, strlen(json), NULL, 0, spec, err, sizeof(err)), 0, "%s", err);
 }
 
 /* 4 EP ranks, one per node n0..n3; experts 0-7 in groups of 2:
@@ -30,9 +29,9 @@ static const struct coord_slot four_nodes[4] = {
 
 static int check_four_nodes(int group_limit, int top_k, int max_nodes)
 {
-    struct coord_jobspec spec;
-    struct coord_placement place = {1, 4, 1, slot_index, 0};
-    struct coord_eplb_plan plan = {1, 8, 8, 1, 4, 0, phy2log, NULL, NULL};
+    struct job_spec spec;
+    struct job_placement place = {1, 4, 1, slot_index, 0};
+    struct job_eplb_plan plan = {1, 8, 8, 1, 4, 0, phy2log, NULL, NULL};
     char json[512];
 
     snprintf(json, sizeof(json),
@@ -42,15 +41,15 @@ static int check_four_nodes(int group_limit, int top_k, int max_nodes)
              group_limit, top_k, max_nodes);
     spec_of(json, &spec);
     err[0] = '\0';
-    return coord_plan_check_nodes(&spec, four_nodes, &place, &plan, err, sizeof(err));
+    return job_plan_check_nodes(&spec, four_nodes, &place, &plan, err, sizeof(err));
 }
 
 Test(twohop_plan, owner_is_the_first_rank_holding_a_replica)
 {
     int phy[8] = {3, 0, 1, 3, 2, 0, 1, 2}, owner[5];
-    struct coord_eplb_plan plan = {1, 5, 8, 2, 4, 0, phy, NULL, NULL};
+    struct job_eplb_plan plan = {1, 5, 8, 2, 4, 0, phy, NULL, NULL};
 
-    coord_plan_expert_owner(&plan, 4, owner);
+    job_plan_expert_owner(&plan, 4, owner);
     cr_assert_eq(owner[0], 0);
     cr_assert_eq(owner[1], 1);
     cr_assert_eq(owner[2], 2);
@@ -81,15 +80,15 @@ Test(twohop_plan, one_group_on_two_ranks_of_a_node)
     /* group 0 on ranks 0 and 1, both on node a: one node */
     static const struct coord_slot two_nodes[4] = {
         {"w0", "a", 0}, {"w1", "a", 1}, {"w2", "b", 0}, {"w3", "b", 1}};
-    struct coord_jobspec spec;
-    struct coord_placement place = {1, 4, 1, slot_index, 1};
-    struct coord_eplb_plan plan = {1, 8, 8, 1, 4, 0, phy2log, NULL, NULL};
+    struct job_spec spec;
+    struct job_placement place = {1, 4, 1, slot_index, 1};
+    struct job_eplb_plan plan = {1, 8, 8, 1, 4, 0, phy2log, NULL, NULL};
 
     spec_of("{\"model\": {\"experts\": 8, \"expert_groups\": 4, \"group_limit\": 1, \"top_k\": "
             "2}, \"parallel\": {\"schedule\": \"1f1b\", \"pp\": 1, \"ep\": 4, "
             "\"microbatch_size\": 4, \"max_nodes\": 1}}",
             &spec);
-    cr_assert_eq(coord_plan_check_nodes(&spec, two_nodes, &place, &plan, err, sizeof(err)), 0, "%s",
+    cr_assert_eq(job_plan_check_nodes(&spec, two_nodes, &place, &plan, err, sizeof(err)), 0, "%s",
                  err);
 }
 
@@ -115,7 +114,7 @@ static const char *node_of_rank(json_t *plan, int ep)
 Test(twohop_plan, build_packs_groups_and_keeps_the_limit)
 {
     struct coord_slot slots[16];
-    struct coord_jobspec spec;
+    struct job_spec spec;
     json_t *plan = NULL;
 
     cluster(slots, 2);
@@ -124,7 +123,7 @@ Test(twohop_plan, build_packs_groups_and_keeps_the_limit)
             "4}, \"parallel\": {\"schedule\": \"1f1b\", \"pp\": 1, \"ep\": 8, "
             "\"microbatch_size\": 8, \"max_nodes\": 2}}",
             &spec);
-    cr_assert_eq(coord_plan_build(&spec, slots, 8, &plan, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_plan_build(&spec, slots, 8, &plan, err, sizeof(err)), 0, "%s", err);
     for (int e = 0; e < 8; e++) {
         json_t *ex =
             json_object_get(json_array_get(json_object_get(plan, "ranks"), (size_t)e), "experts");
@@ -140,14 +139,14 @@ Test(twohop_plan, build_packs_groups_and_keeps_the_limit)
             "4}, \"parallel\": {\"schedule\": \"1f1b\", \"pp\": 1, \"ep\": 8, "
             "\"microbatch_size\": 8, \"max_nodes\": 1}}",
             &spec);
-    cr_assert_eq(coord_plan_build(&spec, slots, 8, &plan, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_plan_build(&spec, slots, 8, &plan, err, sizeof(err)), 0, "%s", err);
     json_decref(plan);
 }
 
 Test(twohop_plan, build_refuses_one_group_over_two_nodes)
 {
     struct coord_slot slots[16];
-    struct coord_jobspec spec;
+    struct job_spec spec;
     json_t *plan = NULL;
 
     cluster(slots, 2);
@@ -155,7 +154,7 @@ Test(twohop_plan, build_refuses_one_group_over_two_nodes)
             "4}, \"parallel\": {\"schedule\": \"1f1b\", \"pp\": 1, \"ep\": 8, "
             "\"microbatch_size\": 8, \"max_nodes\": 1}}",
             &spec);
-    cr_assert_eq(coord_plan_build(&spec, slots, 8, &plan, err, sizeof(err)), -EINVAL);
+    cr_assert_eq(job_plan_build(&spec, slots, 8, &plan, err, sizeof(err)), -EINVAL);
     cr_assert_null(plan);
     cr_assert_not_null(strstr(err, "group(s) 0 whose experts are on node(s) node0, node1"), "%s",
                        err);
@@ -164,6 +163,6 @@ Test(twohop_plan, build_refuses_one_group_over_two_nodes)
             "4}, \"parallel\": {\"schedule\": \"1f1b\", \"pp\": 1, \"ep\": 4, "
             "\"microbatch_size\": 4, \"max_nodes\": 1}}",
             &spec);
-    cr_assert_eq(coord_plan_build(&spec, slots, 8, &plan, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(job_plan_build(&spec, slots, 8, &plan, err, sizeof(err)), 0, "%s", err);
     json_decref(plan);
 }

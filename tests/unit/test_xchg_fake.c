@@ -1,4 +1,4 @@
-/* test_xchg_fake.c - worker/xchg.c, the expert exchange's transport,
+/* test_xchg_fake.c - worker/cuda/comm/xchg.c, the expert exchange's transport,
  * between two processes on the fake GPU stack (one fake GPU each, one
  * node, no NCCL): grouped transfers of several sizes and types both ways
  * pair up in list order (one spanning several pieces), a transfer to
@@ -17,8 +17,8 @@
 
 #include "tests/unit/fakepair.h"
 #include "tests/unit/fakestack.h"
-#include "worker/ipcring.h"
-#include "worker/xchg.h"
+#include "worker/cuda/comm/ipcring.h"
+#include "worker/cuda/comm/xchg.h"
 
 #define BIG (WK_IPCRING_LINK_PIECE / 4 * 2 + 36) /* floats: three pieces */
 

@@ -1,0 +1,86 @@
+/* backend.h - the backends a worker can run, in one table: each one's name,
+ * the capabilities it registers with, whether its compute ops train the
+ * job's model or sleep their modelled cost, whether it runs on a GPU, and
+ * the ops of its engine (one job attempt's compute, driven by the runtime's
+ * executor walk, worker/runtime.c). Looked up by name with wk_backend_find;
+ * no other code compares backend names.
+ *
+ *   sim   worker/sim/     sleeps each op's cost, sends empty messages
+ *   cpu   worker/rank/    the rank trainer on the host
+ *   cuda  worker/rank/    the rank trainer on its GPU (worker/cuda/)
+ */
+#ifndef WK_BACKEND_H
+#define WK_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/ckpt.h"
+#include "pipeline/schedule.h"
+#include "proto/duplex.pb-c.h"
+#include "worker/net/dataplane.h"
+
+typedef struct wk_gpu wk_gpu_t;
+struct wk_rank_step;
+
+/* How an engine moves messages and waits: the runtime's (its abort flag,
+ * timeouts and the time accounting). A failing send or recv leaves its
+ * reason in the err buffer of the engine call it came from (`to`/`from`
+ * name the peer). Each returns 0 or -errno. */
+struct wk_engine_io {
+    int (*send)(void *arg, const char *addr, const struct wk_net_key *key, const void *buf,
+                size_t len, const char *to);
+    int (*recv)(void *arg, const struct wk_net_key *key, const char *from, struct wk_net_msg **out);
+    int (*sleep)(void *arg, double ms); /* -ECANCELED when the job is aborted */
+    void *arg;
+};
+
+/* What an engine is built from. */
+struct wk_engine_args {
+    const Duplex__Assignment *a;   /* checked by the runtime: ranks, peers */
+    const dp_sched_t *sched;       /* the job's schedule */
+    const char *const *peers_addr; /* [dp][pp][ep] by rank index; NULL: a rank not talked to */
+    const char *const *line_addr;  /* [pp]: the pipeline ranks of our dp and ep ranks */
+    const char *const *line_id;    /* [pp]: their worker ids, for messages */
+    const double *cost_ms;         /* [DP_OP_RECV + 1]: each op kind's modelled cost */
+    const char *data_dir;          /* the training text */
+    wk_gpu_t *gpu;                 /* the GPU of a backend that has one, else NULL */
+    int nccl_timeout_ms;           /* > 0 */
+    const struct wk_engine_io *io;
+};
+
+/* One engine's ops. Calls with err fill it with the reason on failure and
+ * return 0 or -errno; -EUCLEAN from create: the checkpoint it was to load
+ * is at fault, not the worker. checkpoint is NULL for an engine that keeps
+ * no state; abort may be called from any thread. */
+struct wk_backend_ops {
+    int (*create)(const struct wk_engine_args *args, void **engine, char *err, size_t errlen);
+    void (*destroy)(void *engine);
+    uint64_t (*start_step)(const void *engine); /* the step it resumes after; 0: fresh */
+    size_t (*max_msg)(const void *engine);      /* the largest payload it receives */
+    void (*step_begin)(void *engine, uint64_t step);
+    int (*compute)(void *engine, const struct dp_op *op, char *err, size_t errlen);
+    int (*send)(void *engine, const struct dp_op *op, char *err, size_t errlen);
+    int (*recv)(void *engine, const struct dp_op *op, char *err, size_t errlen);
+    int (*step_end)(void *engine, struct wk_rank_step *out, char *err, size_t errlen);
+    int (*checkpoint)(void *engine, const char *root, uint64_t step, char *dir, size_t dirlen,
+                      struct dx_ckpt_shard_info *info, char *err, size_t errlen);
+    void (*abort)(void *engine);
+};
+
+struct wk_backend {
+    const char *name;
+    const char *const *capabilities; /* NULL-terminated, sent in Register */
+    bool trains;                     /* false: compute ops sleep (sim) */
+    bool gpu;                        /* the engine runs on the worker's GPU */
+    const struct wk_backend_ops *ops;
+};
+
+/* The backend called name, or NULL for one this build does not know. */
+const struct wk_backend *wk_backend_find(const char *name);
+
+/* "sim, cpu or cuda", for help texts and errors. */
+const char *wk_backend_names(void);
+
+#endif
