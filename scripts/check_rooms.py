@@ -11,9 +11,11 @@ The rule is the tree in docs/ARCHITECTURE.md between the lines
 indented two spaces per level (a sub-room's path is its parent's plus its
 own name). A file belongs to the deepest room holding it; it may include
 its own room and the rooms after "->" ("X/*" is X and every room under it;
-"*" is anything; "(nothing)" is no other room). An include without a
-directory is the file's own room. Files in no room and system headers
-(<...>) are not checked. Prints each include that breaks the rule and exits
+"*" is anything; "(nothing)" is no other room). Include paths are taken
+from the repository's root (-I.), ".." folded (one that climbs out is an
+error); one without a directory is the file's own. <...> includes whose
+first component is a room are checked too; other system headers and
+files in no room are not. A room line without its rule is an error. Prints each include that breaks the rule and exits
 1 if there is any.
 """
 import os
@@ -23,7 +25,8 @@ import sys
 
 BEGIN, END = "<!-- rooms -->", "<!-- /rooms -->"
 LINE = re.compile(r"^( *)([A-Za-z0-9_.-]+)/\s.*->\s*(.*?)\s*$")
-INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
+ROOM_LINE = re.compile(r"^( *)([A-Za-z0-9_.-]+)/\s")
+INCLUDE = re.compile(r'^\s*#\s*include\s+(?:"([^"]+)"|<([^>]+)>)')
 SOURCES = (".c", ".h", ".cu", ".cuh")
 
 
@@ -36,6 +39,8 @@ def read_rules(doc):
     for raw in text.split(BEGIN, 1)[1].split(END, 1)[0].splitlines():
         m = LINE.match(raw)
         if not m:
+            if ROOM_LINE.match(raw):
+                sys.exit(f"{doc}: a room without its rule (\"-> ...\"): {raw.strip()}")
             continue
         stack[len(m.group(1)) // 2:] = [m.group(2)]
         allowed = m.group(3).split()
@@ -76,11 +81,21 @@ def main(repo):
         with open(os.path.join(repo, f), encoding="utf-8", errors="replace") as fh:
             for n, line in enumerate(fh, 1):
                 m = INCLUDE.match(line)
-                if not m or "/" not in m.group(1):
+                if not m:
                     continue
-                target = room_of(m.group(1), rules) or os.path.dirname(m.group(1))
+                inc = m.group(1) or m.group(2)
+                if m.group(2) and inc.split("/")[0] not in rules:
+                    continue  # a system header (<...> naming no room)
+                if "/" not in inc:
+                    continue  # the file's own directory
+                path = os.path.normpath(inc)
+                if path.startswith(".."):
+                    print(f"{f}:{n}: {inc}: an include may not climb out with \"..\"")
+                    bad += 1
+                    continue
+                target = room_of(path, rules) or os.path.dirname(path)
                 if not allowed(room, target, rules[room]):
-                    print(f"{f}:{n}: {room}/ may not include {m.group(1)} (it may include: "
+                    print(f"{f}:{n}: {room}/ may not include {inc} (it may include: "
                           f"{' '.join(rules[room]) or 'no other room'}; docs/ARCHITECTURE.md)")
                     bad += 1
     print(f"rooms: {len(rules)} rooms, {bad} include(s) breaking the rule")

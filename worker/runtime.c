@@ -922,6 +922,8 @@ static int build_backend(wk_runtime_t *rt, const Duplex__Assignment *a, const ch
     rt->max_msg = rt->backend->ops->max_msg(engine);
     pthread_mutex_lock(&rt->lock);
     rt->engine = engine;
+    if (atomic_load(&rt->aborted)) /* an abort that came while it was built missed it */
+        rt->backend->ops->abort(engine);
     pthread_mutex_unlock(&rt->lock);
     return 0;
 }

@@ -191,6 +191,7 @@ struct letter {
 struct sabotage {
     int32_t payload; /* the first message with this payload ... */
     size_t cut;      /* ... loses this many bytes */
+    int fail;        /* ... or is not sent: its send fails, saying why */
     int done;
 };
 
@@ -275,6 +276,15 @@ static int mem_send(void *arg, const char *addr, const struct wk_net_key *key, c
         snprintf(p->err, p->errlen, "cannot send %s to %s: no such address", name, to);
         return -EINVAL;
     }
+    pthread_mutex_lock(&m->lock);
+    if (m->sab.fail && !m->sab.done && key->payload == m->sab.payload) {
+        m->sab.done = 1;
+        pthread_mutex_unlock(&m->lock);
+        wk_net_key_name(key, name, sizeof(name));
+        snprintf(p->err, p->errlen, "cannot send %s to %s: sabotaged", name, to);
+        return -EHOSTUNREACH;
+    }
+    pthread_mutex_unlock(&m->lock);
     if (!(l = calloc(1, sizeof(*l))) || !(l->msg = malloc(sizeof(*l->msg) + len + 1))) {
         free(l);
         return -ENOMEM;
@@ -1103,5 +1113,23 @@ Test(rank, a_short_activation_is_refused)
     cr_assert_eq(which, 1, "pp rank 1 receives the activation");
     snprintf(words, sizeof(words), "of %zu bytes, expected %zu", want - sizeof(float), want);
     cr_assert_not_null(strstr(j.r[which].err, words), "%s", j.r[which].err);
+    job_close(&j);
+}
+
+/* An expert exchange's send that fails inside a forward keeps the io's
+ * reason (the peer and the message), not a bare "forward ... failed". */
+Test(rank, a_failed_expert_exchange_says_which_message)
+{
+    static const int owner[4] = {1, 0, 0, 1};
+    const struct layout l = {"1f1b", 2, 2, 1, 4, 2, 1, 4};
+    struct job j;
+    int which = -1, rc;
+
+    job_open(&j, &l, owner, NULL, NULL);
+    j.mb.sab = (struct sabotage){.payload = WK_NET_EP_DISPATCH, .fail = 1};
+    rc = job_run(&j, &which);
+    cr_assert_eq(rc, -EHOSTUNREACH, "%d: %s", rc, which >= 0 ? j.r[which].err : "");
+    cr_assert_not_null(strstr(j.r[which].err, "cannot send"), "%s", j.r[which].err);
+    cr_assert_not_null(strstr(j.r[which].err, "sabotaged"), "%s", j.r[which].err);
     job_close(&j);
 }

@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -111,6 +112,7 @@ struct wk_rank {
     wk_cuda_event handoff;     /* one chunk's output to the other's stream */
     double loss_total;         /* the group's loss sum, downloaded */
     char err[WK_RANK_ERR_MAX]; /* the failing call's reason (report copies it out) */
+    bool io_failed;            /* the call's io failed: its reason is in the caller's err */
 };
 
 static int fail(wk_rank_t *c, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -129,8 +131,34 @@ static int fail(wk_rank_t *c, int rc, const char *fmt, ...)
 static void begin(wk_rank_t *c, char *err, size_t errlen)
 {
     c->err[0] = '\0';
+    c->io_failed = false;
     if (err && errlen)
         err[0] = '\0';
+}
+
+/* The io's send and receive, noting a failure (its reason is the io's). */
+static int io_send(wk_rank_t *c, const char *addr, const struct wk_net_key *key, const void *buf,
+                   size_t len, const char *to)
+{
+    int rc = c->io.send(c->io.arg, addr, key, buf, len, to);
+
+    c->io_failed |= rc < 0;
+    return rc;
+}
+
+static int io_recv(wk_rank_t *c, const struct wk_net_key *key, const char *from,
+                   struct wk_net_msg **out)
+{
+    int rc = c->io.recv(c->io.arg, key, from, out);
+
+    c->io_failed |= rc < 0;
+    return rc;
+}
+
+/* Whether this call's failure already has its reason (ours or the io's). */
+static bool has_reason(const wk_rank_t *c)
+{
+    return c->err[0] || c->io_failed;
 }
 
 /* A public call's end: on failure, our reason into the caller's err; when
@@ -444,8 +472,8 @@ static int ep_send_out(wk_rank_t *c, const struct slot *s, int layer, const stru
             cnt[x] = c->owner[x] == o ? p->count[x] : 0;
         rows = pack_rows(c, p, o, src, (float *)(void *)(buf + hdr));
         k = ep_key(c, payload, s, layer, c->ep_rank);
-        rc = c->io.send(c->io.arg, ep_peer(c, o), &k, buf, hdr + (size_t)rows * d * sizeof(float),
-                        peer_name(c, ep_index(c, o), name, sizeof(name)));
+        rc = io_send(c, ep_peer(c, o), &k, buf, hdr + (size_t)rows * d * sizeof(float),
+                     peer_name(c, ep_index(c, o), name, sizeof(name)));
     }
     free(buf);
     return rc;
@@ -462,8 +490,7 @@ static int ep_recv_all(wk_rank_t *c, const struct slot *s, int layer, int payloa
 
         if (o == c->ep_rank)
             continue;
-        if ((rc = c->io.recv(c->io.arg, &k, peer_name(c, ep_index(c, o), name, sizeof(name)),
-                             &msgs[o])) < 0)
+        if ((rc = io_recv(c, &k, peer_name(c, ep_index(c, o), name, sizeof(name)), &msgs[o])) < 0)
             return rc;
     }
     return 0;
@@ -612,8 +639,8 @@ static int ep_exchange(wk_rank_t *c, struct slot *s, int layer, struct wk_moe *m
             continue;
         }
         k = ep_key(c, back_payload, s, layer, c->ep_rank);
-        if ((rc = c->io.send(c->io.arg, ep_peer(c, o), &k, buf, hdr + (size_t)n * d * sizeof(float),
-                             peer_name(c, ep_index(c, o), name, sizeof(name)))) < 0)
+        if ((rc = io_send(c, ep_peer(c, o), &k, buf, hdr + (size_t)n * d * sizeof(float),
+                          peer_name(c, ep_index(c, o), name, sizeof(name)))) < 0)
             goto out;
     }
     /* 4. ours from every other owner */
@@ -823,9 +850,9 @@ static int run_forward(wk_rank_t *c, const struct dp_work *w)
     rc = c->gpu ? gpu_forward(c, ch, s, prev, &loss)
                 : wk_model_forward(&ch->model, &s->cache, s->tokens, x_in, s->x_out, &loss);
     if (rc < 0)
-        return c->err[0] ? rc
-                         : fail(c, rc, "forward of micro-batch %d at stage %d failed: %s", w->mb,
-                                w->stage, strerror(-rc));
+        return has_reason(c) ? rc
+                             : fail(c, rc, "forward of micro-batch %d at stage %d failed: %s",
+                                    w->mb, w->stage, strerror(-rc));
     if (ch->flags & WK_MODEL_HAS_HEAD)
         c->loss_sum += (double)loss;
     return 0;
@@ -862,9 +889,9 @@ static int run_backward(wk_rank_t *c, const struct dp_work *w, enum dp_op_kind k
                              : wk_model_backward_input(&ch->model, &s->cache, dy, s->dx);
     }
     if (rc < 0)
-        return c->err[0] ? rc
-                         : fail(c, rc, "%s of micro-batch %d at stage %d failed: %s",
-                                dp_op_kind_name(kind), w->mb, w->stage, strerror(-rc));
+        return has_reason(c) ? rc
+                             : fail(c, rc, "%s of micro-batch %d at stage %d failed: %s",
+                                    dp_op_kind_name(kind), w->mb, w->stage, strerror(-rc));
     return 0;
 }
 
@@ -975,8 +1002,7 @@ static int ring_put(wk_rank_t *c, int layer, int from, int to, int rank, const v
     struct wk_net_key k = ring_key(c, layer, from, to);
     char name[PEER_NAME_MAX];
 
-    return c->io.send(c->io.arg, c->addr[rank], &k, buf, len,
-                      peer_name(c, rank, name, sizeof(name)));
+    return io_send(c, c->addr[rank], &k, buf, len, peer_name(c, rank, name, sizeof(name)));
 }
 
 static int ring_get(wk_rank_t *c, int layer, int from, int to, int rank, void *buf, size_t cap,
@@ -987,7 +1013,7 @@ static int ring_get(wk_rank_t *c, int layer, int from, int to, int rank, void *b
     char name[PEER_NAME_MAX];
     int rc;
 
-    if ((rc = c->io.recv(c->io.arg, &k, peer_name(c, rank, name, sizeof(name)), &m)) < 0)
+    if ((rc = io_recv(c, &k, peer_name(c, rank, name, sizeof(name)), &m)) < 0)
         return rc;
     *len = m->len < cap ? m->len : cap;
     memcpy(buf, m->data, *len);
@@ -1134,8 +1160,10 @@ static int links_use(wk_rank_t *c)
         return 0;
     if (atomic_load(&c->aborted))
         return fail(c, -ECANCELED, "the job was aborted");
+    /* a transport's -EPROTO (a peer's bad descriptor) is no schedule's:
+     * the runtime reads -EPROTO as the executor's "bad schedule" */
     if (!c->links_ready && (rc = links_setup(c)) < 0)
-        return rc;
+        return rc == -EPROTO ? -EIO : rc;
     return 1;
 }
 
@@ -1202,8 +1230,8 @@ static int rank_send(wk_rank_t *c, const struct dp_op *op)
                               act ? s->d_out : s->d_dx)) < 0)
         return rc;
     to = rank_index(c, c->dp_rank, op->peer, c->ep_rank);
-    return c->io.send(c->io.arg, c->addr[to], &k, act ? s->x_out : s->dx, act_bytes(c),
-                      peer_name(c, to, name, sizeof(name)));
+    return io_send(c, c->addr[to], &k, act ? s->x_out : s->dx, act_bytes(c),
+                   peer_name(c, to, name, sizeof(name)));
 }
 
 static int rank_recv(wk_rank_t *c, const struct dp_op *op)
@@ -1226,8 +1254,8 @@ static int rank_recv(wk_rank_t *c, const struct dp_op *op)
             return fail(c, rc, "%s", wk_plink_error(c->links));
         return 0;
     }
-    if ((rc = c->io.recv(
-             c->io.arg, &k,
+    if ((rc = io_recv(
+             c, &k,
              peer_name(c, rank_index(c, c->dp_rank, op->peer, c->ep_rank), name, sizeof(name)),
              &m)) < 0)
         return rc;
@@ -1396,8 +1424,8 @@ static int sync_grads(wk_rank_t *c, double *loss, int *has_loss)
         while (at < n && members[at] != me)
             at++;
         k = sync_key(c, WK_NET_SYNC_UP, ch->stage, at);
-        rc = c->io.send(c->io.arg, c->addr[members[0]], &k, c->sync_buf, size,
-                        peer_name(c, members[0], name, sizeof(name)));
+        rc = io_send(c, c->addr[members[0]], &k, c->sync_buf, size,
+                     peer_name(c, members[0], name, sizeof(name)));
     }
     /* 2. the roots sum in member order and send the sums back */
     for (int i = 0; i < c->nchunks && rc == 0; i++) {
@@ -1413,8 +1441,7 @@ static int sync_grads(wk_rank_t *c, double *loss, int *has_loss)
             struct wk_net_key k = sync_key(c, WK_NET_SYNC_UP, ch->stage, j);
             struct wk_net_msg *m = NULL;
 
-            if ((rc = c->io.recv(c->io.arg, &k, peer_name(c, members[j], name, sizeof(name)), &m)) <
-                0)
+            if ((rc = io_recv(c, &k, peer_name(c, members[j], name, sizeof(name)), &m)) < 0)
                 break;
             if (m->len != size)
                 rc = fail(c, -EPROTO,
@@ -1427,8 +1454,8 @@ static int sync_grads(wk_rank_t *c, double *loss, int *has_loss)
         }
         for (int j = 1; j < n && rc == 0; j++) {
             struct wk_net_key k = sync_key(c, WK_NET_SYNC_DOWN, ch->stage, 0);
-            rc = c->io.send(c->io.arg, c->addr[members[j]], &k, acc, size,
-                            peer_name(c, members[j], name, sizeof(name)));
+            rc = io_send(c, c->addr[members[j]], &k, acc, size,
+                         peer_name(c, members[j], name, sizeof(name)));
         }
         if (rc == 0) {
             double l = sync_unpack(c, ch, acc);
@@ -1448,7 +1475,7 @@ static int sync_grads(wk_rank_t *c, double *loss, int *has_loss)
         if (members[0] == me)
             continue;
         size = sync_size(c, ch, &nf, &ni);
-        if ((rc = c->io.recv(c->io.arg, &k, peer_name(c, members[0], name, sizeof(name)), &m)) < 0)
+        if ((rc = io_recv(c, &k, peer_name(c, members[0], name, sizeof(name)), &m)) < 0)
             break;
         if (m->len != size) {
             rc = fail(c, -EPROTO, "a gradient sum of %zu bytes for stage %d, expected %zu", m->len,
