@@ -18,10 +18,10 @@
 
 #include "common/ckpt.h"
 #include "pipeline/schedule.h"
-#include "proto/duplex.pb-c.h"
 #include "worker/net/dataplane.h"
 
 typedef struct wk_gpu wk_gpu_t;
+struct wk_job;
 struct wk_rank_step;
 
 /* How an engine moves messages and waits: the runtime's (its abort flag,
@@ -36,17 +36,14 @@ struct wk_engine_io {
     void *arg;
 };
 
-/* What an engine is built from. */
+/* What an engine is built from: valid while create runs (an engine keeps
+ * copies of what it needs). */
 struct wk_engine_args {
-    const Duplex__Assignment *a;   /* checked by the runtime: ranks, peers */
-    const dp_sched_t *sched;       /* the job's schedule */
-    const char *const *peers_addr; /* [dp][pp][ep] by rank index; NULL: a rank not talked to */
-    const char *const *line_addr;  /* [pp]: the pipeline ranks of our dp and ep ranks */
-    const char *const *line_id;    /* [pp]: their worker ids, for messages */
-    const double *cost_ms;         /* [DP_OP_RECV + 1]: each op kind's modelled cost */
-    const char *data_dir;          /* the training text */
-    wk_gpu_t *gpu;                 /* the GPU of a backend that has one, else NULL */
-    int nccl_timeout_ms;           /* > 0 */
+    const struct wk_job *job; /* the Assignment, decoded and checked (worker/job.h) */
+    const dp_sched_t *sched;  /* the job's schedule */
+    const char *data_dir;     /* the training text */
+    wk_gpu_t *gpu;            /* the GPU of a backend that has one, else NULL */
+    int nccl_timeout_ms;      /* > 0 */
     const struct wk_engine_io *io;
 };
 

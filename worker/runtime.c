@@ -24,6 +24,7 @@
 #include "job/plan.h"
 #include "pipeline/executor.h"
 #include "worker/backend.h"
+#include "worker/job.h"
 #include "worker/rank/rank.h"
 #include "pipeline/schedule.h"
 #include "proto/wire.h"
@@ -43,27 +44,15 @@
 
 struct wk_runtime {
     /* set at create, read-only afterwards */
-    uint64_t job_id;
-    uint32_t attempt;
-    uint64_t steps;
-    enum dp_sched_kind kind;
-    int pp, ep, dp, pp_rank, ep_rank, dp_rank, microbatches;
-    double cost_ms[DP_OP_RECV + 1]; /* per compute op kind */
-    char **peer_addr;               /* [pp]: data_addr of each pipeline rank of our dp, ep */
-    char **peer_id;                 /* [pp]: its worker id, for messages */
-    char **all_addr;                /* [dp][pp][ep]: data_addr of the ranks we talk to, else NULL */
-    char **all_key;                 /* [dp][pp][ep]: its CURVE key ("" in clear) */
-    int nranks;
+    struct wk_job *job;               /* the Assignment, decoded (worker/job.h) */
     size_t max_msg;                   /* the largest payload this rank receives */
     const struct wk_backend *backend; /* opts->backend's entry */
     struct wk_engine_io io;           /* what the engine moves messages and waits with */
     void *engine; /* its engine (worker/backend.h), once built; under lock for an abort */
     char ckpt_dir[PATH_MAX]; /* trains: checkpoint.dir under the checkpoint root */
     int ckpt_every;          /* the spec's checkpoint.every (0: none) */
-    wk_gpu_t *gpu; /* the cuda backend's GPU (its context is made current on the thread) */
-    /* opts->ack: the assignment (a copy) whose backend the thread builds
-     * before it answers AssignmentAck; NULL once built or without ack */
-    Duplex__Assignment *build;
+    wk_gpu_t *gpu;        /* the cuda backend's GPU (its context is made current on the thread) */
+    bool build;           /* opts->ack: the thread builds the engine, then answers */
     const char *data_dir; /* the cpu backend's training text, for the build */
     bool send_ack;        /* opts->ack: the thread's first report is the AssignmentAck */
     int nccl_timeout_ms;
@@ -276,7 +265,7 @@ static void report(wk_runtime_t *rt, Duplex__MsgType type, const ProtobufCMessag
     int rc = dx_wire_send(rt->tx, NULL, 0, type, 0, body);
 
     if (rc < 0)
-        dx_error("job %" PRIu64 ": cannot hand a %s to the agent: %s", rt->job_id,
+        dx_error("job %" PRIu64 ": cannot hand a %s to the agent: %s", rt->job->job_id,
                  dx_msg_type_name(type), zmq_strerror(-rc));
 }
 
@@ -291,14 +280,14 @@ static int save_checkpoint(wk_runtime_t *rt, char *dir, size_t dirlen,
     int rc;
 
     if (!rt->backend->ops->checkpoint || every <= 0 ||
-        (rt->cur_step % (uint64_t)every != 0 && rt->cur_step != rt->steps))
+        (rt->cur_step % (uint64_t)every != 0 && rt->cur_step != rt->job->steps))
         return 0;
     rc = rt->backend->ops->checkpoint(rt->engine, rt->ckpt_dir, rt->cur_step, dir, dirlen, info,
                                       rt->err, sizeof(rt->err));
     if (rc == 0)
         dx_info("job %" PRIu64 ": checkpoint of step %" PRIu64 " written: %s/%s (%" PRIu64
                 " bytes, %.1f ms)",
-                rt->job_id, rt->cur_step, dir, info->file, info->bytes, now_ms() - t0);
+                rt->job->job_id, rt->cur_step, dir, info->file, info->bytes, now_ms() - t0);
     return rc;
 }
 
@@ -307,8 +296,8 @@ static void report_step(wk_runtime_t *rt, double step_ms, const struct wk_rank_s
 {
     Duplex__StepReport r = DUPLEX__STEP_REPORT__INIT;
 
-    r.job_id = rt->job_id;
-    r.attempt = rt->attempt;
+    r.job_id = rt->job->job_id;
+    r.attempt = rt->job->attempt;
     r.step = rt->cur_step;
     r.step_ms = step_ms;
     if (cs) {
@@ -320,7 +309,7 @@ static void report_step(wk_runtime_t *rt, double step_ms, const struct wk_rank_s
         r.n_expert_tokens = cs->n_expert_slots;
     } else {
         /* sim: no model, so no loss; micro-batches per second */
-        r.tokens_per_s = step_ms > 0.0 ? rt->microbatches / (step_ms / MS_PER_S) : 0.0;
+        r.tokens_per_s = step_ms > 0.0 ? rt->job->microbatches / (step_ms / MS_PER_S) : 0.0;
     }
     r.compute_ms = rt->compute_ms;
     r.wait_ms = rt->wait_ms;
@@ -373,28 +362,29 @@ static int data_start(wk_runtime_t *rt)
         return rc;
     }
     if (wk_net_curve(rt->data)) {
-        if (!(keys = calloc((size_t)rt->nranks, sizeof(*keys)))) {
+        if (!(keys = calloc((size_t)rt->job->nranks, sizeof(*keys)))) {
             snprintf(rt->err, sizeof(rt->err), "out of memory");
             return -ENOMEM;
         }
-        for (int i = 0; i < rt->nranks && rc == 0; i++) {
-            if (!rt->all_addr[i])
+        for (int i = 0; i < rt->job->nranks && rc == 0; i++) {
+            const struct wk_job_peer *p = &rt->job->peers[i];
+
+            if (!p->worker_id)
                 continue; /* a rank we do not talk to */
-            keys[n++] = rt->all_key[i];
-            if ((rc = wk_net_set_peer_key(rt->data, rt->all_addr[i], rt->all_key[i])) < 0)
+            keys[n++] = p->curve_key;
+            if ((rc = wk_net_set_peer_key(rt->data, p->data_addr, p->curve_key)) < 0)
                 snprintf(rt->err, sizeof(rt->err), "the CURVE key of the rank at %s: %s",
-                         rt->all_addr[i], strerror(-rc));
+                         p->data_addr, strerror(-rc));
         }
         if (rc == 0 && (rc = wk_net_allow_peers(rt->data, keys, n)) < 0)
             snprintf(rt->err, sizeof(rt->err), "the data plane's peer keys: %s", strerror(-rc));
         free(keys);
     }
-    wk_net_begin(rt->data, rt->job_id, rt->attempt);
+    wk_net_begin(rt->data, rt->job->job_id, rt->job->attempt);
     return rc;
 }
 
-static int build_backend(wk_runtime_t *rt, const Duplex__Assignment *a, const char *data_dir,
-                         char *err, size_t errlen);
+static int build_backend(wk_runtime_t *rt, const char *data_dir, char *err, size_t errlen);
 
 /* With opts->ack: builds the backend here (allocating and initialising the
  * model, loading the checkpoint: the long part, off the agent's loop and
@@ -408,12 +398,9 @@ static int build_and_ack(wk_runtime_t *rt)
 
     if (!rt->send_ack)
         return 0;
-    rc = rt->build ? build_backend(rt, rt->build, rt->data_dir, rt->err, sizeof(rt->err)) : 0;
-    if (rt->build)
-        duplex__assignment__free_unpacked(rt->build, NULL);
-    rt->build = NULL;
-    ack.job_id = rt->job_id;
-    ack.attempt = rt->attempt;
+    rc = rt->build ? build_backend(rt, rt->data_dir, rt->err, sizeof(rt->err)) : 0;
+    ack.job_id = rt->job->job_id;
+    ack.attempt = rt->job->attempt;
     ack.ok = rc == 0 || (rc == -ECANCELED && is_aborted(rt));
     ack.error = ack.ok ? "" : rt->err;
     ack.bad_checkpoint = rc == -EUCLEAN;
@@ -443,7 +430,7 @@ static void *runtime_main(void *arg)
         rc = -EIO;
     }
     completed = rt->engine ? rt->backend->ops->start_step(rt->engine) : 0;
-    for (uint64_t step = completed + 1; step <= rt->steps && rc == 0; step++) {
+    for (uint64_t step = completed + 1; step <= rt->job->steps && rc == 0; step++) {
         double t0 = now_ms();
         struct wk_rank_step cs = {0};
         struct dx_ckpt_shard_info ckpt = {0};
@@ -470,19 +457,19 @@ static void *runtime_main(void *arg)
             completed = step;
         }
     }
-    done.job_id = rt->job_id;
-    done.attempt = rt->attempt;
+    done.job_id = rt->job->job_id;
+    done.attempt = rt->job->attempt;
     done.ok = rc == 0;
     done.steps = completed;
     if (rc < 0)
         explain_failure(rt, rc);
     done.error = rc == 0 ? "" : rt->err;
     if (rc == 0)
-        dx_info("job %" PRIu64 " attempt %u: %" PRIu64 " steps done in %.1f s", rt->job_id,
-                rt->attempt, completed, (now_ms() - t_job) / MS_PER_S);
+        dx_info("job %" PRIu64 " attempt %u: %" PRIu64 " steps done in %.1f s", rt->job->job_id,
+                rt->job->attempt, completed, (now_ms() - t_job) / MS_PER_S);
     else
-        dx_warn("job %" PRIu64 " attempt %u stopped after %" PRIu64 " steps: %s", rt->job_id,
-                rt->attempt, completed, rt->err);
+        dx_warn("job %" PRIu64 " attempt %u stopped after %" PRIu64 " steps: %s", rt->job->job_id,
+                rt->job->attempt, completed, rt->err);
     /* before the JobDone: nothing of a later attempt can be on the way yet */
     wk_net_end(rt->data);
     report(rt, DUPLEX__MSG_TYPE__MSG_JOB_DONE, &done.base);
@@ -490,104 +477,6 @@ static void *runtime_main(void *arg)
 }
 
 /* --- create / destroy -------------------------------------------------------- */
-
-/* The worker id the Assignment gives rank index at (for messages). */
-static const char *peer_worker(const wk_runtime_t *rt, const Duplex__Assignment *a, int at)
-{
-    for (size_t i = 0; i < a->n_peers; i++)
-        if ((a->peers[i]->dp * rt->pp + a->peers[i]->pp) * rt->ep + a->peers[i]->ep == at)
-            return a->peers[i]->worker_id;
-    return "?";
-}
-
-/* Takes the Assignment's peers: each inside the job's layout and named
- * once, and among them every rank this one exchanges data with
- * (job_plan_peers), each with a data address. Fills all_addr/all_key
- * by rank index (NULL for the ranks it does not talk to) and
- * peer_addr/peer_id for the pipeline ranks of our dp and ep ranks among
- * them. */
-static int find_peers(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id, char *err,
-                      size_t errlen)
-{
-    struct job_spec layout;
-    int *near = NULL, n, rc = -EINVAL;
-
-    memset(&layout, 0, sizeof(layout));
-    layout.parallel.schedule = rt->kind;
-    layout.parallel.pp = rt->pp;
-    layout.parallel.ep = rt->ep;
-    layout.parallel.dp = rt->dp;
-    rt->nranks = rt->pp * rt->ep * rt->dp;
-    rt->peer_addr = calloc((size_t)rt->pp, sizeof(*rt->peer_addr));
-    rt->peer_id = calloc((size_t)rt->pp, sizeof(*rt->peer_id));
-    rt->all_addr = calloc((size_t)rt->nranks, sizeof(*rt->all_addr));
-    rt->all_key = calloc((size_t)rt->nranks, sizeof(*rt->all_key));
-    near = calloc((size_t)job_plan_peers_max(&layout), sizeof(*near));
-    if (!rt->peer_addr || !rt->peer_id || !rt->all_addr || !rt->all_key || !near)
-        goto nomem;
-    for (size_t i = 0; i < a->n_peers; i++) {
-        const Duplex__Peer *p = a->peers[i];
-        int at;
-
-        if (p->pp < 0 || p->pp >= rt->pp) {
-            snprintf(err, errlen, "peer %s has pp rank %d of %d", p->worker_id, p->pp, rt->pp);
-            goto out;
-        }
-        if (p->ep < 0 || p->ep >= rt->ep || p->dp < 0 || p->dp >= rt->dp) {
-            snprintf(err, errlen, "peer %s has ranks ep %d, dp %d outside the job", p->worker_id,
-                     p->ep, p->dp);
-            goto out;
-        }
-        at = job_plan_rank_index(&layout, p->dp, p->pp, p->ep);
-        if (rt->all_addr[at]) {
-            snprintf(err, errlen, "two peers for ranks pp %d, ep %d, dp %d (%s and %s)", p->pp,
-                     p->ep, p->dp, peer_worker(rt, a, at), p->worker_id);
-            goto out;
-        }
-        if (!(rt->all_addr[at] = strdup(p->data_addr)) || !(rt->all_key[at] = strdup(p->curve_key)))
-            goto nomem;
-        /* with a keypair, the data plane talks CURVE only (without, keys are unused) */
-        if (wk_net_curve(rt->data) && strlen(rt->all_key[at]) != WK_NET_KEY_LEN) {
-            snprintf(err, errlen,
-                     "peer %s has no CURVE key, and this worker's data plane uses CURVE",
-                     p->worker_id);
-            goto out;
-        }
-        if (p->dp != rt->dp_rank || p->ep != rt->ep_rank)
-            continue;
-        if (!(rt->peer_addr[p->pp] = strdup(p->data_addr)) ||
-            !(rt->peer_id[p->pp] = strdup(p->worker_id)))
-            goto nomem;
-    }
-    n = job_plan_peers(&layout, rt->dp_rank, rt->pp_rank, rt->ep_rank, near);
-    for (int k = 0; k < n; k++) {
-        int at = near[k], pp = (at / rt->ep) % rt->pp, ep = at % rt->ep,
-            dp = at / (rt->ep * rt->pp);
-
-        if (!rt->all_addr[at]) {
-            snprintf(err, errlen, "no peer for ranks pp %d, ep %d, dp %d", pp, ep, dp);
-            goto out;
-        }
-        if (rt->all_addr[at][0] == '\0') {
-            snprintf(err, errlen, "peer %s (pp %d, ep %d, dp %d) has no data address",
-                     peer_worker(rt, a, at), pp, ep, dp);
-            goto out;
-        }
-    }
-    if (self_id && strcmp(rt->peer_id[rt->pp_rank], self_id) != 0) {
-        snprintf(err, errlen, "the assignment gives our ranks (pp %d, ep %d, dp %d) to worker %s",
-                 rt->pp_rank, rt->ep_rank, rt->dp_rank, rt->peer_id[rt->pp_rank]);
-        goto out;
-    }
-    rc = 0;
-    goto out;
-nomem:
-    snprintf(err, errlen, "out of memory");
-    rc = -ENOMEM;
-out:
-    free(near);
-    return rc;
-}
 
 static int open_pipe(wk_runtime_t *rt, void *zctx, char *err, size_t errlen)
 {
@@ -722,24 +611,22 @@ int wk_runtime_checkpoint_dir(const char *root, const char *dir, char *out, size
  * leads (rt->ckpt_dir), which must be under the checkpoint root, and how
  * often it is written. A spec that does not parse is left to the engine's
  * create (wk_rank_create), which says why. */
-static int check_job_paths(wk_runtime_t *rt, const Duplex__Assignment *a,
-                           const struct wk_runtime_opts *opts, const char **data_dir, char *err,
-                           size_t errlen)
+static int check_job_paths(wk_runtime_t *rt, const struct wk_runtime_opts *opts,
+                           const char **data_dir, char *err, size_t errlen)
 {
-    struct job_spec spec;
+    const struct job_spec *spec = &rt->job->spec;
     char why[ERR_MAX];
 
-    if (!a->spec_json ||
-        job_spec_parse(a->spec_json, strlen(a->spec_json), NULL, 0, &spec, why, sizeof(why)) < 0)
+    if (rt->job->spec_state != WK_JOB_SPEC_OK)
         return 0;
-    if (!*data_dir && !(*data_dir = wk_data_dataset_dir(spec.train.dataset))) {
+    if (!*data_dir && !(*data_dir = wk_data_dataset_dir(spec->train.dataset))) {
         snprintf(err, errlen, "train.dataset \"%s\": this worker has no such dataset (%s)",
-                 job_spec_escape(spec.train.dataset, why, sizeof(why)), JOB_SPEC_DATASETS);
+                 job_spec_escape(spec->train.dataset, why, sizeof(why)), JOB_SPEC_DATASETS);
         return -EINVAL;
     }
-    rt->ckpt_every = spec.checkpoint.every;
+    rt->ckpt_every = spec->checkpoint.every;
     return wk_runtime_checkpoint_dir(opts->checkpoint_root ? opts->checkpoint_root : ".",
-                                     spec.checkpoint.dir, rt->ckpt_dir, sizeof(rt->ckpt_dir), err,
+                                     spec->checkpoint.dir, rt->ckpt_dir, sizeof(rt->ckpt_dir), err,
                                      errlen);
 }
 
@@ -764,18 +651,16 @@ uint64_t wk_runtime_memory_available(void)
  * now, the lesser of its limit and MemAvailable. -EDOM (the job's own
  * size: AssignmentAck.bad_spec) with the numbers, else 0. A spec that does
  * not parse is left to wk_rank_create. */
-static int check_memory(const Duplex__Assignment *a, uint64_t limit, int cuda, uint64_t gpu_memory,
+static int check_memory(const struct wk_job *job, uint64_t limit, int cuda, uint64_t gpu_memory,
                         char *err, size_t errlen)
 {
-    struct job_spec spec;
     struct job_spec_memory m;
     uint64_t avail = wk_runtime_memory_available(), have = avail, need;
-    char why[ERR_MAX], need_text[160], have_text[32];
+    char need_text[160], have_text[32];
 
-    if (!a->spec_json ||
-        job_spec_parse(a->spec_json, strlen(a->spec_json), NULL, 0, &spec, why, sizeof(why)) < 0)
+    if (job->spec_state != WK_JOB_SPEC_OK)
         return 0;
-    job_spec_memory(&spec, &m);
+    job_spec_memory(&job->spec, &m);
     if (cuda && gpu_memory) { /* the whole rank lives on the GPU */
         uint64_t gpu = limit && limit < gpu_memory ? limit : gpu_memory;
 
@@ -802,63 +687,26 @@ static int check_memory(const Duplex__Assignment *a, uint64_t limit, int cuda, u
     return -EDOM;
 }
 
-/* A copy of the assignment for the runtime thread (the caller's is freed
- * when it returns). NULL when out of memory. */
-static Duplex__Assignment *copy_assignment(const Duplex__Assignment *a)
-{
-    size_t len = duplex__assignment__get_packed_size(a);
-    uint8_t *buf = malloc(len + 1);
-    Duplex__Assignment *out = NULL;
-
-    if (buf) {
-        duplex__assignment__pack(a, buf);
-        out = duplex__assignment__unpack(NULL, len, buf);
-    }
-    free(buf);
-    return out;
-}
-
 static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id,
                  const struct wk_runtime_opts *opts, char *err, size_t errlen)
 {
     const struct wk_backend *backend;
     const char *name;
+    struct wk_job *job;
     int rc;
 
-    rt->job_id = a->job_id;
-    rt->attempt = a->attempt;
-    rt->steps = a->steps;
-    rt->pp = a->pp;
-    rt->ep = a->ep;
-    rt->dp = a->dp;
-    rt->pp_rank = a->pp_rank;
-    rt->ep_rank = a->ep_rank;
-    rt->dp_rank = a->dp_rank;
-    rt->microbatches = a->microbatches;
+    if ((rc = wk_job_decode(a, &rt->job, err, errlen)) < 0)
+        return rc;
+    job = rt->job;
     rt->send_ack = opts && opts->ack;
-    rt->cost_ms[DP_OP_F] = a->cost_f_ms;
-    rt->cost_ms[DP_OP_B] = a->cost_b_ms;
-    rt->cost_ms[DP_OP_W] = a->cost_w_ms;
-    rt->cost_ms[DP_OP_I] = a->cost_b_ms > a->cost_w_ms ? a->cost_b_ms - a->cost_w_ms : 0.0;
-    rt->cost_ms[DP_OP_FB] = a->cost_fb_ms;
-    if (dp_sched_kind_parse(a->schedule, &rt->kind) < 0) {
-        snprintf(err, errlen, "unknown schedule \"%s\" (1f1b, zb1p, dualpipe or dualpipev)",
-                 a->schedule);
-        return -EINVAL;
-    }
-    /* the decoder checked the ranks against pp, ep and dp and the peer count */
-    if (a->pp_rank < 0 || a->pp_rank >= a->pp || a->steps == 0) {
-        snprintf(err, errlen, "pp rank %d of %d, %" PRIu64 " steps", a->pp_rank, a->pp,
-                 (uint64_t)a->steps);
-        return -EINVAL;
-    }
-    if ((rc = dp_sched_check(rt->kind, a->pp, a->microbatches, err, errlen)) < 0)
+    if ((rc = dp_sched_check(job->kind, job->pp, job->microbatches, err, errlen)) < 0)
         return rc;
-    if ((rc = find_peers(rt, a, self_id, err, errlen)) < 0)
+    if ((rc = wk_job_check_peers(job, self_id, wk_net_curve(rt->data), err, errlen)) < 0)
         return rc;
-    if ((rc = dp_sched_generate(rt->kind, a->pp, a->microbatches, &rt->sched, err, errlen)) < 0)
+    if ((rc = dp_sched_generate(job->kind, job->pp, job->microbatches, &rt->sched, err, errlen)) <
+        0)
         return rc;
-    if ((rc = dp_exec_create(rt->sched, rt->pp_rank, &exec_callbacks, rt, &rt->exec)) < 0) {
+    if ((rc = dp_exec_create(rt->sched, job->pp_rank, &exec_callbacks, rt, &rt->exec)) < 0) {
         snprintf(err, errlen, "cannot set up the executor: %s", strerror(-rc));
         return rc;
     }
@@ -869,7 +717,7 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
     }
     rt->io = (struct wk_engine_io){io_send, io_recv, io_sleep, rt};
     if (!backend->trains || !opts) /* nothing to build: at once */
-        return build_backend(rt, a, NULL, err, errlen);
+        return build_backend(rt, NULL, err, errlen);
     {
         const char *data_dir = opts->data_dir;
 
@@ -877,38 +725,29 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
             snprintf(err, errlen, "the %s backend has no GPU", backend->name);
             return -EINVAL;
         }
-        if ((rc = check_job_paths(rt, a, opts, &data_dir, err, errlen)) < 0)
+        if ((rc = check_job_paths(rt, opts, &data_dir, err, errlen)) < 0)
             return rc == -EINVAL ? -EDOM : rc; /* the job's fault, not the worker's */
-        if ((rc = check_memory(a, opts->memory_limit, backend->gpu, opts->gpu_memory, err,
+        if ((rc = check_memory(job, opts->memory_limit, backend->gpu, opts->gpu_memory, err,
                                errlen)) < 0)
             return rc;
         rt->gpu = backend->gpu ? opts->gpu : NULL;
         rt->nccl_timeout_ms = opts->nccl_timeout_ms;
         if (opts->ack) { /* the thread builds it, then answers */
-            rt->build = copy_assignment(a);
+            rt->build = true;
             rt->data_dir = data_dir;
-            if (!rt->build) {
-                snprintf(err, errlen, "out of memory");
-                return -ENOMEM;
-            }
             return 0;
         }
-        return build_backend(rt, a, data_dir, err, errlen);
+        return build_backend(rt, data_dir, err, errlen);
     }
 }
 
 /* The backend's engine for this attempt; published under the lock, for an
  * abort from the agent's thread. */
-static int build_backend(wk_runtime_t *rt, const Duplex__Assignment *a, const char *data_dir,
-                         char *err, size_t errlen)
+static int build_backend(wk_runtime_t *rt, const char *data_dir, char *err, size_t errlen)
 {
     const struct wk_engine_args args = {
-        .a = a,
+        .job = rt->job,
         .sched = rt->sched,
-        .peers_addr = (const char *const *)rt->all_addr,
-        .line_addr = (const char *const *)rt->peer_addr,
-        .line_id = (const char *const *)rt->peer_id,
-        .cost_ms = rt->cost_ms,
         .data_dir = data_dir,
         .gpu = rt->gpu,
         .nccl_timeout_ms = rt->nccl_timeout_ms,
@@ -957,8 +796,8 @@ int wk_runtime_create(void *zctx, wk_net_t *data, const Duplex__Assignment *a, c
     rt->started = true;
     dx_info("job %" PRIu64 " attempt %u: running %s pp rank %d of %d (ep %d, dp %d), "
             "%d micro-batches, %" PRIu64 " steps",
-            rt->job_id, rt->attempt, dp_sched_kind_name(rt->kind), rt->pp_rank, rt->pp, rt->ep_rank,
-            rt->dp_rank, rt->microbatches, rt->steps);
+            rt->job->job_id, rt->job->attempt, dp_sched_kind_name(rt->job->kind), rt->job->pp_rank,
+            rt->job->pp, rt->job->ep_rank, rt->job->dp_rank, rt->job->microbatches, rt->job->steps);
     *out = rt;
     return 0;
 fail:
@@ -985,12 +824,12 @@ void *wk_runtime_socket(wk_runtime_t *rt)
 
 uint64_t wk_runtime_job(const wk_runtime_t *rt)
 {
-    return rt->job_id;
+    return rt->job->job_id;
 }
 
 uint32_t wk_runtime_attempt(const wk_runtime_t *rt)
 {
-    return rt->attempt;
+    return rt->job->attempt;
 }
 
 uint64_t wk_runtime_step(const wk_runtime_t *rt)
@@ -1012,22 +851,9 @@ void wk_runtime_destroy(wk_runtime_t *rt)
         zmq_close(rt->rx);
     if (rt->engine)
         rt->backend->ops->destroy(rt->engine);
-    if (rt->build)
-        duplex__assignment__free_unpacked(rt->build, NULL);
-    for (int i = 0; rt->all_addr && i < rt->nranks; i++)
-        free(rt->all_addr[i]);
-    for (int i = 0; rt->all_key && i < rt->nranks; i++)
-        free(rt->all_key[i]);
-    free(rt->all_addr);
-    free(rt->all_key);
     dp_exec_destroy(rt->exec);
     dp_sched_destroy(rt->sched);
-    for (int i = 0; rt->peer_addr && i < rt->pp; i++)
-        free(rt->peer_addr[i]);
-    for (int i = 0; rt->peer_id && i < rt->pp; i++)
-        free(rt->peer_id[i]);
-    free(rt->peer_addr);
-    free(rt->peer_id);
+    wk_job_destroy(rt->job);
     pthread_mutex_destroy(&rt->lock);
     free(rt);
 }

@@ -385,14 +385,16 @@ struct assign {
     int32_t owner[MAX_RANKS * 4];
     char schedule[16];
     char checkpoint[PATH_MAX];
+    Duplex__Peer peer[64]; /* the ranks it talks to (job_plan_peers), as duplexd sends them */
+    Duplex__Peer *peers[64];
+    char peer_id[64][16];
+    char peer_addr[64][32];
 };
 
 struct rank {
     struct job *job;
     int d, p, e, index;
     struct assign as;
-    char addr_buf[MAX_RANKS][32];
-    const char *addr[MAX_RANKS]; /* peers_addr: NULL outside job_plan_peers */
     struct port port;
     wk_rank_t *rank;
     dp_exec_t *exec;
@@ -456,13 +458,39 @@ static void assign_init(struct job *j, struct rank *r, const int *owner, const c
         snprintf(r->as.checkpoint, sizeof(r->as.checkpoint), "%s", from);
         a->checkpoint = r->as.checkpoint;
     }
-    /* like the runtime: addresses only for the ranks it talks to */
+    /* like duplexd: peers only for the ranks it talks to */
     cr_assert_leq(job_plan_peers_max(&j->spec), 64);
     n = job_plan_peers(&j->spec, r->d, r->p, r->e, near);
     for (int k = 0; k < n; k++) {
-        snprintf(r->addr_buf[near[k]], sizeof(r->addr_buf[0]), "mem://rank-%d", near[k]);
-        r->addr[near[k]] = r->addr_buf[near[k]];
+        Duplex__Peer *p = &r->as.peer[k];
+        int at = near[k];
+
+        *p = (Duplex__Peer)DUPLEX__PEER__INIT;
+        p->ep = at % j->l.ep;
+        p->pp = (at / j->l.ep) % j->l.pp;
+        p->dp = at / (j->l.ep * j->l.pp);
+        snprintf(r->as.peer_id[k], sizeof(r->as.peer_id[k]), "w%d", at);
+        snprintf(r->as.peer_addr[k], sizeof(r->as.peer_addr[k]), "mem://rank-%d", at);
+        p->worker_id = r->as.peer_id[k];
+        p->data_addr = r->as.peer_addr[k];
+        r->as.peers[k] = p;
     }
+    a->peers = r->as.peers;
+    a->n_peers = (size_t)n;
+}
+
+/* wk_rank_create on Assignment a, decoded as the runtime decodes it
+ * (worker/job.h). */
+static int rank_create(const Duplex__Assignment *a, const dp_sched_t *sched,
+                       const struct wk_rank_io *io, wk_rank_t **out, char *err, size_t errlen)
+{
+    struct wk_job *job = NULL;
+    int rc = wk_job_decode(a, &job, err, errlen);
+
+    if (rc == 0)
+        rc = wk_rank_create(job, sched, text_dir, io, NULL, out, err, errlen);
+    wk_job_destroy(job); /* the trainer keeps copies */
+    return rc;
 }
 
 static int on_compute(const struct dp_op *op, void *arg)
@@ -514,9 +542,9 @@ static void job_open(struct job *j, const struct layout *l, const int *owner, co
                 r->d = d, r->p = p, r->e = e, r->index = i;
                 r->port = (struct port){&j->mb, i, r->err, sizeof(r->err)};
                 assign_init(j, r, owner, from);
-                cr_assert_eq(wk_rank_create(&r->as.a, j->sched, r->addr, text_dir, io ? io : &mio,
-                                            NULL, &r->rank, err, sizeof(err)),
-                             0, "rank %d: %s", i, err);
+                cr_assert_eq(
+                    rank_create(&r->as.a, j->sched, io ? io : &mio, &r->rank, err, sizeof(err)), 0,
+                    "rank %d: %s", i, err);
                 cr_assert_eq(dp_exec_create(j->sched, p, &callbacks, r, &r->exec), 0);
             }
 }
@@ -936,17 +964,15 @@ Test(rank, dualpipe_ep2_matches_the_standalone_trainer)
 
 /* --- 3. contracts --------------------------------------------------------------- */
 
-/* wk_rank_create on assignment a with schedule sched (peers_addr: rank 0's
- * address, the rest NULL): its rc, and err. */
+/* wk_rank_create on assignment a with schedule sched: its rc, and err. */
 static int create(const Duplex__Assignment *a, const dp_sched_t *sched, char *err, size_t errlen)
 {
-    static const char *const addr[MAX_RANKS * 2] = {"mem://rank-0"};
     const struct wk_rank_io io = {lone_send, lone_recv, NULL};
     wk_rank_t *c = NULL;
     int rc;
 
     err[0] = '\0';
-    rc = wk_rank_create(a, sched, addr, text_dir, &io, NULL, &c, err, errlen);
+    rc = rank_create(a, sched, &io, &c, err, errlen);
     if (rc == 0)
         wk_rank_destroy(c);
     return rc;

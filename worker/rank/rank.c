@@ -1779,7 +1779,7 @@ void wk_rank_destroy(wk_rank_t *c)
     free(c);
 }
 
-static int setup_chunks(wk_rank_t *c, const Duplex__Assignment *a)
+static int setup_chunks(wk_rank_t *c, const struct wk_job *a)
 {
     int per = c->spec.model.layers / c->S, rc;
     struct wk_adamw_config oc;
@@ -1817,26 +1817,28 @@ static int setup_chunks(wk_rank_t *c, const Duplex__Assignment *a)
 /* Who runs on this rank's node (Peer.node; empty names match nothing):
  * same_node[0] / [1], the pipeline neighbour below / above (same dp and
  * ep ranks); ep_same_node[e], ep rank e of this (dp, pp) slice. */
-static int neighbours_on_this_node(wk_rank_t *c, const Duplex__Assignment *a)
+static int neighbours_on_this_node(wk_rank_t *c, const struct wk_job *job)
 {
-    const char *mine = NULL;
+    const char *mine = wk_job_line(job, c->pp_rank)->node;
 
     if (!(c->ep_same_node = calloc((size_t)c->ep, sizeof(int))))
         return fail(c, -ENOMEM, "out of memory");
-    for (size_t i = 0; i < a->n_peers; i++)
-        if (a->peers[i]->dp == c->dp_rank && a->peers[i]->ep == c->ep_rank &&
-            a->peers[i]->pp == c->pp_rank)
-            mine = a->peers[i]->node;
-    for (size_t i = 0; mine && mine[0] && i < a->n_peers; i++) {
-        const Duplex__Peer *p = a->peers[i];
-        int d = p->pp - c->pp_rank, here = p->node && strcmp(p->node, mine) == 0;
+    if (!mine || !mine[0])
+        return 0;
+    for (int d = -1; d <= 1; d += 2) { /* the pipeline neighbours below and above */
+        const struct wk_job_peer *p;
 
-        if (p->dp != c->dp_rank || !here)
+        if (c->pp_rank + d < 0 || c->pp_rank + d >= c->pp)
             continue;
-        if (p->ep == c->ep_rank && (d == 1 || d == -1))
+        p = wk_job_line(job, c->pp_rank + d);
+        if (p->worker_id && strcmp(p->node, mine) == 0)
             c->same_node[d == 1] = 1;
-        if (d == 0 && p->ep >= 0 && p->ep < c->ep)
-            c->ep_same_node[p->ep] = 1;
+    }
+    for (int e = 0; e < c->ep; e++) {
+        const struct wk_job_peer *p = &job->peers[rank_index(c, c->dp_rank, c->pp_rank, e)];
+
+        if (p->worker_id && strcmp(p->node, mine) == 0)
+            c->ep_same_node[e] = 1;
     }
     return 0;
 }
@@ -1846,7 +1848,7 @@ static int neighbours_on_this_node(wk_rank_t *c, const Duplex__Assignment *a)
  * order of their lowest ep rank, and a rank's local index is its place
  * among its node's ranks. Otherwise (one node, or uneven nodes: said in
  * the log) the exchange stays direct. */
-static int ep_two_hops(wk_rank_t *c, const Duplex__Assignment *a)
+static int ep_two_hops(wk_rank_t *c, const struct wk_job *a)
 {
     const char **node = calloc((size_t)c->ep, sizeof(*node));
     int *idx = calloc((size_t)c->ep, sizeof(int)), *count = calloc((size_t)c->ep, sizeof(int));
@@ -1854,11 +1856,10 @@ static int ep_two_hops(wk_rank_t *c, const Duplex__Assignment *a)
 
     if (!node || !idx || !count)
         goto out;
-    for (size_t i = 0; i < a->n_peers; i++) {
-        const Duplex__Peer *p = a->peers[i];
+    for (int e = 0; e < c->ep; e++) {
+        const struct wk_job_peer *p = &a->peers[rank_index(c, c->dp_rank, c->pp_rank, e)];
 
-        if (p->dp == c->dp_rank && p->pp == c->pp_rank && p->ep >= 0 && p->ep < c->ep)
-            node[p->ep] = p->node && p->node[0] ? p->node : NULL;
+        node[e] = p->worker_id && p->node[0] ? p->node : NULL;
     }
     rc = 0;
     for (int e = 0; e < c->ep; e++) {
@@ -1910,7 +1911,7 @@ static int ep_all_here(const wk_rank_t *c)
 /* The chunks' device twins, from the host models (initialised, or loaded
  * from the checkpoint); with ep > 1 their MoE layers exchange rows with
  * the ep ranks by NCCL. */
-static int setup_gpu(wk_rank_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
+static int setup_gpu(wk_rank_t *c, const struct wk_job *a, wk_gpu_t *gpu)
 {
     const char *shared = a->shared_gpu; /* duplexd judged it over every rank */
     char why[512];
@@ -1919,7 +1920,7 @@ static int setup_gpu(wk_rank_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
     c->gpu = gpu;
     if ((rc = neighbours_on_this_node(c, a)) < 0)
         return rc;
-    if (a->nccl_id.len == WK_NCCL_ID_BYTES && shared && shared[0]) {
+    if (a->n_nccl_id == WK_NCCL_ID_BYTES && shared[0]) {
         /* NCCL refuses two ranks of a communicator on one GPU */
         if (c->ep > 1 && !ep_all_here(c))
             return fail(c, -EINVAL,
@@ -1929,9 +1930,9 @@ static int setup_gpu(wk_rank_t *c, const Duplex__Assignment *a, wk_gpu_t *gpu)
         dx_info("job %" PRIu64 ": no NCCL, %s: pipeline links to this node by IPC, the rest "
                 "and the step-end sums through the hosts",
                 a->job_id, shared);
-    } else if (a->nccl_id.len == WK_NCCL_ID_BYTES) {
+    } else if (a->n_nccl_id == WK_NCCL_ID_BYTES) {
         c->has_nccl_id = 1;
-        memcpy(c->nccl_id, a->nccl_id.data, WK_NCCL_ID_BYTES);
+        memcpy(c->nccl_id, a->nccl_id, WK_NCCL_ID_BYTES);
         /* NCCL rank = rank index, (dp * pp + pp_rank) * ep + ep_rank (docs/PROTOCOL.md) */
         c->nccl_nranks = c->dp * c->pp * c->ep;
         c->nccl_rank = rank_index(c, c->dp_rank, c->pp_rank, c->ep_rank);
@@ -1995,9 +1996,9 @@ int wk_rank_checkpoint(wk_rank_t *c, const char *root, uint64_t step, char *dir,
     return report(c, rank_checkpoint(c, root, step, dir, dirlen, info), err, errlen);
 }
 
-int wk_rank_create(const Duplex__Assignment *a, const dp_sched_t *sched,
-                   const char *const *peers_addr, const char *data_dir, const struct wk_rank_io *io,
-                   wk_gpu_t *gpu, wk_rank_t **out, char *err, size_t errlen)
+int wk_rank_create(const struct wk_job *a, const dp_sched_t *sched, const char *data_dir,
+                   const struct wk_rank_io *io, wk_gpu_t *gpu, wk_rank_t **out, char *err,
+                   size_t errlen)
 {
     struct wk_train_config tc;
     wk_rank_t *c;
@@ -2012,16 +2013,16 @@ int wk_rank_create(const Duplex__Assignment *a, const dp_sched_t *sched,
     }
     begin(c, err, errlen);
     c->nccl_timeout_ms = WK_RANK_NCCL_TIMEOUT_MS;
-    if (!a->spec_json || !a->spec_json[0]) {
+    if (a->spec_state == WK_JOB_SPEC_NONE) {
         rc = fail(c, -EINVAL, "the assignment has no job spec (the %s backend needs its model)",
                   gpu ? "cuda" : "cpu");
         goto fail;
     }
-    if ((rc = job_spec_parse(a->spec_json, strlen(a->spec_json), NULL, 0, &c->spec, why,
-                             sizeof(why))) < 0) {
-        rc = fail(c, rc, "the assignment's job spec: %s", why);
+    if (a->spec_state == WK_JOB_SPEC_BAD) {
+        rc = fail(c, -EINVAL, "the assignment's job spec: %s", a->spec_error);
         goto fail;
     }
+    c->spec = a->spec;
     if (c->spec.parallel.pp != a->pp || c->spec.parallel.ep != a->ep ||
         c->spec.parallel.dp != a->dp || c->spec.parallel.microbatches != a->microbatches) {
         rc = fail(c, -EINVAL, "the assignment's layout does not match its job spec");
@@ -2073,7 +2074,7 @@ int wk_rank_create(const Duplex__Assignment *a, const dp_sched_t *sched,
         goto fail;
     }
     for (size_t i = 0; i < nranks; i++) /* NULL: a rank this one does not talk to */
-        if (peers_addr[i] && !(c->addr[i] = strdup(peers_addr[i]))) {
+        if (a->peers[i].worker_id && !(c->addr[i] = strdup(a->peers[i].data_addr))) {
             rc = fail(c, -ENOMEM, "out of memory");
             goto fail;
         }
@@ -2100,7 +2101,7 @@ int wk_rank_create(const Duplex__Assignment *a, const dp_sched_t *sched,
         goto fail;
     }
     c->data_open = 1;
-    if (a->checkpoint && a->checkpoint[0] && load_checkpoint(c, a->checkpoint) < 0) {
+    if (a->checkpoint[0] && load_checkpoint(c, a->checkpoint) < 0) {
         rc = -EUCLEAN; /* the checkpoint, not this worker, is at fault */
         goto fail;
     }

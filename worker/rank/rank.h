@@ -37,7 +37,7 @@
 #include "common/ckpt.h"
 #include "job/jobspec.h"
 #include "pipeline/schedule.h"
-#include "proto/duplex.pb-c.h"
+#include "worker/job.h"
 #include "worker/net/dataplane.h"
 #include "worker/cuda/model/dmodel.h"
 #include "worker/cuda/gpu.h"
@@ -76,18 +76,20 @@ typedef struct wk_rank wk_rank_t;
  * the job fails, unless set otherwise (wk_rank_set_nccl_timeout). */
 #define WK_RANK_NCCL_TIMEOUT_MS 300000
 
-/* Builds this rank's chunks from the assignment (its spec_json, schedule
- * and ranks) and loads its checkpoint if it names one (-EUCLEAN when that
- * fails: missing, torn, or of another layout). peers_addr: [dp][pp][ep] (index (d * pp + p) * ep +
- * e), NULL for the ranks outside job_plan_peers (this rank never talks to them). data_dir: the
- * training text (NULL: WK_DATA_DIR_DEFAULT). gpu: the cuda backend's GPU (NULL: compute on the
- * CPU): each chunk then trains on its device twin (worker/cuda/model/dmodel.h) on a lane of its
- * own, and with the assignment's NCCL id the pipeline messages, the step-end sums and the expert
- * exchange go GPU to GPU by NCCL. 0, or -errno with the reason in err. */
+/* Builds this rank's chunks from the job (its spec, schedule, ranks and
+ * expert slots) and loads its checkpoint if it names one (-EUCLEAN when
+ * that fails: missing, torn, or of another layout). It sends to the job's
+ * peers that the Assignment names (wk_job.peers; this rank never talks to
+ * the others) and keeps copies of what it needs from job. data_dir: the
+ * training text (NULL: WK_DATA_DIR_DEFAULT). gpu: the cuda backend's GPU
+ * (NULL: compute on the CPU): each chunk then trains on its device twin
+ * (worker/cuda/model/dmodel.h) on a lane of its own, and with the job's
+ * NCCL id the pipeline messages, the step-end sums and the expert exchange
+ * go GPU to GPU by NCCL. 0, or -errno with the reason in err. */
 void wk_rank_set_nccl_timeout(wk_rank_t *c, int ms); /* ms > 0 */
-int wk_rank_create(const Duplex__Assignment *a, const dp_sched_t *sched,
-                   const char *const *peers_addr, const char *data_dir, const struct wk_rank_io *io,
-                   wk_gpu_t *gpu, wk_rank_t **out, char *err, size_t errlen);
+int wk_rank_create(const struct wk_job *job, const dp_sched_t *sched, const char *data_dir,
+                   const struct wk_rank_io *io, wk_gpu_t *gpu, wk_rank_t **out, char *err,
+                   size_t errlen);
 void wk_rank_destroy(wk_rank_t *c);
 
 /* Before a step's ops: clears gradients and per-step counters. */

@@ -1,6 +1,6 @@
 /* sim.c - the sim backend's engine (see sim.h). Owns copies of the
- * attempt's identity, the op costs and the current step; the peers' names
- * are the runtime's, valid while the engine lives. */
+ * attempt's identity, the op costs, the current step and its pipeline
+ * peers' addresses and worker ids. */
 #include "worker/sim/sim.h"
 
 #include <errno.h>
@@ -8,36 +8,62 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "worker/job.h"
+
 struct sim {
     uint64_t job_id, step;
     uint32_t attempt;
     double cost_ms[DP_OP_RECV + 1];
-    const char *const *line_addr; /* [pp] */
-    const char *const *line_id;   /* [pp] */
+    int pp;
+    char **line_addr; /* [pp]: the pipeline ranks of our dp and ep ranks */
+    char **line_id;   /* [pp]: their worker ids, for messages */
     struct wk_engine_io io;
 };
 
-static int sim_create(const struct wk_engine_args *args, void **engine, char *err, size_t errlen)
-{
-    struct sim *s = calloc(1, sizeof(*s));
-
-    if (!s) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
-    s->job_id = args->a->job_id;
-    s->attempt = args->a->attempt;
-    memcpy(s->cost_ms, args->cost_ms, sizeof(s->cost_ms));
-    s->line_addr = args->line_addr;
-    s->line_id = args->line_id;
-    s->io = *args->io;
-    *engine = s;
-    return 0;
-}
-
 static void sim_destroy(void *engine)
 {
-    free(engine);
+    struct sim *s = engine;
+
+    for (int i = 0; i < s->pp; i++) {
+        free(s->line_addr[i]);
+        free(s->line_id[i]);
+    }
+    free(s->line_addr);
+    free(s->line_id);
+    free(s);
+}
+
+static int sim_create(const struct wk_engine_args *args, void **engine, char *err, size_t errlen)
+{
+    const struct wk_job *job = args->job;
+    struct sim *s = calloc(1, sizeof(*s));
+
+    if (!s)
+        goto nomem;
+    s->job_id = job->job_id;
+    s->attempt = job->attempt;
+    memcpy(s->cost_ms, job->cost_ms, sizeof(s->cost_ms));
+    s->io = *args->io;
+    s->line_addr = calloc((size_t)job->pp, sizeof(*s->line_addr));
+    s->line_id = calloc((size_t)job->pp, sizeof(*s->line_id));
+    if (!s->line_addr || !s->line_id)
+        goto nomem;
+    s->pp = job->pp;
+    for (int i = 0; i < job->pp; i++) {
+        const struct wk_job_peer *p = wk_job_line(job, i);
+
+        /* NULL: a rank not talked to (the runtime's io says so if sent to) */
+        if (p->worker_id &&
+            (!(s->line_addr[i] = strdup(p->data_addr)) || !(s->line_id[i] = strdup(p->worker_id))))
+            goto nomem;
+    }
+    *engine = s;
+    return 0;
+nomem:
+    if (s)
+        sim_destroy(s);
+    snprintf(err, errlen, "out of memory");
+    return -ENOMEM;
 }
 
 static uint64_t sim_start_step(const void *engine)
@@ -83,7 +109,10 @@ static struct wk_net_key sim_key(const struct sim *s, const struct dp_op *op)
 
 static void sim_peer(const struct sim *s, int pp, char *buf, size_t len)
 {
-    snprintf(buf, len, "pp rank %d (worker %s at %s)", pp, s->line_id[pp], s->line_addr[pp]);
+    if (s->line_id[pp])
+        snprintf(buf, len, "pp rank %d (worker %s at %s)", pp, s->line_id[pp], s->line_addr[pp]);
+    else
+        snprintf(buf, len, "pp rank %d", pp);
 }
 
 static int sim_send(void *engine, const struct dp_op *op, char *err, size_t errlen)
