@@ -59,7 +59,7 @@ PIPE_SRC   := pipeline/schedule.c pipeline/gen_1f1b.c pipeline/gen_dualpipe.c pi
 JOB_SRC    := $(wildcard job/*.c)
 COORD_SRC  := $(filter-out coordinator/main.c,$(wildcard coordinator/*.c))
 WORKER_SRC := $(filter-out worker/main.c,$(wildcard worker/*.c)) \
-              $(foreach d,net sim rank model cuda cuda/comm cuda/model,$(wildcard worker/$(d)/*.c))
+              $(foreach d,net sim rank cpu model cuda cuda/comm cuda/model,$(wildcard worker/$(d)/*.c))
 KREF_SRC   := $(wildcard kernels/*_ref.c) kernels/ref.c
 CTL_SRC    := ctl/client.c ctl/keys.c ctl/local.c ctl/workers.c ctl/plan.c ctl/place.c ctl/submit.c ctl/jobs.c
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)

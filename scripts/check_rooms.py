@@ -71,8 +71,9 @@ def allowed(room, target, patterns):
 
 def main(repo):
     rules = read_rules(os.path.join(repo, "docs", "ARCHITECTURE.md"))
-    files = subprocess.run(["git", "ls-files"], cwd=repo, stdout=subprocess.PIPE, text=True,
-                           check=True).stdout.split()
+    # tracked files and new ones not ignored: a file not yet added is checked too
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=repo, stdout=subprocess.PIPE, text=True, check=True).stdout.split()
     bad = 0
     for f in (f for f in files if f.endswith(SOURCES)):
         room = room_of(f, rules)

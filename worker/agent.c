@@ -23,7 +23,6 @@
 #include "proto/wire.h"
 #include "worker/backend.h"
 #include "worker/net/dataplane.h"
-#include "worker/cuda/gpu.h"
 #include "worker/runtime.h"
 
 /* Register retries back off from the first to the last delay. */
@@ -70,11 +69,10 @@ struct wk_agent {
 
     wk_net_t *data; /* the data plane: ours while idle, the runtime's while a job runs */
     const struct wk_backend *backend; /* cfg.backend's entry */
-    wk_cuda_t *cuda;                  /* backend cuda: the GPU stack and this worker's GPU */
-    wk_gpu_t *gpu;
-    uint64_t gpu_memory;   /* its total memory in bytes; 0: the driver could not say */
-    wk_runtime_t *rt;      /* the running job, or NULL */
-    dx_zwatch_t *rt_watch; /* its report socket */
+    wk_gpu_t *gpu;                    /* a GPU backend's device (backend->device) */
+    uint64_t gpu_memory;              /* its total memory in bytes; 0: the driver could not say */
+    wk_runtime_t *rt;                 /* the running job, or NULL */
+    dx_zwatch_t *rt_watch;            /* its report socket */
     /* the runtime answers the Assignment itself once its model is built
      * (wk_runtime_opts.ack): the Assignment's request id, and whether the
      * answer went out */
@@ -323,6 +321,12 @@ static void agent_end_job(wk_agent_t *a)
         agent_send_heartbeat(a); /* idle now: duplexd need not wait for the next tick */
 }
 
+/* NULL, or why the device is unusable for good (its backend's lost op). */
+static const char *agent_device_lost(const wk_agent_t *a)
+{
+    return a->backend->device && a->gpu ? a->backend->device->lost(a->gpu) : NULL;
+}
+
 /* Forwards up to a batch of the runtime's reports to duplexd, each with a
  * request id of its own; after the JobDone the job ends. */
 /* A kernel fault made the GPU's context unusable: no job can run here any
@@ -333,7 +337,7 @@ static void agent_leave_lost_gpu(wk_agent_t *a)
     char reason[240]; /* a Goodbye's reason fits DX_MAX_NAME_LEN */
 
     snprintf(reason, sizeof(reason), "GPU %d lost its context (%s)", a->cfg.gpu,
-             wk_cuda_lost(a->cuda));
+             agent_device_lost(a));
     dx_error("%s; exiting so that the worker restarts with a fresh one", reason);
     a->stopping = true;
     if (a->registered) {
@@ -383,7 +387,7 @@ static void agent_take_reports(wk_agent_t *a)
             agent_send_kept(a, m.type, m.body);
             dx_msg_clear(&m);
             agent_end_job(a);
-            if (wk_cuda_lost(a->cuda))
+            if (agent_device_lost(a))
                 agent_leave_lost_gpu(a);
             return;
         }
@@ -648,38 +652,39 @@ static int agent_connect(wk_agent_t *a, char *err, size_t errlen)
     return 0;
 }
 
-/* Backend cuda: the GPU stack (every missing piece named) and this worker's
- * GPU (--gpu), with every kernel loaded; the context is the agent's thread's
- * and the runtime's thread binds it too. */
+/* A GPU backend: its device (backend->device: for cuda the GPU stack, every
+ * missing piece named, and this worker's GPU, --gpu, with every kernel
+ * loaded); the context is the agent's thread's and the runtime's thread
+ * binds it too. */
 static int open_gpu(wk_agent_t *a, char *err, size_t errlen)
 {
-    char why[1024];
+    const struct wk_device_config dc = {.gpu = a->cfg.gpu, .libs = a->cfg.libs};
+    struct wk_device_info info;
+    char bytes[32], mem[48] = "memory unknown";
     int rc;
 
-    if ((rc = wk_cuda_open(&a->cfg.cuda, &a->cuda, err, errlen)) < 0)
-        return rc;
-    if ((rc = wk_gpu_create(a->cuda, a->cfg.gpu, 0, &a->gpu, why, sizeof(why))) < 0) {
-        snprintf(err, errlen, "the cuda backend cannot start on GPU %d (%s): %s", a->cfg.gpu,
-                 wk_cuda_describe(a->cuda), why);
-        wk_cuda_close(a->cuda);
-        a->cuda = NULL;
+    if ((rc = a->backend->device->open(&dc, &a->gpu, &info, err, errlen)) < 0) {
+        a->gpu = NULL;
         return rc;
     }
-    if (wk_gpu_memory_bytes(a->gpu, &a->gpu_memory) < 0)
+    a->gpu_memory = info.memory;
+    if (!a->gpu_memory)
         dx_warn("GPU %d: its memory is unknown (%s); registering without it, so duplexd does not "
                 "check jobs against it%s",
-                a->cfg.gpu, wk_gpu_error(a->gpu),
+                a->cfg.gpu, info.memory_error,
                 a->cfg.memory_limit ? "" : " (--memory-limit would give it)");
-    {
-        char bytes[32], mem[48] = "memory unknown";
-
-        if (a->gpu_memory)
-            snprintf(mem, sizeof(mem), "%s of memory",
-                     job_spec_bytes_text(a->gpu_memory, bytes, sizeof(bytes)));
-        dx_info("GPU %d (%s): %s; kernels: %s", a->cfg.gpu, mem, wk_cuda_describe(a->cuda),
-                wk_gpu_describe(a->gpu));
-    }
+    else
+        snprintf(mem, sizeof(mem), "%s of memory",
+                 job_spec_bytes_text(a->gpu_memory, bytes, sizeof(bytes)));
+    dx_info("GPU %d (%s): %s", a->cfg.gpu, mem, info.describe);
     return 0;
+}
+
+static void close_gpu(wk_agent_t *a)
+{
+    if (a->backend->device)
+        a->backend->device->close(a->gpu);
+    a->gpu = NULL;
 }
 
 int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *err, size_t errlen)
@@ -700,14 +705,13 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
     }
     a->cfg = *cfg;
     a->backend = backend;
-    if (backend->gpu && (rc = open_gpu(a, err, errlen)) < 0) {
+    if (backend->device && (rc = open_gpu(a, err, errlen)) < 0) {
         free(a);
         return rc;
     }
     if ((rc = uv_loop_init(&a->loop)) < 0) {
         snprintf(err, errlen, "cannot create the event loop: %s", uv_strerror(rc));
-        wk_gpu_destroy(a->gpu);
-        wk_cuda_close(a->cuda);
+        close_gpu(a);
         free(a);
         return rc;
     }
@@ -758,8 +762,7 @@ void wk_agent_destroy(wk_agent_t *a)
     if (dx_loop_close(&a->loop) < 0)
         dx_warn("event loop closed with handles still open");
     wk_runtime_destroy(a->rt); /* aborts and joins a job still running */
-    wk_gpu_destroy(a->gpu);
-    wk_cuda_close(a->cuda);
+    close_gpu(a);
     wk_net_destroy(a->data);
     dx_monitor_close(a->dealer, a->handshakes);
     if (a->dealer)

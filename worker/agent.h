@@ -15,7 +15,7 @@
 #include <uv.h>
 
 #include "proto/cert.h"
-#include "worker/cuda/driver.h"
+#include "worker/backend.h"
 
 struct wk_agent_config {
     const char *coordinator; /* duplexd's ZeroMQ endpoint */
@@ -23,10 +23,10 @@ struct wk_agent_config {
     const char *host;
     const char *node; /* node / NVLink domain for placement */
     int gpu;
-    const char *backend;       /* "sim", "cpu" or "cuda" */
-    const char *data_listen;   /* data-plane bind endpoint; NULL: WK_NET_LISTEN_DEFAULT */
-    struct wk_cuda_paths cuda; /* the GPU stack's libraries (backend cuda) */
-    int nccl_timeout_ms;       /* backend cuda: NCCL's wait for the other ranks; 0: default */
+    const char *backend;        /* "sim", "cpu" or "cuda" (wk_backend_names) */
+    const char *data_listen;    /* data-plane bind endpoint; NULL: WK_NET_LISTEN_DEFAULT */
+    struct wk_device_libs libs; /* a GPU backend's libraries (worker/backend.h) */
+    int nccl_timeout_ms;        /* backend cuda: NCCL's wait for the other ranks; 0: default */
     /* where jobs' checkpoint.dir must lead (worker/runtime.h); NULL: the cwd */
     const char *checkpoint_root;
     /* what this worker's jobs may use, in bytes (--memory-limit); 0: on cpu

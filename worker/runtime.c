@@ -747,6 +747,7 @@ static int build_backend(wk_runtime_t *rt, const char *data_dir, char *err, size
 {
     const struct wk_engine_args args = {
         .job = rt->job,
+        .impl = rt->backend->impl,
         .sched = rt->sched,
         .data_dir = data_dir,
         .gpu = rt->gpu,

@@ -31,10 +31,12 @@
 #include "job/plan.h"
 #include "pipeline/executor.h"
 #include "pipeline/schedule.h"
+#include "worker/cpu/host.h"
 #include "worker/model/model.h"
 #include "worker/net/dataplane.h"
 #include "worker/rank/rank.h"
 #include "worker/rank/train.h"
+#include "worker/rank/trainer.h"
 
 void openblas_set_num_threads(int);
 
@@ -479,6 +481,10 @@ static void assign_init(struct job *j, struct rank *r, const int *owner, const c
     a->n_peers = (size_t)n;
 }
 
+/* The engine rank_create gives the trainer: the host engine, unless a test
+ * wraps it. */
+static const struct wk_rank_engine *engine_under_test = &wk_cpu_engine;
+
 /* wk_rank_create on Assignment a, decoded as the runtime decodes it
  * (worker/job.h). */
 static int rank_create(const Duplex__Assignment *a, const dp_sched_t *sched,
@@ -488,14 +494,25 @@ static int rank_create(const Duplex__Assignment *a, const dp_sched_t *sched,
     int rc = wk_job_decode(a, &job, err, errlen);
 
     if (rc == 0)
-        rc = wk_rank_create(job, sched, text_dir, io, NULL, out, err, errlen);
+        rc = wk_rank_create(job, sched, text_dir, io, engine_under_test, NULL, out, err, errlen);
     wk_job_destroy(job); /* the trainer keeps copies */
     return rc;
 }
 
+/* What the engine-wrapping test sees of an FB op on this rank's thread:
+ * the op the executor runs, and whether its backward has come. */
+static __thread enum dp_op_kind op_now;
+static __thread bool fb_backward_came;
+static int fb_ops, fb_forward_first, fb_backward_first; /* atomics */
+
 static int on_compute(const struct dp_op *op, void *arg)
 {
     struct rank *r = arg;
+
+    op_now = op->kind;
+    fb_backward_came = false;
+    if (op->kind == DP_OP_FB)
+        __atomic_add_fetch(&fb_ops, 1, __ATOMIC_SEQ_CST);
     return wk_rank_compute(r->rank, op, r->err, sizeof(r->err));
 }
 
@@ -930,6 +947,73 @@ Test(rank, pp2_zb1p_dp2_matches_the_standalone_trainer)
 {
     const struct layout l = {"zb1p", 2, 1, 2, 2, 2, 3, 4};
     parity_run(&l, NULL, "zb1p-dp2");
+}
+
+/* --- the engine interface ------------------------------------------------------ */
+
+static int logging_forward(wk_rank_t *c, struct wk_rank_slot *s, const struct wk_rank_slot *prev,
+                           float *loss)
+{
+    if (op_now == DP_OP_FB)
+        __atomic_add_fetch(fb_backward_came ? &fb_backward_first : &fb_forward_first, 1,
+                           __ATOMIC_SEQ_CST);
+    return wk_cpu_engine.forward(c, s, prev, loss);
+}
+
+static int logging_backward(wk_rank_t *c, struct wk_rank_slot *s, const struct wk_rank_slot *next,
+                            enum dp_op_kind kind)
+{
+    fb_backward_came |= op_now == DP_OP_FB;
+    return wk_cpu_engine.backward(c, s, next, kind);
+}
+
+/* A pp 2 DualPipe run: it has FB pairs. */
+static const struct layout fb_layout = {"dualpipe", 2, 1, 1, 4, 2, 3, 4};
+
+/* The losses of every step of an fb_layout run with engine eng; the
+ * counters say in which order each FB's halves reached the engine. */
+static void fb_run(const struct wk_rank_engine *eng, double *loss)
+{
+    const struct layout l = fb_layout;
+    struct job j;
+
+    fb_ops = fb_forward_first = fb_backward_first = 0;
+    engine_under_test = eng;
+    job_open(&j, &l, NULL, NULL, NULL);
+    engine_under_test = &wk_cpu_engine;
+    job_run_ok(&j);
+    for (int s = 1; s <= l.steps; s++)
+        for (int i = 0; i < j.n; i++)
+            if (j.r[i].has_loss[s])
+                loss[s] = j.r[i].loss[s];
+    job_close(&j);
+}
+
+/* The trainer computes only through its engine's ops, and keeps its
+ * engine's order: a host engine that asks for an FB pair's backward
+ * first gets every pair backward first (the plain one forward first), and
+ * since the halves are independent micro-batches the run is bitwise the
+ * plain one's. */
+Test(rank, the_trainer_computes_through_its_engine_in_its_order)
+{
+    struct wk_rank_engine wrapped = wk_cpu_engine;
+    double plain[MAX_STEPS + 1] = {0}, reordered[MAX_STEPS + 1] = {0};
+
+    wrapped.forward = logging_forward;
+    wrapped.backward = logging_backward;
+    wrapped.fb_backward_first = false;
+    fb_run(&wrapped, plain);
+    cr_assert_gt(fb_ops, 0, "the layout has no FB pairs");
+    cr_assert_eq(fb_forward_first, fb_ops, "%d of %d FB pairs forward first", fb_forward_first,
+                 fb_ops);
+    wrapped.fb_backward_first = true;
+    fb_run(&wrapped, reordered);
+    cr_assert_eq(fb_backward_first, fb_ops, "%d of %d FB pairs backward first", fb_backward_first,
+                 fb_ops);
+    cr_assert_eq(fb_forward_first, 0);
+    for (int s = 1; s <= fb_layout.steps; s++)
+        cr_assert(plain[s] == reordered[s] && plain[s] != 0.0, "step %d: %.17g, reordered %.17g", s,
+                  plain[s], reordered[s]);
 }
 
 Test(rank, pp2_dualpipe_matches_the_standalone_trainer)

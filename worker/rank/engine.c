@@ -10,8 +10,8 @@ static int engine_create(const struct wk_engine_args *args, void **engine, char 
     wk_rank_t *c;
     int rc;
 
-    if ((rc = wk_rank_create(args->job, args->sched, args->data_dir, &io, args->gpu, &c, err,
-                             errlen)) < 0)
+    if ((rc = wk_rank_create(args->job, args->sched, args->data_dir, &io, args->impl, args->gpu, &c,
+                             err, errlen)) < 0)
         return rc;
     wk_rank_set_nccl_timeout(c, args->nccl_timeout_ms);
     *engine = c;

@@ -39,9 +39,6 @@
 #include "pipeline/schedule.h"
 #include "worker/job.h"
 #include "worker/net/dataplane.h"
-#include "worker/cuda/model/dmodel.h"
-#include "worker/cuda/gpu.h"
-#include "worker/cuda/comm/nccl.h"
 
 /* How the backend moves messages: the runtime's waits (abort, timeouts,
  * hidden-communication accounting). `to`/`from` describe the peer for
@@ -70,6 +67,7 @@ struct wk_rank_step {
 #define WK_RANK_MAX_EP 64
 
 typedef struct wk_rank wk_rank_t;
+struct wk_rank_engine;
 
 /* How long the cuda backend's NCCL calls wait for the other ranks (the
  * join at the first message, the first connection of a channel) before
@@ -81,15 +79,14 @@ typedef struct wk_rank wk_rank_t;
  * that fails: missing, torn, or of another layout). It sends to the job's
  * peers that the Assignment names (wk_job.peers; this rank never talks to
  * the others) and keeps copies of what it needs from job. data_dir: the
- * training text (NULL: WK_DATA_DIR_DEFAULT). gpu: the cuda backend's GPU
- * (NULL: compute on the CPU): each chunk then trains on its device twin
- * (worker/cuda/model/dmodel.h) on a lane of its own, and with the job's
- * NCCL id the pipeline messages, the step-end sums and the expert exchange
- * go GPU to GPU by NCCL. 0, or -errno with the reason in err. */
+ * training text (NULL: WK_DATA_DIR_DEFAULT). eng: where the model computes
+ * (worker/rank/trainer.h): the host engine (worker/cpu/host.h) or the
+ * device engine (worker/cuda/engine.h), which takes the worker's GPU as
+ * device (NULL for the host). 0, or -errno with the reason in err. */
 void wk_rank_set_nccl_timeout(wk_rank_t *c, int ms); /* ms > 0 */
 int wk_rank_create(const struct wk_job *job, const dp_sched_t *sched, const char *data_dir,
-                   const struct wk_rank_io *io, wk_gpu_t *gpu, wk_rank_t **out, char *err,
-                   size_t errlen);
+                   const struct wk_rank_io *io, const struct wk_rank_engine *eng, void *device,
+                   wk_rank_t **out, char *err, size_t errlen);
 void wk_rank_destroy(wk_rank_t *c);
 
 /* Before a step's ops: clears gradients and per-step counters. */
