@@ -53,6 +53,8 @@ _Static_assert(HEADER_BYTES == WK_NET_HEADER_BYTES, "WK_NET_HEADER_BYTES is the 
 #define ZAP_FRAMES_MAX 12 /* routing id, delimiter, 7 fields, a credential: more is bad */
 #define ZAP_FIELD_MAX 255 /* routing and request ids kept for a held request */
 #define ZAP_BATCH 64
+/* A listener's ZAP domain: WK_NET_ZAP_DOMAIN, '/', its generation. */
+#define ZAP_DOMAIN_MAX 32
 #define CURVE_KEY_BYTES 32
 /* What CURVE adds to a frame on the wire, where libzmq checks
  * ZMQ_MAXMSGSIZE: "\x07MESSAGE", nonce, MAC and flags are 33 bytes. */
@@ -145,7 +147,9 @@ struct wk_net { // NOLINT(clang-analyzer-optin.performance.Padding)
     void *zap;        /* ROUTER on ZAP_ENDPOINT, once there is a keypair */
     struct held held[WK_NET_ZAP_HELD_MAX];
     size_t n_held;
-    int64_t listen_max; /* ZMQ_MAXMSGSIZE the listener was bound with */
+    int64_t listen_max;              /* ZMQ_MAXMSGSIZE the listener was bound with */
+    unsigned listener_gen;           /* listeners bound again so far */
+    char zap_domain[ZAP_DOMAIN_MAX]; /* the CURVE listener's ZAP domain ("" in clear) */
     struct dx_ratelimit bad_log;
 
     /* create's and destroy's, and the commands' (under ctl_lock) */
@@ -172,7 +176,7 @@ struct wk_net { // NOLINT(clang-analyzer-optin.performance.Padding)
     size_t max_payload;  /* the attempt's largest message */
     int64_t listen_want; /* ZMQ_MAXMSGSIZE for the listener */
     bool rebind_force;   /* rebind at the next CMD_APPLY (new keys, closing connections) */
-    bool admitted;       /* the ZAP handler admitted a connection since the last rebind */
+    bool admitted;       /* the ZAP handler admitted a connection of the current listener */
     bool curve;
     unsigned curve_gen;
     curve_key pub, sec;
@@ -1019,7 +1023,15 @@ int wk_net_set_max_msg(wk_net_t *d, size_t bytes)
         d->listen_want = CURVE_HANDSHAKE_MAX;
     curve = d->curve;
     pthread_mutex_unlock(&d->lock);
-    /* the receiver thread rebinds when no connection was admitted */
+    /* The receiver thread binds the listener again, for libzmq to refuse
+     * larger frames before it allocates them, only while no connection of
+     * the current listener was admitted: one still in its handshake (held,
+     * or waiting for its ZAP answer) has taken no frame from its peer's
+     * queue, and its peer connects again with them. The ZAP handler admits
+     * only the new listener's connections (see zap_serve), so none that the
+     * old one accepted can take a frame along as it closes. Not rebinding
+     * (the size checked after receipt only, as in clear) would be as safe but
+     * let a listed peer make us allocate WK_NET_MAX_PAYLOAD per frame. */
     return curve ? command(d, CMD_APPLY) : 0;
 }
 
@@ -1113,8 +1125,11 @@ void wk_net_end(wk_net_t *d)
     forget_keys(d);
     d->max_payload = WK_NET_MAX_PAYLOAD;
     curve = d->curve;
+    /* closes the attempt's connections, so the next attempt's peers pass the
+     * ZAP handler again: none carries a later attempt's frame, as the runtime
+     * ends an attempt before its JobDone (the next one starts after it) */
     if (curve && d->admitted)
-        d->rebind_force = true; /* the next attempt's peers pass the ZAP handler again */
+        d->rebind_force = true;
     pthread_cond_broadcast(&d->cond);
     pthread_mutex_unlock(&d->lock);
     close_peers(d);
@@ -1606,6 +1621,21 @@ static void zap_review(wk_net_t *d)
     d->n_held = kept;
 }
 
+static bool zap_domain_is(const char *domain, const uint8_t *p, size_t n)
+{
+    return n == strlen(domain) && memcmp(p, domain, n) == 0;
+}
+
+/* Whether a ZAP request's domain is a listener's before the current one
+ * (only our listeners ask this context's handler with that prefix). */
+static bool zap_domain_earlier(const wk_net_t *d, const uint8_t *p, size_t n)
+{
+    size_t pre = strlen(WK_NET_ZAP_DOMAIN);
+
+    return n > pre + 1 && memcmp(p, WK_NET_ZAP_DOMAIN, pre) == 0 && p[pre] == '/' &&
+           !zap_domain_is(d->zap_domain, p, n);
+}
+
 /* Reads and answers (or holds) the ZAP requests waiting. */
 static void zap_serve(wk_net_t *d)
 {
@@ -1613,7 +1643,7 @@ static void zap_serve(wk_net_t *d)
         zmq_msg_t f[ZAP_FRAMES_MAX];
         size_t n = 0, sz[ZAP_FRAMES_MAX];
         const uint8_t *p[ZAP_FRAMES_MAX];
-        bool more = true, overlong = false;
+        bool more = true, overlong = false, earlier = false;
         const char *status = NULL, *why = NOT_PEER_TEXT;
         curve_key key = "";
 
@@ -1642,8 +1672,18 @@ static void zap_serve(wk_net_t *d)
             sz[0] > ZAP_FIELD_MAX || sz[3] > ZAP_FIELD_MAX) {
             status = "500";
             why = "not a ZAP 1.0 request";
-        } else if (n != 9 || sz[4] != strlen(WK_NET_ZAP_DOMAIN) ||
-                   memcmp(p[4], WK_NET_ZAP_DOMAIN, sz[4]) != 0 || sz[7] != 5 ||
+        } else if (n == 9 && zap_domain_earlier(d, p[4], sz[4])) {
+            /* A connection the listener before this one accepted. libzmq
+             * closes those in its I/O thread, after the port is free again,
+             * so its request can come after the rebind; admitted, its
+             * handshake could end first and its peer's PUSH socket hand it
+             * a frame that is lost as it closes (a job's first activation,
+             * once). Unanswered, it closes; the peer connects again, its
+             * frames still queued. */
+            earlier = true;
+            if (sz[8] == CURVE_KEY_BYTES)
+                zmq_z85_encode(key, p[8], CURVE_KEY_BYTES);
+        } else if (n != 9 || !zap_domain_is(d->zap_domain, p[4], sz[4]) || sz[7] != 5 ||
                    memcmp(p[7], "CURVE", 5) != 0 || sz[8] != CURVE_KEY_BYTES) {
             status = "400";
             why = "not a CURVE connection to the data plane";
@@ -1658,8 +1698,12 @@ static void zap_serve(wk_net_t *d)
             status = ok ? "200" : listed ? "400" : NULL;
         }
         dx_debug("data plane: ZAP request for key %s: %s", key[0] ? key : "(none)",
-                 status ? status : "held");
-        if (status) {
+                 earlier  ? "not answered (a connection of the listener before)"
+                 : status ? status
+                          : "held");
+        if (earlier) {
+            /* nothing: see above */
+        } else if (status) {
             if (n >= 4 && sz[0] <= ZAP_FIELD_MAX && sz[3] <= ZAP_FIELD_MAX)
                 zap_answer(d, p[0], sz[0], p[3], sz[3], key, status, why);
         } else {
@@ -1689,9 +1733,13 @@ static void zap_serve(wk_net_t *d)
 
 /* Binds the PULL socket again on its endpoint with the options now wanted
  * (ZMQ_MAXMSGSIZE, CURVE server): libzmq's listeners copy the options at
- * bind, and closing the listener closes every connection it accepted. */
+ * bind, and closing the listener closes every connection it accepted, in
+ * libzmq's I/O thread, some time after the port is free. Each CURVE
+ * listener gets a ZAP domain of its own, so zap_serve can tell the new
+ * one's connections from those the old one is still closing. */
 static int rebind(wk_net_t *d, bool curve, const char *sec, int64_t maxsize, int hold_ms)
 {
+    char domain[ZAP_DOMAIN_MAX];
     int one = 1, rc;
     int64_t t0;
 
@@ -1701,12 +1749,12 @@ static int rebind(wk_net_t *d, bool curve, const char *sec, int64_t maxsize, int
         rc = -errno;
         goto fail;
     }
+    snprintf(domain, sizeof(domain), "%s/%u", WK_NET_ZAP_DOMAIN, d->listener_gen + 1);
     if (zmq_setsockopt(d->pull, ZMQ_MAXMSGSIZE, &maxsize, sizeof(maxsize)) < 0 ||
         zmq_setsockopt(d->pull, ZMQ_HANDSHAKE_IVL, &hold_ms, sizeof(hold_ms)) < 0 ||
         (curve && (zmq_setsockopt(d->pull, ZMQ_CURVE_SERVER, &one, sizeof(one)) < 0 ||
                    zmq_setsockopt(d->pull, ZMQ_CURVE_SECRETKEY, sec, WK_NET_KEY_LEN) < 0 ||
-                   zmq_setsockopt(d->pull, ZMQ_ZAP_DOMAIN, WK_NET_ZAP_DOMAIN,
-                                  strlen(WK_NET_ZAP_DOMAIN)) < 0))) {
+                   zmq_setsockopt(d->pull, ZMQ_ZAP_DOMAIN, domain, strlen(domain)) < 0))) {
         rc = -errno;
         goto fail;
     }
@@ -1720,7 +1768,9 @@ static int rebind(wk_net_t *d, bool curve, const char *sec, int64_t maxsize, int
     dx_debug("data plane: %s bound again (%s, ZMQ_MAXMSGSIZE %lld)", d->bound,
              curve ? "CURVE" : "clear", (long long)maxsize);
     d->listen_max = maxsize;
-    d->n_held = 0; /* their connections closed with the listener */
+    d->listener_gen++;
+    snprintf(d->zap_domain, sizeof(d->zap_domain), "%s", curve ? domain : "");
+    d->n_held = 0; /* their connections close with the listener, unanswered */
     pthread_mutex_lock(&d->lock);
     d->admitted = false;
     pthread_mutex_unlock(&d->lock);
@@ -1736,8 +1786,9 @@ fail:
 }
 
 /* CMD_APPLY: rebinds when wanted (new keys, closing the attempt's
- * connections, or a new ZMQ_MAXMSGSIZE while no connection was admitted)
- * and decides on the held ZAP requests. */
+ * connections, or a new ZMQ_MAXMSGSIZE while no connection of the current
+ * listener was admitted: none can have taken a frame yet) and decides on
+ * the held ZAP requests. */
 static int apply(wk_net_t *d)
 {
     bool curve, force, admitted;

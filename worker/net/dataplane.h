@@ -44,8 +44,14 @@
  *    list current when it arrives. Connections whose key is not listed are
  *    refused while a list is set, and held while it is empty (see
  *    WK_NET_ZAP_HOLD_MS), so a peer that starts an attempt before this
- *    rank does waits with its frames in its own queue. wk_net_end closes every connection, so the
- *    next attempt's peers pass the handler again.
+ *    rank does waits with its frames in its own queue. wk_net_end closes
+ *    every connection, so the next attempt's peers pass the handler again.
+ *    Closing connections (binding the PULL socket again) loses no frame of
+ *    a running or later attempt: it happens at wk_net_end (the runtime ends
+ *    an attempt before its JobDone) and, for ZMQ_MAXMSGSIZE, only while no
+ *    connection was admitted, and the handler admits only the connections
+ *    of the current listener (a peer's PUSH socket hands a connection its
+ *    frames only once admitted; until then they wait in its queue).
  * Without a keypair the data plane runs in clear, with the same checks
  * except the keys.
  *
@@ -94,7 +100,10 @@
 #define WK_NET_LINGER_MS 1000
 /* A CURVE key in Z85 (32 bytes), without the NUL. */
 #define WK_NET_KEY_LEN 40
-/* The ZAP domain of the data plane's CURVE server. */
+/* The ZAP domain of the data plane's CURVE server: each listener gets this,
+ * '/' and its number, so the ZAP handler can tell a request of the current
+ * listener from one of a listener being closed (it answers the latter
+ * never: admitted, such a connection could take a frame along). */
 #define WK_NET_ZAP_DOMAIN "duplex-data"
 /* How long the ZAP handler holds a connection while no peer list is set,
  * and how many it holds at once (the oldest is forgotten when one more
@@ -197,7 +206,9 @@ int wk_net_set_peer_key(wk_net_t *d, const char *addr, const char *public_z85);
  * bytes CURVE adds to a frame: 64 to be safe), as libzmq
  * applies it only to listeners bound after it is set; otherwise the
  * listener keeps its limit until the next wk_net_end and the receiver
- * thread checks the size. Returns 0 or -errno (the rebind failed). */
+ * thread checks the size. The rebind closes only connections still in
+ * their handshake, which hold no frame: their peers connect again (about
+ * 100 ms later) with every frame. Returns 0 or -errno (the rebind failed). */
 int wk_net_set_max_msg(wk_net_t *d, size_t bytes);
 
 /* Starts a job attempt: ends the previous one if wk_net_end did not, and
