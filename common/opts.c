@@ -25,10 +25,8 @@ static int opts_set_string(const struct dx_opt *o, const char *text, char *err, 
 
     if (text) {
         copy = strdup(text);
-        if (!copy) {
-            snprintf(err, errlen, "out of memory");
-            return -ENOMEM;
-        }
+        if (!copy)
+            return dx_errf(err, errlen, -ENOMEM, "out of memory");
     }
     free(*slot);
     *slot = copy;
@@ -43,11 +41,9 @@ static int opts_set_int(const struct dx_opt *o, const char *source, const char *
 
     errno = 0;
     v = strtol(text, &end, 10);
-    if (errno || end == text || *end != '\0' || v < o->min || v > o->max) {
-        snprintf(err, errlen, "%s: expected an integer from %d to %d, got \"%s\"", source, o->min,
-                 o->max, text);
-        return -EINVAL;
-    }
+    if (errno || end == text || *end != '\0' || v < o->min || v > o->max)
+        return dx_errf(err, errlen, -EINVAL, "%s: expected an integer from %d to %d, got \"%s\"",
+                       source, o->min, o->max, text);
     *(int *)o->value = (int)v;
     return 0;
 }
@@ -67,10 +63,8 @@ static int strv_push(struct dx_strv *l, const char *text, char *err, size_t errl
 
     if (v)
         l->v = v;
-    if (!v || !(l->v[l->n] = strdup(text))) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!v || !(l->v[l->n] = strdup(text)))
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     l->n++;
     return 0;
 }
@@ -106,46 +100,35 @@ static int opts_set_json(const struct dx_opt *o, const char *path, json_t *v, ch
     snprintf(source, sizeof(source), "config %s: key \"%s\"", path, o->name);
     switch (o->type) {
     case DX_OPT_STRING:
-        if (!json_is_string(v) || json_string_length(v) == 0) {
-            snprintf(err, errlen, "%s: expected a non-empty string", source);
-            return -EINVAL;
-        }
+        if (!json_is_string(v) || json_string_length(v) == 0)
+            return dx_errf(err, errlen, -EINVAL, "%s: expected a non-empty string", source);
         return opts_set_string(o, json_string_value(v), err, errlen);
     case DX_OPT_INT:
-        if (!json_is_integer(v)) {
-            snprintf(err, errlen, "%s: expected an integer", source);
-            return -EINVAL;
-        }
-        if (json_integer_value(v) < o->min || json_integer_value(v) > o->max) {
-            snprintf(err, errlen, "%s: expected an integer from %d to %d, got %lld", source, o->min,
-                     o->max, (long long)json_integer_value(v));
-            return -EINVAL;
-        }
+        if (!json_is_integer(v))
+            return dx_errf(err, errlen, -EINVAL, "%s: expected an integer", source);
+        if (json_integer_value(v) < o->min || json_integer_value(v) > o->max)
+            return dx_errf(err, errlen, -EINVAL, "%s: expected an integer from %d to %d, got %lld",
+                           source, o->min, o->max, (long long)json_integer_value(v));
         snprintf(num, sizeof(num), "%lld", (long long)json_integer_value(v));
         return opts_set_int(o, source, num, err, errlen);
     case DX_OPT_LIST: {
         size_t i;
         json_t *item;
-        if (!json_is_array(v)) {
-            snprintf(err, errlen, "%s: expected an array of strings", source);
-            return -EINVAL;
-        }
+        if (!json_is_array(v))
+            return dx_errf(err, errlen, -EINVAL, "%s: expected an array of strings", source);
         strv_clear(o->value);
         json_array_foreach (v, i, item) {
-            if (!json_is_string(item) || json_string_length(item) == 0) {
-                snprintf(err, errlen, "%s: item %zu is not a non-empty string", source, i);
-                return -EINVAL;
-            }
+            if (!json_is_string(item) || json_string_length(item) == 0)
+                return dx_errf(err, errlen, -EINVAL, "%s: item %zu is not a non-empty string",
+                               source, i);
             if (strv_push(o->value, json_string_value(item), err, errlen) < 0)
                 return -ENOMEM;
         }
         return 0;
     }
     case DX_OPT_FLAG:
-        if (!json_is_boolean(v)) {
-            snprintf(err, errlen, "%s: expected true or false", source);
-            return -EINVAL;
-        }
+        if (!json_is_boolean(v))
+            return dx_errf(err, errlen, -EINVAL, "%s: expected true or false", source);
         *(bool *)o->value = json_is_true(v);
         return 0;
     }
@@ -162,21 +145,19 @@ int dx_opts_load_file(const struct dx_opt *opts, const char *path, char *err, si
 
     if (!root) {
         if (jerr.line <= 0)
-            snprintf(err, errlen, "config %s: %s", path, jerr.text);
-        else
-            snprintf(err, errlen, "config %s:%d:%d: %s", path, jerr.line, jerr.column, jerr.text);
-        return -EINVAL;
+            return dx_errf(err, errlen, -EINVAL, "config %s: %s", path, jerr.text);
+        return dx_errf(err, errlen, -EINVAL, "config %s:%d:%d: %s", path, jerr.line, jerr.column,
+                       jerr.text);
     }
     if (!json_is_object(root)) {
-        snprintf(err, errlen, "config %s: expected a JSON object of option names to values", path);
-        rc = -EINVAL;
+        rc = dx_errf(err, errlen, -EINVAL,
+                     "config %s: expected a JSON object of option names to values", path);
         goto out;
     }
     json_object_foreach (root, key, value) {
         const struct dx_opt *o = opts_find(opts, key, strlen(key));
         if (!o || strcmp(key, "config") == 0) {
-            snprintf(err, errlen, "config %s: unknown key \"%s\"", path, key);
-            rc = -EINVAL;
+            rc = dx_errf(err, errlen, -EINVAL, "config %s: unknown key \"%s\"", path, key);
             goto out;
         }
         rc = opts_set_json(o, path, value, err, errlen);
@@ -277,24 +258,18 @@ int dx_opts_parse(const struct dx_opt *opts, int argc, char **argv, int *next_ar
             return DX_OPTS_HELP;
         if (strcmp(a, "--version") == 0)
             return DX_OPTS_VERSION;
-        if (a[1] != '-') {
-            snprintf(err, errlen, "unknown option %s (options are long: --name)", a);
-            return -EINVAL;
-        }
+        if (a[1] != '-')
+            return dx_errf(err, errlen, -EINVAL, "unknown option %s (options are long: --name)", a);
         name = a + 2;
         eq = strchr(name, '=');
         o = opts_find(opts, name, eq ? (size_t)(eq - name) : strlen(name));
-        if (!o) {
-            snprintf(err, errlen, "unknown option --%.*s",
-                     eq ? (int)(eq - name) : (int)strlen(name), name);
-            return -EINVAL;
-        }
+        if (!o)
+            return dx_errf(err, errlen, -EINVAL, "unknown option --%.*s",
+                           eq ? (int)(eq - name) : (int)strlen(name), name);
         snprintf(source, sizeof(source), "--%s", o->name);
         if (o->type == DX_OPT_FLAG) {
-            if (eq) {
-                snprintf(err, errlen, "%s takes no value", source);
-                return -EINVAL;
-            }
+            if (eq)
+                return dx_errf(err, errlen, -EINVAL, "%s takes no value", source);
             *(bool *)o->value = true;
             continue;
         }
@@ -303,14 +278,12 @@ int dx_opts_parse(const struct dx_opt *opts, int argc, char **argv, int *next_ar
         } else if (i + 1 < argc) {
             value = argv[++i];
         } else {
-            snprintf(err, errlen, "%s needs a value (%s)", source, o->metavar ? o->metavar : "");
-            return -EINVAL;
+            return dx_errf(err, errlen, -EINVAL, "%s needs a value (%s)", source,
+                           o->metavar ? o->metavar : "");
         }
         if (o->type == DX_OPT_STRING || o->type == DX_OPT_LIST) {
-            if (value[0] == '\0') { // NOLINT(clang-analyzer-core.NullDereference): argv[i < argc]
-                snprintf(err, errlen, "%s: value must not be empty", source);
-                return -EINVAL;
-            }
+            if (value[0] == '\0') // NOLINT(clang-analyzer-core.NullDereference): argv[i < argc]
+                return dx_errf(err, errlen, -EINVAL, "%s: value must not be empty", source);
             rc = o->type == DX_OPT_STRING ? opts_set_string(o, value, err, errlen)
                                           : strv_push(o->value, value, err, errlen);
         } else {

@@ -4,8 +4,9 @@
 #include "coordinator/admit.h"
 
 #include <errno.h>
-#include <stdio.h>
 #include <string.h>
+
+#include "common/log.h"
 
 struct admit_count {
     const struct job_spec *spec;
@@ -43,13 +44,12 @@ static int admit_verdict(const struct admit_count *c, char *err, size_t errlen)
     if ((size_t)workers <= c->fit || c->small == 0)
         return 0;
     job_spec_memory(s, &m);
-    snprintf(err, errlen,
-             "the job needs %s per rank; %zu of the %zu alive %s workers have that much, and it "
-             "needs %d (pp %d x ep %d x dp %d); the largest %s worker reports %s",
-             job_spec_memory_text(&m, need, sizeof(need)), c->fit, c->alive, s->backend, workers,
-             s->parallel.pp, s->parallel.ep, s->parallel.dp, s->backend,
-             job_spec_bytes_text(c->largest, largest, sizeof(largest)));
-    return -ENOSPC;
+    return dx_errf(err, errlen, -ENOSPC,
+                   "the job needs %s per rank; %zu of the %zu alive %s workers have that much, "
+                   "and it needs %d (pp %d x ep %d x dp %d); the largest %s worker reports %s",
+                   job_spec_memory_text(&m, need, sizeof(need)), c->fit, c->alive, s->backend,
+                   workers, s->parallel.pp, s->parallel.ep, s->parallel.dp, s->backend,
+                   job_spec_bytes_text(c->largest, largest, sizeof(largest)));
 }
 
 /* The sim backend allocates no model: nothing to check. */

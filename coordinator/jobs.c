@@ -707,28 +707,27 @@ int coord_jobs_submit(coord_jobs_t *jobs, const struct job_spec *spec, const cha
     size_t have = cluster_size(jobs, spec->backend);
     struct coord_job *j;
     char detail[256];
+    int rc;
 
     if ((size_t)row.workers > have) {
-        snprintf(err, errlen,
-                 "the job needs %d %s workers (pp %d x ep %d x dp %d); the cluster has %zu",
-                 row.workers, spec->backend, spec->parallel.pp, spec->parallel.ep,
-                 spec->parallel.dp, have);
+        rc = dx_errf(err, errlen, -ENOSPC,
+                     "the job needs %d %s workers (pp %d x ep %d x dp %d); the cluster has %zu",
+                     row.workers, spec->backend, spec->parallel.pp, spec->parallel.ep,
+                     spec->parallel.dp, have);
         free(spec_json);
-        return -ENOSPC;
+        return rc;
     }
     j = calloc(1, sizeof(*j));
     if (!spec_json || !j || job_add(jobs, j) < 0) {
         free(spec_json);
         job_free(jobs, j);
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     }
     j->spec_json = spec_json; /* the job owns it now */
-    if (coord_store_job_insert(jobs->store, &row, &j->id) < 0) {
+    if ((rc = coord_store_job_insert(jobs->store, &row, &j->id)) < 0) {
         jobs->n--;
         job_free(jobs, j);
-        snprintf(err, errlen, "could not store the job");
-        return -EIO;
+        return dx_errf(err, errlen, rc, "could not store the job");
     }
     j->spec = *spec;
     job_resolve_ckpt_dir(j);
@@ -1113,10 +1112,8 @@ static int job_make_nccl_id(coord_jobs_t *jobs, struct coord_job *j, char *err, 
     j->has_nccl_id = 0;
     if (strcmp(j->spec.backend, "cuda") != 0)
         return 0;
-    if (!jobs->nccl && coord_nccl_create(jobs->nccl_lib, &jobs->nccl) < 0) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!jobs->nccl && (rc = coord_nccl_create(jobs->nccl_lib, &jobs->nccl)) < 0)
+        return dx_errf(err, errlen, rc, "out of memory");
     if ((rc = coord_nccl_unique_id(jobs->nccl, j->nccl_id, err, errlen)) < 0)
         return rc;
     j->has_nccl_id = 1;
@@ -1427,18 +1424,19 @@ int coord_jobs_cancel(coord_jobs_t *jobs, uint64_t id, const char *by, int64_t n
     if (!j) {
         /* it may have ended and left memory */
         char state[16] = "";
+        int rc = coord_store_job_get(jobs->store, id, copy_state, state);
 
-        if (coord_store_job_get(jobs->store, id, copy_state, state) == 0 && state[0]) {
-            snprintf(err, errlen, "job %llu already %s", (unsigned long long)id, state);
-            return -EALREADY;
-        }
-        snprintf(err, errlen, "no job %llu", (unsigned long long)id);
-        return -ENOENT;
+        if (rc == 0 && state[0])
+            return dx_errf(err, errlen, -EALREADY, "job %llu already %s", (unsigned long long)id,
+                           state);
+        if (rc < 0 && rc != -ENOENT)
+            return dx_errf(err, errlen, rc, "cannot read job %llu from the database: %s",
+                           (unsigned long long)id, strerror(-rc));
+        return dx_errf(err, errlen, -ENOENT, "no job %llu", (unsigned long long)id);
     }
-    if (job_is_over(j)) {
-        snprintf(err, errlen, "job %llu already %s", (unsigned long long)id, state_names[j->state]);
-        return -EALREADY;
-    }
+    if (job_is_over(j))
+        return dx_errf(err, errlen, -EALREADY, "job %llu already %s", (unsigned long long)id,
+                       state_names[j->state]);
     {
         char reason[128];
         snprintf(reason, sizeof(reason), "cancelled by %s", by);
@@ -1619,18 +1617,14 @@ static int job_check_ckpt_dir(const struct coord_job *j, uint64_t step, const ch
 
     if (!j->spec.checkpoint.dir[0] ||
         normalise_dir(j->spec.checkpoint.dir, root, sizeof(root)) < 0 ||
-        dx_ckpt_step_dir(want, sizeof(want), root[0] ? root : "/", j->id, step) < 0) {
-        snprintf(why, whylen, "job %llu has no usable checkpoint.dir (\"%.300s\")",
-                 (unsigned long long)j->id, j->spec.checkpoint.dir);
-        return -EINVAL;
-    }
-    if (has_control(dir) || !is_clean_path(dir)) {
-        snprintf(why, whylen,
-                 "checkpoint directory \"%.300s\" is not an absolute path without \".\", \"..\" "
-                 "or empty components",
-                 has_control(dir) ? "(with control characters)" : dir);
-        return -EINVAL;
-    }
+        dx_ckpt_step_dir(want, sizeof(want), root[0] ? root : "/", j->id, step) < 0)
+        return dx_errf(why, whylen, -EINVAL, "job %llu has no usable checkpoint.dir (\"%.300s\")",
+                       (unsigned long long)j->id, j->spec.checkpoint.dir);
+    if (has_control(dir) || !is_clean_path(dir))
+        return dx_errf(why, whylen, -EINVAL,
+                       "checkpoint directory \"%.300s\" is not an absolute path without \".\", "
+                       "\"..\" or empty components",
+                       has_control(dir) ? "(with control characters)" : dir);
     w = strlen(want);
     if (!relative && strcmp(dir, want) == 0)
         return 0;
@@ -1642,10 +1636,10 @@ static int job_check_ckpt_dir(const struct coord_job *j, uint64_t step, const ch
         return 0;
     if (relative && n >= w && strcmp(dir + n - w, want) == 0)
         return 0;
-    snprintf(why, whylen,
-             "checkpoint directory \"%.300s\" is not job %llu's own for step %llu (%s%.300s)", dir,
-             (unsigned long long)j->id, (unsigned long long)step, relative ? "..." : "", want);
-    return -EINVAL;
+    return dx_errf(why, whylen, -EINVAL,
+                   "checkpoint directory \"%.300s\" is not job %llu's own for step %llu (%s%.300s)",
+                   dir, (unsigned long long)j->id, (unsigned long long)step, relative ? "..." : "",
+                   want);
 }
 
 /* Whether checkpoint.every asks for a checkpoint after step (and the last). */
@@ -1951,11 +1945,9 @@ static int job_write_manifest(const struct coord_job *j, uint64_t step, const ch
     if ((rc = job_check_ckpt_dir(j, step, dir, err, errlen)) < 0)
         return rc;
     for (size_t i = 0; i < n; i++) {
-        if (!job_is_shard(j, shards[i].file)) {
-            snprintf(err, errlen, "\"%.100s\" is no rank's shard of job %llu", shards[i].file,
-                     (unsigned long long)j->id);
-            return -EINVAL;
-        }
+        if (!job_is_shard(j, shards[i].file))
+            return dx_errf(err, errlen, -EINVAL, "\"%.100s\" is no rank's shard of job %llu",
+                           shards[i].file, (unsigned long long)j->id);
     }
     return dx_ckpt_manifest_write(dir, j->id, step, shards, n, err, errlen);
 }

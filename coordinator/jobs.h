@@ -259,7 +259,7 @@ void coord_jobs_on_idle(coord_jobs_t *jobs, const char *worker_id, int64_t now_w
 /* JSON for `duplexctl status`: every job in memory (id 0) or one job in
  * detail; a job that left memory (coord_jobs_forget_finished) is read
  * from the database, with "in_memory": false. Returns a new reference, or
- * NULL with -ENOENT/-ENOMEM/-EIO in *rc. */
+ * NULL with -ENOENT, -ENOMEM or the store's -errno (store.h) in *rc. */
 json_t *coord_jobs_status(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, int *rc);
 
 /* Jobs per page of coord_jobs_status_page at most: well under the 4 MiB
@@ -272,7 +272,8 @@ json_t *coord_jobs_status(coord_jobs_t *jobs, uint64_t id, int64_t now_wall, int
  * above after_id, at most limit (0 or over COORD_JOBS_PAGE_MAX: that
  * many); a job in memory as coord_jobs_status lists it, one that left as
  * stored. One bounded read of the database (LIMIT). *next_after_id: the
- * last id listed when more follow, else 0. NULL with -ENOMEM/-EIO in *rc. */
+ * last id listed when more follow, else 0. NULL with -ENOMEM or the store's
+ * -errno (store.h) in *rc. */
 json_t *coord_jobs_status_page(coord_jobs_t *jobs, uint64_t after_id, unsigned limit,
                                uint64_t *next_after_id, int *rc);
 

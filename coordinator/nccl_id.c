@@ -4,9 +4,10 @@
 
 #include <dlfcn.h>
 #include <errno.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "common/log.h"
 
 /* ncclUniqueId, ncclResult_t as int (checked against <nccl.h> by
  * tests/unit/test_nccl_abi.c through worker/cuda/comm/nccl.h's same declarations) */
@@ -53,31 +54,49 @@ static int nccl_open(coord_nccl_t *n, char *err, size_t errlen)
 {
     void *sym;
     const char *why;
+    int rc;
 
     if (n->lib)
         return 0;
     dlerror();
     if (!(n->lib = dlopen(n->library, RTLD_NOW | RTLD_LOCAL))) {
         why = dlerror();
-        snprintf(err, errlen, "cannot load NCCL from %s: %s", n->library,
-                 why ? why : "unknown dlopen error");
-        return -ENOENT;
+        return dx_errf(err, errlen, -ENOENT, "cannot load NCCL from %s: %s", n->library,
+                       why ? why : "unknown dlopen error");
     }
     dlerror();
     sym = dlsym(n->lib, "ncclGetUniqueId");
     if (!sym) {
         why = dlerror();
-        snprintf(err, errlen, "%s has no ncclGetUniqueId: %s", n->library,
-                 why ? why : "symbol is NULL");
+        rc = dx_errf(err, errlen, -ENOENT, "%s has no ncclGetUniqueId: %s", n->library,
+                     why ? why : "symbol is NULL");
         dlclose(n->lib);
         n->lib = NULL;
-        return -ENOENT;
+        return rc;
     }
     /* POSIX: a data pointer from dlsym converts to a function pointer */
     memcpy(&n->get_unique_id, &sym, sizeof(sym));
     sym = dlsym(n->lib, "ncclGetErrorString");
     memcpy(&n->get_error_string, &sym, sizeof(sym));
     return 0;
+}
+
+/* -errno for an ncclResult_t: ncclInvalidArgument and ncclInvalidUsage are
+ * -EINVAL, ncclRemoteError -EREMOTEIO, ncclInProgress -EINPROGRESS; a CUDA,
+ * system or internal error (1, 2, 3) or one this does not know is -EIO. */
+static int nccl_errno(int result)
+{
+    switch (result) {
+    case 4: /* ncclInvalidArgument */
+    case 5: /* ncclInvalidUsage */
+        return -EINVAL;
+    case 6: /* ncclRemoteError */
+        return -EREMOTEIO;
+    case 7: /* ncclInProgress */
+        return -EINPROGRESS;
+    default:
+        return -EIO;
+    }
 }
 
 int coord_nccl_unique_id(coord_nccl_t *n, unsigned char out[COORD_NCCL_ID_BYTES], char *err,
@@ -91,9 +110,8 @@ int coord_nccl_unique_id(coord_nccl_t *n, unsigned char out[COORD_NCCL_ID_BYTES]
     memset(&id, 0, sizeof(id));
     if ((result = n->get_unique_id(&id)) != 0) {
         const char *what = n->get_error_string ? n->get_error_string(result) : NULL;
-        snprintf(err, errlen, "ncclGetUniqueId (%s): %s (NCCL error %d)", n->library,
-                 what ? what : "unknown error", result);
-        return -EIO;
+        return dx_errf(err, errlen, nccl_errno(result), "ncclGetUniqueId (%s): %s (NCCL error %d)",
+                       n->library, what ? what : "unknown error", result);
     }
     memcpy(out, id.internal, COORD_NCCL_ID_BYTES);
     return 0;

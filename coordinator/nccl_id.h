@@ -29,8 +29,10 @@ void coord_nccl_destroy(coord_nccl_t *n);
 
 /* A new unique id (opening the library on first use). 0, or -ENOENT when
  * the library or its ncclGetUniqueId cannot be loaded (err names the
- * library and dlerror()), or -EIO when NCCL fails (err has NCCL's error
- * string). A library that failed to open is tried again on the next call. */
+ * library and dlerror()), or when NCCL fails -EINVAL (invalid argument or
+ * usage), -EREMOTEIO (remote error), -EINPROGRESS, else -EIO (err has
+ * NCCL's error string and number). A library that failed to open is tried
+ * again on the next call. */
 int coord_nccl_unique_id(coord_nccl_t *n, unsigned char out[COORD_NCCL_ID_BYTES], char *err,
                          size_t errlen);
 

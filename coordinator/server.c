@@ -798,7 +798,7 @@ static void handle_job_status_page(coord_server_t *s, const struct peer_frame *p
 
     if (!text) {
         server_reject(s, p, DUPLEX__ERROR_CODE__ERROR_UNSPECIFIED, m->request_id,
-                      rc == -EIO ? "cannot read the jobs from the database" : "out of memory");
+                      rc == -ENOMEM ? "out of memory" : "cannot read the jobs from the database");
     } else {
         r.json = text;
         r.next_after_id = next;
@@ -1200,15 +1200,11 @@ static int server_monitor(coord_server_t *s, char *err, size_t errlen)
     int rc;
 
     if ((rc = dx_monitor_open(s->zctx, s->router, MONITOR_ENDPOINT,
-                              ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED, &s->monitor)) < 0) {
-        snprintf(err, errlen, "cannot monitor the ROUTER socket: %s", zmq_strerror(-rc));
-        return rc;
-    }
+                              ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED, &s->monitor)) < 0)
+        return dx_errf(err, errlen, rc, "cannot monitor the ROUTER socket: %s", zmq_strerror(-rc));
     if ((rc = dx_zwatch_create(&s->loop, s->monitor, ZMQ_POLLIN, server_on_monitor, s,
-                               &s->monitor_watch)) < 0) {
-        snprintf(err, errlen, "cannot watch the monitor socket: %s", strerror(-rc));
-        return rc;
-    }
+                               &s->monitor_watch)) < 0)
+        return dx_errf(err, errlen, rc, "cannot watch the monitor socket: %s", strerror(-rc));
     return 0;
 }
 
@@ -1333,20 +1329,17 @@ static int server_keys(coord_server_t *s, char *err, size_t errlen)
 
     if (!s->cfg.key && !s->cfg.authorized)
         return 0;
-    if (!s->cfg.key || !s->cfg.authorized) {
-        snprintf(err, errlen,
-                 "--key and --authorized go together (duplexd's secret key and the "
-                 "allow-list of the keys that may talk to it)");
-        return -EINVAL;
-    }
+    if (!s->cfg.key || !s->cfg.authorized)
+        return dx_errf(err, errlen, -EINVAL,
+                       "--key and --authorized go together (duplexd's secret key and the "
+                       "allow-list of the keys that may talk to it)");
     if ((rc = dx_cert_load(s->cfg.key, true, &s->cert, err, errlen)) < 0 ||
         (rc = dx_authz_load(s->cfg.authorized, &s->authz, err, errlen)) < 0 ||
         (rc = coord_zap_create(&s->loop, s->zctx, s->authz, &s->zap, err, errlen)) < 0)
         return rc;
-    if ((rc = dx_cert_apply_server(s->router, &s->cert)) < 0) {
-        snprintf(err, errlen, "cannot make the ROUTER a CURVE server: %s", zmq_strerror(-rc));
-        return rc;
-    }
+    if ((rc = dx_cert_apply_server(s->router, &s->cert)) < 0)
+        return dx_errf(err, errlen, rc, "cannot make the ROUTER a CURVE server: %s",
+                       zmq_strerror(-rc));
     return 0;
 }
 
@@ -1356,8 +1349,8 @@ static int server_bind(coord_server_t *s, char *err, size_t errlen)
 
     s->zctx = zmq_ctx_new();
     if (!s->zctx) {
-        snprintf(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
-        return -errno;
+        rc = -errno;
+        return dx_errf(err, errlen, rc, "cannot create a ZeroMQ context: %s", zmq_strerror(-rc));
     }
     s->router = zmq_socket(s->zctx, ZMQ_ROUTER);
     if (!s->router || dx_wire_setup(s->router) < 0 ||
@@ -1365,15 +1358,15 @@ static int server_bind(coord_server_t *s, char *err, size_t errlen)
         zmq_setsockopt(s->router, ZMQ_BACKLOG, &backlog, sizeof(backlog)) < 0 ||
         zmq_setsockopt(s->router, ZMQ_RCVHWM, &rcvhwm, sizeof(rcvhwm)) < 0 ||
         zmq_setsockopt(s->router, ZMQ_SNDHWM, &sndhwm, sizeof(sndhwm)) < 0) {
-        snprintf(err, errlen, "cannot set up the ROUTER socket: %s", zmq_strerror(errno));
-        return -errno;
+        rc = -errno;
+        return dx_errf(err, errlen, rc, "cannot set up the ROUTER socket: %s", zmq_strerror(-rc));
     }
     if ((rc = server_keys(s, err, errlen)) < 0)
         return rc;
     if (zmq_bind(s->router, s->cfg.listen) < 0) {
-        int e = errno;
-        snprintf(err, errlen, "cannot listen on %s: %s", s->cfg.listen, zmq_strerror(e));
-        return -e;
+        rc = -errno;
+        return dx_errf(err, errlen, rc, "cannot listen on %s: %s", s->cfg.listen,
+                       zmq_strerror(-rc));
     }
     return 0;
 }
@@ -1407,15 +1400,13 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
     char detail[256];
     int rc;
 
-    if (!s) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!s)
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     s->cfg = *cfg;
     s->fd_limit = server_raise_fd_limit();
     s->reject_log = (struct dx_ratelimit)DX_RATELIMIT_INIT(REJECT_LOG_WINDOW_MS, REJECT_LOG_BURST);
     if ((rc = uv_loop_init(&s->loop)) < 0) {
-        snprintf(err, errlen, "cannot create the event loop: %s", uv_strerror(rc));
+        rc = dx_errf(err, errlen, rc, "cannot create the event loop: %s", uv_strerror(rc));
         free(s);
         return rc;
     }
@@ -1423,7 +1414,7 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
         goto fail;
     if ((rc = coord_registry_create(s->store, &s->reg)) < 0 ||
         (rc = coord_registry_load(s->reg, server_heard_ms(s))) < 0) {
-        snprintf(err, errlen, "%s: cannot load workers: %s", cfg->db, strerror(-rc));
+        rc = dx_errf(err, errlen, rc, "%s: cannot load workers: %s", cfg->db, strerror(-rc));
         goto fail;
     }
     {
@@ -1437,7 +1428,7 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
             rc = coord_jobs_set_nccl_library(s->jobs, cfg->nccl_lib);
         }
         if (rc < 0 || (rc = coord_jobs_load(s->jobs, dx_wall_ms(), server_heard_ms(s))) < 0) {
-            snprintf(err, errlen, "%s: cannot load jobs: %s", cfg->db, strerror(-rc));
+            rc = dx_errf(err, errlen, rc, "%s: cannot load jobs: %s", cfg->db, strerror(-rc));
             goto fail;
         }
     }
@@ -1445,7 +1436,7 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
         goto fail;
     if ((rc = dx_zwatch_create(&s->loop, s->router, ZMQ_POLLIN, server_on_router, s, &s->watch)) <
         0) {
-        snprintf(err, errlen, "cannot watch the ROUTER socket: %s", strerror(-rc));
+        rc = dx_errf(err, errlen, rc, "cannot watch the ROUTER socket: %s", strerror(-rc));
         goto fail;
     }
     uv_timer_init(&s->loop, &s->sweep);
@@ -1478,8 +1469,10 @@ int coord_server_create(const struct coord_server_config *cfg, coord_server_t **
              s->authz ? "CURVE keys" : "no keys (insecure)");
     coord_store_event(s->store, dx_wall_ms(), "coordinator_started", NULL, detail);
     if (coord_store_flush(s->store) < 0) {
-        snprintf(err, errlen, "%s: cannot write: %s", cfg->db, coord_store_errmsg(s->store));
-        rc = -EIO;
+        /* the errno of the failure that stopped the store: -ENOSPC for a
+         * full disk, -EIO for an I/O error, ... */
+        rc = dx_errf(err, errlen, coord_store_errno(s->store), "%s: cannot write: %s", cfg->db,
+                     coord_store_errmsg(s->store));
         goto fail;
     }
     *out = s;

@@ -348,14 +348,74 @@ struct coord_store {
 /* Set by the first failure of any store (coord_store_any_failed). */
 static bool store_any_failed;
 
+int coord_store_code_errno(int code)
+{
+    switch (code) {
+    case SQLITE_OK:
+        return 0;
+    case SQLITE_IOERR_NOMEM:
+        return -ENOMEM;
+    case SQLITE_CONSTRAINT_PRIMARYKEY:
+    case SQLITE_CONSTRAINT_UNIQUE:
+    case SQLITE_CONSTRAINT_ROWID:
+        return -EEXIST;
+    case SQLITE_CANTOPEN_ISDIR:
+        return -EISDIR;
+    }
+    switch (code & 0xff) {
+    case SQLITE_FULL:
+        return -ENOSPC;
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+        return -EBUSY;
+    case SQLITE_NOMEM:
+        return -ENOMEM;
+    case SQLITE_READONLY:
+        return -EROFS;
+    case SQLITE_PERM:
+    case SQLITE_AUTH:
+        return -EACCES;
+    case SQLITE_CANTOPEN:
+        return -ENOENT;
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+        return -EUCLEAN;
+    case SQLITE_CONSTRAINT: /* CHECK, NOT NULL, ...: a value the schema refuses */
+        return -EINVAL;
+    case SQLITE_TOOBIG:
+        return -EMSGSIZE;
+    case SQLITE_INTERRUPT:
+        return -EINTR;
+    default: /* SQLITE_IOERR and what has no closer errno */
+        return -EIO;
+    }
+}
+
+/* The -errno of the error SQLite has on s->db, which rc (an SQLite result
+ * code, not SQLITE_OK) reported: a file that cannot be opened says why
+ * with the system's errno when SQLite kept it. */
+static int store_db_errno(coord_store_t *s, int rc)
+{
+    int code = s->db ? sqlite3_extended_errcode(s->db) : rc;
+    int sys = s->db ? sqlite3_system_errno(s->db) : 0, e;
+
+    if (code == SQLITE_OK)
+        code = rc;
+    if ((code & 0xff) == SQLITE_CANTOPEN && sys > 0)
+        return -sys;
+    e = coord_store_code_errno(code);
+    return e < 0 ? e : -EIO;
+}
+
 static int store_exec(coord_store_t *s, const char *sql, char *err, size_t errlen)
 {
     char *msg = NULL;
+    int rc;
 
-    if (sqlite3_exec(s->db, sql, NULL, NULL, &msg) != SQLITE_OK) {
-        snprintf(err, errlen, "%s", msg ? msg : sqlite3_errmsg(s->db));
+    if ((rc = sqlite3_exec(s->db, sql, NULL, NULL, &msg)) != SQLITE_OK) {
+        rc = dx_errf(err, errlen, store_db_errno(s, rc), "%s", msg ? msg : sqlite3_errmsg(s->db));
         sqlite3_free(msg);
-        return -EIO;
+        return rc;
     }
     return 0;
 }
@@ -376,29 +436,26 @@ static int store_user_version(coord_store_t *s)
 static int store_migrate(coord_store_t *s, char *err, size_t errlen)
 {
     char why[256];
-    int v = store_user_version(s);
+    int v = store_user_version(s), rc;
 
-    if (v < 0) {
-        snprintf(err, errlen, "cannot read schema version: %s", sqlite3_errmsg(s->db));
-        return -EIO;
-    }
-    if (v > COORD_STORE_SCHEMA_VERSION) {
-        snprintf(err, errlen,
-                 "schema version %d is newer than this duplexd understands (%d); "
-                 "use a newer duplexd",
-                 v, COORD_STORE_SCHEMA_VERSION);
-        return -EPROTONOSUPPORT;
-    }
+    if (v < 0)
+        return dx_errf(err, errlen, store_db_errno(s, SQLITE_ERROR),
+                       "cannot read schema version: %s", sqlite3_errmsg(s->db));
+    if (v > COORD_STORE_SCHEMA_VERSION)
+        return dx_errf(err, errlen, -EPROTONOSUPPORT,
+                       "schema version %d is newer than this duplexd understands (%d); "
+                       "use a newer duplexd",
+                       v, COORD_STORE_SCHEMA_VERSION);
     for (; v < COORD_STORE_SCHEMA_VERSION; v++) {
         char bump[64];
         snprintf(bump, sizeof(bump), "PRAGMA user_version = %d", v + 1);
-        if (store_exec(s, "BEGIN IMMEDIATE", why, sizeof(why)) < 0 ||
-            store_exec(s, migrations[v], why, sizeof(why)) < 0 ||
-            store_exec(s, bump, why, sizeof(why)) < 0 ||
-            store_exec(s, "COMMIT", why, sizeof(why)) < 0) {
-            snprintf(err, errlen, "migration to schema version %d failed: %s", v + 1, why);
+        if ((rc = store_exec(s, "BEGIN IMMEDIATE", why, sizeof(why))) < 0 ||
+            (rc = store_exec(s, migrations[v], why, sizeof(why))) < 0 ||
+            (rc = store_exec(s, bump, why, sizeof(why))) < 0 ||
+            (rc = store_exec(s, "COMMIT", why, sizeof(why))) < 0) {
+            rc = dx_errf(err, errlen, rc, "migration to schema version %d failed: %s", v + 1, why);
             sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
-            return -EIO;
+            return rc;
         }
         dx_info("database migrated to schema version %d", v + 1);
     }
@@ -408,20 +465,18 @@ static int store_migrate(coord_store_t *s, char *err, size_t errlen)
 static int store_quick_check(coord_store_t *s, char *err, size_t errlen)
 {
     sqlite3_stmt *st;
-    int rc = -EIO;
+    int rc;
 
-    if (sqlite3_prepare_v2(s->db, "PRAGMA quick_check", -1, &st, NULL) != SQLITE_OK) {
-        snprintf(err, errlen, "%s", sqlite3_errmsg(s->db));
-        return -EIO;
-    }
-    if (sqlite3_step(st) == SQLITE_ROW) {
+    if ((rc = sqlite3_prepare_v2(s->db, "PRAGMA quick_check", -1, &st, NULL)) != SQLITE_OK)
+        return dx_errf(err, errlen, store_db_errno(s, rc), "%s", sqlite3_errmsg(s->db));
+    if ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         const char *r = (const char *)sqlite3_column_text(st, 0);
         if (r && strcmp(r, "ok") == 0)
             rc = 0;
-        else
-            snprintf(err, errlen, "integrity check failed: %s", r ? r : "?");
+        else /* the file is damaged */
+            rc = dx_errf(err, errlen, -EUCLEAN, "integrity check failed: %s", r ? r : "?");
     } else {
-        snprintf(err, errlen, "%s", sqlite3_errmsg(s->db));
+        rc = dx_errf(err, errlen, store_db_errno(s, rc), "%s", sqlite3_errmsg(s->db));
     }
     sqlite3_finalize(st);
     return rc;
@@ -438,8 +493,8 @@ static int store_lock(coord_store_t *s, const char *path, char *err, size_t errl
     snprintf(lock_path, sizeof(lock_path), "%s.lock", path);
     s->lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (s->lock_fd < 0) {
-        snprintf(err, errlen, "%s: %s", lock_path, strerror(errno));
-        return -errno;
+        int e = errno;
+        return dx_errf(err, errlen, -e, "%s: %s", lock_path, strerror(e));
     }
     if (flock(s->lock_fd, LOCK_EX | LOCK_NB) < 0) {
         int e = errno;
@@ -447,11 +502,9 @@ static int store_lock(coord_store_t *s, const char *path, char *err, size_t errl
         pid[n > 0 ? n : 0] = '\0';
         pid[strcspn(pid, "\n")] = '\0';
         if (e == EWOULDBLOCK)
-            snprintf(err, errlen, "%s is in use by another duplexd (pid %s)", path,
-                     pid[0] ? pid : "?");
-        else
-            snprintf(err, errlen, "%s: cannot lock: %s", lock_path, strerror(e));
-        return e == EWOULDBLOCK ? -EBUSY : -e;
+            return dx_errf(err, errlen, -EBUSY, "%s is in use by another duplexd (pid %s)", path,
+                           pid[0] ? pid : "?");
+        return dx_errf(err, errlen, -e, "%s: cannot lock: %s", lock_path, strerror(e));
     }
     n = snprintf(pid, sizeof(pid), "%d\n", (int)getpid());
     if (ftruncate(s->lock_fd, 0) < 0 || pwrite(s->lock_fd, pid, (size_t)n, 0) != n)
@@ -466,22 +519,18 @@ int coord_store_open(const char *path, coord_store_t **out, char *err, size_t er
     char pragmas[256];
     int rc;
 
-    if ((rc = dx_mkdir_parent(path, 0755)) < 0) {
-        snprintf(err, errlen, "%s: cannot create its directory: %s", path, strerror(-rc));
-        return rc;
-    }
+    if ((rc = dx_mkdir_parent(path, 0755)) < 0)
+        return dx_errf(err, errlen, rc, "%s: cannot create its directory: %s", path, strerror(-rc));
     s = calloc(1, sizeof(*s));
-    if (!s) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!s)
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     s->lock_fd = -1;
     if ((rc = store_lock(s, path, err, errlen)) < 0)
         goto fail;
-    if (sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) !=
+    if ((rc = sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL)) !=
         SQLITE_OK) {
-        snprintf(err, errlen, "%s: %s", path, s->db ? sqlite3_errmsg(s->db) : "cannot open");
-        rc = -EIO;
+        rc = dx_errf(err, errlen, store_db_errno(s, rc), "%s: %s", path,
+                     s->db ? sqlite3_errmsg(s->db) : "cannot open");
         goto fail;
     }
     sqlite3_busy_timeout(s->db, STORE_BUSY_TIMEOUT_MS);
@@ -492,15 +541,14 @@ int coord_store_open(const char *path, coord_store_t **out, char *err, size_t er
     if ((rc = store_exec(s, pragmas, why, sizeof(why))) < 0 ||
         (rc = store_quick_check(s, why, sizeof(why))) < 0 ||
         (rc = store_migrate(s, why, sizeof(why))) < 0) {
-        snprintf(err, errlen, "%s: %s", path, why);
+        rc = dx_errf(err, errlen, rc, "%s: %s", path, why);
         goto fail;
     }
     for (int i = 0; i < STMT_COUNT; i++) {
-        if (sqlite3_prepare_v3(s->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &s->stmt[i],
-                               NULL) != SQLITE_OK) {
-            snprintf(err, errlen, "%s: preparing \"%s\": %s", path, stmt_sql[i],
-                     sqlite3_errmsg(s->db));
-            rc = -EIO;
+        if ((rc = sqlite3_prepare_v3(s->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &s->stmt[i],
+                                     NULL)) != SQLITE_OK) {
+            rc = dx_errf(err, errlen, store_db_errno(s, rc), "%s: preparing \"%s\": %s", path,
+                         stmt_sql[i], sqlite3_errmsg(s->db));
             goto fail;
         }
     }
@@ -543,6 +591,13 @@ int coord_store_failed(const coord_store_t *s)
 int coord_store_errcode(const coord_store_t *s)
 {
     return s->failed ? s->fail_code : 0;
+}
+
+int coord_store_errno(const coord_store_t *s)
+{
+    int e = s->failed ? coord_store_code_errno(s->fail_code) : 0;
+
+    return s->failed && e == 0 ? -EIO : e;
 }
 
 int coord_store_any_failed(void)
@@ -643,42 +698,48 @@ static void store_fail(coord_store_t *s, const char *what, int err)
  * store. */
 static int store_step(coord_store_t *s, sqlite3_stmt *st)
 {
-    int rc, err;
+    int rc, err, e = 0;
 
     errno = 0;
     rc = sqlite3_step(st);
     err = errno;
-    if (rc != SQLITE_DONE)
-        store_fail(s, sqlite3_sql(st), err); /* before the reset: the error is this one */
+    if (rc != SQLITE_DONE) {
+        e = store_db_errno(s, rc); /* before the reset and the rollback: this error's */
+        store_fail(s, sqlite3_sql(st), err);
+    }
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
-    return rc == SQLITE_DONE ? 0 : -EIO;
+    return e;
 }
 
 /* Joins the transaction of this loop turn, opening it if needed. A failed
  * store writes nothing more. */
 static int store_begin(coord_store_t *s)
 {
+    int rc;
+
     if (s->failed) {
         dx_debug("store: write refused: the store failed earlier (%s)", s->fail_msg);
         return -EIO;
     }
     if (s->in_txn)
         return 0;
-    if (store_step(s, s->stmt[STMT_BEGIN]) < 0)
-        return -EIO;
+    if ((rc = store_step(s, s->stmt[STMT_BEGIN])) < 0)
+        return rc;
     s->in_txn = true;
     return 0;
 }
 
 int coord_store_flush(coord_store_t *s)
 {
+    int rc;
+
     if (s->failed)
         return -EIO; /* the turn had a failed write: none of it is committed */
     if (!s->in_txn)
         return 0;
-    if (store_step(s, s->stmt[STMT_COMMIT]) < 0)
-        return -EIO; /* store_fail rolled back what the COMMIT did not */
+    if ((rc = store_step(s, s->stmt[STMT_COMMIT])) < 0)
+        return rc; /* store_fail rolled back what the COMMIT did not */
     s->in_txn = false;
     return 0;
 }
@@ -729,9 +790,10 @@ out:
 int coord_store_worker_set_state(coord_store_t *s, const char *id, const char *state)
 {
     sqlite3_stmt *st = s->stmt[STMT_WORKER_STATE];
+    int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, state, -1, SQLITE_STATIC);
     return store_step(s, st);
@@ -740,9 +802,10 @@ int coord_store_worker_set_state(coord_store_t *s, const char *id, const char *s
 int coord_store_worker_touch(coord_store_t *s, const char *id, int64_t last_heartbeat_ms)
 {
     sqlite3_stmt *st = s->stmt[STMT_WORKER_TOUCH];
+    int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, last_heartbeat_ms);
     return store_step(s, st);
@@ -808,7 +871,7 @@ int coord_store_workers_each(coord_store_t *s, coord_store_worker_fn fn, void *a
     }
     if (rc == 0 && step != SQLITE_DONE) {
         dx_error("store: reading workers: %s", sqlite3_errmsg(s->db));
-        rc = -EIO;
+        rc = store_db_errno(s, step);
     }
     sqlite3_reset(st);
     return rc;
@@ -818,9 +881,10 @@ int coord_store_job_event(coord_store_t *s, int64_t ts_ms, const char *kind, con
                           uint64_t job_id, const char *detail)
 {
     sqlite3_stmt *st = s->stmt[STMT_JOB_EVENT];
+    int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     sqlite3_bind_int64(st, 1, ts_ms);
     sqlite3_bind_text(st, 2, kind, -1, SQLITE_STATIC);
     if (worker_id)
@@ -838,9 +902,10 @@ int coord_store_job_event(coord_store_t *s, int64_t ts_ms, const char *kind, con
 int coord_store_worker_set_drained(coord_store_t *s, const char *id, int drained)
 {
     sqlite3_stmt *st = s->stmt[STMT_WORKER_DRAINED];
+    int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 2, drained);
     return store_step(s, st);
@@ -849,9 +914,10 @@ int coord_store_worker_set_drained(coord_store_t *s, const char *id, int drained
 int coord_store_worker_delete(coord_store_t *s, const char *id)
 {
     sqlite3_stmt *st = s->stmt[STMT_WORKER_DELETE];
+    int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
     return store_step(s, st);
 }
@@ -872,8 +938,8 @@ int coord_store_job_insert(coord_store_t *s, const struct coord_job_row *job, ui
     sqlite3_stmt *st = s->stmt[STMT_JOB_INSERT];
     int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     sqlite3_bind_text(st, 1, job->name, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, job->spec, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 3, job->backend, -1, SQLITE_STATIC);
@@ -890,9 +956,10 @@ int coord_store_job_insert(coord_store_t *s, const struct coord_job_row *job, ui
 int coord_store_job_update(coord_store_t *s, const struct coord_job_row *job)
 {
     sqlite3_stmt *st = s->stmt[STMT_JOB_UPDATE];
+    int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     sqlite3_bind_int64(st, 1, (sqlite3_int64)job->id);
     sqlite3_bind_text(st, 2, job->state, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 3, (sqlite3_int64)job->step);
@@ -910,12 +977,13 @@ int coord_store_job_ranks(coord_store_t *s, uint64_t job_id, const struct coord_
                           int n)
 {
     sqlite3_stmt *st = s->stmt[STMT_RANKS_CLEAR];
+    int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
-    if (store_step(s, st) < 0)
-        return -EIO;
+    if ((rc = store_step(s, st)) < 0)
+        return rc;
     st = s->stmt[STMT_RANK_PUT];
     for (int i = 0; i < n; i++) {
         sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
@@ -924,8 +992,8 @@ int coord_store_job_ranks(coord_store_t *s, uint64_t job_id, const struct coord_
         sqlite3_bind_int(st, 4, ranks[i].pp);
         sqlite3_bind_int(st, 5, ranks[i].ep);
         sqlite3_bind_text(st, 6, ranks[i].worker_id, -1, SQLITE_STATIC);
-        if (store_step(s, st) < 0)
-            return -EIO;
+        if ((rc = store_step(s, st)) < 0)
+            return rc;
     }
     return 0;
 }
@@ -978,10 +1046,10 @@ static struct coord_job_row job_row_read(sqlite3_stmt *st)
 }
 
 /* Calls fn for each row of st (its parameters bound) until fn returns
- * non-zero; returns that, -EIO when a step failed, else 0; *rows: how
- * many rows fn saw. Resets st. */
-static int jobs_walk(sqlite3_stmt *st, int (*fn)(const struct coord_job_row *, void *), void *arg,
-                     int *rows)
+ * non-zero; returns that, the -errno of a step that failed, else 0; *rows:
+ * how many rows fn saw. Resets st. */
+static int jobs_walk(coord_store_t *s, sqlite3_stmt *st,
+                     int (*fn)(const struct coord_job_row *, void *), void *arg, int *rows)
 {
     int rc = 0, step = SQLITE_DONE;
 
@@ -992,7 +1060,7 @@ static int jobs_walk(sqlite3_stmt *st, int (*fn)(const struct coord_job_row *, v
         ++*rows;
     }
     if (rc == 0 && step != SQLITE_DONE)
-        rc = -EIO;
+        rc = store_db_errno(s, step);
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
     return rc;
@@ -1003,7 +1071,7 @@ int coord_store_jobs_each(coord_store_t *s, int (*fn)(const struct coord_job_row
 {
     int rows;
 
-    return jobs_walk(s->stmt[STMT_JOBS_ALL], fn, arg, &rows);
+    return jobs_walk(s, s->stmt[STMT_JOBS_ALL], fn, arg, &rows);
 }
 
 int coord_store_jobs_load_each(coord_store_t *s, int64_t finished_since_ms, int keep_finished,
@@ -1014,7 +1082,7 @@ int coord_store_jobs_load_each(coord_store_t *s, int64_t finished_since_ms, int 
 
     sqlite3_bind_int64(st, 1, finished_since_ms);
     sqlite3_bind_int(st, 2, keep_finished < 0 ? -1 : keep_finished);
-    return jobs_walk(st, fn, arg, &rows);
+    return jobs_walk(s, st, fn, arg, &rows);
 }
 
 int coord_store_jobs_page(coord_store_t *s, uint64_t after_id, int limit,
@@ -1025,7 +1093,7 @@ int coord_store_jobs_page(coord_store_t *s, uint64_t after_id, int limit,
 
     sqlite3_bind_int64(st, 1, (sqlite3_int64)(after_id > INT64_MAX ? INT64_MAX : after_id));
     sqlite3_bind_int(st, 2, limit < 0 ? 0 : limit);
-    rc = jobs_walk(st, fn, arg, &rows);
+    rc = jobs_walk(s, st, fn, arg, &rows);
     return rc ? rc : rows;
 }
 
@@ -1038,17 +1106,16 @@ int coord_store_job_get(coord_store_t *s, uint64_t id,
     if (id > INT64_MAX)
         return -ENOENT;
     sqlite3_bind_int64(st, 1, (sqlite3_int64)id);
-    rc = jobs_walk(st, fn, arg, &rows);
+    rc = jobs_walk(s, st, fn, arg, &rows);
     return rc ? rc : rows ? 0 : -ENOENT;
 }
 
 int64_t coord_store_jobs_count(coord_store_t *s)
 {
     sqlite3_stmt *st = s->stmt[STMT_JOBS_COUNT];
-    int64_t n = -EIO;
+    int step = sqlite3_step(st);
+    int64_t n = step == SQLITE_ROW ? sqlite3_column_int64(st, 0) : store_db_errno(s, step);
 
-    if (sqlite3_step(st) == SQLITE_ROW)
-        n = sqlite3_column_int64(st, 0);
     sqlite3_reset(st);
     return n;
 }
@@ -1098,16 +1165,17 @@ static int store_metric_replace(coord_store_t *s, uint64_t job_id, const char *w
     /* cannot fail (the row is there); if it does, the step is made again */
     bool have_old = coord_store_metric_get(s, job_id, worker_id, m->step, &old) == 0;
     sqlite3_stmt *st = s->stmt[STMT_METRIC];
+    int rc;
 
     bind_metric(st, job_id, worker_id, ts_ms, m);
-    if (store_step(s, st) < 0)
-        return -EIO;
+    if ((rc = store_step(s, st)) < 0)
+        return rc;
     if (have_old) {
         st = s->stmt[STMT_STEP_SWAP];
         bind_metric(st, job_id, worker_id, ts_ms, m);
         bind_figures(st, 19, &old);
-        if (store_step(s, st) < 0)
-            return -EIO;
+        if ((rc = store_step(s, st)) < 0)
+            return rc;
         if (sqlite3_changes(s->db) == 1)
             return 0;
     }
@@ -1121,18 +1189,19 @@ int coord_store_metric(coord_store_t *s, uint64_t job_id, const char *worker_id,
                        const struct coord_step_metric *m)
 {
     sqlite3_stmt *st = s->stmt[STMT_METRIC_ADD];
+    int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     bind_metric(st, job_id, worker_id, ts_ms, m);
-    if (store_step(s, st) < 0)
-        return -EIO;
+    if ((rc = store_step(s, st)) < 0)
+        return rc;
     if (sqlite3_changes(s->db) == 0)
         return store_metric_replace(s, job_id, worker_id, ts_ms, m);
     st = s->stmt[STMT_STEP_FOLD];
     bind_metric(st, job_id, worker_id, ts_ms, m);
-    if (store_step(s, st) < 0)
-        return -EIO;
+    if ((rc = store_step(s, st)) < 0)
+        return rc;
     if (sqlite3_changes(s->db) == 0) /* the step's first row, or its earlier ones expired */
         return store_step_redo(s, job_id, m->step);
     return 0;
@@ -1141,13 +1210,14 @@ int coord_store_metric(coord_store_t *s, uint64_t job_id, const char *worker_id,
 int coord_store_metrics_expire(coord_store_t *s, uint64_t job_id, uint64_t through_step)
 {
     sqlite3_stmt *st = s->stmt[STMT_STEPS_EXPIRE];
+    int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
     sqlite3_bind_int64(st, 2, (sqlite3_int64)through_step);
-    if (store_step(s, st) < 0)
-        return -EIO;
+    if ((rc = store_step(s, st)) < 0)
+        return rc;
     st = s->stmt[STMT_METRICS_EXPIRE];
     sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
     sqlite3_bind_int64(st, 2, (sqlite3_int64)through_step);
@@ -1193,9 +1263,10 @@ int coord_store_checkpoint_shard(coord_store_t *s, uint64_t job_id, uint64_t ste
                                  uint64_t bytes, uint32_t crc32c, int64_t ts_ms)
 {
     sqlite3_stmt *st = s->stmt[STMT_CKPT_SHARD];
+    int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
     sqlite3_bind_int64(st, 2, (sqlite3_int64)step);
     sqlite3_bind_text(st, 3, worker_id, -1, SQLITE_STATIC);
@@ -1231,9 +1302,10 @@ int coord_store_checkpoint_complete(coord_store_t *s, uint64_t job_id, uint64_t 
                                     const char *dir, int shards, int64_t ts_ms)
 {
     sqlite3_stmt *st = s->stmt[STMT_CKPT_COMPLETE];
+    int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
     sqlite3_bind_int64(st, 2, (sqlite3_int64)step);
     sqlite3_bind_text(st, 3, dir, -1, SQLITE_STATIC);
@@ -1259,9 +1331,10 @@ int coord_store_checkpoint_mark_bad(coord_store_t *s, uint64_t job_id, uint64_t 
                                     const char *why)
 {
     sqlite3_stmt *st = s->stmt[STMT_CKPT_BAD];
+    int rc;
 
-    if (store_begin(s) < 0)
-        return -EIO;
+    if ((rc = store_begin(s)) < 0)
+        return rc;
     sqlite3_bind_int64(st, 1, (sqlite3_int64)job_id);
     sqlite3_bind_int64(st, 2, (sqlite3_int64)step);
     sqlite3_bind_text(st, 3, why, -1, SQLITE_STATIC);

@@ -11,9 +11,11 @@
  *
  * Fail-stop: the first write or commit that fails (a full disk, an I/O
  * error, a broken constraint) rolls the turn's transaction back, keeps the
- * real cause (coord_store_errmsg) and makes the store refuse every later
- * write and commit with -EIO, so that no part of a failed turn is ever
- * committed. The database then holds exactly the committed turns; duplexd
+ * real cause (coord_store_errmsg; the failing call returns its errno,
+ * coord_store_code_errno) and makes the store refuse every later write and
+ * commit with -EIO (coord_store_errno: the first failure's errno), so that
+ * no part of a failed turn is ever committed. The database then holds
+ * exactly the committed turns; duplexd
  * stops serving and exits with COORD_STORE_EXIT_FAILED, for its supervisor
  * (systemd, Restart=on-failure) to start it again from the database.
  *
@@ -136,7 +138,7 @@ int coord_store_job_ranks_each(coord_store_t *s, uint64_t job_id,
 int coord_store_job_update(coord_store_t *s, const struct coord_job_row *job);
 
 /* Every job, by id (every field of the row is set). Returns 0, fn's first
- * non-zero return, or -EIO. */
+ * non-zero return, or the -errno of a failed read (coord_store_code_errno). */
 int coord_store_jobs_each(coord_store_t *s, int (*fn)(const struct coord_job_row *, void *),
                           void *arg);
 
@@ -150,18 +152,18 @@ int coord_store_jobs_load_each(coord_store_t *s, int64_t finished_since_ms, int 
 
 /* One page of every stored job: ids above after_id, by id, at most limit
  * rows (a bounded read, for status --all); row->spec is NULL (not read).
- * Returns how many rows fn saw,
- * fn's first non-zero return, or -EIO. */
+ * Returns how many rows fn saw, fn's first non-zero return, or the -errno
+ * of a failed read. */
 int coord_store_jobs_page(coord_store_t *s, uint64_t after_id, int limit,
                           int (*fn)(const struct coord_job_row *, void *), void *arg);
 
 /* The job with this id: fn called once with its row; returns 0 (or fn's
- * non-zero return), -ENOENT or -EIO. */
+ * non-zero return), -ENOENT or the -errno of a failed read. */
 int coord_store_job_get(coord_store_t *s, uint64_t id,
                         int (*fn)(const struct coord_job_row *, void *), void *arg);
 
-/* How many jobs are stored, or -EIO. Ids are never reused (AUTOINCREMENT):
- * a new job's id is above every id ever stored. */
+/* How many jobs are stored, or the -errno of a failed read. Ids are never
+ * reused (AUTOINCREMENT): a new job's id is above every id ever stored. */
 int64_t coord_store_jobs_count(coord_store_t *s);
 
 struct coord_step_metric {
@@ -256,6 +258,21 @@ int coord_store_failed(const coord_store_t *s);
 
 /* The SQLite extended result code of that failure; 0 while none. */
 int coord_store_errcode(const coord_store_t *s);
+
+/* The -errno of that failure (coord_store_code_errno of its code, never 0
+ * once failed); 0 while none. */
+int coord_store_errno(const coord_store_t *s);
+
+/* The -errno that says what an SQLite result code (primary or extended)
+ * means: SQLITE_FULL -ENOSPC, SQLITE_BUSY and SQLITE_LOCKED -EBUSY,
+ * SQLITE_NOMEM -ENOMEM, SQLITE_READONLY -EROFS, SQLITE_PERM and SQLITE_AUTH
+ * -EACCES, SQLITE_CANTOPEN -ENOENT (-EISDIR for a directory; the store
+ * itself reports the system's errno when SQLite kept it), SQLITE_CORRUPT
+ * and SQLITE_NOTADB -EUCLEAN, a UNIQUE or PRIMARY KEY constraint -EEXIST,
+ * another constraint (CHECK, NOT NULL) -EINVAL, SQLITE_TOOBIG -EMSGSIZE,
+ * SQLITE_INTERRUPT -EINTR; SQLITE_IOERR and the rest -EIO. SQLITE_OK is 0.
+ * Every function here that fails on SQLite's account returns this. */
+int coord_store_code_errno(int code);
 
 /* 1 once any store of this process failed: duplexd's main then exits with
  * COORD_STORE_EXIT_FAILED (the server closes the store before main could

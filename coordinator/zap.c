@@ -168,12 +168,12 @@ int coord_zap_create(uv_loop_t *loop, void *zctx, const dx_authz_t *authz, coord
         zmq_setsockopt(z->sock, ZMQ_LINGER, &linger, sizeof(linger)) < 0 ||
         zmq_bind(z->sock, COORD_ZAP_ENDPOINT) < 0) {
         rc = -errno;
-        snprintf(err, errlen, "cannot start the ZAP handler on %s: %s", COORD_ZAP_ENDPOINT,
-                 zmq_strerror(errno));
+        rc = dx_errf(err, errlen, rc, "cannot start the ZAP handler on %s: %s", COORD_ZAP_ENDPOINT,
+                     zmq_strerror(-rc));
         goto fail;
     }
     if ((rc = dx_zwatch_create(loop, z->sock, ZMQ_POLLIN, zap_on_readable, z, &z->watch)) < 0) {
-        snprintf(err, errlen, "cannot watch the ZAP handler: %s", strerror(-rc));
+        rc = dx_errf(err, errlen, rc, "cannot watch the ZAP handler: %s", strerror(-rc));
         goto fail;
     }
     *out = z;

@@ -8,6 +8,7 @@
 #include <zmq.h>
 
 #include "common/clock.h"
+#include "common/log.h"
 #include "common/zmonitor.h"
 #include "ctl/ctl.h"
 #include "proto/cert.h"
@@ -42,8 +43,7 @@ int ctl_client_create(const struct ctl_globals *g, int timeout_ms, ctl_client_t 
     }
     if (!c || !(c->coordinator = strdup(coordinator))) {
         free(c);
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     }
     c->timeout_ms = timeout_ms;
     c->secure = secure;
@@ -51,25 +51,27 @@ int ctl_client_create(const struct ctl_globals *g, int timeout_ms, ctl_client_t 
     if (!c->zctx || !(c->dealer = zmq_socket(c->zctx, ZMQ_DEALER)) ||
         dx_wire_setup(c->dealer) < 0 ||
         zmq_setsockopt(c->dealer, ZMQ_LINGER, &linger, sizeof(linger)) < 0) {
-        snprintf(err, errlen, "cannot set up a ZeroMQ socket: %s", zmq_strerror(errno));
+        rc = errno ? -errno : -EINVAL;
+        rc = dx_errf(err, errlen, rc, "cannot set up a ZeroMQ socket: %s", zmq_strerror(-rc));
         goto fail;
     }
     if ((secure && (rc = dx_cert_apply_client(c->dealer, &own, server_key)) < 0) ||
         (rc = dx_monitor_open(c->zctx, c->dealer, CLIENT_MONITOR, DX_MONITOR_HANDSHAKE_FAILED,
                               &c->handshakes)) < 0) {
-        snprintf(err, errlen, "cannot set up %s: %s", secure ? "CURVE" : "the socket's monitor",
-                 zmq_strerror(-rc));
+        rc = dx_errf(err, errlen, rc, "cannot set up %s: %s",
+                     secure ? "CURVE" : "the socket's monitor", zmq_strerror(-rc));
         goto fail;
     }
     if (zmq_connect(c->dealer, coordinator) < 0) {
-        snprintf(err, errlen, "cannot connect to %s: %s", coordinator, zmq_strerror(errno));
+        rc = errno ? -errno : -EINVAL;
+        rc = dx_errf(err, errlen, rc, "cannot connect to %s: %s", coordinator, zmq_strerror(-rc));
         goto fail;
     }
     *out = c;
     return 0;
 fail:
     ctl_client_destroy(c);
-    return -EINVAL;
+    return rc;
 }
 
 int ctl_client_call(ctl_client_t *c, Duplex__MsgType type, const ProtobufCMessage *body,
@@ -80,10 +82,8 @@ int ctl_client_call(ctl_client_t *c, Duplex__MsgType type, const ProtobufCMessag
     int rc;
 
     /* Without ZMQ_IMMEDIATE the request waits in the queue until connected. */
-    if ((rc = dx_wire_send(c->dealer, NULL, 0, type, id, body)) < 0) {
-        snprintf(err, errlen, "cannot send to %s: %s", c->coordinator, strerror(-rc));
-        return rc;
-    }
+    if ((rc = dx_wire_send(c->dealer, NULL, 0, type, id, body)) < 0)
+        return dx_errf(err, errlen, rc, "cannot send to %s: %s", c->coordinator, strerror(-rc));
     for (;;) {
         zmq_pollitem_t items[2] = {{.socket = c->dealer, .events = ZMQ_POLLIN},
                                    {.socket = c->handshakes, .events = ZMQ_POLLIN}};
@@ -92,37 +92,31 @@ int ctl_client_call(ctl_client_t *c, Duplex__MsgType type, const ProtobufCMessag
         uint16_t event;
         uint32_t value;
 
-        if (left <= 0 || zmq_poll(items, c->handshakes ? 2 : 1, (long)left) == 0) {
-            snprintf(err, errlen, "no answer from duplexd at %s within %.1f s (is it running%s?)",
-                     c->coordinator, c->timeout_ms / 1000.0,
-                     c->handshakes ? ", and is --server-key its public key" : "");
-            return -ETIMEDOUT;
-        }
+        if (left <= 0 || zmq_poll(items, c->handshakes ? 2 : 1, (long)left) == 0)
+            return dx_errf(err, errlen, -ETIMEDOUT,
+                           "no answer from duplexd at %s within %.1f s (is it running%s?)",
+                           c->coordinator, c->timeout_ms / 1000.0,
+                           c->handshakes ? ", and is --server-key its public key" : "");
         /* a reply waiting wins: a handshake may have failed and a later
          * reconnection succeeded (duplexd restarted meanwhile) */
         if (!(items[0].revents & ZMQ_POLLIN) && c->handshakes &&
             dx_monitor_recv(c->handshakes, &event, &value) > 0) {
             if (c->secure)
-                snprintf(err, errlen, "duplexd at %s refused our key: %s", c->coordinator,
-                         dx_monitor_event_name(event, value));
-            else
-                snprintf(err, errlen,
-                         "duplexd at %s speaks CURVE: give --key and --server-key (or $%s and "
-                         "$%s)",
-                         c->coordinator, DX_CERT_KEY_ENV, DX_CERT_SERVER_KEY_ENV);
-            return -EACCES;
+                return dx_errf(err, errlen, -EACCES, "duplexd at %s refused our key: %s",
+                               c->coordinator, dx_monitor_event_name(event, value));
+            return dx_errf(err, errlen, -EACCES,
+                           "duplexd at %s speaks CURVE: give --key and --server-key (or $%s and "
+                           "$%s)",
+                           c->coordinator, DX_CERT_KEY_ENV, DX_CERT_SERVER_KEY_ENV);
         }
         rc = dx_wire_recv(c->dealer, reply, &derr);
         if (rc == -EAGAIN || rc == -EINTR)
             continue;
-        if (rc == -EPROTO) {
-            snprintf(err, errlen, "bad answer from %s: %s", c->coordinator, derr.text);
-            return rc;
-        }
-        if (rc < 0) {
-            snprintf(err, errlen, "receive from %s failed: %s", c->coordinator, strerror(-rc));
-            return rc;
-        }
+        if (rc == -EPROTO)
+            return dx_errf(err, errlen, rc, "bad answer from %s: %s", c->coordinator, derr.text);
+        if (rc < 0)
+            return dx_errf(err, errlen, rc, "receive from %s failed: %s", c->coordinator,
+                           strerror(-rc));
         if (reply->request_id != id) {
             dx_msg_clear(reply); /* a late answer to an earlier call */
             continue;
@@ -131,14 +125,14 @@ int ctl_client_call(ctl_client_t *c, Duplex__MsgType type, const ProtobufCMessag
             return 0;
         if (reply->type == DUPLEX__MSG_TYPE__MSG_ERROR) {
             const Duplex__Error *e = (const Duplex__Error *)reply->body;
-            snprintf(err, errlen, "duplexd refused the request: %s: %s",
-                     dx_error_code_name(e->code), e->text);
+            rc = dx_errf(err, errlen, -EPROTO, "duplexd refused the request: %s: %s",
+                         dx_error_code_name(e->code), e->text);
         } else {
-            snprintf(err, errlen, "duplexd answered %s to %s", dx_msg_type_name(reply->type),
-                     dx_msg_type_name(type));
+            rc = dx_errf(err, errlen, -EPROTO, "duplexd answered %s to %s",
+                         dx_msg_type_name(reply->type), dx_msg_type_name(type));
         }
         dx_msg_clear(reply);
-        return -EPROTO;
+        return rc;
     }
 }
 
@@ -202,15 +196,15 @@ int ctl_workers_fetch(ctl_client_t *c, unsigned page, struct ctl_workers *out, c
         /* a next page must start past this one: a duplexd that says
          * otherwise would keep us asking forever */
         if (strcmp(r->next_after_id, after) <= 0 || strlen(r->next_after_id) > DX_MAX_ID_LEN) {
-            snprintf(err, errlen, "duplexd's worker list does not advance (after \"%s\")", after);
-            rc = -EPROTO;
+            rc = dx_errf(err, errlen, -EPROTO,
+                         "duplexd's worker list does not advance (after \"%s\")", after);
             goto fail;
         }
         snprintf(after, sizeof(after), "%s", r->next_after_id);
     }
 fail:
     if (rc == -ENOMEM)
-        snprintf(err, errlen, "out of memory listing workers");
+        rc = dx_errf(err, errlen, rc, "out of memory listing workers");
     ctl_workers_clear(out);
     return rc;
 }

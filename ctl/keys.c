@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "common/fs.h"
+#include "common/log.h"
 #include "common/opts.h"
 #include "proto/authz.h"
 #include "ctl/ctl.h"
@@ -46,18 +47,12 @@ int ctl_keys_make(const char *dir, const char *name, const char *role, struct dx
     char pub[4096], sec[4096];
     int rc;
 
-    if ((rc = ctl_keys_paths(dir, name, pub, sizeof(pub), sec, sizeof(sec))) < 0) {
-        snprintf(err, errlen, "%s: path too long", dir);
-        return rc;
-    }
-    if ((rc = dx_mkdir_p(dir, 0700)) < 0) {
-        snprintf(err, errlen, "cannot create %s: %s", dir, strerror(-rc));
-        return rc;
-    }
-    if ((rc = dx_cert_generate(name, role, out)) < 0) {
-        snprintf(err, errlen, "cannot make a keypair: %s", strerror(-rc));
-        return rc;
-    }
+    if ((rc = ctl_keys_paths(dir, name, pub, sizeof(pub), sec, sizeof(sec))) < 0)
+        return dx_errf(err, errlen, rc, "%s: path too long", dir);
+    if ((rc = dx_mkdir_p(dir, 0700)) < 0)
+        return dx_errf(err, errlen, rc, "cannot create %s: %s", dir, strerror(-rc));
+    if ((rc = dx_cert_generate(name, role, out)) < 0)
+        return dx_errf(err, errlen, rc, "cannot make a keypair: %s", strerror(-rc));
     return dx_cert_save(out, pub, sec, err, errlen);
 }
 

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "common/opts.h"
 #include "job/eplb.h"
 #include "ctl/ctl.h"
@@ -22,39 +23,41 @@ static int read_loads(const char *path, float **out, int *layers, int *experts, 
     json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr), *weight, *row, *v;
     float *w = NULL;
     size_t l, e;
-    int rc = -EINVAL;
+    int rc;
 
-    if (!root) {
-        snprintf(err, errlen, "%s:%d:%d: %s", path, jerr.line, jerr.column, jerr.text);
-        return -EINVAL;
-    }
+    if (!root)
+        return dx_errf(err, errlen, -EINVAL, "%s:%d:%d: %s", path, jerr.line, jerr.column,
+                       jerr.text);
     weight = json_object_get(root, "weight");
     if (!json_is_array(weight) || json_array_size(weight) == 0) {
-        snprintf(err, errlen, "%s: expected {\"weight\": [[load per expert], ...per layer]}", path);
+        rc = dx_errf(err, errlen, -EINVAL,
+                     "%s: expected {\"weight\": [[load per expert], ...per layer]}", path);
         goto out;
     }
     *layers = (int)json_array_size(weight);
     row = json_array_get(weight, 0);
     *experts = json_is_array(row) ? (int)json_array_size(row) : 0;
     if (*experts == 0) {
-        snprintf(err, errlen, "%s: weight[0] must be a non-empty array of loads", path);
+        rc =
+            dx_errf(err, errlen, -EINVAL, "%s: weight[0] must be a non-empty array of loads", path);
         goto out;
     }
     w = calloc((size_t)*layers * (size_t)*experts, sizeof(float));
     if (!w) {
-        snprintf(err, errlen, "out of memory");
-        rc = -ENOMEM;
+        rc = dx_errf(err, errlen, -ENOMEM, "out of memory");
         goto out;
     }
     json_array_foreach (weight, l, row) {
         if (!json_is_array(row) || json_array_size(row) != (size_t)*experts) {
-            snprintf(err, errlen, "%s: weight[%zu] must be an array of %d loads like weight[0]",
-                     path, l, *experts);
+            rc = dx_errf(err, errlen, -EINVAL,
+                         "%s: weight[%zu] must be an array of %d loads like weight[0]", path, l,
+                         *experts);
             goto out;
         }
         json_array_foreach (row, e, v) {
             if (!json_is_number(v)) {
-                snprintf(err, errlen, "%s: weight[%zu][%zu] is not a number", path, l, e);
+                rc = dx_errf(err, errlen, -EINVAL, "%s: weight[%zu][%zu] is not a number", path, l,
+                             e);
                 goto out;
             }
             w[l * (size_t)*experts + e] = (float)json_number_value(v);
@@ -193,7 +196,7 @@ int ctl_cmd_place(struct ctl_globals *g, int argc, char **argv)
     };
     struct job_eplb_plan plan = {0};
     float *w = NULL;
-    int layers, experts, status;
+    int layers = 0, experts = 0, status;
     char err[512];
 
     (void)g;

@@ -3,9 +3,10 @@
 
 #include <errno.h>
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "common/log.h"
 
 #define EPLB_MAX_DIM (1 << 20)
 
@@ -193,37 +194,29 @@ static int check_args(const float *weight, int layers, int experts, int replicas
 {
     if (layers < 1 || experts < 1 || replicas < 1 || groups < 1 || nodes < 1 || gpus < 1 ||
         layers > EPLB_MAX_DIM || experts > EPLB_MAX_DIM || replicas > EPLB_MAX_DIM ||
-        (long)layers * replicas > EPLB_MAX_DIM * 16L) {
-        snprintf(err, errlen,
-                 "layers (%d), experts (%d), replicas (%d), groups (%d), nodes (%d) and gpus (%d) "
-                 "must all be positive and not huge",
-                 layers, experts, replicas, groups, nodes, gpus);
-        return -EINVAL;
-    }
-    if (experts % groups != 0) {
-        snprintf(err, errlen, "experts (%d) must divide into groups (%d)", experts, groups);
-        return -EINVAL;
-    }
-    if (gpus % nodes != 0) {
-        snprintf(err, errlen, "gpus (%d) must be a multiple of nodes (%d)", gpus, nodes);
-        return -EINVAL;
-    }
-    if (replicas % gpus != 0) {
-        snprintf(err, errlen, "replicas (%d) must be a multiple of gpus (%d)", replicas, gpus);
-        return -EINVAL;
-    }
-    if (replicas < experts) {
-        snprintf(err, errlen, "replicas (%d) must be at least the number of experts (%d)", replicas,
-                 experts);
-        return -EINVAL;
-    }
+        (long)layers * replicas > EPLB_MAX_DIM * 16L)
+        return dx_errf(err, errlen, -EINVAL,
+                       "layers (%d), experts (%d), replicas (%d), groups (%d), nodes (%d) and gpus "
+                       "(%d) must all be positive and not huge",
+                       layers, experts, replicas, groups, nodes, gpus);
+    if (experts % groups != 0)
+        return dx_errf(err, errlen, -EINVAL, "experts (%d) must divide into groups (%d)", experts,
+                       groups);
+    if (gpus % nodes != 0)
+        return dx_errf(err, errlen, -EINVAL, "gpus (%d) must be a multiple of nodes (%d)", gpus,
+                       nodes);
+    if (replicas % gpus != 0)
+        return dx_errf(err, errlen, -EINVAL, "replicas (%d) must be a multiple of gpus (%d)",
+                       replicas, gpus);
+    if (replicas < experts)
+        return dx_errf(err, errlen, -EINVAL,
+                       "replicas (%d) must be at least the number of experts (%d)", replicas,
+                       experts);
     for (long i = 0; i < (long)layers * experts; i++) {
-        if (!isfinite(weight[i]) || weight[i] < 0) {
-            snprintf(err, errlen,
-                     "load of layer %ld expert %ld is %g; loads must be finite and >= 0",
-                     i / experts, i % experts, (double)weight[i]);
-            return -EINVAL;
-        }
+        if (!isfinite(weight[i]) || weight[i] < 0)
+            return dx_errf(err, errlen, -EINVAL,
+                           "load of layer %ld expert %ld is %g; loads must be finite and >= 0",
+                           i / experts, i % experts, (double)weight[i]);
     }
     return 0;
 }
@@ -281,8 +274,7 @@ nomem_scratch:
 nomem:
     free(phyrank);
     job_eplb_plan_clear(out);
-    snprintf(err, errlen, "out of memory");
-    return -ENOMEM;
+    return dx_errf(err, errlen, -ENOMEM, "out of memory");
 }
 
 void job_eplb_plan_clear(struct job_eplb_plan *p)

@@ -5,12 +5,13 @@
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "common/log.h"
 
 #define JOBSPEC_MAX_SETS 64
 #define JOBSPEC_MAX_PATH 128
@@ -110,15 +111,12 @@ static int check_known(json_t *obj, const char *prefix, char *err, size_t errlen
         char path[JOBSPEC_MAX_PATH];
         snprintf(path, sizeof(path), "%s%s%s", prefix, prefix[0] ? "." : "", key);
         if (is_section(path)) {
-            if (!json_is_object(v)) {
-                snprintf(err, errlen, "%s: expected an object", path);
-                return -EINVAL;
-            }
+            if (!json_is_object(v))
+                return dx_errf(err, errlen, -EINVAL, "%s: expected an object", path);
             if (check_known(v, path, err, errlen) < 0)
                 return -EINVAL;
         } else if (!field_find(path)) {
-            snprintf(err, errlen, "%s: unknown field", path);
-            return -EINVAL;
+            return dx_errf(err, errlen, -EINVAL, "%s: unknown field", path);
         }
     }
     return 0;
@@ -143,16 +141,12 @@ static int apply_set(json_t *root, const char *set, char *err, size_t errlen)
     const char *eq = strchr(set, '=');
     json_t *obj = root, *value;
 
-    if (!eq || eq == set || (size_t)(eq - set) >= sizeof(path)) {
-        snprintf(err, errlen, "--set \"%s\": expected key.path=value", set);
-        return -EINVAL;
-    }
+    if (!eq || eq == set || (size_t)(eq - set) >= sizeof(path))
+        return dx_errf(err, errlen, -EINVAL, "--set \"%s\": expected key.path=value", set);
     memcpy(path, set, (size_t)(eq - set));
     path[eq - set] = '\0';
-    if (!field_find(path)) {
-        snprintf(err, errlen, "--set %s: unknown field", path);
-        return -EINVAL;
-    }
+    if (!field_find(path))
+        return dx_errf(err, errlen, -EINVAL, "--set %s: unknown field", path);
     value = json_loads(eq + 1, JSON_DECODE_ANY, NULL);
     if (!value)
         value = json_string(eq + 1);
@@ -168,10 +162,8 @@ static int apply_set(json_t *root, const char *set, char *err, size_t errlen)
         obj = next;
         key = dot + 1;
     }
-    if (!value || json_object_set_new(obj, key, value) < 0) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!value || json_object_set_new(obj, key, value) < 0)
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     return 0;
 }
 
@@ -265,31 +257,23 @@ static int load_field(const struct field *f, json_t *v, struct job_spec *spec, c
 
     switch (f->type) {
     case FT_INT:
-        if (v && !json_is_integer(v)) {
-            snprintf(err, errlen, "%s: expected an integer", f->path);
-            return -EINVAL;
-        }
-        if (v && (json_integer_value(v) < f->min || json_integer_value(v) > f->max)) {
-            snprintf(err, errlen, "%s: %lld is outside %.0f..%.0f", f->path,
-                     (long long)json_integer_value(v), f->min, f->max);
-            return -EINVAL;
-        }
+        if (v && !json_is_integer(v))
+            return dx_errf(err, errlen, -EINVAL, "%s: expected an integer", f->path);
+        if (v && (json_integer_value(v) < f->min || json_integer_value(v) > f->max))
+            return dx_errf(err, errlen, -EINVAL, "%s: %lld is outside %.0f..%.0f", f->path,
+                           (long long)json_integer_value(v), f->min, f->max);
         {
             int value = v ? (int)json_integer_value(v) : (int)f->dflt;
             memcpy(base, &value, sizeof(value)); /* base is the int at f->offset */
         }
         return 0;
     case FT_DOUBLE:
-        if (v && !json_is_number(v)) {
-            snprintf(err, errlen, "%s: expected a number", f->path);
-            return -EINVAL;
-        }
+        if (v && !json_is_number(v))
+            return dx_errf(err, errlen, -EINVAL, "%s: expected a number", f->path);
         if (v && (!isfinite(json_number_value(v)) || json_number_value(v) < f->min ||
-                  json_number_value(v) > f->max)) {
-            snprintf(err, errlen, "%s: %g is outside %g..%g", f->path, json_number_value(v), f->min,
-                     f->max);
-            return -EINVAL;
-        }
+                  json_number_value(v) > f->max))
+            return dx_errf(err, errlen, -EINVAL, "%s: %g is outside %g..%g", f->path,
+                           json_number_value(v), f->min, f->max);
         {
             double value = v ? json_number_value(v) : f->dflt;
             memcpy(base, &value, sizeof(value)); /* base is the double at f->offset */
@@ -297,52 +281,32 @@ static int load_field(const struct field *f, json_t *v, struct job_spec *spec, c
         return 0;
     case FT_STRING:
     case FT_SCHEDULE:
-        if (v && !json_is_string(v)) {
-            snprintf(err, errlen, "%s: expected a string", f->path);
-            return -EINVAL;
-        }
+        if (v && !json_is_string(v))
+            return dx_errf(err, errlen, -EINVAL, "%s: expected a string", f->path);
         s = v ? json_string_value(v) : f->dflt_s;
         if (f->type == FT_SCHEDULE) {
-            if (dp_sched_kind_parse(s, (enum dp_sched_kind *)base) < 0) {
-                snprintf(err, errlen, "%s: \"%s\" is not one of 1f1b, zb1p, dualpipe, dualpipev",
-                         f->path, job_spec_escape(s, quoted, sizeof(quoted)));
-                return -EINVAL;
-            }
+            if (dp_sched_kind_parse(s, (enum dp_sched_kind *)base) < 0)
+                return dx_errf(err, errlen, -EINVAL,
+                               "%s: \"%s\" is not one of 1f1b, zb1p, dualpipe, dualpipev", f->path,
+                               job_spec_escape(s, quoted, sizeof(quoted)));
             return 0;
         }
         /* a field whose default is empty may be empty */
-        if ((s[0] == '\0' && f->dflt_s[0] != '\0') || strlen(s) >= f->size) {
-            snprintf(err, errlen, "%s: must be %d to %zu characters", f->path, f->dflt_s[0] != '\0',
-                     f->size - 1);
-            return -EINVAL;
-        }
+        if ((s[0] == '\0' && f->dflt_s[0] != '\0') || strlen(s) >= f->size)
+            return dx_errf(err, errlen, -EINVAL, "%s: must be %d to %zu characters", f->path,
+                           f->dflt_s[0] != '\0', f->size - 1);
         /* text is shown in status, logs and errors: no control characters */
-        if ((bad = find_control(s))) {
-            snprintf(err, errlen,
-                     "%s: \"%s\" has a control character (byte %zu); text fields may hold none",
-                     f->path, job_spec_escape(s, quoted, sizeof(quoted)), (size_t)(bad - s));
-            return -EINVAL;
-        }
-        if (f->choices && !in_choices(f->choices, s)) {
-            snprintf(err, errlen, "%s: \"%s\" is not one of %s", f->path,
-                     job_spec_escape(s, quoted, sizeof(quoted)), f->choices);
-            return -EINVAL;
-        }
+        if ((bad = find_control(s)))
+            return dx_errf(err, errlen, -EINVAL,
+                           "%s: \"%s\" has a control character (byte %zu); text fields may hold "
+                           "none",
+                           f->path, job_spec_escape(s, quoted, sizeof(quoted)), (size_t)(bad - s));
+        if (f->choices && !in_choices(f->choices, s))
+            return dx_errf(err, errlen, -EINVAL, "%s: \"%s\" is not one of %s", f->path,
+                           job_spec_escape(s, quoted, sizeof(quoted)), f->choices);
         memcpy(base, s, strlen(s) + 1);
         return 0;
     }
-    return -EINVAL;
-}
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
     return -EINVAL;
 }
 
@@ -363,11 +327,12 @@ static int check_max_nodes(const struct job_spec *s, char *err, size_t errlen)
 
     if (M == 0 || reach <= M)
         return 0;
-    return fail(err, errlen,
-                "parallel.max_nodes: a token may use %d groups (model.group_limit) and %d experts "
-                "(model.top_k), so with one group per node it reaches %d nodes, more than %d; "
-                "node-limited routing needs min(group_limit, top_k) <= max_nodes",
-                L, K, reach, M);
+    return dx_errf(
+        err, errlen, -EINVAL,
+        "parallel.max_nodes: a token may use %d groups (model.group_limit) and %d experts "
+        "(model.top_k), so with one group per node it reaches %d nodes, more than %d; "
+        "node-limited routing needs min(group_limit, top_k) <= max_nodes",
+        L, K, reach, M);
 }
 
 /* True when path has a ".." component. */
@@ -393,18 +358,19 @@ static int check_paths(const struct job_spec *s, char *err, size_t errlen)
     char quoted[JOBSPEC_QUOTE];
 
     if (has_dot_dot(s->checkpoint.dir))
-        return fail(err, errlen,
-                    "checkpoint.dir: \"%s\" has a \"..\" component; checkpoint directories "
-                    "may not climb out of the workers' checkpoint root",
-                    job_spec_escape(s->checkpoint.dir, quoted, sizeof(quoted)));
+        return dx_errf(err, errlen, -EINVAL,
+                       "checkpoint.dir: \"%s\" has a \"..\" component; checkpoint directories "
+                       "may not climb out of the workers' checkpoint root",
+                       job_spec_escape(s->checkpoint.dir, quoted, sizeof(quoted)));
     for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
         for (const unsigned char *p = (const unsigned char *)paths[i].value; *p; p++)
             if (*p > 0x7e)
-                return fail(err, errlen,
-                            "%s: \"%s\" has byte 0x%02x at %zu; checkpoint paths are printable "
-                            "ASCII",
-                            paths[i].field, job_spec_escape(paths[i].value, quoted, sizeof(quoted)),
-                            *p, (size_t)(p - (const unsigned char *)paths[i].value));
+                return dx_errf(err, errlen, -EINVAL,
+                               "%s: \"%s\" has byte 0x%02x at %zu; checkpoint paths are printable "
+                               "ASCII",
+                               paths[i].field,
+                               job_spec_escape(paths[i].value, quoted, sizeof(quoted)), *p,
+                               (size_t)(p - (const unsigned char *)paths[i].value));
     return 0;
 }
 
@@ -416,66 +382,70 @@ static int check_layout(const struct job_spec *s, char *err, size_t errlen)
     int rc;
 
     if (s->model.d_model % s->model.heads != 0)
-        return fail(err, errlen, "model.heads: %d does not divide model.d_model (%d)",
-                    s->model.heads, s->model.d_model);
+        return dx_errf(err, errlen, -EINVAL, "model.heads: %d does not divide model.d_model (%d)",
+                       s->model.heads, s->model.d_model);
     if (s->model.top_k > s->model.experts)
-        return fail(err, errlen, "model.top_k: %d is more than model.experts (%d)", s->model.top_k,
-                    s->model.experts);
+        return dx_errf(err, errlen, -EINVAL, "model.top_k: %d is more than model.experts (%d)",
+                       s->model.top_k, s->model.experts);
     if (s->model.experts % s->model.expert_groups != 0)
-        return fail(err, errlen, "model.expert_groups: %d does not divide model.experts (%d)",
-                    s->model.expert_groups, s->model.experts);
+        return dx_errf(err, errlen, -EINVAL,
+                       "model.expert_groups: %d does not divide model.experts (%d)",
+                       s->model.expert_groups, s->model.experts);
     if (s->model.group_limit > s->model.expert_groups)
-        return fail(err, errlen, "model.group_limit: %d is more than model.expert_groups (%d)",
-                    s->model.group_limit, s->model.expert_groups);
+        return dx_errf(err, errlen, -EINVAL,
+                       "model.group_limit: %d is more than model.expert_groups (%d)",
+                       s->model.group_limit, s->model.expert_groups);
     if (s->model.top_k > s->model.group_limit * (s->model.experts / s->model.expert_groups))
-        return fail(
-            err, errlen, "model.top_k: %d experts cannot be chosen from %d group(s) of %d experts",
-            s->model.top_k, s->model.group_limit, s->model.experts / s->model.expert_groups);
+        return dx_errf(err, errlen, -EINVAL,
+                       "model.top_k: %d experts cannot be chosen from %d group(s) of %d experts",
+                       s->model.top_k, s->model.group_limit,
+                       s->model.experts / s->model.expert_groups);
     if (s->model.experts % s->parallel.ep != 0)
-        return fail(err, errlen, "parallel.ep: %d does not divide model.experts (%d)",
-                    s->parallel.ep, s->model.experts);
+        return dx_errf(err, errlen, -EINVAL, "parallel.ep: %d does not divide model.experts (%d)",
+                       s->parallel.ep, s->model.experts);
     if ((rc = check_max_nodes(s, err, errlen)) < 0)
         return rc;
     if (strcmp(s->train.precision, "bf16") == 0 && strcmp(s->backend, "cuda") != 0)
-        return fail(err, errlen,
-                    "train.precision: bf16 GEMMs run on the cuda backend only (backend %s)",
-                    s->backend);
+        return dx_errf(err, errlen, -EINVAL,
+                       "train.precision: bf16 GEMMs run on the cuda backend only (backend %s)",
+                       s->backend);
     if (strcmp(s->backend, "cuda") == 0 && s->parallel.ep > 1 && s->model.d_model % 4 != 0)
-        return fail(err, errlen,
-                    "model.d_model: %d is not a multiple of 4, which the cuda backend's expert "
-                    "exchange needs with parallel.ep %d (its transport moves 16-byte pieces, "
-                    "a row's blocks must start on them)",
-                    s->model.d_model, s->parallel.ep);
+        return dx_errf(err, errlen, -EINVAL,
+                       "model.d_model: %d is not a multiple of 4, which the cuda backend's expert "
+                       "exchange needs with parallel.ep %d (its transport moves 16-byte pieces, "
+                       "a row's blocks must start on them)",
+                       s->model.d_model, s->parallel.ep);
     if (s->checkpoint.from[0] && s->checkpoint.from[0] != '/')
-        return fail(err, errlen,
-                    "checkpoint.from: \"%s\" is not an absolute path (give a step directory as "
-                    "duplexctl status shows it)",
-                    s->checkpoint.from);
+        return dx_errf(err, errlen, -EINVAL,
+                       "checkpoint.from: \"%s\" is not an absolute path (give a step directory as "
+                       "duplexctl status shows it)",
+                       s->checkpoint.from);
     if (s->parallel.microbatch_size % s->parallel.ep != 0)
-        return fail(err, errlen,
-                    "parallel.microbatch_size: %d sequences do not split evenly over the %d "
-                    "expert-parallel ranks (parallel.ep), which share each micro-batch",
-                    s->parallel.microbatch_size, s->parallel.ep);
+        return dx_errf(err, errlen, -EINVAL,
+                       "parallel.microbatch_size: %d sequences do not split evenly over the %d "
+                       "expert-parallel ranks (parallel.ep), which share each micro-batch",
+                       s->parallel.microbatch_size, s->parallel.ep);
     if (s->model.layers % stages != 0)
-        return fail(err, errlen,
-                    "model.layers: %d layers do not split evenly into the %d stages of %s with "
-                    "pp %d",
-                    s->model.layers, stages, dp_sched_kind_name(s->parallel.schedule),
-                    s->parallel.pp);
+        return dx_errf(err, errlen, -EINVAL,
+                       "model.layers: %d layers do not split evenly into the %d stages of %s with "
+                       "pp %d",
+                       s->model.layers, stages, dp_sched_kind_name(s->parallel.schedule),
+                       s->parallel.pp);
     if (dp_sched_check(s->parallel.schedule, s->parallel.pp, s->parallel.microbatches, why,
                        sizeof(why)) < 0)
-        return fail(err, errlen, "parallel: %s (parallel.pp %d, parallel.microbatches %d)", why,
-                    s->parallel.pp, s->parallel.microbatches);
+        return dx_errf(err, errlen, -EINVAL,
+                       "parallel: %s (parallel.pp %d, parallel.microbatches %d)", why,
+                       s->parallel.pp, s->parallel.microbatches);
     if ((int64_t)s->parallel.pp * s->parallel.microbatches > JOB_SPEC_SIM_BUDGET)
-        return fail(err, errlen,
-                    "parallel: pp %d x microbatches %d = %lld is over duplexd's simulation "
-                    "budget of %d (it simulates every job's schedule before placing it); use "
-                    "fewer micro-batches per step",
-                    s->parallel.pp, s->parallel.microbatches,
-                    (long long)s->parallel.pp * s->parallel.microbatches, JOB_SPEC_SIM_BUDGET);
+        return dx_errf(err, errlen, -EINVAL,
+                       "parallel: pp %d x microbatches %d = %lld is over duplexd's simulation "
+                       "budget of %d (it simulates every job's schedule before placing it); use "
+                       "fewer micro-batches per step",
+                       s->parallel.pp, s->parallel.microbatches,
+                       (long long)s->parallel.pp * s->parallel.microbatches, JOB_SPEC_SIM_BUDGET);
     if (s->sim.w > s->sim.b)
-        return fail(err, errlen, "sim.w: %g is more than sim.b (%g), a full backward", s->sim.w,
-                    s->sim.b);
+        return dx_errf(err, errlen, -EINVAL, "sim.w: %g is more than sim.b (%g), a full backward",
+                       s->sim.w, s->sim.b);
     return 0;
 }
 
@@ -492,13 +462,14 @@ int job_spec_parse(const char *json, size_t len, const char *const *sets, size_t
     for (size_t i = 0; i < NFIELDS; i++)
         load_field(&fields[i], NULL, out, err, errlen);
     if (!root)
-        return fail(err, errlen, "line %d, column %d: %s", jerr.line, jerr.column, jerr.text);
+        return dx_errf(err, errlen, -EINVAL, "line %d, column %d: %s", jerr.line, jerr.column,
+                       jerr.text);
     if (!json_is_object(root)) {
-        rc = fail(err, errlen, "a job spec is a JSON object");
+        rc = dx_errf(err, errlen, -EINVAL, "a job spec is a JSON object");
         goto out;
     }
     if (nsets > JOBSPEC_MAX_SETS) {
-        rc = fail(err, errlen, "at most %d --set overrides", JOBSPEC_MAX_SETS);
+        rc = dx_errf(err, errlen, -EINVAL, "at most %d --set overrides", JOBSPEC_MAX_SETS);
         goto out;
     }
     for (size_t i = 0; i < nsets; i++)

@@ -3,9 +3,10 @@
 #include "job/placement.h"
 
 #include <errno.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "common/log.h"
 
 struct node_free {
     const char *name;
@@ -50,15 +51,13 @@ int job_place(const struct coord_slot *slots, size_t n, int pp, int ep, int dp,
     int cursor = 0, rc = -ENOMEM;
 
     memset(out, 0, sizeof(*out));
-    if (pp < 1 || ep < 1 || dp < 1 || (long)pp * ep * dp > 1 << 20) {
-        snprintf(err, errlen, "pp %d x ep %d x dp %d is not a gang size", pp, ep, dp);
-        return -EINVAL;
-    }
+    if (pp < 1 || ep < 1 || dp < 1 || (long)pp * ep * dp > 1 << 20)
+        return dx_errf(err, errlen, -EINVAL, "pp %d x ep %d x dp %d is not a gang size", pp, ep,
+                       dp);
     need = (size_t)pp * ep * dp;
-    if (n < need) {
-        snprintf(err, errlen, "needs %zu workers, %zu are free (%zu missing)", need, n, need - n);
-        return -ENOSPC;
-    }
+    if (n < need)
+        return dx_errf(err, errlen, -ENOSPC, "needs %zu workers, %zu are free (%zu missing)", need,
+                       n, need - n);
     order = malloc(n * sizeof(int));
     sorted = malloc(n * sizeof(*sorted));
     nodes = calloc(n, sizeof(*nodes));
@@ -118,8 +117,7 @@ fail:
     free(sorted);
     free(nodes);
     job_placement_clear(out);
-    snprintf(err, errlen, "out of memory");
-    return rc;
+    return dx_errf(err, errlen, rc, "out of memory");
 }
 
 void job_placement_clear(struct job_placement *p)

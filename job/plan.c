@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "job/eplb.h"
 #include "pipeline/simulate.h"
 
@@ -128,10 +129,8 @@ int job_plan_experts(const struct job_spec *spec, const double *loads, struct jo
     double total = 0.0;
     int rc;
 
-    if (!w) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!w)
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     for (int e = 0; loads && e < E; e++)
         total += loads[e];
     /* with no loads known yet every expert counts the same */
@@ -321,16 +320,15 @@ static int check_group_nodes(const struct job_spec *spec, const int *owner,
     if (found > 0) {
         rc = reach_refuse(&r, spec, d, s, node_name, err, errlen);
     } else if (found < 0) {
-        snprintf(err, errlen,
-                 "parallel.max_nodes: in EP group dp %d pp %d the expert groups span %d nodes "
-                 "and the search for %d of the %d groups reaching more than %d nodes ran out of "
-                 "budget, so the limit is not proven; keep each expert group on one node",
-                 d, s, nodes, L, G, M);
-        rc = -EINVAL;
+        rc = dx_errf(err, errlen, -EINVAL,
+                     "parallel.max_nodes: in EP group dp %d pp %d the expert groups span %d nodes "
+                     "and the search for %d of the %d groups reaching more than %d nodes ran out "
+                     "of budget, so the limit is not proven; keep each expert group on one node",
+                     d, s, nodes, L, G, M);
     }
 out:
     if (rc == -ENOMEM)
-        snprintf(err, errlen, "out of memory");
+        rc = dx_errf(err, errlen, rc, "out of memory");
     free(sets);
     free(r.order);
     free(r.count);
@@ -354,8 +352,7 @@ int job_plan_check_nodes(const struct job_spec *spec, const struct coord_slot *s
     owner = calloc((size_t)plan->experts, sizeof(int));
     rank_node = calloc((size_t)ep, sizeof(char *));
     if (!owner || !rank_node) {
-        snprintf(err, errlen, "out of memory");
-        rc = -ENOMEM;
+        rc = dx_errf(err, errlen, -ENOMEM, "out of memory");
         goto out;
     }
     job_plan_expert_owner(plan, ep, owner);
@@ -463,7 +460,7 @@ int job_plan_build(const struct job_spec *spec, const struct coord_slot *slots, 
     rc = 0;
 out:
     if (rc == -ENOMEM && !err[0])
-        snprintf(err, errlen, "out of memory");
+        rc = dx_errf(err, errlen, rc, "out of memory");
     json_decref(root);
     job_eplb_plan_clear(&experts);
     job_placement_clear(&place);

@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "common/log.h"
+
 /* Longest "d12345 stage 1023" style name of a unit of work. */
 #define WORK_NAME_MAX 64
 
@@ -82,16 +84,15 @@ static int exec_fifo(dp_exec_t *e, const struct dp_op *op, size_t at, char *err,
         return 0;
     }
     name_work(got, sizeof(got), &op->work);
-    if (e->head == e->tail) {
-        snprintf(err, errlen, "rank %d, op %zu (W %s): W with no queued weight-gradient job",
-                 e->rank, at, got);
-        return -EPROTO;
-    }
+    if (e->head == e->tail)
+        return dx_errf(err, errlen, -EPROTO,
+                       "rank %d, op %zu (W %s): W with no queued weight-gradient job", e->rank, at,
+                       got);
     if (!same_work(&e->queue[e->head], &op->work)) {
         name_work(want, sizeof(want), &e->queue[e->head]);
-        snprintf(err, errlen, "rank %d, op %zu (W %s): W runs %s but the oldest queued job is %s",
-                 e->rank, at, got, got, want);
-        return -EPROTO;
+        return dx_errf(err, errlen, -EPROTO,
+                       "rank %d, op %zu (W %s): W runs %s but the oldest queued job is %s", e->rank,
+                       at, got, got, want);
     }
     e->head++;
     return 0;
@@ -128,10 +129,9 @@ int dp_exec_run(dp_exec_t *e, char *err, size_t errlen)
     }
     if (rc == 0 && e->head != e->tail) {
         name_work(name, sizeof(name), &e->queue[e->head]);
-        snprintf(err, errlen,
-                 "rank %d: the step ends with %zu weight-gradient jobs queued (%s first)", e->rank,
-                 e->tail - e->head, name);
-        rc = -EPROTO;
+        rc = dx_errf(err, errlen, -EPROTO,
+                     "rank %d: the step ends with %zu weight-gradient jobs queued (%s first)",
+                     e->rank, e->tail - e->head, name);
     }
     e->failed_op = i;
     return rc;

@@ -3,10 +3,10 @@
 #include "pipeline/schedule.h"
 
 #include <errno.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "pipeline/gen.h"
 
 struct dp_rank_list {
@@ -259,43 +259,34 @@ int dp_sched_append_compute(dp_sched_t *s, int rank, const struct dp_op *op)
 
 int dp_sched_check(enum dp_sched_kind kind, int ranks, int microbatches, char *err, size_t errlen)
 {
-    if (ranks < 1 || ranks > DP_MAX_RANKS) {
-        snprintf(err, errlen, "pipeline size %d is outside 1..%d", ranks, DP_MAX_RANKS);
-        return -EINVAL;
-    }
-    if (microbatches < 1 || microbatches > DP_MAX_MICROBATCHES) {
-        snprintf(err, errlen, "micro-batch count %d is outside 1..%d", microbatches,
-                 DP_MAX_MICROBATCHES);
-        return -EINVAL;
-    }
+    if (ranks < 1 || ranks > DP_MAX_RANKS)
+        return dx_errf(err, errlen, -EINVAL, "pipeline size %d is outside 1..%d", ranks,
+                       DP_MAX_RANKS);
+    if (microbatches < 1 || microbatches > DP_MAX_MICROBATCHES)
+        return dx_errf(err, errlen, -EINVAL, "micro-batch count %d is outside 1..%d", microbatches,
+                       DP_MAX_MICROBATCHES);
     switch (kind) {
     case DP_SCHED_1F1B:
     case DP_SCHED_ZB1P:
         break;
     case DP_SCHED_DUALPIPE:
-        if (ranks % 2 != 0) {
-            snprintf(err, errlen, "dualpipe needs an even pipeline size, got %d", ranks);
-            return -EINVAL;
-        }
-        if (microbatches % 2 != 0 || microbatches < 2 * ranks) {
-            snprintf(err, errlen,
-                     "dualpipe needs an even micro-batch count of at least 2 x pipeline size "
-                     "(%d), got %d",
-                     2 * ranks, microbatches);
-            return -EINVAL;
-        }
+        if (ranks % 2 != 0)
+            return dx_errf(err, errlen, -EINVAL, "dualpipe needs an even pipeline size, got %d",
+                           ranks);
+        if (microbatches % 2 != 0 || microbatches < 2 * ranks)
+            return dx_errf(err, errlen, -EINVAL,
+                           "dualpipe needs an even micro-batch count of at least 2 x pipeline "
+                           "size (%d), got %d",
+                           2 * ranks, microbatches);
         break;
     case DP_SCHED_DUALPIPEV:
-        if (microbatches < 2 * ranks) {
-            snprintf(err, errlen,
-                     "dualpipev needs at least 2 x pipeline size (%d) micro-batches, got %d",
-                     2 * ranks, microbatches);
-            return -EINVAL;
-        }
+        if (microbatches < 2 * ranks)
+            return dx_errf(err, errlen, -EINVAL,
+                           "dualpipev needs at least 2 x pipeline size (%d) micro-batches, got %d",
+                           2 * ranks, microbatches);
         break;
     default:
-        snprintf(err, errlen, "unknown schedule kind %d", (int)kind);
-        return -EINVAL;
+        return dx_errf(err, errlen, -EINVAL, "unknown schedule kind %d", (int)kind);
     }
     return 0;
 }
@@ -309,16 +300,14 @@ int dp_sched_generate(enum dp_sched_kind kind, int ranks, int microbatches, dp_s
     if (rc < 0)
         return rc;
     s = dp_sched_create(kind, ranks, microbatches);
-    if (!s) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!s)
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     if (kind == DP_SCHED_1F1B || kind == DP_SCHED_ZB1P)
         rc = dp_gen_1f1b(s, kind == DP_SCHED_ZB1P);
     else
         rc = dp_gen_dualpipe(s);
     if (rc < 0) {
-        snprintf(err, errlen, "building %s: %s", kind_names[kind], strerror(-rc));
+        rc = dx_errf(err, errlen, rc, "building %s: %s", kind_names[kind], strerror(-rc));
         dp_sched_destroy(s);
         return rc;
     }

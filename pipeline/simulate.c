@@ -21,6 +21,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "common/log.h"
+
 #define DEFAULT_F 1.0
 #define DEFAULT_B 2.0
 #define DEFAULT_W 1.0
@@ -116,11 +118,10 @@ static int parse_item(const char *b, const char *e, struct dp_costs *next, enum 
     trim(&kb, &ke);
     if (kb == ke) {
         if (!eq)
-            snprintf(err, errlen, "costs: empty item (two commas, or a comma at an end)");
-        else
-            snprintf(err, errlen, "costs: item '%.*s' has no key (expected KEY=NUMBER)",
-                     shown_len(b, e), b);
-        return -EINVAL;
+            return dx_errf(err, errlen, -EINVAL,
+                           "costs: empty item (two commas, or a comma at an end)");
+        return dx_errf(err, errlen, -EINVAL, "costs: item '%.*s' has no key (expected KEY=NUMBER)",
+                       shown_len(b, e), b);
     }
     for (int k = 0; k < N_COST_KEYS; k++) {
         if (strlen(cost_names[k]) == (size_t)(ke - kb) &&
@@ -129,38 +130,29 @@ static int parse_item(const char *b, const char *e, struct dp_costs *next, enum 
             *key = (enum cost_key)k;
         }
     }
-    if (!name) {
-        snprintf(err, errlen,
-                 "costs: unknown key '%.*s' (expected F, B, I, W, FB, lat, bw, act or grad)",
-                 shown_len(kb, ke), kb);
-        return -EINVAL;
-    }
-    if (!eq) {
-        snprintf(err, errlen, "costs: %s has no value (expected %s=NUMBER)", name, name);
-        return -EINVAL;
-    }
+    if (!name)
+        return dx_errf(err, errlen, -EINVAL,
+                       "costs: unknown key '%.*s' (expected F, B, I, W, FB, lat, bw, act or grad)",
+                       shown_len(kb, ke), kb);
+    if (!eq)
+        return dx_errf(err, errlen, -EINVAL, "costs: %s has no value (expected %s=NUMBER)", name,
+                       name);
     vb = eq + 1;
     ve = e;
     trim(&vb, &ve);
-    if (vb == ve) {
-        snprintf(err, errlen, "costs: %s has an empty value (expected %s=NUMBER)", name, name);
-        return -EINVAL;
-    }
+    if (vb == ve)
+        return dx_errf(err, errlen, -EINVAL, "costs: %s has an empty value (expected %s=NUMBER)",
+                       name, name);
     v = strtod(vb, &endp);
-    if (endp != ve || endp == vb) {
-        snprintf(err, errlen, "costs: %s value '%.*s' is not a number", name, shown_len(vb, ve),
-                 vb);
-        return -EINVAL;
-    }
-    if (!isfinite(v)) {
-        snprintf(err, errlen, "costs: %s value '%.*s' is not a finite number", name,
-                 shown_len(vb, ve), vb);
-        return -EINVAL;
-    }
-    if (v < 0) {
-        snprintf(err, errlen, "costs: %s value '%.*s' is negative", name, shown_len(vb, ve), vb);
-        return -EINVAL;
-    }
+    if (endp != ve || endp == vb)
+        return dx_errf(err, errlen, -EINVAL, "costs: %s value '%.*s' is not a number", name,
+                       shown_len(vb, ve), vb);
+    if (!isfinite(v))
+        return dx_errf(err, errlen, -EINVAL, "costs: %s value '%.*s' is not a finite number", name,
+                       shown_len(vb, ve), vb);
+    if (v < 0)
+        return dx_errf(err, errlen, -EINVAL, "costs: %s value '%.*s' is negative", name,
+                       shown_len(vb, ve), vb);
     *cost_field(next, *key) = v;
     return 0;
 }
@@ -181,19 +173,16 @@ int dp_costs_parse(const char *spec, struct dp_costs *c, char *err, size_t errle
             return rc;
         given[k] = true;
         p = comma ? comma + 1 : e;
-        if (comma && !*p) {
-            snprintf(err, errlen, "costs: empty item (two commas, or a comma at an end)");
-            return -EINVAL;
-        }
+        if (comma && !*p)
+            return dx_errf(err, errlen, -EINVAL,
+                           "costs: empty item (two commas, or a comma at an end)");
     }
     if (!given[KEY_I]) {
-        if (next.w > next.b) {
-            snprintf(err, errlen,
-                     "costs: W (%g) is larger than B (%g), so I = B - W would be negative; "
-                     "give I explicitly",
-                     next.w, next.b);
-            return -EINVAL;
-        }
+        if (next.w > next.b)
+            return dx_errf(err, errlen, -EINVAL,
+                           "costs: W (%g) is larger than B (%g), so I = B - W would be negative; "
+                           "give I explicitly",
+                           next.w, next.b);
         next.i = next.b - next.w;
     }
     if (!given[KEY_FB])
@@ -209,11 +198,10 @@ static int check_costs(const struct dp_costs *c, char *err, size_t errlen)
 
     for (int k = 0; k < N_COST_KEYS; k++) {
         double v = *cost_field(&copy, (enum cost_key)k);
-        if (!isfinite(v) || v < 0) {
-            snprintf(err, errlen, "simulate: cost %s is %g, not a finite non-negative number",
-                     cost_names[k], v);
-            return -EINVAL;
-        }
+        if (!isfinite(v) || v < 0)
+            return dx_errf(err, errlen, -EINVAL,
+                           "simulate: cost %s is %g, not a finite non-negative number",
+                           cost_names[k], v);
     }
     return 0;
 }
@@ -451,16 +439,14 @@ static int check_ops(const dp_sched_t *s, size_t *sends, char *err, size_t errle
 
         for (size_t i = 0; i < n; i++) {
             bool msg = ops[i].kind == DP_OP_SEND || ops[i].kind == DP_OP_RECV;
-            if (!msg && !dp_op_is_compute(ops[i].kind)) {
-                snprintf(err, errlen, "simulate: rank %d, op %zu: unknown op kind %d", rank, i,
-                         (int)ops[i].kind);
-                return -EINVAL;
-            }
-            if (msg && (ops[i].peer < 0 || ops[i].peer >= P)) {
-                snprintf(err, errlen, "simulate: rank %d, op %zu (%s): peer %d is not a rank", rank,
-                         i, dp_op_kind_name(ops[i].kind), ops[i].peer);
-                return -EINVAL;
-            }
+            if (!msg && !dp_op_is_compute(ops[i].kind))
+                return dx_errf(err, errlen, -EINVAL,
+                               "simulate: rank %d, op %zu: unknown op kind %d", rank, i,
+                               (int)ops[i].kind);
+            if (msg && (ops[i].peer < 0 || ops[i].peer >= P))
+                return dx_errf(err, errlen, -EINVAL,
+                               "simulate: rank %d, op %zu (%s): peer %d is not a rank", rank, i,
+                               dp_op_kind_name(ops[i].kind), ops[i].peer);
             if (ops[i].kind == DP_OP_SEND)
                 (*sends)++;
         }
@@ -503,11 +489,10 @@ int dp_simulate(const dp_sched_t *s, const struct dp_costs *c, struct dp_sim_res
     memset(r, 0, sizeof(*r));
     if ((rc = check_costs(c, err, errlen)) < 0 || (rc = check_ops(s, &sends, err, errlen)) < 0)
         return rc;
-    rc = -ENOMEM;
     m.st = calloc((size_t)P, sizeof(*m.st));
     m.ready = calloc((size_t)P, sizeof(*m.ready));
     if (!m.st || !m.ready || msg_table_init(&m.msgs, sends) < 0 || result_alloc(s, r) < 0) {
-        snprintf(err, errlen, "simulate: out of memory");
+        rc = dx_errf(err, errlen, -ENOMEM, "simulate: out of memory");
         goto fail;
     }
     for (int rank = P - 1; rank >= 0; rank--)

@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
+
 #define NONE SIZE_MAX    /* no op index yet */
 #define WORK_NAME_MAX 64 /* "path -2147483648 mb -2147483648 stage -2147483648" */
 #define OP_NAME_MAX 160  /* "FB F <work> + B <work>", "RECV gradient <work> from rank N" */
@@ -139,8 +141,7 @@ static int fail_op(struct ctx *c, int rank, size_t at, const char *fmt, ...)
 
 static int fail_nomem(struct ctx *c)
 {
-    fail(c, "out of memory");
-    return -ENOMEM;
+    return dx_errf(c->err, c->errlen, -ENOMEM, "out of memory");
 }
 
 /* malloc for count elements, at least one (a shape may have no units). */
@@ -193,19 +194,15 @@ static int consumer_stage(int payload, int stage)
 /* Checks that w names a unit that exists; says why not in why. */
 static int check_range(const struct ctx *c, const struct dp_work *w, char *why, size_t len)
 {
-    if (w->path < 0 || w->path >= c->paths) {
-        snprintf(why, len, "path %d is out of range (%d path%s)", w->path, c->paths,
-                 c->paths == 1 ? "" : "s");
-        return -EINVAL;
-    }
-    if (w->mb < 0 || w->mb >= c->mbs) {
-        snprintf(why, len, "micro-batch %d is out of range (%d per path)", w->mb, c->mbs);
-        return -EINVAL;
-    }
-    if (w->stage < 0 || w->stage >= c->stages) {
-        snprintf(why, len, "stage %d is out of range (%d stages)", w->stage, c->stages);
-        return -EINVAL;
-    }
+    if (w->path < 0 || w->path >= c->paths)
+        return dx_errf(why, len, -EINVAL, "path %d is out of range (%d path%s)", w->path, c->paths,
+                       c->paths == 1 ? "" : "s");
+    if (w->mb < 0 || w->mb >= c->mbs)
+        return dx_errf(why, len, -EINVAL, "micro-batch %d is out of range (%d per path)", w->mb,
+                       c->mbs);
+    if (w->stage < 0 || w->stage >= c->stages)
+        return dx_errf(why, len, -EINVAL, "stage %d is out of range (%d stages)", w->stage,
+                       c->stages);
     return 0;
 }
 
@@ -217,18 +214,14 @@ static int check_placed(const struct ctx *c, int rank, const struct dp_work *w, 
     int at_rank, chunk;
 
     name_work(name, sizeof(name), w);
-    if (dp_sched_locate(c->s, w->path, w->stage, &at_rank, &chunk) < 0) {
-        snprintf(why, len, "%s has no place in the schedule", name);
-        return -EINVAL;
-    }
-    if (at_rank != rank) {
-        snprintf(why, len, "%s belongs to rank %d, not rank %d", name, at_rank, rank);
-        return -EINVAL;
-    }
-    if (w->chunk != chunk) {
-        snprintf(why, len, "%s runs on chunk %d, not chunk %d", name, chunk, w->chunk);
-        return -EINVAL;
-    }
+    if (dp_sched_locate(c->s, w->path, w->stage, &at_rank, &chunk) < 0)
+        return dx_errf(why, len, -EINVAL, "%s has no place in the schedule", name);
+    if (at_rank != rank)
+        return dx_errf(why, len, -EINVAL, "%s belongs to rank %d, not rank %d", name, at_rank,
+                       rank);
+    if (w->chunk != chunk)
+        return dx_errf(why, len, -EINVAL, "%s runs on chunk %d, not chunk %d", name, chunk,
+                       w->chunk);
     return 0;
 }
 
@@ -248,22 +241,17 @@ static int check_message(const struct ctx *c, int rank, const struct dp_op *op, 
     int other_stage, here_rank, other_rank, chunk;
     struct dp_work local;
 
-    if (op->payload != DP_ACTIVATION && op->payload != DP_GRADIENT) {
-        snprintf(why, len, "unknown payload %d", (int)op->payload);
-        return -EINVAL;
-    }
+    if (op->payload != DP_ACTIVATION && op->payload != DP_GRADIENT)
+        return dx_errf(why, len, -EINVAL, "unknown payload %d", (int)op->payload);
     if (check_range(c, &op->work, why, len) < 0)
         return -EINVAL;
-    if (op->peer < 0 || op->peer >= c->ranks) {
-        snprintf(why, len, "peer %d is out of range (%d ranks)", op->peer, c->ranks);
-        return -EINVAL;
-    }
+    if (op->peer < 0 || op->peer >= c->ranks)
+        return dx_errf(why, len, -EINVAL, "peer %d is out of range (%d ranks)", op->peer, c->ranks);
     name_work(name, sizeof(name), &op->work);
     other_stage = consumer_stage(op->payload, op->work.stage);
-    if (other_stage < 0 || other_stage >= c->stages) {
-        snprintf(why, len, "no stage consumes the %s of %s", payload_name(op->payload), name);
-        return -EINVAL;
-    }
+    if (other_stage < 0 || other_stage >= c->stages)
+        return dx_errf(why, len, -EINVAL, "no stage consumes the %s of %s",
+                       payload_name(op->payload), name);
     if (send) {
         if (check_placed(c, rank, &op->work, why, len) < 0)
             return -EINVAL;
@@ -272,28 +260,21 @@ static int check_message(const struct ctx *c, int rank, const struct dp_op *op, 
         local = op->work;
         local.stage = other_stage;
         dp_sched_locate(c->s, local.path, local.stage, &here_rank, &chunk);
-        if (here_rank != rank) {
-            snprintf(why, len, "the %s of %s is consumed on rank %d, not here",
-                     payload_name(op->payload), name, here_rank);
-            return -EINVAL;
-        }
-        if (op->work.chunk != chunk) {
-            snprintf(why, len, "the %s of %s is consumed by chunk %d, not chunk %d",
-                     payload_name(op->payload), name, chunk, op->work.chunk);
-            return -EINVAL;
-        }
+        if (here_rank != rank)
+            return dx_errf(why, len, -EINVAL, "the %s of %s is consumed on rank %d, not here",
+                           payload_name(op->payload), name, here_rank);
+        if (op->work.chunk != chunk)
+            return dx_errf(why, len, -EINVAL, "the %s of %s is consumed by chunk %d, not chunk %d",
+                           payload_name(op->payload), name, chunk, op->work.chunk);
         dp_sched_locate(c->s, op->work.path, op->work.stage, &other_rank, &chunk);
     }
-    if (other_rank == rank) {
-        snprintf(why, len, "the %s of %s is handed over on this rank, not %s",
-                 payload_name(op->payload), name, send ? "sent" : "received");
-        return -EINVAL;
-    }
-    if (other_rank != op->peer) {
-        snprintf(why, len, "the %s of %s %s rank %d, not rank %d", payload_name(op->payload), name,
-                 send ? "goes to" : "comes from", other_rank, op->peer);
-        return -EINVAL;
-    }
+    if (other_rank == rank)
+        return dx_errf(why, len, -EINVAL, "the %s of %s is handed over on this rank, not %s",
+                       payload_name(op->payload), name, send ? "sent" : "received");
+    if (other_rank != op->peer)
+        return dx_errf(why, len, -EINVAL, "the %s of %s %s rank %d, not rank %d",
+                       payload_name(op->payload), name, send ? "goes to" : "comes from", other_rank,
+                       op->peer);
     return 0;
 }
 
@@ -308,21 +289,16 @@ static int check_op(const struct ctx *c, int rank, const struct dp_op *op, char 
     case DP_OP_W:
         return check_unit(c, rank, &op->work, why, len);
     case DP_OP_FB:
-        if (check_unit(c, rank, &op->work, half, sizeof(half)) < 0) {
-            snprintf(why, len, "forward half: %s", half);
-            return -EINVAL;
-        }
-        if (check_unit(c, rank, &op->work2, half, sizeof(half)) < 0) {
-            snprintf(why, len, "backward half: %s", half);
-            return -EINVAL;
-        }
+        if (check_unit(c, rank, &op->work, half, sizeof(half)) < 0)
+            return dx_errf(why, len, -EINVAL, "forward half: %s", half);
+        if (check_unit(c, rank, &op->work2, half, sizeof(half)) < 0)
+            return dx_errf(why, len, -EINVAL, "backward half: %s", half);
         return 0;
     case DP_OP_SEND:
     case DP_OP_RECV:
         return check_message(c, rank, op, why, len);
     default:
-        snprintf(why, len, "unknown op kind %d", (int)op->kind);
-        return -EINVAL;
+        return dx_errf(why, len, -EINVAL, "unknown op kind %d", (int)op->kind);
     }
 }
 

@@ -303,7 +303,7 @@ int dx_authz_load(const char *path, dx_authz_t **out, char *err, size_t errlen)
     struct stat st;
     char *text = NULL;
     size_t len = 0;
-    ssize_t n;
+    ssize_t n = 0;
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY), rc;
 
     *out = NULL;
@@ -318,14 +318,15 @@ int dx_authz_load(const char *path, dx_authz_t **out, char *err, size_t errlen)
     }
     if (!(text = malloc((size_t)st.st_size + 1))) {
         close(fd);
-        return -ENOMEM;
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     }
     while (len < (size_t)st.st_size && (n = read(fd, text + len, (size_t)st.st_size - len)) > 0)
         len += (size_t)n;
+    rc = n < 0 ? -errno : -EAGAIN; /* why a short read was short: read's errno, or it shrank */
     close(fd);
     if (len != (size_t)st.st_size) { /* a read error, or the file shrank meanwhile */
         free(text);
-        return dx_errf(err, errlen, -EIO, "the allow-list %s changed or failed while read", path);
+        return dx_errf(err, errlen, rc, "the allow-list %s changed or failed while read", path);
     }
     rc = dx_authz_parse(text, len, path, out, err, errlen);
     free(text);

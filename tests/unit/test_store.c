@@ -253,8 +253,77 @@ Test(store, non_sqlite_file_refused)
 
     rc = coord_store_open(db_path, &s, err, sizeof(err));
     cr_assert_lt(rc, 0, "a garbage file was accepted");
+    cr_assert_eq(rc, -EUCLEAN, "rc %d (%s): a damaged file is not an I/O error: %s", rc,
+                 strerror(-rc), err);
+    cr_assert_null(s);
     cr_assert_neq(err[0], '\0');
     cr_assert_not_null(strstr(err, db_path), "error \"%s\" does not name the file", err);
+    cr_assert_not_null(strstr(err, "not a database"), "%s", err);
+}
+
+/* The database path is a directory: SQLite cannot open it, and says so
+ * with the system's errno, naming the path. */
+Test(store, directory_as_database_refused_with_its_errno)
+{
+    coord_store_t *s = NULL;
+    int rc;
+
+    cr_assert_eq(dx_mkdir_p(db_path, 0755), 0);
+    rc = coord_store_open(db_path, &s, err, sizeof(err));
+    cr_assert_eq(rc, -EISDIR, "rc %d (%s): %s", rc, strerror(-rc), err);
+    cr_assert_null(s);
+    cr_assert_not_null(strstr(err, db_path), "error \"%s\" does not name the file", err);
+}
+
+/* SQLite's result codes as -errno: what the failing call returns. */
+Test(store, sqlite_codes_map_to_errno)
+{
+    static const struct {
+        int code, want;
+    } table[] = {
+        {SQLITE_OK, 0},
+        {SQLITE_FULL, -ENOSPC},
+        {SQLITE_BUSY, -EBUSY},
+        {SQLITE_BUSY_TIMEOUT, -EBUSY},
+        {SQLITE_LOCKED, -EBUSY},
+        {SQLITE_NOMEM, -ENOMEM},
+        {SQLITE_IOERR_NOMEM, -ENOMEM},
+        {SQLITE_READONLY, -EROFS},
+        {SQLITE_READONLY_DBMOVED, -EROFS},
+        {SQLITE_PERM, -EACCES},
+        {SQLITE_AUTH, -EACCES},
+        {SQLITE_CANTOPEN, -ENOENT},
+        {SQLITE_CANTOPEN_ISDIR, -EISDIR},
+        {SQLITE_CORRUPT, -EUCLEAN},
+        {SQLITE_NOTADB, -EUCLEAN},
+        {SQLITE_CONSTRAINT_UNIQUE, -EEXIST},
+        {SQLITE_CONSTRAINT_PRIMARYKEY, -EEXIST},
+        {SQLITE_CONSTRAINT_CHECK, -EINVAL},
+        {SQLITE_CONSTRAINT_NOTNULL, -EINVAL},
+        {SQLITE_TOOBIG, -EMSGSIZE},
+        {SQLITE_INTERRUPT, -EINTR},
+        {SQLITE_IOERR, -EIO},
+        {SQLITE_IOERR_WRITE, -EIO},
+        {SQLITE_IOERR_FSYNC, -EIO},
+        {SQLITE_ERROR, -EIO},
+        {SQLITE_ROW, -EIO}, /* not an error, but never 0 */
+    };
+
+    for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++)
+        cr_assert_eq(coord_store_code_errno(table[i].code), table[i].want,
+                     "SQLite code %d: %d, not %d", table[i].code,
+                     coord_store_code_errno(table[i].code), table[i].want);
+}
+
+/* A store that has not failed has no errno; a failed open leaves none. */
+Test(store, errno_is_zero_until_a_failure)
+{
+    coord_store_t *s = open_store();
+
+    cr_assert_eq(coord_store_errno(s), 0);
+    cr_assert_eq(coord_store_flush(s), 0);
+    cr_assert_eq(coord_store_errno(s), 0);
+    coord_store_close(s);
 }
 
 Test(store, unusable_parent_refused)
@@ -373,10 +442,12 @@ Test(store, invalid_state_fails_the_turn_and_stops_writing)
     cr_assert_eq(coord_store_any_failed(), 0);
 
     cr_assert_eq(coord_store_worker_put(s, &r), 0);
-    cr_assert_eq(coord_store_worker_set_state(s, "w1", "zombie"), -EIO);
+    /* a value the schema refuses: -EINVAL, not an I/O error */
+    cr_assert_eq(coord_store_worker_set_state(s, "w1", "zombie"), -EINVAL);
     cr_assert_eq(coord_store_failed(s), 1);
     cr_assert_eq(coord_store_any_failed(), 1);
     cr_assert_eq(coord_store_errcode(s), SQLITE_CONSTRAINT_CHECK);
+    cr_assert_eq(coord_store_errno(s), -EINVAL);
     cr_assert_not_null(strstr(coord_store_errmsg(s), "CHECK constraint failed"), "%s",
                        coord_store_errmsg(s));
     cr_assert_not_null(strstr(coord_store_errmsg(s), "[SQLITE_CONSTRAINT_CHECK, SQLite extended "
@@ -462,6 +533,7 @@ Test(store, failed_commit_keeps_the_real_cause_and_commits_nothing)
     disk_full(false);
     cr_assert_eq(coord_store_failed(s), 1);
     cr_assert_eq(coord_store_errcode(s), SQLITE_IOERR_WRITE, "%s", coord_store_errmsg(s));
+    cr_assert_eq(coord_store_errno(s), -EIO, "a failed write is an I/O error");
     cr_assert_not_null(strstr(coord_store_errmsg(s), "disk I/O error [SQLITE_IOERR_WRITE, SQLite "
                                                      "extended code 778; File too large] in "
                                                      "COMMIT"),
