@@ -609,15 +609,12 @@ static int agent_watch_handshakes(wk_agent_t *a, char *err, size_t errlen)
                              DX_MONITOR_HANDSHAKE_FAILED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED,
                              &a->handshakes);
 
-    if (rc < 0) {
-        snprintf(err, errlen, "cannot monitor the DEALER's handshakes: %s", zmq_strerror(-rc));
-        return rc;
-    }
+    if (rc < 0)
+        return dx_errf(err, errlen, rc, "cannot monitor the DEALER's handshakes: %s",
+                       zmq_strerror(-rc));
     if ((rc = dx_zwatch_create(&a->loop, a->handshakes, ZMQ_POLLIN, agent_on_handshake, a,
-                               &a->handshake_watch)) < 0) {
-        snprintf(err, errlen, "cannot watch the handshake monitor: %s", strerror(-rc));
-        return rc;
-    }
+                               &a->handshake_watch)) < 0)
+        return dx_errf(err, errlen, rc, "cannot watch the handshake monitor: %s", strerror(-rc));
     return 0;
 }
 
@@ -627,27 +624,26 @@ static int agent_connect(wk_agent_t *a, char *err, size_t errlen)
 
     a->zctx = zmq_ctx_new();
     if (!a->zctx) {
-        snprintf(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
-        return -errno;
+        int e = errno;
+        return dx_errf(err, errlen, -e, "cannot create a ZeroMQ context: %s", zmq_strerror(e));
     }
     a->dealer = zmq_socket(a->zctx, ZMQ_DEALER);
     if (!a->dealer || dx_wire_setup(a->dealer) < 0 ||
         zmq_setsockopt(a->dealer, ZMQ_IMMEDIATE, &one, sizeof(one)) < 0 ||
         zmq_setsockopt(a->dealer, ZMQ_RECONNECT_IVL, &ivl, sizeof(ivl)) < 0 ||
         zmq_setsockopt(a->dealer, ZMQ_RECONNECT_IVL_MAX, &ivl_max, sizeof(ivl_max)) < 0) {
-        snprintf(err, errlen, "cannot set up the DEALER socket: %s", zmq_strerror(errno));
-        return -errno;
+        int e = errno;
+        return dx_errf(err, errlen, -e, "cannot set up the DEALER socket: %s", zmq_strerror(e));
     }
-    if (a->cfg.key && (rc = dx_cert_apply_client(a->dealer, a->cfg.key, a->cfg.server_key)) < 0) {
-        snprintf(err, errlen, "cannot set up CURVE on the DEALER socket: %s", zmq_strerror(-rc));
-        return rc;
-    }
+    if (a->cfg.key && (rc = dx_cert_apply_client(a->dealer, a->cfg.key, a->cfg.server_key)) < 0)
+        return dx_errf(err, errlen, rc, "cannot set up CURVE on the DEALER socket: %s",
+                       zmq_strerror(-rc));
     if (a->cfg.key && (rc = agent_watch_handshakes(a, err, errlen)) < 0)
         return rc;
     if (zmq_connect(a->dealer, a->cfg.coordinator) < 0) {
         int e = errno;
-        snprintf(err, errlen, "cannot connect to %s: %s", a->cfg.coordinator, zmq_strerror(e));
-        return -e;
+        return dx_errf(err, errlen, -e, "cannot connect to %s: %s", a->cfg.coordinator,
+                       zmq_strerror(e));
     }
     return 0;
 }
@@ -693,16 +689,12 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
     const struct wk_backend *backend = wk_backend_find(cfg->backend);
     int rc;
 
-    if (!backend) {
-        snprintf(err, errlen, "backend \"%s\" is unknown; use --backend %s", cfg->backend,
-                 wk_backend_names());
-        return -ENOTSUP;
-    }
+    if (!backend)
+        return dx_errf(err, errlen, -ENOTSUP, "backend \"%s\" is unknown; use --backend %s",
+                       cfg->backend, wk_backend_names());
     a = calloc(1, sizeof(*a));
-    if (!a) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!a)
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     a->cfg = *cfg;
     a->backend = backend;
     if (backend->device && (rc = open_gpu(a, err, errlen)) < 0) {
@@ -710,7 +702,7 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
         return rc;
     }
     if ((rc = uv_loop_init(&a->loop)) < 0) {
-        snprintf(err, errlen, "cannot create the event loop: %s", uv_strerror(rc));
+        dx_errf(err, errlen, rc, "cannot create the event loop: %s", uv_strerror(rc));
         close_gpu(a);
         free(a);
         return rc;
@@ -727,7 +719,7 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
         goto fail;
     if ((rc = dx_zwatch_create(&a->loop, a->dealer, ZMQ_POLLIN, agent_on_dealer, a, &a->watch)) <
         0) {
-        snprintf(err, errlen, "cannot watch the DEALER socket: %s", strerror(-rc));
+        rc = dx_errf(err, errlen, rc, "cannot watch the DEALER socket: %s", strerror(-rc));
         goto fail;
     }
     uv_timer_init(&a->loop, &a->tick);

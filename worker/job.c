@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "job/plan.h"
 #include "worker/net/dataplane.h"
 
@@ -65,21 +66,16 @@ static int decode_peers(struct wk_job *j, const Duplex__Assignment *a, char *err
         struct wk_job_peer *to;
         const char *id = p->worker_id ? p->worker_id : "";
 
-        if (p->pp < 0 || p->pp >= j->pp) {
-            snprintf(err, errlen, "peer %s has pp rank %d of %d", id, p->pp, j->pp);
-            return -EINVAL;
-        }
-        if (p->ep < 0 || p->ep >= j->ep || p->dp < 0 || p->dp >= j->dp) {
-            snprintf(err, errlen, "peer %s has ranks ep %d, dp %d outside the job", id, p->ep,
-                     p->dp);
-            return -EINVAL;
-        }
+        if (p->pp < 0 || p->pp >= j->pp)
+            return dx_errf(err, errlen, -EINVAL, "peer %s has pp rank %d of %d", id, p->pp, j->pp);
+        if (p->ep < 0 || p->ep >= j->ep || p->dp < 0 || p->dp >= j->dp)
+            return dx_errf(err, errlen, -EINVAL, "peer %s has ranks ep %d, dp %d outside the job",
+                           id, p->ep, p->dp);
         to = &j->peers[wk_job_index(j, p->dp, p->pp, p->ep)];
-        if (to->worker_id) {
-            snprintf(err, errlen, "two peers for ranks pp %d, ep %d, dp %d (%s and %s)", p->pp,
-                     p->ep, p->dp, to->worker_id, id);
-            return -EINVAL;
-        }
+        if (to->worker_id)
+            return dx_errf(err, errlen, -EINVAL,
+                           "two peers for ranks pp %d, ep %d, dp %d (%s and %s)", p->pp, p->ep,
+                           p->dp, to->worker_id, id);
         if (copy_text(id, &to->worker_id) < 0 || copy_text(p->data_addr, &to->data_addr) < 0 ||
             copy_text(p->curve_key, &to->curve_key) < 0 || copy_text(p->node, &to->node) < 0)
             goto nomem;
@@ -87,8 +83,7 @@ static int decode_peers(struct wk_job *j, const Duplex__Assignment *a, char *err
     }
     return 0;
 nomem:
-    snprintf(err, errlen, "out of memory");
-    return -ENOMEM;
+    return dx_errf(err, errlen, -ENOMEM, "out of memory");
 }
 
 /* The spec, when there is one: parsed, or why not. */
@@ -109,10 +104,8 @@ int wk_job_decode(const Duplex__Assignment *a, struct wk_job **out, char *err, s
     struct wk_job *j = calloc(1, sizeof(*j));
     int rc;
 
-    if (!j) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!j)
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     j->job_id = a->job_id;
     j->attempt = a->attempt;
     j->steps = a->steps;
@@ -129,29 +122,26 @@ int wk_job_decode(const Duplex__Assignment *a, struct wk_job **out, char *err, s
     j->cost_ms[DP_OP_I] = a->cost_b_ms > a->cost_w_ms ? a->cost_b_ms - a->cost_w_ms : 0.0;
     j->cost_ms[DP_OP_FB] = a->cost_fb_ms;
     if (dp_sched_kind_parse(a->schedule, &j->kind) < 0) {
-        snprintf(err, errlen, "unknown schedule \"%s\" (1f1b, zb1p, dualpipe or dualpipev)",
-                 a->schedule ? a->schedule : "");
-        rc = -EINVAL;
+        rc = dx_errf(err, errlen, -EINVAL,
+                     "unknown schedule \"%s\" (1f1b, zb1p, dualpipe or dualpipev)",
+                     a->schedule ? a->schedule : "");
         goto fail;
     }
     /* the envelope's decoder bounds pp, ep and dp one by one, not their
      * product, which sizes the peer table */
     if (a->pp < 1 || a->ep < 1 || a->dp < 1 || (int64_t)a->pp * a->ep * a->dp > WK_JOB_MAX_RANKS) {
-        snprintf(err, errlen, "layout pp %d, ep %d, dp %d: more than %d ranks", a->pp, a->ep, a->dp,
-                 WK_JOB_MAX_RANKS);
-        rc = -EINVAL;
+        rc = dx_errf(err, errlen, -EINVAL, "layout pp %d, ep %d, dp %d: more than %d ranks", a->pp,
+                     a->ep, a->dp, WK_JOB_MAX_RANKS);
         goto fail;
     }
     if (a->pp_rank < 0 || a->pp_rank >= a->pp || a->steps == 0) {
-        snprintf(err, errlen, "pp rank %d of %d, %" PRIu64 " steps", a->pp_rank, a->pp,
-                 (uint64_t)a->steps);
-        rc = -EINVAL;
+        rc = dx_errf(err, errlen, -EINVAL, "pp rank %d of %d, %" PRIu64 " steps", a->pp_rank, a->pp,
+                     (uint64_t)a->steps);
         goto fail;
     }
     if (a->ep_rank < 0 || a->ep_rank >= a->ep || a->dp_rank < 0 || a->dp_rank >= a->dp) {
-        snprintf(err, errlen, "ranks ep %d, dp %d outside the job (ep %d, dp %d)", a->ep_rank,
-                 a->dp_rank, a->ep, a->dp);
-        rc = -EINVAL;
+        rc = dx_errf(err, errlen, -EINVAL, "ranks ep %d, dp %d outside the job (ep %d, dp %d)",
+                     a->ep_rank, a->dp_rank, a->ep, a->dp);
         goto fail;
     }
     j->nranks = a->pp * a->ep * a->dp;
@@ -176,8 +166,7 @@ int wk_job_decode(const Duplex__Assignment *a, struct wk_job **out, char *err, s
     *out = j;
     return 0;
 nomem:
-    snprintf(err, errlen, "out of memory");
-    rc = -ENOMEM;
+    rc = dx_errf(err, errlen, -ENOMEM, "out of memory");
 fail:
     wk_job_destroy(j);
     return rc;
@@ -192,35 +181,32 @@ int wk_job_check_peers(const struct wk_job *j, const char *self_id, bool curve, 
 
     /* with a keypair, the data plane talks CURVE only (without, keys are unused) */
     for (int at = 0; curve && at < j->nranks; at++)
-        if (j->peers[at].worker_id && strlen(j->peers[at].curve_key) != WK_NET_KEY_LEN) {
-            snprintf(err, errlen,
-                     "peer %s has no CURVE key, and this worker's data plane uses CURVE",
-                     j->peers[at].worker_id);
-            return -EINVAL;
-        }
+        if (j->peers[at].worker_id && strlen(j->peers[at].curve_key) != WK_NET_KEY_LEN)
+            return dx_errf(err, errlen, -EINVAL,
+                           "peer %s has no CURVE key, and this worker's data plane uses CURVE",
+                           j->peers[at].worker_id);
     layout_of(j, &layout);
-    if (!(near = calloc((size_t)job_plan_peers_max(&layout), sizeof(*near)))) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!(near = calloc((size_t)job_plan_peers_max(&layout), sizeof(*near))))
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     n = job_plan_peers(&layout, j->dp_rank, j->pp_rank, j->ep_rank, near);
     for (int k = 0; k < n; k++) {
         int at = near[k], pp = (at / j->ep) % j->pp, ep = at % j->ep, dp = at / (j->ep * j->pp);
 
         if (!j->peers[at].worker_id) {
-            snprintf(err, errlen, "no peer for ranks pp %d, ep %d, dp %d", pp, ep, dp);
+            rc = dx_errf(err, errlen, -EINVAL, "no peer for ranks pp %d, ep %d, dp %d", pp, ep, dp);
             goto out;
         }
         if (j->peers[at].data_addr[0] == '\0') {
-            snprintf(err, errlen, "peer %s (pp %d, ep %d, dp %d) has no data address",
-                     j->peers[at].worker_id, pp, ep, dp);
+            rc = dx_errf(err, errlen, -EINVAL, "peer %s (pp %d, ep %d, dp %d) has no data address",
+                         j->peers[at].worker_id, pp, ep, dp);
             goto out;
         }
     }
     self = wk_job_line(j, j->pp_rank);
     if (self_id && (!self->worker_id || strcmp(self->worker_id, self_id) != 0)) {
-        snprintf(err, errlen, "the assignment gives our ranks (pp %d, ep %d, dp %d) to worker %s",
-                 j->pp_rank, j->ep_rank, j->dp_rank, self->worker_id ? self->worker_id : "?");
+        rc = dx_errf(err, errlen, -EINVAL,
+                     "the assignment gives our ranks (pp %d, ep %d, dp %d) to worker %s",
+                     j->pp_rank, j->ep_rank, j->dp_rank, self->worker_id ? self->worker_id : "?");
         goto out;
     }
     rc = 0;

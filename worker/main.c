@@ -141,11 +141,15 @@ static char *read_spec(const char *path, size_t *len)
         free(buf);
         return NULL;
     }
+    errno = 0;
     *len = fread(buf, 1, SPEC_MAX_BYTES + 1, f);
     if (ferror(f) || *len > SPEC_MAX_BYTES) {
-        errno = ferror(f) ? EIO : EFBIG;
+        /* a read error keeps the read's own errno (EISDIR, ...) */
+        int e = !ferror(f) ? EFBIG : errno ? errno : EIO;
+
         fclose(f);
         free(buf);
+        errno = e;
         return NULL;
     }
     fclose(f);

@@ -75,6 +75,8 @@ struct wk_runtime {
     uint64_t cur_step;
     double compute_ms, wait_ms, comm_ms, hidden_ms;
     double op_ms[DP_OP_RECV + 1];
+    bool op_failed;    /* one of exec_callbacks failed this step */
+    bool bad_schedule; /* the step failed in the executor's own check (the W FIFO) */
     char err[ERR_MAX];
 };
 
@@ -139,6 +141,15 @@ static int io_sleep(void *arg, double ms)
     return 0;
 }
 
+/* A callback's result: its failure is the engine's (or the transport's),
+ * whatever the errno, not the executor's own (explain_failure). */
+static int op_result(wk_runtime_t *rt, int rc)
+{
+    if (rc < 0)
+        rt->op_failed = true;
+    return rc;
+}
+
 static int on_compute(const struct dp_op *op, void *arg)
 {
     wk_runtime_t *rt = arg;
@@ -146,12 +157,12 @@ static int on_compute(const struct dp_op *op, void *arg)
     int rc;
 
     if (is_aborted(rt))
-        return -ECANCELED;
+        return op_result(rt, -ECANCELED);
     rc = rt->backend->ops->compute(rt->engine, op, rt->err, sizeof(rt->err));
     dt = now_ms() - t0;
     rt->op_ms[op->kind] += dt;
     rt->compute_ms += dt - (rt->wait_ms - waited); /* expert exchanges wait inside ops */
-    return rc;
+    return op_result(rt, rc);
 }
 
 static int64_t wall_ns(void)
@@ -195,20 +206,19 @@ static int timed_recv(wk_runtime_t *rt, const struct wk_net_key *key, const char
         return 0;
     }
     wk_net_key_name(key, name, sizeof(name));
-    if (rc == -ETIMEDOUT) {
-        snprintf(rt->err, sizeof(rt->err), "no %s from %s after %.0f s", name, from,
-                 rt->recv_timeout_ms / MS_PER_S);
-    } else if (rc == -EEXIST || rc == -ENOBUFS) {
+    if (rc == -ETIMEDOUT)
+        return dx_errf(rt->err, sizeof(rt->err), rc, "no %s from %s after %.0f s", name, from,
+                       rt->recv_timeout_ms / MS_PER_S);
+    if (rc == -EEXIST || rc == -ENOBUFS) {
         /* a duplicate (one copy may be forged) or a message dropped: the data plane says which */
         char why[ERR_MAX / 2];
 
         wk_net_failure(rt->data, why, sizeof(why));
-        snprintf(rt->err, sizeof(rt->err), "receiving %s from %s failed: %s", name, from,
-                 why[0] ? why : strerror(-rc));
-    } else
-        snprintf(rt->err, sizeof(rt->err), "receiving %s from %s failed: %s", name, from,
-                 strerror(-rc));
-    return rc;
+        return dx_errf(rt->err, sizeof(rt->err), rc, "receiving %s from %s failed: %s", name, from,
+                       why[0] ? why : strerror(-rc));
+    }
+    return dx_errf(rt->err, sizeof(rt->err), rc, "receiving %s from %s failed: %s", name, from,
+                   strerror(-rc));
 }
 
 static int io_recv(void *arg, const struct wk_net_key *key, const char *from,
@@ -228,15 +238,14 @@ static int io_send(void *arg, const char *addr, const struct wk_net_key *key, co
         return -ECANCELED;
     if (!addr) { /* only a schedule's bug sends to a rank outside job_plan_peers */
         wk_net_key_name(key, name, sizeof(name));
-        snprintf(rt->err, sizeof(rt->err), "cannot send %s to %s: not among the assignment's peers",
-                 name, to);
-        return -EINVAL;
+        return dx_errf(rt->err, sizeof(rt->err), -EINVAL,
+                       "cannot send %s to %s: not among the assignment's peers", name, to);
     }
     rc = wk_net_send(rt->data, addr, key, buf, len, 0);
     if (rc < 0) {
         wk_net_key_name(key, name, sizeof(name));
-        snprintf(rt->err, sizeof(rt->err), "cannot send %s to %s at %s: %s", name, to, addr,
-                 strerror(-rc));
+        return dx_errf(rt->err, sizeof(rt->err), rc, "cannot send %s to %s at %s: %s", name, to,
+                       addr, strerror(-rc));
     }
     return rc;
 }
@@ -245,14 +254,14 @@ static int on_send(const struct dp_op *op, void *arg)
 {
     wk_runtime_t *rt = arg;
 
-    return rt->backend->ops->send(rt->engine, op, rt->err, sizeof(rt->err));
+    return op_result(rt, rt->backend->ops->send(rt->engine, op, rt->err, sizeof(rt->err)));
 }
 
 static int on_recv(const struct dp_op *op, void *arg)
 {
     wk_runtime_t *rt = arg;
 
-    return rt->backend->ops->recv(rt->engine, op, rt->err, sizeof(rt->err));
+    return op_result(rt, rt->backend->ops->recv(rt->engine, op, rt->err, sizeof(rt->err)));
 }
 
 static const struct dp_exec_callbacks exec_callbacks = {on_compute, on_send, on_recv};
@@ -340,7 +349,7 @@ static void explain_failure(wk_runtime_t *rt, int rc)
         pthread_mutex_unlock(&rt->lock);
         return;
     }
-    if (rc == -EPROTO) /* the executor's text: the schedule broke the W FIFO */
+    if (rt->bad_schedule) /* the executor's text: the schedule broke the W FIFO */
         snprintf(why, sizeof(why), "bad schedule: %s", rt->err);
     else if (rt->err[0]) /* a callback's text */
         snprintf(why, sizeof(why), "%s", rt->err);
@@ -357,15 +366,11 @@ static int data_start(wk_runtime_t *rt)
     size_t n = 0;
     int rc;
 
-    if ((rc = wk_net_set_max_msg(rt->data, rt->max_msg)) < 0) {
-        snprintf(rt->err, sizeof(rt->err), "the data plane: %s", strerror(-rc));
-        return rc;
-    }
+    if ((rc = wk_net_set_max_msg(rt->data, rt->max_msg)) < 0)
+        return dx_errf(rt->err, sizeof(rt->err), rc, "the data plane: %s", strerror(-rc));
     if (wk_net_curve(rt->data)) {
-        if (!(keys = calloc((size_t)rt->job->nranks, sizeof(*keys)))) {
-            snprintf(rt->err, sizeof(rt->err), "out of memory");
-            return -ENOMEM;
-        }
+        if (!(keys = calloc((size_t)rt->job->nranks, sizeof(*keys))))
+            return dx_errf(rt->err, sizeof(rt->err), -ENOMEM, "out of memory");
         for (int i = 0; i < rt->job->nranks && rc == 0; i++) {
             const struct wk_job_peer *p = &rt->job->peers[i];
 
@@ -373,11 +378,11 @@ static int data_start(wk_runtime_t *rt)
                 continue; /* a rank we do not talk to */
             keys[n++] = p->curve_key;
             if ((rc = wk_net_set_peer_key(rt->data, p->data_addr, p->curve_key)) < 0)
-                snprintf(rt->err, sizeof(rt->err), "the CURVE key of the rank at %s: %s",
-                         p->data_addr, strerror(-rc));
+                dx_errf(rt->err, sizeof(rt->err), rc, "the CURVE key of the rank at %s: %s",
+                        p->data_addr, strerror(-rc));
         }
         if (rc == 0 && (rc = wk_net_allow_peers(rt->data, keys, n)) < 0)
-            snprintf(rt->err, sizeof(rt->err), "the data plane's peer keys: %s", strerror(-rc));
+            dx_errf(rt->err, sizeof(rt->err), rc, "the data plane's peer keys: %s", strerror(-rc));
         free(keys);
     }
     wk_net_begin(rt->data, rt->job->job_id, rt->job->attempt);
@@ -424,11 +429,9 @@ static void *runtime_main(void *arg)
         return NULL;
     if (rc == 0)
         rc = data_start(rt);
-    if (rc == 0 && rt->gpu && wk_cuda_bind(wk_gpu_cuda(rt->gpu)) < 0) {
-        snprintf(rt->err, sizeof(rt->err), "the GPU's context: %s",
-                 wk_cuda_error(wk_gpu_cuda(rt->gpu)));
-        rc = -EIO;
-    }
+    if (rc == 0 && rt->gpu && (rc = wk_cuda_bind(wk_gpu_cuda(rt->gpu))) < 0)
+        rc = dx_errf(rt->err, sizeof(rt->err), rc, "the GPU's context: %s",
+                     wk_cuda_error(wk_gpu_cuda(rt->gpu)));
     completed = rt->engine ? rt->backend->ops->start_step(rt->engine) : 0;
     for (uint64_t step = completed + 1; step <= rt->job->steps && rc == 0; step++) {
         double t0 = now_ms();
@@ -442,7 +445,11 @@ static void *runtime_main(void *arg)
         memset(rt->op_ms, 0, sizeof(rt->op_ms));
         rt->err[0] = '\0';
         rt->backend->ops->step_begin(rt->engine, step);
+        rt->op_failed = false;
         rc = dp_exec_run(rt->exec, rt->err, sizeof(rt->err));
+        /* told apart by who failed, not by the errno: an engine's or a
+         * transport's -EPROTO (a peer's bad message) is no schedule's */
+        rt->bad_schedule = rc < 0 && !rt->op_failed;
         if (rc == 0) {
             /* the sums' own waits count in sync_ms, not wait_ms: the four
              * times (compute, wait, sync, the rest) stay disjoint */
@@ -501,8 +508,7 @@ static int open_pipe(wk_runtime_t *rt, void *zctx, char *err, size_t errlen)
     return 0;
 fail:
     rc = -errno;
-    snprintf(err, errlen, "cannot open the report pipe: %s", zmq_strerror(-rc));
-    return rc;
+    return dx_errf(err, errlen, rc, "cannot open the report pipe: %s", zmq_strerror(-rc));
 }
 
 /* --- the checkpoint root ------------------------------------------------------------ */
@@ -570,38 +576,31 @@ int wk_runtime_checkpoint_dir(const char *root, const char *dir, char *out, size
     job_spec_escape(dir, qdir, sizeof(qdir));
     if (!realpath(root, real_root)) {
         rc = -errno;
-        snprintf(err, errlen,
-                 "checkpoint.dir \"%s\": the checkpoint root %s cannot be resolved: %s", qdir,
-                 job_spec_escape(root, qroot, sizeof(qroot)), strerror(-rc));
-        return rc;
+        return dx_errf(err, errlen, rc,
+                       "checkpoint.dir \"%s\": the checkpoint root %s cannot be resolved: %s", qdir,
+                       job_spec_escape(root, qroot, sizeof(qroot)), strerror(-rc));
     }
     job_spec_escape(real_root, qroot, sizeof(qroot));
-    if (has_dot_dot(dir)) {
-        snprintf(err, errlen, "checkpoint.dir \"%s\" has a \"..\" component (checkpoint root %s)",
-                 qdir, qroot);
-        return -EINVAL;
-    }
+    if (has_dot_dot(dir))
+        return dx_errf(err, errlen, -EINVAL,
+                       "checkpoint.dir \"%s\" has a \"..\" component (checkpoint root %s)", qdir,
+                       qroot);
     if (snprintf(path, sizeof(path), "%s%s%s", dir[0] == '/' ? "" : real_root,
-                 dir[0] == '/' ? "" : "/", dir) >= (int)sizeof(path)) {
-        snprintf(err, errlen, "checkpoint.dir \"%s\" is too long under checkpoint root %s", qdir,
-                 qroot);
-        return -ENAMETOOLONG;
-    }
-    if ((rc = resolve_path(path, out, outlen)) < 0) {
-        snprintf(err, errlen, "checkpoint.dir \"%s\" under checkpoint root %s: %s", qdir, qroot,
-                 strerror(-rc));
-        return rc;
-    }
+                 dir[0] == '/' ? "" : "/", dir) >= (int)sizeof(path))
+        return dx_errf(err, errlen, -ENAMETOOLONG,
+                       "checkpoint.dir \"%s\" is too long under checkpoint root %s", qdir, qroot);
+    if ((rc = resolve_path(path, out, outlen)) < 0)
+        return dx_errf(err, errlen, rc, "checkpoint.dir \"%s\" under checkpoint root %s: %s", qdir,
+                       qroot, strerror(-rc));
     n = strlen(real_root);
     if (strcmp(real_root, "/") != 0 &&
         (strncmp(out, real_root, n) != 0 || (out[n] != '/' && out[n] != '\0'))) {
         char qout[QUOTE_MAX];
 
-        snprintf(err, errlen,
-                 "checkpoint.dir \"%s\" is outside checkpoint root %s (it leads to %s; see "
-                 "duplex-worker --checkpoint-root)",
-                 qdir, qroot, job_spec_escape(out, qout, sizeof(qout)));
-        return -EINVAL;
+        return dx_errf(err, errlen, -EINVAL,
+                       "checkpoint.dir \"%s\" is outside checkpoint root %s (it leads to %s; see "
+                       "duplex-worker --checkpoint-root)",
+                       qdir, qroot, job_spec_escape(out, qout, sizeof(qout)));
     }
     return 0;
 }
@@ -619,11 +618,10 @@ static int check_job_paths(wk_runtime_t *rt, const struct wk_runtime_opts *opts,
 
     if (rt->job->spec_state != WK_JOB_SPEC_OK)
         return 0;
-    if (!*data_dir && !(*data_dir = wk_data_dataset_dir(spec->train.dataset))) {
-        snprintf(err, errlen, "train.dataset \"%s\": this worker has no such dataset (%s)",
-                 job_spec_escape(spec->train.dataset, why, sizeof(why)), JOB_SPEC_DATASETS);
-        return -EINVAL;
-    }
+    if (!*data_dir && !(*data_dir = wk_data_dataset_dir(spec->train.dataset)))
+        return dx_errf(err, errlen, -EINVAL,
+                       "train.dataset \"%s\": this worker has no such dataset (%s)",
+                       job_spec_escape(spec->train.dataset, why, sizeof(why)), JOB_SPEC_DATASETS);
     rt->ckpt_every = spec->checkpoint.every;
     return wk_runtime_checkpoint_dir(opts->checkpoint_root ? opts->checkpoint_root : ".",
                                      spec->checkpoint.dir, rt->ckpt_dir, sizeof(rt->ckpt_dir), err,
@@ -665,13 +663,12 @@ static int check_memory(const struct wk_job *job, uint64_t limit, int cuda, uint
         uint64_t gpu = limit && limit < gpu_memory ? limit : gpu_memory;
 
         if (m.total > gpu) {
-            snprintf(err, errlen,
-                     "the job needs %s per rank on the GPU; this worker has %s (%s): not "
-                     "allocating it",
-                     job_spec_memory_text(&m, need_text, sizeof(need_text)),
-                     job_spec_bytes_text(gpu, have_text, sizeof(have_text)),
-                     gpu == limit ? "its --memory-limit" : "the GPU's memory");
-            return -EDOM;
+            return dx_errf(err, errlen, -EDOM,
+                           "the job needs %s per rank on the GPU; this worker has %s (%s): not "
+                           "allocating it",
+                           job_spec_memory_text(&m, need_text, sizeof(need_text)),
+                           job_spec_bytes_text(gpu, have_text, sizeof(have_text)),
+                           gpu == limit ? "its --memory-limit" : "the GPU's memory");
         }
     }
     need = cuda ? m.params + m.grads + m.optimizer : m.total;
@@ -679,12 +676,12 @@ static int check_memory(const struct wk_job *job, uint64_t limit, int cuda, uint
         have = limit;
     if (!have || need <= have)
         return 0;
-    snprintf(err, errlen, "the job needs %s per rank%s; this worker has %s (%s): not allocating it",
-             job_spec_memory_text(&m, need_text, sizeof(need_text)),
-             cuda ? " (on the host: all but the activations)" : "",
-             job_spec_bytes_text(have, have_text, sizeof(have_text)),
-             have == limit ? "its --memory-limit" : "MemAvailable now");
-    return -EDOM;
+    return dx_errf(err, errlen, -EDOM,
+                   "the job needs %s per rank%s; this worker has %s (%s): not allocating it",
+                   job_spec_memory_text(&m, need_text, sizeof(need_text)),
+                   cuda ? " (on the host: all but the activations)" : "",
+                   job_spec_bytes_text(have, have_text, sizeof(have_text)),
+                   have == limit ? "its --memory-limit" : "MemAvailable now");
 }
 
 static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self_id,
@@ -706,25 +703,20 @@ static int setup(wk_runtime_t *rt, const Duplex__Assignment *a, const char *self
     if ((rc = dp_sched_generate(job->kind, job->pp, job->microbatches, &rt->sched, err, errlen)) <
         0)
         return rc;
-    if ((rc = dp_exec_create(rt->sched, job->pp_rank, &exec_callbacks, rt, &rt->exec)) < 0) {
-        snprintf(err, errlen, "cannot set up the executor: %s", strerror(-rc));
-        return rc;
-    }
+    if ((rc = dp_exec_create(rt->sched, job->pp_rank, &exec_callbacks, rt, &rt->exec)) < 0)
+        return dx_errf(err, errlen, rc, "cannot set up the executor: %s", strerror(-rc));
     name = opts && opts->backend ? opts->backend : "sim";
-    if (!(backend = rt->backend = wk_backend_find(name))) {
-        snprintf(err, errlen, "backend \"%s\" is unknown; use %s", name, wk_backend_names());
-        return -ENOTSUP;
-    }
+    if (!(backend = rt->backend = wk_backend_find(name)))
+        return dx_errf(err, errlen, -ENOTSUP, "backend \"%s\" is unknown; use %s", name,
+                       wk_backend_names());
     rt->io = (struct wk_engine_io){io_send, io_recv, io_sleep, rt};
     if (!backend->trains || !opts) /* nothing to build: at once */
         return build_backend(rt, NULL, err, errlen);
     {
         const char *data_dir = opts->data_dir;
 
-        if (backend->gpu && !opts->gpu) {
-            snprintf(err, errlen, "the %s backend has no GPU", backend->name);
-            return -EINVAL;
-        }
+        if (backend->gpu && !opts->gpu)
+            return dx_errf(err, errlen, -EINVAL, "the %s backend has no GPU", backend->name);
         if ((rc = check_job_paths(rt, opts, &data_dir, err, errlen)) < 0)
             return rc == -EINVAL ? -EDOM : rc; /* the job's fault, not the worker's */
         if ((rc = check_memory(job, opts->memory_limit, backend->gpu, opts->gpu_memory, err,
@@ -776,10 +768,8 @@ int wk_runtime_create(void *zctx, wk_net_t *data, const Duplex__Assignment *a, c
     int rc;
 
     rt = calloc(1, sizeof(*rt));
-    if (!rt) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!rt)
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     pthread_mutex_init(&rt->lock, NULL);
     atomic_init(&rt->aborted, false);
     atomic_init(&rt->step, 1); /* the job is about to run step 1 */
@@ -790,8 +780,7 @@ int wk_runtime_create(void *zctx, wk_net_t *data, const Duplex__Assignment *a, c
         (rc = open_pipe(rt, zctx, err, errlen)) < 0)
         goto fail;
     if ((rc = pthread_create(&rt->thread, NULL, runtime_main, rt)) != 0) {
-        snprintf(err, errlen, "cannot start the runtime thread: %s", strerror(rc));
-        rc = -rc;
+        rc = dx_errf(err, errlen, -rc, "cannot start the runtime thread: %s", strerror(rc));
         goto fail;
     }
     rt->started = true;

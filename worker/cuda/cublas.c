@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
+
 #define ERROR_MAX 256
 #define CACHE_SLOTS 64 /* distinct GEMMs of a stage: a few per layer kind */
 
@@ -148,10 +150,9 @@ int wk_cublas_cached(const wk_cublas_t *lt, unsigned long long *hits)
 static int resolve(void *lib, const char *name, void **fn, char *err, size_t errlen)
 {
     *fn = dlsym(lib, name);
-    if (!*fn) {
-        snprintf(err, errlen, "cuBLASLt has no %s (a cuBLASLt older than CUDA 11?)", name);
-        return -ENOENT;
-    }
+    if (!*fn)
+        return dx_errf(err, errlen, -ENOENT, "cuBLASLt has no %s (a cuBLASLt older than CUDA 11?)",
+                       name);
     return 0;
 }
 
@@ -164,14 +165,11 @@ int wk_cublas_create(wk_cuda_t *c, size_t workspace_bytes, wk_cublas_t **out, ch
     int rc;
 
     *out = NULL;
-    if (!lib) {
-        snprintf(err, errlen, "cuBLASLt is not open (the GPU stack was opened driver-only)");
-        return -ENOENT;
-    }
-    if (!(lt = calloc(1, sizeof(*lt)))) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!lib)
+        return dx_errf(err, errlen, -ENOENT,
+                       "cuBLASLt is not open (the GPU stack was opened driver-only)");
+    if (!(lt = calloc(1, sizeof(*lt))))
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     lt->cuda = c;
     lt->workspace_bytes = workspace_bytes ? workspace_bytes : WK_CUBLAS_WORKSPACE_DEFAULT;
     {
@@ -200,14 +198,13 @@ int wk_cublas_create(wk_cuda_t *c, size_t workspace_bytes, wk_cublas_t **out, ch
     /* optional: the library's own status names */
     lt->status_name = (lt_status_name_fn)dlsym(lib, "cublasLtGetStatusName");
     if ((st = lt->create(&lt->handle)) != WK_LT_STATUS_SUCCESS) {
-        snprintf(err, errlen, "cublasLtCreate: %s (%d)", status_name(lt, st), st);
+        rc = dx_errf(err, errlen, -EIO, "cublasLtCreate: %s (%d)", status_name(lt, st), st);
         lt->handle = NULL;
-        rc = -EIO;
         goto fail;
     }
     if ((rc = wk_cuda_alloc(c, lt->workspace_bytes, &lt->workspace)) < 0) {
-        snprintf(err, errlen, "cuBLASLt workspace (%zu bytes): %s", lt->workspace_bytes,
-                 wk_cuda_error(c));
+        dx_errf(err, errlen, rc, "cuBLASLt workspace (%zu bytes): %s", lt->workspace_bytes,
+                wk_cuda_error(c));
         lt->workspace = 0;
         goto fail;
     }
@@ -253,39 +250,27 @@ int wk_cublas_op_check(const struct wk_cublas_op *op, char *err, size_t errlen)
 {
     const int a_cols = op->trans_a ? op->m : op->k, b_cols = op->trans_b ? op->k : op->n;
 
-    if (op->m <= 0 || op->n <= 0 || op->k <= 0) {
-        snprintf(err, errlen, "GEMM shape m=%d n=%d k=%d: each must be > 0", op->m, op->n, op->k);
-        return -EINVAL;
-    }
-    if ((op->trans_a != 0 && op->trans_a != 1) || (op->trans_b != 0 && op->trans_b != 1)) {
-        snprintf(err, errlen, "GEMM trans_a %d / trans_b %d: each must be 0 or 1", op->trans_a,
-                 op->trans_b);
-        return -EINVAL;
-    }
-    if (op->dtype != WK_CUBLAS_F32 && op->dtype != WK_CUBLAS_BF16) {
-        snprintf(err, errlen, "GEMM dtype %d: not WK_CUBLAS_F32 or WK_CUBLAS_BF16", (int)op->dtype);
-        return -EINVAL;
-    }
-    if (op->lda < a_cols) {
-        snprintf(err, errlen, "GEMM lda %d < %s %d", op->lda, op->trans_a ? "m" : "k", a_cols);
-        return -EINVAL;
-    }
-    if (op->ldb < b_cols) {
-        snprintf(err, errlen, "GEMM ldb %d < %s %d", op->ldb, op->trans_b ? "k" : "n", b_cols);
-        return -EINVAL;
-    }
-    if (op->ldc < op->n) {
-        snprintf(err, errlen, "GEMM ldc %d < n %d", op->ldc, op->n);
-        return -EINVAL;
-    }
-    if (op->sm_count < 0) {
-        snprintf(err, errlen, "GEMM sm_count %d: must be >= 0", op->sm_count);
-        return -EINVAL;
-    }
-    if (!op->a || !op->b || !op->c) {
-        snprintf(err, errlen, "GEMM with a NULL device pointer (a, b or c)");
-        return -EINVAL;
-    }
+    if (op->m <= 0 || op->n <= 0 || op->k <= 0)
+        return dx_errf(err, errlen, -EINVAL, "GEMM shape m=%d n=%d k=%d: each must be > 0", op->m,
+                       op->n, op->k);
+    if ((op->trans_a != 0 && op->trans_a != 1) || (op->trans_b != 0 && op->trans_b != 1))
+        return dx_errf(err, errlen, -EINVAL, "GEMM trans_a %d / trans_b %d: each must be 0 or 1",
+                       op->trans_a, op->trans_b);
+    if (op->dtype != WK_CUBLAS_F32 && op->dtype != WK_CUBLAS_BF16)
+        return dx_errf(err, errlen, -EINVAL, "GEMM dtype %d: not WK_CUBLAS_F32 or WK_CUBLAS_BF16",
+                       (int)op->dtype);
+    if (op->lda < a_cols)
+        return dx_errf(err, errlen, -EINVAL, "GEMM lda %d < %s %d", op->lda,
+                       op->trans_a ? "m" : "k", a_cols);
+    if (op->ldb < b_cols)
+        return dx_errf(err, errlen, -EINVAL, "GEMM ldb %d < %s %d", op->ldb,
+                       op->trans_b ? "k" : "n", b_cols);
+    if (op->ldc < op->n)
+        return dx_errf(err, errlen, -EINVAL, "GEMM ldc %d < n %d", op->ldc, op->n);
+    if (op->sm_count < 0)
+        return dx_errf(err, errlen, -EINVAL, "GEMM sm_count %d: must be >= 0", op->sm_count);
+    if (!op->a || !op->b || !op->c)
+        return dx_errf(err, errlen, -EINVAL, "GEMM with a NULL device pointer (a, b or c)");
     return 0;
 }
 

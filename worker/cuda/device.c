@@ -4,6 +4,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "common/log.h"
 #include "worker/backend.h"
 #include "worker/cuda/driver.h"
 #include "worker/cuda/gpu.h"
@@ -23,8 +24,8 @@ static int wk_cuda_device_open(const struct wk_device_config *cfg, wk_gpu_t **gp
     if ((rc = wk_cuda_open(&paths, &c, err, errlen)) < 0)
         return rc;
     if ((rc = wk_gpu_create(c, cfg->gpu, 0, &g, why, sizeof(why))) < 0) {
-        snprintf(err, errlen, "the cuda backend cannot start on GPU %d (%s): %s", cfg->gpu,
-                 wk_cuda_describe(c), why);
+        dx_errf(err, errlen, rc, "the cuda backend cannot start on GPU %d (%s): %s", cfg->gpu,
+                wk_cuda_describe(c), why);
         wk_cuda_close(c);
         return rc;
     }

@@ -272,10 +272,8 @@ int wk_cuda_open(const struct wk_cuda_paths *paths, wk_cuda_t **out, char *err, 
     if (!err || errlen == 0)
         return -EINVAL;
     err[0] = '\0';
-    if (!(c = calloc(1, sizeof(*c)))) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!(c = calloc(1, sizeof(*c))))
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     c->ctx_device = -1;
     /* try every piece, so the message lists all that is missing */
     rc = open_driver(c, cuda, err, errlen);
@@ -308,7 +306,7 @@ int wk_cuda_open(const struct wk_cuda_paths *paths, wk_cuda_t **out, char *err, 
         char why[1024];
 
         snprintf(why, sizeof(why), "%s", err);
-        snprintf(err, errlen, "the cuda backend cannot start: %s", why);
+        dx_errf(err, errlen, rc, "the cuda backend cannot start: %s", why);
         wk_cuda_close(c);
         return rc;
     }

@@ -380,10 +380,10 @@ static int links_use(wk_rank_t *c)
 
     if (atomic_load(&c->aborted))
         return wk_rank_fail(c, -ECANCELED, "the job was aborted");
-    /* a transport's -EPROTO (a peer's bad descriptor) is no schedule's:
-     * the runtime reads -EPROTO as the executor's "bad schedule" */
+    /* a transport's -EPROTO (a peer's bad descriptor) passes as it is: the
+     * runtime tells the executor's "bad schedule" apart by who failed */
     if (!g->links_ready && (rc = links_setup(c)) < 0)
-        return rc == -EPROTO ? -EIO : rc;
+        return rc;
     return 0;
 }
 

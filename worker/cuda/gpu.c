@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
+
 #define ERR_MAX 512
 #define WK_GPU_ATTN_SHARED (64 * 1024) /* attention.cu at dh 128: 52.6 KiB */
 #define DESCRIBE_MAX 512
@@ -118,14 +120,12 @@ static int load_module(wk_gpu_t *g, enum gpu_module m, char *err, size_t errlen)
     if (im->cubin_len == 0 || wk_cuda_module_load(g->c, im->cubin, &g->mod[m]) < 0) {
         how = "PTX";
         if (wk_cuda_module_load(g->c, im->ptx, &g->mod[m]) < 0) {
-            if (!wk_gpu_have_kernels()) {
-                snprintf(err, errlen, NO_KERNELS_TEXT " (kernel module %s: %s)", im->name,
-                         wk_cuda_error(g->c));
-                return -ENOTSUP;
-            }
-            snprintf(err, errlen, "kernel module %s: neither its sm_90 cubin nor its PTX loads: %s",
-                     im->name, wk_cuda_error(g->c));
-            return -EIO;
+            if (!wk_gpu_have_kernels())
+                return dx_errf(err, errlen, -ENOTSUP, NO_KERNELS_TEXT " (kernel module %s: %s)",
+                               im->name, wk_cuda_error(g->c));
+            return dx_errf(err, errlen, -EIO,
+                           "kernel module %s: neither its sm_90 cubin nor its PTX loads: %s",
+                           im->name, wk_cuda_error(g->c));
         }
     }
     if (!wk_gpu_have_kernels())
@@ -142,15 +142,13 @@ int wk_gpu_create(wk_cuda_t *c, int device, size_t workspace_bytes, wk_gpu_t **o
     int major = 0, minor = 0, sms = 0, rc;
 
     *out = NULL;
-    if (!(g = calloc(1, sizeof(*g)))) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!(g = calloc(1, sizeof(*g))))
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     g->c = c;
     image_lengths();
     if ((rc = wk_cuda_context(c, device)) < 0 ||
         (rc = wk_cuda_device_info(c, &major, &minor, &sms)) < 0) {
-        snprintf(err, errlen, "GPU %d: %s", device, wk_cuda_error(c));
+        rc = dx_errf(err, errlen, rc, "GPU %d: %s", device, wk_cuda_error(c));
         goto fail;
     }
     g->sms = sms > 0 ? (unsigned)sms : 1;
@@ -160,18 +158,17 @@ int wk_gpu_create(wk_cuda_t *c, int device, size_t workspace_bytes, wk_gpu_t **o
     for (int k = 0; k < WK_K_COUNT; k++) {
         if ((rc = wk_cuda_function(c, g->mod[kernels[k].mod], kernels[k].name, &g->fn[k])) < 0) {
             if (!wk_gpu_have_kernels()) {
-                snprintf(err, errlen, NO_KERNELS_TEXT ": %s", wk_cuda_error(c));
-                rc = -ENOTSUP;
+                rc = dx_errf(err, errlen, -ENOTSUP, NO_KERNELS_TEXT ": %s", wk_cuda_error(c));
                 goto fail;
             }
-            snprintf(err, errlen, "%s", wk_cuda_error(c));
+            rc = dx_errf(err, errlen, rc, "%s", wk_cuda_error(c));
             goto fail;
         }
     }
     /* attention's backward needs more than the default 48 KiB at dh 128 */
     for (int k = WK_K_ATTN_FWD; k <= WK_K_ATTN_BWD_DKDV; k++) {
         if ((rc = wk_cuda_function_shared(c, g->fn[k], WK_GPU_ATTN_SHARED)) < 0) {
-            snprintf(err, errlen, "%s: %s", kernels[k].name, wk_cuda_error(c));
+            rc = dx_errf(err, errlen, rc, "%s: %s", kernels[k].name, wk_cuda_error(c));
             goto fail;
         }
     }
@@ -179,17 +176,17 @@ int wk_gpu_create(wk_cuda_t *c, int device, size_t workspace_bytes, wk_gpu_t **o
         goto fail;
     if ((rc = wk_cuda_stream_create(c, &g->compute)) < 0 ||
         (rc = wk_cuda_stream_create(c, &g->comm)) < 0) {
-        snprintf(err, errlen, "%s", wk_cuda_error(c));
+        rc = dx_errf(err, errlen, rc, "%s", wk_cuda_error(c));
         goto fail;
     }
     g->lane[0].s = g->compute;
     for (int i = 1; i < WK_GPU_LANES; i++) {
         if ((rc = wk_cuda_stream_create(c, &g->lane[i].s)) < 0) {
-            snprintf(err, errlen, "%s", wk_cuda_error(c));
+            rc = dx_errf(err, errlen, rc, "%s", wk_cuda_error(c));
             goto fail;
         }
         if ((rc = wk_cublas_add_stream(g->lt, g->lane[i].s)) < 0) {
-            snprintf(err, errlen, "%s", wk_cublas_error(g->lt));
+            rc = dx_errf(err, errlen, rc, "%s", wk_cublas_error(g->lt));
             goto fail;
         }
     }

@@ -2,7 +2,6 @@
  * attention -> residual -> RMSNorm -> MoE -> residual, final norm and head,
  * chained forward and backward over one micro-batch at a time. */
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,21 +9,10 @@
 #include "worker/model/model.h"
 
 #include "common/ckpt.h"
+#include "common/log.h"
 #include "worker/model/rng.h"
 
 #define MODEL_MAX_PARAMS_PER_LAYER (6 + WK_MOE_MAX_TENSORS)
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err && errlen > 0) {
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -EINVAL;
-}
 
 static int nlayers(const struct wk_model *m)
 {
@@ -50,17 +38,18 @@ int wk_model_config_check(const struct wk_model_config *cfg, char *err, size_t e
     struct wk_moe_config mc;
 
     if (cfg->vocab < 1 || cfg->d_model < 1 || cfg->layers < 1 || cfg->heads < 1 || cfg->seq_len < 1)
-        return fail(err, errlen, "vocab, d_model, layers, heads and seq_len must be positive");
+        return dx_errf(err, errlen, -EINVAL,
+                       "vocab, d_model, layers, heads and seq_len must be positive");
     if (cfg->d_model % cfg->heads != 0)
-        return fail(err, errlen, "d_model %d is not a multiple of heads %d", cfg->d_model,
-                    cfg->heads);
+        return dx_errf(err, errlen, -EINVAL, "d_model %d is not a multiple of heads %d",
+                       cfg->d_model, cfg->heads);
     moe_config(cfg, &mc);
     if (wk_moe_config_check(&mc) < 0)
-        return fail(err, errlen,
-                    "the MoE shape (experts %d, top_k %d, groups %d, limit %d, "
-                    "hidden %d, shared %d) is not valid",
-                    cfg->experts, cfg->top_k, cfg->expert_groups, cfg->group_limit,
-                    cfg->expert_hidden, cfg->shared_experts);
+        return dx_errf(err, errlen, -EINVAL,
+                       "the MoE shape (experts %d, top_k %d, groups %d, limit %d, "
+                       "hidden %d, shared %d) is not valid",
+                       cfg->experts, cfg->top_k, cfg->expert_groups, cfg->group_limit,
+                       cfg->expert_hidden, cfg->shared_experts);
     return 0;
 }
 
@@ -599,10 +588,8 @@ int wk_model_ckpt_load(struct wk_model *m, const struct dx_ckpt_reader *const *s
     char name[sizeof(m->params[0].name) + CKPT_SUFFIX_MAX];
     int rc;
 
-    if (m->opt.count != m->nparams) {
-        snprintf(err, errlen, "the model has no optimizer to load into");
-        return -EINVAL;
-    }
+    if (m->opt.count != m->nparams)
+        return dx_errf(err, errlen, -EINVAL, "the model has no optimizer to load into");
     for (int i = 0; i < m->nparams; i++) {
         const struct wk_model_param *p = &m->params[i];
         struct wk_adamw_param *o = &m->opt.p[i];

@@ -832,10 +832,8 @@ int wk_rank_create(const struct wk_job *a, const dp_sched_t *sched, const char *
     int rc;
 
     c = calloc(1, sizeof(*c));
-    if (!c) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!c)
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     begin(c, err, errlen);
     c->eng = eng;
     c->nccl_timeout_ms = WK_RANK_NCCL_TIMEOUT_MS;

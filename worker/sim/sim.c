@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "worker/job.h"
 
 struct sim {
@@ -62,8 +63,7 @@ static int sim_create(const struct wk_engine_args *args, void **engine, char *er
 nomem:
     if (s)
         sim_destroy(s);
-    snprintf(err, errlen, "out of memory");
-    return -ENOMEM;
+    return dx_errf(err, errlen, -ENOMEM, "out of memory");
 }
 
 static uint64_t sim_start_step(const void *engine)
@@ -89,8 +89,8 @@ static int sim_compute(void *engine, const struct dp_op *op, char *err, size_t e
     int rc = s->io.sleep(s->io.arg, s->cost_ms[op->kind]);
 
     if (rc < 0 && rc != -ECANCELED)
-        snprintf(err, errlen, "sleeping for %s failed: %s", dp_op_kind_name(op->kind),
-                 strerror(-rc));
+        return dx_errf(err, errlen, rc, "sleeping for %s failed: %s", dp_op_kind_name(op->kind),
+                       strerror(-rc));
     return rc;
 }
 

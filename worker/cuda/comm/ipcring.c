@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "kernels/transport_ref.h"
 
 struct wk_ipcring {
@@ -239,15 +240,12 @@ int wk_ipcring_offer(wk_cuda_t *c, const struct wk_ipcring_channel *ch, int peer
     *out = NULL;
     if ((rc = wk_ipcring_create(c, WK_IPCRING_LINK_CHANNELS, WK_IPCRING_LINK_SLOTS,
                                 WK_IPCRING_LINK_SLOT_BYTES, out)) < 0 ||
-        (rc = wk_ipcring_export(*out, &d)) < 0) {
-        snprintf(err, errlen, "the IPC ring from %s %d: %s", who, peer, wk_cuda_error(c));
-        return rc;
-    }
+        (rc = wk_ipcring_export(*out, &d)) < 0)
+        return dx_errf(err, errlen, rc, "the IPC ring from %s %d: %s", who, peer, wk_cuda_error(c));
     if ((rc = wk_ipcring_desc_encode(&d, buf, sizeof(buf))) < 0 ||
-        (rc = ch->send(ch->arg, peer, buf, (size_t)rc)) < 0) {
-        snprintf(err, errlen, "the IPC ring's descriptor to %s %d: %s", who, peer, strerror(-rc));
-        return rc;
-    }
+        (rc = ch->send(ch->arg, peer, buf, (size_t)rc)) < 0)
+        return dx_errf(err, errlen, rc, "the IPC ring's descriptor to %s %d: %s", who, peer,
+                       strerror(-rc));
     return 0;
 }
 
@@ -261,18 +259,13 @@ int wk_ipcring_accept(wk_cuda_t *c, const struct wk_ipcring_channel *ch, int pee
     int rc;
 
     *out = NULL;
-    if ((rc = ch->recv(ch->arg, peer, buf, sizeof(buf), &len)) < 0) {
-        snprintf(err, errlen, "the IPC ring's descriptor from %s %d: %s", who, peer, strerror(-rc));
-        return rc;
-    }
-    if ((rc = wk_ipcring_desc_decode(buf, len, &d, why, sizeof(why))) < 0) {
-        snprintf(err, errlen, "%s %d's IPC ring: %s", who, peer, why);
-        return rc;
-    }
-    if ((rc = wk_ipcring_import(c, &d, out)) < 0) {
-        snprintf(err, errlen, "%s %d's IPC ring: %s", who, peer, wk_cuda_error(c));
-        return rc;
-    }
+    if ((rc = ch->recv(ch->arg, peer, buf, sizeof(buf), &len)) < 0)
+        return dx_errf(err, errlen, rc, "the IPC ring's descriptor from %s %d: %s", who, peer,
+                       strerror(-rc));
+    if ((rc = wk_ipcring_desc_decode(buf, len, &d, why, sizeof(why))) < 0)
+        return dx_errf(err, errlen, rc, "%s %d's IPC ring: %s", who, peer, why);
+    if ((rc = wk_ipcring_import(c, &d, out)) < 0)
+        return dx_errf(err, errlen, rc, "%s %d's IPC ring: %s", who, peer, wk_cuda_error(c));
     return 0;
 }
 

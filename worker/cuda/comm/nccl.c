@@ -12,6 +12,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/log.h"
+
 #define NCCL_ERR_LEN 512
 #define POLL_MAX_US 10000 /* the longest nap between polls of a waiting call */
 
@@ -52,10 +54,8 @@ static const struct {
 int wk_nccl_api_load(void *lib, struct wk_nccl_api *api, char *err, size_t errlen)
 {
     memset(api, 0, sizeof(*api));
-    if (!lib) {
-        snprintf(err, errlen, "NCCL is not open (libnccl.so.2 was not loaded)");
-        return -ENOENT;
-    }
+    if (!lib)
+        return dx_errf(err, errlen, -ENOENT, "NCCL is not open (libnccl.so.2 was not loaded)");
     for (size_t i = 0; i < sizeof(nccl_symbols) / sizeof(nccl_symbols[0]); i++) {
         void *sym;
 
@@ -63,10 +63,10 @@ int wk_nccl_api_load(void *lib, struct wk_nccl_api *api, char *err, size_t errle
         sym = dlsym(lib, nccl_symbols[i].name);
         if (!sym) {
             const char *why = dlerror();
-            snprintf(err, errlen, "NCCL has no %s: %s", nccl_symbols[i].name,
-                     why ? why : "symbol is NULL");
+
             memset(api, 0, sizeof(*api));
-            return -ENOENT;
+            return dx_errf(err, errlen, -ENOENT, "NCCL has no %s: %s", nccl_symbols[i].name,
+                           why ? why : "symbol is NULL");
         }
         /* POSIX: a data pointer from dlsym converts to a function pointer */
         memcpy((char *)api + nccl_symbols[i].offset, &sym, sizeof(sym));
@@ -210,10 +210,9 @@ int wk_nccl_unique_id(const wk_cuda_t *c, unsigned char out[WK_NCCL_ID_BYTES], c
     wk_nccl_abi_id id;
     int rc, result;
 
-    if (!c || !out) {
-        snprintf(err, errlen, "wk_nccl_unique_id: no CUDA stack or no output buffer");
-        return -EINVAL;
-    }
+    if (!c || !out)
+        return dx_errf(err, errlen, -EINVAL,
+                       "wk_nccl_unique_id: no CUDA stack or no output buffer");
     if ((rc = wk_nccl_api_load(wk_cuda_nccl_library(c), &api, err, errlen)) < 0)
         return rc;
     memset(&id, 0, sizeof(id));
@@ -238,23 +237,17 @@ static int create(const struct wk_nccl_api *api, const unsigned char id[WK_NCCL_
     int result, rc;
 
     *out = NULL;
-    if (!api || !id) {
-        snprintf(err, errlen, "wk_nccl_create: no NCCL entry points or no NCCL unique id");
-        return -EINVAL;
-    }
-    if (nranks < 1 || rank < 0 || rank >= nranks) {
-        snprintf(err, errlen, "wk_nccl_create: rank %d is outside a communicator of %d ranks", rank,
-                 nranks);
-        return -EINVAL;
-    }
-    if (wait && wait->timeout_ms <= 0) {
-        snprintf(err, errlen, "wk_nccl_join: a timeout of %d ms", wait->timeout_ms);
-        return -EINVAL;
-    }
-    if (!(n = calloc(1, sizeof(*n)))) {
-        snprintf(err, errlen, "wk_nccl_create: out of memory");
-        return -ENOMEM;
-    }
+    if (!api || !id)
+        return dx_errf(err, errlen, -EINVAL,
+                       "wk_nccl_create: no NCCL entry points or no NCCL unique id");
+    if (nranks < 1 || rank < 0 || rank >= nranks)
+        return dx_errf(err, errlen, -EINVAL,
+                       "wk_nccl_create: rank %d is outside a communicator of %d ranks", rank,
+                       nranks);
+    if (wait && wait->timeout_ms <= 0)
+        return dx_errf(err, errlen, -EINVAL, "wk_nccl_join: a timeout of %d ms", wait->timeout_ms);
+    if (!(n = calloc(1, sizeof(*n))))
+        return dx_errf(err, errlen, -ENOMEM, "wk_nccl_create: out of memory");
     n->api = *api;
     n->nranks = nranks;
     n->rank = rank;
@@ -273,7 +266,7 @@ static int create(const struct wk_nccl_api *api, const unsigned char id[WK_NCCL_
         if (result != WK_NCCL_ABI_SUCCESS && result != WK_NCCL_ABI_IN_PROGRESS)
             goto fail;
         if ((rc = settle(n, comm, result, call)) < 0) {
-            snprintf(err, errlen, "%s", n->err);
+            rc = dx_errf(err, errlen, rc, "%s", n->err);
             goto release;
         }
     } else if ((result = n->api.comm_init_rank(&comm, nranks, abi_id, rank)) !=
@@ -313,10 +306,8 @@ int wk_nccl_join(wk_cuda_t *c, const unsigned char id[WK_NCCL_ID_BYTES], int nra
     int rc;
 
     *out = NULL;
-    if (!c) {
-        snprintf(err, errlen, "wk_nccl_create: no CUDA stack");
-        return -EINVAL;
-    }
+    if (!c)
+        return dx_errf(err, errlen, -EINVAL, "wk_nccl_create: no CUDA stack");
     if ((rc = wk_nccl_api_load(wk_cuda_nccl_library(c), &api, err, errlen)) < 0)
         return rc;
     return create(&api, id, nranks, rank, wait, out, err, errlen);
@@ -361,33 +352,26 @@ const char *wk_nccl_error(const wk_nccl_t *n)
 int wk_nccl_transfers_check(const struct wk_nccl_transfer *t, size_t n, int nranks, char *err,
                             size_t errlen)
 {
-    if (n > 0 && !t) {
-        snprintf(err, errlen, "%zu transfers but no list", n);
-        return -EINVAL;
-    }
+    if (n > 0 && !t)
+        return dx_errf(err, errlen, -EINVAL, "%zu transfers but no list", n);
     for (size_t i = 0; i < n; i++) {
         const char *dir = t[i].recv ? "receive from" : "send to";
 
-        if (t[i].recv != 0 && t[i].recv != 1) {
-            snprintf(err, errlen, "transfer %zu: recv is %d, not 0 (send) or 1 (receive)", i,
-                     t[i].recv);
-            return -EINVAL;
-        }
-        if (t[i].peer < 0 || t[i].peer >= nranks) {
-            snprintf(err, errlen, "transfer %zu: %s rank %d of a communicator of %d ranks", i, dir,
-                     t[i].peer, nranks);
-            return -EINVAL;
-        }
-        if (t[i].type != WK_NCCL_BYTES && t[i].type != WK_NCCL_FP32) {
-            snprintf(err, errlen, "transfer %zu: %s rank %d: unknown element type %d", i, dir,
-                     t[i].peer, (int)t[i].type);
-            return -EINVAL;
-        }
-        if (t[i].count > 0 && t[i].buf == 0) {
-            snprintf(err, errlen, "transfer %zu: %s rank %d: %zu %s with no device buffer", i, dir,
-                     t[i].peer, t[i].count, type_name(t[i].type));
-            return -EINVAL;
-        }
+        if (t[i].recv != 0 && t[i].recv != 1)
+            return dx_errf(err, errlen, -EINVAL,
+                           "transfer %zu: recv is %d, not 0 (send) or 1 (receive)", i, t[i].recv);
+        if (t[i].peer < 0 || t[i].peer >= nranks)
+            return dx_errf(err, errlen, -EINVAL,
+                           "transfer %zu: %s rank %d of a communicator of %d ranks", i, dir,
+                           t[i].peer, nranks);
+        if (t[i].type != WK_NCCL_BYTES && t[i].type != WK_NCCL_FP32)
+            return dx_errf(err, errlen, -EINVAL,
+                           "transfer %zu: %s rank %d: unknown element type %d", i, dir, t[i].peer,
+                           (int)t[i].type);
+        if (t[i].count > 0 && t[i].buf == 0)
+            return dx_errf(err, errlen, -EINVAL,
+                           "transfer %zu: %s rank %d: %zu %s with no device buffer", i, dir,
+                           t[i].peer, t[i].count, type_name(t[i].type));
     }
     return 0;
 }
@@ -442,23 +426,18 @@ int wk_nccl_exchange_across(wk_nccl_t *const *comms, wk_cuda_stream stream,
     size_t i;
 
     for (i = 0; i < count; i++) {
-        if (!comms[i]) {
-            snprintf(err, errlen, "transfer %zu has no communicator", i);
-            return -EINVAL;
-        }
+        if (!comms[i])
+            return dx_errf(err, errlen, -EINVAL, "transfer %zu has no communicator", i);
         if ((rc = wk_nccl_transfers_check(&t[i], 1, comms[i]->nranks, err, errlen)) < 0)
             return rc;
-        if (!live_comm(comms[i], "ncclGroupStart")) {
-            snprintf(err, errlen, "%s", comms[i]->err);
-            return -ECANCELED;
-        }
+        if (!live_comm(comms[i], "ncclGroupStart"))
+            return dx_errf(err, errlen, -ECANCELED, "%s", comms[i]->err);
     }
     if (count == 0)
         return 0;
     if ((result = comms[0]->api.group_start()) != WK_NCCL_ABI_SUCCESS) {
         rc = nccl_fail(comms[0], comms[0]->comm, result, "ncclGroupStart");
-        snprintf(err, errlen, "%s", comms[0]->err);
-        return rc;
+        return dx_errf(err, errlen, rc, "%s", comms[0]->err);
     }
     for (i = 0; i < count && rc == 0; i++) {
         wk_nccl_t *n = comms[i];
@@ -484,7 +463,7 @@ int wk_nccl_exchange_across(wk_nccl_t *const *comms, wk_cuda_stream stream,
         rc = settle_or_abort(comms[i], comms[i]->comm, result, call);
     }
     if (rc < 0)
-        snprintf(err, errlen, "%s", comms[i > 0 ? i - 1 : 0]->err);
+        return dx_errf(err, errlen, rc, "%s", comms[i > 0 ? i - 1 : 0]->err);
     return rc;
 }
 

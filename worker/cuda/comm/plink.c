@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "worker/cuda/comm/ipcring.h"
 
 #define ERR_MAX 512
@@ -211,14 +212,10 @@ int wk_plink_create(const struct wk_plink_config *cfg, wk_plink_t **out, char *e
 
     *out = NULL;
     if (!cfg->gpu || cfg->pp < 1 || cfg->pp_rank < 0 || cfg->pp_rank >= cfg->pp ||
-        cfg->msg_bytes == 0 || cfg->max_msgs < 1 || !cfg->send_bytes || !cfg->recv_bytes) {
-        snprintf(err, errlen, "wk_plink_create: a bad configuration");
-        return -EINVAL;
-    }
-    if (!(l = calloc(1, sizeof(*l)))) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+        cfg->msg_bytes == 0 || cfg->max_msgs < 1 || !cfg->send_bytes || !cfg->recv_bytes)
+        return dx_errf(err, errlen, -EINVAL, "wk_plink_create: a bad configuration");
+    if (!(l = calloc(1, sizeof(*l))))
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     l->cfg = *cfg;
     l->c = wk_gpu_cuda(cfg->gpu);
     for (int i = 0; i < NLINKS; i++) {
@@ -265,7 +262,7 @@ int wk_plink_create(const struct wk_plink_config *cfg, wk_plink_t **out, char *e
     *out = l;
     return 0;
 fail:
-    snprintf(err, errlen, "%s", l->err);
+    dx_errf(err, errlen, rc, "%s", l->err);
     wk_plink_destroy(l);
     return rc;
 }

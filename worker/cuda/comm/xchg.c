@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "worker/cuda/comm/ipcring.h"
 
 #define ERR_MAX 512
@@ -123,14 +124,11 @@ int wk_xchg_create(const struct wk_xchg_config *cfg, wk_xchg_t **out, char *err,
 
     *out = NULL;
     if (!cfg->gpu || cfg->ranks < 1 || cfg->rank < 0 || cfg->rank >= cfg->ranks ||
-        !cfg->same_node || cfg->max_calls < 1 || !cfg->send_bytes || !cfg->recv_bytes) {
-        snprintf(err, errlen, "wk_xchg_create: a bad configuration");
-        return -EINVAL;
-    }
+        !cfg->same_node || cfg->max_calls < 1 || !cfg->send_bytes || !cfg->recv_bytes)
+        return dx_errf(err, errlen, -EINVAL, "wk_xchg_create: a bad configuration");
     if (!(x = calloc(1, sizeof(*x))) || !(x->peer = calloc((size_t)cfg->ranks, sizeof(*x->peer)))) {
         free(x);
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     }
     x->cfg = *cfg;
     x->cfg.same_node = NULL; /* the caller's; read here only */
@@ -161,7 +159,7 @@ int wk_xchg_create(const struct wk_xchg_config *cfg, wk_xchg_t **out, char *err,
     *out = x;
     return 0;
 fail:
-    snprintf(err, errlen, "%s", x->err);
+    dx_errf(err, errlen, rc, "%s", x->err);
     wk_xchg_destroy(x);
     return rc;
 }

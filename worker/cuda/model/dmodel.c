@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "worker/cuda/model/dlayer.h"
 #include "worker/cuda/model/dmoe.h"
 
@@ -314,10 +315,9 @@ int wk_dmodel_create(wk_gpu_t *g, struct wk_model *m, wk_dmodel_t **out, char *e
     int rc = -ENOMEM;
 
     *out = NULL;
-    if (m->opt.count != m->nparams) {
-        snprintf(err, errlen, "the model has no optimizer (wk_model_optim_init first)");
-        return -EINVAL;
-    }
+    if (m->opt.count != m->nparams)
+        return dx_errf(err, errlen, -EINVAL,
+                       "the model has no optimizer (wk_model_optim_init first)");
     if (!(dm = calloc(1, sizeof(*dm))))
         goto oom;
     dm->g = g;
@@ -339,7 +339,7 @@ int wk_dmodel_create(wk_gpu_t *g, struct wk_model *m, wk_dmodel_t **out, char *e
             (rc = wk_cuda_alloc(dm->c, bytes, &dm->p[i].g)) < 0 ||
             (rc = wk_cuda_alloc(dm->c, bytes, &dm->p[i].m)) < 0 ||
             (rc = wk_cuda_alloc(dm->c, bytes, &dm->p[i].v)) < 0) {
-            snprintf(err, errlen, "%s: %s", m->params[i].name, wk_cuda_error(dm->c));
+            rc = dx_errf(err, errlen, rc, "%s: %s", m->params[i].name, wk_cuda_error(dm->c));
             goto fail;
         }
     }
@@ -354,20 +354,20 @@ int wk_dmodel_create(wk_gpu_t *g, struct wk_model *m, wk_dmodel_t **out, char *e
     dm->bf16 = wk_gpu_gemm_dtype(g) == WK_CUBLAS_BF16;
     for (int i = 0; dm->bf16 && i < m->nparams; i++)
         if ((rc = wk_gpu_bf16_keep(g, dm->p[i].w, m->params[i].n)) < 0) {
-            snprintf(err, errlen, "%s", wk_gpu_error(g));
+            rc = dx_errf(err, errlen, rc, "%s", wk_gpu_error(g));
             goto fail;
         }
     if ((rc = make_views(dm)) < 0 || (rc = upload_all(dm)) < 0) {
-        snprintf(err, errlen, "%s", dm->err);
+        rc = dx_errf(err, errlen, rc, "%s", dm->err);
         goto fail;
     }
     *out = dm;
     return 0;
 cuda_fail:
-    snprintf(err, errlen, "%s", wk_cuda_error(dm->c));
+    rc = dx_errf(err, errlen, rc, "%s", wk_cuda_error(dm->c));
     goto fail;
 oom:
-    snprintf(err, errlen, "out of memory");
+    rc = dx_errf(err, errlen, -ENOMEM, "out of memory");
 fail:
     wk_dmodel_destroy(dm);
     return rc < 0 ? rc : -ENOMEM;
