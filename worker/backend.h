@@ -112,6 +112,9 @@ struct wk_backend_device_ops {
      * fault left its context sticky-failed): the worker must exit after
      * the job and be started again. NULL gpu: NULL. */
     const char *(*lost)(const wk_gpu_t *gpu);
+    /* Makes the device current on the calling thread (a job's thread,
+     * before its engine runs): 0, or -errno with the reason in err. */
+    int (*bind)(wk_gpu_t *gpu, char *err, size_t errlen);
     void (*close)(wk_gpu_t *gpu); /* NULL is ignored */
 };
 

@@ -129,7 +129,8 @@ int wk_job_decode(const Duplex__Assignment *a, struct wk_job **out, char *err, s
     }
     /* the envelope's decoder bounds pp, ep and dp one by one, not their
      * product, which sizes the peer table */
-    if (a->pp < 1 || a->ep < 1 || a->dp < 1 || (int64_t)a->pp * a->ep * a->dp > WK_JOB_MAX_RANKS) {
+    if (a->pp < 1 || a->ep < 1 || a->dp < 1 || a->pp > WK_JOB_MAX_RANKS ||
+        a->ep > WK_JOB_MAX_RANKS / a->pp || a->dp > WK_JOB_MAX_RANKS / (a->pp * a->ep)) {
         rc = dx_errf(err, errlen, -EINVAL, "layout pp %d, ep %d, dp %d: more than %d ranks", a->pp,
                      a->ep, a->dp, WK_JOB_MAX_RANKS);
         goto fail;

@@ -429,9 +429,8 @@ static void *runtime_main(void *arg)
         return NULL;
     if (rc == 0)
         rc = data_start(rt);
-    if (rc == 0 && rt->gpu && (rc = wk_cuda_bind(wk_gpu_cuda(rt->gpu))) < 0)
-        rc = dx_errf(rt->err, sizeof(rt->err), rc, "the GPU's context: %s",
-                     wk_cuda_error(wk_gpu_cuda(rt->gpu)));
+    if (rc == 0 && rt->gpu)
+        rc = rt->backend->device->bind(rt->gpu, rt->err, sizeof(rt->err));
     completed = rt->engine ? rt->backend->ops->start_step(rt->engine) : 0;
     for (uint64_t step = completed + 1; step <= rt->job->steps && rc == 0; step++) {
         double t0 = now_ms();

@@ -26,7 +26,7 @@
 
 #include "proto/duplex.pb-c.h"
 #include "worker/net/dataplane.h"
-#include "worker/cuda/gpu.h"
+#include "worker/backend.h"
 
 /* A RECV that waits longer than this fails the job. */
 #define WK_RUNTIME_RECV_TIMEOUT_MS 30000
@@ -38,7 +38,7 @@ struct wk_runtime_opts {
     const char
         *backend; /* "cpu" / "cuda" train the model (worker/rank/rank.h); NULL or "sim" sleeps */
     const char *data_dir; /* the cpu backend's training text; NULL: train.dataset's */
-    wk_gpu_t *gpu;        /* "cuda": the GPU to train on (worker/cuda/gpu.h), the caller's */
+    wk_gpu_t *gpu;        /* a GPU backend's device (worker/backend.h), the caller's */
     int nccl_timeout_ms;  /* "cuda": how long NCCL waits for the other ranks; 0: the default */
     /* cpu/cuda: the directory the job's checkpoint.dir must lead under
      * (wk_runtime_checkpoint_dir); NULL: the working directory */

@@ -55,7 +55,7 @@ Test(backend, only_the_gpu_backend_has_device_ops)
     {
         const struct wk_backend_device_ops *d = wk_backend_find("cuda")->device;
 
-        cr_assert(d && d->open && d->lost && d->close);
+        cr_assert(d && d->open && d->lost && d->bind && d->close);
     }
 }
 
@@ -90,6 +90,7 @@ Test(backend, cuda_device_opens_on_the_fake_stack_and_reports_its_memory)
     cr_assert(strstr(info.describe, FAKECUDA_DEVICE_NAME), "%s", info.describe);
     cr_assert(strstr(info.describe, "; kernels: routing "), "%s", info.describe);
     cr_assert_null(d->lost(gpu), "a fresh context is not lost");
+    cr_assert_eq(d->bind(gpu, err, sizeof(err)), 0, "%s", err); /* a job's thread binds it */
     cr_assert_null(d->lost(NULL));
     d->close(gpu);
     d->close(NULL);

@@ -165,6 +165,9 @@ Test(job, bad_layouts_and_peers_are_refused_naming_the_fault)
     a->ep = 4096;
     a->dp = 4096;
     expect_refused(a, -EINVAL, "more than 65536 ranks");
+    a->pp = a->ep = a->dp = 2147483647; /* an in-process caller's: no overflow on the way */
+    expect_refused(a, -EINVAL, "more than 65536 ranks");
+    a->pp = 2;
     a->ep = a->dp = 1;
     a->peers[0]->ep = 1;
     expect_refused(a, -EINVAL, "peer w0 has ranks ep 1, dp 0 outside the job");

@@ -44,6 +44,14 @@ static const char *wk_cuda_device_lost(const wk_gpu_t *gpu)
     return gpu ? wk_cuda_lost(wk_gpu_cuda(gpu)) : NULL;
 }
 
+static int wk_cuda_device_bind(wk_gpu_t *gpu, char *err, size_t errlen)
+{
+    wk_cuda_t *c = wk_gpu_cuda(gpu);
+    int rc = wk_cuda_bind(c);
+
+    return rc < 0 ? dx_errf(err, errlen, rc, "the GPU's context: %s", wk_cuda_error(c)) : 0;
+}
+
 static void wk_cuda_device_close(wk_gpu_t *gpu)
 {
     wk_cuda_t *c;
@@ -58,5 +66,6 @@ static void wk_cuda_device_close(wk_gpu_t *gpu)
 const struct wk_backend_device_ops wk_cuda_device_ops = {
     .open = wk_cuda_device_open,
     .lost = wk_cuda_device_lost,
+    .bind = wk_cuda_device_bind,
     .close = wk_cuda_device_close,
 };

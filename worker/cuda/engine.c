@@ -169,6 +169,8 @@ static int gpu_backward(wk_rank_t *c, struct wk_rank_chunk *ch, struct wk_rank_s
  * per stage, the same calls in the same order on every rank; key = the
  * position in stage_members, so the sums run in the host sums' order). A
  * stage one rank holds gets no communicator: it has nothing to sum. */
+static void dev_abort(wk_rank_t *c);
+
 static int nccl_groups(wk_rank_t *c)
 {
     struct dev *g = c->eng_state;
@@ -354,6 +356,10 @@ static int links_setup(wk_rank_t *c)
     for (int i = 0; i < c->nchunks; i++)
         groups += g->chunk[i].group != NULL;
     atomic_store(&g->links_ready, 1); /* after the links: wk_rank_abort reads them */
+    /* an abort that came during the setup found no links to stop: they are
+     * now (each abort is idempotent, so one seen by both threads is fine) */
+    if (atomic_load(&c->aborted))
+        dev_abort(c);
     if (g->ep_nodes > 1)
         snprintf(hops, sizeof(hops), ", expert rows in two hops (%d nodes x %d)", g->ep_nodes,
                  g->ep_per_node);
@@ -643,9 +649,11 @@ static int setup_gpu(wk_rank_t *c, const struct wk_job *a, wk_gpu_t *gpu)
 
 static int dev_setup(wk_rank_t *c, const struct wk_job *job, void *device)
 {
-    struct dev *g = calloc(1, sizeof(*g));
+    struct dev *g;
 
-    if (!g)
+    if (!device)
+        return wk_rank_fail(c, -EINVAL, "the %s engine needs a GPU", c->eng->name);
+    if (!(g = calloc(1, sizeof(*g))))
         return wk_rank_fail(c, -ENOMEM, "out of memory");
     c->eng_state = g;
     return setup_gpu(c, job, device);

@@ -603,8 +603,8 @@ static int advertise(wk_net_t *d, const char *bound, const char *host, char *err
             n = snprintf(d->addr, sizeof(d->addr), "%s%s%s", tcp, host, colon);
     }
     if (n < 0 || (size_t)n >= sizeof(d->addr)) {
-        snprintf(err, errlen, "the data-plane address for %s is too long", bound);
-        return -ENAMETOOLONG;
+        return dx_errf(err, errlen, -ENAMETOOLONG, "the data-plane address for %s is too long",
+                       bound);
     }
     return 0;
 }
@@ -643,8 +643,8 @@ static int control_setup(wk_net_t *d, char *err, size_t errlen)
     return 0;
 fail:
     rc = -errno;
-    snprintf(err, errlen, "cannot create the data-plane control sockets: %s", zmq_strerror(-rc));
-    return rc;
+    return dx_errf(err, errlen, rc, "cannot create the data-plane control sockets: %s",
+                   zmq_strerror(-rc));
 }
 
 static int sync_init(wk_net_t *d)
@@ -691,14 +691,11 @@ int wk_net_create(void *zctx, const char *listen, const char *advertise_host, wk
     int rc;
 
     d = calloc(1, sizeof(*d));
-    if (!d) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!d)
+        return dx_errf(err, errlen, -ENOMEM, "out of memory");
     if ((rc = sync_init(d)) < 0) {
-        snprintf(err, errlen, "cannot create the data-plane lock: %s", strerror(-rc));
         free(d);
-        return rc;
+        return dx_errf(err, errlen, rc, "cannot create the data-plane lock: %s", strerror(-rc));
     }
     d->zctx = zctx;
     d->lim = default_limits;
@@ -711,27 +708,26 @@ int wk_net_create(void *zctx, const char *listen, const char *advertise_host, wk
                                   sizeof(d->lim.zap_hold_ms)) < 0)
         rc = -errno;
     if (rc < 0) {
-        snprintf(err, errlen, "cannot create the data-plane socket: %s", zmq_strerror(-rc));
+        dx_errf(err, errlen, rc, "cannot create the data-plane socket: %s", zmq_strerror(-rc));
         goto fail;
     }
     if ((rc = control_setup(d, err, errlen)) < 0)
         goto fail;
     if (zmq_bind(d->pull, listen) < 0) {
         rc = -errno;
-        snprintf(err, errlen, "cannot bind the data plane on %s: %s", listen, zmq_strerror(-rc));
+        dx_errf(err, errlen, rc, "cannot bind the data plane on %s: %s", listen, zmq_strerror(-rc));
         goto fail;
     }
     if (zmq_getsockopt(d->pull, ZMQ_LAST_ENDPOINT, d->bound, &len) < 0) {
         rc = -errno;
-        snprintf(err, errlen, "cannot read the data-plane endpoint: %s", zmq_strerror(-rc));
+        dx_errf(err, errlen, rc, "cannot read the data-plane endpoint: %s", zmq_strerror(-rc));
         goto fail;
     }
     if ((rc = advertise(d, d->bound, advertise_host, err, errlen)) < 0)
         goto fail;
     /* the thread owns pull, ctl_thread, mon and zap from here (pthread_create orders it) */
     if ((rc = pthread_create(&d->thread, NULL, receiver, d)) != 0) {
-        snprintf(err, errlen, "cannot start the data-plane receiver: %s", strerror(rc));
-        rc = -rc;
+        rc = dx_errf(err, errlen, -rc, "cannot start the data-plane receiver: %s", strerror(rc));
         goto fail;
     }
     d->running = true;
@@ -906,24 +902,17 @@ int wk_net_set_curve(wk_net_t *d, const char *public_z85, const char *secret_z85
     char derived[WK_NET_KEY_LEN + 1];
     int rc;
 
-    if (!zmq_has("curve")) {
-        snprintf(err, errlen, "this libzmq has no CURVE");
-        return -ENOTSUP;
-    }
-    if (!key_valid(public_z85) || !key_valid(secret_z85)) {
-        snprintf(err, errlen, "a CURVE key must be %d Z85 characters", WK_NET_KEY_LEN);
-        return -EINVAL;
-    }
-    if (zmq_curve_public(derived, secret_z85) < 0 || strcmp(derived, public_z85) != 0) {
-        snprintf(err, errlen, "the CURVE public key is not the secret key's");
-        return -EINVAL;
-    }
-    if ((rc = command(d, CMD_ZAP)) < 0) {
-        snprintf(err, errlen, "cannot bind the data plane's ZAP handler on %s: %s%s", ZAP_ENDPOINT,
-                 zmq_strerror(-rc),
-                 rc == -EADDRINUSE ? " (another ZAP handler in this ZeroMQ context)" : "");
-        return rc;
-    }
+    if (!zmq_has("curve"))
+        return dx_errf(err, errlen, -ENOTSUP, "this libzmq has no CURVE");
+    if (!key_valid(public_z85) || !key_valid(secret_z85))
+        return dx_errf(err, errlen, -EINVAL, "a CURVE key must be %d Z85 characters",
+                       WK_NET_KEY_LEN);
+    if (zmq_curve_public(derived, secret_z85) < 0 || strcmp(derived, public_z85) != 0)
+        return dx_errf(err, errlen, -EINVAL, "the CURVE public key is not the secret key's");
+    if ((rc = command(d, CMD_ZAP)) < 0)
+        return dx_errf(err, errlen, rc, "cannot bind the data plane's ZAP handler on %s: %s%s",
+                       ZAP_ENDPOINT, zmq_strerror(-rc),
+                       rc == -EADDRINUSE ? " (another ZAP handler in this ZeroMQ context)" : "");
     pthread_mutex_lock(&d->lock);
     memcpy(d->pub, public_z85, sizeof(d->pub));
     memcpy(d->sec, secret_z85, sizeof(d->sec));
@@ -931,11 +920,10 @@ int wk_net_set_curve(wk_net_t *d, const char *public_z85, const char *secret_z85
     d->curve_gen++;
     d->rebind_force = true;
     pthread_mutex_unlock(&d->lock);
-    if ((rc = command(d, CMD_APPLY)) < 0) {
-        snprintf(err, errlen, "cannot bind the data plane again on %s as a CURVE server: %s",
-                 d->bound, zmq_strerror(-rc));
-        return rc;
-    }
+    if ((rc = command(d, CMD_APPLY)) < 0)
+        return dx_errf(err, errlen, rc,
+                       "cannot bind the data plane again on %s as a CURVE server: %s", d->bound,
+                       zmq_strerror(-rc));
     dx_info("data plane %s: CURVE server with key %s", d->addr, public_z85);
     return 0;
 }

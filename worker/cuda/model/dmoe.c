@@ -1,81 +1,15 @@
 /* dmoe.c - the MoE layer on the GPU (dmoe.h): owns a micro-batch's device
  * buffers and the host copy of its expert offsets; the launch sequences
  * of forward and backward, and with expert parallelism the exchanges of
- * counts and rows between the ep ranks, directly or in two hops. */
-#include "worker/cuda/model/dmoe.h"
+ * counts and rows between the ep ranks, directly here or in two hops
+ * (dmoe_twohop.c; the two share dmoe_impl.h). */
+#include "worker/cuda/model/dmoe_impl.h"
 
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/ref.h" /* the fp8 records' layout */
-
-#define BLOCK 256
-
-/* The ranks that send rows to this rank's experts and take them back: every
- * ep rank, or with two hops the relays of this node. */
-struct ep_group {
-    int P, me;  /* members, this rank's index */
-    int *rank;  /* [P]: each member's ep rank */
-    int *owner; /* [E]: the member running each expert, -1 for none */
-};
-
-/* Two hops: this rank as a source (its tokens to the relays, "hop 1") and as
- * a relay (the rows it received; the dispatch layout, `lay` in struct
- * wk_dmoe_buf, is over those). */
-struct twohop {
-    int N, per; /* nodes, ranks per node */
-    int node;   /* this rank's */
-    int *relay; /* [N]: the ep rank with this rank's local index there */
-    int *noff;  /* [N + 1] host: node_offset of the last forward */
-    int *roff;  /* [N + 1] host: where each node's rows start in recv */
-    int *rcnt;  /* [N * 4] host: the counts as they arrive */
-    int rows1;  /* rows sent (node_offset[N]) */
-    /* device */
-    wk_cuda_ptr owner_hop;            /* [E]: hop_rank of each expert's owner */
-    wk_cuda_ptr node_tokens;          /* [N] */
-    wk_cuda_ptr node_offset;          /* [N + 1] */
-    wk_cuda_ptr send_token;           /* [cap K]: each row's token */
-    wk_cuda_ptr node_slot;            /* [cap][N]: token_node_slot */
-    wk_cuda_ptr send_ids, send_gates; /* [cap K][K] masked per node */
-    wk_cuda_ptr rcnt_dev;             /* [N][4] int32: each node's count to here */
-    wk_cuda_ptr x1;                   /* [cap K][d] the rows sent: x, then dout */
-    wk_cuda_ptr back1;                /* [cap K][d] the relays' sums per (token, node) */
-    wk_cuda_ptr dg1;                  /* [cap K][K] the relays' gate gradients */
-    wk_cuda_ptr recv_x;               /* [N cap][d] rows received: x, then dout */
-    wk_cuda_ptr recv_ids, recv_gates; /* [N cap][K] */
-    wk_cuda_ptr partial;              /* [N cap][d] each received row's sum */
-    wk_cuda_ptr dgate_r;              /* [N cap][K] */
-    wk_cuda_ptr rec1, recv_rec;       /* fp8: x1's and recv_x's records */
-};
-
-struct wk_dmoe_buf {
-    int cap, n;
-    int lay_n; /* rows under the dispatch layout: n, or a relay's received */
-    /* routing and the dispatch layout */
-    wk_cuda_ptr scores, ids, gates, counts, tpe, eoff, rank_rows, rank_off, eslot;
-    wk_cuda_ptr send_token, send_gate, token_slot, owner, ones;
-    /* the experts' forward */
-    wk_cuda_ptr xg, h1, h3, act, y, sh1, sh3, sact, sy, base;
-    wk_cuda_ptr x; /* [cap][d] copy of the input (the router's and shared experts' weights) */
-    /* backward */
-    wk_cuda_ptr dout; /* [cap][d] copy of the output gradient (the shared experts') */
-    wk_cuda_ptr dy, dgate, dlogit, dact, dh1, dh3, dxg, sdact, sdh1, sdh3, sdx, tmp;
-    int *off; /* [E + 1] expert offsets of the last forward, on the host */
-    /* the expert side: the rows this rank's experts run, [expert][source];
-     * without expert parallelism the same buffers as the source side */
-    const struct wk_dmoe_ep *ep;   /* NULL: every expert here */
-    int P;                         /* ep ranks */
-    struct ep_group grp;           /* who sends this rank's experts rows */
-    struct twohop *th;             /* NULL: direct */
-    wk_cuda_ptr xe, ye, dye, dxe;  /* xg, y, dy, dxg's twins */
-    wk_cuda_ptr cnt_dev;           /* [P][Epad] int32: rows each source sends each expert */
-    size_t pitch;                  /* fp8 dispatch: a record's bytes (else 0) */
-    wk_cuda_ptr rec, rec_e;        /* fp8 dispatch: xg's and xe's records */
-    int *xoff;                     /* [E + 1] the expert side's offsets (== off without) */
-    int *cnt, *at;                 /* [P][E] host: those rows, and where they start */
-    struct wk_nccl_transfer *xfer; /* [2 P E]: one exchange's list */
-};
 
 /* every device buffer of struct wk_dmoe_buf, for allocation and release */
 // clang-format off
@@ -87,123 +21,13 @@ struct wk_dmoe_buf {
     X(sdh1) X(sdh3) X(sdx) X(tmp) X(x) X(dout)
 // clang-format on
 
-static unsigned grid_for(const wk_gpu_t *g, size_t items, size_t per_block)
+unsigned dmoe_grid_for(const wk_gpu_t *g, size_t items, size_t per_block)
 {
     size_t blocks = (items + per_block - 1) / per_block, cap = (size_t)wk_gpu_sms(g) * 16;
 
     if (blocks < 1)
         blocks = 1;
     return (unsigned)(blocks < cap ? blocks : cap);
-}
-
-/* Does ep spread the experts over nodes in two hops? */
-static int two_hops(const struct wk_dmoe_ep *ep)
-{
-    return ep && ep->ranks > 1 && ep->hop_rank && ep->nodes > 1;
-}
-
-// clang-format off
-#define HOP_FIELDS(X) \
-    X(owner_hop) X(node_tokens) X(node_offset) X(send_token) X(node_slot) X(send_ids) \
-    X(send_gates) X(rcnt_dev) X(x1) X(back1) X(dg1) X(recv_x) X(recv_ids) X(recv_gates) \
-    X(partial) X(dgate_r)
-// clang-format on
-#define ONE_BYTE(f) char f;
-struct hop_count { /* a byte per field: its size counts them */
-    HOP_FIELDS(ONE_BYTE)
-};
-#undef ONE_BYTE
-#define HOP_NFIELDS sizeof(struct hop_count)
-
-static void twohop_destroy(wk_gpu_t *g, struct twohop *h)
-{
-    if (!h)
-        return;
-#define FREE_HOP(f) wk_cuda_free(wk_gpu_cuda(g), h->f);
-    HOP_FIELDS(FREE_HOP)
-#undef FREE_HOP
-    wk_cuda_free(wk_gpu_cuda(g), h->rec1);
-    wk_cuda_free(wk_gpu_cuda(g), h->recv_rec);
-    free(h->relay);
-    free(h->noff);
-    free(h->roff);
-    free(h->rcnt);
-    free(h);
-}
-
-/* Is ep's two-hop topology whole: nodes x per_node ranks, hop_rank a
- * permutation of them? */
-static int twohop_topology_ok(const struct wk_dmoe_ep *ep)
-{
-    char *seen;
-    int ok = ep->per_node >= 1 && ep->nodes * ep->per_node == ep->ranks;
-
-    if (!ok || !(seen = calloc((size_t)ep->ranks, 1)))
-        return 0;
-    for (int r = 0; r < ep->ranks; r++) {
-        int q = ep->hop_rank[r];
-
-        if (q < 0 || q >= ep->ranks || seen[q]++)
-            ok = 0;
-    }
-    free(seen);
-    return ok;
-}
-
-/* The source's and the relay's buffers and tables of two hops. */
-static int twohop_create(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap,
-                         const struct wk_dmoe_ep *ep, struct twohop **out)
-{
-    const size_t N = (size_t)ep->nodes, E = (size_t)cfg->experts, K = (size_t)cfg->top_k;
-    const size_t d = (size_t)cfg->d_model, n = (size_t)cap, f = sizeof(float);
-    const size_t bytes[] = {
-        E * f,         N * f,         (N + 1) * f,   n * K * f,     n * N * f,     n * K * K * f,
-        n * K * K * f, N * 16,        n * K * d * f, n * K * d * f, n * K * K * f, N * n * d * f,
-        N * n * K * f, N * n * K * f, N * n * d * f, N * n * K * f,
-    };
-    _Static_assert(sizeof(bytes) / sizeof(bytes[0]) == HOP_NFIELDS, "a size per field");
-    wk_cuda_ptr *field[HOP_NFIELDS];
-    wk_cuda_t *c = wk_gpu_cuda(g);
-    struct twohop *h;
-    int *owner_hop = NULL, me, per = ep->per_node, rc = -ENOMEM;
-    size_t k = 0;
-
-    *out = NULL;
-    if (!(h = calloc(1, sizeof(*h))) || !(h->relay = calloc(N, sizeof(int))) ||
-        !(h->noff = calloc(N + 1, sizeof(int))) || !(h->roff = calloc(N + 1, sizeof(int))) ||
-        !(h->rcnt = calloc(N * 4, sizeof(int))) || !(owner_hop = calloc(E, sizeof(int))))
-        goto fail;
-#define SET_HOP(fl) field[k++] = &h->fl;
-    HOP_FIELDS(SET_HOP)
-#undef SET_HOP
-    for (k = 0; k < HOP_NFIELDS; k++)
-        if ((rc = wk_cuda_alloc(c, bytes[k], field[k])) < 0)
-            goto fail;
-    if (cfg->fp8_dispatch) {
-        const size_t pitch = dx_kref_fp8_rec_pitch(cfg->d_model);
-
-        if ((rc = wk_cuda_alloc(c, n * K * pitch, &h->rec1)) < 0 ||
-            (rc = wk_cuda_alloc(c, N * n * pitch, &h->recv_rec)) < 0)
-            goto fail;
-    }
-    h->N = ep->nodes;
-    h->per = per;
-    me = ep->hop_rank[ep->rank];
-    h->node = me / per;
-    for (int r = 0; r < ep->ranks; r++)
-        if (ep->hop_rank[r] % per == me % per)
-            h->relay[ep->hop_rank[r] / per] = r;
-    for (size_t e = 0; e < E; e++)
-        owner_hop[e] = ep->hop_rank[ep->owner[e]];
-    if ((rc = wk_cuda_upload(c, h->owner_hop, owner_hop, E * sizeof(int))) < 0)
-        goto fail;
-    free(owner_hop);
-    *out = h;
-    return 0;
-fail:
-    free(owner_hop);
-    twohop_destroy(g, h);
-    return rc < 0 ? rc : -ENOMEM;
 }
 
 void wk_dmoe_buf_destroy(wk_gpu_t *g, wk_dmoe_buf_t *b)
@@ -221,7 +45,7 @@ void wk_dmoe_buf_destroy(wk_gpu_t *g, wk_dmoe_buf_t *b)
         wk_cuda_free(wk_gpu_cuda(g), b->cnt_dev);
         free(b->xoff);
     }
-    twohop_destroy(g, b->th);
+    dmoe_twohop_destroy(g, b->th);
     wk_cuda_free(wk_gpu_cuda(g), b->rec);
     wk_cuda_free(wk_gpu_cuda(g), b->rec_e);
     free(b->grp.rank);
@@ -244,7 +68,7 @@ static size_t counts_stride(int E)
  * local index; else every ep rank. */
 static int group_init(const struct wk_dmoe_ep *ep, int E, struct ep_group *grp)
 {
-    const int two = two_hops(ep), per = two ? ep->per_node : ep->ranks;
+    const int two = dmoe_twohop_on(ep), per = two ? ep->per_node : ep->ranks;
     const int me = two ? ep->hop_rank[ep->rank] : ep->rank;
 
     if (!(grp->rank = calloc((size_t)per, sizeof(int))) ||
@@ -298,7 +122,7 @@ int wk_dmoe_buf_create_ep(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap,
                           const struct wk_dmoe_ep *ep, wk_dmoe_buf_t **out)
 {
     const struct wk_dmoe_ep *spread = ep && ep->ranks > 1 ? ep : NULL; /* NULL: all here */
-    const int P = spread ? spread->ranks : 1, two = two_hops(spread);
+    const int P = spread ? spread->ranks : 1, two = dmoe_twohop_on(spread);
     const size_t n = (size_t)cap, E = (size_t)cfg->experts, K = (size_t)cfg->top_k;
     const size_t d = (size_t)cfg->d_model, H = (size_t)cfg->expert_hidden;
     const size_t S = (size_t)(cfg->shared_experts > 0 ? cfg->shared_experts : 1), rows = n * K;
@@ -348,7 +172,7 @@ int wk_dmoe_buf_create_ep(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap,
     *out = NULL;
     if (cap < 1 || wk_moe_config_check(cfg) < 0 ||
         (spread && (!spread->owner || spread->rank < 0 || spread->rank >= P)) ||
-        (two && !twohop_topology_ok(spread)))
+        (two && !dmoe_twohop_topology_ok(spread)))
         return -EINVAL;
     for (size_t e = 0; spread && e < E; e++)
         if (spread->owner[e] < 0 || spread->owner[e] >= P)
@@ -373,7 +197,7 @@ int wk_dmoe_buf_create_ep(wk_gpu_t *g, const struct wk_moe_config *cfg, int cap,
         goto fail;
     if (P > 1 && (rc = ep_alloc(g, cfg, b)) < 0)
         goto fail;
-    if (two && (rc = twohop_create(g, cfg, cap, spread, &b->th)) < 0)
+    if (two && (rc = dmoe_twohop_create(g, cfg, cap, spread, &b->th)) < 0)
         goto fail;
     if (cfg->fp8_dispatch) {
         b->pitch = dx_kref_fp8_rec_pitch(cfg->d_model);
@@ -423,7 +247,7 @@ static int ffn_forward(wk_gpu_t *g, wk_cuda_stream s, int d, int H, wk_cuda_ptr 
     if ((rc = wk_gpu_xwt(g, s, x, w1, h1, rows, d, H, 0.0f)) < 0 ||
         (rc = wk_gpu_xwt(g, s, x, w3, h3, rows, d, H, 0.0f)) < 0)
         return rc;
-    if ((rc = wk_gpu_launch(g, WK_K_SWIGLU_FWD, s, grid_for(g, (size_t)count, BLOCK), BLOCK, 0,
+    if ((rc = wk_gpu_launch(g, WK_K_SWIGLU_FWD, s, dmoe_grid_for(g, (size_t)count, BLOCK), BLOCK, 0,
                             args)) < 0)
         return rc;
     return wk_gpu_xwt(g, s, act, w2, y, rows, H, d, 0.0f);
@@ -443,7 +267,7 @@ static int ffn_backward_input(wk_gpu_t *g, wk_cuda_stream s, int d, int H, wk_cu
         return 0;
     if ((rc = wk_gpu_dyw(g, s, dy, w2, dact, rows, H, d, 0.0f)) < 0)
         return rc;
-    if ((rc = wk_gpu_launch(g, WK_K_SWIGLU_BWD, s, grid_for(g, (size_t)count, BLOCK), BLOCK, 0,
+    if ((rc = wk_gpu_launch(g, WK_K_SWIGLU_BWD, s, dmoe_grid_for(g, (size_t)count, BLOCK), BLOCK, 0,
                             args)) < 0)
         return rc;
     if ((rc = wk_gpu_dyw(g, s, dh1, w1, dx, rows, d, H, 0.0f)) < 0 ||
@@ -487,26 +311,22 @@ static int route(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
     if ((rc = wk_cublas_xwt(wk_gpu_cublas(g), s, WK_CUBLAS_F32, x, w->router, b->scores, n, d, E,
                             0.0f, 0)) < 0)
         return wk_gpu_gemm_result(g, rc);
-    if ((rc = wk_gpu_launch(g, WK_K_MOE_SIGMOID, s, grid_for(g, (size_t)count, BLOCK), BLOCK, 0,
-                            sig)) < 0)
+    if ((rc = wk_gpu_launch(g, WK_K_MOE_SIGMOID, s, dmoe_grid_for(g, (size_t)count, BLOCK), BLOCK,
+                            0, sig)) < 0)
         return rc;
     /* the routing kernel accumulates its counts: from zero, on the stream */
     if ((rc = wk_cuda_memset_on(c, s, b->counts, 0, (size_t)E * sizeof(int32_t))) < 0)
         return rc;
     /* one warp per token (routing.cu), its scores in shared memory */
-    if ((rc = wk_gpu_launch(g, WK_K_ROUTE_TOPK, s, grid_for(g, (size_t)n, BLOCK / 32), BLOCK,
+    if ((rc = wk_gpu_launch(g, WK_K_ROUTE_TOPK, s, dmoe_grid_for(g, (size_t)n, BLOCK / 32), BLOCK,
                             (unsigned)((BLOCK / 32) * (E + G) * 8), topk)) < 0 ||
         (load && (rc = wk_gpu_launch(g, WK_K_MOE_LOAD_ADD, s, 1, BLOCK, 0, loads)) < 0))
         return rc;
     return 0;
 }
 
-/* The dispatch layout (tpe, eoff, eslot, send_token, send_gate,
- * token_slot) of n rows' choices ids / gates [n][k], every expert on one
- * rank (b->owner); lay_n = n. A masked choice (-1, at a relay) has
- * token_slot -1. */
-static int layout(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg, wk_dmoe_buf_t *b,
-                  wk_cuda_ptr ids, wk_cuda_ptr gates, int n)
+int dmoe_layout(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg, wk_dmoe_buf_t *b,
+                wk_cuda_ptr ids, wk_cuda_ptr gates, int n)
 {
     int E = cfg->experts, K = cfg->top_k, R = 1, rc;
     void *cnt[] = {&ids, &n, &K, &E, &b->tpe};
@@ -525,34 +345,30 @@ static int layout(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg
     return 0;
 }
 
-/* dst [rows][w] = src[send_token[row]] for the layout's rows. */
-static int pack(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr src, int w, wk_cuda_ptr token, int rows,
-                wk_cuda_ptr dst)
+int dmoe_pack(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr src, int w, wk_cuda_ptr token, int rows,
+              wk_cuda_ptr dst)
 {
     void *args[] = {&src, &w, &token, &rows, &dst};
 
     if (rows == 0)
         return 0;
-    return wk_gpu_launch(g, WK_K_DISPATCH_PACK, s, grid_for(g, (size_t)rows, BLOCK / 32), BLOCK, 0,
-                         args);
+    return wk_gpu_launch(g, WK_K_DISPATCH_PACK, s, dmoe_grid_for(g, (size_t)rows, BLOCK / 32),
+                         BLOCK, 0, args);
 }
 
-/* out [n][w] = base (or 0) + sum over k ascending of gates[t][k] *
- * y[slot[t][k]] (dx_combine; slots < 0 add nothing). */
-static int combine(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr y, int w, wk_cuda_ptr gates,
-                   wk_cuda_ptr slot, int n, int k, wk_cuda_ptr base, wk_cuda_ptr out)
+int dmoe_combine(wk_gpu_t *g, wk_cuda_stream s, wk_cuda_ptr y, int w, wk_cuda_ptr gates,
+                 wk_cuda_ptr slot, int n, int k, wk_cuda_ptr base, wk_cuda_ptr out)
 {
     void *args[] = {&y, &w, &gates, &slot, &n, &k, &base, &out};
 
     if (n == 0)
         return 0;
-    return wk_gpu_launch(g, WK_K_COMBINE, s, grid_for(g, (size_t)n, BLOCK / 32), BLOCK, 0, args);
+    return wk_gpu_launch(g, WK_K_COMBINE, s, dmoe_grid_for(g, (size_t)n, BLOCK / 32), BLOCK, 0,
+                         args);
 }
 
-/* fp8 dispatch: rows [rows][d] fp32 to records pitch bytes apart (quant),
- * or back. */
-static int fp8_records(wk_gpu_t *g, wk_cuda_stream s, const wk_dmoe_buf_t *b, int quant,
-                       wk_cuda_ptr rows_f32, int rows, int d, wk_cuda_ptr rec)
+int dmoe_fp8_records(wk_gpu_t *g, wk_cuda_stream s, const wk_dmoe_buf_t *b, int quant,
+                     wk_cuda_ptr rows_f32, int rows, int d, wk_cuda_ptr rec)
 {
     int pitch = (int)b->pitch;
     void *q[] = {&rows_f32, &rows, &d, &rec, &pitch};
@@ -562,14 +378,13 @@ static int fp8_records(wk_gpu_t *g, wk_cuda_stream s, const wk_dmoe_buf_t *b, in
     if (rows == 0)
         return 0;
     return wk_gpu_launch(g, quant ? WK_K_FP8_QUANT_REC : WK_K_FP8_DEQUANT_REC, s,
-                         grid_for(g, (size_t)rows * tiles, BLOCK / 32), BLOCK, 0, quant ? q : dq);
+                         dmoe_grid_for(g, (size_t)rows * tiles, BLOCK / 32), BLOCK, 0,
+                         quant ? q : dq);
 }
 
 /* --- expert parallelism ---------------------------------------------------------- */
 
-/* The layout's rows per expert (tpe) to every member of the group, theirs
- * into cnt_dev. */
-static int ep_send_counts(wk_gpu_t *g, wk_cuda_stream s, int E, wk_dmoe_buf_t *b)
+int dmoe_ep_send_counts(wk_gpu_t *g, wk_cuda_stream s, int E, wk_dmoe_buf_t *b)
 {
     const size_t bytes = (size_t)E * sizeof(int32_t), stride = counts_stride(E);
     const struct ep_group *grp = &b->grp;
@@ -591,8 +406,7 @@ static int ep_send_counts(wk_gpu_t *g, wk_cuda_stream s, int E, wk_dmoe_buf_t *b
     return 0;
 }
 
-/* Every member's counts, from cnt_dev's padded rows to cnt [P][E]. */
-static int ep_download_counts(wk_cuda_t *c, int E, wk_dmoe_buf_t *b)
+int dmoe_ep_download_counts(wk_cuda_t *c, int E, wk_dmoe_buf_t *b)
 {
     const size_t bytes = (size_t)E * sizeof(int32_t), stride = counts_stride(E);
     int rc;
@@ -603,10 +417,7 @@ static int ep_download_counts(wk_cuda_t *c, int E, wk_dmoe_buf_t *b)
     return 0;
 }
 
-/* The expert side's layout from the counts on the host: the rows of each
- * expert this rank owns, every member's in member order; the others none.
- * A member sends an expert at most limit rows. */
-static int ep_layout(wk_gpu_t *g, int E, int limit, int K, wk_dmoe_buf_t *b)
+int dmoe_ep_layout(wk_gpu_t *g, int E, int limit, int K, wk_dmoe_buf_t *b)
 {
     const struct ep_group *grp = &b->grp;
     long long total = 0;
@@ -643,13 +454,8 @@ static int ep_layout(wk_gpu_t *g, int E, int limit, int K, wk_dmoe_buf_t *b)
     return 0;
 }
 
-/* Moves rows of width w floats between the two sides: to the experts
- * (source side src at off -> expert side dst at at), or back (expert side
- * src -> source side dst). Blocks for this rank's own experts are copies;
- * the others are one transfer per (peer, expert), in expert order on both
- * ends, which is how NCCL pairs them. */
-static int ep_move(wk_gpu_t *g, wk_cuda_stream s, int E, int w, wk_dmoe_buf_t *b, wk_cuda_ptr src,
-                   wk_cuda_ptr dst, int to_experts)
+int dmoe_ep_move(wk_gpu_t *g, wk_cuda_stream s, int E, int w, wk_dmoe_buf_t *b, wk_cuda_ptr src,
+                 wk_cuda_ptr dst, int to_experts)
 {
     const size_t row = (size_t)w * sizeof(float);
     wk_cuda_ptr source = to_experts ? src : dst, expert = to_experts ? dst : src;
@@ -690,207 +496,17 @@ static int ep_move(wk_gpu_t *g, wk_cuda_stream s, int E, int w, wk_dmoe_buf_t *b
     return 0;
 }
 
-/* The layout's packed rows (xg; with fp8 dispatch their records rec) to
- * the expert side xe, after ep_layout. */
-static int rows_to_experts(wk_gpu_t *g, wk_cuda_stream s, int E, int d, wk_dmoe_buf_t *b)
+int dmoe_rows_to_experts(wk_gpu_t *g, wk_cuda_stream s, int E, int d, wk_dmoe_buf_t *b)
 {
     int rc;
 
     if (!b->pitch)
-        return b->P > 1 ? ep_move(g, s, E, d, b, b->xg, b->xe, 1) : 0;
+        return b->P > 1 ? dmoe_ep_move(g, s, E, d, b, b->xg, b->xe, 1) : 0;
     if (b->P == 1) /* xe is xg */
-        return fp8_records(g, s, b, 0, b->xe, b->off[E], d, b->rec);
-    if ((rc = ep_move(g, s, E, (int)(b->pitch / 4), b, b->rec, b->rec_e, 1)) < 0)
+        return dmoe_fp8_records(g, s, b, 0, b->xe, b->off[E], d, b->rec);
+    if ((rc = dmoe_ep_move(g, s, E, (int)(b->pitch / 4), b, b->rec, b->rec_e, 1)) < 0)
         return rc;
-    return fp8_records(g, s, b, 0, b->xe, b->xoff[E], d, b->rec_e);
-}
-
-/* --- two hops -------------------------------------------------------------------- */
-
-static int fail_xchg(wk_gpu_t *g, int rc, const wk_dmoe_buf_t *b, const char *what)
-{
-    return wk_gpu_fail(g, rc, "%s: %s", what, wk_xchg_error(b->ep->xchg));
-}
-
-/* Hop 1's counts: node_tokens[m] to node m's relay and each node's count
- * to this rank as relay; the host then reads them and node_offset. */
-static int hop1_counts(wk_gpu_t *g, wk_cuda_stream s, wk_dmoe_buf_t *b)
-{
-    struct twohop *h = b->th;
-    wk_cuda_t *c = wk_gpu_cuda(g);
-    size_t nx = 0;
-    int rc;
-
-    for (int m = 0; m < h->N; m++) {
-        if (m == h->node)
-            continue;
-        b->xfer[nx++] = (struct wk_nccl_transfer){0, h->relay[m], WK_NCCL_BYTES,
-                                                  h->node_tokens + (size_t)m * 4, 4};
-        b->xfer[nx++] = (struct wk_nccl_transfer){1, h->relay[m], WK_NCCL_BYTES,
-                                                  h->rcnt_dev + (size_t)m * 16, 4};
-    }
-    if ((rc = wk_xchg_run(b->ep->xchg, s, b->xfer, nx)) < 0)
-        return fail_xchg(g, rc, b, "token counts to the relays");
-    if ((rc = wk_cuda_stream_sync(c, s)) < 0 ||
-        (rc = wk_cuda_download(c, h->noff, h->node_offset, (size_t)(h->N + 1) * sizeof(int))) < 0 ||
-        (rc = wk_cuda_download(c, h->rcnt, h->rcnt_dev, (size_t)h->N * 16)) < 0)
-        return rc;
-    h->rows1 = h->noff[h->N];
-    h->roff[0] = 0;
-    for (int m = 0; m < h->N; m++) {
-        int rows = m == h->node ? h->noff[m + 1] - h->noff[m] : h->rcnt[m * 4];
-
-        if (rows < 0 || rows > b->cap)
-            return wk_gpu_fail(g, -EPROTO, "token counts: ep rank %d sends %d rows (at most %d)",
-                               h->relay[m], rows, b->cap);
-        h->roff[m + 1] = h->roff[m] + rows;
-    }
-    return 0;
-}
-
-/* Adds to b->xfer (at *nx) the hop-1 transfers of one buffer pair, w
- * 4-byte elements a row: to the relays, from the source side src1 [rows1]
- * (node m's rows at noff[m]) into the relay side relay [nrecv] (node m's
- * at roff[m]); or back. This node's rows are copied on the stream. */
-static int hop1_add(wk_gpu_t *g, wk_cuda_stream s, wk_dmoe_buf_t *b, size_t *nx, int to_relays,
-                    size_t w, wk_cuda_ptr src1, wk_cuda_ptr relay)
-{
-    const struct twohop *h = b->th;
-    const size_t row = w * 4;
-    wk_cuda_t *c = wk_gpu_cuda(g);
-    int rc;
-
-    for (int m = 0; m < h->N; m++) {
-        wk_cuda_ptr here = src1 + (size_t)h->noff[m] * row,
-                    there = relay + (size_t)h->roff[m] * row;
-        size_t mine = (size_t)(h->noff[m + 1] - h->noff[m]);
-        size_t theirs = (size_t)(h->roff[m + 1] - h->roff[m]);
-
-        if (m == h->node) {
-            if (mine > 0 && (rc = wk_cuda_copy_on(c, s, to_relays ? there : here,
-                                                  to_relays ? here : there, mine * row)) < 0)
-                return wk_gpu_fail(g, rc, "rows to this node's relay: %s", wk_cuda_error(c));
-            continue;
-        }
-        b->xfer[(*nx)++] =
-            (struct wk_nccl_transfer){!to_relays, h->relay[m], WK_NCCL_FP32, here, mine * w};
-        b->xfer[(*nx)++] =
-            (struct wk_nccl_transfer){to_relays, h->relay[m], WK_NCCL_FP32, there, theirs * w};
-    }
-    return 0;
-}
-
-/* The forward up to the experts' input: this rank's tokens x [n][d] to
- * the relays, once per node, with their masked choices; as a relay, the
- * rows received laid out per expert (lay_n = the rows received, b->off
- * their expert offsets) and sent to this node's ranks. */
-static int twohop_dispatch(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
-                           wk_dmoe_buf_t *b, wk_cuda_ptr x, int n)
-{
-    struct twohop *h = b->th;
-    wk_cuda_t *c = wk_gpu_cuda(g);
-    int E = cfg->experts, K = cfg->top_k, d = cfg->d_model, N = h->N, per = h->per, rc;
-    void *count[] = {&b->ids, &n, &K, &h->owner_hop, &per, &N, &h->node_tokens};
-    void *offs[] = {&h->node_tokens, &N, &h->node_offset};
-    void *rows[] = {&b->ids,        &b->gates,     &n,           &K,
-                    &h->owner_hop,  &per,          &N,           &h->node_offset,
-                    &h->send_token, &h->node_slot, &h->send_ids, &h->send_gates};
-    size_t nx = 0;
-
-    if ((rc = wk_gpu_launch(g, WK_K_TWOHOP_COUNT, s, (unsigned)N, BLOCK, 0, count)) < 0 ||
-        (rc = wk_gpu_launch(g, WK_K_TWOHOP_OFFSETS, s, 1, BLOCK, 0, offs)) < 0 ||
-        (rc = wk_gpu_launch(g, WK_K_TWOHOP_ROWS, s, (unsigned)N, BLOCK, 0, rows)) < 0 ||
-        (rc = hop1_counts(g, s, b)) < 0 ||
-        (rc = pack(g, s, x, d, h->send_token, h->rows1, h->x1)) < 0 ||
-        (b->pitch && (rc = fp8_records(g, s, b, 1, h->x1, h->rows1, d, h->rec1)) < 0))
-        return rc;
-    if ((rc = b->pitch ? hop1_add(g, s, b, &nx, 1, b->pitch / 4, h->rec1, h->recv_rec)
-                       : hop1_add(g, s, b, &nx, 1, (size_t)d, h->x1, h->recv_x)) < 0 ||
-        (rc = hop1_add(g, s, b, &nx, 1, (size_t)K, h->send_ids, h->recv_ids)) < 0 ||
-        (rc = hop1_add(g, s, b, &nx, 1, (size_t)K, h->send_gates, h->recv_gates)) < 0)
-        return rc;
-    if ((rc = wk_xchg_run(b->ep->xchg, s, b->xfer, nx)) < 0)
-        return fail_xchg(g, rc, b, "tokens to the relays");
-    /* the relay: the rows received, per expert, to this node's ranks */
-    if ((rc = layout(g, s, cfg, b, h->recv_ids, h->recv_gates, h->roff[N])) < 0 ||
-        (rc = ep_send_counts(g, s, E, b)) < 0 || (rc = wk_cuda_stream_sync(c, s)) < 0 ||
-        (rc = wk_cuda_download(c, b->off, b->eoff, (size_t)(E + 1) * sizeof(int))) < 0 ||
-        (rc = ep_download_counts(c, E, b)) < 0 ||
-        (rc = b->pitch
-                  ? pack(g, s, h->recv_rec, (int)(b->pitch / 4), b->send_token, b->off[E], b->rec)
-                  : pack(g, s, h->recv_x, d, b->send_token, b->off[E], b->xg)) < 0 ||
-        (rc = ep_layout(g, E, N * b->cap, K, b)) < 0)
-        return rc;
-    return rows_to_experts(g, s, E, d, b);
-}
-
-/* After the experts: their outputs back to the relays, each received row's
- * gated sum (partial) back to its source (back1). */
-static int twohop_return(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
-                         wk_dmoe_buf_t *b)
-{
-    struct twohop *h = b->th;
-    const int d = cfg->d_model;
-    size_t nx = 0;
-    int rc;
-
-    if ((rc = ep_move(g, s, cfg->experts, d, b, b->ye, b->y, 0)) < 0 ||
-        (rc = combine(g, s, b->y, d, h->recv_gates, b->token_slot, b->lay_n, cfg->top_k, 0,
-                      h->partial)) < 0 ||
-        (rc = hop1_add(g, s, b, &nx, 0, (size_t)d, h->back1, h->partial)) < 0)
-        return rc;
-    if ((rc = wk_xchg_run(b->ep->xchg, s, b->xfer, nx)) < 0)
-        return fail_xchg(g, rc, b, "sums from the relays");
-    return 0;
-}
-
-/* The backward up to the experts: each token's output gradient dout to its
- * relays, which scale it by the gates into dy (sent on to the experts) and
- * make the gate gradients dgate_r against the outputs they kept. */
-static int twohop_grad_out(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
-                           wk_dmoe_buf_t *b, wk_cuda_ptr dout)
-{
-    struct twohop *h = b->th;
-    int d = cfg->d_model, K = cfg->top_k, nrecv = b->lay_n, rows = b->off[cfg->experts], rc;
-    void *gscale[] = {&h->recv_x, &d, &b->send_token, &b->send_gate, &rows, &b->dy};
-    void *gdot[] = {&h->recv_x, &d, &b->y, &b->token_slot, &nrecv, &K, &h->dgate_r};
-    size_t nx = 0;
-
-    if ((rc = pack(g, s, dout, d, h->send_token, h->rows1, h->x1)) < 0 ||
-        (rc = hop1_add(g, s, b, &nx, 1, (size_t)d, h->x1, h->recv_x)) < 0)
-        return rc;
-    if ((rc = wk_xchg_run(b->ep->xchg, s, b->xfer, nx)) < 0)
-        return fail_xchg(g, rc, b, "output gradients to the relays");
-    if ((rows > 0 &&
-         (rc = wk_gpu_launch(g, WK_K_MOE_GATE_SCALE, s, grid_for(g, (size_t)rows, BLOCK / 32),
-                             BLOCK, 0, gscale)) < 0) ||
-        (nrecv > 0 &&
-         (rc = wk_gpu_launch(g, WK_K_MOE_GATE_DOT, s, grid_for(g, (size_t)nrecv * K, BLOCK), BLOCK,
-                             0, gdot)) < 0))
-        return rc;
-    return ep_move(g, s, cfg->experts, d, b, b->dy, b->dye, 1);
-}
-
-/* After the experts' backward: their input gradients back to the relays,
- * summed per received row, and with the gate gradients back to the
- * sources; there b->dgate [n][k] = the gate gradients (each from the one
- * node that has the expert; the others add 0). */
-static int twohop_grad_in(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
-                          wk_dmoe_buf_t *b)
-{
-    struct twohop *h = b->th;
-    const int d = cfg->d_model, K = cfg->top_k;
-    size_t nx = 0;
-    int rc;
-
-    if ((rc = ep_move(g, s, cfg->experts, d, b, b->dxe, b->dxg, 0)) < 0 ||
-        (rc = combine(g, s, b->dxg, d, b->ones, b->token_slot, b->lay_n, K, 0, h->partial)) < 0 ||
-        (rc = hop1_add(g, s, b, &nx, 0, (size_t)d, h->back1, h->partial)) < 0 ||
-        (rc = hop1_add(g, s, b, &nx, 0, (size_t)K, h->dg1, h->dgate_r)) < 0)
-        return rc;
-    if ((rc = wk_xchg_run(b->ep->xchg, s, b->xfer, nx)) < 0)
-        return fail_xchg(g, rc, b, "input gradients from the relays");
-    return combine(g, s, h->dg1, K, b->ones, h->node_slot, b->n, h->N, 0, b->dgate);
+    return dmoe_fp8_records(g, s, b, 0, b->xe, b->xoff[E], d, b->rec_e);
 }
 
 int wk_dmoe_forward(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
@@ -911,21 +527,21 @@ int wk_dmoe_forward(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *c
         (rc = route(g, s, cfg, w, b, x, n, load)) < 0)
         return rc;
     if (b->th) {
-        if ((rc = twohop_dispatch(g, s, cfg, b, x, n)) < 0)
+        if ((rc = dmoe_twohop_dispatch(g, s, cfg, b, x, n)) < 0)
             return rc;
     } else {
-        if ((rc = layout(g, s, cfg, b, b->ids, b->gates, n)) < 0 ||
-            (rc = pack(g, s, x, d, b->send_token, n * K, b->xg)) < 0 ||
-            (b->pitch && (rc = fp8_records(g, s, b, 1, b->xg, n * K, d, b->rec)) < 0) ||
-            (b->P > 1 && (rc = ep_send_counts(g, s, E, b)) < 0))
+        if ((rc = dmoe_layout(g, s, cfg, b, b->ids, b->gates, n)) < 0 ||
+            (rc = dmoe_pack(g, s, x, d, b->send_token, n * K, b->xg)) < 0 ||
+            (b->pitch && (rc = dmoe_fp8_records(g, s, b, 1, b->xg, n * K, d, b->rec)) < 0) ||
+            (b->P > 1 && (rc = dmoe_ep_send_counts(g, s, E, b)) < 0))
             return rc;
         /* the per-expert GEMMs need the offsets (and the counts) here */
         if ((rc = wk_cuda_stream_sync(c, s)) < 0 ||
             (rc = wk_cuda_download(c, b->off, b->eoff, (size_t)(E + 1) * sizeof(int))) < 0 ||
-            (b->P > 1 && (rc = ep_download_counts(c, E, b)) < 0))
+            (b->P > 1 && (rc = dmoe_ep_download_counts(c, E, b)) < 0))
             return rc;
-        if ((b->P > 1 && (rc = ep_layout(g, E, n * K, K, b)) < 0) ||
-            (rc = rows_to_experts(g, s, E, d, b)) < 0)
+        if ((b->P > 1 && (rc = dmoe_ep_layout(g, E, n * K, K, b)) < 0) ||
+            (rc = dmoe_rows_to_experts(g, s, E, d, b)) < 0)
             return rc;
     }
     for (int e = 0; e < E; e++) {
@@ -936,8 +552,8 @@ int wk_dmoe_forward(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *c
                               b->h3 + o * H * 4, b->act + o * H * 4, b->ye + o * d * 4)) < 0)
             return rc;
     }
-    rc = b->th      ? twohop_return(g, s, cfg, b)
-         : b->P > 1 ? ep_move(g, s, E, d, b, b->ye, b->y, 0)
+    rc = b->th      ? dmoe_twohop_return(g, s, cfg, b)
+         : b->P > 1 ? dmoe_ep_move(g, s, E, d, b, b->ye, b->y, 0)
                     : 0;
     if (rc < 0)
         return rc;
@@ -961,15 +577,15 @@ int wk_dmoe_forward(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *c
             next = b->sy + (size_t)j * cap * d * 4;
             add[0] = j == 1 ? (void *)&b->sy : (void *)&b->base;
             add[1] = &next;
-            if ((rc = wk_gpu_launch(g, WK_K_ADD, s, grid_for(g, (size_t)cnt, BLOCK), BLOCK, 0,
+            if ((rc = wk_gpu_launch(g, WK_K_ADD, s, dmoe_grid_for(g, (size_t)cnt, BLOCK), BLOCK, 0,
                                     add)) < 0)
                 return rc;
         }
         base = b->base;
     }
     if (b->th) /* the relays' sums, node by node */
-        return combine(g, s, b->th->back1, d, b->ones, b->th->node_slot, n, b->th->N, base, out);
-    return combine(g, s, b->y, d, b->gates, b->token_slot, n, K, base, out);
+        return dmoe_twohop_sum(g, s, b, d, n, base, out);
+    return dmoe_combine(g, s, b->y, d, b->gates, b->token_slot, n, K, base, out);
 }
 
 /* --- backward ------------------------------------------------------------------ */
@@ -994,13 +610,14 @@ int wk_dmoe_backward_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_co
     if ((rc = wk_cuda_copy_on(wk_gpu_cuda(g), s, b->dout, dout, (size_t)n * d * sizeof(float))) < 0)
         return rc;
     if (b->th) {
-        if ((rc = twohop_grad_out(g, s, cfg, b, dout)) < 0)
+        if ((rc = dmoe_twohop_grad_out(g, s, cfg, b, dout)) < 0)
             return rc;
-    } else if ((rc = wk_gpu_launch(g, WK_K_MOE_GATE_SCALE, s, grid_for(g, (size_t)rows, BLOCK / 32),
-                                   BLOCK, 0, gscale)) < 0 ||
-               (rc = wk_gpu_launch(g, WK_K_MOE_GATE_DOT, s, grid_for(g, (size_t)rows, BLOCK), BLOCK,
-                                   0, gdot)) < 0 ||
-               (b->P > 1 && (rc = ep_move(g, s, E, d, b, b->dy, b->dye, 1)) < 0)) {
+    } else if ((rc = wk_gpu_launch(g, WK_K_MOE_GATE_SCALE, s,
+                                   dmoe_grid_for(g, (size_t)rows, BLOCK / 32), BLOCK, 0, gscale)) <
+                   0 ||
+               (rc = wk_gpu_launch(g, WK_K_MOE_GATE_DOT, s, dmoe_grid_for(g, (size_t)rows, BLOCK),
+                                   BLOCK, 0, gdot)) < 0 ||
+               (b->P > 1 && (rc = dmoe_ep_move(g, s, E, d, b, b->dy, b->dye, 1)) < 0)) {
         return rc;
     }
     for (int e = 0; e < E; e++) {
@@ -1013,11 +630,12 @@ int wk_dmoe_backward_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_co
             0)
             return rc;
     }
-    rc = b->th      ? twohop_grad_in(g, s, cfg, b)
-         : b->P > 1 ? ep_move(g, s, E, d, b, b->dxe, b->dxg, 0)
+    rc = b->th      ? dmoe_twohop_grad_in(g, s, cfg, b)
+         : b->P > 1 ? dmoe_ep_move(g, s, E, d, b, b->dxe, b->dxg, 0)
                     : 0;
-    if (rc < 0 || (rc = wk_gpu_launch(g, WK_K_MOE_ROUTER_GRAD, s,
-                                      grid_for(g, (size_t)n, BLOCK / 32), BLOCK, 0, rgrad)) < 0)
+    if (rc < 0 ||
+        (rc = wk_gpu_launch(g, WK_K_MOE_ROUTER_GRAD, s, dmoe_grid_for(g, (size_t)n, BLOCK / 32),
+                            BLOCK, 0, rgrad)) < 0)
         return rc;
     for (int j = 0; j < S; j++) {
         size_t sh = (size_t)j * cap;
@@ -1036,13 +654,13 @@ int wk_dmoe_backward_input(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_co
         wk_cuda_ptr sdx = b->sdx + (size_t)j * cap * d * 4;
         void *add[] = {&b->tmp, &sdx, &cnt, &b->tmp};
 
-        if ((rc = wk_gpu_launch(g, WK_K_ADD, s, grid_for(g, (size_t)cnt, BLOCK), BLOCK, 0, add)) <
-            0)
+        if ((rc = wk_gpu_launch(g, WK_K_ADD, s, dmoe_grid_for(g, (size_t)cnt, BLOCK), BLOCK, 0,
+                                add)) < 0)
             return rc;
     }
     if (b->th) /* the relays' sums, node by node */
-        return combine(g, s, b->th->back1, d, b->ones, b->th->node_slot, n, b->th->N, b->tmp, dx);
-    return combine(g, s, b->dxg, d, b->ones, b->token_slot, n, K, b->tmp, dx);
+        return dmoe_twohop_sum(g, s, b, d, n, b->tmp, dx);
+    return dmoe_combine(g, s, b->dxg, d, b->ones, b->token_slot, n, K, b->tmp, dx);
 }
 
 int wk_dmoe_backward_weight(wk_gpu_t *g, wk_cuda_stream s, const struct wk_moe_config *cfg,
