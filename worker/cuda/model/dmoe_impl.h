@@ -92,8 +92,12 @@ int dmoe_rows_to_experts(wk_gpu_t *g, wk_cuda_stream s, int E, int d, wk_dmoe_bu
 
 /* --- dmoe_twohop.c: the exchange in two hops ----------------------------------- */
 
-/* Does ep spread the experts over nodes in two hops? */
-int dmoe_twohop_on(const struct wk_dmoe_ep *ep);
+/* Does ep spread the experts over nodes in two hops? (Inline: what it
+ * says of a NULL ep stays visible to dmoe.c's callers.) */
+static inline int dmoe_twohop_on(const struct wk_dmoe_ep *ep)
+{
+    return ep && ep->ranks > 1 && ep->hop_rank && ep->nodes > 1;
+}
 /* Is ep's two-hop topology whole: nodes x per_node ranks, hop_rank a
  * permutation of them? */
 int dmoe_twohop_topology_ok(const struct wk_dmoe_ep *ep);

@@ -40,11 +40,6 @@ struct twohop {
     wk_cuda_ptr rec1, recv_rec;       /* fp8: x1's and recv_x's records */
 };
 
-int dmoe_twohop_on(const struct wk_dmoe_ep *ep)
-{
-    return ep && ep->ranks > 1 && ep->hop_rank && ep->nodes > 1;
-}
-
 // clang-format off
 #define HOP_FIELDS(X) \
     X(owner_hop) X(node_tokens) X(node_offset) X(send_token) X(node_slot) X(send_ids) \
