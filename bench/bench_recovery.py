@@ -62,9 +62,12 @@ class Cluster(LocalCluster):
         name = "worker-%d" % k
         log = open(os.path.join(self.dir, "logs", name + ".log"), "ab")
         try:
+            # the key local up gives its workers, and duplexd's public key
             p = subprocess.Popen([os.path.join(self.bindir, "duplex-worker"),
                                   "--coordinator", self.addr, "--backend", "cpu",
-                                  "--gpu", str(k), "--node", socket.gethostname()],
+                                  "--gpu", str(k), "--node", socket.gethostname(),
+                                  "--key", os.path.join(self.dir, "keys", "workers.key_secret"),
+                                  "--server-key", self.env["DUPLEX_SERVER_KEY"]],
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                  cwd=self.dir, env=self.env, start_new_session=True)
         finally:

@@ -40,8 +40,15 @@ class LocalCluster:
 
     def __enter__(self):
         try:
-            self.run("local", "up", "--workers", str(self.workers_n), "--backend", self.backend,
-                     "--dir", self.dir, "--coordinator", self.addr, timeout=90)
+            out = self.run("local", "up", "--workers", str(self.workers_n), "--backend",
+                           self.backend, "--dir", self.dir, "--coordinator", self.addr, timeout=90)
+            # the cluster's own keys (duplexd talks CURVE only): duplexctl's
+            # operator key and duplexd's public key, as `local up` says them
+            for line in out.splitlines():
+                if line.startswith("its keys: export "):
+                    for pair in line[len("its keys: export "):].split():
+                        name, _, value = pair.partition("=")
+                        self.env[name] = value
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
