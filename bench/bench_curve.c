@@ -449,13 +449,13 @@ struct endpoint {
 
 static void endpoint_open(struct endpoint *e, bool curve)
 {
+    const struct wk_net_keypair keys = {.public_z85 = e->pub, .secret_z85 = e->sec};
     char err[256];
 
     if (!(e->zctx = zmq_ctx_new()) || zmq_curve_keypair(e->pub, e->sec) < 0)
         sim_die("zmq: %s", zmq_strerror(errno));
-    if (wk_net_create(e->zctx, WK_NET_LISTEN_DEFAULT, "127.0.0.1", &e->d, err, sizeof(err)) < 0)
-        sim_die("data plane: %s", err);
-    if (curve && wk_net_set_curve(e->d, e->pub, e->sec, err, sizeof(err)) < 0)
+    if (wk_net_create(e->zctx, WK_NET_LISTEN_DEFAULT, "127.0.0.1", curve ? &keys : NULL, &e->d, err,
+                      sizeof(err)) < 0)
         sim_die("data plane: %s", err);
 }
 

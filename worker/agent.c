@@ -687,6 +687,7 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
 {
     wk_agent_t *a;
     const struct wk_backend *backend = wk_backend_find(cfg->backend);
+    struct wk_net_keypair data_keys = {0};
     int rc;
 
     if (!backend)
@@ -709,13 +710,15 @@ int wk_agent_create(const struct wk_agent_config *cfg, wk_agent_t **out, char *e
     }
     if ((rc = agent_connect(a, err, errlen)) < 0)
         goto fail;
+    /* the data plane uses the worker's keypair too, from its only bind, and
+     * admits only the current assignment's peers (their keys come in the
+     * Assignment) */
+    if (cfg->key) {
+        data_keys = (struct wk_net_keypair){.public_z85 = cfg->key->public_key,
+                                            .secret_z85 = cfg->key->secret_key};
+    }
     if ((rc = wk_net_create(a->zctx, cfg->data_listen ? cfg->data_listen : WK_NET_LISTEN_DEFAULT,
-                            cfg->host, &a->data, err, errlen)) < 0)
-        goto fail;
-    /* the data plane uses the worker's keypair too, and admits only the
-     * current assignment's peers (their keys come in the Assignment) */
-    if (cfg->key && (rc = wk_net_set_curve(a->data, cfg->key->public_key, cfg->key->secret_key, err,
-                                           errlen)) < 0)
+                            cfg->host, cfg->key ? &data_keys : NULL, &a->data, err, errlen)) < 0)
         goto fail;
     if ((rc = dx_zwatch_create(&a->loop, a->dealer, ZMQ_POLLIN, agent_on_dealer, a, &a->watch)) <
         0) {

@@ -172,8 +172,8 @@ Test(ckroot, a_cpu_assignment_outside_the_root_is_refused)
     wk_runtime_t *rt = NULL;
     char spec[PATH_MAX + 256], addr[WK_NET_ADDR_MAX], step_dir[PATH_MAX];
 
-    cr_assert_eq(wk_net_create(zctx, "tcp://127.0.0.1:*", "h", &data, err, sizeof(err)), 0, "%s",
-                 err);
+    cr_assert_eq(wk_net_create(zctx, "tcp://127.0.0.1:*", "h", NULL, &data, err, sizeof(err)), 0,
+                 "%s", err);
     snprintf(addr, sizeof(addr), "%s", wk_net_addr(data));
     peer.worker_id = "w0";
     peer.data_addr = addr;

@@ -98,8 +98,8 @@ static void job_open(struct job *j, int n)
     j->zctx = zmq_ctx_new();
     j->n = n;
     for (int r = 0; r < n; r++)
-        cr_assert_eq(wk_net_create(j->zctx, LOOPBACK, "h", &j->data[r], err, sizeof(err)), 0, "%s",
-                     err);
+        cr_assert_eq(wk_net_create(j->zctx, LOOPBACK, "h", NULL, &j->data[r], err, sizeof(err)), 0,
+                     "%s", err);
 }
 
 static void job_start(struct job *j, uint64_t id, const char *schedule, int mbs, uint64_t steps,
@@ -335,7 +335,7 @@ static void assert_refused_with(struct assign *s, const char *self,
     wk_runtime_t *rt = NULL;
     char err[ERR_LEN] = "";
 
-    cr_assert_eq(wk_net_create(zctx, LOOPBACK, "h", &data, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(wk_net_create(zctx, LOOPBACK, "h", NULL, &data, err, sizeof(err)), 0, "%s", err);
     cr_assert_eq(wk_runtime_create(zctx, data, &s->a, self, opts, &rt, err, sizeof(err)), -EINVAL);
     cr_assert_null(rt);
     cr_assert(strstr(err, want), "\"%s\" not in \"%s\"", want, err);
@@ -406,7 +406,7 @@ Test(runtime, a_cuda_rank_bigger_than_its_gpu_is_refused_before_allocating)
     s.peer[0].data_addr = s.peer[1].data_addr = "tcp://127.0.0.1:1";
     s.a.spec_json = "{\"backend\": \"cuda\", \"model\": {\"vocab\": 65536, \"d_model\": 256},"
                     " \"parallel\": {\"schedule\": \"1f1b\", \"pp\": 2, \"microbatches\": 4}}";
-    cr_assert_eq(wk_net_create(zctx, LOOPBACK, "h", &data, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(wk_net_create(zctx, LOOPBACK, "h", NULL, &data, err, sizeof(err)), 0, "%s", err);
     cr_assert_eq(wk_runtime_create(zctx, data, &s.a, NULL, &opts, &rt, err, sizeof(err)), -EDOM,
                  "%s", err);
     cr_assert_null(rt);

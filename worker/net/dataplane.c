@@ -53,20 +53,11 @@ _Static_assert(HEADER_BYTES == WK_NET_HEADER_BYTES, "WK_NET_HEADER_BYTES is the 
 #define ZAP_FRAMES_MAX 12 /* routing id, delimiter, 7 fields, a credential: more is bad */
 #define ZAP_FIELD_MAX 255 /* routing and request ids kept for a held request */
 #define ZAP_BATCH 64
-/* A listener's ZAP domain: WK_NET_ZAP_DOMAIN, '/', its generation. */
-#define ZAP_DOMAIN_MAX 32
 #define CURVE_KEY_BYTES 32
 /* What CURVE adds to a frame on the wire, where libzmq checks
  * ZMQ_MAXMSGSIZE: "\x07MESSAGE", nonce, MAC and flags are 33 bytes. */
 #define CURVE_OVERHEAD 64
-/* The largest CURVE handshake command (INITIATE with its metadata is a few
- * hundred bytes), which ZMQ_MAXMSGSIZE bounds too. */
-#define CURVE_HANDSHAKE_MAX 1024
 #define NOT_PEER_TEXT "not a peer of the current attempt"
-/* Rebinding: the old listener closes in libzmq's I/O thread, so the port
- * may be busy for a moment. */
-#define REBIND_TRY_MS 2000
-#define REBIND_PAUSE_MS 2
 /* How long a call waits for the receiver thread to carry out a command. */
 #define COMMAND_WAIT_MS 10000
 #define MONITOR_EVENTS                                                                             \
@@ -74,7 +65,7 @@ _Static_assert(HEADER_BYTES == WK_NET_HEADER_BYTES, "WK_NET_HEADER_BYTES is the 
      ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL)
 
 /* Commands to the receiver thread (one byte, then a sequence number). */
-enum { CMD_STOP = 'S', CMD_ZAP = 'Z', CMD_APPLY = 'A' };
+enum { CMD_STOP = 'S', CMD_REVIEW = 'R' };
 
 #define HASH_NONFATAL_OOM 1
 #define uthash_nonfatal_oom(e) ((e)->d->oom = true)
@@ -130,26 +121,21 @@ struct held {
 /* Fields are grouped by the thread or lock that owns them, not packed. */
 struct wk_net { // NOLINT(clang-analyzer-optin.performance.Padding)
     void *zctx;
-    char addr[WK_NET_ADDR_MAX];  /* advertised; fixed at create */
-    char bound[WK_NET_ADDR_MAX]; /* the endpoint bound, for rebinding */
+    char addr[WK_NET_ADDR_MAX]; /* advertised; fixed at create */
     char mon_ep[64];
 
     /* the sending thread's */
     struct peer *peers;
     size_t n_peers;
-    uint64_t peers_job;   /* the job the peers were connected for */
-    unsigned peers_curve; /* the keypair generation they present */
+    uint64_t peers_job; /* the job the peers were connected for */
 
     /* the receiver thread's (after create hands them over) */
     void *pull;
     void *ctl_thread; /* PAIR: commands; an empty frame stops the thread */
     void *mon;        /* PAIR: the PULL socket's monitor */
-    void *zap;        /* ROUTER on ZAP_ENDPOINT, once there is a keypair */
+    void *zap;        /* ROUTER on ZAP_ENDPOINT, with a keypair */
     struct held held[WK_NET_ZAP_HELD_MAX];
     size_t n_held;
-    int64_t listen_max;              /* ZMQ_MAXMSGSIZE the listener was bound with */
-    unsigned listener_gen;           /* listeners bound again so far */
-    char zap_domain[ZAP_DOMAIN_MAX]; /* the CURVE listener's ZAP domain ("" in clear) */
     struct dx_ratelimit bad_log;
 
     /* create's and destroy's, and the commands' (under ctl_lock) */
@@ -173,12 +159,8 @@ struct wk_net { // NOLINT(clang-analyzer-optin.performance.Padding)
     uint64_t job_id; /* the current attempt, or the last one when !active */
     uint32_t attempt;
     bool active;
-    size_t max_payload;  /* the attempt's largest message */
-    int64_t listen_want; /* ZMQ_MAXMSGSIZE for the listener */
-    bool rebind_force;   /* rebind at the next CMD_APPLY (new keys, closing connections) */
-    bool admitted;       /* the ZAP handler admitted a connection of the current listener */
-    bool curve;
-    unsigned curve_gen;
+    size_t max_payload; /* the attempt's largest message */
+    bool curve;         /* fixed at create */
     curve_key pub, sec;
     curve_key *allow; /* sorted */
     size_t n_allow;
@@ -204,14 +186,6 @@ static int64_t wall_ns(void)
 
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * NS_PER_S + ts.tv_nsec;
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * NS_PER_MS};
-
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-        ;
 }
 
 /* --- encoding ---------------------------------------------------------------- */
@@ -683,13 +657,74 @@ static const struct wk_net_limits default_limits = {
     .zap_hold_ms = WK_NET_ZAP_HOLD_MS,
 };
 
-int wk_net_create(void *zctx, const char *listen, const char *advertise_host, wk_net_t **out,
-                  char *err, size_t errlen)
+/* A keypair's checks, before anything is made. */
+static int keys_check(const struct wk_net_keypair *keys, char *err, size_t errlen)
 {
-    size_t len = sizeof(((wk_net_t *)NULL)->bound);
+    char derived[WK_NET_KEY_LEN + 1];
+
+    if (!zmq_has("curve"))
+        return dx_errf(err, errlen, -ENOTSUP, "this libzmq has no CURVE");
+    if (!key_valid(keys->public_z85) || !key_valid(keys->secret_z85))
+        return dx_errf(err, errlen, -EINVAL, "a CURVE key must be %d Z85 characters",
+                       WK_NET_KEY_LEN);
+    if (zmq_curve_public(derived, keys->secret_z85) < 0 || strcmp(derived, keys->public_z85) != 0)
+        return dx_errf(err, errlen, -EINVAL, "the CURVE public key is not the secret key's");
+    return 0;
+}
+
+/* The PULL socket's options, every one set before its only bind (a
+ * listener takes them at bind). ZMQ_MAXMSGSIZE is the largest frame any
+ * attempt may carry, never an attempt's own largest message: applying
+ * that would take binding again, and between zmq_unbind and zmq_bind
+ * another process can take the port (the data plane would receive
+ * nothing more). A frame over the attempt's size that libzmq lets through
+ * can only come from a listed (with CURVE, authenticated) peer, and the
+ * receiver thread frees it at once (stats.oversize). */
+static int pull_setup(wk_net_t *d)
+{
+    int64_t maxsize = (int64_t)HEADER_BYTES + (d->curve ? CURVE_OVERHEAD : 0) + WK_NET_MAX_PAYLOAD;
+    int one = 1;
+    int rc = socket_setup(d->pull, maxsize);
+
+    if (rc < 0)
+        return rc;
+    if (zmq_setsockopt(d->pull, ZMQ_HANDSHAKE_IVL, &d->lim.zap_hold_ms,
+                       sizeof(d->lim.zap_hold_ms)) < 0 ||
+        (d->curve && (zmq_setsockopt(d->pull, ZMQ_CURVE_SERVER, &one, sizeof(one)) < 0 ||
+                      zmq_setsockopt(d->pull, ZMQ_CURVE_SECRETKEY, d->sec, WK_NET_KEY_LEN) < 0 ||
+                      zmq_setsockopt(d->pull, ZMQ_ZAP_DOMAIN, WK_NET_ZAP_DOMAIN,
+                                     strlen(WK_NET_ZAP_DOMAIN)) < 0)))
+        return -errno;
+    return 0;
+}
+
+/* The ZAP handler (RFC 27), served by the receiver thread. */
+static int zap_open(wk_net_t *d)
+{
+    int linger = 0, rc;
+
+    if (!(d->zap = zmq_socket(d->zctx, ZMQ_ROUTER)))
+        return -errno;
+    if (zmq_setsockopt(d->zap, ZMQ_LINGER, &linger, sizeof(linger)) < 0 ||
+        zmq_bind(d->zap, ZAP_ENDPOINT) < 0) {
+        rc = -errno;
+        zmq_close(d->zap);
+        d->zap = NULL;
+        return rc;
+    }
+    return 0;
+}
+
+int wk_net_create(void *zctx, const char *listen, const char *advertise_host,
+                  const struct wk_net_keypair *keys, wk_net_t **out, char *err, size_t errlen)
+{
+    char bound[WK_NET_ADDR_MAX];
+    size_t len = sizeof(bound);
     wk_net_t *d;
     int rc;
 
+    if (keys && (rc = keys_check(keys, err, errlen)) < 0)
+        return rc;
     d = calloc(1, sizeof(*d));
     if (!d)
         return dx_errf(err, errlen, -ENOMEM, "out of memory");
@@ -700,31 +735,45 @@ int wk_net_create(void *zctx, const char *listen, const char *advertise_host, wk
     d->zctx = zctx;
     d->lim = default_limits;
     d->max_payload = WK_NET_MAX_PAYLOAD;
-    d->listen_want = d->listen_max = (int64_t)HEADER_BYTES + WK_NET_MAX_PAYLOAD;
+    if (keys) {
+        d->curve = true;
+        memcpy(d->pub, keys->public_z85, sizeof(d->pub));
+        memcpy(d->sec, keys->secret_z85, sizeof(d->sec));
+        if (keys->zap_hold_ms > 0)
+            d->lim.zap_hold_ms = keys->zap_hold_ms;
+    }
     d->bad_log = (struct dx_ratelimit)DX_RATELIMIT_INIT(BAD_LOG_WINDOW_MS, BAD_LOG_BURST);
     d->pull = zmq_socket(zctx, ZMQ_PULL);
-    rc = d->pull ? socket_setup(d->pull, d->listen_max) : -errno;
-    if (rc == 0 && zmq_setsockopt(d->pull, ZMQ_HANDSHAKE_IVL, &d->lim.zap_hold_ms,
-                                  sizeof(d->lim.zap_hold_ms)) < 0)
-        rc = -errno;
+    rc = d->pull ? pull_setup(d) : -errno;
     if (rc < 0) {
         dx_errf(err, errlen, rc, "cannot create the data-plane socket: %s", zmq_strerror(-rc));
         goto fail;
     }
     if ((rc = control_setup(d, err, errlen)) < 0)
         goto fail;
+    /* the handler is there before the first connection asks it */
+    if (d->curve && (rc = zap_open(d)) < 0) {
+        dx_errf(err, errlen, rc, "cannot bind the data plane's ZAP handler on %s: %s%s",
+                ZAP_ENDPOINT, zmq_strerror(-rc),
+                rc == -EADDRINUSE ? " (another ZAP handler in this ZeroMQ context)" : "");
+        goto fail;
+    }
+    /* the only bind: the endpoint stays ours until wk_net_destroy */
     if (zmq_bind(d->pull, listen) < 0) {
         rc = -errno;
         dx_errf(err, errlen, rc, "cannot bind the data plane on %s: %s", listen, zmq_strerror(-rc));
         goto fail;
     }
-    if (zmq_getsockopt(d->pull, ZMQ_LAST_ENDPOINT, d->bound, &len) < 0) {
+    d->stats.binds++;
+    if (zmq_getsockopt(d->pull, ZMQ_LAST_ENDPOINT, bound, &len) < 0) {
         rc = -errno;
         dx_errf(err, errlen, rc, "cannot read the data-plane endpoint: %s", zmq_strerror(-rc));
         goto fail;
     }
-    if ((rc = advertise(d, d->bound, advertise_host, err, errlen)) < 0)
+    if ((rc = advertise(d, bound, advertise_host, err, errlen)) < 0)
         goto fail;
+    if (d->curve)
+        dx_info("data plane %s: CURVE server with key %s", d->addr, d->pub);
     /* the thread owns pull, ctl_thread, mon and zap from here (pthread_create orders it) */
     if ((rc = pthread_create(&d->thread, NULL, receiver, d)) != 0) {
         rc = dx_errf(err, errlen, -rc, "cannot start the data-plane receiver: %s", strerror(rc));
@@ -882,8 +931,12 @@ void wk_net_get_limits(const wk_net_t *d, struct wk_net_limits *out)
 
 void wk_net_set_limits(wk_net_t *d, const struct wk_net_limits *l)
 {
+    int hold;
+
     pthread_mutex_lock(&d->lock);
+    hold = d->lim.zap_hold_ms; /* the listener's, fixed at its bind */
     d->lim = *l;
+    d->lim.zap_hold_ms = hold;
     pthread_mutex_unlock(&d->lock);
 }
 
@@ -895,38 +948,6 @@ void wk_net_failure(wk_net_t *d, char *buf, size_t len)
 }
 
 /* --- keys and limits ------------------------------------------------------------ */
-
-int wk_net_set_curve(wk_net_t *d, const char *public_z85, const char *secret_z85, char *err,
-                     size_t errlen)
-{
-    char derived[WK_NET_KEY_LEN + 1];
-    int rc;
-
-    if (!zmq_has("curve"))
-        return dx_errf(err, errlen, -ENOTSUP, "this libzmq has no CURVE");
-    if (!key_valid(public_z85) || !key_valid(secret_z85))
-        return dx_errf(err, errlen, -EINVAL, "a CURVE key must be %d Z85 characters",
-                       WK_NET_KEY_LEN);
-    if (zmq_curve_public(derived, secret_z85) < 0 || strcmp(derived, public_z85) != 0)
-        return dx_errf(err, errlen, -EINVAL, "the CURVE public key is not the secret key's");
-    if ((rc = command(d, CMD_ZAP)) < 0)
-        return dx_errf(err, errlen, rc, "cannot bind the data plane's ZAP handler on %s: %s%s",
-                       ZAP_ENDPOINT, zmq_strerror(-rc),
-                       rc == -EADDRINUSE ? " (another ZAP handler in this ZeroMQ context)" : "");
-    pthread_mutex_lock(&d->lock);
-    memcpy(d->pub, public_z85, sizeof(d->pub));
-    memcpy(d->sec, secret_z85, sizeof(d->sec));
-    d->curve = true;
-    d->curve_gen++;
-    d->rebind_force = true;
-    pthread_mutex_unlock(&d->lock);
-    if ((rc = command(d, CMD_APPLY)) < 0)
-        return dx_errf(err, errlen, rc,
-                       "cannot bind the data plane again on %s as a CURVE server: %s", d->bound,
-                       zmq_strerror(-rc));
-    dx_info("data plane %s: CURVE server with key %s", d->addr, public_z85);
-    return 0;
-}
 
 bool wk_net_curve(const wk_net_t *d)
 {
@@ -965,7 +986,7 @@ int wk_net_allow_peers(wk_net_t *d, const char *const *public_z85, size_t n)
     pthread_mutex_unlock(&d->lock);
     free(old);
     /* the held connections are admitted or refused now */
-    return curve ? command(d, CMD_APPLY) : 0;
+    return curve ? command(d, CMD_REVIEW) : 0;
 }
 
 int wk_net_set_peer_key(wk_net_t *d, const char *addr, const char *public_z85)
@@ -998,29 +1019,15 @@ out:
 
 int wk_net_set_max_msg(wk_net_t *d, size_t bytes)
 {
-    bool curve;
-
     if (bytes > WK_NET_MAX_PAYLOAD)
         bytes = WK_NET_MAX_PAYLOAD;
+    /* Only the receiver thread's check after receipt: the listener keeps
+     * the ZMQ_MAXMSGSIZE it was bound with (see pull_setup), as binding it
+     * again to lower it could lose the port to another process. */
     pthread_mutex_lock(&d->lock);
     d->max_payload = bytes;
-    /* ZMQ_MAXMSGSIZE also bounds the CURVE handshake's commands (INITIATE
-     * carries the vouch and the metadata): never below those */
-    d->listen_want = (int64_t)(HEADER_BYTES + CURVE_OVERHEAD + bytes);
-    if (d->listen_want < CURVE_HANDSHAKE_MAX)
-        d->listen_want = CURVE_HANDSHAKE_MAX;
-    curve = d->curve;
     pthread_mutex_unlock(&d->lock);
-    /* The receiver thread binds the listener again, for libzmq to refuse
-     * larger frames before it allocates them, only while no connection of
-     * the current listener was admitted: one still in its handshake (held,
-     * or waiting for its ZAP answer) has taken no frame from its peer's
-     * queue, and its peer connects again with them. The ZAP handler admits
-     * only the new listener's connections (see zap_serve), so none that the
-     * old one accepted can take a frame along as it closes. Not rebinding
-     * (the size checked after receipt only, as in clear) would be as safe but
-     * let a listed peer make us allocate WK_NET_MAX_PAYLOAD per frame. */
-    return curve ? command(d, CMD_APPLY) : 0;
+    return 0;
 }
 
 /* --- job attempts ------------------------------------------------------------ */
@@ -1101,8 +1108,6 @@ void wk_net_begin(wk_net_t *d, uint64_t job_id, uint32_t attempt)
 
 void wk_net_end(wk_net_t *d)
 {
-    bool curve;
-
     pthread_mutex_lock(&d->lock);
     clear_attempt(d);
     clear_early(d);
@@ -1112,18 +1117,14 @@ void wk_net_end(wk_net_t *d)
     d->n_allow = 0;
     forget_keys(d);
     d->max_payload = WK_NET_MAX_PAYLOAD;
-    curve = d->curve;
-    /* closes the attempt's connections, so the next attempt's peers pass the
-     * ZAP handler again: none carries a later attempt's frame, as the runtime
-     * ends an attempt before its JobDone (the next one starts after it) */
-    if (curve && d->admitted)
-        d->rebind_force = true;
+    /* The connections to the PULL socket stay open (closing them would
+     * take binding it again, and the port could be lost): a frame that
+     * comes on one is checked against the list current when it arrives,
+     * or kept early and checked when wk_net_begin takes it. */
     pthread_cond_broadcast(&d->cond);
     pthread_mutex_unlock(&d->lock);
     close_peers(d);
     d->peers_job = 0;
-    if (curve && command(d, CMD_APPLY) < 0)
-        dx_warn("data plane: cannot close the connections of the attempt that ended");
 }
 
 /* --- send -------------------------------------------------------------------- */
@@ -1183,7 +1184,6 @@ int wk_net_send(wk_net_t *d, const char *addr, const struct wk_net_key *key, con
 {
     curve_key pub = "", sec = "", peer_key = "";
     zmq_msg_t frame;
-    unsigned gen;
     uint64_t job;
     void *push;
     uint8_t *p;
@@ -1193,7 +1193,6 @@ int wk_net_send(wk_net_t *d, const char *addr, const struct wk_net_key *key, con
         return -EMSGSIZE;
     pthread_mutex_lock(&d->lock);
     job = d->job_id;
-    gen = d->curve_gen;
     if (d->curve) {
         memcpy(pub, d->pub, sizeof(pub));
         memcpy(sec, d->sec, sizeof(sec));
@@ -1202,10 +1201,9 @@ int wk_net_send(wk_net_t *d, const char *addr, const struct wk_net_key *key, con
                 memcpy(peer_key, d->keys[i].key, sizeof(peer_key));
     }
     pthread_mutex_unlock(&d->lock);
-    if (job != d->peers_job || gen != d->peers_curve) {
-        close_peers(d); /* a new job has other peers; new keys, new handshakes */
+    if (job != d->peers_job) {
+        close_peers(d); /* a new job has other peers: new keys, new handshakes */
         d->peers_job = job;
-        d->peers_curve = gen;
     }
     if (!(push = peer_socket(d, addr, pub, sec, peer_key, &rc)))
         return rc;
@@ -1278,7 +1276,12 @@ static enum verdict classify(wk_net_t *d, const struct wk_net_key *k, const uint
     struct buffered *b = NULL;
     struct src *s;
 
-    if (d->curve && (!keyed || !allowed(d, from)))
+    /* Connections stay open across attempts, so the key is checked for
+     * every frame against the list current now. Between attempts with no
+     * list set (after wk_net_end), a peer that began first may send on its
+     * open connection: its frames are kept early, and promote() checks
+     * them against the list wk_net_begin finds. */
+    if (d->curve && (!keyed || ((d->active || d->n_allow) && !allowed(d, from))))
         return UNALLOWED;
     s = src_find(d, from);
     if (d->active) {
@@ -1510,24 +1513,6 @@ static void read_monitor(wk_net_t *d)
 
 /* --- the receiver thread: ZAP (RFC 27) and the listener ----------------------------- */
 
-static int zap_open(wk_net_t *d)
-{
-    int linger = 0, rc;
-
-    if (d->zap)
-        return 0;
-    if (!(d->zap = zmq_socket(d->zctx, ZMQ_ROUTER)))
-        return -errno;
-    if (zmq_setsockopt(d->zap, ZMQ_LINGER, &linger, sizeof(linger)) < 0 ||
-        zmq_bind(d->zap, ZAP_ENDPOINT) < 0) {
-        rc = -errno;
-        zmq_close(d->zap);
-        d->zap = NULL;
-        return rc;
-    }
-    return 0;
-}
-
 static void zap_reply(wk_net_t *d, const void *id, size_t id_len, const void *req, size_t req_len,
                       const char *status, const char *text, const char *user)
 {
@@ -1558,12 +1543,11 @@ static void zap_answer(wk_net_t *d, const void *id, size_t id_len, const void *r
 {
     char text[200];
 
-    pthread_mutex_lock(&d->lock);
-    if (status[0] == '2')
-        d->admitted = true; /* before the peer can send */
-    else
+    if (status[0] != '2') {
+        pthread_mutex_lock(&d->lock);
         d->stats.refused++;
-    pthread_mutex_unlock(&d->lock);
+        pthread_mutex_unlock(&d->lock);
+    }
     if (status[0] == '4' || status[0] == '5') {
         snprintf(text, sizeof(text), "refused a connection%s%s: %s", key[0] ? " with key " : "",
                  key, why);
@@ -1609,19 +1593,9 @@ static void zap_review(wk_net_t *d)
     d->n_held = kept;
 }
 
-static bool zap_domain_is(const char *domain, const uint8_t *p, size_t n)
+static bool zap_domain_is(const uint8_t *p, size_t n)
 {
-    return n == strlen(domain) && memcmp(p, domain, n) == 0;
-}
-
-/* Whether a ZAP request's domain is a listener's before the current one
- * (only our listeners ask this context's handler with that prefix). */
-static bool zap_domain_earlier(const wk_net_t *d, const uint8_t *p, size_t n)
-{
-    size_t pre = strlen(WK_NET_ZAP_DOMAIN);
-
-    return n > pre + 1 && memcmp(p, WK_NET_ZAP_DOMAIN, pre) == 0 && p[pre] == '/' &&
-           !zap_domain_is(d->zap_domain, p, n);
+    return n == strlen(WK_NET_ZAP_DOMAIN) && memcmp(p, WK_NET_ZAP_DOMAIN, n) == 0;
 }
 
 /* Reads and answers (or holds) the ZAP requests waiting. */
@@ -1631,7 +1605,7 @@ static void zap_serve(wk_net_t *d)
         zmq_msg_t f[ZAP_FRAMES_MAX];
         size_t n = 0, sz[ZAP_FRAMES_MAX];
         const uint8_t *p[ZAP_FRAMES_MAX];
-        bool more = true, overlong = false, earlier = false;
+        bool more = true, overlong = false;
         const char *status = NULL, *why = NOT_PEER_TEXT;
         curve_key key = "";
 
@@ -1660,18 +1634,7 @@ static void zap_serve(wk_net_t *d)
             sz[0] > ZAP_FIELD_MAX || sz[3] > ZAP_FIELD_MAX) {
             status = "500";
             why = "not a ZAP 1.0 request";
-        } else if (n == 9 && zap_domain_earlier(d, p[4], sz[4])) {
-            /* A connection the listener before this one accepted. libzmq
-             * closes those in its I/O thread, after the port is free again,
-             * so its request can come after the rebind; admitted, its
-             * handshake could end first and its peer's PUSH socket hand it
-             * a frame that is lost as it closes (a job's first activation,
-             * once). Unanswered, it closes; the peer connects again, its
-             * frames still queued. */
-            earlier = true;
-            if (sz[8] == CURVE_KEY_BYTES)
-                zmq_z85_encode(key, p[8], CURVE_KEY_BYTES);
-        } else if (n != 9 || !zap_domain_is(d->zap_domain, p[4], sz[4]) || sz[7] != 5 ||
+        } else if (n != 9 || !zap_domain_is(p[4], sz[4]) || sz[7] != 5 ||
                    memcmp(p[7], "CURVE", 5) != 0 || sz[8] != CURVE_KEY_BYTES) {
             status = "400";
             why = "not a CURVE connection to the data plane";
@@ -1686,12 +1649,8 @@ static void zap_serve(wk_net_t *d)
             status = ok ? "200" : listed ? "400" : NULL;
         }
         dx_debug("data plane: ZAP request for key %s: %s", key[0] ? key : "(none)",
-                 earlier  ? "not answered (a connection of the listener before)"
-                 : status ? status
-                          : "held");
-        if (earlier) {
-            /* nothing: see above */
-        } else if (status) {
+                 status ? status : "held");
+        if (status) {
             if (n >= 4 && sz[0] <= ZAP_FIELD_MAX && sz[3] <= ZAP_FIELD_MAX)
                 zap_answer(d, p[0], sz[0], p[3], sz[3], key, status, why);
         } else {
@@ -1719,85 +1678,12 @@ static void zap_serve(wk_net_t *d)
     }
 }
 
-/* Binds the PULL socket again on its endpoint with the options now wanted
- * (ZMQ_MAXMSGSIZE, CURVE server): libzmq's listeners copy the options at
- * bind, and closing the listener closes every connection it accepted, in
- * libzmq's I/O thread, some time after the port is free. Each CURVE
- * listener gets a ZAP domain of its own, so zap_serve can tell the new
- * one's connections from those the old one is still closing. */
-static int rebind(wk_net_t *d, bool curve, const char *sec, int64_t maxsize, int hold_ms)
+/* CMD_REVIEW: decides on the held ZAP requests (a new peer list). */
+static int review(wk_net_t *d)
 {
-    char domain[ZAP_DOMAIN_MAX];
-    int one = 1, rc;
-    int64_t t0;
-
-    for (int i = 0; i < READ_BATCH && read_frame(d) == 0; i++)
-        ; /* what already came */
-    if (zmq_unbind(d->pull, d->bound) < 0 && errno != ENOENT) {
-        rc = -errno;
-        goto fail;
-    }
-    snprintf(domain, sizeof(domain), "%s/%u", WK_NET_ZAP_DOMAIN, d->listener_gen + 1);
-    if (zmq_setsockopt(d->pull, ZMQ_MAXMSGSIZE, &maxsize, sizeof(maxsize)) < 0 ||
-        zmq_setsockopt(d->pull, ZMQ_HANDSHAKE_IVL, &hold_ms, sizeof(hold_ms)) < 0 ||
-        (curve && (zmq_setsockopt(d->pull, ZMQ_CURVE_SERVER, &one, sizeof(one)) < 0 ||
-                   zmq_setsockopt(d->pull, ZMQ_CURVE_SECRETKEY, sec, WK_NET_KEY_LEN) < 0 ||
-                   zmq_setsockopt(d->pull, ZMQ_ZAP_DOMAIN, domain, strlen(domain)) < 0))) {
-        rc = -errno;
-        goto fail;
-    }
-    for (t0 = dx_mono_ms(); zmq_bind(d->pull, d->bound) < 0;) {
-        if (errno != EADDRINUSE || dx_mono_ms() - t0 > REBIND_TRY_MS) {
-            rc = -errno;
-            goto fail;
-        }
-        sleep_ms(REBIND_PAUSE_MS);
-    }
-    dx_debug("data plane: %s bound again (%s, ZMQ_MAXMSGSIZE %lld)", d->bound,
-             curve ? "CURVE" : "clear", (long long)maxsize);
-    d->listen_max = maxsize;
-    d->listener_gen++;
-    snprintf(d->zap_domain, sizeof(d->zap_domain), "%s", curve ? domain : "");
-    d->n_held = 0; /* their connections close with the listener, unanswered */
-    pthread_mutex_lock(&d->lock);
-    d->admitted = false;
-    pthread_mutex_unlock(&d->lock);
-    return 0;
-fail:
-    dx_error("data plane: cannot bind %s again: %s; it receives nothing more", d->bound,
-             zmq_strerror(-rc));
-    pthread_mutex_lock(&d->lock);
-    d->thread_err = rc;
-    pthread_cond_broadcast(&d->cond);
-    pthread_mutex_unlock(&d->lock);
-    return rc;
-}
-
-/* CMD_APPLY: rebinds when wanted (new keys, closing the attempt's
- * connections, or a new ZMQ_MAXMSGSIZE while no connection of the current
- * listener was admitted: none can have taken a frame yet) and decides on
- * the held ZAP requests. */
-static int apply(wk_net_t *d)
-{
-    bool curve, force, admitted;
-    curve_key sec;
-    int64_t want;
-    int rc = 0, hold;
-
-    pthread_mutex_lock(&d->lock);
-    curve = d->curve;
-    hold = d->lim.zap_hold_ms;
-    force = d->rebind_force;
-    admitted = d->admitted;
-    want = d->listen_want;
-    memcpy(sec, d->sec, sizeof(sec));
-    d->rebind_force = false;
-    pthread_mutex_unlock(&d->lock);
-    if (force || (curve && !admitted && want != d->listen_max))
-        rc = rebind(d, curve, sec, want, hold);
     if (d->zap)
         zap_review(d);
-    return rc;
+    return 0;
 }
 
 /* Carries out one command. Returns 1 on CMD_STOP, else 0 or -errno. */
@@ -1813,7 +1699,7 @@ static int serve_command(wk_net_t *d)
         return 1;
     if (n != 5)
         return 0;
-    result = cmd[0] == CMD_ZAP ? zap_open(d) : cmd[0] == CMD_APPLY ? apply(d) : -EINVAL;
+    result = cmd[0] == CMD_REVIEW ? review(d) : -EINVAL;
     memcpy(reply, cmd + 1, 4); /* the sequence number */
     put_u32(reply + 4, (uint32_t)result);
     if (zmq_send(d->ctl_thread, reply, sizeof(reply), ZMQ_DONTWAIT) < 0)

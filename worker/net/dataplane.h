@@ -25,10 +25,12 @@
  *
  * Trust. Frames are checked before they are kept:
  *  - size: frames over the attempt's largest message (wk_net_set_max_msg)
- *    are refused. With CURVE, libzmq refuses them before allocating them
- *    (ZMQ_MAXMSGSIZE, closing the connection); in clear, the receiver
- *    thread refuses them before copying them (libzmq allocated them, up to
- *    WK_NET_MAX_PAYLOAD, and frees them at once);
+ *    are refused by the receiver thread before it copies them (libzmq
+ *    allocated them and frees them at once). libzmq itself refuses only
+ *    frames over WK_NET_MAX_PAYLOAD (ZMQ_MAXMSGSIZE, set once at the only
+ *    bind: a listener takes its options at bind, and binding again could
+ *    lose the port to another process); with CURVE a frame over the
+ *    attempt's size can only come from a listed (authenticated) peer;
  *  - bounds: the buffer holds at most wk_net_limits' messages and bytes,
  *    and each peer at most its share of them (a peer: the CURVE key of the
  *    connection, or in clear the peer's IP address). A frame that finds
@@ -38,20 +40,18 @@
  *    one of the copies is not from the real sender: the attempt fails
  *    (-EEXIST; wk_net_failure names the key and both sources) instead of
  *    training on whichever came first;
- *  - keys (wk_net_set_curve): the PULL socket is a CURVE server and the
- *    data plane's ZAP handler (RFC 27) admits only the keys
- *    wk_net_allow_peers lists; every frame's key is checked against the
- *    list current when it arrives. Connections whose key is not listed are
- *    refused while a list is set, and held while it is empty (see
- *    WK_NET_ZAP_HOLD_MS), so a peer that starts an attempt before this
- *    rank does waits with its frames in its own queue. wk_net_end closes
- *    every connection, so the next attempt's peers pass the handler again.
- *    Closing connections (binding the PULL socket again) loses no frame of
- *    a running or later attempt: it happens at wk_net_end (the runtime ends
- *    an attempt before its JobDone) and, for ZMQ_MAXMSGSIZE, only while no
- *    connection was admitted, and the handler admits only the connections
- *    of the current listener (a peer's PUSH socket hands a connection its
- *    frames only once admitted; until then they wait in its queue).
+ *  - keys (wk_net_create's keypair): the PULL socket is a CURVE server
+ *    from its only bind, and the data plane's ZAP handler (RFC 27) admits
+ *    only the keys wk_net_allow_peers lists. Connections whose key is not
+ *    listed are refused while a list is set, and held while it is empty
+ *    (see WK_NET_ZAP_HOLD_MS), so a peer that connects before this rank
+ *    lists it waits with its frames in its own queue. Admission is per
+ *    connection and connections stay open across attempts (the PULL
+ *    socket is never bound again: that could lose the port), so every
+ *    frame's key is checked against the list current when it arrives
+ *    (while an attempt runs, or while a list is set), and an early frame
+ *    that came on an open connection between attempts with no list set
+ *    is checked when wk_net_begin takes it.
  * Without a keypair the data plane runs in clear, with the same checks
  * except the keys.
  *
@@ -66,7 +66,7 @@
  * runs; the other calls from any thread. wk_net_destroy once nothing else
  * uses the wk_net_t. A hand-over between threads (the agent while idle,
  * the runtime thread while a job runs) is ordered by thread create/join.
- * The data plane binds the ZAP endpoint of its ZeroMQ context when it gets
+ * The data plane binds the ZAP endpoint of its ZeroMQ context when it has
  * a keypair: nothing else in that context may (the worker's agent is only
  * a CURVE client), and a second keyed data plane needs a context of its
  * own.
@@ -100,10 +100,7 @@
 #define WK_NET_LINGER_MS 1000
 /* A CURVE key in Z85 (32 bytes), without the NUL. */
 #define WK_NET_KEY_LEN 40
-/* The ZAP domain of the data plane's CURVE server: each listener gets this,
- * '/' and its number, so the ZAP handler can tell a request of the current
- * listener from one of a listener being closed (it answers the latter
- * never: admitted, such a connection could take a frame along). */
+/* The ZAP domain of the data plane's CURVE server. */
 #define WK_NET_ZAP_DOMAIN "duplex-data"
 /* How long the ZAP handler holds a connection while no peer list is set,
  * and how many it holds at once (the oldest is forgotten when one more
@@ -153,13 +150,30 @@ struct wk_net_msg {
 
 typedef struct wk_net wk_net_t;
 
+/* The worker's CURVE keypair (Z85, as zmq_curve_keypair makes them). */
+struct wk_net_keypair {
+    const char *public_z85;
+    const char *secret_z85;
+    int zap_hold_ms; /* 0: WK_NET_ZAP_HOLD_MS (tests lower it) */
+};
+
 /* Binds the PULL socket on listen (e.g. "tcp://0.0.0.0:*") in zctx and
  * starts the receiver thread. The advertised address is the bound
  * endpoint, with the host part replaced by advertise_host when it bound to
- * every interface (0.0.0.0, *, [::]). Returns 0 or -errno with the reason
- * in err. */
-int wk_net_create(void *zctx, const char *listen, const char *advertise_host, wk_net_t **out,
-                  char *err, size_t errlen);
+ * every interface (0.0.0.0, *, [::]). The PULL socket is bound once, for
+ * the data plane's life: binding again would free the port for a moment,
+ * and another process may take it.
+ *
+ * With keys (NULL: clear), the PULL socket is a CURVE server from that
+ * bind, behind the data plane's ZAP handler (bound on
+ * inproc://zeromq.zap.01 in zctx), which admits no one until
+ * wk_net_allow_peers; the PUSH sockets are CURVE clients presenting the
+ * keypair. Returns 0 or -errno with the reason in err: -EINVAL (a key is
+ * not 40 Z85 characters, or the public key is not the secret key's),
+ * -ENOTSUP (libzmq without CURVE), -EADDRINUSE (another ZAP handler in
+ * the context, or the endpoint is taken) or another -errno. */
+int wk_net_create(void *zctx, const char *listen, const char *advertise_host,
+                  const struct wk_net_keypair *keys, wk_net_t **out, char *err, size_t errlen);
 
 /* Stops and joins the receiver thread, closes every socket (each lingers
  * at most WK_NET_LINGER_MS) and frees the buffer. */
@@ -168,27 +182,16 @@ void wk_net_destroy(wk_net_t *d);
 /* The endpoint peers send to, e.g. "tcp://node3:40123". */
 const char *wk_net_addr(const wk_net_t *d);
 
-/* Gives the worker its CURVE keypair (Z85, as zmq_curve_keypair makes
- * them), before any job: the PULL socket becomes a CURVE server, rebound
- * on the same endpoint, behind the data plane's ZAP handler (bound on
- * inproc://zeromq.zap.01 in the context), which admits no one until
- * wk_net_allow_peers; the PUSH sockets become CURVE clients presenting
- * it. Returns 0, -EINVAL (a key is not 40 Z85 characters, or the public
- * key is not the secret key's), -ENOTSUP (libzmq without CURVE),
- * -EADDRINUSE (another ZAP handler in the context) or -errno, with the
- * reason in err. After a failed rebind the data plane receives nothing:
- * every wk_net_recv fails with its error. */
-int wk_net_set_curve(wk_net_t *d, const char *public_z85, const char *secret_z85, char *err,
-                     size_t errlen);
-
-/* True once wk_net_set_curve succeeded. */
+/* True when wk_net_create was given a keypair. */
 bool wk_net_curve(const wk_net_t *d);
 
 /* The keys (Z85) whose connections the ZAP handler admits from now on,
  * replacing the list: the current assignment's peers. An empty list (as
- * wk_net_end leaves it) admits no one and holds new connections; a set
- * one refuses every other key, and frames from connections made with an
- * unlisted key are dropped from now on. Without a keypair the list is
+ * wk_net_end leaves it) admits no one and holds new connections (frames
+ * of a later attempt on connections still open are kept early, and
+ * checked at wk_net_begin); a set one refuses every other key, and frames
+ * from connections made with an unlisted key are dropped from now on
+ * (and at wk_net_begin, the early ones). Without a keypair the list is
  * kept but unused. Returns 0, -EINVAL (a key is not valid: none is taken)
  * or -ENOMEM. */
 int wk_net_allow_peers(wk_net_t *d, const char *const *public_z85, size_t n);
@@ -199,16 +202,9 @@ int wk_net_allow_peers(wk_net_t *d, const char *const *public_z85, size_t n);
 int wk_net_set_peer_key(wk_net_t *d, const char *addr, const char *public_z85);
 
 /* The largest payload the coming attempt's messages have (clamped to
- * WK_NET_MAX_PAYLOAD); larger frames are refused (see Trust above) until
- * wk_net_end. With CURVE, when no connection was admitted since the last
- * wk_net_end (call it before wk_net_allow_peers), the PULL socket is
- * rebound with ZMQ_MAXMSGSIZE = WK_NET_HEADER_BYTES + bytes (and the 33
- * bytes CURVE adds to a frame: 64 to be safe), as libzmq
- * applies it only to listeners bound after it is set; otherwise the
- * listener keeps its limit until the next wk_net_end and the receiver
- * thread checks the size. The rebind closes only connections still in
- * their handshake, which hold no frame: their peers connect again (about
- * 100 ms later) with every frame. Returns 0 or -errno (the rebind failed). */
+ * WK_NET_MAX_PAYLOAD); the receiver thread refuses larger frames after
+ * receipt (counted as oversize; see Trust above) until wk_net_end. The
+ * listener's ZMQ_MAXMSGSIZE stays what it was bound with. Returns 0. */
 int wk_net_set_max_msg(wk_net_t *d, size_t bytes);
 
 /* Starts a job attempt: ends the previous one if wk_net_end did not, and
@@ -220,10 +216,11 @@ void wk_net_begin(wk_net_t *d, uint64_t job_id, uint32_t attempt);
 
 /* Ends the current attempt: frees every buffered message (buffered bytes
  * go back to 0), forgets the peer list and keys and the largest message,
- * closes the PUSH sockets (each lingering to deliver what it queued) and,
- * with CURVE, every connection to the PULL socket (rebinding it, with the
- * largest message's ZMQ_MAXMSGSIZE). Call it from the sending thread, or
- * while no send runs, before saying the attempt ended. */
+ * closes the PUSH sockets (each lingering to deliver what it queued). The
+ * connections to the PULL socket stay open: a frame that comes on one is
+ * checked against the peer list current when it arrives (or, kept early,
+ * when wk_net_begin takes it). Call it from the sending thread, or while
+ * no send runs, before saying the attempt ended. */
 void wk_net_end(wk_net_t *d);
 
 /* Sends one message to the PULL socket at addr (connecting on first use;
@@ -270,6 +267,7 @@ struct wk_net_stats {
     uint64_t handshake_failed; /* connections whose handshake failed (clear to CURVE, bad key) */
     uint64_t disconnected;     /* connections closed (by the peer, or by libzmq: a frame
                                 * over ZMQ_MAXMSGSIZE, a handshake that failed) */
+    uint64_t binds;            /* zmq_bind calls on the PULL socket: 1 for its life */
     size_t buffered;           /* messages waiting now (the attempt's and early ones) */
     size_t buffered_bytes;     /* their payload bytes */
 };
@@ -282,10 +280,10 @@ struct wk_net_limits {
     size_t peer_msgs, peer_bytes;             /* of them, from one peer */
     size_t early_msgs, early_bytes;           /* between attempts, of a later one */
     size_t early_peer_msgs, early_peer_bytes; /* of them, from one peer */
-    int zap_hold_ms; /* WK_NET_ZAP_HOLD_MS (applied when the PULL socket is bound) */
+    int zap_hold_ms; /* the keypair's (WK_NET_ZAP_HOLD_MS): fixed at the bind */
 };
 void wk_net_get_limits(const wk_net_t *d, struct wk_net_limits *out);
-/* For tests: lowers (or raises) them. */
+/* For tests: lowers (or raises) them; zap_hold_ms is left as it is. */
 void wk_net_set_limits(wk_net_t *d, const struct wk_net_limits *l);
 
 /* "activation d3 stage 2 of step 5 (job 7, attempt 1)" style name; the
