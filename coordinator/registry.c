@@ -29,6 +29,11 @@ struct coord_registry {
     struct registry_entry *by_route; /* each routing id's latest worker */
     struct registry_entry **by_fd;   /* [fd]: the workers last heard on that connection */
     size_t n_fd;
+    /* every worker by id, sorted once per change of the set (not per
+     * listing: a paged ListWorkers of a big fleet lists it many times) */
+    struct coord_worker **sorted;
+    size_t n_sorted;
+    bool sorted_valid;
 };
 
 static const char *const state_names[] = {
@@ -93,6 +98,7 @@ void coord_registry_destroy(coord_registry_t *reg)
         entry_remove(reg, e);
     }
     free(reg->by_fd);
+    free(reg->sorted);
     free(reg);
 }
 
@@ -136,6 +142,7 @@ static struct registry_entry *entry_new(coord_registry_t *reg, const char *id)
     }
     e->w.conn_fd = -1;
     HASH_ADD_KEYPTR(hh, reg->by_id, e->w.id, strlen(e->w.id), e);
+    reg->sorted_valid = false;
     return e;
 }
 
@@ -186,6 +193,7 @@ static void entry_remove(coord_registry_t *reg, struct registry_entry *e)
     route_unlink(reg, e);
     fd_unlink(reg, e);
     HASH_DEL(reg->by_id, e);
+    reg->sorted_valid = false;
     worker_free_fields(&e->w);
     free(e);
 }
@@ -582,20 +590,37 @@ static int worker_cmp(const void *a, const void *b)
     return strcmp((*wa)->id, (*wb)->id);
 }
 
-int coord_registry_list(coord_registry_t *reg, struct coord_worker ***out)
+/* reg->sorted for the workers now: sorted again only after a change. */
+static int sorted_update(coord_registry_t *reg)
 {
     size_t n = HASH_COUNT(reg->by_id), i = 0;
-    struct coord_worker **v = calloc(n + 1, sizeof(*v));
+    struct coord_worker **v;
     struct registry_entry *e, *tmp;
 
-    if (!v)
+    if (reg->sorted_valid)
+        return 0;
+    if (!(v = realloc(reg->sorted, (n + 1) * sizeof(*v))))
         return -ENOMEM;
+    reg->sorted = v;
     HASH_ITER (hh, reg->by_id, e, tmp) {
         v[i++] = &e->w;
     }
     qsort(v, n, sizeof(*v), worker_cmp);
+    reg->n_sorted = n;
+    reg->sorted_valid = true;
+    return 0;
+}
+
+int coord_registry_list(coord_registry_t *reg, struct coord_worker ***out)
+{
+    struct coord_worker **v;
+
+    if (sorted_update(reg) < 0 || !(v = malloc((reg->n_sorted + 1) * sizeof(*v))))
+        return -ENOMEM;
+    memcpy(v, reg->sorted, reg->n_sorted * sizeof(*v));
+    v[reg->n_sorted] = NULL;
     *out = v;
-    return (int)n;
+    return (int)reg->n_sorted;
 }
 
 int coord_worker_is_free(const struct coord_worker *w)

@@ -650,6 +650,23 @@ Test(registry, list_sorted_by_id)
         cr_assert_str_eq(v[i]->id, want[i], "position %d", i);
     cr_assert_null(v[5], "the array ends with NULL");
     free(v);
+    /* the sorted list is kept between listings and made again after a
+     * change: a newcomer that sorts in the middle is listed in its place */
+    do_register("b", 6, T0_WALL + 6, T0_MONO + 6, COORD_REGISTERED_NEW);
+    n = coord_registry_list(reg, &v);
+    cr_assert_eq(n, 6);
+    cr_assert_str_eq(v[1]->id, "a");
+    cr_assert_str_eq(v[2]->id, "b");
+    cr_assert_str_eq(v[3]->id, "node10-gpu0");
+    cr_assert_null(v[6]);
+    free(v);
+    /* one registering again is no change of the set: the same list */
+    do_register("a", 7, T0_WALL + 7, T0_MONO + 7, COORD_REGISTERED_AGAIN);
+    n = coord_registry_list(reg, &v);
+    cr_assert_eq(n, 6);
+    cr_assert_str_eq(v[1]->id, "a");
+    cr_assert_eq(v[1]->pid, 7, "the listing shows the worker as it is now");
+    free(v);
 }
 
 Test(registry, sessions_are_unique)
