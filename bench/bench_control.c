@@ -29,6 +29,7 @@
 #define ENVELOPE_ROUNDS 200000
 #define BATCHED_ROUNDS 20 /* x CLUSTER_WORKERS heartbeats */
 #define SYNC_COMMITS 500
+#define LIST_ROUNDS 50
 
 /* Removes a SQLite database and its WAL mode side files. */
 static void unlink_db(const char *path)
@@ -127,6 +128,46 @@ static double heartbeats(coord_registry_t *reg, coord_store_t *store, char ids[]
     return count / (now_s() - t0);
 }
 
+/* What one listing of the workers costs (each page of ListWorkers makes
+ * one): sorted again after the set changed, and unchanged since (the
+ * registry keeps its sorted list between changes). */
+static void bench_listing(coord_registry_t *reg)
+{
+    double sorted_s = 0.0, cached_s, t0;
+    struct coord_worker **v;
+
+    for (int i = 0; i < LIST_ROUNDS; i++) {
+        Duplex__Register r = DUPLEX__REGISTER__INIT;
+        enum coord_register_outcome outcome;
+        struct coord_worker *w;
+        uint8_t rid[5] = {1, (uint8_t)i, 0, 1, 2};
+        char id[32];
+
+        snprintf(id, sizeof(id), "late%04d-gpu0", i); /* a change of the set */
+        r.worker_id = id;
+        r.host = r.node = "benchhost";
+        r.backend = "sim";
+        coord_registry_register(reg, &r, rid, sizeof(rid), dx_wall_ms(), dx_mono_ms(), &outcome,
+                                &w);
+        t0 = now_s();
+        if (coord_registry_list(reg, &v) < 0)
+            exit(1);
+        sorted_s += now_s() - t0;
+        free(v);
+    }
+    t0 = now_s();
+    for (int i = 0; i < LIST_ROUNDS * 20; i++) {
+        if (coord_registry_list(reg, &v) < 0)
+            exit(1);
+        free(v);
+    }
+    cached_s = (now_s() - t0) / 20;
+    printf("listing %d workers: %.1f us after a change (sorted), %.1f us unchanged (kept); "
+           "%.1fx\n",
+           CLUSTER_WORKERS + LIST_ROUNDS, sorted_s / LIST_ROUNDS * 1e6,
+           cached_s / LIST_ROUNDS * 1e6, sorted_s / cached_s);
+}
+
 static void bench_heartbeats(void)
 {
     static char ids[CLUSTER_WORKERS][32];
@@ -147,6 +188,7 @@ static void bench_heartbeats(void)
     printf("registry heartbeats (in memory, a store flush per %d): %.0f heartbeats/s; "
            "a %d-GPU cluster at 2 heartbeats/s needs %d/s\n",
            CLUSTER_WORKERS, rate, CLUSTER_WORKERS, 2 * CLUSTER_WORKERS);
+    bench_listing(reg);
     coord_registry_destroy(reg);
     coord_store_close(store);
     unlink_db(path);
