@@ -308,9 +308,14 @@ void dx_opts_usage(FILE *out, const char *synopsis, const struct dx_opt *opts)
             snprintf(flag, sizeof(flag), "--%s", o->name);
         else
             snprintf(flag, sizeof(flag), "--%s %s", o->name, o->metavar ? o->metavar : "VALUE");
-        if (o->type == DX_OPT_STRING && o->default_str)
+        /* a help text that states its default itself keeps it; an int
+         * default outside [min, max] means "not given" and is not shown */
+        bool own = strstr(o->help, "(default") != NULL;
+
+        if (o->type == DX_OPT_STRING && o->default_str && !own)
             snprintf(dflt, sizeof(dflt), " (default %s)", o->default_str);
-        else if (o->type == DX_OPT_INT)
+        else if (o->type == DX_OPT_INT && !own && o->default_int >= o->min &&
+                 o->default_int <= o->max)
             snprintf(dflt, sizeof(dflt), " (default %d)", o->default_int);
         else if (o->type == DX_OPT_LIST)
             snprintf(dflt, sizeof(dflt), " (repeatable)");

@@ -8,8 +8,15 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "common/version.h"
+
 #define CTL_DEFAULT_COORDINATOR "tcp://127.0.0.1:7700"
 #define CTL_DEFAULT_TIMEOUT_S 3
+/* A command's own --timeout help: it has no default of its own (0: the
+ * global --timeout, whose default is CTL_DEFAULT_TIMEOUT_S). */
+#define CTL_TIMEOUT_HELP                                                                           \
+    "how long to wait for duplexd to answer (default: the global --timeout, " DX_STRINGIFY(        \
+        CTL_DEFAULT_TIMEOUT_S) ")"
 
 /* Exit statuses. */
 #define CTL_EXIT_OK 0

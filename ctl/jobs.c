@@ -19,8 +19,9 @@
 #include "ctl/ctl.h"
 
 #define WATCH_INTERVAL_US 1000000
-#define EVENTS_PAGE 1000 /* events per request: duplexd's largest page */
-#define TEXT_MAX 1024    /* a text field as printed, escaped */
+#define WATCH_FINISHED_SHOWN 5 /* status --watch: the newest finished jobs listed */
+#define EVENTS_PAGE 1000       /* events per request: duplexd's largest page */
+#define TEXT_MAX 1024          /* a text field as printed, escaped */
 
 /* Options every job command takes. */
 struct job_cmd {
@@ -33,7 +34,7 @@ struct job_cmd {
 #define JOB_CMD_OPTIONS(c)                                                                         \
     {"coordinator", DX_OPT_STRING, &(c).coordinator, NULL, 0, 0, 0, "ADDR", "duplexd endpoint"},   \
     {                                                                                              \
-        "timeout", DX_OPT_INT, &(c).timeout_s, NULL, 0, 1, 3600, "SECONDS", "how long to wait"     \
+        "timeout", DX_OPT_INT, &(c).timeout_s, NULL, 0, 1, 3600, "SECONDS", CTL_TIMEOUT_HELP       \
     }
 
 static int call(struct ctl_globals *g, Duplex__MsgType type, const ProtobufCMessage *body,
@@ -115,6 +116,27 @@ static bool job_is_over(const char *state)
 {
     return strcmp(state, "succeeded") == 0 || strcmp(state, "failed") == 0 ||
            strcmp(state, "cancelled") == 0;
+}
+
+/* Drops from doc's "jobs" the finished ones older than the newest keep
+ * finished ones (jobs not finished all stay). Returns how many it dropped. */
+static size_t drop_old_finished(json_t *doc, size_t keep)
+{
+    json_t *jobs = json_object_get(doc, "jobs");
+    size_t finished = 0, dropped = 0, i;
+
+    for (i = 0; i < json_array_size(jobs); i++)
+        finished += job_is_over(str(json_array_get(jobs, i), "state"));
+    for (i = 0; i < json_array_size(jobs) && finished > keep;) {
+        if (job_is_over(str(json_array_get(jobs, i), "state"))) {
+            json_array_remove(jobs, i);
+            finished--;
+            dropped++;
+        } else {
+            i++;
+        }
+    }
+    return dropped;
 }
 
 /* One line: step, loss, rate, bubble, hidden communication. */
@@ -321,7 +343,9 @@ int ctl_cmd_status(struct ctl_globals *g, int argc, char **argv)
     const struct dx_opt options[] = {
         {"json", DX_OPT_FLAG, &c.json, NULL, 0, 0, 0, NULL, "print duplexd's JSON"},
         {"watch", DX_OPT_FLAG, &c.watch, NULL, 0, 0, 0, NULL,
-         "repeat every second; with JOB, until the job ends (exit 1 unless it succeeded)"},
+         "repeat every second; with JOB, until the job ends (exit 1 unless it succeeded); "
+         "without, the jobs not finished and the " DX_STRINGIFY(
+             WATCH_FINISHED_SHOWN) " newest finished ones"},
         {"all", DX_OPT_FLAG, &all, NULL, 0, 0, 0, NULL,
          "every job by id, also the finished ones that left duplexd's memory (from its database)"},
         {"limit", DX_OPT_INT, &limit, NULL, 0, 1, 1000000000, "N", "with --all: at most N jobs"},
@@ -386,6 +410,15 @@ int ctl_cmd_status(struct ctl_globals *g, int argc, char **argv)
             if (c.watch && isatty(STDOUT_FILENO))
                 printf("\033[H\033[2J"); /* redraw in place */
             ctl_print_job(doc);
+        } else if (c.watch) {
+            size_t dropped = drop_old_finished(doc, WATCH_FINISHED_SHOWN);
+
+            if (isatty(STDOUT_FILENO))
+                printf("\033[H\033[2J"); /* redraw in place */
+            print_jobs(doc);
+            if (dropped)
+                printf("(%zu older finished job%s not shown: duplexctl status --all)\n", dropped,
+                       dropped == 1 ? "" : "s");
         } else {
             print_jobs(doc);
             if (num(doc, "next_after_id"))
@@ -400,7 +433,7 @@ int ctl_cmd_status(struct ctl_globals *g, int argc, char **argv)
         if (!c.watch || over)
             break;
         usleep(WATCH_INTERVAL_US);
-        if (!id)
+        if (!id && !isatty(STDOUT_FILENO))
             printf("\n");
     }
     status = CTL_EXIT_OK;
@@ -453,6 +486,13 @@ int ctl_cmd_events(struct ctl_globals *g, int argc, char **argv)
             goto out;
         }
         req.after_id = v;
+    }
+    if (req.job_id) { /* a job with no events yet lists none; one that never was is an error */
+        json_t *job = NULL;
+
+        if (ctl_job_status(g, req.job_id, &job, cli.prog) < 0)
+            goto out;
+        json_decref(job);
     }
     req.limit = limit ? (uint32_t)limit : EVENTS_PAGE;
     req.last = limit > 0; /* the newest N first; then, following, every new one */

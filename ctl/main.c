@@ -32,7 +32,7 @@ static const struct ctl_command commands[] = {
     {NULL, NULL, NULL},
 };
 
-static char *opt_coordinator, *opt_key, *opt_server_key;
+static char *opt_coordinator, *opt_key, *opt_server_key, *opt_config;
 static int opt_timeout_s;
 static bool opt_insecure;
 
@@ -50,6 +50,8 @@ static const struct dx_opt options[] = {
      ".key when it exists)"},
     {"insecure", DX_OPT_FLAG, &opt_insecure, NULL, 0, 0, 0, NULL,
      "without keys, talk to duplexd in clear"},
+    {"config", DX_OPT_STRING, &opt_config, NULL, 0, 0, 0, "FILE",
+     "a JSON object of these options' names to values (flags win)"},
     {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
 };
 

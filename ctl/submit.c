@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -111,21 +112,47 @@ static int print_plan(const char *text)
 }
 
 #define WAIT_POLL_US 200000
+#define WAIT_EXIT_INTERRUPTED 130 /* 128 + SIGINT, as a shell reports it */
+
+static volatile sig_atomic_t wait_interrupted;
+
+static void wait_on_sigint(int sig)
+{
+    (void)sig;
+    wait_interrupted = 1;
+}
+
+/* Ctrl-C stops following, not the job: says so and how to stop it. */
+static int wait_stopped(uint64_t id)
+{
+    fflush(stdout);
+    fprintf(stderr,
+            "duplexctl submit: stopped waiting; job %" PRIu64
+            " keeps running (cancel it with: duplexctl cancel %" PRIu64 ")\n",
+            id, id);
+    return WAIT_EXIT_INTERRUPTED;
+}
 
 /* Follows job id until it ends, printing each change of state or step.
- * Returns the exit status: 0 when it succeeded. */
+ * Returns the exit status: 0 when it succeeded, 130 after Ctrl-C. */
 static int wait_job(struct ctl_globals *g, uint64_t id)
 {
+    struct sigaction sa = {0};
     char last[512] = "";
 
+    sa.sa_handler = wait_on_sigint; /* no SA_RESTART: a wait in progress ends */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
     for (;;) {
         json_t *doc = NULL;
         const char *state;
         char line[512];
         int status = -1;
 
+        if (wait_interrupted)
+            return wait_stopped(id);
         if (ctl_job_status(g, id, &doc, "duplexctl submit") < 0)
-            return CTL_EXIT_FAIL;
+            return wait_interrupted ? wait_stopped(id) : CTL_EXIT_FAIL;
         state = json_string_value(json_object_get(doc, "state"));
         snprintf(line, sizeof(line), "job %" PRIu64 ": %s, step %lld/%lld (%s)", id,
                  state ? state : "?", (long long)json_integer_value(json_object_get(doc, "step")),
@@ -148,6 +175,8 @@ static int wait_job(struct ctl_globals *g, uint64_t id)
         if (status >= 0)
             return status;
         usleep(WAIT_POLL_US);
+        if (wait_interrupted)
+            return wait_stopped(id);
     }
 }
 
@@ -164,9 +193,10 @@ int ctl_cmd_submit(struct ctl_globals *g, int argc, char **argv)
          "print the placement and the simulated schedule; start nothing"},
         {"json", DX_OPT_FLAG, &json, NULL, 0, 0, 0, NULL, "print the plan (or job id) as JSON"},
         {"wait", DX_OPT_FLAG, &wait, NULL, 0, 0, 0, NULL,
-         "follow the job to its end; exit 1 unless it succeeded"},
+         "follow the job to its end; exit 1 unless it succeeded (Ctrl-C stops following, "
+         "not the job: exit 130)"},
         {"coordinator", DX_OPT_STRING, &coordinator, NULL, 0, 0, 0, "ADDR", "duplexd endpoint"},
-        {"timeout", DX_OPT_INT, &timeout_s, NULL, 0, 1, 3600, "SECONDS", "how long to wait"},
+        {"timeout", DX_OPT_INT, &timeout_s, NULL, 0, 1, 3600, "SECONDS", CTL_TIMEOUT_HELP},
         {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
     };
     const struct dx_cli cli = {

@@ -109,7 +109,7 @@ int ctl_cmd_workers(struct ctl_globals *g, int argc, char **argv)
         {"page", DX_OPT_INT, &page, NULL, 0, 1, 1000, "N",
          "workers per request (default: duplexd's largest page, 1000)"},
         {"coordinator", DX_OPT_STRING, &coordinator, NULL, 0, 0, 0, "ADDR", "duplexd endpoint"},
-        {"timeout", DX_OPT_INT, &timeout_s, NULL, 0, 1, 3600, "SECONDS", "how long to wait"},
+        {"timeout", DX_OPT_INT, &timeout_s, NULL, 0, 1, 3600, "SECONDS", CTL_TIMEOUT_HELP},
         {NULL, 0, NULL, NULL, 0, 0, 0, NULL, NULL},
     };
     ctl_client_t *client = NULL;
