@@ -593,6 +593,17 @@ def cluster(tmp_path):
     finish_cluster(c)
 
 
+@pytest.fixture
+def sim4(cluster):
+    """duplexd and four sim workers, two per node."""
+    cluster.start_duplexd()
+    for gpu, wid in enumerate(("w0", "w1", "w2", "w3")):
+        cluster.start_worker(wid, gpu, wait=False)
+    for wid in ("w0", "w1", "w2", "w3"):
+        cluster.wait_worker_alive(wid)
+    return cluster
+
+
 def pytest_configure(config):
     """The markers the system tests use (pytest -m; tests/run.py -m)."""
     config.addinivalue_line(

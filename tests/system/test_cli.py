@@ -26,17 +26,6 @@ GLOBAL_TIMEOUT_S = "3"
 LOCAL_TIMEOUT_S = "30"  # `local up` waits for its cluster that long
 
 
-@pytest.fixture
-def sim4(cluster):
-    """duplexd and four sim workers, two per node."""
-    cluster.start_duplexd()
-    for gpu, wid in enumerate(("w0", "w1", "w2", "w3")):
-        cluster.start_worker(wid, gpu, wait=False)
-    for wid in ("w0", "w1", "w2", "w3"):
-        cluster.wait_worker_alive(wid)
-    return cluster
-
-
 def submit(c, tmp_path, spec, *args, name="job.json"):
     path = tmp_path / name
     path.write_text(json.dumps(spec))

@@ -5,25 +5,12 @@ events."""
 import json
 import sqlite3
 
-import pytest
-
 from conftest import describe
 
 FAST = {"name": "fast", "backend": "sim", "model": {"layers": 4, "experts": 8},
         "train": {"steps": 3},
         "parallel": {"schedule": "dualpipe", "pp": 2, "ep": 2, "microbatches": 4},
         "sim": {"f": 1, "b": 2, "w": 1, "fb": 3}}
-
-
-@pytest.fixture
-def sim4(cluster):
-    """duplexd and four sim workers, two per node."""
-    cluster.start_duplexd()
-    for gpu, wid in enumerate(("w0", "w1", "w2", "w3")):
-        cluster.start_worker(wid, gpu, wait=False)
-    for wid in ("w0", "w1", "w2", "w3"):
-        cluster.wait_worker_alive(wid)
-    return cluster
 
 
 def submit(c, tmp_path, spec, *args, name="job.json"):

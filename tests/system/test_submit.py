@@ -50,17 +50,6 @@ def test_place_errors(tmp_path, content, args, word):
     assert word in result.stderr, describe(result)
 
 
-@pytest.fixture
-def four_sim_workers(cluster):
-    """duplexd and four sim workers, two per node."""
-    cluster.start_duplexd()
-    for gpu, wid in enumerate(("w0", "w1", "w2", "w3")):
-        cluster.start_worker(wid, gpu, wait=False)
-    for wid in ("w0", "w1", "w2", "w3"):
-        cluster.wait_worker_alive(wid)
-    return cluster
-
-
 SPEC = {"name": "demo", "backend": "sim",
         "model": {"layers": 4, "experts": 8},
         "parallel": {"schedule": "dualpipe", "pp": 2, "ep": 2, "microbatches": 4}}
@@ -72,8 +61,8 @@ def submit(cluster, tmp_path, spec, *args):
     return cluster.ctl("submit", path, *args)
 
 
-def test_dry_run_shows_placement_and_schedule(four_sim_workers, tmp_path):
-    c = four_sim_workers
+def test_dry_run_shows_placement_and_schedule(sim4, tmp_path):
+    c = sim4
     result = submit(c, tmp_path, SPEC, "--dry-run", "--json")
     assert result.returncode == 0, describe(result)
     plan = json.loads(result.stdout)
@@ -102,14 +91,14 @@ def test_dry_run_shows_placement_and_schedule(four_sim_workers, tmp_path):
     (("--set", "model.bogus=1"), "model.bogus"),
     (("--set", "parallel.schedule=gpipe"), "parallel.schedule"),
 ])
-def test_spec_errors_name_the_field(four_sim_workers, tmp_path, sets, field):
-    result = submit(four_sim_workers, tmp_path, SPEC, "--dry-run", *sets)
+def test_spec_errors_name_the_field(sim4, tmp_path, sets, field):
+    result = submit(sim4, tmp_path, SPEC, "--dry-run", *sets)
     assert result.returncode == 1, describe(result)
     assert field in result.stderr and "BAD_SPEC" in result.stderr, describe(result)
 
 
-def test_too_big_for_the_cluster(four_sim_workers, tmp_path):
-    c = four_sim_workers
+def test_too_big_for_the_cluster(sim4, tmp_path):
+    c = sim4
     big = submit(c, tmp_path, SPEC, "--dry-run", "--set", "parallel.dp=2")
     assert big.returncode == 1, describe(big)
     assert "needs 8 sim workers" in big.stderr and "has 4 alive" in big.stderr, describe(big)
