@@ -2068,6 +2068,13 @@ progress:
     return 0;
 }
 
+/* A rank's JobDone error that only echoes the AbortJob it was sent (the
+ * worker says "aborted: " and duplexd's reason): no news while recovering. */
+static bool is_abort_echo(const char *error)
+{
+    return strncmp(error, "aborted: ", 9) == 0;
+}
+
 int coord_jobs_on_done(coord_jobs_t *jobs, const char *worker_id, const Duplex__JobDone *m,
                        int64_t now_wall, int64_t now_mono)
 {
@@ -2114,13 +2121,15 @@ int coord_jobs_on_done(coord_jobs_t *jobs, const char *worker_id, const Duplex__
     r->done = 1;
     if (w && w->assigned_job == j->id)
         w->assigned_job = 0;
-    if (!job_is_over(j) && j->state != COORD_JOB_RECOVERING) {
-        if (!m->ok) {
-            /* the rank that says so need not be the cause (a peer may
-             * have died): no blame */
-            snprintf(reason, sizeof(reason), "worker %s: %.200s", worker_id, m->error);
-            job_fail(jobs, j, now, NULL, reason);
-        } else if (++j->dones == j->nranks) {
+    if (!job_is_over(j) && !m->ok &&
+        !(j->state == COORD_JOB_RECOVERING && is_abort_echo(m->error))) {
+        /* the rank that says so need not be the cause (a peer may have
+         * died): no blame. While recovering it is a job_failure event: the
+         * rank whose fault it was may report after a peer it stopped */
+        snprintf(reason, sizeof(reason), "worker %s: %.200s", worker_id, m->error);
+        job_fail(jobs, j, now, NULL, reason);
+    } else if (!job_is_over(j) && j->state != COORD_JOB_RECOVERING && m->ok) {
+        if (++j->dones == j->nranks) {
             job_set_state(jobs, j, COORD_JOB_SUCCEEDED, now, "all %d workers finished %llu steps",
                           j->nranks, (unsigned long long)m->steps);
         }

@@ -369,8 +369,12 @@ def test_a_kernel_fault_loses_no_run(cluster, tmp_path):
         "job_queued", "job_placing", "job_running", "job_recovering", "job_placing",
         "job_running", "job_recovered", "job_succeeded"], events
     recovering, recovered = states[3], states[6]
-    assert "restart 1 of 3" in recovering["detail"] and "worker g1: " in recovering["detail"] \
-        and "launch failure" in recovering["detail"], recovering
+    assert "restart 1 of 3" in recovering["detail"], recovering
+    # g1's fault is what the job reports: as the recovery's cause, or (when a
+    # peer whose IPC transfer g1's teardown cancelled reported first) as a
+    # job_failure while it recovers
+    causes = [recovering["detail"]] + [e["detail"] for e in events if e["kind"] == "job_failure"]
+    assert any("worker g1: " in d and "launch failure" in d for d in causes), events
     assert recovered["detail"].startswith("attempt 2: "), recovered
     assert all(recovering["id"] < e["id"] < recovered["id"]
                for e in events if e["kind"] == "job_failure"), events

@@ -2262,3 +2262,62 @@ Test(retention, every_job_page_by_page, .init = setup, .fini = teardown)
     cr_assert_eq(next, 0);
     json_decref(doc);
 }
+
+struct failure_events {
+    int n;
+    char detail[8][256];
+};
+
+static int collect_failures(const struct coord_event_row *row, void *arg)
+{
+    struct failure_events *f = arg;
+
+    if (strcmp(row->kind, "job_failure") == 0 && f->n < 8)
+        snprintf(f->detail[f->n++], sizeof(f->detail[0]), "%s", row->detail);
+    return 0;
+}
+
+/* The rank whose fault stopped a job may report after a peer that its
+ * teardown stopped first: the job recovers on the peer's report, and the
+ * fault's own report, coming while it recovers, is kept as a job_failure
+ * event naming its worker; a rank's echo of the AbortJob it was sent is no
+ * news and adds none. */
+Test(jobs, a_fault_reported_while_recovering_is_kept, .init = setup, .fini = teardown)
+{
+    char rank[2][64], outsider[64], ck[256];
+    struct failure_events f = {0};
+    Duplex__JobDone d;
+    uint64_t id;
+
+    snprintf(ck, sizeof(ck), "%s/ck", dir);
+    id = start_ckpt_job(ck, rank, outsider);
+    d = done_msg(id, 1, 0, 2);
+    d.error = "step 3: IPC: receive from pipeline rank 1: Operation canceled";
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[0], &d, 3100, 3100), 0);
+    cr_assert_str_eq(state_of(id), "recovering");
+    d.error = "step 3: stage 1 on the GPU: unspecified launch failure";
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[1], &d, 3101, 3101), 0);
+    cr_assert_geq(coord_store_events_each(store, id, 0, 100, false, collect_failures, &f), 0);
+    cr_assert_eq(f.n, 1, "%d job_failure events", f.n);
+    cr_assert(strstr(f.detail[0], rank[1]) && strstr(f.detail[0], "launch failure"), "%s",
+              f.detail[0]);
+    cr_assert_str_eq(state_of(id), "recovering", "a failure while recovering changes nothing");
+}
+
+Test(jobs, an_abort_echo_while_recovering_adds_no_event, .init = setup, .fini = teardown)
+{
+    char rank[2][64], outsider[64], ck[256];
+    struct failure_events f = {0};
+    Duplex__JobDone d;
+    uint64_t id;
+
+    snprintf(ck, sizeof(ck), "%s/ck", dir);
+    id = start_ckpt_job(ck, rank, outsider);
+    d = done_msg(id, 1, 0, 2);
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[0], &d, 3100, 3100), 0);
+    cr_assert_str_eq(state_of(id), "recovering");
+    d.error = "aborted: worker x is lost";
+    cr_assert_eq(coord_jobs_on_done(jobs, rank[1], &d, 3101, 3101), 0);
+    cr_assert_geq(coord_store_events_each(store, id, 0, 100, false, collect_failures, &f), 0);
+    cr_assert_eq(f.n, 0, "%d job_failure events: %s", f.n, f.detail[0]);
+}
